@@ -185,3 +185,48 @@ impl Cqe {
         })
     }
 }
+
+wire_enum! {
+    /// vrdma's values for [`Cqe::vendor_err`]: the precise reason behind an error status, so
+    /// an operator reading a failed completion knows what the device found.
+    pub enum VendorErr: u32 as "vendor error" {
+        /// No detail (successful completions, and flushes).
+        None = 0,
+        /// The work request could not be decoded (unknown opcode, reserved bits, too many SGEs).
+        MalformedWqe = 1,
+        /// An lkey names no MR of this VM.
+        BadLkey = 2,
+        /// An SGE reaches outside its MR.
+        SgeOutOfBounds = 3,
+        /// An MR or AH belongs to another PD than the QP.
+        PdMismatch = 4,
+        /// An MR lacks the local access the operation needs.
+        LocalAccess = 5,
+        /// The rkey names no MR of the target VM.
+        BadRkey = 6,
+        /// The remote range reaches outside the remote MR.
+        RemoteOutOfBounds = 7,
+        /// The remote MR or QP lacks the remote access the operation needs.
+        RemoteAccess = 8,
+        /// A guest address is no longer backed by the VM's memory table.
+        GuestMemory = 9,
+        /// The peer had no receive posted for `rnr_retry` attempts.
+        RnrExhausted = 10,
+        /// The peer QP is gone or unreachable (transport retries exhausted).
+        PeerUnreachable = 11,
+        /// The receive buffer is smaller than the message.
+        RecvTooSmall = 12,
+        /// The opcode is not allowed on this QP type or state.
+        BadOpcodeForQp = 13,
+        /// The address handle names no AH of this VM.
+        BadAh = 14,
+        /// An atomic's remote address is not 8-byte aligned, or its length is not 8.
+        BadAtomic = 15,
+        /// The producer index ran more than the ring's depth ahead.
+        RingOverrun = 16,
+        /// The message is larger than the port's `max_msg_sz`.
+        MessageTooLong = 17,
+        /// Q_Key mismatch on a UD receive (the datagram is dropped; reported only in counters).
+        QkeyMismatch = 18,
+    }
+}

@@ -48,6 +48,32 @@ wire_enum! {
     }
 }
 
+impl Opcode {
+    /// Bytes of the response body that follows [`RespHeader`] on success. The device checks
+    /// that the chain's writable part has room for header and body before it executes the
+    /// command, so a command is never carried out without its answer reaching the driver.
+    pub const fn response_len(self) -> usize {
+        use core::mem::size_of;
+        match self {
+            Opcode::QueryDevice => size_of::<crate::config::DeviceCaps>(),
+            Opcode::QueryPort => size_of::<crate::config::PortAttr>(),
+            Opcode::QueryGid => size_of::<QueryGidResp>(),
+            Opcode::AllocPd | Opcode::CreateAh => size_of::<HandleResp>(),
+            Opcode::RegMr => size_of::<RegMrResp>(),
+            Opcode::CreateCq => size_of::<CreateCqResp>(),
+            Opcode::ReqNotifyCq => size_of::<ReqNotifyCqResp>(),
+            Opcode::CreateQp => size_of::<CreateQpResp>(),
+            Opcode::QueryQp => size_of::<QueryQpResp>(),
+            Opcode::DeallocPd
+            | Opcode::DeregMr
+            | Opcode::DestroyCq
+            | Opcode::ModifyQp
+            | Opcode::DestroyQp
+            | Opcode::DestroyAh => 0,
+        }
+    }
+}
+
 wire_enum! {
     /// Command completion status. Each maps to the errno verbs would return (see
     /// [`Status::errno`]), so the driver can report a failure as a hardware driver would.

@@ -1,0 +1,395 @@
+//! Command line and the validated configuration it becomes.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
+
+use clap::Parser;
+use vrdma_proto::Gid;
+
+/// vhost-user-rdma: the host side of the vrdma paravirtual RDMA device.
+///
+/// One process serves many VMs, each over its own vhost-user socket. It validates every
+/// request a guest makes, keeps tenants apart, and shares the fabric between them by weight.
+#[derive(Debug, Parser)]
+#[command(name = "vhost-user-rdma", version, about, long_about = None)]
+pub struct Args {
+    /// A VM to serve, as comma-separated key=value pairs. Repeat for more VMs.
+    ///
+    /// Keys: name (required), socket (required; the vhost-user socket path the VMM connects
+    /// to), gid (IPv4 or IPv6 address of the VM's port; default 10.0.0.N for the Nth VM),
+    /// weight (share of the fabric, 1-1000; default 1), max-qp, max-cq, max-mr, max-pd,
+    /// max-ah (object quotas), max-mr-bytes (bytes registered at once; suffixes K, M, G),
+    /// doorbells (doorbell queues, 1-64; default 1).
+    ///
+    /// Example: --vm name=vm1,socket=/run/vrdma/vm1.sock,gid=10.0.0.1,weight=3
+    #[arg(long = "vm", value_name = "KEY=VALUE,...")]
+    pub vms: Vec<String>,
+
+    /// Where the VMs' work goes: "soft" (built in; VMs on this host copy guest to guest) or
+    /// "verbs:DEVICE" (a real RDMA NIC through libibverbs; needs the `verbs` build feature).
+    #[arg(long, default_value = "soft", value_name = "soft|verbs:DEVICE")]
+    pub fabric: String,
+
+    /// Print the backend capabilities JSON that QEMU's docs/interop/vhost-user.json defines
+    /// for backend programs, and exit.
+    #[arg(long)]
+    pub print_capabilities: bool,
+
+    /// Log level: error, warn, info, debug or trace. RUST_LOG, if set, takes precedence.
+    #[arg(long, default_value = "info", value_name = "LEVEL")]
+    pub log_level: log::LevelFilter,
+}
+
+/// Why the command line was refused; each message names the option to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No `--vm` given.
+    #[error("no VM to serve: give at least one --vm name=NAME,socket=PATH")]
+    NoVm,
+    /// A `--vm` entry is not `key=value`.
+    #[error("--vm {entry:?}: {part:?} is not key=value")]
+    NotKeyValue {
+        /// The whole entry.
+        entry: String,
+        /// The offending part.
+        part: String,
+    },
+    /// A key is unknown.
+    #[error(
+        "--vm {entry:?}: unknown key {key:?} (known: name, socket, gid, weight, max-qp, max-cq, max-mr, max-pd, max-ah, max-mr-bytes, doorbells)"
+    )]
+    UnknownKey {
+        /// The whole entry.
+        entry: String,
+        /// The key.
+        key: String,
+    },
+    /// A required key is missing.
+    #[error("--vm {entry:?}: missing {key}=")]
+    Missing {
+        /// The whole entry.
+        entry: String,
+        /// The key.
+        key: &'static str,
+    },
+    /// A value does not parse or is out of range.
+    #[error("--vm {entry:?}: {key}={value:?} is invalid: {reason}")]
+    BadValue {
+        /// The whole entry.
+        entry: String,
+        /// The key.
+        key: String,
+        /// The value.
+        value: String,
+        /// What is expected.
+        reason: &'static str,
+    },
+    /// Two VMs share a name, socket or GID.
+    #[error("VMs {first:?} and {second:?} have the same {what}; each VM needs its own")]
+    Duplicate {
+        /// One VM.
+        first: String,
+        /// The other.
+        second: String,
+        /// What they share.
+        what: &'static str,
+    },
+    /// The fabric is unknown or not built in.
+    #[error("--fabric {0:?}: {1}")]
+    Fabric(String, &'static str),
+}
+
+/// Per-VM limits; the guest sees them as its device's capabilities.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Quotas {
+    /// Most QPs.
+    pub max_qp: u32,
+    /// Most CQs.
+    pub max_cq: u32,
+    /// Most MRs.
+    pub max_mr: u32,
+    /// Most PDs.
+    pub max_pd: u32,
+    /// Most AHs.
+    pub max_ah: u32,
+    /// Most bytes registered at once.
+    pub max_mr_bytes: u64,
+}
+
+impl Default for Quotas {
+    fn default() -> Self {
+        Quotas {
+            max_qp: 4096,
+            max_cq: 4096,
+            max_mr: 16384,
+            max_pd: 1024,
+            max_ah: 4096,
+            max_mr_bytes: 16 << 30,
+        }
+    }
+}
+
+/// One VM, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmConfig {
+    /// Name used in logs and counters.
+    pub name: String,
+    /// The vhost-user socket path.
+    pub socket: PathBuf,
+    /// The GID of the VM's port.
+    pub gid: Gid,
+    /// Share of the fabric.
+    pub weight: u32,
+    /// Object quotas.
+    pub quotas: Quotas,
+    /// Doorbell queues offered.
+    pub doorbell_queues: u16,
+}
+
+/// Which fabric carries the VMs' work.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FabricKind {
+    /// The built-in software fabric.
+    Soft,
+    /// A libibverbs device.
+    Verbs(String),
+}
+
+/// The daemon's validated configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// The VMs.
+    pub vms: Vec<VmConfig>,
+    /// The fabric.
+    pub fabric: FabricKind,
+}
+
+impl Config {
+    /// Validates the command line.
+    pub fn from_args(args: &Args) -> Result<Self, Error> {
+        if args.vms.is_empty() {
+            return Err(Error::NoVm);
+        }
+        let vms = args
+            .vms
+            .iter()
+            .enumerate()
+            .map(|(i, entry)| parse_vm(entry, i))
+            .collect::<Result<Vec<_>, _>>()?;
+        for (i, a) in vms.iter().enumerate() {
+            for b in &vms[i + 1..] {
+                let dup = if a.name == b.name {
+                    Some("name")
+                } else if a.socket == b.socket {
+                    Some("socket")
+                } else if a.gid == b.gid {
+                    Some("gid")
+                } else {
+                    None
+                };
+                if let Some(what) = dup {
+                    return Err(Error::Duplicate {
+                        first: a.name.clone(),
+                        second: b.name.clone(),
+                        what,
+                    });
+                }
+            }
+        }
+        Ok(Config {
+            vms,
+            fabric: parse_fabric(&args.fabric)?,
+        })
+    }
+}
+
+fn parse_fabric(s: &str) -> Result<FabricKind, Error> {
+    if s == "soft" {
+        return Ok(FabricKind::Soft);
+    }
+    match s.strip_prefix("verbs:") {
+        Some(dev) if !dev.is_empty() => {
+            if cfg!(feature = "verbs") {
+                Ok(FabricKind::Verbs(dev.to_owned()))
+            } else {
+                Err(Error::Fabric(
+                    s.to_owned(),
+                    "this build has no libibverbs support; rebuild with --features verbs",
+                ))
+            }
+        }
+        _ => Err(Error::Fabric(s.to_owned(), "expected soft or verbs:DEVICE")),
+    }
+}
+
+fn parse_vm(entry: &str, index: usize) -> Result<VmConfig, Error> {
+    let bad = |key: &str, value: &str, reason| Error::BadValue {
+        entry: entry.to_owned(),
+        key: key.to_owned(),
+        value: value.to_owned(),
+        reason,
+    };
+    let mut name = None;
+    let mut socket = None;
+    let mut gid = None;
+    let mut weight = 1;
+    let mut quotas = Quotas::default();
+    let mut doorbell_queues = 1;
+    for part in entry.split(',').filter(|p| !p.is_empty()) {
+        let (key, value) = part.split_once('=').ok_or_else(|| Error::NotKeyValue {
+            entry: entry.to_owned(),
+            part: part.to_owned(),
+        })?;
+        let count = |max: u32| -> Result<u32, Error> {
+            match value.parse::<u32>() {
+                Ok(n) if (1..=max).contains(&n) => Ok(n),
+                _ => Err(bad(
+                    key,
+                    value,
+                    "expected a whole number within the device's limits",
+                )),
+            }
+        };
+        match key {
+            "name" if !value.is_empty() => name = Some(value.to_owned()),
+            "name" => return Err(bad(key, value, "must not be empty")),
+            "socket" if !value.is_empty() => socket = Some(PathBuf::from(value)),
+            "socket" => return Err(bad(key, value, "must not be empty")),
+            "gid" => {
+                let ip: IpAddr = value
+                    .parse()
+                    .map_err(|_| bad(key, value, "expected an IPv4 or IPv6 address"))?;
+                gid = Some(gid_of(ip));
+            }
+            "weight" => weight = count(1000)?,
+            "max-qp" => quotas.max_qp = count(crate::limits::MAX_QP)?,
+            "max-cq" => quotas.max_cq = count(crate::limits::MAX_CQ)?,
+            "max-mr" => quotas.max_mr = count(crate::limits::MAX_MR)?,
+            "max-pd" => quotas.max_pd = count(crate::limits::MAX_PD)?,
+            "max-ah" => quotas.max_ah = count(crate::limits::MAX_AH)?,
+            "max-mr-bytes" => {
+                quotas.max_mr_bytes = parse_size(value)
+                    .ok_or_else(|| bad(key, value, "expected a size such as 512M or 4G"))?
+            }
+            "doorbells" => {
+                doorbell_queues = count(vrdma_proto::queue::MAX_DOORBELL_QUEUES.into())? as u16
+            }
+            _ => {
+                return Err(Error::UnknownKey {
+                    entry: entry.to_owned(),
+                    key: key.to_owned(),
+                });
+            }
+        }
+    }
+    let missing = |key| Error::Missing {
+        entry: entry.to_owned(),
+        key,
+    };
+    let default_gid = || {
+        let n = u8::try_from(index + 1).unwrap_or(u8::MAX);
+        gid_of(IpAddr::V4(Ipv4Addr::new(10, 0, 0, n)))
+    };
+    Ok(VmConfig {
+        name: name.ok_or_else(|| missing("name"))?,
+        socket: socket.ok_or_else(|| missing("socket"))?,
+        gid: gid.unwrap_or_else(default_gid),
+        weight,
+        quotas,
+        doorbell_queues,
+    })
+}
+
+/// The RoCEv2 GID of an IP address: IPv4 addresses are IPv4-mapped.
+pub fn gid_of(ip: IpAddr) -> Gid {
+    match ip {
+        IpAddr::V4(v4) => Gid::from_ipv4(v4.octets()),
+        IpAddr::V6(v6) => Gid(v6.octets()),
+    }
+}
+
+fn parse_size(s: &str) -> Option<u64> {
+    let (digits, shift) = match s.as_bytes().last()? {
+        b'K' | b'k' => (&s[..s.len() - 1], 10),
+        b'M' | b'm' => (&s[..s.len() - 1], 20),
+        b'G' | b'g' => (&s[..s.len() - 1], 30),
+        _ => (s, 0),
+    };
+    let n: u64 = digits.parse().ok()?;
+    n.checked_mul(1 << shift).filter(|&v| v > 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(vms: &[&str]) -> Args {
+        let mut argv = vec!["vhost-user-rdma".to_owned()];
+        for vm in vms {
+            argv.push("--vm".into());
+            argv.push((*vm).into());
+        }
+        Args::parse_from(argv)
+    }
+
+    #[test]
+    fn parses_two_vms_with_defaults_and_overrides() {
+        let cfg = Config::from_args(&args(&[
+            "name=a,socket=/tmp/a.sock",
+            "name=b,socket=/tmp/b.sock,gid=192.168.1.7,weight=3,max-qp=8,max-mr-bytes=2G,doorbells=4",
+        ]))
+        .unwrap();
+        assert_eq!(cfg.vms[0].gid, Gid::from_ipv4([10, 0, 0, 1]));
+        assert_eq!(cfg.vms[0].weight, 1);
+        assert_eq!(cfg.vms[1].gid, Gid::from_ipv4([192, 168, 1, 7]));
+        assert_eq!(cfg.vms[1].weight, 3);
+        assert_eq!(cfg.vms[1].quotas.max_qp, 8);
+        assert_eq!(cfg.vms[1].quotas.max_mr_bytes, 2 << 30);
+        assert_eq!(cfg.vms[1].doorbell_queues, 4);
+        assert_eq!(cfg.fabric, FabricKind::Soft);
+    }
+
+    #[test]
+    fn rejects_bad_entries_with_the_key_named() {
+        let cases: &[(&[&str], &str)] = &[
+            (&[], "no VM"),
+            (&["name=a"], "missing socket"),
+            (&["socket=/x"], "missing name"),
+            (&["name=a,socket=/x,weight=0"], "weight=\"0\""),
+            (&["name=a,socket=/x,colour=red"], "unknown key \"colour\""),
+            (&["name=a,socket=/x,gid=banana"], "gid=\"banana\""),
+            (&["name=a,socket=/x,junk"], "not key=value"),
+            (&["name=a,socket=/x", "name=a,socket=/y"], "same name"),
+            (&["name=a,socket=/x", "name=b,socket=/x"], "same socket"),
+            (
+                &[
+                    "name=a,socket=/x,gid=10.0.0.9",
+                    "name=b,socket=/y,gid=10.0.0.9",
+                ],
+                "same gid",
+            ),
+            (&["name=a,socket=/x,max-mr-bytes=lots"], "max-mr-bytes"),
+        ];
+        for (vms, expected) in cases {
+            let err = Config::from_args(&args(vms)).unwrap_err().to_string();
+            assert!(
+                err.contains(expected),
+                "{vms:?}: {err:?} should mention {expected:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn verbs_fabric_needs_the_feature() {
+        let mut a = args(&["name=a,socket=/x"]);
+        a.fabric = "verbs:mlx5_0".into();
+        let r = Config::from_args(&a);
+        if cfg!(feature = "verbs") {
+            assert_eq!(r.unwrap().fabric, FabricKind::Verbs("mlx5_0".into()));
+        } else {
+            assert!(r.unwrap_err().to_string().contains("--features verbs"));
+        }
+        a.fabric = "carrier-pigeon".into();
+        assert!(Config::from_args(&a).is_err());
+    }
+}

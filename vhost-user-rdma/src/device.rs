@@ -1,0 +1,415 @@
+//! The vhost-user device of one VM: features, config space, and the virtqueues.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use log::{debug, warn};
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_queue::{DescriptorChain, QueueOwnedT};
+use vm_memory::{Bytes, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier,
+};
+use vrdma_proto::cmd::{self, RespHeader, Status};
+use vrdma_proto::{config, doorbell, features, queue};
+use zerocopy::IntoBytes;
+
+use crate::config::VmConfig;
+use crate::vm::{Failure, GuestMem, Vm};
+
+/// Guest memory as the vhost-user library hands it over.
+pub type GuestMemAtomic = GuestMemoryAtomic<GuestMem>;
+type Vring = VringRwLock<GuestMemAtomic>;
+
+/// The most device-readable bytes a control chain may carry: a `REG_MR` with the longest page
+/// list. Anything longer is refused before it is copied.
+const MAX_COMMAND_BYTES: usize =
+    size_of::<cmd::Header>() + size_of::<cmd::RegMr>() + cmd::MAX_PAGE_LIST as usize * 8;
+
+/// Why the device could not service a virtqueue.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The frontend kicked a queue the device does not have.
+    #[error("kick on virtqueue {0}, which this device does not have")]
+    UnknownQueue(u16),
+    /// An event other than "readable" arrived on a kick eventfd.
+    #[error("unexpected epoll event {0:?} on a virtqueue kick")]
+    UnexpectedEvent(EventSet),
+    /// No memory table has been received yet.
+    #[error("the frontend kicked a queue before sending its memory table")]
+    NoMemory,
+    /// The virtqueue itself is broken (bad descriptor table or rings).
+    #[error("virtqueue {queue} is unusable")]
+    Queue {
+        /// Which queue.
+        queue: u16,
+        /// What virtio-queue reported.
+        #[source]
+        source: virtio_queue::Error,
+    },
+}
+
+impl From<Error> for io::Error {
+    fn from(e: Error) -> Self {
+        io::Error::other(e)
+    }
+}
+
+/// Counters an operator (and the benchmark) can read.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Control commands executed successfully.
+    pub commands_ok: AtomicU64,
+    /// Control commands that failed (any status but Ok).
+    pub commands_failed: AtomicU64,
+    /// Doorbells received.
+    pub doorbells: AtomicU64,
+    /// Doorbell descriptors ignored as malformed.
+    pub doorbells_malformed: AtomicU64,
+}
+
+/// One VM's device. A new one is made for each vhost-user connection, so nothing from a
+/// previous connection survives into the next.
+#[derive(Debug)]
+pub struct VmDevice {
+    name: String,
+    doorbell_queues: u16,
+    config_space: Vec<u8>,
+    vm: Mutex<Vm>,
+    mem: Mutex<Option<GuestMemAtomic>>,
+    event_idx: AtomicBool,
+    exit_consumer: EventConsumer,
+    exit_notifier: EventNotifier,
+    /// What this device has done.
+    pub counters: Counters,
+}
+
+impl VmDevice {
+    /// A device for `cfg` with no objects.
+    pub fn new(cfg: &VmConfig, node_guid: u64) -> io::Result<Self> {
+        let vm = Vm::new(cfg, node_guid);
+        let config_space = config::Config {
+            version: vrdma_proto::PROTOCOL_VERSION.into(),
+            num_doorbell_queues: cfg.doorbell_queues.into(),
+            reserved: 0.into(),
+            caps: vm.caps,
+            port: crate::vm::port_attr(),
+            gid: cfg.gid,
+        }
+        .as_bytes()
+        .to_vec();
+        let (exit_consumer, exit_notifier) = new_event_consumer_and_notifier(EventFlag::NONBLOCK)?;
+        Ok(VmDevice {
+            name: cfg.name.clone(),
+            doorbell_queues: cfg.doorbell_queues,
+            config_space,
+            vm: Mutex::new(vm),
+            mem: Mutex::new(None),
+            event_idx: AtomicBool::new(false),
+            exit_consumer,
+            exit_notifier,
+            counters: Counters::default(),
+        })
+    }
+
+    /// The config-space image the driver reads.
+    pub fn config_space(&self) -> &[u8] {
+        &self.config_space
+    }
+
+    /// Stops the vring worker thread (after the connection ended).
+    pub fn stop_worker(&self) {
+        if let Err(e) = self.exit_notifier.notify() {
+            warn!("vm {}: cannot stop the vring worker: {e}", self.name);
+        }
+    }
+
+    /// Destroys every object of this VM.
+    pub fn release_all(&self) {
+        self.lock_vm().release_all();
+    }
+
+    fn lock_vm(&self) -> MutexGuard<'_, Vm> {
+        // A panic while holding the lock would be a daemon bug; the VM's state is still
+        // structurally valid (every mutation is complete before it is visible), so go on.
+        self.vm.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn memory(&self) -> Result<GuestMemoryLoadGuard<GuestMem>, Error> {
+        let mem = self.mem.lock().unwrap_or_else(|p| p.into_inner());
+        mem.as_ref().map(|m| m.memory()).ok_or(Error::NoMemory)
+    }
+
+    fn process_control(&self, vring: &Vring) -> Result<(), Error> {
+        let mem = self.memory()?;
+        loop {
+            let chains: Vec<_> = vring
+                .get_mut()
+                .get_queue_mut()
+                .iter(mem.clone())
+                .map_err(|source| Error::Queue {
+                    queue: queue::CONTROL,
+                    source,
+                })?
+                .collect();
+            if chains.is_empty() {
+                break;
+            }
+            for chain in chains {
+                let head = chain.head_index();
+                let written = self.execute_chain(chain, &mem);
+                if let Err(e) = vring.add_used(head, written) {
+                    warn!("vm {}: cannot return a control descriptor: {e}", self.name);
+                }
+            }
+            if !self.event_idx.load(Ordering::Relaxed) {
+                break;
+            }
+            if !vring.enable_notification().unwrap_or(false) {
+                break;
+            }
+        }
+        vring.signal_used_queue().map_err(|e| {
+            warn!("vm {}: cannot interrupt the guest: {e}", self.name);
+            Error::NoMemory
+        })
+    }
+
+    /// Executes one control chain and writes its response. Returns the bytes written.
+    fn execute_chain<M>(&self, chain: DescriptorChain<M>, mem: &GuestMem) -> u32
+    where
+        M: std::ops::Deref<Target = GuestMem>,
+    {
+        let mut request = Vec::new();
+        let mut writable = Vec::new();
+        let mut well_formed = true;
+        for desc in chain {
+            if desc.is_write_only() {
+                writable.push((desc.addr(), desc.len()));
+            } else if !writable.is_empty()
+                || request.len() + desc.len() as usize > MAX_COMMAND_BYTES
+            {
+                // Readable after writable breaks the virtio rule; oversize cannot be a command.
+                well_formed = false;
+            } else {
+                let start = request.len();
+                request.resize(start + desc.len() as usize, 0);
+                if mem.read_slice(&mut request[start..], desc.addr()).is_err() {
+                    well_formed = false;
+                }
+            }
+        }
+        let room: usize = writable.iter().map(|&(_, len)| len as usize).sum();
+        if room < size_of::<RespHeader>() {
+            debug!(
+                "vm {}: control chain has no room for a response; ignored",
+                self.name
+            );
+            self.counters
+                .commands_failed
+                .fetch_add(1, Ordering::Relaxed);
+            return 0;
+        }
+        let outcome = if well_formed {
+            self.execute_bytes(&request, room, mem)
+        } else {
+            Err(Status::Malformed.into())
+        };
+        let (header, body) = match outcome {
+            Ok(body) => {
+                self.counters.commands_ok.fetch_add(1, Ordering::Relaxed);
+                (RespHeader::new(Status::Ok, 0), body)
+            }
+            Err(Failure { status, detail }) => {
+                self.counters
+                    .commands_failed
+                    .fetch_add(1, Ordering::Relaxed);
+                (RespHeader::new(status, detail), Vec::new())
+            }
+        };
+        let mut response = header.as_bytes().to_vec();
+        response.extend_from_slice(&body);
+        let mut done = 0usize;
+        for (addr, len) in writable {
+            if done == response.len() {
+                break;
+            }
+            let n = (len as usize).min(response.len() - done);
+            if mem.write_slice(&response[done..done + n], addr).is_err() {
+                warn!("vm {}: response buffer is not in guest memory", self.name);
+                return done as u32;
+            }
+            done += n;
+        }
+        done as u32
+    }
+
+    fn execute_bytes(
+        &self,
+        request: &[u8],
+        room: usize,
+        mem: &GuestMem,
+    ) -> Result<Vec<u8>, Failure> {
+        let decoded = cmd::decode(request).map_err(|e| {
+            debug!("vm {}: malformed command: {e}", self.name);
+            match e {
+                vrdma_proto::DecodeError::UnknownValue {
+                    field: "command opcode",
+                    ..
+                } => Failure::from(Status::UnknownOpcode),
+                _ => Failure::from(Status::Malformed),
+            }
+        })?;
+        let opcode = decoded.opcode();
+        if room < size_of::<RespHeader>() + opcode.response_len() {
+            debug!("vm {}: {opcode:?} response buffer too small", self.name);
+            return Err(Status::Malformed.into());
+        }
+        let result = self.lock_vm().execute(decoded, mem);
+        if let Err(f) = &result {
+            debug!(
+                "vm {}: {opcode:?} failed: {:?} (detail {:#x})",
+                self.name, f.status, f.detail
+            );
+        }
+        result
+    }
+
+    fn process_doorbells(&self, vring: &Vring, index: u16) -> Result<(), Error> {
+        let mem = self.memory()?;
+        let chains: Vec<_> = vring
+            .get_mut()
+            .get_queue_mut()
+            .iter(mem.clone())
+            .map_err(|source| Error::Queue {
+                queue: index,
+                source,
+            })?
+            .collect();
+        let mut batch = [0u8; doorbell::SIZE * doorbell::MAX_BATCH];
+        for chain in chains {
+            let head = chain.head_index();
+            let mut len = 0usize;
+            let mut ok = true;
+            for desc in chain {
+                let n = desc.len() as usize;
+                if desc.is_write_only() || len + n > batch.len() {
+                    ok = false;
+                    break;
+                }
+                if mem
+                    .read_slice(&mut batch[len..len + n], desc.addr())
+                    .is_err()
+                {
+                    ok = false;
+                    break;
+                }
+                len += n;
+            }
+            match doorbell::decode_batch(&batch[..len]) {
+                Ok(doorbells) if ok => {
+                    for (_kind, _qpn) in doorbells {
+                        self.counters.doorbells.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                _ => {
+                    self.counters
+                        .doorbells_malformed
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            if let Err(e) = vring.add_used(head, 0) {
+                warn!("vm {}: cannot return a doorbell descriptor: {e}", self.name);
+            }
+        }
+        vring.signal_used_queue().ok();
+        Ok(())
+    }
+}
+
+impl VhostUserBackend for VmDevice {
+    type Bitmap = ();
+    type Vring = Vring;
+
+    fn num_queues(&self) -> usize {
+        queue::count(self.doorbell_queues).into()
+    }
+
+    fn max_queue_size(&self) -> usize {
+        queue::MAX_QUEUE_SIZE.into()
+    }
+
+    fn features(&self) -> u64 {
+        let mut device = features::ALL_DEVICE;
+        if self.doorbell_queues == 1 {
+            device &= !features::MULTI_DOORBELL;
+        }
+        (1 << VIRTIO_F_VERSION_1) | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() | device
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::Relaxed);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let start = offset as usize;
+        let end = start.saturating_add(size as usize);
+        self.config_space
+            .get(start..end)
+            .map(<[u8]>::to_vec)
+            .unwrap_or_default()
+    }
+
+    fn update_memory(&self, mem: GuestMemAtomic) -> io::Result<()> {
+        *self.mem.lock().unwrap_or_else(|p| p.into_inner()) = Some(mem);
+        Ok(())
+    }
+
+    fn reset_device(&self) {
+        self.release_all();
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        Some((
+            self.exit_consumer.try_clone().ok()?,
+            self.exit_notifier.try_clone().ok()?,
+        ))
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[Vring],
+        _thread_id: usize,
+    ) -> io::Result<()> {
+        if evset != EventSet::IN {
+            return Err(Error::UnexpectedEvent(evset).into());
+        }
+        let vring = vrings
+            .get(usize::from(device_event))
+            .ok_or(Error::UnknownQueue(device_event))?;
+        match queue::role(device_event, self.doorbell_queues) {
+            Some(queue::Role::Control) => self.process_control(vring)?,
+            Some(queue::Role::Doorbell(_)) => self.process_doorbells(vring, device_event)?,
+            // Event buffers are consumed when there is an event to deliver.
+            Some(queue::Role::Event) => {}
+            None => return Err(Error::UnknownQueue(device_event).into()),
+        }
+        Ok(())
+    }
+}
+
+/// Shares a device between the vhost-user library (which wants `Clone`) and the server loop.
+pub type SharedDevice = Arc<VmDevice>;

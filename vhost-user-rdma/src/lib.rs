@@ -1,0 +1,12 @@
+//! vhost-user-rdma: the host side of the vrdma paravirtual RDMA device.
+//!
+//! One process serves many VMs, each over its own vhost-user socket ([`server`]). Per VM, a
+//! [`device::VmDevice`] speaks the vrdma protocol (`vrdma-proto`) on its virtqueues and keeps
+//! that VM's objects in a [`vm::Vm`], named by generational [`handle`]s.
+
+pub mod config;
+pub mod device;
+pub mod handle;
+pub mod limits;
+pub mod server;
+pub mod vm;

@@ -1,0 +1,202 @@
+//! Serving one VM's socket: accept a frontend, serve it, release everything when it goes,
+//! accept the next.
+
+use std::io;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use log::{error, info, warn};
+use vhost::vhost_user::Listener;
+use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
+use vm_memory::GuestMemoryAtomic;
+
+use crate::config::VmConfig;
+use crate::device::{SharedDevice, VmDevice};
+use crate::vm::GuestMem;
+
+/// Why a VM could not be served.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Another process answers on the socket path.
+    #[error("socket {0} is in use by another process; stop it or choose another socket= path")]
+    SocketBusy(PathBuf),
+    /// The socket could not be created.
+    #[error("cannot listen on {path}: check the directory exists and is writable")]
+    Listen {
+        /// The socket path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: vhost::vhost_user::Error,
+    },
+    /// The serving thread could not be started.
+    #[error("cannot start the thread serving VM {name}")]
+    Thread {
+        /// The VM.
+        name: String,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+}
+
+#[derive(Default)]
+struct Shared {
+    stopping: AtomicBool,
+    connection: Mutex<Option<ShutdownHandle>>,
+    device: Mutex<Option<SharedDevice>>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("stopping", &self.stopping)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One VM's socket and the thread serving it.
+#[derive(Debug)]
+pub struct VmServer {
+    name: String,
+    socket: PathBuf,
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl VmServer {
+    /// Listens on the VM's socket and serves frontends one after another until [`stop`].
+    ///
+    /// [`stop`]: VmServer::stop
+    pub fn start(cfg: VmConfig, node_guid: u64) -> Result<Self, Error> {
+        if UnixStream::connect(&cfg.socket).is_ok() {
+            return Err(Error::SocketBusy(cfg.socket.clone()));
+        }
+        let mut listener = Listener::new(&cfg.socket, true).map_err(|source| Error::Listen {
+            path: cfg.socket.clone(),
+            source,
+        })?;
+        let shared = Arc::new(Shared::default());
+        let thread_shared = shared.clone();
+        let name = cfg.name.clone();
+        let socket = cfg.socket.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("vm-{}", cfg.name))
+            .spawn(move || serve(&cfg, node_guid, &mut listener, &thread_shared))
+            .map_err(|source| Error::Thread {
+                name: name.clone(),
+                source,
+            })?;
+        info!("vm {name}: listening on {}", socket.display());
+        Ok(VmServer {
+            name,
+            socket,
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    /// The device of the frontend connected now, if any.
+    pub fn device(&self) -> Option<SharedDevice> {
+        self.shared
+            .device
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Disconnects the frontend (which sees the device go away), stops accepting, waits up to
+    /// `timeout` for the VM's resources to be released, and removes the socket.
+    pub fn stop(mut self, timeout: Duration) {
+        self.shared.stopping.store(true, Ordering::SeqCst);
+        if let Some(conn) = self
+            .shared
+            .connection
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            conn.shutdown();
+        }
+        // The serving thread may be blocked in accept(); a connection that closes at once
+        // wakes it so it can see that it is stopping.
+        drop(UnixStream::connect(&self.socket));
+        if let Some(thread) = self.thread.take() {
+            let deadline = Instant::now() + timeout;
+            while !thread.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if thread.is_finished() {
+                let _ = thread.join();
+            } else {
+                warn!("vm {}: did not stop within {timeout:?}", self.name);
+            }
+        }
+        remove_socket(&self.socket);
+    }
+}
+
+fn remove_socket(path: &Path) {
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => warn!("cannot remove socket {}: {e}", path.display()),
+    }
+}
+
+fn serve(cfg: &VmConfig, node_guid: u64, listener: &mut Listener, shared: &Shared) {
+    let name = &cfg.name;
+    while !shared.stopping.load(Ordering::SeqCst) {
+        let device = match VmDevice::new(cfg, node_guid) {
+            Ok(d) => Arc::new(d),
+            Err(e) => {
+                error!("vm {name}: cannot create the device: {e}");
+                return;
+            }
+        };
+        let memory = GuestMemoryAtomic::new(GuestMem::default());
+        let mut daemon = match VhostUserDaemon::new(format!("vrdma-{name}"), device.clone(), memory)
+        {
+            Ok(d) => d,
+            Err(e) => {
+                error!("vm {name}: cannot create the vhost-user daemon: {e}");
+                return;
+            }
+        };
+        if let Err(e) = daemon.start(listener) {
+            if !shared.stopping.load(Ordering::SeqCst) {
+                error!("vm {name}: accepting a frontend failed: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            continue;
+        }
+        *shared.device.lock().unwrap_or_else(|p| p.into_inner()) = Some(device.clone());
+        *shared.connection.lock().unwrap_or_else(|p| p.into_inner()) = daemon.shutdown_handle();
+        if shared.stopping.load(Ordering::SeqCst) {
+            daemon.request_shutdown();
+        } else {
+            info!("vm {name}: frontend connected");
+        }
+        match daemon.wait() {
+            Ok(()) => info!("vm {name}: frontend disconnected"),
+            Err(e) => info!("vm {name}: connection ended: {e}"),
+        }
+        shared
+            .connection
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        shared
+            .device
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        device.stop_worker();
+        device.release_all();
+        info!("vm {name}: resources released");
+    }
+}

@@ -1,0 +1,696 @@
+//! One VM's RDMA objects and the control commands that create, change and destroy them.
+//!
+//! Everything here is control path: it may allocate and it runs under the VM's own lock, never
+//! a lock shared between VMs. Every value a guest sends is checked before it is stored, and
+//! guest addresses are checked against the VM's memory table but never cached as host
+//! pointers: the data path translates them again on every access.
+
+use serde::{Deserialize, Serialize};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vrdma_proto::cmd::{self, Request, Status};
+use vrdma_proto::config::{self, DeviceCaps, Mtu, PortAttr};
+use vrdma_proto::{Gid, mr, qp, ring, wqe};
+use zerocopy::IntoBytes;
+
+use crate::config::VmConfig;
+use crate::handle::Table;
+use crate::limits;
+
+/// The guest memory type the daemon works on.
+pub type GuestMem = vm_memory::GuestMemoryMmap<()>;
+
+/// Serialises a wire struct as its bytes, so state that holds protocol structs can be saved
+/// for migration without a second, hand-kept copy of their layout.
+mod wire_bytes {
+    use serde::de::Error as _;
+    use serde::{Deserialize, Deserializer, Serializer};
+    use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
+
+    pub fn serialize<T: IntoBytes + Immutable, S: Serializer>(
+        v: &T,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(v.as_bytes())
+    }
+
+    pub fn deserialize<'de, T: FromBytes + KnownLayout + Immutable, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<T, D::Error> {
+        let bytes = Vec::<u8>::deserialize(d)?;
+        T::read_from_bytes(&bytes)
+            .map_err(|_| D::Error::custom("saved wire struct has the wrong size"))
+    }
+}
+
+/// A protection domain.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Pd {
+    /// MRs, QPs and AHs in this PD; it cannot be freed while any exist.
+    pub users: u32,
+}
+
+/// A memory region.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Mr {
+    /// Its PD.
+    pub pdn: u32,
+    /// Access rights.
+    pub access: u32,
+    /// Address of the first byte as work requests name it.
+    pub iova: u64,
+    /// Bytes.
+    pub length: u64,
+    /// Offset of the first byte in the first page.
+    pub first_page_offset: u64,
+    /// log2 of the page size.
+    pub page_shift: u8,
+    /// Guest-physical page addresses.
+    pub pages: Vec<u64>,
+}
+
+impl Mr {
+    /// The access rights.
+    pub fn access(&self) -> mr::Access {
+        mr::Access::from_bits_truncate(self.access)
+    }
+
+    /// Whether `[addr, addr + len)` lies within the region.
+    pub fn contains(&self, addr: u64, len: u64) -> bool {
+        addr >= self.iova
+            && addr
+                .checked_add(len)
+                .is_some_and(|end| end <= self.iova.saturating_add(self.length))
+    }
+}
+
+/// A completion queue.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Cq {
+    /// Ring entries.
+    pub depth: u32,
+    /// Guest-physical address of the ring.
+    pub ring_addr: u64,
+    /// QPs that complete into this CQ.
+    pub users: u32,
+}
+
+/// A queue pair's control-path view.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Qp {
+    /// RC or UD, raw.
+    pub qp_type: u8,
+    /// Its PD.
+    pub pdn: u32,
+    /// CQ for send completions.
+    pub send_cqn: u32,
+    /// CQ for receive completions.
+    pub recv_cqn: u32,
+    /// Every send completes with a CQE.
+    pub sq_sig_all: bool,
+    /// Queue sizes.
+    #[serde(with = "wire_bytes")]
+    pub caps: qp::Caps,
+    /// Send ring address.
+    pub sq_ring_addr: u64,
+    /// Receive ring address.
+    pub rq_ring_addr: u64,
+    /// Attributes set so far; `qp_state` is the current state.
+    #[serde(with = "wire_bytes")]
+    pub attr: qp::Attr,
+}
+
+impl Qp {
+    /// The QP type.
+    pub fn qp_type(&self) -> qp::Type {
+        qp::Type::from_raw(self.qp_type).unwrap_or(qp::Type::Rc)
+    }
+
+    /// The current state.
+    pub fn state(&self) -> qp::State {
+        qp::State::from_raw(self.attr.qp_state).unwrap_or(qp::State::Err)
+    }
+
+    /// The send ring's geometry.
+    pub fn sq_geometry(&self) -> Option<ring::Geometry> {
+        let stride = wqe::send_stride(
+            self.caps.max_send_sge.get(),
+            self.caps.max_inline_data.get(),
+        );
+        ring::Geometry::new(self.caps.max_send_wr.get(), stride).ok()
+    }
+
+    /// The receive ring's geometry.
+    pub fn rq_geometry(&self) -> Option<ring::Geometry> {
+        ring::Geometry::new(
+            self.caps.max_recv_wr.get(),
+            wqe::recv_stride(self.caps.max_recv_sge.get()),
+        )
+        .ok()
+    }
+}
+
+/// An address handle.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Ah {
+    /// Its PD.
+    pub pdn: u32,
+    /// The address.
+    #[serde(with = "wire_bytes")]
+    pub attr: qp::AhAttr,
+}
+
+/// A failed command: the status the guest gets and, for `MODIFY_QP`, the attribute bits at fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Failure {
+    /// Status for the response header.
+    pub status: Status,
+    /// `RespHeader::detail`.
+    pub detail: u32,
+}
+
+impl From<Status> for Failure {
+    fn from(status: Status) -> Self {
+        Failure { status, detail: 0 }
+    }
+}
+
+type Outcome = Result<Vec<u8>, Failure>;
+
+/// One VM's objects, limits and identity.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Vm {
+    /// Name, for logs.
+    pub name: String,
+    /// The port's GID.
+    #[serde(with = "wire_bytes")]
+    pub gid: Gid,
+    /// Capabilities the guest sees.
+    #[serde(with = "wire_bytes")]
+    pub caps: DeviceCaps,
+    /// PDs.
+    pub pds: Table<Pd>,
+    /// MRs, by lkey.
+    pub mrs: Table<Mr>,
+    /// CQs.
+    pub cqs: Table<Cq>,
+    /// QPs, by QPN.
+    pub qps: Table<Qp>,
+    /// AHs.
+    pub ahs: Table<Ah>,
+    /// Bytes registered across all MRs.
+    pub registered_bytes: u64,
+    /// Quota on `registered_bytes`.
+    pub max_registered_bytes: u64,
+}
+
+/// The port every vrdma device has: RoCE, active, 4096-byte MTU.
+pub fn port_attr() -> PortAttr {
+    PortAttr {
+        state: config::PortState::Active.raw(),
+        max_mtu: Mtu::Mtu4096.raw(),
+        active_mtu: Mtu::Mtu4096.raw(),
+        link_layer: config::LinkLayer::Ethernet.raw(),
+        gid_tbl_len: 1.into(),
+        pkey_tbl_len: 1.into(),
+        port_cap_flags: 0.into(),
+        max_msg_sz: limits::MAX_MSG_SIZE.into(),
+        lid: 0.into(),
+        sm_lid: 0.into(),
+        active_width: 2,  // 4x
+        active_speed: 32, // EDR-class, 25 Gb/s per lane
+        phys_state: 5,    // LinkUp
+        reserved: 0,
+    }
+}
+
+impl Vm {
+    /// A VM with no objects yet.
+    pub fn new(cfg: &VmConfig, node_guid: u64) -> Self {
+        let q = &cfg.quotas;
+        let caps = DeviceCaps {
+            node_guid: node_guid.into(),
+            sys_image_guid: node_guid.into(),
+            max_mr_size: limits::MAX_MR_SIZE.min(q.max_mr_bytes).into(),
+            page_size_cap: ((1u64 << (mr::MAX_PAGE_SHIFT + 1)) - (1u64 << mr::MIN_PAGE_SHIFT))
+                .into(),
+            max_registered_bytes: q.max_mr_bytes.into(),
+            vendor_id: 0x1af4.into(), // the virtio vendor ID
+            vendor_part_id: vrdma_proto::VIRTIO_ID_RDMA.into(),
+            hw_ver: vrdma_proto::PROTOCOL_VERSION.into(),
+            max_qp: q.max_qp.into(),
+            max_qp_wr: limits::MAX_QP_WR.into(),
+            max_sge: limits::MAX_SGE.into(),
+            max_cq: q.max_cq.into(),
+            max_cqe: limits::MAX_CQE.into(),
+            max_mr: q.max_mr.into(),
+            max_pd: q.max_pd.into(),
+            max_ah: q.max_ah.into(),
+            max_qp_rd_atom: limits::MAX_RD_ATOM.into(),
+            max_qp_init_rd_atom: limits::MAX_RD_ATOM.into(),
+            max_inline_data: limits::MAX_INLINE.into(),
+            max_mr_pages: cmd::MAX_PAGE_LIST.into(),
+            atomic_cap: config::AtomicCap::Glob.raw(),
+            phys_port_cnt: 1,
+            reserved: [0; 2],
+        };
+        use crate::limits::*;
+        Vm {
+            name: cfg.name.clone(),
+            gid: cfg.gid,
+            caps,
+            pds: Table::new(q.max_pd, HANDLE_INDEX_BITS, HANDLE_GENERATION_BITS),
+            mrs: Table::new(q.max_mr, KEY_INDEX_BITS, KEY_GENERATION_BITS),
+            cqs: Table::new(q.max_cq, HANDLE_INDEX_BITS, HANDLE_GENERATION_BITS),
+            qps: Table::new(q.max_qp, QPN_INDEX_BITS, QPN_GENERATION_BITS),
+            ahs: Table::new(q.max_ah, HANDLE_INDEX_BITS, HANDLE_GENERATION_BITS),
+            registered_bytes: 0,
+            max_registered_bytes: q.max_mr_bytes,
+        }
+    }
+
+    /// Executes one decoded command against this VM's objects and guest memory.
+    ///
+    /// On failure nothing has changed.
+    pub fn execute(&mut self, request: Request<'_>, mem: &GuestMem) -> Outcome {
+        match request {
+            Request::QueryDevice => Ok(self.caps.as_bytes().to_vec()),
+            Request::QueryPort(q) => {
+                if q.port_num != 1 {
+                    return Err(Status::InvalidArgument.into());
+                }
+                Ok(port_attr().as_bytes().to_vec())
+            }
+            Request::QueryGid(q) => {
+                if q.port_num != 1 || q.index.get() != 0 {
+                    return Err(Status::InvalidArgument.into());
+                }
+                let resp = cmd::QueryGidResp {
+                    gid: self.gid,
+                    gid_type: config::GidType::RoceV2.raw(),
+                    reserved: [0; 7],
+                };
+                Ok(resp.as_bytes().to_vec())
+            }
+            Request::AllocPd => {
+                let pdn = self
+                    .pds
+                    .insert(Pd::default())
+                    .map_err(|_| Status::NoResources)?;
+                Ok(handle_resp(pdn))
+            }
+            Request::DeallocPd(pdn) => {
+                let pd = self.pds.get(pdn).ok_or(Status::InvalidHandle)?;
+                if pd.users > 0 {
+                    return Err(Status::Busy.into());
+                }
+                self.pds.remove(pdn);
+                Ok(Vec::new())
+            }
+            Request::RegMr { cmd, access, pages } => self.reg_mr(&cmd, access, pages, mem),
+            Request::DeregMr(lkey) => {
+                let mr = self.mrs.remove(lkey).ok_or(Status::InvalidHandle)?;
+                self.registered_bytes -= mr.length;
+                self.unuse_pd(mr.pdn);
+                Ok(Vec::new())
+            }
+            Request::CreateCq(c) => {
+                let depth = c.cqe.get();
+                if depth > self.caps.max_cqe.get() {
+                    return Err(Status::InvalidArgument.into());
+                }
+                let geometry =
+                    ring::Geometry::new(depth, vrdma_proto::cqe::SIZE).map_err(Status::from)?;
+                check_ring(mem, c.ring_addr.get(), geometry.byte_len())?;
+                let cqn = self
+                    .cqs
+                    .insert(Cq {
+                        depth,
+                        ring_addr: c.ring_addr.get(),
+                        users: 0,
+                    })
+                    .map_err(|_| Status::NoResources)?;
+                Ok(cmd::CreateCqResp {
+                    cqn: cqn.into(),
+                    cqe: depth.into(),
+                }
+                .as_bytes()
+                .to_vec())
+            }
+            Request::DestroyCq(cqn) => {
+                let cq = self.cqs.get(cqn).ok_or(Status::InvalidHandle)?;
+                if cq.users > 0 {
+                    return Err(Status::Busy.into());
+                }
+                self.cqs.remove(cqn);
+                Ok(Vec::new())
+            }
+            Request::ReqNotifyCq { cqn, flags } => self.req_notify_cq(cqn, flags, mem),
+            Request::CreateQp { cmd, qp_type } => self.create_qp(&cmd, qp_type, mem),
+            Request::ModifyQp { cmd, mask } => self.modify_qp(&cmd, mask, mem),
+            Request::QueryQp(qpn) => {
+                let qp = self.qps.get(qpn).ok_or(Status::InvalidHandle)?;
+                let mut attr = qp.attr;
+                attr.cur_qp_state = attr.qp_state;
+                let resp = cmd::QueryQpResp {
+                    attr,
+                    cap: qp.caps,
+                    qp_type: qp.qp_type,
+                    sq_sig_all: u8::from(qp.sq_sig_all),
+                    reserved: 0.into(),
+                    send_cqn: qp.send_cqn.into(),
+                    recv_cqn: qp.recv_cqn.into(),
+                    pdn: qp.pdn.into(),
+                };
+                Ok(resp.as_bytes().to_vec())
+            }
+            Request::DestroyQp(qpn) => {
+                let qp = self.qps.remove(qpn).ok_or(Status::InvalidHandle)?;
+                self.unuse_pd(qp.pdn);
+                self.unuse_cq(qp.send_cqn);
+                self.unuse_cq(qp.recv_cqn);
+                Ok(Vec::new())
+            }
+            Request::CreateAh(c) => {
+                let pdn = c.pdn.get();
+                self.pds.get(pdn).ok_or(Status::InvalidHandle)?;
+                if c.attr.sgid_index != 0 {
+                    return Err(Status::InvalidArgument.into());
+                }
+                let ah = self
+                    .ahs
+                    .insert(Ah { pdn, attr: c.attr })
+                    .map_err(|_| Status::NoResources)?;
+                self.use_pd(pdn);
+                Ok(handle_resp(ah))
+            }
+            Request::DestroyAh(handle) => {
+                let ah = self.ahs.remove(handle).ok_or(Status::InvalidHandle)?;
+                self.unuse_pd(ah.pdn);
+                Ok(Vec::new())
+            }
+        }
+    }
+
+    fn use_pd(&mut self, pdn: u32) {
+        if let Some(pd) = self.pds.get_mut(pdn) {
+            pd.users += 1;
+        }
+    }
+
+    fn unuse_pd(&mut self, pdn: u32) {
+        if let Some(pd) = self.pds.get_mut(pdn) {
+            pd.users = pd.users.saturating_sub(1);
+        }
+    }
+
+    fn unuse_cq(&mut self, cqn: u32) {
+        if let Some(cq) = self.cqs.get_mut(cqn) {
+            cq.users = cq.users.saturating_sub(1);
+        }
+    }
+
+    fn reg_mr(
+        &mut self,
+        c: &cmd::RegMr,
+        access: mr::Access,
+        pages: cmd::PageList<'_>,
+        mem: &GuestMem,
+    ) -> Outcome {
+        let pdn = c.pdn.get();
+        self.pds.get(pdn).ok_or(Status::InvalidHandle)?;
+        let length = c.length.get();
+        if length > self.caps.max_mr_size.get()
+            || pages.len() as u64 > u64::from(self.caps.max_mr_pages.get())
+        {
+            return Err(Status::InvalidArgument.into());
+        }
+        if self.registered_bytes.saturating_add(length) > self.max_registered_bytes {
+            return Err(Status::NoResources.into());
+        }
+        let page_size = 1u64 << pages.page_shift();
+        for page in pages.iter() {
+            if !in_one_region(mem, page, page_size) {
+                return Err(Status::BadAddress.into());
+            }
+        }
+        let record = Mr {
+            pdn,
+            access: access.bits(),
+            iova: c.iova.get(),
+            length,
+            first_page_offset: c.first_page_offset.get().into(),
+            page_shift: pages.page_shift(),
+            pages: pages.iter().collect(),
+        };
+        let lkey = self.mrs.insert(record).map_err(|_| Status::NoResources)?;
+        self.registered_bytes += length;
+        self.use_pd(pdn);
+        let remote = access.intersects(
+            mr::Access::REMOTE_READ | mr::Access::REMOTE_WRITE | mr::Access::REMOTE_ATOMIC,
+        );
+        let rkey = if remote { lkey } else { 0 };
+        Ok(cmd::RegMrResp {
+            lkey: lkey.into(),
+            rkey: rkey.into(),
+        }
+        .as_bytes()
+        .to_vec())
+    }
+
+    fn req_notify_cq(&mut self, cqn: u32, flags: cmd::NotifyFlags, mem: &GuestMem) -> Outcome {
+        use std::sync::atomic::Ordering;
+        let cq = self.cqs.get(cqn).ok_or(Status::InvalidHandle)?;
+        let base = GuestAddress(cq.ring_addr);
+        let word_at = |offset: u64| base.checked_add(offset).ok_or(Status::BadAddress);
+        let arm_addr = word_at(ring::ARM_OFFSET)?;
+        let current: u32 = mem
+            .load(arm_addr, Ordering::Acquire)
+            .map_err(|_| Status::BadAddress)?;
+        let (sequence, _) = ring::split_arm_word(current);
+        let word = ring::arm_word(
+            sequence.wrapping_add(1),
+            flags.contains(cmd::NotifyFlags::SOLICITED_ONLY),
+        );
+        mem.store(word, arm_addr, Ordering::SeqCst)
+            .map_err(|_| Status::BadAddress)?;
+        let producer: u32 = mem
+            .load(word_at(ring::PRODUCER_OFFSET)?, Ordering::SeqCst)
+            .map_err(|_| Status::BadAddress)?;
+        let consumer: u32 = mem
+            .load(word_at(ring::CONSUMER_OFFSET)?, Ordering::Acquire)
+            .map_err(|_| Status::BadAddress)?;
+        let pending = producer.wrapping_sub(consumer).min(cq.depth);
+        Ok(cmd::ReqNotifyCqResp {
+            pending: pending.into(),
+            reserved: 0.into(),
+        }
+        .as_bytes()
+        .to_vec())
+    }
+
+    fn create_qp(&mut self, c: &cmd::CreateQp, qp_type: qp::Type, mem: &GuestMem) -> Outcome {
+        let pdn = c.pdn.get();
+        self.pds.get(pdn).ok_or(Status::InvalidHandle)?;
+        let (send_cqn, recv_cqn) = (c.send_cqn.get(), c.recv_cqn.get());
+        self.cqs.get(send_cqn).ok_or(Status::InvalidHandle)?;
+        self.cqs.get(recv_cqn).ok_or(Status::InvalidHandle)?;
+        let cap = &c.cap;
+        let within = [
+            (cap.max_send_wr.get(), self.caps.max_qp_wr.get()),
+            (cap.max_recv_wr.get(), self.caps.max_qp_wr.get()),
+            (cap.max_send_sge.get(), self.caps.max_sge.get()),
+            (cap.max_recv_sge.get(), self.caps.max_sge.get()),
+            (cap.max_inline_data.get(), self.caps.max_inline_data.get()),
+        ];
+        if within.iter().any(|&(v, max)| v > max) {
+            return Err(Status::InvalidArgument.into());
+        }
+        let mut record = Qp {
+            qp_type: qp_type.raw(),
+            pdn,
+            send_cqn,
+            recv_cqn,
+            sq_sig_all: c.sq_sig_all == 1,
+            caps: c.cap,
+            sq_ring_addr: c.sq_ring_addr.get(),
+            rq_ring_addr: c.rq_ring_addr.get(),
+            attr: qp::Attr::default(),
+        };
+        record.attr.qp_state = qp::State::Reset.raw();
+        let sq = record.sq_geometry().ok_or(Status::InvalidArgument)?;
+        let rq = record.rq_geometry().ok_or(Status::InvalidArgument)?;
+        check_ring(mem, record.sq_ring_addr, sq.byte_len())?;
+        check_ring(mem, record.rq_ring_addr, rq.byte_len())?;
+        let caps = record.caps;
+        let qpn = self.qps.insert(record).map_err(|_| Status::NoResources)?;
+        self.use_pd(pdn);
+        for cqn in [send_cqn, recv_cqn] {
+            if let Some(cq) = self.cqs.get_mut(cqn) {
+                cq.users += 1;
+            }
+        }
+        Ok(cmd::CreateQpResp {
+            qpn: qpn.into(),
+            reserved: 0.into(),
+            cap: caps,
+        }
+        .as_bytes()
+        .to_vec())
+    }
+
+    fn modify_qp(&mut self, c: &cmd::ModifyQp, mask: qp::AttrMask, mem: &GuestMem) -> Outcome {
+        use qp::AttrMask as M;
+        let caps = self.caps;
+        let qpn = c.qpn.get();
+        let record = self.qps.get(qpn).ok_or(Status::InvalidHandle)?;
+        let next =
+            qp::check_transition(record.qp_type(), record.state(), mask, &c.attr).map_err(|e| {
+                Failure {
+                    status: Status::InvalidState,
+                    detail: e.offending_bits().bits(),
+                }
+            })?;
+        let a = &c.attr;
+        let fail = |bits: M, status| Failure {
+            status,
+            detail: bits.bits(),
+        };
+        if mask.contains(M::CAP) {
+            return Err(fail(M::CAP, Status::NotSupported));
+        }
+        if mask.contains(M::MAX_QP_RD_ATOMIC)
+            && u32::from(a.max_rd_atomic) > caps.max_qp_init_rd_atom.get()
+        {
+            return Err(fail(M::MAX_QP_RD_ATOMIC, Status::InvalidArgument));
+        }
+        if mask.contains(M::MAX_DEST_RD_ATOMIC)
+            && u32::from(a.max_dest_rd_atomic) > caps.max_qp_rd_atom.get()
+        {
+            return Err(fail(M::MAX_DEST_RD_ATOMIC, Status::InvalidArgument));
+        }
+        if mask.contains(M::PATH_MTU) && a.path_mtu > port_attr().max_mtu {
+            return Err(fail(M::PATH_MTU, Status::InvalidArgument));
+        }
+        if mask.contains(M::AV) && a.ah_attr.sgid_index != 0 {
+            return Err(fail(M::AV, Status::InvalidArgument));
+        }
+        if mask.contains(M::DEST_QPN) && a.dest_qp_num.get() > qp::MAX_QPN {
+            return Err(fail(M::DEST_QPN, Status::InvalidArgument));
+        }
+        let record = self.qps.get_mut(qpn).ok_or(Status::InvalidHandle)?;
+        let t = &mut record.attr;
+        if mask.contains(M::ACCESS_FLAGS) {
+            t.qp_access_flags = a.qp_access_flags;
+        }
+        if mask.contains(M::PKEY_INDEX) {
+            t.pkey_index = a.pkey_index;
+        }
+        if mask.contains(M::PORT) {
+            t.port_num = a.port_num;
+        }
+        if mask.contains(M::QKEY) {
+            t.qkey = a.qkey;
+        }
+        if mask.contains(M::AV) {
+            t.ah_attr = a.ah_attr;
+        }
+        if mask.contains(M::PATH_MTU) {
+            t.path_mtu = a.path_mtu;
+        }
+        if mask.contains(M::TIMEOUT) {
+            t.timeout = a.timeout;
+        }
+        if mask.contains(M::RETRY_CNT) {
+            t.retry_cnt = a.retry_cnt;
+        }
+        if mask.contains(M::RNR_RETRY) {
+            t.rnr_retry = a.rnr_retry;
+        }
+        if mask.contains(M::RQ_PSN) {
+            t.rq_psn = a.rq_psn;
+        }
+        if mask.contains(M::SQ_PSN) {
+            t.sq_psn = a.sq_psn;
+        }
+        if mask.contains(M::MAX_QP_RD_ATOMIC) {
+            t.max_rd_atomic = a.max_rd_atomic;
+        }
+        if mask.contains(M::MAX_DEST_RD_ATOMIC) {
+            t.max_dest_rd_atomic = a.max_dest_rd_atomic;
+        }
+        if mask.contains(M::MIN_RNR_TIMER) {
+            t.min_rnr_timer = a.min_rnr_timer;
+        }
+        if mask.contains(M::PATH_MIG_STATE) {
+            t.path_mig_state = a.path_mig_state;
+        }
+        if mask.contains(M::DEST_QPN) {
+            t.dest_qp_num = a.dest_qp_num;
+        }
+        if mask.contains(M::EN_SQD_ASYNC_NOTIFY) {
+            t.en_sqd_async_notify = a.en_sqd_async_notify;
+        }
+        t.qp_state = next.raw();
+        if next == qp::State::Reset {
+            // Hardware drops queued work without completions on reset; do the same by
+            // catching each ring's consumer up with its producer.
+            let (sq, rq) = (record.sq_ring_addr, record.rq_ring_addr);
+            for base in [sq, rq] {
+                drain_ring(mem, base);
+            }
+        }
+        Ok(Vec::new())
+    }
+
+    /// Destroys every object (the guest reset the device or disconnected).
+    pub fn release_all(&mut self) {
+        self.ahs.drain();
+        self.qps.drain();
+        self.mrs.drain();
+        self.cqs.drain();
+        self.pds.drain();
+        self.registered_bytes = 0;
+    }
+}
+
+fn handle_resp(handle: u32) -> Vec<u8> {
+    cmd::Handle {
+        handle: handle.into(),
+        reserved: 0.into(),
+    }
+    .as_bytes()
+    .to_vec()
+}
+
+/// Whether `[addr, addr + len)` lies inside one memory slot of the VM.
+pub fn in_one_region(mem: &GuestMem, addr: u64, len: u64) -> bool {
+    let Some(region) = mem.find_region(GuestAddress(addr)) else {
+        return false;
+    };
+    let start = region.start_addr().raw_value();
+    let end = start.saturating_add(region.len());
+    addr.checked_add(len).is_some_and(|e| e <= end)
+}
+
+fn check_ring(mem: &GuestMem, addr: u64, len: u64) -> Result<(), Failure> {
+    if in_one_region(mem, addr, len) {
+        Ok(())
+    } else {
+        Err(Status::BadAddress.into())
+    }
+}
+
+fn drain_ring(mem: &GuestMem, base: u64) {
+    use std::sync::atomic::Ordering;
+    let base = GuestAddress(base);
+    let (Some(p), Some(c)) = (
+        base.checked_add(ring::PRODUCER_OFFSET),
+        base.checked_add(ring::CONSUMER_OFFSET),
+    ) else {
+        return;
+    };
+    if let Ok(producer) = mem.load::<u32>(p, Ordering::Acquire) {
+        // The ring was checked at creation; if the memory has since gone, there is nothing to drain.
+        let _ = mem.store(producer, c, Ordering::Release);
+    }
+}

@@ -1,15 +1,15 @@
 //! The vhost-user device of one VM: features, config space, and the virtqueues.
 
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use log::{debug, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use vhost_user_backend::{VhostUserBackend, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_queue::{DescriptorChain, QueueOwnedT};
-use vm_memory::{Bytes, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard};
+use vm_memory::{Bytes, GuestAddressSpace};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier,
@@ -19,11 +19,9 @@ use vrdma_proto::{config, doorbell, features, queue};
 use zerocopy::IntoBytes;
 
 use crate::config::VmConfig;
-use crate::vm::{Failure, GuestMem, Vm};
-
-/// Guest memory as the vhost-user library hands it over.
-pub type GuestMemAtomic = GuestMemoryAtomic<GuestMem>;
-type Vring = VringRwLock<GuestMemAtomic>;
+use crate::engine::{self, Scheduler};
+use crate::port::{GuestMemAtomic, VmPort, Vring};
+use crate::vm::{Failure, GuestMem};
 
 /// The most device-readable bytes a control chain may carry: a `REG_MR` with the longest page
 /// list. Anything longer is refused before it is copied.
@@ -59,19 +57,6 @@ impl From<Error> for io::Error {
     }
 }
 
-/// Counters an operator (and the benchmark) can read.
-#[derive(Debug, Default)]
-pub struct Counters {
-    /// Control commands executed successfully.
-    pub commands_ok: AtomicU64,
-    /// Control commands that failed (any status but Ok).
-    pub commands_failed: AtomicU64,
-    /// Doorbells received.
-    pub doorbells: AtomicU64,
-    /// Doorbell descriptors ignored as malformed.
-    pub doorbells_malformed: AtomicU64,
-}
-
 /// One VM's device. A new one is made for each vhost-user connection, so nothing from a
 /// previous connection survives into the next.
 #[derive(Debug)]
@@ -79,24 +64,22 @@ pub struct VmDevice {
     name: String,
     doorbell_queues: u16,
     config_space: Vec<u8>,
-    vm: Mutex<Vm>,
-    mem: Mutex<Option<GuestMemAtomic>>,
+    port: Arc<VmPort>,
+    scheduler: Scheduler,
     event_idx: AtomicBool,
     exit_consumer: EventConsumer,
     exit_notifier: EventNotifier,
-    /// What this device has done.
-    pub counters: Counters,
 }
 
 impl VmDevice {
-    /// A device for `cfg` with no objects.
-    pub fn new(cfg: &VmConfig, node_guid: u64) -> io::Result<Self> {
-        let vm = Vm::new(cfg, node_guid);
+    /// A device for the VM `port` stands for, configured by `cfg`.
+    pub fn new(cfg: &VmConfig, port: Arc<VmPort>, scheduler: Scheduler) -> io::Result<Self> {
+        let caps = port.lock().caps;
         let config_space = config::Config {
             version: vrdma_proto::PROTOCOL_VERSION.into(),
             num_doorbell_queues: cfg.doorbell_queues.into(),
             reserved: 0.into(),
-            caps: vm.caps,
+            caps,
             port: crate::vm::port_attr(),
             gid: cfg.gid,
         }
@@ -107,12 +90,11 @@ impl VmDevice {
             name: cfg.name.clone(),
             doorbell_queues: cfg.doorbell_queues,
             config_space,
-            vm: Mutex::new(vm),
-            mem: Mutex::new(None),
+            port,
+            scheduler,
             event_idx: AtomicBool::new(false),
             exit_consumer,
             exit_notifier,
-            counters: Counters::default(),
         })
     }
 
@@ -128,24 +110,18 @@ impl VmDevice {
         }
     }
 
+    /// The VM this device serves.
+    pub fn port(&self) -> &Arc<VmPort> {
+        &self.port
+    }
+
     /// Destroys every object of this VM.
     pub fn release_all(&self) {
-        self.lock_vm().release_all();
-    }
-
-    fn lock_vm(&self) -> MutexGuard<'_, Vm> {
-        // A panic while holding the lock would be a daemon bug; the VM's state is still
-        // structurally valid (every mutation is complete before it is visible), so go on.
-        self.vm.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn memory(&self) -> Result<GuestMemoryLoadGuard<GuestMem>, Error> {
-        let mem = self.mem.lock().unwrap_or_else(|p| p.into_inner());
-        mem.as_ref().map(|m| m.memory()).ok_or(Error::NoMemory)
+        self.port.lock().release_all();
     }
 
     fn process_control(&self, vring: &Vring) -> Result<(), Error> {
-        let mem = self.memory()?;
+        let mem = self.port.mem.memory();
         loop {
             let chains: Vec<_> = vring
                 .get_mut()
@@ -173,10 +149,14 @@ impl VmDevice {
                 break;
             }
         }
-        vring.signal_used_queue().map_err(|e| {
+        if let Err(e) = vring.signal_used_queue() {
             warn!("vm {}: cannot interrupt the guest: {e}", self.name);
-            Error::NoMemory
-        })
+        }
+        // Commands such as MODIFY_QP to ERR queue work for the scheduler.
+        if self.port.has_work.load(Ordering::Acquire) {
+            self.scheduler.wake();
+        }
+        Ok(())
     }
 
     /// Executes one control chain and writes its response. Returns the bytes written.
@@ -209,7 +189,8 @@ impl VmDevice {
                 "vm {}: control chain has no room for a response; ignored",
                 self.name
             );
-            self.counters
+            self.port
+                .counters
                 .commands_failed
                 .fetch_add(1, Ordering::Relaxed);
             return 0;
@@ -221,11 +202,15 @@ impl VmDevice {
         };
         let (header, body) = match outcome {
             Ok(body) => {
-                self.counters.commands_ok.fetch_add(1, Ordering::Relaxed);
+                self.port
+                    .counters
+                    .commands_ok
+                    .fetch_add(1, Ordering::Relaxed);
                 (RespHeader::new(Status::Ok, 0), body)
             }
             Err(Failure { status, detail }) => {
-                self.counters
+                self.port
+                    .counters
                     .commands_failed
                     .fetch_add(1, Ordering::Relaxed);
                 (RespHeader::new(status, detail), Vec::new())
@@ -269,7 +254,12 @@ impl VmDevice {
             debug!("vm {}: {opcode:?} response buffer too small", self.name);
             return Err(Status::Malformed.into());
         }
-        let result = self.lock_vm().execute(decoded, mem);
+        let mut vm = self.port.lock();
+        let result = vm.execute(decoded, mem);
+        if !vm.ready.is_empty() {
+            self.port.has_work.store(true, Ordering::Release);
+        }
+        drop(vm);
         if let Err(f) = &result {
             debug!(
                 "vm {}: {opcode:?} failed: {:?} (detail {:#x})",
@@ -280,7 +270,7 @@ impl VmDevice {
     }
 
     fn process_doorbells(&self, vring: &Vring, index: u16) -> Result<(), Error> {
-        let mem = self.memory()?;
+        let mem = self.port.mem.memory();
         let chains: Vec<_> = vring
             .get_mut()
             .get_queue_mut()
@@ -312,12 +302,28 @@ impl VmDevice {
             }
             match doorbell::decode_batch(&batch[..len]) {
                 Ok(doorbells) if ok => {
-                    for (_kind, _qpn) in doorbells {
-                        self.counters.doorbells.fetch_add(1, Ordering::Relaxed);
+                    let mut vm = self.port.lock();
+                    for (kind, qpn) in doorbells {
+                        self.port.counters.doorbells.fetch_add(1, Ordering::Relaxed);
+                        // Receive doorbells only matter to a QP in the error state, whose new
+                        // receives must be flushed; a doorbell for a QP that does not exist is
+                        // ignored, as an RNIC ignores one.
+                        let wanted = kind == doorbell::Kind::Send
+                            || vm
+                                .qps
+                                .get(qpn)
+                                .is_some_and(|q| q.state() == vrdma_proto::qp::State::Err);
+                        if wanted {
+                            engine::enqueue(&mut vm, qpn);
+                        }
+                    }
+                    if !vm.ready.is_empty() {
+                        self.port.has_work.store(true, Ordering::Release);
                     }
                 }
                 _ => {
-                    self.counters
+                    self.port
+                        .counters
                         .doorbells_malformed
                         .fetch_add(1, Ordering::Relaxed);
                 }
@@ -327,6 +333,9 @@ impl VmDevice {
             }
         }
         vring.signal_used_queue().ok();
+        if self.port.has_work.load(Ordering::Acquire) {
+            self.scheduler.wake();
+        }
         Ok(())
     }
 }
@@ -371,8 +380,9 @@ impl VhostUserBackend for VmDevice {
             .unwrap_or_default()
     }
 
-    fn update_memory(&self, mem: GuestMemAtomic) -> io::Result<()> {
-        *self.mem.lock().unwrap_or_else(|p| p.into_inner()) = Some(mem);
+    fn update_memory(&self, _mem: GuestMemAtomic) -> io::Result<()> {
+        // The port holds the same GuestMemoryAtomic the library updates, so every access
+        // after this sees the new table.
         Ok(())
     }
 
@@ -403,8 +413,10 @@ impl VhostUserBackend for VmDevice {
         match queue::role(device_event, self.doorbell_queues) {
             Some(queue::Role::Control) => self.process_control(vring)?,
             Some(queue::Role::Doorbell(_)) => self.process_doorbells(vring, device_event)?,
-            // Event buffers are consumed when there is an event to deliver.
-            Some(queue::Role::Event) => {}
+            Some(queue::Role::Event) => {
+                self.port.set_event_vring(vring);
+                self.port.deliver_events();
+            }
             None => return Err(Error::UnknownQueue(device_event).into()),
         }
         Ok(())

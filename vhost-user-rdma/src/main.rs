@@ -38,10 +38,17 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let scheduler = match vhost_user_rdma::engine::Scheduler::start() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("vhost-user-rdma: cannot start the scheduler thread: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let mut servers = Vec::new();
     for (i, vm) in config.vms.iter().enumerate() {
         let guid = 0x0200_5652_444d_0000 | (i as u64 + 1);
-        match VmServer::start(vm.clone(), guid) {
+        match VmServer::start(vm.clone(), guid, scheduler.clone()) {
             Ok(s) => servers.push(s),
             Err(e) => {
                 eprintln!("vhost-user-rdma: {e}");

@@ -16,7 +16,12 @@ use vm_memory::GuestMemoryAtomic;
 
 use crate::config::VmConfig;
 use crate::device::{SharedDevice, VmDevice};
-use crate::vm::GuestMem;
+use crate::engine::Scheduler;
+use crate::port::VmPort;
+use crate::vm::{GuestMem, Vm};
+
+/// Port IDs are never reused, so a detach cannot hit a later connection of the same VM.
+static NEXT_PORT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// Why a VM could not be served.
 #[derive(Debug, thiserror::Error)]
@@ -72,7 +77,7 @@ impl VmServer {
     /// Listens on the VM's socket and serves frontends one after another until [`stop`].
     ///
     /// [`stop`]: VmServer::stop
-    pub fn start(cfg: VmConfig, node_guid: u64) -> Result<Self, Error> {
+    pub fn start(cfg: VmConfig, node_guid: u64, scheduler: Scheduler) -> Result<Self, Error> {
         if UnixStream::connect(&cfg.socket).is_ok() {
             return Err(Error::SocketBusy(cfg.socket.clone()));
         }
@@ -86,7 +91,7 @@ impl VmServer {
         let socket = cfg.socket.clone();
         let thread = std::thread::Builder::new()
             .name(format!("vm-{}", cfg.name))
-            .spawn(move || serve(&cfg, node_guid, &mut listener, &thread_shared))
+            .spawn(move || serve(&cfg, node_guid, &mut listener, &thread_shared, &scheduler))
             .map_err(|source| Error::Thread {
                 name: name.clone(),
                 source,
@@ -148,17 +153,30 @@ fn remove_socket(path: &Path) {
     }
 }
 
-fn serve(cfg: &VmConfig, node_guid: u64, listener: &mut Listener, shared: &Shared) {
+fn serve(
+    cfg: &VmConfig,
+    node_guid: u64,
+    listener: &mut Listener,
+    shared: &Shared,
+    scheduler: &Scheduler,
+) {
     let name = &cfg.name;
     while !shared.stopping.load(Ordering::SeqCst) {
-        let device = match VmDevice::new(cfg, node_guid) {
+        let memory = GuestMemoryAtomic::new(GuestMem::default());
+        let id = NEXT_PORT_ID.fetch_add(1, Ordering::Relaxed);
+        let port = Arc::new(VmPort::new(
+            id,
+            Vm::new(cfg, node_guid),
+            cfg.weight,
+            memory.clone(),
+        ));
+        let device = match VmDevice::new(cfg, port.clone(), scheduler.clone()) {
             Ok(d) => Arc::new(d),
             Err(e) => {
                 error!("vm {name}: cannot create the device: {e}");
                 return;
             }
         };
-        let memory = GuestMemoryAtomic::new(GuestMem::default());
         let mut daemon = match VhostUserDaemon::new(format!("vrdma-{name}"), device.clone(), memory)
         {
             Ok(d) => d,
@@ -174,6 +192,7 @@ fn serve(cfg: &VmConfig, node_guid: u64, listener: &mut Listener, shared: &Share
             }
             continue;
         }
+        scheduler.attach(port.clone());
         *shared.device.lock().unwrap_or_else(|p| p.into_inner()) = Some(device.clone());
         *shared.connection.lock().unwrap_or_else(|p| p.into_inner()) = daemon.shutdown_handle();
         if shared.stopping.load(Ordering::SeqCst) {
@@ -196,6 +215,9 @@ fn serve(cfg: &VmConfig, node_guid: u64, listener: &mut Listener, shared: &Share
             .unwrap_or_else(|p| p.into_inner())
             .take();
         device.stop_worker();
+        // Detach first: once the scheduler has let go, nothing touches this VM's memory, and
+        // its peers' QPs are already in the error state with their work flushed.
+        scheduler.detach(port.id);
         device.release_all();
         info!("vm {name}: resources released");
     }

@@ -92,6 +92,12 @@ pub struct Cq {
     pub ring_addr: u64,
     /// QPs that complete into this CQ.
     pub users: u32,
+    /// The device's producer index (the ring's copy is only ever written from this).
+    pub producer: u32,
+    /// The arm sequence the device last raised an event for.
+    pub notify_ack: u32,
+    /// The ring overflowed: the CQ is unusable, as on hardware.
+    pub overflowed: bool,
 }
 
 /// A queue pair's control-path view.
@@ -117,6 +123,8 @@ pub struct Qp {
     /// Attributes set so far; `qp_state` is the current state.
     #[serde(with = "wire_bytes")]
     pub attr: qp::Attr,
+    /// Data-path progress.
+    pub rt: crate::engine::QpRuntime,
 }
 
 impl Qp {
@@ -201,6 +209,10 @@ pub struct Vm {
     pub registered_bytes: u64,
     /// Quota on `registered_bytes`.
     pub max_registered_bytes: u64,
+    /// QPs with work for the scheduler, each at most once (`QpRuntime::queued`). Its capacity
+    /// is reserved for every QP the VM may have, so queueing never allocates.
+    #[serde(skip)]
+    pub ready: std::collections::VecDeque<u32>,
 }
 
 /// The port every vrdma device has: RoCE, active, 4096-byte MTU.
@@ -265,6 +277,7 @@ impl Vm {
             ahs: Table::new(q.max_ah, HANDLE_INDEX_BITS, HANDLE_GENERATION_BITS),
             registered_bytes: 0,
             max_registered_bytes: q.max_mr_bytes,
+            ready: std::collections::VecDeque::with_capacity(q.max_qp as usize),
         }
     }
 
@@ -327,6 +340,9 @@ impl Vm {
                         depth,
                         ring_addr: c.ring_addr.get(),
                         users: 0,
+                        producer: 0,
+                        notify_ack: 0,
+                        overflowed: false,
                     })
                     .map_err(|_| Status::NoResources)?;
                 Ok(cmd::CreateCqResp {
@@ -515,6 +531,7 @@ impl Vm {
             sq_ring_addr: c.sq_ring_addr.get(),
             rq_ring_addr: c.rq_ring_addr.get(),
             attr: qp::Attr::default(),
+            rt: crate::engine::QpRuntime::default(),
         };
         record.attr.qp_state = qp::State::Reset.raw();
         let sq = record.sq_geometry().ok_or(Status::InvalidArgument)?;
@@ -630,20 +647,30 @@ impl Vm {
         if mask.contains(M::EN_SQD_ASYNC_NOTIFY) {
             t.en_sqd_async_notify = a.en_sqd_async_notify;
         }
+        let from = qp::State::from_raw(t.qp_state).unwrap_or(qp::State::Err);
         t.qp_state = next.raw();
         if next == qp::State::Reset {
             // Hardware drops queued work without completions on reset; do the same by
             // catching each ring's consumer up with its producer.
-            let (sq, rq) = (record.sq_ring_addr, record.rq_ring_addr);
-            for base in [sq, rq] {
-                drain_ring(mem, base);
-            }
+            let sq = drain_ring(mem, record.sq_ring_addr);
+            let rq = drain_ring(mem, record.rq_ring_addr);
+            record.rt = crate::engine::QpRuntime::at(sq, rq);
+        }
+        if next == qp::State::Sqd {
+            record.rt.sqd_notified = false;
+        }
+        // ERR needs its flush, and RTS or SQD may release queued sends: let the scheduler look.
+        let wake = next != from && matches!(next, qp::State::Err | qp::State::Rts | qp::State::Sqe);
+        if wake && !record.rt.queued {
+            record.rt.queued = true;
+            self.ready.push_back(qpn);
         }
         Ok(Vec::new())
     }
 
     /// Destroys every object (the guest reset the device or disconnected).
     pub fn release_all(&mut self) {
+        self.ready.clear();
         self.ahs.drain();
         self.qps.drain();
         self.mrs.drain();
@@ -680,17 +707,18 @@ fn check_ring(mem: &GuestMem, addr: u64, len: u64) -> Result<(), Failure> {
     }
 }
 
-fn drain_ring(mem: &GuestMem, base: u64) {
+/// Sets a ring's consumer index to its producer index and returns it.
+fn drain_ring(mem: &GuestMem, base: u64) -> u32 {
     use std::sync::atomic::Ordering;
     let base = GuestAddress(base);
     let (Some(p), Some(c)) = (
         base.checked_add(ring::PRODUCER_OFFSET),
         base.checked_add(ring::CONSUMER_OFFSET),
     ) else {
-        return;
+        return 0;
     };
-    if let Ok(producer) = mem.load::<u32>(p, Ordering::Acquire) {
-        // The ring was checked at creation; if the memory has since gone, there is nothing to drain.
-        let _ = mem.store(producer, c, Ordering::Release);
-    }
+    // The ring was checked at creation; if its memory has since gone there is nothing to drain.
+    let producer = mem.load::<u32>(p, Ordering::Acquire).unwrap_or(0);
+    let _ = mem.store(producer, c, Ordering::Release);
+    producer
 }

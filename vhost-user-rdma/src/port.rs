@@ -1,0 +1,188 @@
+//! What the daemon shares about one connected VM between its vhost-user device, its server
+//! thread and the scheduler: its objects (behind the VM's own lock), its memory, its event
+//! queue and its counters.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+
+use log::warn;
+use vhost_user_backend::{VringRwLock, VringT};
+use virtio_queue::QueueT;
+use vm_memory::{Bytes, GuestAddressSpace};
+use vrdma_proto::{Gid, event};
+use zerocopy::IntoBytes;
+
+use crate::vm::{GuestMem, Vm};
+
+/// Guest memory as the vhost-user library keeps it: replaced whole on every memory-table
+/// change, so holding a snapshot never outlives the table it came from by more than one chunk.
+pub type GuestMemAtomic = vm_memory::GuestMemoryAtomic<GuestMem>;
+/// A virtqueue as the vhost-user library keeps it.
+pub type Vring = VringRwLock<GuestMemAtomic>;
+
+/// Most asynchronous events kept while the driver has no event buffers posted.
+pub const MAX_PENDING_EVENTS: usize = 4096;
+
+/// Per-VM counters, for operators and the benchmarks.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Send work requests completed (any status).
+    pub wrs: AtomicU64,
+    /// Payload bytes moved on the VM's behalf (as requester).
+    pub bytes: AtomicU64,
+    /// Completions written into the VM's CQs.
+    pub completions: AtomicU64,
+    /// Error completions written into the VM's CQs (flushes excluded).
+    pub errors: AtomicU64,
+    /// Nanoseconds the VM had work waiting while the scheduler served other VMs.
+    pub wait_ns: AtomicU64,
+    /// Control commands executed successfully.
+    pub commands_ok: AtomicU64,
+    /// Control commands that failed.
+    pub commands_failed: AtomicU64,
+    /// Doorbells received.
+    pub doorbells: AtomicU64,
+    /// Doorbell descriptors ignored as malformed.
+    pub doorbells_malformed: AtomicU64,
+    /// Datagrams dropped (no receive posted, Q_Key mismatch, no such QP).
+    pub ud_dropped: AtomicU64,
+    /// Events lost because the driver kept no event buffers and the backlog was full.
+    pub events_lost: AtomicU64,
+}
+
+/// One connected VM.
+pub struct VmPort {
+    /// Unique for the daemon's lifetime (not reused across reconnections).
+    pub id: u64,
+    /// Name, for logs.
+    pub name: String,
+    /// Its port's GID.
+    pub gid: Gid,
+    /// Share of the fabric.
+    pub weight: u32,
+    /// Its memory.
+    pub mem: GuestMemAtomic,
+    state: Mutex<Vm>,
+    /// Set when QPs are on the ready list; cleared by the scheduler when it empties it.
+    pub has_work: AtomicBool,
+    events: Mutex<VecDeque<event::Event>>,
+    event_vring: Mutex<Option<Vring>>,
+    /// What this VM has done.
+    pub counters: Counters,
+}
+
+impl std::fmt::Debug for VmPort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmPort")
+            .field("id", &self.id)
+            .field("name", &self.name)
+            .field("gid", &self.gid)
+            .finish_non_exhaustive()
+    }
+}
+
+impl VmPort {
+    /// A port for `vm`, whose memory is `mem`.
+    pub fn new(id: u64, vm: Vm, weight: u32, mem: GuestMemAtomic) -> Self {
+        VmPort {
+            id,
+            name: vm.name.clone(),
+            gid: vm.gid,
+            weight,
+            mem,
+            state: Mutex::new(vm),
+            has_work: AtomicBool::new(false),
+            events: Mutex::new(VecDeque::with_capacity(MAX_PENDING_EVENTS)),
+            event_vring: Mutex::new(None),
+            counters: Counters::default(),
+        }
+    }
+
+    /// Locks the VM's objects, waiting if the scheduler or the control path holds them.
+    pub fn lock(&self) -> MutexGuard<'_, Vm> {
+        // Every mutation of a Vm is complete before the lock is released, so a panic elsewhere
+        // cannot leave it half-changed; keep serving rather than poison every later request.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Locks the VM's objects if nobody else holds them: the scheduler never waits for one
+    /// VM's control path, so a VM busy registering memory cannot stall the others.
+    pub fn try_lock(&self) -> Option<MutexGuard<'_, Vm>> {
+        match self.state.try_lock() {
+            Ok(g) => Some(g),
+            Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        }
+    }
+
+    /// Remembers the event virtqueue so events can be delivered from any thread.
+    pub fn set_event_vring(&self, vring: &Vring) {
+        let mut slot = self.event_vring.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            *slot = Some(vring.clone());
+        }
+    }
+
+    /// Queues an event for the driver; [`VmPort::deliver_events`] hands it over.
+    pub fn push_event(&self, kind: event::Kind, handle: u32) {
+        let mut q = self.events.lock().unwrap_or_else(|p| p.into_inner());
+        if q.len() >= MAX_PENDING_EVENTS {
+            self.counters.events_lost.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        q.push_back(event::Event::new(kind, handle));
+    }
+
+    /// Moves queued events into the buffers the driver posted on the event queue, and
+    /// interrupts the driver if any were delivered.
+    pub fn deliver_events(&self) {
+        let mut q = self.events.lock().unwrap_or_else(|p| p.into_inner());
+        if q.is_empty() {
+            return;
+        }
+        let vring = self.event_vring.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(vring) = vring.as_ref() else { return };
+        let mem = self.mem.memory();
+        let mut delivered = false;
+        while let Some(ev) = q.front() {
+            let chain = match vring
+                .get_mut()
+                .get_queue_mut()
+                .pop_descriptor_chain(mem.clone())
+            {
+                Some(c) => c,
+                None => break,
+            };
+            let head = chain.head_index();
+            let mut written = 0u32;
+            if let Some(desc) = chain.into_iter().find(|d| d.is_write_only()) {
+                if desc.len() as usize >= event::SIZE
+                    && mem.write_slice(ev.as_bytes(), desc.addr()).is_ok()
+                {
+                    written = event::SIZE as u32;
+                }
+            }
+            if written == 0 {
+                warn!(
+                    "vm {}: an event buffer was unusable; the event waits for the next",
+                    self.name
+                );
+            } else {
+                q.pop_front();
+            }
+            if vring.add_used(head, written).is_err() {
+                break;
+            }
+            delivered = true;
+        }
+        if delivered {
+            if let Err(e) = vring.signal_used_queue() {
+                warn!(
+                    "vm {}: cannot interrupt the guest for events: {e}",
+                    self.name
+                );
+            }
+        }
+    }
+}

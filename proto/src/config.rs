@@ -77,10 +77,12 @@ wire_enum! {
 wire_enum! {
     /// The type of a GID table entry, as `ibv_gid_type`.
     pub enum GidType: u8 as "gid type" {
-        /// InfiniBand or RoCE version 1.
-        IbRoceV1 = 0,
+        /// InfiniBand.
+        Ib = 0,
+        /// RoCE version 1 (Ethernet, no IP).
+        RoceV1 = 1,
         /// RoCE version 2 (UDP encapsulation); every vrdma GID is this type.
-        RoceV2 = 1,
+        RoceV2 = 2,
     }
 }
 
@@ -264,6 +266,13 @@ impl Config {
             return Err(DecodeError::Inconsistent {
                 field: "num_doorbell_queues",
                 reason: "a device needs at least one doorbell queue",
+            });
+        }
+        if config.num_doorbell_queues.get() > crate::queue::MAX_DOORBELL_QUEUES {
+            return Err(DecodeError::TooLarge {
+                field: "num_doorbell_queues",
+                value: config.num_doorbell_queues.get().into(),
+                max: crate::queue::MAX_DOORBELL_QUEUES.into(),
             });
         }
         check_reserved(config.reserved.as_bytes(), "config reserved")?;

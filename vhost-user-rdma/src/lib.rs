@@ -8,6 +8,7 @@
 
 pub mod completion;
 pub mod config;
+pub mod daemon;
 pub mod device;
 pub mod engine;
 pub mod handle;

@@ -1,14 +1,12 @@
 //! The vhost-user-rdma daemon.
 
 use std::process::ExitCode;
-use std::time::Duration;
 
 use clap::Parser;
-use log::info;
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use vhost_user_rdma::config::{Args, Config};
-use vhost_user_rdma::server::VmServer;
+use vhost_user_rdma::daemon::Daemon;
 
 fn main() -> ExitCode {
     let args = Args::parse();
@@ -38,37 +36,15 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let scheduler = match vhost_user_rdma::engine::Scheduler::start() {
-        Ok(s) => s,
+    let daemon = match Daemon::start(&config) {
+        Ok(d) => d,
         Err(e) => {
-            eprintln!("vhost-user-rdma: cannot start the scheduler thread: {e}");
+            eprintln!("vhost-user-rdma: {e}");
             return ExitCode::FAILURE;
         }
     };
-    let mut servers = Vec::new();
-    for (i, vm) in config.vms.iter().enumerate() {
-        let guid = 0x0200_5652_444d_0000 | (i as u64 + 1);
-        match VmServer::start(vm.clone(), guid, scheduler.clone()) {
-            Ok(s) => servers.push(s),
-            Err(e) => {
-                eprintln!("vhost-user-rdma: {e}");
-                for s in servers {
-                    s.stop(Duration::from_secs(1));
-                }
-                return ExitCode::FAILURE;
-            }
-        }
-    }
-    info!(
-        "serving {} VM(s) on the {:?} fabric",
-        servers.len(),
-        config.fabric
-    );
     let signal = signals.forever().next().unwrap_or(SIGTERM);
-    info!("signal {signal}: shutting down");
-    for s in servers {
-        s.stop(Duration::from_secs(5));
-    }
-    info!("stopped");
+    log::info!("signal {signal}: shutting down");
+    daemon.stop();
     ExitCode::SUCCESS
 }

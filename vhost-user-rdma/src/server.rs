@@ -105,6 +105,11 @@ impl VmServer {
         })
     }
 
+    /// The VM's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     /// The device of the frontend connected now, if any.
     pub fn device(&self) -> Option<SharedDevice> {
         self.shared

@@ -1,0 +1,85 @@
+//! How the library reaches the device.
+//!
+//! Everything above this module (verbs objects, rings, completion handling) talks to the
+//! device only through [`Transport`]: control commands, doorbells, the configuration space,
+//! device events and the registration of memory the device must be able to reach. The one
+//! implementation today is [`virtio_user::VirtioUser`], where the process is its own
+//! vhost-user frontend; the same seam would take a kernel virtio driver's character device.
+
+pub mod virtio_user;
+
+use std::os::fd::RawFd;
+use std::sync::Arc;
+
+use vrdma_proto::config::Config;
+use vrdma_proto::doorbell::Doorbell;
+use vrdma_proto::event;
+
+use crate::mem::{DmaBuf, SharedMemory};
+
+pub use virtio_user::{Options, VirtioUser, VirtioUserError};
+
+/// One event the device delivered on the event queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceEvent {
+    /// What happened.
+    pub kind: event::Kind,
+    /// The CQ, QP or port it happened to.
+    pub handle: u32,
+}
+
+/// The driver's view of a vrdma device.
+///
+/// Methods take `&self` and are safe to call from several threads: each queue is serialised
+/// on its own, so a doorbell does not wait for a control command.
+pub trait Transport: Send + Sync {
+    /// The transport's error type.
+    type Error: std::error::Error + Send + Sync + 'static;
+
+    /// The configuration space as read when the device was opened.
+    fn config(&self) -> &Config;
+
+    /// Reads the configuration space again (the port attributes can change).
+    fn read_config(&self) -> Result<Config, Self::Error>;
+
+    /// The virtio feature bits both sides agreed on (device bits of
+    /// `vrdma_proto::features` plus `VERSION_1`).
+    fn features(&self) -> u64;
+
+    /// The number of doorbell queues in use; [`Transport::ring_doorbells`] takes
+    /// `0..num_doorbell_queues()`.
+    fn num_doorbell_queues(&self) -> u16;
+
+    /// Sends one control command (`request`: a `cmd::Header` and its body) and waits for the
+    /// device's answer, which is written to the front of `response`. Returns the number of
+    /// bytes the device wrote.
+    fn control(&self, request: &[u8], response: &mut [u8]) -> Result<usize, Self::Error>;
+
+    /// Posts doorbells on doorbell queue `queue` and notifies the device if it asked for it.
+    /// Batches longer than `doorbell::MAX_BATCH` are split.
+    fn ring_doorbells(&self, queue: u16, doorbells: &[Doorbell]) -> Result<(), Self::Error>;
+
+    /// A file descriptor that becomes readable when the device has delivered events; wait on
+    /// it with poll/epoll, then call [`Transport::drain_events`]. Stays owned by the transport.
+    fn event_fd(&self) -> RawFd;
+
+    /// Takes every event the device delivered so far, oldest first, and returns their buffers
+    /// to the event queue.
+    fn drain_events(&self) -> Result<Vec<DeviceEvent>, Self::Error>;
+
+    /// Allocates `len` zeroed bytes aligned to `align` (a power of two) in memory the device
+    /// can reach, registering more memory with the device if needed.
+    fn alloc_dma(&self, len: usize, align: usize) -> Result<DmaBuf, Self::Error>;
+
+    /// Makes a region of the caller's shared memory reachable by the device (for memory
+    /// regions over application buffers allocated as [`SharedMemory`]).
+    fn add_memory(&self, mem: Arc<SharedMemory>) -> Result<(), Self::Error>;
+
+    /// Makes the region starting at `base` unreachable again. Regions the transport's own
+    /// allocator still has buffers in cannot be removed.
+    fn remove_memory(&self, base: u64) -> Result<(), Self::Error>;
+
+    /// Whether `addr..addr + len` lies inside one registered region, i.e. whether the device
+    /// can reach it. Memory regions and work requests must only name such ranges.
+    fn is_shared(&self, addr: u64, len: u64) -> bool;
+}

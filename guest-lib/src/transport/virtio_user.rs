@@ -1,0 +1,1208 @@
+//! virtio-user: the process is its own vhost-user frontend.
+//!
+//! [`VirtioUser::connect`] opens the daemon's vhost-user socket and does what a VMM would do
+//! for a guest: negotiates features, shares memory, reads the configuration space and sets up
+//! the virtqueues. The memory it shares is memfd-backed ([`SharedMemory`]) and announced with
+//! guest-physical address == virtual address in this process, so buffer addresses go into
+//! descriptors and commands untranslated.
+//!
+//! Handshake, in order: `SET_OWNER`, `GET_FEATURES` (`VIRTIO_F_VERSION_1` and
+//! `VHOST_USER_F_PROTOCOL_FEATURES` required), `GET_PROTOCOL_FEATURES`,
+//! `SET_PROTOCOL_FEATURES` (`CONFIG` required; `MQ`, `REPLY_ACK`, `CONFIGURE_MEM_SLOTS` when
+//! offered), `GET_QUEUE_NUM` (with `MQ`), `SET_FEATURES`, `GET_CONFIG`, then memory through
+//! `GET_MAX_MEM_SLOTS` + `ADD_MEM_REG` (or `SET_MEM_TABLE` without `CONFIGURE_MEM_SLOTS`), then
+//! for every queue `SET_VRING_NUM`, `SET_VRING_ADDR`, `SET_VRING_BASE 0`, `SET_VRING_CALL`,
+//! `SET_VRING_KICK` and `SET_VRING_ENABLE 1`. With `REPLY_ACK` every request after
+//! `SET_PROTOCOL_FEATURES` asks for an acknowledgement, so a refusal is reported at the step
+//! that caused it.
+
+use std::fmt;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use vhost::vhost_user::message::{
+    MAX_ATTACHED_FD_ENTRIES, VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures,
+    VhostUserVirtioFeatures,
+};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VringConfigData};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+use vrdma_proto::config::Config;
+use vrdma_proto::doorbell::{self, Doorbell};
+use vrdma_proto::{event, features, queue};
+use zerocopy::IntoBytes;
+
+use super::{DeviceEvent, Transport};
+use crate::mem::{DMA_GRANULE, DmaAllocator, DmaBuf, MemError, SharedMemory, page_size};
+use crate::virtio::{QueueError, SplitQueue};
+
+/// Bytes of the preallocated control request and response buffers; longer commands get a
+/// buffer of their own for the duration of the call.
+const CONTROL_BUF_BYTES: usize = 4096;
+/// Bytes of one doorbell batch buffer.
+const DOORBELL_SLOT_BYTES: usize = doorbell::MAX_BATCH * doorbell::SIZE;
+/// Most doorbell batches in flight on one doorbell queue.
+const MAX_DOORBELL_SLOTS: u16 = 64;
+
+/// How to connect.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Entries of every virtqueue: a power of two up to 1024 that the daemon accepts.
+    pub queue_size: u16,
+    /// How long to wait for the daemon: each vhost-user reply, each control command, and room
+    /// on a full doorbell queue.
+    pub timeout: Duration,
+    /// Bytes of shared DMA memory to set up at connect time for the library's own use (QP and
+    /// CQ rings, command buffers), on top of what the transport's queues need.
+    pub memory_size: usize,
+    /// When the DMA memory runs out, register another region of at least this many bytes with
+    /// the device; 0 never grows it.
+    pub grow_size: usize,
+    /// Device feature bits (`vrdma_proto::features::*`) to accept if the device offers them.
+    pub features: u64,
+    /// Seal the size of every memfd (see [`SharedMemory::create`]).
+    pub seal_memory: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            queue_size: 256,
+            timeout: Duration::from_secs(5),
+            memory_size: 4 << 20,
+            grow_size: 16 << 20,
+            features: features::ALL_DEVICE,
+            seal_memory: true,
+        }
+    }
+}
+
+/// Why talking to the daemon failed.
+#[derive(Debug, thiserror::Error)]
+pub enum VirtioUserError {
+    /// The options cannot work.
+    #[error("invalid virtio-user option {option}: {reason}")]
+    InvalidOption {
+        /// The option.
+        option: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The socket could not be connected.
+    #[error(
+        "cannot connect to vhost-user socket {}: is vhost-user-rdma running with --vm \
+         ...socket={}?",
+        socket.display(), socket.display()
+    )]
+    Connect {
+        /// The socket path.
+        socket: PathBuf,
+        /// The system error.
+        #[source]
+        source: io::Error,
+    },
+    /// A vhost-user request failed or was refused.
+    #[error(
+        "vhost-user {step} failed on {}: the daemon refused it, closed the connection or did \
+         not answer in time (see the daemon's log)",
+        socket.display()
+    )]
+    Handshake {
+        /// The socket path.
+        socket: PathBuf,
+        /// The request that failed.
+        step: String,
+        /// The vhost-user error.
+        #[source]
+        source: vhost::Error,
+    },
+    /// A required virtio feature is not offered.
+    #[error(
+        "the vhost-user backend at {} does not offer {feature} (offered features {offered:#x}): \
+         it is not a vrdma device or it is too old",
+        socket.display()
+    )]
+    MissingFeature {
+        /// The socket path.
+        socket: PathBuf,
+        /// The missing feature.
+        feature: &'static str,
+        /// The features offered.
+        offered: u64,
+    },
+    /// A required vhost-user protocol feature is not offered.
+    #[error(
+        "the vhost-user backend at {} does not offer protocol feature {feature} (offered \
+         {offered:#x}): it is not vhost-user-rdma or it is too old",
+        socket.display()
+    )]
+    MissingProtocolFeature {
+        /// The socket path.
+        socket: PathBuf,
+        /// The missing feature.
+        feature: &'static str,
+        /// The protocol features offered.
+        offered: u64,
+    },
+    /// The configuration space does not decode.
+    #[error("the configuration space read from {} is invalid", socket.display())]
+    BadConfig {
+        /// The socket path.
+        socket: PathBuf,
+        /// Why it does not decode.
+        #[source]
+        source: vrdma_proto::DecodeError,
+    },
+    /// The device announces more doorbell queues than it has vhost-user queues.
+    #[error(
+        "the device at {} announces {doorbell_queues} doorbell queues ({needed} virtqueues in \
+         all) but its backend serves {offered} queues (or more than the protocol maximum of \
+         {max_doorbell} doorbell queues); the daemon is misconfigured",
+        socket.display(), max_doorbell = queue::MAX_DOORBELL_QUEUES
+    )]
+    QueueCount {
+        /// The socket path.
+        socket: PathBuf,
+        /// Doorbell queues in the configuration space.
+        doorbell_queues: u16,
+        /// Virtqueues that needs.
+        needed: u16,
+        /// Queues `GET_QUEUE_NUM` reported (or the largest number the protocol allows).
+        offered: u64,
+    },
+    /// Shared memory could not be set up or accessed.
+    #[error("shared memory error while {what}")]
+    Memory {
+        /// What the transport was doing.
+        what: &'static str,
+        /// The memory error.
+        #[source]
+        source: MemError,
+    },
+    /// A virtqueue operation failed.
+    #[error("virtqueue {queue} ({role}) failed")]
+    Queue {
+        /// The virtqueue index.
+        queue: u16,
+        /// What the queue is for.
+        role: &'static str,
+        /// The queue error.
+        #[source]
+        source: QueueError,
+    },
+    /// An eventfd or epoll operation failed.
+    #[error("{what} failed")]
+    Event {
+        /// The operation.
+        what: &'static str,
+        /// The system error.
+        #[source]
+        source: io::Error,
+    },
+    /// The device did not complete a control command in time.
+    #[error(
+        "the device did not answer a control command within {timeout:?}: is vhost-user-rdma \
+         serving {} still running? The control queue is unusable until the device is reopened",
+        socket.display()
+    )]
+    DeviceTimeout {
+        /// The socket path.
+        socket: PathBuf,
+        /// How long the transport waited.
+        timeout: Duration,
+    },
+    /// An earlier control command failed in a way that leaves the queue in an unknown state.
+    #[error(
+        "the control queue of {} is unusable after an earlier timeout or device error; reopen \
+         the device",
+        socket.display()
+    )]
+    ControlQueueBroken {
+        /// The socket path.
+        socket: PathBuf,
+    },
+    /// The device stopped taking doorbells.
+    #[error(
+        "doorbell queue {queue} of {} stayed full for {timeout:?}: the device stopped \
+         consuming doorbells; is vhost-user-rdma still running?",
+        socket.display()
+    )]
+    DoorbellTimeout {
+        /// The socket path.
+        socket: PathBuf,
+        /// The doorbell queue (0-based).
+        queue: u16,
+        /// How long the transport waited.
+        timeout: Duration,
+    },
+    /// A control command with no bytes.
+    #[error("a control command needs at least a header")]
+    EmptyRequest,
+    /// A buffer longer than a descriptor can describe.
+    #[error("a {what} of {len} bytes is longer than a virtqueue descriptor can describe")]
+    TooLong {
+        /// Which buffer.
+        what: &'static str,
+        /// Its length.
+        len: usize,
+    },
+    /// The device claims to have written more than the response buffer holds.
+    #[error(
+        "the device reported writing {written} bytes into a {capacity}-byte response buffer; \
+         the device is misbehaving"
+    )]
+    ResponseOverrun {
+        /// Bytes the device reported.
+        written: u32,
+        /// The buffer's size.
+        capacity: usize,
+    },
+    /// There is no such doorbell queue.
+    #[error("doorbell queue {queue} does not exist: the device has {count} doorbell queues")]
+    NoSuchDoorbellQueue {
+        /// The queue asked for.
+        queue: u16,
+        /// Doorbell queues in use.
+        count: u16,
+    },
+    /// The region is already registered.
+    #[error("shared memory at {base:#x} is already registered with the device")]
+    AlreadyRegistered {
+        /// The region's base address.
+        base: u64,
+    },
+    /// The region is not registered.
+    #[error("no shared memory at {base:#x} is registered with the device")]
+    NotRegistered {
+        /// The address asked for.
+        base: u64,
+    },
+    /// The region cannot be removed while the transport's allocator uses it.
+    #[error(
+        "shared memory at {base:#x} still holds {live} DMA buffers (rings, command buffers or \
+         library objects); destroy them before removing the region"
+    )]
+    RegionInUse {
+        /// The region's base address.
+        base: u64,
+        /// Live buffers in it.
+        live: usize,
+    },
+    /// The device's memory table is full.
+    #[error(
+        "cannot register more shared memory with {}: the device accepts at most {max} \
+         regions; use fewer, larger regions",
+        socket.display()
+    )]
+    TooManyRegions {
+        /// The socket path.
+        socket: PathBuf,
+        /// The limit.
+        max: u64,
+    },
+    /// Registering or unregistering a region failed.
+    #[error(
+        "the daemon at {} refused to {action} shared memory {base:#x}..{end:#x}",
+        socket.display(), end = base.saturating_add(*len)
+    )]
+    MemoryTable {
+        /// The socket path.
+        socket: PathBuf,
+        /// "register" or "unregister".
+        action: &'static str,
+        /// The region's base address.
+        base: u64,
+        /// The region's length.
+        len: u64,
+        /// The vhost-user error.
+        #[source]
+        source: vhost::Error,
+    },
+    /// A thread panicked while holding one of the transport's locks.
+    #[error("the {what} lock was poisoned by a thread that panicked while holding it")]
+    Poisoned {
+        /// Which lock.
+        what: &'static str,
+    },
+}
+
+type Result<T> = std::result::Result<T, VirtioUserError>;
+
+fn lock<'a, T>(mutex: &'a Mutex<T>, what: &'static str) -> Result<MutexGuard<'a, T>> {
+    mutex.lock().map_err(|_| VirtioUserError::Poisoned { what })
+}
+
+fn event_err(what: &'static str) -> impl FnOnce(io::Error) -> VirtioUserError {
+    move |source| VirtioUserError::Event { what, source }
+}
+
+fn mem_err(what: &'static str) -> impl FnOnce(MemError) -> VirtioUserError {
+    move |source| VirtioUserError::Memory { what, source }
+}
+
+/// One virtqueue with its notification eventfds.
+#[derive(Debug)]
+struct Vq {
+    index: u16,
+    role: &'static str,
+    queue: SplitQueue,
+    kick: EventFd,
+    call: EventFd,
+}
+
+impl Vq {
+    fn new(index: u16, role: &'static str, alloc: &DmaAllocator, size: u16) -> Result<Self> {
+        let queue = SplitQueue::new(alloc, size).map_err(|source| VirtioUserError::Queue {
+            queue: index,
+            role,
+            source,
+        })?;
+        let flags = libc::EFD_NONBLOCK | libc::EFD_CLOEXEC;
+        Ok(Vq {
+            index,
+            role,
+            queue,
+            kick: EventFd::new(flags).map_err(event_err("creating a kick eventfd"))?,
+            call: EventFd::new(flags).map_err(event_err("creating a call eventfd"))?,
+        })
+    }
+
+    fn err(&self, source: QueueError) -> VirtioUserError {
+        VirtioUserError::Queue {
+            queue: self.index,
+            role: self.role,
+            source,
+        }
+    }
+
+    fn add_chain(&mut self, readable: &[(u64, u32)], writable: &[(u64, u32)]) -> Result<u16> {
+        self.queue
+            .add_chain(readable, writable)
+            .map_err(|e| self.err(e))
+    }
+
+    fn pop_used(&mut self) -> Result<Option<(u16, u32)>> {
+        self.queue.pop_used().map_err(|e| self.err(e))
+    }
+
+    fn kick(&self) -> Result<()> {
+        match self.kick.write(1) {
+            // The counter is saturated: the device has a notification pending anyway.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
+            other => other.map_err(event_err("kicking a virtqueue")),
+        }
+    }
+
+    fn kick_if_needed(&self) -> Result<()> {
+        if self.queue.needs_kick() {
+            self.kick()
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Resets the call eventfd's counter.
+    fn clear_call(&self) {
+        // EAGAIN just means no interrupt was pending.
+        let _ = self.call.read();
+    }
+
+    /// An epoll instance watching the call eventfd, for blocking waits.
+    fn waiter(&self) -> Result<Epoll> {
+        let epoll = Epoll::new().map_err(event_err("creating an epoll instance"))?;
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                self.call.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, u64::from(self.index)),
+            )
+            .map_err(event_err("watching a call eventfd"))?;
+        Ok(epoll)
+    }
+}
+
+/// Waits until `epoll` reports its fd readable or `deadline` passes; `false` on timeout.
+fn wait_until(epoll: &Epoll, deadline: Instant) -> Result<bool> {
+    let mut events = [EpollEvent::default(); 1];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(false);
+        }
+        // Round up so a sub-millisecond remainder still waits instead of spinning.
+        let ms = i32::try_from(left.as_millis().saturating_add(1)).unwrap_or(i32::MAX);
+        match epoll.wait(ms, &mut events) {
+            Ok(0) => continue,
+            Ok(_) => return Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(event_err("waiting for the device")(e)),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct ControlQueue {
+    vq: Vq,
+    waiter: Epoll,
+    request: DmaBuf,
+    response: DmaBuf,
+    broken: bool,
+    /// Buffers of commands that never completed: the device may still write them, so they are
+    /// never returned to the allocator.
+    quarantine: Vec<DmaBuf>,
+}
+
+#[derive(Debug)]
+struct EventQueue {
+    vq: Vq,
+    buffers: DmaBuf,
+    slot_of_head: Vec<Option<u16>>,
+}
+
+impl EventQueue {
+    fn post(&mut self, slot: u16) -> Result<()> {
+        let addr = self.buffers.addr() + (usize::from(slot) * event::SIZE) as u64;
+        let head = self.vq.add_chain(&[], &[(addr, event::SIZE as u32)])?;
+        self.slot_of_head[usize::from(head)] = Some(slot);
+        Ok(())
+    }
+}
+
+#[derive(Debug)]
+struct DoorbellQueue {
+    vq: Vq,
+    waiter: Epoll,
+    buffers: DmaBuf,
+    free_slots: Vec<u16>,
+    slot_of_head: Vec<Option<u16>>,
+}
+
+impl DoorbellQueue {
+    /// Takes back the batches the device has consumed.
+    fn reclaim(&mut self) -> Result<()> {
+        while let Some((head, _)) = self.vq.pop_used()? {
+            if let Some(slot) = self.slot_of_head[usize::from(head)].take() {
+                self.free_slots.push(slot);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The regions registered with the device, and the connection used to change them.
+struct Memory {
+    frontend: Frontend,
+    regions: Vec<Arc<SharedMemory>>,
+    /// `CONFIGURE_MEM_SLOTS` was negotiated: regions go one by one.
+    slots: bool,
+    max_slots: u64,
+}
+
+impl Memory {
+    fn table_err(
+        socket: &Path,
+        action: &'static str,
+        mem: &SharedMemory,
+    ) -> impl FnOnce(vhost::Error) -> VirtioUserError {
+        let (socket, base, len) = (socket.to_owned(), mem.addr(), mem.len() as u64);
+        move |source| VirtioUserError::MemoryTable {
+            socket,
+            action,
+            base,
+            len,
+            source,
+        }
+    }
+
+    fn add(&mut self, socket: &Path, mem: Arc<SharedMemory>) -> Result<()> {
+        if self.regions.iter().any(|r| r.addr() == mem.addr()) {
+            return Err(VirtioUserError::AlreadyRegistered { base: mem.addr() });
+        }
+        if self.regions.len() as u64 >= self.max_slots {
+            return Err(VirtioUserError::TooManyRegions {
+                socket: socket.to_owned(),
+                max: self.max_slots,
+            });
+        }
+        if self.slots {
+            self.frontend
+                .add_mem_region(&mem.region_info())
+                .map_err(Self::table_err(socket, "register", &mem))?;
+        } else {
+            let table: Vec<_> = self
+                .regions
+                .iter()
+                .chain(std::iter::once(&mem))
+                .map(|r| r.region_info())
+                .collect();
+            self.frontend
+                .set_mem_table(&table)
+                .map_err(Self::table_err(socket, "register", &mem))?;
+        }
+        log::debug!(
+            "registered shared memory {:?} ({:#x}, {} bytes) with {}",
+            mem.name(),
+            mem.addr(),
+            mem.len(),
+            socket.display()
+        );
+        self.regions.push(mem);
+        Ok(())
+    }
+
+    fn remove(&mut self, socket: &Path, base: u64) -> Result<Arc<SharedMemory>> {
+        let idx = self
+            .regions
+            .iter()
+            .position(|r| r.addr() == base)
+            .ok_or(VirtioUserError::NotRegistered { base })?;
+        let mem = self.regions[idx].clone();
+        if self.slots {
+            self.frontend
+                .remove_mem_region(&mem.region_info())
+                .map_err(Self::table_err(socket, "unregister", &mem))?;
+        } else {
+            let table: Vec<_> = self
+                .regions
+                .iter()
+                .filter(|r| r.addr() != base)
+                .map(|r| r.region_info())
+                .collect();
+            if table.is_empty() {
+                // SET_MEM_TABLE cannot express an empty table; the rings keep one region
+                // registered while the transport lives, so this is only reachable for a
+                // transport without queues.
+                return Err(VirtioUserError::RegionInUse { base, live: 0 });
+            }
+            self.frontend
+                .set_mem_table(&table)
+                .map_err(Self::table_err(socket, "unregister", &mem))?;
+        }
+        self.regions.remove(idx);
+        log::debug!(
+            "unregistered shared memory at {base:#x} from {}",
+            socket.display()
+        );
+        Ok(mem)
+    }
+}
+
+/// A vrdma device reached over vhost-user from this process.
+pub struct VirtioUser {
+    socket: PathBuf,
+    features: u64,
+    protocol: VhostUserProtocolFeatures,
+    config: Config,
+    timeout: Duration,
+    grow_size: usize,
+    seal: bool,
+    dma: DmaAllocator,
+    memory: Mutex<Memory>,
+    control: Mutex<ControlQueue>,
+    events: Mutex<EventQueue>,
+    event_fd: RawFd,
+    doorbells: Vec<Mutex<DoorbellQueue>>,
+}
+
+impl fmt::Debug for VirtioUser {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("VirtioUser")
+            .field("socket", &self.socket)
+            .field("features", &format_args!("{:#x}", self.features))
+            .field("protocol", &self.protocol)
+            .field("doorbell_queues", &self.doorbells.len())
+            .finish_non_exhaustive()
+    }
+}
+
+struct Handshake<'a> {
+    socket: &'a Path,
+    frontend: Frontend,
+}
+
+impl Handshake<'_> {
+    fn step<T>(&self, step: impl Into<String>, result: vhost::Result<T>) -> Result<T> {
+        result.map_err(|source| VirtioUserError::Handshake {
+            socket: self.socket.to_owned(),
+            step: step.into(),
+            source,
+        })
+    }
+}
+
+impl Handshake<'_> {
+    fn setup_vring(&mut self, vq: &Vq) -> Result<()> {
+        let (i, q) = (usize::from(vq.index), vq.index);
+        let size = vq.queue.size();
+        let a = vq.queue.addresses();
+        let ring = VringConfigData {
+            queue_max_size: size,
+            queue_size: size,
+            flags: 0,
+            desc_table_addr: a.desc,
+            used_ring_addr: a.used,
+            avail_ring_addr: a.avail,
+            log_addr: None,
+        };
+        let r = self.frontend.set_vring_num(i, size);
+        self.step(format!("SET_VRING_NUM (queue {q}, size {size})"), r)?;
+        let r = self.frontend.set_vring_addr(i, &ring);
+        self.step(format!("SET_VRING_ADDR (queue {q})"), r)?;
+        let r = self.frontend.set_vring_base(i, 0);
+        self.step(format!("SET_VRING_BASE (queue {q})"), r)?;
+        let r = self.frontend.set_vring_call(i, &vq.call);
+        self.step(format!("SET_VRING_CALL (queue {q})"), r)?;
+        let r = self.frontend.set_vring_kick(i, &vq.kick);
+        self.step(format!("SET_VRING_KICK (queue {q})"), r)?;
+        let r = self.frontend.set_vring_enable(i, true);
+        self.step(format!("SET_VRING_ENABLE (queue {q})"), r)?;
+        log::debug!(
+            "{}: queue {q} ({}) ready: {size} entries, desc {:#x}, avail {:#x}, used {:#x}",
+            self.socket.display(),
+            vq.role,
+            a.desc,
+            a.avail,
+            a.used
+        );
+        Ok(())
+    }
+}
+
+fn read_config(socket: &Path, frontend: &mut Frontend) -> Result<Config> {
+    let size = std::mem::size_of::<Config>();
+    let buf = vec![0u8; size];
+    let (_, payload) = frontend
+        .get_config(0, size as u32, VhostUserConfigFlags::empty(), &buf)
+        .map_err(|source| VirtioUserError::Handshake {
+            socket: socket.to_owned(),
+            step: "GET_CONFIG".into(),
+            source,
+        })?;
+    Config::decode(&payload).map_err(|source| VirtioUserError::BadConfig {
+        socket: socket.to_owned(),
+        source,
+    })
+}
+
+impl VirtioUser {
+    /// Connects to the vhost-user socket of a vrdma daemon and brings the device up (see the
+    /// module documentation for the exact sequence).
+    pub fn connect(socket: impl AsRef<Path>, options: Options) -> Result<Self> {
+        let socket = socket.as_ref().to_path_buf();
+        let size = options.queue_size;
+        if size == 0 || size > queue::MAX_QUEUE_SIZE || !size.is_power_of_two() {
+            return Err(VirtioUserError::InvalidOption {
+                option: "queue_size",
+                reason: format!(
+                    "{size} is not a power of two between 1 and {}",
+                    queue::MAX_QUEUE_SIZE
+                ),
+            });
+        }
+        if options.timeout.is_zero() {
+            return Err(VirtioUserError::InvalidOption {
+                option: "timeout",
+                reason: "it must be longer than zero".into(),
+            });
+        }
+
+        let stream = UnixStream::connect(&socket).map_err(|source| VirtioUserError::Connect {
+            socket: socket.clone(),
+            source,
+        })?;
+        stream
+            .set_read_timeout(Some(options.timeout))
+            .map_err(event_err("setting the vhost-user socket timeout"))?;
+        let max_queues = u64::from(queue::count(queue::MAX_DOORBELL_QUEUES));
+        let mut hs = Handshake {
+            socket: &socket,
+            frontend: Frontend::from_stream(stream, max_queues),
+        };
+        log::debug!("connected to vhost-user socket {}", socket.display());
+
+        hs.step("SET_OWNER", hs.frontend.set_owner())?;
+        let offered = hs.step("GET_FEATURES", hs.frontend.get_features())?;
+        let protocol_bit = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        for (bit, feature) in [
+            (features::VERSION_1, "VIRTIO_F_VERSION_1"),
+            (protocol_bit, "VHOST_USER_F_PROTOCOL_FEATURES"),
+        ] {
+            if offered & bit == 0 {
+                return Err(VirtioUserError::MissingFeature {
+                    socket,
+                    feature,
+                    offered,
+                });
+            }
+        }
+
+        let r = hs.frontend.get_protocol_features();
+        let protocol_offered = hs.step("GET_PROTOCOL_FEATURES", r)?;
+        if !protocol_offered.contains(VhostUserProtocolFeatures::CONFIG) {
+            return Err(VirtioUserError::MissingProtocolFeature {
+                socket,
+                feature: "CONFIG",
+                offered: protocol_offered.bits(),
+            });
+        }
+        let protocol = protocol_offered
+            & (VhostUserProtocolFeatures::CONFIG
+                | VhostUserProtocolFeatures::MQ
+                | VhostUserProtocolFeatures::REPLY_ACK
+                | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS);
+        let r = hs.frontend.set_protocol_features(protocol);
+        hs.step("SET_PROTOCOL_FEATURES", r)?;
+        if protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) {
+            hs.frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+        }
+        let queue_num = if protocol.contains(VhostUserProtocolFeatures::MQ) {
+            let r = hs.frontend.get_queue_num();
+            Some(hs.step("GET_QUEUE_NUM", r)?)
+        } else {
+            None
+        };
+
+        let acked = offered
+            & (features::VERSION_1 | protocol_bit | (options.features & features::ALL_DEVICE));
+        hs.step("SET_FEATURES", hs.frontend.set_features(acked))?;
+        log::debug!(
+            "{}: features offered {offered:#x}, acked {acked:#x}; protocol features offered \
+             {:#x}, acked {:#x}",
+            socket.display(),
+            protocol_offered.bits(),
+            protocol.bits()
+        );
+
+        let config = read_config(&socket, &mut hs.frontend)?;
+        let announced = config.num_doorbell_queues.get();
+        let mut num_doorbell = announced;
+        if num_doorbell > 1 && acked & features::MULTI_DOORBELL == 0 {
+            log::warn!(
+                "{}: config announces {num_doorbell} doorbell queues but MULTI_DOORBELL was not \
+                 negotiated; using one",
+                socket.display()
+            );
+            num_doorbell = 1;
+        }
+        let num_queues = queue::count(num_doorbell);
+        let offered_queues = queue_num.unwrap_or(max_queues);
+        if num_doorbell > queue::MAX_DOORBELL_QUEUES || u64::from(num_queues) > offered_queues {
+            return Err(VirtioUserError::QueueCount {
+                socket,
+                doorbell_queues: announced,
+                needed: num_queues,
+                offered: offered_queues,
+            });
+        }
+
+        // Memory: the rings and buffers of every queue, plus what the caller asked for.
+        let page = page_size();
+        let round = |n: usize| n.next_multiple_of(page);
+        let ring = round(SplitQueue::ring_bytes(size));
+        let doorbell_slots = size.min(MAX_DOORBELL_SLOTS);
+        let own = usize::from(num_queues) * ring
+            + 2 * round(CONTROL_BUF_BYTES)
+            + round(usize::from(size) * event::SIZE)
+            + usize::from(num_doorbell) * round(usize::from(doorbell_slots) * DOORBELL_SLOT_BYTES);
+        let total = own
+            .checked_add(options.memory_size)
+            .ok_or(VirtioUserError::InvalidOption {
+                option: "memory_size",
+                reason: "too large".into(),
+            })?;
+        let region = SharedMemory::create("vrdma-dma", total, options.seal_memory)
+            .map_err(mem_err("creating the initial DMA memory"))?;
+        let region = Arc::new(region);
+        let dma = DmaAllocator::with_region(region.clone());
+
+        let slots = protocol.contains(VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS);
+        let max_slots = if slots {
+            let r = hs.frontend.get_max_mem_slots();
+            hs.step("GET_MAX_MEM_SLOTS", r)?
+        } else {
+            MAX_ATTACHED_FD_ENTRIES as u64
+        };
+        let Handshake { frontend, .. } = hs;
+        let mut memory = Memory {
+            frontend,
+            regions: Vec::new(),
+            slots,
+            max_slots,
+        };
+        memory.add(&socket, region)?;
+
+        // Queues.
+        let control_vq = Vq::new(queue::CONTROL, "control", &dma, size)?;
+        let event_vq = Vq::new(queue::EVENT, "event", &dma, size)?;
+        let doorbell_vqs = (0..num_doorbell)
+            .map(|n| Vq::new(queue::FIRST_DOORBELL + n, "doorbell", &dma, size))
+            .collect::<Result<Vec<_>>>()?;
+        let mut hs = Handshake {
+            socket: &socket,
+            frontend: memory.frontend.clone(),
+        };
+        for vq in [&control_vq, &event_vq].into_iter().chain(&doorbell_vqs) {
+            hs.setup_vring(vq)?;
+        }
+
+        let mut events = EventQueue {
+            buffers: dma
+                .alloc(usize::from(size) * event::SIZE)
+                .map_err(mem_err("allocating event buffers"))?,
+            slot_of_head: vec![None; usize::from(size)],
+            vq: event_vq,
+        };
+        for slot in 0..size {
+            events.post(slot)?;
+        }
+        events.vq.kick()?;
+        let event_fd = events.vq.call.as_raw_fd();
+
+        let control = ControlQueue {
+            waiter: control_vq.waiter()?,
+            request: dma
+                .alloc(CONTROL_BUF_BYTES)
+                .map_err(mem_err("allocating control buffers"))?,
+            response: dma
+                .alloc(CONTROL_BUF_BYTES)
+                .map_err(mem_err("allocating control buffers"))?,
+            broken: false,
+            quarantine: Vec::new(),
+            vq: control_vq,
+        };
+
+        let mut doorbells = Vec::with_capacity(usize::from(num_doorbell));
+        for vq in doorbell_vqs {
+            let buffers = dma
+                .alloc(usize::from(doorbell_slots) * DOORBELL_SLOT_BYTES)
+                .map_err(mem_err("allocating doorbell buffers"))?;
+            doorbells.push(Mutex::new(DoorbellQueue {
+                waiter: vq.waiter()?,
+                buffers,
+                free_slots: (0..doorbell_slots).rev().collect(),
+                slot_of_head: vec![None; usize::from(size)],
+                vq,
+            }));
+        }
+
+        log::info!(
+            "vrdma device at {} is up: {num_doorbell} doorbell queue(s) of {size} entries, \
+             {} bytes of shared memory",
+            socket.display(),
+            total
+        );
+        Ok(VirtioUser {
+            socket,
+            features: acked,
+            protocol,
+            config,
+            timeout: options.timeout,
+            grow_size: options.grow_size,
+            seal: options.seal_memory,
+            dma,
+            memory: Mutex::new(memory),
+            control: Mutex::new(control),
+            events: Mutex::new(events),
+            event_fd,
+            doorbells,
+        })
+    }
+
+    /// The vhost-user socket this transport is connected to.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// The vhost-user protocol features in use.
+    pub fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        self.protocol
+    }
+
+    /// The allocator over the transport's shared memory.
+    pub fn dma(&self) -> &DmaAllocator {
+        &self.dma
+    }
+
+    /// The regions registered with the device.
+    pub fn regions(&self) -> Vec<Arc<SharedMemory>> {
+        lock(&self.memory, "memory table")
+            .map(|m| m.regions.clone())
+            .unwrap_or_default()
+    }
+
+    fn quarantine(cq: &mut ControlQueue, bufs: [Option<DmaBuf>; 2]) {
+        cq.broken = true;
+        cq.quarantine.extend(bufs.into_iter().flatten());
+    }
+}
+
+impl Transport for VirtioUser {
+    type Error = VirtioUserError;
+
+    fn config(&self) -> &Config {
+        &self.config
+    }
+
+    fn read_config(&self) -> Result<Config> {
+        let mut memory = lock(&self.memory, "memory table")?;
+        read_config(&self.socket, &mut memory.frontend)
+    }
+
+    fn features(&self) -> u64 {
+        self.features & !VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+
+    fn num_doorbell_queues(&self) -> u16 {
+        // At most MAX_DOORBELL_QUEUES, checked at connect time.
+        self.doorbells.len() as u16
+    }
+
+    fn control(&self, request: &[u8], response: &mut [u8]) -> Result<usize> {
+        if request.is_empty() {
+            return Err(VirtioUserError::EmptyRequest);
+        }
+        let req_len = u32::try_from(request.len()).map_err(|_| VirtioUserError::TooLong {
+            what: "control request",
+            len: request.len(),
+        })?;
+        let resp_len = u32::try_from(response.len()).map_err(|_| VirtioUserError::TooLong {
+            what: "control response buffer",
+            len: response.len(),
+        })?;
+        let mut cq = lock(&self.control, "control queue")?;
+        if cq.broken {
+            return Err(VirtioUserError::ControlQueueBroken {
+                socket: self.socket.clone(),
+            });
+        }
+        // Commands larger than the standing buffers (REG_MR page lists) get their own.
+        let big_req = if request.len() > cq.request.len() {
+            Some(self.alloc_dma(request.len(), DMA_GRANULE)?)
+        } else {
+            None
+        };
+        let big_resp = if response.len() > cq.response.len() {
+            Some(self.alloc_dma(response.len(), DMA_GRANULE)?)
+        } else {
+            None
+        };
+        let req_buf = big_req.as_ref().unwrap_or(&cq.request);
+        let resp_buf = big_resp.as_ref().unwrap_or(&cq.response);
+        req_buf
+            .write_at(0, request)
+            .map_err(mem_err("copying a control request"))?;
+        let readable = [(req_buf.addr(), req_len)];
+        let writable = [(resp_buf.addr(), resp_len)];
+        let writable: &[(u64, u32)] = if response.is_empty() { &[] } else { &writable };
+
+        cq.vq.clear_call();
+        let head = cq.vq.add_chain(&readable, writable)?;
+        cq.vq.kick_if_needed()?;
+
+        let deadline = Instant::now() + self.timeout;
+        let used = loop {
+            match cq.vq.pop_used() {
+                Ok(Some(used)) => break used,
+                Ok(None) => {}
+                Err(e) => {
+                    Self::quarantine(&mut cq, [big_req, big_resp]);
+                    return Err(e);
+                }
+            }
+            if !wait_until(&cq.waiter, deadline)? {
+                log::error!(
+                    "control command (opcode bytes {:02x?}) timed out after {:?} on {}",
+                    &request[..request.len().min(2)],
+                    self.timeout,
+                    self.socket.display()
+                );
+                Self::quarantine(&mut cq, [big_req, big_resp]);
+                return Err(VirtioUserError::DeviceTimeout {
+                    socket: self.socket.clone(),
+                    timeout: self.timeout,
+                });
+            }
+            cq.vq.clear_call();
+        };
+        let (used_head, written) = used;
+        if used_head != head {
+            // One command is in flight at a time, so any other head is a device bug.
+            Self::quarantine(&mut cq, [big_req, big_resp]);
+            return Err(cq.vq.err(QueueError::BadUsedId {
+                id: used_head.into(),
+                size: cq.vq.queue.size(),
+            }));
+        }
+        let len = written as usize;
+        if len > response.len() {
+            return Err(VirtioUserError::ResponseOverrun {
+                written,
+                capacity: response.len(),
+            });
+        }
+        let resp_buf = big_resp.as_ref().unwrap_or(&cq.response);
+        resp_buf
+            .read_at(0, &mut response[..len])
+            .map_err(mem_err("copying a control response"))?;
+        Ok(len)
+    }
+
+    fn ring_doorbells(&self, queue: u16, doorbells: &[Doorbell]) -> Result<()> {
+        let count = self.num_doorbell_queues();
+        let dq = self
+            .doorbells
+            .get(usize::from(queue))
+            .ok_or(VirtioUserError::NoSuchDoorbellQueue { queue, count })?;
+        let mut dq = lock(dq, "doorbell queue")?;
+        let mut deadline = None;
+        let mut unkicked = false;
+        for batch in doorbells.chunks(doorbell::MAX_BATCH) {
+            let slot = loop {
+                dq.reclaim()?;
+                if let Some(slot) = dq.free_slots.pop() {
+                    break slot;
+                }
+                // Full: make sure the device knows about what is queued, then wait for it.
+                if unkicked {
+                    dq.vq.kick()?;
+                    unkicked = false;
+                }
+                let deadline = *deadline.get_or_insert_with(|| Instant::now() + self.timeout);
+                if !wait_until(&dq.waiter, deadline)? {
+                    return Err(VirtioUserError::DoorbellTimeout {
+                        socket: self.socket.clone(),
+                        queue,
+                        timeout: self.timeout,
+                    });
+                }
+                dq.vq.clear_call();
+            };
+            let offset = usize::from(slot) * DOORBELL_SLOT_BYTES;
+            let bytes = batch.as_bytes();
+            dq.buffers
+                .write_at(offset, bytes)
+                .map_err(mem_err("copying doorbells"))?;
+            let addr = dq.buffers.addr() + offset as u64;
+            // A batch is at most MAX_BATCH * 8 = 512 bytes.
+            let head = match dq.vq.add_chain(&[(addr, bytes.len() as u32)], &[]) {
+                Ok(head) => head,
+                Err(e) => {
+                    dq.free_slots.push(slot);
+                    return Err(e);
+                }
+            };
+            dq.slot_of_head[usize::from(head)] = Some(slot);
+            unkicked = true;
+        }
+        if unkicked {
+            dq.vq.kick_if_needed()?;
+        }
+        Ok(())
+    }
+
+    fn event_fd(&self) -> RawFd {
+        self.event_fd
+    }
+
+    fn drain_events(&self) -> Result<Vec<DeviceEvent>> {
+        let mut eq = lock(&self.events, "event queue")?;
+        // Reset the interrupt first: events used after this point signal it again.
+        eq.vq.clear_call();
+        let mut out = Vec::new();
+        let mut reposted = false;
+        while let Some((head, written)) = eq.vq.pop_used()? {
+            let Some(slot) = eq.slot_of_head[usize::from(head)].take() else {
+                continue;
+            };
+            let offset = usize::from(slot) * event::SIZE;
+            if written as usize >= event::SIZE {
+                let mut bytes = [0u8; event::SIZE];
+                eq.buffers
+                    .read_at(offset, &mut bytes)
+                    .map_err(mem_err("copying an event"))?;
+                match event::Event::decode(&bytes) {
+                    Ok((kind, handle)) => out.push(DeviceEvent { kind, handle }),
+                    Err(e) => log::warn!(
+                        "ignoring a malformed event from {}: {e}",
+                        self.socket.display()
+                    ),
+                }
+            } else {
+                log::warn!(
+                    "ignoring an event buffer the device returned with {written} bytes from {}",
+                    self.socket.display()
+                );
+            }
+            eq.post(slot)?;
+            reposted = true;
+        }
+        if reposted {
+            eq.vq.kick_if_needed()?;
+        }
+        Ok(out)
+    }
+
+    fn alloc_dma(&self, len: usize, align: usize) -> Result<DmaBuf> {
+        match self.dma.alloc_aligned(len, align) {
+            Err(MemError::OutOfSpace { .. }) if self.grow_size > 0 => {
+                let size = len
+                    .checked_add(align)
+                    .map(|needed| needed.max(self.grow_size))
+                    .ok_or(VirtioUserError::Memory {
+                        what: "growing the DMA memory",
+                        source: MemError::InvalidLength { len },
+                    })?;
+                let region = SharedMemory::create("vrdma-dma", size, self.seal)
+                    .map_err(mem_err("growing the DMA memory"))?;
+                let region = Arc::new(region);
+                self.add_memory(region.clone())?;
+                self.dma
+                    .add_region(region)
+                    .map_err(mem_err("growing the DMA memory"))?;
+                self.dma
+                    .alloc_aligned(len, align)
+                    .map_err(mem_err("allocating DMA memory"))
+            }
+            other => other.map_err(mem_err("allocating DMA memory")),
+        }
+    }
+
+    fn add_memory(&self, mem: Arc<SharedMemory>) -> Result<()> {
+        lock(&self.memory, "memory table")?.add(&self.socket, mem)
+    }
+
+    fn remove_memory(&self, base: u64) -> Result<()> {
+        let mut memory = lock(&self.memory, "memory table")?;
+        if !memory.regions.iter().any(|r| r.addr() == base) {
+            return Err(VirtioUserError::NotRegistered { base });
+        }
+        // Take the region away from the allocator first so nothing is allocated in it while
+        // the device forgets it; put it back if the device refuses.
+        let managed = match self.dma.remove_region(base) {
+            Ok(region) => Some(region),
+            Err(MemError::NoSuchRegion { .. }) => None,
+            Err(MemError::RegionBusy { live, .. }) => {
+                return Err(VirtioUserError::RegionInUse { base, live });
+            }
+            Err(e) => return Err(mem_err("removing DMA memory")(e)),
+        };
+        if let Err(e) = memory.remove(&self.socket, base) {
+            if let Some(region) = managed {
+                let _ = self.dma.add_region(region);
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn is_shared(&self, addr: u64, len: u64) -> bool {
+        lock(&self.memory, "memory table")
+            .map(|m| m.regions.iter().any(|r| r.contains(addr, len)))
+            .unwrap_or(false)
+    }
+}

@@ -1,0 +1,74 @@
+//! The daemon as a library: every VM's server and the scheduler, started and stopped together.
+//! The binary's `main` and the demo use it, and integration tests run it in-process.
+
+use std::time::Duration;
+
+use log::info;
+
+use crate::config::Config;
+use crate::engine::Scheduler;
+use crate::server::{self, VmServer};
+
+/// Why the daemon could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The scheduler thread could not be started.
+    #[error("cannot start the scheduler thread")]
+    Scheduler(#[source] std::io::Error),
+    /// A VM could not be served.
+    #[error(transparent)]
+    Server(#[from] server::Error),
+}
+
+/// A running daemon.
+#[derive(Debug)]
+pub struct Daemon {
+    servers: Vec<VmServer>,
+    scheduler: Scheduler,
+}
+
+impl Daemon {
+    /// Starts the scheduler and listens on every VM's socket. If one VM cannot be served, the
+    /// ones already started are stopped again.
+    pub fn start(config: &Config) -> Result<Daemon, Error> {
+        let scheduler = Scheduler::start().map_err(Error::Scheduler)?;
+        let mut servers = Vec::new();
+        for (i, vm) in config.vms.iter().enumerate() {
+            // Locally administered, "VRDM" in the middle, the VM's index at the end.
+            let guid = 0x0200_5652_444d_0000 | (i as u64 + 1);
+            match VmServer::start(vm.clone(), guid, scheduler.clone()) {
+                Ok(s) => servers.push(s),
+                Err(e) => {
+                    for s in servers {
+                        s.stop(Duration::from_secs(1));
+                    }
+                    return Err(e.into());
+                }
+            }
+        }
+        info!(
+            "serving {} VM(s) on the {:?} fabric",
+            servers.len(),
+            config.fabric
+        );
+        Ok(Daemon { servers, scheduler })
+    }
+
+    /// The server of the VM called `name`.
+    pub fn server(&self, name: &str) -> Option<&VmServer> {
+        self.servers.iter().find(|s| s.name() == name)
+    }
+
+    /// The scheduler.
+    pub fn scheduler(&self) -> &Scheduler {
+        &self.scheduler
+    }
+
+    /// Disconnects every VM, releases their objects and removes the sockets.
+    pub fn stop(self) {
+        for s in self.servers {
+            s.stop(Duration::from_secs(5));
+        }
+        info!("stopped");
+    }
+}

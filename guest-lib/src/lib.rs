@@ -13,7 +13,10 @@
 
 pub mod mem;
 pub mod transport;
+pub mod verbs;
 pub mod virtio;
+
+pub use verbs::*;
 
 /// Formats an error with all of its causes, `outer: inner: innermost`, for logs and messages
 /// to operators.

@@ -1,1 +1,288 @@
-//! Shared helpers for the integration tests.
+//! Shared helpers for the integration tests: a daemon in a private directory, and guests
+//! connected to it through the `vrdma` library's virtio-user transport (each guest is its own
+//! vhost-user frontend with memfd memory, exactly as a VMM would be).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use vhost_user_rdma::config::{Args, Config};
+use vhost_user_rdma::daemon::Daemon;
+use vhost_user_rdma::port::VmPort;
+use vrdma::mem::DmaBuf;
+use vrdma::{
+    AccessFlags, CompletionQueue, Context, MemoryRegion, ProtectionDomain, QpAttr, QpAttrMask,
+    QpCap, QpInitAttr, QpState, QpType, QueuePair, WorkCompletion,
+};
+use vrdma_proto::Gid;
+
+/// A daemon serving VMs on sockets in a private temporary directory; stopped on drop.
+#[derive(Debug)]
+pub struct TestDaemon {
+    daemon: Option<Daemon>,
+    dir: PathBuf,
+}
+
+static NEXT_DIR: AtomicU32 = AtomicU32::new(0);
+
+impl TestDaemon {
+    /// Starts a daemon with one VM per entry: `name` plus extra `key=value` options.
+    pub fn start(vms: &[(&str, &str)]) -> TestDaemon {
+        let _ = env_logger::builder().is_test(true).try_init();
+        let dir = std::env::temp_dir().join(format!(
+            "vrdma-test-{}-{}",
+            std::process::id(),
+            NEXT_DIR.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let mut argv = vec!["vhost-user-rdma".to_owned()];
+        for (i, (name, extra)) in vms.iter().enumerate() {
+            argv.push("--vm".into());
+            let mut spec = format!(
+                "name={name},socket={},gid=10.0.0.{}",
+                dir.join(format!("{name}.sock")).display(),
+                i + 1
+            );
+            if !extra.is_empty() {
+                spec.push(',');
+                spec.push_str(extra);
+            }
+            argv.push(spec);
+        }
+        let config = Config::from_args(&Args::parse_from(argv)).expect("valid test configuration");
+        let daemon = Daemon::start(&config).expect("daemon starts");
+        TestDaemon {
+            daemon: Some(daemon),
+            dir,
+        }
+    }
+
+    /// The socket of VM `name`.
+    pub fn socket(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.sock"))
+    }
+
+    /// Opens VM `name`'s device as its guest.
+    pub fn open(&self, name: &str) -> Context {
+        Context::open(self.socket(name)).expect("guest connects")
+    }
+
+    /// The daemon's view of VM `name` while a guest is connected.
+    pub fn port(&self, name: &str) -> Option<Arc<VmPort>> {
+        let server = self.daemon.as_ref()?.server(name)?;
+        server.device().map(|d| d.port().clone())
+    }
+
+    /// Waits until VM `name` has a connected guest (or has none, with `connected` false).
+    pub fn wait_connected(&self, name: &str, connected: bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.port(name).is_some() != connected {
+            assert!(
+                Instant::now() < deadline,
+                "VM {name} never became connected={connected}"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+impl Drop for TestDaemon {
+    fn drop(&mut self) {
+        if let Some(d) = self.daemon.take() {
+            d.stop();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Everything one side of a connection needs.
+#[derive(Debug)]
+pub struct Endpoint {
+    /// The device.
+    pub ctx: Context,
+    /// Its PD.
+    pub pd: ProtectionDomain,
+    /// Send and receive CQ.
+    pub cq: CompletionQueue,
+    /// The QP.
+    pub qp: QueuePair,
+    /// A buffer, registered as `mr`.
+    pub buf: DmaBuf,
+    /// `buf`'s registration.
+    pub mr: MemoryRegion,
+}
+
+/// All rights, as perftest registers its buffers.
+pub fn all_access() -> AccessFlags {
+    AccessFlags::LOCAL_WRITE
+        | AccessFlags::REMOTE_WRITE
+        | AccessFlags::REMOTE_READ
+        | AccessFlags::REMOTE_ATOMIC
+}
+
+impl Endpoint {
+    /// A PD, a CQ, an RC or UD QP and a registered buffer of `len` bytes on `ctx`.
+    pub fn new(ctx: &Context, qp_type: QpType, len: usize, cap: QpCap) -> Endpoint {
+        let pd = ProtectionDomain::new(ctx).expect("alloc pd");
+        let cq = CompletionQueue::new(ctx, 1024).expect("create cq");
+        let qp = QueuePair::new(
+            &pd,
+            &QpInitAttr {
+                send_cq: &cq,
+                recv_cq: &cq,
+                cap,
+                qp_type,
+                sq_sig_all: false,
+            },
+        )
+        .expect("create qp");
+        let buf = ctx.alloc(len).expect("alloc buffer");
+        let mr = MemoryRegion::register(&pd, &buf, all_access()).expect("reg mr");
+        Endpoint {
+            ctx: ctx.clone(),
+            pd,
+            cq,
+            qp,
+            buf,
+            mr,
+        }
+    }
+
+    /// Polls one completion, failing the test after 10 s.
+    pub fn poll_one(&self) -> WorkCompletion {
+        poll_one(&self.cq)
+    }
+
+    /// Asserts no completion arrives within `wait`.
+    pub fn assert_no_completion(&self, wait: Duration) {
+        let mut wc = [empty_wc(); 1];
+        let deadline = Instant::now() + wait;
+        while Instant::now() < deadline {
+            assert_eq!(
+                self.cq.poll(&mut wc).expect("poll"),
+                0,
+                "unexpected completion {:?}",
+                wc[0]
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+/// A zeroed completion, to fill poll arrays with.
+pub fn empty_wc() -> WorkCompletion {
+    WorkCompletion {
+        wr_id: 0,
+        status: vrdma::WcStatus::Success,
+        opcode: vrdma::WcOpcode::Send,
+        vendor_err: 0,
+        byte_len: 0,
+        imm_data: None,
+        qp_num: 0,
+        src_qp: 0,
+        grh: false,
+        sgid: Gid::default(),
+    }
+}
+
+/// Polls one completion from `cq`, failing the test after 10 s.
+pub fn poll_one(cq: &CompletionQueue) -> WorkCompletion {
+    let mut wc = [empty_wc(); 1];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if cq.poll(&mut wc).expect("poll") == 1 {
+            return wc[0];
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no completion within 10 s on CQ {:#x}",
+            cq.handle()
+        );
+        std::thread::yield_now();
+    }
+}
+
+/// Takes an RC QP through INIT, RTR and RTS towards `remote_qpn` at `remote_gid`, as
+/// `ibv_rc_pingpong` does.
+pub fn connect_rc(qp: &QueuePair, remote_gid: Gid, remote_qpn: u32, rnr_retry: u8, retry_cnt: u8) {
+    let init = QpAttr {
+        qp_state: QpState::Init,
+        qp_access_flags: all_access(),
+        ..QpAttr::default()
+    };
+    qp.modify(
+        &init,
+        QpAttrMask::STATE | QpAttrMask::PKEY_INDEX | QpAttrMask::PORT | QpAttrMask::ACCESS_FLAGS,
+    )
+    .expect("RESET->INIT");
+    let rtr = QpAttr {
+        qp_state: QpState::Rtr,
+        dest_qp_num: remote_qpn,
+        rq_psn: 0,
+        max_dest_rd_atomic: 1,
+        min_rnr_timer: 1,
+        ah_attr: vrdma::AddressHandle::attr_for(remote_gid),
+        ..QpAttr::default()
+    };
+    qp.modify(
+        &rtr,
+        QpAttrMask::STATE
+            | QpAttrMask::AV
+            | QpAttrMask::PATH_MTU
+            | QpAttrMask::DEST_QPN
+            | QpAttrMask::RQ_PSN
+            | QpAttrMask::MAX_DEST_RD_ATOMIC
+            | QpAttrMask::MIN_RNR_TIMER,
+    )
+    .expect("INIT->RTR");
+    let rts = QpAttr {
+        qp_state: QpState::Rts,
+        sq_psn: 0,
+        timeout: 8,
+        retry_cnt,
+        rnr_retry,
+        max_rd_atomic: 1,
+        ..QpAttr::default()
+    };
+    qp.modify(
+        &rts,
+        QpAttrMask::STATE
+            | QpAttrMask::TIMEOUT
+            | QpAttrMask::RETRY_CNT
+            | QpAttrMask::RNR_RETRY
+            | QpAttrMask::SQ_PSN
+            | QpAttrMask::MAX_QP_RD_ATOMIC,
+    )
+    .expect("RTR->RTS");
+}
+
+/// Two RC endpoints on `a` and `b`, connected to each other.
+pub fn rc_pair(a: &Context, b: &Context, len: usize, cap: QpCap) -> (Endpoint, Endpoint) {
+    let ea = Endpoint::new(a, QpType::Rc, len, cap);
+    let eb = Endpoint::new(b, QpType::Rc, len, cap);
+    connect_rc(&ea.qp, b.gid(), eb.qp.qp_num(), 7, 7);
+    connect_rc(&eb.qp, a.gid(), ea.qp.qp_num(), 7, 7);
+    (ea, eb)
+}
+
+/// Fills `buf` with a pattern derived from `seed`, so a misplaced byte shows.
+pub fn pattern(buf: &DmaBuf, seed: u8) {
+    let bytes: Vec<u8> = (0..buf.len())
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect();
+    buf.write_at(0, &bytes).expect("write pattern");
+}
+
+/// Reads `len` bytes at `offset` of `buf`.
+pub fn read(buf: &DmaBuf, offset: usize, len: usize) -> Vec<u8> {
+    let mut out = vec![0u8; len];
+    buf.read_at(offset, &mut out).expect("read buffer");
+    out
+}
+
+/// A path inside the test's directory, for tests that need their own files.
+pub fn path_in(dir: &Path, name: &str) -> PathBuf {
+    dir.join(name)
+}

@@ -1,0 +1,269 @@
+use std::os::fd::RawFd;
+use std::path::Path;
+use std::sync::Arc;
+
+use vrdma_proto::cmd::{self, Opcode, RespHeader, Status};
+use vrdma_proto::config::{self, DeviceCaps};
+use vrdma_proto::doorbell::Doorbell;
+use vrdma_proto::{DecodeError, Gid};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
+
+use super::{Error, Result};
+use crate::mem::DmaBuf;
+use crate::transport::{DeviceEvent, Options, Transport, VirtioUser};
+
+/// The transport, with its error type erased so verbs objects need no type parameter and a
+/// second transport (virtio-pci) only adds an implementation.
+trait DynTransport: Send + Sync + std::fmt::Debug {
+    fn control(&self, request: &[u8], response: &mut [u8]) -> std::result::Result<usize, BoxError>;
+    fn ring_doorbells(
+        &self,
+        queue: u16,
+        doorbells: &[Doorbell],
+    ) -> std::result::Result<(), BoxError>;
+    fn event_fd(&self) -> RawFd;
+    fn drain_events(&self) -> std::result::Result<Vec<DeviceEvent>, BoxError>;
+    fn alloc_dma(&self, len: usize, align: usize) -> std::result::Result<DmaBuf, BoxError>;
+    fn is_shared(&self, addr: u64, len: u64) -> bool;
+    fn config(&self) -> &config::Config;
+    fn num_doorbell_queues(&self) -> u16;
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl<T: Transport + std::fmt::Debug> DynTransport for T {
+    fn control(&self, request: &[u8], response: &mut [u8]) -> std::result::Result<usize, BoxError> {
+        Transport::control(self, request, response).map_err(Into::into)
+    }
+    fn ring_doorbells(
+        &self,
+        queue: u16,
+        doorbells: &[Doorbell],
+    ) -> std::result::Result<(), BoxError> {
+        Transport::ring_doorbells(self, queue, doorbells).map_err(Into::into)
+    }
+    fn event_fd(&self) -> RawFd {
+        Transport::event_fd(self)
+    }
+    fn drain_events(&self) -> std::result::Result<Vec<DeviceEvent>, BoxError> {
+        Transport::drain_events(self).map_err(Into::into)
+    }
+    fn alloc_dma(&self, len: usize, align: usize) -> std::result::Result<DmaBuf, BoxError> {
+        Transport::alloc_dma(self, len, align).map_err(Into::into)
+    }
+    fn is_shared(&self, addr: u64, len: u64) -> bool {
+        Transport::is_shared(self, addr, len)
+    }
+    fn config(&self) -> &config::Config {
+        Transport::config(self)
+    }
+    fn num_doorbell_queues(&self) -> u16 {
+        Transport::num_doorbell_queues(self)
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct Inner {
+    transport: Box<dyn DynTransport>,
+}
+
+/// An open vrdma device (`ibv_context`).
+#[derive(Debug, Clone)]
+pub struct Context {
+    pub(crate) inner: Arc<Inner>,
+}
+
+/// Device attributes (`ibv_device_attr`).
+pub type DeviceAttr = DeviceCaps;
+/// Port attributes (`ibv_port_attr`).
+pub type PortAttr = config::PortAttr;
+
+impl Context {
+    /// Opens the device behind a vhost-user socket, this process being its own frontend
+    /// (virtio-user).
+    #[doc(alias = "ibv_open_device")]
+    pub fn open(socket: impl AsRef<Path>) -> Result<Context> {
+        Self::open_with(socket, Options::default())
+    }
+
+    /// As [`Context::open`], with transport options.
+    pub fn open_with(socket: impl AsRef<Path>, options: Options) -> Result<Context> {
+        let transport = VirtioUser::connect(socket, options).map_err(|e| Error::Transport {
+            verb: "ibv_open_device",
+            source: Box::new(e),
+        })?;
+        Ok(Self::from_transport(transport))
+    }
+
+    /// A context over any transport.
+    pub fn from_transport<T: Transport + std::fmt::Debug + 'static>(transport: T) -> Context {
+        Context {
+            inner: Arc::new(Inner {
+                transport: Box::new(transport),
+            }),
+        }
+    }
+
+    /// Device attributes as the configuration space gives them.
+    pub fn device_attr(&self) -> DeviceAttr {
+        self.inner.transport.config().caps
+    }
+
+    /// The port's GID (index 0).
+    pub fn gid(&self) -> Gid {
+        self.inner.transport.config().gid
+    }
+
+    /// Asks the device for its attributes.
+    #[doc(alias = "ibv_query_device")]
+    pub fn query_device(&self) -> Result<DeviceAttr> {
+        let resp = self
+            .inner
+            .command(Opcode::QueryDevice, &[], "ibv_query_device")?;
+        DeviceCaps::decode(&resp).map_err(|source| Error::Protocol {
+            verb: "ibv_query_device",
+            source,
+        })
+    }
+
+    /// Asks the device for port `port`'s attributes.
+    #[doc(alias = "ibv_query_port")]
+    pub fn query_port(&self, port: u8) -> Result<PortAttr> {
+        let body = cmd::QueryPort {
+            port_num: port,
+            reserved: [0; 7],
+        };
+        let resp = self
+            .inner
+            .command(Opcode::QueryPort, body.as_bytes(), "ibv_query_port")?;
+        config::PortAttr::decode(&resp).map_err(|source| Error::Protocol {
+            verb: "ibv_query_port",
+            source,
+        })
+    }
+
+    /// Asks the device for GID `index` of port `port`.
+    #[doc(alias = "ibv_query_gid")]
+    pub fn query_gid(&self, port: u8, index: u32) -> Result<Gid> {
+        let body = cmd::QueryGid {
+            port_num: port,
+            reserved: [0; 3],
+            index: index.into(),
+        };
+        let resp: cmd::QueryGidResp =
+            self.inner
+                .command_as(Opcode::QueryGid, body.as_bytes(), "ibv_query_gid")?;
+        Ok(resp.gid)
+    }
+
+    /// Allocates `len` zeroed, page-aligned bytes the device can reach: the memory to register
+    /// as MRs.
+    pub fn alloc(&self, len: usize) -> Result<DmaBuf> {
+        self.inner.alloc(len, 4096, "alloc")
+    }
+
+    /// The file descriptor that becomes readable when the device has events (completion
+    /// channel events and asynchronous events).
+    pub fn event_fd(&self) -> RawFd {
+        self.inner.transport.event_fd()
+    }
+}
+
+impl Inner {
+    /// Sends a command and returns the response body, or the device's refusal.
+    pub(crate) fn command(
+        &self,
+        opcode: Opcode,
+        body: &[u8],
+        verb: &'static str,
+    ) -> Result<Vec<u8>> {
+        let mut request = Vec::with_capacity(size_of::<cmd::Header>() + body.len());
+        request.extend_from_slice(cmd::header(opcode).as_bytes());
+        request.extend_from_slice(body);
+        let mut response = vec![0u8; size_of::<RespHeader>() + opcode.response_len()];
+        let n = self
+            .transport
+            .control(&request, &mut response)
+            .map_err(|source| Error::Transport { verb, source })?;
+        let (header, status) = RespHeader::decode(&response[..n.min(response.len())])
+            .map_err(|source| Error::Protocol { verb, source })?;
+        if status != Status::Ok {
+            return Err(Error::Device {
+                verb,
+                status,
+                errno: status.errno(),
+                detail: header.detail.get(),
+            });
+        }
+        response.truncate(n);
+        response.drain(..size_of::<RespHeader>());
+        Ok(response)
+    }
+
+    /// As [`Inner::command`], decoding the response as `T`.
+    pub(crate) fn command_as<T: FromBytes + KnownLayout + Immutable>(
+        &self,
+        opcode: Opcode,
+        body: &[u8],
+        verb: &'static str,
+    ) -> Result<T> {
+        let resp = self.command(opcode, body, verb)?;
+        T::read_from_prefix(&resp)
+            .map(|(v, _)| v)
+            .map_err(|_| Error::Protocol {
+                verb,
+                source: DecodeError::Truncated {
+                    what: "response",
+                    need: size_of::<T>(),
+                    got: resp.len(),
+                },
+            })
+    }
+
+    pub(crate) fn alloc(&self, len: usize, align: usize, verb: &'static str) -> Result<DmaBuf> {
+        self.transport
+            .alloc_dma(len, align)
+            .map_err(|source| Error::Transport { verb, source })
+    }
+
+    pub(crate) fn is_shared(&self, addr: u64, len: u64) -> bool {
+        self.transport.is_shared(addr, len)
+    }
+
+    pub(crate) fn ring(
+        &self,
+        doorbells: &[Doorbell],
+        queue: u16,
+        verb: &'static str,
+    ) -> Result<()> {
+        let queue = queue % self.transport.num_doorbell_queues().max(1);
+        self.transport
+            .ring_doorbells(queue, doorbells)
+            .map_err(|source| Error::Transport { verb, source })
+    }
+
+    pub(crate) fn drain_events(&self, verb: &'static str) -> Result<Vec<DeviceEvent>> {
+        self.transport
+            .drain_events()
+            .map_err(|source| Error::Transport { verb, source })
+    }
+
+    pub(crate) fn event_fd(&self) -> RawFd {
+        self.transport.event_fd()
+    }
+
+    pub(crate) fn caps(&self) -> &DeviceCaps {
+        &self.transport.config().caps
+    }
+
+    /// Destroys an object on drop; a failure is logged (drop cannot report it).
+    pub(crate) fn destroy(&self, opcode: Opcode, handle: u32, verb: &'static str) {
+        let body = cmd::Handle {
+            handle: handle.into(),
+            reserved: 0.into(),
+        };
+        if let Err(e) = self.command(opcode, body.as_bytes(), verb) {
+            log::warn!("{}", crate::error_chain(&e));
+        }
+    }
+}

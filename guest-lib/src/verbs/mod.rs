@@ -1,0 +1,34 @@
+//! The verbs-like API: one module per verbs object, named and shaped after libibverbs.
+//!
+//! ```text
+//! Context::open ─┬─ ProtectionDomain ─┬─ MemoryRegion
+//!                │                    ├─ QueuePair (with CompletionQueues)
+//!                │                    └─ AddressHandle
+//!                └─ CompletionQueue, CompletionChannel
+//! ```
+//!
+//! Objects keep what they depend on alive (a QP holds its PD and CQs), and destroy themselves
+//! on the device when dropped.
+
+mod ah;
+mod context;
+mod cq;
+mod error;
+mod mr;
+mod pd;
+mod qp;
+mod ring;
+
+pub use ah::{AddressHandle, AhAttr};
+pub use context::{Context, DeviceAttr, PortAttr};
+pub use cq::{CompletionChannel, CompletionQueue, WcOpcode, WcStatus, WorkCompletion};
+pub use error::Error;
+pub use mr::{AccessFlags, MemoryRegion};
+pub use pd::ProtectionDomain;
+pub use qp::{
+    QpAttr, QpAttrMask, QpCap, QpInitAttr, QpState, QpType, QueuePair, RecvWr, SendFlags, SendWr,
+    Sge, WrOpcode,
+};
+
+/// Result of a verbs call.
+pub type Result<T> = std::result::Result<T, Error>;

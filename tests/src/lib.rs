@@ -150,6 +150,31 @@ impl Endpoint {
         }
     }
 
+    fn check_sges(&self, sges: &[vrdma::Sge]) {
+        for sge in sges {
+            let (start, len) = (sge.addr.get(), u64::from(sge.length.get()));
+            assert!(
+                start >= self.buf.addr() && start + len <= self.buf.addr() + self.buf.len() as u64,
+                "test SGE {start:#x}+{len} is outside the endpoint's buffer"
+            );
+        }
+    }
+
+    /// Posts send requests whose SGEs lie in this endpoint's buffer (checked).
+    pub fn send(&self, wrs: &[vrdma::SendWr<'_>]) -> vrdma::Result<()> {
+        wrs.iter().for_each(|wr| self.check_sges(wr.sg_list));
+        // SAFETY: every SGE lies in `self.buf` (checked above), which lives as long as the
+        // endpoint; the tests read it only after polling the completions.
+        unsafe { self.qp.post_send(wrs) }
+    }
+
+    /// Posts receives whose SGEs lie in this endpoint's buffer (checked).
+    pub fn recv(&self, wrs: &[vrdma::RecvWr<'_>]) -> vrdma::Result<()> {
+        wrs.iter().for_each(|wr| self.check_sges(wr.sg_list));
+        // SAFETY: as for `send`.
+        unsafe { self.qp.post_recv(wrs) }
+    }
+
     /// Polls one completion, failing the test after 10 s.
     pub fn poll_one(&self) -> WorkCompletion {
         poll_one(&self.cq)

@@ -36,15 +36,12 @@ fn rc_send_write_read_and_atomics_move_the_right_bytes() {
         Sge::new(abase, 300, a.mr.lkey()),
         Sge::new(abase + 1000, 500, a.mr.lkey()),
     ];
-    // SAFETY: the buffers live until the completions are polled below.
-    unsafe {
-        b.qp.post_recv(&[RecvWr {
-            wr_id: 77,
-            sg_list: &recv_sges,
-        }])
-        .unwrap();
-        a.qp.post_send(&[SendWr::send(1, &send_sges)]).unwrap();
-    }
+    b.recv(&[RecvWr {
+        wr_id: 77,
+        sg_list: &recv_sges,
+    }])
+    .unwrap();
+    a.send(&[SendWr::send(1, &send_sges)]).unwrap();
     let wc = a.poll_one();
     assert_eq!(
         (wc.wr_id, wc.status, wc.opcode),
@@ -77,17 +74,15 @@ fn rc_send_write_read_and_atomics_move_the_right_bytes() {
     // SEND_WITH_IMM, inline.
     let inline_src = [Sge::new(abase + 50, 200, 0)];
     let recv = [Sge::new(bbase + 65536, 4096, b.mr.lkey())];
-    unsafe {
-        b.qp.post_recv(&[RecvWr {
-            wr_id: 78,
-            sg_list: &recv,
-        }])
+    b.recv(&[RecvWr {
+        wr_id: 78,
+        sg_list: &recv,
+    }])
+    .unwrap();
+    a.send(&[SendWr::send(2, &inline_src)
+        .with_imm(0xdead_beef)
+        .with_flags(SendFlags::SIGNALED | SendFlags::INLINE)])
         .unwrap();
-        a.qp.post_send(&[SendWr::send(2, &inline_src)
-            .with_imm(0xdead_beef)
-            .with_flags(SendFlags::SIGNALED | SendFlags::INLINE)])
-            .unwrap();
-    }
     assert_eq!(a.poll_one().status, WcStatus::Success);
     let wc = b.poll_one();
     assert_eq!(
@@ -99,10 +94,8 @@ fn rc_send_write_read_and_atomics_move_the_right_bytes() {
     // RDMA WRITE of 600 KiB (ten scheduler chunks) to an unaligned remote address.
     let big = 600 * 1024;
     let src = [Sge::new(abase + 3, big as u32, a.mr.lkey())];
-    unsafe {
-        a.qp.post_send(&[SendWr::rdma_write(3, &src, bbase + 100_001, b.mr.rkey())])
-            .unwrap()
-    };
+    a.send(&[SendWr::rdma_write(3, &src, bbase + 100_001, b.mr.rkey())])
+        .unwrap();
     let wc = a.poll_one();
     assert_eq!(
         (wc.wr_id, wc.status, wc.opcode),
@@ -114,15 +107,13 @@ fn rc_send_write_read_and_atomics_move_the_right_bytes() {
     // RDMA WRITE with immediate consumes a receive and reports the length.
     let none: [Sge; 0] = [];
     let src = [Sge::new(abase + 7, 64, a.mr.lkey())];
-    unsafe {
-        b.qp.post_recv(&[RecvWr {
-            wr_id: 79,
-            sg_list: &none,
-        }])
+    b.recv(&[RecvWr {
+        wr_id: 79,
+        sg_list: &none,
+    }])
+    .unwrap();
+    a.send(&[SendWr::rdma_write(4, &src, bbase + 900_000, b.mr.rkey()).with_imm(42)])
         .unwrap();
-        a.qp.post_send(&[SendWr::rdma_write(4, &src, bbase + 900_000, b.mr.rkey()).with_imm(42)])
-            .unwrap();
-    }
     assert_eq!(a.poll_one().status, WcStatus::Success);
     let wc = b.poll_one();
     assert_eq!(
@@ -133,10 +124,8 @@ fn rc_send_write_read_and_atomics_move_the_right_bytes() {
 
     // RDMA READ pulls bytes from b into a.
     let dst = [Sge::new(abase + 700_000, 5000, a.mr.lkey())];
-    unsafe {
-        a.qp.post_send(&[SendWr::rdma_read(5, &dst, bbase + 12_345, b.mr.rkey())])
-            .unwrap()
-    };
+    a.send(&[SendWr::rdma_read(5, &dst, bbase + 12_345, b.mr.rkey())])
+        .unwrap();
     let wc = a.poll_one();
     assert_eq!(
         (wc.opcode, wc.status, wc.byte_len),
@@ -148,10 +137,8 @@ fn rc_send_write_read_and_atomics_move_the_right_bytes() {
     let target = bbase + 0x1_0000 - 8;
     b.buf.write_at(0x1_0000 - 8, &100u64.to_ne_bytes()).unwrap();
     let old = [Sge::new(abase + 800_000, 8, a.mr.lkey())];
-    unsafe {
-        a.qp.post_send(&[SendWr::fetch_add(6, &old, target, b.mr.rkey(), 5)])
-            .unwrap()
-    };
+    a.send(&[SendWr::fetch_add(6, &old, target, b.mr.rkey(), 5)])
+        .unwrap();
     let wc = a.poll_one();
     assert_eq!(
         (wc.opcode, wc.status, wc.byte_len),
@@ -159,17 +146,13 @@ fn rc_send_write_read_and_atomics_move_the_right_bytes() {
     );
     assert_eq!(read(&a.buf, 800_000, 8), 100u64.to_ne_bytes());
     assert_eq!(read(&b.buf, 0x1_0000 - 8, 8), 105u64.to_ne_bytes());
-    unsafe {
-        a.qp.post_send(&[SendWr::compare_swap(7, &old, target, b.mr.rkey(), 105, 7)])
-            .unwrap()
-    };
+    a.send(&[SendWr::compare_swap(7, &old, target, b.mr.rkey(), 105, 7)])
+        .unwrap();
     assert_eq!(a.poll_one().opcode, WcOpcode::CompSwap);
     assert_eq!(read(&a.buf, 800_000, 8), 105u64.to_ne_bytes());
     assert_eq!(read(&b.buf, 0x1_0000 - 8, 8), 7u64.to_ne_bytes());
-    unsafe {
-        a.qp.post_send(&[SendWr::compare_swap(8, &old, target, b.mr.rkey(), 999, 1)])
-            .unwrap()
-    };
+    a.send(&[SendWr::compare_swap(8, &old, target, b.mr.rkey(), 999, 1)])
+        .unwrap();
     assert_eq!(a.poll_one().status, WcStatus::Success);
     assert_eq!(
         read(&a.buf, 800_000, 8),
@@ -207,7 +190,7 @@ fn unsignalled_requests_complete_silently_and_in_order() {
             }
         })
         .collect();
-    unsafe { a.qp.post_send(&wrs).unwrap() };
+    a.send(&wrs).unwrap();
     let wc = a.poll_one();
     assert_eq!(wc.wr_id, 9, "only the signalled request completes");
     a.assert_no_completion(std::time::Duration::from_millis(20));
@@ -257,15 +240,13 @@ fn ud_datagrams_carry_grh_source_qp_and_gid() {
     let ah = AddressHandle::new(&a.pd, &AddressHandle::attr_for(cb.gid())).unwrap();
     let recv = [Sge::new(b.buf.addr(), 40 + 512, b.mr.lkey())];
     let src = [Sge::new(a.buf.addr() + 10, 512, a.mr.lkey())];
-    unsafe {
-        b.qp.post_recv(&[RecvWr {
-            wr_id: 5,
-            sg_list: &recv,
-        }])
+    b.recv(&[RecvWr {
+        wr_id: 5,
+        sg_list: &recv,
+    }])
+    .unwrap();
+    a.send(&[SendWr::ud_send(1, &src, &ah, b.qp.qp_num(), QKEY).with_imm(3)])
         .unwrap();
-        a.qp.post_send(&[SendWr::ud_send(1, &src, &ah, b.qp.qp_num(), QKEY).with_imm(3)])
-            .unwrap();
-    }
     assert_eq!(a.poll_one().status, WcStatus::Success);
     let wc = b.poll_one();
     assert_eq!(
@@ -279,22 +260,18 @@ fn ud_datagrams_carry_grh_source_qp_and_gid() {
     assert_eq!(read(&b.buf, 40, 512), read(&a.buf, 10, 512));
 
     // A wrong Q_Key is dropped silently: the sender completes, the receive stays posted.
-    unsafe {
-        a.qp.post_send(&[SendWr::ud_send(2, &src, &ah, b.qp.qp_num(), QKEY + 1)])
-            .unwrap()
-    };
+    a.send(&[SendWr::ud_send(2, &src, &ah, b.qp.qp_num(), QKEY + 1)])
+        .unwrap();
     assert_eq!(a.poll_one().status, WcStatus::Success);
     b.assert_no_completion(std::time::Duration::from_millis(30));
     let recv2 = [Sge::new(b.buf.addr() + 4096, 40 + 512, b.mr.lkey())];
-    unsafe {
-        b.qp.post_recv(&[RecvWr {
-            wr_id: 6,
-            sg_list: &recv2,
-        }])
+    b.recv(&[RecvWr {
+        wr_id: 6,
+        sg_list: &recv2,
+    }])
+    .unwrap();
+    a.send(&[SendWr::ud_send(3, &src, &ah, b.qp.qp_num(), QKEY)])
         .unwrap();
-        a.qp.post_send(&[SendWr::ud_send(3, &src, &ah, b.qp.qp_num(), QKEY)])
-            .unwrap();
-    }
     assert_eq!(a.poll_one().status, WcStatus::Success);
     assert_eq!(
         b.poll_one().wr_id,

@@ -126,9 +126,17 @@ impl Status {
     }
 }
 
+/// The status a command that fails to decode is answered with: `UnknownOpcode` when the
+/// opcode is not one this protocol defines, `Malformed` for every other decoding failure.
 impl From<DecodeError> for Status {
-    fn from(_: DecodeError) -> Self {
-        Status::Malformed
+    fn from(e: DecodeError) -> Self {
+        match e {
+            DecodeError::UnknownValue {
+                field: "command opcode",
+                ..
+            } => Status::UnknownOpcode,
+            _ => Status::Malformed,
+        }
     }
 }
 

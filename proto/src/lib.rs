@@ -132,9 +132,10 @@ impl core::fmt::Display for Gid {
 
 /// Why bytes from the other side were not accepted.
 ///
-/// The device answers a command that fails to decode with `cmd::Status::Malformed` (or the
-/// status [`DecodeError::cmd_status`] names) and a work request with a `cqe::Status` error
-/// completion; it never trusts a partially decoded value.
+/// The device answers a command that fails to decode with the [`cmd::Status`] that its
+/// `From<DecodeError>` implementation gives (`UnknownOpcode` for an unknown command opcode,
+/// `Malformed` for everything else) and a work request with a `cqe::Status` error completion;
+/// it never trusts a partially decoded value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
     /// Fewer bytes than the layout needs.

@@ -161,12 +161,13 @@ pub fn flush(vm: &mut Vm, port: &VmPort, mem: &GuestMem, qpn: u32, send: bool, r
                 opcode,
                 VendorErr::None,
             );
+            // Free the slot before its completion is visible, as for any completion.
+            publish_consumer(mem, sq_addr, sq_head.wrapping_add(1));
             if !post(vm, port, mem, send_cqn, &c) {
                 break;
             }
             sq_head = sq_head.wrapping_add(1);
         }
-        publish_consumer(mem, sq_addr, sq_head);
     }
     if recv {
         let producer = load_producer(mem, rq_addr).unwrap_or(rq_done);
@@ -187,12 +188,12 @@ pub fn flush(vm: &mut Vm, port: &VmPort, mem: &GuestMem, qpn: u32, send: bool, r
                 cqe::Opcode::Recv,
                 VendorErr::None,
             );
+            publish_consumer(mem, rq_addr, rq_done.wrapping_add(1));
             if !post(vm, port, mem, recv_cqn, &c) {
                 break;
             }
             rq_done = rq_done.wrapping_add(1);
         }
-        publish_consumer(mem, rq_addr, rq_done);
     }
     if let Some(qp) = vm.qps.get_mut(qpn) {
         if send {

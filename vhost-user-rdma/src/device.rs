@@ -19,7 +19,7 @@ use vrdma_proto::{config, doorbell, features, queue};
 use zerocopy::IntoBytes;
 
 use crate::config::VmConfig;
-use crate::engine::{self, Scheduler};
+use crate::engine::Scheduler;
 use crate::port::{GuestMemAtomic, VmPort, Vring};
 use crate::vm::{Failure, GuestMem};
 
@@ -117,6 +117,7 @@ impl VmDevice {
 
     /// Destroys every object of this VM.
     pub fn release_all(&self) {
+        self.port.clear_ready();
         self.port.lock().release_all();
     }
 
@@ -241,13 +242,7 @@ impl VmDevice {
     ) -> Result<Vec<u8>, Failure> {
         let decoded = cmd::decode(request).map_err(|e| {
             debug!("vm {}: malformed command: {e}", self.name);
-            match e {
-                vrdma_proto::DecodeError::UnknownValue {
-                    field: "command opcode",
-                    ..
-                } => Failure::from(Status::UnknownOpcode),
-                _ => Failure::from(Status::Malformed),
-            }
+            Failure::from(Status::from(e))
         })?;
         let opcode = decoded.opcode();
         if room < size_of::<RespHeader>() + opcode.response_len() {
@@ -256,10 +251,11 @@ impl VmDevice {
         }
         let mut vm = self.port.lock();
         let result = vm.execute(decoded, mem);
-        if !vm.ready.is_empty() {
-            self.port.has_work.store(true, Ordering::Release);
-        }
+        let wake = std::mem::take(&mut vm.wake);
         drop(vm);
+        for qpn in wake {
+            self.port.enqueue(qpn);
+        }
         if let Err(f) = &result {
             debug!(
                 "vm {}: {opcode:?} failed: {:?} (detail {:#x})",
@@ -302,23 +298,13 @@ impl VmDevice {
             }
             match doorbell::decode_batch(&batch[..len]) {
                 Ok(doorbells) if ok => {
-                    let mut vm = self.port.lock();
-                    for (kind, qpn) in doorbells {
+                    for (_kind, qpn) in doorbells {
                         self.port.counters.doorbells.fetch_add(1, Ordering::Relaxed);
-                        // Receive doorbells only matter to a QP in the error state, whose new
-                        // receives must be flushed; a doorbell for a QP that does not exist is
-                        // ignored, as an RNIC ignores one.
-                        let wanted = kind == doorbell::Kind::Send
-                            || vm
-                                .qps
-                                .get(qpn)
-                                .is_some_and(|q| q.state() == vrdma_proto::qp::State::Err);
-                        if wanted {
-                            engine::enqueue(&mut vm, qpn);
-                        }
-                    }
-                    if !vm.ready.is_empty() {
-                        self.port.has_work.store(true, Ordering::Release);
+                        // Either kind just asks the scheduler to look at the QP: a send doorbell
+                        // for new work, a receive doorbell for a QP in ERR whose new receives
+                        // must be flushed. A QPN that names nothing is skipped there, as an RNIC
+                        // ignores a doorbell for a QP that does not exist.
+                        self.port.enqueue(qpn);
                     }
                 }
                 _ => {

@@ -98,9 +98,6 @@ pub struct QpRuntime {
     pub sq_head: u32,
     /// Receive work requests completed (the receive ring's consumer index).
     pub rq_done: u32,
-    /// On its VM's ready list.
-    #[serde(skip)]
-    pub queued: bool,
     /// The SQD drained event has been raised.
     pub sqd_notified: bool,
     /// The current work request; must be idle before the state is saved.
@@ -169,16 +166,6 @@ impl Scheduler {
     /// Tells the scheduler there is work.
     pub fn wake(&self) {
         self.thread.unpark();
-    }
-}
-
-/// Queues QP `qpn` of `vm` for the scheduler (at most once).
-pub fn enqueue(vm: &mut Vm, qpn: u32) {
-    if let Some(qp) = vm.qps.get_mut(qpn) {
-        if !qp.rt.queued {
-            qp.rt.queued = true;
-            vm.ready.push_back(qpn);
-        }
     }
 }
 
@@ -344,8 +331,8 @@ impl Engine {
             if let Some(qp) = vm.qps.get_mut(qpn) {
                 qp.rt.inflight.wait_until = None;
             }
-            enqueue(&mut vm, qpn);
-            port.has_work.store(true, Ordering::Release);
+            drop(vm);
+            port.enqueue(qpn);
         }
     }
 
@@ -391,15 +378,15 @@ impl Engine {
             self.deficits[i] += i64::from(QUANTUM) * i64::from(port.weight);
             let mut served = false;
             while self.deficits[i] > 0 {
-                let Some(mut vm) = port.try_lock() else { break };
-                let Some(qpn) = vm.ready.pop_front() else {
-                    port.has_work.store(false, Ordering::Release);
+                let Some(qpn) = port.pop_ready() else {
                     self.deficits[i] = 0;
                     break;
                 };
-                if let Some(qp) = vm.qps.get_mut(qpn) {
-                    qp.rt.queued = false;
-                }
+                let Some(mut vm) = port.try_lock() else {
+                    // The VM's control path holds its objects; its turn waits, its deficit stays.
+                    port.enqueue(qpn);
+                    break;
+                };
                 let budget = u32::try_from(self.deficits[i])
                     .unwrap_or(u32::MAX)
                     .clamp(1, CHUNK);
@@ -411,11 +398,11 @@ impl Engine {
                         served = true;
                         any = true;
                         if more {
-                            enqueue(&mut vm, qpn);
+                            port.enqueue(qpn);
                         }
                     }
                     Step::Blocked => {
-                        enqueue(&mut vm, qpn);
+                        port.enqueue(qpn);
                         drop(vm);
                         port.deliver_events();
                         break;
@@ -1241,17 +1228,15 @@ fn take_recv(bv: &Vm, qpn: u32, mem: &GuestMem) -> Result<Option<RecvCopy>, Vend
 
 /// Completes the receive at the head of QP `qpn`'s ring with `c` and consumes it.
 fn finish_recv(bv: &mut Vm, b: &VmPort, mem: &GuestMem, qpn: u32, c: &Completion) {
-    let Some(qp) = bv.qps.get(qpn) else { return };
-    let (cqn, ring_addr) = (qp.recv_cqn, qp.rq_ring_addr);
-    let posted = completion::post(bv, b, mem, cqn, c);
     let Some(qp) = bv.qps.get_mut(qpn) else {
         return;
     };
+    let (cqn, ring_addr) = (qp.recv_cqn, qp.rq_ring_addr);
     qp.rt.rq_done = qp.rt.rq_done.wrapping_add(1);
     qp.rt.rx_owner = None;
-    let done = qp.rt.rq_done;
-    publish_consumer(mem, ring_addr, done);
-    if !posted {
+    // As for sends: the slot is free before the completion says so.
+    publish_consumer(mem, ring_addr, qp.rt.rq_done);
+    if !completion::post(bv, b, mem, cqn, c) {
         set_error(bv, qpn);
     }
 }
@@ -1271,8 +1256,7 @@ fn responder_error(
         finish_recv(bv, b, mem, qpn, &c);
     }
     set_error(bv, qpn);
-    enqueue(bv, qpn);
-    b.has_work.store(true, Ordering::Release);
+    b.enqueue(qpn);
 }
 
 fn set_error(vm: &mut Vm, qpn: u32) {
@@ -1293,14 +1277,20 @@ fn complete_wr(
     status: Status,
     v: VendorErr,
 ) -> bool {
-    let Some(qp) = av.qps.get(qpn) else {
+    let Some(qp) = av.qps.get_mut(qpn) else {
         return false;
     };
     let signaled =
         qp.sq_sig_all || wr.flags.contains(SendFlags::SIGNALED) || status != Status::Success;
     let (cqn, ring_addr) = (qp.send_cqn, qp.sq_ring_addr);
+    qp.rt.inflight.active = false;
+    qp.rt.sq_head = qp.rt.sq_head.wrapping_add(1);
+    let head = qp.rt.sq_head;
+    // The slot is free before its completion is visible: a driver that polls the completion
+    // and posts at once must find room, as on hardware. The CQ producer's release store
+    // carries this store to the driver's acquire load.
+    publish_consumer(mem, ring_addr, head);
     a.counters.wrs.fetch_add(1, Ordering::Relaxed);
-    let mut posted = true;
     if signaled {
         let mut c = Completion::new(
             wr.header.wr_id.get(),
@@ -1310,25 +1300,17 @@ fn complete_wr(
             v,
         );
         if status == Status::Success {
-            let byte_len = match wr.opcode {
-                Opcode::RdmaRead => wr.byte_len,
-                Opcode::AtomicCmpAndSwp | Opcode::AtomicFetchAndAdd => wqe::ATOMIC_SIZE,
-                _ => wr.byte_len,
+            let byte_len = if wr.opcode.is_atomic() {
+                wqe::ATOMIC_SIZE
+            } else {
+                wr.byte_len
             };
             c.cqe.byte_len = byte_len.into();
         }
-        posted = completion::post(av, a, mem, cqn, &c);
-    }
-    let Some(qp) = av.qps.get_mut(qpn) else {
-        return false;
-    };
-    qp.rt.inflight.active = false;
-    qp.rt.sq_head = qp.rt.sq_head.wrapping_add(1);
-    let head = qp.rt.sq_head;
-    publish_consumer(mem, ring_addr, head);
-    if !posted {
-        set_error(av, qpn);
-        return true;
+        if !completion::post(av, a, mem, cqn, &c) {
+            set_error(av, qpn);
+            return true;
+        }
     }
     load_producer(mem, ring_addr).is_some_and(|p| p != head)
 }

@@ -24,6 +24,40 @@ pub type Vring = VringRwLock<GuestMemAtomic>;
 /// Most asynchronous events kept while the driver has no event buffers posted.
 pub const MAX_PENDING_EVENTS: usize = 4096;
 
+/// QPs with work for the scheduler, each at most once. Sized for every QP the VM may have
+/// when it is made, so queueing never allocates.
+struct ReadyList {
+    /// Slot indices (the low bits of QPNs), in the order they became ready.
+    queue: VecDeque<u32>,
+    /// Per slot, the QPN queued for it, or 0. A doorbell for a newer generation of the same
+    /// slot replaces an older one, so a stale doorbell can never hide a live QP's.
+    current: Vec<u32>,
+}
+
+impl ReadyList {
+    fn new(max_qp: u32) -> Self {
+        let slots = max_qp.next_power_of_two() as usize;
+        ReadyList {
+            queue: VecDeque::with_capacity(slots),
+            current: vec![0; slots],
+        }
+    }
+
+    fn push(&mut self, qpn: u32) {
+        let slot = qpn & (self.current.len() as u32 - 1);
+        let current = &mut self.current[slot as usize];
+        if *current == 0 {
+            self.queue.push_back(slot);
+        }
+        *current = qpn;
+    }
+
+    fn pop(&mut self) -> Option<u32> {
+        let slot = self.queue.pop_front()?;
+        Some(std::mem::take(&mut self.current[slot as usize]))
+    }
+}
+
 /// Per-VM counters, for operators and the benchmarks.
 #[derive(Debug, Default)]
 pub struct Counters {
@@ -66,6 +100,7 @@ pub struct VmPort {
     state: Mutex<Vm>,
     /// Set when QPs are on the ready list; cleared by the scheduler when it empties it.
     pub has_work: AtomicBool,
+    ready: Mutex<ReadyList>,
     events: Mutex<VecDeque<event::Event>>,
     event_vring: Mutex<Option<Vring>>,
     /// What this VM has done.
@@ -85,6 +120,7 @@ impl std::fmt::Debug for VmPort {
 impl VmPort {
     /// A port for `vm`, whose memory is `mem`.
     pub fn new(id: u64, vm: Vm, weight: u32, mem: GuestMemAtomic) -> Self {
+        let max_qp = vm.caps.max_qp.get();
         VmPort {
             id,
             name: vm.name.clone(),
@@ -93,6 +129,7 @@ impl VmPort {
             mem,
             state: Mutex::new(vm),
             has_work: AtomicBool::new(false),
+            ready: Mutex::new(ReadyList::new(max_qp)),
             events: Mutex::new(VecDeque::with_capacity(MAX_PENDING_EVENTS)),
             event_vring: Mutex::new(None),
             counters: Counters::default(),
@@ -114,6 +151,33 @@ impl VmPort {
             Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
             Err(std::sync::TryLockError::WouldBlock) => None,
         }
+    }
+
+    /// Puts QP `qpn` on the ready list unless it is there already. Takes only the ready
+    /// list's own lock, never the VM's: doorbells must not contend with the scheduler, or the
+    /// VM that rings most would lose the most turns.
+    pub fn enqueue(&self, qpn: u32) {
+        let mut ready = self.ready.lock().unwrap_or_else(|p| p.into_inner());
+        ready.push(qpn);
+        self.has_work.store(true, Ordering::Release);
+    }
+
+    /// Takes the next QP off the ready list; when it is empty, clears `has_work` under the
+    /// same lock so a concurrent enqueue cannot be missed.
+    pub fn pop_ready(&self) -> Option<u32> {
+        let mut ready = self.ready.lock().unwrap_or_else(|p| p.into_inner());
+        let qpn = ready.pop();
+        if qpn.is_none() {
+            self.has_work.store(false, Ordering::Release);
+        }
+        qpn
+    }
+
+    /// Empties the ready list (the VM's objects are being released).
+    pub fn clear_ready(&self) {
+        let mut ready = self.ready.lock().unwrap_or_else(|p| p.into_inner());
+        while ready.pop().is_some() {}
+        self.has_work.store(false, Ordering::Release);
     }
 
     /// Remembers the event virtqueue so events can be delivered from any thread.

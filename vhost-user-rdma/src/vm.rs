@@ -209,10 +209,10 @@ pub struct Vm {
     pub registered_bytes: u64,
     /// Quota on `registered_bytes`.
     pub max_registered_bytes: u64,
-    /// QPs with work for the scheduler, each at most once (`QpRuntime::queued`). Its capacity
-    /// is reserved for every QP the VM may have, so queueing never allocates.
+    /// QPs a control command gave work to (a transition to ERR needs its flush, to RTS may
+    /// release queued sends); the device hands them to the scheduler after the command.
     #[serde(skip)]
-    pub ready: std::collections::VecDeque<u32>,
+    pub wake: Vec<u32>,
 }
 
 /// The port every vrdma device has: RoCE, active, 4096-byte MTU.
@@ -277,7 +277,7 @@ impl Vm {
             ahs: Table::new(q.max_ah, HANDLE_INDEX_BITS, HANDLE_GENERATION_BITS),
             registered_bytes: 0,
             max_registered_bytes: q.max_mr_bytes,
-            ready: std::collections::VecDeque::with_capacity(q.max_qp as usize),
+            wake: Vec::new(),
         }
     }
 
@@ -476,8 +476,23 @@ impl Vm {
     fn req_notify_cq(&mut self, cqn: u32, flags: cmd::NotifyFlags, mem: &GuestMem) -> Outcome {
         use std::sync::atomic::Ordering;
         let cq = self.cqs.get(cqn).ok_or(Status::InvalidHandle)?;
+        // A CQ that overflowed stays in error until destroyed (docs/protocol.md §18.5).
+        if cq.overflowed {
+            return Err(Status::InvalidArgument.into());
+        }
         let base = GuestAddress(cq.ring_addr);
         let word_at = |offset: u64| base.checked_add(offset).ok_or(Status::BadAddress);
+        // The producer index is the device's own (the ring's copy is only ever written from
+        // it, and the driver may scribble over that copy). The consumer index is the driver's:
+        // more than `depth` entries behind the producer, or ahead of it, it is corrupt, and
+        // then nothing is written.
+        let consumer: u32 = mem
+            .load(word_at(ring::CONSUMER_OFFSET)?, Ordering::Acquire)
+            .map_err(|_| Status::BadAddress)?;
+        let pending = cq.producer.wrapping_sub(consumer);
+        if pending > cq.depth {
+            return Err(Status::InvalidArgument.into());
+        }
         let arm_addr = word_at(ring::ARM_OFFSET)?;
         let current: u32 = mem
             .load(arm_addr, Ordering::Acquire)
@@ -489,13 +504,6 @@ impl Vm {
         );
         mem.store(word, arm_addr, Ordering::SeqCst)
             .map_err(|_| Status::BadAddress)?;
-        let producer: u32 = mem
-            .load(word_at(ring::PRODUCER_OFFSET)?, Ordering::SeqCst)
-            .map_err(|_| Status::BadAddress)?;
-        let consumer: u32 = mem
-            .load(word_at(ring::CONSUMER_OFFSET)?, Ordering::Acquire)
-            .map_err(|_| Status::BadAddress)?;
-        let pending = producer.wrapping_sub(consumer).min(cq.depth);
         Ok(cmd::ReqNotifyCqResp {
             pending: pending.into(),
             reserved: 0.into(),
@@ -508,8 +516,12 @@ impl Vm {
         let pdn = c.pdn.get();
         self.pds.get(pdn).ok_or(Status::InvalidHandle)?;
         let (send_cqn, recv_cqn) = (c.send_cqn.get(), c.recv_cqn.get());
-        self.cqs.get(send_cqn).ok_or(Status::InvalidHandle)?;
-        self.cqs.get(recv_cqn).ok_or(Status::InvalidHandle)?;
+        let send_cq = self.cqs.get(send_cqn).ok_or(Status::InvalidHandle)?;
+        let recv_cq = self.cqs.get(recv_cqn).ok_or(Status::InvalidHandle)?;
+        // A CQ in error (it overflowed) takes no new QPs (docs/protocol.md §18.5).
+        if send_cq.overflowed || recv_cq.overflowed {
+            return Err(Status::InvalidArgument.into());
+        }
         let cap = &c.cap;
         let within = [
             (cap.max_send_wr.get(), self.caps.max_qp_wr.get()),
@@ -560,6 +572,16 @@ impl Vm {
         let caps = self.caps;
         let qpn = c.qpn.get();
         let record = self.qps.get(qpn).ok_or(Status::InvalidHandle)?;
+        let a = &c.attr;
+        let fail = |bits: M, status| Failure {
+            status,
+            detail: bits.bits(),
+        };
+        // Resizing is refused before the state machine is consulted (CAP is optional nowhere,
+        // so the state machine would otherwise report it as InvalidState).
+        if mask.contains(M::CAP) {
+            return Err(fail(M::CAP, Status::NotSupported));
+        }
         let next =
             qp::check_transition(record.qp_type(), record.state(), mask, &c.attr).map_err(|e| {
                 Failure {
@@ -567,14 +589,6 @@ impl Vm {
                     detail: e.offending_bits().bits(),
                 }
             })?;
-        let a = &c.attr;
-        let fail = |bits: M, status| Failure {
-            status,
-            detail: bits.bits(),
-        };
-        if mask.contains(M::CAP) {
-            return Err(fail(M::CAP, Status::NotSupported));
-        }
         if mask.contains(M::MAX_QP_RD_ATOMIC)
             && u32::from(a.max_rd_atomic) > caps.max_qp_init_rd_atom.get()
         {
@@ -590,6 +604,10 @@ impl Vm {
         }
         if mask.contains(M::AV) && a.ah_attr.sgid_index != 0 {
             return Err(fail(M::AV, Status::InvalidArgument));
+        }
+        // There is no alternate path, so the only migration state is MIGRATED.
+        if mask.contains(M::PATH_MIG_STATE) && a.path_mig_state != qp::MigState::Migrated.raw() {
+            return Err(fail(M::PATH_MIG_STATE, Status::InvalidArgument));
         }
         if mask.contains(M::DEST_QPN) && a.dest_qp_num.get() > qp::MAX_QPN {
             return Err(fail(M::DEST_QPN, Status::InvalidArgument));
@@ -661,16 +679,15 @@ impl Vm {
         }
         // ERR needs its flush, and RTS or SQD may release queued sends: let the scheduler look.
         let wake = next != from && matches!(next, qp::State::Err | qp::State::Rts | qp::State::Sqe);
-        if wake && !record.rt.queued {
-            record.rt.queued = true;
-            self.ready.push_back(qpn);
+        if wake {
+            self.wake.push(qpn);
         }
         Ok(Vec::new())
     }
 
     /// Destroys every object (the guest reset the device or disconnected).
     pub fn release_all(&mut self) {
-        self.ready.clear();
+        self.wake.clear();
         self.ahs.drain();
         self.qps.drain();
         self.mrs.drain();

@@ -9,7 +9,7 @@ use vrdma_proto::{DecodeError, Gid};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
 use super::{Error, Result};
-use crate::mem::DmaBuf;
+use crate::mem::{DmaBuf, SharedMemory};
 use crate::transport::{DeviceEvent, Options, Transport, VirtioUser};
 
 /// The transport, with its error type erased so verbs objects need no type parameter and a
@@ -25,6 +25,8 @@ trait DynTransport: Send + Sync + std::fmt::Debug {
     fn drain_events(&self) -> std::result::Result<Vec<DeviceEvent>, BoxError>;
     fn alloc_dma(&self, len: usize, align: usize) -> std::result::Result<DmaBuf, BoxError>;
     fn is_shared(&self, addr: u64, len: u64) -> bool;
+    fn add_memory(&self, mem: Arc<SharedMemory>) -> std::result::Result<(), BoxError>;
+    fn remove_memory(&self, base: u64) -> std::result::Result<(), BoxError>;
     fn config(&self) -> &config::Config;
     fn num_doorbell_queues(&self) -> u16;
 }
@@ -53,6 +55,12 @@ impl<T: Transport + std::fmt::Debug> DynTransport for T {
     }
     fn is_shared(&self, addr: u64, len: u64) -> bool {
         Transport::is_shared(self, addr, len)
+    }
+    fn add_memory(&self, mem: Arc<SharedMemory>) -> std::result::Result<(), BoxError> {
+        Transport::add_memory(self, mem).map_err(Into::into)
+    }
+    fn remove_memory(&self, base: u64) -> std::result::Result<(), BoxError> {
+        Transport::remove_memory(self, base).map_err(Into::into)
     }
     fn config(&self) -> &config::Config {
         Transport::config(self)
@@ -160,6 +168,30 @@ impl Context {
     /// as MRs.
     pub fn alloc(&self, len: usize) -> Result<DmaBuf> {
         self.inner.alloc(len, 4096, "alloc")
+    }
+
+    /// Shares memory the application made itself (a memfd, say one backed by huge pages) with
+    /// the device, so it can be registered as MRs.
+    pub fn add_memory(&self, mem: Arc<SharedMemory>) -> Result<()> {
+        self.inner
+            .transport
+            .add_memory(mem)
+            .map_err(|source| Error::Transport {
+                verb: "add_memory",
+                source,
+            })
+    }
+
+    /// Stops sharing memory added with [`Context::add_memory`]. MRs over it stay registered
+    /// but every transfer through them fails, as the device can no longer reach the memory.
+    pub fn remove_memory(&self, base: u64) -> Result<()> {
+        self.inner
+            .transport
+            .remove_memory(base)
+            .map_err(|source| Error::Transport {
+                verb: "remove_memory",
+                source,
+            })
     }
 
     /// The file descriptor that becomes readable when the device has events (completion

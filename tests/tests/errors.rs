@@ -1,0 +1,316 @@
+//! The data path's error paths, each with the completion status an RNIC gives.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use vrdma::mem::SharedMemory;
+use vrdma::{
+    AccessFlags, MemoryRegion, ProtectionDomain, QpAttr, QpAttrMask, QpCap, QpState, QpType,
+    RecvWr, SendWr, Sge, WcOpcode, WcStatus,
+};
+use vrdma_proto::cqe::VendorErr;
+use vrdma_tests::{Endpoint, TestDaemon, connect_rc, rc_pair, read};
+
+fn cap() -> QpCap {
+    QpCap {
+        max_send_wr: 16,
+        max_recv_wr: 16,
+        max_send_sge: 2,
+        max_recv_sge: 2,
+        max_inline_data: 64,
+    }
+}
+
+fn state(e: &Endpoint) -> QpState {
+    e.qp.query().expect("query qp").0.qp_state
+}
+
+/// Checks the failed request's completion, then that the QP went to ERR and that the next
+/// request is flushed.
+fn assert_fails_then_flushes(e: &Endpoint, wr_id: u64, status: WcStatus, vendor: VendorErr) {
+    let wc = e.poll_one();
+    assert_eq!((wc.wr_id, wc.status), (wr_id, status), "{wc:?}");
+    assert_eq!(wc.vendor_err, vendor.raw(), "{wc:?}");
+    assert_eq!(state(e), QpState::Err);
+    let sge = [Sge::new(e.buf.addr(), 8, e.mr.lkey())];
+    e.send(&[SendWr::send(wr_id + 1000, &sge)]).unwrap();
+    let wc = e.poll_one();
+    assert_eq!((wc.wr_id, wc.status), (wr_id + 1000, WcStatus::WrFlushErr));
+}
+
+#[test]
+fn local_key_bounds_pd_and_access_errors() {
+    let d = TestDaemon::start(&[("a", ""), ("b", "")]);
+    let (ca, cb) = (d.open("a"), d.open("b"));
+
+    // An lkey that names nothing.
+    let (a, b) = rc_pair(&ca, &cb, 1 << 16, cap());
+    let bad = [Sge::new(a.buf.addr(), 8, a.mr.lkey() ^ 0x0010_0000)];
+    a.send(&[SendWr::rdma_write(1, &bad, b.buf.addr(), b.mr.rkey())])
+        .unwrap();
+    assert_fails_then_flushes(&a, 1, WcStatus::LocProtErr, VendorErr::BadLkey);
+
+    // An SGE running past the end of its MR.
+    let (a, b) = rc_pair(&ca, &cb, 1 << 16, cap());
+    let small =
+        MemoryRegion::register_range(&a.pd, a.buf.addr(), 4096, AccessFlags::LOCAL_WRITE).unwrap();
+    let past = [Sge::new(a.buf.addr() + 4092, 8, small.lkey())];
+    a.send(&[SendWr::rdma_write(2, &past, b.buf.addr(), b.mr.rkey())])
+        .unwrap();
+    assert_fails_then_flushes(&a, 2, WcStatus::LocProtErr, VendorErr::SgeOutOfBounds);
+
+    // An MR of another PD.
+    let (a, b) = rc_pair(&ca, &cb, 1 << 16, cap());
+    let other_pd = ProtectionDomain::new(&ca).unwrap();
+    let other_mr = MemoryRegion::register(&other_pd, &a.buf, AccessFlags::LOCAL_WRITE).unwrap();
+    let wrong_pd = [Sge::new(a.buf.addr(), 8, other_mr.lkey())];
+    a.send(&[SendWr::rdma_write(3, &wrong_pd, b.buf.addr(), b.mr.rkey())])
+        .unwrap();
+    assert_fails_then_flushes(&a, 3, WcStatus::LocProtErr, VendorErr::PdMismatch);
+
+    // READ into memory registered without local write.
+    let (a, b) = rc_pair(&ca, &cb, 1 << 16, cap());
+    let ro = MemoryRegion::register(&a.pd, &a.buf, AccessFlags::empty()).unwrap();
+    let dst = [Sge::new(a.buf.addr(), 8, ro.lkey())];
+    a.send(&[SendWr::rdma_read(4, &dst, b.buf.addr(), b.mr.rkey())])
+        .unwrap();
+    assert_fails_then_flushes(&a, 4, WcStatus::LocAccessErr, VendorErr::LocalAccess);
+}
+
+#[test]
+fn remote_key_bounds_and_access_errors_fail_both_sides() {
+    let d = TestDaemon::start(&[("a", ""), ("b", "")]);
+    let (ca, cb) = (d.open("a"), d.open("b"));
+    let src_of = |e: &Endpoint| [Sge::new(e.buf.addr(), 64, e.mr.lkey())];
+
+    // A bad rkey.
+    let (a, b) = rc_pair(&ca, &cb, 1 << 16, cap());
+    let src = src_of(&a);
+    a.send(&[SendWr::rdma_write(
+        1,
+        &src,
+        b.buf.addr(),
+        b.mr.rkey() ^ 0x0020_0000,
+    )])
+    .unwrap();
+    assert_fails_then_flushes(&a, 1, WcStatus::RemAccessErr, VendorErr::BadRkey);
+    assert_eq!(state(&b), QpState::Err, "the responder goes to ERR as well");
+
+    // Out of the remote MR's bounds.
+    let (a, b) = rc_pair(&ca, &cb, 1 << 16, cap());
+    let src = src_of(&a);
+    a.send(&[SendWr::rdma_write(
+        2,
+        &src,
+        b.buf.addr() + (1 << 16) - 10,
+        b.mr.rkey(),
+    )])
+    .unwrap();
+    assert_fails_then_flushes(&a, 2, WcStatus::RemAccessErr, VendorErr::RemoteOutOfBounds);
+
+    // A remote MR without REMOTE_WRITE; the responder's posted receive is flushed.
+    let (a, b) = rc_pair(&ca, &cb, 1 << 16, cap());
+    let read_only = MemoryRegion::register(
+        &b.pd,
+        &b.buf,
+        AccessFlags::LOCAL_WRITE | AccessFlags::REMOTE_READ,
+    )
+    .unwrap();
+    let recv = [Sge::new(b.buf.addr(), 64, b.mr.lkey())];
+    b.recv(&[RecvWr {
+        wr_id: 50,
+        sg_list: &recv,
+    }])
+    .unwrap();
+    let before = read(&b.buf, 0, 64);
+    let src = src_of(&a);
+    a.send(&[SendWr::rdma_write(3, &src, b.buf.addr(), read_only.rkey())])
+        .unwrap();
+    assert_fails_then_flushes(&a, 3, WcStatus::RemAccessErr, VendorErr::RemoteAccess);
+    let wc = b.poll_one();
+    assert_eq!((wc.wr_id, wc.status), (50, WcStatus::WrFlushErr));
+    assert_eq!(read(&b.buf, 0, 64), before, "nothing was written");
+
+    // An atomic on an unaligned address.
+    let (a, b) = rc_pair(&ca, &cb, 1 << 16, cap());
+    let old = [Sge::new(a.buf.addr(), 8, a.mr.lkey())];
+    a.send(&[SendWr::fetch_add(4, &old, b.buf.addr() + 4, b.mr.rkey(), 1)])
+        .unwrap();
+    assert_fails_then_flushes(&a, 4, WcStatus::RemInvReqErr, VendorErr::BadAtomic);
+}
+
+#[test]
+fn receive_too_small_fails_both_sides() {
+    let d = TestDaemon::start(&[("a", ""), ("b", "")]);
+    let (ca, cb) = (d.open("a"), d.open("b"));
+    let (a, b) = rc_pair(&ca, &cb, 1 << 16, cap());
+    let small = [Sge::new(b.buf.addr(), 16, b.mr.lkey())];
+    b.recv(&[RecvWr {
+        wr_id: 9,
+        sg_list: &small,
+    }])
+    .unwrap();
+    let src = [Sge::new(a.buf.addr(), 100, a.mr.lkey())];
+    a.send(&[SendWr::send(1, &src)]).unwrap();
+    let wc = b.poll_one();
+    assert_eq!(
+        (wc.wr_id, wc.status, wc.opcode),
+        (9, WcStatus::LocLenErr, WcOpcode::Recv)
+    );
+    assert_fails_then_flushes(&a, 1, WcStatus::RemInvReqErr, VendorErr::RecvTooSmall);
+}
+
+#[test]
+fn rnr_retries_run_out_after_the_configured_count() {
+    let d = TestDaemon::start(&[("a", ""), ("b", "")]);
+    let (ca, cb) = (d.open("a"), d.open("b"));
+    let a = Endpoint::new(&ca, QpType::Rc, 1 << 16, cap());
+    let b = Endpoint::new(&cb, QpType::Rc, 1 << 16, cap());
+    // b's min_rnr_timer is encoding 1 (10 µs); a gives up after 3 RNR retries.
+    connect_rc(&a.qp, cb.gid(), b.qp.qp_num(), 3, 7);
+    connect_rc(&b.qp, ca.gid(), a.qp.qp_num(), 3, 7);
+    let src = [Sge::new(a.buf.addr(), 8, a.mr.lkey())];
+    a.send(&[SendWr::send(1, &src)]).unwrap();
+    assert_fails_then_flushes(&a, 1, WcStatus::RnrRetryExcErr, VendorErr::RnrExhausted);
+
+    // With infinite RNR retries the send waits for a receive instead.
+    let a = Endpoint::new(&ca, QpType::Rc, 1 << 16, cap());
+    let b = Endpoint::new(&cb, QpType::Rc, 1 << 16, cap());
+    connect_rc(&a.qp, cb.gid(), b.qp.qp_num(), 7, 7);
+    connect_rc(&b.qp, ca.gid(), a.qp.qp_num(), 7, 7);
+    a.send(&[SendWr::send(2, &[Sge::new(a.buf.addr(), 8, a.mr.lkey())])])
+        .unwrap();
+    a.assert_no_completion(Duration::from_millis(50));
+    let recv = [Sge::new(b.buf.addr(), 8, b.mr.lkey())];
+    b.recv(&[RecvWr {
+        wr_id: 3,
+        sg_list: &recv,
+    }])
+    .unwrap();
+    assert_eq!(a.poll_one().status, WcStatus::Success);
+    assert_eq!(b.poll_one().wr_id, 3);
+}
+
+#[test]
+fn a_missing_responder_exhausts_transport_retries() {
+    let d = TestDaemon::start(&[("a", ""), ("b", "")]);
+    let (ca, cb) = (d.open("a"), d.open("b"));
+    let a = Endpoint::new(&ca, QpType::Rc, 1 << 16, cap());
+    let b = Endpoint::new(&cb, QpType::Rc, 1 << 16, cap());
+    // b's QP stays in RESET, so nobody answers; a retries twice (timeout encoding 8 ≈ 1 ms).
+    connect_rc(&a.qp, cb.gid(), b.qp.qp_num(), 7, 2);
+    let start = Instant::now();
+    let src = [Sge::new(a.buf.addr(), 8, a.mr.lkey())];
+    a.send(&[SendWr::rdma_write(1, &src, b.buf.addr(), b.mr.rkey())])
+        .unwrap();
+    assert_fails_then_flushes(&a, 1, WcStatus::RetryExcErr, VendorErr::PeerUnreachable);
+    assert!(
+        start.elapsed() >= Duration::from_millis(2),
+        "two ACK timeouts must pass first"
+    );
+}
+
+#[test]
+fn work_posted_before_rts_runs_once_the_qp_is_ready() {
+    let d = TestDaemon::start(&[("a", ""), ("b", "")]);
+    let (ca, cb) = (d.open("a"), d.open("b"));
+    let a = Endpoint::new(&ca, QpType::Rc, 1 << 16, cap());
+    let b = Endpoint::new(&cb, QpType::Rc, 1 << 16, cap());
+    connect_rc(&b.qp, ca.gid(), a.qp.qp_num(), 7, 7);
+    let init = QpAttr {
+        qp_state: QpState::Init,
+        qp_access_flags: vrdma_tests::all_access(),
+        ..QpAttr::default()
+    };
+    a.qp.modify(
+        &init,
+        QpAttrMask::STATE | QpAttrMask::PKEY_INDEX | QpAttrMask::PORT | QpAttrMask::ACCESS_FLAGS,
+    )
+    .unwrap();
+    a.buf.write_at(0, b"early bird").unwrap();
+    let src = [Sge::new(a.buf.addr(), 10, a.mr.lkey())];
+    a.send(&[SendWr::rdma_write(1, &src, b.buf.addr(), b.mr.rkey())])
+        .unwrap();
+    a.assert_no_completion(Duration::from_millis(30));
+    assert_eq!(
+        read(&b.buf, 0, 10),
+        vec![0u8; 10],
+        "a QP in INIT sends nothing"
+    );
+    a.qp.modify(
+        &QpAttr {
+            qp_state: QpState::Reset,
+            ..QpAttr::default()
+        },
+        QpAttrMask::STATE,
+    )
+    .unwrap();
+    a.assert_no_completion(Duration::from_millis(30));
+    // RESET dropped the queued request without a completion; post it again after connecting.
+    connect_rc(&a.qp, cb.gid(), b.qp.qp_num(), 7, 7);
+    a.send(&[SendWr::rdma_write(2, &src, b.buf.addr(), b.mr.rkey())])
+        .unwrap();
+    assert_eq!(a.poll_one().wr_id, 2);
+    assert_eq!(read(&b.buf, 0, 10), b"early bird");
+}
+
+#[test]
+fn a_full_send_queue_is_refused_by_the_library() {
+    let d = TestDaemon::start(&[("a", ""), ("b", "")]);
+    let (ca, cb) = (d.open("a"), d.open("b"));
+    let a = Endpoint::new(
+        &ca,
+        QpType::Rc,
+        1 << 16,
+        QpCap {
+            max_send_wr: 4,
+            ..cap()
+        },
+    );
+    let _b = Endpoint::new(&cb, QpType::Rc, 1 << 16, cap());
+    // In INIT nothing drains the ring, so the fifth request finds it full.
+    let init = QpAttr {
+        qp_state: QpState::Init,
+        qp_access_flags: vrdma_tests::all_access(),
+        ..QpAttr::default()
+    };
+    a.qp.modify(
+        &init,
+        QpAttrMask::STATE | QpAttrMask::PKEY_INDEX | QpAttrMask::PORT | QpAttrMask::ACCESS_FLAGS,
+    )
+    .unwrap();
+    let src = [Sge::new(a.buf.addr(), 8, a.mr.lkey())];
+    let wrs: Vec<_> = (0..5).map(|i| SendWr::send(i, &src)).collect();
+    let err = a.send(&wrs).unwrap_err();
+    assert_eq!(err.errno(), libc::ENOMEM, "{err}");
+}
+
+#[test]
+fn memory_removed_under_an_mr_fails_transfers_instead_of_touching_it() {
+    let d = TestDaemon::start(&[("a", ""), ("b", "")]);
+    let (ca, cb) = (d.open("a"), d.open("b"));
+    let (a, b) = rc_pair(&ca, &cb, 1 << 16, cap());
+    let extra = Arc::new(SharedMemory::new("extra", 1 << 20).unwrap());
+    cb.add_memory(extra.clone()).unwrap();
+    let mr = MemoryRegion::register_range(&b.pd, extra.addr(), 1 << 20, vrdma_tests::all_access())
+        .unwrap();
+    a.buf.write_at(0, b"reachable").unwrap();
+    let src = [Sge::new(a.buf.addr(), 9, a.mr.lkey())];
+    a.send(&[SendWr::rdma_write(1, &src, extra.addr() + 100, mr.rkey())])
+        .unwrap();
+    assert_eq!(a.poll_one().status, WcStatus::Success);
+    let mut got = [0u8; 9];
+    extra.read(extra.addr() + 100, &mut got).unwrap();
+    assert_eq!(&got, b"reachable");
+
+    cb.remove_memory(extra.addr()).unwrap();
+    a.buf.write_at(0, b"too late!").unwrap();
+    a.send(&[SendWr::rdma_write(2, &src, extra.addr() + 100, mr.rkey())])
+        .unwrap();
+    let wc = a.poll_one();
+    assert_eq!((wc.wr_id, wc.status), (2, WcStatus::RemAccessErr));
+    assert_eq!(wc.vendor_err, VendorErr::GuestMemory.raw());
+    extra.read(extra.addr() + 100, &mut got).unwrap();
+    assert_eq!(&got, b"reachable", "the removed memory was not written");
+    drop(b);
+}

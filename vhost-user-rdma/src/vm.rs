@@ -345,6 +345,11 @@ impl Vm {
                         overflowed: false,
                     })
                     .map_err(|_| Status::NoResources)?;
+                init_ring_words(
+                    mem,
+                    c.ring_addr.get(),
+                    &[ring::PRODUCER_OFFSET, ring::NOTIFY_ACK_OFFSET],
+                );
                 Ok(cmd::CreateCqResp {
                     cqn: cqn.into(),
                     cqe: depth.into(),
@@ -551,7 +556,10 @@ impl Vm {
         check_ring(mem, record.sq_ring_addr, sq.byte_len())?;
         check_ring(mem, record.rq_ring_addr, rq.byte_len())?;
         let caps = record.caps;
+        let (sq_addr, rq_addr) = (record.sq_ring_addr, record.rq_ring_addr);
         let qpn = self.qps.insert(record).map_err(|_| Status::NoResources)?;
+        init_ring_words(mem, sq_addr, &[ring::CONSUMER_OFFSET]);
+        init_ring_words(mem, rq_addr, &[ring::CONSUMER_OFFSET]);
         self.use_pd(pdn);
         for cqn in [send_cqn, recv_cqn] {
             if let Some(cq) = self.cqs.get_mut(cqn) {
@@ -721,6 +729,16 @@ fn check_ring(mem: &GuestMem, addr: u64, len: u64) -> Result<(), Failure> {
         Ok(())
     } else {
         Err(Status::BadAddress.into())
+    }
+}
+
+/// Zeroes the words of a new ring that the device owns, so they start from the device's
+/// state rather than whatever the driver left there. The ring was checked to lie in guest
+/// memory just before, under the same lock, so the stores cannot fail.
+fn init_ring_words(mem: &GuestMem, base: u64, offsets: &[u64]) {
+    use std::sync::atomic::Ordering;
+    for &offset in offsets {
+        let _ = mem.store(0u32, GuestAddress(base + offset), Ordering::Release);
     }
 }
 

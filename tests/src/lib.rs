@@ -311,3 +311,94 @@ pub fn read(buf: &DmaBuf, offset: usize, len: usize) -> Vec<u8> {
 pub fn path_in(dir: &Path, name: &str) -> PathBuf {
     dir.join(name)
 }
+
+/// How a saturating guest loads the fabric.
+#[derive(Debug, Clone, Copy)]
+pub struct Load {
+    /// Bytes per RDMA WRITE.
+    pub msg: u32,
+    /// Writes kept outstanding.
+    pub depth: u32,
+    /// Writes posted per doorbell.
+    pub batch: usize,
+}
+
+/// Keeps `load.depth` writes outstanding from VM `from` to `sink` until `stop`, posting in
+/// batches with one doorbell each, as a saturating application does (so the guest's own CPU
+/// is not what limits it on a two-core machine). Returns the writes completed.
+pub fn saturate(
+    d: &TestDaemon,
+    from: &str,
+    sink: &Context,
+    load: Load,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<u64> {
+    let (cf, ct) = (d.open(from), sink.clone());
+    std::thread::spawn(move || {
+        let cap = QpCap {
+            max_send_wr: load.depth,
+            ..QpCap::default()
+        };
+        let (a, b) = rc_pair(&cf, &ct, load.msg.max(4096) as usize, cap);
+        let src = [vrdma::Sge::new(a.buf.addr(), load.msg, a.mr.lkey())];
+        let batch: Vec<vrdma::SendWr<'_>> = (0..load.batch as u64)
+            .map(|id| {
+                vrdma::SendWr::rdma_write(id, &src, b.buf.addr(), b.mr.rkey())
+                    .with_flags(vrdma::SendFlags::SIGNALED)
+            })
+            .collect();
+        for _ in 0..load.depth as usize / load.batch {
+            a.send(&batch).expect("post writes");
+        }
+        let (mut done, mut owed) = (0u64, 0usize);
+        let mut wc = [empty_wc(); 32];
+        while !stop.load(Ordering::Relaxed) {
+            let n = a.cq.poll(&mut wc).expect("poll");
+            for w in &wc[..n] {
+                assert_eq!(w.status, vrdma::WcStatus::Success);
+            }
+            done += n as u64;
+            owed += n;
+            while owed >= load.batch {
+                a.send(&batch).expect("post writes");
+                owed -= load.batch;
+            }
+            if n == 0 {
+                // Leave the CPU to the daemon: this machine has two cores.
+                std::thread::sleep(Duration::from_micros(100));
+            }
+        }
+        done
+    })
+}
+
+/// What each of `names` moved (payload bytes, work requests) over `window`, once all of them
+/// have started moving and a short warm-up has passed.
+pub fn measure(d: &TestDaemon, names: &[&str], window: Duration) -> Vec<(u64, u64)> {
+    let read = |name: &str| {
+        d.port(name)
+            .map(|p| {
+                (
+                    p.counters.bytes.load(Ordering::Relaxed),
+                    p.counters.wrs.load(Ordering::Relaxed),
+                )
+            })
+            .unwrap_or((0, 0))
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while names.iter().any(|n| read(n).0 == 0) {
+        assert!(Instant::now() < deadline, "traffic never started");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let before: Vec<_> = names.iter().map(|n| read(n)).collect();
+    std::thread::sleep(window);
+    names
+        .iter()
+        .zip(before)
+        .map(|(n, (b0, w0))| {
+            let (b1, w1) = read(n);
+            (b1 - b0, w1 - w0)
+        })
+        .collect()
+}

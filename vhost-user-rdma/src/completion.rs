@@ -141,6 +141,8 @@ pub fn flush(vm: &mut Vm, port: &VmPort, mem: &GuestMem, qpn: u32, send: bool, r
         return;
     };
     let (mut sq_head, mut rq_done) = (qp.rt.sq_head, qp.rt.rq_done);
+    // An overrun send ring holds nothing the device may trust, so nothing in it is completed.
+    let send = send && !qp.rt.sq_dead;
     if send {
         let producer = load_producer(mem, sq_addr).unwrap_or(sq_head);
         let pending = sq

@@ -19,7 +19,8 @@ pub struct Args {
     /// to), gid (IPv4 or IPv6 address of the VM's port; default 10.0.0.N for the Nth VM),
     /// weight (share of the fabric, 1-1000; default 1), max-qp, max-cq, max-mr, max-pd,
     /// max-ah (object quotas), max-mr-bytes (bytes registered at once; suffixes K, M, G),
-    /// doorbells (doorbell queues, 1-64; default 1).
+    /// max-bw (payload bytes per second; suffixes K, M, G), max-msg-rate (work requests per
+    /// second), doorbells (doorbell queues, 1-64; default 1).
     ///
     /// Example: --vm name=vm1,socket=/run/vrdma/vm1.sock,gid=10.0.0.1,weight=3
     #[arg(long = "vm", value_name = "KEY=VALUE,...")]
@@ -56,7 +57,7 @@ pub enum Error {
     },
     /// A key is unknown.
     #[error(
-        "--vm {entry:?}: unknown key {key:?} (known: name, socket, gid, weight, max-qp, max-cq, max-mr, max-pd, max-ah, max-mr-bytes, doorbells)"
+        "--vm {entry:?}: unknown key {key:?} (known: name, socket, gid, weight, max-qp, max-cq, max-mr, max-pd, max-ah, max-mr-bytes, max-bw, max-msg-rate, doorbells)"
     )]
     UnknownKey {
         /// The whole entry.
@@ -114,6 +115,10 @@ pub struct Quotas {
     pub max_ah: u32,
     /// Most bytes registered at once.
     pub max_mr_bytes: u64,
+    /// Most payload bytes per second the VM may move as requester; `None` for no limit.
+    pub max_bw: Option<u64>,
+    /// Most work requests per second the VM may complete as requester; `None` for no limit.
+    pub max_msg_rate: Option<u64>,
 }
 
 impl Default for Quotas {
@@ -125,6 +130,8 @@ impl Default for Quotas {
             max_pd: 1024,
             max_ah: 4096,
             max_mr_bytes: 16 << 30,
+            max_bw: None,
+            max_msg_rate: None,
         }
     }
 }
@@ -271,6 +278,22 @@ fn parse_vm(entry: &str, index: usize) -> Result<VmConfig, Error> {
                 quotas.max_mr_bytes = parse_size(value)
                     .ok_or_else(|| bad(key, value, "expected a size such as 512M or 4G"))?
             }
+            "max-bw" => {
+                quotas.max_bw = Some(parse_size(value).ok_or_else(|| {
+                    bad(key, value, "expected bytes per second such as 500M or 2G")
+                })?)
+            }
+            "max-msg-rate" => {
+                quotas.max_msg_rate = Some(
+                    value
+                        .parse::<u64>()
+                        .ok()
+                        .filter(|&n| n > 0)
+                        .ok_or_else(|| {
+                            bad(key, value, "expected work requests per second, at least 1")
+                        })?,
+                )
+            }
             "doorbells" => {
                 doorbell_queues = count(vrdma_proto::queue::MAX_DOORBELL_QUEUES.into())? as u16
             }
@@ -336,7 +359,7 @@ mod tests {
     fn parses_two_vms_with_defaults_and_overrides() {
         let cfg = Config::from_args(&args(&[
             "name=a,socket=/tmp/a.sock",
-            "name=b,socket=/tmp/b.sock,gid=192.168.1.7,weight=3,max-qp=8,max-mr-bytes=2G,doorbells=4",
+            "name=b,socket=/tmp/b.sock,gid=192.168.1.7,weight=3,max-qp=8,max-mr-bytes=2G,doorbells=4,max-bw=100M,max-msg-rate=5000",
         ]))
         .unwrap();
         assert_eq!(cfg.vms[0].gid, Gid::from_ipv4([10, 0, 0, 1]));
@@ -346,6 +369,9 @@ mod tests {
         assert_eq!(cfg.vms[1].quotas.max_qp, 8);
         assert_eq!(cfg.vms[1].quotas.max_mr_bytes, 2 << 30);
         assert_eq!(cfg.vms[1].doorbell_queues, 4);
+        assert_eq!(cfg.vms[1].quotas.max_bw, Some(100 << 20));
+        assert_eq!(cfg.vms[1].quotas.max_msg_rate, Some(5000));
+        assert_eq!(cfg.vms[0].quotas.max_bw, None);
         assert_eq!(cfg.fabric, FabricKind::Soft);
     }
 
@@ -369,6 +395,8 @@ mod tests {
                 "same gid",
             ),
             (&["name=a,socket=/x,max-mr-bytes=lots"], "max-mr-bytes"),
+            (&["name=a,socket=/x,max-msg-rate=0"], "max-msg-rate"),
+            (&["name=a,socket=/x,max-bw=fast"], "max-bw"),
         ];
         for (vms, expected) in cases {
             let err = Config::from_args(&args(vms)).unwrap_err().to_string();

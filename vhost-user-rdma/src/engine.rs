@@ -35,9 +35,12 @@ use crate::xfer::{self, CHUNK, Runs};
 /// Bytes of the largest send ring slot a QP can have.
 pub const MAX_SEND_SLOT: usize =
     wqe::send_stride(crate::limits::MAX_SGE, crate::limits::MAX_INLINE) as usize;
-/// Bytes charged per work request on top of its payload, so that message rate is shared as
-/// well as bandwidth.
-pub const WR_COST: u32 = 64;
+/// Bytes charged per work request on top of its payload, so that a VM sending tiny messages
+/// pays for the scheduler time each one takes (decoding, checks, a completion), not just for
+/// its few payload bytes. 8 KiB is about what one work request's processing costs in memcpy
+/// time on a current core; without it, 64-byte messages at equal weight would take most of
+/// the scheduler's time from a bulk neighbour.
+pub const WR_COST: u32 = 8 * 1024;
 /// Deficit a weight-1 VM earns per round.
 pub const QUANTUM: u32 = CHUNK;
 /// How often QPs in the error state are checked for newly posted work to flush.
@@ -100,6 +103,9 @@ pub struct QpRuntime {
     pub rq_done: u32,
     /// The SQD drained event has been raised.
     pub sqd_notified: bool,
+    /// The send ring was found overrun: nothing in it is trusted, not even to flush, until the
+    /// QP is reset.
+    pub sq_dead: bool,
     /// The current work request; must be idle before the state is saved.
     #[serde(skip)]
     pub inflight: Inflight,
@@ -197,10 +203,78 @@ enum Resp {
     Dropped,
 }
 
+/// A VM's token buckets for its bandwidth and message-rate limits. Each holds at most 10 ms
+/// of its rate (but never less than one chunk or one message), so a limited VM cannot save up
+/// a burst that would hold back the others.
+#[derive(Debug, Clone, Copy)]
+struct Buckets {
+    bytes: f64,
+    msgs: f64,
+    last: Instant,
+}
+
+impl Buckets {
+    fn new() -> Self {
+        Buckets {
+            bytes: 0.0,
+            msgs: 0.0,
+            last: Instant::now(),
+        }
+    }
+
+    fn byte_cap(bw: u64) -> f64 {
+        (bw as f64 / 100.0).max(f64::from(CHUNK))
+    }
+
+    fn msg_cap(rate: u64) -> f64 {
+        (rate as f64 / 100.0).max(1.0)
+    }
+
+    fn refill(&mut self, port: &VmPort, now: Instant) {
+        let dt = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        if let Some(bw) = port.max_bw {
+            self.bytes = (self.bytes + bw as f64 * dt).min(Self::byte_cap(bw));
+        }
+        if let Some(rate) = port.max_msg_rate {
+            self.msgs = (self.msgs + rate as f64 * dt).min(Self::msg_cap(rate));
+        }
+    }
+
+    /// How long until the VM may move again, or `None` if it may now.
+    fn wait(&self, port: &VmPort) -> Option<Duration> {
+        let mut wait: Option<f64> = None;
+        if let Some(bw) = port.max_bw.filter(|_| self.bytes <= 0.0) {
+            wait = Some((-self.bytes + 1.0) / bw as f64);
+        }
+        if let Some(rate) = port.max_msg_rate.filter(|_| self.msgs < 1.0) {
+            let w = (1.0 - self.msgs) / rate as f64;
+            wait = Some(wait.map_or(w, |x| x.max(w)));
+        }
+        wait.map(Duration::from_secs_f64)
+    }
+
+    /// The most payload bytes the VM may move in its next step.
+    fn byte_budget(&self, port: &VmPort) -> u32 {
+        match port.max_bw {
+            Some(_) => self.bytes.clamp(1.0, f64::from(CHUNK)) as u32,
+            None => CHUNK,
+        }
+    }
+
+    fn charge(&mut self, bytes: u64, msgs: u64) {
+        self.bytes -= bytes as f64;
+        self.msgs -= msgs as f64;
+    }
+}
+
 struct Engine {
     rx: Receiver<Control>,
     ports: Vec<Arc<VmPort>>,
     deficits: Vec<i64>,
+    buckets: Vec<Buckets>,
+    /// When the earliest rate-limited VM may move again.
+    rate_wake: Option<Instant>,
     waiting_since: Vec<Option<Instant>>,
     by_gid: HashMap<Gid, Arc<VmPort>>,
     timers: BinaryHeap<Reverse<(Instant, u64, u32)>>,
@@ -214,6 +288,8 @@ impl Engine {
             rx,
             ports: Vec::new(),
             deficits: Vec::new(),
+            buckets: Vec::new(),
+            rate_wake: None,
             waiting_since: Vec::new(),
             by_gid: HashMap::new(),
             timers: BinaryHeap::with_capacity(4096),
@@ -244,6 +320,9 @@ impl Engine {
                 if !self.error_qps.is_empty() {
                     sleep = sleep.min(FLUSH_TICK);
                 }
+                if let Some(at) = self.rate_wake {
+                    sleep = sleep.min(at.saturating_duration_since(now));
+                }
                 std::thread::park_timeout(sleep);
             }
         }
@@ -256,12 +335,14 @@ impl Engine {
                 self.by_gid.insert(port.gid, port.clone());
                 self.ports.push(port);
                 self.deficits.push(0);
+                self.buckets.push(Buckets::new());
                 self.waiting_since.push(None);
             }
             Control::Detach(id, done) => {
                 if let Some(i) = self.ports.iter().position(|p| p.id == id) {
                     let port = self.ports.remove(i);
                     self.deficits.remove(i);
+                    self.buckets.remove(i);
                     self.waiting_since.remove(i);
                     if self.by_gid.get(&port.gid).is_some_and(|p| p.id == id) {
                         self.by_gid.remove(&port.gid);
@@ -368,6 +449,8 @@ impl Engine {
     /// One deficit-round-robin round over the VMs with work. Returns whether anything moved.
     fn round(&mut self) -> bool {
         let mut any = false;
+        let now = Instant::now();
+        self.rate_wake = None;
         for i in 0..self.ports.len() {
             let port = self.ports[i].clone();
             if !port.has_work.load(Ordering::Acquire) {
@@ -375,9 +458,23 @@ impl Engine {
                 self.account_wait(i, false);
                 continue;
             }
+            let limited = port.max_bw.is_some() || port.max_msg_rate.is_some();
+            if limited {
+                self.buckets[i].refill(&port, now);
+                if let Some(wait) = self.buckets[i].wait(&port) {
+                    // Over its limit: not its turn, and no deficit saved up for later.
+                    self.deficits[i] = 0;
+                    let at = now + wait;
+                    self.rate_wake = Some(self.rate_wake.map_or(at, |w| w.min(at)));
+                    continue;
+                }
+            }
             self.deficits[i] += i64::from(QUANTUM) * i64::from(port.weight);
             let mut served = false;
             while self.deficits[i] > 0 {
+                if limited && self.buckets[i].wait(&port).is_some() {
+                    break;
+                }
                 let Some(qpn) = port.pop_ready() else {
                     self.deficits[i] = 0;
                     break;
@@ -389,8 +486,18 @@ impl Engine {
                 };
                 let budget = u32::try_from(self.deficits[i])
                     .unwrap_or(u32::MAX)
-                    .clamp(1, CHUNK);
+                    .clamp(1, self.buckets[i].byte_budget(&port));
+                let (bytes_before, wrs_before) = (
+                    port.counters.bytes.load(Ordering::Relaxed),
+                    port.counters.wrs.load(Ordering::Relaxed),
+                );
                 let step = self.step(&port, &mut vm, qpn, budget);
+                if limited {
+                    self.buckets[i].charge(
+                        port.counters.bytes.load(Ordering::Relaxed) - bytes_before,
+                        port.counters.wrs.load(Ordering::Relaxed) - wrs_before,
+                    );
+                }
                 match step {
                     Step::Idle => {}
                     Step::Progress { cost, more } => {
@@ -1378,6 +1485,10 @@ fn ring_fatal(av: &mut Vm, a: &VmPort, mem: &GuestMem, qpn: u32, v: VendorErr) {
         a.name
     );
     set_error(av, qpn);
+    if let Some(qp) = av.qps.get_mut(qpn) {
+        qp.rt.sq_dead = true;
+        qp.rt.inflight.active = false;
+    }
     a.push_event(event::Kind::QpFatal, qpn);
     completion::flush(av, a, mem, qpn, false, true);
 }

@@ -95,6 +95,10 @@ pub struct VmPort {
     pub gid: Gid,
     /// Share of the fabric.
     pub weight: u32,
+    /// Payload bytes per second it may move as requester, if limited.
+    pub max_bw: Option<u64>,
+    /// Work requests per second it may complete as requester, if limited.
+    pub max_msg_rate: Option<u64>,
     /// Its memory.
     pub mem: GuestMemAtomic,
     state: Mutex<Vm>,
@@ -126,6 +130,8 @@ impl VmPort {
             name: vm.name.clone(),
             gid: vm.gid,
             weight,
+            max_bw: None,
+            max_msg_rate: None,
             mem,
             state: Mutex::new(vm),
             has_work: AtomicBool::new(false),
@@ -151,6 +157,13 @@ impl VmPort {
             Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
             Err(std::sync::TryLockError::WouldBlock) => None,
         }
+    }
+
+    /// Limits what the VM may move per second (see `config::Quotas`).
+    pub fn with_limits(mut self, max_bw: Option<u64>, max_msg_rate: Option<u64>) -> Self {
+        self.max_bw = max_bw;
+        self.max_msg_rate = max_msg_rate;
+        self
     }
 
     /// Puts QP `qpn` on the ready list unless it is there already. Takes only the ready

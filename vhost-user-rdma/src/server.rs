@@ -169,12 +169,10 @@ fn serve(
     while !shared.stopping.load(Ordering::SeqCst) {
         let memory = GuestMemoryAtomic::new(GuestMem::default());
         let id = NEXT_PORT_ID.fetch_add(1, Ordering::Relaxed);
-        let port = Arc::new(VmPort::new(
-            id,
-            Vm::new(cfg, node_guid),
-            cfg.weight,
-            memory.clone(),
-        ));
+        let port = Arc::new(
+            VmPort::new(id, Vm::new(cfg, node_guid), cfg.weight, memory.clone())
+                .with_limits(cfg.quotas.max_bw, cfg.quotas.max_msg_rate),
+        );
         let device = match VmDevice::new(cfg, port.clone(), scheduler.clone()) {
             Ok(d) => Arc::new(d),
             Err(e) => {

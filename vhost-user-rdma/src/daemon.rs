@@ -18,6 +18,9 @@ pub enum Error {
     /// A VM could not be served.
     #[error(transparent)]
     Server(#[from] server::Error),
+    /// The fabric asked for is not available in this version.
+    #[error("the {0} fabric is not implemented yet; use --fabric soft")]
+    FabricUnavailable(String),
 }
 
 /// A running daemon.
@@ -31,6 +34,10 @@ impl Daemon {
     /// Starts the scheduler and listens on every VM's socket. If one VM cannot be served, the
     /// ones already started are stopped again.
     pub fn start(config: &Config) -> Result<Daemon, Error> {
+        if let crate::config::FabricKind::Verbs(device) = &config.fabric {
+            // Refuse rather than quietly run the soft fabric under the operator's nose.
+            return Err(Error::FabricUnavailable(format!("verbs:{device}")));
+        }
         let scheduler = Scheduler::start().map_err(Error::Scheduler)?;
         let mut servers = Vec::new();
         for (i, vm) in config.vms.iter().enumerate() {

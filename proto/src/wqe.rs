@@ -256,6 +256,18 @@ impl<'a> SgeList<'a> {
         self.bytes.is_empty()
     }
 
+    /// Bytes the SGEs cover together; a sum past 32 bits is an error, as a message cannot be
+    /// longer.
+    pub fn total_len(&self) -> Result<u32, DecodeError> {
+        self.iter().try_fold(0u32, |total, sge| {
+            total
+                .checked_add(sge.length.get())
+                .ok_or(DecodeError::Overflow {
+                    field: "SGE lengths",
+                })
+        })
+    }
+
     /// The SGEs.
     pub fn iter(&self) -> impl ExactSizeIterator<Item = Sge> + 'a {
         self.bytes.chunks_exact(SGE_SIZE as usize).map(|c| {
@@ -337,14 +349,7 @@ pub fn decode_send(slot: &[u8], limits: Limits) -> Result<SendWr<'_>, DecodeErro
             });
         }
         let sges = sge_list(body, num_sge, limits.max_sge)?;
-        let mut total: u32 = 0;
-        for sge in sges.iter() {
-            total = total
-                .checked_add(sge.length.get())
-                .ok_or(DecodeError::Overflow {
-                    field: "SGE lengths",
-                })?;
-        }
+        let total = sges.total_len()?;
         (Payload::Sges(sges), total)
     };
     Ok(SendWr {
@@ -372,14 +377,7 @@ pub fn decode_recv(slot: &[u8], max_sge: u32) -> Result<RecvWr<'_>, DecodeError>
     let (header, body) = read_prefix::<RecvHeader>(slot, "receive work request")?;
     check_reserved(&header.reserved, "receive work request reserved")?;
     let sges = sge_list(body, header.num_sge.get().into(), max_sge)?;
-    let mut total: u32 = 0;
-    for sge in sges.iter() {
-        total = total
-            .checked_add(sge.length.get())
-            .ok_or(DecodeError::Overflow {
-                field: "SGE lengths",
-            })?;
-    }
+    let total = sges.total_len()?;
     Ok(RecvWr {
         wr_id: header.wr_id.get(),
         sges,

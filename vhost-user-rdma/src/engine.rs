@@ -605,10 +605,7 @@ impl Engine {
         let Some(qp) = av.qps.get(qpn) else {
             return Step::Idle;
         };
-        let limits = wqe::Limits {
-            max_sge: qp.caps.max_send_sge.get(),
-            max_inline: qp.caps.max_inline_data.get(),
-        };
+        let limits = qp.send_limits();
         let slot = qp.rt.inflight.slot;
         let Ok(wr) = wqe::decode_send(&slot, limits) else {
             // Decoded once already when the work request started; the copy cannot change.
@@ -818,10 +815,7 @@ impl Engine {
             let Some(qp) = av.qps.get(qpn) else {
                 return Step::Idle;
             };
-            let limits = wqe::Limits {
-                max_sge: qp.caps.max_send_sge.get(),
-                max_inline: qp.caps.max_inline_data.get(),
-            };
+            let limits = qp.send_limits();
             let slot = qp.rt.inflight.slot;
             let Ok(wr) = wqe::decode_send(&slot, limits) else {
                 return Step::Idle;
@@ -897,10 +891,7 @@ fn start_wr(av: &mut Vm, a: &VmPort, a_mem: &GuestMem, qpn: u32) -> Start {
         ring_fatal(av, a, a_mem, qpn, VendorErr::GuestMemory);
         return Start::Failed;
     }
-    let limits = wqe::Limits {
-        max_sge: qp.caps.max_send_sge.get(),
-        max_inline: qp.caps.max_inline_data.get(),
-    };
+    let limits = qp.send_limits();
     let (retry, rnr) = (qp.attr.retry_cnt, qp.attr.rnr_retry);
     let (pdn, qp_type) = (qp.pdn, qp.qp_type());
     let checked = match wqe::decode_send(&slot[..stride], limits) {
@@ -1428,10 +1419,7 @@ fn fail_wr(av: &mut Vm, a: &VmPort, mem: &GuestMem, qpn: u32, status: Status, v:
     let Some(qp) = av.qps.get(qpn) else { return };
     let (qp_type, active) = (qp.qp_type(), qp.rt.inflight.active);
     if active {
-        let limits = wqe::Limits {
-            max_sge: qp.caps.max_send_sge.get(),
-            max_inline: qp.caps.max_inline_data.get(),
-        };
+        let limits = qp.send_limits();
         let slot = qp.rt.inflight.slot;
         let header = wqe::SendHeader::read_from_prefix(&slot)
             .map(|(h, _)| h)

@@ -6,6 +6,7 @@
 //! in the [`engine`], which shares the fabric between them by weight and moves the bytes
 //! ([`xfer`]) and completions ([`completion`]).
 
+pub mod cli;
 pub mod completion;
 pub mod config;
 pub mod daemon;

@@ -138,6 +138,14 @@ impl Qp {
         qp::State::from_raw(self.attr.qp_state).unwrap_or(qp::State::Err)
     }
 
+    /// What one send work request of this QP may carry.
+    pub fn send_limits(&self) -> wqe::Limits {
+        wqe::Limits {
+            max_sge: self.caps.max_send_sge.get(),
+            max_inline: self.caps.max_inline_data.get(),
+        }
+    }
+
     /// The send ring's geometry.
     pub fn sq_geometry(&self) -> Option<ring::Geometry> {
         let stride = wqe::send_stride(

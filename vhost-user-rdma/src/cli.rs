@@ -1,0 +1,75 @@
+//! The daemon's command-line program, as a function: the `vhost-user-rdma` binary and the
+//! demo's `daemon` subcommand run exactly the same thing.
+
+use std::process::ExitCode;
+
+use clap::{CommandFactory, FromArgMatches};
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+
+use crate::config::{Args, Config};
+use crate::daemon::Daemon;
+
+/// The capabilities JSON of QEMU's `docs/interop/vhost-user.json`. That schema has no "rdma"
+/// backend type yet; this is the entry vrdma proposes for it, with no optional features.
+pub const CAPABILITIES: &str = "{\n  \"type\": \"rdma\",\n  \"features\": []\n}";
+
+/// Runs the daemon with the command line `argv` (program name first) until SIGINT or
+/// SIGTERM; `bin_name` is how help and errors name the program.
+pub fn run(bin_name: &str, argv: impl IntoIterator<Item = String>) -> ExitCode {
+    let matches = Args::command()
+        .bin_name(bin_name.to_owned())
+        .get_matches_from(argv);
+    let args = match Args::from_arg_matches(&matches) {
+        Ok(a) => a,
+        Err(e) => e.exit(),
+    };
+    if args.print_capabilities {
+        println!("{CAPABILITIES}");
+        return ExitCode::SUCCESS;
+    }
+    // A second logger (the demo's own process may have one) is not an error.
+    let _ = env_logger::Builder::new()
+        .filter_level(args.log_level)
+        .parse_env("RUST_LOG")
+        .format_timestamp_millis()
+        .try_init();
+    let config = match Config::from_args(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("vhost-user-rdma: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    // Signals are taken before any thread starts so none of them sees SIGINT or SIGTERM.
+    let mut signals = match Signals::new([SIGINT, SIGTERM]) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("vhost-user-rdma: cannot install signal handlers: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let daemon = match Daemon::start(&config) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("vhost-user-rdma: {}", error_chain(&e));
+            return ExitCode::FAILURE;
+        }
+    };
+    let signal = signals.forever().next().unwrap_or(SIGTERM);
+    log::info!("signal {signal}: shutting down");
+    daemon.stop();
+    ExitCode::SUCCESS
+}
+
+/// An error and its causes, `outer: inner: innermost`.
+fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        out.push_str(": ");
+        out.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    out
+}

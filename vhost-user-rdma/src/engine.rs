@@ -43,6 +43,8 @@ pub const MAX_SEND_SLOT: usize =
 pub const WR_COST: u32 = 8 * 1024;
 /// Deficit a weight-1 VM earns per round.
 pub const QUANTUM: u32 = CHUNK;
+/// How soon work skipped because a VM's objects were locked is tried again.
+const RETRY_BUSY: Duration = Duration::from_micros(50);
 /// How often QPs in the error state are checked for newly posted work to flush.
 const FLUSH_TICK: Duration = Duration::from_millis(1);
 /// Size of the GRH a UD receive buffer starts with.
@@ -275,6 +277,9 @@ struct Engine {
     buckets: Vec<Buckets>,
     /// When the earliest rate-limited VM may move again.
     rate_wake: Option<Instant>,
+    /// Work was skipped because a VM's lock was busy; nobody will unpark the scheduler when it
+    /// frees, so look again soon.
+    retry_soon: bool,
     waiting_since: Vec<Option<Instant>>,
     by_gid: HashMap<Gid, Arc<VmPort>>,
     timers: BinaryHeap<Reverse<(Instant, u64, u32)>>,
@@ -290,6 +295,7 @@ impl Engine {
             deficits: Vec::new(),
             buckets: Vec::new(),
             rate_wake: None,
+            retry_soon: false,
             waiting_since: Vec::new(),
             by_gid: HashMap::new(),
             timers: BinaryHeap::with_capacity(4096),
@@ -322,6 +328,9 @@ impl Engine {
                 }
                 if let Some(at) = self.rate_wake {
                     sleep = sleep.min(at.saturating_duration_since(now));
+                }
+                if self.retry_soon {
+                    sleep = sleep.min(RETRY_BUSY);
                 }
                 std::thread::park_timeout(sleep);
             }
@@ -451,6 +460,7 @@ impl Engine {
         let mut any = false;
         let now = Instant::now();
         self.rate_wake = None;
+        self.retry_soon = false;
         for i in 0..self.ports.len() {
             let port = self.ports[i].clone();
             if !port.has_work.load(Ordering::Acquire) {
@@ -482,6 +492,7 @@ impl Engine {
                 let Some(mut vm) = port.try_lock() else {
                     // The VM's control path holds its objects; its turn waits, its deficit stays.
                     port.enqueue(qpn);
+                    self.retry_soon = true;
                     break;
                 };
                 let budget = u32::try_from(self.deficits[i])
@@ -510,6 +521,7 @@ impl Engine {
                     }
                     Step::Blocked => {
                         port.enqueue(qpn);
+                        self.retry_soon = true;
                         drop(vm);
                         port.deliver_events();
                         break;

@@ -13,6 +13,7 @@
 mod ah;
 mod context;
 mod cq;
+mod device;
 mod error;
 mod mr;
 mod pd;
@@ -22,6 +23,7 @@ mod ring;
 pub use ah::{AddressHandle, AhAttr};
 pub use context::{Context, DeviceAttr, PortAttr};
 pub use cq::{CompletionChannel, CompletionQueue, WcOpcode, WcStatus, WorkCompletion};
+pub use device::{DEFAULT_SOCKET_DIR, Device, device_list};
 pub use error::Error;
 pub use mr::{AccessFlags, MemoryRegion};
 pub use pd::ProtectionDomain;

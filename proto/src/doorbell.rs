@@ -21,7 +21,8 @@ wire_enum! {
         /// The send ring of QP `handle` has new work requests.
         Send = 1,
         /// The receive ring of QP `handle` has new receives. Optional: the device reads the
-        /// receive ring when a message arrives; this only ends an RNR wait early.
+        /// receive ring itself when a message arrives; this only makes the device look at a QP
+        /// in the error state sooner, to flush the new receives.
         Recv = 2,
     }
 }

@@ -314,3 +314,41 @@ fn memory_removed_under_an_mr_fails_transfers_instead_of_touching_it() {
     assert_eq!(&got, b"reachable", "the removed memory was not written");
     drop(b);
 }
+
+#[test]
+fn the_requesters_own_memory_failing_is_its_own_error_not_the_responders() {
+    let d = TestDaemon::start(&[("a", ""), ("b", "")]);
+    let (ca, cb) = (d.open("a"), d.open("b"));
+    let (a, b) = rc_pair(&ca, &cb, 1 << 16, cap());
+    let extra = Arc::new(SharedMemory::new("source", 1 << 20).unwrap());
+    ca.add_memory(extra.clone()).unwrap();
+    let mr = MemoryRegion::register_range(&a.pd, extra.addr(), 1 << 20, vrdma_tests::all_access())
+        .unwrap();
+    ca.remove_memory(extra.addr()).unwrap();
+    let recv = [Sge::new(b.buf.addr(), 64, b.mr.lkey())];
+    b.recv(&[RecvWr {
+        wr_id: 7,
+        sg_list: &recv,
+    }])
+    .unwrap();
+    let src = [Sge::new(extra.addr(), 64, mr.lkey())];
+    // SAFETY: the SGE names memory this test still maps (`extra`); only the device lost it.
+    unsafe { a.qp.post_send(&[SendWr::send(1, &src)]).unwrap() };
+    let wc = a.poll_one();
+    assert_eq!((wc.wr_id, wc.status), (1, WcStatus::LocProtErr), "{wc:?}");
+    assert_eq!(wc.vendor_err, VendorErr::GuestMemory.raw());
+    assert_eq!(state(&b), QpState::Rts, "the responder did nothing wrong");
+    b.assert_no_completion(Duration::from_millis(20));
+    // b's receive is still there for a good message from a fresh QP pair on the same VMs.
+    let (a2, b2) = rc_pair(&ca, &cb, 1 << 16, cap());
+    let recv2 = [Sge::new(b2.buf.addr(), 64, b2.mr.lkey())];
+    b2.recv(&[RecvWr {
+        wr_id: 8,
+        sg_list: &recv2,
+    }])
+    .unwrap();
+    let good = [Sge::new(a2.buf.addr(), 64, a2.mr.lkey())];
+    a2.send(&[SendWr::send(2, &good)]).unwrap();
+    assert_eq!(a2.poll_one().status, WcStatus::Success);
+    assert_eq!(b2.poll_one().wr_id, 8);
+}

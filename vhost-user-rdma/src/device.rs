@@ -119,6 +119,7 @@ impl VmDevice {
     pub fn release_all(&self) {
         self.port.clear_ready();
         self.port.lock().release_all();
+        self.port.clear_events();
     }
 
     fn process_control(&self, vring: &Vring) -> Result<(), Error> {

@@ -43,6 +43,8 @@ pub const MAX_SEND_SLOT: usize =
 pub const WR_COST: u32 = 8 * 1024;
 /// Deficit a weight-1 VM earns per round.
 pub const QUANTUM: u32 = CHUNK;
+/// How long a requester may leave a message half-received before another may start one.
+const OWNER_STALE: Duration = Duration::from_millis(100);
 /// How soon work skipped because a VM's objects were locked is tried again.
 const RETRY_BUSY: Duration = Duration::from_micros(50);
 /// How often QPs in the error state are checked for newly posted work to flush.
@@ -72,8 +74,6 @@ pub struct Inflight {
     pub slot: [u8; MAX_SEND_SLOT],
     /// Payload bytes done.
     pub done: u32,
-    /// Whether the responder's receive has been taken.
-    pub recv_claimed: bool,
     /// Transport retries left (no responder).
     pub retries_left: u8,
     /// RNR retries left.
@@ -88,7 +88,6 @@ impl Default for Inflight {
             active: false,
             slot: [0; MAX_SEND_SLOT],
             done: 0,
-            recv_claimed: false,
             retries_left: 0,
             rnr_left: 0,
             wait_until: None,
@@ -111,9 +110,10 @@ pub struct QpRuntime {
     /// The current work request; must be idle before the state is saved.
     #[serde(skip)]
     pub inflight: Inflight,
-    /// The requester whose message this QP is receiving (RC), so two cannot interleave.
+    /// The requester whose message this QP is receiving (RC), and when it last moved a piece,
+    /// so two cannot interleave; one silent for `OWNER_STALE` has gone and is replaced.
     #[serde(skip)]
-    pub rx_owner: Option<(u64, u32)>,
+    pub rx_owner: Option<(u64, u32, Instant)>,
 }
 
 impl QpRuntime {
@@ -203,6 +203,8 @@ enum Resp {
     Busy,
     /// UD datagram dropped.
     Dropped,
+    /// The requester's own memory failed (its memory table changed under it).
+    LocalFault(VendorErr),
 }
 
 /// A VM's token buckets for its bandwidth and message-rate limits. Each holds at most 10 ms
@@ -369,7 +371,8 @@ impl Engine {
     /// progress with RETRY_EXC_ERR and flushing the rest, as a peer whose partner vanished would
     /// end up on hardware once its retries ran out.
     fn fail_peers_of(&mut self, gone: &VmPort) {
-        for port in &self.ports {
+        // A detach is control path: copying the list of ports is fine here.
+        for port in self.ports.clone() {
             let mem = port.mem.memory();
             let mut vm = port.lock();
             let peers: Vec<u32> = vm
@@ -384,22 +387,30 @@ impl Engine {
                 .collect();
             for qpn in peers {
                 if let Some(qp) = vm.qps.get_mut(qpn) {
-                    if qp.rt.rx_owner.is_some_and(|(p, _)| p == gone.id) {
+                    if qp.rt.rx_owner.is_some_and(|(p, _, _)| p == gone.id) {
                         qp.rt.rx_owner = None;
                     }
                 }
                 fail_wr(
                     &mut vm,
-                    port,
+                    &port,
                     &mem,
                     qpn,
                     Status::RetryExcErr,
                     VendorErr::PeerUnreachable,
                 );
-                self.error_qps.push((port.id, qpn));
+                self.watch_error(port.id, qpn);
             }
             drop(vm);
             port.deliver_events();
+        }
+    }
+
+    /// Puts a QP on the list revisited every `FLUSH_TICK`, once: a guest ringing doorbells on
+    /// a QP in ERR must not grow the scheduler's work.
+    fn watch_error(&mut self, port_id: u64, qpn: u32) {
+        if !self.error_qps.contains(&(port_id, qpn)) {
+            self.error_qps.push((port_id, qpn));
         }
     }
 
@@ -562,12 +573,12 @@ impl Engine {
         match state {
             qp::State::Err => {
                 completion::flush(av, a, &a_mem, qpn, true, true);
-                self.error_qps.push((a.id, qpn));
+                self.watch_error(a.id, qpn);
                 return Step::Idle;
             }
             qp::State::Sqe => {
                 completion::flush(av, a, &a_mem, qpn, true, false);
-                self.error_qps.push((a.id, qpn));
+                self.watch_error(a.id, qpn);
                 return Step::Idle;
             }
             qp::State::Rts | qp::State::Sqd => {}
@@ -635,7 +646,7 @@ impl Engine {
             };
         };
         let qp_type = qp.qp_type();
-        let (done, claimed) = (qp.rt.inflight.done, qp.rt.inflight.recv_claimed);
+        let done = qp.rt.inflight.done;
         let pdn = qp.pdn;
         // Where the message goes.
         let (dgid, dest_qpn, qkey) = if qp_type == qp::Type::Ud {
@@ -665,7 +676,12 @@ impl Engine {
             (qp.attr.ah_attr.dgid, qp.attr.dest_qp_num.get(), 0)
         };
         let len = wr.byte_len;
-        let n = (len - done).min(budget);
+        // A datagram and an atomic are indivisible; only RC data moves in pieces.
+        let n = if qp_type == qp::Type::Ud || wr.opcode.is_atomic() {
+            len - done
+        } else {
+            (len - done).min(budget)
+        };
         // The requester's side of this chunk: where its bytes come from or go to.
         let mut a_runs = Runs::default();
         let mut inline = [0u8; crate::limits::MAX_INLINE as usize];
@@ -720,7 +736,6 @@ impl Engine {
             len,
             done,
             n,
-            claimed,
             qkey,
             a_runs: &a_runs,
             inline: &inline[..inline_len],
@@ -762,7 +777,6 @@ impl Engine {
                 };
                 qp.rt.inflight.done = done + n;
                 if qp.rt.inflight.done < len && !matches!(resp, Resp::Dropped) {
-                    qp.rt.inflight.recv_claimed = true;
                     return Step::Progress {
                         cost: n,
                         more: true,
@@ -775,6 +789,13 @@ impl Engine {
                 }
             }
             Resp::Busy => Step::Blocked,
+            Resp::LocalFault(v) => {
+                fail_wr(av, a, a_mem, qpn, Status::LocProtErr, v);
+                Step::Progress {
+                    cost: WR_COST,
+                    more: false,
+                }
+            }
             Resp::NoResponder => self.no_responder(a, av, a_mem, qpn, qp_type),
             Resp::Rnr(micros) => {
                 let Some(qp) = av.qps.get_mut(qpn) else {
@@ -917,7 +938,6 @@ fn start_wr(av: &mut Vm, a: &VmPort, a_mem: &GuestMem, qpn: u32) -> Start {
     inflight.slot = slot;
     inflight.active = true;
     inflight.done = 0;
-    inflight.recv_claimed = false;
     inflight.retries_left = retry;
     inflight.rnr_left = rnr;
     inflight.wait_until = None;
@@ -983,7 +1003,6 @@ struct Chunk<'a> {
     len: u32,
     done: u32,
     n: u32,
-    claimed: bool,
     qkey: u32,
     a_runs: &'a Runs,
     inline: &'a [u8],
@@ -997,10 +1016,12 @@ impl Chunk<'_> {
         self.done + self.n == self.len
     }
 
-    /// Copies this chunk's payload from the requester into `dst`.
-    fn copy_into(&self, dst: &Runs) -> Result<(), VendorErr> {
+    /// Copies this chunk's payload from the requester into `dst`; an error names whose memory
+    /// failed (`Side::Source` is the requester's).
+    fn copy_into(&self, dst: &Runs) -> Result<(), (xfer::Side, VendorErr)> {
         if self.is_inline {
             xfer::write_runs(self.inline, self.b_mem, dst.as_slice())
+                .map_err(|v| (xfer::Side::Destination, v))
         } else {
             xfer::copy_runs(
                 self.a_mem,
@@ -1015,19 +1036,20 @@ impl Chunk<'_> {
 
 /// The responder: applies one chunk to QP `dest_qpn` of VM `bv`.
 fn respond(bv: &mut Vm, b: &VmPort, dest_qpn: u32, c: &Chunk<'_>, atomic_result: &mut u64) -> Resp {
-    let Some(qp) = bv.qps.get(dest_qpn) else {
-        return if c.qp_type == qp::Type::Ud {
+    // Nobody to take the message: a datagram is lost (and counted), an RC request unanswered.
+    let unanswered = || {
+        if c.qp_type == qp::Type::Ud {
+            b.counters.ud_dropped.fetch_add(1, Ordering::Relaxed);
             Resp::Dropped
         } else {
             Resp::NoResponder
-        };
+        }
+    };
+    let Some(qp) = bv.qps.get(dest_qpn) else {
+        return unanswered();
     };
     if qp.qp_type() != c.qp_type {
-        return if c.qp_type == qp::Type::Ud {
-            Resp::Dropped
-        } else {
-            Resp::NoResponder
-        };
+        return unanswered();
     }
     let ready = match qp.state() {
         qp::State::Rtr | qp::State::Rts | qp::State::Sqd => true,
@@ -1035,17 +1057,13 @@ fn respond(bv: &mut Vm, b: &VmPort, dest_qpn: u32, c: &Chunk<'_>, atomic_result:
         _ => false,
     };
     if !ready {
-        return if c.qp_type == qp::Type::Ud {
-            Resp::Dropped
-        } else {
-            Resp::NoResponder
-        };
+        return unanswered();
     }
     if c.qp_type == qp::Type::Ud {
         return respond_ud(bv, b, dest_qpn, c);
     }
-    if let Some(owner) = qp.rt.rx_owner {
-        if owner != (c.a_id, c.a_qpn) {
+    if let Some((port_id, qpn, at)) = qp.rt.rx_owner {
+        if (port_id, qpn) != (c.a_id, c.a_qpn) && at.elapsed() < OWNER_STALE {
             return Resp::Busy;
         }
     }
@@ -1084,10 +1102,8 @@ fn respond(bv: &mut Vm, b: &VmPort, dest_qpn: u32, c: &Chunk<'_>, atomic_result:
             );
             return Resp::Nak(Status::RemInvReqErr, VendorErr::RecvTooSmall);
         }
-        if !c.claimed {
-            if let Some(qp) = bv.qps.get_mut(dest_qpn) {
-                qp.rt.rx_owner = Some((c.a_id, c.a_qpn));
-            }
+        if let Some(qp) = bv.qps.get_mut(dest_qpn) {
+            qp.rt.rx_owner = Some((c.a_id, c.a_qpn, Instant::now()));
         }
     }
     let mut b_runs = Runs::default();
@@ -1139,12 +1155,19 @@ fn respond(bv: &mut Vm, b: &VmPort, dest_qpn: u32, c: &Chunk<'_>, atomic_result:
         return Resp::Nak(Status::RemOpErr, v);
     }
     // Move the bytes.
-    let moved = match c.opcode {
-        Opcode::Send | Opcode::SendWithImm | Opcode::RdmaWrite | Opcode::RdmaWriteWithImm => {
-            c.copy_into(&b_runs)
-        }
+    // Move the bytes. `Ok(Err(side))` names whose memory failed: the requester's own memory is
+    // its local protection error and leaves the responder alone.
+    let requester_side = |side: xfer::Side, requester_is_source: bool| {
+        (side == xfer::Side::Source) == requester_is_source
+    };
+    let moved: Result<(), (bool, VendorErr)> = match c.opcode {
+        Opcode::Send | Opcode::SendWithImm | Opcode::RdmaWrite | Opcode::RdmaWriteWithImm => c
+            .copy_into(&b_runs)
+            .map_err(|(side, v)| (requester_side(side, true), v)),
         Opcode::RdmaRead => {
-            xfer::copy_runs(c.b_mem, b_runs.as_slice(), c.a_mem, c.a_runs.as_slice()).map(|_| ())
+            xfer::copy_runs(c.b_mem, b_runs.as_slice(), c.a_mem, c.a_runs.as_slice())
+                .map(|_| ())
+                .map_err(|(side, v)| (requester_side(side, false), v))
         }
         Opcode::AtomicCmpAndSwp | Opcode::AtomicFetchAndAdd => {
             let gpa = b_runs.as_slice().first().map(|r| r.gpa).unwrap_or(0);
@@ -1156,18 +1179,29 @@ fn respond(bv: &mut Vm, b: &VmPort, dest_qpn: u32, c: &Chunk<'_>, atomic_result:
                     atomic.fetch_add(compare_add, Ordering::SeqCst)
                 };
             })
+            .map_err(|v| (false, v))
         }
     };
-    if let Err(v) = moved {
-        responder_error(
-            bv,
-            b,
-            c.b_mem,
-            dest_qpn,
-            consumes_recv.then_some((recv.wr_id, Status::LocProtErr)),
-            v,
-        );
-        return Resp::Nak(Status::RemAccessErr, v);
+    match moved {
+        Ok(()) => {}
+        Err((true, v)) => {
+            // The responder keeps its receive for the next message.
+            if let Some(qp) = bv.qps.get_mut(dest_qpn) {
+                qp.rt.rx_owner = None;
+            }
+            return Resp::LocalFault(v);
+        }
+        Err((false, v)) => {
+            responder_error(
+                bv,
+                b,
+                c.b_mem,
+                dest_qpn,
+                consumes_recv.then_some((recv.wr_id, Status::LocProtErr)),
+                v,
+            );
+            return Resp::Nak(Status::RemAccessErr, v);
+        }
     }
     if consumes_recv && c.last() {
         let (opcode, byte_len) = if c.opcode == Opcode::RdmaWriteWithImm {
@@ -1250,7 +1284,7 @@ fn respond_ud(bv: &mut Vm, b: &VmPort, dest_qpn: u32, c: &Chunk<'_>) -> Resp {
             c.len,
             &mut body,
         )?;
-        c.copy_into(&body)
+        c.copy_into(&body).map_err(|(_, v)| v)
     });
     let mut done = match result {
         Ok(()) => {
@@ -1347,7 +1381,7 @@ fn finish_recv(bv: &mut Vm, b: &VmPort, mem: &GuestMem, qpn: u32, c: &Completion
     // As for sends: the slot is free before the completion says so.
     publish_consumer(mem, ring_addr, qp.rt.rq_done);
     if !completion::post(bv, b, mem, cqn, c) {
-        set_error(bv, qpn);
+        set_error(bv, b, qpn);
     }
 }
 
@@ -1365,14 +1399,16 @@ fn responder_error(
         let c = Completion::new(wr_id, qpn, status, cqe::Opcode::Recv, v);
         finish_recv(bv, b, mem, qpn, &c);
     }
-    set_error(bv, qpn);
-    b.enqueue(qpn);
+    set_error(bv, b, qpn);
 }
 
-fn set_error(vm: &mut Vm, qpn: u32) {
+/// Moves QP `qpn` to ERR and queues it, so the scheduler flushes it and keeps flushing what
+/// the driver posts later, whatever path took it there.
+fn set_error(vm: &mut Vm, port: &VmPort, qpn: u32) {
     if let Some(qp) = vm.qps.get_mut(qpn) {
         qp.attr.qp_state = qp::State::Err.raw();
         qp.rt.rx_owner = None;
+        port.enqueue(qpn);
     }
 }
 
@@ -1418,11 +1454,13 @@ fn complete_wr(
             c.cqe.byte_len = byte_len.into();
         }
         if !completion::post(av, a, mem, cqn, &c) {
-            set_error(av, qpn);
+            set_error(av, a, qpn);
             return true;
         }
     }
-    load_producer(mem, ring_addr).is_some_and(|p| p != head)
+    // In SQD the QP must be looked at once more, to raise SqDrained once it is idle.
+    let draining = av.qps.get(qpn).is_some_and(|q| q.state() == qp::State::Sqd);
+    draining || load_producer(mem, ring_addr).is_some_and(|p| p != head)
 }
 
 /// Fails QP `qpn`'s work request in progress with `status` and takes the QP to the error state
@@ -1452,12 +1490,13 @@ fn fail_wr(av: &mut Vm, a: &VmPort, mem: &GuestMem, qpn: u32, status: Status, v:
                 );
                 let cqn = qp.send_cqn;
                 let ring_addr = qp.sq_ring_addr;
-                completion::post(av, a, mem, cqn, &c);
+                // As for every completion: the slot is free before the completion says so.
                 if let Some(qp) = av.qps.get_mut(qpn) {
                     qp.rt.inflight.active = false;
                     qp.rt.sq_head = qp.rt.sq_head.wrapping_add(1);
                     publish_consumer(mem, ring_addr, qp.rt.sq_head);
                 }
+                completion::post(av, a, mem, cqn, &c);
             }
         }
     }
@@ -1471,9 +1510,10 @@ fn fail_wr(av: &mut Vm, a: &VmPort, mem: &GuestMem, qpn: u32, status: Status, v:
     qp.rt.inflight.active = false;
     if qp_type == qp::Type::Ud {
         qp.attr.qp_state = qp::State::Sqe.raw();
+        a.enqueue(qpn);
         completion::flush(av, a, mem, qpn, true, false);
     } else {
-        set_error(av, qpn);
+        set_error(av, a, qpn);
         completion::flush(av, a, mem, qpn, true, true);
     }
 }
@@ -1484,7 +1524,7 @@ fn ring_fatal(av: &mut Vm, a: &VmPort, mem: &GuestMem, qpn: u32, v: VendorErr) {
         "vm {}: QP {qpn:#x}'s send ring is unusable ({v:?}); the QP goes to the error state",
         a.name
     );
-    set_error(av, qpn);
+    set_error(av, a, qpn);
     if let Some(qp) = av.qps.get_mut(qpn) {
         qp.rt.sq_dead = true;
         qp.rt.inflight.active = false;

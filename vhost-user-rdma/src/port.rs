@@ -193,6 +193,14 @@ impl VmPort {
         self.has_work.store(false, Ordering::Release);
     }
 
+    /// Drops every queued event (the VM's objects are being released, so none names anything).
+    pub fn clear_events(&self) {
+        self.events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+
     /// Remembers the event virtqueue so events can be delivered from any thread.
     pub fn set_event_vring(&self, vring: &Vring) {
         let mut slot = self.event_vring.lock().unwrap_or_else(|p| p.into_inner());

@@ -694,7 +694,11 @@ impl Vm {
             record.rt.sqd_notified = false;
         }
         // ERR needs its flush, and RTS or SQD may release queued sends: let the scheduler look.
-        let wake = next != from && matches!(next, qp::State::Err | qp::State::Rts | qp::State::Sqe);
+        let wake = next != from
+            && matches!(
+                next,
+                qp::State::Err | qp::State::Rts | qp::State::Sqe | qp::State::Sqd
+            );
         if wake {
             self.wake.push(qpn);
         }

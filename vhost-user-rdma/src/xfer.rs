@@ -178,26 +178,37 @@ fn slice_at(mem: &GuestMem, gpa: u64, max: u64) -> Option<VolatileSlice<'_, ()>>
         .ok()
 }
 
+/// Which side of a copy found its memory gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// Where the bytes came from.
+    Source,
+    /// Where they were going.
+    Destination,
+}
+
 /// Copies from `src` runs in `src_mem` to `dst` runs in `dst_mem`, as many bytes as the shorter
-/// covers. Fails if a run is no longer backed by guest memory (the table changed).
+/// covers. Fails, naming the side, if a run is no longer backed by guest memory (the table
+/// changed): the error completion belongs to whoever's memory it was.
 pub fn copy_runs(
     src_mem: &GuestMem,
     src: &[Run],
     dst_mem: &GuestMem,
     dst: &[Run],
-) -> Result<u64, VendorErr> {
+) -> Result<u64, (Side, VendorErr)> {
     let (mut si, mut so, mut di, mut dof) = (0usize, 0u64, 0usize, 0u64);
     let mut copied = 0u64;
     while si < src.len() && di < dst.len() {
         let (s, d) = (src[si], dst[di]);
         let s_rem = u64::from(s.len) - so;
         let d_rem = u64::from(d.len) - dof;
-        let from = slice_at(src_mem, s.gpa + so, s_rem).ok_or(VendorErr::GuestMemory)?;
-        let to = slice_at(dst_mem, d.gpa + dof, d_rem).ok_or(VendorErr::GuestMemory)?;
+        let from = slice_at(src_mem, s.gpa + so, s_rem)
+            .filter(|f| !f.is_empty())
+            .ok_or((Side::Source, VendorErr::GuestMemory))?;
+        let to = slice_at(dst_mem, d.gpa + dof, d_rem)
+            .filter(|t| !t.is_empty())
+            .ok_or((Side::Destination, VendorErr::GuestMemory))?;
         let n = from.len().min(to.len()) as u64;
-        if n == 0 {
-            return Err(VendorErr::GuestMemory);
-        }
         from.copy_to_volatile_slice(to);
         copied += n;
         so += n;

@@ -63,6 +63,13 @@ pub trait Transport: Send + Sync {
     /// it with poll/epoll, then call [`Transport::drain_events`]. Stays owned by the transport.
     fn event_fd(&self) -> RawFd;
 
+    /// A file descriptor that reports `EPOLLRDHUP` (or `EPOLLHUP`) once the device is gone, so
+    /// a thread blocked waiting for events can include it and wake; `None` if the transport
+    /// cannot tell. Stays owned by the transport.
+    fn hangup_fd(&self) -> Option<RawFd> {
+        None
+    }
+
     /// Takes every event the device delivered so far, oldest first, and returns their buffers
     /// to the event queue.
     fn drain_events(&self) -> Result<Vec<DeviceEvent>, Self::Error>;

@@ -54,8 +54,8 @@ const MAX_DOORBELL_SLOTS: u16 = 64;
 pub struct Options {
     /// Entries of every virtqueue: a power of two up to 1024 that the daemon accepts.
     pub queue_size: u16,
-    /// How long to wait for the daemon: each vhost-user reply, each control command, and room
-    /// on a full doorbell queue.
+    /// How long to wait for the daemon: the whole vhost-user handshake when connecting, each
+    /// later vhost-user reply, each control command, and room on a full doorbell queue.
     pub timeout: Duration,
     /// Bytes of shared DMA memory to set up at connect time for the library's own use (QP and
     /// CQ rings, command buffers), on top of what the transport's queues need.
@@ -211,6 +211,29 @@ pub enum VirtioUserError {
         socket.display()
     )]
     DeviceTimeout {
+        /// The socket path.
+        socket: PathBuf,
+        /// How long the transport waited.
+        timeout: Duration,
+    },
+    /// The daemon closed the vhost-user connection: the device is gone.
+    #[error(
+        "the vrdma device at {} is gone: the daemon closed the vhost-user connection \
+         (vhost-user-rdma stopped or restarted); reopen the device",
+        socket.display()
+    )]
+    Disconnected {
+        /// The socket path.
+        socket: PathBuf,
+    },
+    /// The daemon accepted the connection but did not complete the handshake in time.
+    #[error(
+        "the daemon at {} did not complete the vhost-user handshake within {timeout:?}: another \
+         guest may be using this VM's device (the daemon serves one frontend per socket at a \
+         time), or vhost-user-rdma is stopped or overloaded",
+        socket.display()
+    )]
+    HandshakeTimeout {
         /// The socket path.
         socket: PathBuf,
         /// How long the transport waited.
@@ -426,6 +449,53 @@ impl Vq {
     }
 }
 
+/// Ends a vhost-user handshake the daemon does not answer. `SO_RCVTIMEO` alone cannot: the
+/// vhost crate retries the `EAGAIN` it produces, so a daemon that accepted the connection but
+/// never replies (it serves another frontend on this socket, or it is stopped) would block
+/// `connect` for ever. At the deadline the socket is shut down, so the pending receive sees
+/// end-of-file and the step in progress fails.
+struct HandshakeDeadline {
+    cancel: std::sync::mpsc::Sender<()>,
+    thread: std::thread::JoinHandle<bool>,
+}
+
+impl HandshakeDeadline {
+    fn arm(stream: UnixStream, timeout: Duration) -> io::Result<Self> {
+        let (cancel, cancelled) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("vrdma-handshake".into())
+            .spawn(move || match cancelled.recv_timeout(timeout) {
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    let _ = stream.shutdown(std::net::Shutdown::Both);
+                    true
+                }
+                _ => false,
+            })?;
+        Ok(HandshakeDeadline { cancel, thread })
+    }
+
+    /// Stops the clock. Returns whether it had run out (the socket is then shut down).
+    fn disarm(self) -> bool {
+        let _ = self.cancel.send(());
+        self.thread.join().unwrap_or(true)
+    }
+}
+
+/// Epoll token of the vhost-user socket in the control queue's waiter.
+const HANGUP_TOKEN: u64 = u64::MAX;
+
+/// Adds the vhost-user socket `fd` to `epoll`, reporting only the daemon hanging up (not the
+/// replies it sends, which are read synchronously elsewhere).
+fn watch_hangup(epoll: &Epoll, fd: RawFd) -> Result<()> {
+    epoll
+        .ctl(
+            ControlOperation::Add,
+            fd,
+            EpollEvent::new(EventSet::READ_HANG_UP, HANGUP_TOKEN),
+        )
+        .map_err(event_err("watching the vhost-user socket"))
+}
+
 /// Waits until `epoll` reports its fd readable or `deadline` passes; `false` on timeout.
 fn wait_until(epoll: &Epoll, deadline: Instant) -> Result<bool> {
     let mut events = [EpollEvent::default(); 1];
@@ -607,6 +677,10 @@ pub struct VirtioUser {
     events: Mutex<EventQueue>,
     event_fd: RawFd,
     doorbells: Vec<Mutex<DoorbellQueue>>,
+    /// The vhost-user socket (owned by `memory`'s frontend), to notice the daemon going away.
+    socket_fd: RawFd,
+    /// Watches `socket_fd` for a hang-up only.
+    hangup: Epoll,
 }
 
 impl fmt::Debug for VirtioUser {
@@ -718,6 +792,27 @@ impl VirtioUser {
         stream
             .set_read_timeout(Some(options.timeout))
             .map_err(event_err("setting the vhost-user socket timeout"))?;
+        let clock = stream
+            .try_clone()
+            .map_err(event_err("cloning the vhost-user socket"))?;
+        let deadline = HandshakeDeadline::arm(clock, options.timeout)
+            .map_err(event_err("starting the handshake timer"))?;
+        let result = Self::bring_up(socket.clone(), &options, stream);
+        if deadline.disarm() {
+            if let Err(e) = &result {
+                log::debug!("handshake with {} cut short: {e}", socket.display());
+            }
+            return Err(VirtioUserError::HandshakeTimeout {
+                socket,
+                timeout: options.timeout,
+            });
+        }
+        result
+    }
+
+    /// The handshake of [`VirtioUser::connect`] on a connected `stream`.
+    fn bring_up(socket: PathBuf, options: &Options, stream: UnixStream) -> Result<Self> {
+        let size = options.queue_size;
         let max_queues = u64::from(queue::count(queue::MAX_DOORBELL_QUEUES));
         let mut hs = Handshake {
             socket: &socket,
@@ -863,8 +958,14 @@ impl VirtioUser {
         events.vq.kick()?;
         let event_fd = events.vq.call.as_raw_fd();
 
+        // The daemon hanging up wakes a command's wait at once instead of at its timeout.
+        let socket_fd = memory.frontend.as_raw_fd();
+        let hangup = Epoll::new().map_err(event_err("creating an epoll instance"))?;
+        watch_hangup(&hangup, socket_fd)?;
+        let waiter = control_vq.waiter()?;
+        watch_hangup(&waiter, socket_fd)?;
         let control = ControlQueue {
-            waiter: control_vq.waiter()?,
+            waiter,
             request: dma
                 .alloc(CONTROL_BUF_BYTES)
                 .map_err(mem_err("allocating control buffers"))?,
@@ -910,6 +1011,8 @@ impl VirtioUser {
             events: Mutex::new(events),
             event_fd,
             doorbells,
+            socket_fd,
+            hangup,
         })
     }
 
@@ -933,6 +1036,20 @@ impl VirtioUser {
         lock(&self.memory, "memory table")
             .map(|m| m.regions.clone())
             .unwrap_or_default()
+    }
+
+    /// Fails with [`VirtioUserError::Disconnected`] if the daemon has closed the connection.
+    /// One non-blocking `epoll_wait`.
+    fn check_connected(&self) -> Result<()> {
+        let mut events = [EpollEvent::default(); 1];
+        match self.hangup.wait(0, &mut events) {
+            Ok(0) => Ok(()),
+            Ok(_) => Err(VirtioUserError::Disconnected {
+                socket: self.socket.clone(),
+            }),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(()),
+            Err(e) => Err(event_err("checking the vhost-user connection")(e)),
+        }
     }
 
     fn quarantine(cq: &mut ControlQueue, bufs: [Option<DmaBuf>; 2]) {
@@ -980,6 +1097,7 @@ impl Transport for VirtioUser {
                 socket: self.socket.clone(),
             });
         }
+        self.check_connected()?;
         // Commands larger than the standing buffers (REG_MR page lists) get their own.
         let big_req = if request.len() > cq.request.len() {
             Some(self.alloc_dma(request.len(), DMA_GRANULE)?)
@@ -1013,6 +1131,11 @@ impl Transport for VirtioUser {
                     Self::quarantine(&mut cq, [big_req, big_resp]);
                     return Err(e);
                 }
+            }
+            // The waiter also wakes when the daemon hangs up; no answer will come then.
+            if let Err(e) = self.check_connected() {
+                Self::quarantine(&mut cq, [big_req, big_resp]);
+                return Err(e);
             }
             if !wait_until(&cq.waiter, deadline)? {
                 log::error!(
@@ -1058,6 +1181,9 @@ impl Transport for VirtioUser {
             .doorbells
             .get(usize::from(queue))
             .ok_or(VirtioUserError::NoSuchDoorbellQueue { queue, count })?;
+        // A doorbell nobody will ever read must fail now: work posted after the daemon died
+        // would otherwise wait for completions for ever.
+        self.check_connected()?;
         let mut dq = lock(dq, "doorbell queue")?;
         let mut deadline = None;
         let mut unkicked = false;
@@ -1109,6 +1235,10 @@ impl Transport for VirtioUser {
         self.event_fd
     }
 
+    fn hangup_fd(&self) -> Option<RawFd> {
+        Some(self.socket_fd)
+    }
+
     fn drain_events(&self) -> Result<Vec<DeviceEvent>> {
         let mut eq = lock(&self.events, "event queue")?;
         // Reset the interrupt first: events used after this point signal it again.
@@ -1143,6 +1273,10 @@ impl Transport for VirtioUser {
         }
         if reposted {
             eq.vq.kick_if_needed()?;
+        }
+        if out.is_empty() {
+            // Events delivered before a hang-up are handed over first.
+            self.check_connected()?;
         }
         Ok(out)
     }

@@ -22,6 +22,7 @@ trait DynTransport: Send + Sync + std::fmt::Debug {
         doorbells: &[Doorbell],
     ) -> std::result::Result<(), BoxError>;
     fn event_fd(&self) -> RawFd;
+    fn hangup_fd(&self) -> Option<RawFd>;
     fn drain_events(&self) -> std::result::Result<Vec<DeviceEvent>, BoxError>;
     fn alloc_dma(&self, len: usize, align: usize) -> std::result::Result<DmaBuf, BoxError>;
     fn is_shared(&self, addr: u64, len: u64) -> bool;
@@ -46,6 +47,9 @@ impl<T: Transport + std::fmt::Debug> DynTransport for T {
     }
     fn event_fd(&self) -> RawFd {
         Transport::event_fd(self)
+    }
+    fn hangup_fd(&self) -> Option<RawFd> {
+        Transport::hangup_fd(self)
     }
     fn drain_events(&self) -> std::result::Result<Vec<DeviceEvent>, BoxError> {
         Transport::drain_events(self).map_err(Into::into)
@@ -282,6 +286,10 @@ impl Inner {
 
     pub(crate) fn event_fd(&self) -> RawFd {
         self.transport.event_fd()
+    }
+
+    pub(crate) fn hangup_fd(&self) -> Option<RawFd> {
+        self.transport.hangup_fd()
     }
 
     pub(crate) fn caps(&self) -> &DeviceCaps {

@@ -236,6 +236,20 @@ impl CompletionChannel {
                 verb: "ibv_create_comp_channel",
                 source: Box::new(e),
             })?;
+        // So that a wait ends with an error when the device goes away, not at its timeout
+        // (or never).
+        if let Some(fd) = ctx.inner.hangup_fd() {
+            epoll
+                .ctl(
+                    ControlOperation::Add,
+                    fd,
+                    EpollEvent::new(EventSet::READ_HANG_UP, 1),
+                )
+                .map_err(|e| Error::Transport {
+                    verb: "ibv_create_comp_channel",
+                    source: Box::new(e),
+                })?;
+        }
         Ok(CompletionChannel {
             ctx: ctx.inner.clone(),
             pending: Mutex::new(VecDeque::new()),

@@ -258,3 +258,43 @@ fn malformed_work_requests_and_overruns_fail_only_the_offending_qp() {
     a.assert_no_completion(Duration::from_millis(20));
     b.assert_no_completion(Duration::from_millis(20));
 }
+
+#[test]
+fn a_third_vm_cannot_inject_into_an_established_connection() {
+    use vrdma::{QpCap, QpType, RecvWr, SendWr, Sge, WcStatus};
+    use vrdma_tests::{Endpoint, connect_rc};
+    let d = TestDaemon::start(&[("a", ""), ("b", ""), ("c", "")]);
+    let (ca, cb, cc) = (d.open("a"), d.open("b"), d.open("c"));
+    let (a, b) = rc_pair(&ca, &cb, 1 << 16, QpCap::default());
+    let recv = [Sge::new(b.buf.addr(), 64, b.mr.lkey())];
+    b.recv(&[RecvWr {
+        wr_id: 1,
+        sg_list: &recv,
+    }])
+    .unwrap();
+    // c aims a QP at b's QP, which is connected to a; two retries, then it must give up.
+    let intruder = Endpoint::new(&cc, QpType::Rc, 1 << 16, QpCap::default());
+    connect_rc(&intruder.qp, cb.gid(), b.qp.qp_num(), 7, 2);
+    intruder.buf.write_at(0, b"forged!!").unwrap();
+    let src = [Sge::new(intruder.buf.addr(), 8, intruder.mr.lkey())];
+    intruder.send(&[SendWr::send(9, &src)]).unwrap();
+    let wc = intruder.poll_one();
+    assert_eq!((wc.wr_id, wc.status), (9, WcStatus::RetryExcErr), "{wc:?}");
+    b.assert_no_completion(Duration::from_millis(20));
+    // The rkey is no help either: a WRITE from c to b's MR finds no responder.
+    let intruder2 = Endpoint::new(&cc, QpType::Rc, 1 << 16, QpCap::default());
+    connect_rc(&intruder2.qp, cb.gid(), b.qp.qp_num(), 7, 1);
+    let src2 = [Sge::new(intruder2.buf.addr(), 8, intruder2.mr.lkey())];
+    intruder2
+        .send(&[SendWr::rdma_write(10, &src2, b.buf.addr(), b.mr.rkey())])
+        .unwrap();
+    assert_eq!(intruder2.poll_one().status, WcStatus::RetryExcErr);
+    assert_eq!(read(&b.buf, 0, 8), vec![0u8; 8], "nothing was written");
+    // The real peer's message still lands in b's receive.
+    a.buf.write_at(0, b"genuine!").unwrap();
+    let good = [Sge::new(a.buf.addr(), 8, a.mr.lkey())];
+    a.send(&[SendWr::send(2, &good)]).unwrap();
+    assert_eq!(a.poll_one().status, WcStatus::Success);
+    assert_eq!(b.poll_one().wr_id, 1);
+    assert_eq!(read(&b.buf, 0, 8), b"genuine!");
+}

@@ -1062,6 +1062,11 @@ fn respond(bv: &mut Vm, b: &VmPort, dest_qpn: u32, c: &Chunk<'_>, atomic_result:
     if c.qp_type == qp::Type::Ud {
         return respond_ud(bv, b, dest_qpn, c);
     }
+    // An RC QP answers only the QP it is connected to: anything else could be another tenant
+    // injecting into the connection, and gets no answer, as a packet for another connection.
+    if qp.attr.dest_qp_num.get() != c.a_qpn || qp.attr.ah_attr.dgid != c.a_gid {
+        return unanswered();
+    }
     if let Some((port_id, qpn, at)) = qp.rt.rx_owner {
         if (port_id, qpn) != (c.a_id, c.a_qpn) && at.elapsed() < OWNER_STALE {
             return Resp::Busy;

@@ -352,3 +352,23 @@ fn the_requesters_own_memory_failing_is_its_own_error_not_the_responders() {
     assert_eq!(a2.poll_one().status, WcStatus::Success);
     assert_eq!(b2.poll_one().wr_id, 8);
 }
+
+#[test]
+fn requests_before_a_refused_one_in_a_list_are_posted_as_in_verbs() {
+    let d = TestDaemon::start(&[("a", ""), ("b", "")]);
+    let (ca, cb) = (d.open("a"), d.open("b"));
+    let (a, b) = rc_pair(&ca, &cb, 1 << 16, cap());
+    a.buf.write_at(0, b"first").unwrap();
+    let one = [Sge::new(a.buf.addr(), 5, a.mr.lkey())];
+    let three = [one[0], one[0], one[0]];
+    let list = [
+        SendWr::rdma_write(1, &one, b.buf.addr(), b.mr.rkey()),
+        SendWr::rdma_write(2, &three, b.buf.addr() + 64, b.mr.rkey()),
+    ];
+    let err = a.send(&list).unwrap_err();
+    assert_eq!(err.errno(), libc::EINVAL, "{err}");
+    let wc = a.poll_one();
+    assert_eq!((wc.wr_id, wc.status), (1, WcStatus::Success));
+    assert_eq!(read(&b.buf, 0, 5), b"first");
+    a.assert_no_completion(Duration::from_millis(20));
+}

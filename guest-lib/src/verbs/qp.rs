@@ -533,58 +533,81 @@ impl QueuePair {
         let mut sq = self.inner.sq.lock().unwrap_or_else(|p| p.into_inner());
         let geometry = sq.ring.geometry();
         let mut slot = [0u8; 2048];
+        let stride = geometry.stride() as usize;
+        let mut outcome = Ok(());
         for wr in wrs {
             let consumer = sq.ring.load(ring::CONSUMER_OFFSET, Ordering::Acquire);
             if sq.producer.wrapping_sub(consumer) >= geometry.depth() {
-                self.publish_send(&sq)?;
-                return Err(Error::QueueFull {
+                outcome = Err(Error::QueueFull {
                     verb: VERB,
                     depth: geometry.depth(),
                 });
+                break;
             }
-            let header = self.send_header(wr)?;
-            let mut inline = [0u8; 1024];
-            let data = if wr.flags.contains(SendFlags::INLINE) {
-                let total: usize = wr.sg_list.iter().map(|s| s.length.get() as usize).sum();
-                if total > self.inner.cap.max_inline_data as usize {
-                    return Err(Error::invalid(
-                        VERB,
-                        format!(
-                            "{total} inline bytes exceed the QP's {}",
-                            self.inner.cap.max_inline_data
-                        ),
-                    ));
+            // SAFETY: this function's contract is the one `encode_send_wr` needs.
+            match unsafe { self.encode_send_wr(wr, &mut slot[..stride]) } {
+                Ok(n) => {
+                    sq.ring.write_entry(sq.producer, &slot[..n]);
+                    sq.producer = sq.producer.wrapping_add(1);
                 }
-                let mut at = 0;
-                for sge in wr.sg_list {
-                    let n = sge.length.get() as usize;
-                    // SAFETY: the caller guarantees (this function's contract) that every SGE
-                    // names `length` readable bytes at `addr` for the duration of the call.
-                    let src = unsafe { std::slice::from_raw_parts(sge.addr.get() as *const u8, n) };
-                    inline[at..at + n].copy_from_slice(src);
-                    at += n;
+                Err(e) => {
+                    outcome = Err(e);
+                    break;
                 }
-                wqe::Data::Inline(&inline[..at])
-            } else {
-                if wr.sg_list.len() > self.inner.cap.max_send_sge as usize {
-                    return Err(Error::invalid(
-                        VERB,
-                        format!(
-                            "{} SGEs exceed the QP's {}",
-                            wr.sg_list.len(),
-                            self.inner.cap.max_send_sge
-                        ),
-                    ));
-                }
-                wqe::Data::Sges(wr.sg_list)
-            };
-            let stride = geometry.stride() as usize;
-            let n = wqe::encode_send(&mut slot[..stride], header, data)
-                .map_err(|source| Error::Protocol { verb: VERB, source })?;
-            sq.ring.write_entry(sq.producer, &slot[..n]);
-            sq.producer = sq.producer.wrapping_add(1);
+            }
         }
-        self.publish_send(&sq)
+        // As in verbs, the requests before a failing one are posted (`bad_wr` is the first
+        // one that is not).
+        self.publish_send(&sq)?;
+        outcome
+    }
+
+    /// Encodes one send work request into `slot`; returns the bytes written.
+    ///
+    /// # Safety
+    ///
+    /// With `INLINE`, every SGE must name `length` readable bytes at `addr` (as
+    /// [`QueuePair::post_send`] requires of its caller).
+    unsafe fn encode_send_wr(&self, wr: &SendWr<'_>, slot: &mut [u8]) -> Result<usize> {
+        const VERB: &str = "ibv_post_send";
+        let header = self.send_header(wr)?;
+        let mut inline = [0u8; 1024];
+        let data = if wr.flags.contains(SendFlags::INLINE) {
+            let total: usize = wr.sg_list.iter().map(|s| s.length.get() as usize).sum();
+            if total > self.inner.cap.max_inline_data as usize {
+                return Err(Error::invalid(
+                    VERB,
+                    format!(
+                        "{total} inline bytes exceed the QP's {}",
+                        self.inner.cap.max_inline_data
+                    ),
+                ));
+            }
+            let mut at = 0;
+            for sge in wr.sg_list {
+                let n = sge.length.get() as usize;
+                // SAFETY: the caller guarantees (this function's contract) that every SGE names
+                // `length` readable bytes at `addr`.
+                let src = unsafe { std::slice::from_raw_parts(sge.addr.get() as *const u8, n) };
+                inline[at..at + n].copy_from_slice(src);
+                at += n;
+            }
+            wqe::Data::Inline(&inline[..at])
+        } else {
+            if wr.sg_list.len() > self.inner.cap.max_send_sge as usize {
+                return Err(Error::invalid(
+                    VERB,
+                    format!(
+                        "{} SGEs exceed the QP's {}",
+                        wr.sg_list.len(),
+                        self.inner.cap.max_send_sge
+                    ),
+                ));
+            }
+            wqe::Data::Sges(wr.sg_list)
+        };
+        wqe::encode_send(slot, header, data)
+            .map_err(|source| Error::Protocol { verb: VERB, source })
     }
 
     fn send_header(&self, wr: &SendWr<'_>) -> Result<wqe::SendHeader> {

@@ -2,7 +2,7 @@
 //! connected to it through the `vrdma` library's virtio-user transport (each guest is its own
 //! vhost-user frontend with memfd memory, exactly as a VMM would be).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -229,58 +229,95 @@ pub fn poll_one(cq: &CompletionQueue) -> WorkCompletion {
     }
 }
 
-/// Takes an RC QP through INIT, RTR and RTS towards `remote_qpn` at `remote_gid`, as
-/// `ibv_rc_pingpong` does.
-pub fn connect_rc(qp: &QueuePair, remote_gid: Gid, remote_qpn: u32, rnr_retry: u8, retry_cnt: u8) {
+/// The far end of an RC connection and the transport settings towards it.
+#[derive(Debug, Clone, Copy)]
+pub struct RcPeer {
+    /// The peer port's GID.
+    pub gid: Gid,
+    /// The peer QP.
+    pub qpn: u32,
+    /// Path MTU.
+    pub mtu: vrdma_proto::config::Mtu,
+    /// ACK timeout exponent.
+    pub timeout: u8,
+    /// Transport retries.
+    pub retry_cnt: u8,
+    /// RNR retries (7 = infinite).
+    pub rnr_retry: u8,
+}
+
+/// Takes an RC QP through INIT, RTR and RTS towards `peer`, as `ibv_rc_pingpong` does. On
+/// failure, names the state the QP could not reach.
+pub fn try_connect_rc(qp: &QueuePair, peer: &RcPeer) -> Result<(), (QpState, vrdma::Error)> {
     let init = QpAttr {
         qp_state: QpState::Init,
         qp_access_flags: all_access(),
         ..QpAttr::default()
     };
-    qp.modify(
-        &init,
-        QpAttrMask::STATE | QpAttrMask::PKEY_INDEX | QpAttrMask::PORT | QpAttrMask::ACCESS_FLAGS,
-    )
-    .expect("RESET->INIT");
     let rtr = QpAttr {
         qp_state: QpState::Rtr,
-        dest_qp_num: remote_qpn,
+        path_mtu: peer.mtu,
+        dest_qp_num: peer.qpn,
         rq_psn: 0,
         max_dest_rd_atomic: 1,
+        // 0.01 ms: a SEND that finds no receive is retried quickly.
         min_rnr_timer: 1,
-        ah_attr: vrdma::AddressHandle::attr_for(remote_gid),
+        ah_attr: vrdma::AddressHandle::attr_for(peer.gid),
         ..QpAttr::default()
     };
-    qp.modify(
-        &rtr,
-        QpAttrMask::STATE
-            | QpAttrMask::AV
-            | QpAttrMask::PATH_MTU
-            | QpAttrMask::DEST_QPN
-            | QpAttrMask::RQ_PSN
-            | QpAttrMask::MAX_DEST_RD_ATOMIC
-            | QpAttrMask::MIN_RNR_TIMER,
-    )
-    .expect("INIT->RTR");
     let rts = QpAttr {
         qp_state: QpState::Rts,
         sq_psn: 0,
-        timeout: 8,
-        retry_cnt,
-        rnr_retry,
+        timeout: peer.timeout,
+        retry_cnt: peer.retry_cnt,
+        rnr_retry: peer.rnr_retry,
         max_rd_atomic: 1,
         ..QpAttr::default()
     };
-    qp.modify(
-        &rts,
-        QpAttrMask::STATE
-            | QpAttrMask::TIMEOUT
-            | QpAttrMask::RETRY_CNT
-            | QpAttrMask::RNR_RETRY
-            | QpAttrMask::SQ_PSN
-            | QpAttrMask::MAX_QP_RD_ATOMIC,
-    )
-    .expect("RTR->RTS");
+    let steps = [
+        (
+            init,
+            QpAttrMask::PKEY_INDEX | QpAttrMask::PORT | QpAttrMask::ACCESS_FLAGS,
+        ),
+        (
+            rtr,
+            QpAttrMask::AV
+                | QpAttrMask::PATH_MTU
+                | QpAttrMask::DEST_QPN
+                | QpAttrMask::RQ_PSN
+                | QpAttrMask::MAX_DEST_RD_ATOMIC
+                | QpAttrMask::MIN_RNR_TIMER,
+        ),
+        (
+            rts,
+            QpAttrMask::TIMEOUT
+                | QpAttrMask::RETRY_CNT
+                | QpAttrMask::RNR_RETRY
+                | QpAttrMask::SQ_PSN
+                | QpAttrMask::MAX_QP_RD_ATOMIC,
+        ),
+    ];
+    for (attr, mask) in steps {
+        qp.modify(&attr, QpAttrMask::STATE | mask)
+            .map_err(|e| (attr.qp_state, e))?;
+    }
+    Ok(())
+}
+
+/// [`try_connect_rc`] with the tests' settings (MTU 1024, ACK timeout about 1 ms), failing the
+/// test if the QP cannot be connected.
+pub fn connect_rc(qp: &QueuePair, remote_gid: Gid, remote_qpn: u32, rnr_retry: u8, retry_cnt: u8) {
+    let peer = RcPeer {
+        gid: remote_gid,
+        qpn: remote_qpn,
+        mtu: vrdma_proto::config::Mtu::Mtu1024,
+        timeout: 8,
+        retry_cnt,
+        rnr_retry,
+    };
+    if let Err((state, e)) = try_connect_rc(qp, &peer) {
+        panic!("cannot move the QP to {state:?}: {e}");
+    }
 }
 
 /// Two RC endpoints on `a` and `b`, connected to each other.
@@ -305,11 +342,6 @@ pub fn read(buf: &DmaBuf, offset: usize, len: usize) -> Vec<u8> {
     let mut out = vec![0u8; len];
     buf.read_at(offset, &mut out).expect("read buffer");
     out
-}
-
-/// A path inside the test's directory, for tests that need their own files.
-pub fn path_in(dir: &Path, name: &str) -> PathBuf {
-    dir.join(name)
 }
 
 /// How a saturating guest loads the fabric.

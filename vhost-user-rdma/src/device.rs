@@ -268,7 +268,7 @@ impl VmDevice {
 
     /// Hot path: takes one chain at a time (the vring lock is released between them, and
     /// nothing is collected), so a doorbell allocates nothing.
-    fn process_doorbells(&self, vring: &Vring, _index: u16) -> Result<(), Error> {
+    fn process_doorbells(&self, vring: &Vring) -> Result<(), Error> {
         let mem = self.port.mem.memory();
         let mut batch = [0u8; doorbell::SIZE * doorbell::MAX_BATCH];
         loop {
@@ -399,7 +399,7 @@ impl VhostUserBackend for VmDevice {
             .ok_or(Error::UnknownQueue(device_event))?;
         match queue::role(device_event, self.doorbell_queues) {
             Some(queue::Role::Control) => self.process_control(vring)?,
-            Some(queue::Role::Doorbell(_)) => self.process_doorbells(vring, device_event)?,
+            Some(queue::Role::Doorbell(_)) => self.process_doorbells(vring)?,
             Some(queue::Role::Event) => {
                 self.port.set_event_vring(vring);
                 self.port.deliver_events();

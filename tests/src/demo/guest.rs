@@ -28,11 +28,12 @@ use std::time::{Duration, Instant};
 
 use vrdma::mem::DmaBuf;
 use vrdma::{
-    AddressHandle, CompletionQueue, Context, MemoryRegion, ProtectionDomain, QpAttr, QpAttrMask,
-    QpCap, QpInitAttr, QpState, QpType, QueuePair, RecvWr, SendFlags, SendWr, Sge, WcOpcode,
-    WcStatus, WorkCompletion,
+    CompletionQueue, Context, MemoryRegion, ProtectionDomain, QpCap, QpInitAttr, QpType, QueuePair,
+    RecvWr, SendFlags, SendWr, Sge, WcOpcode, WcStatus, WorkCompletion,
 };
 use vrdma_proto::config::Mtu;
+
+use vrdma_tests::empty_wc;
 
 use super::report::{self, Address, Bandwidth, Latency, Setup};
 use super::wire::{Control, Hello};
@@ -251,21 +252,6 @@ fn mem<T>(r: Result<T, vrdma::mem::MemError>, what: &str) -> Res<T> {
     r.map_err(|e| format!("{what}: {e}"))
 }
 
-fn empty_wc() -> WorkCompletion {
-    WorkCompletion {
-        wr_id: 0,
-        status: WcStatus::Success,
-        opcode: WcOpcode::Send,
-        vendor_err: 0,
-        byte_len: 0,
-        imm_data: None,
-        qp_num: 0,
-        src_qp: 0,
-        grh: false,
-        sgid: vrdma_proto::Gid::default(),
-    }
-}
-
 /// Busy-polling with a deadline. After a short spin it yields the CPU on every round: with
 /// two guests polling on a two-core machine, the daemon's threads would otherwise wait for a
 /// time slice.
@@ -435,66 +421,20 @@ impl Guest {
                 peer.len
             ));
         }
-        let init = QpAttr {
-            qp_state: QpState::Init,
-            qp_access_flags: vrdma_tests::all_access(),
-            ..QpAttr::default()
-        };
-        verbs(
-            self.qp.modify(
-                &init,
-                QpAttrMask::STATE
-                    | QpAttrMask::PKEY_INDEX
-                    | QpAttrMask::PORT
-                    | QpAttrMask::ACCESS_FLAGS,
-            ),
-            "cannot move the QP to INIT",
-        )?;
-        let rtr = QpAttr {
-            qp_state: QpState::Rtr,
-            path_mtu: self.mtu,
-            dest_qp_num: peer.qpn,
-            rq_psn: 0,
-            max_dest_rd_atomic: 1,
-            // 0.01 ms: a SEND that finds no receive is retried quickly.
-            min_rnr_timer: 1,
-            ah_attr: AddressHandle::attr_for(peer.gid),
-            ..QpAttr::default()
-        };
-        verbs(
-            self.qp.modify(
-                &rtr,
-                QpAttrMask::STATE
-                    | QpAttrMask::AV
-                    | QpAttrMask::PATH_MTU
-                    | QpAttrMask::DEST_QPN
-                    | QpAttrMask::RQ_PSN
-                    | QpAttrMask::MAX_DEST_RD_ATOMIC
-                    | QpAttrMask::MIN_RNR_TIMER,
-            ),
-            "cannot move the QP to RTR",
-        )?;
-        let rts = QpAttr {
-            qp_state: QpState::Rts,
-            sq_psn: 0,
+        let path = vrdma_tests::RcPeer {
+            gid: peer.gid,
+            qpn: peer.qpn,
+            mtu: self.mtu,
             timeout: 14,
             retry_cnt: 7,
             rnr_retry: 7,
-            max_rd_atomic: 1,
-            ..QpAttr::default()
         };
-        verbs(
-            self.qp.modify(
-                &rts,
-                QpAttrMask::STATE
-                    | QpAttrMask::TIMEOUT
-                    | QpAttrMask::RETRY_CNT
-                    | QpAttrMask::RNR_RETRY
-                    | QpAttrMask::SQ_PSN
-                    | QpAttrMask::MAX_QP_RD_ATOMIC,
-            ),
-            "cannot move the QP to RTS",
-        )?;
+        vrdma_tests::try_connect_rc(&self.qp, &path).map_err(|(state, e)| {
+            format!(
+                "cannot move the QP to {state:?}: {}",
+                vrdma::error_chain(&e)
+            )
+        })?;
         self.peer = Some(peer);
         Ok(())
     }

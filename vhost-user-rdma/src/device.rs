@@ -8,14 +8,14 @@ use log::{debug, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
-use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
+use virtio_queue::{DescriptorChain, QueueOwnedT};
 use vm_memory::{Bytes, GuestAddressSpace};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier,
 };
 use vrdma_proto::cmd::{self, RespHeader, Status};
-use vrdma_proto::{config, doorbell, features, queue};
+use vrdma_proto::{config, features, queue};
 use zerocopy::IntoBytes;
 
 use crate::config::VmConfig;
@@ -266,64 +266,14 @@ impl VmDevice {
         result
     }
 
-    /// Hot path: takes one chain at a time (the vring lock is released between them, and
-    /// nothing is collected), so a doorbell allocates nothing.
-    fn process_doorbells(&self, vring: &Vring) -> Result<(), Error> {
-        let mem = self.port.mem.memory();
-        let mut batch = [0u8; doorbell::SIZE * doorbell::MAX_BATCH];
-        loop {
-            let Some(chain) = vring
-                .get_mut()
-                .get_queue_mut()
-                .pop_descriptor_chain(mem.clone())
-            else {
-                break;
-            };
-            let head = chain.head_index();
-            let mut len = 0usize;
-            let mut ok = true;
-            for desc in chain {
-                let n = desc.len() as usize;
-                if desc.is_write_only() || len + n > batch.len() {
-                    ok = false;
-                    break;
-                }
-                if mem
-                    .read_slice(&mut batch[len..len + n], desc.addr())
-                    .is_err()
-                {
-                    ok = false;
-                    break;
-                }
-                len += n;
-            }
-            match doorbell::decode_batch(&batch[..len]) {
-                Ok(doorbells) if ok => {
-                    for (_kind, qpn) in doorbells {
-                        self.port.counters.doorbells.fetch_add(1, Ordering::Relaxed);
-                        // Either kind just asks the scheduler to look at the QP: a send doorbell
-                        // for new work, a receive doorbell for a QP in ERR whose new receives
-                        // must be flushed. A QPN that names nothing is skipped there, as an RNIC
-                        // ignores a doorbell for a QP that does not exist.
-                        self.port.enqueue(qpn);
-                    }
-                }
-                _ => {
-                    self.port
-                        .counters
-                        .doorbells_malformed
-                        .fetch_add(1, Ordering::Relaxed);
-                }
-            }
-            if let Err(e) = vring.add_used(head, 0) {
-                warn!("vm {}: cannot return a doorbell descriptor: {e}", self.name);
-            }
-        }
-        vring.signal_used_queue().ok();
+    /// Hot path: hands the doorbells to the scheduler, waking it only if it sleeps on work
+    /// it has not seen.
+    fn process_doorbells(&self, index: u16, vring: &Vring) {
+        self.port.set_doorbell_vring(index, vring);
+        self.port.drain_doorbells(vring);
         if self.port.has_work.load(Ordering::Acquire) {
             self.scheduler.wake();
         }
-        Ok(())
     }
 }
 
@@ -399,7 +349,7 @@ impl VhostUserBackend for VmDevice {
             .ok_or(Error::UnknownQueue(device_event))?;
         match queue::role(device_event, self.doorbell_queues) {
             Some(queue::Role::Control) => self.process_control(vring)?,
-            Some(queue::Role::Doorbell(_)) => self.process_doorbells(vring)?,
+            Some(queue::Role::Doorbell(index)) => self.process_doorbells(index, vring),
             Some(queue::Role::Event) => {
                 self.port.set_event_vring(vring);
                 self.port.deliver_events();

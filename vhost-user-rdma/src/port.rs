@@ -4,13 +4,14 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard, OnceLock};
 
 use log::warn;
 use vhost_user_backend::{VringRwLock, VringT};
+use virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
 use virtio_queue::QueueT;
-use vm_memory::{Bytes, GuestAddressSpace};
-use vrdma_proto::{Gid, event};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
+use vrdma_proto::{Gid, doorbell, event, queue};
 use zerocopy::IntoBytes;
 
 use crate::vm::{GuestMem, Vm};
@@ -107,6 +108,9 @@ pub struct VmPort {
     ready: Mutex<ReadyList>,
     events: Mutex<VecDeque<event::Event>>,
     event_vring: Mutex<Option<Vring>>,
+    /// The doorbell virtqueues, each known from its first kick, so the scheduler can poll
+    /// them without taking any lock but the vring's own.
+    doorbell_vrings: Box<[OnceLock<Vring>]>,
     /// What this VM has done.
     pub counters: Counters,
 }
@@ -138,6 +142,9 @@ impl VmPort {
             ready: Mutex::new(ReadyList::new(max_qp)),
             events: Mutex::new(VecDeque::with_capacity(MAX_PENDING_EVENTS)),
             event_vring: Mutex::new(None),
+            doorbell_vrings: (0..queue::MAX_DOORBELL_QUEUES)
+                .map(|_| OnceLock::new())
+                .collect(),
             counters: Counters::default(),
         }
     }
@@ -209,6 +216,82 @@ impl VmPort {
         }
     }
 
+    /// Remembers doorbell virtqueue `index` (counted from the first doorbell queue) so the
+    /// scheduler can poll it.
+    pub fn set_doorbell_vring(&self, index: u16, vring: &Vring) {
+        if let Some(slot) = self.doorbell_vrings.get(usize::from(index)) {
+            let _ = slot.set(vring.clone());
+        }
+    }
+
+    /// The doorbell virtqueues kicked at least once so far.
+    pub fn doorbell_vrings(&self) -> impl Iterator<Item = &Vring> {
+        self.doorbell_vrings.iter().filter_map(OnceLock::get)
+    }
+
+    /// Hot path: takes the doorbell batches the driver has made available on `vring`, puts
+    /// their QPs on the ready list and returns the descriptors. Returns how many batches it
+    /// took. One chain at a time (the vring lock is released between them) and nothing is
+    /// collected, so it allocates nothing; both the vring's worker (on a kick) and the
+    /// scheduler (while it polls) call it.
+    pub fn drain_doorbells(&self, vring: &Vring) -> usize {
+        let mem = self.mem.memory();
+        let mut batch = [0u8; doorbell::SIZE * doorbell::MAX_BATCH];
+        let mut taken = 0;
+        loop {
+            let Some(chain) = vring
+                .get_mut()
+                .get_queue_mut()
+                .pop_descriptor_chain(mem.clone())
+            else {
+                break;
+            };
+            taken += 1;
+            let head = chain.head_index();
+            let mut len = 0usize;
+            let mut ok = true;
+            for desc in chain {
+                let n = desc.len() as usize;
+                if desc.is_write_only() || len + n > batch.len() {
+                    ok = false;
+                    break;
+                }
+                if mem
+                    .read_slice(&mut batch[len..len + n], desc.addr())
+                    .is_err()
+                {
+                    ok = false;
+                    break;
+                }
+                len += n;
+            }
+            match doorbell::decode_batch(&batch[..len]) {
+                Ok(doorbells) if ok => {
+                    for (_kind, qpn) in doorbells {
+                        self.counters.doorbells.fetch_add(1, Ordering::Relaxed);
+                        // Either kind just asks the scheduler to look at the QP: a send doorbell
+                        // for new work, a receive doorbell for a QP in ERR whose new receives
+                        // must be flushed. A QPN that names nothing is skipped there, as an RNIC
+                        // ignores a doorbell for a QP that does not exist.
+                        self.enqueue(qpn);
+                    }
+                }
+                _ => {
+                    self.counters
+                        .doorbells_malformed
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            if let Err(e) = vring.add_used(head, 0) {
+                warn!("vm {}: cannot return a doorbell descriptor: {e}", self.name);
+            }
+        }
+        if taken > 0 && wants_interrupt(vring, &mem) {
+            vring.signal_used_queue().ok();
+        }
+        taken
+    }
+
     /// Queues an event for the driver; [`VmPort::deliver_events`] hands it over.
     pub fn push_event(&self, kind: event::Kind, handle: u32) {
         let mut q = self.events.lock().unwrap_or_else(|p| p.into_inner());
@@ -269,5 +352,20 @@ impl VmPort {
                 );
             }
         }
+    }
+}
+
+/// Whether the driver wants an interrupt for buffers returned on `vring`: a driver that is
+/// not waiting for free doorbell slots sets `VRING_AVAIL_F_NO_INTERRUPT`, which saves the
+/// daemon a system call per batch (virtio-queue does not read that flag itself).
+fn wants_interrupt(vring: &Vring, mem: &GuestMem) -> bool {
+    let avail = vring.get_ref().get_queue().avail_ring();
+    // Order the used index published by add_used before the flags are read, so a driver that
+    // clears the flag and then re-checks the used ring cannot be missed.
+    std::sync::atomic::fence(Ordering::SeqCst);
+    match mem.load::<u16>(GuestAddress(avail), Ordering::Acquire) {
+        Ok(flags) => u16::from_le(flags) & VRING_AVAIL_F_NO_INTERRUPT as u16 == 0,
+        // Unreadable rings get their interrupt; the driver's next access will fail anyway.
+        Err(_) => true,
     }
 }

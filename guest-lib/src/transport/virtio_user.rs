@@ -543,6 +543,9 @@ impl EventQueue {
     }
 }
 
+/// A doorbell virtqueue. Its interrupts are off (`VRING_AVAIL_F_NO_INTERRUPT`) except while
+/// the driver waits for a free slot: batches are reclaimed when the next ones are posted, so
+/// an interrupt per batch would only cost the daemon a system call.
 #[derive(Debug)]
 struct DoorbellQueue {
     vq: Vq,
@@ -982,6 +985,7 @@ impl VirtioUser {
             let buffers = dma
                 .alloc(usize::from(doorbell_slots) * DOORBELL_SLOT_BYTES)
                 .map_err(mem_err("allocating doorbell buffers"))?;
+            vq.queue.set_interrupts(false);
             doorbells.push(Mutex::new(DoorbellQueue {
                 waiter: vq.waiter()?,
                 buffers,
@@ -1193,13 +1197,22 @@ impl Transport for VirtioUser {
                 if let Some(slot) = dq.free_slots.pop() {
                     break slot;
                 }
-                // Full: make sure the device knows about what is queued, then wait for it.
+                // Full: make sure the device knows about what is queued, then wait for it,
+                // with interrupts on just for that wait (see `DoorbellQueue`).
                 if unkicked {
                     dq.vq.kick()?;
                     unkicked = false;
                 }
+                dq.vq.queue.set_interrupts(true);
+                dq.reclaim()?;
+                if let Some(slot) = dq.free_slots.pop() {
+                    dq.vq.queue.set_interrupts(false);
+                    break slot;
+                }
                 let deadline = *deadline.get_or_insert_with(|| Instant::now() + self.timeout);
-                if !wait_until(&dq.waiter, deadline)? {
+                let woken = wait_until(&dq.waiter, deadline);
+                dq.vq.queue.set_interrupts(false);
+                if !woken? {
                     return Err(VirtioUserError::DoorbellTimeout {
                         socket: self.socket.clone(),
                         queue,

@@ -14,12 +14,14 @@
 //! used element cannot corrupt the free list: [`SplitQueue::pop_used`] reports it instead.
 //!
 //! `VIRTIO_F_EVENT_IDX` is not used; notifications are suppressed only through
-//! `VRING_USED_F_NO_NOTIFY`.
+//! `VRING_USED_F_NO_NOTIFY` (the device's) and `VRING_AVAIL_F_NO_INTERRUPT` (the driver's).
 
 use std::ptr;
 use std::sync::atomic::{AtomicU16, Ordering, fence};
 
-use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, VRING_USED_F_NO_NOTIFY};
+use virtio_bindings::virtio_ring::{
+    VRING_AVAIL_F_NO_INTERRUPT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, VRING_USED_F_NO_NOTIFY,
+};
 
 use crate::mem::{DmaAllocator, DmaBuf, MemError};
 
@@ -32,6 +34,7 @@ const USED_ALIGN: usize = 64;
 const F_NEXT: u16 = VRING_DESC_F_NEXT as u16;
 const F_WRITE: u16 = VRING_DESC_F_WRITE as u16;
 const USED_F_NO_NOTIFY: u16 = VRING_USED_F_NO_NOTIFY as u16;
+const AVAIL_F_NO_INTERRUPT: u16 = VRING_AVAIL_F_NO_INTERRUPT as u16;
 
 /// Why a virtqueue operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -226,6 +229,10 @@ impl SplitQueue {
         unsafe { AtomicU16::from_ptr(p) }
     }
 
+    fn avail_flags_field(&self) -> &AtomicU16 {
+        self.index_at(self.avail_off)
+    }
+
     fn avail_idx_field(&self) -> &AtomicU16 {
         self.index_at(self.avail_off + 2)
     }
@@ -339,6 +346,18 @@ impl SplitQueue {
         fence(Ordering::SeqCst);
         let flags = u16::from_le(self.used_flags_field().load(Ordering::Relaxed));
         flags & USED_F_NO_NOTIFY == 0
+    }
+
+    /// Asks the device for an interrupt when it returns buffers (`interrupts`), or not
+    /// (`VRING_AVAIL_F_NO_INTERRUPT`). A driver that turns interrupts back on must check the
+    /// used ring again afterwards: buffers returned before the device saw the flag raise none.
+    pub fn set_interrupts(&self, interrupts: bool) {
+        let flags = if interrupts { 0 } else { AVAIL_F_NO_INTERRUPT };
+        self.avail_flags_field()
+            .store(flags.to_le(), Ordering::Relaxed);
+        // Order the flag store before the caller's next look at the used ring, pairing with
+        // the device's fence between publishing the used index and reading the flags.
+        fence(Ordering::SeqCst);
     }
 
     /// Whether the device has returned chains that [`SplitQueue::pop_used`] has not consumed.

@@ -249,18 +249,7 @@ impl SharedMemory {
                 });
             }
         }
-        // SAFETY: a fresh shared mapping chosen by the kernel (addr NULL), so it cannot overlap
-        // any existing Rust object; `file` is `len` bytes long, so every mapped page is backed.
-        let addr = unsafe {
-            libc::mmap(
-                ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                0,
-            )
-        };
+        let addr = map_shared(&file, len);
         if addr == libc::MAP_FAILED {
             return Err(MemError::Map {
                 name: name.to_owned(),
@@ -419,6 +408,80 @@ impl Drop for SharedMemory {
     }
 }
 
+/// Large regions start on this boundary, so memory registration can describe them with 2 MiB
+/// pages (512 times fewer page-list entries than 4 KiB pages), as a VM's huge pages would.
+const LARGE_ALIGN: usize = 2 << 20;
+
+/// Maps all `len` bytes of `file` shared, at an address aligned to [`LARGE_ALIGN`] if the
+/// region is at least that large. Returns `MAP_FAILED` on failure, as mmap does.
+fn map_shared(file: &File, len: usize) -> *mut libc::c_void {
+    let prot = libc::PROT_READ | libc::PROT_WRITE;
+    if len < LARGE_ALIGN {
+        // SAFETY: a fresh shared mapping chosen by the kernel (addr NULL), so it cannot overlap
+        // any existing Rust object; `file` is `len` bytes long, so every mapped page is backed.
+        return unsafe {
+            libc::mmap(
+                ptr::null_mut(),
+                len,
+                prot,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+    }
+    let Some(span) = len.checked_add(LARGE_ALIGN) else {
+        return libc::MAP_FAILED;
+    };
+    // Reserve address space with room to align in, then map the file over its aligned part.
+    // SAFETY: a fresh inaccessible anonymous mapping chosen by the kernel: it overlaps nothing.
+    let base = unsafe {
+        libc::mmap(
+            ptr::null_mut(),
+            span,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if base == libc::MAP_FAILED {
+        return base;
+    }
+    let start = base as usize;
+    let aligned = start.next_multiple_of(LARGE_ALIGN);
+    // SAFETY: `aligned..aligned + len` lies inside the reservation just made, which this
+    // function owns and nothing else refers to, so MAP_FIXED replaces only that; `file` is
+    // `len` bytes long.
+    let addr = unsafe {
+        libc::mmap(
+            aligned as *mut libc::c_void,
+            len,
+            prot,
+            libc::MAP_SHARED | libc::MAP_FIXED,
+            file.as_raw_fd(),
+            0,
+        )
+    };
+    let head = aligned - start;
+    let tail = span - head - len;
+    // SAFETY: the head and tail are the parts of this function's own reservation outside the
+    // file mapping; nothing refers to them. On failure the whole reservation goes.
+    unsafe {
+        if addr == libc::MAP_FAILED {
+            libc::munmap(base, span);
+            return addr;
+        }
+        if head > 0 {
+            libc::munmap(base, head);
+        }
+        if tail > 0 {
+            libc::munmap((aligned + len) as *mut libc::c_void, tail);
+        }
+    }
+    addr
+}
+
 /// Whether `addr..addr + len` lies inside `base..base + size`; an empty range must still start
 /// inside it.
 fn range_in(addr: u64, len: u64, base: u64, size: usize) -> bool {
@@ -445,6 +508,10 @@ struct RegionState {
     free: Vec<Extent>,
     /// Buffers allocated from this region and not yet freed.
     live: usize,
+    /// Bytes from this offset on are known to be zero (never handed out since the region was
+    /// created), so allocating them needs no zeroing: zeroing 1 GiB means faulting in every
+    /// page, which takes seconds on a virtual machine.
+    zero_from: usize,
 }
 
 impl RegionState {
@@ -504,8 +571,20 @@ impl DmaAllocator {
         self.state.lock().map_err(|_| MemError::Poisoned)
     }
 
-    /// Adds a region to allocate from; all of it starts free.
+    /// Adds a region to allocate from; all of it starts free. Buffers from it are zeroed when
+    /// allocated.
     pub fn add_region(&self, mem: Arc<SharedMemory>) -> Result<(), MemError> {
+        let zero_from = mem.len();
+        self.add(mem, zero_from)
+    }
+
+    /// Adds a region fresh from [`SharedMemory::create`], whose memory nobody has written:
+    /// buffers from it are zeroed only where memory is handed out a second time.
+    pub fn add_fresh_region(&self, mem: Arc<SharedMemory>) -> Result<(), MemError> {
+        self.add(mem, 0)
+    }
+
+    fn add(&self, mem: Arc<SharedMemory>, zero_from: usize) -> Result<(), MemError> {
         let mut state = self.lock()?;
         if state.regions.iter().any(|r| r.mem.addr() == mem.addr()) {
             return Err(MemError::DuplicateRegion { base: mem.addr() });
@@ -514,7 +593,12 @@ impl DmaAllocator {
             off: 0,
             len: mem.len(),
         }];
-        state.regions.push(RegionState { mem, free, live: 0 });
+        state.regions.push(RegionState {
+            mem,
+            free,
+            live: 0,
+            zero_from,
+        });
         Ok(())
     }
 
@@ -614,7 +698,11 @@ impl DmaAllocator {
             region.free.splice(i..=i, pieces);
             region.live += 1;
             let addr = base + start as u64;
-            region.mem.fill(addr, size, 0)?;
+            if start < region.zero_from {
+                let dirty = size.min(region.zero_from - start);
+                region.mem.fill(addr, dirty, 0)?;
+            }
+            region.zero_from = region.zero_from.max(start + size);
             return Ok(DmaBuf {
                 mem: region.mem.clone(),
                 owner: Arc::downgrade(&self.state),
@@ -857,6 +945,30 @@ mod tests {
         // Coalescing: the whole region is one extent again.
         let all = alloc.alloc(16 * page).unwrap();
         assert_eq!(all.addr(), mem.addr());
+    }
+
+    #[test]
+    fn fresh_regions_are_zeroed_only_where_reused() {
+        let mem = Arc::new(SharedMemory::new("vrdma-test", 4096).unwrap());
+        let alloc = DmaAllocator::new();
+        alloc.add_fresh_region(mem.clone()).unwrap();
+        let a = alloc.alloc(64).unwrap();
+        a.fill(0x5a).unwrap();
+        drop(a);
+        // Reused bytes are zeroed even when the new buffer reaches into untouched memory.
+        let b = alloc.alloc(128).unwrap();
+        let mut buf = [1u8; 128];
+        b.read_at(0, &mut buf).unwrap();
+        assert_eq!(buf, [0; 128]);
+        // A region added without the promise is zeroed on every allocation.
+        let used = Arc::new(SharedMemory::new("vrdma-test", 4096).unwrap());
+        used.fill(used.addr(), 4096, 0x77).unwrap();
+        let alloc = DmaAllocator::new();
+        alloc.add_region(used).unwrap();
+        let c = alloc.alloc(256).unwrap();
+        let mut buf = [1u8; 256];
+        c.read_at(0, &mut buf).unwrap();
+        assert_eq!(buf, [0; 256]);
     }
 
     #[test]

@@ -916,7 +916,9 @@ impl VirtioUser {
         let region = SharedMemory::create("vrdma-dma", total, options.seal_memory)
             .map_err(mem_err("creating the initial DMA memory"))?;
         let region = Arc::new(region);
-        let dma = DmaAllocator::with_region(region.clone());
+        let dma = DmaAllocator::new();
+        dma.add_fresh_region(region.clone())
+            .map_err(mem_err("creating the initial DMA memory"))?;
 
         let slots = protocol.contains(VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS);
         let max_slots = if slots {
@@ -1309,7 +1311,7 @@ impl Transport for VirtioUser {
                 let region = Arc::new(region);
                 self.add_memory(region.clone())?;
                 self.dma
-                    .add_region(region)
+                    .add_fresh_region(region)
                     .map_err(mem_err("growing the DMA memory"))?;
                 self.dma
                     .alloc_aligned(len, align)

@@ -59,7 +59,8 @@ impl MemoryRegion {
         if !pd.inner.ctx.is_shared(addr, len) {
             return Err(Error::NotShareable { addr, len });
         }
-        let page = 1u64 << PAGE_SHIFT;
+        let shift = page_shift_for(addr, len, |a, l| pd.inner.ctx.is_shared(a, l));
+        let page = 1u64 << shift;
         let first = addr & !(page - 1);
         let offset = addr - first;
         let npages = (offset + len).div_ceil(page);
@@ -70,7 +71,7 @@ impl MemoryRegion {
             length: len.into(),
             first_page_offset: (offset as u32).into(),
             npages: (npages as u32).into(),
-            page_shift: PAGE_SHIFT,
+            page_shift: shift,
             reserved: [0; 7],
         };
         // Under virtio-user guest-physical addresses are this process's addresses, so the page
@@ -122,5 +123,51 @@ impl Drop for MemoryRegion {
         self.pd
             .ctx
             .destroy(Opcode::DeregMr, self.lkey, "ibv_dereg_mr");
+    }
+}
+
+/// The largest page size (up to 1 GiB) whose pages, covering `addr..addr + len`, all lie in
+/// memory the device can reach (`shared`), as Linux's `ib_umem_find_best_pgsz` picks the
+/// largest page size a mapping allows: 1 GiB of 2 MiB pages is a 4 KiB page list, not 2 MiB.
+/// Under virtio-user guest-physical memory is contiguous within a region, so only the
+/// region's bounds limit it.
+fn page_shift_for(addr: u64, len: u64, shared: impl Fn(u64, u64) -> bool) -> u8 {
+    let mut shift = vrdma_proto::mr::MAX_PAGE_SHIFT;
+    while shift > PAGE_SHIFT {
+        let page = 1u64 << shift;
+        let first = addr & !(page - 1);
+        if let Some(end) = addr
+            .checked_add(len)
+            .and_then(|e| e.checked_next_multiple_of(page))
+        {
+            if shared(first, end - first) {
+                return shift;
+            }
+        }
+        shift -= 1;
+    }
+    PAGE_SHIFT
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_page_size_is_the_largest_the_shared_region_allows() {
+        // A region of 8 MiB starting 2 MiB-aligned but not 4 MiB-aligned.
+        let (base, size) = (0x7f00_0020_0000u64, 8u64 << 20);
+        let shared = |a: u64, l: u64| a >= base && a + l <= base + size;
+        // The whole region: 2 MiB pages fit, 4 MiB pages would start before it.
+        assert_eq!(page_shift_for(base, size, shared), 21);
+        // A 4 KiB buffer in the region's middle 4 MiB: one 4 MiB page covers it.
+        assert_eq!(page_shift_for(base + (3 << 20) + 4096, 4096, shared), 22);
+        // A buffer at the region's last page: 2 MiB pages still fit (the region ends on one).
+        assert_eq!(page_shift_for(base + size - 4096, 4096, shared), 21);
+        // Nothing larger than a base page fits a one-page region at an odd address.
+        let tiny = |a: u64, l: u64| a >= 0x1000 && a + l <= 0x2000;
+        assert_eq!(page_shift_for(0x1000, 0x1000, tiny), PAGE_SHIFT);
+        // A length that would overflow falls back to base pages rather than wrapping.
+        assert_eq!(page_shift_for(u64::MAX - 10, 5, |_, _| true), PAGE_SHIFT);
     }
 }

@@ -313,36 +313,50 @@ impl VmPort {
         let Some(vring) = vring.as_ref() else { return };
         let mem = self.mem.memory();
         let mut delivered = false;
-        while let Some(ev) = q.front() {
-            let chain = match vring
-                .get_mut()
-                .get_queue_mut()
-                .pop_descriptor_chain(mem.clone())
-            {
-                Some(c) => c,
-                None => break,
-            };
-            let head = chain.head_index();
-            let mut written = 0u32;
-            if let Some(desc) = chain.into_iter().find(|d| d.is_write_only()) {
-                if desc.len() as usize >= event::SIZE
-                    && mem.write_slice(ev.as_bytes(), desc.addr()).is_ok()
+        // Two passes at most: a driver posting buffers as fast as they are taken must not keep
+        // the caller (the scheduler) here.
+        for _pass in 0..2 {
+            while let Some(ev) = q.front() {
+                let chain = match vring
+                    .get_mut()
+                    .get_queue_mut()
+                    .pop_descriptor_chain(mem.clone())
                 {
-                    written = event::SIZE as u32;
+                    Some(c) => c,
+                    None => break,
+                };
+                let head = chain.head_index();
+                let mut written = 0u32;
+                if let Some(desc) = chain.into_iter().find(|d| d.is_write_only()) {
+                    if desc.len() as usize >= event::SIZE
+                        && mem.write_slice(ev.as_bytes(), desc.addr()).is_ok()
+                    {
+                        written = event::SIZE as u32;
+                    }
                 }
+                if written == 0 {
+                    warn!(
+                        "vm {}: an event buffer was unusable; the event waits for the next",
+                        self.name
+                    );
+                } else {
+                    q.pop_front();
+                }
+                if vring.add_used(head, written).is_err() {
+                    break;
+                }
+                delivered = true;
             }
-            if written == 0 {
-                warn!(
-                    "vm {}: an event buffer was unusable; the event waits for the next",
-                    self.name
-                );
-            } else {
-                q.pop_front();
-            }
-            if vring.add_used(head, written).is_err() {
+            // Kicks for refilled event buffers are only needed while events wait for buffers:
+            // otherwise each refill would wake this VM's worker thread for nothing.
+            if q.is_empty() {
+                let _ = vring.disable_notification();
                 break;
             }
-            delivered = true;
+            // Buffers posted between the last pop and re-enabling kicks raise no kick.
+            if !vring.enable_notification().unwrap_or(false) {
+                break;
+            }
         }
         if delivered {
             if let Err(e) = vring.signal_used_queue() {

@@ -60,6 +60,8 @@ const POLL_MAX: Duration = Duration::from_micros(200);
 /// nothing) each time the scheduler sleeps longer than [`POLL_MAX`], so VMs that are idle or
 /// talk rarely cost no CPU.
 const POLL_START: Duration = Duration::from_micros(10);
+/// While busy, the scheduler polls the doorbell queues on every this-many passes.
+const BUSY_POLL_EVERY: u32 = 4;
 /// Size of the GRH a UD receive buffer starts with.
 pub const GRH_SIZE: u32 = 40;
 
@@ -310,6 +312,10 @@ struct Polling {
     active: bool,
     /// When the scheduler last moved anything.
     last_work: Instant,
+    /// Passes of the scheduler's loop, to poll every [`BUSY_POLL_EVERY`]-th while busy.
+    passes: u32,
+    /// Whether the last pass moved nothing.
+    idle: bool,
 }
 
 impl Engine {
@@ -330,6 +336,8 @@ impl Engine {
                 window: Duration::ZERO,
                 active: false,
                 last_work: Instant::now(),
+                passes: 0,
+                idle: true,
             },
         }
     }
@@ -347,10 +355,17 @@ impl Engine {
             if !self.error_qps.is_empty() && self.last_flush.elapsed() >= FLUSH_TICK {
                 self.flush_error_qps();
             }
-            // While kicks are off, doorbells are only seen here: look every round, busy or not,
-            // or a VM could wait behind a neighbour's backlog.
-            let polled = self.poll.active && self.poll_doorbells();
-            if self.round() {
+            // While kicks are off, doorbells are only seen here: look when idle and every few
+            // busy passes (each moves at most a chunk per VM, about a microsecond), so a VM
+            // never waits long behind a neighbour's backlog but a bulk transfer does not pay
+            // for a look at every queue per chunk.
+            self.poll.passes = self.poll.passes.wrapping_add(1);
+            let polled = self.poll.active
+                && (self.poll.idle || self.poll.passes % BUSY_POLL_EVERY == 0)
+                && self.poll_doorbells();
+            let moved = self.round();
+            self.poll.idle = !moved;
+            if moved {
                 self.poll.last_work = Instant::now();
                 if !self.poll.window.is_zero() && !self.poll.active {
                     self.set_polling(true);
@@ -528,6 +543,9 @@ impl Engine {
     }
 
     fn fire_timers(&mut self) {
+        if self.timers.is_empty() {
+            return;
+        }
         let now = Instant::now();
         while let Some(Reverse((at, port_id, qpn))) = self.timers.peek().copied() {
             if at > now {
@@ -578,7 +596,8 @@ impl Engine {
     /// One deficit-round-robin round over the VMs with work. Returns whether anything moved.
     fn round(&mut self) -> bool {
         let mut any = false;
-        let now = Instant::now();
+        // Read the clock only for rate-limited VMs: most rounds have none.
+        let mut clock: Option<Instant> = None;
         self.rate_wake = None;
         self.retry_soon = false;
         for i in 0..self.ports.len() {
@@ -590,6 +609,7 @@ impl Engine {
             }
             let limited = port.max_bw.is_some() || port.max_msg_rate.is_some();
             if limited {
+                let now = *clock.get_or_insert_with(Instant::now);
                 self.buckets[i].refill(&port, now);
                 if let Some(wait) = self.buckets[i].wait(&port) {
                     // Over its limit: not its turn, and no deficit saved up for later.

@@ -107,6 +107,8 @@ pub struct VmPort {
     pub has_work: AtomicBool,
     ready: Mutex<ReadyList>,
     events: Mutex<VecDeque<event::Event>>,
+    /// Whether `events` may be non-empty, so the scheduler need not lock it after every step.
+    events_pending: AtomicBool,
     event_vring: Mutex<Option<Vring>>,
     /// The doorbell virtqueues, each known from its first kick, so the scheduler can poll
     /// them without taking any lock but the vring's own.
@@ -141,6 +143,7 @@ impl VmPort {
             has_work: AtomicBool::new(false),
             ready: Mutex::new(ReadyList::new(max_qp)),
             events: Mutex::new(VecDeque::with_capacity(MAX_PENDING_EVENTS)),
+            events_pending: AtomicBool::new(false),
             event_vring: Mutex::new(None),
             doorbell_vrings: (0..queue::MAX_DOORBELL_QUEUES)
                 .map(|_| OnceLock::new())
@@ -300,13 +303,18 @@ impl VmPort {
             return;
         }
         q.push_back(event::Event::new(kind, handle));
+        self.events_pending.store(true, Ordering::Release);
     }
 
     /// Moves queued events into the buffers the driver posted on the event queue, and
     /// interrupts the driver if any were delivered.
     pub fn deliver_events(&self) {
+        if !self.events_pending.load(Ordering::Acquire) {
+            return;
+        }
         let mut q = self.events.lock().unwrap_or_else(|p| p.into_inner());
         if q.is_empty() {
+            self.events_pending.store(false, Ordering::Release);
             return;
         }
         let vring = self.event_vring.lock().unwrap_or_else(|p| p.into_inner());

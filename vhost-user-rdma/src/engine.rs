@@ -61,7 +61,7 @@ const POLL_MAX: Duration = Duration::from_micros(200);
 /// talk rarely cost no CPU.
 const POLL_START: Duration = Duration::from_micros(10);
 /// While busy, the scheduler polls the doorbell queues on every this-many passes.
-const BUSY_POLL_EVERY: u32 = 4;
+const BUSY_POLL_EVERY: u32 = 2;
 /// Size of the GRH a UD receive buffer starts with.
 pub const GRH_SIZE: u32 = 40;
 

@@ -1,0 +1,337 @@
+//! vrdma-perf against an in-process daemon: the library entry point for the loopback mode,
+//! the binary for two processes over TCP and for the exit codes.
+
+use std::process::{Command, Output};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use vrdma_perf::{Args, JsonReport};
+use vrdma_tests::TestDaemon;
+
+const BIN: &str = env!("CARGO_BIN_EXE_vrdma-perf");
+
+/// Runs `vrdma-perf ARGS` in this process; returns the report and what it printed.
+fn run(argv: &[&str]) -> Result<(JsonReport, String), vrdma_perf::Error> {
+    let mut full = vec!["vrdma-perf"];
+    full.extend_from_slice(argv);
+    let args = Args::try_parse_from(full).expect("valid arguments");
+    let mut out = Vec::new();
+    let report = vrdma_perf::run(&args, &mut out)?.expect("the client reports");
+    Ok((report, String::from_utf8(out).expect("UTF-8 output")))
+}
+
+fn loopback(d: &TestDaemon, test: &str, extra: &[&str]) -> (JsonReport, String) {
+    let (a, b) = (d.socket("a"), d.socket("b"));
+    let (a, b) = (a.to_str().unwrap(), b.to_str().unwrap());
+    let mut argv = vec![test, "-d", a, "--loopback", b];
+    argv.extend_from_slice(extra);
+    run(&argv).unwrap_or_else(|e| panic!("{test} {extra:?}: {}", vrdma::error_chain(&e)))
+}
+
+fn two_vms() -> TestDaemon {
+    TestDaemon::start(&[("a", ""), ("b", "")])
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn write_bw_moves_exactly_iters_times_size_per_qp_through_the_daemon() {
+    let d = two_vms();
+    let (iters, size, qps) = (600u64, 4096u64, 3u64);
+    let port = std::thread::scope(|s| {
+        let runner = s.spawn(|| {
+            loopback(
+                &d,
+                "write_bw",
+                &[
+                    "-n", "600", "-s", "4096", "-q", "3", "-l", "2", "-t", "32", "-Q", "8",
+                ],
+            )
+        });
+        // Hold the VM's port (and its counters) while the guest is connected.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let port = loop {
+            if let Some(p) = d.port("a") {
+                break p;
+            }
+            assert!(Instant::now() < deadline, "the client never connected");
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        let (report, out) = runner.join().expect("no panic");
+        assert_eq!(report.bw.len(), 1);
+        assert_eq!(report.bw[0].iterations, iters);
+        assert!(report.bw[0].bw_avg_mib > 0.0 && report.bw[0].msg_rate_mpps > 0.0);
+        assert!(report.bw[0].bw_peak_mib >= report.bw[0].bw_avg_mib);
+        assert_eq!((report.qps, report.post_list, report.tx_depth), (3, 2, 32));
+        // Three local and three remote address lines.
+        assert_eq!(out.matches("local address: LID 0000 QPN 0x").count(), 3);
+        assert_eq!(out.matches("remote address: LID 0000 QPN 0x").count(), 3);
+        port
+    });
+    assert_eq!(
+        port.counters.bytes.load(Ordering::Relaxed),
+        iters * size * qps,
+        "bytes the daemon moved for the client's VM"
+    );
+}
+
+#[test]
+fn the_json_report_has_the_contract_fields_and_ordered_latency_statistics() {
+    let d = two_vms();
+    let file = std::env::temp_dir().join(format!("vrdma-perf-{}.json", std::process::id()));
+    let path = file.to_str().unwrap();
+    let (report, out) = loopback(
+        &d,
+        "write_lat",
+        &["-n", "300", "-s", "64", "--out_json_file", path],
+    );
+    let text = std::fs::read_to_string(&file).expect("the JSON file was written");
+    let _ = std::fs::remove_file(&file);
+    let v: serde_json::Value = serde_json::from_str(&text).expect("valid JSON");
+    let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+    let mut want = [
+        "test",
+        "events",
+        "qps",
+        "tx_depth",
+        "post_list",
+        "cq_mod",
+        "inline_size",
+        "bw",
+        "lat",
+    ];
+    want.sort_unstable();
+    let mut got = keys.clone();
+    got.sort_unstable();
+    assert_eq!(got, want);
+    assert_eq!(v["test"], "write_lat");
+    assert_eq!(v["events"], false);
+    assert_eq!(v["bw"].as_array().unwrap().len(), 0);
+    let lat = &v["lat"][0];
+    for k in [
+        "bytes",
+        "iterations",
+        "t_min_us",
+        "t_max_us",
+        "t_typical_us",
+        "t_avg_us",
+        "t_stdev_us",
+        "p99_us",
+        "p999_us",
+    ] {
+        assert!(lat[k].is_number(), "{k} missing from {lat}");
+    }
+    assert_eq!(
+        (lat["bytes"].as_u64(), lat["iterations"].as_u64()),
+        (Some(64), Some(300))
+    );
+    let f = |k: &str| lat[k].as_f64().unwrap();
+    assert!(f("t_min_us") > 0.0);
+    assert!(f("t_min_us") <= f("t_typical_us"), "{lat}");
+    assert!(f("t_typical_us") <= f("p99_us"), "{lat}");
+    assert!(
+        f("p99_us") <= f("p999_us") && f("p999_us") <= f("t_max_us"),
+        "{lat}"
+    );
+    assert!(
+        f("t_min_us") <= f("t_avg_us") && f("t_avg_us") <= f("t_max_us"),
+        "{lat}"
+    );
+    // The file and the returned report agree, and the table shows the same row.
+    let parsed: JsonReport = serde_json::from_str(&text).unwrap();
+    assert_eq!(
+        (parsed.test.as_str(), parsed.inline_size),
+        ("write_lat", report.inline_size)
+    );
+    assert!((parsed.lat[0].t_avg_us - report.lat[0].t_avg_us).abs() < 1e-9);
+    assert!(out.contains(vrdma_perf::report::RESULT_FMT_LAT), "{out}");
+    assert!(
+        out.contains(&format!(" 64      300          {:.2}", f("t_min_us"))),
+        "{out}"
+    );
+}
+
+#[test]
+fn all_sizes_run_and_each_gets_a_row() {
+    let d = two_vms();
+    let (report, out) = loopback(&d, "send_bw", &["-a", "-n", "10"]);
+    let sizes: Vec<u64> = report.bw.iter().map(|e| e.bytes).collect();
+    assert_eq!(sizes, (1..=23).map(|p| 1u64 << p).collect::<Vec<_>>());
+    assert!(
+        report
+            .bw
+            .iter()
+            .all(|e| e.iterations == 10 && e.bw_avg_mib > 0.0)
+    );
+    assert_eq!(
+        out.lines().filter(|l| l.starts_with(" 8388608 ")).count(),
+        1
+    );
+}
+
+#[test]
+fn event_mode_sleeps_on_the_channel_and_write_lat_says_it_uses_immediates() {
+    let d = two_vms();
+    let (report, out) = loopback(&d, "write_lat", &["-e", "-n", "200"]);
+    assert!(report.events);
+    assert_eq!(report.lat[0].iterations, 200);
+    assert!(out.contains("RDMA_WRITE_WITH_IMM"), "{out}");
+    let (report, _) = loopback(&d, "send_bw", &["-e", "-n", "400", "-q", "2"]);
+    assert_eq!(report.bw[0].iterations, 400);
+    assert!(report.bw[0].bw_avg_mib > 0.0);
+}
+
+#[test]
+fn read_and_atomic_latency_and_duration_mode() {
+    let d = two_vms();
+    for test in ["read_lat", "atomic_lat"] {
+        let (report, _) = loopback(&d, test, &["-n", "100"]);
+        let l = &report.lat[0];
+        assert_eq!(l.iterations, 100, "{test}");
+        assert!(
+            l.t_min_us <= l.t_typical_us && l.t_typical_us <= l.p99_us && l.p99_us <= l.t_max_us
+        );
+    }
+    let (report, out) = loopback(&d, "read_bw", &["-D", "1", "-s", "1024"]);
+    assert!(
+        report.bw[0].iterations > 0 && report.bw[0].bw_avg_mib > 0.0,
+        "{out}"
+    );
+    assert!(out.contains(" Duration        : 1[sec]"));
+}
+
+#[test]
+fn client_and_server_as_two_processes_over_tcp_agree() {
+    let d = two_vms();
+    let port = free_port().to_string();
+    let server = Command::new(BIN)
+        .args(["send_lat", "-d"])
+        .arg(d.socket("b"))
+        .args(["-p", &port])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the server");
+    let client = Command::new(BIN)
+        .args(["send_lat", "-d"])
+        .arg(d.socket("a"))
+        .args(["-p", &port, "-n", "200", "-s", "256", "127.0.0.1"])
+        .output()
+        .expect("run the client");
+    let server = server.wait_with_output().expect("the server ends");
+    assert!(client.status.success(), "client: {}", stderr(&client));
+    assert!(server.status.success(), "server: {}", stderr(&server));
+    let (c, s) = (
+        String::from_utf8_lossy(&client.stdout),
+        String::from_utf8_lossy(&server.stdout),
+    );
+    // Each side's local address is the other's remote address.
+    let addr = |out: &str, side: &str| {
+        out.lines()
+            .find(|l| l.starts_with(&format!(" {side} address:")))
+            .map(|l| l.split_once("LID").unwrap().1.to_owned())
+            .unwrap_or_else(|| panic!("no {side} address in {out}"))
+    };
+    assert_eq!(addr(&c, "local"), addr(&s, "remote"));
+    assert_eq!(addr(&c, "remote"), addr(&s, "local"));
+    assert!(c.lines().any(|l| l.starts_with(" 256     200 ")), "{c}");
+}
+
+#[test]
+fn bad_devices_sizes_and_options_fail_with_one_line_and_the_right_exit_code() {
+    let d = TestDaemon::start(&[("a", "max-mr-bytes=1M"), ("b", "")]);
+    let (a, b) = (d.socket("a"), d.socket("b"));
+    let perf = |args: &[&str]| {
+        Command::new(BIN)
+            .args(args)
+            .env("VRDMA_SOCKETS", "")
+            .output()
+            .expect("runs")
+    };
+    let (a, b) = (a.to_str().unwrap(), b.to_str().unwrap());
+    let cases: [(&[&str], i32, &str); 5] = [
+        (
+            &["write_bw", "-d", "vrdma7", "--loopback", b],
+            1,
+            "IB device vrdma7 not found",
+        ),
+        (
+            &["write_bw", "-d", "/nonexistent/x.sock", "--loopback", b],
+            1,
+            "/nonexistent/x.sock",
+        ),
+        // 2 MiB buffers do not fit the VM's 1 MiB of registrations.
+        (
+            &["write_bw", "-d", a, "--loopback", b, "-s", "1048576"],
+            1,
+            "Couldn't allocate MR",
+        ),
+        (
+            &["write_bw", "-d", a, "--loopback", b, "-s", "0"],
+            2,
+            "--size",
+        ),
+        (
+            &["write_lat", "-d", a, "--loopback", b, "-q", "2"],
+            2,
+            "one QP",
+        ),
+    ];
+    for (args, code, needle) in cases {
+        let t0 = Instant::now();
+        let o = perf(args);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(code), "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "{args:?} took {:?}",
+            t0.elapsed()
+        );
+        if code == 1 {
+            assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
+            assert!(err.starts_with("vrdma-perf: "), "{err}");
+        }
+    }
+}
+
+#[test]
+fn a_server_started_for_another_test_stops_the_client_at_once() {
+    let d = two_vms();
+    let port = free_port().to_string();
+    let server = Command::new(BIN)
+        .args(["read_bw", "-d"])
+        .arg(d.socket("b"))
+        .args(["-p", &port])
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("start the server");
+    let t0 = Instant::now();
+    let client = Command::new(BIN)
+        .args(["write_bw", "-d"])
+        .arg(d.socket("a"))
+        .args(["-p", &port, "127.0.0.1"])
+        .output()
+        .expect("run the client");
+    let server = server.wait_with_output().expect("the server ends");
+    assert_eq!(client.status.code(), Some(1));
+    assert_eq!(server.status.code(), Some(1));
+    assert!(
+        stderr(&client)
+            .contains("the client runs write_bw, but this server was started for read_bw"),
+        "{}",
+        stderr(&client)
+    );
+    assert!(t0.elapsed() < Duration::from_secs(10));
+}

@@ -1,0 +1,901 @@
+//! The bench's sections. Each starts its own daemon (so its CPU time and memory belong to that
+//! section alone), measures, records into [`Results`], and stops the daemon on every exit
+//! path. A failing measurement inside a section is noted and the section goes on where that
+//! makes sense.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::guest::{self, Idle, Load, Side, Writers};
+use crate::perf::{self, Length, Run};
+use crate::procs::{self, Daemon, VmSpec};
+use crate::qperf;
+use crate::report::Results;
+use crate::{memcpy, report};
+
+/// Why a section failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A child process.
+    #[error(transparent)]
+    Process(#[from] procs::Error),
+    /// vrdma-perf.
+    #[error(transparent)]
+    Perf(#[from] perf::Error),
+    /// qperf.
+    #[error(transparent)]
+    Qperf(#[from] qperf::Error),
+    /// An in-process guest.
+    #[error(transparent)]
+    Guest(#[from] guest::Error),
+    /// A directory could not be made.
+    #[error("cannot create {path}: {source}")]
+    Dir {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Everything sections share: options, where things go, and failures noted along the way.
+#[derive(Debug)]
+pub struct Env {
+    /// Few sizes, short runs.
+    pub quick: bool,
+    /// Seconds per bandwidth point in a full run.
+    pub secs: u64,
+    /// The output directory.
+    pub out: PathBuf,
+    /// Where daemons put their sockets (short, because socket paths are limited to 108 bytes).
+    pub sock_root: PathBuf,
+    /// Measurements that failed inside sections that went on.
+    pub failures: Vec<String>,
+}
+
+/// The sections, in the order they run.
+pub const SECTIONS: [&str; 9] = [
+    "vrdma",
+    "tcp",
+    "memcpy",
+    "mr",
+    "idle",
+    "fairness",
+    "isolation",
+    "many",
+    "scale",
+];
+
+/// The RDMA operations compared.
+pub const OPS: [&str; 3] = ["write", "read", "send"];
+
+/// The series name of a vrdma-perf operation and mode, e.g. "vrdma write poll".
+pub fn vrdma_series(op: &str, events: bool) -> String {
+    format!("vrdma {op} {}", if events { "event" } else { "poll" })
+}
+
+/// Powers of two from `lo` to `hi`.
+fn pow2(lo: u64, hi: u64) -> Vec<u64> {
+    std::iter::successors(Some(lo), |s| Some(s * 2))
+        .take_while(|&s| s <= hi)
+        .collect()
+}
+
+impl Env {
+    /// Bandwidth message sizes: 8 B to 4 MiB.
+    pub fn bw_sizes(&self) -> Vec<u64> {
+        if self.quick {
+            vec![8, 4096, 65536, 1 << 20]
+        } else {
+            pow2(8, 4 << 20)
+        }
+    }
+
+    /// Latency message sizes: 8 B to 64 KiB.
+    pub fn lat_sizes(&self) -> Vec<u64> {
+        if self.quick {
+            vec![8, 4096]
+        } else {
+            pow2(8, 64 << 10)
+        }
+    }
+
+    fn dir(&self, name: &str) -> Result<PathBuf, Error> {
+        let path = self.out.join(name);
+        std::fs::create_dir_all(&path).map_err(|source| Error::Dir {
+            path: path.clone(),
+            source,
+        })?;
+        Ok(path)
+    }
+
+    /// Starts a daemon for `vms`, its log in logs/daemon-TAG.log.
+    fn daemon(&self, tag: &str, vms: &[VmSpec]) -> Result<Daemon, Error> {
+        let bin = procs::sibling("vhost-user-rdma", "vhost-user-rdma")?;
+        let log = self.dir("logs")?.join(format!("daemon-{tag}.log"));
+        Ok(Daemon::start(&bin, &self.sock_root.join(tag), &log, vms)?)
+    }
+
+    fn window(&self, quick: f64, full: f64) -> Duration {
+        Duration::from_secs_f64(if self.quick { quick } else { full })
+    }
+
+    fn note(&mut self, what: String) {
+        eprintln!("  FAILED: {what}");
+        self.failures.push(what);
+    }
+}
+
+/// Runs vrdma-perf once, with the daemon's CPU over the run.
+fn perf_run(
+    env: &Env,
+    daemon: &mut Daemon,
+    run: &Run,
+    dir: &Path,
+) -> Result<(perf::Report, f64), Error> {
+    let bin = procs::sibling("vrdma-perf", "vrdma-perf")?;
+    let limit = match run.length {
+        Length::Seconds(s) => Duration::from_secs(s + 120),
+        Length::Iterations(_) if env.quick => Duration::from_secs(60),
+        Length::Iterations(_) => Duration::from_secs(300),
+    };
+    let (c0, t0) = (daemon.cpu()?, Instant::now());
+    let report = perf::run(
+        &bin,
+        run,
+        &daemon.socket("a"),
+        &daemon.socket("b"),
+        dir,
+        limit,
+    );
+    daemon.check_alive()?;
+    let cpu = procs::percent(daemon.cpu()?.saturating_sub(c0), t0.elapsed());
+    Ok((report?, cpu))
+}
+
+/// vrdma WRITE, READ and SEND bandwidth and latency, polling and event mode, through
+/// vrdma-perf; then the 8-byte message rate with batched posting.
+pub fn vrdma(env: &mut Env, r: &mut Results) -> Result<(), Error> {
+    let dir = env.dir("vrdma-perf")?;
+    let mut daemon = env.daemon("vrdma", &[VmSpec::new("a"), VmSpec::new("b")])?;
+    for op in OPS {
+        for events in [false, true] {
+            let series = vrdma_series(op, events);
+            for (kind, sizes) in [("bw", env.bw_sizes()), ("lat", env.lat_sizes())] {
+                for size in sizes {
+                    procs::check_interrupt()?;
+                    let length = match (kind, env.quick) {
+                        // About 64 MiB per point, at least 200 messages.
+                        ("bw", true) => Length::Iterations(((64 << 20) / size).clamp(200, 20_000)),
+                        ("bw", false) => Length::Seconds(env.secs),
+                        (_, true) => Length::Iterations(1000),
+                        (_, false) => Length::Iterations(10_000),
+                    };
+                    let run = Run {
+                        test: if kind == "bw" {
+                            bw_test(op)
+                        } else {
+                            lat_test(op)
+                        },
+                        size,
+                        length,
+                        events,
+                        post_list: None,
+                        tx_depth: None,
+                    };
+                    eprint!(
+                        "  {} {size} B{} ...",
+                        run.test,
+                        if events { " -e" } else { "" }
+                    );
+                    match perf_run(env, &mut daemon, &run, &dir) {
+                        Ok((rep, cpu)) => {
+                            let path = dir.join(format!("{}.json", run.stem()));
+                            let path = path.display().to_string();
+                            if kind == "bw" {
+                                let e = rep.bw_for(size, &path)?;
+                                eprintln!(" {:.1} MiB/s", e.bw_avg_mib);
+                                r.add(
+                                    "bandwidth",
+                                    &series,
+                                    Some(size),
+                                    "bw",
+                                    e.bw_avg_mib,
+                                    "MiB/s",
+                                );
+                                r.add(
+                                    "bandwidth",
+                                    &series,
+                                    Some(size),
+                                    "bw_peak",
+                                    e.bw_peak_mib,
+                                    "MiB/s",
+                                );
+                                r.add(
+                                    "bandwidth",
+                                    &series,
+                                    Some(size),
+                                    "msg_rate",
+                                    e.msg_rate_mpps,
+                                    "Mmsg/s",
+                                );
+                                r.add("bandwidth", &series, Some(size), "daemon_cpu", cpu, "%");
+                            } else {
+                                let e = rep.lat_for(size, &path)?;
+                                eprintln!(" {:.2} us", e.t_typical_us);
+                                for (m, v) in [
+                                    ("t_typical", e.t_typical_us),
+                                    ("t_avg", e.t_avg_us),
+                                    ("t_min", e.t_min_us),
+                                    ("t_max", e.t_max_us),
+                                    ("p99", e.p99_us),
+                                    ("p999", e.p999_us),
+                                ] {
+                                    r.add("latency", &series, Some(size), m, v, "us");
+                                }
+                                r.add("latency", &series, Some(size), "daemon_cpu", cpu, "%");
+                            }
+                        }
+                        Err(_) if procs::interrupted() => {
+                            return Err(procs::Error::Interrupted.into());
+                        }
+                        Err(e) => {
+                            eprintln!();
+                            env.note(format!("{} {size} B events={events}: {e}", run.test));
+                            daemon.check_alive()?;
+                            // The rest of this series would fail the same way; save the time.
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    // The message-rate target: 8-byte writes, posted 32 per doorbell, 128 outstanding.
+    for events in [false, true] {
+        let run = Run {
+            test: "write_bw",
+            size: 8,
+            length: if env.quick {
+                Length::Iterations(100_000)
+            } else {
+                Length::Seconds(env.secs)
+            },
+            events,
+            post_list: Some(32),
+            tx_depth: Some(128),
+        };
+        let series = format!("{}, post list 32", vrdma_series("write", events));
+        eprint!(
+            "  write_bw 8 B -l 32{} ...",
+            if events { " -e" } else { "" }
+        );
+        match perf_run(env, &mut daemon, &run, &dir) {
+            Ok((rep, cpu)) => {
+                let e = rep.bw_for(8, "write_bw -l 32")?;
+                eprintln!(" {:.3} Mmsg/s", e.msg_rate_mpps);
+                r.add(
+                    "rate",
+                    &series,
+                    Some(8),
+                    "msg_rate",
+                    e.msg_rate_mpps,
+                    "Mmsg/s",
+                );
+                r.add("rate", &series, Some(8), "daemon_cpu", cpu, "%");
+            }
+            Err(_) if procs::interrupted() => {
+                return Err(procs::Error::Interrupted.into());
+            }
+            Err(e) => {
+                eprintln!();
+                env.note(format!("write_bw 8 B -l 32 events={events}: {e}"));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn bw_test(op: &str) -> &'static str {
+    match op {
+        "write" => "write_bw",
+        "read" => "read_bw",
+        _ => "send_bw",
+    }
+}
+
+fn lat_test(op: &str) -> &'static str {
+    match op {
+        "write" => "write_lat",
+        "read" => "read_lat",
+        _ => "send_lat",
+    }
+}
+
+/// TCP on loopback with qperf: tcp_bw for the bandwidth sizes, tcp_lat for the latency sizes.
+pub fn tcp(env: &mut Env, r: &mut Results) -> Result<(), Error> {
+    let dir = env.dir("logs")?;
+    let server = qperf::Server::start(&dir.join("qperf-server.log"))?;
+    let secs = if env.quick { 1 } else { env.secs };
+    let (bw, lat) = (env.bw_sizes(), env.lat_sizes());
+    let mut sizes = bw.clone();
+    sizes.extend(&lat);
+    sizes.sort_unstable();
+    sizes.dedup();
+    for size in sizes {
+        procs::check_interrupt()?;
+        let mut tests = Vec::new();
+        if bw.contains(&size) {
+            tests.push("tcp_bw");
+        }
+        if lat.contains(&size) {
+            tests.push("tcp_lat");
+        }
+        eprint!("  qperf {} {size} B ...", tests.join(" "));
+        let log = dir.join(format!("qperf-{size}.log"));
+        match server.run(&tests, size, secs, &log) {
+            Ok(q) => {
+                if let Some(bw) = q.bw_bytes_per_sec {
+                    eprint!(" {:.1} MiB/s", bw / MIB);
+                    r.add(
+                        "bandwidth",
+                        "qperf tcp_bw",
+                        Some(size),
+                        "bw",
+                        bw / MIB,
+                        "MiB/s",
+                    );
+                }
+                if let Some(lat) = q.latency_us {
+                    eprint!(" {lat:.2} us");
+                    r.add("latency", "qperf tcp_lat", Some(size), "latency", lat, "us");
+                }
+                eprintln!();
+            }
+            Err(_) if procs::interrupted() => {
+                return Err(procs::Error::Interrupted.into());
+            }
+            Err(e) => {
+                eprintln!();
+                env.note(format!("qperf {size} B: {e}"));
+            }
+        }
+    }
+    Ok(())
+}
+
+const MIB: f64 = (1u64 << 20) as f64;
+
+/// Single-thread memcpy bandwidth for the bandwidth sizes.
+pub fn memcpy(env: &mut Env, r: &mut Results) -> Result<(), Error> {
+    let time = env.window(0.03, 0.3);
+    for size in env.bw_sizes() {
+        procs::check_interrupt()?;
+        let bw = memcpy::bandwidth(size as usize, time) / MIB;
+        eprintln!("  memcpy {size} B: {bw:.0} MiB/s");
+        r.add("bandwidth", "memcpy", Some(size), "bw", bw, "MiB/s");
+    }
+    Ok(())
+}
+
+/// Memory registration and deregistration time, 4 KiB to 1 GiB.
+pub fn mr(env: &mut Env, r: &mut Results) -> Result<(), Error> {
+    let daemon = env.daemon("mr", &[VmSpec::new("mr")])?;
+    let ctx = guest::open(&daemon.socket("mr"))?;
+    let pd = vrdma::ProtectionDomain::new(&ctx).map_err(|source| guest::Error::Verb {
+        what: "ibv_alloc_pd".into(),
+        source,
+    })?;
+    let runs = if env.quick { 3 } else { 9 };
+    let access = vrdma::AccessFlags::LOCAL_WRITE
+        | vrdma::AccessFlags::REMOTE_WRITE
+        | vrdma::AccessFlags::REMOTE_READ;
+    for size in [4u64 << 10, 64 << 10, 1 << 20, 16 << 20, 256 << 20, 1 << 30] {
+        procs::check_interrupt()?;
+        let verb = |what: &str| {
+            let what = format!("{what} ({} bytes)", size);
+            move |source| guest::Error::Verb { what, source }
+        };
+        let buf = ctx.alloc(size as usize).map_err(verb("allocating"))?;
+        let (mut reg, mut dereg) = (Vec::new(), Vec::new());
+        for _ in 0..runs {
+            let t0 = Instant::now();
+            let mr =
+                vrdma::MemoryRegion::register(&pd, &buf, access).map_err(verb("ibv_reg_mr"))?;
+            let t1 = Instant::now();
+            drop(mr);
+            reg.push((t1 - t0).as_secs_f64() * 1e3);
+            dereg.push(t1.elapsed().as_secs_f64() * 1e3);
+        }
+        let first = reg[0];
+        let (reg, dereg) = (median(&mut reg), median(&mut dereg));
+        eprintln!(
+            "  ibv_reg_mr {}: {reg:.3} ms (first {first:.3} ms), dereg {dereg:.3} ms",
+            report::size_label(size)
+        );
+        r.add("mr", "ibv_reg_mr", Some(size), "time", reg, "ms");
+        r.add("mr", "ibv_reg_mr, first", Some(size), "time", first, "ms");
+        r.add("mr", "ibv_dereg_mr", Some(size), "time", dereg, "ms");
+    }
+    Ok(())
+}
+
+/// The median; sorts `v`.
+pub fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// Daemon CPU with idle guests in event mode: each VM's guest has a QP connected to a
+/// neighbour and an armed CQ, and sleeps.
+pub fn idle(env: &mut Env, r: &mut Results) -> Result<(), Error> {
+    let n = if env.quick { 4 } else { 16 };
+    let vms: Vec<VmSpec> = (0..n).map(|i| VmSpec::new(format!("i{i:02}"))).collect();
+    let daemon = env.daemon("idle", &vms)?;
+    let mut sides = Vec::new();
+    let mut channels = Vec::new();
+    for vm in &vms {
+        let ctx = guest::open(&daemon.socket(&vm.name))?;
+        channels.push(vrdma::CompletionChannel::new(&ctx).map_err(|source| {
+            guest::Error::Verb {
+                what: "ibv_create_comp_channel".into(),
+                source,
+            }
+        })?);
+        sides.push(Side::new(&ctx, 1, 16, 64, 4096)?);
+    }
+    for pair in sides.chunks(2) {
+        if let [a, b] = pair {
+            guest::connect(a, b)?;
+        }
+    }
+    for s in &sides {
+        s.cq.req_notify(false)
+            .map_err(|source| guest::Error::Verb {
+                what: "ibv_req_notify_cq".into(),
+                source,
+            })?;
+    }
+    // Let connection set-up settle before measuring.
+    procs::sleep(Duration::from_millis(200))?;
+    let window = env.window(1.0, 5.0);
+    let (c0, t0) = (daemon.cpu()?, Instant::now());
+    procs::sleep(window)?;
+    let cpu = procs::percent(daemon.cpu()?.saturating_sub(c0), t0.elapsed());
+    let mem = daemon.memory()?;
+    eprintln!("  daemon CPU with {n} idle VMs: {cpu:.2}% of a core over {window:?}");
+    let series = format!("{n} idle VMs, event mode");
+    r.add("idle", &series, Some(n), "daemon_cpu", cpu, "%");
+    r.add(
+        "idle",
+        &series,
+        Some(n),
+        "daemon_rss",
+        mem.rss as f64 / MIB,
+        "MiB",
+    );
+    drop(channels);
+    Ok(())
+}
+
+/// Bulk writes of this size in the fairness and many-VM scenarios: one chunk of the
+/// scheduler, and the size of the bandwidth target.
+const BULK_MSG: u32 = 64 << 10;
+
+fn bulk_load(depth: u32) -> Load {
+    Load {
+        msg: BULK_MSG,
+        depth,
+        batch: 1,
+        // As the integration tests do: guests leave the CPU to the daemon.
+        idle: Idle::Sleep(Duration::from_micros(100)),
+    }
+}
+
+/// Message size and writes in flight per VM in the fairness scenario (as tests/tests/fairness.rs).
+const FAIR_MSG: u32 = 1 << 20;
+const FAIR_DEPTH: u32 = 32;
+
+/// Two VMs of weights 3 and 1 write 1 MiB messages into a third as fast as they can.
+pub fn fairness(env: &mut Env, r: &mut Results) -> Result<(), Error> {
+    let daemon = env.daemon(
+        "fairness",
+        &[
+            VmSpec::with("w3", "weight=3"),
+            VmSpec::with("w1", "weight=1"),
+            VmSpec::new("sink"),
+        ],
+    )?;
+    let sink = guest::open(&daemon.socket("sink"))?;
+    let mut writers = Writers::default();
+    for name in ["w3", "w1"] {
+        let ctx = guest::open(&daemon.socket(name))?;
+        let a = Side::new(&ctx, 1, FAIR_DEPTH, 64, FAIR_MSG)?;
+        let b = Side::new(&sink, 1, FAIR_DEPTH, 64, FAIR_MSG)?;
+        guest::connect(&a, &b)?;
+        // 32 MiB in flight per VM: enough that neither VM's queue ever runs dry while its
+        // guest sleeps, so the scheduler's weights, not the guests, decide the shares.
+        let load = Load {
+            msg: FAIR_MSG,
+            depth: FAIR_DEPTH,
+            batch: 8,
+            idle: Idle::Sleep(Duration::from_micros(100)),
+        };
+        writers.start(name, a, b.target(), load);
+        writers.keep(b);
+    }
+    let (done, window) = writers.measure(env.window(0.3, 1.0), env.window(1.0, 5.0))?;
+    writers.finish()?;
+    let bw: Vec<f64> = done
+        .iter()
+        .map(|&n| n as f64 * f64::from(FAIR_MSG) / MIB / window.as_secs_f64())
+        .collect();
+    let ratio = bw[0] / bw[1];
+    eprintln!(
+        "  weight 3: {:.0} MiB/s, weight 1: {:.0} MiB/s, ratio {ratio:.2}",
+        bw[0], bw[1]
+    );
+    r.add("fairness", "VM weight 3", None, "bw", bw[0], "MiB/s");
+    r.add("fairness", "VM weight 1", None, "bw", bw[1], "MiB/s");
+    r.add("fairness", "weight 3 / weight 1", None, "ratio", ratio, "x");
+    Ok(())
+}
+
+/// 8-byte write latency (vrdma-perf write_lat) between two VMs, alone and while two other
+/// VMs move 4 MiB writes.
+pub fn isolation(env: &mut Env, r: &mut Results) -> Result<(), Error> {
+    let dir = env.dir("vrdma-perf")?;
+    let mut daemon = env.daemon(
+        "isolation",
+        &[
+            VmSpec::new("a"),
+            VmSpec::new("b"),
+            VmSpec::new("bulk"),
+            VmSpec::new("bsink"),
+        ],
+    )?;
+    let iters = if env.quick { 2000 } else { 20_000 };
+    let mut run = Run {
+        test: "write_lat",
+        size: 8,
+        length: Length::Iterations(iters),
+        events: false,
+        post_list: None,
+        tx_depth: None,
+    };
+    let alone_dir = env.dir("vrdma-perf/isolation-alone")?;
+    let (alone, _) = perf_run(env, &mut daemon, &run, &alone_dir)?;
+    let alone = alone.lat_for(8, "write_lat alone")?.clone();
+
+    let bulk = guest::open(&daemon.socket("bulk"))?;
+    let bsink = guest::open(&daemon.socket("bsink"))?;
+    let msg = 4 << 20;
+    let a = Side::new(&bulk, 1, 4, 64, msg)?;
+    let b = Side::new(&bsink, 1, 4, 64, msg)?;
+    guest::connect(&a, &b)?;
+    let mut writers = Writers::default();
+    writers.start(
+        "bulk",
+        a,
+        b.target(),
+        Load {
+            msg,
+            depth: 4,
+            batch: 1,
+            idle: Idle::Sleep(Duration::from_micros(100)),
+        },
+    );
+    writers.keep(b);
+    writers.measure(Duration::from_millis(100), Duration::ZERO)?;
+    let (c0, t0) = (writers.counts()[0], Instant::now());
+    run.length = Length::Iterations(iters);
+    let loaded_dir = env.dir("vrdma-perf/isolation-bulk")?;
+    let loaded = perf_run(env, &mut daemon, &run, &loaded_dir);
+    let bulk_bw =
+        (writers.counts()[0] - c0) as f64 * f64::from(msg) / MIB / t0.elapsed().as_secs_f64();
+    writers.finish()?;
+    let _ = dir;
+    let loaded = loaded?.0.lat_for(8, "write_lat next to bulk")?.clone();
+    for (series, e) in [("alone", &alone), ("next to 4 MiB bulk writes", &loaded)] {
+        r.add(
+            "isolation",
+            series,
+            Some(8),
+            "t_typical",
+            e.t_typical_us,
+            "us",
+        );
+        r.add("isolation", series, Some(8), "p99", e.p99_us, "us");
+        r.add("isolation", series, Some(8), "p999", e.p999_us, "us");
+    }
+    r.add(
+        "isolation",
+        "bulk VM",
+        Some(u64::from(msg)),
+        "bw",
+        bulk_bw,
+        "MiB/s",
+    );
+    r.add(
+        "isolation",
+        "p99 next to bulk / alone",
+        Some(8),
+        "ratio",
+        loaded.p99_us / alone.p99_us,
+        "x",
+    );
+    eprintln!(
+        "  p99 alone {:.2} us, next to bulk {:.2} us (bulk moved {bulk_bw:.0} MiB/s)",
+        alone.p99_us, loaded.p99_us
+    );
+    Ok(())
+}
+
+/// 16 VMs as 8 pairs, each VM writing 64 KiB messages over 16 QPs to its partner, against
+/// one VM writing to another over one QP with the same number of writes outstanding.
+pub fn many(env: &mut Env, r: &mut Results) -> Result<(), Error> {
+    const VMS: usize = 16;
+    const QPS: usize = 16;
+    const PER_QP: u32 = 4;
+    let depth = QPS as u32 * PER_QP;
+    let vms: Vec<VmSpec> = (0..VMS).map(|i| VmSpec::new(format!("m{i:02}"))).collect();
+    let daemon = env.daemon("many", &vms)?;
+    let ctxs = vms
+        .iter()
+        .map(|v| guest::open(&daemon.socket(&v.name)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let (warmup, window) = (env.window(0.3, 1.0), env.window(1.0, 5.0));
+
+    // The single-pair figure first, while the other guests are connected but idle.
+    let single = {
+        let a = Side::new(&ctxs[0], 1, depth, 2 * depth, BULK_MSG)?;
+        let b = Side::new(&ctxs[1], 1, depth, 2 * depth, BULK_MSG)?;
+        guest::connect(&a, &b)?;
+        let mut w = Writers::default();
+        w.start("single pair", a, b.target(), bulk_load(depth));
+        w.keep(b);
+        let (done, t) = w.measure(warmup, window)?;
+        w.finish()?;
+        done[0] as f64 * f64::from(BULK_MSG) / MIB / t.as_secs_f64()
+    };
+    eprintln!("  single pair, 1 QP: {single:.0} MiB/s");
+
+    let mut sides: Vec<Option<Side>> = ctxs
+        .iter()
+        .map(|c| Side::new(c, QPS, PER_QP, 2 * depth, BULK_MSG).map(Some))
+        .collect::<Result<_, _>>()?;
+    for k in 0..VMS / 2 {
+        let (a, b) = (sides[2 * k].as_ref(), sides[2 * k + 1].as_ref());
+        if let (Some(a), Some(b)) = (a, b) {
+            guest::connect(a, b)?;
+        }
+    }
+    let targets: Vec<guest::Target> = sides.iter().flatten().map(Side::target).collect();
+    let mut w = Writers::default();
+    for (i, side) in sides.iter_mut().enumerate() {
+        if let Some(side) = side.take() {
+            // Each VM writes into its partner's buffer (i ^ 1 pairs 0-1, 2-3, ...).
+            w.start(&vms[i].name, side, targets[i ^ 1], bulk_load(depth));
+        }
+    }
+    let (done, t) = w.measure(warmup, window)?;
+    w.finish()?;
+    let bw: Vec<f64> = done
+        .iter()
+        .map(|&n| n as f64 * f64::from(BULK_MSG) / MIB / t.as_secs_f64())
+        .collect();
+    let total: f64 = bw.iter().sum();
+    let (min, max) = bw
+        .iter()
+        .fold((f64::MAX, 0.0f64), |(lo, hi), &b| (lo.min(b), hi.max(b)));
+    for (vm, b) in vms.iter().zip(&bw) {
+        r.add("many", &vm.name, None, "bw", *b, "MiB/s");
+    }
+    r.add("many", "single pair, 1 QP", None, "bw", single, "MiB/s");
+    r.add(
+        "many",
+        "aggregate, 16 VMs x 16 QPs",
+        None,
+        "bw",
+        total,
+        "MiB/s",
+    );
+    r.add(
+        "many",
+        "aggregate / single pair",
+        None,
+        "ratio",
+        total / single,
+        "x",
+    );
+    r.add("many", "min / max per VM", None, "ratio", min / max, "x");
+    eprintln!(
+        "  16 VMs x 16 QPs: aggregate {total:.0} MiB/s ({:.2} of single pair), min/max per VM {:.2}",
+        total / single,
+        min / max
+    );
+    Ok(())
+}
+
+/// 8-byte writes for the scale tables: many small messages in flight, guests polling.
+fn rate_load(depth: u32, batch: u32) -> Load {
+    Load {
+        msg: 8,
+        depth,
+        batch,
+        idle: Idle::Yield,
+    }
+}
+
+/// Where a scale measurement goes: its table, its x value, and how long set-up took.
+#[derive(Debug, Clone, Copy)]
+struct Point {
+    section: &'static str,
+    x: u64,
+    setup: Duration,
+}
+
+/// Measures one active pair's 8-byte write rate and the daemon's CPU per message and memory.
+fn scale_point(
+    env: &Env,
+    r: &mut Results,
+    daemon: &Daemon,
+    at: Point,
+    a: Side,
+    b: Side,
+    load: Load,
+) -> Result<(), Error> {
+    let Point { section, x, setup } = at;
+    let mut w = Writers::default();
+    w.start("active pair", a, b.target(), load);
+    w.keep(b);
+    // Count from the daemon's CPU too: measure's own window is used for both.
+    let (warmup, window) = (env.window(0.2, 0.5), env.window(0.5, 2.0));
+    w.measure(warmup, Duration::ZERO)?;
+    let (n0, c0, t0) = (w.counts()[0], daemon.cpu()?, Instant::now());
+    procs::sleep(window).map_err(Error::from)?;
+    let (n1, c1, t) = (w.counts()[0], daemon.cpu()?, t0.elapsed());
+    w.finish()?;
+    let msgs = (n1 - n0).max(1);
+    let rate = msgs as f64 / t.as_secs_f64() / 1e6;
+    let ns = c1.saturating_sub(c0).as_nanos() as f64 / msgs as f64;
+    let mem = daemon.memory()?;
+    let series = "8 B RDMA WRITE";
+    r.add(section, series, Some(x), "msg_rate", rate, "Mmsg/s");
+    r.add(section, series, Some(x), "daemon_ns_per_msg", ns, "ns");
+    r.add(
+        section,
+        series,
+        Some(x),
+        "daemon_rss",
+        mem.rss as f64 / MIB,
+        "MiB",
+    );
+    r.add(
+        section,
+        series,
+        Some(x),
+        "daemon_anon",
+        mem.anon as f64 / MIB,
+        "MiB",
+    );
+    r.add(section, series, Some(x), "setup", setup.as_secs_f64(), "s");
+    eprintln!(
+        "  {section} {x}: {rate:.3} Mmsg/s, daemon {ns:.0} ns/msg, RSS {:.1} MiB (anon {:.1} MiB), set-up {:.2} s",
+        mem.rss as f64 / MIB,
+        mem.anon as f64 / MIB,
+        setup.as_secs_f64()
+    );
+    Ok(())
+}
+
+/// How daemon memory and per-message cost grow with VMs, QPs per VM and outstanding WRs.
+pub fn scale(env: &mut Env, r: &mut Results) -> Result<(), Error> {
+    let (vm_counts, qp_counts, depths): (Vec<u64>, Vec<u64>, Vec<u64>) = if env.quick {
+        (vec![2, 16], vec![1, 256], vec![1, 16, 128])
+    } else {
+        (vec![2, 4, 16, 64], vec![1, 16, 256, 4096], pow2(1, 128))
+    };
+    // VMs: all connected, each with a PD, CQ, QP and MR; one pair active.
+    for &n in &vm_counts {
+        procs::check_interrupt()?;
+        let vms: Vec<VmSpec> = (0..n).map(|i| VmSpec::new(format!("v{i:02}"))).collect();
+        let daemon = env.daemon(&format!("scale-vms-{n}"), &vms)?;
+        let t0 = Instant::now();
+        let mut idle = Vec::new();
+        let mut active = Vec::new();
+        for (i, vm) in vms.iter().enumerate() {
+            let ctx = guest::open(&daemon.socket(&vm.name))?;
+            let side = Side::new(&ctx, 1, 128, 256, 4096)?;
+            if i < 2 {
+                active.push(side);
+            } else {
+                idle.push(side);
+            }
+        }
+        let (b, a) = (active.pop(), active.pop());
+        let (Some(a), Some(b)) = (a, b) else {
+            continue;
+        };
+        guest::connect(&a, &b)?;
+        let setup = t0.elapsed();
+        scale_point(
+            env,
+            r,
+            &daemon,
+            Point {
+                section: "scale_vms",
+                x: n,
+                setup,
+            },
+            a,
+            b,
+            rate_load(128, 16),
+        )?;
+        drop(idle);
+    }
+    // QPs per VM: two VMs, Q QPs each connected pairwise, 128 writes in flight round-robin.
+    for &q in &qp_counts {
+        procs::check_interrupt()?;
+        let quota = "max-qp=4096,max-cq=4096";
+        let daemon = env.daemon(
+            &format!("scale-qps-{q}"),
+            &[VmSpec::with("a", quota), VmSpec::with("b", quota)],
+        )?;
+        let t0 = Instant::now();
+        let (ca, cb) = (
+            guest::open(&daemon.socket("a"))?,
+            guest::open(&daemon.socket("b"))?,
+        );
+        let per_qp = (128 / q as u32).max(1);
+        let a = Side::new(&ca, q as usize, per_qp, 256, 4096)?;
+        let b = Side::new(&cb, q as usize, per_qp, 256, 4096)?;
+        guest::connect(&a, &b)?;
+        let setup = t0.elapsed();
+        scale_point(
+            env,
+            r,
+            &daemon,
+            Point {
+                section: "scale_qps",
+                x: q,
+                setup,
+            },
+            a,
+            b,
+            rate_load(128, 1),
+        )?;
+    }
+    // Outstanding WRs on one QP.
+    let daemon = env.daemon("scale-depth", &[VmSpec::new("a"), VmSpec::new("b")])?;
+    let (ca, cb) = (
+        guest::open(&daemon.socket("a"))?,
+        guest::open(&daemon.socket("b"))?,
+    );
+    for &d in &depths {
+        procs::check_interrupt()?;
+        let t0 = Instant::now();
+        let a = Side::new(&ca, 1, 128, 256, 4096)?;
+        let b = Side::new(&cb, 1, 128, 256, 4096)?;
+        guest::connect(&a, &b)?;
+        let setup = t0.elapsed();
+        scale_point(
+            env,
+            r,
+            &daemon,
+            Point {
+                section: "scale_depth",
+                x: d,
+                setup,
+            },
+            a,
+            b,
+            rate_load(d as u32, 1),
+        )?;
+    }
+    Ok(())
+}

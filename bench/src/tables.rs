@@ -1,0 +1,624 @@
+//! The side-by-side tables, the ratios, the targets, and the charts' series, all built from
+//! the recorded results.
+
+use std::time::Duration;
+
+use crate::plot::Chart;
+use crate::report::{Results, Table, fmt, ratio, size_label};
+use crate::sections::{Env, OPS, vrdma_series};
+
+const TCP_BW: &str = "qperf tcp_bw";
+const TCP_LAT: &str = "qperf tcp_lat";
+
+/// Every vrdma series: write, read, send in polling and event mode.
+fn vrdma_all() -> Vec<String> {
+    OPS.iter()
+        .flat_map(|op| [vrdma_series(op, false), vrdma_series(op, true)])
+        .collect()
+}
+
+/// Short column header for a series: "write poll".
+fn short(series: &str) -> String {
+    series.trim_start_matches("vrdma ").to_owned()
+}
+
+/// One column of a size-by-size table.
+#[derive(Debug, Clone)]
+struct Col {
+    section: String,
+    series: String,
+    metric: String,
+    header: String,
+}
+
+fn col(section: &str, series: &str, metric: &str) -> Col {
+    Col {
+        section: section.into(),
+        series: series.into(),
+        metric: metric.into(),
+        header: short(series),
+    }
+}
+
+impl Col {
+    fn named(mut self, header: &str) -> Col {
+        self.header = header.into();
+        self
+    }
+}
+
+/// A table with sizes as rows, one column per series; rows for every size any column has.
+fn matrix(r: &Results, title: &str, columns: &[Col]) -> Table {
+    // Columns of sections that did not run would be all dashes.
+    let columns: Vec<&Col> = columns
+        .iter()
+        .filter(|c| !r.points(&c.section, &c.series, &c.metric).is_empty())
+        .collect();
+    let headers: Vec<String> = std::iter::once("size".to_owned())
+        .chain(columns.iter().map(|c| c.header.clone()))
+        .collect();
+    let mut t = Table {
+        title: title.into(),
+        headers,
+        ..Table::default()
+    };
+    let mut sizes: Vec<u64> = columns
+        .iter()
+        .flat_map(|c| {
+            r.points(&c.section, &c.series, &c.metric)
+                .into_iter()
+                .map(|p| p.0)
+        })
+        .collect();
+    sizes.sort_unstable();
+    sizes.dedup();
+    for size in sizes {
+        let mut row = vec![size_label(size)];
+        row.extend(
+            columns
+                .iter()
+                .map(|c| fmt(r.get(&c.section, &c.series, Some(size), &c.metric))),
+        );
+        t.row(row);
+    }
+    t
+}
+
+/// What a target asks of its measured value.
+#[derive(Debug, Clone, Copy)]
+pub enum Goal {
+    /// At least this.
+    AtLeast(f64),
+    /// At most this.
+    AtMost(f64),
+    /// Within [lo, hi].
+    Between(f64, f64),
+}
+
+impl Goal {
+    fn met(self, v: f64) -> bool {
+        match self {
+            Goal::AtLeast(g) => v >= g,
+            Goal::AtMost(g) => v <= g,
+            Goal::Between(lo, hi) => (lo..=hi).contains(&v),
+        }
+    }
+
+    fn text(self) -> String {
+        match self {
+            Goal::AtLeast(g) => format!(">= {g}"),
+            Goal::AtMost(g) => format!("<= {g}"),
+            Goal::Between(lo, hi) => format!("{lo} .. {hi}"),
+        }
+    }
+}
+
+/// Adds the ratio records (vrdma/memcpy and vrdma/TCP for bandwidth, vrdma/TCP for latency).
+fn add_ratios(r: &mut Results) {
+    let mut new = Vec::new();
+    for series in vrdma_all() {
+        for (size, bw) in r.points("bandwidth", &series, "bw") {
+            let memcpy = r.get("bandwidth", "memcpy", Some(size), "bw");
+            let tcp = r.get("bandwidth", TCP_BW, Some(size), "bw");
+            if let Some(x) = ratio(Some(bw), memcpy) {
+                new.push((format!("{} / memcpy", short(&series)), size, "bw_ratio", x));
+            }
+            if let Some(x) = ratio(Some(bw), tcp) {
+                new.push((format!("{} / tcp", short(&series)), size, "bw_ratio", x));
+            }
+        }
+        for (size, lat) in r.points("latency", &series, "t_typical") {
+            let tcp = r.get("latency", TCP_LAT, Some(size), "latency");
+            if let Some(x) = ratio(Some(lat), tcp) {
+                new.push((format!("{} / tcp", short(&series)), size, "lat_ratio", x));
+            }
+        }
+    }
+    for (series, size, metric, x) in new {
+        r.add("ratios", &series, Some(size), metric, x, "x");
+    }
+}
+
+/// The targets of the performance issue, each measured by this run (or "-" if its section
+/// did not run), recorded in section "targets".
+fn targets(r: &mut Results) -> Table {
+    let k64 = Some(65536);
+    let get =
+        |r: &Results, sec: &str, ser: &str, size: Option<u64>, m: &str| r.get(sec, ser, size, m);
+    let rate = [
+        "vrdma write poll, post list 32",
+        "vrdma write event, post list 32",
+    ]
+    .iter()
+    .filter_map(|s| get(r, "rate", s, Some(8), "msg_rate"))
+    .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))));
+    let idle = r
+        .records()
+        .iter()
+        .rev()
+        .find(|x| x.section == "idle" && x.metric == "daemon_cpu")
+        .map(|x| x.value);
+    let rows: Vec<(&str, Option<f64>, &str, Goal)> = vec![
+        (
+            "64 KiB RDMA WRITE bw / memcpy",
+            get(r, "ratios", "write poll / memcpy", k64, "bw_ratio"),
+            "x",
+            Goal::AtLeast(0.6),
+        ),
+        (
+            "64 KiB RDMA WRITE bw / qperf tcp_bw",
+            get(r, "ratios", "write poll / tcp", k64, "bw_ratio"),
+            "x",
+            Goal::AtLeast(3.0),
+        ),
+        (
+            "8 B RDMA WRITE latency / qperf tcp_lat, polling",
+            get(r, "ratios", "write poll / tcp", Some(8), "lat_ratio"),
+            "x",
+            Goal::AtMost(0.2),
+        ),
+        (
+            "8 B RDMA WRITE latency / qperf tcp_lat, event mode",
+            get(r, "ratios", "write event / tcp", Some(8), "lat_ratio"),
+            "x",
+            Goal::AtMost(0.5),
+        ),
+        (
+            "8 B message rate, 32 WRs per post",
+            rate,
+            "Mmsg/s",
+            Goal::AtLeast(2.0),
+        ),
+        (
+            "ibv_reg_mr of 1 GiB (median)",
+            get(r, "mr", "ibv_reg_mr", Some(1 << 30), "time"),
+            "ms",
+            Goal::AtMost(10.0),
+        ),
+        (
+            "daemon CPU, idle VMs in event mode",
+            idle,
+            "% core",
+            Goal::AtMost(1.0),
+        ),
+        (
+            "throughput ratio at weights 3:1",
+            get(r, "fairness", "weight 3 / weight 1", None, "ratio"),
+            "x",
+            Goal::Between(2.7, 3.3),
+        ),
+        (
+            "8 B WRITE p99 next to 4 MiB bulk / alone",
+            get(r, "isolation", "p99 next to bulk / alone", Some(8), "ratio"),
+            "x",
+            Goal::AtMost(2.0),
+        ),
+        (
+            "16 VMs x 16 QPs aggregate / single pair",
+            get(r, "many", "aggregate / single pair", None, "ratio"),
+            "x",
+            Goal::AtLeast(0.9),
+        ),
+        (
+            "16 VMs x 16 QPs min / max per-VM throughput",
+            get(r, "many", "min / max per VM", None, "ratio"),
+            "x",
+            Goal::AtLeast(0.8),
+        ),
+    ];
+    let mut t = Table::new("Targets", &["target", "measured", "unit", "goal", "status"]);
+    for (name, v, unit, goal) in rows {
+        let status = match v {
+            None => "NOT RUN",
+            Some(v) if goal.met(v) => "MET",
+            Some(_) => "NOT MET",
+        };
+        if let Some(v) = v {
+            r.add("targets", name, None, "measured", v, unit);
+            r.add(
+                "targets",
+                name,
+                None,
+                "met",
+                f64::from(u8::from(goal.met(v))),
+                "bool",
+            );
+        }
+        t.row(vec![
+            name.into(),
+            fmt(v),
+            unit.into(),
+            goal.text(),
+            status.into(),
+        ]);
+    }
+    t.note = "Latency ratios use vrdma-perf's t_typical (median of half round trips) over qperf's \
+              tcp_lat (mean of half round trips); message rate is the better of polling and event mode."
+        .into();
+    t
+}
+
+/// Every table, in the order printed; adds the ratio and target records to `r`.
+pub fn all(r: &mut Results, env: &Env) -> Vec<Table> {
+    add_ratios(r);
+    let mut out = Vec::new();
+    let vr = vrdma_all();
+
+    let mut cols: Vec<Col> = vr.iter().map(|s| col("bandwidth", s, "bw")).collect();
+    cols.push(col("bandwidth", "memcpy", "bw"));
+    cols.push(col("bandwidth", TCP_BW, "bw"));
+    let mut t = matrix(r, "Bandwidth (MiB/s, 2^20 bytes per second)", &cols);
+    t.note = "vrdma: vrdma-perf *_bw average; memcpy: one thread, cache-hot for small sizes; \
+              qperf tcp_bw: TCP on loopback between two processes."
+        .into();
+    if !t.rows.is_empty() {
+        out.push(t);
+    }
+
+    let ratio_cols: Vec<Col> = [
+        "write poll / memcpy",
+        "write poll / tcp",
+        "write event / memcpy",
+        "write event / tcp",
+        "read poll / memcpy",
+        "read poll / tcp",
+        "send poll / memcpy",
+        "send poll / tcp",
+    ]
+    .iter()
+    .map(|s| col("ratios", s, "bw_ratio"))
+    .collect();
+    let t = matrix(
+        r,
+        "Bandwidth ratios (vrdma / memcpy, vrdma / TCP)",
+        &ratio_cols,
+    );
+    if !t.rows.is_empty() {
+        out.push(t);
+    }
+
+    let mut cols: Vec<Col> = vr.iter().map(|s| col("latency", s, "t_typical")).collect();
+    cols.push(col("latency", TCP_LAT, "latency"));
+    cols.push(col("ratios", "write poll / tcp", "lat_ratio"));
+    cols.push(col("ratios", "write event / tcp", "lat_ratio"));
+    let mut t = matrix(r, "Latency (us, one way = half a round trip)", &cols);
+    t.note = "vrdma: vrdma-perf *_lat t_typical (median); qperf tcp_lat: mean.".into();
+    if !t.rows.is_empty() {
+        out.push(t);
+    }
+
+    let mut tail_cols = Vec::new();
+    for (e, mode) in [(false, "poll"), (true, "event")] {
+        let s = vrdma_series("write", e);
+        tail_cols.push(col("latency", &s, "t_avg").named(&format!("{mode} avg")));
+        tail_cols.push(col("latency", &s, "p99").named(&format!("{mode} p99")));
+        tail_cols.push(col("latency", &s, "p999").named(&format!("{mode} p99.9")));
+    }
+    let t = matrix(r, "RDMA WRITE latency tails (us)", &tail_cols);
+    if !t.rows.is_empty() {
+        out.push(t);
+    }
+
+    let cpu_cols: Vec<Col> = vr
+        .iter()
+        .map(|s| col("bandwidth", s, "daemon_cpu"))
+        .collect();
+    let t = matrix(
+        r,
+        "Daemon CPU during vrdma-perf bandwidth runs (% of one core)",
+        &cpu_cols,
+    );
+    if !t.rows.is_empty() {
+        out.push(t);
+    }
+
+    let mut t = Table::new("8-byte message rate", &["series", "Mmsg/s", "daemon CPU %"]);
+    for s in r.series("rate", "msg_rate") {
+        t.row(vec![
+            s.clone(),
+            fmt(r.get("rate", &s, Some(8), "msg_rate")),
+            fmt(r.get("rate", &s, Some(8), "daemon_cpu")),
+        ]);
+    }
+    if !t.rows.is_empty() {
+        out.push(t);
+    }
+
+    let mr_cols = [
+        col("mr", "ibv_reg_mr", "time").named("register (median)"),
+        col("mr", "ibv_reg_mr, first", "time").named("register (first)"),
+        col("mr", "ibv_dereg_mr", "time").named("deregister (median)"),
+    ];
+    let t = matrix(r, "Memory registration (ms)", &mr_cols);
+    if !t.rows.is_empty() {
+        out.push(t);
+    }
+
+    let mut t = Table::new(
+        "Daemon with idle VMs (event mode)",
+        &["VMs", "CPU % of a core", "RSS MiB"],
+    );
+    for s in r.series("idle", "daemon_cpu") {
+        for (n, cpu) in r.points("idle", &s, "daemon_cpu") {
+            t.row(vec![
+                n.to_string(),
+                fmt(Some(cpu)),
+                fmt(r.get("idle", &s, Some(n), "daemon_rss")),
+            ]);
+        }
+    }
+    if !t.rows.is_empty() {
+        out.push(t);
+    }
+
+    let mut t = Table::new(
+        "Fairness: two VMs saturating at weights 3:1",
+        &["", "value"],
+    );
+    for (s, m, unit) in [
+        ("VM weight 3", "bw", " MiB/s"),
+        ("VM weight 1", "bw", " MiB/s"),
+        ("weight 3 / weight 1", "ratio", ""),
+    ] {
+        if let Some(v) = r.get("fairness", s, None, m) {
+            t.row(vec![s.into(), format!("{}{unit}", fmt(Some(v)))]);
+        }
+    }
+    if !t.rows.is_empty() {
+        out.push(t);
+    }
+
+    let mut t = Table::new(
+        "Isolation: 8 B RDMA WRITE latency (us) next to 4 MiB bulk writes",
+        &["", "typical", "p99", "p99.9"],
+    );
+    for s in ["alone", "next to 4 MiB bulk writes"] {
+        if r.get("isolation", s, Some(8), "p99").is_some() {
+            t.row(vec![
+                s.into(),
+                fmt(r.get("isolation", s, Some(8), "t_typical")),
+                fmt(r.get("isolation", s, Some(8), "p99")),
+                fmt(r.get("isolation", s, Some(8), "p999")),
+            ]);
+        }
+    }
+    if let Some(v) = r.get("isolation", "bulk VM", Some(4 << 20), "bw") {
+        t.note = format!("The bulk VM moved {} MiB/s meanwhile.", fmt(Some(v)));
+    }
+    if !t.rows.is_empty() {
+        out.push(t);
+    }
+
+    let mut t = Table::new(
+        "16 VMs x 16 QPs, 64 KiB writes (MiB/s)",
+        &["VM", "throughput"],
+    );
+    for s in r.series("many", "bw") {
+        t.row(vec![s.clone(), fmt(r.get("many", &s, None, "bw"))]);
+    }
+    for s in ["aggregate / single pair", "min / max per VM"] {
+        if let Some(v) = r.get("many", s, None, "ratio") {
+            t.row(vec![s.into(), fmt(Some(v))]);
+        }
+    }
+    if !t.rows.is_empty() {
+        out.push(t);
+    }
+
+    for (section, title, x) in [
+        ("scale_vms", "Scale: VMs connected (one pair active)", "VMs"),
+        (
+            "scale_qps",
+            "Scale: QPs per VM (8 B writes round-robin, 128 in flight)",
+            "QPs/VM",
+        ),
+        ("scale_depth", "Scale: outstanding WRs on one QP", "WRs"),
+    ] {
+        let series = "8 B RDMA WRITE";
+        let mut t = Table::new(
+            title,
+            &[
+                x,
+                "Mmsg/s",
+                "daemon ns/msg",
+                "daemon RSS MiB",
+                "daemon anon MiB",
+                "set-up s",
+            ],
+        );
+        for (n, rate) in r.points(section, series, "msg_rate") {
+            let g = |m| fmt(r.get(section, series, Some(n), m));
+            t.row(vec![
+                n.to_string(),
+                fmt(Some(rate)),
+                g("daemon_ns_per_msg"),
+                g("daemon_rss"),
+                g("daemon_anon"),
+                g("setup"),
+            ]);
+        }
+        if !t.rows.is_empty() {
+            out.push(t);
+        }
+    }
+
+    out.push(targets(r));
+    let _ = env;
+    out
+}
+
+/// The charts: all bandwidth series on one, all latency series on the other.
+pub fn charts() -> Vec<Chart<'static>> {
+    let mut bw: Vec<(String, String, String)> = vrdma_all()
+        .into_iter()
+        .map(|s| ("bandwidth".into(), s, "bw".into()))
+        .collect();
+    bw.push(("bandwidth".into(), "memcpy".into(), "bw".into()));
+    bw.push(("bandwidth".into(), TCP_BW.into(), "bw".into()));
+    let mut lat: Vec<(String, String, String)> = vrdma_all()
+        .into_iter()
+        .map(|s| ("latency".into(), s, "t_typical".into()))
+        .collect();
+    lat.push(("latency".into(), TCP_LAT.into(), "latency".into()));
+    vec![
+        Chart {
+            name: "bandwidth",
+            title: "Bandwidth vs message size: vrdma, memcpy, TCP (qperf)",
+            ylabel: "MiB/s",
+            lines: bw,
+        },
+        Chart {
+            name: "latency",
+            title: "One-way latency vs message size: vrdma (median), TCP (qperf, mean)",
+            ylabel: "microseconds",
+            lines: lat,
+        },
+    ]
+}
+
+/// summary.md: how the run went, then every table in Markdown.
+pub fn summary_markdown(
+    tables: &[Table],
+    env: &Env,
+    elapsed: Duration,
+    ran: &[&str],
+    interrupted: bool,
+) -> String {
+    let mut s = String::from("# vrdma-bench results\n\n");
+    s.push_str(&format!(
+        "Mode: {}. Sections: {}. Took {:.0} s{}. Machine: {}.\n\n",
+        if env.quick {
+            "--quick (smoke test; not numbers to quote)"
+        } else {
+            "full"
+        },
+        ran.join(", "),
+        elapsed.as_secs_f64(),
+        if interrupted {
+            " (interrupted: partial)"
+        } else {
+            ""
+        },
+        machine()
+    ));
+    for t in tables {
+        s.push_str(&t.markdown());
+        s.push('\n');
+    }
+    if !env.failures.is_empty() {
+        s.push_str("### Failures\n\n");
+        for f in &env.failures {
+            s.push_str(&format!("- {}\n", f.replace('|', "\\|")));
+        }
+        s.push('\n');
+    }
+    s.push_str("![bandwidth](bandwidth.png)\n\n![latency](latency.png)\n");
+    s
+}
+
+/// CPU model, logical CPUs and kernel, for the record.
+fn machine() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map_or("unknown CPU", |(_, m)| m.trim())
+        .to_owned();
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!("{model}, {cpus} logical CPUs, Linux {}", kernel.trim())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ratios_and_targets_come_from_the_measurements() {
+        let mut r = Results::default();
+        r.add(
+            "bandwidth",
+            "vrdma write poll",
+            Some(65536),
+            "bw",
+            7000.0,
+            "MiB/s",
+        );
+        r.add("bandwidth", "memcpy", Some(65536), "bw", 10000.0, "MiB/s");
+        r.add("bandwidth", TCP_BW, Some(65536), "bw", 3000.0, "MiB/s");
+        r.add(
+            "latency",
+            "vrdma write poll",
+            Some(8),
+            "t_typical",
+            5.0,
+            "us",
+        );
+        r.add("latency", TCP_LAT, Some(8), "latency", 20.0, "us");
+        r.add("fairness", "weight 3 / weight 1", None, "ratio", 2.95, "x");
+        add_ratios(&mut r);
+        assert_eq!(
+            r.get("ratios", "write poll / memcpy", Some(65536), "bw_ratio"),
+            Some(0.7)
+        );
+        assert_eq!(
+            r.get("ratios", "write poll / tcp", Some(65536), "bw_ratio"),
+            Some(7000.0 / 3000.0)
+        );
+        assert_eq!(
+            r.get("ratios", "write poll / tcp", Some(8), "lat_ratio"),
+            Some(0.25)
+        );
+        let t = targets(&mut r);
+        let status = |name: &str| {
+            t.rows
+                .iter()
+                .find(|row| row[0] == name)
+                .map(|row| row[4].clone())
+                .unwrap()
+        };
+        assert_eq!(status("64 KiB RDMA WRITE bw / memcpy"), "MET");
+        assert_eq!(status("64 KiB RDMA WRITE bw / qperf tcp_bw"), "NOT MET");
+        assert_eq!(
+            status("8 B RDMA WRITE latency / qperf tcp_lat, polling"),
+            "NOT MET"
+        );
+        assert_eq!(status("throughput ratio at weights 3:1"), "MET");
+        assert_eq!(status("ibv_reg_mr of 1 GiB (median)"), "NOT RUN");
+        assert_eq!(
+            r.get("targets", "throughput ratio at weights 3:1", None, "met"),
+            Some(1.0)
+        );
+    }
+
+    #[test]
+    fn goals_compare_as_stated() {
+        assert!(Goal::AtLeast(0.6).met(0.6));
+        assert!(!Goal::AtLeast(0.6).met(0.59));
+        assert!(Goal::AtMost(10.0).met(9.9));
+        assert!(Goal::Between(2.7, 3.3).met(3.3));
+        assert!(!Goal::Between(2.7, 3.3).met(2.69));
+        assert_eq!(Goal::Between(2.7, 3.3).text(), "2.7 .. 3.3");
+    }
+}

@@ -389,8 +389,13 @@ fn server_body(
         ctl.reset();
         side.prepare(size)?;
         ctl.send("READY")?;
-        let mine = if test.is_bw() {
-            let receiving = test == Test::SendBw;
+        let receiving = test == Test::SendBw;
+        let mine = if test.is_bw() && !params.bidirectional && !receiving {
+            // Nothing to post or poll (the client's WRITEs and READs need no receives): wait
+            // for DONE without polling, or this side would take CPU from the client when
+            // both ends share cores (`--loopback`).
+            None
+        } else if test.is_bw() {
             side.run_bw(ctl, size, iters, duration, params.bidirectional, receiving)?
         } else {
             side.run_lat(ctl, size, iters, duration, false)?;

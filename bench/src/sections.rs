@@ -251,7 +251,8 @@ pub fn vrdma(env: &mut Env, r: &mut Results) -> Result<(), Error> {
             }
         }
     }
-    // The message-rate target: 8-byte writes, posted 32 per doorbell, 128 outstanding.
+    // The message-rate target: 8-byte writes, posted 32 per doorbell, 512 outstanding (a
+    // deeper queue than perftest's default 128, as message-rate runs use).
     for events in [false, true] {
         let run = Run {
             test: "write_bw",
@@ -263,7 +264,7 @@ pub fn vrdma(env: &mut Env, r: &mut Results) -> Result<(), Error> {
             },
             events,
             post_list: Some(32),
-            tx_depth: Some(128),
+            tx_depth: Some(512),
         };
         let series = format!("{}, post list 32", vrdma_series("write", events));
         eprint!(

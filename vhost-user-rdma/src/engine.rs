@@ -60,8 +60,6 @@ const POLL_MAX: Duration = Duration::from_micros(200);
 /// nothing) each time the scheduler sleeps longer than [`POLL_MAX`], so VMs that are idle or
 /// talk rarely cost no CPU.
 const POLL_START: Duration = Duration::from_micros(10);
-/// While busy, the scheduler polls the doorbell queues on every this-many passes.
-const BUSY_POLL_EVERY: u32 = 2;
 /// Size of the GRH a UD receive buffer starts with.
 pub const GRH_SIZE: u32 = 40;
 
@@ -312,10 +310,6 @@ struct Polling {
     active: bool,
     /// When the scheduler last moved anything.
     last_work: Instant,
-    /// Passes of the scheduler's loop, to poll every [`BUSY_POLL_EVERY`]-th while busy.
-    passes: u32,
-    /// Whether the last pass moved nothing.
-    idle: bool,
 }
 
 impl Engine {
@@ -336,8 +330,6 @@ impl Engine {
                 window: Duration::ZERO,
                 active: false,
                 last_work: Instant::now(),
-                passes: 0,
-                idle: true,
             },
         }
     }
@@ -355,17 +347,10 @@ impl Engine {
             if !self.error_qps.is_empty() && self.last_flush.elapsed() >= FLUSH_TICK {
                 self.flush_error_qps();
             }
-            // While kicks are off, doorbells are only seen here: look when idle and every few
-            // busy passes (each moves at most a chunk per VM, about a microsecond), so a VM
-            // never waits long behind a neighbour's backlog but a bulk transfer does not pay
-            // for a look at every queue per chunk.
-            self.poll.passes = self.poll.passes.wrapping_add(1);
-            let polled = self.poll.active
-                && (self.poll.idle || self.poll.passes % BUSY_POLL_EVERY == 0)
-                && self.poll_doorbells();
-            let moved = self.round();
-            self.poll.idle = !moved;
-            if moved {
+            // While kicks are off, doorbells are only seen here: look on every pass, busy or
+            // not, so a VM never waits behind a neighbour's backlog for more than a chunk.
+            let polled = self.poll.active && self.poll_doorbells();
+            if self.round() {
                 self.poll.last_work = Instant::now();
                 if !self.poll.window.is_zero() && !self.poll.active {
                     self.set_polling(true);
@@ -430,6 +415,18 @@ impl Engine {
         let mut any = false;
         for port in &self.ports {
             let mem = port.mem.memory();
+            if port.new_doorbell_vring.swap(false, Ordering::AcqRel) {
+                // A queue first kicked while polling was on: it must stop kicking too, or
+                // each of its doorbells would wake a worker thread (on a busy daemon, on the
+                // scheduler's own core).
+                for vring in port.doorbell_vrings() {
+                    let mut state = vring.get_mut();
+                    let queue = state.get_queue_mut();
+                    if queue.ready() {
+                        let _ = queue.disable_notification(&*mem);
+                    }
+                }
+            }
             for vring in port.doorbell_vrings() {
                 if has_pending(vring, &mem) {
                     any |= port.drain_doorbells(vring) > 0;

@@ -113,6 +113,9 @@ pub struct VmPort {
     /// The doorbell virtqueues, each known from its first kick, so the scheduler can poll
     /// them without taking any lock but the vring's own.
     doorbell_vrings: Box<[OnceLock<Vring>]>,
+    /// Set when a doorbell vring becomes known, so a scheduler that is already polling turns
+    /// its kicks off too.
+    pub new_doorbell_vring: AtomicBool,
     /// What this VM has done.
     pub counters: Counters,
 }
@@ -148,6 +151,7 @@ impl VmPort {
             doorbell_vrings: (0..queue::MAX_DOORBELL_QUEUES)
                 .map(|_| OnceLock::new())
                 .collect(),
+            new_doorbell_vring: AtomicBool::new(false),
             counters: Counters::default(),
         }
     }
@@ -223,7 +227,9 @@ impl VmPort {
     /// scheduler can poll it.
     pub fn set_doorbell_vring(&self, index: u16, vring: &Vring) {
         if let Some(slot) = self.doorbell_vrings.get(usize::from(index)) {
-            let _ = slot.set(vring.clone());
+            if slot.set(vring.clone()).is_ok() {
+                self.new_doorbell_vring.store(true, Ordering::Release);
+            }
         }
     }
 

@@ -268,6 +268,34 @@ impl Proc {
         assert!(status.success(), "kill -{signal} {} failed", self.pid());
     }
 
+    /// Waits until every thread of the process has stopped (after SIGSTOP): `kill` returns
+    /// once the signal is queued, and a thread acts on it only when it next runs, so a thread
+    /// woken at that moment could still answer a request sent right after `kill`.
+    fn wait_stopped(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let tasks = format!("/proc/{}/task", self.pid());
+        loop {
+            let all_stopped = std::fs::read_dir(&tasks)
+                .expect("list the daemon's threads")
+                .flatten()
+                .all(|t| {
+                    let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+                    // The state follows the parenthesised command name.
+                    stat.rsplit_once(") ")
+                        .is_some_and(|(_, rest)| rest.starts_with('T') || rest.starts_with('t'))
+                });
+            if all_stopped {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "daemon {} did not stop within {timeout:?}",
+                self.pid()
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
     /// Waits up to `timeout` for the process to exit.
     fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
         let deadline = Instant::now() + timeout;
@@ -1631,6 +1659,7 @@ fn a_busy_or_stopped_daemon_gives_timeouts_not_hangs() {
 
     // A stopped daemon: control commands and opens time out, naming the socket.
     daemon.signal("STOP");
+    daemon.wait_stopped(Duration::from_secs(5));
     let t = Instant::now();
     let err = chain(
         &ctx.query_device()

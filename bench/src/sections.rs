@@ -335,7 +335,19 @@ pub fn tcp(env: &mut Env, r: &mut Results) -> Result<(), Error> {
         eprint!("  qperf {} {size} B ...", tests.join(" "));
         let log = dir.join(format!("qperf-{size}.log"));
         match server.run(&tests, size, secs, &log) {
-            Ok(q) => {
+            Ok(mut q) => {
+                // TCP's latency is one thread wake-up per message, and on a virtual machine a
+                // wake-up costs 2 to 30 µs depending on what ran just before (the hypervisor's
+                // halt polling adapts). Take the best of three, so the baseline is TCP at its
+                // fastest, never a slow moment.
+                if q.latency_us.is_some() {
+                    for _ in 0..2 {
+                        let again = server.run(&["tcp_lat"], size, secs, &log);
+                        if let Ok(Some(l)) = again.map(|a| a.latency_us) {
+                            q.latency_us = q.latency_us.map(|best| best.min(l));
+                        }
+                    }
+                }
                 if let Some(bw) = q.bw_bytes_per_sec {
                     eprint!(" {:.1} MiB/s", bw / MIB);
                     r.add(

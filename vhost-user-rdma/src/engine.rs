@@ -301,15 +301,19 @@ struct Engine {
     poll: Polling,
 }
 
-/// The scheduler's adaptive polling of the doorbell queues.
+/// The scheduler's adaptive polling of the doorbell queues. Each VM is polled only while it
+/// has had work within the window, so the cost of a pass grows with the VMs that are busy,
+/// not with all those connected.
 #[derive(Debug)]
 struct Polling {
-    /// How long to keep polling after the last work.
+    /// How long to keep polling a VM after its last work.
     window: Duration,
-    /// Whether the drivers were told not to kick (`VRING_USED_F_NO_NOTIFY`).
-    active: bool,
-    /// When the scheduler last moved anything.
-    last_work: Instant,
+    /// VMs being polled (their drivers told not to kick, `VRING_USED_F_NO_NOTIFY`).
+    ports: usize,
+    /// Per VM (in `Engine::ports` order): whether it is polled, and when it last had work.
+    state: Vec<(bool, Instant)>,
+    /// VMs the last round served, by index (capacity for every VM, so no allocation).
+    served: Vec<usize>,
 }
 
 impl Engine {
@@ -328,8 +332,9 @@ impl Engine {
             last_flush: Instant::now(),
             poll: Polling {
                 window: Duration::ZERO,
-                active: false,
-                last_work: Instant::now(),
+                ports: 0,
+                state: Vec::new(),
+                served: Vec::new(),
             },
         }
     }
@@ -349,26 +354,31 @@ impl Engine {
             }
             // While kicks are off, doorbells are only seen here: look on every pass, busy or
             // not, so a VM never waits behind a neighbour's backlog for more than a chunk.
-            let polled = self.poll.active && self.poll_doorbells();
+            let polled = self.poll.ports > 0 && self.poll_doorbells();
             if self.round() {
-                self.poll.last_work = Instant::now();
-                if !self.poll.window.is_zero() && !self.poll.active {
-                    self.set_polling(true);
+                if !self.poll.window.is_zero() {
+                    let now = Instant::now();
+                    for k in 0..self.poll.served.len() {
+                        let i = self.poll.served[k];
+                        self.poll.state[i].1 = now;
+                        if !self.poll.state[i].0 {
+                            self.set_polling(i, true);
+                        }
+                    }
                 }
                 continue;
             }
-            if self.poll.active {
+            if self.poll.ports > 0 {
                 if polled {
                     continue;
                 }
-                if self.poll.last_work.elapsed() < self.poll.window {
-                    // Polling must not keep a guest's own thread off a shared core.
-                    std::thread::yield_now();
+                if self.expire_polling() {
+                    // Posted while kicks were off: no kick will announce them.
                     continue;
                 }
-                if self.set_polling(false) {
-                    // Posted while kicks were off: no kick will announce them.
-                    self.poll_doorbells();
+                if self.poll.ports > 0 {
+                    // Polling must not keep a guest's own thread off a shared core.
+                    std::thread::yield_now();
                     continue;
                 }
             }
@@ -410,54 +420,55 @@ impl Engine {
         }
     }
 
-    /// Takes doorbells straight from every VM's doorbell queues. Returns whether any came.
+    /// Takes doorbells straight from the doorbell queues of the VMs being polled. Returns
+    /// whether any came.
     fn poll_doorbells(&self) -> bool {
         let mut any = false;
-        for port in &self.ports {
-            let mem = port.mem.memory();
+        for (port, &(polled, _)) in self.ports.iter().zip(&self.poll.state) {
+            if !polled {
+                continue;
+            }
             if port.new_doorbell_vring.swap(false, Ordering::AcqRel) {
-                // A queue first kicked while polling was on: it must stop kicking too, or
+                // A queue first kicked while its VM was polled: it must stop kicking too, or
                 // each of its doorbells would wake a worker thread (on a busy daemon, on the
                 // scheduler's own core).
-                for vring in port.doorbell_vrings() {
-                    let mut state = vring.get_mut();
-                    let queue = state.get_queue_mut();
-                    if queue.ready() {
-                        let _ = queue.disable_notification(&*mem);
-                    }
-                }
+                set_kicks(port, false);
             }
-            for vring in port.doorbell_vrings() {
-                if has_pending(vring, &mem) {
-                    any |= port.drain_doorbells(vring) > 0;
-                }
-            }
+            any |= drain_pending(port);
         }
         any
     }
 
-    /// Tells the drivers to stop kicking while the scheduler polls (`on`), or to kick again.
-    /// Returns whether doorbells arrived while kicks were off, which nobody would otherwise
-    /// notice.
-    fn set_polling(&mut self, on: bool) -> bool {
-        self.poll.active = on;
+    /// Stops polling the VMs that have had no work for the window: their drivers kick again.
+    /// Returns whether doorbells came while kicks were off (they are taken now; nobody would
+    /// announce them).
+    fn expire_polling(&mut self) -> bool {
+        let now = Instant::now();
         let mut pending = false;
-        for port in &self.ports {
-            let mem = port.mem.memory();
-            for vring in port.doorbell_vrings() {
-                let mut state = vring.get_mut();
-                let queue = state.get_queue_mut();
-                if !queue.ready() {
-                    continue;
-                }
-                if on {
-                    let _ = queue.disable_notification(&*mem);
-                } else {
-                    pending |= queue.enable_notification(&*mem).unwrap_or(false);
-                }
+        for i in 0..self.ports.len() {
+            let (polled, last) = self.poll.state[i];
+            if polled && now.duration_since(last) >= self.poll.window {
+                pending |= self.set_polling(i, false);
             }
         }
         pending
+    }
+
+    /// Tells VM `i`'s driver to stop kicking while the scheduler polls it (`on`), or to kick
+    /// again. Returns whether doorbells arrived while kicks were off, which it takes.
+    fn set_polling(&mut self, i: usize, on: bool) -> bool {
+        let state = &mut self.poll.state[i];
+        if state.0 == on {
+            return false;
+        }
+        state.0 = on;
+        if on {
+            self.poll.ports += 1;
+        } else {
+            self.poll.ports -= 1;
+        }
+        let port = &self.ports[i];
+        set_kicks(port, !on) && drain_pending(port)
     }
 
     fn control(&mut self, c: Control) {
@@ -469,6 +480,8 @@ impl Engine {
                 self.deficits.push(0);
                 self.buckets.push(Buckets::new());
                 self.waiting_since.push(None);
+                self.poll.state.push((false, Instant::now()));
+                self.poll.served.reserve(self.ports.len());
             }
             Control::Detach(id, done) => {
                 if let Some(i) = self.ports.iter().position(|p| p.id == id) {
@@ -476,6 +489,9 @@ impl Engine {
                     self.deficits.remove(i);
                     self.buckets.remove(i);
                     self.waiting_since.remove(i);
+                    if self.poll.state.remove(i).0 {
+                        self.poll.ports -= 1;
+                    }
                     if self.by_gid.get(&port.gid).is_some_and(|p| p.id == id) {
                         self.by_gid.remove(&port.gid);
                     }
@@ -593,6 +609,7 @@ impl Engine {
     /// One deficit-round-robin round over the VMs with work. Returns whether anything moved.
     fn round(&mut self) -> bool {
         let mut any = false;
+        self.poll.served.clear();
         // Read the clock only for rate-limited VMs: most rounds have none.
         let mut clock: Option<Instant> = None;
         self.rate_wake = None;
@@ -671,6 +688,9 @@ impl Engine {
                 port.deliver_events();
             }
             self.account_wait(i, !served);
+            if served {
+                self.poll.served.push(i);
+            }
         }
         any
     }
@@ -1020,6 +1040,38 @@ enum Start {
     Started,
     Empty,
     Failed,
+}
+
+/// Turns `port`'s doorbell kicks on or off. With `on`, returns whether doorbells arrived
+/// while they were off.
+fn set_kicks(port: &VmPort, on: bool) -> bool {
+    let mem = port.mem.memory();
+    let mut pending = false;
+    for vring in port.doorbell_vrings() {
+        let mut state = vring.get_mut();
+        let queue = state.get_queue_mut();
+        if !queue.ready() {
+            continue;
+        }
+        if on {
+            pending |= queue.enable_notification(&*mem).unwrap_or(false);
+        } else {
+            let _ = queue.disable_notification(&*mem);
+        }
+    }
+    pending
+}
+
+/// Takes the doorbells waiting on `port`'s doorbell queues. Returns whether there were any.
+fn drain_pending(port: &VmPort) -> bool {
+    let mem = port.mem.memory();
+    let mut any = false;
+    for vring in port.doorbell_vrings() {
+        if has_pending(vring, &mem) {
+            any |= port.drain_doorbells(vring) > 0;
+        }
+    }
+    any
 }
 
 /// Whether `vring` is ready and has doorbells the daemon has not taken. Checked before locking

@@ -166,11 +166,8 @@ fn connect_qp(qp: &QueuePair, remote_gid: vrdma_proto::Gid, remote_qpn: u32) -> 
         qp_access_flags: access(),
         ..QpAttr::default()
     };
-    qp.modify(
-        &init,
-        QpAttrMask::STATE | QpAttrMask::PKEY_INDEX | QpAttrMask::PORT | QpAttrMask::ACCESS_FLAGS,
-    )
-    .map_err(verb("ibv_modify_qp to INIT"))?;
+    qp.modify(&init, QpAttrMask::RC_INIT)
+        .map_err(verb("ibv_modify_qp to INIT"))?;
     let rtr = QpAttr {
         qp_state: QpState::Rtr,
         dest_qp_num: remote_qpn,
@@ -179,31 +176,14 @@ fn connect_qp(qp: &QueuePair, remote_gid: vrdma_proto::Gid, remote_qpn: u32) -> 
         ah_attr: AddressHandle::attr_for(remote_gid),
         ..QpAttr::default()
     };
-    qp.modify(
-        &rtr,
-        QpAttrMask::STATE
-            | QpAttrMask::AV
-            | QpAttrMask::PATH_MTU
-            | QpAttrMask::DEST_QPN
-            | QpAttrMask::RQ_PSN
-            | QpAttrMask::MAX_DEST_RD_ATOMIC
-            | QpAttrMask::MIN_RNR_TIMER,
-    )
-    .map_err(verb("ibv_modify_qp to RTR"))?;
+    qp.modify(&rtr, QpAttrMask::RC_RTR)
+        .map_err(verb("ibv_modify_qp to RTR"))?;
     let rts = QpAttr {
         qp_state: QpState::Rts,
         ..QpAttr::default()
     };
-    qp.modify(
-        &rts,
-        QpAttrMask::STATE
-            | QpAttrMask::TIMEOUT
-            | QpAttrMask::RETRY_CNT
-            | QpAttrMask::RNR_RETRY
-            | QpAttrMask::SQ_PSN
-            | QpAttrMask::MAX_QP_RD_ATOMIC,
-    )
-    .map_err(verb("ibv_modify_qp to RTS"))?;
+    qp.modify(&rts, QpAttrMask::RC_RTS)
+        .map_err(verb("ibv_modify_qp to RTS"))?;
     Ok(())
 }
 
@@ -256,7 +236,7 @@ pub fn drive(
     let mut outstanding = vec![0usize; nqp];
     let mut total = 0usize;
     let mut next = 0usize;
-    let mut wc = [empty_wc(); 64];
+    let mut wc = [WorkCompletion::default(); 64];
     let mut last_progress = Instant::now();
     let mut wrs: Vec<SendWr<'_>> = Vec::with_capacity(batch);
     loop {
@@ -309,22 +289,6 @@ pub fn drive(
             Idle::Yield => std::thread::yield_now(),
             Idle::Sleep(d) => std::thread::sleep(d),
         }
-    }
-}
-
-/// A zeroed completion to fill poll arrays with.
-fn empty_wc() -> WorkCompletion {
-    WorkCompletion {
-        wr_id: 0,
-        status: WcStatus::Success,
-        opcode: vrdma::WcOpcode::Send,
-        vendor_err: 0,
-        byte_len: 0,
-        imm_data: None,
-        qp_num: 0,
-        src_qp: 0,
-        grh: false,
-        sgid: Default::default(),
     }
 }
 

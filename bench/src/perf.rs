@@ -5,8 +5,6 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use serde::Deserialize;
-
 use crate::procs::{self, Guard};
 
 /// Why a vrdma-perf run failed.
@@ -35,68 +33,8 @@ pub enum Error {
     },
 }
 
-/// One bandwidth result (perftest's bw table row). MiB = 2^20 bytes.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-pub struct BwEntry {
-    /// Message size.
-    pub bytes: u64,
-    /// Messages sent.
-    pub iterations: u64,
-    /// Peak bandwidth, MiB/s.
-    pub bw_peak_mib: f64,
-    /// Average bandwidth, MiB/s.
-    pub bw_avg_mib: f64,
-    /// Messages per second, millions.
-    pub msg_rate_mpps: f64,
-}
-
-/// One latency result (perftest's lat table row): one-way times, half a round trip.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-pub struct LatEntry {
-    /// Message size.
-    pub bytes: u64,
-    /// Round trips measured.
-    pub iterations: u64,
-    /// Minimum, µs.
-    pub t_min_us: f64,
-    /// Maximum, µs.
-    pub t_max_us: f64,
-    /// Median ("typical"), µs.
-    pub t_typical_us: f64,
-    /// Mean, µs.
-    pub t_avg_us: f64,
-    /// Standard deviation, µs.
-    pub t_stdev_us: f64,
-    /// 99th percentile, µs.
-    pub p99_us: f64,
-    /// 99.9th percentile, µs.
-    pub p999_us: f64,
-}
-
-/// What `vrdma-perf --out_json_file` writes.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-pub struct Report {
-    /// write_bw, write_lat, read_bw, ...
-    pub test: String,
-    /// Event mode (`-e`).
-    pub events: bool,
-    /// QPs.
-    pub qps: u32,
-    /// Send-queue depth.
-    pub tx_depth: u32,
-    /// Work requests per post.
-    pub post_list: u32,
-    /// Completions per signalled request.
-    pub cq_mod: u32,
-    /// Inline bytes.
-    pub inline_size: u32,
-    /// Bandwidth rows (bw tests).
-    #[serde(default)]
-    pub bw: Vec<BwEntry>,
-    /// Latency rows (lat tests).
-    #[serde(default)]
-    pub lat: Vec<LatEntry>,
-}
+// The contract's types are vrdma-perf's own, so the two sides cannot drift apart.
+pub use vrdma_perf::report::{BwEntry, JsonReport as Report, LatEntry};
 
 /// Parses the JSON contract.
 pub fn parse(text: &str) -> Result<Report, serde_json::Error> {
@@ -199,9 +137,16 @@ pub fn run(
     })
 }
 
-impl Report {
+/// Looking up one size's row of a report.
+pub trait Rows {
     /// The bandwidth row for `size`.
-    pub fn bw_for(&self, size: u64, path: &str) -> Result<&BwEntry, Error> {
+    fn bw_for(&self, size: u64, path: &str) -> Result<&BwEntry, Error>;
+    /// The latency row for `size`.
+    fn lat_for(&self, size: u64, path: &str) -> Result<&LatEntry, Error>;
+}
+
+impl Rows for Report {
+    fn bw_for(&self, size: u64, path: &str) -> Result<&BwEntry, Error> {
         self.bw
             .iter()
             .find(|e| e.bytes == size)
@@ -212,8 +157,7 @@ impl Report {
             })
     }
 
-    /// The latency row for `size`.
-    pub fn lat_for(&self, size: u64, path: &str) -> Result<&LatEntry, Error> {
+    fn lat_for(&self, size: u64, path: &str) -> Result<&LatEntry, Error> {
         self.lat
             .iter()
             .find(|e| e.bytes == size)

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::guest::{self, Idle, Load, Side, Writers};
-use crate::perf::{self, Length, Run};
+use crate::perf::{self, Length, Rows, Run};
 use crate::procs::{self, Daemon, VmSpec};
 use crate::qperf;
 use crate::report::Results;

@@ -60,10 +60,7 @@ fn open_side(socket: &str, remote: AccessFlags) -> Result<Side, Box<dyn Error>> 
         qp_access_flags: remote,
         ..QpAttr::default()
     };
-    qp.modify(
-        &init,
-        QpAttrMask::STATE | QpAttrMask::PKEY_INDEX | QpAttrMask::PORT | QpAttrMask::ACCESS_FLAGS,
-    )?;
+    qp.modify(&init, QpAttrMask::RC_INIT)?;
     Ok(Side {
         qp,
         cq,
@@ -86,16 +83,7 @@ fn connect(side: &Side, peer: &Side) -> Result<(), Box<dyn Error>> {
         ah_attr: AddressHandle::attr_for(peer.ctx.gid()),
         ..QpAttr::default()
     };
-    side.qp.modify(
-        &rtr,
-        QpAttrMask::STATE
-            | QpAttrMask::AV
-            | QpAttrMask::PATH_MTU
-            | QpAttrMask::DEST_QPN
-            | QpAttrMask::RQ_PSN
-            | QpAttrMask::MAX_DEST_RD_ATOMIC
-            | QpAttrMask::MIN_RNR_TIMER,
-    )?;
+    side.qp.modify(&rtr, QpAttrMask::RC_RTR)?;
     let rts = QpAttr {
         qp_state: QpState::Rts,
         sq_psn: 0,
@@ -105,15 +93,7 @@ fn connect(side: &Side, peer: &Side) -> Result<(), Box<dyn Error>> {
         max_rd_atomic: 1,
         ..QpAttr::default()
     };
-    side.qp.modify(
-        &rts,
-        QpAttrMask::STATE
-            | QpAttrMask::TIMEOUT
-            | QpAttrMask::RETRY_CNT
-            | QpAttrMask::RNR_RETRY
-            | QpAttrMask::SQ_PSN
-            | QpAttrMask::MAX_QP_RD_ATOMIC,
-    )?;
+    side.qp.modify(&rts, QpAttrMask::RC_RTS)?;
     Ok(())
 }
 

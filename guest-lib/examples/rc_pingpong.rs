@@ -246,13 +246,7 @@ impl Pingpong {
             ..QpAttr::default()
         };
         verbs(
-            qp.modify(
-                &init,
-                QpAttrMask::STATE
-                    | QpAttrMask::PKEY_INDEX
-                    | QpAttrMask::PORT
-                    | QpAttrMask::ACCESS_FLAGS,
-            ),
+            qp.modify(&init, QpAttrMask::RC_INIT),
             "failed to modify QP to INIT",
         )?;
         Ok(Pingpong {
@@ -287,16 +281,7 @@ impl Pingpong {
             ..QpAttr::default()
         };
         verbs(
-            self.qp.modify(
-                &rtr,
-                QpAttrMask::STATE
-                    | QpAttrMask::AV
-                    | QpAttrMask::PATH_MTU
-                    | QpAttrMask::DEST_QPN
-                    | QpAttrMask::RQ_PSN
-                    | QpAttrMask::MAX_DEST_RD_ATOMIC
-                    | QpAttrMask::MIN_RNR_TIMER,
-            ),
+            self.qp.modify(&rtr, QpAttrMask::RC_RTR),
             "failed to modify QP to RTR",
         )?;
         let rts = QpAttr {
@@ -309,15 +294,7 @@ impl Pingpong {
             ..rtr
         };
         verbs(
-            self.qp.modify(
-                &rts,
-                QpAttrMask::STATE
-                    | QpAttrMask::TIMEOUT
-                    | QpAttrMask::RETRY_CNT
-                    | QpAttrMask::RNR_RETRY
-                    | QpAttrMask::SQ_PSN
-                    | QpAttrMask::MAX_QP_RD_ATOMIC,
-            ),
+            self.qp.modify(&rts, QpAttrMask::RC_RTS),
             "failed to modify QP to RTS",
         )
     }

@@ -191,21 +191,6 @@ const SPIN_ROUNDS: u32 = 64;
 /// connection and its deadline again.
 const EVENT_SLICE: Duration = Duration::from_millis(20);
 
-fn empty_wc() -> WorkCompletion {
-    WorkCompletion {
-        wr_id: 0,
-        status: WcStatus::Success,
-        opcode: WcOpcode::Send,
-        vendor_err: 0,
-        byte_len: 0,
-        imm_data: None,
-        qp_num: 0,
-        src_qp: 0,
-        grh: false,
-        sgid: Default::default(),
-    }
-}
-
 fn check_wc(wc: &WorkCompletion, what: &'static str) -> Result<()> {
     if wc.status == WcStatus::Success {
         Ok(())
@@ -316,13 +301,7 @@ impl Side {
                 ..QpAttr::default()
             };
             verbs(
-                qp.modify(
-                    &init,
-                    QpAttrMask::STATE
-                        | QpAttrMask::PKEY_INDEX
-                        | QpAttrMask::PORT
-                        | QpAttrMask::ACCESS_FLAGS,
-                ),
+                qp.modify(&init, QpAttrMask::RC_INIT),
                 "Failed to modify QP to INIT",
             )?;
             psns.push((RandomState::new().build_hasher().finish() & 0xff_ffff) as u32);
@@ -390,16 +369,7 @@ impl Side {
                 ..QpAttr::default()
             };
             verbs(
-                qp.modify(
-                    &rtr,
-                    QpAttrMask::STATE
-                        | QpAttrMask::AV
-                        | QpAttrMask::PATH_MTU
-                        | QpAttrMask::DEST_QPN
-                        | QpAttrMask::RQ_PSN
-                        | QpAttrMask::MAX_DEST_RD_ATOMIC
-                        | QpAttrMask::MIN_RNR_TIMER,
-                ),
+                qp.modify(&rtr, QpAttrMask::RC_RTR),
                 "Failed to modify QP to RTR",
             )?;
             let rts = QpAttr {
@@ -412,15 +382,7 @@ impl Side {
                 ..rtr
             };
             verbs(
-                qp.modify(
-                    &rts,
-                    QpAttrMask::STATE
-                        | QpAttrMask::TIMEOUT
-                        | QpAttrMask::RETRY_CNT
-                        | QpAttrMask::RNR_RETRY
-                        | QpAttrMask::SQ_PSN
-                        | QpAttrMask::MAX_QP_RD_ATOMIC,
-                ),
+                qp.modify(&rts, QpAttrMask::RC_RTS),
                 "Failed to modify QP to RTS",
             )?;
         }
@@ -635,7 +597,7 @@ impl Side {
                 waiter.idle(self, &[], ctl, &what)?;
             }
         }
-        let mut wc = [empty_wc()];
+        let mut wc = [WorkCompletion::default()];
         loop {
             if verbs(self.rcq.poll(&mut wc), "poll CQ failed")? == 1 {
                 let wc = wc[0];
@@ -673,7 +635,7 @@ impl Side {
 
     /// Polls the send CQ once, keeping what it finds for [`Side::wait_send`].
     fn stash_sends(&mut self) -> Result<()> {
-        let mut wc = [empty_wc()];
+        let mut wc = [WorkCompletion::default()];
         if verbs(self.scq.poll(&mut wc), "poll CQ failed")? == 1 {
             check_wc(&wc[0], "send")?;
             self.stashed_sends += 1;
@@ -688,7 +650,7 @@ impl Side {
             return Ok(());
         }
         let mut waiter = Waiter::new();
-        let mut wc = [empty_wc()];
+        let mut wc = [WorkCompletion::default()];
         loop {
             if verbs(self.scq.poll(&mut wc), "poll CQ failed")? == 1 {
                 return check_wc(&wc[0], op_name(self.params.test));
@@ -811,7 +773,7 @@ impl Side {
         let mut expected_recv = (receiving && duration.is_none()).then_some(total);
         let mut received = 0u64;
         let rx_refill = (p.rx_depth / 8).max(1);
-        let mut wcs = [empty_wc(); POLL_BATCH];
+        let mut wcs = [WorkCompletion::default(); POLL_BATCH];
         let (mut posted, mut completed) = (0u64, 0u64);
         let mut sent_reported = !sending;
         let mut stopping = duration.is_none();

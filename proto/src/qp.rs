@@ -102,6 +102,29 @@ bitflags::bitflags! {
     }
 }
 
+impl AttrMask {
+    /// An RC QP's RESET → INIT: `STATE` and exactly the attributes verbs requires.
+    pub const RC_INIT: AttrMask = AttrMask::STATE
+        .union(AttrMask::PKEY_INDEX)
+        .union(AttrMask::PORT)
+        .union(AttrMask::ACCESS_FLAGS);
+    /// An RC QP's INIT → RTR: `STATE` and exactly the attributes verbs requires.
+    pub const RC_RTR: AttrMask = AttrMask::STATE
+        .union(AttrMask::AV)
+        .union(AttrMask::PATH_MTU)
+        .union(AttrMask::DEST_QPN)
+        .union(AttrMask::RQ_PSN)
+        .union(AttrMask::MAX_DEST_RD_ATOMIC)
+        .union(AttrMask::MIN_RNR_TIMER);
+    /// An RC QP's RTR → RTS: `STATE` and exactly the attributes verbs requires.
+    pub const RC_RTS: AttrMask = AttrMask::STATE
+        .union(AttrMask::TIMEOUT)
+        .union(AttrMask::RETRY_CNT)
+        .union(AttrMask::RNR_RETRY)
+        .union(AttrMask::SQ_PSN)
+        .union(AttrMask::MAX_QP_RD_ATOMIC);
+}
+
 /// Why a `MODIFY_QP` was refused by the state machine, before any attribute value is looked at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum TransitionError {

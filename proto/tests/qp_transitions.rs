@@ -1200,3 +1200,30 @@ fn validate_requires_zero_reserved_fields_whatever_the_mask() {
         })
     );
 }
+
+#[test]
+fn the_rc_connect_masks_are_exactly_what_each_step_requires() {
+    let steps = [
+        (State::Reset, State::Init, AttrMask::RC_INIT),
+        (State::Init, State::Rtr, AttrMask::RC_RTR),
+        (State::Rtr, State::Rts, AttrMask::RC_RTS),
+    ];
+    for (from, to, mask) in steps {
+        let a = attr(from, to);
+        assert_eq!(
+            qp::check_transition(Type::Rc, from, mask, &a),
+            Ok(to),
+            "{from:?} -> {to:?}"
+        );
+        // Nothing in the mask is optional: without any one bit the step is refused.
+        for bit in (mask - AttrMask::STATE).iter() {
+            assert!(
+                matches!(
+                    qp::check_transition(Type::Rc, from, mask - bit, &a),
+                    Err(TransitionError::Missing { .. })
+                ),
+                "{from:?} -> {to:?} without {bit:?}"
+            );
+        }
+    }
+}

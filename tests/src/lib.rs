@@ -198,18 +198,7 @@ impl Endpoint {
 
 /// A zeroed completion, to fill poll arrays with.
 pub fn empty_wc() -> WorkCompletion {
-    WorkCompletion {
-        wr_id: 0,
-        status: vrdma::WcStatus::Success,
-        opcode: vrdma::WcOpcode::Send,
-        vendor_err: 0,
-        byte_len: 0,
-        imm_data: None,
-        qp_num: 0,
-        src_qp: 0,
-        grh: false,
-        sgid: Gid::default(),
-    }
+    WorkCompletion::default()
 }
 
 /// Polls one completion from `cq`, failing the test after 10 s.

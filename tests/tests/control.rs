@@ -713,10 +713,7 @@ fn every_object_is_created_queried_and_destroyed() {
                 qp_access_flags: access,
                 ..QpAttr::default()
             },
-            QpAttrMask::STATE
-                | QpAttrMask::PKEY_INDEX
-                | QpAttrMask::PORT
-                | QpAttrMask::ACCESS_FLAGS,
+            QpAttrMask::RC_INIT,
         )
         .expect("RESET->INIT");
         let (attr, _) = qp.query().unwrap();
@@ -738,13 +735,7 @@ fn every_object_is_created_queried_and_destroyed() {
                 ah_attr: av,
                 ..QpAttr::default()
             },
-            QpAttrMask::STATE
-                | QpAttrMask::AV
-                | QpAttrMask::PATH_MTU
-                | QpAttrMask::DEST_QPN
-                | QpAttrMask::RQ_PSN
-                | QpAttrMask::MAX_DEST_RD_ATOMIC
-                | QpAttrMask::MIN_RNR_TIMER,
+            QpAttrMask::RC_RTR,
         )
         .expect("INIT->RTR");
         qp.modify(
@@ -757,12 +748,7 @@ fn every_object_is_created_queried_and_destroyed() {
                 max_rd_atomic: 3,
                 ..QpAttr::default()
             },
-            QpAttrMask::STATE
-                | QpAttrMask::TIMEOUT
-                | QpAttrMask::RETRY_CNT
-                | QpAttrMask::RNR_RETRY
-                | QpAttrMask::SQ_PSN
-                | QpAttrMask::MAX_QP_RD_ATOMIC,
+            QpAttrMask::RC_RTS,
         )
         .expect("RTR->RTS");
         let (attr, _) = qp.query().unwrap();
@@ -1947,13 +1933,8 @@ fn a_reconnected_guest_starts_from_an_empty_device() {
         qp_access_flags: AccessFlags::LOCAL_WRITE.bits().into(),
         ..qp::Attr::default()
     };
-    g.modify_qp(
-        h.qp,
-        (QpAttrMask::STATE | QpAttrMask::PKEY_INDEX | QpAttrMask::PORT | QpAttrMask::ACCESS_FLAGS)
-            .bits(),
-        &qp_state,
-    )
-    .unwrap();
+    g.modify_qp(h.qp, (QpAttrMask::RC_INIT).bits(), &qp_state)
+        .unwrap();
     drop(bufs);
     drop(g);
     d.wait_connected("a", false);

@@ -43,6 +43,24 @@ pub struct WorkCompletion {
     pub sgid: Gid,
 }
 
+/// A blank completion, to fill the array given to [`CompletionQueue::poll`].
+impl Default for WorkCompletion {
+    fn default() -> Self {
+        WorkCompletion {
+            wr_id: 0,
+            status: WcStatus::Success,
+            opcode: WcOpcode::Send,
+            vendor_err: 0,
+            byte_len: 0,
+            imm_data: None,
+            qp_num: 0,
+            src_qp: 0,
+            grh: false,
+            sgid: Gid::default(),
+        }
+    }
+}
+
 impl WorkCompletion {
     fn from_cqe(c: &cqe::Completion) -> Self {
         let e = &c.cqe;

@@ -38,6 +38,11 @@ pub const MAX_DEPTH: u32 = 1 << 20;
 pub const PRODUCER_OFFSET: u64 = 0;
 /// Byte offset of the notify acknowledgement (completion rings).
 pub const NOTIFY_ACK_OFFSET: u64 = 4;
+/// Byte offset of the polling word (send rings; the same word as [`NOTIFY_ACK_OFFSET`] of a
+/// completion ring): non-zero while the device will load the producer index again without a
+/// doorbell, so the driver may skip ringing one. The device writes it; see the protocol
+/// specification for the ordering both sides must follow.
+pub const SEND_POLLING_OFFSET: u64 = 4;
 /// Byte offset of the consumer index.
 pub const CONSUMER_OFFSET: u64 = 64;
 /// Byte offset of the arm word (completion rings).

@@ -118,6 +118,10 @@ pub struct QpRuntime {
     /// The send ring was found overrun: nothing in it is trusted, not even to flush, until the
     /// QP is reset.
     pub sq_dead: bool,
+    /// The send ring's polling word is set: the driver skips doorbells because the scheduler
+    /// will look at the ring again before the QP goes idle.
+    #[serde(default)]
+    pub sq_polling: bool,
     /// The current work request; must be idle before the state is saved.
     #[serde(skip)]
     pub inflight: Inflight,
@@ -709,8 +713,25 @@ impl Engine {
         }
     }
 
-    /// Advances QP `qpn` of `a` by at most `budget` payload bytes.
+    /// Advances QP `qpn` of `a` by at most `budget` payload bytes. A QP that will not be
+    /// looked at again (idle, or no more work) has its polling word cleared first, and if work
+    /// was posted meanwhile without a doorbell, it stays in the rotation.
     fn step(&mut self, a: &Arc<VmPort>, av: &mut Vm, qpn: u32, budget: u32) -> Step {
+        let step = self.step_qp(a, av, qpn, budget);
+        let going_idle = matches!(
+            step,
+            Step::Idle | Step::Progress { more: false, .. }
+        );
+        if going_idle && set_sq_polling(av, &a.mem.memory(), qpn, false) {
+            return match step {
+                Step::Progress { cost, .. } => Step::Progress { cost, more: true },
+                _ => Step::Progress { cost: 0, more: true },
+            };
+        }
+        step
+    }
+
+    fn step_qp(&mut self, a: &Arc<VmPort>, av: &mut Vm, qpn: u32, budget: u32) -> Step {
         let a_mem = a.mem.memory();
         let Some(qp) = av.qps.get(qpn) else {
             return Step::Idle;
@@ -718,11 +739,14 @@ impl Engine {
         let state = qp.state();
         match state {
             qp::State::Err => {
+                // Doorbells tell the device about new work to flush; nobody will poll for it.
+                set_sq_polling(av, &a_mem, qpn, false);
                 completion::flush(av, a, &a_mem, qpn, true, true);
                 self.watch_error(a.id, qpn);
                 return Step::Idle;
             }
             qp::State::Sqe => {
+                set_sq_polling(av, &a_mem, qpn, false);
                 completion::flush(av, a, &a_mem, qpn, true, false);
                 self.watch_error(a.id, qpn);
                 return Step::Idle;
@@ -742,7 +766,9 @@ impl Engine {
                 return Step::Idle;
             }
             match start_wr(av, a, &a_mem, qpn) {
-                Start::Started => {}
+                Start::Started => {
+                    set_sq_polling(av, &a_mem, qpn, true);
+                }
                 Start::Empty => return Step::Idle,
                 Start::Failed => {
                     return Step::Progress {
@@ -1034,6 +1060,28 @@ impl Engine {
         );
         Step::Waiting(at)
     }
+}
+
+/// Sets or clears QP `qpn`'s send-ring polling word (`ring::SEND_POLLING_OFFSET`), writing
+/// guest memory only when it changes. Clearing returns whether work was posted meanwhile: the
+/// driver stores its producer index, fences and loads the word, and the device clears the
+/// word, fences and loads the producer index, so one of the two always sees the other (as
+/// with virtio's `NO_NOTIFY`).
+fn set_sq_polling(av: &mut Vm, mem: &GuestMem, qpn: u32, on: bool) -> bool {
+    let Some(qp) = av.qps.get_mut(qpn) else {
+        return false;
+    };
+    if qp.rt.sq_polling == on {
+        return false;
+    }
+    qp.rt.sq_polling = on;
+    let word = GuestAddress(qp.sq_ring_addr + vrdma_proto::ring::SEND_POLLING_OFFSET);
+    let _ = mem.store(u32::from(on), word, Ordering::SeqCst);
+    if on {
+        return false;
+    }
+    std::sync::atomic::fence(Ordering::SeqCst);
+    load_producer(mem, qp.sq_ring_addr).is_some_and(|p| p != qp.rt.sq_head)
 }
 
 enum Start {

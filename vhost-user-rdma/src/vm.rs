@@ -566,7 +566,11 @@ impl Vm {
         let caps = record.caps;
         let (sq_addr, rq_addr) = (record.sq_ring_addr, record.rq_ring_addr);
         let qpn = self.qps.insert(record).map_err(|_| Status::NoResources)?;
-        init_ring_words(mem, sq_addr, &[ring::CONSUMER_OFFSET]);
+        init_ring_words(
+            mem,
+            sq_addr,
+            &[ring::CONSUMER_OFFSET, ring::SEND_POLLING_OFFSET],
+        );
         init_ring_words(mem, rq_addr, &[ring::CONSUMER_OFFSET]);
         self.use_pd(pdn);
         for cqn in [send_cqn, recv_cqn] {
@@ -688,6 +692,7 @@ impl Vm {
             // catching each ring's consumer up with its producer.
             let sq = drain_ring(mem, record.sq_ring_addr);
             let rq = drain_ring(mem, record.rq_ring_addr);
+            init_ring_words(mem, record.sq_ring_addr, &[ring::SEND_POLLING_OFFSET]);
             record.rt = crate::engine::QpRuntime::at(sq, rq);
         }
         if next == qp::State::Sqd {

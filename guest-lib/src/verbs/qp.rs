@@ -636,6 +636,13 @@ impl QueuePair {
     fn publish_send(&self, sq: &WorkQueue) -> Result<()> {
         sq.ring
             .store(ring::PRODUCER_OFFSET, sq.producer, Ordering::Release);
+        // The device polls this ring while it has work on it, and then reads the producer
+        // index again before it stops (protocol §11): no doorbell needed. The full fence
+        // orders the producer store before the load, pairing with the device's.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if sq.ring.load(ring::SEND_POLLING_OFFSET, Ordering::Relaxed) != 0 {
+            return Ok(());
+        }
         let qpn = self.inner.qpn;
         self.inner.pd.ctx.ring(
             &[Doorbell::new(doorbell::Kind::Send, qpn)],

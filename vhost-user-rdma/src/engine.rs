@@ -718,7 +718,8 @@ impl Engine {
     /// was posted meanwhile without a doorbell, it stays in the rotation.
     fn step(&mut self, a: &Arc<VmPort>, av: &mut Vm, qpn: u32, budget: u32) -> Step {
         let step = self.step_qp(a, av, qpn, budget);
-        let going_idle = matches!(step, Step::Idle | Step::Progress { more: false, .. });
+        let going_idle = matches!(step, Step::Idle | Step::Progress { more: false, .. })
+            && av.qps.get(qpn).is_some_and(|q| q.rt.sq_polling);
         if going_idle && set_sq_polling(av, &a.mem.memory(), qpn, false) {
             return match step {
                 Step::Progress { cost, .. } => Step::Progress { cost, more: true },

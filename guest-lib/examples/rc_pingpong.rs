@@ -431,18 +431,7 @@ fn stuck(l: &Loop<'_>) -> String {
 /// Busy-polls the CQ (or, with `--events`, sleeps on the completion channel, re-arms and
 /// polls) until `iters` sends and receives have completed.
 fn run_loop(l: &mut Loop<'_>) -> Res<()> {
-    let mut wc = [WorkCompletion {
-        wr_id: 0,
-        status: WcStatus::Success,
-        opcode: WcOpcode::Send,
-        vendor_err: 0,
-        byte_len: 0,
-        imm_data: None,
-        qp_num: 0,
-        src_qp: 0,
-        grh: false,
-        sgid: Gid::default(),
-    }; 2];
+    let mut wc = [WorkCompletion::default(); 2];
     let mut last = Instant::now();
     let mut idle = 0u32;
     while l.rcnt < l.iters || l.scnt < l.iters {

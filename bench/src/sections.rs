@@ -120,9 +120,16 @@ impl Env {
         Duration::from_secs_f64(if self.quick { quick } else { full })
     }
 
-    fn note(&mut self, what: String) {
+    /// A measurement failed: ends the run if that was Ctrl-C, otherwise records the failure
+    /// so the section can go on with the next measurement.
+    fn failed(&mut self, what: String) -> Result<(), Error> {
+        if procs::interrupted() {
+            return Err(procs::Error::Interrupted.into());
+        }
+        eprintln!();
         eprintln!("  FAILED: {what}");
         self.failures.push(what);
+        Ok(())
     }
 }
 
@@ -236,12 +243,8 @@ pub fn vrdma(env: &mut Env, r: &mut Results) -> Result<(), Error> {
                                 r.add("latency", &series, Some(size), "daemon_cpu", cpu, "%");
                             }
                         }
-                        Err(_) if procs::interrupted() => {
-                            return Err(procs::Error::Interrupted.into());
-                        }
                         Err(e) => {
-                            eprintln!();
-                            env.note(format!("{} {size} B events={events}: {e}", run.test));
+                            env.failed(format!("{} {size} B events={events}: {e}", run.test))?;
                             daemon.check_alive()?;
                             // The rest of this series would fail the same way; save the time.
                             break;
@@ -285,13 +288,7 @@ pub fn vrdma(env: &mut Env, r: &mut Results) -> Result<(), Error> {
                 );
                 r.add("rate", &series, Some(8), "daemon_cpu", cpu, "%");
             }
-            Err(_) if procs::interrupted() => {
-                return Err(procs::Error::Interrupted.into());
-            }
-            Err(e) => {
-                eprintln!();
-                env.note(format!("write_bw 8 B -l 32 events={events}: {e}"));
-            }
+            Err(e) => env.failed(format!("write_bw 8 B -l 32 events={events}: {e}"))?,
         }
     }
     Ok(())
@@ -365,13 +362,7 @@ pub fn tcp(env: &mut Env, r: &mut Results) -> Result<(), Error> {
                 }
                 eprintln!();
             }
-            Err(_) if procs::interrupted() => {
-                return Err(procs::Error::Interrupted.into());
-            }
-            Err(e) => {
-                eprintln!();
-                env.note(format!("qperf {size} B: {e}"));
-            }
+            Err(e) => env.failed(format!("qperf {size} B: {e}"))?,
         }
     }
     Ok(())

@@ -18,6 +18,11 @@ use vrdma::{
 };
 use vrdma_proto::Gid;
 
+pub mod chaos;
+pub mod netns;
+
+pub mod scenarios;
+
 /// A daemon serving VMs on sockets in a private temporary directory; stopped on drop.
 #[derive(Debug)]
 pub struct TestDaemon {
@@ -30,6 +35,12 @@ static NEXT_DIR: AtomicU32 = AtomicU32::new(0);
 impl TestDaemon {
     /// Starts a daemon with one VM per entry: `name` plus extra `key=value` options.
     pub fn start(vms: &[(&str, &str)]) -> TestDaemon {
+        Self::start_with(vms, &[])
+    }
+
+    /// As [`TestDaemon::start`], with more daemon options; a VM whose options name a `gid=`
+    /// gets that one instead of the default 10.0.0.N.
+    pub fn start_with(vms: &[(&str, &str)], options: &[&str]) -> TestDaemon {
         let _ = env_logger::builder().is_test(true).try_init();
         let dir = std::env::temp_dir().join(format!(
             "vrdma-test-{}-{}",
@@ -41,22 +52,32 @@ impl TestDaemon {
         for (i, (name, extra)) in vms.iter().enumerate() {
             argv.push("--vm".into());
             let mut spec = format!(
-                "name={name},socket={},gid=10.0.0.{}",
-                dir.join(format!("{name}.sock")).display(),
-                i + 1
+                "name={name},socket={}",
+                dir.join(format!("{name}.sock")).display()
             );
+            if !extra.contains("gid=") {
+                spec.push_str(&format!(",gid=10.0.0.{}", i + 1));
+            }
             if !extra.is_empty() {
                 spec.push(',');
                 spec.push_str(extra);
             }
             argv.push(spec);
         }
+        argv.extend(options.iter().map(|o| (*o).to_owned()));
         let config = Config::from_args(&Args::parse_from(argv)).expect("valid test configuration");
         let daemon = Daemon::start(&config).expect("daemon starts");
         TestDaemon {
             daemon: Some(daemon),
             dir,
         }
+    }
+
+    /// The daemon.
+    pub fn daemon(&self) -> &Daemon {
+        self.daemon
+            .as_ref()
+            .expect("the daemon runs until the TestDaemon is dropped")
     }
 
     /// The socket of VM `name`.

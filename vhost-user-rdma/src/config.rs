@@ -31,6 +31,22 @@ pub struct Args {
     #[arg(long, default_value = "soft", value_name = "soft|verbs:DEVICE")]
     pub fabric: String,
 
+    /// Carry work to VMs on other hosts as RoCEv2 over UDP: binds the --roce-port on every
+    /// VM's gid= address (each must be an address of this host). Without it, only VMs on this
+    /// daemon can talk to each other.
+    #[arg(long)]
+    pub roce: bool,
+
+    /// The UDP port of every daemon in the fabric; RoCEv2 peers (NICs, rxe) use 4791.
+    #[arg(long, default_value_t = 4791, value_name = "PORT")]
+    pub roce_port: u16,
+
+    /// Check the ICRC of IPv4 packets ("verify", assuming IP Identification 0 as Linux sends
+    /// it) or not ("skip": needed for peers that vary the Identification, such as Linux rxe;
+    /// the Ethernet FCS still protects the packet). IPv6 packets are always checked.
+    #[arg(long, default_value = "verify", value_name = "verify|skip")]
+    pub roce_ipv4_icrc: String,
+
     /// Print the backend capabilities JSON that QEMU's docs/interop/vhost-user.json defines
     /// for backend programs, and exit.
     #[arg(long)]
@@ -98,6 +114,12 @@ pub enum Error {
     /// The fabric is unknown or not built in.
     #[error("--fabric {0:?}: {1}")]
     Fabric(String, &'static str),
+    /// `--roce-ipv4-icrc` is neither `verify` nor `skip`.
+    #[error("--roce-ipv4-icrc {0:?}: give verify or skip")]
+    Icrc(String),
+    /// `--roce-port 0`.
+    #[error("--roce-port 0: give the UDP port the fabric's daemons share (4791 for RoCEv2)")]
+    RocePort,
 }
 
 /// Per-VM limits; the guest sees them as its device's capabilities.
@@ -169,6 +191,8 @@ pub struct Config {
     pub vms: Vec<VmConfig>,
     /// The fabric.
     pub fabric: FabricKind,
+    /// The inter-host fabric, if enabled.
+    pub roce: Option<crate::wire::Settings>,
 }
 
 impl Config {
@@ -203,9 +227,26 @@ impl Config {
                 }
             }
         }
+        let roce = if args.roce {
+            if args.roce_port == 0 {
+                return Err(Error::RocePort);
+            }
+            let ipv4_icrc = match args.roce_ipv4_icrc.as_str() {
+                "verify" => true,
+                "skip" => false,
+                other => return Err(Error::Icrc(other.to_owned())),
+            };
+            Some(crate::wire::Settings {
+                port: args.roce_port,
+                ipv4_icrc,
+            })
+        } else {
+            None
+        };
         Ok(Config {
             vms,
             fabric: parse_fabric(&args.fabric)?,
+            roce,
         })
     }
 }

@@ -1,6 +1,7 @@
 //! The daemon as a library: every VM's server and the scheduler, started and stopped together.
 //! The binary's `main` and the demo use it, and integration tests run it in-process.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use log::info;
@@ -8,6 +9,7 @@ use log::info;
 use crate::config::Config;
 use crate::engine::Scheduler;
 use crate::server::{self, VmServer};
+use crate::wire::Fabric;
 
 /// Why the daemon could not start.
 #[derive(Debug, thiserror::Error)]
@@ -18,6 +20,9 @@ pub enum Error {
     /// A VM could not be served.
     #[error(transparent)]
     Server(#[from] server::Error),
+    /// The inter-host fabric could not start.
+    #[error(transparent)]
+    Roce(#[from] crate::wire::Error),
     /// The fabric asked for is not available in this version.
     #[error("the {0} fabric is not implemented yet; use --fabric soft")]
     FabricUnavailable(String),
@@ -28,6 +33,7 @@ pub enum Error {
 pub struct Daemon {
     servers: Vec<VmServer>,
     scheduler: Scheduler,
+    fabric: Option<Arc<Fabric>>,
 }
 
 impl Daemon {
@@ -38,7 +44,14 @@ impl Daemon {
             // Refuse rather than quietly run the soft fabric under the operator's nose.
             return Err(Error::FabricUnavailable(format!("verbs:{device}")));
         }
-        let scheduler = Scheduler::start().map_err(Error::Scheduler)?;
+        let fabric = match config.roce {
+            Some(settings) => {
+                let gids: Vec<_> = config.vms.iter().map(|v| (v.name.clone(), v.gid)).collect();
+                Some(Fabric::start(settings, &gids)?)
+            }
+            None => None,
+        };
+        let scheduler = Scheduler::start(fabric.clone()).map_err(Error::Scheduler)?;
         let mut servers = Vec::new();
         for (i, vm) in config.vms.iter().enumerate() {
             // Locally administered, "VRDM" in the middle, the VM's index at the end.
@@ -49,6 +62,9 @@ impl Daemon {
                     for s in servers {
                         s.stop(Duration::from_secs(1));
                     }
+                    if let Some(f) = &fabric {
+                        f.stop();
+                    }
                     return Err(e.into());
                 }
             }
@@ -58,7 +74,11 @@ impl Daemon {
             servers.len(),
             config.fabric
         );
-        Ok(Daemon { servers, scheduler })
+        Ok(Daemon {
+            servers,
+            scheduler,
+            fabric,
+        })
     }
 
     /// The server of the VM called `name`.
@@ -71,10 +91,18 @@ impl Daemon {
         &self.scheduler
     }
 
+    /// The inter-host fabric, if `--roce` started one.
+    pub fn fabric(&self) -> Option<&Arc<Fabric>> {
+        self.fabric.as_ref()
+    }
+
     /// Disconnects every VM, releases their objects and removes the sockets.
     pub fn stop(self) {
         for s in self.servers {
             s.stop(Duration::from_secs(5));
+        }
+        if let Some(f) = &self.fabric {
+            f.stop();
         }
         info!("stopped");
     }

@@ -32,6 +32,7 @@ use zerocopy::FromBytes;
 use crate::completion::{self, Completion, load_producer, publish_consumer};
 use crate::port::VmPort;
 use crate::vm::{GuestMem, Vm};
+use crate::wire::{self, Fabric, TxBuffers};
 use crate::xfer::{self, CHUNK, Runs};
 
 /// Bytes of the largest send ring slot a QP can have.
@@ -129,6 +130,12 @@ pub struct QpRuntime {
     /// so two cannot interleave; one silent for `OWNER_STALE` has gone and is replaced.
     #[serde(skip)]
     pub rx_owner: Option<(u64, u32, Instant)>,
+    /// Where the QP stands in PSN space on the inter-host fabric.
+    #[serde(default)]
+    pub psns: crate::wire::Psns,
+    /// The QP's transport on the inter-host fabric; must be idle before the state is saved.
+    #[serde(skip)]
+    pub wire: crate::wire::Transport,
 }
 
 impl QpRuntime {
@@ -155,12 +162,16 @@ pub struct Scheduler {
 }
 
 impl Scheduler {
-    /// Starts the scheduler thread.
-    pub fn start() -> std::io::Result<Scheduler> {
+    /// Starts the scheduler thread; `fabric` carries work to VMs on other hosts.
+    pub fn start(fabric: Option<Arc<Fabric>>) -> std::io::Result<Scheduler> {
         let (tx, rx) = sync_channel(256);
+        let engine_fabric = fabric.clone();
         let handle = std::thread::Builder::new()
             .name("vrdma-scheduler".into())
-            .spawn(move || Engine::new(rx).run())?;
+            .spawn(move || Engine::new(rx, engine_fabric).run())?;
+        if let Some(f) = &fabric {
+            f.set_scheduler(handle.thread().clone());
+        }
         Ok(Scheduler {
             tx,
             thread: handle.thread().clone(),
@@ -193,7 +204,8 @@ impl Scheduler {
 }
 
 /// What one step of one QP achieved.
-enum Step {
+#[derive(Debug, Clone, Copy)]
+pub enum Step {
     /// Nothing to do until the next doorbell.
     Idle,
     /// Moved bytes; `more` if the QP has more work right now.
@@ -205,7 +217,7 @@ enum Step {
 }
 
 /// What the responder did with a chunk.
-enum Resp {
+pub(crate) enum Resp {
     /// Applied; `last` if the message is complete.
     Done,
     /// No receive posted: retry after this many microseconds.
@@ -303,6 +315,10 @@ struct Engine {
     error_qps: Vec<(u64, u32)>,
     last_flush: Instant,
     poll: Polling,
+    /// The inter-host fabric, if the daemon runs one.
+    fabric: Option<Arc<Fabric>>,
+    /// Packet buffers for the inter-host fabric.
+    tx: TxBuffers,
 }
 
 /// The scheduler's adaptive polling of the doorbell queues. Each VM is polled only while it
@@ -321,7 +337,7 @@ struct Polling {
 }
 
 impl Engine {
-    fn new(rx: Receiver<Control>) -> Self {
+    fn new(rx: Receiver<Control>, fabric: Option<Arc<Fabric>>) -> Self {
         Engine {
             rx,
             ports: Vec::new(),
@@ -340,6 +356,8 @@ impl Engine {
                 state: Vec::new(),
                 served: Vec::new(),
             },
+            fabric,
+            tx: TxBuffers::default(),
         }
     }
 
@@ -479,6 +497,9 @@ impl Engine {
         match c {
             Control::Attach(port) => {
                 info!("vm {}: attached to the fabric as {}", port.name, port.gid);
+                if let Some(f) = &self.fabric {
+                    f.attach(&port.gid, Some(port.clone()));
+                }
                 self.by_gid.insert(port.gid, port.clone());
                 self.ports.push(port);
                 self.deficits.push(0);
@@ -498,6 +519,9 @@ impl Engine {
                     }
                     if self.by_gid.get(&port.gid).is_some_and(|p| p.id == id) {
                         self.by_gid.remove(&port.gid);
+                        if let Some(f) = &self.fabric {
+                            f.attach(&port.gid, None);
+                        }
                     }
                     self.error_qps.retain(|&(p, _)| p != id);
                     self.fail_peers_of(&port);
@@ -755,6 +779,16 @@ impl Engine {
             qp::State::Rts | qp::State::Sqd => {}
             _ => return Step::Idle,
         }
+        if let Some(fabric) = &self.fabric {
+            let dgid = qp.attr.ah_attr.dgid;
+            if qp.qp_type() == qp::Type::Rc && !self.by_gid.contains_key(&dgid) {
+                let out = wire::step_rc(fabric, &mut self.tx, a, av, &a_mem, qpn, budget);
+                if let Some(at) = out.timer {
+                    self.timers.push(Reverse((at, a.id, qpn)));
+                }
+                return out.step;
+            }
+        }
         if !qp.rt.inflight.active {
             if state == qp::State::Sqd {
                 let notify = qp.attr.en_sqd_async_notify == 1 && !qp.rt.sqd_notified;
@@ -876,6 +910,35 @@ impl Engine {
             }
         }
         let Some(b) = self.by_gid.get(&dgid).cloned() else {
+            if let (Some(fabric), qp::Type::Ud) = (&self.fabric, qp_type) {
+                let sent = wire::send_ud(
+                    fabric,
+                    &mut self.tx,
+                    a,
+                    av,
+                    a_mem,
+                    &wr,
+                    dgid,
+                    dest_qpn,
+                    qkey,
+                    qpn,
+                );
+                if let Err(v) = sent {
+                    fail_wr(av, a, a_mem, qpn, Status::LocProtErr, v);
+                    return Step::Progress {
+                        cost: WR_COST,
+                        more: false,
+                    };
+                }
+                a.counters
+                    .bytes
+                    .fetch_add(u64::from(len), Ordering::Relaxed);
+                let more = complete_wr(av, a, a_mem, qpn, &wr, Status::Success, VendorErr::None);
+                return Step::Progress {
+                    cost: len + WR_COST,
+                    more,
+                };
+            }
             return self.no_responder(a, av, a_mem, qpn, qp_type);
         };
         let same = b.id == a.id;
@@ -909,6 +972,7 @@ impl Engine {
             len,
             done,
             n,
+            last: done + n == len,
             qkey,
             a_runs: &a_runs,
             inline: &inline[..inline_len],
@@ -1068,7 +1132,7 @@ impl Engine {
 /// driver stores its producer index, fences and loads the word, and the device clears the
 /// word, fences and loads the producer index, so one of the two always sees the other (as
 /// with virtio's `NO_NOTIFY`).
-fn set_sq_polling(av: &mut Vm, mem: &GuestMem, qpn: u32, on: bool) -> bool {
+pub(crate) fn set_sq_polling(av: &mut Vm, mem: &GuestMem, qpn: u32, on: bool) -> bool {
     let Some(qp) = av.qps.get_mut(qpn) else {
         return false;
     };
@@ -1196,7 +1260,7 @@ fn start_wr(av: &mut Vm, a: &VmPort, a_mem: &GuestMem, qpn: u32) -> Start {
 }
 
 /// The requester-side checks of a work request, before any byte moves.
-fn check_wr(
+pub(crate) fn check_wr(
     av: &Vm,
     pdn: u32,
     qp_type: qp::Type,
@@ -1237,28 +1301,30 @@ fn check_wr(
 }
 
 /// Everything the responder needs about one chunk.
-struct Chunk<'a> {
-    a_id: u64,
-    a_gid: Gid,
-    a_qpn: u32,
-    qp_type: qp::Type,
-    opcode: Opcode,
-    header: &'a wqe::SendHeader,
-    solicited: bool,
-    len: u32,
-    done: u32,
-    n: u32,
-    qkey: u32,
-    a_runs: &'a Runs,
-    inline: &'a [u8],
-    is_inline: bool,
-    a_mem: &'a GuestMem,
-    b_mem: &'a GuestMem,
+pub(crate) struct Chunk<'a> {
+    pub(crate) a_id: u64,
+    pub(crate) a_gid: Gid,
+    pub(crate) a_qpn: u32,
+    pub(crate) qp_type: qp::Type,
+    pub(crate) opcode: Opcode,
+    pub(crate) header: &'a wqe::SendHeader,
+    pub(crate) solicited: bool,
+    pub(crate) len: u32,
+    pub(crate) done: u32,
+    pub(crate) n: u32,
+    /// Whether this chunk ends the message.
+    pub(crate) last: bool,
+    pub(crate) qkey: u32,
+    pub(crate) a_runs: &'a Runs,
+    pub(crate) inline: &'a [u8],
+    pub(crate) is_inline: bool,
+    pub(crate) a_mem: &'a GuestMem,
+    pub(crate) b_mem: &'a GuestMem,
 }
 
 impl Chunk<'_> {
     fn last(&self) -> bool {
-        self.done + self.n == self.len
+        self.last
     }
 
     /// Copies this chunk's payload from the requester into `dst`; an error names whose memory
@@ -1280,7 +1346,13 @@ impl Chunk<'_> {
 }
 
 /// The responder: applies one chunk to QP `dest_qpn` of VM `bv`.
-fn respond(bv: &mut Vm, b: &VmPort, dest_qpn: u32, c: &Chunk<'_>, atomic_result: &mut u64) -> Resp {
+pub(crate) fn respond(
+    bv: &mut Vm,
+    b: &VmPort,
+    dest_qpn: u32,
+    c: &Chunk<'_>,
+    atomic_result: &mut u64,
+) -> Resp {
     // Nobody to take the message: a datagram is lost (and counted), an RC request unanswered.
     let unanswered = || {
         if c.qp_type == qp::Type::Ud {
@@ -1586,7 +1658,7 @@ fn grh(sgid: Gid, dgid: Gid, payload: u32) -> [u8; GRH_SIZE as usize] {
 
 /// Reads the receive work request at the head of QP `qpn`'s receive ring without consuming it,
 /// with its SGEs checked against the QP's PD and local-write rights.
-fn take_recv(bv: &Vm, qpn: u32, mem: &GuestMem) -> Result<Option<RecvCopy>, VendorErr> {
+pub(crate) fn take_recv(bv: &Vm, qpn: u32, mem: &GuestMem) -> Result<Option<RecvCopy>, VendorErr> {
     let Some(qp) = bv.qps.get(qpn) else {
         return Ok(None);
     };
@@ -1621,7 +1693,7 @@ fn take_recv(bv: &Vm, qpn: u32, mem: &GuestMem) -> Result<Option<RecvCopy>, Vend
 }
 
 /// Completes the receive at the head of QP `qpn`'s ring with `c` and consumes it.
-fn finish_recv(bv: &mut Vm, b: &VmPort, mem: &GuestMem, qpn: u32, c: &Completion) {
+pub(crate) fn finish_recv(bv: &mut Vm, b: &VmPort, mem: &GuestMem, qpn: u32, c: &Completion) {
     let Some(qp) = bv.qps.get_mut(qpn) else {
         return;
     };
@@ -1637,7 +1709,7 @@ fn finish_recv(bv: &mut Vm, b: &VmPort, mem: &GuestMem, qpn: u32, c: &Completion
 
 /// The responder found an error: complete its receive (if it has taken one) with `recv_status`,
 /// and move its QP to the error state.
-fn responder_error(
+pub(crate) fn responder_error(
     bv: &mut Vm,
     b: &VmPort,
     mem: &GuestMem,
@@ -1654,7 +1726,7 @@ fn responder_error(
 
 /// Moves QP `qpn` to ERR and queues it, so the scheduler flushes it and keeps flushing what
 /// the driver posts later, whatever path took it there.
-fn set_error(vm: &mut Vm, port: &VmPort, qpn: u32) {
+pub(crate) fn set_error(vm: &mut Vm, port: &VmPort, qpn: u32) {
     if let Some(qp) = vm.qps.get_mut(qpn) {
         qp.attr.qp_state = qp::State::Err.raw();
         qp.rt.rx_owner = None;
@@ -1664,7 +1736,7 @@ fn set_error(vm: &mut Vm, port: &VmPort, qpn: u32) {
 
 /// Completes QP `qpn`'s work request in progress and consumes it. Returns whether more work
 /// requests are waiting.
-fn complete_wr(
+pub(crate) fn complete_wr(
     av: &mut Vm,
     a: &VmPort,
     mem: &GuestMem,
@@ -1715,7 +1787,14 @@ fn complete_wr(
 
 /// Fails QP `qpn`'s work request in progress with `status` and takes the QP to the error state
 /// (SQE for UD), flushing what remains.
-fn fail_wr(av: &mut Vm, a: &VmPort, mem: &GuestMem, qpn: u32, status: Status, v: VendorErr) {
+pub(crate) fn fail_wr(
+    av: &mut Vm,
+    a: &VmPort,
+    mem: &GuestMem,
+    qpn: u32,
+    status: Status,
+    v: VendorErr,
+) {
     let Some(qp) = av.qps.get(qpn) else { return };
     let (qp_type, active) = (qp.qp_type(), qp.rt.inflight.active);
     if active {
@@ -1769,7 +1848,7 @@ fn fail_wr(av: &mut Vm, a: &VmPort, mem: &GuestMem, qpn: u32, status: Status, v:
 }
 
 /// The QP's ring is unusable (overrun or unmapped): error state and a QP_FATAL event.
-fn ring_fatal(av: &mut Vm, a: &VmPort, mem: &GuestMem, qpn: u32, v: VendorErr) {
+pub(crate) fn ring_fatal(av: &mut Vm, a: &VmPort, mem: &GuestMem, qpn: u32, v: VendorErr) {
     warn!(
         "vm {}: QP {qpn:#x}'s send ring is unusable ({v:?}); the QP goes to the error state",
         a.name

@@ -17,4 +17,5 @@ pub mod limits;
 pub mod port;
 pub mod server;
 pub mod vm;
+pub mod wire;
 pub mod xfer;

@@ -698,6 +698,14 @@ impl Vm {
         if next == qp::State::Sqd {
             record.rt.sqd_notified = false;
         }
+        // The inter-host fabric numbers packets from here (RTR and RTS set them).
+        if mask.contains(M::RQ_PSN) {
+            record.rt.psns.expected = a.rq_psn.get() & qp::MAX_PSN;
+        }
+        if mask.contains(M::SQ_PSN) {
+            record.rt.psns.next = a.sq_psn.get() & qp::MAX_PSN;
+            record.rt.psns.una = record.rt.psns.next;
+        }
         // ERR needs its flush, and RTS or SQD may release queued sends: let the scheduler look.
         let wake = next != from
             && matches!(

@@ -249,6 +249,32 @@ pub fn write_runs(bytes: &[u8], dst_mem: &GuestMem, dst: &[Run]) -> Result<(), V
     }
 }
 
+/// Reads `src` runs of `src_mem` into `out`, which must be exactly as long as the runs cover:
+/// a packet's payload is built from guest memory this way.
+pub fn read_runs(src_mem: &GuestMem, src: &[Run], out: &mut [u8]) -> Result<(), VendorErr> {
+    let mut done = 0usize;
+    for run in src {
+        let mut off = 0u64;
+        while off < u64::from(run.len) {
+            let from = slice_at(src_mem, run.gpa + off, u64::from(run.len) - off)
+                .filter(|f| !f.is_empty())
+                .ok_or(VendorErr::GuestMemory)?;
+            let n = from.len();
+            let dst = out
+                .get_mut(done..done + n)
+                .ok_or(VendorErr::SgeOutOfBounds)?;
+            from.copy_to(dst);
+            done += n;
+            off += n as u64;
+        }
+    }
+    if done == out.len() {
+        Ok(())
+    } else {
+        Err(VendorErr::SgeOutOfBounds)
+    }
+}
+
 /// Runs `op` on the 8-byte atomic at `gpa`, which is shared with every other VM and with the
 /// guest's own CPUs, and returns its result.
 pub fn with_atomic<R>(

@@ -1,0 +1,2050 @@
+//! The inter-host fabric: RoCEv2 over UDP, as Linux Soft-RoCE (rxe) and RoCE NICs speak it.
+//!
+//! Each VM's GID is an address of this host; with `--roce` the daemon binds UDP port 4791 on
+//! it, so a GID resolves to a host the way RoCEv2 resolves it: by IP. A QP whose peer GID
+//! belongs to no VM of this daemon sends its work as RoCEv2 packets to that address; packets
+//! arriving on a VM's address are answered by its QPs.
+//!
+//! Division of labour: the scheduler thread is the requester's transmitter (work requests into
+//! packets, go-back-N retransmission, timers); one receive thread per VM address parses
+//! datagrams and runs the responder (requests into guest memory, ACKs, READ responses) and the
+//! requester's completer (ACKs, NAKs, READ and atomic responses into completions). Both work on
+//! a QP only under its VM's lock, so a QP's transport state has one writer at a time.
+//!
+//! Packets from the network are as untrusted as guests: [`vrdma_roce::packet::parse`] checks
+//! form and ICRC, and every field that names guest memory goes through the same checks as a
+//! local request (the responder is the local fabric's, [`crate::engine::respond`]).
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, RwLock};
+use std::thread::{JoinHandle, Thread};
+use std::time::{Duration, Instant};
+
+use log::{debug, info, warn};
+use serde::{Deserialize, Serialize};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
+use vrdma_proto::config::Mtu;
+use vrdma_proto::cqe::{self, Status, VendorErr};
+use vrdma_proto::mr::Access;
+use vrdma_proto::wqe::{self, Opcode, Payload, SendFlags};
+use vrdma_proto::{Gid, event, qp};
+use vrdma_roce::aeth::{Aeth, NakCode, Syndrome};
+use vrdma_roce::atomic::{AtomicAckEth, AtomicEth};
+use vrdma_roce::bth::Bth;
+use vrdma_roce::deth::Deth;
+use vrdma_roce::icrc::{IPV4_DF, Ip, IpUdp};
+use vrdma_roce::imm::ImmDt;
+use vrdma_roce::opcode::Opcode as Op;
+use vrdma_roce::packet::{self, Extensions, IcrcCheck, Packet, ParseError};
+use vrdma_roce::reth::Reth;
+
+use crate::completion::{self, Completion, load_producer, publish_consumer};
+use crate::engine::{self, Chunk, MAX_SEND_SLOT, Resp, Step, WR_COST};
+use crate::port::VmPort;
+use crate::vm::{GuestMem, Vm};
+use crate::xfer::{self, Runs};
+
+/// Work requests a QP may have on the wire unacknowledged.
+pub const WINDOW: usize = 32;
+/// Packets a QP may have on the wire unacknowledged: more only fills socket buffers, and a
+/// loss then costs a longer go-back-N.
+pub const MAX_UNACKED: u32 = 256;
+/// A long message asks for an ACK at least this often, so the requester's window moves before
+/// the message ends.
+const ACK_EVERY: u32 = 64;
+/// The largest UDP payload the fabric builds: a 4096-byte MTU and the longest header stack.
+const MAX_PACKET: usize = 4096 + 64;
+/// Atomic results kept per QP to answer a retransmitted atomic without executing it twice.
+const ATOMIC_REPLAY: usize = 4;
+/// The requester's ACK timeout when the QP's `timeout` is 0 (infinite on hardware): a peer that
+/// vanished must not hold a work request forever in a daemon serving many tenants.
+const DEFAULT_TIMEOUT: Duration = Duration::from_millis(500);
+/// The shortest ACK timeout: a software transport's round trip includes scheduling delays of
+/// milliseconds, and a shorter timer only retransmits what is still on its way (rxe's timer
+/// has the same floor, one kernel tick).
+const MIN_TIMEOUT: Duration = Duration::from_millis(4);
+/// Bytes of socket buffer per VM address, each way.
+const SOCKET_BUFFER: usize = 8 << 20;
+/// How often a receive thread checks whether the daemon is stopping.
+const RX_POLL: Duration = Duration::from_millis(200);
+/// PSNs are 24 bits.
+const PSN_MASK: u32 = vrdma_roce::MAX_24;
+/// The `a_id` a request from the network carries into the responder: no local VM has it.
+const REMOTE_PORT_ID: u64 = u64::MAX;
+
+/// Why the inter-host fabric could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A VM's GID is not an address this host can bind.
+    #[error(
+        "cannot bind UDP {addr} for VM {vm:?}'s GID: with --roce each gid= must be an address of this host (ip addr add ...), and the port free"
+    )]
+    Bind {
+        /// The VM.
+        vm: String,
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// A receive thread could not be started.
+    #[error("cannot start the RoCEv2 receive thread for {0}")]
+    Thread(SocketAddr, #[source] io::Error),
+}
+
+/// How the fabric is configured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settings {
+    /// The UDP port of every daemon in the fabric (4791 in RoCEv2).
+    pub port: u16,
+    /// Check the ICRC of IPv4 packets assuming IP Identification 0, as Linux sends with an
+    /// unconnected socket and DF set. Peers that vary it (rxe) need this off; see
+    /// docs/fabric.md.
+    pub ipv4_icrc: bool,
+}
+
+/// Counters of one VM address, for operators.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Datagrams received.
+    pub rx: AtomicU64,
+    /// Datagrams sent.
+    pub tx: AtomicU64,
+    /// Datagrams that failed to send.
+    pub tx_errors: AtomicU64,
+    /// Datagrams dropped by the parser, by [`ParseError::index`].
+    pub malformed: [AtomicU64; ParseError::ALL.len()],
+    /// Packets for no QP, a QP in the wrong state or type, or from a host that is not the
+    /// QP's peer.
+    pub no_qp: AtomicU64,
+    /// Requests ahead of the expected PSN (answered with one sequence-error NAK).
+    pub out_of_sequence: AtomicU64,
+    /// Duplicate requests (answered again, never executed twice).
+    pub duplicates: AtomicU64,
+    /// Packets retransmitted by go-back-N.
+    pub retransmitted: AtomicU64,
+    /// NAKs and RNR NAKs sent.
+    pub naks: AtomicU64,
+    /// Responses that matched nothing outstanding.
+    pub stray_responses: AtomicU64,
+}
+
+/// A VM's address on the network: its socket and who answers there.
+#[derive(Debug)]
+pub struct Endpoint {
+    addr: SocketAddr,
+    socket: UdpSocket,
+    vm: RwLock<Option<Arc<VmPort>>>,
+    /// What passed through it.
+    pub counters: Counters,
+}
+
+/// The inter-host fabric of one daemon.
+#[derive(Debug)]
+pub struct Fabric {
+    settings: Settings,
+    endpoints: HashMap<Gid, Arc<Endpoint>>,
+    scheduler: OnceLock<Thread>,
+    stop: AtomicBool,
+    threads: std::sync::Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// An IP address for a GID: IPv4-mapped GIDs are IPv4 addresses, the rest IPv6.
+pub fn ip_of(gid: Gid) -> IpAddr {
+    match gid.to_ipv4() {
+        Some(v4) => IpAddr::V4(Ipv4Addr::from(v4)),
+        None => IpAddr::V6(std::net::Ipv6Addr::from(gid.0)),
+    }
+}
+
+fn gid_of(ip: IpAddr) -> Gid {
+    match ip {
+        IpAddr::V4(v4) => Gid::from_ipv4(v4.octets()),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => Gid::from_ipv4(v4.octets()),
+            None => Gid(v6.octets()),
+        },
+    }
+}
+
+impl Fabric {
+    /// Binds every VM's GID address and starts the receive threads.
+    pub fn start(settings: Settings, vms: &[(String, Gid)]) -> Result<Arc<Fabric>, Error> {
+        let mut endpoints = HashMap::new();
+        for (name, gid) in vms {
+            let addr = SocketAddr::new(ip_of(*gid), settings.port);
+            let socket = UdpSocket::bind(addr).map_err(|source| Error::Bind {
+                vm: name.clone(),
+                addr,
+                source,
+            })?;
+            socket
+                .set_read_timeout(Some(RX_POLL))
+                .map_err(|source| Error::Bind {
+                    vm: name.clone(),
+                    addr,
+                    source,
+                })?;
+            size_buffers(&socket, addr);
+            endpoints.insert(
+                *gid,
+                Arc::new(Endpoint {
+                    addr,
+                    socket,
+                    vm: RwLock::new(None),
+                    counters: Counters::default(),
+                }),
+            );
+        }
+        let fabric = Arc::new(Fabric {
+            settings,
+            endpoints,
+            scheduler: OnceLock::new(),
+            stop: AtomicBool::new(false),
+            threads: std::sync::Mutex::new(Vec::new()),
+        });
+        for ep in fabric.endpoints.values() {
+            let (f, e) = (fabric.clone(), ep.clone());
+            let handle = std::thread::Builder::new()
+                .name(format!("vrdma-roce-{}", ep.addr.ip()))
+                .spawn(move || receive_loop(&f, &e))
+                .map_err(|source| Error::Thread(ep.addr, source))?;
+            fabric
+                .threads
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(handle);
+            info!("RoCEv2: listening on {}", ep.addr);
+        }
+        Ok(fabric)
+    }
+
+    /// Tells the fabric which thread to wake when acknowledgements free a QP's window.
+    pub fn set_scheduler(&self, thread: Thread) {
+        let _ = self.scheduler.set(thread);
+    }
+
+    /// Stops the receive threads.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
+        for t in threads {
+            let _ = t.join();
+        }
+        for ep in self.endpoints.values() {
+            let c = &ep.counters;
+            info!(
+                "RoCEv2 {}: rx {} tx {} malformed {} no-qp {} out-of-sequence {} duplicates {} retransmitted {} naks {}",
+                ep.addr,
+                c.rx.load(Ordering::Relaxed),
+                c.tx.load(Ordering::Relaxed),
+                c.malformed
+                    .iter()
+                    .map(|m| m.load(Ordering::Relaxed))
+                    .sum::<u64>(),
+                c.no_qp.load(Ordering::Relaxed),
+                c.out_of_sequence.load(Ordering::Relaxed),
+                c.duplicates.load(Ordering::Relaxed),
+                c.retransmitted.load(Ordering::Relaxed),
+                c.naks.load(Ordering::Relaxed),
+            );
+        }
+    }
+
+    /// The endpoint of a VM's GID, if the fabric serves it.
+    pub fn endpoint(&self, gid: &Gid) -> Option<&Arc<Endpoint>> {
+        self.endpoints.get(gid)
+    }
+
+    /// Makes `port` the VM answering on its GID's address (`None` when it goes away).
+    pub fn attach(&self, gid: &Gid, port: Option<Arc<VmPort>>) {
+        if let Some(ep) = self.endpoints.get(gid) {
+            *ep.vm.write().unwrap_or_else(|p| p.into_inner()) = port;
+        }
+    }
+
+    fn wake_scheduler(&self) {
+        if let Some(t) = self.scheduler.get() {
+            t.unpark();
+        }
+    }
+
+    /// Seals `pkt` into `buf` and sends it from `ep` to `peer`'s address.
+    fn send(&self, ep: &Endpoint, peer: Gid, pkt: &Packet<'_>, buf: &mut [u8]) -> bool {
+        let dst = SocketAddr::new(ip_of(peer), self.settings.port);
+        let headers = ip_udp(ep.addr, dst);
+        let Ok(n) = pkt.encode(buf, &headers) else {
+            ep.counters.tx_errors.fetch_add(1, Ordering::Relaxed);
+            return false;
+        };
+        match ep.socket.send_to(&buf[..n], dst) {
+            Ok(_) => {
+                ep.counters.tx.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            Err(e) => {
+                if ep.counters.tx_errors.fetch_add(1, Ordering::Relaxed) == 0 {
+                    warn!("RoCEv2 {}: cannot send to {dst}: {e}", ep.addr);
+                }
+                false
+            }
+        }
+    }
+}
+
+/// Gives the socket room for a window of packets of every busy QP: the default (about 200
+/// KiB, some 90 datagrams) drops bursts, and each drop costs a go-back-N. A daemon with
+/// CAP_NET_ADMIN gets [`SOCKET_BUFFER`] whatever `net.core.rmem_max` says; one without gets
+/// what that allows.
+fn size_buffers(socket: &UdpSocket, addr: SocketAddr) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let forced = setsockopt(socket, sockopt::RcvBufForce, &SOCKET_BUFFER).is_ok()
+        && setsockopt(socket, sockopt::SndBufForce, &SOCKET_BUFFER).is_ok();
+    if !forced {
+        let _ = setsockopt(socket, sockopt::RcvBuf, &SOCKET_BUFFER);
+        let _ = setsockopt(socket, sockopt::SndBuf, &SOCKET_BUFFER);
+        warn!(
+            "RoCEv2 {addr}: socket buffers limited by net.core.rmem_max/wmem_max (no CAP_NET_ADMIN); raise them to {SOCKET_BUFFER} to avoid drops under load"
+        );
+    }
+}
+
+/// The IP and UDP headers a datagram from `src` to `dst` travels with, as the ICRC sees them:
+/// Linux sends UDP over IPv4 with DF and, on an unconnected socket, Identification 0.
+fn ip_udp(src: SocketAddr, dst: SocketAddr) -> IpUdp {
+    let ip = match (src.ip(), dst.ip()) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => Ip::V4 {
+            src: s,
+            dst: d,
+            id: 0,
+            flags_frag: IPV4_DF,
+        },
+        (s, d) => Ip::V6 {
+            src: to_v6(s),
+            dst: to_v6(d),
+        },
+    };
+    IpUdp {
+        ip,
+        src_port: src.port(),
+        dst_port: dst.port(),
+    }
+}
+
+fn to_v6(ip: IpAddr) -> std::net::Ipv6Addr {
+    match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+        IpAddr::V6(v6) => v6,
+    }
+}
+
+/// PSN `a + n`, modulo 2^24.
+fn psn_add(a: u32, n: u32) -> u32 {
+    a.wrapping_add(n) & PSN_MASK
+}
+
+/// `a - b` as a signed distance in PSN space (the IBA's half-window comparison).
+fn psn_diff(a: u32, b: u32) -> i32 {
+    let d = a.wrapping_sub(b) & PSN_MASK;
+    if d >= 1 << 23 {
+        d as i32 - (1 << 24)
+    } else {
+        d as i32
+    }
+}
+
+/// The PSNs a QP carries across a migration: where each direction stands.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+pub struct Psns {
+    /// Next PSN the requester sends.
+    pub next: u32,
+    /// Oldest PSN the requester has not had acknowledged.
+    pub una: u32,
+    /// PSN the responder expects next.
+    pub expected: u32,
+    /// Messages the responder has completed (the AETH's MSN).
+    pub msn: u32,
+}
+
+/// A work request on the wire, kept until it is acknowledged.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Sent {
+    first_psn: u32,
+    last_psn: u32,
+    wr_id: u64,
+    opcode: u8,
+    signaled: bool,
+    len: u32,
+}
+
+/// The message a responder is in the middle of.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum RxMsg {
+    /// Between messages.
+    #[default]
+    Idle,
+    /// A SEND: bytes so far.
+    Send {
+        /// Bytes so far.
+        done: u32,
+    },
+    /// An RDMA WRITE, from its first packet's RETH.
+    Write {
+        /// Target address.
+        va: u64,
+        /// R_Key.
+        rkey: u32,
+        /// Message length.
+        len: u32,
+        /// Bytes so far.
+        done: u32,
+    },
+}
+
+/// A QP's transport state on the inter-host fabric.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Transport {
+    /// The requester has taken its retry counters from the QP's attributes.
+    started: bool,
+    /// Ring index of the work request being transmitted (if `inflight.active`) or next to be.
+    sq_next: u32,
+    /// Work requests `[sq_head, sq_next)` on the wire, by ring index modulo [`WINDOW`].
+    sent: [Sent; WINDOW],
+    /// When the oldest unacknowledged packet times out.
+    deadline: Option<Instant>,
+    retries_left: u8,
+    rnr_left: u8,
+    /// An RNR NAK asked to wait until then.
+    rnr_until: Option<Instant>,
+    /// Go back to the oldest unacknowledged PSN before sending more.
+    rewind: bool,
+    /// The PSN the last go-back-N resent from.
+    rewound: Option<u32>,
+    /// When the scheduler's timer for this QP fires, if one is pending.
+    timer_at: Option<Instant>,
+    /// The responder's message in progress.
+    rx: RxMsg,
+    /// A sequence-error NAK was sent for the current gap; one per gap, as the IBA asks.
+    nak_sent: bool,
+    /// Recent atomics' PSNs and results, for duplicates.
+    atomics: [(u32, u64, bool); ATOMIC_REPLAY],
+    atomic_next: u8,
+}
+
+/// The requester's buffers, owned by the scheduler so sending allocates nothing.
+#[derive(Debug)]
+pub struct TxBuffers {
+    payload: Box<[u8]>,
+    packet: Box<[u8]>,
+}
+
+impl Default for TxBuffers {
+    fn default() -> Self {
+        TxBuffers {
+            payload: vec![0; 4096].into_boxed_slice(),
+            packet: vec![0; MAX_PACKET].into_boxed_slice(),
+        }
+    }
+}
+
+fn mtu_of(qp: &crate::vm::Qp) -> u32 {
+    Mtu::from_raw(qp.attr.path_mtu)
+        .map(Mtu::bytes)
+        .unwrap_or(1024)
+}
+
+fn timeout_of(qp: &crate::vm::Qp) -> Duration {
+    qp::ack_timeout_micros(qp.attr.timeout)
+        .map(Duration::from_micros)
+        .unwrap_or(DEFAULT_TIMEOUT)
+        .max(MIN_TIMEOUT)
+}
+
+/// PSNs a work request takes: one per packet, and a READ one per response packet.
+fn psns_for(opcode: Opcode, len: u32, mtu: u32) -> u32 {
+    if opcode.is_atomic() {
+        1
+    } else {
+        len.div_ceil(mtu).max(1)
+    }
+}
+
+/// What a step of a remote QP asks of the scheduler besides its result.
+#[derive(Debug, Clone, Copy)]
+pub struct StepOutcome {
+    /// What the step achieved.
+    pub step: Step,
+    /// Look at the QP again then (its ACK timeout or RNR wait).
+    pub timer: Option<Instant>,
+}
+
+/// The scheduler's step for an RC QP whose peer is on another host: retransmits if the oldest
+/// packet timed out or a NAK asked for it, then sends new packets within the window and
+/// `budget`.
+#[allow(clippy::too_many_arguments)]
+pub fn step_rc(
+    fabric: &Fabric,
+    bufs: &mut TxBuffers,
+    a: &VmPort,
+    av: &mut Vm,
+    mem: &GuestMem,
+    qpn: u32,
+    budget: u32,
+) -> StepOutcome {
+    let idle = StepOutcome {
+        step: Step::Idle,
+        timer: None,
+    };
+    let Some(ep) = fabric.endpoint(&a.gid) else {
+        return idle;
+    };
+    let Some(qp) = av.qps.get_mut(qpn) else {
+        return idle;
+    };
+    let now = Instant::now();
+    let (retry_cnt, rnr_retry, timeout) = (qp.attr.retry_cnt, qp.attr.rnr_retry, timeout_of(qp));
+    let sqd = qp.state() == qp::State::Sqd;
+    let sq_head = qp.rt.sq_head;
+    let t = &mut qp.rt.wire;
+    if !t.started {
+        t.started = true;
+        t.retries_left = retry_cnt;
+        t.rnr_left = rnr_retry;
+        t.sq_next = sq_head;
+    }
+    let outstanding = qp.rt.psns.una != qp.rt.psns.next;
+    if t.timer_at.is_some_and(|at| at <= now) {
+        t.timer_at = None;
+    }
+    if let Some(until) = t.rnr_until {
+        if now < until {
+            let timer = t.timer_at.is_none_or(|p| p > until).then_some(until);
+            if timer.is_some() {
+                t.timer_at = timer;
+            }
+            return StepOutcome {
+                step: Step::Idle,
+                timer,
+            };
+        }
+        t.rnr_until = None;
+        t.rewind = true;
+    }
+    if outstanding && t.deadline.is_some_and(|d| now >= d) {
+        if t.retries_left == 0 {
+            debug!(
+                "vm {}: QP {qpn:#x}: no answer after {retry_cnt} retries; RETRY_EXC_ERR",
+                a.name
+            );
+            fail_oldest(
+                av,
+                a,
+                mem,
+                qpn,
+                Status::RetryExcErr,
+                VendorErr::PeerUnreachable,
+            );
+            return StepOutcome {
+                step: Step::Progress {
+                    cost: WR_COST,
+                    more: false,
+                },
+                timer: None,
+            };
+        }
+        t.retries_left -= 1;
+        t.rewind = true;
+        t.deadline = None;
+    }
+    if t.rewind {
+        t.rewind = false;
+        if !go_back(av, a, mem, qpn, &ep.counters) {
+            return idle;
+        }
+    }
+    let mut cost = 0u32;
+    let mut more = false;
+    loop {
+        if cost >= budget {
+            more = true;
+            break;
+        }
+        let Some(qp) = av.qps.get(qpn) else {
+            return idle;
+        };
+        if !qp.rt.inflight.active {
+            if sqd {
+                break;
+            }
+            match begin_wr(av, a, mem, qpn) {
+                Begin::Started => cost += WR_COST,
+                Begin::Full | Begin::Empty | Begin::Wait => break,
+                Begin::Failed => {
+                    cost += WR_COST;
+                    more = true;
+                    break;
+                }
+            }
+        }
+        match send_next(fabric, ep, bufs, a, av, mem, qpn) {
+            Sent1::Sent(n) => cost += n.max(1),
+            Sent1::WindowFull => break,
+            Sent1::Failed => {
+                cost += WR_COST;
+                break;
+            }
+        }
+    }
+    let Some(qp) = av.qps.get_mut(qpn) else {
+        return idle;
+    };
+    let outstanding = qp.rt.psns.una != qp.rt.psns.next;
+    let t = &mut qp.rt.wire;
+    if outstanding && t.deadline.is_none() {
+        t.deadline = Some(Instant::now() + timeout);
+    }
+    if !outstanding {
+        t.deadline = None;
+    }
+    let drained = sqd && !outstanding && !qp.rt.inflight.active && qp.rt.sq_head == t.sq_next;
+    if drained && qp.attr.en_sqd_async_notify == 1 && !qp.rt.sqd_notified {
+        qp.rt.sqd_notified = true;
+        a.push_event(event::Kind::SqDrained, qpn);
+    }
+    // One timer in the scheduler's heap per QP at a time: a deadline that moved later is
+    // re-armed when the earlier timer fires.
+    let t = &mut qp.rt.wire;
+    if t.timer_at.is_some_and(|at| at <= now) {
+        t.timer_at = None;
+    }
+    let want = match (t.deadline, t.rnr_until) {
+        (Some(d), Some(r)) => Some(d.min(r)),
+        (d, r) => d.or(r),
+    };
+    let mut timer = None;
+    if let Some(at) = want {
+        if t.timer_at.is_none_or(|pending| pending > at) {
+            t.timer_at = Some(at);
+            timer = Some(at);
+        }
+    }
+    StepOutcome {
+        step: if cost > 0 {
+            Step::Progress { cost, more }
+        } else {
+            Step::Idle
+        },
+        timer,
+    }
+}
+
+enum Begin {
+    Started,
+    Empty,
+    Full,
+    /// The next work request cannot start until those before it complete.
+    Wait,
+    Failed,
+}
+
+/// Copies the work request at `sq_next` into `inflight` and records it as sent.
+fn begin_wr(av: &mut Vm, a: &VmPort, mem: &GuestMem, qpn: u32) -> Begin {
+    let Some(qp) = av.qps.get(qpn) else {
+        return Begin::Empty;
+    };
+    let t = &qp.rt.wire;
+    if t.sq_next.wrapping_sub(qp.rt.sq_head) as usize >= WINDOW {
+        return Begin::Full;
+    }
+    let Some(geometry) = qp.sq_geometry() else {
+        return Begin::Empty;
+    };
+    let Some(producer) = load_producer(mem, qp.sq_ring_addr) else {
+        engine::ring_fatal(av, a, mem, qpn, VendorErr::GuestMemory);
+        return Begin::Failed;
+    };
+    match geometry.occupancy(producer, qp.rt.sq_head) {
+        Ok(n) if n > t.sq_next.wrapping_sub(qp.rt.sq_head) => {}
+        Ok(_) => return Begin::Empty,
+        Err(_) => {
+            engine::ring_fatal(av, a, mem, qpn, VendorErr::RingOverrun);
+            return Begin::Failed;
+        }
+    }
+    let index = t.sq_next;
+    let at_head = index == qp.rt.sq_head;
+    let mut slot = [0u8; MAX_SEND_SLOT];
+    if !read_slot(qp, mem, index, &mut slot) {
+        engine::ring_fatal(av, a, mem, qpn, VendorErr::GuestMemory);
+        return Begin::Failed;
+    }
+    let (pdn, mtu, next_psn) = (qp.pdn, mtu_of(qp), qp.rt.psns.next);
+    let checked = match wqe::decode_send(&slot, qp.send_limits()) {
+        Err(_) => Err((Status::LocQpOpErr, VendorErr::MalformedWqe)),
+        Ok(wr) => engine::check_wr(av, pdn, qp::Type::Rc, &wr).map(|()| {
+            let signaled = qp.sq_sig_all || wr.flags.contains(SendFlags::SIGNALED);
+            Sent {
+                first_psn: next_psn,
+                last_psn: psn_add(next_psn, psns_for(wr.opcode, wr.byte_len, mtu) - 1),
+                wr_id: wr.header.wr_id.get(),
+                opcode: wr.opcode.raw(),
+                signaled,
+                len: wr.byte_len,
+            }
+        }),
+    };
+    let sent = match checked {
+        Ok(s) => s,
+        Err((status, vendor)) => {
+            // Completions are in order: a bad request fails once all before it have completed.
+            if !at_head {
+                return Begin::Wait;
+            }
+            let Some(qp) = av.qps.get_mut(qpn) else {
+                return Begin::Empty;
+            };
+            qp.rt.inflight.slot = slot;
+            qp.rt.inflight.active = true;
+            engine::fail_wr(av, a, mem, qpn, status, vendor);
+            return Begin::Failed;
+        }
+    };
+    let Some(qp) = av.qps.get_mut(qpn) else {
+        return Begin::Empty;
+    };
+    qp.rt.inflight.slot = slot;
+    qp.rt.inflight.active = true;
+    qp.rt.wire.sent[index as usize % WINDOW] = sent;
+    Begin::Started
+}
+
+/// Reads send ring entry `index` of `qp` into `slot`.
+fn read_slot(
+    qp: &crate::vm::Qp,
+    mem: &GuestMem,
+    index: u32,
+    slot: &mut [u8; MAX_SEND_SLOT],
+) -> bool {
+    let Some(geometry) = qp.sq_geometry() else {
+        return false;
+    };
+    let stride = geometry.stride() as usize;
+    let at = GuestAddress(qp.sq_ring_addr + geometry.entry_offset(index));
+    stride <= MAX_SEND_SLOT && mem.read_slice(&mut slot[..stride], at).is_ok()
+}
+
+enum Sent1 {
+    /// A packet went out carrying this many payload bytes.
+    Sent(u32),
+    WindowFull,
+    Failed,
+}
+
+/// Sends the next packet of the work request in `inflight`.
+fn send_next(
+    fabric: &Fabric,
+    ep: &Endpoint,
+    bufs: &mut TxBuffers,
+    a: &VmPort,
+    av: &mut Vm,
+    mem: &GuestMem,
+    qpn: u32,
+) -> Sent1 {
+    let Some(qp) = av.qps.get(qpn) else {
+        return Sent1::Failed;
+    };
+    let psns = qp.rt.psns;
+    if psn_diff(psns.next, psns.una) as u32 >= MAX_UNACKED {
+        return Sent1::WindowFull;
+    }
+    let t = &qp.rt.wire;
+    let index = t.sq_next;
+    let sent = t.sent[index as usize % WINDOW];
+    let slot = qp.rt.inflight.slot;
+    let Ok(wr) = wqe::decode_send(&slot, qp.send_limits()) else {
+        // Decoded when it started; a retransmission re-reads the ring, which the guest may
+        // have overwritten under its own request.
+        fail_oldest(av, a, mem, qpn, Status::LocQpOpErr, VendorErr::MalformedWqe);
+        return Sent1::Failed;
+    };
+    let mtu = mtu_of(qp);
+    let k = psn_diff(psns.next, sent.first_psn).max(0) as u32;
+    let npsn = psn_diff(sent.last_psn, sent.first_psn) as u32 + 1;
+    let (dest, peer) = (qp.attr.dest_qp_num.get(), qp.attr.ah_attr.dgid);
+    let psn = psns.next;
+    let first = k == 0;
+    let last = k + 1 >= npsn;
+    let off = k.saturating_mul(mtu);
+    let header = &wr.header;
+    let mut ext = Extensions::default();
+    let mut n = 0u32;
+    let (op, advance) = match wr.opcode {
+        Opcode::RdmaRead => {
+            let rest = wr.byte_len.saturating_sub(off);
+            ext.reth = Some(Reth::new(
+                header.remote_addr.get().wrapping_add(u64::from(off)),
+                header.rkey.get(),
+                rest,
+            ));
+            (Op::RcReadRequest, npsn - k)
+        }
+        Opcode::AtomicCmpAndSwp => {
+            ext.atomic = Some(AtomicEth::compare_swap(
+                header.remote_addr.get(),
+                header.rkey.get(),
+                header.compare_add.get(),
+                header.swap.get(),
+            ));
+            (Op::RcCompareSwap, 1)
+        }
+        Opcode::AtomicFetchAndAdd => {
+            ext.atomic = Some(AtomicEth::fetch_add(
+                header.remote_addr.get(),
+                header.rkey.get(),
+                header.compare_add.get(),
+            ));
+            (Op::RcFetchAdd, 1)
+        }
+        Opcode::Send | Opcode::SendWithImm | Opcode::RdmaWrite | Opcode::RdmaWriteWithImm => {
+            n = wr.byte_len.saturating_sub(off).min(mtu);
+            let payload = &mut bufs.payload[..n as usize];
+            let read = match wr.payload {
+                Payload::Inline(bytes) => bytes
+                    .get(off as usize..(off + n) as usize)
+                    .map(|b| payload.copy_from_slice(b))
+                    .ok_or(VendorErr::MalformedWqe),
+                Payload::Sges(sges) => {
+                    let mut runs = Runs::default();
+                    xfer::sge_runs(&av.mrs, sges, off, n, &mut runs)
+                        .and_then(|()| xfer::read_runs(mem, runs.as_slice(), payload))
+                }
+            };
+            if let Err(v) = read {
+                // The guest changed its memory table under its own request.
+                return fail_local(av, a, mem, qpn, index, v);
+            }
+            let imm = wr.opcode.has_imm() && last;
+            if imm {
+                ext.imm = Some(ImmDt::from_bytes(header.imm_data));
+            }
+            let write = matches!(wr.opcode, Opcode::RdmaWrite | Opcode::RdmaWriteWithImm);
+            if write && first {
+                ext.reth = Some(Reth::new(
+                    header.remote_addr.get(),
+                    header.rkey.get(),
+                    wr.byte_len,
+                ));
+            }
+            let op = match (write, first, last, imm) {
+                (false, true, true, false) => Op::RcSendOnly,
+                (false, true, true, true) => Op::RcSendOnlyWithImm,
+                (false, true, false, _) => Op::RcSendFirst,
+                (false, false, false, _) => Op::RcSendMiddle,
+                (false, false, true, false) => Op::RcSendLast,
+                (false, false, true, true) => Op::RcSendLastWithImm,
+                (true, true, true, false) => Op::RcWriteOnly,
+                (true, true, true, true) => Op::RcWriteOnlyWithImm,
+                (true, true, false, _) => Op::RcWriteFirst,
+                (true, false, false, _) => Op::RcWriteMiddle,
+                (true, false, true, false) => Op::RcWriteLast,
+                (true, false, true, true) => Op::RcWriteLastWithImm,
+            };
+            (op, 1)
+        }
+    };
+    let solicited = last && wr.flags.contains(SendFlags::SOLICITED);
+    let ack_req = last || (k + 1) % ACK_EVERY == 0;
+    let payload = &bufs.payload[..n as usize];
+    let pkt = Bth::new(op, dest, psn).ok().and_then(|bth| {
+        let bth = bth.with_ack_req(ack_req).with_solicited(solicited);
+        Packet::new(bth, ext, payload).ok()
+    });
+    let Some(pkt) = pkt else {
+        fail_oldest(av, a, mem, qpn, Status::LocQpOpErr, VendorErr::MalformedWqe);
+        return Sent1::Failed;
+    };
+    fabric.send(ep, peer, &pkt, &mut bufs.packet);
+    let Some(qp) = av.qps.get_mut(qpn) else {
+        return Sent1::Failed;
+    };
+    qp.rt.psns.next = psn_add(psn, advance);
+    if k + advance >= npsn {
+        qp.rt.inflight.active = false;
+        qp.rt.wire.sq_next = index.wrapping_add(1);
+    }
+    Sent1::Sent(n)
+}
+
+/// The requester's own memory failed while building a packet of work request `index`: it
+/// completes with a local protection error once it is the oldest; until then nothing more is
+/// sent.
+fn fail_local(
+    av: &mut Vm,
+    a: &VmPort,
+    mem: &GuestMem,
+    qpn: u32,
+    index: u32,
+    v: VendorErr,
+) -> Sent1 {
+    let Some(qp) = av.qps.get(qpn) else {
+        return Sent1::Failed;
+    };
+    if index != qp.rt.sq_head {
+        return Sent1::WindowFull;
+    }
+    fail_oldest(av, a, mem, qpn, Status::LocProtErr, v);
+    Sent1::Failed
+}
+
+/// Go-back-N: makes the oldest unacknowledged PSN the next to send again. Returns false if the
+/// work request it belongs to can no longer be read (the QP has failed).
+fn go_back(av: &mut Vm, a: &VmPort, mem: &GuestMem, qpn: u32, counters: &Counters) -> bool {
+    let Some(qp) = av.qps.get(qpn) else {
+        return false;
+    };
+    let una = qp.rt.psns.una;
+    if una == qp.rt.psns.next {
+        return true;
+    }
+    let (head, next) = (qp.rt.sq_head, qp.rt.wire.sq_next);
+    let end = if qp.rt.inflight.active {
+        next.wrapping_add(1)
+    } else {
+        next
+    };
+    let mut i = head;
+    let mut found = None;
+    while i != end {
+        let s = qp.rt.wire.sent[i as usize % WINDOW];
+        if psn_diff(una, s.first_psn) >= 0 && psn_diff(una, s.last_psn) <= 0 {
+            found = Some(i);
+            break;
+        }
+        i = i.wrapping_add(1);
+    }
+    let Some(index) = found else {
+        return true;
+    };
+    let resent = psn_diff(qp.rt.psns.next, una).max(0) as u64;
+    let mut slot = [0u8; MAX_SEND_SLOT];
+    if !read_slot(qp, mem, index, &mut slot) {
+        engine::ring_fatal(av, a, mem, qpn, VendorErr::GuestMemory);
+        return false;
+    }
+    counters.retransmitted.fetch_add(resent, Ordering::Relaxed);
+    let Some(qp) = av.qps.get_mut(qpn) else {
+        return false;
+    };
+    qp.rt.inflight.slot = slot;
+    qp.rt.inflight.active = true;
+    qp.rt.wire.sq_next = index;
+    qp.rt.wire.rewound = Some(una);
+    qp.rt.psns.next = una;
+    debug!(
+        "vm {}: QP {qpn:#x}: going back to PSN {una:#x} ({resent} packets)",
+        a.name
+    );
+    true
+}
+
+/// Completes the oldest work request on the wire with `status` and takes the QP to ERR,
+/// flushing the rest.
+fn fail_oldest(av: &mut Vm, a: &VmPort, mem: &GuestMem, qpn: u32, status: Status, v: VendorErr) {
+    if let Some(qp) = av.qps.get(qpn) {
+        let head = qp.rt.sq_head;
+        if head != qp.rt.wire.sq_next || qp.rt.inflight.active {
+            complete_oldest(av, a, mem, qpn, status, v);
+        }
+    }
+    if let Some(qp) = av.qps.get_mut(qpn) {
+        qp.rt.inflight.active = false;
+        qp.rt.wire = Transport::default();
+        qp.rt.psns.una = qp.rt.psns.next;
+    }
+    engine::set_error(av, a, qpn);
+    completion::flush(av, a, mem, qpn, true, true);
+}
+
+/// Completes the work request at the send queue's head from its record, and consumes it.
+fn complete_oldest(
+    av: &mut Vm,
+    a: &VmPort,
+    mem: &GuestMem,
+    qpn: u32,
+    status: Status,
+    v: VendorErr,
+) {
+    let Some(qp) = av.qps.get_mut(qpn) else {
+        return;
+    };
+    let s = qp.rt.wire.sent[qp.rt.sq_head as usize % WINDOW];
+    if qp.rt.sq_head == qp.rt.wire.sq_next {
+        // It was still being transmitted.
+        qp.rt.inflight.active = false;
+        qp.rt.wire.sq_next = qp.rt.sq_head.wrapping_add(1);
+    }
+    qp.rt.sq_head = qp.rt.sq_head.wrapping_add(1);
+    let (cqn, ring_addr, head) = (qp.send_cqn, qp.sq_ring_addr, qp.rt.sq_head);
+    publish_consumer(mem, ring_addr, head);
+    a.counters.wrs.fetch_add(1, Ordering::Relaxed);
+    let opcode = Opcode::from_raw(s.opcode).unwrap_or(Opcode::Send);
+    if status == Status::Success {
+        a.counters
+            .bytes
+            .fetch_add(u64::from(s.len), Ordering::Relaxed);
+    }
+    if s.signaled || status != Status::Success {
+        let mut c = Completion::new(s.wr_id, qpn, status, cqe::Opcode::of_send(opcode), v);
+        if status == Status::Success {
+            c.cqe.byte_len = if opcode.is_atomic() {
+                wqe::ATOMIC_SIZE
+            } else {
+                s.len
+            }
+            .into();
+        }
+        if !completion::post(av, a, mem, cqn, &c) {
+            engine::set_error(av, a, qpn);
+        }
+    }
+}
+
+/// The receive thread of one VM address.
+fn receive_loop(fabric: &Fabric, ep: &Endpoint) {
+    let mut buf = vec![0u8; 65536];
+    let mut rx = RxBuffers::default();
+    while !fabric.stop.load(Ordering::Relaxed) {
+        let (n, from) = match ep.socket.recv_from(&mut buf) {
+            Ok(r) => r,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                continue;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                warn!("RoCEv2 {}: receive failed: {e}", ep.addr);
+                std::thread::sleep(RX_POLL);
+                continue;
+            }
+        };
+        ep.counters.rx.fetch_add(1, Ordering::Relaxed);
+        handle_datagram(fabric, ep, &mut rx, &buf[..n], from);
+    }
+}
+
+/// The receive thread's buffers for what it sends back.
+#[derive(Debug)]
+struct RxBuffers {
+    payload: Box<[u8]>,
+    packet: Box<[u8]>,
+}
+
+impl Default for RxBuffers {
+    fn default() -> Self {
+        RxBuffers {
+            payload: vec![0; 4096].into_boxed_slice(),
+            packet: vec![0; MAX_PACKET].into_boxed_slice(),
+        }
+    }
+}
+
+/// Parses one datagram and gives it to the responder or the requester of its QP.
+fn handle_datagram(
+    fabric: &Fabric,
+    ep: &Endpoint,
+    rx: &mut RxBuffers,
+    datagram: &[u8],
+    from: SocketAddr,
+) {
+    let headers = ip_udp(from, ep.addr);
+    let check = match headers.ip {
+        Ip::V4 { .. } if !fabric.settings.ipv4_icrc => IcrcCheck::Skip,
+        _ => IcrcCheck::Verify(&headers),
+    };
+    let pkt = match packet::parse(datagram, Mtu::Mtu4096.bytes() as usize, check) {
+        Ok(p) => p,
+        Err(e) => {
+            ep.counters.malformed[e.index()].fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+    };
+    let Some(port) = ep.vm.read().unwrap_or_else(|p| p.into_inner()).clone() else {
+        ep.counters.no_qp.fetch_add(1, Ordering::Relaxed);
+        return;
+    };
+    let peer = gid_of(from.ip());
+    let mem = port.mem.memory();
+    let mut vm = port.lock();
+    let op = pkt.opcode();
+    if op.is_ud() {
+        on_ud(ep, &port, &mut vm, &mem, &pkt, peer);
+    } else if op.is_response() {
+        if on_response(fabric, ep, &port, &mut vm, &mem, &pkt, peer) {
+            drop(vm);
+            port.enqueue(pkt.bth().dest_qp());
+            fabric.wake_scheduler();
+            port.deliver_events();
+            return;
+        }
+    } else {
+        on_request(fabric, ep, rx, &port, &mut vm, &mem, &pkt, peer);
+    }
+    drop(vm);
+    port.deliver_events();
+}
+
+/// A UD datagram: delivered whole, or dropped (and counted) as an unreliable network would.
+fn on_ud(ep: &Endpoint, b: &VmPort, bv: &mut Vm, mem: &GuestMem, pkt: &Packet<'_>, peer: Gid) {
+    let Some(deth) = pkt.ext().deth else {
+        return;
+    };
+    let dest_qpn = pkt.bth().dest_qp();
+    if bv
+        .qps
+        .get(dest_qpn)
+        .is_none_or(|q| q.qp_type() != qp::Type::Ud)
+    {
+        ep.counters.no_qp.fetch_add(1, Ordering::Relaxed);
+        b.counters.ud_dropped.fetch_add(1, Ordering::Relaxed);
+        return;
+    }
+    let mut header = wqe::SendHeader::default();
+    let opcode = match pkt.ext().imm {
+        Some(imm) => {
+            header.imm_data = imm.bytes();
+            Opcode::SendWithImm
+        }
+        None => Opcode::Send,
+    };
+    let payload = pkt.payload();
+    let no_runs = Runs::default();
+    let c = Chunk {
+        a_id: REMOTE_PORT_ID,
+        a_gid: peer,
+        a_qpn: deth.src_qp(),
+        qp_type: qp::Type::Ud,
+        opcode,
+        header: &header,
+        solicited: pkt.bth().solicited(),
+        len: payload.len() as u32,
+        done: 0,
+        n: payload.len() as u32,
+        last: true,
+        qkey: deth.qkey(),
+        a_runs: &no_runs,
+        inline: payload,
+        is_inline: true,
+        a_mem: mem,
+        b_mem: mem,
+    };
+    let mut unused = 0u64;
+    let _ = engine::respond(bv, b, dest_qpn, &c, &mut unused);
+}
+
+/// An RC request: checked against the expected PSN, executed once, acknowledged.
+#[allow(clippy::too_many_arguments)]
+fn on_request(
+    fabric: &Fabric,
+    ep: &Endpoint,
+    rx: &mut RxBuffers,
+    b: &VmPort,
+    bv: &mut Vm,
+    mem: &GuestMem,
+    pkt: &Packet<'_>,
+    peer: Gid,
+) {
+    let qpn = pkt.bth().dest_qp();
+    let Some(qp) = bv.qps.get(qpn) else {
+        ep.counters.no_qp.fetch_add(1, Ordering::Relaxed);
+        return;
+    };
+    let ready = matches!(qp.state(), qp::State::Rtr | qp::State::Rts | qp::State::Sqd);
+    if qp.qp_type() != qp::Type::Rc || !ready || qp.attr.ah_attr.dgid != peer {
+        ep.counters.no_qp.fetch_add(1, Ordering::Relaxed);
+        return;
+    }
+    let psn = pkt.bth().psn();
+    let expected = qp.rt.psns.expected;
+    let d = psn_diff(psn, expected);
+    let reply = Reply {
+        fabric,
+        ep,
+        peer,
+        dest: qp.attr.dest_qp_num.get(),
+    };
+    if d > 0 {
+        ep.counters.out_of_sequence.fetch_add(1, Ordering::Relaxed);
+        let msn = qp.rt.psns.msn;
+        if let Some(qp) = bv.qps.get_mut(qpn) {
+            if !qp.rt.wire.nak_sent {
+                qp.rt.wire.nak_sent = true;
+                reply.aeth(rx, expected, Syndrome::Nak(NakCode::PsnSequenceError), msn);
+            }
+        }
+        return;
+    }
+    if d < 0 {
+        ep.counters.duplicates.fetch_add(1, Ordering::Relaxed);
+        on_duplicate(&reply, rx, b, bv, mem, qpn, pkt);
+        return;
+    }
+    if let Some(qp) = bv.qps.get_mut(qpn) {
+        qp.rt.wire.nak_sent = false;
+    }
+    match pkt.opcode() {
+        Op::RcReadRequest => {
+            let Some(reth) = pkt.ext().reth else { return };
+            serve_read(&reply, rx, b, bv, mem, qpn, psn, reth, true);
+        }
+        Op::RcCompareSwap | Op::RcFetchAdd => serve_atomic(&reply, rx, b, bv, mem, qpn, pkt),
+        _ => serve_data(&reply, rx, b, bv, mem, qpn, pkt),
+    }
+}
+
+/// Where answers to one request go.
+struct Reply<'a> {
+    fabric: &'a Fabric,
+    ep: &'a Endpoint,
+    peer: Gid,
+    dest: u32,
+}
+
+impl Reply<'_> {
+    /// Sends an ACKNOWLEDGE (or NAK) for `psn`.
+    fn aeth(&self, rx: &mut RxBuffers, psn: u32, syndrome: Syndrome, msn: u32) {
+        if !matches!(syndrome, Syndrome::Ack { .. }) {
+            self.ep.counters.naks.fetch_add(1, Ordering::Relaxed);
+        }
+        let (Ok(bth), Ok(aeth)) = (
+            Bth::new(Op::RcAcknowledge, self.dest, psn),
+            Aeth::new(syndrome, msn & PSN_MASK),
+        ) else {
+            return;
+        };
+        let ext = Extensions {
+            aeth: Some(aeth),
+            ..Extensions::default()
+        };
+        if let Ok(pkt) = Packet::new(bth, ext, &[]) {
+            self.fabric.send(self.ep, self.peer, &pkt, &mut rx.packet);
+        }
+    }
+
+    fn send(&self, rx_packet: &mut [u8], op: Op, psn: u32, ext: Extensions, payload: &[u8]) {
+        let Ok(bth) = Bth::new(op, self.dest, psn) else {
+            return;
+        };
+        if let Ok(pkt) = Packet::new(bth, ext, payload) {
+            self.fabric.send(self.ep, self.peer, &pkt, rx_packet);
+        }
+    }
+}
+
+const ACK: Syndrome = Syndrome::Ack {
+    credits: vrdma_roce::aeth::NO_CREDITS,
+};
+
+/// A request already executed: answered again, never executed twice.
+fn on_duplicate(
+    reply: &Reply<'_>,
+    rx: &mut RxBuffers,
+    b: &VmPort,
+    bv: &mut Vm,
+    mem: &GuestMem,
+    qpn: u32,
+    pkt: &Packet<'_>,
+) {
+    let Some(qp) = bv.qps.get(qpn) else { return };
+    let psn = pkt.bth().psn();
+    let (expected, msn) = (qp.rt.psns.expected, qp.rt.psns.msn);
+    match pkt.opcode() {
+        // Reading again changes nothing, and the requester may ask for only the part it lacks.
+        Op::RcReadRequest => {
+            if let Some(reth) = pkt.ext().reth {
+                serve_read(reply, rx, b, bv, mem, qpn, psn, reth, false);
+            }
+        }
+        Op::RcCompareSwap | Op::RcFetchAdd => {
+            let hit = qp
+                .rt
+                .wire
+                .atomics
+                .iter()
+                .find(|(p, _, valid)| *valid && *p == psn);
+            if let Some(&(_, orig, _)) = hit {
+                atomic_ack(reply, rx, psn, msn, orig);
+            }
+        }
+        _ => {
+            if pkt.bth().ack_req() {
+                reply.aeth(rx, psn_add(expected, PSN_MASK), ACK, msn);
+            }
+        }
+    }
+}
+
+fn atomic_ack(reply: &Reply<'_>, rx: &mut RxBuffers, psn: u32, msn: u32, orig: u64) {
+    let Ok(aeth) = Aeth::new(ACK, msn & PSN_MASK) else {
+        return;
+    };
+    let ext = Extensions {
+        aeth: Some(aeth),
+        atomic_ack: Some(AtomicAckEth::new(orig)),
+        ..Extensions::default()
+    };
+    reply.send(&mut rx.packet, Op::RcAtomicAcknowledge, psn, ext, &[]);
+}
+
+/// Maps what the responder did to the NAK code the requester is told.
+fn nak_code(status: Status) -> NakCode {
+    match status {
+        Status::RemAccessErr => NakCode::RemoteAccessError,
+        Status::RemInvReqErr => NakCode::InvalidRequest,
+        _ => NakCode::RemoteOperationalError,
+    }
+}
+
+/// The NAK for a request the responder cannot make sense of; the QP goes to ERR as the IBA
+/// asks of an invalid request.
+fn invalid_request(
+    reply: &Reply<'_>,
+    rx: &mut RxBuffers,
+    b: &VmPort,
+    bv: &mut Vm,
+    mem: &GuestMem,
+    qpn: u32,
+    psn: u32,
+) {
+    let msn = bv.qps.get(qpn).map_or(0, |q| q.rt.psns.msn);
+    engine::responder_error(bv, b, mem, qpn, None, VendorErr::MalformedWqe);
+    b.push_event(event::Kind::QpReqErr, qpn);
+    reply.aeth(rx, psn, Syndrome::Nak(NakCode::InvalidRequest), msn);
+}
+
+/// SEND and RDMA WRITE packets, through the local fabric's responder.
+fn serve_data(
+    reply: &Reply<'_>,
+    rx: &mut RxBuffers,
+    b: &VmPort,
+    bv: &mut Vm,
+    mem: &GuestMem,
+    qpn: u32,
+    pkt: &Packet<'_>,
+) {
+    let Some(qp) = bv.qps.get(qpn) else { return };
+    let psn = pkt.bth().psn();
+    let op = pkt.opcode();
+    let mtu = mtu_of(qp);
+    let payload = pkt.payload();
+    let n = payload.len() as u32;
+    let state = qp.rt.wire.rx;
+    let a_qpn = qp.attr.dest_qp_num.get();
+    use Op::*;
+    let is_send = matches!(
+        op,
+        RcSendFirst
+            | RcSendMiddle
+            | RcSendLast
+            | RcSendLastWithImm
+            | RcSendOnly
+            | RcSendOnlyWithImm
+            | RcSendLastWithInvalidate
+            | RcSendOnlyWithInvalidate
+    );
+    let starts = matches!(
+        op,
+        RcSendFirst
+            | RcSendOnly
+            | RcSendOnlyWithImm
+            | RcSendOnlyWithInvalidate
+            | RcWriteFirst
+            | RcWriteOnly
+            | RcWriteOnlyWithImm
+    );
+    let ends = !matches!(
+        op,
+        RcSendFirst | RcSendMiddle | RcWriteFirst | RcWriteMiddle
+    );
+    // The opcode sequence and the packet sizes the IBA requires (9.7.5.1.1): a message in
+    // progress continues with a middle or last packet of its own kind; all but the last carry
+    // exactly one path MTU.
+    let continues = match state {
+        RxMsg::Idle => false,
+        RxMsg::Send { .. } => is_send,
+        RxMsg::Write { .. } => !is_send,
+    };
+    if starts == continues || (!ends && n != mtu) || n > mtu {
+        invalid_request(reply, rx, b, bv, mem, qpn, psn);
+        return;
+    }
+    if matches!(op, RcSendLastWithInvalidate | RcSendOnlyWithInvalidate) {
+        // vrdma has no memory windows or fast-registered MRs to invalidate.
+        invalid_request(reply, rx, b, bv, mem, qpn, psn);
+        return;
+    }
+    let mut header = wqe::SendHeader::default();
+    if let Some(imm) = pkt.ext().imm {
+        header.imm_data = imm.bytes();
+    }
+    let with_imm = pkt.ext().imm.is_some();
+    let (opcode, len, done) = if is_send {
+        let done = match state {
+            RxMsg::Send { done } => done,
+            _ => 0,
+        };
+        let total = done.saturating_add(n);
+        let opcode = if with_imm {
+            Opcode::SendWithImm
+        } else {
+            Opcode::Send
+        };
+        (opcode, total, done)
+    } else {
+        let (va, rkey, len, done) = match (state, pkt.ext().reth) {
+            (
+                RxMsg::Write {
+                    va,
+                    rkey,
+                    len,
+                    done,
+                },
+                _,
+            ) => (va, rkey, len, done),
+            (_, Some(reth)) => (reth.va(), reth.rkey(), reth.dma_len(), 0),
+            _ => {
+                invalid_request(reply, rx, b, bv, mem, qpn, psn);
+                return;
+            }
+        };
+        let end = done.checked_add(n);
+        if end.is_none_or(|e| e > len || (ends && e != len)) {
+            invalid_request(reply, rx, b, bv, mem, qpn, psn);
+            return;
+        }
+        header.remote_addr = va.into();
+        header.rkey = rkey.into();
+        let opcode = if with_imm {
+            Opcode::RdmaWriteWithImm
+        } else {
+            Opcode::RdmaWrite
+        };
+        (opcode, len, done)
+    };
+    let no_runs = Runs::default();
+    let c = Chunk {
+        a_id: REMOTE_PORT_ID,
+        a_gid: reply.peer,
+        a_qpn,
+        qp_type: qp::Type::Rc,
+        opcode,
+        header: &header,
+        solicited: pkt.bth().solicited(),
+        len,
+        done,
+        n,
+        last: ends,
+        qkey: 0,
+        a_runs: &no_runs,
+        inline: payload,
+        is_inline: true,
+        a_mem: mem,
+        b_mem: mem,
+    };
+    let mut unused = 0u64;
+    let resp = engine::respond(bv, b, qpn, &c, &mut unused);
+    let Some(qp) = bv.qps.get_mut(qpn) else {
+        return;
+    };
+    let min_rnr = qp.attr.min_rnr_timer;
+    match resp {
+        Resp::Done => {
+            qp.rt.psns.expected = psn_add(psn, 1);
+            qp.rt.wire.rx = match (ends, is_send) {
+                (true, _) => RxMsg::Idle,
+                (false, true) => RxMsg::Send { done: done + n },
+                (false, false) => RxMsg::Write {
+                    va: header.remote_addr.get(),
+                    rkey: header.rkey.get(),
+                    len,
+                    done: done + n,
+                },
+            };
+            if ends {
+                qp.rt.psns.msn = psn_add(qp.rt.psns.msn, 1);
+            }
+            if pkt.bth().ack_req() {
+                let msn = qp.rt.psns.msn;
+                reply.aeth(rx, psn, ACK, msn);
+            }
+        }
+        Resp::Rnr(_) => {
+            let msn = qp.rt.psns.msn;
+            reply.aeth(
+                rx,
+                psn,
+                Syndrome::RnrNak {
+                    timer: min_rnr & 31,
+                },
+                msn,
+            );
+        }
+        Resp::Nak(status, _) => {
+            let msn = qp.rt.psns.msn;
+            qp.rt.wire.rx = RxMsg::Idle;
+            reply.aeth(rx, psn, Syndrome::Nak(nak_code(status)), msn);
+        }
+        Resp::NoResponder | Resp::Busy | Resp::Dropped | Resp::LocalFault(_) => {}
+    }
+}
+
+/// An RDMA READ request: checked, then answered with response packets of one path MTU each.
+/// `new` is false for a duplicate, which is served again without moving the expected PSN.
+#[allow(clippy::too_many_arguments)]
+fn serve_read(
+    reply: &Reply<'_>,
+    rx: &mut RxBuffers,
+    b: &VmPort,
+    bv: &mut Vm,
+    mem: &GuestMem,
+    qpn: u32,
+    psn: u32,
+    reth: Reth,
+    new: bool,
+) {
+    let Some(qp) = bv.qps.get(qpn) else { return };
+    if new && qp.rt.wire.rx != RxMsg::Idle {
+        invalid_request(reply, rx, b, bv, mem, qpn, psn);
+        return;
+    }
+    let mtu = mtu_of(qp);
+    let (va, rkey, len) = (reth.va(), reth.rkey(), reth.dma_len());
+    let access = Access::from_bits_truncate(qp.attr.qp_access_flags.get());
+    let pdn = qp.pdn;
+    let mut msn = qp.rt.psns.msn;
+    let checked = if len == 0 {
+        Ok(None)
+    } else {
+        bv.mrs.get(rkey).ok_or(VendorErr::BadRkey).and_then(|mr| {
+            if mr.pdn != pdn {
+                Err(VendorErr::PdMismatch)
+            } else if !mr.access().contains(Access::REMOTE_READ)
+                || !access.contains(Access::REMOTE_READ)
+            {
+                Err(VendorErr::RemoteAccess)
+            } else if !mr.contains(va, len.into()) {
+                Err(VendorErr::RemoteOutOfBounds)
+            } else {
+                Ok(Some(mr))
+            }
+        })
+    };
+    let mr = match checked {
+        Ok(mr) => mr,
+        Err(v) => {
+            if new {
+                engine::responder_error(bv, b, mem, qpn, None, v);
+                b.push_event(event::Kind::QpAccessErr, qpn);
+            }
+            reply.aeth(rx, psn, Syndrome::Nak(NakCode::RemoteAccessError), msn);
+            return;
+        }
+    };
+    let npkts = len.div_ceil(mtu).max(1);
+    if new {
+        msn = psn_add(msn, 1);
+    }
+    let Ok(aeth) = Aeth::new(ACK, msn & PSN_MASK) else {
+        return;
+    };
+    for k in 0..npkts {
+        let off = k * mtu;
+        let n = len.saturating_sub(off).min(mtu);
+        let payload = &mut rx.payload[..n as usize];
+        if let Some(mr) = mr {
+            let mut runs = Runs::default();
+            let read = xfer::mr_runs(mr, va + u64::from(off), n, &mut runs)
+                .and_then(|()| xfer::read_runs(mem, runs.as_slice(), payload));
+            if read.is_err() {
+                // The responder's memory table changed under the request: the requester times out.
+                return;
+            }
+        }
+        let (op, with_aeth) = match (k == 0, k + 1 == npkts) {
+            (true, true) => (Op::RcReadResponseOnly, true),
+            (true, false) => (Op::RcReadResponseFirst, true),
+            (false, false) => (Op::RcReadResponseMiddle, false),
+            (false, true) => (Op::RcReadResponseLast, true),
+        };
+        let ext = Extensions {
+            aeth: with_aeth.then_some(aeth),
+            ..Extensions::default()
+        };
+        let payload = &rx.payload[..n as usize];
+        let Ok(bth) = Bth::new(op, reply.dest, psn_add(psn, k)) else {
+            return;
+        };
+        if let Ok(pkt) = Packet::new(bth, ext, payload) {
+            reply
+                .fabric
+                .send(reply.ep, reply.peer, &pkt, &mut rx.packet);
+        }
+    }
+    if new {
+        if let Some(qp) = bv.qps.get_mut(qpn) {
+            qp.rt.psns.expected = psn_add(psn, npkts);
+            qp.rt.psns.msn = msn;
+        }
+    }
+}
+
+/// An atomic: executed once; its result kept to answer a retransmission.
+fn serve_atomic(
+    reply: &Reply<'_>,
+    rx: &mut RxBuffers,
+    b: &VmPort,
+    bv: &mut Vm,
+    mem: &GuestMem,
+    qpn: u32,
+    pkt: &Packet<'_>,
+) {
+    let Some(qp) = bv.qps.get(qpn) else { return };
+    let psn = pkt.bth().psn();
+    let Some(eth) = pkt.ext().atomic else { return };
+    if qp.rt.wire.rx != RxMsg::Idle {
+        invalid_request(reply, rx, b, bv, mem, qpn, psn);
+        return;
+    }
+    let (compare_add, swap, opcode) = if pkt.opcode() == Op::RcCompareSwap {
+        (eth.compare(), eth.swap_add(), Opcode::AtomicCmpAndSwp)
+    } else {
+        (eth.swap_add(), 0, Opcode::AtomicFetchAndAdd)
+    };
+    let header = wqe::SendHeader {
+        remote_addr: eth.va().into(),
+        rkey: eth.rkey().into(),
+        compare_add: compare_add.into(),
+        swap: swap.into(),
+        ..wqe::SendHeader::default()
+    };
+    let no_runs = Runs::default();
+    let c = Chunk {
+        a_id: REMOTE_PORT_ID,
+        a_gid: reply.peer,
+        a_qpn: qp.attr.dest_qp_num.get(),
+        qp_type: qp::Type::Rc,
+        opcode,
+        header: &header,
+        solicited: false,
+        len: wqe::ATOMIC_SIZE,
+        done: 0,
+        n: wqe::ATOMIC_SIZE,
+        last: true,
+        qkey: 0,
+        a_runs: &no_runs,
+        inline: &[],
+        is_inline: true,
+        a_mem: mem,
+        b_mem: mem,
+    };
+    let mut orig = 0u64;
+    let resp = engine::respond(bv, b, qpn, &c, &mut orig);
+    let Some(qp) = bv.qps.get_mut(qpn) else {
+        return;
+    };
+    match resp {
+        Resp::Done => {
+            qp.rt.psns.expected = psn_add(psn, 1);
+            qp.rt.psns.msn = psn_add(qp.rt.psns.msn, 1);
+            let w = &mut qp.rt.wire;
+            w.atomics[usize::from(w.atomic_next) % ATOMIC_REPLAY] = (psn, orig, true);
+            w.atomic_next = w.atomic_next.wrapping_add(1);
+            let msn = qp.rt.psns.msn;
+            atomic_ack(reply, rx, psn, msn, orig);
+        }
+        Resp::Nak(status, _) => {
+            let msn = qp.rt.psns.msn;
+            reply.aeth(rx, psn, Syndrome::Nak(nak_code(status)), msn);
+        }
+        _ => {}
+    }
+}
+
+/// A response to this VM's requester: ACK, NAK, READ response or atomic ACK. Returns whether
+/// the QP's window moved (the scheduler should send more).
+#[allow(clippy::too_many_arguments)]
+fn on_response(
+    fabric: &Fabric,
+    ep: &Endpoint,
+    a: &VmPort,
+    av: &mut Vm,
+    mem: &GuestMem,
+    pkt: &Packet<'_>,
+    peer: Gid,
+) -> bool {
+    let _ = fabric;
+    let qpn = pkt.bth().dest_qp();
+    let Some(qp) = av.qps.get(qpn) else {
+        ep.counters.no_qp.fetch_add(1, Ordering::Relaxed);
+        return false;
+    };
+    let ready = matches!(qp.state(), qp::State::Rts | qp::State::Sqd);
+    if qp.qp_type() != qp::Type::Rc || !ready || qp.attr.ah_attr.dgid != peer {
+        ep.counters.no_qp.fetch_add(1, Ordering::Relaxed);
+        return false;
+    }
+    let psn = pkt.bth().psn();
+    let una = qp.rt.psns.una;
+    let next = qp.rt.psns.next;
+    // Only PSNs on the wire can be answered.
+    if psn_diff(psn, una) < -1 || psn_diff(psn, next) >= 0 {
+        ep.counters.stray_responses.fetch_add(1, Ordering::Relaxed);
+        return false;
+    }
+    let syndrome = pkt.ext().aeth.map(|a| a.syndrome());
+    match pkt.opcode() {
+        Op::RcAcknowledge => match syndrome {
+            Some(Ok(Syndrome::Ack { .. })) => ack_through(av, a, mem, qpn, psn),
+            Some(Ok(Syndrome::Nak(NakCode::PsnSequenceError))) => {
+                ack_through(av, a, mem, qpn, psn_add(psn, PSN_MASK));
+                rewind(av, qpn);
+                true
+            }
+            Some(Ok(Syndrome::RnrNak { timer })) => {
+                ack_through(av, a, mem, qpn, psn_add(psn, PSN_MASK));
+                let Some(qp) = av.qps.get_mut(qpn) else {
+                    return false;
+                };
+                let infinite = qp.attr.rnr_retry == qp::RNR_RETRY_INFINITE;
+                if !infinite && qp.rt.wire.rnr_left == 0 {
+                    fail_oldest(
+                        av,
+                        a,
+                        mem,
+                        qpn,
+                        Status::RnrRetryExcErr,
+                        VendorErr::RnrExhausted,
+                    );
+                    return false;
+                }
+                if !infinite {
+                    qp.rt.wire.rnr_left -= 1;
+                }
+                let wait = Duration::from_micros(qp::rnr_timer_micros(timer).into());
+                qp.rt.wire.rnr_until = Some(Instant::now() + wait);
+                qp.rt.wire.deadline = None;
+                true
+            }
+            Some(Ok(Syndrome::Nak(code))) => {
+                ack_through(av, a, mem, qpn, psn_add(psn, PSN_MASK));
+                let status = match code {
+                    NakCode::InvalidRequest | NakCode::InvalidRdRequest => Status::RemInvReqErr,
+                    NakCode::RemoteAccessError => Status::RemAccessErr,
+                    _ => Status::RemOpErr,
+                };
+                fail_oldest(av, a, mem, qpn, status, VendorErr::None);
+                false
+            }
+            _ => false,
+        },
+        Op::RcReadResponseFirst
+        | Op::RcReadResponseMiddle
+        | Op::RcReadResponseLast
+        | Op::RcReadResponseOnly => read_response(av, a, mem, qpn, pkt),
+        Op::RcAtomicAcknowledge => atomic_response(av, a, mem, qpn, pkt),
+        _ => false,
+    }
+}
+
+/// Asks the transmitter to go back to the oldest unacknowledged PSN.
+fn rewind(av: &mut Vm, qpn: u32) {
+    if let Some(qp) = av.qps.get_mut(qpn) {
+        ask_rewind(qp);
+    }
+}
+
+/// Asks for a go-back-N unless one from the same PSN is already under way: every packet after
+/// a loss reports the same gap, and answering each would resend the window again and again.
+/// The ACK timer still catches a retransmission that was itself lost.
+fn ask_rewind(qp: &mut crate::vm::Qp) {
+    let una = qp.rt.psns.una;
+    if qp.rt.wire.rewound != Some(una) {
+        qp.rt.wire.rewind = true;
+    }
+}
+
+/// Completes the SENDs and WRITEs whose packets up to `psn` are acknowledged. A READ or atomic
+/// among them whose response has not arrived means the response was lost: go back for it
+/// (IBA 9.7.4.1.3, implied NAK).
+fn ack_through(av: &mut Vm, a: &VmPort, mem: &GuestMem, qpn: u32, psn: u32) -> bool {
+    let mut moved = false;
+    loop {
+        let Some(qp) = av.qps.get_mut(qpn) else {
+            return moved;
+        };
+        let una = qp.rt.psns.una;
+        if psn_diff(psn, una) < 0 {
+            break;
+        }
+        let head = qp.rt.sq_head;
+        let on_wire = head != qp.rt.wire.sq_next || qp.rt.inflight.active;
+        if !on_wire {
+            break;
+        }
+        let s = qp.rt.wire.sent[head as usize % WINDOW];
+        let opcode = Opcode::from_raw(s.opcode).unwrap_or(Opcode::Send);
+        if matches!(opcode, Opcode::RdmaRead) || opcode.is_atomic() {
+            // Its own responses acknowledge it. Only an acknowledgement of a later request
+            // means they were lost (IBA 9.7.4.1.3, implied NAK).
+            if psn_diff(psn, s.last_psn) >= 0 {
+                ask_rewind(qp);
+            }
+            break;
+        }
+        if psn_diff(psn, s.last_psn) < 0 {
+            // Part of a long message.
+            qp.rt.psns.una = psn_add(psn, 1);
+            progress(qp);
+            moved = true;
+            break;
+        }
+        if head == qp.rt.wire.sq_next && qp.rt.inflight.active {
+            // Acknowledged beyond what was sent: a confused or hostile peer.
+            break;
+        }
+        qp.rt.psns.una = psn_add(s.last_psn, 1);
+        progress(qp);
+        complete_oldest(av, a, mem, qpn, Status::Success, VendorErr::None);
+        moved = true;
+    }
+    moved
+}
+
+/// Forward progress: the retry budget is whole again and the timer restarts.
+fn progress(qp: &mut crate::vm::Qp) {
+    let (retry, rnr) = (qp.attr.retry_cnt, qp.attr.rnr_retry);
+    let w = &mut qp.rt.wire;
+    w.retries_left = retry;
+    w.rnr_left = rnr;
+    w.deadline = None;
+}
+
+/// The work request at the head, if it is a READ or atomic whose PSNs include `psn` and
+/// everything before it has been acknowledged by this response (responses come in order).
+fn responded(av: &mut Vm, a: &VmPort, mem: &GuestMem, qpn: u32, psn: u32) -> Option<Sent> {
+    // A response implies every request before it was received.
+    ack_through(av, a, mem, qpn, psn_add(psn, PSN_MASK));
+    let qp = av.qps.get_mut(qpn)?;
+    let head = qp.rt.sq_head;
+    if head == qp.rt.wire.sq_next && !qp.rt.inflight.active {
+        return None;
+    }
+    let s = qp.rt.wire.sent[head as usize % WINDOW];
+    let in_range = psn_diff(psn, s.first_psn) >= 0 && psn_diff(psn, s.last_psn) <= 0;
+    (in_range && psn == qp.rt.psns.una).then_some(s)
+}
+
+/// A READ response packet: its payload goes where the READ's SGEs say.
+fn read_response(av: &mut Vm, a: &VmPort, mem: &GuestMem, qpn: u32, pkt: &Packet<'_>) -> bool {
+    let psn = pkt.bth().psn();
+    let Some(s) = responded(av, a, mem, qpn, psn) else {
+        if let Some(qp) = av.qps.get_mut(qpn) {
+            // A response after a gap: the packets between were lost.
+            if psn_diff(psn, qp.rt.psns.una) > 0 {
+                ask_rewind(qp);
+                return true;
+            }
+        }
+        return false;
+    };
+    if Opcode::from_raw(s.opcode).ok() != Some(Opcode::RdmaRead) {
+        return false;
+    }
+    let Some(qp) = av.qps.get(qpn) else {
+        return false;
+    };
+    let mtu = mtu_of(qp);
+    let k = psn_diff(psn, s.first_psn) as u32;
+    let off = k * mtu;
+    let payload = pkt.payload();
+    let n = payload.len() as u32;
+    let last = psn == s.last_psn;
+    let op = pkt.opcode();
+    // A READ retried from its middle is answered FIRST, MIDDLE..., LAST from where it resumed,
+    // so only the sizes are fixed: a full MTU until the last, which ends the message.
+    let ends = matches!(op, Op::RcReadResponseOnly | Op::RcReadResponseLast);
+    let shape_ok = ends == last && if last { off + n == s.len } else { n == mtu };
+    if !shape_ok {
+        // Not what was asked: treat as lost and ask again.
+        rewind(av, qpn);
+        return true;
+    }
+    let mut slot = [0u8; MAX_SEND_SLOT];
+    let head = qp.rt.sq_head;
+    let placed = read_slot(qp, mem, head, &mut slot)
+        .then(|| wqe::decode_send(&slot, qp.send_limits()).ok())
+        .flatten()
+        .filter(|wr| wr.opcode == Opcode::RdmaRead && wr.header.wr_id.get() == s.wr_id)
+        .map(|wr| match wr.payload {
+            Payload::Sges(sges) => {
+                let mut runs = Runs::default();
+                xfer::sge_runs(&av.mrs, sges, off, n, &mut runs)
+                    .and_then(|()| xfer::write_runs(payload, mem, runs.as_slice()))
+            }
+            Payload::Inline(_) => Err(VendorErr::MalformedWqe),
+        });
+    match placed {
+        Some(Ok(())) => {}
+        _ => {
+            fail_oldest(av, a, mem, qpn, Status::LocProtErr, VendorErr::GuestMemory);
+            return false;
+        }
+    }
+    let Some(qp) = av.qps.get_mut(qpn) else {
+        return false;
+    };
+    qp.rt.psns.una = psn_add(psn, 1);
+    progress(qp);
+    if last {
+        complete_oldest(av, a, mem, qpn, Status::Success, VendorErr::None);
+    }
+    true
+}
+
+/// An atomic's acknowledgement: the value before goes into the request's SGE.
+fn atomic_response(av: &mut Vm, a: &VmPort, mem: &GuestMem, qpn: u32, pkt: &Packet<'_>) -> bool {
+    let psn = pkt.bth().psn();
+    let Some(s) = responded(av, a, mem, qpn, psn) else {
+        return false;
+    };
+    let Some(ack) = pkt.ext().atomic_ack else {
+        return false;
+    };
+    if !Opcode::from_raw(s.opcode).is_ok_and(Opcode::is_atomic) {
+        return false;
+    }
+    let Some(qp) = av.qps.get(qpn) else {
+        return false;
+    };
+    let mut slot = [0u8; MAX_SEND_SLOT];
+    let placed = read_slot(qp, mem, qp.rt.sq_head, &mut slot)
+        .then(|| wqe::decode_send(&slot, qp.send_limits()).ok())
+        .flatten()
+        .filter(|wr| wr.opcode.is_atomic() && wr.header.wr_id.get() == s.wr_id)
+        .map(|wr| match wr.payload {
+            Payload::Sges(sges) => {
+                let mut runs = Runs::default();
+                xfer::sge_runs(&av.mrs, sges, 0, wqe::ATOMIC_SIZE, &mut runs).and_then(|()| {
+                    xfer::write_runs(&ack.original().to_ne_bytes(), mem, runs.as_slice())
+                })
+            }
+            Payload::Inline(_) => Err(VendorErr::MalformedWqe),
+        });
+    if !matches!(placed, Some(Ok(()))) {
+        fail_oldest(av, a, mem, qpn, Status::LocProtErr, VendorErr::GuestMemory);
+        return false;
+    }
+    let Some(qp) = av.qps.get_mut(qpn) else {
+        return false;
+    };
+    qp.rt.psns.una = psn_add(psn, 1);
+    progress(qp);
+    complete_oldest(av, a, mem, qpn, Status::Success, VendorErr::None);
+    true
+}
+
+/// Sends a UD work request as one datagram; it completes as soon as it is sent, as on an RNIC.
+#[allow(clippy::too_many_arguments)]
+pub fn send_ud(
+    fabric: &Fabric,
+    bufs: &mut TxBuffers,
+    a: &VmPort,
+    av: &Vm,
+    mem: &GuestMem,
+    wr: &wqe::SendWr<'_>,
+    dgid: Gid,
+    dest_qpn: u32,
+    qkey: u32,
+    src_qpn: u32,
+) -> Result<(), VendorErr> {
+    let Some(ep) = fabric.endpoint(&a.gid) else {
+        return Ok(());
+    };
+    let n = wr.byte_len;
+    let payload = bufs
+        .payload
+        .get_mut(..n as usize)
+        .ok_or(VendorErr::MessageTooLong)?;
+    match wr.payload {
+        Payload::Inline(bytes) => payload.copy_from_slice(bytes),
+        Payload::Sges(sges) => {
+            let mut runs = Runs::default();
+            xfer::sge_runs(&av.mrs, sges, 0, n, &mut runs)?;
+            xfer::read_runs(mem, runs.as_slice(), payload)?;
+        }
+    }
+    let (op, imm) = if wr.opcode.has_imm() {
+        (
+            Op::UdSendOnlyWithImm,
+            Some(ImmDt::from_bytes(wr.header.imm_data)),
+        )
+    } else {
+        (Op::UdSendOnly, None)
+    };
+    let deth = Deth::new(qkey, src_qpn).map_err(|_| VendorErr::BadAh)?;
+    let bth = Bth::new(op, dest_qpn, 0)
+        .map_err(|_| VendorErr::BadAh)?
+        .with_solicited(wr.flags.contains(SendFlags::SOLICITED));
+    let ext = Extensions {
+        deth: Some(deth),
+        imm,
+        ..Extensions::default()
+    };
+    let pkt = Packet::new(bth, ext, &bufs.payload[..n as usize])
+        .map_err(|_| VendorErr::MessageTooLong)?;
+    fabric.send(ep, dgid, &pkt, &mut bufs.packet);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn psn_arithmetic_wraps_at_24_bits() {
+        assert_eq!(psn_add(PSN_MASK, 1), 0);
+        assert_eq!(psn_add(5, PSN_MASK), 4);
+        assert_eq!(psn_diff(0, PSN_MASK), 1);
+        assert_eq!(psn_diff(PSN_MASK, 0), -1);
+        assert_eq!(psn_diff(10, 3), 7);
+        assert_eq!(psn_diff(3, 10), -7);
+    }
+
+    #[test]
+    fn a_work_request_takes_one_psn_per_packet_and_a_read_one_per_response() {
+        assert_eq!(psns_for(Opcode::Send, 0, 1024), 1);
+        assert_eq!(psns_for(Opcode::Send, 1024, 1024), 1);
+        assert_eq!(psns_for(Opcode::RdmaWrite, 1025, 1024), 2);
+        assert_eq!(psns_for(Opcode::RdmaRead, 65536, 4096), 16);
+        assert_eq!(psns_for(Opcode::AtomicFetchAndAdd, 8, 256), 1);
+    }
+
+    #[test]
+    fn gids_and_addresses_map_both_ways() {
+        let v4 = Gid::from_ipv4([10, 1, 2, 3]);
+        assert_eq!(ip_of(v4), IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3)));
+        assert_eq!(gid_of(ip_of(v4)), v4);
+        let v6 = Gid([0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+        assert_eq!(gid_of(ip_of(v6)), v6);
+        // A dual-stack socket reports IPv4 peers as mapped IPv6.
+        let mapped = IpAddr::V6(Ipv4Addr::new(10, 1, 2, 3).to_ipv6_mapped());
+        assert_eq!(gid_of(mapped), v4);
+    }
+}

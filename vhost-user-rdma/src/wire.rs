@@ -52,6 +52,8 @@ pub const WINDOW: usize = 32;
 /// Packets a QP may have on the wire unacknowledged: more only fills socket buffers, and a
 /// loss then costs a longer go-back-N.
 pub const MAX_UNACKED: u32 = 256;
+/// The smallest window a lossy path shrinks a QP's to.
+const MIN_WINDOW: u32 = 8;
 /// A long message asks for an ACK at least this often, so the requester's window moves before
 /// the message ends.
 const ACK_EVERY: u32 = 64;
@@ -412,7 +414,13 @@ pub struct Transport {
     started: bool,
     /// Ring index of the work request being transmitted (if `inflight.active`) or next to be.
     sq_next: u32,
-    /// Work requests `[sq_head, sq_next)` on the wire, by ring index modulo [`WINDOW`].
+    /// Ring index after the last work request ever begun: `[sq_head, sq_max)` have records in
+    /// `sent`. A go-back-N moves `sq_next` back; this stays.
+    sq_max: u32,
+    /// PSN after the last packet ever sent: acknowledgements up to it are valid even while a
+    /// go-back-N resends from further back.
+    psn_max: u32,
+    /// Work requests `[sq_head, sq_max)` on the wire, by ring index modulo [`WINDOW`].
     sent: [Sent; WINDOW],
     /// When the oldest unacknowledged packet times out.
     deadline: Option<Instant>,
@@ -424,6 +432,8 @@ pub struct Transport {
     rewind: bool,
     /// The PSN the last go-back-N resent from.
     rewound: Option<u32>,
+    /// Packets the requester may have unacknowledged now, at most [`MAX_UNACKED`].
+    cwnd: u32,
     /// When the scheduler's timer for this QP fires, if one is pending.
     timer_at: Option<Instant>,
     /// The responder's message in progress.
@@ -508,15 +518,18 @@ pub fn step_rc(
     let now = Instant::now();
     let (retry_cnt, rnr_retry, timeout) = (qp.attr.retry_cnt, qp.attr.rnr_retry, timeout_of(qp));
     let sqd = qp.state() == qp::State::Sqd;
-    let sq_head = qp.rt.sq_head;
+    let (sq_head, una, next) = (qp.rt.sq_head, qp.rt.psns.una, qp.rt.psns.next);
     let t = &mut qp.rt.wire;
     if !t.started {
         t.started = true;
+        t.cwnd = MAX_UNACKED;
         t.retries_left = retry_cnt;
         t.rnr_left = rnr_retry;
         t.sq_next = sq_head;
+        t.sq_max = sq_head;
+        t.psn_max = next;
     }
-    let outstanding = qp.rt.psns.una != qp.rt.psns.next;
+    let outstanding = una != t.psn_max;
     if t.timer_at.is_some_and(|at| at <= now) {
         t.timer_at = None;
     }
@@ -602,7 +615,7 @@ pub fn step_rc(
     let Some(qp) = av.qps.get_mut(qpn) else {
         return idle;
     };
-    let outstanding = qp.rt.psns.una != qp.rt.psns.next;
+    let outstanding = qp.rt.psns.una != qp.rt.wire.psn_max;
     let t = &mut qp.rt.wire;
     if outstanding && t.deadline.is_none() {
         t.deadline = Some(Instant::now() + timeout);
@@ -610,7 +623,7 @@ pub fn step_rc(
     if !outstanding {
         t.deadline = None;
     }
-    let drained = sqd && !outstanding && !qp.rt.inflight.active && qp.rt.sq_head == t.sq_next;
+    let drained = sqd && !outstanding && !qp.rt.inflight.active && qp.rt.sq_head == t.sq_max;
     if drained && qp.attr.en_sqd_async_notify == 1 && !qp.rt.sqd_notified {
         qp.rt.sqd_notified = true;
         a.push_event(event::Kind::SqDrained, qpn);
@@ -718,7 +731,11 @@ fn begin_wr(av: &mut Vm, a: &VmPort, mem: &GuestMem, qpn: u32) -> Begin {
     };
     qp.rt.inflight.slot = slot;
     qp.rt.inflight.active = true;
-    qp.rt.wire.sent[index as usize % WINDOW] = sent;
+    let t = &mut qp.rt.wire;
+    t.sent[index as usize % WINDOW] = sent;
+    if index == t.sq_max {
+        t.sq_max = index.wrapping_add(1);
+    }
     Begin::Started
 }
 
@@ -758,7 +775,7 @@ fn send_next(
         return Sent1::Failed;
     };
     let psns = qp.rt.psns;
-    if psn_diff(psns.next, psns.una) as u32 >= MAX_UNACKED {
+    if psn_diff(psns.next, psns.una) as u32 >= qp.rt.wire.cwnd {
         return Sent1::WindowFull;
     }
     let t = &qp.rt.wire;
@@ -857,7 +874,10 @@ fn send_next(
         }
     };
     let solicited = last && wr.flags.contains(SendFlags::SOLICITED);
-    let ack_req = last || (k + 1) % ACK_EVERY == 0;
+    // The window moves only on acknowledgements: ask for one at least twice per window.
+    let in_flight = psn_diff(psn, psns.una) as u32 + 1;
+    let half_window = (qp.rt.wire.cwnd / 2).clamp(1, ACK_EVERY);
+    let ack_req = last || in_flight % half_window == 0;
     let payload = &bufs.payload[..n as usize];
     let pkt = Bth::new(op, dest, psn).ok().and_then(|bth| {
         let bth = bth.with_ack_req(ack_req).with_solicited(solicited);
@@ -872,6 +892,9 @@ fn send_next(
         return Sent1::Failed;
     };
     qp.rt.psns.next = psn_add(psn, advance);
+    if psn_diff(qp.rt.psns.next, qp.rt.wire.psn_max) > 0 {
+        qp.rt.wire.psn_max = qp.rt.psns.next;
+    }
     if k + advance >= npsn {
         qp.rt.inflight.active = false;
         qp.rt.wire.sq_next = index.wrapping_add(1);
@@ -907,15 +930,10 @@ fn go_back(av: &mut Vm, a: &VmPort, mem: &GuestMem, qpn: u32, counters: &Counter
         return false;
     };
     let una = qp.rt.psns.una;
-    if una == qp.rt.psns.next {
+    if una == qp.rt.wire.psn_max {
         return true;
     }
-    let (head, next) = (qp.rt.sq_head, qp.rt.wire.sq_next);
-    let end = if qp.rt.inflight.active {
-        next.wrapping_add(1)
-    } else {
-        next
-    };
+    let (head, end) = (qp.rt.sq_head, qp.rt.wire.sq_max);
     let mut i = head;
     let mut found = None;
     while i != end {
@@ -929,7 +947,7 @@ fn go_back(av: &mut Vm, a: &VmPort, mem: &GuestMem, qpn: u32, counters: &Counter
     let Some(index) = found else {
         return true;
     };
-    let resent = psn_diff(qp.rt.psns.next, una).max(0) as u64;
+    let resent = psn_diff(qp.rt.wire.psn_max, una).max(0) as u64;
     let mut slot = [0u8; MAX_SEND_SLOT];
     if !read_slot(qp, mem, index, &mut slot) {
         engine::ring_fatal(av, a, mem, qpn, VendorErr::GuestMemory);
@@ -943,6 +961,9 @@ fn go_back(av: &mut Vm, a: &VmPort, mem: &GuestMem, qpn: u32, counters: &Counter
     qp.rt.inflight.active = true;
     qp.rt.wire.sq_next = index;
     qp.rt.wire.rewound = Some(una);
+    // Each go-back resends everything after the gap: a path that loses or reorders packets
+    // gets a smaller window, and earns it back one packet per acknowledgement.
+    qp.rt.wire.cwnd = (qp.rt.wire.cwnd / 2).max(MIN_WINDOW);
     qp.rt.psns.next = una;
     debug!(
         "vm {}: QP {qpn:#x}: going back to PSN {una:#x} ({resent} packets)",
@@ -956,7 +977,7 @@ fn go_back(av: &mut Vm, a: &VmPort, mem: &GuestMem, qpn: u32, counters: &Counter
 fn fail_oldest(av: &mut Vm, a: &VmPort, mem: &GuestMem, qpn: u32, status: Status, v: VendorErr) {
     if let Some(qp) = av.qps.get(qpn) {
         let head = qp.rt.sq_head;
-        if head != qp.rt.wire.sq_next || qp.rt.inflight.active {
+        if head != qp.rt.wire.sq_max {
             complete_oldest(av, a, mem, qpn, status, v);
         }
     }
@@ -1283,11 +1304,9 @@ fn on_duplicate(
                 atomic_ack(reply, rx, psn, msn, orig);
             }
         }
-        _ => {
-            if pkt.bth().ack_req() {
-                reply.aeth(rx, psn_add(expected, PSN_MASK), ACK, msn);
-            }
-        }
+        // Acknowledged again whether or not it asks (IBA C9-105, as rxe does): a requester
+        // resends because the first acknowledgement never reached it.
+        _ => reply.aeth(rx, psn_add(expected, PSN_MASK), ACK, msn),
     }
 }
 
@@ -1702,9 +1721,8 @@ fn on_response(
     }
     let psn = pkt.bth().psn();
     let una = qp.rt.psns.una;
-    let next = qp.rt.psns.next;
     // Only PSNs on the wire can be answered.
-    if psn_diff(psn, una) < -1 || psn_diff(psn, next) >= 0 {
+    if psn_diff(psn, una) < -1 || psn_diff(psn, qp.rt.wire.psn_max) >= 0 {
         ep.counters.stray_responses.fetch_add(1, Ordering::Relaxed);
         return false;
     }
@@ -1771,8 +1789,8 @@ fn rewind(av: &mut Vm, qpn: u32) {
 }
 
 /// Asks for a go-back-N unless one from the same PSN is already under way: every packet after
-/// a loss reports the same gap, and answering each would resend the window again and again.
-/// The ACK timer still catches a retransmission that was itself lost.
+/// a gap reports it, and answering each would resend the window again and again. The ACK
+/// timer still catches a resent packet that was itself lost.
 fn ask_rewind(qp: &mut crate::vm::Qp) {
     let una = qp.rt.psns.una;
     if qp.rt.wire.rewound != Some(una) {
@@ -1794,8 +1812,7 @@ fn ack_through(av: &mut Vm, a: &VmPort, mem: &GuestMem, qpn: u32, psn: u32) -> b
             break;
         }
         let head = qp.rt.sq_head;
-        let on_wire = head != qp.rt.wire.sq_next || qp.rt.inflight.active;
-        if !on_wire {
+        if head == qp.rt.wire.sq_max {
             break;
         }
         let s = qp.rt.wire.sent[head as usize % WINDOW];
@@ -1815,10 +1832,8 @@ fn ack_through(av: &mut Vm, a: &VmPort, mem: &GuestMem, qpn: u32, psn: u32) -> b
             moved = true;
             break;
         }
-        if head == qp.rt.wire.sq_next && qp.rt.inflight.active {
-            // Acknowledged beyond what was sent: a confused or hostile peer.
-            break;
-        }
+        // Every PSN up to `psn` was sent at least once (responses beyond `psn_max` are
+        // refused), so the whole request has arrived even if a go-back-N is resending it.
         qp.rt.psns.una = psn_add(s.last_psn, 1);
         progress(qp);
         complete_oldest(av, a, mem, qpn, Status::Success, VendorErr::None);
@@ -1827,13 +1842,18 @@ fn ack_through(av: &mut Vm, a: &VmPort, mem: &GuestMem, qpn: u32, psn: u32) -> b
     moved
 }
 
-/// Forward progress: the retry budget is whole again and the timer restarts.
+/// Forward progress: the retry budget is whole again and the timer restarts. A go-back-N
+/// that is resending what has now been acknowledged skips ahead.
 fn progress(qp: &mut crate::vm::Qp) {
+    if psn_diff(qp.rt.psns.una, qp.rt.psns.next) > 0 {
+        qp.rt.psns.next = qp.rt.psns.una;
+    }
     let (retry, rnr) = (qp.attr.retry_cnt, qp.attr.rnr_retry);
     let w = &mut qp.rt.wire;
     w.retries_left = retry;
     w.rnr_left = rnr;
     w.deadline = None;
+    w.cwnd = (w.cwnd + 1).min(MAX_UNACKED);
 }
 
 /// The work request at the head, if it is a READ or atomic whose PSNs include `psn` and
@@ -1843,7 +1863,7 @@ fn responded(av: &mut Vm, a: &VmPort, mem: &GuestMem, qpn: u32, psn: u32) -> Opt
     ack_through(av, a, mem, qpn, psn_add(psn, PSN_MASK));
     let qp = av.qps.get_mut(qpn)?;
     let head = qp.rt.sq_head;
-    if head == qp.rt.wire.sq_next && !qp.rt.inflight.active {
+    if head == qp.rt.wire.sq_max {
         return None;
     }
     let s = qp.rt.wire.sent[head as usize % WINDOW];

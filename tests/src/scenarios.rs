@@ -7,7 +7,12 @@ use vrdma::{
     Sge, WcOpcode, WcStatus,
 };
 
-use crate::{Endpoint, pattern, rc_pair, read};
+use std::time::Duration;
+
+use vrdma::{AccessFlags, MemoryRegion};
+use vrdma_proto::cqe::VendorErr;
+
+use crate::{Endpoint, connect_rc, pattern, rc_pair, read};
 
 const LEN: usize = 1 << 20;
 
@@ -278,4 +283,200 @@ pub fn ud_datagrams_carry_grh_source_qp_and_gid(ca: &Context, cb: &Context) {
         6,
         "the datagram with the right Q_Key lands in the next receive"
     );
+}
+
+/// Whether a scenario checks the vendor error code of failed completions: a requester on
+/// another host learns only the NAK's code, not the responder's detailed reason (on an RNIC
+/// too, `vendor_err` is the local device's own).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Vendor {
+    /// Check it (both VMs on one daemon).
+    Checked,
+    /// Do not (the failure was reported across the network).
+    Unchecked,
+}
+
+impl Vendor {
+    /// `v` if checked.
+    pub fn expect(self, v: VendorErr) -> Option<VendorErr> {
+        (self == Vendor::Checked).then_some(v)
+    }
+}
+
+fn error_cap() -> QpCap {
+    QpCap {
+        max_send_wr: 16,
+        max_recv_wr: 16,
+        max_send_sge: 2,
+        max_recv_sge: 2,
+        max_inline_data: 64,
+    }
+}
+
+/// The QP's state, as the guest queries it.
+pub fn state(e: &Endpoint) -> QpState {
+    e.qp.query().expect("query qp").0.qp_state
+}
+
+/// Checks the failed request's completion, then that the QP went to ERR and that the next
+/// request is flushed.
+pub fn assert_fails_then_flushes(
+    e: &Endpoint,
+    wr_id: u64,
+    status: WcStatus,
+    vendor: Option<VendorErr>,
+) {
+    let wc = e.poll_one();
+    assert_eq!((wc.wr_id, wc.status), (wr_id, status), "{wc:?}");
+    if let Some(v) = vendor {
+        assert_eq!(wc.vendor_err, v.raw(), "{wc:?}");
+    }
+    assert_eq!(state(e), QpState::Err);
+    let sge = [Sge::new(e.buf.addr(), 8, e.mr.lkey())];
+    e.send(&[SendWr::send(wr_id + 1000, &sge)]).unwrap();
+    let wc = e.poll_one();
+    assert_eq!((wc.wr_id, wc.status), (wr_id + 1000, WcStatus::WrFlushErr));
+}
+
+/// A bad R_Key, a range past the remote MR, an MR without REMOTE_WRITE and an unaligned
+/// atomic: the requester fails with the remote error, the responder's QP goes to ERR.
+pub fn remote_key_bounds_and_access_errors_fail_both_sides(
+    ca: &Context,
+    cb: &Context,
+    vendor: Vendor,
+) {
+    let src_of = |e: &Endpoint| [Sge::new(e.buf.addr(), 64, e.mr.lkey())];
+
+    // A bad rkey.
+    let (a, b) = rc_pair(ca, cb, 1 << 16, error_cap());
+    let src = src_of(&a);
+    a.send(&[SendWr::rdma_write(
+        1,
+        &src,
+        b.buf.addr(),
+        b.mr.rkey() ^ 0x0020_0000,
+    )])
+    .unwrap();
+    assert_fails_then_flushes(
+        &a,
+        1,
+        WcStatus::RemAccessErr,
+        vendor.expect(VendorErr::BadRkey),
+    );
+    assert_eq!(state(&b), QpState::Err, "the responder goes to ERR as well");
+
+    // Out of the remote MR's bounds.
+    let (a, b) = rc_pair(ca, cb, 1 << 16, error_cap());
+    let src = src_of(&a);
+    a.send(&[SendWr::rdma_write(
+        2,
+        &src,
+        b.buf.addr() + (1 << 16) - 10,
+        b.mr.rkey(),
+    )])
+    .unwrap();
+    assert_fails_then_flushes(
+        &a,
+        2,
+        WcStatus::RemAccessErr,
+        vendor.expect(VendorErr::RemoteOutOfBounds),
+    );
+
+    // A remote MR without REMOTE_WRITE; the responder's posted receive is flushed.
+    let (a, b) = rc_pair(ca, cb, 1 << 16, error_cap());
+    let read_only = MemoryRegion::register(
+        &b.pd,
+        &b.buf,
+        AccessFlags::LOCAL_WRITE | AccessFlags::REMOTE_READ,
+    )
+    .unwrap();
+    let recv = [Sge::new(b.buf.addr(), 64, b.mr.lkey())];
+    b.recv(&[RecvWr {
+        wr_id: 50,
+        sg_list: &recv,
+    }])
+    .unwrap();
+    let before = read(&b.buf, 0, 64);
+    let src = src_of(&a);
+    a.send(&[SendWr::rdma_write(3, &src, b.buf.addr(), read_only.rkey())])
+        .unwrap();
+    assert_fails_then_flushes(
+        &a,
+        3,
+        WcStatus::RemAccessErr,
+        vendor.expect(VendorErr::RemoteAccess),
+    );
+    let wc = b.poll_one();
+    assert_eq!((wc.wr_id, wc.status), (50, WcStatus::WrFlushErr));
+    assert_eq!(read(&b.buf, 0, 64), before, "nothing was written");
+
+    // An atomic on an unaligned address.
+    let (a, b) = rc_pair(ca, cb, 1 << 16, error_cap());
+    let old = [Sge::new(a.buf.addr(), 8, a.mr.lkey())];
+    a.send(&[SendWr::fetch_add(4, &old, b.buf.addr() + 4, b.mr.rkey(), 1)])
+        .unwrap();
+    assert_fails_then_flushes(
+        &a,
+        4,
+        WcStatus::RemInvReqErr,
+        vendor.expect(VendorErr::BadAtomic),
+    );
+}
+
+/// A SEND larger than the posted receive fails on both sides.
+pub fn receive_too_small_fails_both_sides(ca: &Context, cb: &Context, vendor: Vendor) {
+    let (a, b) = rc_pair(ca, cb, 1 << 16, error_cap());
+    let small = [Sge::new(b.buf.addr(), 16, b.mr.lkey())];
+    b.recv(&[RecvWr {
+        wr_id: 9,
+        sg_list: &small,
+    }])
+    .unwrap();
+    let src = [Sge::new(a.buf.addr(), 100, a.mr.lkey())];
+    a.send(&[SendWr::send(1, &src)]).unwrap();
+    let wc = b.poll_one();
+    assert_eq!(
+        (wc.wr_id, wc.status, wc.opcode),
+        (9, WcStatus::LocLenErr, WcOpcode::Recv)
+    );
+    assert_fails_then_flushes(
+        &a,
+        1,
+        WcStatus::RemInvReqErr,
+        vendor.expect(VendorErr::RecvTooSmall),
+    );
+}
+
+/// RNR retries run out after `rnr_retry`; with 7 (infinite) the SEND waits for a receive.
+pub fn rnr_retries_run_out_after_the_configured_count(ca: &Context, cb: &Context, vendor: Vendor) {
+    let a = Endpoint::new(ca, QpType::Rc, 1 << 16, error_cap());
+    let b = Endpoint::new(cb, QpType::Rc, 1 << 16, error_cap());
+    // b's min_rnr_timer is encoding 1 (10 µs); a gives up after 3 RNR retries.
+    connect_rc(&a.qp, cb.gid(), b.qp.qp_num(), 3, 7);
+    connect_rc(&b.qp, ca.gid(), a.qp.qp_num(), 3, 7);
+    let src = [Sge::new(a.buf.addr(), 8, a.mr.lkey())];
+    a.send(&[SendWr::send(1, &src)]).unwrap();
+    assert_fails_then_flushes(
+        &a,
+        1,
+        WcStatus::RnrRetryExcErr,
+        vendor.expect(VendorErr::RnrExhausted),
+    );
+
+    // With infinite RNR retries the send waits for a receive instead.
+    let a = Endpoint::new(ca, QpType::Rc, 1 << 16, error_cap());
+    let b = Endpoint::new(cb, QpType::Rc, 1 << 16, error_cap());
+    connect_rc(&a.qp, cb.gid(), b.qp.qp_num(), 7, 7);
+    connect_rc(&b.qp, ca.gid(), a.qp.qp_num(), 7, 7);
+    a.send(&[SendWr::send(2, &[Sge::new(a.buf.addr(), 8, a.mr.lkey())])])
+        .unwrap();
+    a.assert_no_completion(Duration::from_millis(50));
+    let recv = [Sge::new(b.buf.addr(), 8, b.mr.lkey())];
+    b.recv(&[RecvWr {
+        wr_id: 3,
+        sg_list: &recv,
+    }])
+    .unwrap();
+    assert_eq!(a.poll_one().status, WcStatus::Success);
+    assert_eq!(b.poll_one().wr_id, 3);
 }

@@ -6,9 +6,10 @@ use std::time::{Duration, Instant};
 use vrdma::mem::SharedMemory;
 use vrdma::{
     AccessFlags, MemoryRegion, ProtectionDomain, QpAttr, QpAttrMask, QpCap, QpState, QpType,
-    RecvWr, SendWr, Sge, WcOpcode, WcStatus,
+    RecvWr, SendWr, Sge, WcStatus,
 };
 use vrdma_proto::cqe::VendorErr;
+use vrdma_tests::scenarios::{self, Vendor, assert_fails_then_flushes, state};
 use vrdma_tests::{Endpoint, TestDaemon, connect_rc, rc_pair, read};
 
 fn cap() -> QpCap {
@@ -21,23 +22,6 @@ fn cap() -> QpCap {
     }
 }
 
-fn state(e: &Endpoint) -> QpState {
-    e.qp.query().expect("query qp").0.qp_state
-}
-
-/// Checks the failed request's completion, then that the QP went to ERR and that the next
-/// request is flushed.
-fn assert_fails_then_flushes(e: &Endpoint, wr_id: u64, status: WcStatus, vendor: VendorErr) {
-    let wc = e.poll_one();
-    assert_eq!((wc.wr_id, wc.status), (wr_id, status), "{wc:?}");
-    assert_eq!(wc.vendor_err, vendor.raw(), "{wc:?}");
-    assert_eq!(state(e), QpState::Err);
-    let sge = [Sge::new(e.buf.addr(), 8, e.mr.lkey())];
-    e.send(&[SendWr::send(wr_id + 1000, &sge)]).unwrap();
-    let wc = e.poll_one();
-    assert_eq!((wc.wr_id, wc.status), (wr_id + 1000, WcStatus::WrFlushErr));
-}
-
 #[test]
 fn local_key_bounds_pd_and_access_errors() {
     let d = TestDaemon::start(&[("a", ""), ("b", "")]);
@@ -48,7 +32,7 @@ fn local_key_bounds_pd_and_access_errors() {
     let bad = [Sge::new(a.buf.addr(), 8, a.mr.lkey() ^ 0x0010_0000)];
     a.send(&[SendWr::rdma_write(1, &bad, b.buf.addr(), b.mr.rkey())])
         .unwrap();
-    assert_fails_then_flushes(&a, 1, WcStatus::LocProtErr, VendorErr::BadLkey);
+    assert_fails_then_flushes(&a, 1, WcStatus::LocProtErr, Some(VendorErr::BadLkey));
 
     // An SGE running past the end of its MR.
     let (a, b) = rc_pair(&ca, &cb, 1 << 16, cap());
@@ -57,7 +41,7 @@ fn local_key_bounds_pd_and_access_errors() {
     let past = [Sge::new(a.buf.addr() + 4092, 8, small.lkey())];
     a.send(&[SendWr::rdma_write(2, &past, b.buf.addr(), b.mr.rkey())])
         .unwrap();
-    assert_fails_then_flushes(&a, 2, WcStatus::LocProtErr, VendorErr::SgeOutOfBounds);
+    assert_fails_then_flushes(&a, 2, WcStatus::LocProtErr, Some(VendorErr::SgeOutOfBounds));
 
     // An MR of another PD.
     let (a, b) = rc_pair(&ca, &cb, 1 << 16, cap());
@@ -66,7 +50,7 @@ fn local_key_bounds_pd_and_access_errors() {
     let wrong_pd = [Sge::new(a.buf.addr(), 8, other_mr.lkey())];
     a.send(&[SendWr::rdma_write(3, &wrong_pd, b.buf.addr(), b.mr.rkey())])
         .unwrap();
-    assert_fails_then_flushes(&a, 3, WcStatus::LocProtErr, VendorErr::PdMismatch);
+    assert_fails_then_flushes(&a, 3, WcStatus::LocProtErr, Some(VendorErr::PdMismatch));
 
     // READ into memory registered without local write.
     let (a, b) = rc_pair(&ca, &cb, 1 << 16, cap());
@@ -74,121 +58,33 @@ fn local_key_bounds_pd_and_access_errors() {
     let dst = [Sge::new(a.buf.addr(), 8, ro.lkey())];
     a.send(&[SendWr::rdma_read(4, &dst, b.buf.addr(), b.mr.rkey())])
         .unwrap();
-    assert_fails_then_flushes(&a, 4, WcStatus::LocAccessErr, VendorErr::LocalAccess);
+    assert_fails_then_flushes(&a, 4, WcStatus::LocAccessErr, Some(VendorErr::LocalAccess));
 }
 
 #[test]
 fn remote_key_bounds_and_access_errors_fail_both_sides() {
     let d = TestDaemon::start(&[("a", ""), ("b", "")]);
-    let (ca, cb) = (d.open("a"), d.open("b"));
-    let src_of = |e: &Endpoint| [Sge::new(e.buf.addr(), 64, e.mr.lkey())];
-
-    // A bad rkey.
-    let (a, b) = rc_pair(&ca, &cb, 1 << 16, cap());
-    let src = src_of(&a);
-    a.send(&[SendWr::rdma_write(
-        1,
-        &src,
-        b.buf.addr(),
-        b.mr.rkey() ^ 0x0020_0000,
-    )])
-    .unwrap();
-    assert_fails_then_flushes(&a, 1, WcStatus::RemAccessErr, VendorErr::BadRkey);
-    assert_eq!(state(&b), QpState::Err, "the responder goes to ERR as well");
-
-    // Out of the remote MR's bounds.
-    let (a, b) = rc_pair(&ca, &cb, 1 << 16, cap());
-    let src = src_of(&a);
-    a.send(&[SendWr::rdma_write(
-        2,
-        &src,
-        b.buf.addr() + (1 << 16) - 10,
-        b.mr.rkey(),
-    )])
-    .unwrap();
-    assert_fails_then_flushes(&a, 2, WcStatus::RemAccessErr, VendorErr::RemoteOutOfBounds);
-
-    // A remote MR without REMOTE_WRITE; the responder's posted receive is flushed.
-    let (a, b) = rc_pair(&ca, &cb, 1 << 16, cap());
-    let read_only = MemoryRegion::register(
-        &b.pd,
-        &b.buf,
-        AccessFlags::LOCAL_WRITE | AccessFlags::REMOTE_READ,
-    )
-    .unwrap();
-    let recv = [Sge::new(b.buf.addr(), 64, b.mr.lkey())];
-    b.recv(&[RecvWr {
-        wr_id: 50,
-        sg_list: &recv,
-    }])
-    .unwrap();
-    let before = read(&b.buf, 0, 64);
-    let src = src_of(&a);
-    a.send(&[SendWr::rdma_write(3, &src, b.buf.addr(), read_only.rkey())])
-        .unwrap();
-    assert_fails_then_flushes(&a, 3, WcStatus::RemAccessErr, VendorErr::RemoteAccess);
-    let wc = b.poll_one();
-    assert_eq!((wc.wr_id, wc.status), (50, WcStatus::WrFlushErr));
-    assert_eq!(read(&b.buf, 0, 64), before, "nothing was written");
-
-    // An atomic on an unaligned address.
-    let (a, b) = rc_pair(&ca, &cb, 1 << 16, cap());
-    let old = [Sge::new(a.buf.addr(), 8, a.mr.lkey())];
-    a.send(&[SendWr::fetch_add(4, &old, b.buf.addr() + 4, b.mr.rkey(), 1)])
-        .unwrap();
-    assert_fails_then_flushes(&a, 4, WcStatus::RemInvReqErr, VendorErr::BadAtomic);
+    scenarios::remote_key_bounds_and_access_errors_fail_both_sides(
+        &d.open("a"),
+        &d.open("b"),
+        Vendor::Checked,
+    );
 }
 
 #[test]
 fn receive_too_small_fails_both_sides() {
     let d = TestDaemon::start(&[("a", ""), ("b", "")]);
-    let (ca, cb) = (d.open("a"), d.open("b"));
-    let (a, b) = rc_pair(&ca, &cb, 1 << 16, cap());
-    let small = [Sge::new(b.buf.addr(), 16, b.mr.lkey())];
-    b.recv(&[RecvWr {
-        wr_id: 9,
-        sg_list: &small,
-    }])
-    .unwrap();
-    let src = [Sge::new(a.buf.addr(), 100, a.mr.lkey())];
-    a.send(&[SendWr::send(1, &src)]).unwrap();
-    let wc = b.poll_one();
-    assert_eq!(
-        (wc.wr_id, wc.status, wc.opcode),
-        (9, WcStatus::LocLenErr, WcOpcode::Recv)
-    );
-    assert_fails_then_flushes(&a, 1, WcStatus::RemInvReqErr, VendorErr::RecvTooSmall);
+    scenarios::receive_too_small_fails_both_sides(&d.open("a"), &d.open("b"), Vendor::Checked);
 }
 
 #[test]
 fn rnr_retries_run_out_after_the_configured_count() {
     let d = TestDaemon::start(&[("a", ""), ("b", "")]);
-    let (ca, cb) = (d.open("a"), d.open("b"));
-    let a = Endpoint::new(&ca, QpType::Rc, 1 << 16, cap());
-    let b = Endpoint::new(&cb, QpType::Rc, 1 << 16, cap());
-    // b's min_rnr_timer is encoding 1 (10 µs); a gives up after 3 RNR retries.
-    connect_rc(&a.qp, cb.gid(), b.qp.qp_num(), 3, 7);
-    connect_rc(&b.qp, ca.gid(), a.qp.qp_num(), 3, 7);
-    let src = [Sge::new(a.buf.addr(), 8, a.mr.lkey())];
-    a.send(&[SendWr::send(1, &src)]).unwrap();
-    assert_fails_then_flushes(&a, 1, WcStatus::RnrRetryExcErr, VendorErr::RnrExhausted);
-
-    // With infinite RNR retries the send waits for a receive instead.
-    let a = Endpoint::new(&ca, QpType::Rc, 1 << 16, cap());
-    let b = Endpoint::new(&cb, QpType::Rc, 1 << 16, cap());
-    connect_rc(&a.qp, cb.gid(), b.qp.qp_num(), 7, 7);
-    connect_rc(&b.qp, ca.gid(), a.qp.qp_num(), 7, 7);
-    a.send(&[SendWr::send(2, &[Sge::new(a.buf.addr(), 8, a.mr.lkey())])])
-        .unwrap();
-    a.assert_no_completion(Duration::from_millis(50));
-    let recv = [Sge::new(b.buf.addr(), 8, b.mr.lkey())];
-    b.recv(&[RecvWr {
-        wr_id: 3,
-        sg_list: &recv,
-    }])
-    .unwrap();
-    assert_eq!(a.poll_one().status, WcStatus::Success);
-    assert_eq!(b.poll_one().wr_id, 3);
+    scenarios::rnr_retries_run_out_after_the_configured_count(
+        &d.open("a"),
+        &d.open("b"),
+        Vendor::Checked,
+    );
 }
 
 #[test]
@@ -203,7 +99,12 @@ fn a_missing_responder_exhausts_transport_retries() {
     let src = [Sge::new(a.buf.addr(), 8, a.mr.lkey())];
     a.send(&[SendWr::rdma_write(1, &src, b.buf.addr(), b.mr.rkey())])
         .unwrap();
-    assert_fails_then_flushes(&a, 1, WcStatus::RetryExcErr, VendorErr::PeerUnreachable);
+    assert_fails_then_flushes(
+        &a,
+        1,
+        WcStatus::RetryExcErr,
+        Some(VendorErr::PeerUnreachable),
+    );
     assert!(
         start.elapsed() >= Duration::from_millis(2),
         "two ACK timeouts must pass first"

@@ -290,6 +290,7 @@ fn lossy_duplicating_reordering_link_loses_and_repeats_nothing() {
             );
         }
         b.assert_no_completion(Duration::from_millis(50));
+        fetch_adds_run_exactly_once(&a, &b);
         let stats = h.link.stats().unwrap();
         println!("loss {loss}: relay {stats:?}");
         assert!(
@@ -297,6 +298,60 @@ fn lossy_duplicating_reordering_link_loses_and_repeats_nothing() {
             "{stats:?}"
         );
         assert!(stats.a_to_b.duplicated > 0, "{stats:?}");
+    }
+}
+
+/// FETCH_ADD 1, 200 times on one word, through the same lossy link: a retransmitted atomic is
+/// answered from the responder's replay cache, never executed again, so the word ends at
+/// exactly 200 and the k-th request saw k.
+fn fetch_adds_run_exactly_once(a: &Endpoint, b: &Endpoint) {
+    const N: u64 = 200;
+    let word = UPPER as u64 + (4 << 20);
+    b.buf.write_at(word as usize, &0u64.to_ne_bytes()).unwrap();
+    let olds: Vec<[Sge; 1]> = (0..N)
+        .map(|k| [Sge::new(a.buf.addr() + word + 8 * k, 8, a.mr.lkey())])
+        .collect();
+    let mut wc = [empty_wc(); 16];
+    let (mut posted, mut done) = (0u64, 0u64);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while done < N {
+        while posted < N && posted - done < 8 {
+            let wr = SendWr::fetch_add(
+                posted,
+                &olds[posted as usize],
+                b.buf.addr() + word,
+                b.mr.rkey(),
+                1,
+            );
+            a.send(&[wr.with_flags(SendFlags::SIGNALED)]).unwrap();
+            posted += 1;
+        }
+        let got = a.cq.poll(&mut wc).unwrap();
+        for w in &wc[..got] {
+            assert_eq!(
+                (w.wr_id, w.status),
+                (done, WcStatus::Success),
+                "in order, once"
+            );
+            done += 1;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {done} of {N} atomics completed"
+        );
+    }
+    assert_eq!(
+        read(&b.buf, word as usize, 8),
+        N.to_ne_bytes(),
+        "each executed once"
+    );
+    for k in 0..N {
+        let seen = read(&a.buf, (word + 8 * k) as usize, 8);
+        assert_eq!(
+            seen,
+            k.to_ne_bytes(),
+            "FETCH_ADD {k} returned the value before it"
+        );
     }
 }
 

@@ -2,6 +2,7 @@
 //! the inter-host fabric, data verified. Each test uses its own addresses (all of 127.0.0.0/8
 //! is local), so the tests run in parallel without sharing a port.
 
+use vrdma_tests::scenarios::Vendor;
 use vrdma_tests::{TestDaemon, scenarios};
 
 /// Two daemons, VM "a" on the first at `127.0.X.1` and VM "b" on the second at `127.0.X.2`.
@@ -24,6 +25,32 @@ fn rc_opcodes_cross_hosts() {
 fn unsignalled_requests_cross_hosts_in_order() {
     let (h1, h2) = two_hosts(2);
     scenarios::unsignalled_requests_complete_silently_and_in_order(&h1.open("a"), &h2.open("b"));
+}
+
+#[test]
+fn remote_access_errors_cross_hosts_as_naks() {
+    let (h1, h2) = two_hosts(5);
+    scenarios::remote_key_bounds_and_access_errors_fail_both_sides(
+        &h1.open("a"),
+        &h2.open("b"),
+        Vendor::Unchecked,
+    );
+}
+
+#[test]
+fn a_receive_too_small_is_an_invalid_request_across_hosts() {
+    let (h1, h2) = two_hosts(6);
+    scenarios::receive_too_small_fails_both_sides(&h1.open("a"), &h2.open("b"), Vendor::Unchecked);
+}
+
+#[test]
+fn rnr_naks_cross_hosts_with_their_timer_and_retry_count() {
+    let (h1, h2) = two_hosts(7);
+    scenarios::rnr_retries_run_out_after_the_configured_count(
+        &h1.open("a"),
+        &h2.open("b"),
+        Vendor::Unchecked,
+    );
 }
 
 #[test]

@@ -46,6 +46,7 @@ use crate::engine::{self, Chunk, MAX_SEND_SLOT, Resp, Step, WR_COST};
 use crate::port::VmPort;
 use crate::vm::{GuestMem, Vm};
 use crate::xfer::{self, Runs};
+use zerocopy::FromBytes;
 
 /// Work requests a QP may have on the wire unacknowledged.
 pub const WINDOW: usize = 32;
@@ -59,8 +60,10 @@ const MIN_WINDOW: u32 = 8;
 const ACK_EVERY: u32 = 64;
 /// The largest UDP payload the fabric builds: a 4096-byte MTU and the longest header stack.
 const MAX_PACKET: usize = 4096 + 64;
-/// Atomic results kept per QP to answer a retransmitted atomic without executing it twice.
-const ATOMIC_REPLAY: usize = 4;
+/// Atomic results kept per QP to answer a retransmitted atomic without executing it twice: one
+/// per atomic a requester may have outstanding (`max_dest_rd_atomic`, at most
+/// [`crate::limits::MAX_RD_ATOM`]).
+const ATOMIC_REPLAY: usize = crate::limits::MAX_RD_ATOM as usize;
 /// The requester's ACK timeout when the QP's `timeout` is 0 (infinite on hardware): a peer that
 /// vanished must not hold a work request forever in a daemon serving many tenants.
 const DEFAULT_TIMEOUT: Duration = Duration::from_millis(500);
@@ -696,6 +699,22 @@ fn begin_wr(av: &mut Vm, a: &VmPort, mem: &GuestMem, qpn: u32) -> Begin {
         return Begin::Failed;
     }
     let (pdn, mtu, next_psn) = (qp.pdn, mtu_of(qp), qp.rt.psns.next);
+    // READs and atomics outstanding are limited by max_rd_atomic, as on an RNIC: the
+    // responder keeps only that many atomic results for replays.
+    let reads_out = (0..index.wrapping_sub(qp.rt.sq_head))
+        .map(|k| qp.rt.sq_head.wrapping_add(k))
+        .filter(|&i| {
+            Opcode::from_raw(t.sent[i as usize % WINDOW].opcode)
+                .is_ok_and(|o| o == Opcode::RdmaRead || o.is_atomic())
+        })
+        .count();
+    let read_like = wqe::SendHeader::read_from_prefix(&slot)
+        .ok()
+        .and_then(|(h, _)| Opcode::from_raw(h.opcode).ok())
+        .is_some_and(|o| o == Opcode::RdmaRead || o.is_atomic());
+    if read_like && reads_out >= usize::from(qp.attr.max_rd_atomic.max(1)) {
+        return Begin::Wait;
+    }
     let checked = match wqe::decode_send(&slot, qp.send_limits()) {
         Err(_) => Err((Status::LocQpOpErr, VendorErr::MalformedWqe)),
         Ok(wr) => engine::check_wr(av, pdn, qp::Type::Rc, &wr).map(|()| {

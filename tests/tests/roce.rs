@@ -127,11 +127,18 @@ fn hostile_datagrams_are_counted_and_change_nothing() {
         .endpoint(&cb.gid())
         .expect("b's address")
         .counters;
+    let malformed = |e: ParseError| counters.malformed[e.index()].load(Ordering::Relaxed);
+    // Counted as each datagram is handled: wait until all five are.
+    let handled = || {
+        malformed(ParseError::Truncated)
+            + malformed(ParseError::BadIcrc)
+            + counters.no_qp.load(Ordering::Relaxed)
+            + counters.out_of_sequence.load(Ordering::Relaxed)
+    };
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while counters.rx.load(Ordering::Relaxed) < 5 && std::time::Instant::now() < deadline {
+    while handled() < 5 && std::time::Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
-    let malformed = |e: ParseError| counters.malformed[e.index()].load(Ordering::Relaxed);
     assert_eq!(malformed(ParseError::Truncated), 1);
     assert_eq!(malformed(ParseError::BadIcrc), 1);
     assert_eq!(

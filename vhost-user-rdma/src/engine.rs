@@ -783,6 +783,7 @@ impl Engine {
             let dgid = qp.attr.ah_attr.dgid;
             if qp.qp_type() == qp::Type::Rc && !self.by_gid.contains_key(&dgid) {
                 let out = wire::step_rc(fabric, &mut self.tx, a, av, &a_mem, qpn, budget);
+                self.tx.batch.flush();
                 if let Some(at) = out.timer {
                     self.timers.push(Reverse((at, a.id, qpn)));
                 }
@@ -923,6 +924,7 @@ impl Engine {
                     qkey,
                     qpn,
                 );
+                self.tx.batch.flush();
                 if let Err(v) = sent {
                     fail_wr(av, a, a_mem, qpn, Status::LocProtErr, v);
                     return Step::Progress {
@@ -1429,7 +1431,10 @@ pub(crate) fn respond(
         }
     }
     let mut b_runs = Runs::default();
-    if let Some(need) = remote_need {
+    // A zero-length RDMA operation names no memory: its R_Key and address are not checked
+    // (IBA C9-88), so a 0-byte WRITE with immediate works as a doorbell with any R_Key.
+    let names_memory = c.len > 0 || c.opcode.is_atomic();
+    if let Some(need) = remote_need.filter(|_| names_memory) {
         let rkey = c.header.rkey.get();
         let raddr = c.header.remote_addr.get();
         let check = bv.mrs.get(rkey).ok_or(VendorErr::BadRkey).and_then(|mr| {

@@ -16,14 +16,19 @@
 //! local request (the responder is the local fabric's, [`crate::engine::respond`]).
 
 use std::collections::HashMap;
-use std::io;
+use std::io::{self, IoSlice, IoSliceMut};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
 use std::thread::{JoinHandle, Thread};
 use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
+use nix::errno::Errno;
+use nix::sys::socket::{
+    ControlMessage, MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg, sendmmsg,
+};
 use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
 use vrdma_proto::config::Mtu;
@@ -121,6 +126,8 @@ pub struct Counters {
     pub tx: AtomicU64,
     /// Datagrams that failed to send.
     pub tx_errors: AtomicU64,
+    /// Datagrams dropped because the socket's send buffer was full (resent like any loss).
+    pub tx_dropped: AtomicU64,
     /// Datagrams dropped by the parser, by [`ParseError::index`].
     pub malformed: [AtomicU64; ParseError::ALL.len()],
     /// Packets for no QP, a QP in the wrong state or type, or from a host that is not the
@@ -278,24 +285,124 @@ impl Fabric {
         }
     }
 
-    /// Seals `pkt` into `buf` and sends it from `ep` to `peer`'s address.
-    fn send(&self, ep: &Endpoint, peer: Gid, pkt: &Packet<'_>, buf: &mut [u8]) -> bool {
+    /// Seals `pkt` for `peer`'s address into `batch`, which sends it from `ep` with the
+    /// packets around it.
+    fn send(&self, ep: &Arc<Endpoint>, peer: Gid, pkt: &Packet<'_>, batch: &mut Batch) {
         let dst = SocketAddr::new(ip_of(peer), self.settings.port);
-        let headers = ip_udp(ep.addr, dst);
-        let Ok(n) = pkt.encode(buf, &headers) else {
+        batch.push(ep, dst, pkt);
+    }
+}
+
+/// Packets per `sendmmsg`: one system call for a step's packets or a receive batch's answers.
+const TX_BATCH: usize = 32;
+/// Datagrams per `recvmmsg`.
+const RX_BATCH: usize = 32;
+/// Room per received datagram: a RoCEv2 packet of the largest MTU fits; longer datagrams are
+/// truncated and fail the parser.
+const RX_SLOT: usize = 8192;
+
+/// Packets sealed and waiting to leave in one `sendmmsg`, all from one endpoint. Sized once,
+/// so sending allocates nothing.
+pub struct Batch {
+    bufs: Box<[u8]>,
+    lens: [usize; TX_BATCH],
+    dsts: [Option<SockaddrStorage>; TX_BATCH],
+    n: usize,
+    ep: Option<Arc<Endpoint>>,
+    headers: MultiHeaders<SockaddrStorage>,
+}
+
+impl std::fmt::Debug for Batch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Batch")
+            .field("n", &self.n)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for Batch {
+    fn default() -> Self {
+        Batch {
+            bufs: vec![0; TX_BATCH * MAX_PACKET].into_boxed_slice(),
+            lens: [0; TX_BATCH],
+            dsts: [None; TX_BATCH],
+            n: 0,
+            ep: None,
+            headers: MultiHeaders::preallocate(TX_BATCH, None),
+        }
+    }
+}
+
+impl Batch {
+    fn push(&mut self, ep: &Arc<Endpoint>, dst: SocketAddr, pkt: &Packet<'_>) {
+        if self.n == TX_BATCH || self.ep.as_ref().is_some_and(|e| !Arc::ptr_eq(e, ep)) {
+            self.flush();
+        }
+        let slot = &mut self.bufs[self.n * MAX_PACKET..(self.n + 1) * MAX_PACKET];
+        let Ok(len) = pkt.encode(slot, &ip_udp(ep.addr, dst)) else {
             ep.counters.tx_errors.fetch_add(1, Ordering::Relaxed);
-            return false;
+            return;
         };
-        match ep.socket.send_to(&buf[..n], dst) {
-            Ok(_) => {
-                ep.counters.tx.fetch_add(1, Ordering::Relaxed);
-                true
-            }
-            Err(e) => {
-                if ep.counters.tx_errors.fetch_add(1, Ordering::Relaxed) == 0 {
-                    warn!("RoCEv2 {}: cannot send to {dst}: {e}", ep.addr);
+        self.lens[self.n] = len;
+        self.dsts[self.n] = Some(SockaddrStorage::from(dst));
+        self.n += 1;
+        if self.ep.is_none() {
+            self.ep = Some(ep.clone());
+        }
+    }
+
+    /// Sends what is waiting. A datagram the kernel refuses (too long for the path, no route)
+    /// is counted and skipped; the rest still go.
+    pub fn flush(&mut self) {
+        let Some(ep) = self.ep.take() else {
+            return;
+        };
+        let n = std::mem::take(&mut self.n);
+        let Batch {
+            bufs,
+            lens,
+            dsts,
+            headers,
+            ..
+        } = self;
+        let iovs: [[IoSlice<'_>; 1]; TX_BATCH] = std::array::from_fn(|i| {
+            [IoSlice::new(
+                &bufs[i * MAX_PACKET..i * MAX_PACKET + lens[i]],
+            )]
+        });
+        let no_cmsgs: [ControlMessage<'_>; 0] = [];
+        let mut done = 0;
+        while done < n {
+            let result = sendmmsg(
+                ep.socket.as_raw_fd(),
+                headers,
+                &iovs[done..n],
+                &dsts[done..n],
+                no_cmsgs,
+                // A full socket buffer is a congested link: the packet is lost and resent,
+                // and the scheduler never waits for one VM's traffic.
+                MsgFlags::MSG_DONTWAIT,
+            );
+            match result {
+                Ok(sent) => {
+                    let k = sent.count();
+                    if k == 0 {
+                        break;
+                    }
+                    ep.counters.tx.fetch_add(k as u64, Ordering::Relaxed);
+                    done += k;
                 }
-                false
+                Err(Errno::EINTR) => {}
+                Err(Errno::EAGAIN) => {
+                    ep.counters.tx_dropped.fetch_add((n - done) as u64, Ordering::Relaxed);
+                    break;
+                }
+                Err(e) => {
+                    if ep.counters.tx_errors.fetch_add(1, Ordering::Relaxed) == 0 {
+                        warn!("RoCEv2 {}: cannot send a packet: {e}", ep.addr);
+                    }
+                    done += 1;
+                }
             }
         }
     }
@@ -452,14 +559,15 @@ pub struct Transport {
 #[derive(Debug)]
 pub struct TxBuffers {
     payload: Box<[u8]>,
-    packet: Box<[u8]>,
+    /// Packets waiting to be sent; the scheduler flushes them after each step.
+    pub batch: Batch,
 }
 
 impl Default for TxBuffers {
     fn default() -> Self {
         TxBuffers {
             payload: vec![0; 4096].into_boxed_slice(),
-            packet: vec![0; MAX_PACKET].into_boxed_slice(),
+            batch: Batch::default(),
         }
     }
 }
@@ -783,7 +891,7 @@ enum Sent1 {
 /// Sends the next packet of the work request in `inflight`.
 fn send_next(
     fabric: &Fabric,
-    ep: &Endpoint,
+    ep: &Arc<Endpoint>,
     bufs: &mut TxBuffers,
     a: &VmPort,
     av: &mut Vm,
@@ -892,11 +1000,18 @@ fn send_next(
             (op, 1)
         }
     };
-    let solicited = last && wr.flags.contains(SendFlags::SOLICITED);
+    // As rxe: SE only where the responder completes a receive, AckReq on every READ and
+    // atomic request.
+    let solicited = last
+        && wr.flags.contains(SendFlags::SOLICITED)
+        && matches!(
+            wr.opcode,
+            Opcode::Send | Opcode::SendWithImm | Opcode::RdmaWriteWithImm
+        );
     // The window moves only on acknowledgements: ask for one at least twice per window.
     let in_flight = psn_diff(psn, psns.una) as u32 + 1;
     let half_window = (qp.rt.wire.cwnd / 2).clamp(1, ACK_EVERY);
-    let ack_req = last || in_flight % half_window == 0;
+    let ack_req = last || advance > 1 || in_flight % half_window == 0;
     let payload = &bufs.payload[..n as usize];
     let pkt = Bth::new(op, dest, psn).ok().and_then(|bth| {
         let bth = bth.with_ack_req(ack_req).with_solicited(solicited);
@@ -906,7 +1021,7 @@ fn send_next(
         fail_oldest(av, a, mem, qpn, Status::LocQpOpErr, VendorErr::MalformedWqe);
         return Sent1::Failed;
     };
-    fabric.send(ep, peer, &pkt, &mut bufs.packet);
+    fabric.send(ep, peer, &pkt, &mut bufs.batch);
     let Some(qp) = av.qps.get_mut(qpn) else {
         return Sent1::Failed;
     };
@@ -1053,45 +1168,108 @@ fn complete_oldest(
     }
 }
 
-/// The receive thread of one VM address.
-fn receive_loop(fabric: &Fabric, ep: &Endpoint) {
-    let mut buf = vec![0u8; 65536];
+/// The receive thread of one VM address: takes datagrams in batches, answers them, and sends
+/// the answers (ACKs coalesced per QP) once per batch.
+fn receive_loop(fabric: &Fabric, ep: &Arc<Endpoint>) {
+    let mut storage = vec![0u8; RX_BATCH * RX_SLOT];
+    let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(RX_BATCH, None);
     let mut rx = RxBuffers::default();
+    let mut got = [(0usize, None::<SocketAddr>); RX_BATCH];
     while !fabric.stop.load(Ordering::Relaxed) {
-        let (n, from) = match ep.socket.recv_from(&mut buf) {
-            Ok(r) => r,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                continue;
+        let mut n = 0;
+        {
+            let mut slots = storage.chunks_mut(RX_SLOT);
+            let mut iovs: [[IoSliceMut<'_>; 1]; RX_BATCH] =
+                std::array::from_fn(|_| [IoSliceMut::new(slots.next().unwrap_or_default())]);
+            match recvmmsg(
+                ep.socket.as_raw_fd(),
+                &mut headers,
+                iovs.iter_mut(),
+                MsgFlags::MSG_WAITFORONE,
+                None,
+            ) {
+                Ok(msgs) => {
+                    for (slot, msg) in got.iter_mut().zip(msgs) {
+                        *slot = (msg.bytes, msg.address.and_then(|a| to_std(&a)));
+                        n += 1;
+                    }
+                }
+                Err(Errno::EAGAIN | Errno::EINTR) => continue,
+                Err(e) => {
+                    warn!("RoCEv2 {}: receive failed: {e}", ep.addr);
+                    std::thread::sleep(RX_POLL);
+                    continue;
+                }
             }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                warn!("RoCEv2 {}: receive failed: {e}", ep.addr);
-                std::thread::sleep(RX_POLL);
-                continue;
-            }
-        };
-        ep.counters.rx.fetch_add(1, Ordering::Relaxed);
-        handle_datagram(fabric, ep, &mut rx, &buf[..n], from);
+        }
+        ep.counters.rx.fetch_add(n as u64, Ordering::Relaxed);
+        for (i, &(len, from)) in got[..n].iter().enumerate() {
+            let Some(from) = from else { continue };
+            let datagram = &storage[i * RX_SLOT..i * RX_SLOT + len.min(RX_SLOT)];
+            handle_datagram(fabric, ep, &mut rx, datagram, from);
+        }
+        rx.send_acks(fabric, ep);
+        rx.batch.flush();
     }
+}
+
+fn to_std(addr: &SockaddrStorage) -> Option<SocketAddr> {
+    if let Some(v4) = addr.as_sockaddr_in() {
+        return Some(SocketAddr::V4((*v4).into()));
+    }
+    addr.as_sockaddr_in6()
+        .map(|v6| SocketAddr::V6((*v6).into()))
+}
+
+/// An ACK the receive thread owes, sent once its batch is done: a later one for the same QP
+/// replaces it, which is ACK coalescing.
+#[derive(Debug, Clone, Copy)]
+struct OwedAck {
+    peer: Gid,
+    dest: u32,
+    psn: u32,
+    msn: u32,
 }
 
 /// The receive thread's buffers for what it sends back.
 #[derive(Debug)]
 struct RxBuffers {
     payload: Box<[u8]>,
-    packet: Box<[u8]>,
+    batch: Batch,
+    acks: [Option<OwedAck>; RX_BATCH],
 }
 
 impl Default for RxBuffers {
     fn default() -> Self {
         RxBuffers {
             payload: vec![0; 4096].into_boxed_slice(),
-            packet: vec![0; MAX_PACKET].into_boxed_slice(),
+            batch: Batch::default(),
+            acks: [None; RX_BATCH],
+        }
+    }
+}
+
+impl RxBuffers {
+    /// Owes `ack`, replacing an older one to the same QP.
+    fn owe(&mut self, ack: OwedAck) {
+        let same = |a: &OwedAck| a.peer == ack.peer && a.dest == ack.dest;
+        if let Some(slot) = self.acks.iter_mut().flatten().find(|a| same(a)) {
+            *slot = ack;
+        } else if let Some(free) = self.acks.iter_mut().find(|a| a.is_none()) {
+            *free = Some(ack);
+        }
+    }
+
+    fn send_acks(&mut self, fabric: &Fabric, ep: &Arc<Endpoint>) {
+        for owed in self.acks.iter_mut() {
+            let Some(a) = owed.take() else { continue };
+            let reply = Reply {
+                fabric,
+                ep,
+                peer: a.peer,
+                dest: a.dest,
+            };
+            reply.aeth(&mut self.batch, a.psn, ACK, a.msn);
         }
     }
 }
@@ -1099,7 +1277,7 @@ impl Default for RxBuffers {
 /// Parses one datagram and gives it to the responder or the requester of its QP.
 fn handle_datagram(
     fabric: &Fabric,
-    ep: &Endpoint,
+    ep: &Arc<Endpoint>,
     rx: &mut RxBuffers,
     datagram: &[u8],
     from: SocketAddr,
@@ -1136,6 +1314,10 @@ fn handle_datagram(
         }
     } else {
         on_request(fabric, ep, rx, &port, &mut vm, &mem, &pkt, peer);
+        // A responder error queued the QP for its flush; the scheduler may be asleep.
+        if port.has_work.load(Ordering::Acquire) {
+            fabric.wake_scheduler();
+        }
     }
     drop(vm);
     port.deliver_events();
@@ -1193,7 +1375,7 @@ fn on_ud(ep: &Endpoint, b: &VmPort, bv: &mut Vm, mem: &GuestMem, pkt: &Packet<'_
 #[allow(clippy::too_many_arguments)]
 fn on_request(
     fabric: &Fabric,
-    ep: &Endpoint,
+    ep: &Arc<Endpoint>,
     rx: &mut RxBuffers,
     b: &VmPort,
     bv: &mut Vm,
@@ -1226,7 +1408,12 @@ fn on_request(
         if let Some(qp) = bv.qps.get_mut(qpn) {
             if !qp.rt.wire.nak_sent {
                 qp.rt.wire.nak_sent = true;
-                reply.aeth(rx, expected, Syndrome::Nak(NakCode::PsnSequenceError), msn);
+                reply.aeth(
+                    &mut rx.batch,
+                    expected,
+                    Syndrome::Nak(NakCode::PsnSequenceError),
+                    msn,
+                );
             }
         }
         return;
@@ -1252,14 +1439,24 @@ fn on_request(
 /// Where answers to one request go.
 struct Reply<'a> {
     fabric: &'a Fabric,
-    ep: &'a Endpoint,
+    ep: &'a Arc<Endpoint>,
     peer: Gid,
     dest: u32,
 }
 
 impl Reply<'_> {
+    /// Owes an ACK for `psn`, sent with the receive batch's other answers.
+    fn ack_later(&self, rx: &mut RxBuffers, psn: u32, msn: u32) {
+        rx.owe(OwedAck {
+            peer: self.peer,
+            dest: self.dest,
+            psn,
+            msn,
+        });
+    }
+
     /// Sends an ACKNOWLEDGE (or NAK) for `psn`.
-    fn aeth(&self, rx: &mut RxBuffers, psn: u32, syndrome: Syndrome, msn: u32) {
+    fn aeth(&self, batch: &mut Batch, psn: u32, syndrome: Syndrome, msn: u32) {
         if !matches!(syndrome, Syndrome::Ack { .. }) {
             self.ep.counters.naks.fetch_add(1, Ordering::Relaxed);
         }
@@ -1274,16 +1471,16 @@ impl Reply<'_> {
             ..Extensions::default()
         };
         if let Ok(pkt) = Packet::new(bth, ext, &[]) {
-            self.fabric.send(self.ep, self.peer, &pkt, &mut rx.packet);
+            self.fabric.send(self.ep, self.peer, &pkt, batch);
         }
     }
 
-    fn send(&self, rx_packet: &mut [u8], op: Op, psn: u32, ext: Extensions, payload: &[u8]) {
+    fn send(&self, batch: &mut Batch, op: Op, psn: u32, ext: Extensions, payload: &[u8]) {
         let Ok(bth) = Bth::new(op, self.dest, psn) else {
             return;
         };
         if let Ok(pkt) = Packet::new(bth, ext, payload) {
-            self.fabric.send(self.ep, self.peer, &pkt, rx_packet);
+            self.fabric.send(self.ep, self.peer, &pkt, batch);
         }
     }
 }
@@ -1325,7 +1522,7 @@ fn on_duplicate(
         }
         // Acknowledged again whether or not it asks (IBA C9-105, as rxe does): a requester
         // resends because the first acknowledgement never reached it.
-        _ => reply.aeth(rx, psn_add(expected, PSN_MASK), ACK, msn),
+        _ => reply.ack_later(rx, psn_add(expected, PSN_MASK), msn),
     }
 }
 
@@ -1338,7 +1535,7 @@ fn atomic_ack(reply: &Reply<'_>, rx: &mut RxBuffers, psn: u32, msn: u32, orig: u
         atomic_ack: Some(AtomicAckEth::new(orig)),
         ..Extensions::default()
     };
-    reply.send(&mut rx.packet, Op::RcAtomicAcknowledge, psn, ext, &[]);
+    reply.send(&mut rx.batch, Op::RcAtomicAcknowledge, psn, ext, &[]);
 }
 
 /// Maps what the responder did to the NAK code the requester is told.
@@ -1364,7 +1561,12 @@ fn invalid_request(
     let msn = bv.qps.get(qpn).map_or(0, |q| q.rt.psns.msn);
     engine::responder_error(bv, b, mem, qpn, None, VendorErr::MalformedWqe);
     b.push_event(event::Kind::QpReqErr, qpn);
-    reply.aeth(rx, psn, Syndrome::Nak(NakCode::InvalidRequest), msn);
+    reply.aeth(
+        &mut rx.batch,
+        psn,
+        Syndrome::Nak(NakCode::InvalidRequest),
+        msn,
+    );
 }
 
 /// SEND and RDMA WRITE packets, through the local fabric's responder.
@@ -1414,12 +1616,12 @@ fn serve_data(
     // The opcode sequence and the packet sizes the IBA requires (9.7.5.1.1): a message in
     // progress continues with a middle or last packet of its own kind; all but the last carry
     // exactly one path MTU.
-    let continues = match state {
-        RxMsg::Idle => false,
-        RxMsg::Send { .. } => is_send,
-        RxMsg::Write { .. } => !is_send,
+    let in_order = match state {
+        RxMsg::Idle => starts,
+        RxMsg::Send { .. } => is_send && !starts,
+        RxMsg::Write { .. } => !is_send && !starts,
     };
-    if starts == continues || (!ends && n != mtu) || n > mtu {
+    if !in_order || (!ends && n != mtu) || n > mtu {
         invalid_request(reply, rx, b, bv, mem, qpn, psn);
         return;
     }
@@ -1520,13 +1722,13 @@ fn serve_data(
             }
             if pkt.bth().ack_req() {
                 let msn = qp.rt.psns.msn;
-                reply.aeth(rx, psn, ACK, msn);
+                reply.ack_later(rx, psn, msn);
             }
         }
         Resp::Rnr(_) => {
             let msn = qp.rt.psns.msn;
             reply.aeth(
-                rx,
+                &mut rx.batch,
                 psn,
                 Syndrome::RnrNak {
                     timer: min_rnr & 31,
@@ -1537,7 +1739,7 @@ fn serve_data(
         Resp::Nak(status, _) => {
             let msn = qp.rt.psns.msn;
             qp.rt.wire.rx = RxMsg::Idle;
-            reply.aeth(rx, psn, Syndrome::Nak(nak_code(status)), msn);
+            reply.aeth(&mut rx.batch, psn, Syndrome::Nak(nak_code(status)), msn);
         }
         Resp::NoResponder | Resp::Busy | Resp::Dropped | Resp::LocalFault(_) => {}
     }
@@ -1591,7 +1793,12 @@ fn serve_read(
                 engine::responder_error(bv, b, mem, qpn, None, v);
                 b.push_event(event::Kind::QpAccessErr, qpn);
             }
-            reply.aeth(rx, psn, Syndrome::Nak(NakCode::RemoteAccessError), msn);
+            reply.aeth(
+                &mut rx.batch,
+                psn,
+                Syndrome::Nak(NakCode::RemoteAccessError),
+                msn,
+            );
             return;
         }
     };
@@ -1630,9 +1837,7 @@ fn serve_read(
             return;
         };
         if let Ok(pkt) = Packet::new(bth, ext, payload) {
-            reply
-                .fabric
-                .send(reply.ep, reply.peer, &pkt, &mut rx.packet);
+            reply.fabric.send(reply.ep, reply.peer, &pkt, &mut rx.batch);
         }
     }
     if new {
@@ -1709,7 +1914,7 @@ fn serve_atomic(
         }
         Resp::Nak(status, _) => {
             let msn = qp.rt.psns.msn;
-            reply.aeth(rx, psn, Syndrome::Nak(nak_code(status)), msn);
+            reply.aeth(&mut rx.batch, psn, Syndrome::Nak(nak_code(status)), msn);
         }
         _ => {}
     }
@@ -1748,7 +1953,9 @@ fn on_response(
     let syndrome = pkt.ext().aeth.map(|a| a.syndrome());
     match pkt.opcode() {
         Op::RcAcknowledge => match syndrome {
-            Some(Ok(Syndrome::Ack { .. })) => ack_through(av, a, mem, qpn, psn),
+            Some(Ok(Syndrome::Ack { .. })) => {
+                ack_through(av, a, mem, qpn, psn) || wants_rewind(av, qpn)
+            }
             Some(Ok(Syndrome::Nak(NakCode::PsnSequenceError))) => {
                 ack_through(av, a, mem, qpn, psn_add(psn, PSN_MASK));
                 rewind(av, qpn);
@@ -1756,6 +1963,12 @@ fn on_response(
             }
             Some(Ok(Syndrome::RnrNak { timer })) => {
                 ack_through(av, a, mem, qpn, psn_add(psn, PSN_MASK));
+                if !head_holds(av, qpn, psn) {
+                    // It names a request after a READ or atomic still unanswered: those
+                    // responses were lost, so go back for them first (as rxe does).
+                    rewind(av, qpn);
+                    return true;
+                }
                 let Some(qp) = av.qps.get_mut(qpn) else {
                     return false;
                 };
@@ -1781,6 +1994,10 @@ fn on_response(
             }
             Some(Ok(Syndrome::Nak(code))) => {
                 ack_through(av, a, mem, qpn, psn_add(psn, PSN_MASK));
+                if !head_holds(av, qpn, psn) {
+                    rewind(av, qpn);
+                    return true;
+                }
                 let status = match code {
                     NakCode::InvalidRequest | NakCode::InvalidRdRequest => Status::RemInvReqErr,
                     NakCode::RemoteAccessError => Status::RemAccessErr,
@@ -1798,6 +2015,22 @@ fn on_response(
         Op::RcAtomicAcknowledge => atomic_response(av, a, mem, qpn, pkt),
         _ => false,
     }
+}
+
+/// Whether a go-back-N is waiting for the scheduler.
+fn wants_rewind(av: &Vm, qpn: u32) -> bool {
+    av.qps.get(qpn).is_some_and(|q| q.rt.wire.rewind)
+}
+
+/// Whether the oldest work request on the wire is the one packet `psn` belongs to: a NAK
+/// fails only that one.
+fn head_holds(av: &Vm, qpn: u32, psn: u32) -> bool {
+    av.qps.get(qpn).is_some_and(|q| {
+        let s = q.rt.wire.sent[q.rt.sq_head as usize % WINDOW];
+        q.rt.sq_head != q.rt.wire.sq_max
+            && psn_diff(psn, s.first_psn) >= 0
+            && psn_diff(psn, s.last_psn) <= 0
+    })
 }
 
 /// Asks the transmitter to go back to the oldest unacknowledged PSN.
@@ -1898,10 +2131,9 @@ fn read_response(av: &mut Vm, a: &VmPort, mem: &GuestMem, qpn: u32, pkt: &Packet
             // A response after a gap: the packets between were lost.
             if psn_diff(psn, qp.rt.psns.una) > 0 {
                 ask_rewind(qp);
-                return true;
             }
         }
-        return false;
+        return wants_rewind(av, qpn);
     };
     if Opcode::from_raw(s.opcode).ok() != Some(Opcode::RdmaRead) {
         return false;
@@ -1961,7 +2193,13 @@ fn read_response(av: &mut Vm, a: &VmPort, mem: &GuestMem, qpn: u32, pkt: &Packet
 fn atomic_response(av: &mut Vm, a: &VmPort, mem: &GuestMem, qpn: u32, pkt: &Packet<'_>) -> bool {
     let psn = pkt.bth().psn();
     let Some(s) = responded(av, a, mem, qpn, psn) else {
-        return false;
+        if let Some(qp) = av.qps.get_mut(qpn) {
+            // An answer after a gap: what was before it was lost.
+            if psn_diff(psn, qp.rt.psns.una) > 0 {
+                ask_rewind(qp);
+            }
+        }
+        return wants_rewind(av, qpn);
     };
     let Some(ack) = pkt.ext().atomic_ack else {
         return false;
@@ -2048,7 +2286,7 @@ pub fn send_ud(
     };
     let pkt = Packet::new(bth, ext, &bufs.payload[..n as usize])
         .map_err(|_| VendorErr::MessageTooLong)?;
-    fabric.send(ep, dgid, &pkt, &mut bufs.packet);
+    fabric.send(ep, dgid, &pkt, &mut bufs.batch);
     Ok(())
 }
 

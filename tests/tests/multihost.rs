@@ -2,6 +2,7 @@
 //! joined by veth, by a bridge, or by the user-space chaos relay; VMs on each. Needs root (CI
 //! runs as root); elsewhere the tests say why they skip.
 
+use std::net::UdpSocket;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -54,6 +55,45 @@ fn two_hosts_over_veth_every_opcode_beside_a_local_pair() {
     );
     let (a2_tx, _) = counters(&da, &a2);
     assert!(a2_tx > 0, "a2 to b1 went over the wire");
+}
+
+#[test]
+fn two_hosts_over_ipv6() {
+    if !netns::can_run_or_skip("two_hosts_over_ipv6") {
+        return;
+    }
+    let (ha, hb) = (Netns::new("v6a").unwrap(), Netns::new("v6b").unwrap());
+    // No duplicate address detection: the addresses are usable at once.
+    for ns in [&ha, &hb] {
+        ns.sysctl("net/ipv6/conf/default/accept_dad", "0").unwrap();
+    }
+    veth(&ha, &["fd00:77::1/64"], &hb, &["fd00:77::2/64"], 9000).unwrap();
+    wait_reachable(&ha, "fd00:77::1", &hb, "fd00:77::2");
+    let da = daemon_in(&ha, &[("a", "gid=fd00:77::1")]);
+    let db = daemon_in(&hb, &[("b", "gid=fd00:77::2")]);
+    let (a, b) = (da.open("a"), db.open("b"));
+    scenarios::rc_send_write_read_and_atomics(&a, &b);
+    scenarios::ud_datagrams_carry_grh_source_qp_and_gid(&b, &a);
+}
+
+/// Waits until a datagram from `a_ip` in `a` reaches `b_ip` in `b`. A fresh IPv6 link needs
+/// its link-local address and neighbour discovery first, which take longer than the tests'
+/// whole retry budget; an operator's long-lived link has them.
+fn wait_reachable(a: &Netns, a_ip: &str, b: &Netns, b_ip: &str) {
+    let rx = in_netns(b, || UdpSocket::bind((b_ip, 0)).unwrap());
+    rx.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let to = rx.local_addr().unwrap();
+    let tx = in_netns(a, || UdpSocket::bind((a_ip, 0)).unwrap());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut buf = [0u8; 8];
+    loop {
+        tx.send_to(b"ping", to).unwrap();
+        if rx.recv_from(&mut buf).is_ok() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{b_ip} unreachable from {a_ip}");
+    }
 }
 
 #[test]

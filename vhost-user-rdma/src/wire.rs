@@ -65,6 +65,8 @@ const MIN_WINDOW: u32 = 8;
 const ACK_EVERY: u32 = 64;
 /// The largest UDP payload the fabric builds: a 4096-byte MTU and the longest header stack.
 const MAX_PACKET: usize = 4096 + 64;
+/// READs a responder remembers, as many as a requester may have outstanding.
+const READ_HISTORY: usize = crate::limits::MAX_RD_ATOM as usize;
 /// Atomic results kept per QP to answer a retransmitted atomic without executing it twice: one
 /// per atomic a requester may have outstanding (`max_dest_rd_atomic`, at most
 /// [`crate::limits::MAX_RD_ATOM`]).
@@ -550,6 +552,12 @@ pub struct Transport {
     rx: RxMsg,
     /// A sequence-error NAK was sent for the current gap; one per gap, as the IBA asks.
     nak_sent: bool,
+    /// READs executed as responder, for duplicates.
+    reads: [ReadRecord; READ_HISTORY],
+    read_next: u8,
+    /// PSN of the last SEND, WRITE or atomic the responder accepted: what a duplicate's ACK
+    /// names.
+    acked: Option<u32>,
     /// Recent atomics' PSNs and results, for duplicates.
     atomics: [(u32, u64, bool); ATOMIC_REPLAY],
     atomic_next: u8,
@@ -1313,10 +1321,16 @@ fn handle_datagram(
             return;
         }
     } else {
-        on_request(fabric, ep, rx, &port, &mut vm, &mem, &pkt, peer);
+        let read = on_request(fabric, ep, rx, &port, &mut vm, &mem, &pkt, peer);
         // A responder error queued the QP for its flush; the scheduler may be asleep.
         if port.has_work.load(Ordering::Acquire) {
             fabric.wake_scheduler();
+        }
+        if let Some(job) = read {
+            drop(vm);
+            port.deliver_events();
+            run_read(fabric, ep, rx, &port, &job);
+            return;
         }
     }
     drop(vm);
@@ -1371,7 +1385,8 @@ fn on_ud(ep: &Endpoint, b: &VmPort, bv: &mut Vm, mem: &GuestMem, pkt: &Packet<'_
     let _ = engine::respond(bv, b, dest_qpn, &c, &mut unused);
 }
 
-/// An RC request: checked against the expected PSN, executed once, acknowledged.
+/// An RC request: checked against the expected PSN, executed once, acknowledged. A READ
+/// returns the response packets to send once the VM's lock is released.
 #[allow(clippy::too_many_arguments)]
 fn on_request(
     fabric: &Fabric,
@@ -1382,16 +1397,16 @@ fn on_request(
     mem: &GuestMem,
     pkt: &Packet<'_>,
     peer: Gid,
-) {
+) -> Option<ReadJob> {
     let qpn = pkt.bth().dest_qp();
     let Some(qp) = bv.qps.get(qpn) else {
         ep.counters.no_qp.fetch_add(1, Ordering::Relaxed);
-        return;
+        return None;
     };
     let ready = matches!(qp.state(), qp::State::Rtr | qp::State::Rts | qp::State::Sqd);
     if qp.qp_type() != qp::Type::Rc || !ready || qp.attr.ah_attr.dgid != peer {
         ep.counters.no_qp.fetch_add(1, Ordering::Relaxed);
-        return;
+        return None;
     }
     let psn = pkt.bth().psn();
     let expected = qp.rt.psns.expected;
@@ -1416,24 +1431,24 @@ fn on_request(
                 );
             }
         }
-        return;
+        return None;
     }
     if d < 0 {
         ep.counters.duplicates.fetch_add(1, Ordering::Relaxed);
-        on_duplicate(&reply, rx, b, bv, mem, qpn, pkt);
-        return;
+        return on_duplicate(&reply, rx, b, bv, mem, qpn, pkt);
     }
     if let Some(qp) = bv.qps.get_mut(qpn) {
         qp.rt.wire.nak_sent = false;
     }
     match pkt.opcode() {
         Op::RcReadRequest => {
-            let Some(reth) = pkt.ext().reth else { return };
-            serve_read(&reply, rx, b, bv, mem, qpn, psn, reth, true);
+            let reth = pkt.ext().reth?;
+            return serve_read(&reply, rx, b, bv, mem, qpn, psn, reth, true);
         }
         Op::RcCompareSwap | Op::RcFetchAdd => serve_atomic(&reply, rx, b, bv, mem, qpn, pkt),
         _ => serve_data(&reply, rx, b, bv, mem, qpn, pkt),
     }
+    None
 }
 
 /// Where answers to one request go.
@@ -1498,16 +1513,15 @@ fn on_duplicate(
     mem: &GuestMem,
     qpn: u32,
     pkt: &Packet<'_>,
-) {
-    let Some(qp) = bv.qps.get(qpn) else { return };
+) -> Option<ReadJob> {
+    let qp = bv.qps.get(qpn)?;
     let psn = pkt.bth().psn();
     let (expected, msn) = (qp.rt.psns.expected, qp.rt.psns.msn);
     match pkt.opcode() {
         // Reading again changes nothing, and the requester may ask for only the part it lacks.
         Op::RcReadRequest => {
-            if let Some(reth) = pkt.ext().reth {
-                serve_read(reply, rx, b, bv, mem, qpn, psn, reth, false);
-            }
+            let reth = pkt.ext().reth?;
+            return serve_read(reply, rx, b, bv, mem, qpn, psn, reth, false);
         }
         Op::RcCompareSwap | Op::RcFetchAdd => {
             let hit = qp
@@ -1521,9 +1535,15 @@ fn on_duplicate(
             }
         }
         // Acknowledged again whether or not it asks (IBA C9-105, as rxe does): a requester
-        // resends because the first acknowledgement never reached it.
-        _ => reply.ack_later(rx, psn_add(expected, PSN_MASK), msn),
+        // resends because the first acknowledgement never reached it. The PSN is that of the
+        // last SEND, WRITE or atomic: an ACK must not name a READ's PSN, or the requester
+        // would take the READ as answered.
+        _ => {
+            let acked = qp.rt.wire.acked.unwrap_or(psn_add(expected, PSN_MASK));
+            reply.ack_later(rx, acked, msn);
+        }
     }
+    None
 }
 
 fn atomic_ack(reply: &Reply<'_>, rx: &mut RxBuffers, psn: u32, msn: u32, orig: u64) {
@@ -1707,6 +1727,7 @@ fn serve_data(
     match resp {
         Resp::Done => {
             qp.rt.psns.expected = psn_add(psn, 1);
+            qp.rt.wire.acked = Some(psn);
             qp.rt.wire.rx = match (ends, is_send) {
                 (true, _) => RxMsg::Idle,
                 (false, true) => RxMsg::Send { done: done + n },
@@ -1745,8 +1766,38 @@ fn serve_data(
     }
 }
 
-/// An RDMA READ request: checked, then answered with response packets of one path MTU each.
-/// `new` is false for a duplicate, which is served again without moving the expected PSN.
+/// READ response packets a receive thread sends with the VM's lock taken at most this many
+/// at a time, so a large READ never holds the VM's other QPs, its control path or its
+/// scheduler steps for long.
+const READ_BURST: u32 = 16;
+
+/// A READ the responder has executed, kept to answer a retransmitted request for it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ReadRecord {
+    first_psn: u32,
+    npkts: u32,
+    va: u64,
+    rkey: u32,
+    len: u32,
+    msn: u32,
+}
+
+/// Response packets to send for one READ: `[from, npkts)` of `read`.
+#[derive(Debug, Clone, Copy)]
+pub struct ReadJob {
+    qpn: u32,
+    peer: Gid,
+    dest: u32,
+    mtu: u32,
+    read: ReadRecord,
+    from: u32,
+}
+
+/// An RDMA READ request, checked. A new one moves the expected PSN past all its response
+/// packets and is recorded; a duplicate is answered from its record, from the packet it asks
+/// for on, as MIDDLE..LAST (a requester that already has the first responses expects no new
+/// FIRST, rxe's for one), and only if it asks for what the record says (IBA 9.7.5.1.3). The
+/// packets go out afterwards, from [`run_read`].
 #[allow(clippy::too_many_arguments)]
 fn serve_read(
     reply: &Reply<'_>,
@@ -1758,19 +1809,42 @@ fn serve_read(
     psn: u32,
     reth: Reth,
     new: bool,
-) {
-    let Some(qp) = bv.qps.get(qpn) else { return };
-    if new && qp.rt.wire.rx != RxMsg::Idle {
-        invalid_request(reply, rx, b, bv, mem, qpn, psn);
-        return;
-    }
+) -> Option<ReadJob> {
+    let qp = bv.qps.get(qpn)?;
     let mtu = mtu_of(qp);
+    let job = |read: ReadRecord, from: u32| ReadJob {
+        qpn,
+        peer: reply.peer,
+        dest: reply.dest,
+        mtu,
+        read,
+        from,
+    };
+    if !new {
+        let hit = qp.rt.wire.reads.iter().find(|r| {
+            let k = psn_diff(psn, r.first_psn);
+            k >= 0 && (k as u32) < r.npkts
+        })?;
+        let k = psn_diff(psn, hit.first_psn) as u32;
+        let off = k * mtu;
+        let same = reth.rkey() == hit.rkey
+            && reth.va() == hit.va.wrapping_add(u64::from(off))
+            && reth.dma_len() == hit.len - off.min(hit.len);
+        return same.then(|| job(*hit, k));
+    }
     let (va, rkey, len) = (reth.va(), reth.rkey(), reth.dma_len());
+    // A message is at most 2^31 bytes (IBA C9-94), which also keeps a READ's PSNs within the
+    // half of PSN space that tells old from new.
+    if qp.rt.wire.rx != RxMsg::Idle || len > 1 << 31 {
+        invalid_request(reply, rx, b, bv, mem, qpn, psn);
+        return None;
+    }
     let access = Access::from_bits_truncate(qp.attr.qp_access_flags.get());
     let pdn = qp.pdn;
-    let mut msn = qp.rt.psns.msn;
+    let msn = psn_add(qp.rt.psns.msn, 1);
     let checked = if len == 0 {
-        Ok(None)
+        // A zero-length READ names no memory (IBA C9-88).
+        Ok(())
     } else {
         bv.mrs.get(rkey).ok_or(VendorErr::BadRkey).and_then(|mr| {
             if mr.pdn != pdn {
@@ -1782,68 +1856,96 @@ fn serve_read(
             } else if !mr.contains(va, len.into()) {
                 Err(VendorErr::RemoteOutOfBounds)
             } else {
-                Ok(Some(mr))
+                Ok(())
             }
         })
     };
-    let mr = match checked {
-        Ok(mr) => mr,
-        Err(v) => {
-            if new {
-                engine::responder_error(bv, b, mem, qpn, None, v);
-                b.push_event(event::Kind::QpAccessErr, qpn);
-            }
-            reply.aeth(
-                &mut rx.batch,
-                psn,
-                Syndrome::Nak(NakCode::RemoteAccessError),
-                msn,
-            );
-            return;
-        }
-    };
-    let npkts = len.div_ceil(mtu).max(1);
-    if new {
-        msn = psn_add(msn, 1);
+    if let Err(v) = checked {
+        let msn = qp.rt.psns.msn;
+        engine::responder_error(bv, b, mem, qpn, None, v);
+        b.push_event(event::Kind::QpAccessErr, qpn);
+        reply.aeth(
+            &mut rx.batch,
+            psn,
+            Syndrome::Nak(NakCode::RemoteAccessError),
+            msn,
+        );
+        return None;
     }
-    let Ok(aeth) = Aeth::new(ACK, msn & PSN_MASK) else {
+    let read = ReadRecord {
+        first_psn: psn,
+        npkts: len.div_ceil(mtu).max(1),
+        va,
+        rkey,
+        len,
+        msn,
+    };
+    let qp = bv.qps.get_mut(qpn)?;
+    qp.rt.psns.expected = psn_add(psn, read.npkts);
+    qp.rt.psns.msn = msn;
+    let w = &mut qp.rt.wire;
+    w.reads[usize::from(w.read_next) % READ_HISTORY] = read;
+    w.read_next = w.read_next.wrapping_add(1);
+    Some(job(read, 0))
+}
+
+/// Sends a READ's response packets, taking the VM's lock for [`READ_BURST`] at a time and
+/// checking each time that the QP still answers and the MR still grants the range: a guest
+/// may destroy either meanwhile, and then the rest is not sent (its requester times out, as
+/// with a responder that went away).
+fn run_read(fabric: &Fabric, ep: &Arc<Endpoint>, rx: &mut RxBuffers, port: &VmPort, job: &ReadJob) {
+    let mem = port.mem.memory();
+    let r = job.read;
+    let reply = Reply {
+        fabric,
+        ep,
+        peer: job.peer,
+        dest: job.dest,
+    };
+    let Ok(aeth) = Aeth::new(ACK, r.msn & PSN_MASK) else {
         return;
     };
-    for k in 0..npkts {
-        let off = k * mtu;
-        let n = len.saturating_sub(off).min(mtu);
-        let payload = &mut rx.payload[..n as usize];
-        if let Some(mr) = mr {
-            let mut runs = Runs::default();
-            let read = xfer::mr_runs(mr, va + u64::from(off), n, &mut runs)
-                .and_then(|()| xfer::read_runs(mem, runs.as_slice(), payload));
-            if read.is_err() {
-                // The responder's memory table changed under the request: the requester times out.
-                return;
-            }
-        }
-        let (op, with_aeth) = match (k == 0, k + 1 == npkts) {
-            (true, true) => (Op::RcReadResponseOnly, true),
-            (true, false) => (Op::RcReadResponseFirst, true),
-            (false, false) => (Op::RcReadResponseMiddle, false),
-            (false, true) => (Op::RcReadResponseLast, true),
-        };
-        let ext = Extensions {
-            aeth: with_aeth.then_some(aeth),
-            ..Extensions::default()
-        };
-        let payload = &rx.payload[..n as usize];
-        let Ok(bth) = Bth::new(op, reply.dest, psn_add(psn, k)) else {
+    let mut k = job.from;
+    while k < r.npkts {
+        let vm = port.lock();
+        let ready = vm.qps.get(job.qpn).is_some_and(|q| {
+            matches!(q.state(), qp::State::Rtr | qp::State::Rts | qp::State::Sqd)
+        });
+        let mr = vm.mrs.get(r.rkey).filter(|mr| mr.contains(r.va, r.len.into()));
+        if !ready || (r.len > 0 && mr.is_none()) {
             return;
-        };
-        if let Ok(pkt) = Packet::new(bth, ext, payload) {
-            reply.fabric.send(reply.ep, reply.peer, &pkt, &mut rx.batch);
         }
-    }
-    if new {
-        if let Some(qp) = bv.qps.get_mut(qpn) {
-            qp.rt.psns.expected = psn_add(psn, npkts);
-            qp.rt.psns.msn = msn;
+        let end = (k + READ_BURST).min(r.npkts);
+        while k < end {
+            let off = k * job.mtu;
+            let n = r.len.saturating_sub(off).min(job.mtu);
+            let payload = &mut rx.payload[..n as usize];
+            if let Some(mr) = mr {
+                let mut runs = Runs::default();
+                let read = xfer::mr_runs(mr, r.va + u64::from(off), n, &mut runs)
+                    .and_then(|()| xfer::read_runs(&mem, runs.as_slice(), payload));
+                if read.is_err() {
+                    return;
+                }
+            }
+            let (op, with_aeth) = match (k == 0, k + 1 == r.npkts) {
+                (true, true) => (Op::RcReadResponseOnly, true),
+                (true, false) => (Op::RcReadResponseFirst, true),
+                (false, false) => (Op::RcReadResponseMiddle, false),
+                (false, true) => (Op::RcReadResponseLast, true),
+            };
+            let ext = Extensions {
+                aeth: with_aeth.then_some(aeth),
+                ..Extensions::default()
+            };
+            reply.send(
+                &mut rx.batch,
+                op,
+                psn_add(r.first_psn, k),
+                ext,
+                &rx.payload[..n as usize],
+            );
+            k += 1;
         }
     }
 }
@@ -1905,6 +2007,7 @@ fn serve_atomic(
     match resp {
         Resp::Done => {
             qp.rt.psns.expected = psn_add(psn, 1);
+            qp.rt.wire.acked = Some(psn);
             qp.rt.psns.msn = psn_add(qp.rt.psns.msn, 1);
             let w = &mut qp.rt.wire;
             w.atomics[usize::from(w.atomic_next) % ATOMIC_REPLAY] = (psn, orig, true);

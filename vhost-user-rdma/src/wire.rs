@@ -396,7 +396,9 @@ impl Batch {
                 }
                 Err(Errno::EINTR) => {}
                 Err(Errno::EAGAIN) => {
-                    ep.counters.tx_dropped.fetch_add((n - done) as u64, Ordering::Relaxed);
+                    ep.counters
+                        .tx_dropped
+                        .fetch_add((n - done) as u64, Ordering::Relaxed);
                     break;
                 }
                 Err(e) => {
@@ -1908,10 +1910,14 @@ fn run_read(fabric: &Fabric, ep: &Arc<Endpoint>, rx: &mut RxBuffers, port: &VmPo
     let mut k = job.from;
     while k < r.npkts {
         let vm = port.lock();
-        let ready = vm.qps.get(job.qpn).is_some_and(|q| {
-            matches!(q.state(), qp::State::Rtr | qp::State::Rts | qp::State::Sqd)
-        });
-        let mr = vm.mrs.get(r.rkey).filter(|mr| mr.contains(r.va, r.len.into()));
+        let ready = vm
+            .qps
+            .get(job.qpn)
+            .is_some_and(|q| matches!(q.state(), qp::State::Rtr | qp::State::Rts | qp::State::Sqd));
+        let mr = vm
+            .mrs
+            .get(r.rkey)
+            .filter(|mr| mr.contains(r.va, r.len.into()));
         if !ready || (r.len > 0 && mr.is_none()) {
             return;
         }

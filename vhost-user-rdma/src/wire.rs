@@ -122,7 +122,7 @@ pub struct Settings {
 /// Counters of one VM address, for operators.
 #[derive(Debug, Default)]
 pub struct Counters {
-    /// Datagrams received.
+    /// Datagrams received and handled.
     pub rx: AtomicU64,
     /// Datagrams sent.
     pub tx: AtomicU64,
@@ -1212,7 +1212,6 @@ fn receive_loop(fabric: &Fabric, ep: &Arc<Endpoint>) {
                 }
             }
         }
-        ep.counters.rx.fetch_add(n as u64, Ordering::Relaxed);
         for (i, &(len, from)) in got[..n].iter().enumerate() {
             let Some(from) = from else { continue };
             let datagram = &storage[i * RX_SLOT..i * RX_SLOT + len.min(RX_SLOT)];
@@ -1220,6 +1219,8 @@ fn receive_loop(fabric: &Fabric, ep: &Arc<Endpoint>) {
         }
         rx.send_acks(fabric, ep);
         rx.batch.flush();
+        // Counted once handled, so a count that has reached N means N datagrams were acted on.
+        ep.counters.rx.fetch_add(n as u64, Ordering::Relaxed);
     }
 }
 

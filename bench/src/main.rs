@@ -1,10 +1,12 @@
 //! vrdma-bench: the one bench command of docs/performance.md. In one run on one machine it
 //! measures vrdma (through vrdma-perf and in-process guests against the real daemon binary),
-//! TCP on loopback (qperf) and memcpy, prints them side by side with the ratios and the
-//! targets, and writes results.csv, summary.md and the plots.
+//! TCP on loopback (qperf) and memcpy, and vrdma against TCP between two simulated hosts
+//! (network namespaces), prints them side by side with the ratios and the targets, and writes
+//! results.csv, summary.md and the plots.
 
 mod guest;
 mod memcpy;
+mod netns;
 mod perf;
 mod plot;
 mod procs;
@@ -37,8 +39,8 @@ struct Args {
     #[arg(long)]
     quick: bool,
 
-    /// Run only these sections (comma-separated): vrdma, tcp, memcpy, mr, idle, fairness,
-    /// isolation, many, scale.
+    /// Run only these sections (comma-separated): vrdma, tcp, roce, memcpy, mr, idle,
+    /// fairness, isolation, many, scale.
     #[arg(long, value_name = "SECTION,...", value_delimiter = ',')]
     only: Vec<String>,
 
@@ -117,6 +119,7 @@ fn main() -> ExitCode {
         let outcome = match name {
             "vrdma" => sections::vrdma(&mut env, &mut results),
             "tcp" => sections::tcp(&mut env, &mut results),
+            "roce" => sections::roce(&mut env, &mut results),
             "memcpy" => sections::memcpy(&mut env, &mut results),
             "mr" => sections::mr(&mut env, &mut results),
             "idle" => sections::idle(&mut env, &mut results),
@@ -132,7 +135,11 @@ fn main() -> ExitCode {
                 break;
             }
             let msg = format!("section {name}: {e}");
-            eprintln!("  FAILED: {msg}");
+            let what = match e {
+                sections::Error::Skipped(_) => "SKIPPED",
+                _ => "FAILED",
+            };
+            eprintln!("  {what}: {msg}");
             env.failures.push(msg);
         }
     }
@@ -234,12 +241,13 @@ mod tests {
             "vrdma-bench",
             "--quick",
             "--only",
-            "vrdma,tcp",
+            "vrdma,tcp,roce",
             "--out",
             "/tmp/x",
         ]);
         assert!(a.quick);
-        assert_eq!(a.only, vec!["vrdma", "tcp"]);
+        assert_eq!(a.only, vec!["vrdma", "tcp", "roce"]);
+        assert!(a.only.iter().all(|s| SECTIONS.contains(&s.as_str())));
         assert_eq!(a.out, Some(PathBuf::from("/tmp/x")));
         assert_eq!(a.secs, 2);
     }

@@ -65,6 +65,8 @@ pub struct Run {
     pub post_list: Option<u32>,
     /// Send-queue depth (`-t`), if not perftest's default.
     pub tx_depth: Option<u32>,
+    /// Path MTU in bytes (`-m`), if not the port's active MTU (4096 on every vrdma port).
+    pub mtu: Option<u32>,
 }
 
 impl Run {
@@ -91,6 +93,9 @@ impl Run {
         }
         if let Some(t) = self.tx_depth {
             a.extend(["-t".into(), t.to_string()]);
+        }
+        if let Some(m) = self.mtu {
+            a.extend(["-m".into(), m.to_string()]);
         }
         a.extend(["--out_json_file".into(), json.display().to_string()]);
         a
@@ -231,6 +236,7 @@ mod tests {
             events: true,
             post_list: Some(32),
             tx_depth: Some(128),
+            mtu: Some(4096),
         };
         let args = run.args(
             Path::new("/s/a.sock"),
@@ -239,7 +245,7 @@ mod tests {
         );
         assert_eq!(
             args.join(" "),
-            "write_bw -d /s/a.sock --loopback /s/b.sock -s 8 -D 2 -e -l 32 -t 128 --out_json_file /o/x.json"
+            "write_bw -d /s/a.sock --loopback /s/b.sock -s 8 -D 2 -e -l 32 -t 128 -m 4096 --out_json_file /o/x.json"
         );
         assert_eq!(run.stem(), "write_bw-8-e-l32");
         let lat = Run {
@@ -249,6 +255,7 @@ mod tests {
             events: false,
             post_list: None,
             tx_depth: None,
+            mtu: None,
         };
         assert_eq!(
             lat.args(Path::new("a"), Path::new("b"), Path::new("j"))

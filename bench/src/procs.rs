@@ -310,36 +310,57 @@ impl VmSpec {
             extra: extra.into(),
         }
     }
+
+    /// The daemon's `--vm` argument for this VM, the `index`th, serving `socket`: its GID is
+    /// the `gid=` of its extra options if they name one, else 10.0.(i/250).(i%250+1), which
+    /// keeps GIDs distinct for any VM count the bench uses.
+    pub fn arg(&self, index: usize, socket: &Path) -> String {
+        let mut spec = format!("name={},socket={}", self.name, socket.display());
+        if !self.extra.split(',').any(|kv| kv.starts_with("gid=")) {
+            spec.push_str(&format!(",gid=10.0.{}.{}", index / 250, index % 250 + 1));
+        }
+        if !self.extra.is_empty() {
+            spec.push(',');
+            spec.push_str(&self.extra);
+        }
+        spec
+    }
+}
+
+/// Where a daemon runs beyond its VMs: a network namespace (a simulated host) and options
+/// such as `--roce`. The default is this namespace and no options.
+#[derive(Debug, Clone, Default)]
+pub struct Launch {
+    /// The namespace (`ip netns exec NS`), or this one.
+    pub netns: Option<String>,
+    /// More options after `--log-level warn` and the `--vm`s.
+    pub args: Vec<String>,
 }
 
 impl Daemon {
-    /// Starts `vhost-user-rdma` for `vms` with sockets under `dir` and its log at `log`, and
-    /// waits until every socket exists.
-    pub fn start(binary: &Path, dir: &Path, log: &Path, vms: &[VmSpec]) -> Result<Daemon, Error> {
+    /// Starts `vhost-user-rdma` for `vms` with sockets under `dir` and its log at `log`, where
+    /// and as `launch` says, and waits until every socket exists.
+    pub fn start(
+        binary: &Path,
+        dir: &Path,
+        log: &Path,
+        vms: &[VmSpec],
+        launch: &Launch,
+    ) -> Result<Daemon, Error> {
         std::fs::create_dir_all(dir).map_err(|source| Error::File {
             path: dir.to_owned(),
             source,
         })?;
-        let mut cmd = command(binary, Role::Daemon);
+        // `ip netns exec` execs the daemon, so the child's PID (for /proc, SIGTERM) stays its.
+        let mut cmd = command(binary, Role::Daemon, launch.netns.as_deref());
         cmd.arg("--log-level").arg("warn");
         for (i, vm) in vms.iter().enumerate() {
             let socket = dir.join(format!("{}.sock", vm.name));
             // A stale socket from a killed run would make the daemon refuse to start.
             let _ = std::fs::remove_file(&socket);
-            // 10.0.(i/250).(i%250+1) keeps GIDs distinct for any VM count the bench uses.
-            let mut spec = format!(
-                "name={},socket={},gid=10.0.{}.{}",
-                vm.name,
-                socket.display(),
-                i / 250,
-                i % 250 + 1
-            );
-            if !vm.extra.is_empty() {
-                spec.push(',');
-                spec.push_str(&vm.extra);
-            }
-            cmd.arg("--vm").arg(spec);
+            cmd.arg("--vm").arg(vm.arg(i, &socket));
         }
+        cmd.args(&launch.args);
         let mut guard = Guard::spawn(cmd, "vhost-user-rdma", log)?;
         let end = Instant::now() + Duration::from_secs(10);
         for vm in vms {
@@ -472,16 +493,30 @@ pub enum Role {
     Baseline,
 }
 
-/// `Command::new(program)`, run under `taskset` on the CPUs of `role` when the bench pins.
-pub fn command(program: impl AsRef<std::ffi::OsStr>, role: Role) -> Command {
-    match Placement::current() {
-        Some(p) => {
-            let cpus = match role {
-                Role::Daemon => &p.daemon,
-                Role::Baseline => &p.all,
-            };
-            let mut cmd = Command::new("taskset");
-            cmd.arg("-c").arg(cpus).arg(program);
+/// `Command::new(program)`, run under `taskset` on the CPUs of `role` when the bench pins,
+/// and inside network namespace `netns` (`ip netns exec`) if one is given.
+pub fn command(program: impl AsRef<std::ffi::OsStr>, role: Role, netns: Option<&str>) -> Command {
+    let cpus = Placement::current().map(|p| match role {
+        Role::Daemon => p.daemon.as_str(),
+        Role::Baseline => p.all.as_str(),
+    });
+    wrapped(program.as_ref(), cpus, netns)
+}
+
+/// `[taskset -c CPUS] [ip netns exec NETNS] PROGRAM`. taskset and `ip netns exec` both exec
+/// what follows, so the child's PID is the program's.
+fn wrapped(program: &std::ffi::OsStr, cpus: Option<&str>, netns: Option<&str>) -> Command {
+    let mut prefix: Vec<&str> = Vec::new();
+    if let Some(cpus) = cpus {
+        prefix.extend(["taskset", "-c", cpus]);
+    }
+    if let Some(ns) = netns {
+        prefix.extend(["ip", "netns", "exec", ns]);
+    }
+    match prefix.split_first() {
+        Some((first, rest)) => {
+            let mut cmd = Command::new(first);
+            cmd.args(rest).arg(program);
             cmd
         }
         None => Command::new(program),
@@ -551,17 +586,36 @@ pub fn memory(pid: u32) -> Result<Memory, Error> {
     })
 }
 
+/// The values after `key` (such as "VmRSS:") on its line of /proc/PID/status.
+fn status_values<'a>(status: &'a str, key: &str) -> Option<std::str::SplitWhitespace<'a>> {
+    let line = status.lines().find(|l| l.starts_with(key))?;
+    Some(line[key.len()..].split_whitespace())
+}
+
 /// VmRSS and RssAnon (in kB in the file) from the text of /proc/PID/status.
 pub fn parse_status_memory(status: &str) -> Option<Memory> {
     let field = |key: &str| -> Option<u64> {
-        let line = status.lines().find(|l| l.starts_with(key))?;
-        let kb: u64 = line[key.len()..].split_whitespace().next()?.parse().ok()?;
+        let kb: u64 = status_values(status, key)?.next()?.parse().ok()?;
         Some(kb * 1024)
     };
     Some(Memory {
         rss: field("VmRSS:")?,
         anon: field("RssAnon:")?,
     })
+}
+
+/// The effective user ID from the text of /proc/PID/status ("Uid:" real, effective, saved,
+/// filesystem).
+pub fn parse_status_euid(status: &str) -> Option<u32> {
+    status_values(status, "Uid:")?.nth(1)?.parse().ok()
+}
+
+/// Whether this process runs as root (effective UID 0), as creating network namespaces needs.
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| parse_status_euid(&s))
+        == Some(0)
 }
 
 /// Percent of one core used over an interval.
@@ -618,6 +672,63 @@ mod tests {
             })
         );
         assert_eq!(parse_status_memory("VmRSS: 1 kB\n"), None);
+    }
+
+    #[test]
+    fn the_effective_uid_is_the_second_uid() {
+        let status =
+            "Name:\tsudo\nUmask:\t0022\nUid:\t1000\t0\t0\t0\nGid:\t1000\t1000\t1000\t1000\n";
+        assert_eq!(parse_status_euid(status), Some(0));
+        assert_eq!(parse_status_euid("Uid:\t0\t1000\t1000\t1000\n"), Some(1000));
+        assert_eq!(parse_status_euid("Gid:\t0\t0\t0\t0\n"), None);
+        assert_eq!(parse_status_euid("Uid:\t0\n"), None);
+    }
+
+    #[test]
+    fn vm_arguments_keep_a_given_gid() {
+        let sock = Path::new("/s/a.sock");
+        assert_eq!(
+            VmSpec::new("a").arg(0, sock),
+            "name=a,socket=/s/a.sock,gid=10.0.0.1"
+        );
+        assert_eq!(
+            VmSpec::with("w", "weight=3").arg(251, sock),
+            "name=w,socket=/s/a.sock,gid=10.0.1.2,weight=3"
+        );
+        assert_eq!(
+            VmSpec::with("h", "weight=2,gid=10.66.0.2").arg(0, sock),
+            "name=h,socket=/s/a.sock,weight=2,gid=10.66.0.2"
+        );
+        // A key that merely ends in "gid" is not a GID.
+        assert_eq!(
+            VmSpec::with("x", "notgid=1").arg(1, sock),
+            "name=x,socket=/s/a.sock,gid=10.0.0.2,notgid=1"
+        );
+    }
+
+    #[test]
+    fn commands_are_pinned_then_moved_into_their_namespace() {
+        let words = |c: &Command| {
+            std::iter::once(c.get_program())
+                .chain(c.get_args())
+                .map(|w| w.to_string_lossy().into_owned())
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let prog = std::ffi::OsStr::new("/b/vhost-user-rdma");
+        assert_eq!(words(&wrapped(prog, None, None)), "/b/vhost-user-rdma");
+        assert_eq!(
+            words(&wrapped(prog, Some("1"), Some("ns-a"))),
+            "taskset -c 1 ip netns exec ns-a /b/vhost-user-rdma"
+        );
+        assert_eq!(
+            words(&wrapped(prog, None, Some("ns-b"))),
+            "ip netns exec ns-b /b/vhost-user-rdma"
+        );
+        assert_eq!(
+            words(&wrapped(prog, Some("0-1"), None)),
+            "taskset -c 0-1 /b/vhost-user-rdma"
+        );
     }
 
     #[test]

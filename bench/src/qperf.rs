@@ -1,5 +1,5 @@
-//! What a user would pick instead of vrdma: TCP between two processes on loopback, measured
-//! with qperf (tcp_bw, tcp_lat).
+//! What a user would pick instead of vrdma: TCP between two processes, measured with qperf
+//! (tcp_bw, tcp_lat), on loopback or between two network namespaces.
 
 use std::path::Path;
 use std::time::Duration;
@@ -95,27 +95,62 @@ pub fn parse(output: &str) -> QperfResult {
     r
 }
 
-/// A qperf server on a free loopback port, ended on drop.
+/// Where qperf's two ends run: each in a network namespace or in this one, and the address
+/// the client reaches the server at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// The server's namespace, or this one.
+    pub server_netns: Option<String>,
+    /// The client's namespace, or this one.
+    pub client_netns: Option<String>,
+    /// The server's address as the client sees it.
+    pub address: String,
+}
+
+impl Route {
+    /// Both ends here, over loopback.
+    pub fn loopback() -> Route {
+        Route {
+            server_netns: None,
+            client_netns: None,
+            address: "localhost".into(),
+        }
+    }
+}
+
+/// A qperf server on a free port, ended on drop.
 #[derive(Debug)]
 pub struct Server {
     _guard: Guard,
     port: u16,
+    route: Route,
 }
 
 impl Server {
-    /// Starts `qperf --listen_port PORT`, its output in `log`.
+    /// Starts `qperf --listen_port PORT` on loopback, its output in `log`.
     pub fn start(log: &Path) -> Result<Server, Error> {
+        Server::start_on(log, Route::loopback())
+    }
+
+    /// Starts `qperf --listen_port PORT` where `route` puts the server, its output in `log`.
+    pub fn start_on(log: &Path, route: Route) -> Result<Server, Error> {
         if which("qperf").is_none() {
             return Err(Error::NotInstalled);
         }
+        // Free here; a namespace of the bench's own has nothing listening at all.
         let port = free_port().map_err(Error::NoPort)?;
-        let mut cmd = procs::command("qperf", procs::Role::Baseline);
+        let mut cmd = procs::command(
+            "qperf",
+            procs::Role::Baseline,
+            route.server_netns.as_deref(),
+        );
         cmd.arg("--listen_port").arg(port.to_string());
         let guard = Guard::spawn(cmd, "qperf server", log)?;
         // The client's --wait_server covers the server's start-up.
         Ok(Server {
             _guard: guard,
             port,
+            route,
         })
     }
 
@@ -129,17 +164,18 @@ impl Server {
         log: &Path,
     ) -> Result<QperfResult, Error> {
         let secs = secs.max(1);
-        let mut cmd = procs::command("qperf", procs::Role::Baseline);
-        cmd.arg("--listen_port")
-            .arg(self.port.to_string())
-            .arg("--wait_server")
-            .arg("5")
-            .arg("--time")
-            .arg(secs.to_string())
-            .arg("--msg_size")
-            .arg(size.to_string())
-            .arg("localhost")
-            .args(tests);
+        let mut cmd = procs::command(
+            "qperf",
+            procs::Role::Baseline,
+            self.route.client_netns.as_deref(),
+        );
+        cmd.args(client_args(
+            self.port,
+            &self.route.address,
+            tests,
+            size,
+            secs,
+        ));
         let guard = Guard::spawn(cmd, "qperf", log)?;
         // Each test runs `secs`, plus connection set-up; a client that loses its server hangs.
         guard.wait(Duration::from_secs(20 + secs * tests.len() as u64))?;
@@ -157,6 +193,27 @@ impl Server {
         }
         Ok(r)
     }
+}
+
+/// The client's arguments after `qperf`: `tests` with `size`-byte messages for `secs` seconds
+/// each against the server at `address`, listening on `port`.
+fn client_args(port: u16, address: &str, tests: &[&str], size: u64, secs: u64) -> Vec<String> {
+    let mut a: Vec<String> = [
+        "--listen_port",
+        &port.to_string(),
+        "--wait_server",
+        "5",
+        "--time",
+        &secs.to_string(),
+        "--msg_size",
+        &size.to_string(),
+        address,
+    ]
+    .iter()
+    .map(|w| (*w).to_owned())
+    .collect();
+    a.extend(tests.iter().map(|t| (*t).to_owned()));
+    a
 }
 
 /// The path of `program` in PATH.
@@ -202,6 +259,19 @@ mod tests {
         assert_eq!(r.latency_us, Some(1.25e9));
         let r = parse("tcp_lat:\n    latency  =  950 ns\n");
         assert_eq!(r.latency_us, Some(0.95));
+    }
+
+    #[test]
+    fn the_client_asks_the_server_s_address() {
+        assert_eq!(
+            client_args(4242, "localhost", &["tcp_bw", "tcp_lat"], 65536, 2).join(" "),
+            "--listen_port 4242 --wait_server 5 --time 2 --msg_size 65536 localhost tcp_bw tcp_lat"
+        );
+        assert_eq!(
+            client_args(4242, "10.66.0.1", &["tcp_lat"], 8, 1).join(" "),
+            "--listen_port 4242 --wait_server 5 --time 1 --msg_size 8 10.66.0.1 tcp_lat"
+        );
+        assert_eq!(Route::loopback().address, "localhost");
     }
 
     #[test]

@@ -8,10 +8,9 @@ use std::time::{Duration, Instant};
 
 use crate::guest::{self, Idle, Load, Side, Writers};
 use crate::perf::{self, Length, Rows, Run};
-use crate::procs::{self, Daemon, VmSpec};
-use crate::qperf;
+use crate::procs::{self, Daemon, Launch, VmSpec};
 use crate::report::Results;
-use crate::{memcpy, report};
+use crate::{memcpy, netns, qperf, report};
 
 /// Why a section failed.
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +27,12 @@ pub enum Error {
     /// An in-process guest.
     #[error(transparent)]
     Guest(#[from] guest::Error),
+    /// The simulated hosts of the roce section.
+    #[error(transparent)]
+    Netns(#[from] netns::Error),
+    /// The section cannot run here, and why.
+    #[error("skipped: {0}")]
+    Skipped(String),
     /// A directory could not be made.
     #[error("cannot create {path}: {source}")]
     Dir {
@@ -54,9 +59,10 @@ pub struct Env {
 }
 
 /// The sections, in the order they run.
-pub const SECTIONS: [&str; 9] = [
+pub const SECTIONS: [&str; 10] = [
     "vrdma",
     "tcp",
+    "roce",
     "memcpy",
     "mr",
     "idle",
@@ -73,6 +79,49 @@ pub const OPS: [&str; 3] = ["write", "read", "send"];
 pub fn vrdma_series(op: &str, events: bool) -> String {
     format!("vrdma {op} {}", if events { "event" } else { "poll" })
 }
+
+/// The series of qperf's TCP bandwidth and latency.
+pub const TCP_BW: &str = "qperf tcp_bw";
+/// See [`TCP_BW`].
+pub const TCP_LAT: &str = "qperf tcp_lat";
+
+/// Where a vrdma-against-TCP comparison is recorded: the results sections of its bandwidth
+/// and latency values, and its name, which prefixes its ratios, failures and logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Compared {
+    /// The section of bandwidth values (metric bw).
+    pub bw: &'static str,
+    /// The section of latency values (vrdma's t_typical..., qperf's latency).
+    pub lat: &'static str,
+    /// Empty for the one-host comparison.
+    pub name: &'static str,
+}
+
+impl Compared {
+    /// `what`, prefixed with the comparison's name if it has one.
+    pub fn named(&self, what: &str) -> String {
+        if self.name.is_empty() {
+            what.to_owned()
+        } else {
+            format!("{} {what}", self.name)
+        }
+    }
+}
+
+/// One host: two VMs of one daemon, and TCP on loopback.
+pub const LOCAL: Compared = Compared {
+    bw: "bandwidth",
+    lat: "latency",
+    name: "",
+};
+
+/// Two hosts (network namespaces joined by veth): one VM on each host's daemon, talking
+/// RoCEv2, and TCP across the same veth.
+pub const ROCE: Compared = Compared {
+    bw: "roce_bandwidth",
+    lat: "roce_latency",
+    name: "roce",
+};
 
 /// Powers of two from `lo` to `hi`.
 fn pow2(lo: u64, hi: u64) -> Vec<u64> {
@@ -111,9 +160,20 @@ impl Env {
 
     /// Starts a daemon for `vms`, its log in logs/daemon-TAG.log.
     fn daemon(&self, tag: &str, vms: &[VmSpec]) -> Result<Daemon, Error> {
+        self.daemon_on(tag, vms, &Launch::default())
+    }
+
+    /// [`Env::daemon`] where and as `launch` says.
+    fn daemon_on(&self, tag: &str, vms: &[VmSpec], launch: &Launch) -> Result<Daemon, Error> {
         let bin = procs::sibling("vhost-user-rdma", "vhost-user-rdma")?;
         let log = self.dir("logs")?.join(format!("daemon-{tag}.log"));
-        Ok(Daemon::start(&bin, &self.sock_root.join(tag), &log, vms)?)
+        Ok(Daemon::start(
+            &bin,
+            &self.sock_root.join(tag),
+            &log,
+            vms,
+            launch,
+        )?)
     }
 
     fn window(&self, quick: f64, full: f64) -> Duration {
@@ -133,10 +193,46 @@ impl Env {
     }
 }
 
-/// Runs vrdma-perf once, with the daemon's CPU over the run.
+/// The two VMs vrdma-perf runs between (`-d`, `--loopback`), and the daemons serving them.
+struct Ends<'a> {
+    daemons: Vec<&'a mut Daemon>,
+    dev: PathBuf,
+    loopback: PathBuf,
+}
+
+impl<'a> Ends<'a> {
+    /// VMs `a` and `b` of one daemon.
+    fn local(daemon: &'a mut Daemon) -> Ends<'a> {
+        let (dev, loopback) = (daemon.socket("a"), daemon.socket("b"));
+        Ends {
+            daemons: vec![daemon],
+            dev,
+            loopback,
+        }
+    }
+
+    /// Fails if a daemon has died.
+    fn check_alive(&mut self) -> Result<(), Error> {
+        for d in &mut self.daemons {
+            d.check_alive()?;
+        }
+        Ok(())
+    }
+
+    /// The daemons' CPU time so far, together.
+    fn cpu(&self) -> Result<Duration, Error> {
+        let mut sum = Duration::ZERO;
+        for d in &self.daemons {
+            sum += d.cpu()?;
+        }
+        Ok(sum)
+    }
+}
+
+/// Runs vrdma-perf once, with the daemons' CPU over the run.
 fn perf_run(
     env: &Env,
-    daemon: &mut Daemon,
+    ends: &mut Ends<'_>,
     run: &Run,
     dir: &Path,
 ) -> Result<(perf::Report, f64), Error> {
@@ -146,18 +242,109 @@ fn perf_run(
         Length::Iterations(_) if env.quick => Duration::from_secs(60),
         Length::Iterations(_) => Duration::from_secs(300),
     };
-    let (c0, t0) = (daemon.cpu()?, Instant::now());
-    let report = perf::run(
-        &bin,
-        run,
-        &daemon.socket("a"),
-        &daemon.socket("b"),
-        dir,
-        limit,
-    );
-    daemon.check_alive()?;
-    let cpu = procs::percent(daemon.cpu()?.saturating_sub(c0), t0.elapsed());
+    let (c0, t0) = (ends.cpu()?, Instant::now());
+    let report = perf::run(&bin, run, &ends.dev, &ends.loopback, dir, limit);
+    ends.check_alive()?;
+    let cpu = procs::percent(ends.cpu()?.saturating_sub(c0), t0.elapsed());
     Ok((report?, cpu))
+}
+
+/// One vrdma-perf series: an operation and mode over message sizes.
+#[derive(Debug, Clone)]
+struct Series {
+    op: &'static str,
+    events: bool,
+    /// "bw" or "lat".
+    kind: &'static str,
+    sizes: Vec<u64>,
+    /// vrdma-perf's `-m`, if not the port's.
+    mtu: Option<u32>,
+    /// Where it is recorded.
+    into: Compared,
+}
+
+/// Runs vrdma-perf for each size of `s` and records the results as series
+/// [`vrdma_series`]. A failed run is noted and ends the series (the rest would fail the same
+/// way).
+fn perf_series(
+    env: &mut Env,
+    r: &mut Results,
+    ends: &mut Ends<'_>,
+    s: &Series,
+    dir: &Path,
+) -> Result<(), Error> {
+    let series = vrdma_series(s.op, s.events);
+    for &size in &s.sizes {
+        procs::check_interrupt()?;
+        let length = match (s.kind, env.quick) {
+            // About 64 MiB per point, at least 200 messages.
+            ("bw", true) => Length::Iterations(((64 << 20) / size).clamp(200, 20_000)),
+            ("bw", false) => Length::Seconds(env.secs),
+            (_, true) => Length::Iterations(1000),
+            (_, false) => Length::Iterations(10_000),
+        };
+        let run = Run {
+            test: if s.kind == "bw" {
+                bw_test(s.op)
+            } else {
+                lat_test(s.op)
+            },
+            size,
+            length,
+            events: s.events,
+            post_list: None,
+            tx_depth: None,
+            mtu: s.mtu,
+        };
+        eprint!(
+            "  {} {size} B{} ...",
+            run.test,
+            if s.events { " -e" } else { "" }
+        );
+        match perf_run(env, ends, &run, dir) {
+            Ok((rep, cpu)) => {
+                let path = dir.join(format!("{}.json", run.stem()));
+                let path = path.display().to_string();
+                let (bw, lat) = (s.into.bw, s.into.lat);
+                if s.kind == "bw" {
+                    let e = rep.bw_for(size, &path)?;
+                    eprintln!(" {:.1} MiB/s", e.bw_avg_mib);
+                    r.add(bw, &series, Some(size), "bw", e.bw_avg_mib, "MiB/s");
+                    r.add(bw, &series, Some(size), "bw_peak", e.bw_peak_mib, "MiB/s");
+                    r.add(
+                        bw,
+                        &series,
+                        Some(size),
+                        "msg_rate",
+                        e.msg_rate_mpps,
+                        "Mmsg/s",
+                    );
+                    r.add(bw, &series, Some(size), "daemon_cpu", cpu, "%");
+                } else {
+                    let e = rep.lat_for(size, &path)?;
+                    eprintln!(" {:.2} us", e.t_typical_us);
+                    for (m, v) in [
+                        ("t_typical", e.t_typical_us),
+                        ("t_avg", e.t_avg_us),
+                        ("t_min", e.t_min_us),
+                        ("t_max", e.t_max_us),
+                        ("p99", e.p99_us),
+                        ("p999", e.p999_us),
+                    ] {
+                        r.add(lat, &series, Some(size), m, v, "us");
+                    }
+                    r.add(lat, &series, Some(size), "daemon_cpu", cpu, "%");
+                }
+            }
+            Err(e) => {
+                let what = format!("{} {size} B events={}: {e}", run.test, s.events);
+                env.failed(s.into.named(&what))?;
+                ends.check_alive()?;
+                break;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// vrdma WRITE, READ and SEND bandwidth and latency, polling and event mode, through
@@ -165,92 +352,19 @@ fn perf_run(
 pub fn vrdma(env: &mut Env, r: &mut Results) -> Result<(), Error> {
     let dir = env.dir("vrdma-perf")?;
     let mut daemon = env.daemon("vrdma", &[VmSpec::new("a"), VmSpec::new("b")])?;
+    let mut ends = Ends::local(&mut daemon);
     for op in OPS {
         for events in [false, true] {
-            let series = vrdma_series(op, events);
             for (kind, sizes) in [("bw", env.bw_sizes()), ("lat", env.lat_sizes())] {
-                for size in sizes {
-                    procs::check_interrupt()?;
-                    let length = match (kind, env.quick) {
-                        // About 64 MiB per point, at least 200 messages.
-                        ("bw", true) => Length::Iterations(((64 << 20) / size).clamp(200, 20_000)),
-                        ("bw", false) => Length::Seconds(env.secs),
-                        (_, true) => Length::Iterations(1000),
-                        (_, false) => Length::Iterations(10_000),
-                    };
-                    let run = Run {
-                        test: if kind == "bw" {
-                            bw_test(op)
-                        } else {
-                            lat_test(op)
-                        },
-                        size,
-                        length,
-                        events,
-                        post_list: None,
-                        tx_depth: None,
-                    };
-                    eprint!(
-                        "  {} {size} B{} ...",
-                        run.test,
-                        if events { " -e" } else { "" }
-                    );
-                    match perf_run(env, &mut daemon, &run, &dir) {
-                        Ok((rep, cpu)) => {
-                            let path = dir.join(format!("{}.json", run.stem()));
-                            let path = path.display().to_string();
-                            if kind == "bw" {
-                                let e = rep.bw_for(size, &path)?;
-                                eprintln!(" {:.1} MiB/s", e.bw_avg_mib);
-                                r.add(
-                                    "bandwidth",
-                                    &series,
-                                    Some(size),
-                                    "bw",
-                                    e.bw_avg_mib,
-                                    "MiB/s",
-                                );
-                                r.add(
-                                    "bandwidth",
-                                    &series,
-                                    Some(size),
-                                    "bw_peak",
-                                    e.bw_peak_mib,
-                                    "MiB/s",
-                                );
-                                r.add(
-                                    "bandwidth",
-                                    &series,
-                                    Some(size),
-                                    "msg_rate",
-                                    e.msg_rate_mpps,
-                                    "Mmsg/s",
-                                );
-                                r.add("bandwidth", &series, Some(size), "daemon_cpu", cpu, "%");
-                            } else {
-                                let e = rep.lat_for(size, &path)?;
-                                eprintln!(" {:.2} us", e.t_typical_us);
-                                for (m, v) in [
-                                    ("t_typical", e.t_typical_us),
-                                    ("t_avg", e.t_avg_us),
-                                    ("t_min", e.t_min_us),
-                                    ("t_max", e.t_max_us),
-                                    ("p99", e.p99_us),
-                                    ("p999", e.p999_us),
-                                ] {
-                                    r.add("latency", &series, Some(size), m, v, "us");
-                                }
-                                r.add("latency", &series, Some(size), "daemon_cpu", cpu, "%");
-                            }
-                        }
-                        Err(e) => {
-                            env.failed(format!("{} {size} B events={events}: {e}", run.test))?;
-                            daemon.check_alive()?;
-                            // The rest of this series would fail the same way; save the time.
-                            break;
-                        }
-                    }
-                }
+                let s = Series {
+                    op,
+                    events,
+                    kind,
+                    sizes,
+                    mtu: None,
+                    into: LOCAL,
+                };
+                perf_series(env, r, &mut ends, &s, &dir)?;
             }
         }
     }
@@ -268,13 +382,14 @@ pub fn vrdma(env: &mut Env, r: &mut Results) -> Result<(), Error> {
             events,
             post_list: Some(32),
             tx_depth: Some(512),
+            mtu: None,
         };
         let series = format!("{}, post list 32", vrdma_series("write", events));
         eprint!(
             "  write_bw 8 B -l 32{} ...",
             if events { " -e" } else { "" }
         );
-        match perf_run(env, &mut daemon, &run, &dir) {
+        match perf_run(env, &mut ends, &run, &dir) {
             Ok((rep, cpu)) => {
                 let e = rep.bw_for(8, "write_bw -l 32")?;
                 eprintln!(" {:.3} Mmsg/s", e.msg_rate_mpps);
@@ -314,13 +429,28 @@ fn lat_test(op: &str) -> &'static str {
 pub fn tcp(env: &mut Env, r: &mut Results) -> Result<(), Error> {
     let dir = env.dir("logs")?;
     let server = qperf::Server::start(&dir.join("qperf-server.log"))?;
-    let secs = if env.quick { 1 } else { env.secs };
     let (bw, lat) = (env.bw_sizes(), env.lat_sizes());
-    let mut sizes = bw.clone();
-    sizes.extend(&lat);
-    sizes.sort_unstable();
-    sizes.dedup();
-    for size in sizes {
+    qperf_series(env, r, &server, (&bw, &lat), LOCAL, &dir)
+}
+
+/// qperf's client against `server`: tcp_bw for the first sizes of `sizes`, tcp_lat for the
+/// second, recorded as [`TCP_BW`] and [`TCP_LAT`] where `into` says; its output in
+/// `dir`/[NAME-]qperf-SIZE.log. A failed size is noted and the next one runs.
+fn qperf_series(
+    env: &mut Env,
+    r: &mut Results,
+    server: &qperf::Server,
+    sizes: (&[u64], &[u64]),
+    into: Compared,
+    dir: &Path,
+) -> Result<(), Error> {
+    let secs = if env.quick { 1 } else { env.secs };
+    let (bw, lat) = sizes;
+    let mut all = bw.to_vec();
+    all.extend(lat);
+    all.sort_unstable();
+    all.dedup();
+    for size in all {
         procs::check_interrupt()?;
         let mut tests = Vec::new();
         if bw.contains(&size) {
@@ -330,7 +460,10 @@ pub fn tcp(env: &mut Env, r: &mut Results) -> Result<(), Error> {
             tests.push("tcp_lat");
         }
         eprint!("  qperf {} {size} B ...", tests.join(" "));
-        let log = dir.join(format!("qperf-{size}.log"));
+        let log = dir.join(format!(
+            "{}-{size}.log",
+            into.named("qperf").replace(' ', "-")
+        ));
         match server.run(&tests, size, secs, &log) {
             Ok(mut q) => {
                 // TCP's latency is one thread wake-up per message, and on a virtual machine a
@@ -347,23 +480,104 @@ pub fn tcp(env: &mut Env, r: &mut Results) -> Result<(), Error> {
                 }
                 if let Some(bw) = q.bw_bytes_per_sec {
                     eprint!(" {:.1} MiB/s", bw / MIB);
-                    r.add(
-                        "bandwidth",
-                        "qperf tcp_bw",
-                        Some(size),
-                        "bw",
-                        bw / MIB,
-                        "MiB/s",
-                    );
+                    r.add(into.bw, TCP_BW, Some(size), "bw", bw / MIB, "MiB/s");
                 }
                 if let Some(lat) = q.latency_us {
                     eprint!(" {lat:.2} us");
-                    r.add("latency", "qperf tcp_lat", Some(size), "latency", lat, "us");
+                    r.add(into.lat, TCP_LAT, Some(size), "latency", lat, "us");
                 }
                 eprintln!();
             }
-            Err(e) => env.failed(format!("qperf {size} B: {e}"))?,
+            Err(e) => env.failed(into.named(&format!("qperf {size} B: {e}")))?,
         }
+    }
+    Ok(())
+}
+
+/// The two simulated hosts' addresses on their veth.
+const ROCE_HOSTS: [&str; 2] = ["10.66.0.1/24", "10.66.0.2/24"];
+/// The veth's MTU: jumbo frames, as RoCE networks use.
+const VETH_MTU: u32 = 9000;
+/// The path MTU vrdma-perf asks for: a 4096-byte payload and RoCEv2's headers (IPv4 20, UDP 8,
+/// BTH 12, RETH 16, ICRC 4 bytes) fit the 9000-byte veth in one frame.
+const ROCE_PATH_MTU: u32 = 4096;
+/// Bandwidth message sizes across hosts.
+const ROCE_BW_SIZES: [u64; 4] = [64, 4096, 64 << 10, 1 << 20];
+/// Latency message sizes across hosts.
+const ROCE_LAT_SIZES: [u64; 1] = [8];
+
+/// Two hosts on this machine, network namespaces joined by a veth pair: vrdma RDMA WRITE
+/// between a VM on each host's daemon (RoCEv2 over UDP across the veth), guests polling,
+/// against qperf TCP across the same veth. Needs root; the namespaces go on every exit path.
+pub fn roce(env: &mut Env, r: &mut Results) -> Result<(), Error> {
+    if !procs::is_root() {
+        return Err(Error::Skipped(
+            "creating network namespaces needs root; run bench/run as root".into(),
+        ));
+    }
+    let hosts = netns::Hosts::create(&std::process::id().to_string(), ROCE_HOSTS, VETH_MTU)?;
+    eprintln!(
+        "  hosts: {} ({}) and {} ({}), veth MTU {VETH_MTU}",
+        hosts.a.netns,
+        hosts.a.addr(),
+        hosts.b.netns,
+        hosts.b.addr()
+    );
+    if let Err(e) = roce_vrdma(env, r, &hosts) {
+        env.failed(ROCE.named(&format!("vrdma: {e}")))?;
+    }
+    let dir = env.dir("logs")?;
+    let route = qperf::Route {
+        server_netns: Some(hosts.a.netns.clone()),
+        client_netns: Some(hosts.b.netns.clone()),
+        address: hosts.a.addr().to_owned(),
+    };
+    match qperf::Server::start_on(&dir.join("qperf-roce-server.log"), route) {
+        Ok(server) => {
+            qperf_series(
+                env,
+                r,
+                &server,
+                (&ROCE_BW_SIZES, &ROCE_LAT_SIZES),
+                ROCE,
+                &dir,
+            )?;
+        }
+        Err(e) => env.failed(ROCE.named(&format!("qperf: {e}")))?,
+    }
+    Ok(())
+}
+
+/// The vrdma half of [`roce`]: a `--roce` daemon in each namespace serving one VM whose GID is
+/// that host's address; vrdma-perf (in this namespace: vhost-user sockets are paths) drives
+/// both VMs.
+fn roce_vrdma(env: &mut Env, r: &mut Results, hosts: &netns::Hosts) -> Result<(), Error> {
+    let dir = env.dir("vrdma-perf/roce")?;
+    let mut daemons = Vec::new();
+    for (vm, host) in [("a", &hosts.a), ("b", &hosts.b)] {
+        let launch = Launch {
+            netns: Some(host.netns.clone()),
+            args: vec!["--roce".into()],
+        };
+        let spec = VmSpec::with(vm, format!("gid={}", host.addr()));
+        daemons.push(env.daemon_on(&format!("roce-{vm}"), &[spec], &launch)?);
+    }
+    let (dev, loopback) = (daemons[0].socket("a"), daemons[1].socket("b"));
+    let mut ends = Ends {
+        daemons: daemons.iter_mut().collect(),
+        dev,
+        loopback,
+    };
+    for (kind, sizes) in [("bw", &ROCE_BW_SIZES[..]), ("lat", &ROCE_LAT_SIZES[..])] {
+        let s = Series {
+            op: "write",
+            events: false,
+            kind,
+            sizes: sizes.to_vec(),
+            mtu: Some(ROCE_PATH_MTU),
+            into: ROCE,
+        };
+        perf_series(env, r, &mut ends, &s, &dir)?;
     }
     Ok(())
 }
@@ -570,9 +784,10 @@ pub fn isolation(env: &mut Env, r: &mut Results) -> Result<(), Error> {
         events: false,
         post_list: None,
         tx_depth: None,
+        mtu: None,
     };
     let alone_dir = env.dir("vrdma-perf/isolation-alone")?;
-    let (alone, _) = perf_run(env, &mut daemon, &run, &alone_dir)?;
+    let (alone, _) = perf_run(env, &mut Ends::local(&mut daemon), &run, &alone_dir)?;
     let alone = alone.lat_for(8, "write_lat alone")?.clone();
 
     let bulk = guest::open(&daemon.socket("bulk"))?;
@@ -598,7 +813,7 @@ pub fn isolation(env: &mut Env, r: &mut Results) -> Result<(), Error> {
     let (c0, t0) = (writers.counts()[0], Instant::now());
     run.length = Length::Iterations(iters);
     let loaded_dir = env.dir("vrdma-perf/isolation-bulk")?;
-    let loaded = perf_run(env, &mut daemon, &run, &loaded_dir);
+    let loaded = perf_run(env, &mut Ends::local(&mut daemon), &run, &loaded_dir);
     let bulk_bw =
         (writers.counts()[0] - c0) as f64 * f64::from(msg) / MIB / t0.elapsed().as_secs_f64();
     writers.finish()?;

@@ -5,10 +5,7 @@ use std::time::Duration;
 
 use crate::plot::Chart;
 use crate::report::{Results, Table, fmt, ratio, size_label};
-use crate::sections::{Env, OPS, vrdma_series};
-
-const TCP_BW: &str = "qperf tcp_bw";
-const TCP_LAT: &str = "qperf tcp_lat";
+use crate::sections::{Compared, Env, LOCAL, OPS, ROCE, TCP_BW, TCP_LAT, vrdma_series};
 
 /// Every vrdma series: write, read, send in polling and event mode.
 fn vrdma_all() -> Vec<String> {
@@ -113,30 +110,87 @@ impl Goal {
     }
 }
 
-/// Adds the ratio records (vrdma/memcpy and vrdma/TCP for bandwidth, vrdma/TCP for latency).
+/// A ratio record: series, size, metric, value.
+type RatioRecord = (String, u64, &'static str, f64);
+
+/// Adds the ratio records (vrdma/memcpy and vrdma/TCP for bandwidth, vrdma/TCP for latency),
+/// on one host and across two.
 fn add_ratios(r: &mut Results) {
     let mut new = Vec::new();
     for series in vrdma_all() {
         for (size, bw) in r.points("bandwidth", &series, "bw") {
             let memcpy = r.get("bandwidth", "memcpy", Some(size), "bw");
-            let tcp = r.get("bandwidth", TCP_BW, Some(size), "bw");
             if let Some(x) = ratio(Some(bw), memcpy) {
                 new.push((format!("{} / memcpy", short(&series)), size, "bw_ratio", x));
             }
-            if let Some(x) = ratio(Some(bw), tcp) {
-                new.push((format!("{} / tcp", short(&series)), size, "bw_ratio", x));
-            }
         }
-        for (size, lat) in r.points("latency", &series, "t_typical") {
-            let tcp = r.get("latency", TCP_LAT, Some(size), "latency");
-            if let Some(x) = ratio(Some(lat), tcp) {
-                new.push((format!("{} / tcp", short(&series)), size, "lat_ratio", x));
-            }
-        }
+        new.extend(tcp_ratios(r, LOCAL, &series));
     }
+    new.extend(tcp_ratios(r, ROCE, &vrdma_series("write", false)));
     for (series, size, metric, x) in new {
         r.add("ratios", &series, Some(size), metric, x, "x");
     }
+}
+
+/// The ratio series of vrdma `series` over TCP, where `c` records them: "[NAME ]OP MODE / tcp".
+fn tcp_ratio_series(c: Compared, series: &str) -> String {
+    c.named(&format!("{} / tcp", short(series)))
+}
+
+/// vrdma `series` over qperf's TCP, both as `c` records them, size by size: bandwidth
+/// (bw_ratio) and `t_typical` over tcp_lat (lat_ratio).
+fn tcp_ratios(r: &Results, c: Compared, series: &str) -> Vec<RatioRecord> {
+    let name = tcp_ratio_series(c, series);
+    let mut out = Vec::new();
+    for (size, bw) in r.points(c.bw, series, "bw") {
+        if let Some(x) = ratio(Some(bw), r.get(c.bw, TCP_BW, Some(size), "bw")) {
+            out.push((name.clone(), size, "bw_ratio", x));
+        }
+    }
+    for (size, lat) in r.points(c.lat, series, "t_typical") {
+        if let Some(x) = ratio(Some(lat), r.get(c.lat, TCP_LAT, Some(size), "latency")) {
+            out.push((name.clone(), size, "lat_ratio", x));
+        }
+    }
+    out
+}
+
+/// The roce section's tables: vrdma against TCP between two hosts, bandwidth and latency,
+/// with their ratios (recorded by [`add_ratios`]).
+fn roce_tables(r: &Results) -> Vec<Table> {
+    let vr = vrdma_series("write", false);
+    let ratios = tcp_ratio_series(ROCE, &vr);
+    let mut bw = matrix(
+        r,
+        "Two hosts (namespaces over veth): bandwidth (MiB/s)",
+        &[
+            col(ROCE.bw, &vr, "bw").named("vrdma RDMA WRITE"),
+            col(ROCE.bw, TCP_BW, "bw").named("qperf tcp_bw"),
+            col("ratios", &ratios, "bw_ratio").named("vrdma / TCP"),
+            col(ROCE.bw, &vr, "daemon_cpu").named("daemons CPU %"),
+        ],
+    );
+    bw.note = "vrdma: vrdma-perf write_bw, polling, path MTU 4096, between a VM on each host's \
+               daemon (RoCEv2 over UDP across the veth, MTU 9000); qperf tcp_bw from one \
+               namespace to the other. Daemons CPU: both together, % of one core."
+        .into();
+    let mut lat = matrix(
+        r,
+        "Two hosts (namespaces over veth): latency (us, one way)",
+        &[
+            col(ROCE.lat, &vr, "t_typical").named("vrdma RDMA WRITE"),
+            col(ROCE.lat, &vr, "p99").named("vrdma p99"),
+            col(ROCE.lat, TCP_LAT, "latency").named("qperf tcp_lat"),
+            col("ratios", &ratios, "lat_ratio").named("vrdma / TCP"),
+        ],
+    );
+    lat.note = "vrdma: write_lat t_typical (median) and p99, polling; qperf tcp_lat: mean, \
+                best of three."
+        .into();
+    [bw, lat]
+        .into_iter()
+        .filter(|t| !t.rows.is_empty())
+        .collect()
 }
 
 /// The targets of the performance issue, each measured by this run (or "-" if its section
@@ -343,6 +397,8 @@ pub fn all(r: &mut Results, env: &Env) -> Vec<Table> {
     if !t.rows.is_empty() {
         out.push(t);
     }
+
+    out.extend(roce_tables(r));
 
     let mr_cols = [
         col("mr", "ibv_reg_mr", "time").named("register (median)"),
@@ -610,6 +666,55 @@ mod tests {
             r.get("targets", "throughput ratio at weights 3:1", None, "met"),
             Some(1.0)
         );
+    }
+
+    #[test]
+    fn the_two_host_tables_compare_vrdma_with_tcp_over_veth() {
+        let mut r = Results::default();
+        let vr = vrdma_series("write", false);
+        for (size, v, t) in [(64u64, 40.0, 80.0), (65536, 600.0, 1200.0)] {
+            r.add(ROCE.bw, &vr, Some(size), "bw", v, "MiB/s");
+            r.add(ROCE.bw, TCP_BW, Some(size), "bw", t, "MiB/s");
+        }
+        r.add(ROCE.bw, &vr, Some(65536), "daemon_cpu", 95.0, "%");
+        r.add(ROCE.lat, &vr, Some(8), "t_typical", 30.0, "us");
+        r.add(ROCE.lat, &vr, Some(8), "p99", 60.0, "us");
+        r.add(ROCE.lat, &vr, Some(8), "daemon_cpu", 50.0, "%");
+        r.add(ROCE.lat, TCP_LAT, Some(8), "latency", 20.0, "us");
+        // The one-host series must neither feed nor take these ratios.
+        r.add("bandwidth", TCP_BW, Some(64), "bw", 1.0, "MiB/s");
+        r.add("bandwidth", &vr, Some(64), "bw", 5.0, "MiB/s");
+        add_ratios(&mut r);
+        let name = "roce write poll / tcp";
+        assert_eq!(r.get("ratios", name, Some(64), "bw_ratio"), Some(0.5));
+        assert_eq!(r.get("ratios", name, Some(8), "lat_ratio"), Some(1.5));
+        assert_eq!(
+            r.get("ratios", "write poll / tcp", Some(64), "bw_ratio"),
+            Some(5.0)
+        );
+        let tables = roce_tables(&r);
+        assert_eq!(tables.len(), 2);
+        let (bw, lat) = (&tables[0], &tables[1]);
+        assert_eq!(
+            bw.headers,
+            [
+                "size",
+                "vrdma RDMA WRITE",
+                "qperf tcp_bw",
+                "vrdma / TCP",
+                "daemons CPU %"
+            ]
+        );
+        // The latency run's CPU stays out of the bandwidth table: no 8-byte row there.
+        assert_eq!(
+            bw.rows,
+            [
+                ["64", "40.0", "80.0", "0.500", "-"],
+                ["64K", "600", "1200", "0.500", "95.0"],
+            ]
+        );
+        assert_eq!(lat.rows, [["8", "30.0", "60.0", "20.0", "1.50"]]);
+        assert!(roce_tables(&Results::default()).is_empty());
     }
 
     #[test]

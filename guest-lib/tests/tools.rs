@@ -32,6 +32,11 @@ struct TestDaemon {
 impl TestDaemon {
     /// One VM per entry: its name and extra `key=value` options.
     fn start(vms: &[(&str, &str)]) -> TestDaemon {
+        Self::start_with(vms, &[])
+    }
+
+    /// As [`TestDaemon::start`], with more daemon options.
+    fn start_with(vms: &[(&str, &str)], options: &[&str]) -> TestDaemon {
         let dir = TempDir::new_with_prefix("/tmp/vrdma-tools-").expect("temp dir");
         let mut argv = vec!["vhost-user-rdma".to_owned()];
         for (name, extra) in vms {
@@ -45,6 +50,7 @@ impl TestDaemon {
             }
             argv.extend(["--vm".to_owned(), spec]);
         }
+        argv.extend(options.iter().map(|o| (*o).to_owned()));
         let config = Config::from_args(&Args::parse_from(argv)).expect("valid configuration");
         let daemon = Daemon::start(&config).expect("daemon starts");
         TestDaemon {
@@ -341,9 +347,21 @@ fn summary(out: &str, size: u64, iters: u64) -> Summary {
 /// and agree on each other's addresses.
 fn pingpong(opts: &[&str], size: u64, iters: u64) {
     let d = TestDaemon::start(&[("vm1", "gid=10.0.0.1"), ("vm2", "gid=10.0.0.2")]);
+    pingpong_between((&d, "10.0.0.1"), (&d, "10.0.0.2"), opts, size, iters);
+}
+
+/// [`pingpong`] with the server on `server_vm.0`'s vm1 at GID `server_vm.1` and the client on
+/// `client_vm.0`'s vm2 at `client_vm.1`.
+fn pingpong_between(
+    server_vm: (&TestDaemon, &str),
+    client_vm: (&TestDaemon, &str),
+    opts: &[&str],
+    size: u64,
+    iters: u64,
+) {
     let bin = example("rc_pingpong");
     let port = free_port().to_string();
-    let (s1, s2) = (d.socket("vm1"), d.socket("vm2"));
+    let (s1, s2) = (server_vm.0.socket("vm1"), client_vm.0.socket("vm2"));
     let mut server_args = vec!["--socket", s1.to_str().expect("utf-8"), "-p", &port];
     server_args.extend(opts);
     let mut server = spawn(&bin, &server_args);
@@ -385,8 +403,8 @@ fn pingpong(opts: &[&str], size: u64, iters: u64) {
     assert_eq!(server_err, "");
     let c = summary(&client.stdout, size, iters);
     let s = summary(&server_out, size, iters);
-    assert_eq!(s.local.2, "::ffff:10.0.0.1");
-    assert_eq!(c.local.2, "::ffff:10.0.0.2");
+    assert_eq!(s.local.2, format!("::ffff:{}", server_vm.1));
+    assert_eq!(c.local.2, format!("::ffff:{}", client_vm.1));
     assert_eq!(
         c.remote, s.local,
         "the client got the server's address wrong"
@@ -400,6 +418,20 @@ fn pingpong(opts: &[&str], size: u64, iters: u64) {
 #[test]
 fn rc_pingpong_ping_pongs_between_two_vms() {
     pingpong(&["-n", "300"], 4096, 300);
+}
+
+#[test]
+fn rc_pingpong_between_two_daemons_over_roce() {
+    // Two hosts' daemons on loopback addresses, talking RoCEv2: the tool needs nothing new.
+    let d1 = TestDaemon::start_with(&[("vm1", "gid=127.0.12.1")], &["--roce"]);
+    let d2 = TestDaemon::start_with(&[("vm2", "gid=127.0.12.2")], &["--roce"]);
+    pingpong_between(
+        (&d1, "127.0.12.1"),
+        (&d2, "127.0.12.2"),
+        &["-n", "300", "-m", "1024"],
+        4096,
+        300,
+    );
 }
 
 #[test]

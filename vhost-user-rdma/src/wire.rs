@@ -80,6 +80,9 @@ const DEFAULT_TIMEOUT: Duration = Duration::from_millis(500);
 const MIN_TIMEOUT: Duration = Duration::from_millis(4);
 /// Bytes of socket buffer per VM address, each way.
 const SOCKET_BUFFER: usize = 8 << 20;
+/// How long a receive thread keeps polling its socket after the last datagram before it
+/// sleeps in it again.
+const RX_POLL_WINDOW: Duration = Duration::from_micros(50);
 /// How often a receive thread checks whether the daemon is stopping.
 const RX_POLL: Duration = Duration::from_millis(200);
 /// PSNs are 24 bits.
@@ -1185,17 +1188,26 @@ fn receive_loop(fabric: &Fabric, ep: &Arc<Endpoint>) {
     let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(RX_BATCH, None);
     let mut rx = RxBuffers::default();
     let mut got = [(0usize, None::<SocketAddr>); RX_BATCH];
+    // When the last datagram came: while traffic flows, the thread polls the socket instead of
+    // sleeping in it, as the scheduler polls doorbells (a wake-up costs more than a packet).
+    let mut last_traffic: Option<Instant> = None;
     while !fabric.stop.load(Ordering::Relaxed) {
         let mut n = 0;
+        let polling = last_traffic.is_some_and(|t| t.elapsed() < RX_POLL_WINDOW);
         {
             let mut slots = storage.chunks_mut(RX_SLOT);
             let mut iovs: [[IoSliceMut<'_>; 1]; RX_BATCH] =
                 std::array::from_fn(|_| [IoSliceMut::new(slots.next().unwrap_or_default())]);
+            let flags = if polling {
+                MsgFlags::MSG_DONTWAIT
+            } else {
+                MsgFlags::MSG_WAITFORONE
+            };
             match recvmmsg(
                 ep.socket.as_raw_fd(),
                 &mut headers,
                 iovs.iter_mut(),
-                MsgFlags::MSG_WAITFORONE,
+                flags,
                 None,
             ) {
                 Ok(msgs) => {
@@ -1204,6 +1216,10 @@ fn receive_loop(fabric: &Fabric, ep: &Arc<Endpoint>) {
                         n += 1;
                     }
                 }
+                Err(Errno::EAGAIN) if polling => {
+                    std::thread::yield_now();
+                    continue;
+                }
                 Err(Errno::EAGAIN | Errno::EINTR) => continue,
                 Err(e) => {
                     warn!("RoCEv2 {}: receive failed: {e}", ep.addr);
@@ -1211,6 +1227,9 @@ fn receive_loop(fabric: &Fabric, ep: &Arc<Endpoint>) {
                     continue;
                 }
             }
+        }
+        if n > 0 {
+            last_traffic = Some(Instant::now());
         }
         for (i, &(len, from)) in got[..n].iter().enumerate() {
             let Some(from) = from else { continue };

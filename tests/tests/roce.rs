@@ -16,6 +16,22 @@ fn two_hosts(x: u8) -> (TestDaemon, TestDaemon) {
 }
 
 #[test]
+fn the_port_reports_the_roce_mtu_as_active() {
+    let h = TestDaemon::start_with(
+        &[("a", "gid=127.0.9.11")],
+        &["--roce", "--roce-mtu", "2048"],
+    );
+    let port = h.open("a").query_port(1).expect("query port");
+    assert_eq!(
+        (port.active_mtu, port.max_mtu),
+        (
+            vrdma_proto::config::Mtu::Mtu2048.raw(),
+            vrdma_proto::config::Mtu::Mtu4096.raw()
+        )
+    );
+}
+
+#[test]
 fn rc_opcodes_cross_hosts() {
     let (h1, h2) = two_hosts(1);
     scenarios::rc_send_write_read_and_atomics(&h1.open("a"), &h2.open("b"));

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use clap::Parser;
 use vrdma_proto::Gid;
+use vrdma_proto::config::Mtu;
 
 /// vhost-user-rdma: the host side of the vrdma paravirtual RDMA device.
 ///
@@ -36,6 +37,12 @@ pub struct Args {
     /// daemon can talk to each other.
     #[arg(long)]
     pub roce: bool,
+
+    /// The port's active MTU with --roce (256, 512, 1024, 2048 or 4096): the path MTU
+    /// applications choose, so a RoCEv2 packet of that payload plus 68 bytes of headers must
+    /// fit the link (1024 on a 1500-byte Ethernet, as rxe reports; 4096 needs jumbo frames).
+    #[arg(long, default_value_t = 1024, value_name = "BYTES")]
+    pub roce_mtu: u32,
 
     /// The UDP port of every daemon in the fabric; RoCEv2 peers (NICs, rxe) use 4791.
     #[arg(long, default_value_t = 4791, value_name = "PORT")]
@@ -117,6 +124,9 @@ pub enum Error {
     /// `--roce-ipv4-icrc` is neither `verify` nor `skip`.
     #[error("--roce-ipv4-icrc {0:?}: give verify or skip")]
     Icrc(String),
+    /// `--roce-mtu` is not an IB MTU.
+    #[error("--roce-mtu {0}: give 256, 512, 1024, 2048 or 4096 (the payload of one packet)")]
+    RoceMtu(u32),
     /// `--roce-port 0`.
     #[error("--roce-port 0: give the UDP port the fabric's daemons share (4791 for RoCEv2)")]
     RocePort,
@@ -173,6 +183,9 @@ pub struct VmConfig {
     pub quotas: Quotas,
     /// Doorbell queues offered.
     pub doorbell_queues: u16,
+    /// The port's active MTU, what applications take as their path MTU: the largest RoCEv2
+    /// packet payload that fits the link with `--roce`, 4096 without.
+    pub active_mtu: Mtu,
 }
 
 /// Which fabric carries the VMs' work.
@@ -201,7 +214,7 @@ impl Config {
         if args.vms.is_empty() {
             return Err(Error::NoVm);
         }
-        let vms = args
+        let mut vms = args
             .vms
             .iter()
             .enumerate()
@@ -243,6 +256,21 @@ impl Config {
         } else {
             None
         };
+        if roce.is_some() {
+            let mtu = [
+                Mtu::Mtu256,
+                Mtu::Mtu512,
+                Mtu::Mtu1024,
+                Mtu::Mtu2048,
+                Mtu::Mtu4096,
+            ]
+            .into_iter()
+            .find(|m| m.bytes() == args.roce_mtu)
+            .ok_or(Error::RoceMtu(args.roce_mtu))?;
+            for vm in &mut vms {
+                vm.active_mtu = mtu;
+            }
+        }
         Ok(Config {
             vms,
             fabric: parse_fabric(&args.fabric)?,
@@ -361,6 +389,7 @@ fn parse_vm(entry: &str, index: usize) -> Result<VmConfig, Error> {
         weight,
         quotas,
         doorbell_queues,
+        active_mtu: Mtu::Mtu4096,
     })
 }
 
@@ -446,6 +475,24 @@ mod tests {
                 "{vms:?}: {err:?} should mention {expected:?}"
             );
         }
+    }
+
+    #[test]
+    fn the_roce_mtu_is_the_ports_active_mtu_and_only_with_roce() {
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["vhost-user-rdma", "--vm", "name=a,socket=/x"];
+            argv.extend(extra);
+            Config::from_args(&Args::parse_from(argv))
+        };
+        assert_eq!(parse(&[]).unwrap().vms[0].active_mtu, Mtu::Mtu4096);
+        assert_eq!(parse(&["--roce"]).unwrap().vms[0].active_mtu, Mtu::Mtu1024);
+        let cfg = parse(&["--roce", "--roce-mtu", "2048"]).unwrap();
+        assert_eq!(cfg.vms[0].active_mtu, Mtu::Mtu2048);
+        assert_eq!(cfg.roce.map(|r| r.port), Some(4791));
+        let bad = parse(&["--roce", "--roce-mtu", "1500"]).unwrap_err();
+        assert!(bad.to_string().contains("--roce-mtu 1500"), "{bad}");
+        assert!(parse(&["--roce", "--roce-ipv4-icrc", "maybe"]).is_err());
+        assert!(parse(&["--roce", "--roce-port", "0"]).is_err());
     }
 
     #[test]

@@ -80,7 +80,7 @@ impl VmDevice {
             num_doorbell_queues: cfg.doorbell_queues.into(),
             reserved: 0.into(),
             caps,
-            port: crate::vm::port_attr(),
+            port: crate::vm::port_attr(cfg.active_mtu),
             gid: cfg.gid,
         }
         .as_bytes()

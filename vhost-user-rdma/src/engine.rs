@@ -781,7 +781,11 @@ impl Engine {
         }
         if let Some(fabric) = &self.fabric {
             let dgid = qp.attr.ah_attr.dgid;
-            if qp.qp_type() == qp::Type::Rc && !self.by_gid.contains_key(&dgid) {
+            // A QP that has used the wire stays on it even if its peer's VM attaches here
+            // later (its packets then come back to this daemon's own address): its packets in
+            // flight and PSNs belong to the wire, and switching would lose them.
+            let remote = qp.rt.wire.is_started() || !self.by_gid.contains_key(&dgid);
+            if qp.qp_type() == qp::Type::Rc && remote {
                 let out = wire::step_rc(fabric, &mut self.tx, a, av, &a_mem, qpn, budget);
                 self.tx.batch.flush();
                 if let Some(at) = out.timer {

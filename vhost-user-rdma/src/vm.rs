@@ -203,6 +203,9 @@ pub struct Vm {
     /// Capabilities the guest sees.
     #[serde(with = "wire_bytes")]
     pub caps: DeviceCaps,
+    /// The port's active MTU, raw [`Mtu`].
+    #[serde(default = "default_active_mtu")]
+    pub active_mtu: u8,
     /// PDs.
     pub pds: Table<Pd>,
     /// MRs, by lkey.
@@ -223,12 +226,18 @@ pub struct Vm {
     pub wake: Vec<u32>,
 }
 
-/// The port every vrdma device has: RoCE, active, 4096-byte MTU.
-pub fn port_attr() -> PortAttr {
+/// A VM saved before the active MTU was configurable had 4096.
+fn default_active_mtu() -> u8 {
+    Mtu::Mtu4096.raw()
+}
+
+/// The port every vrdma device has: RoCE, active, up to 4096-byte MTU; `active_mtu` is what
+/// its link carries (docs/fabric.md).
+pub fn port_attr(active_mtu: Mtu) -> PortAttr {
     PortAttr {
         state: config::PortState::Active.raw(),
         max_mtu: Mtu::Mtu4096.raw(),
-        active_mtu: Mtu::Mtu4096.raw(),
+        active_mtu: active_mtu.raw(),
         link_layer: config::LinkLayer::Ethernet.raw(),
         gid_tbl_len: 1.into(),
         pkey_tbl_len: 1.into(),
@@ -278,6 +287,7 @@ impl Vm {
             name: cfg.name.clone(),
             gid: cfg.gid,
             caps,
+            active_mtu: cfg.active_mtu.raw(),
             pds: Table::new(q.max_pd, HANDLE_INDEX_BITS, HANDLE_GENERATION_BITS),
             mrs: Table::new(q.max_mr, KEY_INDEX_BITS, KEY_GENERATION_BITS),
             cqs: Table::new(q.max_cq, HANDLE_INDEX_BITS, HANDLE_GENERATION_BITS),
@@ -299,7 +309,8 @@ impl Vm {
                 if q.port_num != 1 {
                     return Err(Status::InvalidArgument.into());
                 }
-                Ok(port_attr().as_bytes().to_vec())
+                let mtu = Mtu::from_raw(self.active_mtu).unwrap_or(Mtu::Mtu4096);
+                Ok(port_attr(mtu).as_bytes().to_vec())
             }
             Request::QueryGid(q) => {
                 if q.port_num != 1 || q.index.get() != 0 {
@@ -619,7 +630,7 @@ impl Vm {
         {
             return Err(fail(M::MAX_DEST_RD_ATOMIC, Status::InvalidArgument));
         }
-        if mask.contains(M::PATH_MTU) && a.path_mtu > port_attr().max_mtu {
+        if mask.contains(M::PATH_MTU) && a.path_mtu > Mtu::Mtu4096.raw() {
             return Err(fail(M::PATH_MTU, Status::InvalidArgument));
         }
         if mask.contains(M::AV) && a.ah_attr.sgid_index != 0 {
@@ -812,6 +823,7 @@ mod tests {
             weight: 1,
             quotas: crate::config::Quotas::default(),
             doorbell_queues: 1,
+            active_mtu: Mtu::Mtu4096,
         };
         let mut vm = Vm::new(&cfg, 7);
         let pd = cmd::Handle::read_from_bytes(

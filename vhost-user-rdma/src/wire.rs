@@ -568,6 +568,13 @@ pub struct Transport {
     atomic_next: u8,
 }
 
+impl Transport {
+    /// Whether the requester has sent on the wire since the QP was last reset.
+    pub fn is_started(&self) -> bool {
+        self.started
+    }
+}
+
 /// The requester's buffers, owned by the scheduler so sending allocates nothing.
 #[derive(Debug)]
 pub struct TxBuffers {

@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use clap::{CommandFactory, FromArgMatches};
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
 use signal_hook::iterator::Signals;
 
 use crate::config::{Args, Config};
@@ -41,8 +41,9 @@ pub fn run(bin_name: &str, argv: impl IntoIterator<Item = String>) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    // Signals are taken before any thread starts so none of them sees SIGINT or SIGTERM.
-    let mut signals = match Signals::new([SIGINT, SIGTERM]) {
+    // Signals are taken before any thread starts so none of them sees SIGINT, SIGTERM or
+    // SIGUSR1 (which logs the counters).
+    let mut signals = match Signals::new([SIGINT, SIGTERM, SIGUSR1]) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("vhost-user-rdma: cannot install signal handlers: {e}");
@@ -56,7 +57,15 @@ pub fn run(bin_name: &str, argv: impl IntoIterator<Item = String>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let signal = signals.forever().next().unwrap_or(SIGTERM);
+    let mut signal = SIGTERM;
+    for s in signals.forever() {
+        if s == SIGUSR1 {
+            daemon.log_counters();
+            continue;
+        }
+        signal = s;
+        break;
+    }
     log::info!("signal {signal}: shutting down");
     daemon.stop();
     ExitCode::SUCCESS

@@ -2,6 +2,7 @@
 //! The binary's `main` and the demo use it, and integration tests run it in-process.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use log::info;
@@ -94,6 +95,36 @@ impl Daemon {
     /// The inter-host fabric, if `--roce` started one.
     pub fn fabric(&self) -> Option<&Arc<Fabric>> {
         self.fabric.as_ref()
+    }
+
+    /// Logs every VM's counters and the inter-host fabric's, one line each (SIGUSR1).
+    pub fn log_counters(&self) {
+        for s in &self.servers {
+            let Some(device) = s.device() else {
+                info!("vm {}: no guest connected", s.name());
+                continue;
+            };
+            let c = &device.port().counters;
+            let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+            info!(
+                "vm {}: wrs {} bytes {} completions {} errors {} doorbells {} malformed-doorbells {} ud-dropped {} events-lost {} commands {} failed-commands {} waited-ms {}",
+                s.name(),
+                load(&c.wrs),
+                load(&c.bytes),
+                load(&c.completions),
+                load(&c.errors),
+                load(&c.doorbells),
+                load(&c.doorbells_malformed),
+                load(&c.ud_dropped),
+                load(&c.events_lost),
+                load(&c.commands_ok),
+                load(&c.commands_failed),
+                load(&c.wait_ns) / 1_000_000,
+            );
+        }
+        if let Some(f) = &self.fabric {
+            f.log_counters();
+        }
     }
 
     /// Disconnects every VM, releases their objects and removes the sockets.

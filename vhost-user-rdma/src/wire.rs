@@ -252,22 +252,34 @@ impl Fabric {
         for t in threads {
             let _ = t.join();
         }
+        self.log_counters();
+    }
+
+    /// Logs each address's counters, one line each.
+    pub fn log_counters(&self) {
         for ep in self.endpoints.values() {
             let c = &ep.counters;
+            let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+            let malformed: Vec<String> = ParseError::ALL
+                .iter()
+                .filter(|e| load(&c.malformed[e.index()]) > 0)
+                .map(|e| format!("{e}: {}", load(&c.malformed[e.index()])))
+                .collect();
             info!(
-                "RoCEv2 {}: rx {} tx {} malformed {} no-qp {} out-of-sequence {} duplicates {} retransmitted {} naks {}",
+                "RoCEv2 {}: rx {} tx {} tx-errors {} tx-dropped {} no-qp {} out-of-sequence {} duplicates {} retransmitted {} naks {} stray-responses {} malformed {} [{}]",
                 ep.addr,
-                c.rx.load(Ordering::Relaxed),
-                c.tx.load(Ordering::Relaxed),
-                c.malformed
-                    .iter()
-                    .map(|m| m.load(Ordering::Relaxed))
-                    .sum::<u64>(),
-                c.no_qp.load(Ordering::Relaxed),
-                c.out_of_sequence.load(Ordering::Relaxed),
-                c.duplicates.load(Ordering::Relaxed),
-                c.retransmitted.load(Ordering::Relaxed),
-                c.naks.load(Ordering::Relaxed),
+                load(&c.rx),
+                load(&c.tx),
+                load(&c.tx_errors),
+                load(&c.tx_dropped),
+                load(&c.no_qp),
+                load(&c.out_of_sequence),
+                load(&c.duplicates),
+                load(&c.retransmitted),
+                load(&c.naks),
+                load(&c.stray_responses),
+                c.malformed.iter().map(load).sum::<u64>(),
+                malformed.join(", "),
             );
         }
     }

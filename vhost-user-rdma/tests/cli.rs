@@ -119,3 +119,43 @@ fn sigterm_stops_cleanly_and_removes_the_sockets() {
 fn sigint_stops_cleanly_and_removes_the_sockets() {
     serve_and_stop("INT");
 }
+
+#[test]
+fn sigusr1_logs_the_counters_and_keeps_serving() {
+    let dir = temp_dir("usr1");
+    let a = dir.join("a.sock");
+    let child = Command::new(BIN)
+        .args([
+            "--vm",
+            &format!("name=a,socket={},gid=127.0.14.1", a.display()),
+        ])
+        .args(["--roce", "--log-level", "info"])
+        .env_remove("RUST_LOG")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for("the socket", || UnixStream::connect(&a).is_ok());
+    let kill = |sig: &str| {
+        let ok = Command::new("kill")
+            .args([sig, &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+    };
+    kill("-USR1");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        UnixStream::connect(&a).is_ok(),
+        "still serving after SIGUSR1"
+    );
+    kill("-TERM");
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let log = String::from_utf8_lossy(&out.stderr);
+    // Once for SIGUSR1, once more at shutdown for the fabric.
+    let vm_lines = log.matches("vm a: no guest connected").count();
+    let fabric_lines = log.matches("RoCEv2 127.0.14.1:4791: rx 0 tx 0").count();
+    assert_eq!((vm_lines, fabric_lines), (1, 2), "{log}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

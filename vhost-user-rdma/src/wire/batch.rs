@@ -1,0 +1,118 @@
+//! Sending: packets sealed into a batch and sent with one `sendmmsg`.
+
+use super::*;
+
+/// The largest UDP payload the fabric builds: a 4096-byte MTU and the longest header stack.
+const MAX_PACKET: usize = 4096 + 64;
+
+/// Packets per `sendmmsg`: one system call for a step's packets or a receive batch's answers.
+const TX_BATCH: usize = 32;
+
+/// Packets sealed and waiting to leave in one `sendmmsg`, all from one endpoint. Sized once,
+/// so sending allocates nothing.
+pub struct Batch {
+    bufs: Box<[u8]>,
+    lens: [usize; TX_BATCH],
+    dsts: [Option<SockaddrStorage>; TX_BATCH],
+    n: usize,
+    ep: Option<Arc<Endpoint>>,
+    headers: MultiHeaders<SockaddrStorage>,
+}
+
+impl std::fmt::Debug for Batch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Batch")
+            .field("n", &self.n)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for Batch {
+    fn default() -> Self {
+        Batch {
+            bufs: vec![0; TX_BATCH * MAX_PACKET].into_boxed_slice(),
+            lens: [0; TX_BATCH],
+            dsts: [None; TX_BATCH],
+            n: 0,
+            ep: None,
+            headers: MultiHeaders::preallocate(TX_BATCH, None),
+        }
+    }
+}
+
+impl Batch {
+    pub(super) fn push(&mut self, ep: &Arc<Endpoint>, dst: SocketAddr, pkt: &Packet<'_>) {
+        if self.n == TX_BATCH || self.ep.as_ref().is_some_and(|e| !Arc::ptr_eq(e, ep)) {
+            self.flush();
+        }
+        let slot = &mut self.bufs[self.n * MAX_PACKET..(self.n + 1) * MAX_PACKET];
+        let Ok(len) = pkt.encode(slot, &ip_udp(ep.addr, dst)) else {
+            ep.counters.tx_errors.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        self.lens[self.n] = len;
+        self.dsts[self.n] = Some(SockaddrStorage::from(dst));
+        self.n += 1;
+        if self.ep.is_none() {
+            self.ep = Some(ep.clone());
+        }
+    }
+
+    /// Sends what is waiting. A datagram the kernel refuses (too long for the path, no route)
+    /// is counted and skipped; the rest still go.
+    pub fn flush(&mut self) {
+        let Some(ep) = self.ep.take() else {
+            return;
+        };
+        let n = std::mem::take(&mut self.n);
+        let Batch {
+            bufs,
+            lens,
+            dsts,
+            headers,
+            ..
+        } = self;
+        let iovs: [[IoSlice<'_>; 1]; TX_BATCH] = std::array::from_fn(|i| {
+            [IoSlice::new(
+                &bufs[i * MAX_PACKET..i * MAX_PACKET + lens[i]],
+            )]
+        });
+        let no_cmsgs: [ControlMessage<'_>; 0] = [];
+        let mut done = 0;
+        while done < n {
+            let result = sendmmsg(
+                ep.socket.as_raw_fd(),
+                headers,
+                &iovs[done..n],
+                &dsts[done..n],
+                no_cmsgs,
+                // A full socket buffer is a congested link: the packet is lost and resent,
+                // and the scheduler never waits for one VM's traffic.
+                MsgFlags::MSG_DONTWAIT,
+            );
+            match result {
+                Ok(sent) => {
+                    let k = sent.count();
+                    if k == 0 {
+                        break;
+                    }
+                    ep.counters.tx.fetch_add(k as u64, Ordering::Relaxed);
+                    done += k;
+                }
+                Err(Errno::EINTR) => {}
+                Err(Errno::EAGAIN) => {
+                    ep.counters
+                        .tx_dropped
+                        .fetch_add((n - done) as u64, Ordering::Relaxed);
+                    break;
+                }
+                Err(e) => {
+                    if ep.counters.tx_errors.fetch_add(1, Ordering::Relaxed) == 0 {
+                        warn!("RoCEv2 {}: cannot send a packet: {e}", ep.addr);
+                    }
+                    done += 1;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,1046 @@
+//! The requester: work requests into packets, the window, go-back-N, and completions from
+//! ACKs, NAKs and READ and atomic responses.
+
+use super::*;
+
+/// Work requests a QP may have on the wire unacknowledged.
+pub const WINDOW: usize = 32;
+
+/// Packets a QP may have on the wire unacknowledged: more only fills socket buffers, and a
+/// loss then costs a longer go-back-N.
+pub const MAX_UNACKED: u32 = 256;
+
+/// The smallest window a lossy path shrinks a QP's to.
+const MIN_WINDOW: u32 = 8;
+
+/// A long message asks for an ACK at least this often, so the requester's window moves before
+/// the message ends.
+const ACK_EVERY: u32 = 64;
+
+/// The requester's ACK timeout when the QP's `timeout` is 0 (infinite on hardware): a peer that
+/// vanished must not hold a work request forever in a daemon serving many tenants.
+const DEFAULT_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// The shortest ACK timeout: a software transport's round trip includes scheduling delays of
+/// milliseconds, and a shorter timer only retransmits what is still on its way (rxe's timer
+/// has the same floor, one kernel tick).
+const MIN_TIMEOUT: Duration = Duration::from_millis(4);
+
+/// A work request on the wire, kept until it is acknowledged.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Sent {
+    first_psn: u32,
+    last_psn: u32,
+    wr_id: u64,
+    opcode: u8,
+    signaled: bool,
+    len: u32,
+}
+
+/// The requester's buffers, owned by the scheduler so sending allocates nothing.
+#[derive(Debug)]
+pub struct TxBuffers {
+    payload: Box<[u8]>,
+    /// Packets waiting to be sent; the scheduler flushes them after each step.
+    pub batch: Batch,
+}
+
+impl Default for TxBuffers {
+    fn default() -> Self {
+        TxBuffers {
+            payload: vec![0; 4096].into_boxed_slice(),
+            batch: Batch::default(),
+        }
+    }
+}
+
+fn timeout_of(qp: &crate::vm::Qp) -> Duration {
+    qp::ack_timeout_micros(qp.attr.timeout)
+        .map(Duration::from_micros)
+        .unwrap_or(DEFAULT_TIMEOUT)
+        .max(MIN_TIMEOUT)
+}
+
+/// PSNs a work request takes: one per packet, and a READ one per response packet.
+pub(super) fn psns_for(opcode: Opcode, len: u32, mtu: u32) -> u32 {
+    if opcode.is_atomic() {
+        1
+    } else {
+        len.div_ceil(mtu).max(1)
+    }
+}
+
+/// What a step of a remote QP asks of the scheduler besides its result.
+#[derive(Debug, Clone, Copy)]
+pub struct StepOutcome {
+    /// What the step achieved.
+    pub step: Step,
+    /// Look at the QP again then (its ACK timeout or RNR wait).
+    pub timer: Option<Instant>,
+}
+
+/// The scheduler's step for an RC QP whose peer is on another host: retransmits if the oldest
+/// packet timed out or a NAK asked for it, then sends new packets within the window and
+/// `budget`.
+#[allow(clippy::too_many_arguments)]
+pub fn step_rc(
+    fabric: &Fabric,
+    bufs: &mut TxBuffers,
+    a: &VmPort,
+    av: &mut Vm,
+    mem: &GuestMem,
+    qpn: u32,
+    budget: u32,
+) -> StepOutcome {
+    let idle = StepOutcome {
+        step: Step::Idle,
+        timer: None,
+    };
+    let Some(ep) = fabric.endpoint(&a.gid) else {
+        return idle;
+    };
+    let Some(qp) = av.qps.get_mut(qpn) else {
+        return idle;
+    };
+    let now = Instant::now();
+    let (retry_cnt, rnr_retry, timeout) = (qp.attr.retry_cnt, qp.attr.rnr_retry, timeout_of(qp));
+    let sqd = qp.state() == qp::State::Sqd;
+    let (sq_head, una, next) = (qp.rt.sq_head, qp.rt.psns.una, qp.rt.psns.next);
+    let t = &mut qp.rt.wire;
+    if !t.started {
+        t.started = true;
+        t.cwnd = MAX_UNACKED;
+        t.retries_left = retry_cnt;
+        t.rnr_left = rnr_retry;
+        t.sq_next = sq_head;
+        t.sq_max = sq_head;
+        t.psn_max = next;
+    }
+    let outstanding = una != t.psn_max;
+    if t.timer_at.is_some_and(|at| at <= now) {
+        t.timer_at = None;
+    }
+    if let Some(until) = t.rnr_until {
+        if now < until {
+            let timer = t.timer_at.is_none_or(|p| p > until).then_some(until);
+            if timer.is_some() {
+                t.timer_at = timer;
+            }
+            return StepOutcome {
+                step: Step::Idle,
+                timer,
+            };
+        }
+        t.rnr_until = None;
+        t.rewind = true;
+    }
+    if outstanding && t.deadline.is_some_and(|d| now >= d) {
+        if t.retries_left == 0 {
+            debug!(
+                "vm {}: QP {qpn:#x}: no answer after {retry_cnt} retries; RETRY_EXC_ERR",
+                a.name
+            );
+            fail_oldest(
+                av,
+                a,
+                mem,
+                qpn,
+                Status::RetryExcErr,
+                VendorErr::PeerUnreachable,
+            );
+            return StepOutcome {
+                step: Step::Progress {
+                    cost: WR_COST,
+                    more: false,
+                },
+                timer: None,
+            };
+        }
+        t.retries_left -= 1;
+        t.rewind = true;
+        t.deadline = None;
+    }
+    if t.rewind {
+        t.rewind = false;
+        if !go_back(av, a, mem, qpn, &ep.counters) {
+            return idle;
+        }
+    }
+    let mut cost = 0u32;
+    let mut more = false;
+    loop {
+        if cost >= budget {
+            more = true;
+            break;
+        }
+        let Some(qp) = av.qps.get(qpn) else {
+            return idle;
+        };
+        if !qp.rt.inflight.active {
+            if sqd {
+                break;
+            }
+            match begin_wr(av, a, mem, qpn) {
+                Begin::Started => cost += WR_COST,
+                Begin::Full | Begin::Empty | Begin::Wait => break,
+                Begin::Failed => {
+                    cost += WR_COST;
+                    more = true;
+                    break;
+                }
+            }
+        }
+        match send_next(fabric, ep, bufs, a, av, mem, qpn) {
+            Sent1::Sent(n) => cost += n.max(1),
+            Sent1::WindowFull => break,
+            Sent1::Failed => {
+                cost += WR_COST;
+                break;
+            }
+        }
+    }
+    let Some(qp) = av.qps.get_mut(qpn) else {
+        return idle;
+    };
+    let outstanding = qp.rt.psns.una != qp.rt.wire.psn_max;
+    let t = &mut qp.rt.wire;
+    if outstanding && t.deadline.is_none() {
+        t.deadline = Some(Instant::now() + timeout);
+    }
+    if !outstanding {
+        t.deadline = None;
+    }
+    let drained = sqd && !outstanding && !qp.rt.inflight.active && qp.rt.sq_head == t.sq_max;
+    if drained && qp.attr.en_sqd_async_notify == 1 && !qp.rt.sqd_notified {
+        qp.rt.sqd_notified = true;
+        a.push_event(event::Kind::SqDrained, qpn);
+    }
+    // One timer in the scheduler's heap per QP at a time: a deadline that moved later is
+    // re-armed when the earlier timer fires.
+    let t = &mut qp.rt.wire;
+    if t.timer_at.is_some_and(|at| at <= now) {
+        t.timer_at = None;
+    }
+    let want = match (t.deadline, t.rnr_until) {
+        (Some(d), Some(r)) => Some(d.min(r)),
+        (d, r) => d.or(r),
+    };
+    let mut timer = None;
+    if let Some(at) = want {
+        if t.timer_at.is_none_or(|pending| pending > at) {
+            t.timer_at = Some(at);
+            timer = Some(at);
+        }
+    }
+    StepOutcome {
+        step: if cost > 0 {
+            Step::Progress { cost, more }
+        } else {
+            Step::Idle
+        },
+        timer,
+    }
+}
+
+enum Begin {
+    Started,
+    Empty,
+    Full,
+    /// The next work request cannot start until those before it complete.
+    Wait,
+    Failed,
+}
+
+/// Copies the work request at `sq_next` into `inflight` and records it as sent.
+fn begin_wr(av: &mut Vm, a: &VmPort, mem: &GuestMem, qpn: u32) -> Begin {
+    let Some(qp) = av.qps.get(qpn) else {
+        return Begin::Empty;
+    };
+    let t = &qp.rt.wire;
+    if t.sq_next.wrapping_sub(qp.rt.sq_head) as usize >= WINDOW {
+        return Begin::Full;
+    }
+    let Some(geometry) = qp.sq_geometry() else {
+        return Begin::Empty;
+    };
+    let Some(producer) = load_producer(mem, qp.sq_ring_addr) else {
+        engine::ring_fatal(av, a, mem, qpn, VendorErr::GuestMemory);
+        return Begin::Failed;
+    };
+    match geometry.occupancy(producer, qp.rt.sq_head) {
+        Ok(n) if n > t.sq_next.wrapping_sub(qp.rt.sq_head) => {}
+        Ok(_) => return Begin::Empty,
+        Err(_) => {
+            engine::ring_fatal(av, a, mem, qpn, VendorErr::RingOverrun);
+            return Begin::Failed;
+        }
+    }
+    let index = t.sq_next;
+    let at_head = index == qp.rt.sq_head;
+    let mut slot = [0u8; MAX_SEND_SLOT];
+    if !read_slot(qp, mem, index, &mut slot) {
+        engine::ring_fatal(av, a, mem, qpn, VendorErr::GuestMemory);
+        return Begin::Failed;
+    }
+    let (pdn, mtu, next_psn) = (qp.pdn, mtu_of(qp), qp.rt.psns.next);
+    // READs and atomics outstanding are limited by max_rd_atomic, as on an RNIC: the
+    // responder keeps only that many atomic results for replays.
+    let reads_out = (0..index.wrapping_sub(qp.rt.sq_head))
+        .map(|k| qp.rt.sq_head.wrapping_add(k))
+        .filter(|&i| {
+            Opcode::from_raw(t.sent[i as usize % WINDOW].opcode)
+                .is_ok_and(|o| o == Opcode::RdmaRead || o.is_atomic())
+        })
+        .count();
+    let read_like = wqe::SendHeader::read_from_prefix(&slot)
+        .ok()
+        .and_then(|(h, _)| Opcode::from_raw(h.opcode).ok())
+        .is_some_and(|o| o == Opcode::RdmaRead || o.is_atomic());
+    if read_like && reads_out >= usize::from(qp.attr.max_rd_atomic.max(1)) {
+        return Begin::Wait;
+    }
+    let checked = match wqe::decode_send(&slot, qp.send_limits()) {
+        Err(_) => Err((Status::LocQpOpErr, VendorErr::MalformedWqe)),
+        Ok(wr) => engine::check_wr(av, pdn, qp::Type::Rc, &wr).map(|()| {
+            let signaled = qp.sq_sig_all || wr.flags.contains(SendFlags::SIGNALED);
+            Sent {
+                first_psn: next_psn,
+                last_psn: psn_add(next_psn, psns_for(wr.opcode, wr.byte_len, mtu) - 1),
+                wr_id: wr.header.wr_id.get(),
+                opcode: wr.opcode.raw(),
+                signaled,
+                len: wr.byte_len,
+            }
+        }),
+    };
+    let sent = match checked {
+        Ok(s) => s,
+        Err((status, vendor)) => {
+            // Completions are in order: a bad request fails once all before it have completed.
+            if !at_head {
+                return Begin::Wait;
+            }
+            let Some(qp) = av.qps.get_mut(qpn) else {
+                return Begin::Empty;
+            };
+            qp.rt.inflight.slot = slot;
+            qp.rt.inflight.active = true;
+            engine::fail_wr(av, a, mem, qpn, status, vendor);
+            return Begin::Failed;
+        }
+    };
+    let Some(qp) = av.qps.get_mut(qpn) else {
+        return Begin::Empty;
+    };
+    qp.rt.inflight.slot = slot;
+    qp.rt.inflight.active = true;
+    let t = &mut qp.rt.wire;
+    t.sent[index as usize % WINDOW] = sent;
+    if index == t.sq_max {
+        t.sq_max = index.wrapping_add(1);
+    }
+    Begin::Started
+}
+
+/// Reads send ring entry `index` of `qp` into `slot`.
+fn read_slot(
+    qp: &crate::vm::Qp,
+    mem: &GuestMem,
+    index: u32,
+    slot: &mut [u8; MAX_SEND_SLOT],
+) -> bool {
+    let Some(geometry) = qp.sq_geometry() else {
+        return false;
+    };
+    let stride = geometry.stride() as usize;
+    let at = GuestAddress(qp.sq_ring_addr + geometry.entry_offset(index));
+    stride <= MAX_SEND_SLOT && mem.read_slice(&mut slot[..stride], at).is_ok()
+}
+
+enum Sent1 {
+    /// A packet went out carrying this many payload bytes.
+    Sent(u32),
+    WindowFull,
+    Failed,
+}
+
+/// Sends the next packet of the work request in `inflight`.
+fn send_next(
+    fabric: &Fabric,
+    ep: &Arc<Endpoint>,
+    bufs: &mut TxBuffers,
+    a: &VmPort,
+    av: &mut Vm,
+    mem: &GuestMem,
+    qpn: u32,
+) -> Sent1 {
+    let Some(qp) = av.qps.get(qpn) else {
+        return Sent1::Failed;
+    };
+    let psns = qp.rt.psns;
+    if psn_diff(psns.next, psns.una) as u32 >= qp.rt.wire.cwnd {
+        return Sent1::WindowFull;
+    }
+    let t = &qp.rt.wire;
+    let index = t.sq_next;
+    let sent = t.sent[index as usize % WINDOW];
+    let slot = qp.rt.inflight.slot;
+    let Ok(wr) = wqe::decode_send(&slot, qp.send_limits()) else {
+        // Decoded when it started; a retransmission re-reads the ring, which the guest may
+        // have overwritten under its own request.
+        fail_oldest(av, a, mem, qpn, Status::LocQpOpErr, VendorErr::MalformedWqe);
+        return Sent1::Failed;
+    };
+    let mtu = mtu_of(qp);
+    let k = psn_diff(psns.next, sent.first_psn).max(0) as u32;
+    let npsn = psn_diff(sent.last_psn, sent.first_psn) as u32 + 1;
+    let (dest, peer) = (qp.attr.dest_qp_num.get(), qp.attr.ah_attr.dgid);
+    let psn = psns.next;
+    let first = k == 0;
+    let last = k + 1 >= npsn;
+    let off = k.saturating_mul(mtu);
+    let header = &wr.header;
+    let mut ext = Extensions::default();
+    let mut n = 0u32;
+    let (op, advance) = match wr.opcode {
+        Opcode::RdmaRead => {
+            let rest = wr.byte_len.saturating_sub(off);
+            ext.reth = Some(Reth::new(
+                header.remote_addr.get().wrapping_add(u64::from(off)),
+                header.rkey.get(),
+                rest,
+            ));
+            (Op::RcReadRequest, npsn - k)
+        }
+        Opcode::AtomicCmpAndSwp => {
+            ext.atomic = Some(AtomicEth::compare_swap(
+                header.remote_addr.get(),
+                header.rkey.get(),
+                header.compare_add.get(),
+                header.swap.get(),
+            ));
+            (Op::RcCompareSwap, 1)
+        }
+        Opcode::AtomicFetchAndAdd => {
+            ext.atomic = Some(AtomicEth::fetch_add(
+                header.remote_addr.get(),
+                header.rkey.get(),
+                header.compare_add.get(),
+            ));
+            (Op::RcFetchAdd, 1)
+        }
+        Opcode::Send | Opcode::SendWithImm | Opcode::RdmaWrite | Opcode::RdmaWriteWithImm => {
+            n = wr.byte_len.saturating_sub(off).min(mtu);
+            let payload = &mut bufs.payload[..n as usize];
+            let read = match wr.payload {
+                Payload::Inline(bytes) => bytes
+                    .get(off as usize..(off + n) as usize)
+                    .map(|b| payload.copy_from_slice(b))
+                    .ok_or(VendorErr::MalformedWqe),
+                Payload::Sges(sges) => {
+                    let mut runs = Runs::default();
+                    xfer::sge_runs(&av.mrs, sges, off, n, &mut runs)
+                        .and_then(|()| xfer::read_runs(mem, runs.as_slice(), payload))
+                }
+            };
+            if let Err(v) = read {
+                // The guest changed its memory table under its own request.
+                return fail_local(av, a, mem, qpn, index, v);
+            }
+            let imm = wr.opcode.has_imm() && last;
+            if imm {
+                ext.imm = Some(ImmDt::from_bytes(header.imm_data));
+            }
+            let write = matches!(wr.opcode, Opcode::RdmaWrite | Opcode::RdmaWriteWithImm);
+            if write && first {
+                ext.reth = Some(Reth::new(
+                    header.remote_addr.get(),
+                    header.rkey.get(),
+                    wr.byte_len,
+                ));
+            }
+            let op = match (write, first, last, imm) {
+                (false, true, true, false) => Op::RcSendOnly,
+                (false, true, true, true) => Op::RcSendOnlyWithImm,
+                (false, true, false, _) => Op::RcSendFirst,
+                (false, false, false, _) => Op::RcSendMiddle,
+                (false, false, true, false) => Op::RcSendLast,
+                (false, false, true, true) => Op::RcSendLastWithImm,
+                (true, true, true, false) => Op::RcWriteOnly,
+                (true, true, true, true) => Op::RcWriteOnlyWithImm,
+                (true, true, false, _) => Op::RcWriteFirst,
+                (true, false, false, _) => Op::RcWriteMiddle,
+                (true, false, true, false) => Op::RcWriteLast,
+                (true, false, true, true) => Op::RcWriteLastWithImm,
+            };
+            (op, 1)
+        }
+    };
+    // As rxe: SE only where the responder completes a receive, AckReq on every READ and
+    // atomic request.
+    let solicited = last
+        && wr.flags.contains(SendFlags::SOLICITED)
+        && matches!(
+            wr.opcode,
+            Opcode::Send | Opcode::SendWithImm | Opcode::RdmaWriteWithImm
+        );
+    // The window moves only on acknowledgements: ask for one at least twice per window.
+    let in_flight = psn_diff(psn, psns.una) as u32 + 1;
+    let half_window = (qp.rt.wire.cwnd / 2).clamp(1, ACK_EVERY);
+    let ack_req = last || advance > 1 || in_flight % half_window == 0;
+    let payload = &bufs.payload[..n as usize];
+    let pkt = Bth::new(op, dest, psn).ok().and_then(|bth| {
+        let bth = bth.with_ack_req(ack_req).with_solicited(solicited);
+        Packet::new(bth, ext, payload).ok()
+    });
+    let Some(pkt) = pkt else {
+        fail_oldest(av, a, mem, qpn, Status::LocQpOpErr, VendorErr::MalformedWqe);
+        return Sent1::Failed;
+    };
+    fabric.send(ep, peer, &pkt, &mut bufs.batch);
+    let Some(qp) = av.qps.get_mut(qpn) else {
+        return Sent1::Failed;
+    };
+    qp.rt.psns.next = psn_add(psn, advance);
+    if psn_diff(qp.rt.psns.next, qp.rt.wire.psn_max) > 0 {
+        qp.rt.wire.psn_max = qp.rt.psns.next;
+    }
+    if k + advance >= npsn {
+        qp.rt.inflight.active = false;
+        qp.rt.wire.sq_next = index.wrapping_add(1);
+    }
+    Sent1::Sent(n)
+}
+
+/// The requester's own memory failed while building a packet of work request `index`: it
+/// completes with a local protection error once it is the oldest; until then nothing more is
+/// sent.
+fn fail_local(
+    av: &mut Vm,
+    a: &VmPort,
+    mem: &GuestMem,
+    qpn: u32,
+    index: u32,
+    v: VendorErr,
+) -> Sent1 {
+    let Some(qp) = av.qps.get(qpn) else {
+        return Sent1::Failed;
+    };
+    if index != qp.rt.sq_head {
+        return Sent1::WindowFull;
+    }
+    fail_oldest(av, a, mem, qpn, Status::LocProtErr, v);
+    Sent1::Failed
+}
+
+/// Go-back-N: makes the oldest unacknowledged PSN the next to send again. Returns false if the
+/// work request it belongs to can no longer be read (the QP has failed).
+fn go_back(
+    av: &mut Vm,
+    a: &VmPort,
+    mem: &GuestMem,
+    qpn: u32,
+    counters: &Counters,
+) -> bool {
+    let Some(qp) = av.qps.get(qpn) else {
+        return false;
+    };
+    let una = qp.rt.psns.una;
+    if una == qp.rt.wire.psn_max {
+        return true;
+    }
+    let (head, end) = (qp.rt.sq_head, qp.rt.wire.sq_max);
+    let mut i = head;
+    let mut found = None;
+    while i != end {
+        let s = qp.rt.wire.sent[i as usize % WINDOW];
+        if psn_diff(una, s.first_psn) >= 0 && psn_diff(una, s.last_psn) <= 0 {
+            found = Some(i);
+            break;
+        }
+        i = i.wrapping_add(1);
+    }
+    let Some(index) = found else {
+        return true;
+    };
+    let resent = psn_diff(qp.rt.wire.psn_max, una).max(0) as u64;
+    let mut slot = [0u8; MAX_SEND_SLOT];
+    if !read_slot(qp, mem, index, &mut slot) {
+        engine::ring_fatal(av, a, mem, qpn, VendorErr::GuestMemory);
+        return false;
+    }
+    counters.retransmitted.fetch_add(resent, Ordering::Relaxed);
+    let Some(qp) = av.qps.get_mut(qpn) else {
+        return false;
+    };
+    qp.rt.inflight.slot = slot;
+    qp.rt.inflight.active = true;
+    qp.rt.wire.sq_next = index;
+    qp.rt.wire.rewound = Some(una);
+    // Each go-back resends everything after the gap: a path that loses or reorders packets
+    // gets a smaller window, and earns it back one packet per acknowledgement.
+    qp.rt.wire.cwnd = (qp.rt.wire.cwnd / 2).max(MIN_WINDOW);
+    qp.rt.psns.next = una;
+    debug!(
+        "vm {}: QP {qpn:#x}: going back to PSN {una:#x} ({resent} packets)",
+        a.name
+    );
+    true
+}
+
+/// Completes the oldest work request on the wire with `status` and takes the QP to ERR,
+/// flushing the rest.
+fn fail_oldest(
+    av: &mut Vm,
+    a: &VmPort,
+    mem: &GuestMem,
+    qpn: u32,
+    status: Status,
+    v: VendorErr,
+) {
+    if let Some(qp) = av.qps.get(qpn) {
+        let head = qp.rt.sq_head;
+        if head != qp.rt.wire.sq_max {
+            complete_oldest(av, a, mem, qpn, status, v);
+        }
+    }
+    if let Some(qp) = av.qps.get_mut(qpn) {
+        qp.rt.inflight.active = false;
+        qp.rt.wire = Transport::default();
+        qp.rt.psns.una = qp.rt.psns.next;
+    }
+    engine::set_error(av, a, qpn);
+    completion::flush(av, a, mem, qpn, true, true);
+}
+
+/// Completes the work request at the send queue's head from its record, and consumes it.
+fn complete_oldest(
+    av: &mut Vm,
+    a: &VmPort,
+    mem: &GuestMem,
+    qpn: u32,
+    status: Status,
+    v: VendorErr,
+) {
+    let Some(qp) = av.qps.get_mut(qpn) else {
+        return;
+    };
+    let s = qp.rt.wire.sent[qp.rt.sq_head as usize % WINDOW];
+    if qp.rt.sq_head == qp.rt.wire.sq_next {
+        // It was still being transmitted.
+        qp.rt.inflight.active = false;
+        qp.rt.wire.sq_next = qp.rt.sq_head.wrapping_add(1);
+    }
+    qp.rt.sq_head = qp.rt.sq_head.wrapping_add(1);
+    let (cqn, ring_addr, head) = (qp.send_cqn, qp.sq_ring_addr, qp.rt.sq_head);
+    publish_consumer(mem, ring_addr, head);
+    a.counters.wrs.fetch_add(1, Ordering::Relaxed);
+    let opcode = Opcode::from_raw(s.opcode).unwrap_or(Opcode::Send);
+    if status == Status::Success {
+        a.counters
+            .bytes
+            .fetch_add(u64::from(s.len), Ordering::Relaxed);
+    }
+    if s.signaled || status != Status::Success {
+        let mut c = Completion::new(s.wr_id, qpn, status, cqe::Opcode::of_send(opcode), v);
+        if status == Status::Success {
+            c.cqe.byte_len = if opcode.is_atomic() {
+                wqe::ATOMIC_SIZE
+            } else {
+                s.len
+            }
+            .into();
+        }
+        if !completion::post(av, a, mem, cqn, &c) {
+            engine::set_error(av, a, qpn);
+        }
+    }
+}
+
+/// A response to this VM's requester: ACK, NAK, READ response or atomic ACK. Returns whether
+/// the QP's window moved (the scheduler should send more).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn on_response(
+    fabric: &Fabric,
+    ep: &Endpoint,
+    a: &VmPort,
+    av: &mut Vm,
+    mem: &GuestMem,
+    pkt: &Packet<'_>,
+    peer: Gid,
+) -> bool {
+    let _ = fabric;
+    let qpn = pkt.bth().dest_qp();
+    let Some(qp) = av.qps.get(qpn) else {
+        ep.counters.no_qp.fetch_add(1, Ordering::Relaxed);
+        return false;
+    };
+    let ready = matches!(qp.state(), qp::State::Rts | qp::State::Sqd);
+    if qp.qp_type() != qp::Type::Rc || !ready || qp.attr.ah_attr.dgid != peer {
+        ep.counters.no_qp.fetch_add(1, Ordering::Relaxed);
+        return false;
+    }
+    let psn = pkt.bth().psn();
+    let una = qp.rt.psns.una;
+    // Only PSNs on the wire can be answered.
+    if psn_diff(psn, una) < -1 || psn_diff(psn, qp.rt.wire.psn_max) >= 0 {
+        ep.counters.stray_responses.fetch_add(1, Ordering::Relaxed);
+        return false;
+    }
+    let syndrome = pkt.ext().aeth.map(|a| a.syndrome());
+    match pkt.opcode() {
+        Op::RcAcknowledge => match syndrome {
+            Some(Ok(Syndrome::Ack { .. })) => {
+                ack_through(av, a, mem, qpn, psn) || wants_rewind(av, qpn)
+            }
+            Some(Ok(Syndrome::Nak(NakCode::PsnSequenceError))) => {
+                ack_through(av, a, mem, qpn, psn_add(psn, PSN_MASK));
+                rewind(av, qpn);
+                true
+            }
+            Some(Ok(Syndrome::RnrNak { timer })) => {
+                ack_through(av, a, mem, qpn, psn_add(psn, PSN_MASK));
+                if !head_holds(av, qpn, psn) {
+                    // It names a request after a READ or atomic still unanswered: those
+                    // responses were lost, so go back for them first (as rxe does).
+                    rewind(av, qpn);
+                    return true;
+                }
+                let Some(qp) = av.qps.get_mut(qpn) else {
+                    return false;
+                };
+                let infinite = qp.attr.rnr_retry == qp::RNR_RETRY_INFINITE;
+                if !infinite && qp.rt.wire.rnr_left == 0 {
+                    fail_oldest(
+                        av,
+                        a,
+                        mem,
+                        qpn,
+                        Status::RnrRetryExcErr,
+                        VendorErr::RnrExhausted,
+                    );
+                    return false;
+                }
+                if !infinite {
+                    qp.rt.wire.rnr_left -= 1;
+                }
+                let wait = Duration::from_micros(qp::rnr_timer_micros(timer).into());
+                qp.rt.wire.rnr_until = Some(Instant::now() + wait);
+                qp.rt.wire.deadline = None;
+                true
+            }
+            Some(Ok(Syndrome::Nak(code))) => {
+                ack_through(av, a, mem, qpn, psn_add(psn, PSN_MASK));
+                if !head_holds(av, qpn, psn) {
+                    rewind(av, qpn);
+                    return true;
+                }
+                let status = match code {
+                    NakCode::InvalidRequest | NakCode::InvalidRdRequest => Status::RemInvReqErr,
+                    NakCode::RemoteAccessError => Status::RemAccessErr,
+                    _ => Status::RemOpErr,
+                };
+                fail_oldest(av, a, mem, qpn, status, VendorErr::None);
+                false
+            }
+            _ => false,
+        },
+        Op::RcReadResponseFirst
+        | Op::RcReadResponseMiddle
+        | Op::RcReadResponseLast
+        | Op::RcReadResponseOnly => read_response(av, a, mem, qpn, pkt),
+        Op::RcAtomicAcknowledge => atomic_response(av, a, mem, qpn, pkt),
+        _ => false,
+    }
+}
+
+/// Whether a go-back-N is waiting for the scheduler.
+fn wants_rewind(av: &Vm, qpn: u32) -> bool {
+    av.qps.get(qpn).is_some_and(|q| q.rt.wire.rewind)
+}
+
+/// Whether the oldest work request on the wire is the one packet `psn` belongs to: a NAK
+/// fails only that one.
+fn head_holds(av: &Vm, qpn: u32, psn: u32) -> bool {
+    av.qps.get(qpn).is_some_and(|q| {
+        let s = q.rt.wire.sent[q.rt.sq_head as usize % WINDOW];
+        q.rt.sq_head != q.rt.wire.sq_max
+            && psn_diff(psn, s.first_psn) >= 0
+            && psn_diff(psn, s.last_psn) <= 0
+    })
+}
+
+/// Asks the transmitter to go back to the oldest unacknowledged PSN.
+fn rewind(av: &mut Vm, qpn: u32) {
+    if let Some(qp) = av.qps.get_mut(qpn) {
+        ask_rewind(qp);
+    }
+}
+
+/// Asks for a go-back-N unless one from the same PSN is already under way: every packet after
+/// a gap reports it, and answering each would resend the window again and again. The ACK
+/// timer still catches a resent packet that was itself lost.
+fn ask_rewind(qp: &mut crate::vm::Qp) {
+    let una = qp.rt.psns.una;
+    if qp.rt.wire.rewound != Some(una) {
+        qp.rt.wire.rewind = true;
+    }
+}
+
+/// Completes the SENDs and WRITEs whose packets up to `psn` are acknowledged. A READ or atomic
+/// among them whose response has not arrived means the response was lost: go back for it
+/// (IBA 9.7.4.1.3, implied NAK).
+fn ack_through(av: &mut Vm, a: &VmPort, mem: &GuestMem, qpn: u32, psn: u32) -> bool {
+    let mut moved = false;
+    loop {
+        let Some(qp) = av.qps.get_mut(qpn) else {
+            return moved;
+        };
+        let una = qp.rt.psns.una;
+        if psn_diff(psn, una) < 0 {
+            break;
+        }
+        let head = qp.rt.sq_head;
+        if head == qp.rt.wire.sq_max {
+            break;
+        }
+        let s = qp.rt.wire.sent[head as usize % WINDOW];
+        let opcode = Opcode::from_raw(s.opcode).unwrap_or(Opcode::Send);
+        if matches!(opcode, Opcode::RdmaRead) || opcode.is_atomic() {
+            // Its own responses acknowledge it. Only an acknowledgement of a later request
+            // means they were lost (IBA 9.7.4.1.3, implied NAK).
+            if psn_diff(psn, s.last_psn) >= 0 {
+                ask_rewind(qp);
+            }
+            break;
+        }
+        if psn_diff(psn, s.last_psn) < 0 {
+            // Part of a long message.
+            qp.rt.psns.una = psn_add(psn, 1);
+            progress(qp);
+            moved = true;
+            break;
+        }
+        // Every PSN up to `psn` was sent at least once (responses beyond `psn_max` are
+        // refused), so the whole request has arrived even if a go-back-N is resending it.
+        qp.rt.psns.una = psn_add(s.last_psn, 1);
+        progress(qp);
+        complete_oldest(av, a, mem, qpn, Status::Success, VendorErr::None);
+        moved = true;
+    }
+    moved
+}
+
+/// Forward progress: the retry budget is whole again and the timer restarts. A go-back-N
+/// that is resending what has now been acknowledged skips ahead.
+fn progress(qp: &mut crate::vm::Qp) {
+    if psn_diff(qp.rt.psns.una, qp.rt.psns.next) > 0 {
+        qp.rt.psns.next = qp.rt.psns.una;
+    }
+    let (retry, rnr) = (qp.attr.retry_cnt, qp.attr.rnr_retry);
+    let w = &mut qp.rt.wire;
+    w.retries_left = retry;
+    w.rnr_left = rnr;
+    w.deadline = None;
+    w.cwnd = (w.cwnd + 1).min(MAX_UNACKED);
+}
+
+/// The work request at the head, if it is a READ or atomic whose PSNs include `psn` and
+/// everything before it has been acknowledged by this response (responses come in order).
+fn responded(
+    av: &mut Vm,
+    a: &VmPort,
+    mem: &GuestMem,
+    qpn: u32,
+    psn: u32,
+) -> Option<Sent> {
+    // A response implies every request before it was received.
+    ack_through(av, a, mem, qpn, psn_add(psn, PSN_MASK));
+    let qp = av.qps.get_mut(qpn)?;
+    let head = qp.rt.sq_head;
+    if head == qp.rt.wire.sq_max {
+        return None;
+    }
+    let s = qp.rt.wire.sent[head as usize % WINDOW];
+    let in_range = psn_diff(psn, s.first_psn) >= 0 && psn_diff(psn, s.last_psn) <= 0;
+    (in_range && psn == qp.rt.psns.una).then_some(s)
+}
+
+/// A READ response packet: its payload goes where the READ's SGEs say.
+fn read_response(
+    av: &mut Vm,
+    a: &VmPort,
+    mem: &GuestMem,
+    qpn: u32,
+    pkt: &Packet<'_>,
+) -> bool {
+    let psn = pkt.bth().psn();
+    let Some(s) = responded(av, a, mem, qpn, psn) else {
+        if let Some(qp) = av.qps.get_mut(qpn) {
+            // A response after a gap: the packets between were lost.
+            if psn_diff(psn, qp.rt.psns.una) > 0 {
+                ask_rewind(qp);
+            }
+        }
+        return wants_rewind(av, qpn);
+    };
+    if Opcode::from_raw(s.opcode).ok() != Some(Opcode::RdmaRead) {
+        return false;
+    }
+    let Some(qp) = av.qps.get(qpn) else {
+        return false;
+    };
+    let mtu = mtu_of(qp);
+    let k = psn_diff(psn, s.first_psn) as u32;
+    let off = k * mtu;
+    let payload = pkt.payload();
+    let n = payload.len() as u32;
+    let last = psn == s.last_psn;
+    let op = pkt.opcode();
+    // A READ retried from its middle is answered FIRST, MIDDLE..., LAST from where it resumed,
+    // so only the sizes are fixed: a full MTU until the last, which ends the message.
+    let ends = matches!(op, Op::RcReadResponseOnly | Op::RcReadResponseLast);
+    let shape_ok = ends == last && if last { off + n == s.len } else { n == mtu };
+    if !shape_ok {
+        // Not what was asked: treat as lost and ask again.
+        rewind(av, qpn);
+        return true;
+    }
+    let mut slot = [0u8; MAX_SEND_SLOT];
+    let head = qp.rt.sq_head;
+    let placed = read_slot(qp, mem, head, &mut slot)
+        .then(|| wqe::decode_send(&slot, qp.send_limits()).ok())
+        .flatten()
+        .filter(|wr| wr.opcode == Opcode::RdmaRead && wr.header.wr_id.get() == s.wr_id)
+        .map(|wr| match wr.payload {
+            Payload::Sges(sges) => {
+                let mut runs = Runs::default();
+                xfer::sge_runs(&av.mrs, sges, off, n, &mut runs)
+                    .and_then(|()| xfer::write_runs(payload, mem, runs.as_slice()))
+            }
+            Payload::Inline(_) => Err(VendorErr::MalformedWqe),
+        });
+    match placed {
+        Some(Ok(())) => {}
+        _ => {
+            fail_oldest(av, a, mem, qpn, Status::LocProtErr, VendorErr::GuestMemory);
+            return false;
+        }
+    }
+    let Some(qp) = av.qps.get_mut(qpn) else {
+        return false;
+    };
+    qp.rt.psns.una = psn_add(psn, 1);
+    progress(qp);
+    if last {
+        complete_oldest(av, a, mem, qpn, Status::Success, VendorErr::None);
+    }
+    true
+}
+
+/// An atomic's acknowledgement: the value before goes into the request's SGE.
+fn atomic_response(
+    av: &mut Vm,
+    a: &VmPort,
+    mem: &GuestMem,
+    qpn: u32,
+    pkt: &Packet<'_>,
+) -> bool {
+    let psn = pkt.bth().psn();
+    let Some(s) = responded(av, a, mem, qpn, psn) else {
+        if let Some(qp) = av.qps.get_mut(qpn) {
+            // An answer after a gap: what was before it was lost.
+            if psn_diff(psn, qp.rt.psns.una) > 0 {
+                ask_rewind(qp);
+            }
+        }
+        return wants_rewind(av, qpn);
+    };
+    let Some(ack) = pkt.ext().atomic_ack else {
+        return false;
+    };
+    if !Opcode::from_raw(s.opcode).is_ok_and(Opcode::is_atomic) {
+        return false;
+    }
+    let Some(qp) = av.qps.get(qpn) else {
+        return false;
+    };
+    let mut slot = [0u8; MAX_SEND_SLOT];
+    let placed = read_slot(qp, mem, qp.rt.sq_head, &mut slot)
+        .then(|| wqe::decode_send(&slot, qp.send_limits()).ok())
+        .flatten()
+        .filter(|wr| wr.opcode.is_atomic() && wr.header.wr_id.get() == s.wr_id)
+        .map(|wr| match wr.payload {
+            Payload::Sges(sges) => {
+                let mut runs = Runs::default();
+                xfer::sge_runs(&av.mrs, sges, 0, wqe::ATOMIC_SIZE, &mut runs).and_then(|()| {
+                    xfer::write_runs(&ack.original().to_ne_bytes(), mem, runs.as_slice())
+                })
+            }
+            Payload::Inline(_) => Err(VendorErr::MalformedWqe),
+        });
+    if !matches!(placed, Some(Ok(()))) {
+        fail_oldest(av, a, mem, qpn, Status::LocProtErr, VendorErr::GuestMemory);
+        return false;
+    }
+    let Some(qp) = av.qps.get_mut(qpn) else {
+        return false;
+    };
+    qp.rt.psns.una = psn_add(psn, 1);
+    progress(qp);
+    complete_oldest(av, a, mem, qpn, Status::Success, VendorErr::None);
+    true
+}
+
+/// Sends a UD work request as one datagram; it completes as soon as it is sent, as on an RNIC.
+#[allow(clippy::too_many_arguments)]
+pub fn send_ud(
+    fabric: &Fabric,
+    bufs: &mut TxBuffers,
+    a: &VmPort,
+    av: &Vm,
+    mem: &GuestMem,
+    wr: &wqe::SendWr<'_>,
+    dgid: Gid,
+    dest_qpn: u32,
+    qkey: u32,
+    src_qpn: u32,
+) -> Result<(), VendorErr> {
+    let Some(ep) = fabric.endpoint(&a.gid) else {
+        return Ok(());
+    };
+    let n = wr.byte_len;
+    let payload = bufs
+        .payload
+        .get_mut(..n as usize)
+        .ok_or(VendorErr::MessageTooLong)?;
+    match wr.payload {
+        Payload::Inline(bytes) => payload.copy_from_slice(bytes),
+        Payload::Sges(sges) => {
+            let mut runs = Runs::default();
+            xfer::sge_runs(&av.mrs, sges, 0, n, &mut runs)?;
+            xfer::read_runs(mem, runs.as_slice(), payload)?;
+        }
+    }
+    let (op, imm) = if wr.opcode.has_imm() {
+        (
+            Op::UdSendOnlyWithImm,
+            Some(ImmDt::from_bytes(wr.header.imm_data)),
+        )
+    } else {
+        (Op::UdSendOnly, None)
+    };
+    let deth = Deth::new(qkey, src_qpn).map_err(|_| VendorErr::BadAh)?;
+    let bth = Bth::new(op, dest_qpn, 0)
+        .map_err(|_| VendorErr::BadAh)?
+        .with_solicited(wr.flags.contains(SendFlags::SOLICITED));
+    let ext = Extensions {
+        deth: Some(deth),
+        imm,
+        ..Extensions::default()
+    };
+    let pkt = Packet::new(bth, ext, &bufs.payload[..n as usize])
+        .map_err(|_| VendorErr::MessageTooLong)?;
+    fabric.send(ep, dgid, &pkt, &mut bufs.batch);
+    Ok(())
+}

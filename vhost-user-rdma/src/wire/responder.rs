@@ -1,0 +1,796 @@
+//! The responder: requests from the network checked against the expected PSN, executed once
+//! through the local fabric's responder, and answered (ACKs coalesced per receive batch, READ
+//! responses in bursts outside the VM's lock, atomics replayed from a cache).
+
+use super::*;
+
+/// READs a responder remembers, as many as a requester may have outstanding.
+pub(super) const READ_HISTORY: usize = crate::limits::MAX_RD_ATOM as usize;
+
+/// Atomic results kept per QP to answer a retransmitted atomic without executing it twice: one
+/// per atomic a requester may have outstanding (`max_dest_rd_atomic`, at most
+/// [`crate::limits::MAX_RD_ATOM`]).
+pub(super) const ATOMIC_REPLAY: usize = crate::limits::MAX_RD_ATOM as usize;
+
+/// The `a_id` a request from the network carries into the responder: no local VM has it.
+const REMOTE_PORT_ID: u64 = u64::MAX;
+
+/// The message a responder is in the middle of.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum RxMsg {
+    /// Between messages.
+    #[default]
+    Idle,
+    /// A SEND: bytes so far.
+    Send {
+        /// Bytes so far.
+        done: u32,
+    },
+    /// An RDMA WRITE, from its first packet's RETH.
+    Write {
+        /// Target address.
+        va: u64,
+        /// R_Key.
+        rkey: u32,
+        /// Message length.
+        len: u32,
+        /// Bytes so far.
+        done: u32,
+    },
+}
+
+/// An ACK the receive thread owes, sent once its batch is done: a later one for the same QP
+/// replaces it, which is ACK coalescing.
+#[derive(Debug, Clone, Copy)]
+struct OwedAck {
+    peer: Gid,
+    dest: u32,
+    psn: u32,
+    msn: u32,
+}
+
+/// The receive thread's buffers for what it sends back.
+#[derive(Debug)]
+pub(super) struct RxBuffers {
+    payload: Box<[u8]>,
+    pub(super) batch: Batch,
+    acks: [Option<OwedAck>; RX_BATCH],
+}
+
+impl Default for RxBuffers {
+    fn default() -> Self {
+        RxBuffers {
+            payload: vec![0; 4096].into_boxed_slice(),
+            batch: Batch::default(),
+            acks: [None; RX_BATCH],
+        }
+    }
+}
+
+impl RxBuffers {
+    /// Owes `ack`, replacing an older one to the same QP.
+    fn owe(&mut self, ack: OwedAck) {
+        let same = |a: &OwedAck| a.peer == ack.peer && a.dest == ack.dest;
+        if let Some(slot) = self.acks.iter_mut().flatten().find(|a| same(a)) {
+            *slot = ack;
+        } else if let Some(free) = self.acks.iter_mut().find(|a| a.is_none()) {
+            *free = Some(ack);
+        }
+    }
+
+    pub(super) fn send_acks(&mut self, fabric: &Fabric, ep: &Arc<Endpoint>) {
+        for owed in self.acks.iter_mut() {
+            let Some(a) = owed.take() else { continue };
+            let reply = Reply {
+                fabric,
+                ep,
+                peer: a.peer,
+                dest: a.dest,
+            };
+            reply.aeth(&mut self.batch, a.psn, ACK, a.msn);
+        }
+    }
+}
+
+/// A UD datagram: delivered whole, or dropped (and counted) as an unreliable network would.
+pub(super) fn on_ud(
+    ep: &Endpoint,
+    b: &VmPort,
+    bv: &mut Vm,
+    mem: &GuestMem,
+    pkt: &Packet<'_>,
+    peer: Gid,
+) {
+    let Some(deth) = pkt.ext().deth else {
+        return;
+    };
+    let dest_qpn = pkt.bth().dest_qp();
+    if bv
+        .qps
+        .get(dest_qpn)
+        .is_none_or(|q| q.qp_type() != qp::Type::Ud)
+    {
+        ep.counters.no_qp.fetch_add(1, Ordering::Relaxed);
+        b.counters.ud_dropped.fetch_add(1, Ordering::Relaxed);
+        return;
+    }
+    let mut header = wqe::SendHeader::default();
+    let opcode = match pkt.ext().imm {
+        Some(imm) => {
+            header.imm_data = imm.bytes();
+            Opcode::SendWithImm
+        }
+        None => Opcode::Send,
+    };
+    let payload = pkt.payload();
+    let no_runs = Runs::default();
+    let c = Chunk {
+        a_id: REMOTE_PORT_ID,
+        a_gid: peer,
+        a_qpn: deth.src_qp(),
+        qp_type: qp::Type::Ud,
+        opcode,
+        header: &header,
+        solicited: pkt.bth().solicited(),
+        len: payload.len() as u32,
+        done: 0,
+        n: payload.len() as u32,
+        last: true,
+        qkey: deth.qkey(),
+        a_runs: &no_runs,
+        inline: payload,
+        is_inline: true,
+        a_mem: mem,
+        b_mem: mem,
+    };
+    let mut unused = 0u64;
+    let _ = engine::respond(bv, b, dest_qpn, &c, &mut unused);
+}
+
+/// An RC request: checked against the expected PSN, executed once, acknowledged. A READ
+/// returns the response packets to send once the VM's lock is released.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn on_request(
+    fabric: &Fabric,
+    ep: &Arc<Endpoint>,
+    rx: &mut RxBuffers,
+    b: &VmPort,
+    bv: &mut Vm,
+    mem: &GuestMem,
+    pkt: &Packet<'_>,
+    peer: Gid,
+) -> Option<ReadJob> {
+    let qpn = pkt.bth().dest_qp();
+    let Some(qp) = bv.qps.get(qpn) else {
+        ep.counters.no_qp.fetch_add(1, Ordering::Relaxed);
+        return None;
+    };
+    let ready = matches!(qp.state(), qp::State::Rtr | qp::State::Rts | qp::State::Sqd);
+    if qp.qp_type() != qp::Type::Rc || !ready || qp.attr.ah_attr.dgid != peer {
+        ep.counters.no_qp.fetch_add(1, Ordering::Relaxed);
+        return None;
+    }
+    let psn = pkt.bth().psn();
+    let expected = qp.rt.psns.expected;
+    let d = psn_diff(psn, expected);
+    let reply = Reply {
+        fabric,
+        ep,
+        peer,
+        dest: qp.attr.dest_qp_num.get(),
+    };
+    if d > 0 {
+        ep.counters.out_of_sequence.fetch_add(1, Ordering::Relaxed);
+        let msn = qp.rt.psns.msn;
+        if let Some(qp) = bv.qps.get_mut(qpn) {
+            if !qp.rt.wire.nak_sent {
+                qp.rt.wire.nak_sent = true;
+                reply.aeth(
+                    &mut rx.batch,
+                    expected,
+                    Syndrome::Nak(NakCode::PsnSequenceError),
+                    msn,
+                );
+            }
+        }
+        return None;
+    }
+    if d < 0 {
+        ep.counters.duplicates.fetch_add(1, Ordering::Relaxed);
+        return on_duplicate(&reply, rx, b, bv, mem, qpn, pkt);
+    }
+    if let Some(qp) = bv.qps.get_mut(qpn) {
+        qp.rt.wire.nak_sent = false;
+    }
+    match pkt.opcode() {
+        Op::RcReadRequest => {
+            let reth = pkt.ext().reth?;
+            return serve_read(&reply, rx, b, bv, mem, qpn, psn, reth, true);
+        }
+        Op::RcCompareSwap | Op::RcFetchAdd => serve_atomic(&reply, rx, b, bv, mem, qpn, pkt),
+        _ => serve_data(&reply, rx, b, bv, mem, qpn, pkt),
+    }
+    None
+}
+
+/// Where answers to one request go.
+struct Reply<'a> {
+    fabric: &'a Fabric,
+    ep: &'a Arc<Endpoint>,
+    peer: Gid,
+    dest: u32,
+}
+
+impl Reply<'_> {
+    /// Owes an ACK for `psn`, sent with the receive batch's other answers.
+    fn ack_later(&self, rx: &mut RxBuffers, psn: u32, msn: u32) {
+        rx.owe(OwedAck {
+            peer: self.peer,
+            dest: self.dest,
+            psn,
+            msn,
+        });
+    }
+
+    /// Sends an ACKNOWLEDGE (or NAK) for `psn`.
+    fn aeth(&self, batch: &mut Batch, psn: u32, syndrome: Syndrome, msn: u32) {
+        if !matches!(syndrome, Syndrome::Ack { .. }) {
+            self.ep.counters.naks.fetch_add(1, Ordering::Relaxed);
+        }
+        let (Ok(bth), Ok(aeth)) = (
+            Bth::new(Op::RcAcknowledge, self.dest, psn),
+            Aeth::new(syndrome, msn & PSN_MASK),
+        ) else {
+            return;
+        };
+        let ext = Extensions {
+            aeth: Some(aeth),
+            ..Extensions::default()
+        };
+        if let Ok(pkt) = Packet::new(bth, ext, &[]) {
+            self.fabric.send(self.ep, self.peer, &pkt, batch);
+        }
+    }
+
+    fn send(&self, batch: &mut Batch, op: Op, psn: u32, ext: Extensions, payload: &[u8]) {
+        let Ok(bth) = Bth::new(op, self.dest, psn) else {
+            return;
+        };
+        if let Ok(pkt) = Packet::new(bth, ext, payload) {
+            self.fabric.send(self.ep, self.peer, &pkt, batch);
+        }
+    }
+}
+
+const ACK: Syndrome = Syndrome::Ack {
+    credits: vrdma_roce::aeth::NO_CREDITS,
+};
+
+/// A request already executed: answered again, never executed twice.
+fn on_duplicate(
+    reply: &Reply<'_>,
+    rx: &mut RxBuffers,
+    b: &VmPort,
+    bv: &mut Vm,
+    mem: &GuestMem,
+    qpn: u32,
+    pkt: &Packet<'_>,
+) -> Option<ReadJob> {
+    let qp = bv.qps.get(qpn)?;
+    let psn = pkt.bth().psn();
+    let (expected, msn) = (qp.rt.psns.expected, qp.rt.psns.msn);
+    match pkt.opcode() {
+        // Reading again changes nothing, and the requester may ask for only the part it lacks.
+        Op::RcReadRequest => {
+            let reth = pkt.ext().reth?;
+            return serve_read(reply, rx, b, bv, mem, qpn, psn, reth, false);
+        }
+        Op::RcCompareSwap | Op::RcFetchAdd => {
+            let hit = qp
+                .rt
+                .wire
+                .atomics
+                .iter()
+                .find(|(p, _, valid)| *valid && *p == psn);
+            if let Some(&(_, orig, _)) = hit {
+                atomic_ack(reply, rx, psn, msn, orig);
+            }
+        }
+        // Acknowledged again whether or not it asks (IBA C9-105, as rxe does): a requester
+        // resends because the first acknowledgement never reached it. The PSN is that of the
+        // last SEND, WRITE or atomic: an ACK must not name a READ's PSN, or the requester
+        // would take the READ as answered.
+        _ => {
+            let acked = qp.rt.wire.acked.unwrap_or(psn_add(expected, PSN_MASK));
+            reply.ack_later(rx, acked, msn);
+        }
+    }
+    None
+}
+
+fn atomic_ack(reply: &Reply<'_>, rx: &mut RxBuffers, psn: u32, msn: u32, orig: u64) {
+    let Ok(aeth) = Aeth::new(ACK, msn & PSN_MASK) else {
+        return;
+    };
+    let ext = Extensions {
+        aeth: Some(aeth),
+        atomic_ack: Some(AtomicAckEth::new(orig)),
+        ..Extensions::default()
+    };
+    reply.send(&mut rx.batch, Op::RcAtomicAcknowledge, psn, ext, &[]);
+}
+
+/// Maps what the responder did to the NAK code the requester is told.
+fn nak_code(status: Status) -> NakCode {
+    match status {
+        Status::RemAccessErr => NakCode::RemoteAccessError,
+        Status::RemInvReqErr => NakCode::InvalidRequest,
+        _ => NakCode::RemoteOperationalError,
+    }
+}
+
+/// The NAK for a request the responder cannot make sense of; the QP goes to ERR as the IBA
+/// asks of an invalid request.
+fn invalid_request(
+    reply: &Reply<'_>,
+    rx: &mut RxBuffers,
+    b: &VmPort,
+    bv: &mut Vm,
+    mem: &GuestMem,
+    qpn: u32,
+    psn: u32,
+) {
+    let msn = bv.qps.get(qpn).map_or(0, |q| q.rt.psns.msn);
+    engine::responder_error(bv, b, mem, qpn, None, VendorErr::MalformedWqe);
+    b.push_event(event::Kind::QpReqErr, qpn);
+    reply.aeth(
+        &mut rx.batch,
+        psn,
+        Syndrome::Nak(NakCode::InvalidRequest),
+        msn,
+    );
+}
+
+/// SEND and RDMA WRITE packets, through the local fabric's responder.
+fn serve_data(
+    reply: &Reply<'_>,
+    rx: &mut RxBuffers,
+    b: &VmPort,
+    bv: &mut Vm,
+    mem: &GuestMem,
+    qpn: u32,
+    pkt: &Packet<'_>,
+) {
+    let Some(qp) = bv.qps.get(qpn) else { return };
+    let psn = pkt.bth().psn();
+    let op = pkt.opcode();
+    let mtu = mtu_of(qp);
+    let payload = pkt.payload();
+    let n = payload.len() as u32;
+    let state = qp.rt.wire.rx;
+    let a_qpn = qp.attr.dest_qp_num.get();
+    use Op::*;
+    let is_send = matches!(
+        op,
+        RcSendFirst
+            | RcSendMiddle
+            | RcSendLast
+            | RcSendLastWithImm
+            | RcSendOnly
+            | RcSendOnlyWithImm
+            | RcSendLastWithInvalidate
+            | RcSendOnlyWithInvalidate
+    );
+    let starts = matches!(
+        op,
+        RcSendFirst
+            | RcSendOnly
+            | RcSendOnlyWithImm
+            | RcSendOnlyWithInvalidate
+            | RcWriteFirst
+            | RcWriteOnly
+            | RcWriteOnlyWithImm
+    );
+    let ends = !matches!(
+        op,
+        RcSendFirst | RcSendMiddle | RcWriteFirst | RcWriteMiddle
+    );
+    // The opcode sequence and the packet sizes the IBA requires (9.7.5.1.1): a message in
+    // progress continues with a middle or last packet of its own kind; all but the last carry
+    // exactly one path MTU.
+    let in_order = match state {
+        RxMsg::Idle => starts,
+        RxMsg::Send { .. } => is_send && !starts,
+        RxMsg::Write { .. } => !is_send && !starts,
+    };
+    if !in_order || (!ends && n != mtu) || n > mtu {
+        invalid_request(reply, rx, b, bv, mem, qpn, psn);
+        return;
+    }
+    if matches!(op, RcSendLastWithInvalidate | RcSendOnlyWithInvalidate) {
+        // vrdma has no memory windows or fast-registered MRs to invalidate.
+        invalid_request(reply, rx, b, bv, mem, qpn, psn);
+        return;
+    }
+    let mut header = wqe::SendHeader::default();
+    if let Some(imm) = pkt.ext().imm {
+        header.imm_data = imm.bytes();
+    }
+    let with_imm = pkt.ext().imm.is_some();
+    let (opcode, len, done) = if is_send {
+        let done = match state {
+            RxMsg::Send { done } => done,
+            _ => 0,
+        };
+        let total = done.saturating_add(n);
+        let opcode = if with_imm {
+            Opcode::SendWithImm
+        } else {
+            Opcode::Send
+        };
+        (opcode, total, done)
+    } else {
+        let (va, rkey, len, done) = match (state, pkt.ext().reth) {
+            (
+                RxMsg::Write {
+                    va,
+                    rkey,
+                    len,
+                    done,
+                },
+                _,
+            ) => (va, rkey, len, done),
+            (_, Some(reth)) => (reth.va(), reth.rkey(), reth.dma_len(), 0),
+            _ => {
+                invalid_request(reply, rx, b, bv, mem, qpn, psn);
+                return;
+            }
+        };
+        let end = done.checked_add(n);
+        if end.is_none_or(|e| e > len || (ends && e != len)) {
+            invalid_request(reply, rx, b, bv, mem, qpn, psn);
+            return;
+        }
+        header.remote_addr = va.into();
+        header.rkey = rkey.into();
+        let opcode = if with_imm {
+            Opcode::RdmaWriteWithImm
+        } else {
+            Opcode::RdmaWrite
+        };
+        (opcode, len, done)
+    };
+    let no_runs = Runs::default();
+    let c = Chunk {
+        a_id: REMOTE_PORT_ID,
+        a_gid: reply.peer,
+        a_qpn,
+        qp_type: qp::Type::Rc,
+        opcode,
+        header: &header,
+        solicited: pkt.bth().solicited(),
+        len,
+        done,
+        n,
+        last: ends,
+        qkey: 0,
+        a_runs: &no_runs,
+        inline: payload,
+        is_inline: true,
+        a_mem: mem,
+        b_mem: mem,
+    };
+    let mut unused = 0u64;
+    let resp = engine::respond(bv, b, qpn, &c, &mut unused);
+    let Some(qp) = bv.qps.get_mut(qpn) else {
+        return;
+    };
+    let min_rnr = qp.attr.min_rnr_timer;
+    match resp {
+        Resp::Done => {
+            qp.rt.psns.expected = psn_add(psn, 1);
+            qp.rt.wire.acked = Some(psn);
+            qp.rt.wire.rx = match (ends, is_send) {
+                (true, _) => RxMsg::Idle,
+                (false, true) => RxMsg::Send { done: done + n },
+                (false, false) => RxMsg::Write {
+                    va: header.remote_addr.get(),
+                    rkey: header.rkey.get(),
+                    len,
+                    done: done + n,
+                },
+            };
+            if ends {
+                qp.rt.psns.msn = psn_add(qp.rt.psns.msn, 1);
+            }
+            if pkt.bth().ack_req() {
+                let msn = qp.rt.psns.msn;
+                reply.ack_later(rx, psn, msn);
+            }
+        }
+        Resp::Rnr(_) => {
+            let msn = qp.rt.psns.msn;
+            reply.aeth(
+                &mut rx.batch,
+                psn,
+                Syndrome::RnrNak {
+                    timer: min_rnr & 31,
+                },
+                msn,
+            );
+        }
+        Resp::Nak(status, _) => {
+            let msn = qp.rt.psns.msn;
+            qp.rt.wire.rx = RxMsg::Idle;
+            reply.aeth(&mut rx.batch, psn, Syndrome::Nak(nak_code(status)), msn);
+        }
+        Resp::NoResponder | Resp::Busy | Resp::Dropped | Resp::LocalFault(_) => {}
+    }
+}
+
+/// READ response packets a receive thread sends with the VM's lock taken at most this many
+/// at a time, so a large READ never holds the VM's other QPs, its control path or its
+/// scheduler steps for long.
+const READ_BURST: u32 = 16;
+
+/// A READ the responder has executed, kept to answer a retransmitted request for it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ReadRecord {
+    first_psn: u32,
+    npkts: u32,
+    va: u64,
+    rkey: u32,
+    len: u32,
+    msn: u32,
+}
+
+/// Response packets to send for one READ: `[from, npkts)` of `read`.
+#[derive(Debug, Clone, Copy)]
+pub struct ReadJob {
+    qpn: u32,
+    peer: Gid,
+    dest: u32,
+    mtu: u32,
+    read: ReadRecord,
+    from: u32,
+}
+
+/// An RDMA READ request, checked. A new one moves the expected PSN past all its response
+/// packets and is recorded; a duplicate is answered from its record, from the packet it asks
+/// for on, as MIDDLE..LAST (a requester that already has the first responses expects no new
+/// FIRST, rxe's for one), and only if it asks for what the record says (IBA 9.7.5.1.3). The
+/// packets go out afterwards, from [`run_read`].
+#[allow(clippy::too_many_arguments)]
+fn serve_read(
+    reply: &Reply<'_>,
+    rx: &mut RxBuffers,
+    b: &VmPort,
+    bv: &mut Vm,
+    mem: &GuestMem,
+    qpn: u32,
+    psn: u32,
+    reth: Reth,
+    new: bool,
+) -> Option<ReadJob> {
+    let qp = bv.qps.get(qpn)?;
+    let mtu = mtu_of(qp);
+    let job = |read: ReadRecord, from: u32| ReadJob {
+        qpn,
+        peer: reply.peer,
+        dest: reply.dest,
+        mtu,
+        read,
+        from,
+    };
+    if !new {
+        let hit = qp.rt.wire.reads.iter().find(|r| {
+            let k = psn_diff(psn, r.first_psn);
+            k >= 0 && (k as u32) < r.npkts
+        })?;
+        let k = psn_diff(psn, hit.first_psn) as u32;
+        let off = k * mtu;
+        let same = reth.rkey() == hit.rkey
+            && reth.va() == hit.va.wrapping_add(u64::from(off))
+            && reth.dma_len() == hit.len - off.min(hit.len);
+        return same.then(|| job(*hit, k));
+    }
+    let (va, rkey, len) = (reth.va(), reth.rkey(), reth.dma_len());
+    // A message is at most 2^31 bytes (IBA C9-94), which also keeps a READ's PSNs within the
+    // half of PSN space that tells old from new.
+    if qp.rt.wire.rx != RxMsg::Idle || len > 1 << 31 {
+        invalid_request(reply, rx, b, bv, mem, qpn, psn);
+        return None;
+    }
+    let access = Access::from_bits_truncate(qp.attr.qp_access_flags.get());
+    let pdn = qp.pdn;
+    let msn = psn_add(qp.rt.psns.msn, 1);
+    let checked = if len == 0 {
+        // A zero-length READ names no memory (IBA C9-88).
+        Ok(())
+    } else {
+        bv.mrs.get(rkey).ok_or(VendorErr::BadRkey).and_then(|mr| {
+            if mr.pdn != pdn {
+                Err(VendorErr::PdMismatch)
+            } else if !mr.access().contains(Access::REMOTE_READ)
+                || !access.contains(Access::REMOTE_READ)
+            {
+                Err(VendorErr::RemoteAccess)
+            } else if !mr.contains(va, len.into()) {
+                Err(VendorErr::RemoteOutOfBounds)
+            } else {
+                Ok(())
+            }
+        })
+    };
+    if let Err(v) = checked {
+        let msn = qp.rt.psns.msn;
+        engine::responder_error(bv, b, mem, qpn, None, v);
+        b.push_event(event::Kind::QpAccessErr, qpn);
+        reply.aeth(
+            &mut rx.batch,
+            psn,
+            Syndrome::Nak(NakCode::RemoteAccessError),
+            msn,
+        );
+        return None;
+    }
+    let read = ReadRecord {
+        first_psn: psn,
+        npkts: len.div_ceil(mtu).max(1),
+        va,
+        rkey,
+        len,
+        msn,
+    };
+    let qp = bv.qps.get_mut(qpn)?;
+    qp.rt.psns.expected = psn_add(psn, read.npkts);
+    qp.rt.psns.msn = msn;
+    let w = &mut qp.rt.wire;
+    w.reads[usize::from(w.read_next) % READ_HISTORY] = read;
+    w.read_next = w.read_next.wrapping_add(1);
+    Some(job(read, 0))
+}
+
+/// Sends a READ's response packets, taking the VM's lock for [`READ_BURST`] at a time and
+/// checking each time that the QP still answers and the MR still grants the range: a guest
+/// may destroy either meanwhile, and then the rest is not sent (its requester times out, as
+/// with a responder that went away).
+pub(super) fn run_read(
+    fabric: &Fabric,
+    ep: &Arc<Endpoint>,
+    rx: &mut RxBuffers,
+    port: &VmPort,
+    job: &ReadJob,
+) {
+    let mem = port.mem.memory();
+    let r = job.read;
+    let reply = Reply {
+        fabric,
+        ep,
+        peer: job.peer,
+        dest: job.dest,
+    };
+    let Ok(aeth) = Aeth::new(ACK, r.msn & PSN_MASK) else {
+        return;
+    };
+    let mut k = job.from;
+    while k < r.npkts {
+        let vm = port.lock();
+        let ready = vm
+            .qps
+            .get(job.qpn)
+            .is_some_and(|q| matches!(q.state(), qp::State::Rtr | qp::State::Rts | qp::State::Sqd));
+        let mr = vm
+            .mrs
+            .get(r.rkey)
+            .filter(|mr| mr.contains(r.va, r.len.into()));
+        if !ready || (r.len > 0 && mr.is_none()) {
+            return;
+        }
+        let end = (k + READ_BURST).min(r.npkts);
+        while k < end {
+            let off = k * job.mtu;
+            let n = r.len.saturating_sub(off).min(job.mtu);
+            let payload = &mut rx.payload[..n as usize];
+            if let Some(mr) = mr {
+                let mut runs = Runs::default();
+                let read = xfer::mr_runs(mr, r.va + u64::from(off), n, &mut runs)
+                    .and_then(|()| xfer::read_runs(&mem, runs.as_slice(), payload));
+                if read.is_err() {
+                    return;
+                }
+            }
+            let (op, with_aeth) = match (k == 0, k + 1 == r.npkts) {
+                (true, true) => (Op::RcReadResponseOnly, true),
+                (true, false) => (Op::RcReadResponseFirst, true),
+                (false, false) => (Op::RcReadResponseMiddle, false),
+                (false, true) => (Op::RcReadResponseLast, true),
+            };
+            let ext = Extensions {
+                aeth: with_aeth.then_some(aeth),
+                ..Extensions::default()
+            };
+            reply.send(
+                &mut rx.batch,
+                op,
+                psn_add(r.first_psn, k),
+                ext,
+                &rx.payload[..n as usize],
+            );
+            k += 1;
+        }
+    }
+}
+
+/// An atomic: executed once; its result kept to answer a retransmission.
+fn serve_atomic(
+    reply: &Reply<'_>,
+    rx: &mut RxBuffers,
+    b: &VmPort,
+    bv: &mut Vm,
+    mem: &GuestMem,
+    qpn: u32,
+    pkt: &Packet<'_>,
+) {
+    let Some(qp) = bv.qps.get(qpn) else { return };
+    let psn = pkt.bth().psn();
+    let Some(eth) = pkt.ext().atomic else { return };
+    if qp.rt.wire.rx != RxMsg::Idle {
+        invalid_request(reply, rx, b, bv, mem, qpn, psn);
+        return;
+    }
+    let (compare_add, swap, opcode) = if pkt.opcode() == Op::RcCompareSwap {
+        (eth.compare(), eth.swap_add(), Opcode::AtomicCmpAndSwp)
+    } else {
+        (eth.swap_add(), 0, Opcode::AtomicFetchAndAdd)
+    };
+    let header = wqe::SendHeader {
+        remote_addr: eth.va().into(),
+        rkey: eth.rkey().into(),
+        compare_add: compare_add.into(),
+        swap: swap.into(),
+        ..wqe::SendHeader::default()
+    };
+    let no_runs = Runs::default();
+    let c = Chunk {
+        a_id: REMOTE_PORT_ID,
+        a_gid: reply.peer,
+        a_qpn: qp.attr.dest_qp_num.get(),
+        qp_type: qp::Type::Rc,
+        opcode,
+        header: &header,
+        solicited: false,
+        len: wqe::ATOMIC_SIZE,
+        done: 0,
+        n: wqe::ATOMIC_SIZE,
+        last: true,
+        qkey: 0,
+        a_runs: &no_runs,
+        inline: &[],
+        is_inline: true,
+        a_mem: mem,
+        b_mem: mem,
+    };
+    let mut orig = 0u64;
+    let resp = engine::respond(bv, b, qpn, &c, &mut orig);
+    let Some(qp) = bv.qps.get_mut(qpn) else {
+        return;
+    };
+    match resp {
+        Resp::Done => {
+            qp.rt.psns.expected = psn_add(psn, 1);
+            qp.rt.wire.acked = Some(psn);
+            qp.rt.psns.msn = psn_add(qp.rt.psns.msn, 1);
+            let w = &mut qp.rt.wire;
+            w.atomics[usize::from(w.atomic_next) % ATOMIC_REPLAY] = (psn, orig, true);
+            w.atomic_next = w.atomic_next.wrapping_add(1);
+            let msn = qp.rt.psns.msn;
+            atomic_ack(reply, rx, psn, msn, orig);
+        }
+        Resp::Nak(status, _) => {
+            let msn = qp.rt.psns.msn;
+            reply.aeth(&mut rx.batch, psn, Syndrome::Nak(nak_code(status)), msn);
+        }
+        _ => {}
+    }
+}

@@ -535,13 +535,7 @@ fn fail_local(
 
 /// Go-back-N: makes the oldest unacknowledged PSN the next to send again. Returns false if the
 /// work request it belongs to can no longer be read (the QP has failed).
-fn go_back(
-    av: &mut Vm,
-    a: &VmPort,
-    mem: &GuestMem,
-    qpn: u32,
-    counters: &Counters,
-) -> bool {
+fn go_back(av: &mut Vm, a: &VmPort, mem: &GuestMem, qpn: u32, counters: &Counters) -> bool {
     let Some(qp) = av.qps.get(qpn) else {
         return false;
     };
@@ -590,14 +584,7 @@ fn go_back(
 
 /// Completes the oldest work request on the wire with `status` and takes the QP to ERR,
 /// flushing the rest.
-fn fail_oldest(
-    av: &mut Vm,
-    a: &VmPort,
-    mem: &GuestMem,
-    qpn: u32,
-    status: Status,
-    v: VendorErr,
-) {
+fn fail_oldest(av: &mut Vm, a: &VmPort, mem: &GuestMem, qpn: u32, status: Status, v: VendorErr) {
     if let Some(qp) = av.qps.get(qpn) {
         let head = qp.rt.sq_head;
         if head != qp.rt.wire.sq_max {
@@ -847,13 +834,7 @@ fn progress(qp: &mut crate::vm::Qp) {
 
 /// The work request at the head, if it is a READ or atomic whose PSNs include `psn` and
 /// everything before it has been acknowledged by this response (responses come in order).
-fn responded(
-    av: &mut Vm,
-    a: &VmPort,
-    mem: &GuestMem,
-    qpn: u32,
-    psn: u32,
-) -> Option<Sent> {
+fn responded(av: &mut Vm, a: &VmPort, mem: &GuestMem, qpn: u32, psn: u32) -> Option<Sent> {
     // A response implies every request before it was received.
     ack_through(av, a, mem, qpn, psn_add(psn, PSN_MASK));
     let qp = av.qps.get_mut(qpn)?;
@@ -867,13 +848,7 @@ fn responded(
 }
 
 /// A READ response packet: its payload goes where the READ's SGEs say.
-fn read_response(
-    av: &mut Vm,
-    a: &VmPort,
-    mem: &GuestMem,
-    qpn: u32,
-    pkt: &Packet<'_>,
-) -> bool {
+fn read_response(av: &mut Vm, a: &VmPort, mem: &GuestMem, qpn: u32, pkt: &Packet<'_>) -> bool {
     let psn = pkt.bth().psn();
     let Some(s) = responded(av, a, mem, qpn, psn) else {
         if let Some(qp) = av.qps.get_mut(qpn) {
@@ -939,13 +914,7 @@ fn read_response(
 }
 
 /// An atomic's acknowledgement: the value before goes into the request's SGE.
-fn atomic_response(
-    av: &mut Vm,
-    a: &VmPort,
-    mem: &GuestMem,
-    qpn: u32,
-    pkt: &Packet<'_>,
-) -> bool {
+fn atomic_response(av: &mut Vm, a: &VmPort, mem: &GuestMem, qpn: u32, pkt: &Packet<'_>) -> bool {
     let psn = pkt.bth().psn();
     let Some(s) = responded(av, a, mem, qpn, psn) else {
         if let Some(qp) = av.qps.get_mut(qpn) {

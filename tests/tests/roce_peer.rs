@@ -53,9 +53,18 @@ impl Peer {
     }
 
     fn send(&self, op: Op, psn: u32, ack_req: bool, ext: Extensions, payload: &[u8]) {
+        self.send_bth(op, psn, ack_req, 0xffff, ext, payload);
+    }
+
+    fn send_with_pkey(&self, pkey: u16, op: Op, psn: u32, ext: Extensions, payload: &[u8]) {
+        self.send_bth(op, psn, true, pkey, ext, payload);
+    }
+
+    fn send_bth(&self, op: Op, psn: u32, ack: bool, pkey: u16, ext: Extensions, payload: &[u8]) {
         let bth = Bth::new(op, self.vm_qpn, psn)
             .unwrap()
-            .with_ack_req(ack_req);
+            .with_ack_req(ack)
+            .with_pkey(pkey);
         let pkt = Packet::new(bth, ext, payload).unwrap();
         let mut buf = vec![0u8; pkt.encoded_len()];
         pkt.encode(&mut buf, &Self::headers(PEER, VM)).unwrap();
@@ -277,11 +286,43 @@ fn the_responder_answers_a_scripted_peer_as_the_iba_says() {
         (78, bytes[..10].to_vec())
     );
 
+    // A packet of another partition is not for this port: dropped unanswered, unapplied; the
+    // default partition's limited members (top bit clear) are.
+    p.send_with_pkey(
+        0x1234,
+        Op::RcWriteOnly,
+        7,
+        reth(va + 40_000, rkey, 3),
+        &[9, 9, 9],
+    );
+    p.expect_silence();
+    assert_eq!(read(&b.buf, 40_000, 3), pattern_at(&b, 40_000, 3));
+    let fabric = d.daemon().fabric().expect("--roce");
+    let counters = &fabric
+        .endpoint(&ctx.gid())
+        .expect("the VM's address")
+        .counters;
+    assert_eq!(
+        counters.bad_pkey.load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    p.send_with_pkey(
+        0x7fff,
+        Op::RcWriteOnly,
+        7,
+        reth(va + 40_000, rkey, 3),
+        &[9, 9, 9],
+    );
+    assert_eq!(
+        (p.expect().psn, read(&b.buf, 40_000, 3)),
+        (7, vec![9, 9, 9])
+    );
+
     // A WRITE MIDDLE with no WRITE FIRST before it is an invalid request: NAK, and the QP
     // goes to the error state.
     p.send(
         Op::RcWriteMiddle,
-        7,
+        8,
         true,
         Extensions::default(),
         &[0u8; 1024],
@@ -289,9 +330,16 @@ fn the_responder_answers_a_scripted_peer_as_the_iba_says() {
     let nak = p.expect();
     assert_eq!(
         (nak.psn, syndrome(&nak)),
-        (7, Syndrome::Nak(NakCode::InvalidRequest))
+        (8, Syndrome::Nak(NakCode::InvalidRequest))
     );
     assert_eq!(scenarios::state(&b), vrdma::QpState::Err);
+}
+
+/// What `pattern` put at `offset..offset + len` of the endpoint's buffer.
+fn pattern_at(e: &Endpoint, offset: usize, len: usize) -> Vec<u8> {
+    let probe = e.ctx.alloc(e.buf.len()).unwrap();
+    pattern(&probe, 7);
+    read(&probe, offset, len)
 }
 
 fn ack_syndrome() -> Syndrome {

@@ -916,6 +916,12 @@ impl Engine {
         }
         let Some(b) = self.by_gid.get(&dgid).cloned() else {
             if let (Some(fabric), qp::Type::Ud) = (&self.fabric, qp_type) {
+                // UD packets carry PSNs too, one per datagram (receivers ignore them).
+                let psn = av.qps.get_mut(qpn).map_or(0, |q| {
+                    let psn = q.rt.psns.next;
+                    q.rt.psns.next = (psn + 1) & qp::MAX_PSN;
+                    psn
+                });
                 let sent = wire::send_ud(
                     fabric,
                     &mut self.tx,
@@ -927,6 +933,7 @@ impl Engine {
                     dest_qpn,
                     qkey,
                     qpn,
+                    psn,
                 );
                 self.tx.batch.flush();
                 if let Err(v) = sent {

@@ -80,6 +80,8 @@ const RX_BATCH: usize = 32;
 /// truncated and fail the parser.
 const RX_SLOT: usize = 8192;
 
+/// The P_Key bits that name the partition (the top bit is the membership type).
+const PKEY_BASE: u16 = 0x7fff;
 /// PSNs are 24 bits.
 const PSN_MASK: u32 = vrdma_roce::MAX_24;
 
@@ -141,6 +143,8 @@ pub struct Counters {
     pub naks: AtomicU64,
     /// Responses that matched nothing outstanding.
     pub stray_responses: AtomicU64,
+    /// Packets of a partition (P_Key) other than the default, the only one vrdma has.
+    pub bad_pkey: AtomicU64,
 }
 
 /// A VM's address on the network: its socket and who answers there.
@@ -259,13 +263,14 @@ impl Fabric {
                 .map(|e| format!("{e}: {}", load(&c.malformed[e.index()])))
                 .collect();
             info!(
-                "RoCEv2 {}: rx {} tx {} tx-errors {} tx-dropped {} no-qp {} out-of-sequence {} duplicates {} retransmitted {} naks {} stray-responses {} malformed {} [{}]",
+                "RoCEv2 {}: rx {} tx {} tx-errors {} tx-dropped {} no-qp {} bad-pkey {} out-of-sequence {} duplicates {} retransmitted {} naks {} stray-responses {} malformed {} [{}]",
                 ep.addr,
                 load(&c.rx),
                 load(&c.tx),
                 load(&c.tx_errors),
                 load(&c.tx_dropped),
                 load(&c.no_qp),
+                load(&c.bad_pkey),
                 load(&c.out_of_sequence),
                 load(&c.duplicates),
                 load(&c.retransmitted),
@@ -524,6 +529,12 @@ fn handle_datagram(
             return;
         }
     };
+    // vrdma ports have one partition, the default: a packet of another is not for us (the
+    // membership bit is ignored, as a full member accepts limited members' packets).
+    if pkt.bth().pkey() & PKEY_BASE != vrdma_roce::bth::DEFAULT_PKEY & PKEY_BASE {
+        ep.counters.bad_pkey.fetch_add(1, Ordering::Relaxed);
+        return;
+    }
     let Some(port) = ep.vm.read().unwrap_or_else(|p| p.into_inner()).clone() else {
         ep.counters.no_qp.fetch_add(1, Ordering::Relaxed);
         return;

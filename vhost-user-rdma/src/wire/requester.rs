@@ -974,6 +974,7 @@ pub fn send_ud(
     dest_qpn: u32,
     qkey: u32,
     src_qpn: u32,
+    psn: u32,
 ) -> Result<(), VendorErr> {
     let Some(ep) = fabric.endpoint(&a.gid) else {
         return Ok(());
@@ -1000,7 +1001,7 @@ pub fn send_ud(
         (Op::UdSendOnly, None)
     };
     let deth = Deth::new(qkey, src_qpn).map_err(|_| VendorErr::BadAh)?;
-    let bth = Bth::new(op, dest_qpn, 0)
+    let bth = Bth::new(op, dest_qpn, psn)
         .map_err(|_| VendorErr::BadAh)?
         .with_solicited(wr.flags.contains(SendFlags::SOLICITED));
     let ext = Extensions {

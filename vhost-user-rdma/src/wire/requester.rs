@@ -833,11 +833,16 @@ fn progress(qp: &mut crate::vm::Qp) {
 }
 
 /// The work request at the head, if it is a READ or atomic whose PSNs include `psn` and
-/// everything before it has been acknowledged by this response (responses come in order).
+/// everything before it has been acknowledged by this response (responses come in order). A
+/// response after a gap means the packets between were lost: it asks for a go-back-N.
 fn responded(av: &mut Vm, a: &VmPort, mem: &GuestMem, qpn: u32, psn: u32) -> Option<Sent> {
     // A response implies every request before it was received.
     ack_through(av, a, mem, qpn, psn_add(psn, PSN_MASK));
     let qp = av.qps.get_mut(qpn)?;
+    if psn_diff(psn, qp.rt.psns.una) > 0 {
+        ask_rewind(qp);
+        return None;
+    }
     let head = qp.rt.sq_head;
     if head == qp.rt.wire.sq_max {
         return None;
@@ -847,16 +852,52 @@ fn responded(av: &mut Vm, a: &VmPort, mem: &GuestMem, qpn: u32, psn: u32) -> Opt
     (in_range && psn == qp.rt.psns.una).then_some(s)
 }
 
+/// Writes `bytes` at offset `off` of the message the head work request `s` receives into (a
+/// READ's or atomic's SGEs), re-reading the request from the ring as an RNIC re-reads its WQE.
+fn place_at_head(
+    av: &Vm,
+    mem: &GuestMem,
+    qpn: u32,
+    s: &Sent,
+    off: u32,
+    bytes: &[u8],
+) -> Result<(), VendorErr> {
+    let qp = av.qps.get(qpn).ok_or(VendorErr::GuestMemory)?;
+    let mut slot = [0u8; MAX_SEND_SLOT];
+    if !read_slot(qp, mem, qp.rt.sq_head, &mut slot) {
+        return Err(VendorErr::GuestMemory);
+    }
+    let wr = wqe::decode_send(&slot, qp.send_limits()).map_err(|_| VendorErr::MalformedWqe)?;
+    // The guest may have overwritten its posted request: the one there now is not ours.
+    if wr.opcode.raw() != s.opcode || wr.header.wr_id.get() != s.wr_id {
+        return Err(VendorErr::MalformedWqe);
+    }
+    let Payload::Sges(sges) = wr.payload else {
+        return Err(VendorErr::MalformedWqe);
+    };
+    let mut runs = Runs::default();
+    xfer::sge_runs(&av.mrs, sges, off, bytes.len() as u32, &mut runs)?;
+    xfer::write_runs(bytes, mem, runs.as_slice())
+}
+
+/// A response's data is in place: the PSN is acknowledged, and the request completes if this
+/// was its last.
+fn answered(av: &mut Vm, a: &VmPort, mem: &GuestMem, qpn: u32, psn: u32, last: bool) -> bool {
+    let Some(qp) = av.qps.get_mut(qpn) else {
+        return false;
+    };
+    qp.rt.psns.una = psn_add(psn, 1);
+    progress(qp);
+    if last {
+        complete_oldest(av, a, mem, qpn, Status::Success, VendorErr::None);
+    }
+    true
+}
+
 /// A READ response packet: its payload goes where the READ's SGEs say.
 fn read_response(av: &mut Vm, a: &VmPort, mem: &GuestMem, qpn: u32, pkt: &Packet<'_>) -> bool {
     let psn = pkt.bth().psn();
     let Some(s) = responded(av, a, mem, qpn, psn) else {
-        if let Some(qp) = av.qps.get_mut(qpn) {
-            // A response after a gap: the packets between were lost.
-            if psn_diff(psn, qp.rt.psns.una) > 0 {
-                ask_rewind(qp);
-            }
-        }
         return wants_rewind(av, qpn);
     };
     if Opcode::from_raw(s.opcode).ok() != Some(Opcode::RdmaRead) {
@@ -881,48 +922,17 @@ fn read_response(av: &mut Vm, a: &VmPort, mem: &GuestMem, qpn: u32, pkt: &Packet
         rewind(av, qpn);
         return true;
     }
-    let mut slot = [0u8; MAX_SEND_SLOT];
-    let head = qp.rt.sq_head;
-    let placed = read_slot(qp, mem, head, &mut slot)
-        .then(|| wqe::decode_send(&slot, qp.send_limits()).ok())
-        .flatten()
-        .filter(|wr| wr.opcode == Opcode::RdmaRead && wr.header.wr_id.get() == s.wr_id)
-        .map(|wr| match wr.payload {
-            Payload::Sges(sges) => {
-                let mut runs = Runs::default();
-                xfer::sge_runs(&av.mrs, sges, off, n, &mut runs)
-                    .and_then(|()| xfer::write_runs(payload, mem, runs.as_slice()))
-            }
-            Payload::Inline(_) => Err(VendorErr::MalformedWqe),
-        });
-    match placed {
-        Some(Ok(())) => {}
-        _ => {
-            fail_oldest(av, a, mem, qpn, Status::LocProtErr, VendorErr::GuestMemory);
-            return false;
-        }
-    }
-    let Some(qp) = av.qps.get_mut(qpn) else {
+    if let Err(v) = place_at_head(av, mem, qpn, &s, off, payload) {
+        fail_oldest(av, a, mem, qpn, Status::LocProtErr, v);
         return false;
-    };
-    qp.rt.psns.una = psn_add(psn, 1);
-    progress(qp);
-    if last {
-        complete_oldest(av, a, mem, qpn, Status::Success, VendorErr::None);
     }
-    true
+    answered(av, a, mem, qpn, psn, last)
 }
 
 /// An atomic's acknowledgement: the value before goes into the request's SGE.
 fn atomic_response(av: &mut Vm, a: &VmPort, mem: &GuestMem, qpn: u32, pkt: &Packet<'_>) -> bool {
     let psn = pkt.bth().psn();
     let Some(s) = responded(av, a, mem, qpn, psn) else {
-        if let Some(qp) = av.qps.get_mut(qpn) {
-            // An answer after a gap: what was before it was lost.
-            if psn_diff(psn, qp.rt.psns.una) > 0 {
-                ask_rewind(qp);
-            }
-        }
         return wants_rewind(av, qpn);
     };
     let Some(ack) = pkt.ext().atomic_ack else {
@@ -931,34 +941,12 @@ fn atomic_response(av: &mut Vm, a: &VmPort, mem: &GuestMem, qpn: u32, pkt: &Pack
     if !Opcode::from_raw(s.opcode).is_ok_and(Opcode::is_atomic) {
         return false;
     }
-    let Some(qp) = av.qps.get(qpn) else {
-        return false;
-    };
-    let mut slot = [0u8; MAX_SEND_SLOT];
-    let placed = read_slot(qp, mem, qp.rt.sq_head, &mut slot)
-        .then(|| wqe::decode_send(&slot, qp.send_limits()).ok())
-        .flatten()
-        .filter(|wr| wr.opcode.is_atomic() && wr.header.wr_id.get() == s.wr_id)
-        .map(|wr| match wr.payload {
-            Payload::Sges(sges) => {
-                let mut runs = Runs::default();
-                xfer::sge_runs(&av.mrs, sges, 0, wqe::ATOMIC_SIZE, &mut runs).and_then(|()| {
-                    xfer::write_runs(&ack.original().to_ne_bytes(), mem, runs.as_slice())
-                })
-            }
-            Payload::Inline(_) => Err(VendorErr::MalformedWqe),
-        });
-    if !matches!(placed, Some(Ok(()))) {
-        fail_oldest(av, a, mem, qpn, Status::LocProtErr, VendorErr::GuestMemory);
+    let original = ack.original().to_ne_bytes();
+    if let Err(v) = place_at_head(av, mem, qpn, &s, 0, &original) {
+        fail_oldest(av, a, mem, qpn, Status::LocProtErr, v);
         return false;
     }
-    let Some(qp) = av.qps.get_mut(qpn) else {
-        return false;
-    };
-    qp.rt.psns.una = psn_add(psn, 1);
-    progress(qp);
-    complete_oldest(av, a, mem, qpn, Status::Success, VendorErr::None);
-    true
+    answered(av, a, mem, qpn, psn, true)
 }
 
 /// Sends a UD work request as one datagram; it completes as soon as it is sent, as on an RNIC.

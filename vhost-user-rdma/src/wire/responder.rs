@@ -185,19 +185,15 @@ pub(super) fn on_request(
         if let Some(qp) = bv.qps.get_mut(qpn) {
             if !qp.rt.wire.nak_sent {
                 qp.rt.wire.nak_sent = true;
-                reply.aeth(
-                    &mut rx.batch,
-                    expected,
-                    Syndrome::Nak(NakCode::PsnSequenceError),
-                    msn,
-                );
+                reply.nak(&mut rx.batch, expected, NakCode::PsnSequenceError, msn);
             }
         }
         return None;
     }
+    let r = Responder { reply, b, mem, qpn };
     if d < 0 {
         ep.counters.duplicates.fetch_add(1, Ordering::Relaxed);
-        return on_duplicate(&reply, rx, b, bv, mem, qpn, pkt);
+        return on_duplicate(&r, rx, bv, pkt);
     }
     if let Some(qp) = bv.qps.get_mut(qpn) {
         qp.rt.wire.nak_sent = false;
@@ -205,12 +201,20 @@ pub(super) fn on_request(
     match pkt.opcode() {
         Op::RcReadRequest => {
             let reth = pkt.ext().reth?;
-            return serve_read(&reply, rx, b, bv, mem, qpn, psn, reth, true);
+            return serve_read(&r, rx, bv, psn, reth, true);
         }
-        Op::RcCompareSwap | Op::RcFetchAdd => serve_atomic(&reply, rx, b, bv, mem, qpn, pkt),
-        _ => serve_data(&reply, rx, b, bv, mem, qpn, pkt),
+        Op::RcCompareSwap | Op::RcFetchAdd => serve_atomic(&r, rx, bv, pkt),
+        _ => serve_data(&r, rx, bv, pkt),
     }
     None
+}
+
+/// The QP answering a request: its VM, that VM's memory, its QPN, and where its answers go.
+struct Responder<'a> {
+    reply: Reply<'a>,
+    b: &'a VmPort,
+    mem: &'a GuestMem,
+    qpn: u32,
 }
 
 /// Where answers to one request go.
@@ -230,6 +234,11 @@ impl Reply<'_> {
             psn,
             msn,
         });
+    }
+
+    /// Sends a NAK with `code` for `psn`.
+    fn nak(&self, batch: &mut Batch, psn: u32, code: NakCode, msn: u32) {
+        self.aeth(batch, psn, Syndrome::Nak(code), msn);
     }
 
     /// Sends an ACKNOWLEDGE (or NAK) for `psn`.
@@ -268,14 +277,12 @@ const ACK: Syndrome = Syndrome::Ack {
 
 /// A request already executed: answered again, never executed twice.
 fn on_duplicate(
-    reply: &Reply<'_>,
+    r: &Responder<'_>,
     rx: &mut RxBuffers,
-    b: &VmPort,
     bv: &mut Vm,
-    mem: &GuestMem,
-    qpn: u32,
     pkt: &Packet<'_>,
 ) -> Option<ReadJob> {
+    let (reply, qpn) = (&r.reply, r.qpn);
     let qp = bv.qps.get(qpn)?;
     let psn = pkt.bth().psn();
     let (expected, msn) = (qp.rt.psns.expected, qp.rt.psns.msn);
@@ -283,7 +290,7 @@ fn on_duplicate(
         // Reading again changes nothing, and the requester may ask for only the part it lacks.
         Op::RcReadRequest => {
             let reth = pkt.ext().reth?;
-            return serve_read(reply, rx, b, bv, mem, qpn, psn, reth, false);
+            return serve_read(r, rx, bv, psn, reth, false);
         }
         Op::RcCompareSwap | Op::RcFetchAdd => {
             let hit = qp
@@ -331,36 +338,17 @@ fn nak_code(status: Status) -> NakCode {
 
 /// The NAK for a request the responder cannot make sense of; the QP goes to ERR as the IBA
 /// asks of an invalid request.
-fn invalid_request(
-    reply: &Reply<'_>,
-    rx: &mut RxBuffers,
-    b: &VmPort,
-    bv: &mut Vm,
-    mem: &GuestMem,
-    qpn: u32,
-    psn: u32,
-) {
+fn invalid_request(r: &Responder<'_>, rx: &mut RxBuffers, bv: &mut Vm, psn: u32) {
+    let (reply, b, mem, qpn) = (&r.reply, r.b, r.mem, r.qpn);
     let msn = bv.qps.get(qpn).map_or(0, |q| q.rt.psns.msn);
     engine::responder_error(bv, b, mem, qpn, None, VendorErr::MalformedWqe);
     b.push_event(event::Kind::QpReqErr, qpn);
-    reply.aeth(
-        &mut rx.batch,
-        psn,
-        Syndrome::Nak(NakCode::InvalidRequest),
-        msn,
-    );
+    reply.nak(&mut rx.batch, psn, NakCode::InvalidRequest, msn);
 }
 
 /// SEND and RDMA WRITE packets, through the local fabric's responder.
-fn serve_data(
-    reply: &Reply<'_>,
-    rx: &mut RxBuffers,
-    b: &VmPort,
-    bv: &mut Vm,
-    mem: &GuestMem,
-    qpn: u32,
-    pkt: &Packet<'_>,
-) {
+fn serve_data(r: &Responder<'_>, rx: &mut RxBuffers, bv: &mut Vm, pkt: &Packet<'_>) {
+    let (reply, b, mem, qpn) = (&r.reply, r.b, r.mem, r.qpn);
     let Some(qp) = bv.qps.get(qpn) else { return };
     let psn = pkt.bth().psn();
     let op = pkt.opcode();
@@ -404,12 +392,12 @@ fn serve_data(
         RxMsg::Write { .. } => !is_send && !starts,
     };
     if !in_order || (!ends && n != mtu) || n > mtu {
-        invalid_request(reply, rx, b, bv, mem, qpn, psn);
+        invalid_request(r, rx, bv, psn);
         return;
     }
     if matches!(op, RcSendLastWithInvalidate | RcSendOnlyWithInvalidate) {
         // vrdma has no memory windows or fast-registered MRs to invalidate.
-        invalid_request(reply, rx, b, bv, mem, qpn, psn);
+        invalid_request(r, rx, bv, psn);
         return;
     }
     let mut header = wqe::SendHeader::default();
@@ -442,13 +430,13 @@ fn serve_data(
             ) => (va, rkey, len, done),
             (_, Some(reth)) => (reth.va(), reth.rkey(), reth.dma_len(), 0),
             _ => {
-                invalid_request(reply, rx, b, bv, mem, qpn, psn);
+                invalid_request(r, rx, bv, psn);
                 return;
             }
         };
         let end = done.checked_add(n);
         if end.is_none_or(|e| e > len || (ends && e != len)) {
-            invalid_request(reply, rx, b, bv, mem, qpn, psn);
+            invalid_request(r, rx, bv, psn);
             return;
         }
         header.remote_addr = va.into();
@@ -522,7 +510,7 @@ fn serve_data(
         Resp::Nak(status, _) => {
             let msn = qp.rt.psns.msn;
             qp.rt.wire.rx = RxMsg::Idle;
-            reply.aeth(&mut rx.batch, psn, Syndrome::Nak(nak_code(status)), msn);
+            reply.nak(&mut rx.batch, psn, nak_code(status), msn);
         }
         Resp::NoResponder | Resp::Busy | Resp::Dropped | Resp::LocalFault(_) => {}
     }
@@ -560,18 +548,15 @@ pub struct ReadJob {
 /// for on, as MIDDLE..LAST (a requester that already has the first responses expects no new
 /// FIRST, rxe's for one), and only if it asks for what the record says (IBA 9.7.5.1.3). The
 /// packets go out afterwards, from [`run_read`].
-#[allow(clippy::too_many_arguments)]
 fn serve_read(
-    reply: &Reply<'_>,
+    r: &Responder<'_>,
     rx: &mut RxBuffers,
-    b: &VmPort,
     bv: &mut Vm,
-    mem: &GuestMem,
-    qpn: u32,
     psn: u32,
     reth: Reth,
     new: bool,
 ) -> Option<ReadJob> {
+    let (reply, b, mem, qpn) = (&r.reply, r.b, r.mem, r.qpn);
     let qp = bv.qps.get(qpn)?;
     let mtu = mtu_of(qp);
     let job = |read: ReadRecord, from: u32| ReadJob {
@@ -598,7 +583,7 @@ fn serve_read(
     // A message is at most 2^31 bytes (IBA C9-94), which also keeps a READ's PSNs within the
     // half of PSN space that tells old from new.
     if qp.rt.wire.rx != RxMsg::Idle || len > 1 << 31 {
-        invalid_request(reply, rx, b, bv, mem, qpn, psn);
+        invalid_request(r, rx, bv, psn);
         return None;
     }
     let access = Access::from_bits_truncate(qp.attr.qp_access_flags.get());
@@ -626,12 +611,7 @@ fn serve_read(
         let msn = qp.rt.psns.msn;
         engine::responder_error(bv, b, mem, qpn, None, v);
         b.push_event(event::Kind::QpAccessErr, qpn);
-        reply.aeth(
-            &mut rx.batch,
-            psn,
-            Syndrome::Nak(NakCode::RemoteAccessError),
-            msn,
-        );
+        reply.nak(&mut rx.batch, psn, NakCode::RemoteAccessError, msn);
         return None;
     }
     let read = ReadRecord {
@@ -723,20 +703,13 @@ pub(super) fn run_read(
 }
 
 /// An atomic: executed once; its result kept to answer a retransmission.
-fn serve_atomic(
-    reply: &Reply<'_>,
-    rx: &mut RxBuffers,
-    b: &VmPort,
-    bv: &mut Vm,
-    mem: &GuestMem,
-    qpn: u32,
-    pkt: &Packet<'_>,
-) {
+fn serve_atomic(r: &Responder<'_>, rx: &mut RxBuffers, bv: &mut Vm, pkt: &Packet<'_>) {
+    let (reply, b, mem, qpn) = (&r.reply, r.b, r.mem, r.qpn);
     let Some(qp) = bv.qps.get(qpn) else { return };
     let psn = pkt.bth().psn();
     let Some(eth) = pkt.ext().atomic else { return };
     if qp.rt.wire.rx != RxMsg::Idle {
-        invalid_request(reply, rx, b, bv, mem, qpn, psn);
+        invalid_request(r, rx, bv, psn);
         return;
     }
     let (compare_add, swap, opcode) = if pkt.opcode() == Op::RcCompareSwap {
@@ -789,7 +762,7 @@ fn serve_atomic(
         }
         Resp::Nak(status, _) => {
             let msn = qp.rt.psns.msn;
-            reply.aeth(&mut rx.batch, psn, Syndrome::Nak(nak_code(status)), msn);
+            reply.nak(&mut rx.batch, psn, nak_code(status), msn);
         }
         _ => {}
     }

@@ -122,13 +122,9 @@ pub fn step_rc(
     }
     if let Some(until) = t.rnr_until {
         if now < until {
-            let timer = t.timer_at.is_none_or(|p| p > until).then_some(until);
-            if timer.is_some() {
-                t.timer_at = timer;
-            }
             return StepOutcome {
                 step: Step::Idle,
-                timer,
+                timer: arm_timer(t, until),
             };
         }
         t.rnr_until = None;
@@ -215,23 +211,12 @@ pub fn step_rc(
         qp.rt.sqd_notified = true;
         a.push_event(event::Kind::SqDrained, qpn);
     }
-    // One timer in the scheduler's heap per QP at a time: a deadline that moved later is
-    // re-armed when the earlier timer fires.
     let t = &mut qp.rt.wire;
-    if t.timer_at.is_some_and(|at| at <= now) {
-        t.timer_at = None;
-    }
     let want = match (t.deadline, t.rnr_until) {
         (Some(d), Some(r)) => Some(d.min(r)),
         (d, r) => d.or(r),
     };
-    let mut timer = None;
-    if let Some(at) = want {
-        if t.timer_at.is_none_or(|pending| pending > at) {
-            t.timer_at = Some(at);
-            timer = Some(at);
-        }
-    }
+    let timer = want.and_then(|at| arm_timer(t, at));
     StepOutcome {
         step: if cost > 0 {
             Step::Progress { cost, more }
@@ -240,6 +225,17 @@ pub fn step_rc(
         },
         timer,
     }
+}
+
+/// Arms the scheduler's timer for `at`, unless one is pending that fires no later. One timer
+/// per QP in the scheduler's heap at a time: a deadline that moved later is re-armed when the
+/// earlier timer fires and the step finds it early.
+fn arm_timer(t: &mut Transport, at: Instant) -> Option<Instant> {
+    if t.timer_at.is_some_and(|pending| pending <= at) {
+        return None;
+    }
+    t.timer_at = Some(at);
+    Some(at)
 }
 
 enum Begin {

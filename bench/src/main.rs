@@ -6,7 +6,6 @@
 
 mod guest;
 mod memcpy;
-mod netns;
 mod perf;
 mod plot;
 mod procs;

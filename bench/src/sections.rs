@@ -6,11 +6,13 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use vrdma_netns::Netns;
+
 use crate::guest::{self, Idle, Load, Side, Writers};
 use crate::perf::{self, Length, Rows, Run};
 use crate::procs::{self, Daemon, Launch, VmSpec};
 use crate::report::Results;
-use crate::{memcpy, netns, qperf, report};
+use crate::{memcpy, qperf, report};
 
 /// Why a section failed.
 #[derive(Debug, thiserror::Error)]
@@ -29,7 +31,7 @@ pub enum Error {
     Guest(#[from] guest::Error),
     /// The simulated hosts of the roce section.
     #[error(transparent)]
-    Netns(#[from] netns::Error),
+    Netns(#[from] vrdma_netns::NetnsError),
     /// The section cannot run here, and why.
     #[error("skipped: {0}")]
     Skipped(String),
@@ -494,8 +496,9 @@ fn qperf_series(
     Ok(())
 }
 
-/// The two simulated hosts' addresses on their veth.
-const ROCE_HOSTS: [&str; 2] = ["10.66.0.1/24", "10.66.0.2/24"];
+/// The two simulated hosts' addresses on their veth, with and without the prefix length.
+const ROCE_HOSTS: [(&str, &str); 2] =
+    [("10.66.0.1/24", "10.66.0.1"), ("10.66.0.2/24", "10.66.0.2")];
 /// The veth's MTU: jumbo frames, as RoCE networks use.
 const VETH_MTU: u32 = 9000;
 /// The path MTU vrdma-perf asks for: a 4096-byte payload and RoCEv2's headers (IPv4 20, UDP 8,
@@ -515,22 +518,23 @@ pub fn roce(env: &mut Env, r: &mut Results) -> Result<(), Error> {
             "creating network namespaces needs root; run bench/run as root".into(),
         ));
     }
-    let hosts = netns::Hosts::create(&std::process::id().to_string(), ROCE_HOSTS, VETH_MTU)?;
+    // Deleted on drop, whatever happens in between; the veth pair goes with them.
+    let hosts = [Netns::new("vrdma-bench-a")?, Netns::new("vrdma-bench-b")?];
+    let [(a_cidr, a_ip), (b_cidr, b_ip)] = ROCE_HOSTS;
+    vrdma_netns::veth(&hosts[0], &[a_cidr], &hosts[1], &[b_cidr], VETH_MTU)?;
     eprintln!(
-        "  hosts: {} ({}) and {} ({}), veth MTU {VETH_MTU}",
-        hosts.a.netns,
-        hosts.a.addr(),
-        hosts.b.netns,
-        hosts.b.addr()
+        "  hosts: {} ({a_ip}) and {} ({b_ip}), veth MTU {VETH_MTU}",
+        hosts[0].name(),
+        hosts[1].name(),
     );
     if let Err(e) = roce_vrdma(env, r, &hosts) {
         env.failed(ROCE.named(&format!("vrdma: {e}")))?;
     }
     let dir = env.dir("logs")?;
     let route = qperf::Route {
-        server_netns: Some(hosts.a.netns.clone()),
-        client_netns: Some(hosts.b.netns.clone()),
-        address: hosts.a.addr().to_owned(),
+        server_netns: Some(hosts[0].name().to_owned()),
+        client_netns: Some(hosts[1].name().to_owned()),
+        address: a_ip.to_owned(),
     };
     match qperf::Server::start_on(&dir.join("qperf-roce-server.log"), route) {
         Ok(server) => {
@@ -551,15 +555,18 @@ pub fn roce(env: &mut Env, r: &mut Results) -> Result<(), Error> {
 /// The vrdma half of [`roce`]: a `--roce` daemon in each namespace serving one VM whose GID is
 /// that host's address; vrdma-perf (in this namespace: vhost-user sockets are paths) drives
 /// both VMs.
-fn roce_vrdma(env: &mut Env, r: &mut Results, hosts: &netns::Hosts) -> Result<(), Error> {
+fn roce_vrdma(env: &mut Env, r: &mut Results, hosts: &[Netns; 2]) -> Result<(), Error> {
     let dir = env.dir("vrdma-perf/roce")?;
     let mut daemons = Vec::new();
-    for (vm, host) in [("a", &hosts.a), ("b", &hosts.b)] {
+    for ((vm, host), (_, ip)) in [("a", &hosts[0]), ("b", &hosts[1])]
+        .into_iter()
+        .zip(ROCE_HOSTS)
+    {
         let launch = Launch {
-            netns: Some(host.netns.clone()),
+            netns: Some(host.name().to_owned()),
             args: vec!["--roce".into()],
         };
-        let spec = VmSpec::with(vm, format!("gid={}", host.addr()));
+        let spec = VmSpec::with(vm, format!("gid={ip}"));
         daemons.push(env.daemon_on(&format!("roce-{vm}"), &[spec], &launch)?);
     }
     let (dev, loopback) = (daemons[0].socket("a"), daemons[1].socket("b"));

@@ -19,7 +19,7 @@ use vrdma::{
 use vrdma_proto::Gid;
 
 pub mod chaos;
-pub mod netns;
+pub use vrdma_netns as netns;
 
 pub mod scenarios;
 

@@ -1,5 +1,6 @@
-//! Network namespaces for multi-host tests: each simulated host is a namespace with its own
-//! interfaces, addresses and routes, so daemons on one machine talk over real IP paths.
+//! Network namespaces for vrdma's multi-host tests and the bench's cross-host section: each
+//! simulated host is a namespace with its own interfaces, addresses and routes, so daemons on
+//! one machine talk over real IP paths.
 //!
 //! Everything here shells out to iproute2 (`ip`) rather than speaking netlink: the commands are
 //! the same ones an operator would type to reproduce a failing topology by hand, and they show
@@ -100,7 +101,7 @@ static NEXT_ID: AtomicU32 = AtomicU32::new(0);
 /// A name unique among this process's live objects, short enough for an interface name (15
 /// bytes) when `prefix` has at most 2 bytes and one suffix byte is added: pids are at most 6 hex
 /// digits, and the counter wraps at 4 digits since no test holds 65536 links at once.
-pub(crate) fn unique_name(prefix: &str) -> String {
+pub fn unique_name(prefix: &str) -> String {
     format!(
         "{prefix}{:x}x{:x}",
         std::process::id(),
@@ -117,7 +118,7 @@ fn command_line(cmd: &Command) -> String {
 }
 
 /// Runs `cmd` to completion; its stdout on success, its stderr in the error otherwise.
-pub(crate) fn run_command(mut cmd: Command) -> Result<String, NetnsError> {
+pub fn run_command(mut cmd: Command) -> Result<String, NetnsError> {
     let command = command_line(&cmd);
     log::debug!("running {command}");
     let Output {
@@ -286,7 +287,7 @@ impl Cidr {
 
     /// The arguments of `ip addr add` after the address: IPv6 addresses skip duplicate address
     /// detection, which would otherwise leave them unusable (tentative) for a second or more.
-    pub(crate) fn add_args(&self) -> Vec<String> {
+    pub fn add_args(&self) -> Vec<String> {
         let mut args = vec![format!("{}/{}", self.addr, self.prefix)];
         if self.addr.is_ipv6() {
             args.push("nodad".into());
@@ -296,7 +297,7 @@ impl Cidr {
 }
 
 /// Adds `addrs` to `dev` in `ns`.
-pub(crate) fn add_addresses(ns: &Netns, dev: &str, addrs: &[Cidr]) -> Result<(), NetnsError> {
+pub fn add_addresses(ns: &Netns, dev: &str, addrs: &[Cidr]) -> Result<(), NetnsError> {
     for cidr in addrs {
         let mut args = vec!["addr", "add"];
         let extra = cidr.add_args();

@@ -1051,8 +1051,7 @@ impl Engine {
                 let Some(qp) = av.qps.get_mut(qpn) else {
                     return Step::Idle;
                 };
-                let infinite = qp.attr.rnr_retry == qp::RNR_RETRY_INFINITE;
-                if !infinite && qp.rt.inflight.rnr_left == 0 {
+                if !take_rnr_retry(qp.attr.rnr_retry, &mut qp.rt.inflight.rnr_left) {
                     fail_wr(
                         av,
                         a,
@@ -1065,9 +1064,6 @@ impl Engine {
                         cost: WR_COST,
                         more: false,
                     };
-                }
-                if !infinite {
-                    qp.rt.inflight.rnr_left -= 1;
                 }
                 let at = Instant::now() + Duration::from_micros(micros.into());
                 qp.rt.inflight.wait_until = Some(at);
@@ -1138,6 +1134,20 @@ impl Engine {
         );
         Step::Waiting(at)
     }
+}
+
+/// Takes one RNR retry from `left` for a QP whose `rnr_retry` attribute is `rnr_retry` (7 is
+/// infinite). Returns false when none is left: the work request fails with
+/// RNR_RETRY_EXC_ERR.
+pub(crate) fn take_rnr_retry(rnr_retry: u8, left: &mut u8) -> bool {
+    if rnr_retry == qp::RNR_RETRY_INFINITE {
+        return true;
+    }
+    let Some(fewer) = left.checked_sub(1) else {
+        return false;
+    };
+    *left = fewer;
+    true
 }
 
 /// Sets or clears QP `qpn`'s send-ring polling word (`ring::SEND_POLLING_OFFSET`), writing
@@ -1882,6 +1892,19 @@ pub(crate) fn ring_fatal(av: &mut Vm, a: &VmPort, mem: &GuestMem, qpn: u32, v: V
 mod tests {
     use super::*;
     use zerocopy::IntoBytes;
+
+    #[test]
+    fn rnr_retries_run_out_unless_infinite() {
+        let mut left = 2;
+        assert!(take_rnr_retry(2, &mut left));
+        assert!(take_rnr_retry(2, &mut left));
+        assert!(!take_rnr_retry(2, &mut left), "two retries, then none");
+        assert_eq!(left, 0);
+        let mut none = 0;
+        for _ in 0..100 {
+            assert!(take_rnr_retry(qp::RNR_RETRY_INFINITE, &mut none));
+        }
+    }
 
     #[test]
     fn grh_carries_both_gids_and_the_payload_length() {

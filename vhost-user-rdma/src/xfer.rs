@@ -48,6 +48,12 @@ impl Default for Runs {
 }
 
 impl Runs {
+    /// No runs: the requester's side of a chunk whose bytes come from elsewhere.
+    pub const EMPTY: Runs = Runs {
+        runs: [Run { gpa: 0, len: 0 }; MAX_RUNS],
+        n: 0,
+    };
+
     /// The runs.
     pub fn as_slice(&self) -> &[Run] {
         &self.runs[..self.n]

@@ -692,8 +692,7 @@ pub(super) fn on_response(
                 let Some(qp) = av.qps.get_mut(qpn) else {
                     return false;
                 };
-                let infinite = qp.attr.rnr_retry == qp::RNR_RETRY_INFINITE;
-                if !infinite && qp.rt.wire.rnr_left == 0 {
+                if !engine::take_rnr_retry(qp.attr.rnr_retry, &mut qp.rt.wire.rnr_left) {
                     fail_oldest(
                         av,
                         a,
@@ -703,9 +702,6 @@ pub(super) fn on_response(
                         VendorErr::RnrExhausted,
                     );
                     return false;
-                }
-                if !infinite {
-                    qp.rt.wire.rnr_left -= 1;
                 }
                 let wait = Duration::from_micros(qp::rnr_timer_micros(timer).into());
                 qp.rt.wire.rnr_until = Some(Instant::now() + wait);

@@ -123,28 +123,52 @@ pub(super) fn on_ud(
         None => Opcode::Send,
     };
     let payload = pkt.payload();
-    let no_runs = Runs::default();
-    let c = Chunk {
+    let mut c = from_network(
+        peer,
+        deth.src_qp(),
+        qp::Type::Ud,
+        opcode,
+        &header,
+        payload,
+        mem,
+    );
+    c.solicited = pkt.bth().solicited();
+    c.qkey = deth.qkey();
+    let mut unused = 0u64;
+    let _ = engine::respond(bv, b, dest_qpn, &c, &mut unused);
+}
+
+/// A chunk whose bytes are a packet's payload, one whole message: the requester is across the
+/// network, so it has no port, runs or memory here.
+fn from_network<'a>(
+    peer: Gid,
+    a_qpn: u32,
+    qp_type: qp::Type,
+    opcode: Opcode,
+    header: &'a wqe::SendHeader,
+    payload: &'a [u8],
+    mem: &'a GuestMem,
+) -> Chunk<'a> {
+    let n = payload.len() as u32;
+    Chunk {
         a_id: REMOTE_PORT_ID,
         a_gid: peer,
-        a_qpn: deth.src_qp(),
-        qp_type: qp::Type::Ud,
+        a_qpn,
+        qp_type,
         opcode,
-        header: &header,
-        solicited: pkt.bth().solicited(),
-        len: payload.len() as u32,
+        header,
+        solicited: false,
+        len: n,
         done: 0,
-        n: payload.len() as u32,
+        n,
         last: true,
-        qkey: deth.qkey(),
-        a_runs: &no_runs,
+        qkey: 0,
+        a_runs: &Runs::EMPTY,
         inline: payload,
         is_inline: true,
         a_mem: mem,
         b_mem: mem,
-    };
-    let mut unused = 0u64;
-    let _ = engine::respond(bv, b, dest_qpn, &c, &mut unused);
+    }
 }
 
 /// An RC request: checked against the expected PSN, executed once, acknowledged. A READ
@@ -448,26 +472,17 @@ fn serve_data(r: &Responder<'_>, rx: &mut RxBuffers, bv: &mut Vm, pkt: &Packet<'
         };
         (opcode, len, done)
     };
-    let no_runs = Runs::default();
-    let c = Chunk {
-        a_id: REMOTE_PORT_ID,
-        a_gid: reply.peer,
+    let mut c = from_network(
+        reply.peer,
         a_qpn,
-        qp_type: qp::Type::Rc,
+        qp::Type::Rc,
         opcode,
-        header: &header,
-        solicited: pkt.bth().solicited(),
-        len,
-        done,
-        n,
-        last: ends,
-        qkey: 0,
-        a_runs: &no_runs,
-        inline: payload,
-        is_inline: true,
-        a_mem: mem,
-        b_mem: mem,
-    };
+        &header,
+        payload,
+        mem,
+    );
+    c.solicited = pkt.bth().solicited();
+    (c.len, c.done, c.last) = (len, done, ends);
     let mut unused = 0u64;
     let resp = engine::respond(bv, b, qpn, &c, &mut unused);
     let Some(qp) = bv.qps.get_mut(qpn) else {
@@ -724,26 +739,9 @@ fn serve_atomic(r: &Responder<'_>, rx: &mut RxBuffers, bv: &mut Vm, pkt: &Packet
         swap: swap.into(),
         ..wqe::SendHeader::default()
     };
-    let no_runs = Runs::default();
-    let c = Chunk {
-        a_id: REMOTE_PORT_ID,
-        a_gid: reply.peer,
-        a_qpn: qp.attr.dest_qp_num.get(),
-        qp_type: qp::Type::Rc,
-        opcode,
-        header: &header,
-        solicited: false,
-        len: wqe::ATOMIC_SIZE,
-        done: 0,
-        n: wqe::ATOMIC_SIZE,
-        last: true,
-        qkey: 0,
-        a_runs: &no_runs,
-        inline: &[],
-        is_inline: true,
-        a_mem: mem,
-        b_mem: mem,
-    };
+    let a_qpn = qp.attr.dest_qp_num.get();
+    let mut c = from_network(reply.peer, a_qpn, qp::Type::Rc, opcode, &header, &[], mem);
+    (c.len, c.n) = (wqe::ATOMIC_SIZE, wqe::ATOMIC_SIZE);
     let mut orig = 0u64;
     let resp = engine::respond(bv, b, qpn, &c, &mut orig);
     let Some(qp) = bv.qps.get_mut(qpn) else {

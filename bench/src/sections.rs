@@ -773,7 +773,6 @@ pub fn fairness(env: &mut Env, r: &mut Results) -> Result<(), Error> {
 /// 8-byte write latency (vrdma-perf write_lat) between two VMs, alone and while two other
 /// VMs move 4 MiB writes.
 pub fn isolation(env: &mut Env, r: &mut Results) -> Result<(), Error> {
-    let dir = env.dir("vrdma-perf")?;
     let mut daemon = env.daemon(
         "isolation",
         &[
@@ -784,7 +783,7 @@ pub fn isolation(env: &mut Env, r: &mut Results) -> Result<(), Error> {
         ],
     )?;
     let iters = if env.quick { 2000 } else { 20_000 };
-    let mut run = Run {
+    let run = Run {
         test: "write_lat",
         size: 8,
         length: Length::Iterations(iters),
@@ -793,15 +792,121 @@ pub fn isolation(env: &mut Env, r: &mut Results) -> Result<(), Error> {
         tx_depth: None,
         mtu: None,
     };
-    let alone_dir = env.dir("vrdma-perf/isolation-alone")?;
-    let (alone, _) = perf_run(env, &mut Ends::local(&mut daemon), &run, &alone_dir)?;
-    let alone = alone.lat_for(8, "write_lat alone")?.clone();
-
     let bulk = guest::open(&daemon.socket("bulk"))?;
     let bsink = guest::open(&daemon.socket("bsink"))?;
-    let msg = 4 << 20;
-    let a = Side::new(&bulk, 1, 4, 64, msg)?;
-    let b = Side::new(&bsink, 1, 4, 64, msg)?;
+    // Each round measures alone and next to each kind of neighbour in turn, so that a change
+    // in this VM's wake-up cost during the section (it swings between about 2 and 21 us) falls
+    // on all of them alike; of each, the run with the median p99 is recorded.
+    let rounds = if env.quick { 1 } else { ISOLATION_ROUNDS };
+    let mut alone = Vec::new();
+    let mut loaded: Vec<Vec<(perf::LatEntry, f64)>> = vec![Vec::new(); BULK_NEIGHBOURS.len()];
+    for round in 0..rounds {
+        let dir = env.dir(&format!("vrdma-perf/isolation-alone-{round}"))?;
+        let (report, _) = perf_run(env, &mut Ends::local(&mut daemon), &run, &dir)?;
+        alone.push(report.lat_for(8, "write_lat alone")?.clone());
+        for (neighbour, runs) in BULK_NEIGHBOURS.iter().zip(&mut loaded) {
+            let vms = (&bulk, &bsink);
+            runs.push(next_to_bulk(env, &mut daemon, vms, neighbour, &run, round)?);
+        }
+    }
+    let alone = median_p99(alone.into_iter().map(|e| (e, 0.0)).collect()).0;
+    record_latency(r, "alone", &alone);
+    let mut ratios = Vec::new();
+    for (neighbour, runs) in BULK_NEIGHBOURS.iter().zip(loaded) {
+        let (entry, bulk_bw) = median_p99(runs);
+        record_latency(r, neighbour.series, &entry);
+        let size = Some(u64::from(ISOLATION_BULK_MSG));
+        r.add(
+            "isolation",
+            neighbour.series,
+            size,
+            "bulk_bw",
+            bulk_bw,
+            "MiB/s",
+        );
+        let ratio = entry.p99_us / alone.p99_us;
+        r.add("isolation", neighbour.ratio, Some(8), "ratio", ratio, "x");
+        ratios.push(format!(
+            "{}: p99 {:.2} us ({ratio:.2}x)",
+            neighbour.series, entry.p99_us
+        ));
+    }
+    eprintln!("  p99 alone {:.2} us; {}", alone.p99_us, ratios.join("; "));
+    Ok(())
+}
+
+/// Rounds of the isolation section in a full run.
+const ISOLATION_ROUNDS: usize = 3;
+/// The bulk VM's message size.
+const ISOLATION_BULK_MSG: u32 = 4 << 20;
+
+/// Of latency runs (each with a number that goes with it), the one whose p99 is the median.
+fn median_p99(mut runs: Vec<(perf::LatEntry, f64)>) -> (perf::LatEntry, f64) {
+    runs.sort_by(|a, b| a.0.p99_us.total_cmp(&b.0.p99_us));
+    let middle = runs.len() / 2;
+    runs.swap_remove(middle)
+}
+
+/// Records an isolation run's typical, p99 and p99.9 latency as `series`.
+fn record_latency(r: &mut Results, series: &str, e: &perf::LatEntry) {
+    r.add(
+        "isolation",
+        series,
+        Some(8),
+        "t_typical",
+        e.t_typical_us,
+        "us",
+    );
+    r.add("isolation", series, Some(8), "p99", e.p99_us, "us");
+    r.add("isolation", series, Some(8), "p999", e.p999_us, "us");
+}
+
+/// How the bulk VM of the isolation section drives its 4 MiB writes.
+struct BulkNeighbour {
+    /// Its series in the isolation table.
+    series: &'static str,
+    /// The ratio's name in the CSV.
+    ratio: &'static str,
+    /// Writes outstanding (and its send queue's depth).
+    depth: u32,
+    /// How long its thread sleeps when its CQ is empty.
+    sleep: Duration,
+}
+
+/// The bulk VM two ways. On this 2-vCPU machine its thread shares CPU 0 with the latency
+/// VMs' (the daemon has CPU 1), where on a host each VM has vCPUs of its own. Polling a short
+/// queue, it wakes every 100 µs on that core, and each wake-up delays whichever latency message
+/// is in flight: that measures the shared core as much as the fabric. With a deep queue it
+/// sleeps through the run while the daemon copies its writes without pause: that measures the
+/// fabric, which is what the target is about (docs/performance.md, "Isolation").
+const BULK_NEIGHBOURS: [BulkNeighbour; 2] = [
+    BulkNeighbour {
+        series: "next to 4 MiB bulk writes",
+        ratio: "p99 next to bulk / alone",
+        depth: 4096,
+        sleep: Duration::from_millis(10),
+    },
+    BulkNeighbour {
+        series: "next to 4 MiB bulk writes, bulk VM polling on the same core",
+        ratio: "p99 next to bulk polling on the same core / alone",
+        depth: 4,
+        sleep: Duration::from_micros(100),
+    },
+];
+
+/// One vrdma-perf write_lat run while `vms.0` writes 4 MiB messages to `vms.1` as `bulk`
+/// says: the run, and the bulk VM's throughput meanwhile in MiB/s.
+fn next_to_bulk(
+    env: &mut Env,
+    daemon: &mut Daemon,
+    vms: (&vrdma::Context, &vrdma::Context),
+    bulk: &BulkNeighbour,
+    run: &Run,
+    round: usize,
+) -> Result<(perf::LatEntry, f64), Error> {
+    let msg = ISOLATION_BULK_MSG;
+    let a = Side::new(vms.0, 1, bulk.depth, 2 * bulk.depth.max(32), msg)?;
+    let b = Side::new(vms.1, 1, 4, 64, msg)?;
     guest::connect(&a, &b)?;
     let mut writers = Writers::default();
     writers.start(
@@ -810,55 +915,21 @@ pub fn isolation(env: &mut Env, r: &mut Results) -> Result<(), Error> {
         b.target(),
         Load {
             msg,
-            depth: 4,
-            batch: 1,
-            idle: Idle::Sleep(Duration::from_micros(100)),
+            depth: bulk.depth,
+            batch: bulk.depth.min(64),
+            idle: Idle::Sleep(bulk.sleep),
         },
     );
     writers.keep(b);
     writers.measure(Duration::from_millis(100), Duration::ZERO)?;
     let (c0, t0) = (writers.counts()[0], Instant::now());
-    run.length = Length::Iterations(iters);
-    let loaded_dir = env.dir("vrdma-perf/isolation-bulk")?;
-    let loaded = perf_run(env, &mut Ends::local(&mut daemon), &run, &loaded_dir);
+    let loaded_dir = env.dir(&format!("vrdma-perf/isolation-bulk-{}-{round}", bulk.depth))?;
+    let loaded = perf_run(env, &mut Ends::local(daemon), run, &loaded_dir);
     let bulk_bw =
         (writers.counts()[0] - c0) as f64 * f64::from(msg) / MIB / t0.elapsed().as_secs_f64();
     writers.finish()?;
-    let _ = dir;
     let loaded = loaded?.0.lat_for(8, "write_lat next to bulk")?.clone();
-    for (series, e) in [("alone", &alone), ("next to 4 MiB bulk writes", &loaded)] {
-        r.add(
-            "isolation",
-            series,
-            Some(8),
-            "t_typical",
-            e.t_typical_us,
-            "us",
-        );
-        r.add("isolation", series, Some(8), "p99", e.p99_us, "us");
-        r.add("isolation", series, Some(8), "p999", e.p999_us, "us");
-    }
-    r.add(
-        "isolation",
-        "bulk VM",
-        Some(u64::from(msg)),
-        "bw",
-        bulk_bw,
-        "MiB/s",
-    );
-    r.add(
-        "isolation",
-        "p99 next to bulk / alone",
-        Some(8),
-        "ratio",
-        loaded.p99_us / alone.p99_us,
-        "x",
-    );
-    eprintln!(
-        "  p99 alone {:.2} us, next to bulk {:.2} us (bulk moved {bulk_bw:.0} MiB/s)",
-        alone.p99_us, loaded.p99_us
-    );
-    Ok(())
+    Ok((loaded, bulk_bw))
 }
 
 /// 16 VMs as 8 pairs, each VM writing 64 KiB messages over 16 QPs to its partner, against
@@ -1124,4 +1195,31 @@ pub fn scale(env: &mut Env, r: &mut Results) -> Result<(), Error> {
         )?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(p99_us: f64) -> perf::LatEntry {
+        perf::LatEntry {
+            bytes: 8,
+            iterations: 1000,
+            t_min_us: 1.0,
+            t_max_us: 50.0,
+            t_typical_us: 3.0,
+            t_avg_us: 4.0,
+            t_stdev_us: 1.0,
+            p99_us,
+            p999_us: 2.0 * p99_us,
+        }
+    }
+
+    #[test]
+    fn the_median_run_by_p99_keeps_its_own_numbers() {
+        let (e, bw) = median_p99(vec![(run(5.0), 1.0), (run(9.0), 2.0), (run(7.0), 3.0)]);
+        assert_eq!((e.p99_us, e.p999_us, bw), (7.0, 14.0, 3.0));
+        let (e, _) = median_p99(vec![(run(4.0), 0.0)]);
+        assert_eq!(e.p99_us, 4.0, "one round is its own median");
+    }
 }

@@ -607,7 +607,8 @@ fn machine() -> String {
         .and_then(|l| l.split_once(':'))
         .map_or("unknown CPU", |(_, m)| m.trim())
         .to_owned();
-    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    // The machine's CPUs, not this process's: the bench pins itself before it writes this.
+    let cpus = cpuinfo.lines().filter(|l| l.starts_with("processor")).count();
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     format!("{model}, {cpus} logical CPUs, Linux {}", kernel.trim())
 }

@@ -186,6 +186,8 @@ pub struct VmConfig {
     /// The port's active MTU, what applications take as their path MTU: the largest RoCEv2
     /// packet payload that fits the link with `--roce`, 4096 without.
     pub active_mtu: Mtu,
+    /// Whether the daemon runs the inter-host fabric (`--roce`).
+    pub roce: bool,
 }
 
 /// Which fabric carries the VMs' work.
@@ -269,6 +271,7 @@ impl Config {
             .ok_or(Error::RoceMtu(args.roce_mtu))?;
             for vm in &mut vms {
                 vm.active_mtu = mtu;
+                vm.roce = true;
             }
         }
         Ok(Config {
@@ -390,6 +393,7 @@ fn parse_vm(entry: &str, index: usize) -> Result<VmConfig, Error> {
         quotas,
         doorbell_queues,
         active_mtu: Mtu::Mtu4096,
+        roce: false,
     })
 }
 

@@ -203,6 +203,9 @@ pub struct Vm {
     /// Capabilities the guest sees.
     #[serde(with = "wire_bytes")]
     pub caps: DeviceCaps,
+    /// Whether the daemon runs the inter-host fabric: RC QPs then carry transport records.
+    #[serde(default)]
+    pub roce: bool,
     /// The port's active MTU, raw [`Mtu`].
     #[serde(default = "default_active_mtu")]
     pub active_mtu: u8,
@@ -288,6 +291,7 @@ impl Vm {
             gid: cfg.gid,
             caps,
             active_mtu: cfg.active_mtu.raw(),
+            roce: cfg.roce,
             pds: Table::new(q.max_pd, HANDLE_INDEX_BITS, HANDLE_GENERATION_BITS),
             mrs: Table::new(q.max_mr, KEY_INDEX_BITS, KEY_GENERATION_BITS),
             cqs: Table::new(q.max_cq, HANDLE_INDEX_BITS, HANDLE_GENERATION_BITS),
@@ -569,6 +573,10 @@ impl Vm {
             attr: qp::Attr::default(),
             rt: crate::engine::QpRuntime::default(),
         };
+        // A QP's peer may be on another host only with the inter-host fabric.
+        if self.roce && qp_type == qp::Type::Rc {
+            record.rt.wire = crate::wire::Transport::with_records();
+        }
         record.attr.qp_state = qp::State::Reset.raw();
         let sq = record.sq_geometry().ok_or(Status::InvalidArgument)?;
         let rq = record.rq_geometry().ok_or(Status::InvalidArgument)?;
@@ -704,7 +712,9 @@ impl Vm {
             let sq = drain_ring(mem, record.sq_ring_addr);
             let rq = drain_ring(mem, record.rq_ring_addr);
             init_ring_words(mem, record.sq_ring_addr, &[ring::SEND_POLLING_OFFSET]);
+            let wire = std::mem::take(&mut record.rt.wire).reset();
             record.rt = crate::engine::QpRuntime::at(sq, rq);
+            record.rt.wire = wire;
         }
         if next == qp::State::Sqd {
             record.rt.sqd_notified = false;
@@ -824,6 +834,7 @@ mod tests {
             quotas: crate::config::Quotas::default(),
             doorbell_queues: 1,
             active_mtu: Mtu::Mtu4096,
+            roce: false,
         };
         let mut vm = Vm::new(&cfg, 7);
         let pd = cmd::Handle::read_from_bytes(

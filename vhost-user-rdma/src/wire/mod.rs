@@ -383,7 +383,7 @@ pub struct Psns {
 }
 
 /// A QP's transport state on the inter-host fabric.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Transport {
     /// The requester has taken its retry counters from the QP's attributes.
     started: bool,
@@ -395,8 +395,10 @@ pub struct Transport {
     /// PSN after the last packet ever sent: acknowledgements up to it are valid even while a
     /// go-back-N resends from further back.
     psn_max: u32,
-    /// Work requests `[sq_head, sq_max)` on the wire, by ring index modulo [`WINDOW`].
-    sent: [Sent; WINDOW],
+    /// The records of work requests on the wire, READs and atomics answered. Made with the
+    /// QP when the daemon runs the inter-host fabric (`--roce`), so that every other QP stays
+    /// small.
+    records: Option<Box<Records>>,
     /// When the oldest unacknowledged packet times out.
     deadline: Option<Instant>,
     retries_left: u8,
@@ -415,21 +417,65 @@ pub struct Transport {
     rx: RxMsg,
     /// A sequence-error NAK was sent for the current gap; one per gap, as the IBA asks.
     nak_sent: bool,
-    /// READs executed as responder, for duplicates.
-    reads: [ReadRecord; READ_HISTORY],
+    /// Where the next READ record goes.
     read_next: u8,
     /// PSN of the last SEND, WRITE or atomic the responder accepted: what a duplicate's ACK
     /// names.
     acked: Option<u32>,
-    /// Recent atomics' PSNs and results, for duplicates.
-    atomics: [(u32, u64, bool); ATOMIC_REPLAY],
+    /// Where the next atomic record goes.
     atomic_next: u8,
 }
 
+/// What a QP's transport remembers of its traffic.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Records {
+    /// Work requests `[sq_head, sq_max)` on the wire, by ring index modulo [`WINDOW`].
+    sent: [Sent; WINDOW],
+    /// READs executed as responder, for duplicates.
+    reads: [ReadRecord; READ_HISTORY],
+    /// Recent atomics' PSNs and results, for duplicates.
+    atomics: [(u32, u64, bool); ATOMIC_REPLAY],
+}
+
 impl Transport {
+    /// A transport for a QP that may talk across hosts, its records made now (control path).
+    pub fn with_records() -> Self {
+        Transport {
+            records: Some(Box::default()),
+            ..Transport::default()
+        }
+    }
+
+    /// The transport of a QP just reset: everything forgotten, the records (if it has them)
+    /// kept for reuse, so a reset allocates nothing.
+    pub fn reset(self) -> Self {
+        let records = self.records.map(|mut r| {
+            *r = Records::default();
+            r
+        });
+        Transport {
+            records,
+            ..Transport::default()
+        }
+    }
+
     /// Whether the requester has sent on the wire since the QP was last reset.
     pub fn is_started(&self) -> bool {
         self.started
+    }
+
+    /// The record of the work request in send ring slot `index` (a blank one if the QP has no
+    /// records).
+    fn sent(&self, index: u32) -> Sent {
+        self.records
+            .as_ref()
+            .map_or_else(Sent::default, |r| r.sent[index as usize % WINDOW])
+    }
+
+    /// The records, made now only for a QP restored from saved state (its transport is not
+    /// saved); a QP created with `--roce` has them from the start.
+    fn records(&mut self) -> &mut Records {
+        self.records.get_or_insert_with(Box::default)
     }
 }
 

@@ -284,8 +284,7 @@ fn begin_wr(av: &mut Vm, a: &VmPort, mem: &GuestMem, qpn: u32) -> Begin {
     let reads_out = (0..index.wrapping_sub(qp.rt.sq_head))
         .map(|k| qp.rt.sq_head.wrapping_add(k))
         .filter(|&i| {
-            Opcode::from_raw(t.sent[i as usize % WINDOW].opcode)
-                .is_ok_and(|o| o == Opcode::RdmaRead || o.is_atomic())
+            Opcode::from_raw(t.sent(i).opcode).is_ok_and(|o| o == Opcode::RdmaRead || o.is_atomic())
         })
         .count();
     let read_like = wqe::SendHeader::read_from_prefix(&slot)
@@ -331,7 +330,7 @@ fn begin_wr(av: &mut Vm, a: &VmPort, mem: &GuestMem, qpn: u32) -> Begin {
     qp.rt.inflight.slot = slot;
     qp.rt.inflight.active = true;
     let t = &mut qp.rt.wire;
-    t.sent[index as usize % WINDOW] = sent;
+    t.records().sent[index as usize % WINDOW] = sent;
     if index == t.sq_max {
         t.sq_max = index.wrapping_add(1);
     }
@@ -379,7 +378,7 @@ fn send_next(
     }
     let t = &qp.rt.wire;
     let index = t.sq_next;
-    let sent = t.sent[index as usize % WINDOW];
+    let sent = t.sent(index);
     let slot = qp.rt.inflight.slot;
     let Ok(wr) = wqe::decode_send(&slot, qp.send_limits()) else {
         // Decoded when it started; a retransmission re-reads the ring, which the guest may
@@ -543,7 +542,7 @@ fn go_back(av: &mut Vm, a: &VmPort, mem: &GuestMem, qpn: u32, counters: &Counter
     let mut i = head;
     let mut found = None;
     while i != end {
-        let s = qp.rt.wire.sent[i as usize % WINDOW];
+        let s = qp.rt.wire.sent(i);
         if psn_diff(una, s.first_psn) >= 0 && psn_diff(una, s.last_psn) <= 0 {
             found = Some(i);
             break;
@@ -589,7 +588,7 @@ fn fail_oldest(av: &mut Vm, a: &VmPort, mem: &GuestMem, qpn: u32, status: Status
     }
     if let Some(qp) = av.qps.get_mut(qpn) {
         qp.rt.inflight.active = false;
-        qp.rt.wire = Transport::default();
+        qp.rt.wire = std::mem::take(&mut qp.rt.wire).reset();
         qp.rt.psns.una = qp.rt.psns.next;
     }
     engine::set_error(av, a, qpn);
@@ -608,7 +607,7 @@ fn complete_oldest(
     let Some(qp) = av.qps.get_mut(qpn) else {
         return;
     };
-    let s = qp.rt.wire.sent[qp.rt.sq_head as usize % WINDOW];
+    let s = qp.rt.wire.sent(qp.rt.sq_head);
     if qp.rt.sq_head == qp.rt.wire.sq_next {
         // It was still being transmitted.
         qp.rt.inflight.active = false;
@@ -742,7 +741,7 @@ fn wants_rewind(av: &Vm, qpn: u32) -> bool {
 /// fails only that one.
 fn head_holds(av: &Vm, qpn: u32, psn: u32) -> bool {
     av.qps.get(qpn).is_some_and(|q| {
-        let s = q.rt.wire.sent[q.rt.sq_head as usize % WINDOW];
+        let s = q.rt.wire.sent(q.rt.sq_head);
         q.rt.sq_head != q.rt.wire.sq_max
             && psn_diff(psn, s.first_psn) >= 0
             && psn_diff(psn, s.last_psn) <= 0
@@ -783,7 +782,7 @@ fn ack_through(av: &mut Vm, a: &VmPort, mem: &GuestMem, qpn: u32, psn: u32) -> b
         if head == qp.rt.wire.sq_max {
             break;
         }
-        let s = qp.rt.wire.sent[head as usize % WINDOW];
+        let s = qp.rt.wire.sent(head);
         let opcode = Opcode::from_raw(s.opcode).unwrap_or(Opcode::Send);
         if matches!(opcode, Opcode::RdmaRead) || opcode.is_atomic() {
             // Its own responses acknowledge it. Only an acknowledgement of a later request
@@ -839,7 +838,7 @@ fn responded(av: &mut Vm, a: &VmPort, mem: &GuestMem, qpn: u32, psn: u32) -> Opt
     if head == qp.rt.wire.sq_max {
         return None;
     }
-    let s = qp.rt.wire.sent[head as usize % WINDOW];
+    let s = qp.rt.wire.sent(head);
     let in_range = psn_diff(psn, s.first_psn) >= 0 && psn_diff(psn, s.last_psn) <= 0;
     (in_range && psn == qp.rt.psns.una).then_some(s)
 }

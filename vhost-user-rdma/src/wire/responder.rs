@@ -317,9 +317,8 @@ fn on_duplicate(
             return serve_read(r, rx, bv, psn, reth, false);
         }
         Op::RcCompareSwap | Op::RcFetchAdd => {
-            let hit = qp
-                .rt
-                .wire
+            let records = qp.rt.wire.records.as_ref()?;
+            let hit = records
                 .atomics
                 .iter()
                 .find(|(p, _, valid)| *valid && *p == psn);
@@ -583,7 +582,7 @@ fn serve_read(
         from,
     };
     if !new {
-        let hit = qp.rt.wire.reads.iter().find(|r| {
+        let hit = qp.rt.wire.records.as_ref()?.reads.iter().find(|r| {
             let k = psn_diff(psn, r.first_psn);
             k >= 0 && (k as u32) < r.npkts
         })?;
@@ -641,7 +640,8 @@ fn serve_read(
     qp.rt.psns.expected = psn_add(psn, read.npkts);
     qp.rt.psns.msn = msn;
     let w = &mut qp.rt.wire;
-    w.reads[usize::from(w.read_next) % READ_HISTORY] = read;
+    let slot = usize::from(w.read_next) % READ_HISTORY;
+    w.records().reads[slot] = read;
     w.read_next = w.read_next.wrapping_add(1);
     Some(job(read, 0))
 }
@@ -753,7 +753,8 @@ fn serve_atomic(r: &Responder<'_>, rx: &mut RxBuffers, bv: &mut Vm, pkt: &Packet
             qp.rt.wire.acked = Some(psn);
             qp.rt.psns.msn = psn_add(qp.rt.psns.msn, 1);
             let w = &mut qp.rt.wire;
-            w.atomics[usize::from(w.atomic_next) % ATOMIC_REPLAY] = (psn, orig, true);
+            let slot = usize::from(w.atomic_next) % ATOMIC_REPLAY;
+            w.records().atomics[slot] = (psn, orig, true);
             w.atomic_next = w.atomic_next.wrapping_add(1);
             let msn = qp.rt.psns.msn;
             atomic_ack(reply, rx, psn, msn, orig);

@@ -608,7 +608,10 @@ fn machine() -> String {
         .map_or("unknown CPU", |(_, m)| m.trim())
         .to_owned();
     // The machine's CPUs, not this process's: the bench pins itself before it writes this.
-    let cpus = cpuinfo.lines().filter(|l| l.starts_with("processor")).count();
+    let cpus = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("processor"))
+        .count();
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     format!("{model}, {cpus} logical CPUs, Linux {}", kernel.trim())
 }

@@ -1,5 +1,6 @@
-//! A guest that dies mid-traffic: its peer's QP goes to ERR with its work completed in error,
-//! the daemon releases the dead VM's objects, and other VMs keep working.
+//! A guest that dies mid-traffic: its peer's QP with work outstanding goes to ERR with that
+//! work completed in error, a peer QP with nothing outstanding notices only when it sends, the
+//! daemon releases the dead VM's objects, and other VMs keep working.
 //!
 //! The dying guest is a real process (this test binary run again as a child), killed with
 //! SIGKILL, so its socket is closed by the kernel and nothing is torn down politely.
@@ -8,7 +9,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use vrdma::{QpCap, QpState, QpType, SendWr, Sge, WcStatus};
+use vrdma::{QpCap, QpState, QpType, RecvWr, SendWr, Sge, WcStatus};
 use vrdma_proto::Gid;
 use vrdma_proto::cqe::VendorErr;
 use vrdma_tests::{Endpoint, TestDaemon, connect_rc, rc_pair, read};
@@ -107,6 +108,17 @@ fn killed_guest_errors_its_peer_and_spares_others() {
     let sends: Vec<_> = (10..14).map(|i| SendWr::send(i, &src)).collect();
     a.send(&sends).unwrap();
     a.assert_no_completion(Duration::from_millis(30));
+    // A second QP towards the child with only a receive posted: nothing of it is outstanding
+    // at the child, so, as on hardware, it does not notice the death until it sends.
+    let quiet = Endpoint::new(&ca, QpType::Rc, 1 << 16, cap());
+    connect_rc(&quiet.qp, Gid::from_ipv4([10, 0, 0, 2]), b_qpn, 7, 1);
+    let recv = [Sge::new(quiet.buf.addr(), 64, quiet.mr.lkey())];
+    quiet
+        .recv(&[RecvWr {
+            wr_id: 50,
+            sg_list: &recv,
+        }])
+        .unwrap();
 
     child.kill().unwrap();
     child.wait().unwrap();
@@ -120,6 +132,20 @@ fn killed_guest_errors_its_peer_and_spares_others() {
     }
     assert_eq!(a.qp.query().unwrap().0.qp_state, QpState::Err);
     d.wait_connected("b", false);
+    quiet.assert_no_completion(Duration::from_millis(30));
+    assert_eq!(quiet.qp.query().unwrap().0.qp_state, QpState::Rts);
+    let probe = [Sge::new(quiet.buf.addr(), 8, quiet.mr.lkey())];
+    quiet.send(&[SendWr::send(51, &probe)]).unwrap();
+    let wc = quiet.poll_one();
+    assert_eq!(
+        (wc.wr_id, wc.status),
+        (51, WcStatus::RetryExcErr),
+        "its next send"
+    );
+    assert_eq!(
+        (quiet.poll_one().wr_id, quiet.qp.query().unwrap().0.qp_state),
+        (50, QpState::Err)
+    );
 
     // a and c are unaffected.
     let (a2, c) = rc_pair(&ca, &cc, 1 << 16, cap());

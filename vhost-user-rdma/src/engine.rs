@@ -532,9 +532,12 @@ impl Engine {
         }
     }
 
-    /// Moves every RC QP connected to `gone` to the error state, completing its work request in
-    /// progress with RETRY_EXC_ERR and flushing the rest, as a peer whose partner vanished would
-    /// end up on hardware once its retries ran out.
+    /// Moves every RC QP connected to `gone` that has send work outstanding to the error state,
+    /// completing its work request in progress with RETRY_EXC_ERR and flushing the rest, as a
+    /// requester whose partner vanished ends up on hardware once its retries run out. A QP with
+    /// nothing to send is left alone, as on hardware, where it would not notice until its next
+    /// send: failing it at once would flush the receives of a guest that had just finished its
+    /// exchange with the peer and was still polling.
     fn fail_peers_of(&mut self, gone: &VmPort) {
         // A detach is control path: copying the list of ports is fine here.
         for port in self.ports.clone() {
@@ -544,9 +547,12 @@ impl Engine {
                 .qps
                 .iter()
                 .filter(|(_, qp)| {
+                    let sending = qp.rt.inflight.active
+                        || load_producer(&mem, qp.sq_ring_addr).is_some_and(|p| p != qp.rt.sq_head);
                     qp.qp_type() == qp::Type::Rc
                         && qp.attr.ah_attr.dgid == gone.gid
                         && matches!(qp.state(), qp::State::Rtr | qp::State::Rts | qp::State::Sqd)
+                        && sending
                 })
                 .map(|(qpn, _)| qpn)
                 .collect();

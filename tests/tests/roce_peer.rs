@@ -111,6 +111,18 @@ impl Peer {
     }
 }
 
+/// How the VM's QP is connected to the scripted peer at `ip`: MTU 1024, long ACK timeout.
+fn connected_to(ip: Ipv4Addr) -> RcPeer {
+    RcPeer {
+        gid: vrdma_proto::Gid::from_ipv4(ip.octets()),
+        qpn: PEER_QPN,
+        mtu: vrdma_proto::config::Mtu::Mtu1024,
+        timeout: 14,
+        retry_cnt: 7,
+        rnr_retry: 7,
+    }
+}
+
 fn syndrome(a: &Answer) -> Syndrome {
     a.ext
         .aeth
@@ -139,14 +151,7 @@ fn the_responder_answers_a_scripted_peer_as_the_iba_says() {
         .unwrap();
     let ctx = d.open("b");
     let b = Endpoint::new(&ctx, QpType::Rc, 1 << 16, scenarios::cap());
-    let peer = RcPeer {
-        gid: vrdma_proto::Gid::from_ipv4(PEER.octets()),
-        qpn: PEER_QPN,
-        mtu: vrdma_proto::config::Mtu::Mtu1024,
-        timeout: 14,
-        retry_cnt: 7,
-        rnr_retry: 7,
-    };
+    let peer = connected_to(PEER);
     try_connect_rc(&b.qp, &peer).expect("connect");
     let p = Peer {
         socket,
@@ -388,14 +393,7 @@ fn random_requests_never_reach_outside_the_registered_range() {
     pattern(&b.buf, 3);
     let guard_low = read(&b.buf, 0, 16384);
     let guard_high = read(&b.buf, 49152, 16384);
-    let peer = RcPeer {
-        gid: vrdma_proto::Gid::from_ipv4(PEER2.octets()),
-        qpn: PEER_QPN,
-        mtu: vrdma_proto::config::Mtu::Mtu1024,
-        timeout: 14,
-        retry_cnt: 7,
-        rnr_retry: 7,
-    };
+    let peer = connected_to(PEER2);
     let reconnect = |b: &Endpoint| {
         b.qp.modify(
             &vrdma::QpAttr {
@@ -421,16 +419,7 @@ fn random_requests_never_reach_outside_the_registered_range() {
         let bth = Bth::new(op, b.qp.qp_num(), psn).unwrap().with_ack_req(ack);
         let pkt = Packet::new(bth, ext, payload).unwrap();
         let mut buf = vec![0u8; pkt.encoded_len()];
-        let headers = IpUdp {
-            ip: Ip::V4 {
-                src: PEER2,
-                dst: VM2,
-                id: 0,
-                flags_frag: IPV4_DF,
-            },
-            src_port: 4791,
-            dst_port: 4791,
-        };
+        let headers = Peer::headers(PEER2, VM2);
         pkt.encode(&mut buf, &headers).unwrap();
         socket
             .send_to(&buf, SocketAddr::new(VM2.into(), 4791))
@@ -438,16 +427,7 @@ fn random_requests_never_reach_outside_the_registered_range() {
     };
     let drain = |answers: &mut u32| {
         let mut buf = [0u8; 8192];
-        let back = IpUdp {
-            ip: Ip::V4 {
-                src: VM2,
-                dst: PEER2,
-                id: 0,
-                flags_frag: IPV4_DF,
-            },
-            src_port: 4791,
-            dst_port: 4791,
-        };
+        let back = Peer::headers(VM2, PEER2);
         while let Ok(n) = socket.recv(&mut buf) {
             packet::parse(&buf[..n], 4096, IcrcCheck::Verify(&back))
                 .expect("every answer parses with a good ICRC");

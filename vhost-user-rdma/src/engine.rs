@@ -547,12 +547,12 @@ impl Engine {
                 .qps
                 .iter()
                 .filter(|(_, qp)| {
-                    let sending = qp.rt.inflight.active
-                        || load_producer(&mem, qp.sq_ring_addr).is_some_and(|p| p != qp.rt.sq_head);
                     qp.qp_type() == qp::Type::Rc
                         && qp.attr.ah_attr.dgid == gone.gid
                         && matches!(qp.state(), qp::State::Rtr | qp::State::Rts | qp::State::Sqd)
-                        && sending
+                        && (qp.rt.inflight.active
+                            || load_producer(&mem, qp.sq_ring_addr)
+                                .is_some_and(|p| p != qp.rt.sq_head))
                 })
                 .map(|(qpn, _)| qpn)
                 .collect();

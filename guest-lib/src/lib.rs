@@ -21,12 +21,5 @@ pub use verbs::*;
 /// Formats an error with all of its causes, `outer: inner: innermost`, for logs and messages
 /// to operators.
 pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        out.push_str(": ");
-        out.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    out
+    vrdma_proto::ErrorChain(err).to_string()
 }

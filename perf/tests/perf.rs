@@ -58,10 +58,10 @@ fn write_bw_moves_exactly_iters_times_size_per_qp_through_the_daemon() {
                 ],
             )
         });
-        // Hold the VM's port (and its counters) while the guest is connected.
+        // Hold the VM (and its counters) while the guest is connected.
         let deadline = Instant::now() + Duration::from_secs(10);
         let port = loop {
-            if let Some(p) = d.port("a") {
+            if let Some(p) = d.vm("a") {
                 break p;
             }
             assert!(Instant::now() < deadline, "the client never connected");

@@ -252,3 +252,20 @@ pub(crate) fn check_reserved(bytes: &[u8], field: &'static str) -> Result<(), De
         Err(DecodeError::ReservedNonZero { field })
     }
 }
+
+/// An error with all of its causes, displayed `outer: inner: innermost`: what the daemon and
+/// the guest library print for operators, so a message names the cause at every level.
+#[derive(Debug, Clone, Copy)]
+pub struct ErrorChain<'a>(pub &'a (dyn core::error::Error + 'static));
+
+impl core::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(cause) = source {
+            write!(f, ": {cause}")?;
+            source = cause.source();
+        }
+        Ok(())
+    }
+}

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use vhost_user_rdma::config::{Args, Config};
 use vhost_user_rdma::daemon::Daemon;
-use vhost_user_rdma::port::VmPort;
+use vhost_user_rdma::model::vm::Vm;
 use vrdma::mem::DmaBuf;
 use vrdma::{
     AccessFlags, CompletionQueue, Context, MemoryRegion, ProtectionDomain, QpAttr, QpAttrMask,
@@ -91,15 +91,15 @@ impl TestDaemon {
     }
 
     /// The daemon's view of VM `name` while a guest is connected.
-    pub fn port(&self, name: &str) -> Option<Arc<VmPort>> {
+    pub fn vm(&self, name: &str) -> Option<Arc<Vm>> {
         let server = self.daemon.as_ref()?.server(name)?;
-        server.device().map(|d| d.port().clone())
+        server.device().map(|d| d.vm().clone())
     }
 
     /// Waits until VM `name` has a connected guest (or has none, with `connected` false).
     pub fn wait_connected(&self, name: &str, connected: bool) {
         let deadline = Instant::now() + Duration::from_secs(10);
-        while self.port(name).is_some() != connected {
+        while self.vm(name).is_some() != connected {
             assert!(
                 Instant::now() < deadline,
                 "VM {name} never became connected={connected}"
@@ -418,7 +418,7 @@ pub fn saturate(
 /// have started moving and a short warm-up has passed.
 pub fn measure(d: &TestDaemon, names: &[&str], window: Duration) -> Vec<(u64, u64)> {
     let read = |name: &str| {
-        d.port(name)
+        d.vm(name)
             .map(|p| {
                 (
                     p.counters.bytes.load(Ordering::Relaxed),

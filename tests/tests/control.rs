@@ -517,7 +517,7 @@ fn new_qp(
 
 fn commands_failed(d: &TestDaemon, vm: &str) -> u64 {
     d.wait_connected(vm, true);
-    d.port(vm)
+    d.vm(vm)
         .expect("VM connected")
         .counters
         .commands_failed
@@ -854,7 +854,7 @@ fn every_object_is_created_queried_and_destroyed() {
     );
     // And nothing is left: DESTROY_* and DEALLOC_PD freed every quota slot and handle, so a
     // VM-wide count of objects is back to zero.
-    let port = d.port("a").unwrap();
+    let port = d.vm("a").unwrap();
     let vm = port.lock();
     assert_eq!(
         (
@@ -875,7 +875,7 @@ fn req_notify_cq_reports_completions_already_in_the_ring() {
     let (ca, cb) = (d.open("a"), d.open("b"));
     let (a, b) = rc_pair(&ca, &cb, 1 << 16, small_cap());
     let completions = || {
-        d.port("a")
+        d.vm("a")
             .unwrap()
             .counters
             .completions
@@ -1922,7 +1922,7 @@ fn a_reconnected_guest_starts_from_an_empty_device() {
     )]);
     let g = Guest::connect(&d, "a");
     d.wait_connected("a", true);
-    let first_port = d.port("a").unwrap().id;
+    let first_port = d.vm("a").unwrap().id;
     // Fill every quota with objects made by raw commands, which nothing destroys: the guest
     // just goes away with them.
     let (h, bufs) = create_all(&g);
@@ -1943,7 +1943,7 @@ fn a_reconnected_guest_starts_from_an_empty_device() {
     let ctx = d.open("a");
     d.wait_connected("a", true);
     assert_ne!(
-        d.port("a").unwrap().id,
+        d.vm("a").unwrap().id,
         first_port,
         "a new connection, a new device"
     );

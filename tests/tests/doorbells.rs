@@ -16,7 +16,7 @@ fn a_busy_qp_takes_work_without_doorbells_and_loses_none() {
         ..QpCap::default()
     };
     let (a, b) = rc_pair(&ca, &cb, 1 << 20, cap);
-    let port = d.port("a").expect("a is connected");
+    let port = d.vm("a").expect("a is connected");
     let before = port.counters.doorbells.load(Ordering::Relaxed);
 
     // One request per post_send, as perftest posts by default, keeping the queue full: the

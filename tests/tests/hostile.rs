@@ -233,7 +233,7 @@ fn malformed_work_requests_and_overruns_fail_only_the_offending_qp() {
     evil.v
         .ring_doorbells(0, &[garbage])
         .expect("doorbell queue accepts the descriptor");
-    let port = d.port("evil").expect("evil connected");
+    let port = d.vm("evil").expect("evil connected");
     wait("the garbage batch to be counted", || {
         port.counters.doorbells_malformed.load(Ordering::Relaxed) == 1
     });

@@ -41,7 +41,7 @@ fn two_hosts_over_veth_every_opcode_beside_a_local_pair() {
     scenarios::ud_datagrams_carry_grh_source_qp_and_gid(&b1, &a1);
     scenarios::unsignalled_requests_complete_silently_and_in_order(&b1, &a2);
     let counters = |d: &TestDaemon, c: &Context| {
-        let f = d.daemon().fabric().expect("--roce");
+        let f = d.daemon().roce().expect("--roce");
         let ep = f.endpoint(&c.gid()).expect("served address");
         (
             ep.counters.tx.load(std::sync::atomic::Ordering::Relaxed),

@@ -138,7 +138,7 @@ fn hostile_datagrams_are_counted_and_change_nothing() {
 
     let counters = &h2
         .daemon()
-        .fabric()
+        .roce()
         .expect("--roce")
         .endpoint(&cb.gid())
         .expect("b's address")

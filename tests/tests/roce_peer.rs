@@ -302,7 +302,7 @@ fn the_responder_answers_a_scripted_peer_as_the_iba_says() {
     );
     p.expect_silence();
     assert_eq!(read(&b.buf, 40_000, 3), pattern_at(&b, 40_000, 3));
-    let fabric = d.daemon().fabric().expect("--roce");
+    let fabric = d.daemon().roce().expect("--roce");
     let counters = &fabric
         .endpoint(&ctx.gid())
         .expect("the VM's address")
@@ -455,7 +455,7 @@ fn random_requests_never_reach_outside_the_registered_range() {
     ];
     let counters = &d
         .daemon()
-        .fabric()
+        .roce()
         .expect("--roce")
         .endpoint(&ctx.gid())
         .expect("b's address")

@@ -9,6 +9,7 @@ use signal_hook::iterator::Signals;
 
 use crate::config::{Args, Config};
 use crate::daemon::Daemon;
+use vrdma_proto::ErrorChain;
 
 /// The capabilities JSON of QEMU's `docs/interop/vhost-user.json`. That schema has no "rdma"
 /// backend type yet; this is the entry vrdma proposes for it, with no optional features.
@@ -53,7 +54,7 @@ pub fn run(bin_name: &str, argv: impl IntoIterator<Item = String>) -> ExitCode {
     let daemon = match Daemon::start(&config) {
         Ok(d) => d,
         Err(e) => {
-            eprintln!("vhost-user-rdma: {}", error_chain(&e));
+            eprintln!("vhost-user-rdma: {}", ErrorChain(&e));
             return ExitCode::FAILURE;
         }
     };
@@ -69,16 +70,4 @@ pub fn run(bin_name: &str, argv: impl IntoIterator<Item = String>) -> ExitCode {
     log::info!("signal {signal}: shutting down");
     daemon.stop();
     ExitCode::SUCCESS
-}
-
-/// An error and its causes, `outer: inner: innermost`.
-fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        out.push_str(": ");
-        out.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    out
 }

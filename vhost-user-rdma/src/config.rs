@@ -1,6 +1,6 @@
 //! Command line and the validated configuration it becomes.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 
 use clap::Parser;
@@ -207,7 +207,18 @@ pub struct Config {
     /// The fabric.
     pub fabric: FabricKind,
     /// The inter-host fabric, if enabled.
-    pub roce: Option<crate::wire::Settings>,
+    pub roce: Option<RoceSettings>,
+}
+
+/// How the RoCEv2 fabric between hosts is configured (`--roce`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RoceSettings {
+    /// The UDP port of every daemon in the fabric (4791 in RoCEv2).
+    pub port: u16,
+    /// Check the ICRC of IPv4 packets assuming IP Identification 0, as Linux sends with an
+    /// unconnected socket and DF set. Peers that vary it (rxe) need this off; see
+    /// docs/fabric.md.
+    pub ipv4_icrc: bool,
 }
 
 impl Config {
@@ -251,7 +262,7 @@ impl Config {
                 "skip" => false,
                 other => return Err(Error::Icrc(other.to_owned())),
             };
-            Some(crate::wire::Settings {
+            Some(RoceSettings {
                 port: args.roce_port,
                 ipv4_icrc,
             })
@@ -397,11 +408,24 @@ fn parse_vm(entry: &str, index: usize) -> Result<VmConfig, Error> {
     })
 }
 
-/// The RoCEv2 GID of an IP address: IPv4 addresses are IPv4-mapped.
+/// The RoCEv2 GID of an IP address. IPv4 addresses are IPv4-mapped, and an IPv4-mapped IPv6
+/// address (`::ffff:a.b.c.d`, as a dual-stack socket reports an IPv4 peer) is the same port as
+/// its IPv4 address: one GID, one host.
 pub fn gid_of(ip: IpAddr) -> Gid {
     match ip {
         IpAddr::V4(v4) => Gid::from_ipv4(v4.octets()),
-        IpAddr::V6(v6) => Gid(v6.octets()),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => Gid::from_ipv4(v4.octets()),
+            None => Gid(v6.octets()),
+        },
+    }
+}
+
+/// The IP address of a GID: IPv4-mapped GIDs are IPv4 addresses, the rest IPv6.
+pub fn ip_of(gid: Gid) -> IpAddr {
+    match gid.to_ipv4() {
+        Some(v4) => IpAddr::V4(Ipv4Addr::from(v4)),
+        None => IpAddr::V6(Ipv6Addr::from(gid.0)),
     }
 }
 
@@ -497,6 +521,36 @@ mod tests {
         assert!(bad.to_string().contains("--roce-mtu 1500"), "{bad}");
         assert!(parse(&["--roce", "--roce-ipv4-icrc", "maybe"]).is_err());
         assert!(parse(&["--roce", "--roce-port", "0"]).is_err());
+    }
+
+    #[test]
+    fn gids_and_addresses_map_both_ways() {
+        let v4 = Gid::from_ipv4([10, 1, 2, 3]);
+        assert_eq!(ip_of(v4), IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3)));
+        assert_eq!(gid_of(ip_of(v4)), v4);
+        let v6 = Gid([0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+        assert_eq!(gid_of(ip_of(v6)), v6);
+        // A dual-stack socket reports IPv4 peers as mapped IPv6.
+        let mapped = IpAddr::V6(Ipv4Addr::new(10, 1, 2, 3).to_ipv6_mapped());
+        assert_eq!(gid_of(mapped), v4);
+    }
+
+    /// An IPv4-mapped IPv6 address on the command line names the same port as its IPv4
+    /// address: the same GID (so two VMs cannot both claim it), bound as IPv4.
+    #[test]
+    fn an_ipv4_mapped_gid_is_its_ipv4_address() {
+        let mapped = Config::from_args(&args(&["name=a,socket=/x,gid=::ffff:10.0.0.9"])).unwrap();
+        assert_eq!(mapped.vms[0].gid, Gid::from_ipv4([10, 0, 0, 9]));
+        assert_eq!(
+            ip_of(mapped.vms[0].gid),
+            IpAddr::V4(Ipv4Addr::new(10, 0, 0, 9))
+        );
+        let clash = Config::from_args(&args(&[
+            "name=a,socket=/x,gid=10.0.0.9",
+            "name=b,socket=/y,gid=::ffff:10.0.0.9",
+        ]))
+        .unwrap_err();
+        assert!(clash.to_string().contains("same gid"), "{clash}");
     }
 
     #[test]

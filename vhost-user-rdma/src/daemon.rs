@@ -7,10 +7,12 @@ use std::time::Duration;
 
 use log::info;
 
-use crate::config::Config;
-use crate::engine::Scheduler;
-use crate::server::{self, VmServer};
-use crate::wire::Fabric;
+use crate::config::{Config, FabricKind};
+use crate::fabric::Fabric;
+use crate::fabric::roce::{self, Network, RoceFabric};
+use crate::fabric::soft::SoftFabric;
+use crate::sched::Scheduler;
+use crate::vhost::server::{self, VmServer};
 
 /// Why the daemon could not start.
 #[derive(Debug, thiserror::Error)]
@@ -23,7 +25,7 @@ pub enum Error {
     Server(#[from] server::Error),
     /// The inter-host fabric could not start.
     #[error(transparent)]
-    Roce(#[from] crate::wire::Error),
+    Roce(#[from] roce::Error),
     /// The fabric asked for is not available in this version.
     #[error("the {0} fabric is not implemented yet; use --fabric soft")]
     FabricUnavailable(String),
@@ -34,25 +36,39 @@ pub enum Error {
 pub struct Daemon {
     servers: Vec<VmServer>,
     scheduler: Scheduler,
-    fabric: Option<Arc<Fabric>>,
+    network: Option<Arc<Network>>,
 }
 
 impl Daemon {
     /// Starts the scheduler and listens on every VM's socket. If one VM cannot be served, the
     /// ones already started are stopped again.
     pub fn start(config: &Config) -> Result<Daemon, Error> {
-        if let crate::config::FabricKind::Verbs(device) = &config.fabric {
+        if let FabricKind::Verbs(device) = &config.fabric {
             // Refuse rather than quietly run the soft fabric under the operator's nose.
             return Err(Error::FabricUnavailable(format!("verbs:{device}")));
         }
-        let fabric = match config.roce {
+        let network = match config.roce {
             Some(settings) => {
                 let gids: Vec<_> = config.vms.iter().map(|v| (v.name.clone(), v.gid)).collect();
-                Some(Fabric::start(settings, &gids)?)
+                Some(Network::start(settings, &gids)?)
             }
             None => None,
         };
-        let scheduler = Scheduler::start(fabric.clone()).map_err(Error::Scheduler)?;
+        let remote = network.clone();
+        let scheduler = match Scheduler::start(move || {
+            Box::new(SoftFabric::new(remote.map(RoceFabric::new))) as Box<dyn Fabric>
+        }) {
+            Ok(s) => s,
+            Err(e) => {
+                if let Some(n) = &network {
+                    n.stop();
+                }
+                return Err(Error::Scheduler(e));
+            }
+        };
+        if let Some(n) = &network {
+            n.set_scheduler(scheduler.thread().clone());
+        }
         let mut servers = Vec::new();
         for (i, vm) in config.vms.iter().enumerate() {
             // Locally administered, "VRDM" in the middle, the VM's index at the end.
@@ -63,8 +79,8 @@ impl Daemon {
                     for s in servers {
                         s.stop(Duration::from_secs(1));
                     }
-                    if let Some(f) = &fabric {
-                        f.stop();
+                    if let Some(n) = &network {
+                        n.stop();
                     }
                     return Err(e.into());
                 }
@@ -78,7 +94,7 @@ impl Daemon {
         Ok(Daemon {
             servers,
             scheduler,
-            fabric,
+            network,
         })
     }
 
@@ -92,9 +108,9 @@ impl Daemon {
         &self.scheduler
     }
 
-    /// The inter-host fabric, if `--roce` started one.
-    pub fn fabric(&self) -> Option<&Arc<Fabric>> {
-        self.fabric.as_ref()
+    /// The RoCEv2 network between hosts, if `--roce` started one.
+    pub fn roce(&self) -> Option<&Arc<Network>> {
+        self.network.as_ref()
     }
 
     /// Logs every VM's counters and the inter-host fabric's, one line each (SIGUSR1).
@@ -104,7 +120,7 @@ impl Daemon {
                 info!("vm {}: no guest connected", s.name());
                 continue;
             };
-            let c = &device.port().counters;
+            let c = &device.vm().counters;
             let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
             info!(
                 "vm {}: wrs {} bytes {} completions {} errors {} doorbells {} malformed-doorbells {} ud-dropped {} events-lost {} commands {} failed-commands {} waited-ms {}",
@@ -122,8 +138,8 @@ impl Daemon {
                 load(&c.wait_ns) / 1_000_000,
             );
         }
-        if let Some(f) = &self.fabric {
-            f.log_counters();
+        if let Some(n) = &self.network {
+            n.log_counters();
         }
     }
 
@@ -132,8 +148,8 @@ impl Daemon {
         for s in self.servers {
             s.stop(Duration::from_secs(5));
         }
-        if let Some(f) = &self.fabric {
-            f.stop();
+        if let Some(n) = &self.network {
+            n.stop();
         }
         info!("stopped");
     }

@@ -1,21 +1,30 @@
 //! vhost-user-rdma: the host side of the vrdma paravirtual RDMA device.
 //!
-//! One process serves many VMs, each over its own vhost-user socket ([`server`]). Per VM, a
-//! [`device::VmDevice`] speaks the vrdma protocol (`vrdma-proto`) on its virtqueues and keeps
-//! that VM's objects in a [`vm::Vm`], named by generational [`handle`]s. All VMs' work meets
-//! in the [`engine`], which shares the fabric between them by weight and moves the bytes
-//! ([`xfer`]) and completions ([`completion`]).
+//! One process serves many VMs, each over its own vhost-user socket. The modules are layers,
+//! and each imports only from the layers below it (docs/architecture.md draws them):
+//!
+//! 1. [`config`], [`limits`], [`handle`]: plain data, the command line, the leaves;
+//! 2. [`model`]: each VM's objects, QP state and guest memory, with the one path every write
+//!    into a guest takes;
+//! 3. [`rnic`]: the requester, responder and completion rules every fabric shares;
+//! 4. [`fabric`]: how work reaches a peer (the [`fabric::Fabric`] trait, the soft fabric, the
+//!    RoCEv2 fabric between hosts);
+//! 5. [`sched`]: deficit round robin over the VMs, rate limits, timers, doorbell polling;
+//! 6. [`vhost`]: the vhost-user backend, one socket and device per VM, its virtqueues;
+//! 7. [`daemon`] and [`cli`]: everything started and stopped together, and the program.
 
 pub mod cli;
-pub mod completion;
 pub mod config;
 pub mod daemon;
-pub mod device;
-pub mod engine;
+pub mod fabric;
 pub mod handle;
 pub mod limits;
-pub mod port;
-pub mod server;
-pub mod vm;
-pub mod wire;
-pub mod xfer;
+pub mod model;
+pub mod rnic;
+pub mod sched;
+pub mod vhost;
+
+#[cfg(test)]
+mod rules_tests;
+#[cfg(test)]
+mod testing;

@@ -1,10 +1,37 @@
 //! The requester: work requests into packets, the window, go-back-N, and completions from
 //! ACKs, NAKs and READ and atomic responses.
 
-use super::*;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
-/// Work requests a QP may have on the wire unacknowledged.
-pub const WINDOW: usize = 32;
+use log::debug;
+use vrdma_proto::cqe::{Status, VendorErr};
+use vrdma_proto::wqe::{self, Opcode, Payload, SendFlags};
+use vrdma_proto::{Gid, qp};
+use vrdma_roce::aeth::{NakCode, Syndrome};
+use vrdma_roce::atomic::AtomicEth;
+use vrdma_roce::bth::Bth;
+use vrdma_roce::deth::Deth;
+use vrdma_roce::imm::ImmDt;
+use vrdma_roce::opcode::Opcode as Op;
+use vrdma_roce::packet::{Extensions, Packet};
+use vrdma_roce::reth::Reth;
+use zerocopy::FromBytes;
+
+use super::batch::Batch;
+use super::endpoint::{Counters, Endpoint};
+use super::psn::{PSN_MASK, mtu_of, psn_add, psn_diff};
+use crate::fabric::{StepOutcome, WR_COST};
+use crate::model::memory::{self, GuestMem, Runs, WriteKind};
+use crate::model::objects::{Qp, VmObjects, sge_runs};
+use crate::model::qp_state::{MAX_SEND_SLOT, RC_WINDOW, RcTransport, Retries, Sent};
+use crate::model::vm::Vm;
+use crate::rnic::completion::ring_fatal;
+use crate::rnic::requester::{
+    Posted, Retired, check_wr, fail_head, fail_wr, read_send_slot, retire_head, sq_drained,
+    sq_posted,
+};
 
 /// Packets a QP may have on the wire unacknowledged: more only fills socket buffers, and a
 /// loss then costs a longer go-back-N.
@@ -26,17 +53,6 @@ const DEFAULT_TIMEOUT: Duration = Duration::from_millis(500);
 /// has the same floor, one kernel tick).
 const MIN_TIMEOUT: Duration = Duration::from_millis(4);
 
-/// A work request on the wire, kept until it is acknowledged.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Sent {
-    first_psn: u32,
-    last_psn: u32,
-    wr_id: u64,
-    opcode: u8,
-    signaled: bool,
-    len: u32,
-}
-
 /// The requester's buffers, owned by the scheduler so sending allocates nothing.
 #[derive(Debug)]
 pub struct TxBuffers {
@@ -54,7 +70,7 @@ impl Default for TxBuffers {
     }
 }
 
-fn timeout_of(qp: &crate::vm::Qp) -> Duration {
+fn timeout_of(qp: &Qp) -> Duration {
     qp::ack_timeout_micros(qp.attr.timeout)
         .map(Duration::from_micros)
         .unwrap_or(DEFAULT_TIMEOUT)
@@ -62,7 +78,7 @@ fn timeout_of(qp: &crate::vm::Qp) -> Duration {
 }
 
 /// PSNs a work request takes: one per packet, and a READ one per response packet.
-pub(super) fn psns_for(opcode: Opcode, len: u32, mtu: u32) -> u32 {
+pub fn psns_for(opcode: Opcode, len: u32, mtu: u32) -> u32 {
     if opcode.is_atomic() {
         1
     } else {
@@ -70,52 +86,35 @@ pub(super) fn psns_for(opcode: Opcode, len: u32, mtu: u32) -> u32 {
     }
 }
 
-/// What a step of a remote QP asks of the scheduler besides its result.
-#[derive(Debug, Clone, Copy)]
-pub struct StepOutcome {
-    /// What the step achieved.
-    pub step: Step,
-    /// Look at the QP again then (its ACK timeout or RNR wait).
-    pub timer: Option<Instant>,
-}
-
-/// The scheduler's step for an RC QP whose peer is on another host: retransmits if the oldest
-/// packet timed out or a NAK asked for it, then sends new packets within the window and
-/// `budget`.
-#[allow(clippy::too_many_arguments)]
+/// The scheduler's step for an RC QP whose peer is on another host, sending from `ep`:
+/// retransmits if the oldest packet timed out or a NAK asked for it, then sends new packets
+/// within the window and `budget`.
 pub fn step_rc(
-    fabric: &Fabric,
+    ep: &Arc<Endpoint>,
     bufs: &mut TxBuffers,
-    a: &VmPort,
-    av: &mut Vm,
+    a: &Vm,
+    av: &mut VmObjects,
     mem: &GuestMem,
     qpn: u32,
     budget: u32,
 ) -> StepOutcome {
-    let idle = StepOutcome {
-        step: Step::Idle,
-        timer: None,
-    };
-    let Some(ep) = fabric.endpoint(&a.gid) else {
-        return idle;
-    };
     let Some(qp) = av.qps.get_mut(qpn) else {
-        return idle;
+        return StepOutcome::IDLE;
     };
     let now = Instant::now();
-    let (retry_cnt, rnr_retry, timeout) = (qp.attr.retry_cnt, qp.attr.rnr_retry, timeout_of(qp));
+    let (retry_cnt, timeout) = (qp.attr.retry_cnt, timeout_of(qp));
     let sqd = qp.state() == qp::State::Sqd;
     let (sq_head, una, next) = (qp.rt.sq_head, qp.rt.psns.una, qp.rt.psns.next);
-    let t = &mut qp.rt.wire;
-    if !t.started {
+    if !qp.rt.rc.started {
+        qp.rt.retries = Retries::full(&qp.attr);
+        let t = &mut qp.rt.rc;
         t.started = true;
         t.cwnd = MAX_UNACKED;
-        t.retries_left = retry_cnt;
-        t.rnr_left = rnr_retry;
         t.sq_next = sq_head;
         t.sq_max = sq_head;
         t.psn_max = next;
     }
+    let t = &mut qp.rt.rc;
     let outstanding = una != t.psn_max;
     if t.timer_at.is_some_and(|at| at <= now) {
         t.timer_at = None;
@@ -123,15 +122,15 @@ pub fn step_rc(
     if let Some(until) = t.rnr_until {
         if now < until {
             return StepOutcome {
-                step: Step::Idle,
                 timer: arm_timer(t, until),
+                ..StepOutcome::IDLE
             };
         }
         t.rnr_until = None;
         t.rewind = true;
     }
     if outstanding && t.deadline.is_some_and(|d| now >= d) {
-        if t.retries_left == 0 {
+        if !qp.rt.retries.take_transport() {
             debug!(
                 "vm {}: QP {qpn:#x}: no answer after {retry_cnt} retries; RETRY_EXC_ERR",
                 a.name
@@ -145,24 +144,21 @@ pub fn step_rc(
                 VendorErr::PeerUnreachable,
             );
             return StepOutcome {
-                step: Step::Progress {
-                    cost: WR_COST,
-                    more: false,
-                },
-                timer: None,
+                wrs: 0,
+                ..StepOutcome::FAILED
             };
         }
-        t.retries_left -= 1;
+        let t = &mut qp.rt.rc;
         t.rewind = true;
         t.deadline = None;
     }
-    if t.rewind {
-        t.rewind = false;
+    if qp.rt.rc.rewind {
+        qp.rt.rc.rewind = false;
         if !go_back(av, a, mem, qpn, &ep.counters) {
-            return idle;
+            return StepOutcome::IDLE;
         }
     }
-    let mut cost = 0u32;
+    let (mut cost, mut bytes, mut wrs) = (0u32, 0u32, 0u32);
     let mut more = false;
     loop {
         if cost >= budget {
@@ -170,24 +166,31 @@ pub fn step_rc(
             break;
         }
         let Some(qp) = av.qps.get(qpn) else {
-            return idle;
+            return StepOutcome::IDLE;
         };
         if !qp.rt.inflight.active {
             if sqd {
                 break;
             }
             match begin_wr(av, a, mem, qpn) {
-                Begin::Started => cost += WR_COST,
-                Begin::Full | Begin::Empty | Begin::Wait => break,
-                Begin::Failed => {
+                Begin::Started { first_time } => {
                     cost += WR_COST;
+                    wrs += u32::from(first_time);
+                }
+                Begin::Full | Begin::Empty | Begin::Wait => break,
+                Begin::Failed { retired } => {
+                    cost += WR_COST;
+                    wrs += u32::from(retired);
                     more = true;
                     break;
                 }
             }
         }
-        match send_next(fabric, ep, bufs, a, av, mem, qpn) {
-            Sent1::Sent(n) => cost += n.max(1),
+        match send_next(ep, bufs, a, av, mem, qpn) {
+            Sent1::Sent { payload, moves } => {
+                cost += payload.max(1);
+                bytes = bytes.saturating_add(moves);
+            }
             Sent1::WindowFull => break,
             Sent1::Failed => {
                 cost += WR_COST;
@@ -196,10 +199,10 @@ pub fn step_rc(
         }
     }
     let Some(qp) = av.qps.get_mut(qpn) else {
-        return idle;
+        return StepOutcome::IDLE;
     };
-    let outstanding = qp.rt.psns.una != qp.rt.wire.psn_max;
-    let t = &mut qp.rt.wire;
+    let outstanding = qp.rt.psns.una != qp.rt.rc.psn_max;
+    let t = &mut qp.rt.rc;
     if outstanding && t.deadline.is_none() {
         t.deadline = Some(Instant::now() + timeout);
     }
@@ -207,30 +210,31 @@ pub fn step_rc(
         t.deadline = None;
     }
     let drained = sqd && !outstanding && !qp.rt.inflight.active && qp.rt.sq_head == t.sq_max;
-    if drained && qp.attr.en_sqd_async_notify == 1 && !qp.rt.sqd_notified {
-        qp.rt.sqd_notified = true;
-        a.push_event(event::Kind::SqDrained, qpn);
+    if drained {
+        sq_drained(av, a, qpn);
     }
-    let t = &mut qp.rt.wire;
+    let Some(qp) = av.qps.get_mut(qpn) else {
+        return StepOutcome::IDLE;
+    };
+    let t = &mut qp.rt.rc;
     let want = match (t.deadline, t.rnr_until) {
         (Some(d), Some(r)) => Some(d.min(r)),
         (d, r) => d.or(r),
     };
     let timer = want.and_then(|at| arm_timer(t, at));
-    StepOutcome {
-        step: if cost > 0 {
-            Step::Progress { cost, more }
-        } else {
-            Step::Idle
-        },
-        timer,
-    }
+    let mut outcome = if cost > 0 {
+        StepOutcome::progress(cost, more, bytes, wrs)
+    } else {
+        StepOutcome::IDLE
+    };
+    outcome.timer = timer;
+    outcome
 }
 
 /// Arms the scheduler's timer for `at`, unless one is pending that fires no later. One timer
 /// per QP in the scheduler's heap at a time: a deadline that moved later is re-armed when the
 /// earlier timer fires and the step finds it early.
-fn arm_timer(t: &mut Transport, at: Instant) -> Option<Instant> {
+fn arm_timer(t: &mut RcTransport, at: Instant) -> Option<Instant> {
     if t.timer_at.is_some_and(|pending| pending <= at) {
         return None;
     }
@@ -239,46 +243,46 @@ fn arm_timer(t: &mut Transport, at: Instant) -> Option<Instant> {
 }
 
 enum Begin {
-    Started,
+    /// It is on its way; `first_time` unless a go-back-N is sending it again.
+    Started {
+        first_time: bool,
+    },
     Empty,
     Full,
     /// The next work request cannot start until those before it complete.
     Wait,
-    Failed,
+    /// It (or the ring) failed; `retired` if a work request completed with an error.
+    Failed {
+        retired: bool,
+    },
 }
 
 /// Copies the work request at `sq_next` into `inflight` and records it as sent.
-fn begin_wr(av: &mut Vm, a: &VmPort, mem: &GuestMem, qpn: u32) -> Begin {
+fn begin_wr(av: &mut VmObjects, a: &Vm, mem: &GuestMem, qpn: u32) -> Begin {
     let Some(qp) = av.qps.get(qpn) else {
         return Begin::Empty;
     };
-    let t = &qp.rt.wire;
-    if t.sq_next.wrapping_sub(qp.rt.sq_head) as usize >= WINDOW {
+    let taken = qp.rt.rc.sq_next.wrapping_sub(qp.rt.sq_head);
+    if taken as usize >= RC_WINDOW {
         return Begin::Full;
     }
-    let Some(geometry) = qp.sq_geometry() else {
+    match sq_posted(av, a, mem, qpn, taken) {
+        Posted::More => {}
+        Posted::Nothing => return Begin::Empty,
+        Posted::Fatal => return Begin::Failed { retired: false },
+    }
+    let Some(qp) = av.qps.get(qpn) else {
         return Begin::Empty;
     };
-    let Some(producer) = load_producer(mem, qp.sq_ring_addr) else {
-        engine::ring_fatal(av, a, mem, qpn, VendorErr::GuestMemory);
-        return Begin::Failed;
-    };
-    match geometry.occupancy(producer, qp.rt.sq_head) {
-        Ok(n) if n > t.sq_next.wrapping_sub(qp.rt.sq_head) => {}
-        Ok(_) => return Begin::Empty,
-        Err(_) => {
-            engine::ring_fatal(av, a, mem, qpn, VendorErr::RingOverrun);
-            return Begin::Failed;
-        }
-    }
+    let t = &qp.rt.rc;
     let index = t.sq_next;
     let at_head = index == qp.rt.sq_head;
     let mut slot = [0u8; MAX_SEND_SLOT];
-    if !read_slot(qp, mem, index, &mut slot) {
-        engine::ring_fatal(av, a, mem, qpn, VendorErr::GuestMemory);
-        return Begin::Failed;
+    if !read_send_slot(qp, mem, index, &mut slot) {
+        ring_fatal(av, a, mem, qpn, VendorErr::GuestMemory);
+        return Begin::Failed { retired: false };
     }
-    let (pdn, mtu, next_psn) = (qp.pdn, mtu_of(qp), qp.rt.psns.next);
+    let (mtu, next_psn) = (mtu_of(qp), qp.rt.psns.next);
     // READs and atomics outstanding are limited by max_rd_atomic, as on an RNIC: the
     // responder keeps only that many atomic results for replays.
     let reads_out = (0..index.wrapping_sub(qp.rt.sq_head))
@@ -296,7 +300,7 @@ fn begin_wr(av: &mut Vm, a: &VmPort, mem: &GuestMem, qpn: u32) -> Begin {
     }
     let checked = match wqe::decode_send(&slot, qp.send_limits()) {
         Err(_) => Err((Status::LocQpOpErr, VendorErr::MalformedWqe)),
-        Ok(wr) => engine::check_wr(av, pdn, qp::Type::Rc, &wr).map(|()| {
+        Ok(wr) => check_wr(av, qp, &wr).map(|()| {
             let signaled = qp.sq_sig_all || wr.flags.contains(SendFlags::SIGNALED);
             Sent {
                 first_psn: next_psn,
@@ -320,8 +324,8 @@ fn begin_wr(av: &mut Vm, a: &VmPort, mem: &GuestMem, qpn: u32) -> Begin {
             };
             qp.rt.inflight.slot = slot;
             qp.rt.inflight.active = true;
-            engine::fail_wr(av, a, mem, qpn, status, vendor);
-            return Begin::Failed;
+            fail_wr(av, a, mem, qpn, status, vendor);
+            return Begin::Failed { retired: true };
         }
     };
     let Some(qp) = av.qps.get_mut(qpn) else {
@@ -329,43 +333,32 @@ fn begin_wr(av: &mut Vm, a: &VmPort, mem: &GuestMem, qpn: u32) -> Begin {
     };
     qp.rt.inflight.slot = slot;
     qp.rt.inflight.active = true;
-    let t = &mut qp.rt.wire;
-    t.records().sent[index as usize % WINDOW] = sent;
-    if index == t.sq_max {
+    let t = &mut qp.rt.rc;
+    t.records().sent[index as usize % RC_WINDOW] = sent;
+    let first_time = index == t.sq_max;
+    if first_time {
         t.sq_max = index.wrapping_add(1);
     }
-    Begin::Started
-}
-
-/// Reads send ring entry `index` of `qp` into `slot`.
-fn read_slot(
-    qp: &crate::vm::Qp,
-    mem: &GuestMem,
-    index: u32,
-    slot: &mut [u8; MAX_SEND_SLOT],
-) -> bool {
-    let Some(geometry) = qp.sq_geometry() else {
-        return false;
-    };
-    let stride = geometry.stride() as usize;
-    let at = GuestAddress(qp.sq_ring_addr + geometry.entry_offset(index));
-    stride <= MAX_SEND_SLOT && mem.read_slice(&mut slot[..stride], at).is_ok()
+    Begin::Started { first_time }
 }
 
 enum Sent1 {
-    /// A packet went out carrying this many payload bytes.
-    Sent(u32),
+    /// A packet went out carrying `payload` bytes, asking for `moves` bytes to be moved (its
+    /// payload; what a READ request asks for).
+    Sent {
+        payload: u32,
+        moves: u32,
+    },
     WindowFull,
     Failed,
 }
 
 /// Sends the next packet of the work request in `inflight`.
 fn send_next(
-    fabric: &Fabric,
     ep: &Arc<Endpoint>,
     bufs: &mut TxBuffers,
-    a: &VmPort,
-    av: &mut Vm,
+    a: &Vm,
+    av: &mut VmObjects,
     mem: &GuestMem,
     qpn: u32,
 ) -> Sent1 {
@@ -373,10 +366,10 @@ fn send_next(
         return Sent1::Failed;
     };
     let psns = qp.rt.psns;
-    if psn_diff(psns.next, psns.una) as u32 >= qp.rt.wire.cwnd {
+    if psn_diff(psns.next, psns.una) as u32 >= qp.rt.rc.cwnd {
         return Sent1::WindowFull;
     }
-    let t = &qp.rt.wire;
+    let t = &qp.rt.rc;
     let index = t.sq_next;
     let sent = t.sent(index);
     let slot = qp.rt.inflight.slot;
@@ -397,9 +390,12 @@ fn send_next(
     let header = &wr.header;
     let mut ext = Extensions::default();
     let mut n = 0u32;
+    // What this packet moves for the requester: its payload, or what a READ asks for.
+    let mut moves = 0u32;
     let (op, advance) = match wr.opcode {
         Opcode::RdmaRead => {
             let rest = wr.byte_len.saturating_sub(off);
+            moves = rest;
             ext.reth = Some(Reth::new(
                 header.remote_addr.get().wrapping_add(u64::from(off)),
                 header.rkey.get(),
@@ -434,8 +430,8 @@ fn send_next(
                     .ok_or(VendorErr::MalformedWqe),
                 Payload::Sges(sges) => {
                     let mut runs = Runs::default();
-                    xfer::sge_runs(&av.mrs, sges, off, n, &mut runs)
-                        .and_then(|()| xfer::read_runs(mem, runs.as_slice(), payload))
+                    sge_runs(&av.mrs, sges, off, n, &mut runs)
+                        .and_then(|()| memory::read_runs(mem, runs.as_slice(), payload))
                 }
             };
             if let Err(v) = read {
@@ -481,7 +477,7 @@ fn send_next(
         );
     // The window moves only on acknowledgements: ask for one at least twice per window.
     let in_flight = psn_diff(psn, psns.una) as u32 + 1;
-    let half_window = (qp.rt.wire.cwnd / 2).clamp(1, ACK_EVERY);
+    let half_window = (qp.rt.rc.cwnd / 2).clamp(1, ACK_EVERY);
     let ack_req = last || advance > 1 || in_flight % half_window == 0;
     let payload = &bufs.payload[..n as usize];
     let pkt = Bth::new(op, dest, psn).ok().and_then(|bth| {
@@ -492,27 +488,30 @@ fn send_next(
         fail_oldest(av, a, mem, qpn, Status::LocQpOpErr, VendorErr::MalformedWqe);
         return Sent1::Failed;
     };
-    fabric.send(ep, peer, &pkt, &mut bufs.batch);
+    bufs.batch.push(ep, peer, &pkt);
     let Some(qp) = av.qps.get_mut(qpn) else {
         return Sent1::Failed;
     };
     qp.rt.psns.next = psn_add(psn, advance);
-    if psn_diff(qp.rt.psns.next, qp.rt.wire.psn_max) > 0 {
-        qp.rt.wire.psn_max = qp.rt.psns.next;
+    if psn_diff(qp.rt.psns.next, qp.rt.rc.psn_max) > 0 {
+        qp.rt.rc.psn_max = qp.rt.psns.next;
     }
     if k + advance >= npsn {
         qp.rt.inflight.active = false;
-        qp.rt.wire.sq_next = index.wrapping_add(1);
+        qp.rt.rc.sq_next = index.wrapping_add(1);
     }
-    Sent1::Sent(n)
+    Sent1::Sent {
+        payload: n,
+        moves: moves.max(n),
+    }
 }
 
 /// The requester's own memory failed while building a packet of work request `index`: it
 /// completes with a local protection error once it is the oldest; until then nothing more is
 /// sent.
 fn fail_local(
-    av: &mut Vm,
-    a: &VmPort,
+    av: &mut VmObjects,
+    a: &Vm,
     mem: &GuestMem,
     qpn: u32,
     index: u32,
@@ -530,19 +529,19 @@ fn fail_local(
 
 /// Go-back-N: makes the oldest unacknowledged PSN the next to send again. Returns false if the
 /// work request it belongs to can no longer be read (the QP has failed).
-fn go_back(av: &mut Vm, a: &VmPort, mem: &GuestMem, qpn: u32, counters: &Counters) -> bool {
+fn go_back(av: &mut VmObjects, a: &Vm, mem: &GuestMem, qpn: u32, counters: &Counters) -> bool {
     let Some(qp) = av.qps.get(qpn) else {
         return false;
     };
     let una = qp.rt.psns.una;
-    if una == qp.rt.wire.psn_max {
+    if una == qp.rt.rc.psn_max {
         return true;
     }
-    let (head, end) = (qp.rt.sq_head, qp.rt.wire.sq_max);
+    let (head, end) = (qp.rt.sq_head, qp.rt.rc.sq_max);
     let mut i = head;
     let mut found = None;
     while i != end {
-        let s = qp.rt.wire.sent(i);
+        let s = qp.rt.rc.sent(i);
         if psn_diff(una, s.first_psn) >= 0 && psn_diff(una, s.last_psn) <= 0 {
             found = Some(i);
             break;
@@ -552,10 +551,10 @@ fn go_back(av: &mut Vm, a: &VmPort, mem: &GuestMem, qpn: u32, counters: &Counter
     let Some(index) = found else {
         return true;
     };
-    let resent = psn_diff(qp.rt.wire.psn_max, una).max(0) as u64;
+    let resent = psn_diff(qp.rt.rc.psn_max, una).max(0) as u64;
     let mut slot = [0u8; MAX_SEND_SLOT];
-    if !read_slot(qp, mem, index, &mut slot) {
-        engine::ring_fatal(av, a, mem, qpn, VendorErr::GuestMemory);
+    if !read_send_slot(qp, mem, index, &mut slot) {
+        ring_fatal(av, a, mem, qpn, VendorErr::GuestMemory);
         return false;
     }
     counters.retransmitted.fetch_add(resent, Ordering::Relaxed);
@@ -564,11 +563,11 @@ fn go_back(av: &mut Vm, a: &VmPort, mem: &GuestMem, qpn: u32, counters: &Counter
     };
     qp.rt.inflight.slot = slot;
     qp.rt.inflight.active = true;
-    qp.rt.wire.sq_next = index;
-    qp.rt.wire.rewound = Some(una);
+    qp.rt.rc.sq_next = index;
+    qp.rt.rc.rewound = Some(una);
     // Each go-back resends everything after the gap: a path that loses or reorders packets
     // gets a smaller window, and earns it back one packet per acknowledgement.
-    qp.rt.wire.cwnd = (qp.rt.wire.cwnd / 2).max(MIN_WINDOW);
+    qp.rt.rc.cwnd = (qp.rt.rc.cwnd / 2).max(MIN_WINDOW);
     qp.rt.psns.next = una;
     debug!(
         "vm {}: QP {qpn:#x}: going back to PSN {una:#x} ({resent} packets)",
@@ -578,27 +577,32 @@ fn go_back(av: &mut Vm, a: &VmPort, mem: &GuestMem, qpn: u32, counters: &Counter
 }
 
 /// Completes the oldest work request on the wire with `status` and takes the QP to ERR,
-/// flushing the rest.
-fn fail_oldest(av: &mut Vm, a: &VmPort, mem: &GuestMem, qpn: u32, status: Status, v: VendorErr) {
-    if let Some(qp) = av.qps.get(qpn) {
-        let head = qp.rt.sq_head;
-        if head != qp.rt.wire.sq_max {
-            complete_oldest(av, a, mem, qpn, status, v);
-        }
+/// flushing the rest; the transport starts afresh.
+fn fail_oldest(av: &mut VmObjects, a: &Vm, mem: &GuestMem, qpn: u32, status: Status, v: VendorErr) {
+    let Some(qp) = av.qps.get_mut(qpn) else {
+        return;
+    };
+    let on_wire = qp.rt.sq_head != qp.rt.rc.sq_max;
+    let head = on_wire.then(|| retired(&qp.rt.rc.sent(qp.rt.sq_head)));
+    qp.rt.rc = std::mem::take(&mut qp.rt.rc).reset();
+    qp.rt.psns.una = qp.rt.psns.next;
+    fail_head(av, a, mem, qpn, head, status, v);
+}
+
+/// The completion of a work request from its record.
+fn retired(s: &Sent) -> Retired {
+    Retired {
+        wr_id: s.wr_id,
+        opcode: Opcode::from_raw(s.opcode).unwrap_or(Opcode::Send),
+        signaled: s.signaled,
+        byte_len: s.len,
     }
-    if let Some(qp) = av.qps.get_mut(qpn) {
-        qp.rt.inflight.active = false;
-        qp.rt.wire = std::mem::take(&mut qp.rt.wire).reset();
-        qp.rt.psns.una = qp.rt.psns.next;
-    }
-    engine::set_error(av, a, qpn);
-    completion::flush(av, a, mem, qpn, true, true);
 }
 
 /// Completes the work request at the send queue's head from its record, and consumes it.
 fn complete_oldest(
-    av: &mut Vm,
-    a: &VmPort,
+    av: &mut VmObjects,
+    a: &Vm,
     mem: &GuestMem,
     qpn: u32,
     status: Status,
@@ -607,65 +611,38 @@ fn complete_oldest(
     let Some(qp) = av.qps.get_mut(qpn) else {
         return;
     };
-    let s = qp.rt.wire.sent(qp.rt.sq_head);
-    if qp.rt.sq_head == qp.rt.wire.sq_next {
+    let done = retired(&qp.rt.rc.sent(qp.rt.sq_head));
+    if qp.rt.sq_head == qp.rt.rc.sq_next {
         // It was still being transmitted.
         qp.rt.inflight.active = false;
-        qp.rt.wire.sq_next = qp.rt.sq_head.wrapping_add(1);
+        qp.rt.rc.sq_next = qp.rt.sq_head.wrapping_add(1);
     }
-    qp.rt.sq_head = qp.rt.sq_head.wrapping_add(1);
-    let (cqn, ring_addr, head) = (qp.send_cqn, qp.sq_ring_addr, qp.rt.sq_head);
-    publish_consumer(mem, ring_addr, head);
-    a.counters.wrs.fetch_add(1, Ordering::Relaxed);
-    let opcode = Opcode::from_raw(s.opcode).unwrap_or(Opcode::Send);
-    if status == Status::Success {
-        a.counters
-            .bytes
-            .fetch_add(u64::from(s.len), Ordering::Relaxed);
-    }
-    if s.signaled || status != Status::Success {
-        let mut c = Completion::new(s.wr_id, qpn, status, cqe::Opcode::of_send(opcode), v);
-        if status == Status::Success {
-            c.cqe.byte_len = if opcode.is_atomic() {
-                wqe::ATOMIC_SIZE
-            } else {
-                s.len
-            }
-            .into();
-        }
-        if !completion::post(av, a, mem, cqn, &c) {
-            engine::set_error(av, a, qpn);
-        }
-    }
+    retire_head(av, a, mem, qpn, &done, status, v);
 }
 
 /// A response to this VM's requester: ACK, NAK, READ response or atomic ACK. Returns whether
 /// the QP's window moved (the scheduler should send more).
-#[allow(clippy::too_many_arguments)]
-pub(super) fn on_response(
-    fabric: &Fabric,
+pub fn on_response(
     ep: &Endpoint,
-    a: &VmPort,
-    av: &mut Vm,
+    a: &Vm,
+    av: &mut VmObjects,
     mem: &GuestMem,
     pkt: &Packet<'_>,
     peer: Gid,
 ) -> bool {
-    let _ = fabric;
     let qpn = pkt.bth().dest_qp();
     let Some(qp) = av.qps.get(qpn) else {
         ep.counters.no_qp.fetch_add(1, Ordering::Relaxed);
         return false;
     };
-    let ready = matches!(qp.state(), qp::State::Rts | qp::State::Sqd);
-    if qp.qp_type() != qp::Type::Rc || !ready || qp.attr.ah_attr.dgid != peer {
+    if qp.qp_type() != qp::Type::Rc || !qp.sends() || qp.attr.ah_attr.dgid != peer {
         ep.counters.no_qp.fetch_add(1, Ordering::Relaxed);
         return false;
     }
     let psn = pkt.bth().psn();
     let una = qp.rt.psns.una;
     // Only PSNs on the wire can be answered.
-    if psn_diff(psn, una) < -1 || psn_diff(psn, qp.rt.wire.psn_max) >= 0 {
+    if psn_diff(psn, una) < -1 || psn_diff(psn, qp.rt.rc.psn_max) >= 0 {
         ep.counters.stray_responses.fetch_add(1, Ordering::Relaxed);
         return false;
     }
@@ -691,7 +668,7 @@ pub(super) fn on_response(
                 let Some(qp) = av.qps.get_mut(qpn) else {
                     return false;
                 };
-                if !engine::take_rnr_retry(qp.attr.rnr_retry, &mut qp.rt.wire.rnr_left) {
+                if !qp.rt.retries.take_rnr(qp.attr.rnr_retry) {
                     fail_oldest(
                         av,
                         a,
@@ -703,8 +680,8 @@ pub(super) fn on_response(
                     return false;
                 }
                 let wait = Duration::from_micros(qp::rnr_timer_micros(timer).into());
-                qp.rt.wire.rnr_until = Some(Instant::now() + wait);
-                qp.rt.wire.deadline = None;
+                qp.rt.rc.rnr_until = Some(Instant::now() + wait);
+                qp.rt.rc.deadline = None;
                 true
             }
             Some(Ok(Syndrome::Nak(code))) => {
@@ -733,23 +710,23 @@ pub(super) fn on_response(
 }
 
 /// Whether a go-back-N is waiting for the scheduler.
-fn wants_rewind(av: &Vm, qpn: u32) -> bool {
-    av.qps.get(qpn).is_some_and(|q| q.rt.wire.rewind)
+fn wants_rewind(av: &VmObjects, qpn: u32) -> bool {
+    av.qps.get(qpn).is_some_and(|q| q.rt.rc.rewind)
 }
 
 /// Whether the oldest work request on the wire is the one packet `psn` belongs to: a NAK
 /// fails only that one.
-fn head_holds(av: &Vm, qpn: u32, psn: u32) -> bool {
+fn head_holds(av: &VmObjects, qpn: u32, psn: u32) -> bool {
     av.qps.get(qpn).is_some_and(|q| {
-        let s = q.rt.wire.sent(q.rt.sq_head);
-        q.rt.sq_head != q.rt.wire.sq_max
+        let s = q.rt.rc.sent(q.rt.sq_head);
+        q.rt.sq_head != q.rt.rc.sq_max
             && psn_diff(psn, s.first_psn) >= 0
             && psn_diff(psn, s.last_psn) <= 0
     })
 }
 
 /// Asks the transmitter to go back to the oldest unacknowledged PSN.
-fn rewind(av: &mut Vm, qpn: u32) {
+fn rewind(av: &mut VmObjects, qpn: u32) {
     if let Some(qp) = av.qps.get_mut(qpn) {
         ask_rewind(qp);
     }
@@ -758,17 +735,17 @@ fn rewind(av: &mut Vm, qpn: u32) {
 /// Asks for a go-back-N unless one from the same PSN is already under way: every packet after
 /// a gap reports it, and answering each would resend the window again and again. The ACK
 /// timer still catches a resent packet that was itself lost.
-fn ask_rewind(qp: &mut crate::vm::Qp) {
+fn ask_rewind(qp: &mut Qp) {
     let una = qp.rt.psns.una;
-    if qp.rt.wire.rewound != Some(una) {
-        qp.rt.wire.rewind = true;
+    if qp.rt.rc.rewound != Some(una) {
+        qp.rt.rc.rewind = true;
     }
 }
 
 /// Completes the SENDs and WRITEs whose packets up to `psn` are acknowledged. A READ or atomic
 /// among them whose response has not arrived means the response was lost: go back for it
 /// (IBA 9.7.4.1.3, implied NAK).
-fn ack_through(av: &mut Vm, a: &VmPort, mem: &GuestMem, qpn: u32, psn: u32) -> bool {
+fn ack_through(av: &mut VmObjects, a: &Vm, mem: &GuestMem, qpn: u32, psn: u32) -> bool {
     let mut moved = false;
     loop {
         let Some(qp) = av.qps.get_mut(qpn) else {
@@ -779,10 +756,10 @@ fn ack_through(av: &mut Vm, a: &VmPort, mem: &GuestMem, qpn: u32, psn: u32) -> b
             break;
         }
         let head = qp.rt.sq_head;
-        if head == qp.rt.wire.sq_max {
+        if head == qp.rt.rc.sq_max {
             break;
         }
-        let s = qp.rt.wire.sent(head);
+        let s = qp.rt.rc.sent(head);
         let opcode = Opcode::from_raw(s.opcode).unwrap_or(Opcode::Send);
         if matches!(opcode, Opcode::RdmaRead) || opcode.is_atomic() {
             // Its own responses acknowledge it. Only an acknowledgement of a later request
@@ -811,14 +788,12 @@ fn ack_through(av: &mut Vm, a: &VmPort, mem: &GuestMem, qpn: u32, psn: u32) -> b
 
 /// Forward progress: the retry budget is whole again and the timer restarts. A go-back-N
 /// that is resending what has now been acknowledged skips ahead.
-fn progress(qp: &mut crate::vm::Qp) {
+fn progress(qp: &mut Qp) {
     if psn_diff(qp.rt.psns.una, qp.rt.psns.next) > 0 {
         qp.rt.psns.next = qp.rt.psns.una;
     }
-    let (retry, rnr) = (qp.attr.retry_cnt, qp.attr.rnr_retry);
-    let w = &mut qp.rt.wire;
-    w.retries_left = retry;
-    w.rnr_left = rnr;
+    qp.rt.retries = Retries::full(&qp.attr);
+    let w = &mut qp.rt.rc;
     w.deadline = None;
     w.cwnd = (w.cwnd + 1).min(MAX_UNACKED);
 }
@@ -826,7 +801,7 @@ fn progress(qp: &mut crate::vm::Qp) {
 /// The work request at the head, if it is a READ or atomic whose PSNs include `psn` and
 /// everything before it has been acknowledged by this response (responses come in order). A
 /// response after a gap means the packets between were lost: it asks for a go-back-N.
-fn responded(av: &mut Vm, a: &VmPort, mem: &GuestMem, qpn: u32, psn: u32) -> Option<Sent> {
+fn responded(av: &mut VmObjects, a: &Vm, mem: &GuestMem, qpn: u32, psn: u32) -> Option<Sent> {
     // A response implies every request before it was received.
     ack_through(av, a, mem, qpn, psn_add(psn, PSN_MASK));
     let qp = av.qps.get_mut(qpn)?;
@@ -835,10 +810,10 @@ fn responded(av: &mut Vm, a: &VmPort, mem: &GuestMem, qpn: u32, psn: u32) -> Opt
         return None;
     }
     let head = qp.rt.sq_head;
-    if head == qp.rt.wire.sq_max {
+    if head == qp.rt.rc.sq_max {
         return None;
     }
-    let s = qp.rt.wire.sent(head);
+    let s = qp.rt.rc.sent(head);
     let in_range = psn_diff(psn, s.first_psn) >= 0 && psn_diff(psn, s.last_psn) <= 0;
     (in_range && psn == qp.rt.psns.una).then_some(s)
 }
@@ -846,16 +821,17 @@ fn responded(av: &mut Vm, a: &VmPort, mem: &GuestMem, qpn: u32, psn: u32) -> Opt
 /// Writes `bytes` at offset `off` of the message the head work request `s` receives into (a
 /// READ's or atomic's SGEs), re-reading the request from the ring as an RNIC re-reads its WQE.
 fn place_at_head(
-    av: &Vm,
+    av: &VmObjects,
     mem: &GuestMem,
     qpn: u32,
     s: &Sent,
     off: u32,
     bytes: &[u8],
+    kind: WriteKind,
 ) -> Result<(), VendorErr> {
     let qp = av.qps.get(qpn).ok_or(VendorErr::GuestMemory)?;
     let mut slot = [0u8; MAX_SEND_SLOT];
-    if !read_slot(qp, mem, qp.rt.sq_head, &mut slot) {
+    if !read_send_slot(qp, mem, qp.rt.sq_head, &mut slot) {
         return Err(VendorErr::GuestMemory);
     }
     let wr = wqe::decode_send(&slot, qp.send_limits()).map_err(|_| VendorErr::MalformedWqe)?;
@@ -867,13 +843,13 @@ fn place_at_head(
         return Err(VendorErr::MalformedWqe);
     };
     let mut runs = Runs::default();
-    xfer::sge_runs(&av.mrs, sges, off, bytes.len() as u32, &mut runs)?;
-    xfer::write_runs(bytes, mem, runs.as_slice())
+    sge_runs(&av.mrs, sges, off, bytes.len() as u32, &mut runs)?;
+    memory::write_runs(bytes, mem, runs.as_slice(), kind)
 }
 
 /// A response's data is in place: the PSN is acknowledged, and the request completes if this
 /// was its last.
-fn answered(av: &mut Vm, a: &VmPort, mem: &GuestMem, qpn: u32, psn: u32, last: bool) -> bool {
+fn answered(av: &mut VmObjects, a: &Vm, mem: &GuestMem, qpn: u32, psn: u32, last: bool) -> bool {
     let Some(qp) = av.qps.get_mut(qpn) else {
         return false;
     };
@@ -886,7 +862,7 @@ fn answered(av: &mut Vm, a: &VmPort, mem: &GuestMem, qpn: u32, psn: u32, last: b
 }
 
 /// A READ response packet: its payload goes where the READ's SGEs say.
-fn read_response(av: &mut Vm, a: &VmPort, mem: &GuestMem, qpn: u32, pkt: &Packet<'_>) -> bool {
+fn read_response(av: &mut VmObjects, a: &Vm, mem: &GuestMem, qpn: u32, pkt: &Packet<'_>) -> bool {
     let psn = pkt.bth().psn();
     let Some(s) = responded(av, a, mem, qpn, psn) else {
         return wants_rewind(av, qpn);
@@ -913,7 +889,7 @@ fn read_response(av: &mut Vm, a: &VmPort, mem: &GuestMem, qpn: u32, pkt: &Packet
         rewind(av, qpn);
         return true;
     }
-    if let Err(v) = place_at_head(av, mem, qpn, &s, off, payload) {
+    if let Err(v) = place_at_head(av, mem, qpn, &s, off, payload, WriteKind::Payload) {
         fail_oldest(av, a, mem, qpn, Status::LocProtErr, v);
         return false;
     }
@@ -921,7 +897,7 @@ fn read_response(av: &mut Vm, a: &VmPort, mem: &GuestMem, qpn: u32, pkt: &Packet
 }
 
 /// An atomic's acknowledgement: the value before goes into the request's SGE.
-fn atomic_response(av: &mut Vm, a: &VmPort, mem: &GuestMem, qpn: u32, pkt: &Packet<'_>) -> bool {
+fn atomic_response(av: &mut VmObjects, a: &Vm, mem: &GuestMem, qpn: u32, pkt: &Packet<'_>) -> bool {
     let psn = pkt.bth().psn();
     let Some(s) = responded(av, a, mem, qpn, psn) else {
         return wants_rewind(av, qpn);
@@ -933,31 +909,41 @@ fn atomic_response(av: &mut Vm, a: &VmPort, mem: &GuestMem, qpn: u32, pkt: &Pack
         return false;
     }
     let original = ack.original().to_ne_bytes();
-    if let Err(v) = place_at_head(av, mem, qpn, &s, 0, &original) {
+    if let Err(v) = place_at_head(av, mem, qpn, &s, 0, &original, WriteKind::Atomic) {
         fail_oldest(av, a, mem, qpn, Status::LocProtErr, v);
         return false;
     }
     answered(av, a, mem, qpn, psn, true)
 }
 
-/// Sends a UD work request as one datagram; it completes as soon as it is sent, as on an RNIC.
+/// Where a UD datagram goes: the port and QP, and the Q_Key it carries.
+#[derive(Debug, Clone, Copy)]
+pub struct UdDest {
+    /// The destination port's GID.
+    pub dgid: Gid,
+    /// The destination QP.
+    pub qpn: u32,
+    /// The Q_Key.
+    pub qkey: u32,
+}
+
+/// Sends UD work request `wr` of QP `src_qpn` as one datagram from `ep`, numbered `psn`.
 #[allow(clippy::too_many_arguments)]
 pub fn send_ud(
-    fabric: &Fabric,
+    ep: &Arc<Endpoint>,
     bufs: &mut TxBuffers,
-    a: &VmPort,
-    av: &Vm,
+    av: &VmObjects,
     mem: &GuestMem,
     wr: &wqe::SendWr<'_>,
-    dgid: Gid,
-    dest_qpn: u32,
-    qkey: u32,
+    dest: UdDest,
     src_qpn: u32,
     psn: u32,
 ) -> Result<(), VendorErr> {
-    let Some(ep) = fabric.endpoint(&a.gid) else {
-        return Ok(());
-    };
+    let UdDest {
+        dgid,
+        qpn: dest_qpn,
+        qkey,
+    } = dest;
     let n = wr.byte_len;
     let payload = bufs
         .payload
@@ -967,8 +953,8 @@ pub fn send_ud(
         Payload::Inline(bytes) => payload.copy_from_slice(bytes),
         Payload::Sges(sges) => {
             let mut runs = Runs::default();
-            xfer::sge_runs(&av.mrs, sges, 0, n, &mut runs)?;
-            xfer::read_runs(mem, runs.as_slice(), payload)?;
+            sge_runs(&av.mrs, sges, 0, n, &mut runs)?;
+            memory::read_runs(mem, runs.as_slice(), payload)?;
         }
     }
     let (op, imm) = if wr.opcode.has_imm() {
@@ -990,6 +976,20 @@ pub fn send_ud(
     };
     let pkt = Packet::new(bth, ext, &bufs.payload[..n as usize])
         .map_err(|_| VendorErr::MessageTooLong)?;
-    fabric.send(ep, dgid, &pkt, &mut bufs.batch);
+    bufs.batch.push(ep, dgid, &pkt);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_work_request_takes_one_psn_per_packet_and_a_read_one_per_response() {
+        assert_eq!(psns_for(Opcode::Send, 0, 1024), 1);
+        assert_eq!(psns_for(Opcode::Send, 1024, 1024), 1);
+        assert_eq!(psns_for(Opcode::RdmaWrite, 1025, 1024), 2);
+        assert_eq!(psns_for(Opcode::RdmaRead, 65536, 4096), 16);
+        assert_eq!(psns_for(Opcode::AtomicFetchAndAdd, 8, 256), 1);
+    }
 }

@@ -1,14 +1,16 @@
-//! Writing completions into a VM's CQ rings, raising CQ events, and flushing a QP's queues.
+//! Completion rules: writing completions into a VM's CQ rings, raising CQ events, flushing a
+//! QP's queues, and taking a QP to the error state.
 
 use std::sync::atomic::{Ordering, fence};
 
-use vm_memory::{Bytes, GuestAddress};
+use log::warn;
 use vrdma_proto::cqe::{self, Cqe, VendorErr};
-use vrdma_proto::{event, ring, wqe};
+use vrdma_proto::{event, qp, ring, wqe};
 use zerocopy::{FromBytes, IntoBytes};
 
-use crate::port::VmPort;
-use crate::vm::{GuestMem, Vm};
+use crate::model::memory::{self, GuestMem, WriteKind, load_producer, publish_consumer, ring_word};
+use crate::model::objects::VmObjects;
+use crate::model::vm::Vm;
 
 /// A completion about to be written.
 #[derive(Debug, Clone, Copy)]
@@ -43,23 +45,22 @@ impl Completion {
     }
 }
 
-fn ring_word(base: u64, offset: u64) -> GuestAddress {
-    GuestAddress(base.wrapping_add(offset))
-}
-
 /// Writes `c` into CQ `cqn` of `vm` and raises a completion event if the CQ is armed for it.
 /// Returns false if the CQ is gone, overflowed now or before: the caller's QP must then go to
 /// the error state, as on hardware.
-pub fn post(vm: &mut Vm, port: &VmPort, mem: &GuestMem, cqn: u32, c: &Completion) -> bool {
-    let Some(cq) = vm.cqs.get_mut(cqn) else {
+pub fn post(objects: &mut VmObjects, vm: &Vm, mem: &GuestMem, cqn: u32, c: &Completion) -> bool {
+    let Some(cq) = objects.cqs.get_mut(cqn) else {
         return false;
     };
     if cq.overflowed {
         return false;
     }
     let base = cq.ring_addr;
-    let Ok(consumer) = mem.load::<u32>(ring_word(base, ring::CONSUMER_OFFSET), Ordering::Acquire)
-    else {
+    let Some(consumer) = memory::load_u32(
+        mem,
+        ring_word(base, ring::CONSUMER_OFFSET),
+        Ordering::Acquire,
+    ) else {
         return false;
     };
     let used = cq.producer.wrapping_sub(consumer);
@@ -67,74 +68,60 @@ pub fn post(vm: &mut Vm, port: &VmPort, mem: &GuestMem, cqn: u32, c: &Completion
         // Either the CQ is full or the driver wrote a consumer index ahead of the producer;
         // both leave the CQ unusable.
         cq.overflowed = true;
-        port.push_event(event::Kind::CqErr, cqn);
+        vm.push_event(event::Kind::CqErr, cqn);
         return false;
     }
     let slot = u64::from(cq.producer & (cq.depth - 1));
-    let at = GuestAddress(base + ring::HEADER_SIZE + slot * u64::from(cqe::SIZE));
-    if mem.write_slice(c.cqe.as_bytes(), at).is_err() {
+    let at = base + ring::HEADER_SIZE + slot * u64::from(cqe::SIZE);
+    if memory::write_bytes(mem, at, c.cqe.as_bytes(), WriteKind::Cqe).is_err() {
         cq.overflowed = true;
-        port.push_event(event::Kind::CqErr, cqn);
+        vm.push_event(event::Kind::CqErr, cqn);
         return false;
     }
     cq.producer = cq.producer.wrapping_add(1);
-    if mem
-        .store(
-            cq.producer,
-            ring_word(base, ring::PRODUCER_OFFSET),
-            Ordering::Release,
-        )
-        .is_err()
-    {
+    let published = memory::store_u32(
+        mem,
+        ring_word(base, ring::PRODUCER_OFFSET),
+        cq.producer,
+        Ordering::Release,
+        WriteKind::RingIndex,
+    );
+    if published.is_err() {
         return false;
     }
-    port.counters.completions.fetch_add(1, Ordering::Relaxed);
+    vm.counters.completions.fetch_add(1, Ordering::Relaxed);
     if c.cqe.status != cqe::Status::Success.raw() && c.cqe.status != cqe::Status::WrFlushErr.raw() {
-        port.counters.errors.fetch_add(1, Ordering::Relaxed);
+        vm.counters.errors.fetch_add(1, Ordering::Relaxed);
     }
     // Pairs with the driver's fence between storing the arm word and loading the producer
     // index (docs/protocol.md): one of the two sides sees the other's store.
     fence(Ordering::SeqCst);
-    let Ok(arm) = mem.load::<u32>(ring_word(base, ring::ARM_OFFSET), Ordering::SeqCst) else {
+    let Some(arm) = memory::load_u32(mem, ring_word(base, ring::ARM_OFFSET), Ordering::SeqCst)
+    else {
         return true;
     };
     let (sequence, solicited_only) = ring::split_arm_word(arm);
     if sequence != cq.notify_ack && (!solicited_only || c.solicited) {
         cq.notify_ack = sequence;
-        let _ = mem.store(
-            sequence,
+        let _ = memory::store_u32(
+            mem,
             ring_word(base, ring::NOTIFY_ACK_OFFSET),
+            sequence,
             Ordering::Release,
+            WriteKind::ControlWord,
         );
-        port.push_event(event::Kind::CqCompletion, cqn);
+        vm.push_event(event::Kind::CqCompletion, cqn);
     }
     true
-}
-
-/// Publishes a ring's consumer index to the driver.
-pub fn publish_consumer(mem: &GuestMem, ring_addr: u64, index: u32) {
-    // If the ring's memory is gone the driver has torn it down; nothing to tell.
-    let _ = mem.store(
-        index,
-        ring_word(ring_addr, ring::CONSUMER_OFFSET),
-        Ordering::Release,
-    );
-}
-
-/// Loads a ring's producer index.
-pub fn load_producer(mem: &GuestMem, ring_addr: u64) -> Option<u32> {
-    mem.load::<u32>(
-        ring_word(ring_addr, ring::PRODUCER_OFFSET),
-        Ordering::Acquire,
-    )
-    .ok()
 }
 
 /// Completes every outstanding work request of QP `qpn` with `WR_FLUSH_ERR`: its send queue
 /// if `send`, its receive queue if `recv`. Stops early if a CQ cannot take more; the rest is
 /// flushed on a later call.
-pub fn flush(vm: &mut Vm, port: &VmPort, mem: &GuestMem, qpn: u32, send: bool, recv: bool) {
-    let Some(qp) = vm.qps.get(qpn) else { return };
+pub fn flush(objects: &mut VmObjects, vm: &Vm, mem: &GuestMem, qpn: u32, send: bool, recv: bool) {
+    let Some(qp) = objects.qps.get(qpn) else {
+        return;
+    };
     let (send_cqn, recv_cqn) = (qp.send_cqn, qp.recv_cqn);
     let (sq_addr, rq_addr) = (qp.sq_ring_addr, qp.rq_ring_addr);
     let (Some(sq), Some(rq)) = (qp.sq_geometry(), qp.rq_geometry()) else {
@@ -151,8 +138,8 @@ pub fn flush(vm: &mut Vm, port: &VmPort, mem: &GuestMem, qpn: u32, send: bool, r
             .min(producer.wrapping_sub(sq_head));
         for _ in 0..pending {
             let mut header = wqe::SendHeader::default();
-            let at = GuestAddress(sq_addr + sq.entry_offset(sq_head));
-            let _ = mem.read_slice(header.as_mut_bytes(), at);
+            let at = vm_memory::GuestAddress(sq_addr + sq.entry_offset(sq_head));
+            let _ = vm_memory::Bytes::read_slice(mem, header.as_mut_bytes(), at);
             let opcode = wqe::Opcode::from_raw(header.opcode)
                 .map(cqe::Opcode::of_send)
                 .unwrap_or(cqe::Opcode::Send);
@@ -165,7 +152,7 @@ pub fn flush(vm: &mut Vm, port: &VmPort, mem: &GuestMem, qpn: u32, send: bool, r
             );
             // Free the slot before its completion is visible, as for any completion.
             publish_consumer(mem, sq_addr, sq_head.wrapping_add(1));
-            if !post(vm, port, mem, send_cqn, &c) {
+            if !post(objects, vm, mem, send_cqn, &c) {
                 break;
             }
             sq_head = sq_head.wrapping_add(1);
@@ -179,7 +166,8 @@ pub fn flush(vm: &mut Vm, port: &VmPort, mem: &GuestMem, qpn: u32, send: bool, r
             .min(producer.wrapping_sub(rq_done));
         for _ in 0..pending {
             let mut raw = [0u8; size_of::<wqe::RecvHeader>()];
-            let _ = mem.read_slice(&mut raw, GuestAddress(rq_addr + rq.entry_offset(rq_done)));
+            let at = vm_memory::GuestAddress(rq_addr + rq.entry_offset(rq_done));
+            let _ = vm_memory::Bytes::read_slice(mem, &mut raw, at);
             let wr_id = wqe::RecvHeader::read_from_bytes(&raw)
                 .map(|h| h.wr_id.get())
                 .unwrap_or(0);
@@ -191,13 +179,13 @@ pub fn flush(vm: &mut Vm, port: &VmPort, mem: &GuestMem, qpn: u32, send: bool, r
                 VendorErr::None,
             );
             publish_consumer(mem, rq_addr, rq_done.wrapping_add(1));
-            if !post(vm, port, mem, recv_cqn, &c) {
+            if !post(objects, vm, mem, recv_cqn, &c) {
                 break;
             }
             rq_done = rq_done.wrapping_add(1);
         }
     }
-    if let Some(qp) = vm.qps.get_mut(qpn) {
+    if let Some(qp) = objects.qps.get_mut(qpn) {
         if send {
             qp.rt.sq_head = sq_head;
             qp.rt.inflight.active = false;
@@ -206,4 +194,29 @@ pub fn flush(vm: &mut Vm, port: &VmPort, mem: &GuestMem, qpn: u32, send: bool, r
             qp.rt.rq_done = rq_done;
         }
     }
+}
+
+/// Moves QP `qpn` to ERR and queues it, so the scheduler flushes it and keeps flushing what
+/// the driver posts later, whatever path took it there.
+pub fn set_error(objects: &mut VmObjects, vm: &Vm, qpn: u32) {
+    if let Some(qp) = objects.qps.get_mut(qpn) {
+        qp.attr.qp_state = qp::State::Err.raw();
+        qp.rt.rx_owner = None;
+        vm.enqueue(qpn);
+    }
+}
+
+/// The QP's send ring is unusable (overrun or unmapped): error state and a QP_FATAL event.
+pub fn ring_fatal(objects: &mut VmObjects, vm: &Vm, mem: &GuestMem, qpn: u32, v: VendorErr) {
+    warn!(
+        "vm {}: QP {qpn:#x}'s send ring is unusable ({v:?}); the QP goes to the error state",
+        vm.name
+    );
+    set_error(objects, vm, qpn);
+    if let Some(qp) = objects.qps.get_mut(qpn) {
+        qp.rt.sq_dead = true;
+        qp.rt.inflight.active = false;
+    }
+    vm.push_event(event::Kind::QpFatal, qpn);
+    flush(objects, vm, mem, qpn, false, true);
 }

@@ -14,14 +14,16 @@ use vhost::vhost_user::Listener;
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::GuestMemoryAtomic;
 
+use super::device::{SharedDevice, VmDevice};
+use super::queues::{DoorbellQueues, EventQueue};
 use crate::config::VmConfig;
-use crate::device::{SharedDevice, VmDevice};
-use crate::engine::Scheduler;
-use crate::port::VmPort;
-use crate::vm::{GuestMem, Vm};
+use crate::model::memory::GuestMem;
+use crate::model::objects::VmObjects;
+use crate::model::vm::Vm;
+use crate::sched::Scheduler;
 
-/// Port IDs are never reused, so a detach cannot hit a later connection of the same VM.
-static NEXT_PORT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+/// VM ids are never reused, so a detach cannot hit a later connection of the same VM.
+static NEXT_VM_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// Why a VM could not be served.
 #[derive(Debug, thiserror::Error)]
@@ -168,12 +170,27 @@ fn serve(
     let name = &cfg.name;
     while !shared.stopping.load(Ordering::SeqCst) {
         let memory = GuestMemoryAtomic::new(GuestMem::default());
-        let id = NEXT_PORT_ID.fetch_add(1, Ordering::Relaxed);
-        let port = Arc::new(
-            VmPort::new(id, Vm::new(cfg, node_guid), cfg.weight, memory.clone())
-                .with_limits(cfg.quotas.max_bw, cfg.quotas.max_msg_rate),
+        let id = NEXT_VM_ID.fetch_add(1, Ordering::Relaxed);
+        let events = Arc::new(EventQueue::default());
+        let vm = Arc::new(
+            Vm::new(
+                id,
+                VmObjects::new(cfg, node_guid),
+                cfg.weight,
+                memory.clone(),
+                events.clone(),
+            )
+            .with_limits(cfg.quotas.max_bw, cfg.quotas.max_msg_rate),
         );
-        let device = match VmDevice::new(cfg, port.clone(), scheduler.clone()) {
+        let doorbells = Arc::new(DoorbellQueues::new(vm.clone()));
+        let device = match VmDevice::new(
+            cfg,
+            vm.clone(),
+            doorbells.clone(),
+            events,
+            scheduler.hooks().clone(),
+            scheduler.clone(),
+        ) {
             Ok(d) => Arc::new(d),
             Err(e) => {
                 error!("vm {name}: cannot create the device: {e}");
@@ -195,7 +212,7 @@ fn serve(
             }
             continue;
         }
-        scheduler.attach(port.clone());
+        scheduler.attach(vm.clone(), doorbells);
         *shared.device.lock().unwrap_or_else(|p| p.into_inner()) = Some(device.clone());
         *shared.connection.lock().unwrap_or_else(|p| p.into_inner()) = daemon.shutdown_handle();
         if shared.stopping.load(Ordering::SeqCst) {
@@ -220,7 +237,7 @@ fn serve(
         device.stop_worker();
         // Detach first: once the scheduler has let go, nothing touches this VM's memory, and
         // its peers' QPs are already in the error state with their work flushed.
-        scheduler.detach(port.id);
+        scheduler.detach(vm.id);
         device.release_all();
         info!("vm {name}: resources released");
     }

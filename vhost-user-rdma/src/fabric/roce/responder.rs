@@ -2,42 +2,35 @@
 //! through the local fabric's responder, and answered (ACKs coalesced per receive batch, READ
 //! responses in bursts outside the VM's lock, atomics replayed from a cache).
 
-use super::*;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
-/// READs a responder remembers, as many as a requester may have outstanding.
-pub(super) const READ_HISTORY: usize = crate::limits::MAX_RD_ATOM as usize;
+use vm_memory::GuestAddressSpace;
+use vrdma_proto::cqe::{Status, VendorErr};
+use vrdma_proto::mr::Access;
+use vrdma_proto::wqe::{self, Opcode};
+use vrdma_proto::{Gid, event, qp};
+use vrdma_roce::aeth::{Aeth, NakCode, Syndrome};
+use vrdma_roce::atomic::AtomicAckEth;
+use vrdma_roce::bth::Bth;
+use vrdma_roce::opcode::Opcode as Op;
+use vrdma_roce::packet::{Extensions, Packet};
+use vrdma_roce::reth::Reth;
 
-/// Atomic results kept per QP to answer a retransmitted atomic without executing it twice: one
-/// per atomic a requester may have outstanding (`max_dest_rd_atomic`, at most
-/// [`crate::limits::MAX_RD_ATOM`]).
-pub(super) const ATOMIC_REPLAY: usize = crate::limits::MAX_RD_ATOM as usize;
+use super::batch::Batch;
+use super::endpoint::Endpoint;
+use super::psn::{PSN_MASK, mtu_of, psn_add, psn_diff};
+use crate::model::memory::{self, GuestMem, Runs};
+use crate::model::objects::VmObjects;
+use crate::model::qp_state::{ATOMIC_REPLAY, READ_HISTORY, ReadRecord, RxMsg};
+use crate::model::vm::Vm;
+use crate::rnic::responder::{Chunk, Resp, check_rkey, respond, responder_error};
+
+/// ACKs one receive batch can owe: one per datagram at most.
+const MAX_OWED: usize = 32;
 
 /// The `a_id` a request from the network carries into the responder: no local VM has it.
 const REMOTE_PORT_ID: u64 = u64::MAX;
-
-/// The message a responder is in the middle of.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum RxMsg {
-    /// Between messages.
-    #[default]
-    Idle,
-    /// A SEND: bytes so far.
-    Send {
-        /// Bytes so far.
-        done: u32,
-    },
-    /// An RDMA WRITE, from its first packet's RETH.
-    Write {
-        /// Target address.
-        va: u64,
-        /// R_Key.
-        rkey: u32,
-        /// Message length.
-        len: u32,
-        /// Bytes so far.
-        done: u32,
-    },
-}
 
 /// An ACK the receive thread owes, sent once its batch is done: a later one for the same QP
 /// replaces it, which is ACK coalescing.
@@ -51,10 +44,10 @@ struct OwedAck {
 
 /// The receive thread's buffers for what it sends back.
 #[derive(Debug)]
-pub(super) struct RxBuffers {
+pub struct RxBuffers {
     payload: Box<[u8]>,
-    pub(super) batch: Batch,
-    acks: [Option<OwedAck>; RX_BATCH],
+    pub batch: Batch,
+    acks: [Option<OwedAck>; MAX_OWED],
 }
 
 impl Default for RxBuffers {
@@ -62,7 +55,7 @@ impl Default for RxBuffers {
         RxBuffers {
             payload: vec![0; 4096].into_boxed_slice(),
             batch: Batch::default(),
-            acks: [None; RX_BATCH],
+            acks: [None; MAX_OWED],
         }
     }
 }
@@ -78,11 +71,10 @@ impl RxBuffers {
         }
     }
 
-    pub(super) fn send_acks(&mut self, fabric: &Fabric, ep: &Arc<Endpoint>) {
+    pub fn send_acks(&mut self, ep: &Arc<Endpoint>) {
         for owed in self.acks.iter_mut() {
             let Some(a) = owed.take() else { continue };
             let reply = Reply {
-                fabric,
                 ep,
                 peer: a.peer,
                 dest: a.dest,
@@ -93,10 +85,10 @@ impl RxBuffers {
 }
 
 /// A UD datagram: delivered whole, or dropped (and counted) as an unreliable network would.
-pub(super) fn on_ud(
+pub fn on_ud(
     ep: &Endpoint,
-    b: &VmPort,
-    bv: &mut Vm,
+    b: &Vm,
+    bv: &mut VmObjects,
     mem: &GuestMem,
     pkt: &Packet<'_>,
     peer: Gid,
@@ -135,7 +127,7 @@ pub(super) fn on_ud(
     c.solicited = pkt.bth().solicited();
     c.qkey = deth.qkey();
     let mut unused = 0u64;
-    let _ = engine::respond(bv, b, dest_qpn, &c, &mut unused);
+    let _ = respond(bv, b, dest_qpn, &c, &mut unused);
 }
 
 /// A chunk whose bytes are a packet's payload, one whole message: the requester is across the
@@ -174,12 +166,11 @@ fn from_network<'a>(
 /// An RC request: checked against the expected PSN, executed once, acknowledged. A READ
 /// returns the response packets to send once the VM's lock is released.
 #[allow(clippy::too_many_arguments)]
-pub(super) fn on_request(
-    fabric: &Fabric,
+pub fn on_request(
     ep: &Arc<Endpoint>,
     rx: &mut RxBuffers,
-    b: &VmPort,
-    bv: &mut Vm,
+    b: &Vm,
+    bv: &mut VmObjects,
     mem: &GuestMem,
     pkt: &Packet<'_>,
     peer: Gid,
@@ -189,8 +180,7 @@ pub(super) fn on_request(
         ep.counters.no_qp.fetch_add(1, Ordering::Relaxed);
         return None;
     };
-    let ready = matches!(qp.state(), qp::State::Rtr | qp::State::Rts | qp::State::Sqd);
-    if qp.qp_type() != qp::Type::Rc || !ready || qp.attr.ah_attr.dgid != peer {
+    if qp.qp_type() != qp::Type::Rc || !qp.responds() || qp.attr.ah_attr.dgid != peer {
         ep.counters.no_qp.fetch_add(1, Ordering::Relaxed);
         return None;
     }
@@ -198,7 +188,6 @@ pub(super) fn on_request(
     let expected = qp.rt.psns.expected;
     let d = psn_diff(psn, expected);
     let reply = Reply {
-        fabric,
         ep,
         peer,
         dest: qp.attr.dest_qp_num.get(),
@@ -207,8 +196,8 @@ pub(super) fn on_request(
         ep.counters.out_of_sequence.fetch_add(1, Ordering::Relaxed);
         let msn = qp.rt.psns.msn;
         if let Some(qp) = bv.qps.get_mut(qpn) {
-            if !qp.rt.wire.nak_sent {
-                qp.rt.wire.nak_sent = true;
+            if !qp.rt.rc.nak_sent {
+                qp.rt.rc.nak_sent = true;
                 reply.nak(&mut rx.batch, expected, NakCode::PsnSequenceError, msn);
             }
         }
@@ -220,7 +209,7 @@ pub(super) fn on_request(
         return on_duplicate(&r, rx, bv, pkt);
     }
     if let Some(qp) = bv.qps.get_mut(qpn) {
-        qp.rt.wire.nak_sent = false;
+        qp.rt.rc.nak_sent = false;
     }
     match pkt.opcode() {
         Op::RcReadRequest => {
@@ -236,14 +225,13 @@ pub(super) fn on_request(
 /// The QP answering a request: its VM, that VM's memory, its QPN, and where its answers go.
 struct Responder<'a> {
     reply: Reply<'a>,
-    b: &'a VmPort,
+    b: &'a Vm,
     mem: &'a GuestMem,
     qpn: u32,
 }
 
 /// Where answers to one request go.
 struct Reply<'a> {
-    fabric: &'a Fabric,
     ep: &'a Arc<Endpoint>,
     peer: Gid,
     dest: u32,
@@ -281,7 +269,7 @@ impl Reply<'_> {
             ..Extensions::default()
         };
         if let Ok(pkt) = Packet::new(bth, ext, &[]) {
-            self.fabric.send(self.ep, self.peer, &pkt, batch);
+            batch.push(self.ep, self.peer, &pkt);
         }
     }
 
@@ -290,7 +278,7 @@ impl Reply<'_> {
             return;
         };
         if let Ok(pkt) = Packet::new(bth, ext, payload) {
-            self.fabric.send(self.ep, self.peer, &pkt, batch);
+            batch.push(self.ep, self.peer, &pkt);
         }
     }
 }
@@ -303,7 +291,7 @@ const ACK: Syndrome = Syndrome::Ack {
 fn on_duplicate(
     r: &Responder<'_>,
     rx: &mut RxBuffers,
-    bv: &mut Vm,
+    bv: &mut VmObjects,
     pkt: &Packet<'_>,
 ) -> Option<ReadJob> {
     let (reply, qpn) = (&r.reply, r.qpn);
@@ -317,7 +305,7 @@ fn on_duplicate(
             return serve_read(r, rx, bv, psn, reth, false);
         }
         Op::RcCompareSwap | Op::RcFetchAdd => {
-            let records = qp.rt.wire.records.as_ref()?;
+            let records = qp.rt.rc.records.as_ref()?;
             let hit = records
                 .atomics
                 .iter()
@@ -331,7 +319,7 @@ fn on_duplicate(
         // last SEND, WRITE or atomic: an ACK must not name a READ's PSN, or the requester
         // would take the READ as answered.
         _ => {
-            let acked = qp.rt.wire.acked.unwrap_or(psn_add(expected, PSN_MASK));
+            let acked = qp.rt.rc.acked.unwrap_or(psn_add(expected, PSN_MASK));
             reply.ack_later(rx, acked, msn);
         }
     }
@@ -361,16 +349,16 @@ fn nak_code(status: Status) -> NakCode {
 
 /// The NAK for a request the responder cannot make sense of; the QP goes to ERR as the IBA
 /// asks of an invalid request.
-fn invalid_request(r: &Responder<'_>, rx: &mut RxBuffers, bv: &mut Vm, psn: u32) {
+fn invalid_request(r: &Responder<'_>, rx: &mut RxBuffers, bv: &mut VmObjects, psn: u32) {
     let (reply, b, mem, qpn) = (&r.reply, r.b, r.mem, r.qpn);
     let msn = bv.qps.get(qpn).map_or(0, |q| q.rt.psns.msn);
-    engine::responder_error(bv, b, mem, qpn, None, VendorErr::MalformedWqe);
+    responder_error(bv, b, mem, qpn, None, VendorErr::MalformedWqe);
     b.push_event(event::Kind::QpReqErr, qpn);
     reply.nak(&mut rx.batch, psn, NakCode::InvalidRequest, msn);
 }
 
 /// SEND and RDMA WRITE packets, through the local fabric's responder.
-fn serve_data(r: &Responder<'_>, rx: &mut RxBuffers, bv: &mut Vm, pkt: &Packet<'_>) {
+fn serve_data(r: &Responder<'_>, rx: &mut RxBuffers, bv: &mut VmObjects, pkt: &Packet<'_>) {
     let (reply, b, mem, qpn) = (&r.reply, r.b, r.mem, r.qpn);
     let Some(qp) = bv.qps.get(qpn) else { return };
     let psn = pkt.bth().psn();
@@ -378,7 +366,7 @@ fn serve_data(r: &Responder<'_>, rx: &mut RxBuffers, bv: &mut Vm, pkt: &Packet<'
     let mtu = mtu_of(qp);
     let payload = pkt.payload();
     let n = payload.len() as u32;
-    let state = qp.rt.wire.rx;
+    let state = qp.rt.rc.rx;
     let a_qpn = qp.attr.dest_qp_num.get();
     use Op::*;
     let is_send = matches!(
@@ -483,7 +471,7 @@ fn serve_data(r: &Responder<'_>, rx: &mut RxBuffers, bv: &mut Vm, pkt: &Packet<'
     c.solicited = pkt.bth().solicited();
     (c.len, c.done, c.last) = (len, done, ends);
     let mut unused = 0u64;
-    let resp = engine::respond(bv, b, qpn, &c, &mut unused);
+    let resp = respond(bv, b, qpn, &c, &mut unused);
     let Some(qp) = bv.qps.get_mut(qpn) else {
         return;
     };
@@ -491,8 +479,8 @@ fn serve_data(r: &Responder<'_>, rx: &mut RxBuffers, bv: &mut Vm, pkt: &Packet<'
     match resp {
         Resp::Done => {
             qp.rt.psns.expected = psn_add(psn, 1);
-            qp.rt.wire.acked = Some(psn);
-            qp.rt.wire.rx = match (ends, is_send) {
+            qp.rt.rc.acked = Some(psn);
+            qp.rt.rc.rx = match (ends, is_send) {
                 (true, _) => RxMsg::Idle,
                 (false, true) => RxMsg::Send { done: done + n },
                 (false, false) => RxMsg::Write {
@@ -523,7 +511,7 @@ fn serve_data(r: &Responder<'_>, rx: &mut RxBuffers, bv: &mut Vm, pkt: &Packet<'
         }
         Resp::Nak(status, _) => {
             let msn = qp.rt.psns.msn;
-            qp.rt.wire.rx = RxMsg::Idle;
+            qp.rt.rc.rx = RxMsg::Idle;
             reply.nak(&mut rx.batch, psn, nak_code(status), msn);
         }
         Resp::NoResponder | Resp::Busy | Resp::Dropped | Resp::LocalFault(_) => {}
@@ -534,17 +522,6 @@ fn serve_data(r: &Responder<'_>, rx: &mut RxBuffers, bv: &mut Vm, pkt: &Packet<'
 /// at a time, so a large READ never holds the VM's other QPs, its control path or its
 /// scheduler steps for long.
 const READ_BURST: u32 = 16;
-
-/// A READ the responder has executed, kept to answer a retransmitted request for it.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct ReadRecord {
-    first_psn: u32,
-    npkts: u32,
-    va: u64,
-    rkey: u32,
-    len: u32,
-    msn: u32,
-}
 
 /// Response packets to send for one READ: `[from, npkts)` of `read`.
 #[derive(Debug, Clone, Copy)]
@@ -565,7 +542,7 @@ pub struct ReadJob {
 fn serve_read(
     r: &Responder<'_>,
     rx: &mut RxBuffers,
-    bv: &mut Vm,
+    bv: &mut VmObjects,
     psn: u32,
     reth: Reth,
     new: bool,
@@ -582,7 +559,7 @@ fn serve_read(
         from,
     };
     if !new {
-        let hit = qp.rt.wire.records.as_ref()?.reads.iter().find(|r| {
+        let hit = qp.rt.rc.records.as_ref()?.reads.iter().find(|r| {
             let k = psn_diff(psn, r.first_psn);
             k >= 0 && (k as u32) < r.npkts
         })?;
@@ -596,34 +573,30 @@ fn serve_read(
     let (va, rkey, len) = (reth.va(), reth.rkey(), reth.dma_len());
     // A message is at most 2^31 bytes (IBA C9-94), which also keeps a READ's PSNs within the
     // half of PSN space that tells old from new.
-    if qp.rt.wire.rx != RxMsg::Idle || len > 1 << 31 {
+    if qp.rt.rc.rx != RxMsg::Idle || len > 1 << 31 {
         invalid_request(r, rx, bv, psn);
         return None;
     }
-    let access = Access::from_bits_truncate(qp.attr.qp_access_flags.get());
-    let pdn = qp.pdn;
     let msn = psn_add(qp.rt.psns.msn, 1);
     let checked = if len == 0 {
         // A zero-length READ names no memory (IBA C9-88).
         Ok(())
     } else {
-        bv.mrs.get(rkey).ok_or(VendorErr::BadRkey).and_then(|mr| {
-            if mr.pdn != pdn {
-                Err(VendorErr::PdMismatch)
-            } else if !mr.access().contains(Access::REMOTE_READ)
-                || !access.contains(Access::REMOTE_READ)
-            {
-                Err(VendorErr::RemoteAccess)
-            } else if !mr.contains(va, len.into()) {
-                Err(VendorErr::RemoteOutOfBounds)
-            } else {
-                Ok(())
-            }
-        })
+        let (pdn, access) = (qp.pdn, qp.remote_access());
+        check_rkey(
+            &bv.mrs,
+            pdn,
+            access,
+            rkey,
+            va,
+            len.into(),
+            Access::REMOTE_READ,
+        )
+        .map(|_| ())
     };
     if let Err(v) = checked {
         let msn = qp.rt.psns.msn;
-        engine::responder_error(bv, b, mem, qpn, None, v);
+        responder_error(bv, b, mem, qpn, None, v);
         b.push_event(event::Kind::QpAccessErr, qpn);
         reply.nak(&mut rx.batch, psn, NakCode::RemoteAccessError, msn);
         return None;
@@ -639,7 +612,7 @@ fn serve_read(
     let qp = bv.qps.get_mut(qpn)?;
     qp.rt.psns.expected = psn_add(psn, read.npkts);
     qp.rt.psns.msn = msn;
-    let w = &mut qp.rt.wire;
+    let w = &mut qp.rt.rc;
     let slot = usize::from(w.read_next) % READ_HISTORY;
     w.records().reads[slot] = read;
     w.read_next = w.read_next.wrapping_add(1);
@@ -650,17 +623,10 @@ fn serve_read(
 /// checking each time that the QP still answers and the MR still grants the range: a guest
 /// may destroy either meanwhile, and then the rest is not sent (its requester times out, as
 /// with a responder that went away).
-pub(super) fn run_read(
-    fabric: &Fabric,
-    ep: &Arc<Endpoint>,
-    rx: &mut RxBuffers,
-    port: &VmPort,
-    job: &ReadJob,
-) {
+pub fn run_read(ep: &Arc<Endpoint>, rx: &mut RxBuffers, port: &Vm, job: &ReadJob) {
     let mem = port.mem.memory();
     let r = job.read;
     let reply = Reply {
-        fabric,
         ep,
         peer: job.peer,
         dest: job.dest,
@@ -671,10 +637,7 @@ pub(super) fn run_read(
     let mut k = job.from;
     while k < r.npkts {
         let vm = port.lock();
-        let ready = vm
-            .qps
-            .get(job.qpn)
-            .is_some_and(|q| matches!(q.state(), qp::State::Rtr | qp::State::Rts | qp::State::Sqd));
+        let ready = vm.qps.get(job.qpn).is_some_and(|q| q.responds());
         let mr = vm
             .mrs
             .get(r.rkey)
@@ -689,8 +652,9 @@ pub(super) fn run_read(
             let payload = &mut rx.payload[..n as usize];
             if let Some(mr) = mr {
                 let mut runs = Runs::default();
-                let read = xfer::mr_runs(mr, r.va + u64::from(off), n, &mut runs)
-                    .and_then(|()| xfer::read_runs(&mem, runs.as_slice(), payload));
+                let read = mr
+                    .runs(r.va + u64::from(off), n, &mut runs)
+                    .and_then(|()| memory::read_runs(&mem, runs.as_slice(), payload));
                 if read.is_err() {
                     return;
                 }
@@ -718,12 +682,12 @@ pub(super) fn run_read(
 }
 
 /// An atomic: executed once; its result kept to answer a retransmission.
-fn serve_atomic(r: &Responder<'_>, rx: &mut RxBuffers, bv: &mut Vm, pkt: &Packet<'_>) {
+fn serve_atomic(r: &Responder<'_>, rx: &mut RxBuffers, bv: &mut VmObjects, pkt: &Packet<'_>) {
     let (reply, b, mem, qpn) = (&r.reply, r.b, r.mem, r.qpn);
     let Some(qp) = bv.qps.get(qpn) else { return };
     let psn = pkt.bth().psn();
     let Some(eth) = pkt.ext().atomic else { return };
-    if qp.rt.wire.rx != RxMsg::Idle {
+    if qp.rt.rc.rx != RxMsg::Idle {
         invalid_request(r, rx, bv, psn);
         return;
     }
@@ -743,16 +707,16 @@ fn serve_atomic(r: &Responder<'_>, rx: &mut RxBuffers, bv: &mut Vm, pkt: &Packet
     let mut c = from_network(reply.peer, a_qpn, qp::Type::Rc, opcode, &header, &[], mem);
     (c.len, c.n) = (wqe::ATOMIC_SIZE, wqe::ATOMIC_SIZE);
     let mut orig = 0u64;
-    let resp = engine::respond(bv, b, qpn, &c, &mut orig);
+    let resp = respond(bv, b, qpn, &c, &mut orig);
     let Some(qp) = bv.qps.get_mut(qpn) else {
         return;
     };
     match resp {
         Resp::Done => {
             qp.rt.psns.expected = psn_add(psn, 1);
-            qp.rt.wire.acked = Some(psn);
+            qp.rt.rc.acked = Some(psn);
             qp.rt.psns.msn = psn_add(qp.rt.psns.msn, 1);
-            let w = &mut qp.rt.wire;
+            let w = &mut qp.rt.rc;
             let slot = usize::from(w.atomic_next) % ATOMIC_REPLAY;
             w.records().atomics[slot] = (psn, orig, true);
             w.atomic_next = w.atomic_next.wrapping_add(1);

@@ -18,10 +18,14 @@ use vrdma_proto::cmd::{self, RespHeader, Status};
 use vrdma_proto::{config, features, queue};
 use zerocopy::IntoBytes;
 
+use super::queues::{DoorbellQueues, EventQueue, Vring};
 use crate::config::VmConfig;
-use crate::engine::Scheduler;
-use crate::port::{GuestMemAtomic, VmPort, Vring};
-use crate::vm::{Failure, GuestMem};
+use crate::model::control::ControlEnv;
+use crate::model::hooks::ObjectHooks;
+use crate::model::memory::{self, GuestMem, GuestMemAtomic, WriteKind};
+use crate::model::objects::{Failure, port_attr};
+use crate::model::vm::Vm;
+use crate::sched::Scheduler;
 
 /// The most device-readable bytes a control chain may carry: a `REG_MR` with the longest page
 /// list. Anything longer is refused before it is copied.
@@ -64,7 +68,10 @@ pub struct VmDevice {
     name: String,
     doorbell_queues: u16,
     config_space: Vec<u8>,
-    port: Arc<VmPort>,
+    vm: Arc<Vm>,
+    doorbells: Arc<DoorbellQueues>,
+    events: Arc<EventQueue>,
+    hooks: Arc<dyn ObjectHooks>,
     scheduler: Scheduler,
     event_idx: AtomicBool,
     exit_consumer: EventConsumer,
@@ -72,15 +79,23 @@ pub struct VmDevice {
 }
 
 impl VmDevice {
-    /// A device for the VM `port` stands for, configured by `cfg`.
-    pub fn new(cfg: &VmConfig, port: Arc<VmPort>, scheduler: Scheduler) -> io::Result<Self> {
-        let caps = port.lock().caps;
+    /// A device for `vm`, configured by `cfg`, whose doorbell and event queues are
+    /// `doorbells` and `events`, and whose objects the fabric follows through `hooks`.
+    pub fn new(
+        cfg: &VmConfig,
+        vm: Arc<Vm>,
+        doorbells: Arc<DoorbellQueues>,
+        events: Arc<EventQueue>,
+        hooks: Arc<dyn ObjectHooks>,
+        scheduler: Scheduler,
+    ) -> io::Result<Self> {
+        let caps = vm.lock().caps;
         let config_space = config::Config {
             version: vrdma_proto::PROTOCOL_VERSION.into(),
             num_doorbell_queues: cfg.doorbell_queues.into(),
             reserved: 0.into(),
             caps,
-            port: crate::vm::port_attr(cfg.active_mtu),
+            port: port_attr(cfg.active_mtu),
             gid: cfg.gid,
         }
         .as_bytes()
@@ -90,7 +105,10 @@ impl VmDevice {
             name: cfg.name.clone(),
             doorbell_queues: cfg.doorbell_queues,
             config_space,
-            port,
+            vm,
+            doorbells,
+            events,
+            hooks,
             scheduler,
             event_idx: AtomicBool::new(false),
             exit_consumer,
@@ -111,19 +129,24 @@ impl VmDevice {
     }
 
     /// The VM this device serves.
-    pub fn port(&self) -> &Arc<VmPort> {
-        &self.port
+    pub fn vm(&self) -> &Arc<Vm> {
+        &self.vm
+    }
+
+    /// The VM's doorbell queues.
+    pub fn doorbells(&self) -> &Arc<DoorbellQueues> {
+        &self.doorbells
     }
 
     /// Destroys every object of this VM.
     pub fn release_all(&self) {
-        self.port.clear_ready();
-        self.port.lock().release_all();
-        self.port.clear_events();
+        self.vm.clear_ready();
+        self.vm.lock().release_all(self.hooks.as_ref(), self.vm.id);
+        self.vm.clear_events();
     }
 
     fn process_control(&self, vring: &Vring) -> Result<(), Error> {
-        let mem = self.port.mem.memory();
+        let mem = self.vm.mem.memory();
         loop {
             let chains: Vec<_> = vring
                 .get_mut()
@@ -155,7 +178,7 @@ impl VmDevice {
             warn!("vm {}: cannot interrupt the guest: {e}", self.name);
         }
         // Commands such as MODIFY_QP to ERR queue work for the scheduler.
-        if self.port.has_work.load(Ordering::Acquire) {
+        if self.vm.has_work.load(Ordering::Acquire) {
             self.scheduler.wake();
         }
         Ok(())
@@ -191,7 +214,7 @@ impl VmDevice {
                 "vm {}: control chain has no room for a response; ignored",
                 self.name
             );
-            self.port
+            self.vm
                 .counters
                 .commands_failed
                 .fetch_add(1, Ordering::Relaxed);
@@ -204,14 +227,11 @@ impl VmDevice {
         };
         let (header, body) = match outcome {
             Ok(body) => {
-                self.port
-                    .counters
-                    .commands_ok
-                    .fetch_add(1, Ordering::Relaxed);
+                self.vm.counters.commands_ok.fetch_add(1, Ordering::Relaxed);
                 (RespHeader::new(Status::Ok, 0), body)
             }
             Err(Failure { status, detail }) => {
-                self.port
+                self.vm
                     .counters
                     .commands_failed
                     .fetch_add(1, Ordering::Relaxed);
@@ -226,7 +246,8 @@ impl VmDevice {
                 break;
             }
             let n = (len as usize).min(response.len() - done);
-            if mem.write_slice(&response[done..done + n], addr).is_err() {
+            let part = &response[done..done + n];
+            if memory::write_bytes(mem, addr.0, part, WriteKind::Response).is_err() {
                 warn!("vm {}: response buffer is not in guest memory", self.name);
                 return done as u32;
             }
@@ -250,12 +271,17 @@ impl VmDevice {
             debug!("vm {}: {opcode:?} response buffer too small", self.name);
             return Err(Status::Malformed.into());
         }
-        let mut vm = self.port.lock();
-        let result = vm.execute(decoded, mem);
-        let wake = std::mem::take(&mut vm.wake);
-        drop(vm);
+        let env = ControlEnv {
+            mem,
+            hooks: self.hooks.as_ref(),
+            vm: self.vm.id,
+        };
+        let mut objects = self.vm.lock();
+        let result = objects.execute(decoded, &env);
+        let wake = std::mem::take(&mut objects.wake);
+        drop(objects);
         for qpn in wake {
-            self.port.enqueue(qpn);
+            self.vm.enqueue(qpn);
         }
         if let Err(f) = &result {
             debug!(
@@ -269,9 +295,8 @@ impl VmDevice {
     /// Hot path: hands the doorbells to the scheduler, waking it only if it sleeps on work
     /// it has not seen.
     fn process_doorbells(&self, index: u16, vring: &Vring) {
-        self.port.set_doorbell_vring(index, vring);
-        self.port.drain_doorbells(vring);
-        if self.port.has_work.load(Ordering::Acquire) {
+        self.doorbells.kicked(index, vring);
+        if self.vm.has_work.load(Ordering::Acquire) {
             self.scheduler.wake();
         }
     }
@@ -351,8 +376,8 @@ impl VhostUserBackend for VmDevice {
             Some(queue::Role::Control) => self.process_control(vring)?,
             Some(queue::Role::Doorbell(index)) => self.process_doorbells(index, vring),
             Some(queue::Role::Event) => {
-                self.port.set_event_vring(vring);
-                self.port.deliver_events();
+                self.events.kicked(vring);
+                self.vm.deliver_events();
             }
             None => return Err(Error::UnknownQueue(device_event).into()),
         }

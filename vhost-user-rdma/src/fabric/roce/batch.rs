@@ -1,6 +1,17 @@
 //! Sending: packets sealed into a batch and sent with one `sendmmsg`.
 
-use super::*;
+use std::io::IoSlice;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use log::warn;
+use nix::errno::Errno;
+use nix::sys::socket::{ControlMessage, MsgFlags, MultiHeaders, SockaddrStorage, sendmmsg};
+use vrdma_proto::Gid;
+use vrdma_roce::packet::Packet;
+
+use super::endpoint::{Endpoint, ip_udp};
 
 /// The largest UDP payload the fabric builds: a 4096-byte MTU and the longest header stack.
 const MAX_PACKET: usize = 4096 + 64;
@@ -41,7 +52,10 @@ impl Default for Batch {
 }
 
 impl Batch {
-    pub(super) fn push(&mut self, ep: &Arc<Endpoint>, dst: SocketAddr, pkt: &Packet<'_>) {
+    /// Seals `pkt` for the port of GID `peer` and queues it to leave from `ep` with the
+    /// packets around it.
+    pub fn push(&mut self, ep: &Arc<Endpoint>, peer: Gid, pkt: &Packet<'_>) {
+        let dst = ep.peer_addr(peer);
         if self.n == TX_BATCH || self.ep.as_ref().is_some_and(|e| !Arc::ptr_eq(e, ep)) {
             self.flush();
         }

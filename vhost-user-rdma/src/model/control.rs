@@ -1,312 +1,43 @@
-//! One VM's RDMA objects and the control commands that create, change and destroy them.
+//! The control commands that create, change and destroy a VM's objects.
 //!
 //! Everything here is control path: it may allocate and it runs under the VM's own lock, never
 //! a lock shared between VMs. Every value a guest sends is checked before it is stored, and
 //! guest addresses are checked against the VM's memory table but never cached as host
-//! pointers: the data path translates them again on every access.
+//! pointers: the data path translates them again on every access. A fabric that mirrors
+//! objects elsewhere (a NIC) is told through [`ObjectHooks`].
 
-use serde::{Deserialize, Serialize};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use std::sync::atomic::Ordering;
+
+use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vrdma_proto::cmd::{self, Request, Status};
-use vrdma_proto::config::{self, DeviceCaps, Mtu, PortAttr};
-use vrdma_proto::{Gid, mr, qp, ring, wqe};
+use vrdma_proto::config::{self, Mtu};
+use vrdma_proto::{mr, qp, ring};
 use zerocopy::IntoBytes;
 
-use crate::config::VmConfig;
-use crate::handle::Table;
-use crate::limits;
-
-/// The guest memory type the daemon works on.
-pub type GuestMem = vm_memory::GuestMemoryMmap<()>;
-
-/// Serialises a wire struct as its bytes, so state that holds protocol structs can be saved
-/// for migration without a second, hand-kept copy of their layout.
-mod wire_bytes {
-    use serde::de::Error as _;
-    use serde::{Deserialize, Deserializer, Serializer};
-    use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
-
-    pub fn serialize<T: IntoBytes + Immutable, S: Serializer>(
-        v: &T,
-        s: S,
-    ) -> Result<S::Ok, S::Error> {
-        s.serialize_bytes(v.as_bytes())
-    }
-
-    pub fn deserialize<'de, T: FromBytes + KnownLayout + Immutable, D: Deserializer<'de>>(
-        d: D,
-    ) -> Result<T, D::Error> {
-        let bytes = Vec::<u8>::deserialize(d)?;
-        T::read_from_bytes(&bytes)
-            .map_err(|_| D::Error::custom("saved wire struct has the wrong size"))
-    }
-}
-
-/// A protection domain.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct Pd {
-    /// MRs, QPs and AHs in this PD; it cannot be freed while any exist.
-    pub users: u32,
-}
-
-/// A memory region.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Mr {
-    /// Its PD.
-    pub pdn: u32,
-    /// Access rights.
-    pub access: u32,
-    /// Address of the first byte as work requests name it.
-    pub iova: u64,
-    /// Bytes.
-    pub length: u64,
-    /// Offset of the first byte in the first page.
-    pub first_page_offset: u64,
-    /// log2 of the page size.
-    pub page_shift: u8,
-    /// Guest-physical page addresses.
-    pub pages: Vec<u64>,
-}
-
-impl Mr {
-    /// The access rights.
-    pub fn access(&self) -> mr::Access {
-        mr::Access::from_bits_truncate(self.access)
-    }
-
-    /// Whether `[addr, addr + len)` lies within the region.
-    pub fn contains(&self, addr: u64, len: u64) -> bool {
-        addr >= self.iova
-            && addr
-                .checked_add(len)
-                .is_some_and(|end| end <= self.iova.saturating_add(self.length))
-    }
-}
-
-/// A completion queue.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Cq {
-    /// Ring entries.
-    pub depth: u32,
-    /// Guest-physical address of the ring.
-    pub ring_addr: u64,
-    /// QPs that complete into this CQ.
-    pub users: u32,
-    /// The device's producer index (the ring's copy is only ever written from this).
-    pub producer: u32,
-    /// The arm sequence the device last raised an event for.
-    pub notify_ack: u32,
-    /// The ring overflowed: the CQ is unusable, as on hardware.
-    pub overflowed: bool,
-}
-
-/// A queue pair's control-path view.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Qp {
-    /// RC or UD, raw.
-    pub qp_type: u8,
-    /// Its PD.
-    pub pdn: u32,
-    /// CQ for send completions.
-    pub send_cqn: u32,
-    /// CQ for receive completions.
-    pub recv_cqn: u32,
-    /// Every send completes with a CQE.
-    pub sq_sig_all: bool,
-    /// Queue sizes.
-    #[serde(with = "wire_bytes")]
-    pub caps: qp::Caps,
-    /// Send ring address.
-    pub sq_ring_addr: u64,
-    /// Receive ring address.
-    pub rq_ring_addr: u64,
-    /// Attributes set so far; `qp_state` is the current state.
-    #[serde(with = "wire_bytes")]
-    pub attr: qp::Attr,
-    /// Data-path progress.
-    pub rt: crate::engine::QpRuntime,
-}
-
-impl Qp {
-    /// The QP type.
-    pub fn qp_type(&self) -> qp::Type {
-        qp::Type::from_raw(self.qp_type).unwrap_or(qp::Type::Rc)
-    }
-
-    /// The current state.
-    pub fn state(&self) -> qp::State {
-        qp::State::from_raw(self.attr.qp_state).unwrap_or(qp::State::Err)
-    }
-
-    /// What one send work request of this QP may carry.
-    pub fn send_limits(&self) -> wqe::Limits {
-        wqe::Limits {
-            max_sge: self.caps.max_send_sge.get(),
-            max_inline: self.caps.max_inline_data.get(),
-        }
-    }
-
-    /// The send ring's geometry.
-    pub fn sq_geometry(&self) -> Option<ring::Geometry> {
-        let stride = wqe::send_stride(
-            self.caps.max_send_sge.get(),
-            self.caps.max_inline_data.get(),
-        );
-        ring::Geometry::new(self.caps.max_send_wr.get(), stride).ok()
-    }
-
-    /// The receive ring's geometry.
-    pub fn rq_geometry(&self) -> Option<ring::Geometry> {
-        ring::Geometry::new(
-            self.caps.max_recv_wr.get(),
-            wqe::recv_stride(self.caps.max_recv_sge.get()),
-        )
-        .ok()
-    }
-}
-
-/// An address handle.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Ah {
-    /// Its PD.
-    pub pdn: u32,
-    /// The address.
-    #[serde(with = "wire_bytes")]
-    pub attr: qp::AhAttr,
-}
-
-/// A failed command: the status the guest gets and, for `MODIFY_QP`, the attribute bits at fault.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Failure {
-    /// Status for the response header.
-    pub status: Status,
-    /// `RespHeader::detail`.
-    pub detail: u32,
-}
-
-impl From<Status> for Failure {
-    fn from(status: Status) -> Self {
-        Failure { status, detail: 0 }
-    }
-}
+use super::hooks::ObjectHooks;
+use super::memory::{self, GuestMem, WriteKind};
+use super::objects::{Ah, Cq, Failure, Mr, Pd, Qp, VmObjects, port_attr};
+use super::qp_state::{QpRuntime, RcTransport};
 
 type Outcome = Result<Vec<u8>, Failure>;
 
-/// One VM's objects, limits and identity.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Vm {
-    /// Name, for logs.
-    pub name: String,
-    /// The port's GID.
-    #[serde(with = "wire_bytes")]
-    pub gid: Gid,
-    /// Capabilities the guest sees.
-    #[serde(with = "wire_bytes")]
-    pub caps: DeviceCaps,
-    /// Whether the daemon runs the inter-host fabric: RC QPs then carry transport records.
-    #[serde(default)]
-    pub roce: bool,
-    /// The port's active MTU, raw [`Mtu`].
-    #[serde(default = "default_active_mtu")]
-    pub active_mtu: u8,
-    /// PDs.
-    pub pds: Table<Pd>,
-    /// MRs, by lkey.
-    pub mrs: Table<Mr>,
-    /// CQs.
-    pub cqs: Table<Cq>,
-    /// QPs, by QPN.
-    pub qps: Table<Qp>,
-    /// AHs.
-    pub ahs: Table<Ah>,
-    /// Bytes registered across all MRs.
-    pub registered_bytes: u64,
-    /// Quota on `registered_bytes`.
-    pub max_registered_bytes: u64,
-    /// QPs a control command gave work to (a transition to ERR needs its flush, to RTS may
-    /// release queued sends); the device hands them to the scheduler after the command.
-    #[serde(skip)]
-    pub wake: Vec<u32>,
+/// What a command runs against besides the VM's objects: its memory, and the fabric's hooks.
+#[derive(Debug, Clone, Copy)]
+pub struct ControlEnv<'a> {
+    /// The VM's guest memory.
+    pub mem: &'a GuestMem,
+    /// The fabric's view of the VM's objects.
+    pub hooks: &'a dyn ObjectHooks,
+    /// The VM's id, as the fabric knows it.
+    pub vm: u64,
 }
 
-/// A VM saved before the active MTU was configurable had 4096.
-fn default_active_mtu() -> u8 {
-    Mtu::Mtu4096.raw()
-}
-
-/// The port every vrdma device has: RoCE, active, up to 4096-byte MTU; `active_mtu` is what
-/// its link carries (docs/fabric.md).
-pub fn port_attr(active_mtu: Mtu) -> PortAttr {
-    PortAttr {
-        state: config::PortState::Active.raw(),
-        max_mtu: Mtu::Mtu4096.raw(),
-        active_mtu: active_mtu.raw(),
-        link_layer: config::LinkLayer::Ethernet.raw(),
-        gid_tbl_len: 1.into(),
-        pkey_tbl_len: 1.into(),
-        port_cap_flags: 0.into(),
-        max_msg_sz: limits::MAX_MSG_SIZE.into(),
-        lid: 0.into(),
-        sm_lid: 0.into(),
-        active_width: 2,  // 4x
-        active_speed: 32, // EDR-class, 25 Gb/s per lane
-        phys_state: 5,    // LinkUp
-        reserved: 0,
-    }
-}
-
-impl Vm {
-    /// A VM with no objects yet.
-    pub fn new(cfg: &VmConfig, node_guid: u64) -> Self {
-        let q = &cfg.quotas;
-        let caps = DeviceCaps {
-            node_guid: node_guid.into(),
-            sys_image_guid: node_guid.into(),
-            max_mr_size: limits::MAX_MR_SIZE.min(q.max_mr_bytes).into(),
-            page_size_cap: ((1u64 << (mr::MAX_PAGE_SHIFT + 1)) - (1u64 << mr::MIN_PAGE_SHIFT))
-                .into(),
-            max_registered_bytes: q.max_mr_bytes.into(),
-            vendor_id: 0x1af4.into(), // the virtio vendor ID
-            vendor_part_id: vrdma_proto::VIRTIO_ID_RDMA.into(),
-            hw_ver: vrdma_proto::PROTOCOL_VERSION.into(),
-            max_qp: q.max_qp.into(),
-            max_qp_wr: limits::MAX_QP_WR.into(),
-            max_sge: limits::MAX_SGE.into(),
-            max_cq: q.max_cq.into(),
-            max_cqe: limits::MAX_CQE.into(),
-            max_mr: q.max_mr.into(),
-            max_pd: q.max_pd.into(),
-            max_ah: q.max_ah.into(),
-            max_qp_rd_atom: limits::MAX_RD_ATOM.into(),
-            max_qp_init_rd_atom: limits::MAX_RD_ATOM.into(),
-            max_inline_data: limits::MAX_INLINE.into(),
-            max_mr_pages: cmd::MAX_PAGE_LIST.into(),
-            atomic_cap: config::AtomicCap::Glob.raw(),
-            phys_port_cnt: 1,
-            reserved: [0; 2],
-        };
-        use crate::limits::*;
-        Vm {
-            name: cfg.name.clone(),
-            gid: cfg.gid,
-            caps,
-            active_mtu: cfg.active_mtu.raw(),
-            roce: cfg.roce,
-            pds: Table::new(q.max_pd, HANDLE_INDEX_BITS, HANDLE_GENERATION_BITS),
-            mrs: Table::new(q.max_mr, KEY_INDEX_BITS, KEY_GENERATION_BITS),
-            cqs: Table::new(q.max_cq, HANDLE_INDEX_BITS, HANDLE_GENERATION_BITS),
-            qps: Table::new(q.max_qp, QPN_INDEX_BITS, QPN_GENERATION_BITS),
-            ahs: Table::new(q.max_ah, HANDLE_INDEX_BITS, HANDLE_GENERATION_BITS),
-            registered_bytes: 0,
-            max_registered_bytes: q.max_mr_bytes,
-            wake: Vec::new(),
-        }
-    }
-
+impl VmObjects {
     /// Executes one decoded command against this VM's objects and guest memory.
     ///
     /// On failure nothing has changed.
-    pub fn execute(&mut self, request: Request<'_>, mem: &GuestMem) -> Outcome {
+    pub fn execute(&mut self, request: Request<'_>, env: &ControlEnv<'_>) -> Outcome {
+        let mem = env.mem;
         match request {
             Request::QueryDevice => Ok(self.caps.as_bytes().to_vec()),
             Request::QueryPort(q) => {
@@ -342,9 +73,10 @@ impl Vm {
                 self.pds.remove(pdn);
                 Ok(Vec::new())
             }
-            Request::RegMr { cmd, access, pages } => self.reg_mr(&cmd, access, pages, mem),
+            Request::RegMr { cmd, access, pages } => self.reg_mr(&cmd, access, pages, env),
             Request::DeregMr(lkey) => {
                 let mr = self.mrs.remove(lkey).ok_or(Status::InvalidHandle)?;
+                env.hooks.deregister_mr(env.vm, lkey, &mr);
                 self.registered_bytes -= mr.length;
                 self.unuse_pd(mr.pdn);
                 Ok(Vec::new())
@@ -371,7 +103,10 @@ impl Vm {
                 init_ring_words(
                     mem,
                     c.ring_addr.get(),
-                    &[ring::PRODUCER_OFFSET, ring::NOTIFY_ACK_OFFSET],
+                    &[
+                        (ring::PRODUCER_OFFSET, WriteKind::RingIndex),
+                        (ring::NOTIFY_ACK_OFFSET, WriteKind::ControlWord),
+                    ],
                 );
                 Ok(cmd::CreateCqResp {
                     cqn: cqn.into(),
@@ -389,8 +124,8 @@ impl Vm {
                 Ok(Vec::new())
             }
             Request::ReqNotifyCq { cqn, flags } => self.req_notify_cq(cqn, flags, mem),
-            Request::CreateQp { cmd, qp_type } => self.create_qp(&cmd, qp_type, mem),
-            Request::ModifyQp { cmd, mask } => self.modify_qp(&cmd, mask, mem),
+            Request::CreateQp { cmd, qp_type } => self.create_qp(&cmd, qp_type, env),
+            Request::ModifyQp { cmd, mask } => self.modify_qp(&cmd, mask, env),
             Request::QueryQp(qpn) => {
                 let qp = self.qps.get(qpn).ok_or(Status::InvalidHandle)?;
                 let mut attr = qp.attr;
@@ -409,6 +144,7 @@ impl Vm {
             }
             Request::DestroyQp(qpn) => {
                 let qp = self.qps.remove(qpn).ok_or(Status::InvalidHandle)?;
+                env.hooks.destroy_qp(env.vm, qpn, &qp);
                 self.unuse_pd(qp.pdn);
                 self.unuse_cq(qp.send_cqn);
                 self.unuse_cq(qp.recv_cqn);
@@ -458,7 +194,7 @@ impl Vm {
         c: &cmd::RegMr,
         access: mr::Access,
         pages: cmd::PageList<'_>,
-        mem: &GuestMem,
+        env: &ControlEnv<'_>,
     ) -> Outcome {
         let pdn = c.pdn.get();
         self.pds.get(pdn).ok_or(Status::InvalidHandle)?;
@@ -473,7 +209,7 @@ impl Vm {
         }
         let page_size = 1u64 << pages.page_shift();
         for page in pages.iter() {
-            if !in_one_region(mem, page, page_size) {
+            if !in_one_region(env.mem, page, page_size) {
                 return Err(Status::BadAddress.into());
             }
         }
@@ -487,6 +223,14 @@ impl Vm {
             pages: pages.iter().collect(),
         };
         let lkey = self.mrs.insert(record).map_err(|_| Status::NoResources)?;
+        let registered = self
+            .mrs
+            .get(lkey)
+            .map_or(Ok(()), |mr| env.hooks.register_mr(env.vm, lkey, mr));
+        if let Err(status) = registered {
+            self.mrs.remove(lkey);
+            return Err(status.into());
+        }
         self.registered_bytes += length;
         self.use_pd(pdn);
         let remote = access.intersects(
@@ -502,36 +246,38 @@ impl Vm {
     }
 
     fn req_notify_cq(&mut self, cqn: u32, flags: cmd::NotifyFlags, mem: &GuestMem) -> Outcome {
-        use std::sync::atomic::Ordering;
         let cq = self.cqs.get(cqn).ok_or(Status::InvalidHandle)?;
         // A CQ that overflowed stays in error until destroyed (docs/protocol.md §18.5).
         if cq.overflowed {
             return Err(Status::InvalidArgument.into());
         }
-        let base = GuestAddress(cq.ring_addr);
-        let word_at = |offset: u64| base.checked_add(offset).ok_or(Status::BadAddress);
         // The producer index is the device's own (the ring's copy is only ever written from
         // it, and the driver may scribble over that copy). The consumer index is the driver's:
         // more than `depth` entries behind the producer, or ahead of it, it is corrupt, and
         // then nothing is written.
-        let consumer: u32 = mem
-            .load(word_at(ring::CONSUMER_OFFSET)?, Ordering::Acquire)
-            .map_err(|_| Status::BadAddress)?;
+        let consumer_addr = memory::ring_word(cq.ring_addr, ring::CONSUMER_OFFSET);
+        let consumer =
+            memory::load_u32(mem, consumer_addr, Ordering::Acquire).ok_or(Status::BadAddress)?;
         let pending = cq.producer.wrapping_sub(consumer);
         if pending > cq.depth {
             return Err(Status::InvalidArgument.into());
         }
-        let arm_addr = word_at(ring::ARM_OFFSET)?;
-        let current: u32 = mem
-            .load(arm_addr, Ordering::Acquire)
-            .map_err(|_| Status::BadAddress)?;
+        let arm_addr = memory::ring_word(cq.ring_addr, ring::ARM_OFFSET);
+        let current =
+            memory::load_u32(mem, arm_addr, Ordering::Acquire).ok_or(Status::BadAddress)?;
         let (sequence, _) = ring::split_arm_word(current);
         let word = ring::arm_word(
             sequence.wrapping_add(1),
             flags.contains(cmd::NotifyFlags::SOLICITED_ONLY),
         );
-        mem.store(word, arm_addr, Ordering::SeqCst)
-            .map_err(|_| Status::BadAddress)?;
+        memory::store_u32(
+            mem,
+            arm_addr,
+            word,
+            Ordering::SeqCst,
+            WriteKind::ControlWord,
+        )
+        .map_err(|_| Status::BadAddress)?;
         Ok(cmd::ReqNotifyCqResp {
             pending: pending.into(),
             reserved: 0.into(),
@@ -540,7 +286,8 @@ impl Vm {
         .to_vec())
     }
 
-    fn create_qp(&mut self, c: &cmd::CreateQp, qp_type: qp::Type, mem: &GuestMem) -> Outcome {
+    fn create_qp(&mut self, c: &cmd::CreateQp, qp_type: qp::Type, env: &ControlEnv<'_>) -> Outcome {
+        let mem = env.mem;
         let pdn = c.pdn.get();
         self.pds.get(pdn).ok_or(Status::InvalidHandle)?;
         let (send_cqn, recv_cqn) = (c.send_cqn.get(), c.recv_cqn.get());
@@ -571,11 +318,11 @@ impl Vm {
             sq_ring_addr: c.sq_ring_addr.get(),
             rq_ring_addr: c.rq_ring_addr.get(),
             attr: qp::Attr::default(),
-            rt: crate::engine::QpRuntime::default(),
+            rt: QpRuntime::default(),
         };
         // A QP's peer may be on another host only with the inter-host fabric.
         if self.roce && qp_type == qp::Type::Rc {
-            record.rt.wire = crate::wire::Transport::with_records();
+            record.rt.rc = RcTransport::with_records();
         }
         record.attr.qp_state = qp::State::Reset.raw();
         let sq = record.sq_geometry().ok_or(Status::InvalidArgument)?;
@@ -585,12 +332,27 @@ impl Vm {
         let caps = record.caps;
         let (sq_addr, rq_addr) = (record.sq_ring_addr, record.rq_ring_addr);
         let qpn = self.qps.insert(record).map_err(|_| Status::NoResources)?;
+        let created = self
+            .qps
+            .get(qpn)
+            .map_or(Ok(()), |qp| env.hooks.create_qp(env.vm, qpn, qp));
+        if let Err(status) = created {
+            self.qps.remove(qpn);
+            return Err(status.into());
+        }
         init_ring_words(
             mem,
             sq_addr,
-            &[ring::CONSUMER_OFFSET, ring::SEND_POLLING_OFFSET],
+            &[
+                (ring::CONSUMER_OFFSET, WriteKind::RingIndex),
+                (ring::SEND_POLLING_OFFSET, WriteKind::ControlWord),
+            ],
         );
-        init_ring_words(mem, rq_addr, &[ring::CONSUMER_OFFSET]);
+        init_ring_words(
+            mem,
+            rq_addr,
+            &[(ring::CONSUMER_OFFSET, WriteKind::RingIndex)],
+        );
         self.use_pd(pdn);
         for cqn in [send_cqn, recv_cqn] {
             if let Some(cq) = self.cqs.get_mut(cqn) {
@@ -606,8 +368,14 @@ impl Vm {
         .to_vec())
     }
 
-    fn modify_qp(&mut self, c: &cmd::ModifyQp, mask: qp::AttrMask, mem: &GuestMem) -> Outcome {
+    fn modify_qp(
+        &mut self,
+        c: &cmd::ModifyQp,
+        mask: qp::AttrMask,
+        env: &ControlEnv<'_>,
+    ) -> Outcome {
         use qp::AttrMask as M;
+        let mem = env.mem;
         let caps = self.caps;
         let qpn = c.qpn.get();
         let record = self.qps.get(qpn).ok_or(Status::InvalidHandle)?;
@@ -651,6 +419,9 @@ impl Vm {
         if mask.contains(M::DEST_QPN) && a.dest_qp_num.get() > qp::MAX_QPN {
             return Err(fail(M::DEST_QPN, Status::InvalidArgument));
         }
+        env.hooks
+            .modify_qp(env.vm, qpn, record, mask, a, next)
+            .map_err(Failure::from)?;
         let record = self.qps.get_mut(qpn).ok_or(Status::InvalidHandle)?;
         let t = &mut record.attr;
         if mask.contains(M::ACCESS_FLAGS) {
@@ -711,11 +482,17 @@ impl Vm {
             // catching each ring's consumer up with its producer.
             let sq = drain_ring(mem, record.sq_ring_addr);
             let rq = drain_ring(mem, record.rq_ring_addr);
-            init_ring_words(mem, record.sq_ring_addr, &[ring::SEND_POLLING_OFFSET]);
-            let wire = std::mem::take(&mut record.rt.wire).reset();
-            record.rt = crate::engine::QpRuntime::at(sq, rq);
-            record.rt.wire = wire;
+            init_ring_words(
+                mem,
+                record.sq_ring_addr,
+                &[(ring::SEND_POLLING_OFFSET, WriteKind::ControlWord)],
+            );
+            let rc = std::mem::take(&mut record.rt.rc).reset();
+            record.rt = QpRuntime::at(sq, rq);
+            record.rt.rc = rc;
         }
+        // Every modify into SQD is an entry, SQD -> SQD included (docs/protocol.md §16.1): each
+        // raises its own SqDrained.
         if next == qp::State::Sqd {
             record.rt.sqd_notified = false;
         }
@@ -727,24 +504,27 @@ impl Vm {
             record.rt.psns.next = a.sq_psn.get() & qp::MAX_PSN;
             record.rt.psns.una = record.rt.psns.next;
         }
-        // ERR needs its flush, and RTS or SQD may release queued sends: let the scheduler look.
-        let wake = next != from
-            && matches!(
-                next,
-                qp::State::Err | qp::State::Rts | qp::State::Sqe | qp::State::Sqd
-            );
+        // ERR needs its flush, RTS may release queued sends, and SQD its drained event (once
+        // per entry, so SQD -> SQD too): let the scheduler look.
+        let wake = next == qp::State::Sqd
+            || (next != from && matches!(next, qp::State::Err | qp::State::Rts | qp::State::Sqe));
         if wake {
             self.wake.push(qpn);
         }
         Ok(Vec::new())
     }
 
-    /// Destroys every object (the guest reset the device or disconnected).
-    pub fn release_all(&mut self) {
+    /// Destroys every object (the guest reset the device or disconnected), telling the fabric
+    /// of the QPs and MRs that go.
+    pub fn release_all(&mut self, hooks: &dyn ObjectHooks, vm: u64) {
         self.wake.clear();
         self.ahs.drain();
-        self.qps.drain();
-        self.mrs.drain();
+        for (qpn, qp) in self.qps.drain() {
+            hooks.destroy_qp(vm, qpn, &qp);
+        }
+        for (lkey, mr) in self.mrs.drain() {
+            hooks.deregister_mr(vm, lkey, &mr);
+        }
         self.cqs.drain();
         self.pds.drain();
         self.registered_bytes = 0;
@@ -781,37 +561,34 @@ fn check_ring(mem: &GuestMem, addr: u64, len: u64) -> Result<(), Failure> {
 /// Zeroes the words of a new ring that the device owns, so they start from the device's
 /// state rather than whatever the driver left there. The ring was checked to lie in guest
 /// memory just before, under the same lock, so the stores cannot fail.
-fn init_ring_words(mem: &GuestMem, base: u64, offsets: &[u64]) {
-    use std::sync::atomic::Ordering;
-    for &offset in offsets {
-        let _ = mem.store(0u32, GuestAddress(base + offset), Ordering::Release);
+fn init_ring_words(mem: &GuestMem, base: u64, words: &[(u64, WriteKind)]) {
+    for &(offset, kind) in words {
+        let at = memory::ring_word(base, offset);
+        let _ = memory::store_u32(mem, at, 0, Ordering::Release, kind);
     }
 }
 
 /// Sets a ring's consumer index to its producer index and returns it.
 fn drain_ring(mem: &GuestMem, base: u64) -> u32 {
-    use std::sync::atomic::Ordering;
-    let base = GuestAddress(base);
-    let (Some(p), Some(c)) = (
-        base.checked_add(ring::PRODUCER_OFFSET),
-        base.checked_add(ring::CONSUMER_OFFSET),
-    ) else {
-        return 0;
-    };
     // The ring was checked at creation; if its memory has since gone there is nothing to drain.
-    let producer = mem.load::<u32>(p, Ordering::Acquire).unwrap_or(0);
-    let _ = mem.store(producer, c, Ordering::Release);
+    let producer = memory::load_producer(mem, base).unwrap_or(0);
+    memory::publish_consumer(mem, base, producer);
     producer
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vm_memory::GuestAddress;
+    use vrdma_proto::Gid;
     use zerocopy::FromBytes;
 
-    fn exec(vm: &mut Vm, mem: &GuestMem, bytes: &[u8]) -> Outcome {
-        vm.execute(cmd::decode(bytes).expect("well-formed"), mem)
+    fn exec(vm: &mut VmObjects, mem: &GuestMem, bytes: &[u8]) -> Outcome {
+        let env = ControlEnv {
+            mem,
+            hooks: &super::super::hooks::NoHooks,
+            vm: 1,
+        };
+        vm.execute(cmd::decode(bytes).expect("well-formed"), &env)
     }
 
     fn command(op: cmd::Opcode, body: &[u8]) -> Vec<u8> {
@@ -836,7 +613,7 @@ mod tests {
             active_mtu: Mtu::Mtu4096,
             roce: false,
         };
-        let mut vm = Vm::new(&cfg, 7);
+        let mut vm = VmObjects::new(&cfg, 7);
         let pd = cmd::Handle::read_from_bytes(
             &exec(&mut vm, &mem, &command(cmd::Opcode::AllocPd, &[])).unwrap(),
         )
@@ -954,7 +731,7 @@ mod tests {
         let before = exec(&mut vm, &mem, &query).unwrap();
 
         let saved = serde_json::to_vec(&vm).expect("serialise");
-        let mut restored: Vm = serde_json::from_slice(&saved).expect("restore");
+        let mut restored: VmObjects = serde_json::from_slice(&saved).expect("restore");
 
         assert_eq!(
             exec(&mut restored, &mem, &query).unwrap(),

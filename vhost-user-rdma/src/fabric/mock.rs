@@ -1,0 +1,129 @@
+//! A fabric for the scheduler's unit tests: it records every step it is asked for and answers
+//! each QP by a plan the test sets, without touching guest memory.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use super::{Fabric, StepOutcome, WR_COST};
+use crate::model::hooks::{NoHooks, ObjectHooks};
+use crate::model::objects::VmObjects;
+use crate::model::vm::Vm;
+
+/// How the mock answers one QP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Plan {
+    /// Endless messages of this many bytes: each step moves as much of the current one as the
+    /// budget allows, and the QP always has more.
+    Bulk {
+        /// Bytes per message.
+        message: u32,
+        /// Bytes of the current message moved so far.
+        done: u32,
+    },
+    /// The peer is busy.
+    Blocked,
+    /// Nothing to do before this instant.
+    WaitUntil(Instant),
+    /// Nothing to do.
+    Idle,
+}
+
+/// One step the scheduler asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MockStep {
+    /// The VM.
+    pub vm: u64,
+    /// The QP.
+    pub qpn: u32,
+    /// The budget it was given.
+    pub budget: u32,
+}
+
+/// What the mock has seen and how it answers.
+#[derive(Debug, Default)]
+pub struct MockState {
+    /// Every step, in order.
+    pub steps: Vec<MockStep>,
+    /// Per (VM, QP), how to answer; a QP with no plan is idle.
+    pub plans: HashMap<(u64, u32), Plan>,
+    /// Bytes the mock adds to a VM's byte counter behind the scheduler's back at every step,
+    /// as the RoCEv2 receive threads count for a VM while its step runs.
+    pub concurrent_bytes: u64,
+    /// VMs attached, in order.
+    pub attached: Vec<u64>,
+    /// VMs detached, in order.
+    pub detached: Vec<u64>,
+    /// VMs paused now.
+    pub paused: Vec<u64>,
+}
+
+/// The mock fabric; clones share their state, so a test keeps one to inspect and script.
+#[derive(Debug, Clone, Default)]
+pub struct MockFabric {
+    state: Arc<Mutex<MockState>>,
+}
+
+impl MockFabric {
+    /// The state, to script and inspect.
+    pub fn state(&self) -> MutexGuard<'_, MockState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Fabric for MockFabric {
+    fn attach(&mut self, vm: &Arc<Vm>) {
+        self.state().attached.push(vm.id);
+    }
+
+    fn detach(&mut self, vm: &Arc<Vm>) {
+        self.state().detached.push(vm.id);
+    }
+
+    fn pause(&mut self, vm_id: u64) {
+        self.state().paused.push(vm_id);
+    }
+
+    fn resume(&mut self, vm_id: u64) {
+        self.state().paused.retain(|&v| v != vm_id);
+    }
+
+    fn step(
+        &mut self,
+        vm: &Arc<Vm>,
+        _objects: &mut VmObjects,
+        qpn: u32,
+        budget: u32,
+    ) -> StepOutcome {
+        let mut state = self.state();
+        state.steps.push(MockStep {
+            vm: vm.id,
+            qpn,
+            budget,
+        });
+        let noise = state.concurrent_bytes;
+        vm.counters
+            .bytes
+            .fetch_add(noise, std::sync::atomic::Ordering::Relaxed);
+        let plan = state.plans.get_mut(&(vm.id, qpn));
+        match plan {
+            Some(Plan::Bulk { message, done }) => {
+                let n = (*message - *done).min(budget);
+                *done += n;
+                if *done == *message {
+                    *done = 0;
+                    StepOutcome::progress(n + WR_COST, true, n, 1)
+                } else {
+                    StepOutcome::progress(n, true, n, 0)
+                }
+            }
+            Some(Plan::Blocked) => StepOutcome::BLOCKED,
+            Some(Plan::WaitUntil(at)) => StepOutcome::wait_until(*at),
+            Some(Plan::Idle) | None => StepOutcome::IDLE,
+        }
+    }
+
+    fn hooks(&self) -> Arc<dyn ObjectHooks> {
+        Arc::new(NoHooks)
+    }
+}

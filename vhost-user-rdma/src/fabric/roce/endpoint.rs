@@ -1,0 +1,118 @@
+//! A VM's address on the network: its UDP socket, the VM that answers there, and what passed
+//! through it; and the IP and UDP headers a datagram travels with, as the ICRC sees them.
+
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::{Arc, RwLock};
+
+use log::warn;
+use vrdma_proto::Gid;
+use vrdma_roce::icrc::{IPV4_DF, Ip, IpUdp};
+use vrdma_roce::packet::ParseError;
+
+use crate::config::ip_of;
+use crate::model::vm::Vm;
+
+/// Bytes of socket buffer per VM address, each way.
+const SOCKET_BUFFER: usize = 8 << 20;
+
+/// Counters of one VM address, for operators.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Datagrams received and handled.
+    pub rx: AtomicU64,
+    /// Datagrams sent.
+    pub tx: AtomicU64,
+    /// Datagrams that failed to send.
+    pub tx_errors: AtomicU64,
+    /// Datagrams dropped because the socket's send buffer was full (resent like any loss).
+    pub tx_dropped: AtomicU64,
+    /// Datagrams dropped by the parser, by [`ParseError::index`].
+    pub malformed: [AtomicU64; ParseError::ALL.len()],
+    /// Packets for no QP, a QP in the wrong state or type, or from a host that is not the
+    /// QP's peer.
+    pub no_qp: AtomicU64,
+    /// Requests ahead of the expected PSN (answered with one sequence-error NAK).
+    pub out_of_sequence: AtomicU64,
+    /// Duplicate requests (answered again, never executed twice).
+    pub duplicates: AtomicU64,
+    /// Packets retransmitted by go-back-N.
+    pub retransmitted: AtomicU64,
+    /// NAKs and RNR NAKs sent.
+    pub naks: AtomicU64,
+    /// Responses that matched nothing outstanding.
+    pub stray_responses: AtomicU64,
+    /// Packets of a partition (P_Key) other than the default, the only one vrdma has.
+    pub bad_pkey: AtomicU64,
+}
+
+/// A VM's address on the network: its socket and who answers there.
+#[derive(Debug)]
+pub struct Endpoint {
+    /// The address bound.
+    pub addr: SocketAddr,
+    /// The socket bound to it.
+    pub socket: UdpSocket,
+    /// The UDP port of every daemon in the fabric, where packets to peers go.
+    pub peer_port: u16,
+    /// The VM answering on this address, if one is attached.
+    pub vm: RwLock<Option<Arc<Vm>>>,
+    /// The VM's traffic is paused (migration): datagrams to it are dropped, and its peers
+    /// retransmit them later as after a loss.
+    pub paused: AtomicBool,
+    /// What passed through it.
+    pub counters: Counters,
+}
+
+impl Endpoint {
+    /// Where packets for the port of GID `peer` go.
+    pub fn peer_addr(&self, peer: Gid) -> SocketAddr {
+        SocketAddr::new(ip_of(peer), self.peer_port)
+    }
+}
+
+/// Gives the socket room for a window of packets of every busy QP: the default (about 200
+/// KiB, some 90 datagrams) drops bursts, and each drop costs a go-back-N. A daemon with
+/// CAP_NET_ADMIN gets [`SOCKET_BUFFER`] whatever `net.core.rmem_max` says; one without gets
+/// what that allows.
+pub fn size_buffers(socket: &UdpSocket, addr: SocketAddr) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let forced = setsockopt(socket, sockopt::RcvBufForce, &SOCKET_BUFFER).is_ok()
+        && setsockopt(socket, sockopt::SndBufForce, &SOCKET_BUFFER).is_ok();
+    if !forced {
+        let _ = setsockopt(socket, sockopt::RcvBuf, &SOCKET_BUFFER);
+        let _ = setsockopt(socket, sockopt::SndBuf, &SOCKET_BUFFER);
+        warn!(
+            "RoCEv2 {addr}: socket buffers limited by net.core.rmem_max/wmem_max (no CAP_NET_ADMIN); raise them to {SOCKET_BUFFER} to avoid drops under load"
+        );
+    }
+}
+
+/// The IP and UDP headers a datagram from `src` to `dst` travels with, as the ICRC sees them:
+/// Linux sends UDP over IPv4 with DF and, on an unconnected socket, Identification 0.
+pub fn ip_udp(src: SocketAddr, dst: SocketAddr) -> IpUdp {
+    let ip = match (src.ip(), dst.ip()) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => Ip::V4 {
+            src: s,
+            dst: d,
+            id: 0,
+            flags_frag: IPV4_DF,
+        },
+        (s, d) => Ip::V6 {
+            src: to_v6(s),
+            dst: to_v6(d),
+        },
+    };
+    IpUdp {
+        ip,
+        src_port: src.port(),
+        dst_port: dst.port(),
+    }
+}
+
+fn to_v6(ip: IpAddr) -> std::net::Ipv6Addr {
+    match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+        IpAddr::V6(v6) => v6,
+    }
+}

@@ -1,0 +1,334 @@
+//! The network side of the RoCEv2 fabric: one UDP socket per VM address, and one receive
+//! thread per socket that parses datagrams and runs the responder and the requester's
+//! completer on them.
+
+use std::collections::HashMap;
+use std::io::{self, IoSliceMut};
+use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, RwLock};
+use std::thread::{JoinHandle, Thread};
+use std::time::{Duration, Instant};
+
+use log::{info, warn};
+use nix::errno::Errno;
+use nix::sys::socket::{MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg};
+use vm_memory::GuestAddressSpace;
+use vrdma_proto::Gid;
+use vrdma_proto::config::Mtu;
+use vrdma_roce::icrc::Ip;
+use vrdma_roce::packet::{self, IcrcCheck, ParseError};
+
+use super::endpoint::{Counters, Endpoint, ip_udp, size_buffers};
+use super::requester::on_response;
+use super::responder::{RxBuffers, on_request, on_ud, run_read};
+use crate::config::{RoceSettings, gid_of, ip_of};
+use crate::model::vm::Vm;
+
+/// How long a receive thread keeps polling its socket after the last datagram before it
+/// sleeps in it again.
+const RX_POLL_WINDOW: Duration = Duration::from_micros(50);
+
+/// How often a receive thread checks whether the daemon is stopping.
+const RX_POLL: Duration = Duration::from_millis(200);
+
+/// Datagrams per `recvmmsg`.
+const RX_BATCH: usize = 32;
+
+/// Room per received datagram: a RoCEv2 packet of the largest MTU fits; longer datagrams are
+/// truncated and fail the parser.
+const RX_SLOT: usize = 8192;
+
+/// The P_Key bits that name the partition (the top bit is the membership type).
+const PKEY_BASE: u16 = 0x7fff;
+
+/// Why the inter-host fabric could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A VM's GID is not an address this host can bind.
+    #[error(
+        "cannot bind UDP {addr} for VM {vm:?}'s GID: with --roce each gid= must be an address of this host (ip addr add ...), and the port free"
+    )]
+    Bind {
+        /// The VM.
+        vm: String,
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// A receive thread could not be started.
+    #[error("cannot start the RoCEv2 receive thread for {0}")]
+    Thread(SocketAddr, #[source] io::Error),
+}
+
+/// The sockets and receive threads of one daemon's VM addresses.
+#[derive(Debug)]
+pub struct Network {
+    settings: RoceSettings,
+    endpoints: HashMap<Gid, Arc<Endpoint>>,
+    scheduler: OnceLock<Thread>,
+    stop: AtomicBool,
+    threads: std::sync::Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Network {
+    /// Binds every VM's GID address and starts the receive threads.
+    pub fn start(settings: RoceSettings, vms: &[(String, Gid)]) -> Result<Arc<Network>, Error> {
+        let mut endpoints = HashMap::new();
+        for (name, gid) in vms {
+            let addr = SocketAddr::new(ip_of(*gid), settings.port);
+            let bind_error = |source| Error::Bind {
+                vm: name.clone(),
+                addr,
+                source,
+            };
+            let socket = UdpSocket::bind(addr).map_err(bind_error)?;
+            socket.set_read_timeout(Some(RX_POLL)).map_err(bind_error)?;
+            size_buffers(&socket, addr);
+            endpoints.insert(
+                *gid,
+                Arc::new(Endpoint {
+                    addr,
+                    socket,
+                    peer_port: settings.port,
+                    vm: RwLock::new(None),
+                    paused: AtomicBool::new(false),
+                    counters: Counters::default(),
+                }),
+            );
+        }
+        let net = Arc::new(Network {
+            settings,
+            endpoints,
+            scheduler: OnceLock::new(),
+            stop: AtomicBool::new(false),
+            threads: std::sync::Mutex::new(Vec::new()),
+        });
+        for ep in net.endpoints.values() {
+            let (n, e) = (net.clone(), ep.clone());
+            let handle = std::thread::Builder::new()
+                .name(format!("vrdma-roce-{}", ep.addr.ip()))
+                .spawn(move || receive_loop(&n, &e))
+                .map_err(|source| Error::Thread(ep.addr, source))?;
+            net.threads
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(handle);
+            info!("RoCEv2: listening on {}", ep.addr);
+        }
+        Ok(net)
+    }
+
+    /// Tells the network which thread to wake when acknowledgements free a QP's window.
+    pub fn set_scheduler(&self, thread: Thread) {
+        let _ = self.scheduler.set(thread);
+    }
+
+    /// Stops the receive threads.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
+        for t in threads {
+            let _ = t.join();
+        }
+        self.log_counters();
+    }
+
+    /// Logs each address's counters, one line each.
+    pub fn log_counters(&self) {
+        for ep in self.endpoints.values() {
+            let c = &ep.counters;
+            let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+            let malformed: Vec<String> = ParseError::ALL
+                .iter()
+                .filter(|e| load(&c.malformed[e.index()]) > 0)
+                .map(|e| format!("{e}: {}", load(&c.malformed[e.index()])))
+                .collect();
+            info!(
+                "RoCEv2 {}: rx {} tx {} tx-errors {} tx-dropped {} no-qp {} bad-pkey {} out-of-sequence {} duplicates {} retransmitted {} naks {} stray-responses {} malformed {} [{}]",
+                ep.addr,
+                load(&c.rx),
+                load(&c.tx),
+                load(&c.tx_errors),
+                load(&c.tx_dropped),
+                load(&c.no_qp),
+                load(&c.bad_pkey),
+                load(&c.out_of_sequence),
+                load(&c.duplicates),
+                load(&c.retransmitted),
+                load(&c.naks),
+                load(&c.stray_responses),
+                c.malformed.iter().map(load).sum::<u64>(),
+                malformed.join(", "),
+            );
+        }
+    }
+
+    /// The endpoint of a VM's GID, if the network serves it.
+    pub fn endpoint(&self, gid: &Gid) -> Option<&Arc<Endpoint>> {
+        self.endpoints.get(gid)
+    }
+
+    /// Every VM address the network serves.
+    pub fn endpoints(&self) -> impl Iterator<Item = (&Gid, &Arc<Endpoint>)> {
+        self.endpoints.iter()
+    }
+
+    /// Makes `vm` the VM answering on its GID's address (`None` when it goes away).
+    pub fn attach(&self, gid: &Gid, vm: Option<Arc<Vm>>) {
+        if let Some(ep) = self.endpoints.get(gid) {
+            *ep.vm.write().unwrap_or_else(|p| p.into_inner()) = vm;
+        }
+    }
+
+    /// Pauses (or resumes) the traffic of the VM on `gid`'s address.
+    pub fn set_paused(&self, gid: &Gid, paused: bool) {
+        if let Some(ep) = self.endpoints.get(gid) {
+            ep.paused.store(paused, Ordering::Release);
+        }
+    }
+
+    fn wake_scheduler(&self) {
+        if let Some(t) = self.scheduler.get() {
+            t.unpark();
+        }
+    }
+}
+
+/// The receive thread of one VM address: takes datagrams in batches, answers them, and sends
+/// the answers (ACKs coalesced per QP) once per batch.
+fn receive_loop(net: &Network, ep: &Arc<Endpoint>) {
+    let mut storage = vec![0u8; RX_BATCH * RX_SLOT];
+    let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(RX_BATCH, None);
+    let mut rx = RxBuffers::default();
+    let mut got = [(0usize, None::<SocketAddr>); RX_BATCH];
+    // When the last datagram came: while traffic flows, the thread polls the socket instead of
+    // sleeping in it, as the scheduler polls doorbells (a wake-up costs more than a packet).
+    let mut last_traffic: Option<Instant> = None;
+    while !net.stop.load(Ordering::Relaxed) {
+        let mut n = 0;
+        let polling = last_traffic.is_some_and(|t| t.elapsed() < RX_POLL_WINDOW);
+        {
+            let mut slots = storage.chunks_mut(RX_SLOT);
+            let mut iovs: [[IoSliceMut<'_>; 1]; RX_BATCH] =
+                std::array::from_fn(|_| [IoSliceMut::new(slots.next().unwrap_or_default())]);
+            let flags = if polling {
+                MsgFlags::MSG_DONTWAIT
+            } else {
+                MsgFlags::MSG_WAITFORONE
+            };
+            match recvmmsg(
+                ep.socket.as_raw_fd(),
+                &mut headers,
+                iovs.iter_mut(),
+                flags,
+                None,
+            ) {
+                Ok(msgs) => {
+                    for (slot, msg) in got.iter_mut().zip(msgs) {
+                        *slot = (msg.bytes, msg.address.and_then(|a| to_std(&a)));
+                        n += 1;
+                    }
+                }
+                Err(Errno::EAGAIN) if polling => {
+                    std::thread::yield_now();
+                    continue;
+                }
+                Err(Errno::EAGAIN | Errno::EINTR) => continue,
+                Err(e) => {
+                    warn!("RoCEv2 {}: receive failed: {e}", ep.addr);
+                    std::thread::sleep(RX_POLL);
+                    continue;
+                }
+            }
+        }
+        if n > 0 {
+            last_traffic = Some(Instant::now());
+        }
+        for (i, &(len, from)) in got[..n].iter().enumerate() {
+            let Some(from) = from else { continue };
+            let datagram = &storage[i * RX_SLOT..i * RX_SLOT + len.min(RX_SLOT)];
+            handle_datagram(net, ep, &mut rx, datagram, from);
+        }
+        rx.send_acks(ep);
+        rx.batch.flush();
+        // Counted once handled, so a count that has reached N means N datagrams were acted on.
+        ep.counters.rx.fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
+
+fn to_std(addr: &SockaddrStorage) -> Option<SocketAddr> {
+    if let Some(v4) = addr.as_sockaddr_in() {
+        return Some(SocketAddr::V4((*v4).into()));
+    }
+    addr.as_sockaddr_in6()
+        .map(|v6| SocketAddr::V6((*v6).into()))
+}
+
+/// Parses one datagram and gives it to the responder or the requester of its QP.
+fn handle_datagram(
+    net: &Network,
+    ep: &Arc<Endpoint>,
+    rx: &mut RxBuffers,
+    datagram: &[u8],
+    from: SocketAddr,
+) {
+    let headers = ip_udp(from, ep.addr);
+    let check = match headers.ip {
+        Ip::V4 { .. } if !net.settings.ipv4_icrc => IcrcCheck::Skip,
+        _ => IcrcCheck::Verify(&headers),
+    };
+    let pkt = match packet::parse(datagram, Mtu::Mtu4096.bytes() as usize, check) {
+        Ok(p) => p,
+        Err(e) => {
+            ep.counters.malformed[e.index()].fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+    };
+    // vrdma ports have one partition, the default: a packet of another is not for us (the
+    // membership bit is ignored, as a full member accepts limited members' packets).
+    if pkt.bth().pkey() & PKEY_BASE != vrdma_roce::bth::DEFAULT_PKEY & PKEY_BASE {
+        ep.counters.bad_pkey.fetch_add(1, Ordering::Relaxed);
+        return;
+    }
+    // A paused VM's traffic is lost, as on a link that paused: its peers resend it.
+    if ep.paused.load(Ordering::Acquire) {
+        return;
+    }
+    let Some(vm) = ep.vm.read().unwrap_or_else(|p| p.into_inner()).clone() else {
+        ep.counters.no_qp.fetch_add(1, Ordering::Relaxed);
+        return;
+    };
+    let peer = gid_of(from.ip());
+    let mem = vm.mem.memory();
+    let mut objects = vm.lock();
+    let op = pkt.opcode();
+    if op.is_ud() {
+        on_ud(ep, &vm, &mut objects, &mem, &pkt, peer);
+    } else if op.is_response() {
+        if on_response(ep, &vm, &mut objects, &mem, &pkt, peer) {
+            drop(objects);
+            vm.enqueue(pkt.bth().dest_qp());
+            net.wake_scheduler();
+            vm.deliver_events();
+            return;
+        }
+    } else {
+        let read = on_request(ep, rx, &vm, &mut objects, &mem, &pkt, peer);
+        // A responder error queued the QP for its flush; the scheduler may be asleep.
+        if vm.has_work.load(Ordering::Acquire) {
+            net.wake_scheduler();
+        }
+        if let Some(job) = read {
+            drop(objects);
+            vm.deliver_events();
+            run_read(ep, rx, &vm, &job);
+            return;
+        }
+    }
+    drop(objects);
+    vm.deliver_events();
+}

@@ -1,0 +1,391 @@
+//! Guest memory as the daemon touches it: the one path every write into a guest takes, the
+//! words of the vrdma rings, and the runs of guest-physical memory a transfer moves through.
+//!
+//! Every store, copy and atomic the daemon makes into a guest's memory goes through a function
+//! of this module and names its [`WriteKind`]: message payloads, READ responses, atomics,
+//! completion entries, ring indices, arm and polling words, events and control responses. Live
+//! migration marks the dirty pages here, so no other module may call a writing method of
+//! `vm-memory` on guest memory. (The virtqueues' own used rings are written by `virtio-queue`
+//! through the `GuestMemoryAtomic` the vhost-user library keeps, which logs them itself.)
+//!
+//! Nothing here allocates: runs go into fixed arrays sized for one scheduler chunk.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress,
+    VolatileMemory, VolatileSlice,
+};
+use vrdma_proto::cqe::VendorErr;
+use vrdma_proto::ring;
+
+/// The guest memory type the daemon works on.
+pub type GuestMem = vm_memory::GuestMemoryMmap<()>;
+/// Guest memory as the vhost-user library keeps it: replaced whole on every memory-table
+/// change, so holding a snapshot never outlives the table it came from by more than one chunk.
+pub type GuestMemAtomic = vm_memory::GuestMemoryAtomic<GuestMem>;
+
+/// Bytes the scheduler moves at most in one step for one QP, so a bulk transfer cannot hold
+/// the fabric for long.
+pub const CHUNK: u32 = 64 * 1024;
+/// Runs one chunk can need: its pages (4 KiB at the least) plus one partial page per SGE.
+pub const MAX_RUNS: usize = (CHUNK as usize / 4096) + 2 * vrdma_proto::wqe::MAX_SGE as usize + 2;
+
+/// What a write into guest memory is for. Every write names one, so the writes of each kind
+/// can be found (and, for migration, logged) in one place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum WriteKind {
+    /// Message data: SEND and WRITE payloads, READ responses, a UD receive's GRH.
+    Payload,
+    /// An atomic: the responder's target word, or the original value the requester receives.
+    Atomic,
+    /// A completion queue entry.
+    Cqe,
+    /// A ring index the device owns: a CQ's producer, a send or receive ring's consumer.
+    RingIndex,
+    /// A word the device and the driver use to hand over notification: a CQ's arm and
+    /// notify-ack words, a send ring's polling word.
+    ControlWord,
+    /// An asynchronous event in a buffer of the event queue.
+    Event,
+    /// The response to a control command.
+    Response,
+}
+
+/// Every write passes here once it is made, with the guest-physical range it covered.
+fn wrote(kind: WriteKind, gpa: u64, len: usize) {
+    #[cfg(test)]
+    recorder::record(kind, gpa, len);
+    #[cfg(not(test))]
+    let _ = (kind, gpa, len);
+}
+
+/// Writes `bytes` at `gpa`.
+pub fn write_bytes(
+    mem: &GuestMem,
+    gpa: u64,
+    bytes: &[u8],
+    kind: WriteKind,
+) -> Result<(), VendorErr> {
+    mem.write_slice(bytes, GuestAddress(gpa))
+        .map_err(|_| VendorErr::GuestMemory)?;
+    wrote(kind, gpa, bytes.len());
+    Ok(())
+}
+
+/// Stores the 32-bit word at `gpa` atomically with `order`.
+pub fn store_u32(
+    mem: &GuestMem,
+    gpa: u64,
+    value: u32,
+    order: Ordering,
+    kind: WriteKind,
+) -> Result<(), VendorErr> {
+    mem.store(value, GuestAddress(gpa), order)
+        .map_err(|_| VendorErr::GuestMemory)?;
+    wrote(kind, gpa, 4);
+    Ok(())
+}
+
+/// Loads the 32-bit word at `gpa` atomically with `order`.
+pub fn load_u32(mem: &GuestMem, gpa: u64, order: Ordering) -> Option<u32> {
+    mem.load::<u32>(GuestAddress(gpa), order).ok()
+}
+
+/// The address of the word at `offset` in the ring header at `base`; an address past the end
+/// of the address space names no memory, so it cannot wrap onto a low page.
+pub fn ring_word(base: u64, offset: u64) -> u64 {
+    base.saturating_add(offset)
+}
+
+/// Loads a ring's producer index.
+pub fn load_producer(mem: &GuestMem, ring_addr: u64) -> Option<u32> {
+    load_u32(
+        mem,
+        ring_word(ring_addr, ring::PRODUCER_OFFSET),
+        Ordering::Acquire,
+    )
+}
+
+/// Publishes a ring's consumer index to the driver.
+pub fn publish_consumer(mem: &GuestMem, ring_addr: u64, index: u32) {
+    // If the ring's memory is gone the driver has torn it down; nothing to tell.
+    let _ = store_u32(
+        mem,
+        ring_word(ring_addr, ring::CONSUMER_OFFSET),
+        index,
+        Ordering::Release,
+        WriteKind::RingIndex,
+    );
+}
+
+/// A stretch of guest-physical memory.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Run {
+    /// Guest-physical address.
+    pub gpa: u64,
+    /// Bytes.
+    pub len: u32,
+}
+
+/// Runs for one chunk, in order.
+#[derive(Debug, Clone, Copy)]
+pub struct Runs {
+    runs: [Run; MAX_RUNS],
+    n: usize,
+}
+
+impl Default for Runs {
+    fn default() -> Self {
+        Runs::EMPTY
+    }
+}
+
+impl Runs {
+    /// No runs: the requester's side of a chunk whose bytes come from elsewhere.
+    pub const EMPTY: Runs = Runs {
+        runs: [Run { gpa: 0, len: 0 }; MAX_RUNS],
+        n: 0,
+    };
+
+    /// The runs.
+    pub fn as_slice(&self) -> &[Run] {
+        &self.runs[..self.n]
+    }
+
+    /// Bytes covered.
+    pub fn total(&self) -> u64 {
+        self.as_slice().iter().map(|r| u64::from(r.len)).sum()
+    }
+
+    /// Appends `len` bytes at `gpa`, merged with the last run if they continue it.
+    pub fn push(&mut self, gpa: u64, len: u32) -> Result<(), VendorErr> {
+        if len == 0 {
+            return Ok(());
+        }
+        if let Some(last) = self.runs[..self.n].last_mut() {
+            if last.gpa.checked_add(u64::from(last.len)) == Some(gpa) {
+                if let Some(l) = last.len.checked_add(len) {
+                    last.len = l;
+                    return Ok(());
+                }
+            }
+        }
+        let slot = self.runs.get_mut(self.n).ok_or(VendorErr::SgeOutOfBounds)?;
+        *slot = Run { gpa, len };
+        self.n += 1;
+        Ok(())
+    }
+}
+
+/// The longest slice of guest memory at `gpa`, up to `max` bytes, within one memory slot.
+fn slice_at(mem: &GuestMem, gpa: u64, max: u64) -> Option<VolatileSlice<'_, ()>> {
+    let region = mem.find_region(GuestAddress(gpa))?;
+    let offset = gpa - region.start_addr().raw_value();
+    let n = max.min(region.len() - offset);
+    region
+        .get_slice(MemoryRegionAddress(offset), n as usize)
+        .ok()
+}
+
+/// Which side of a copy found its memory gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// Where the bytes came from.
+    Source,
+    /// Where they were going.
+    Destination,
+}
+
+/// Copies message data from `src` runs in `src_mem` to `dst` runs in `dst_mem`, as many bytes
+/// as the shorter covers. Fails, naming the side, if a run is no longer backed by guest memory
+/// (the table changed): the error completion belongs to whoever's memory it was.
+pub fn copy_runs(
+    src_mem: &GuestMem,
+    src: &[Run],
+    dst_mem: &GuestMem,
+    dst: &[Run],
+) -> Result<u64, (Side, VendorErr)> {
+    let (mut si, mut so, mut di, mut dof) = (0usize, 0u64, 0usize, 0u64);
+    let mut copied = 0u64;
+    while si < src.len() && di < dst.len() {
+        let (s, d) = (src[si], dst[di]);
+        let s_rem = u64::from(s.len) - so;
+        let d_rem = u64::from(d.len) - dof;
+        let from = slice_at(src_mem, s.gpa + so, s_rem)
+            .filter(|f| !f.is_empty())
+            .ok_or((Side::Source, VendorErr::GuestMemory))?;
+        let to = slice_at(dst_mem, d.gpa + dof, d_rem)
+            .filter(|t| !t.is_empty())
+            .ok_or((Side::Destination, VendorErr::GuestMemory))?;
+        let n = from.len().min(to.len());
+        from.copy_to_volatile_slice(to);
+        wrote(WriteKind::Payload, d.gpa + dof, n);
+        let n = n as u64;
+        copied += n;
+        so += n;
+        dof += n;
+        if so == u64::from(s.len) {
+            si += 1;
+            so = 0;
+        }
+        if dof == u64::from(d.len) {
+            di += 1;
+            dof = 0;
+        }
+    }
+    Ok(copied)
+}
+
+/// Writes `bytes` into `dst` runs in `dst_mem`.
+pub fn write_runs(
+    bytes: &[u8],
+    dst_mem: &GuestMem,
+    dst: &[Run],
+    kind: WriteKind,
+) -> Result<(), VendorErr> {
+    let mut done = 0usize;
+    for run in dst {
+        let mut off = 0u64;
+        while off < u64::from(run.len) && done < bytes.len() {
+            let to = slice_at(dst_mem, run.gpa + off, u64::from(run.len) - off)
+                .ok_or(VendorErr::GuestMemory)?;
+            let n = to.len().min(bytes.len() - done);
+            if n == 0 {
+                return Err(VendorErr::GuestMemory);
+            }
+            to.copy_from(&bytes[done..done + n]);
+            wrote(kind, run.gpa + off, n);
+            done += n;
+            off += n as u64;
+        }
+    }
+    if done == bytes.len() {
+        Ok(())
+    } else {
+        Err(VendorErr::SgeOutOfBounds)
+    }
+}
+
+/// Reads `src` runs of `src_mem` into `out`, which must be exactly as long as the runs cover:
+/// a packet's payload is built from guest memory this way.
+pub fn read_runs(src_mem: &GuestMem, src: &[Run], out: &mut [u8]) -> Result<(), VendorErr> {
+    let mut done = 0usize;
+    for run in src {
+        let mut off = 0u64;
+        while off < u64::from(run.len) {
+            let from = slice_at(src_mem, run.gpa + off, u64::from(run.len) - off)
+                .filter(|f| !f.is_empty())
+                .ok_or(VendorErr::GuestMemory)?;
+            let n = from.len();
+            let dst = out
+                .get_mut(done..done + n)
+                .ok_or(VendorErr::SgeOutOfBounds)?;
+            from.copy_to(dst);
+            done += n;
+            off += n as u64;
+        }
+    }
+    if done == out.len() {
+        Ok(())
+    } else {
+        Err(VendorErr::SgeOutOfBounds)
+    }
+}
+
+/// Runs `op` on the 8-byte atomic at `gpa`, which is shared with every other VM and with the
+/// guest's own CPUs, and returns its result. `op` may change the word.
+pub fn with_atomic<R>(
+    mem: &GuestMem,
+    gpa: u64,
+    op: impl FnOnce(&AtomicU64) -> R,
+) -> Result<R, VendorErr> {
+    let slice = slice_at(mem, gpa, 8)
+        .filter(|s| s.len() == 8)
+        .ok_or(VendorErr::GuestMemory)?;
+    let atomic = slice
+        .get_atomic_ref::<AtomicU64>(0)
+        .map_err(|_| VendorErr::BadAtomic)?;
+    let result = op(atomic);
+    wrote(WriteKind::Atomic, gpa, 8);
+    Ok(result)
+}
+
+/// Compare-and-swap: the value before.
+pub fn compare_swap(a: &AtomicU64, compare: u64, swap: u64) -> u64 {
+    match a.compare_exchange(compare, swap, Ordering::SeqCst, Ordering::SeqCst) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+/// Records, on the test's own thread, every write made through this module, so a test can
+/// show that each kind of write goes through it and that nothing else changed guest memory.
+#[cfg(test)]
+pub(crate) mod recorder {
+    use std::cell::RefCell;
+
+    use super::{GuestMem, WriteKind};
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+    /// One write: its kind and the guest-physical range it covered.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct Write {
+        pub kind: WriteKind,
+        pub gpa: u64,
+        pub len: usize,
+    }
+
+    thread_local! {
+        static WRITES: RefCell<Option<Vec<Write>>> = const { RefCell::new(None) };
+    }
+
+    pub(super) fn record(kind: WriteKind, gpa: u64, len: usize) {
+        WRITES.with(|w| {
+            if let Some(writes) = w.borrow_mut().as_mut() {
+                writes.push(Write { kind, gpa, len });
+            }
+        });
+    }
+
+    /// Starts recording this thread's writes.
+    pub fn start() {
+        WRITES.with(|w| *w.borrow_mut() = Some(Vec::new()));
+    }
+
+    /// Stops recording and returns what was written since [`start`].
+    pub fn take() -> Vec<Write> {
+        WRITES.with(|w| w.borrow_mut().take().unwrap_or_default())
+    }
+
+    /// Every byte of every region of `mem`, in address order.
+    pub fn snapshot(mem: &GuestMem) -> Vec<(u64, Vec<u8>)> {
+        mem.iter()
+            .map(|r| {
+                let start = r.start_addr().0;
+                let mut bytes = vec![0u8; r.len() as usize];
+                mem.read_slice(&mut bytes, GuestAddress(start))
+                    .expect("a region reads whole");
+                (start, bytes)
+            })
+            .collect()
+    }
+
+    /// Panics unless every byte that differs between `before` and `after` lies in one of
+    /// `writes`: a write that bypassed the one path would show here.
+    pub fn assert_covered(before: &[(u64, Vec<u8>)], after: &[(u64, Vec<u8>)], writes: &[Write]) {
+        for ((start, old), (_, new)) in before.iter().zip(after) {
+            for (i, (o, n)) in old.iter().zip(new).enumerate() {
+                if o == n {
+                    continue;
+                }
+                let gpa = start + i as u64;
+                assert!(
+                    writes
+                        .iter()
+                        .any(|w| gpa >= w.gpa && gpa < w.gpa + w.len as u64),
+                    "guest byte {gpa:#x} changed without a recorded write"
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,428 @@
+//! One VM's RDMA objects: PDs, MRs, CQs, QPs and AHs in generational handle tables, with the
+//! identity and limits the guest sees, and the translation of the addresses work requests name
+//! into guest-physical runs.
+//!
+//! Guest addresses are checked against the VM's memory table when an object is made but never
+//! cached as host pointers: the data path translates them again on every access.
+
+use serde::{Deserialize, Serialize};
+use vrdma_proto::cmd::{self, Status};
+use vrdma_proto::config::{self, DeviceCaps, Mtu, PortAttr};
+use vrdma_proto::cqe::VendorErr;
+use vrdma_proto::mr::Access;
+use vrdma_proto::wqe::{Sge, SgeList};
+use vrdma_proto::{Gid, mr, qp, ring, wqe};
+
+use super::memory::Runs;
+use super::qp_state::QpRuntime;
+use crate::config::VmConfig;
+use crate::handle::Table;
+use crate::limits;
+
+/// Serialises a wire struct as its bytes, so state that holds protocol structs can be saved
+/// for migration without a second, hand-kept copy of their layout.
+mod wire_bytes {
+    use serde::de::Error as _;
+    use serde::{Deserialize, Deserializer, Serializer};
+    use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
+
+    pub fn serialize<T: IntoBytes + Immutable, S: Serializer>(
+        v: &T,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(v.as_bytes())
+    }
+
+    pub fn deserialize<'de, T: FromBytes + KnownLayout + Immutable, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<T, D::Error> {
+        let bytes = Vec::<u8>::deserialize(d)?;
+        T::read_from_bytes(&bytes)
+            .map_err(|_| D::Error::custom("saved wire struct has the wrong size"))
+    }
+}
+
+/// A protection domain.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Pd {
+    /// MRs, QPs and AHs in this PD; it cannot be freed while any exist.
+    pub users: u32,
+}
+
+/// A memory region.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Mr {
+    /// Its PD.
+    pub pdn: u32,
+    /// Access rights.
+    pub access: u32,
+    /// Address of the first byte as work requests name it.
+    pub iova: u64,
+    /// Bytes.
+    pub length: u64,
+    /// Offset of the first byte in the first page.
+    pub first_page_offset: u64,
+    /// log2 of the page size.
+    pub page_shift: u8,
+    /// Guest-physical page addresses.
+    pub pages: Vec<u64>,
+}
+
+impl Mr {
+    /// The access rights.
+    pub fn access(&self) -> mr::Access {
+        mr::Access::from_bits_truncate(self.access)
+    }
+
+    /// Whether `[addr, addr + len)` lies within the region.
+    pub fn contains(&self, addr: u64, len: u64) -> bool {
+        addr >= self.iova
+            && addr
+                .checked_add(len)
+                .is_some_and(|end| end <= self.iova.saturating_add(self.length))
+    }
+
+    /// Appends the guest-physical runs behind `[addr, addr + len)`, which the caller has
+    /// checked lies within the region.
+    pub fn runs(&self, addr: u64, len: u32, out: &mut Runs) -> Result<(), VendorErr> {
+        let shift = u32::from(self.page_shift);
+        let page_size = 1u64 << shift;
+        let mut pos = self.first_page_offset + (addr - self.iova);
+        let mut remaining = u64::from(len);
+        while remaining > 0 {
+            let page = usize::try_from(pos >> shift).map_err(|_| VendorErr::SgeOutOfBounds)?;
+            let within = pos & (page_size - 1);
+            let n = remaining.min(page_size - within);
+            let base = *self.pages.get(page).ok_or(VendorErr::SgeOutOfBounds)?;
+            out.push(base + within, n as u32)?;
+            pos += n;
+            remaining -= n;
+        }
+        Ok(())
+    }
+}
+
+/// Why a local SGE was refused: verbs reports access errors and protection errors with
+/// different statuses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SgeFault {
+    /// The MR does not grant the access (LOC_ACCESS_ERR).
+    Access(VendorErr),
+    /// The lkey, PD or bounds are wrong (LOC_PROT_ERR).
+    Protection(VendorErr),
+}
+
+impl SgeFault {
+    /// The vendor error either way.
+    pub fn vendor(self) -> VendorErr {
+        match self {
+            SgeFault::Access(v) | SgeFault::Protection(v) => v,
+        }
+    }
+}
+
+/// Checks one local SGE: the MR exists, is in `pdn`, grants `need`, and contains the range.
+pub fn check_local(mrs: &Table<Mr>, pdn: u32, sge: &Sge, need: Access) -> Result<(), SgeFault> {
+    let len = sge.length.get();
+    if len == 0 {
+        return Ok(());
+    }
+    let mr = mrs
+        .get(sge.lkey.get())
+        .ok_or(SgeFault::Protection(VendorErr::BadLkey))?;
+    if mr.pdn != pdn {
+        return Err(SgeFault::Protection(VendorErr::PdMismatch));
+    }
+    if !mr.contains(sge.addr.get(), len.into()) {
+        return Err(SgeFault::Protection(VendorErr::SgeOutOfBounds));
+    }
+    if !mr.access().contains(need) {
+        return Err(SgeFault::Access(VendorErr::LocalAccess));
+    }
+    Ok(())
+}
+
+/// Appends the runs for bytes `[offset, offset + len)` of the message an SGE list describes.
+pub fn sge_runs(
+    mrs: &Table<Mr>,
+    sges: SgeList<'_>,
+    offset: u32,
+    len: u32,
+    out: &mut Runs,
+) -> Result<(), VendorErr> {
+    sge_iter_runs(mrs, sges.iter(), offset, len, out)
+}
+
+/// As [`sge_runs`], for SGEs already copied out.
+pub fn sge_iter_runs(
+    mrs: &Table<Mr>,
+    sges: impl Iterator<Item = Sge>,
+    offset: u32,
+    len: u32,
+    out: &mut Runs,
+) -> Result<(), VendorErr> {
+    let (mut skip, mut want) = (offset, len);
+    for sge in sges {
+        if want == 0 {
+            break;
+        }
+        let sl = sge.length.get();
+        if skip >= sl {
+            skip -= sl;
+            continue;
+        }
+        let n = (sl - skip).min(want);
+        let mr = mrs.get(sge.lkey.get()).ok_or(VendorErr::BadLkey)?;
+        let addr = sge.addr.get() + u64::from(skip);
+        if !mr.contains(addr, n.into()) {
+            return Err(VendorErr::SgeOutOfBounds);
+        }
+        mr.runs(addr, n, out)?;
+        skip = 0;
+        want -= n;
+    }
+    if want == 0 {
+        Ok(())
+    } else {
+        Err(VendorErr::SgeOutOfBounds)
+    }
+}
+
+/// A completion queue.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Cq {
+    /// Ring entries.
+    pub depth: u32,
+    /// Guest-physical address of the ring.
+    pub ring_addr: u64,
+    /// QPs that complete into this CQ.
+    pub users: u32,
+    /// The device's producer index (the ring's copy is only ever written from this).
+    pub producer: u32,
+    /// The arm sequence the device last raised an event for.
+    pub notify_ack: u32,
+    /// The ring overflowed: the CQ is unusable, as on hardware.
+    pub overflowed: bool,
+}
+
+/// A queue pair's control-path view.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Qp {
+    /// RC or UD, raw.
+    pub qp_type: u8,
+    /// Its PD.
+    pub pdn: u32,
+    /// CQ for send completions.
+    pub send_cqn: u32,
+    /// CQ for receive completions.
+    pub recv_cqn: u32,
+    /// Every send completes with a CQE.
+    pub sq_sig_all: bool,
+    /// Queue sizes.
+    #[serde(with = "wire_bytes")]
+    pub caps: qp::Caps,
+    /// Send ring address.
+    pub sq_ring_addr: u64,
+    /// Receive ring address.
+    pub rq_ring_addr: u64,
+    /// Attributes set so far; `qp_state` is the current state.
+    #[serde(with = "wire_bytes")]
+    pub attr: qp::Attr,
+    /// Data-path progress.
+    pub rt: QpRuntime,
+}
+
+impl Qp {
+    /// The QP type.
+    pub fn qp_type(&self) -> qp::Type {
+        qp::Type::from_raw(self.qp_type).unwrap_or(qp::Type::Rc)
+    }
+
+    /// The current state.
+    pub fn state(&self) -> qp::State {
+        qp::State::from_raw(self.attr.qp_state).unwrap_or(qp::State::Err)
+    }
+
+    /// Whether the QP answers requests as a responder: RTR, RTS and SQD consume receives and
+    /// accept RDMA (a UD QP in SQE too, §16.1 of docs/protocol.md).
+    pub fn responds(&self) -> bool {
+        match self.state() {
+            qp::State::Rtr | qp::State::Rts | qp::State::Sqd => true,
+            qp::State::Sqe => self.qp_type() == qp::Type::Ud,
+            _ => false,
+        }
+    }
+
+    /// The remote operations the QP accepts as a responder.
+    pub fn remote_access(&self) -> Access {
+        Access::from_bits_truncate(self.attr.qp_access_flags.get())
+    }
+
+    /// Whether the QP's requester may have work on the wire (RTS and SQD).
+    pub fn sends(&self) -> bool {
+        matches!(self.state(), qp::State::Rts | qp::State::Sqd)
+    }
+
+    /// What one send work request of this QP may carry.
+    pub fn send_limits(&self) -> wqe::Limits {
+        wqe::Limits {
+            max_sge: self.caps.max_send_sge.get(),
+            max_inline: self.caps.max_inline_data.get(),
+        }
+    }
+
+    /// The send ring's geometry.
+    pub fn sq_geometry(&self) -> Option<ring::Geometry> {
+        let stride = wqe::send_stride(
+            self.caps.max_send_sge.get(),
+            self.caps.max_inline_data.get(),
+        );
+        ring::Geometry::new(self.caps.max_send_wr.get(), stride).ok()
+    }
+
+    /// The receive ring's geometry.
+    pub fn rq_geometry(&self) -> Option<ring::Geometry> {
+        ring::Geometry::new(
+            self.caps.max_recv_wr.get(),
+            wqe::recv_stride(self.caps.max_recv_sge.get()),
+        )
+        .ok()
+    }
+}
+
+/// An address handle.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Ah {
+    /// Its PD.
+    pub pdn: u32,
+    /// The address.
+    #[serde(with = "wire_bytes")]
+    pub attr: qp::AhAttr,
+}
+
+/// A failed command: the status the guest gets and, for `MODIFY_QP`, the attribute bits at fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Failure {
+    /// Status for the response header.
+    pub status: Status,
+    /// `RespHeader::detail`.
+    pub detail: u32,
+}
+
+impl From<Status> for Failure {
+    fn from(status: Status) -> Self {
+        Failure { status, detail: 0 }
+    }
+}
+
+/// One VM's objects, limits and identity.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmObjects {
+    /// Name, for logs.
+    pub name: String,
+    /// The port's GID.
+    #[serde(with = "wire_bytes")]
+    pub gid: Gid,
+    /// Capabilities the guest sees.
+    #[serde(with = "wire_bytes")]
+    pub caps: DeviceCaps,
+    /// Whether the daemon runs the inter-host fabric: RC QPs then carry transport records.
+    #[serde(default)]
+    pub roce: bool,
+    /// The port's active MTU, raw [`Mtu`].
+    #[serde(default = "default_active_mtu")]
+    pub active_mtu: u8,
+    /// PDs.
+    pub pds: Table<Pd>,
+    /// MRs, by lkey.
+    pub mrs: Table<Mr>,
+    /// CQs.
+    pub cqs: Table<Cq>,
+    /// QPs, by QPN.
+    pub qps: Table<Qp>,
+    /// AHs.
+    pub ahs: Table<Ah>,
+    /// Bytes registered across all MRs.
+    pub registered_bytes: u64,
+    /// Quota on `registered_bytes`.
+    pub max_registered_bytes: u64,
+    /// QPs a control command gave work to (a transition to ERR needs its flush, to RTS may
+    /// release queued sends); the device hands them to the scheduler after the command.
+    #[serde(skip)]
+    pub wake: Vec<u32>,
+}
+
+/// A VM saved before the active MTU was configurable had 4096.
+fn default_active_mtu() -> u8 {
+    Mtu::Mtu4096.raw()
+}
+
+/// The port every vrdma device has: RoCE, active, up to 4096-byte MTU; `active_mtu` is what
+/// its link carries (docs/fabric.md).
+pub fn port_attr(active_mtu: Mtu) -> PortAttr {
+    PortAttr {
+        state: config::PortState::Active.raw(),
+        max_mtu: Mtu::Mtu4096.raw(),
+        active_mtu: active_mtu.raw(),
+        link_layer: config::LinkLayer::Ethernet.raw(),
+        gid_tbl_len: 1.into(),
+        pkey_tbl_len: 1.into(),
+        port_cap_flags: 0.into(),
+        max_msg_sz: limits::MAX_MSG_SIZE.into(),
+        lid: 0.into(),
+        sm_lid: 0.into(),
+        active_width: 2,  // 4x
+        active_speed: 32, // EDR-class, 25 Gb/s per lane
+        phys_state: 5,    // LinkUp
+        reserved: 0,
+    }
+}
+
+impl VmObjects {
+    /// A VM with no objects yet.
+    pub fn new(cfg: &VmConfig, node_guid: u64) -> Self {
+        let q = &cfg.quotas;
+        let caps = DeviceCaps {
+            node_guid: node_guid.into(),
+            sys_image_guid: node_guid.into(),
+            max_mr_size: limits::MAX_MR_SIZE.min(q.max_mr_bytes).into(),
+            page_size_cap: ((1u64 << (mr::MAX_PAGE_SHIFT + 1)) - (1u64 << mr::MIN_PAGE_SHIFT))
+                .into(),
+            max_registered_bytes: q.max_mr_bytes.into(),
+            vendor_id: 0x1af4.into(), // the virtio vendor ID
+            vendor_part_id: vrdma_proto::VIRTIO_ID_RDMA.into(),
+            hw_ver: vrdma_proto::PROTOCOL_VERSION.into(),
+            max_qp: q.max_qp.into(),
+            max_qp_wr: limits::MAX_QP_WR.into(),
+            max_sge: limits::MAX_SGE.into(),
+            max_cq: q.max_cq.into(),
+            max_cqe: limits::MAX_CQE.into(),
+            max_mr: q.max_mr.into(),
+            max_pd: q.max_pd.into(),
+            max_ah: q.max_ah.into(),
+            max_qp_rd_atom: limits::MAX_RD_ATOM.into(),
+            max_qp_init_rd_atom: limits::MAX_RD_ATOM.into(),
+            max_inline_data: limits::MAX_INLINE.into(),
+            max_mr_pages: cmd::MAX_PAGE_LIST.into(),
+            atomic_cap: config::AtomicCap::Glob.raw(),
+            phys_port_cnt: 1,
+            reserved: [0; 2],
+        };
+        use crate::limits::*;
+        VmObjects {
+            name: cfg.name.clone(),
+            gid: cfg.gid,
+            caps,
+            active_mtu: cfg.active_mtu.raw(),
+            roce: cfg.roce,
+            pds: Table::new(q.max_pd, HANDLE_INDEX_BITS, HANDLE_GENERATION_BITS),
+            mrs: Table::new(q.max_mr, KEY_INDEX_BITS, KEY_GENERATION_BITS),
+            cqs: Table::new(q.max_cq, HANDLE_INDEX_BITS, HANDLE_GENERATION_BITS),
+            qps: Table::new(q.max_qp, QPN_INDEX_BITS, QPN_GENERATION_BITS),
+            ahs: Table::new(q.max_ah, HANDLE_INDEX_BITS, HANDLE_GENERATION_BITS),
+            registered_bytes: 0,
+            max_registered_bytes: q.max_mr_bytes,
+            wake: Vec::new(),
+        }
+    }
+}

@@ -1,0 +1,246 @@
+//! One connected VM as every thread of the daemon shares it: its identity, its memory, its
+//! objects behind its own lock, the QPs with work for the scheduler, its backlog of
+//! asynchronous events, and its counters.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use vrdma_proto::{Gid, event};
+
+use super::memory::GuestMemAtomic;
+use super::objects::VmObjects;
+
+/// Most asynchronous events kept while the driver has no event buffers posted.
+pub const MAX_PENDING_EVENTS: usize = 4096;
+
+/// QPs with work for the scheduler, each at most once. Sized for every QP the VM may have
+/// when it is made, so queueing never allocates.
+struct ReadyList {
+    /// Slot indices (the low bits of QPNs), in the order they became ready.
+    queue: VecDeque<u32>,
+    /// Per slot, the QPN queued for it, or 0. A doorbell for a newer generation of the same
+    /// slot replaces an older one, so a stale doorbell can never hide a live QP's.
+    current: Vec<u32>,
+}
+
+impl ReadyList {
+    fn new(max_qp: u32) -> Self {
+        let slots = max_qp.next_power_of_two() as usize;
+        ReadyList {
+            queue: VecDeque::with_capacity(slots),
+            current: vec![0; slots],
+        }
+    }
+
+    fn push(&mut self, qpn: u32) {
+        let slot = qpn & (self.current.len() as u32 - 1);
+        let current = &mut self.current[slot as usize];
+        if *current == 0 {
+            self.queue.push_back(slot);
+        }
+        *current = qpn;
+    }
+
+    fn pop(&mut self) -> Option<u32> {
+        let slot = self.queue.pop_front()?;
+        Some(std::mem::take(&mut self.current[slot as usize]))
+    }
+}
+
+/// Per-VM counters, for operators and the benchmarks.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Send work requests completed (any status).
+    pub wrs: AtomicU64,
+    /// Payload bytes the fabric moved on the VM's behalf as requester (counted by the
+    /// scheduler from what each step moved; a READ's bytes when it is carried out, RoCEv2
+    /// retransmissions included).
+    pub bytes: AtomicU64,
+    /// Completions written into the VM's CQs.
+    pub completions: AtomicU64,
+    /// Error completions written into the VM's CQs (flushes excluded).
+    pub errors: AtomicU64,
+    /// Nanoseconds the VM had work waiting while the scheduler served other VMs.
+    pub wait_ns: AtomicU64,
+    /// Control commands executed successfully.
+    pub commands_ok: AtomicU64,
+    /// Control commands that failed.
+    pub commands_failed: AtomicU64,
+    /// Doorbells received.
+    pub doorbells: AtomicU64,
+    /// Doorbell descriptors ignored as malformed.
+    pub doorbells_malformed: AtomicU64,
+    /// Datagrams dropped (no receive posted, Q_Key mismatch, no such QP).
+    pub ud_dropped: AtomicU64,
+    /// Events lost because the driver kept no event buffers and the backlog was full.
+    pub events_lost: AtomicU64,
+}
+
+/// Where a VM's asynchronous events go: its event virtqueue, which the vhost layer owns.
+pub trait EventSink: Send + Sync {
+    /// Moves events from the front of `backlog` into the buffers the driver has posted and
+    /// interrupts the driver if any were delivered; what finds no buffer stays in `backlog`.
+    fn deliver(&self, vm: &Vm, backlog: &mut VecDeque<event::Event>);
+}
+
+/// Events that go nowhere: a VM whose driver has no event queue yet keeps them in its backlog.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoEventQueue;
+
+impl EventSink for NoEventQueue {
+    fn deliver(&self, _vm: &Vm, _backlog: &mut VecDeque<event::Event>) {}
+}
+
+/// One connected VM.
+pub struct Vm {
+    /// Unique for the daemon's lifetime (not reused across reconnections).
+    pub id: u64,
+    /// Name, for logs.
+    pub name: String,
+    /// Its port's GID.
+    pub gid: Gid,
+    /// Share of the fabric.
+    pub weight: u32,
+    /// Payload bytes per second it may move as requester, if limited.
+    pub max_bw: Option<u64>,
+    /// Work requests per second it may complete as requester, if limited.
+    pub max_msg_rate: Option<u64>,
+    /// Its memory.
+    pub mem: GuestMemAtomic,
+    objects: Mutex<VmObjects>,
+    /// Set when QPs are on the ready list; cleared by the scheduler when it empties it.
+    pub has_work: AtomicBool,
+    ready: Mutex<ReadyList>,
+    events: Mutex<VecDeque<event::Event>>,
+    /// Whether `events` may be non-empty, so the scheduler need not lock it after every step.
+    events_pending: AtomicBool,
+    event_sink: Arc<dyn EventSink>,
+    /// What this VM has done.
+    pub counters: Counters,
+}
+
+impl std::fmt::Debug for Vm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vm")
+            .field("id", &self.id)
+            .field("name", &self.name)
+            .field("gid", &self.gid)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Vm {
+    /// The VM whose objects are `objects` and memory `mem`, sharing the fabric by `weight`,
+    /// with its events going to `event_sink`.
+    pub fn new(
+        id: u64,
+        objects: VmObjects,
+        weight: u32,
+        mem: GuestMemAtomic,
+        event_sink: Arc<dyn EventSink>,
+    ) -> Self {
+        let max_qp = objects.caps.max_qp.get();
+        Vm {
+            id,
+            name: objects.name.clone(),
+            gid: objects.gid,
+            weight,
+            max_bw: None,
+            max_msg_rate: None,
+            mem,
+            objects: Mutex::new(objects),
+            has_work: AtomicBool::new(false),
+            ready: Mutex::new(ReadyList::new(max_qp)),
+            events: Mutex::new(VecDeque::with_capacity(MAX_PENDING_EVENTS)),
+            events_pending: AtomicBool::new(false),
+            event_sink,
+            counters: Counters::default(),
+        }
+    }
+
+    /// Limits what the VM may move per second (see `config::Quotas`).
+    pub fn with_limits(mut self, max_bw: Option<u64>, max_msg_rate: Option<u64>) -> Self {
+        self.max_bw = max_bw;
+        self.max_msg_rate = max_msg_rate;
+        self
+    }
+
+    /// Locks the VM's objects, waiting if the scheduler or the control path holds them. Only
+    /// the VM's own control path and threads that serve nobody else may wait here.
+    pub fn lock(&self) -> MutexGuard<'_, VmObjects> {
+        // Every mutation of the objects is complete before the lock is released, so a panic
+        // elsewhere cannot leave them half-changed; keep serving rather than poison every
+        // later request.
+        self.objects.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Locks the VM's objects if nobody else holds them: the scheduler never waits for one
+    /// VM's control path, so a VM busy registering memory cannot stall the others.
+    pub fn try_lock(&self) -> Option<MutexGuard<'_, VmObjects>> {
+        match self.objects.try_lock() {
+            Ok(g) => Some(g),
+            Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        }
+    }
+
+    /// Puts QP `qpn` on the ready list unless it is there already. Takes only the ready
+    /// list's own lock, never the VM's: doorbells must not contend with the scheduler, or the
+    /// VM that rings most would lose the most turns.
+    pub fn enqueue(&self, qpn: u32) {
+        let mut ready = self.ready.lock().unwrap_or_else(|p| p.into_inner());
+        ready.push(qpn);
+        self.has_work.store(true, Ordering::Release);
+    }
+
+    /// Takes the next QP off the ready list; when it is empty, clears `has_work` under the
+    /// same lock so a concurrent enqueue cannot be missed.
+    pub fn pop_ready(&self) -> Option<u32> {
+        let mut ready = self.ready.lock().unwrap_or_else(|p| p.into_inner());
+        let qpn = ready.pop();
+        if qpn.is_none() {
+            self.has_work.store(false, Ordering::Release);
+        }
+        qpn
+    }
+
+    /// Empties the ready list (the VM's objects are being released).
+    pub fn clear_ready(&self) {
+        let mut ready = self.ready.lock().unwrap_or_else(|p| p.into_inner());
+        while ready.pop().is_some() {}
+        self.has_work.store(false, Ordering::Release);
+    }
+
+    /// Drops every queued event (the VM's objects are being released, so none names anything).
+    pub fn clear_events(&self) {
+        self.events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+
+    /// Queues an event for the driver; [`Vm::deliver_events`] hands it over.
+    pub fn push_event(&self, kind: event::Kind, handle: u32) {
+        let mut q = self.events.lock().unwrap_or_else(|p| p.into_inner());
+        if q.len() >= MAX_PENDING_EVENTS {
+            self.counters.events_lost.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        q.push_back(event::Event::new(kind, handle));
+        self.events_pending.store(true, Ordering::Release);
+    }
+
+    /// Hands queued events to the event queue, if any wait.
+    pub fn deliver_events(&self) {
+        if !self.events_pending.load(Ordering::Acquire) {
+            return;
+        }
+        let mut q = self.events.lock().unwrap_or_else(|p| p.into_inner());
+        if q.is_empty() {
+            self.events_pending.store(false, Ordering::Release);
+            return;
+        }
+        self.event_sink.deliver(self, &mut q);
+    }
+}

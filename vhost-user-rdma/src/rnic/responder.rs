@@ -1,0 +1,501 @@
+//! Responder rules every fabric shares: whether a QP answers, the R_Key check, taking and
+//! completing receives, and applying one piece of a message (a chunk from a local requester or
+//! a packet from the network) to the responder's memory.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use vm_memory::{Bytes, GuestAddress};
+use vrdma_proto::cqe::{self, Status, VendorErr};
+use vrdma_proto::mr::Access;
+use vrdma_proto::wqe::{self, Opcode};
+use vrdma_proto::{Gid, event, qp};
+
+use super::completion::{self, Completion, set_error};
+use crate::handle::Table;
+use crate::model::memory::{
+    self, GuestMem, Runs, Side, WriteKind, load_producer, publish_consumer,
+};
+use crate::model::objects::{Mr, VmObjects, check_local, sge_iter_runs};
+use crate::model::qp_state::RecvCopy;
+use crate::model::vm::Vm;
+
+/// How long a requester may leave a message half-received before another may start one.
+const OWNER_STALE: Duration = Duration::from_millis(100);
+/// Size of the GRH a UD receive buffer starts with.
+pub const GRH_SIZE: u32 = 40;
+
+/// What the responder did with a chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resp {
+    /// Applied.
+    Done,
+    /// No receive posted: retry after this many microseconds.
+    Rnr(u32),
+    /// No QP ready to answer (wrong GID or QPN, or not in RTR/RTS).
+    NoResponder,
+    /// The responder refused; the requester completes with this status.
+    Nak(Status, VendorErr),
+    /// Another requester's message is in progress.
+    Busy,
+    /// UD datagram dropped.
+    Dropped,
+    /// The requester's own memory failed (its memory table changed under it).
+    LocalFault(VendorErr),
+}
+
+/// Everything the responder needs about one piece of a message: a chunk a local requester
+/// moves, or a packet from the network.
+#[derive(Debug)]
+pub struct Chunk<'a> {
+    /// The requester's VM (a value no local VM has for a packet from the network).
+    pub a_id: u64,
+    /// The requester's port.
+    pub a_gid: Gid,
+    /// The requester's QP.
+    pub a_qpn: u32,
+    /// RC or UD.
+    pub qp_type: qp::Type,
+    /// What the message does.
+    pub opcode: Opcode,
+    /// Its work request's header (remote address, R_Key, immediate data, atomic operands).
+    pub header: &'a wqe::SendHeader,
+    /// It asks for a solicited event.
+    pub solicited: bool,
+    /// The whole message's length.
+    pub len: u32,
+    /// Bytes of the message before this piece.
+    pub done: u32,
+    /// Bytes in this piece.
+    pub n: u32,
+    /// Whether this piece ends the message.
+    pub last: bool,
+    /// The Q_Key (UD).
+    pub qkey: u32,
+    /// Where the requester's bytes are (or go, for a READ), in `a_mem`.
+    pub a_runs: &'a Runs,
+    /// The piece's bytes themselves, when they are not in the requester's memory.
+    pub inline: &'a [u8],
+    /// Whether the bytes are `inline` rather than at `a_runs`.
+    pub is_inline: bool,
+    /// The requester's memory.
+    pub a_mem: &'a GuestMem,
+    /// The responder's memory.
+    pub b_mem: &'a GuestMem,
+}
+
+impl Chunk<'_> {
+    /// Copies this chunk's payload from the requester into `dst`; an error names whose memory
+    /// failed (`Side::Source` is the requester's).
+    fn copy_into(&self, dst: &Runs) -> Result<(), (Side, VendorErr)> {
+        if self.is_inline {
+            memory::write_runs(self.inline, self.b_mem, dst.as_slice(), WriteKind::Payload)
+                .map_err(|v| (Side::Destination, v))
+        } else {
+            memory::copy_runs(
+                self.a_mem,
+                self.a_runs.as_slice(),
+                self.b_mem,
+                dst.as_slice(),
+            )
+            .map(|_| ())
+        }
+    }
+}
+
+/// The responder's check of an R_Key that a request names, for a QP in PD `pdn` whose remote
+/// access flags are `qp_access`: the MR exists, is in the same PD, grants `need` (and so does
+/// the QP), and covers `[addr, addr + len)`.
+pub fn check_rkey(
+    mrs: &Table<Mr>,
+    pdn: u32,
+    qp_access: Access,
+    rkey: u32,
+    addr: u64,
+    len: u64,
+    need: Access,
+) -> Result<&Mr, VendorErr> {
+    let mr = mrs.get(rkey).ok_or(VendorErr::BadRkey)?;
+    if mr.pdn != pdn {
+        Err(VendorErr::PdMismatch)
+    } else if !mr.access().contains(need) || !qp_access.contains(need) {
+        Err(VendorErr::RemoteAccess)
+    } else if !mr.contains(addr, len) {
+        Err(VendorErr::RemoteOutOfBounds)
+    } else {
+        Ok(mr)
+    }
+}
+
+/// The responder: applies one chunk to QP `dest_qpn` of VM `vm`.
+pub fn respond(
+    objects: &mut VmObjects,
+    vm: &Vm,
+    dest_qpn: u32,
+    c: &Chunk<'_>,
+    atomic_result: &mut u64,
+) -> Resp {
+    // Nobody to take the message: a datagram is lost (and counted), an RC request unanswered.
+    let unanswered = || {
+        if c.qp_type == qp::Type::Ud {
+            vm.counters.ud_dropped.fetch_add(1, Ordering::Relaxed);
+            Resp::Dropped
+        } else {
+            Resp::NoResponder
+        }
+    };
+    let Some(qp) = objects.qps.get(dest_qpn) else {
+        return unanswered();
+    };
+    if qp.qp_type() != c.qp_type || !qp.responds() {
+        return unanswered();
+    }
+    if c.qp_type == qp::Type::Ud {
+        return respond_ud(objects, vm, dest_qpn, c);
+    }
+    // An RC QP answers only the QP it is connected to: anything else could be another tenant
+    // injecting into the connection, and gets no answer, as a packet for another connection.
+    if qp.attr.dest_qp_num.get() != c.a_qpn || qp.attr.ah_attr.dgid != c.a_gid {
+        return unanswered();
+    }
+    if let Some((port_id, qpn, at)) = qp.rt.rx_owner {
+        if (port_id, qpn) != (c.a_id, c.a_qpn) && at.elapsed() < OWNER_STALE {
+            return Resp::Busy;
+        }
+    }
+    let (b_pdn, b_access) = (qp.pdn, qp.remote_access());
+    let min_rnr = qp::rnr_timer_micros(qp.attr.min_rnr_timer);
+    let remote_need = match c.opcode {
+        Opcode::RdmaWrite | Opcode::RdmaWriteWithImm => Some(Access::REMOTE_WRITE),
+        Opcode::RdmaRead => Some(Access::REMOTE_READ),
+        Opcode::AtomicCmpAndSwp | Opcode::AtomicFetchAndAdd => Some(Access::REMOTE_ATOMIC),
+        Opcode::Send | Opcode::SendWithImm => None,
+    };
+    let consumes_recv = matches!(
+        c.opcode,
+        Opcode::Send | Opcode::SendWithImm | Opcode::RdmaWriteWithImm
+    );
+    // Take the receive at the message's first chunk and keep it to its last.
+    let mut recv = RecvCopy::default();
+    if consumes_recv {
+        match take_recv(objects, dest_qpn, c.b_mem) {
+            Ok(Some(r)) => recv = r,
+            Ok(None) => return Resp::Rnr(min_rnr),
+            Err(v) => {
+                responder_error(objects, vm, c.b_mem, dest_qpn, None, v);
+                return Resp::Nak(Status::RemOpErr, v);
+            }
+        }
+        if c.opcode != Opcode::RdmaWriteWithImm && recv.room < c.len {
+            responder_error(
+                objects,
+                vm,
+                c.b_mem,
+                dest_qpn,
+                Some((recv.wr_id, Status::LocLenErr)),
+                VendorErr::RecvTooSmall,
+            );
+            return Resp::Nak(Status::RemInvReqErr, VendorErr::RecvTooSmall);
+        }
+        if let Some(qp) = objects.qps.get_mut(dest_qpn) {
+            qp.rt.rx_owner = Some((c.a_id, c.a_qpn, Instant::now()));
+        }
+    }
+    let mut b_runs = Runs::default();
+    // A zero-length RDMA operation names no memory: its R_Key and address are not checked
+    // (IBA C9-88), so a 0-byte WRITE with immediate works as a doorbell with any R_Key.
+    let names_memory = c.len > 0 || c.opcode.is_atomic();
+    if let Some(need) = remote_need.filter(|_| names_memory) {
+        let rkey = c.header.rkey.get();
+        let raddr = c.header.remote_addr.get();
+        let check = check_rkey(
+            &objects.mrs,
+            b_pdn,
+            b_access,
+            rkey,
+            raddr,
+            c.len.into(),
+            need,
+        );
+        let mr = match check {
+            Ok(mr) => mr,
+            Err(v) => {
+                responder_error(objects, vm, c.b_mem, dest_qpn, None, v);
+                vm.push_event(event::Kind::QpAccessErr, dest_qpn);
+                return Resp::Nak(Status::RemAccessErr, v);
+            }
+        };
+        if c.opcode.is_atomic() && raddr % 8 != 0 {
+            responder_error(objects, vm, c.b_mem, dest_qpn, None, VendorErr::BadAtomic);
+            vm.push_event(event::Kind::QpReqErr, dest_qpn);
+            return Resp::Nak(Status::RemInvReqErr, VendorErr::BadAtomic);
+        }
+        if let Err(v) = mr.runs(raddr + u64::from(c.done), c.n, &mut b_runs) {
+            return Resp::Nak(Status::RemAccessErr, v);
+        }
+    } else if let Err(v) = sge_iter_runs(
+        &objects.mrs,
+        recv.sges[..recv.n].iter().copied(),
+        c.done,
+        c.n,
+        &mut b_runs,
+    ) {
+        responder_error(
+            objects,
+            vm,
+            c.b_mem,
+            dest_qpn,
+            Some((recv.wr_id, Status::LocProtErr)),
+            v,
+        );
+        return Resp::Nak(Status::RemOpErr, v);
+    }
+    // Move the bytes. An error names whose memory failed: the requester's own memory is its
+    // local protection error and leaves the responder alone.
+    let requester_side =
+        |side: Side, requester_is_source: bool| (side == Side::Source) == requester_is_source;
+    let moved: Result<(), (bool, VendorErr)> = match c.opcode {
+        Opcode::Send | Opcode::SendWithImm | Opcode::RdmaWrite | Opcode::RdmaWriteWithImm => c
+            .copy_into(&b_runs)
+            .map_err(|(side, v)| (requester_side(side, true), v)),
+        Opcode::RdmaRead => {
+            memory::copy_runs(c.b_mem, b_runs.as_slice(), c.a_mem, c.a_runs.as_slice())
+                .map(|_| ())
+                .map_err(|(side, v)| (requester_side(side, false), v))
+        }
+        Opcode::AtomicCmpAndSwp | Opcode::AtomicFetchAndAdd => {
+            let gpa = b_runs.as_slice().first().map(|r| r.gpa).unwrap_or(0);
+            let (compare_add, swap) = (c.header.compare_add.get(), c.header.swap.get());
+            memory::with_atomic(c.b_mem, gpa, |atomic| {
+                *atomic_result = if c.opcode == Opcode::AtomicCmpAndSwp {
+                    memory::compare_swap(atomic, compare_add, swap)
+                } else {
+                    atomic.fetch_add(compare_add, Ordering::SeqCst)
+                };
+            })
+            .map_err(|v| (false, v))
+        }
+    };
+    match moved {
+        Ok(()) => {}
+        Err((true, v)) => {
+            // The responder keeps its receive for the next message.
+            if let Some(qp) = objects.qps.get_mut(dest_qpn) {
+                qp.rt.rx_owner = None;
+            }
+            return Resp::LocalFault(v);
+        }
+        Err((false, v)) => {
+            responder_error(
+                objects,
+                vm,
+                c.b_mem,
+                dest_qpn,
+                consumes_recv.then_some((recv.wr_id, Status::LocProtErr)),
+                v,
+            );
+            return Resp::Nak(Status::RemAccessErr, v);
+        }
+    }
+    if consumes_recv && c.last {
+        let (opcode, byte_len) = if c.opcode == Opcode::RdmaWriteWithImm {
+            (cqe::Opcode::RecvRdmaWithImm, c.len)
+        } else {
+            (cqe::Opcode::Recv, c.len)
+        };
+        let mut done = Completion::new(
+            recv.wr_id,
+            dest_qpn,
+            Status::Success,
+            opcode,
+            VendorErr::None,
+        );
+        done.cqe.byte_len = byte_len.into();
+        done.cqe.src_qp = c.a_qpn.into();
+        if c.opcode.has_imm() {
+            done.cqe.imm_data = c.header.imm_data;
+            done.cqe.wc_flags = cqe::Flags::WITH_IMM.bits();
+        }
+        done.solicited = c.solicited;
+        finish_recv(objects, vm, c.b_mem, dest_qpn, &done);
+    }
+    Resp::Done
+}
+
+/// UD: the whole datagram in one step, or dropped as an unreliable network would.
+fn respond_ud(objects: &mut VmObjects, vm: &Vm, dest_qpn: u32, c: &Chunk<'_>) -> Resp {
+    let Some(qp) = objects.qps.get(dest_qpn) else {
+        return Resp::Dropped;
+    };
+    if qp.attr.qkey.get() != c.qkey {
+        vm.counters.ud_dropped.fetch_add(1, Ordering::Relaxed);
+        return Resp::Dropped;
+    }
+    let recv = match take_recv(objects, dest_qpn, c.b_mem) {
+        Ok(Some(r)) => r,
+        Ok(None) | Err(_) => {
+            vm.counters.ud_dropped.fetch_add(1, Ordering::Relaxed);
+            return Resp::Dropped;
+        }
+    };
+    let total = c.len + GRH_SIZE;
+    if recv.room < total {
+        let mut bad = Completion::new(
+            recv.wr_id,
+            dest_qpn,
+            Status::LocLenErr,
+            cqe::Opcode::Recv,
+            VendorErr::RecvTooSmall,
+        );
+        bad.solicited = true;
+        finish_recv(objects, vm, c.b_mem, dest_qpn, &bad);
+        return Resp::Done;
+    }
+    let mut b_runs = Runs::default();
+    let grh = grh(c.a_gid, vm.gid, c.len);
+    let result = sge_iter_runs(
+        &objects.mrs,
+        recv.sges[..recv.n].iter().copied(),
+        0,
+        total,
+        &mut b_runs,
+    )
+    .and_then(|()| {
+        let mut head = Runs::default();
+        sge_iter_runs(
+            &objects.mrs,
+            recv.sges[..recv.n].iter().copied(),
+            0,
+            GRH_SIZE,
+            &mut head,
+        )?;
+        memory::write_runs(&grh, c.b_mem, head.as_slice(), WriteKind::Payload)?;
+        let mut body = Runs::default();
+        sge_iter_runs(
+            &objects.mrs,
+            recv.sges[..recv.n].iter().copied(),
+            GRH_SIZE,
+            c.len,
+            &mut body,
+        )?;
+        c.copy_into(&body).map_err(|(_, v)| v)
+    });
+    let mut done = match result {
+        Ok(()) => {
+            let mut ok = Completion::new(
+                recv.wr_id,
+                dest_qpn,
+                Status::Success,
+                cqe::Opcode::Recv,
+                VendorErr::None,
+            );
+            ok.cqe.byte_len = total.into();
+            ok.cqe.src_qp = c.a_qpn.into();
+            ok.cqe.sgid = c.a_gid;
+            let mut flags = cqe::Flags::GRH;
+            if c.opcode.has_imm() {
+                ok.cqe.imm_data = c.header.imm_data;
+                flags |= cqe::Flags::WITH_IMM;
+            }
+            ok.cqe.wc_flags = flags.bits();
+            ok.solicited = c.solicited;
+            ok
+        }
+        Err(v) => Completion::new(
+            recv.wr_id,
+            dest_qpn,
+            Status::LocProtErr,
+            cqe::Opcode::Recv,
+            v,
+        ),
+    };
+    done.cqe.qp_num = dest_qpn.into();
+    finish_recv(objects, vm, c.b_mem, dest_qpn, &done);
+    Resp::Done
+}
+
+/// The 40-byte GRH a UD receive buffer starts with, in IPv6 form (RoCEv2 over IPv4 puts its
+/// IPv4 header in the last 20 bytes instead; vrdma always writes the GID form).
+fn grh(sgid: Gid, dgid: Gid, payload: u32) -> [u8; GRH_SIZE as usize] {
+    let mut h = [0u8; GRH_SIZE as usize];
+    h[0] = 0x60; // IP version 6
+    let len = u16::try_from(payload).unwrap_or(u16::MAX).to_be_bytes();
+    h[4..6].copy_from_slice(&len);
+    h[6] = 0x1b; // next header: IB BTH
+    h[7] = 64; // hop limit
+    h[8..24].copy_from_slice(&sgid.0);
+    h[24..40].copy_from_slice(&dgid.0);
+    h
+}
+
+/// Reads the receive work request at the head of QP `qpn`'s receive ring without consuming it,
+/// with its SGEs checked against the QP's PD and local-write rights.
+pub fn take_recv(
+    objects: &VmObjects,
+    qpn: u32,
+    mem: &GuestMem,
+) -> Result<Option<RecvCopy>, VendorErr> {
+    let Some(qp) = objects.qps.get(qpn) else {
+        return Ok(None);
+    };
+    let Some(geometry) = qp.rq_geometry() else {
+        return Ok(None);
+    };
+    let producer = load_producer(mem, qp.rq_ring_addr).ok_or(VendorErr::GuestMemory)?;
+    match geometry.occupancy(producer, qp.rt.rq_done) {
+        Ok(0) => return Ok(None),
+        Ok(_) => {}
+        Err(_) => return Err(VendorErr::RingOverrun),
+    }
+    let stride = geometry.stride() as usize;
+    let mut slot = [0u8; wqe::recv_stride(crate::limits::MAX_SGE) as usize];
+    let at = GuestAddress(qp.rq_ring_addr + geometry.entry_offset(qp.rt.rq_done));
+    if stride > slot.len() || mem.read_slice(&mut slot[..stride], at).is_err() {
+        return Err(VendorErr::GuestMemory);
+    }
+    let wr = wqe::decode_recv(&slot[..stride], qp.caps.max_recv_sge.get())
+        .map_err(|_| VendorErr::MalformedWqe)?;
+    let mut copy = RecvCopy {
+        wr_id: wr.wr_id,
+        n: wr.sges.len(),
+        room: wr.byte_len,
+        ..RecvCopy::default()
+    };
+    for (i, sge) in wr.sges.iter().enumerate() {
+        copy.sges[i] = sge;
+        check_local(&objects.mrs, qp.pdn, &sge, Access::LOCAL_WRITE).map_err(|f| f.vendor())?;
+    }
+    Ok(Some(copy))
+}
+
+/// Completes the receive at the head of QP `qpn`'s ring with `c` and consumes it.
+pub fn finish_recv(objects: &mut VmObjects, vm: &Vm, mem: &GuestMem, qpn: u32, c: &Completion) {
+    let Some(qp) = objects.qps.get_mut(qpn) else {
+        return;
+    };
+    let (cqn, ring_addr) = (qp.recv_cqn, qp.rq_ring_addr);
+    qp.rt.rq_done = qp.rt.rq_done.wrapping_add(1);
+    qp.rt.rx_owner = None;
+    // As for sends: the slot is free before the completion says so.
+    publish_consumer(mem, ring_addr, qp.rt.rq_done);
+    if !completion::post(objects, vm, mem, cqn, c) {
+        set_error(objects, vm, qpn);
+    }
+}
+
+/// The responder found an error: complete its receive (if it has taken one) with `recv_status`,
+/// and move its QP to the error state.
+pub fn responder_error(
+    objects: &mut VmObjects,
+    vm: &Vm,
+    mem: &GuestMem,
+    qpn: u32,
+    recv: Option<(u64, Status)>,
+    v: VendorErr,
+) {
+    if let Some((wr_id, status)) = recv {
+        let c = Completion::new(wr_id, qpn, status, cqe::Opcode::Recv, v);
+        finish_recv(objects, vm, mem, qpn, &c);
+    }
+    set_error(objects, vm, qpn);
+}

@@ -1,0 +1,306 @@
+//! The layers together, in process and without sockets: VMs in memory, the soft fabric, and
+//! the scheduler run by hand. These show the RNIC rules (what a guest sees complete, fail and
+//! flush) and that every write into a guest's memory takes the one path.
+
+use std::collections::HashSet;
+
+use vrdma_proto::cmd::{self, Opcode};
+use vrdma_proto::cqe::Status;
+use vrdma_proto::mr::Access;
+use vrdma_proto::qp::{self, AttrMask};
+use vrdma_proto::wqe::{self, Data, SendFlags, Sge};
+use vrdma_proto::{Gid, event};
+use zerocopy::IntoBytes;
+
+use crate::fabric::soft::SoftFabric;
+use crate::model::memory::{WriteKind, recorder};
+use crate::sched::ManualScheduler;
+use crate::testing::{TestMr, TestQp, TestVm, send_header};
+
+/// Two VMs, `a` and `b`, each with an RC QP connected to the other's, a buffer registered
+/// for everything, and a scheduler on the soft fabric serving both.
+struct Pair {
+    a: TestVm,
+    b: TestVm,
+    qa: TestQp,
+    qb: TestQp,
+    ma: TestMr,
+    mb: TestMr,
+    sched: ManualScheduler,
+}
+
+const ALL: Access = Access::LOCAL_WRITE
+    .union(Access::REMOTE_READ)
+    .union(Access::REMOTE_WRITE)
+    .union(Access::REMOTE_ATOMIC);
+
+/// A pair whose QPs have `retry_cnt`, `rnr_retry` and `min_rnr_timer` as `retries`.
+fn pair(retries: (u8, u8, u8), cq_depth: u32) -> Pair {
+    let (mut a, mut b) = (TestVm::new(1, 1), TestVm::new(2, 1));
+    let (pa, pb) = (a.pd(), b.pd());
+    let qa = a.qp(pa, qp::Type::Rc, 16, cq_depth);
+    let qb = b.qp(pb, qp::Type::Rc, 16, cq_depth);
+    a.connect(qa.qpn, b.gid(), qb.qpn, retries);
+    b.connect(qb.qpn, a.gid(), qa.qpn, retries);
+    let ma = a.mr(pa, 64 << 10, ALL);
+    let mb = b.mr(pb, 64 << 10, ALL);
+    let mut sched = ManualScheduler::new(Box::new(SoftFabric::new(None)));
+    sched.attach(&a.vm);
+    sched.attach(&b.vm);
+    Pair {
+        a,
+        b,
+        qa,
+        qb,
+        ma,
+        mb,
+        sched,
+    }
+}
+
+fn statuses(vm: &TestVm, qp: &TestQp) -> Vec<(u64, u8)> {
+    vm.completions(qp.cq_ring, 64)
+        .iter()
+        .map(|c| (c.wr_id.get(), c.status))
+        .collect()
+}
+
+fn state(vm: &TestVm, qpn: u32) -> Option<qp::State> {
+    vm.vm.lock().qps.get(qpn).map(|q| q.state())
+}
+
+fn rdma(opcode: wqe::Opcode, wr_id: u64, remote: u64, rkey: u32) -> wqe::SendHeader {
+    let mut h = send_header(opcode, wr_id, SendFlags::SIGNALED);
+    h.remote_addr = remote.into();
+    h.rkey = rkey.into();
+    h
+}
+
+/// Payloads, READ responses, atomics, completions, ring indices, arm, notify-ack and polling
+/// words: each kind of write the data path and the control path make goes through
+/// `model::memory`, and nothing else in either guest's memory changes.
+#[test]
+fn every_write_into_guest_memory_goes_through_the_one_path() {
+    let mut p = pair((7, 7, 1), 64);
+    let (a, b, qa, qb, ma, mb) = (&p.a, &p.b, p.qa, p.qb, p.ma, p.mb);
+    a.fill(ma.addr, 4096, 0xa1);
+    b.fill(mb.addr, 4096, 0xb2);
+    b.post_recv(&qb, 100, &[Sge::new(mb.addr + 8192, 256, mb.lkey)]);
+    let src = [Sge::new(ma.addr, 512, ma.lkey)];
+    a.post_send(
+        &qa,
+        rdma(wqe::Opcode::RdmaWrite, 1, mb.addr + 4096, mb.rkey),
+        Data::Sges(&src),
+    );
+    let send = [Sge::new(ma.addr, 64, ma.lkey)];
+    a.post_send(
+        &qa,
+        send_header(wqe::Opcode::Send, 2, SendFlags::SIGNALED),
+        Data::Sges(&send),
+    );
+    let into = [Sge::new(ma.addr + 16384, 1024, ma.lkey)];
+    a.post_send(
+        &qa,
+        rdma(wqe::Opcode::RdmaRead, 3, mb.addr, mb.rkey),
+        Data::Sges(&into),
+    );
+    let result = [Sge::new(ma.addr + 32768, 8, ma.lkey)];
+    let mut faa = rdma(wqe::Opcode::AtomicFetchAndAdd, 4, mb.addr + 12288, mb.rkey);
+    faa.compare_add = 5.into();
+    a.post_send(&qa, faa, Data::Sges(&result));
+
+    let (a_before, b_before) = (recorder::snapshot(&a.mem()), recorder::snapshot(&b.mem()));
+    recorder::start();
+    // b arms its CQ (the control path's arm word), then the traffic runs.
+    let arm = cmd::ReqNotifyCq {
+        cqn: qb.cqn.into(),
+        flags: 0.into(),
+    };
+    b.exec(Opcode::ReqNotifyCq, arm.as_bytes());
+    p.sched.run_until("a's four requests completing", || {
+        p.a.completions(qa.cq_ring, 64).len() == 4
+    });
+    let writes = recorder::take();
+    let (a_after, b_after) = (recorder::snapshot(&a.mem()), recorder::snapshot(&b.mem()));
+    recorder::assert_covered(&a_before, &a_after, &writes);
+    recorder::assert_covered(&b_before, &b_after, &writes);
+
+    let kinds: HashSet<WriteKind> = writes.iter().map(|w| w.kind).collect();
+    for kind in [
+        WriteKind::Payload,
+        WriteKind::Atomic,
+        WriteKind::Cqe,
+        WriteKind::RingIndex,
+        WriteKind::ControlWord,
+    ] {
+        assert!(
+            kinds.contains(&kind),
+            "no {kind:?} write recorded: {kinds:?}"
+        );
+    }
+    // The writes did what they say.
+    assert_eq!(b.read(mb.addr + 4096, 512), vec![0xa1; 512], "WRITE");
+    assert_eq!(b.read(mb.addr + 8192, 64), vec![0xa1; 64], "SEND");
+    assert_eq!(a.read(ma.addr + 16384, 1024), vec![0xb2; 1024], "READ");
+    let word = u64::from_ne_bytes(b.read(mb.addr + 12288, 8).try_into().unwrap());
+    let old = u64::from_ne_bytes(a.read(ma.addr + 32768, 8).try_into().unwrap());
+    assert_eq!(word, old + 5, "FETCH_ADD");
+    assert_eq!(
+        statuses(a, &qa),
+        vec![(1, 0), (2, 0), (3, 0), (4, 0)],
+        "all four succeeded, in order"
+    );
+    assert_eq!(
+        b.events.kinds(),
+        vec![(event::Kind::CqCompletion.raw(), qb.cqn)],
+        "b's armed CQ raised its event for the SEND"
+    );
+}
+
+#[test]
+fn rnr_retries_run_out_with_rnr_retry_exc_err() {
+    // One RNR retry, 10 µs apart; b never posts a receive.
+    let mut p = pair((7, 1, 1), 64);
+    let src = [Sge::new(p.ma.addr, 8, p.ma.lkey)];
+    p.a.post_send(
+        &p.qa,
+        send_header(wqe::Opcode::Send, 9, SendFlags::SIGNALED),
+        Data::Sges(&src),
+    );
+    let (a, qa) = (&p.a, p.qa);
+    p.sched.run_until("the SEND failing", || {
+        !a.completions(qa.cq_ring, 64).is_empty()
+    });
+    assert_eq!(
+        statuses(&p.a, &p.qa),
+        vec![(9, Status::RnrRetryExcErr.raw())]
+    );
+    assert_eq!(state(&p.a, p.qa.qpn), Some(qp::State::Err));
+    assert_eq!(state(&p.b, p.qb.qpn), Some(qp::State::Rts), "b is unharmed");
+}
+
+#[test]
+fn a_forged_rkey_fails_both_sides_as_on_hardware() {
+    let mut p = pair((7, 7, 1), 64);
+    let src = [Sge::new(p.ma.addr, 8, p.ma.lkey)];
+    p.a.post_send(
+        &p.qa,
+        rdma(wqe::Opcode::RdmaWrite, 5, p.mb.addr, p.mb.rkey ^ 0x100),
+        Data::Sges(&src),
+    );
+    let (a, qa) = (&p.a, p.qa);
+    p.sched.run_until("the WRITE failing", || {
+        !a.completions(qa.cq_ring, 64).is_empty()
+    });
+    assert_eq!(statuses(&p.a, &p.qa), vec![(5, Status::RemAccessErr.raw())]);
+    assert_eq!(state(&p.b, p.qb.qpn), Some(qp::State::Err));
+    assert!(
+        p.b.events
+            .kinds()
+            .contains(&(event::Kind::QpAccessErr.raw(), p.qb.qpn)),
+        "{:?}",
+        p.b.events.kinds()
+    );
+}
+
+#[test]
+fn a_requester_with_no_responder_retries_then_fails_with_retry_exc_err() {
+    let mut a = TestVm::new(1, 1);
+    let pd = a.pd();
+    let qa = a.qp(pd, qp::Type::Rc, 16, 64);
+    // Nobody has 10.0.0.9; one retry.
+    a.connect(qa.qpn, Gid::from_ipv4([10, 0, 0, 9]), 1, (1, 7, 1));
+    let m = a.mr(pd, 4096, ALL);
+    let src = [Sge::new(m.addr, 8, m.lkey)];
+    let mut sched = ManualScheduler::new(Box::new(SoftFabric::new(None)));
+    sched.attach(&a.vm);
+    a.post_send(
+        &qa,
+        rdma(wqe::Opcode::RdmaWrite, 6, 0x1000, 1),
+        Data::Sges(&src),
+    );
+    a.post_send(
+        &qa,
+        rdma(wqe::Opcode::RdmaWrite, 7, 0x1000, 1),
+        Data::Sges(&src),
+    );
+    sched.run_until("both requests completing", || {
+        a.completions(qa.cq_ring, 64).len() == 2
+    });
+    assert_eq!(
+        statuses(&a, &qa),
+        vec![
+            (6, Status::RetryExcErr.raw()),
+            (7, Status::WrFlushErr.raw())
+        ],
+        "the one in progress fails, the next is flushed"
+    );
+    assert_eq!(state(&a, qa.qpn), Some(qp::State::Err));
+}
+
+#[test]
+fn a_full_cq_takes_its_qp_to_the_error_state() {
+    // Two entries, never consumed; three signalled WRITEs.
+    let mut p = pair((7, 7, 1), 2);
+    let src = [Sge::new(p.ma.addr, 8, p.ma.lkey)];
+    for id in 0..3 {
+        p.a.post_send(
+            &p.qa,
+            rdma(wqe::Opcode::RdmaWrite, id, p.mb.addr, p.mb.rkey),
+            Data::Sges(&src),
+        );
+    }
+    let (a, qa) = (&p.a, p.qa);
+    p.sched
+        .run_until("a's QP in ERR", || state(a, qa.qpn) == Some(qp::State::Err));
+    assert_eq!(
+        statuses(&p.a, &p.qa),
+        vec![(0, 0), (1, 0)],
+        "two completions fit"
+    );
+    assert!(
+        p.a.events
+            .kinds()
+            .contains(&(event::Kind::CqErr.raw(), p.qa.cqn)),
+        "{:?}",
+        p.a.events.kinds()
+    );
+}
+
+/// docs/protocol.md §16.1: every MODIFY_QP into SQD is an entry, SQD → SQD included, and each
+/// entry raises its own SqDrained once the send queue is drained.
+#[test]
+fn every_entry_into_sqd_raises_sq_drained() {
+    let mut p = pair((7, 7, 1), 64);
+    let into_sqd = qp::Attr {
+        qp_state: qp::State::Sqd.raw(),
+        en_sqd_async_notify: 1,
+        ..qp::Attr::default()
+    };
+    p.a.modify(p.qa.qpn, AttrMask::EN_SQD_ASYNC_NOTIFY, into_sqd)
+        .expect("RTS -> SQD");
+    let drained = |vm: &TestVm, qpn: u32| {
+        vm.events
+            .kinds()
+            .iter()
+            .filter(|&&k| k == (event::Kind::SqDrained.raw(), qpn))
+            .count()
+    };
+    let (a, qpn) = (&p.a, p.qa.qpn);
+    p.sched
+        .run_until("the first SqDrained", || drained(a, qpn) == 1);
+    // SQD -> SQD, changing the ACK timeout: a second entry.
+    let again = qp::Attr {
+        qp_state: qp::State::Sqd.raw(),
+        timeout: 14,
+        ..qp::Attr::default()
+    };
+    p.a.modify(p.qa.qpn, AttrMask::TIMEOUT, again)
+        .expect("SQD -> SQD");
+    p.sched
+        .run_until("the second SqDrained", || drained(a, qpn) == 2);
+    for _ in 0..20 {
+        p.sched.pass();
+    }
+    assert_eq!(drained(&p.a, p.qa.qpn), 2, "once per entry, not more");
+}

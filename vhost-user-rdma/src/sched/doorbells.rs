@@ -1,0 +1,30 @@
+//! What the scheduler needs of a VM's doorbell queues. The vhost layer implements it over the
+//! VM's virtqueues; the scheduler never holds a virtqueue itself.
+
+/// A VM's doorbell queues, as the scheduler polls them.
+pub trait Doorbells: Send + Sync {
+    /// Takes the doorbells the driver has made available, putting their QPs on the VM's ready
+    /// list. Returns whether there were any. Cheap when there are none: an idle poll costs a
+    /// couple of loads per queue.
+    fn take(&self) -> bool;
+
+    /// Tells the driver to kick again (`on`) or to stop kicking because the scheduler polls
+    /// (`!on`). The state holds for queues that start (or restart) later too. When kicks come
+    /// back on, returns whether doorbells arrived while they were off (nobody announced them,
+    /// so the caller takes them).
+    fn set_kicks(&self, on: bool) -> bool;
+}
+
+/// A VM with no doorbell queues: tests that put QPs on the ready list themselves.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoDoorbells;
+
+impl Doorbells for NoDoorbells {
+    fn take(&self) -> bool {
+        false
+    }
+
+    fn set_kicks(&self, _on: bool) -> bool {
+        false
+    }
+}

@@ -1,0 +1,989 @@
+//! The scheduler: where every VM's work meets.
+//!
+//! One thread serves the VMs by deficit round robin on bytes, weighted by each VM's configured
+//! weight, and lets the fabric move at most one chunk of one QP's work per step, so a bulk
+//! transfer cannot hold back another VM's small messages. Within a VM, QPs take turns; within
+//! a QP, work requests run in order, as on an RNIC. It also runs the RNR and retry timers,
+//! flushes QPs in the error state, enforces the VMs' rate limits, and polls the doorbell
+//! queues while traffic flows ([`doorbells::Doorbells`], implemented by the vhost layer).
+//!
+//! The hot path (doorbell → work request → fabric → completion) allocates nothing and takes
+//! no lock shared between VMs: the scheduler owns its tables, and takes a VM's objects only
+//! with `try_lock`, so it never waits for one VM's control path (a VM registering gigabytes of
+//! memory holds its own lock for a long time).
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::thread::Thread;
+use std::time::{Duration, Instant};
+
+use log::{info, warn};
+use vm_memory::GuestAddressSpace;
+use vrdma_proto::cqe::{Status, VendorErr};
+use vrdma_proto::{Gid, qp};
+
+use crate::fabric::{Fabric, Step, StepOutcome};
+use crate::model::hooks::ObjectHooks;
+use crate::model::memory::{CHUNK, load_producer};
+use crate::model::vm::Vm;
+use crate::rnic::completion::flush;
+use crate::rnic::requester::{Examined, examine, fail_wr, set_sq_polling};
+
+pub mod doorbells;
+pub mod rate;
+
+use doorbells::Doorbells;
+use rate::Buckets;
+
+/// Deficit a weight-1 VM earns per round.
+pub const QUANTUM: u32 = CHUNK;
+/// How soon work skipped because a VM's objects were locked is tried again.
+const RETRY_BUSY: Duration = Duration::from_micros(50);
+/// How often QPs in the error state are checked for newly posted work to flush.
+pub const FLUSH_TICK: Duration = Duration::from_millis(1);
+/// Longest the scheduler polls the doorbell queues after its last work before it sleeps, as
+/// KVM's halt polling (whose default this is): a wake-up costs tens of microseconds on a
+/// virtual machine, more than a small message takes end to end.
+const POLL_MAX: Duration = Duration::from_micros(200);
+/// The first polling window once sleeping has proved too slow; it doubles up to
+/// [`POLL_MAX`] each time work arrives soon after the scheduler went to sleep, and halves (to
+/// nothing) each time the scheduler sleeps longer than [`POLL_MAX`], so VMs that are idle or
+/// talk rarely cost no CPU.
+const POLL_START: Duration = Duration::from_micros(10);
+
+enum Control {
+    Attach(Arc<Vm>, Arc<dyn Doorbells>),
+    Detach(u64, SyncSender<()>),
+    Pause(u64, SyncSender<()>),
+    Resume(u64),
+}
+
+/// The handle the devices and servers use to reach the scheduler.
+#[derive(Clone)]
+pub struct Scheduler {
+    tx: SyncSender<Control>,
+    thread: Thread,
+    hooks: Arc<dyn ObjectHooks>,
+}
+
+impl std::fmt::Debug for Scheduler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Scheduler")
+            .field("thread", &self.thread.name())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Scheduler {
+    /// Starts the scheduler thread, which makes its fabric with `make_fabric` (the fabric
+    /// lives on that thread, with its buffers) and carries work on it.
+    pub fn start(
+        make_fabric: impl FnOnce() -> Box<dyn Fabric> + Send + 'static,
+    ) -> std::io::Result<Scheduler> {
+        let (tx, rx) = sync_channel(256);
+        let (hooks_tx, hooks_rx) = sync_channel(1);
+        let handle = std::thread::Builder::new()
+            .name("vrdma-scheduler".into())
+            .spawn(move || {
+                let fabric = make_fabric();
+                if hooks_tx.send(fabric.hooks()).is_ok() {
+                    Turns::new(rx, fabric).run();
+                }
+            })?;
+        let hooks = hooks_rx.recv().map_err(|_| {
+            std::io::Error::other("the scheduler thread ended before its fabric was made")
+        })?;
+        Ok(Scheduler {
+            tx,
+            thread: handle.thread().clone(),
+            hooks,
+        })
+    }
+
+    /// What the VMs' control paths tell the fabric of their objects.
+    pub fn hooks(&self) -> &Arc<dyn ObjectHooks> {
+        &self.hooks
+    }
+
+    /// The scheduler's thread, for whoever must wake it (the RoCEv2 receive threads).
+    pub fn thread(&self) -> &Thread {
+        &self.thread
+    }
+
+    /// Adds a connected VM, whose doorbell queues are `doorbells`, to the fabric.
+    pub fn attach(&self, vm: Arc<Vm>, doorbells: Arc<dyn Doorbells>) {
+        if self.tx.send(Control::Attach(vm, doorbells)).is_ok() {
+            self.wake();
+        }
+    }
+
+    /// Removes a VM from the fabric; its peers' QPs with sends outstanding to it go to the
+    /// error state. Returns once the scheduler holds no reference to it.
+    pub fn detach(&self, vm_id: u64) {
+        let (done_tx, done_rx) = sync_channel(1);
+        if self.tx.send(Control::Detach(vm_id, done_tx)).is_ok() {
+            self.wake();
+            if done_rx.recv_timeout(Duration::from_secs(10)).is_err() {
+                warn!("the scheduler did not release VM {vm_id} within 10 s");
+            }
+        }
+    }
+
+    /// Stops serving VM `vm_id` and carrying its traffic (migration). Returns once no step of
+    /// the VM is under way.
+    pub fn pause(&self, vm_id: u64) {
+        let (done_tx, done_rx) = sync_channel(1);
+        if self.tx.send(Control::Pause(vm_id, done_tx)).is_ok() {
+            self.wake();
+            if done_rx.recv_timeout(Duration::from_secs(10)).is_err() {
+                warn!("the scheduler did not pause VM {vm_id} within 10 s");
+            }
+        }
+    }
+
+    /// Serves VM `vm_id` again.
+    pub fn resume(&self, vm_id: u64) {
+        if self.tx.send(Control::Resume(vm_id)).is_ok() {
+            self.wake();
+        }
+    }
+
+    /// Tells the scheduler there is work.
+    pub fn wake(&self) {
+        self.thread.unpark();
+    }
+}
+
+/// One VM as the scheduler serves it.
+struct Entry {
+    vm: Arc<Vm>,
+    doorbells: Arc<dyn Doorbells>,
+    /// Deficit-round-robin credit, in bytes.
+    deficit: i64,
+    /// Rate limits.
+    buckets: Buckets,
+    /// Since when the VM has had work waiting while others were served.
+    waiting_since: Option<Instant>,
+    /// Whether its doorbell queues are polled (its driver told not to kick).
+    polled: bool,
+    /// When it last had work.
+    last_work: Instant,
+    /// Its traffic is paused (migration).
+    paused: bool,
+}
+
+/// The QPs of VM `vm` connected to a VM that went away, to fail once `vm`'s objects can be
+/// taken.
+#[derive(Debug, Clone, Copy)]
+struct PeerFailure {
+    vm: u64,
+    gone_gid: Gid,
+    gone_id: u64,
+}
+
+/// The scheduler thread's state.
+struct Turns {
+    rx: Receiver<Control>,
+    entries: Vec<Entry>,
+    /// When the earliest rate-limited VM may move again.
+    rate_wake: Option<Instant>,
+    /// Work was skipped because a VM's lock was busy; nobody will unpark the scheduler when it
+    /// frees, so look again soon.
+    retry_soon: bool,
+    timers: BinaryHeap<Reverse<(Instant, u64, u32)>>,
+    error_qps: Vec<(u64, u32)>,
+    last_flush: Instant,
+    /// Peers of departed VMs still to fail, their VMs' objects having been busy.
+    peer_failures: Vec<PeerFailure>,
+    /// How long to keep polling a VM after its last work (adaptive).
+    poll_window: Duration,
+    /// VMs being polled.
+    polled: usize,
+    /// VMs the last round served, by index (capacity for every VM, so no allocation).
+    served: Vec<usize>,
+    fabric: Box<dyn Fabric>,
+}
+
+impl Turns {
+    fn new(rx: Receiver<Control>, fabric: Box<dyn Fabric>) -> Self {
+        Turns {
+            rx,
+            entries: Vec::new(),
+            rate_wake: None,
+            retry_soon: false,
+            timers: BinaryHeap::with_capacity(4096),
+            error_qps: Vec::with_capacity(256),
+            last_flush: Instant::now(),
+            peer_failures: Vec::new(),
+            poll_window: Duration::ZERO,
+            polled: 0,
+            served: Vec::new(),
+            fabric,
+        }
+    }
+
+    fn run(mut self) {
+        loop {
+            loop {
+                match self.rx.try_recv() {
+                    Ok(c) => self.control(c),
+                    Err(std::sync::mpsc::TryRecvError::Empty) => break,
+                    Err(std::sync::mpsc::TryRecvError::Disconnected) => return,
+                }
+            }
+            self.fire_timers();
+            if !self.peer_failures.is_empty() {
+                self.fail_pending_peers();
+            }
+            if !self.error_qps.is_empty() && self.last_flush.elapsed() >= FLUSH_TICK {
+                self.flush_error_qps();
+            }
+            // While kicks are off, doorbells are only seen here: look on every pass, busy or
+            // not, so a VM never waits behind a neighbour's backlog for more than a chunk.
+            let polled = self.polled > 0 && self.poll_doorbells();
+            if self.round() {
+                if !self.poll_window.is_zero() {
+                    let now = Instant::now();
+                    for k in 0..self.served.len() {
+                        let i = self.served[k];
+                        self.entries[i].last_work = now;
+                        if !self.entries[i].polled {
+                            self.set_polling(i, true);
+                        }
+                    }
+                }
+                continue;
+            }
+            if self.polled > 0 {
+                if polled {
+                    continue;
+                }
+                if self.expire_polling() {
+                    // Posted while kicks were off: no kick will announce them.
+                    continue;
+                }
+                if self.polled > 0 {
+                    // Polling must not keep a guest's own thread off a shared core.
+                    std::thread::yield_now();
+                    continue;
+                }
+            }
+            let now = Instant::now();
+            std::thread::park_timeout(self.sleep_for(now));
+            if self
+                .entries
+                .iter()
+                .any(|e| e.vm.has_work.load(Ordering::Relaxed))
+            {
+                self.adapt_polling(now.elapsed());
+            }
+        }
+    }
+
+    /// How long the scheduler may sleep when nothing is runnable: until the next timer, flush
+    /// tick, rate-limit refill or retry of busy work, or 100 ms.
+    fn sleep_for(&self, now: Instant) -> Duration {
+        let mut sleep = Duration::from_millis(100);
+        if let Some(Reverse((at, _, _))) = self.timers.peek() {
+            sleep = sleep.min(at.saturating_duration_since(now));
+        }
+        if !self.error_qps.is_empty() {
+            sleep = sleep.min(FLUSH_TICK);
+        }
+        if let Some(at) = self.rate_wake {
+            sleep = sleep.min(at.saturating_duration_since(now));
+        }
+        if self.retry_soon || !self.peer_failures.is_empty() {
+            sleep = sleep.min(RETRY_BUSY);
+        }
+        sleep
+    }
+
+    /// Grows or shrinks the polling window after a sleep that a guest's doorbell ended.
+    fn adapt_polling(&mut self, slept: Duration) {
+        let w = &mut self.poll_window;
+        if slept <= POLL_MAX {
+            *w = (*w * 2).clamp(POLL_START, POLL_MAX);
+        } else {
+            *w /= 2;
+            if *w < POLL_START {
+                *w = Duration::ZERO;
+            }
+        }
+    }
+
+    /// Takes doorbells straight from the doorbell queues of the VMs being polled. Returns
+    /// whether any came.
+    fn poll_doorbells(&self) -> bool {
+        let mut any = false;
+        for e in self.entries.iter().filter(|e| e.polled) {
+            any |= e.doorbells.take();
+        }
+        any
+    }
+
+    /// Stops polling the VMs that have had no work for the window: their drivers kick again.
+    /// Returns whether doorbells came while kicks were off (they are taken now; nobody would
+    /// announce them).
+    fn expire_polling(&mut self) -> bool {
+        let now = Instant::now();
+        let mut pending = false;
+        for i in 0..self.entries.len() {
+            let e = &self.entries[i];
+            if e.polled && now.duration_since(e.last_work) >= self.poll_window {
+                pending |= self.set_polling(i, false);
+            }
+        }
+        pending
+    }
+
+    /// Tells VM `i`'s driver to stop kicking while the scheduler polls it (`on`), or to kick
+    /// again. Returns whether doorbells arrived while kicks were off, which it takes.
+    fn set_polling(&mut self, i: usize, on: bool) -> bool {
+        let e = &mut self.entries[i];
+        if e.polled == on {
+            return false;
+        }
+        e.polled = on;
+        if on {
+            self.polled += 1;
+        } else {
+            self.polled -= 1;
+        }
+        e.doorbells.set_kicks(!on) && e.doorbells.take()
+    }
+
+    fn position(&self, vm_id: u64) -> Option<usize> {
+        self.entries.iter().position(|e| e.vm.id == vm_id)
+    }
+
+    fn control(&mut self, c: Control) {
+        match c {
+            Control::Attach(vm, doorbells) => {
+                info!("vm {}: attached to the fabric as {}", vm.name, vm.gid);
+                self.fabric.attach(&vm);
+                self.served.reserve(self.entries.len() + 1);
+                self.entries.push(Entry {
+                    buckets: Buckets::new(vm.max_bw, vm.max_msg_rate),
+                    vm,
+                    doorbells,
+                    deficit: 0,
+                    waiting_since: None,
+                    polled: false,
+                    last_work: Instant::now(),
+                    paused: false,
+                });
+            }
+            Control::Detach(id, done) => {
+                if let Some(i) = self.position(id) {
+                    let e = self.entries.remove(i);
+                    if e.polled {
+                        self.polled -= 1;
+                    }
+                    self.fabric.detach(&e.vm);
+                    self.error_qps.retain(|&(p, _)| p != id);
+                    self.peer_failures.retain(|f| f.vm != id);
+                    self.fail_peers_of(&e.vm);
+                    info!("vm {}: detached from the fabric", e.vm.name);
+                }
+                let _ = done.send(());
+            }
+            Control::Pause(id, done) => {
+                if let Some(i) = self.position(id) {
+                    self.entries[i].paused = true;
+                    self.entries[i].deficit = 0;
+                    self.fabric.pause(id);
+                    info!("vm {}: paused", self.entries[i].vm.name);
+                }
+                let _ = done.send(());
+            }
+            Control::Resume(id) => {
+                if let Some(i) = self.position(id) {
+                    self.entries[i].paused = false;
+                    self.fabric.resume(id);
+                    info!("vm {}: resumed", self.entries[i].vm.name);
+                }
+            }
+        }
+    }
+
+    /// Moves every RC QP connected to `gone` that has send work outstanding to the error state,
+    /// completing its work request in progress with RETRY_EXC_ERR and flushing the rest, as a
+    /// requester whose partner vanished ends up on hardware once its retries run out. A QP with
+    /// nothing to send is left alone, as on hardware, where it would not notice until its next
+    /// send: failing it at once would flush the receives of a guest that had just finished its
+    /// exchange with the peer and was still polling. A VM whose objects are busy is done later.
+    fn fail_peers_of(&mut self, gone: &Vm) {
+        for e in &self.entries {
+            self.peer_failures.push(PeerFailure {
+                vm: e.vm.id,
+                gone_gid: gone.gid,
+                gone_id: gone.id,
+            });
+        }
+        self.fail_pending_peers();
+    }
+
+    /// Fails the peers of departed VMs in every VM whose objects are free now.
+    fn fail_pending_peers(&mut self) {
+        let mut k = 0;
+        while k < self.peer_failures.len() {
+            let f = self.peer_failures[k];
+            let Some(i) = self.position(f.vm) else {
+                self.peer_failures.swap_remove(k);
+                continue;
+            };
+            let vm = self.entries[i].vm.clone();
+            let Some(mut objects) = vm.try_lock() else {
+                k += 1;
+                continue;
+            };
+            self.peer_failures.swap_remove(k);
+            let mem = vm.mem.memory();
+            // A detach is control path: collecting the QPs is fine here.
+            let peers: Vec<u32> = objects
+                .qps
+                .iter()
+                .filter(|(_, qp)| {
+                    qp.qp_type() == qp::Type::Rc
+                        && qp.attr.ah_attr.dgid == f.gone_gid
+                        && qp.responds()
+                        && (qp.rt.inflight.active
+                            || load_producer(&mem, qp.sq_ring_addr)
+                                .is_some_and(|p| p != qp.rt.sq_head))
+                })
+                .map(|(qpn, _)| qpn)
+                .collect();
+            for qpn in peers {
+                if let Some(qp) = objects.qps.get_mut(qpn) {
+                    if qp.rt.rx_owner.is_some_and(|(p, _, _)| p == f.gone_id) {
+                        qp.rt.rx_owner = None;
+                    }
+                }
+                fail_wr(
+                    &mut objects,
+                    &vm,
+                    &mem,
+                    qpn,
+                    Status::RetryExcErr,
+                    VendorErr::PeerUnreachable,
+                );
+                self.watch_error(vm.id, qpn);
+            }
+            drop(objects);
+            vm.deliver_events();
+        }
+    }
+
+    /// Puts a QP on the list revisited every `FLUSH_TICK`, once: a guest ringing doorbells on
+    /// a QP in ERR must not grow the scheduler's work.
+    fn watch_error(&mut self, vm_id: u64, qpn: u32) {
+        if !self.error_qps.contains(&(vm_id, qpn)) {
+            self.error_qps.push((vm_id, qpn));
+        }
+    }
+
+    /// Hands the QPs whose timers are due back to their VMs' ready lists; the step finds what
+    /// is due. Takes no VM's lock.
+    fn fire_timers(&mut self) {
+        if self.timers.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        while let Some(Reverse((at, vm_id, qpn))) = self.timers.peek().copied() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            if let Some(i) = self.position(vm_id) {
+                self.entries[i].vm.enqueue(qpn);
+            }
+        }
+    }
+
+    fn flush_error_qps(&mut self) {
+        self.last_flush = Instant::now();
+        let mut k = 0;
+        while k < self.error_qps.len() {
+            let (vm_id, qpn) = self.error_qps[k];
+            let Some(i) = self.position(vm_id) else {
+                self.error_qps.swap_remove(k);
+                continue;
+            };
+            let e = &self.entries[i];
+            if e.paused {
+                k += 1;
+                continue;
+            }
+            let vm = e.vm.clone();
+            let Some(mut objects) = vm.try_lock() else {
+                k += 1;
+                continue;
+            };
+            let mem = vm.mem.memory();
+            let keep = match objects.qps.get(qpn).map(|q| q.state()) {
+                Some(qp::State::Err) => {
+                    flush(&mut objects, &vm, &mem, qpn, true, true);
+                    true
+                }
+                Some(qp::State::Sqe) => {
+                    flush(&mut objects, &vm, &mem, qpn, true, false);
+                    true
+                }
+                _ => false,
+            };
+            drop(objects);
+            vm.deliver_events();
+            if keep {
+                k += 1;
+            } else {
+                self.error_qps.swap_remove(k);
+            }
+        }
+    }
+
+    /// One deficit-round-robin round over the VMs with work. Returns whether anything moved.
+    fn round(&mut self) -> bool {
+        let mut any = false;
+        self.served.clear();
+        // Read the clock only for rate-limited VMs: most rounds have none.
+        let mut clock: Option<Instant> = None;
+        self.rate_wake = None;
+        self.retry_soon = false;
+        for i in 0..self.entries.len() {
+            let e = &mut self.entries[i];
+            if e.paused {
+                continue;
+            }
+            if !e.vm.has_work.load(Ordering::Acquire) {
+                e.deficit = 0;
+                self.account_wait(i, false);
+                continue;
+            }
+            let limited = e.buckets.limited();
+            if limited {
+                let now = *clock.get_or_insert_with(Instant::now);
+                e.buckets.refill(now);
+                if let Some(wait) = e.buckets.wait() {
+                    // Over its limit: not its turn, and no deficit saved up for later.
+                    e.deficit = 0;
+                    let at = now + wait;
+                    self.rate_wake = Some(self.rate_wake.map_or(at, |w| w.min(at)));
+                    continue;
+                }
+            }
+            e.deficit += i64::from(QUANTUM) * i64::from(e.vm.weight);
+            let vm = e.vm.clone();
+            let mut served = false;
+            while self.entries[i].deficit > 0 {
+                let e = &mut self.entries[i];
+                if limited && e.buckets.wait().is_some() {
+                    break;
+                }
+                let Some(qpn) = vm.pop_ready() else {
+                    e.deficit = 0;
+                    break;
+                };
+                let budget = u32::try_from(e.deficit)
+                    .unwrap_or(u32::MAX)
+                    .clamp(1, e.buckets.byte_budget());
+                let Some(outcome) = self.step(&vm, qpn, budget) else {
+                    // The VM's control path holds its objects; its turn waits, its deficit
+                    // stays.
+                    vm.enqueue(qpn);
+                    self.retry_soon = true;
+                    break;
+                };
+                let e = &mut self.entries[i];
+                if limited {
+                    e.buckets
+                        .charge(u64::from(outcome.bytes), u64::from(outcome.wrs));
+                }
+                if outcome.bytes > 0 {
+                    vm.counters
+                        .bytes
+                        .fetch_add(u64::from(outcome.bytes), Ordering::Relaxed);
+                }
+                if let Some(at) = outcome.timer {
+                    self.timers.push(Reverse((at, vm.id, qpn)));
+                }
+                match outcome.step {
+                    Step::Idle => {}
+                    Step::Progress { cost, more } => {
+                        self.entries[i].deficit -= i64::from(cost);
+                        served = true;
+                        any = true;
+                        if more {
+                            vm.enqueue(qpn);
+                        }
+                    }
+                    Step::Blocked => {
+                        vm.enqueue(qpn);
+                        self.retry_soon = true;
+                        break;
+                    }
+                }
+            }
+            self.account_wait(i, !served);
+            if served {
+                self.served.push(i);
+            }
+        }
+        any
+    }
+
+    fn account_wait(&mut self, i: usize, waiting: bool) {
+        let e = &mut self.entries[i];
+        let waiting = waiting && e.vm.has_work.load(Ordering::Relaxed);
+        match (waiting, e.waiting_since) {
+            (true, None) => e.waiting_since = Some(Instant::now()),
+            (false, Some(since)) => {
+                let ns = u64::try_from(since.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                e.vm.counters.wait_ns.fetch_add(ns, Ordering::Relaxed);
+                e.waiting_since = None;
+            }
+            _ => {}
+        }
+    }
+
+    /// Advances QP `qpn` of `vm` by at most `budget` payload bytes, or returns `None` without
+    /// touching it if the VM's objects are busy. A QP that will not be looked at again (idle,
+    /// or no more work) has its polling word cleared first, and if work was posted meanwhile
+    /// without a doorbell, it stays in the rotation.
+    fn step(&mut self, vm: &Arc<Vm>, qpn: u32, budget: u32) -> Option<StepOutcome> {
+        let mut objects = vm.try_lock()?;
+        let mem = vm.mem.memory();
+        let mut outcome = match examine(&mut objects, vm, &mem, qpn) {
+            Examined::Send => self.fabric.step(vm, &mut objects, qpn, budget),
+            Examined::Flushed => {
+                self.watch_error(vm.id, qpn);
+                StepOutcome::IDLE
+            }
+            Examined::Idle => StepOutcome::IDLE,
+        };
+        let going_idle = matches!(
+            outcome.step,
+            Step::Idle | Step::Progress { more: false, .. }
+        ) && objects.qps.get(qpn).is_some_and(|q| q.rt.sq_polling);
+        if going_idle && set_sq_polling(&mut objects, &mem, qpn, false) {
+            outcome.step = match outcome.step {
+                Step::Progress { cost, .. } => Step::Progress { cost, more: true },
+                _ => Step::Progress {
+                    cost: 0,
+                    more: true,
+                },
+            };
+        }
+        drop(objects);
+        vm.deliver_events();
+        Some(outcome)
+    }
+}
+
+/// The scheduler run by hand, on the test's own thread: what tests of the layers together
+/// drive traffic with.
+#[cfg(test)]
+pub(crate) struct ManualScheduler {
+    turns: Turns,
+    _tx: SyncSender<Control>,
+}
+
+#[cfg(test)]
+impl ManualScheduler {
+    /// A scheduler carrying work on `fabric`.
+    pub fn new(fabric: Box<dyn Fabric>) -> Self {
+        let (tx, rx) = sync_channel(16);
+        ManualScheduler {
+            turns: Turns::new(rx, fabric),
+            _tx: tx,
+        }
+    }
+
+    /// Serves `vm`, whose doorbells the test rings by putting QPs on its ready list.
+    pub fn attach(&mut self, vm: &Arc<Vm>) {
+        self.turns.control(Control::Attach(
+            vm.clone(),
+            Arc::new(doorbells::NoDoorbells),
+        ));
+    }
+
+    /// One pass of the scheduler's loop, without sleeping: timers, flushes, one round.
+    pub fn pass(&mut self) -> bool {
+        self.turns.fire_timers();
+        self.turns.fail_pending_peers();
+        if !self.turns.error_qps.is_empty() {
+            self.turns.flush_error_qps();
+        }
+        self.turns.round()
+    }
+
+    /// Passes until `done` holds; panics if it has not after 10 s.
+    pub fn run_until(&mut self, what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(Instant::now() < deadline, "never happened: {what}");
+            if !self.pass() {
+                std::thread::yield_now();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc::channel;
+
+    use vrdma_proto::mr::Access;
+    use vrdma_proto::wqe::{self, Data, SendFlags};
+
+    use super::doorbells::NoDoorbells;
+    use super::*;
+    use crate::fabric::mock::{MockFabric, Plan};
+    use crate::testing::{TestQp, TestVm, send_header};
+
+    /// A scheduler on `fabric`, run by hand: the test calls its rounds.
+    fn turns(fabric: Box<dyn Fabric>) -> (Turns, SyncSender<Control>) {
+        let (tx, rx) = sync_channel(16);
+        (Turns::new(rx, fabric), tx)
+    }
+
+    fn attach(t: &mut Turns, vm: &TestVm) {
+        t.control(Control::Attach(vm.vm.clone(), Arc::new(NoDoorbells)));
+    }
+
+    /// An RC QP of `vm` in RTS, connected to QP `dest` of the port `peer`.
+    fn rts_qp(vm: &mut TestVm, peer: Gid, dest: u32) -> TestQp {
+        let pd = vm.pd();
+        let qp = vm.qp(pd, qp::Type::Rc, 16, 64);
+        vm.connect(qp.qpn, peer, dest, (7, 7, 1));
+        qp
+    }
+
+    /// Bytes the scheduler counted for each VM.
+    fn bytes(vm: &TestVm) -> u64 {
+        vm.vm.counters.bytes.load(Ordering::Relaxed)
+    }
+
+    #[test]
+    fn weights_share_the_fabric_in_proportion() {
+        let mock = MockFabric::default();
+        let (mut t, _tx) = turns(Box::new(mock.clone()));
+        let (mut a, mut b) = (TestVm::new(1, 3), TestVm::new(2, 1));
+        let qa = rts_qp(&mut a, b.gid(), 1);
+        let qb = rts_qp(&mut b, a.gid(), 1);
+        for (vm, qp) in [(&a, &qa), (&b, &qb)] {
+            attach(&mut t, vm);
+            let plan = Plan::Bulk {
+                message: 1 << 20,
+                done: 0,
+            };
+            mock.state().plans.insert((vm.vm.id, qp.qpn), plan);
+            vm.vm.enqueue(qp.qpn);
+        }
+        for _ in 0..2000 {
+            assert!(t.round(), "both VMs always have work");
+        }
+        let (ba, bb) = (bytes(&a), bytes(&b));
+        let ratio = ba as f64 / bb as f64;
+        assert!(
+            (ratio - 3.0).abs() < 0.01,
+            "weights 3:1 moved {ba} and {bb} bytes: {ratio:.4}:1"
+        );
+        // Every step of every VM was at most one chunk.
+        assert!(mock.state().steps.iter().all(|s| s.budget <= CHUNK));
+    }
+
+    /// A VM's rate limit and byte counter are charged what its steps moved, not what other
+    /// threads counted for it meanwhile (the RoCEv2 receive threads count acknowledged bytes
+    /// while the VM's step runs).
+    #[test]
+    fn rate_limits_charge_what_a_step_moved() {
+        let mock = MockFabric::default();
+        let (mut t, _tx) = turns(Box::new(mock.clone()));
+        // 1 MiB/s; the bucket holds at most one chunk.
+        let mut a = TestVm::limited(1, 1, Some(1 << 20), None);
+        let qa = rts_qp(&mut a, Gid::from_ipv4([10, 0, 0, 9]), 1);
+        attach(&mut t, &a);
+        let plan = Plan::Bulk {
+            message: 1 << 30,
+            done: 0,
+        };
+        {
+            let mut m = mock.state();
+            m.plans.insert((a.vm.id, qa.qpn), plan);
+            // 10 MiB "acknowledged" behind the scheduler's back at every step: charged for
+            // them, the VM could move one chunk every ten seconds.
+            m.concurrent_bytes = 10 << 20;
+        }
+        a.vm.enqueue(qa.qpn);
+        let want = 256 << 10;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let moved = |m: &MockFabric| -> u64 {
+            // Each step moves its whole budget (the message never ends).
+            m.state().steps.iter().map(|s| u64::from(s.budget)).sum()
+        };
+        while moved(&mock) < want {
+            assert!(
+                Instant::now() < deadline,
+                "a 1 MiB/s VM moved {} bytes in 10 s: it was charged for bytes it did not move",
+                moved(&mock)
+            );
+            t.round();
+            std::thread::yield_now();
+        }
+        let steps = mock.state().steps.len() as u64;
+        assert_eq!(
+            bytes(&a),
+            moved(&mock) + steps * (10 << 20),
+            "the byte counter is what the steps moved, plus what others counted"
+        );
+    }
+
+    /// Holds `vm`'s objects on another thread until told to let go or 10 s pass. The handle
+    /// reports whether it was told in time.
+    fn hold_lock(vm: &Arc<Vm>) -> (std::sync::mpsc::Sender<()>, std::thread::JoinHandle<bool>) {
+        let (locked_tx, locked_rx) = channel();
+        let (release_tx, release_rx) = channel::<()>();
+        let vm = vm.clone();
+        let holder = std::thread::spawn(move || {
+            let _guard = vm.lock();
+            locked_tx.send(()).unwrap();
+            release_rx.recv_timeout(Duration::from_secs(10)).is_ok()
+        });
+        locked_rx.recv().unwrap();
+        (release_tx, holder)
+    }
+
+    /// The scheduler never waits for one VM's lock: with VM c's objects held (as its control
+    /// path holds them while registering a large MR), its due timers, the failure of its QPs
+    /// whose peer departed, and the other VMs' traffic all go on.
+    #[test]
+    fn a_vm_whose_objects_are_held_stalls_nobody() {
+        let mock = MockFabric::default();
+        let (mut t, _tx) = turns(Box::new(mock.clone()));
+        let (mut a, mut b, mut c, d) = (
+            TestVm::new(1, 1),
+            TestVm::new(2, 1),
+            TestVm::new(3, 1),
+            TestVm::new(4, 1),
+        );
+        let qa = rts_qp(&mut a, b.gid(), 1);
+        let _qb = rts_qp(&mut b, a.gid(), qa.qpn);
+        // c's QP is connected to d and has a send outstanding when d goes.
+        let qc = rts_qp(&mut c, d.gid(), 1);
+        let pd = c.pd();
+        let mr = c.mr(pd, 4096, Access::LOCAL_WRITE);
+        let src = [wqe::Sge::new(mr.addr, 8, mr.lkey)];
+        c.post_send(
+            &qc,
+            send_header(wqe::Opcode::Send, 7, SendFlags::SIGNALED),
+            Data::Sges(&src),
+        );
+        for vm in [&a, &b, &c, &d] {
+            attach(&mut t, vm);
+        }
+        // c's QP has nothing to step on the mock; let the ready list settle first.
+        c.vm.pop_ready();
+        let bulk = Plan::Bulk {
+            message: 4096,
+            done: 0,
+        };
+        mock.state().plans.insert((a.vm.id, qa.qpn), bulk);
+        a.vm.enqueue(qa.qpn);
+        t.timers.push(Reverse((Instant::now(), c.vm.id, qc.qpn)));
+
+        let (release, holder) = hold_lock(&c.vm);
+        t.fire_timers();
+        assert!(c.vm.has_work.load(Ordering::Acquire), "c's due timer fired");
+        t.control(Control::Detach(d.vm.id, sync_channel(1).0));
+        // a's and b's objects were free: only c's peers wait for theirs.
+        let waiting: Vec<u64> = t.peer_failures.iter().map(|f| f.vm).collect();
+        assert_eq!(waiting, vec![c.vm.id]);
+        let steps_before = mock.state().steps.len();
+        for _ in 0..10 {
+            t.round();
+        }
+        let a_steps = mock.state().steps[steps_before..]
+            .iter()
+            .filter(|s| s.vm == a.vm.id)
+            .count();
+        assert!(
+            a_steps >= 10,
+            "a's traffic went on while c was held: {a_steps} steps in 10 rounds"
+        );
+        release.send(()).unwrap();
+        assert!(
+            holder.join().unwrap(),
+            "the scheduler waited for c's objects"
+        );
+
+        // Once c's objects are free, its QP whose peer departed fails as on hardware; its
+        // request had not started (the mock carries nothing), so it is flushed.
+        t.fail_pending_peers();
+        assert!(t.peer_failures.is_empty());
+        let objects = c.vm.lock();
+        assert_eq!(
+            objects.qps.get(qc.qpn).map(|q| q.state()),
+            Some(qp::State::Err)
+        );
+        drop(objects);
+        let completions = c.completions(qc.cq_ring, 64);
+        assert_eq!(completions[0].wr_id.get(), 7);
+        assert_eq!(completions[0].status, Status::WrFlushErr.raw());
+    }
+
+    #[test]
+    fn a_paused_vm_is_not_served_until_it_resumes() {
+        let mock = MockFabric::default();
+        let (mut t, _tx) = turns(Box::new(mock.clone()));
+        let mut a = TestVm::new(1, 1);
+        let qa = rts_qp(&mut a, Gid::from_ipv4([10, 0, 0, 9]), 1);
+        attach(&mut t, &a);
+        let bulk = Plan::Bulk {
+            message: 4096,
+            done: 0,
+        };
+        mock.state().plans.insert((a.vm.id, qa.qpn), bulk);
+        a.vm.enqueue(qa.qpn);
+        t.control(Control::Pause(a.vm.id, sync_channel(1).0));
+        assert_eq!(mock.state().paused, vec![a.vm.id], "the fabric was told");
+        for _ in 0..5 {
+            assert!(!t.round(), "a paused VM moves nothing");
+        }
+        assert!(mock.state().steps.is_empty());
+        assert!(a.vm.has_work.load(Ordering::Acquire), "its work waits");
+        t.control(Control::Resume(a.vm.id));
+        assert!(mock.state().paused.is_empty());
+        assert!(t.round(), "served again");
+        assert!(!mock.state().steps.is_empty());
+    }
+
+    #[test]
+    fn a_blocked_step_keeps_the_qp_ready_and_retries_soon() {
+        let mock = MockFabric::default();
+        let (mut t, _tx) = turns(Box::new(mock.clone()));
+        let mut a = TestVm::new(1, 1);
+        let qa = rts_qp(&mut a, Gid::from_ipv4([10, 0, 0, 9]), 1);
+        attach(&mut t, &a);
+        mock.state().plans.insert((a.vm.id, qa.qpn), Plan::Blocked);
+        a.vm.enqueue(qa.qpn);
+        assert!(!t.round(), "nothing moved");
+        assert!(t.retry_soon);
+        assert!(t.sleep_for(Instant::now()) <= RETRY_BUSY);
+        assert_eq!(a.vm.pop_ready(), Some(qa.qpn), "the QP is still ready");
+        // A timer instead: the QP waits for it, and the scheduler sleeps until then.
+        let at = Instant::now() + Duration::from_secs(5);
+        mock.state()
+            .plans
+            .insert((a.vm.id, qa.qpn), Plan::WaitUntil(at));
+        a.vm.enqueue(qa.qpn);
+        assert!(!t.round());
+        assert!(!t.retry_soon);
+        assert_eq!(a.vm.pop_ready(), None, "not ready before its timer");
+        let sleep = t.sleep_for(Instant::now());
+        assert!(sleep > Duration::from_secs(4) || sleep == Duration::from_millis(100));
+    }
+}

@@ -1,0 +1,295 @@
+//! A VM's doorbell and event virtqueues: doorbells taken off the rings (on a kick by the VM's
+//! vring worker, or by the scheduler while it polls), whether the driver should kick, and
+//! events written into the buffers the driver posts.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use log::warn;
+use vhost_user_backend::{VringRwLock, VringT};
+use virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
+use virtio_queue::QueueT;
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
+use vrdma_proto::{doorbell, event, queue};
+use zerocopy::IntoBytes;
+
+use crate::model::memory::{self, GuestMem, GuestMemAtomic, WriteKind};
+use crate::model::vm::{EventSink, Vm};
+use crate::sched::doorbells::Doorbells;
+
+/// A virtqueue as the vhost-user library keeps it.
+pub type Vring = VringRwLock<GuestMemAtomic>;
+
+/// A VM's doorbell virtqueues, each known from its first kick.
+pub struct DoorbellQueues {
+    vm: Arc<Vm>,
+    vrings: Box<[OnceLock<Vring>]>,
+    /// The scheduler polls this VM: its driver must not kick, on the queues known now and on
+    /// any that start or restart later.
+    kicks_off: AtomicBool,
+}
+
+impl std::fmt::Debug for DoorbellQueues {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DoorbellQueues")
+            .field("vm", &self.vm.name)
+            .field("kicks_off", &self.kicks_off)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DoorbellQueues {
+    /// The doorbell queues of `vm`, none known yet.
+    pub fn new(vm: Arc<Vm>) -> Self {
+        DoorbellQueues {
+            vm,
+            vrings: (0..queue::MAX_DOORBELL_QUEUES)
+                .map(|_| OnceLock::new())
+                .collect(),
+            kicks_off: AtomicBool::new(false),
+        }
+    }
+
+    /// Doorbell queue `index` (counted from the first doorbell queue) was kicked, or started
+    /// or restarted (the vhost-user library calls the device for a ring that becomes ready):
+    /// remembers it, sets its notification state to match whether the scheduler polls (a ring
+    /// stopped while polled keeps `VRING_USED_F_NO_NOTIFY` in guest memory, and a driver would
+    /// never kick it again), and takes its doorbells.
+    pub fn kicked(&self, index: u16, vring: &Vring) {
+        if let Some(slot) = self.vrings.get(usize::from(index)) {
+            let _ = slot.set(vring.clone());
+        }
+        {
+            let mem = self.vm.mem.memory();
+            let mut state = vring.get_mut();
+            let queue = state.get_queue_mut();
+            if queue.ready() {
+                // Read under the vring's lock, as the scheduler changes it (see `set_kicks`):
+                // whichever of the two applies last applies the current state.
+                if self.kicks_off.load(Ordering::Acquire) {
+                    let _ = queue.disable_notification(&*mem);
+                } else {
+                    let _ = queue.enable_notification(&*mem);
+                }
+            }
+        }
+        self.drain(vring);
+    }
+
+    /// The doorbell queues known so far.
+    fn known(&self) -> impl Iterator<Item = &Vring> {
+        self.vrings.iter().filter_map(OnceLock::get)
+    }
+
+    /// Hot path: takes the doorbell batches the driver has made available on `vring`, puts
+    /// their QPs on the ready list and returns the descriptors. Returns how many batches it
+    /// took. One chain at a time (the vring lock is released between them) and nothing is
+    /// collected, so it allocates nothing.
+    fn drain(&self, vring: &Vring) -> usize {
+        let vm = &self.vm;
+        let mem = vm.mem.memory();
+        let mut batch = [0u8; doorbell::SIZE * doorbell::MAX_BATCH];
+        let mut taken = 0;
+        loop {
+            let Some(chain) = vring
+                .get_mut()
+                .get_queue_mut()
+                .pop_descriptor_chain(mem.clone())
+            else {
+                break;
+            };
+            taken += 1;
+            let head = chain.head_index();
+            let mut len = 0usize;
+            let mut ok = true;
+            for desc in chain {
+                let n = desc.len() as usize;
+                if desc.is_write_only() || len + n > batch.len() {
+                    ok = false;
+                    break;
+                }
+                if mem
+                    .read_slice(&mut batch[len..len + n], desc.addr())
+                    .is_err()
+                {
+                    ok = false;
+                    break;
+                }
+                len += n;
+            }
+            match doorbell::decode_batch(&batch[..len]) {
+                Ok(doorbells) if ok => {
+                    for (_kind, qpn) in doorbells {
+                        vm.counters.doorbells.fetch_add(1, Ordering::Relaxed);
+                        // Either kind just asks the scheduler to look at the QP: a send doorbell
+                        // for new work, a receive doorbell for a QP in ERR whose new receives
+                        // must be flushed. A QPN that names nothing is skipped there, as an RNIC
+                        // ignores a doorbell for a QP that does not exist.
+                        vm.enqueue(qpn);
+                    }
+                }
+                _ => {
+                    vm.counters
+                        .doorbells_malformed
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            if let Err(e) = vring.add_used(head, 0) {
+                warn!("vm {}: cannot return a doorbell descriptor: {e}", vm.name);
+            }
+        }
+        if taken > 0 && wants_interrupt(vring, &mem) {
+            vring.signal_used_queue().ok();
+        }
+        taken
+    }
+}
+
+impl Doorbells for DoorbellQueues {
+    fn take(&self) -> bool {
+        let mem = self.vm.mem.memory();
+        let mut any = false;
+        for vring in self.known() {
+            if has_pending(vring, &mem) {
+                any |= self.drain(vring) > 0;
+            }
+        }
+        any
+    }
+
+    fn set_kicks(&self, on: bool) -> bool {
+        self.kicks_off.store(!on, Ordering::Release);
+        let mem = self.vm.mem.memory();
+        let mut pending = false;
+        for vring in self.known() {
+            let mut state = vring.get_mut();
+            let queue = state.get_queue_mut();
+            // A stopped ring is left alone: `kicked` sets its state when it starts again.
+            if !queue.ready() {
+                continue;
+            }
+            if on {
+                pending |= queue.enable_notification(&*mem).unwrap_or(false);
+            } else {
+                let _ = queue.disable_notification(&*mem);
+            }
+        }
+        pending
+    }
+}
+
+/// Whether `vring` is ready and has doorbells the daemon has not taken. Checked before locking
+/// the vring for writing, so an idle poll costs two loads; a driver whose available index is
+/// impossible gets nothing polled (its kicks still reach the worker, which reports it).
+fn has_pending(vring: &Vring, mem: &GuestMem) -> bool {
+    let state = vring.get_ref();
+    let queue = state.get_queue();
+    if !queue.ready() {
+        return false;
+    }
+    match queue.avail_idx(mem, Ordering::Acquire) {
+        Ok(idx) => {
+            let ahead = idx.0.wrapping_sub(queue.next_avail());
+            ahead != 0 && ahead <= queue.size()
+        }
+        Err(_) => false,
+    }
+}
+
+/// Whether the driver wants an interrupt for buffers returned on `vring`: a driver that is
+/// not waiting for free doorbell slots sets `VRING_AVAIL_F_NO_INTERRUPT`, which saves the
+/// daemon a system call per batch (virtio-queue does not read that flag itself).
+fn wants_interrupt(vring: &Vring, mem: &GuestMem) -> bool {
+    let avail = vring.get_ref().get_queue().avail_ring();
+    // Order the used index published by add_used before the flags are read, so a driver that
+    // clears the flag and then re-checks the used ring cannot be missed.
+    std::sync::atomic::fence(Ordering::SeqCst);
+    match mem.load::<u16>(GuestAddress(avail), Ordering::Acquire) {
+        Ok(flags) => u16::from_le(flags) & VRING_AVAIL_F_NO_INTERRUPT as u16 == 0,
+        // Unreadable rings get their interrupt; the driver's next access will fail anyway.
+        Err(_) => true,
+    }
+}
+
+/// A VM's event virtqueue, known from its first kick.
+#[derive(Default)]
+pub struct EventQueue {
+    vring: Mutex<Option<Vring>>,
+}
+
+impl std::fmt::Debug for EventQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventQueue").finish_non_exhaustive()
+    }
+}
+
+impl EventQueue {
+    /// Remembers the event virtqueue so events can be delivered from any thread.
+    pub fn kicked(&self, vring: &Vring) {
+        let mut slot = self.vring.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            *slot = Some(vring.clone());
+        }
+    }
+}
+
+impl EventSink for EventQueue {
+    fn deliver(&self, vm: &Vm, backlog: &mut VecDeque<event::Event>) {
+        let vring = self.vring.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(vring) = vring.as_ref() else { return };
+        let mem = vm.mem.memory();
+        let mut delivered = false;
+        // Two passes at most: a driver posting buffers as fast as they are taken must not keep
+        // the caller (the scheduler) here.
+        for _pass in 0..2 {
+            while let Some(ev) = backlog.front() {
+                let chain = match vring
+                    .get_mut()
+                    .get_queue_mut()
+                    .pop_descriptor_chain(mem.clone())
+                {
+                    Some(c) => c,
+                    None => break,
+                };
+                let head = chain.head_index();
+                let mut written = 0u32;
+                if let Some(desc) = chain.into_iter().find(|d| d.is_write_only()) {
+                    if desc.len() as usize >= event::SIZE
+                        && memory::write_bytes(&mem, desc.addr().0, ev.as_bytes(), WriteKind::Event)
+                            .is_ok()
+                    {
+                        written = event::SIZE as u32;
+                    }
+                }
+                if written == 0 {
+                    warn!(
+                        "vm {}: an event buffer was unusable; the event waits for the next",
+                        vm.name
+                    );
+                } else {
+                    backlog.pop_front();
+                }
+                if vring.add_used(head, written).is_err() {
+                    break;
+                }
+                delivered = true;
+            }
+            // Kicks for refilled event buffers are only needed while events wait for buffers:
+            // otherwise each refill would wake this VM's worker thread for nothing.
+            if backlog.is_empty() {
+                let _ = vring.disable_notification();
+                break;
+            }
+            // Buffers posted between the last pop and re-enabling kicks raise no kick.
+            if !vring.enable_notification().unwrap_or(false) {
+                break;
+            }
+        }
+        if delivered {
+            if let Err(e) = vring.signal_used_queue() {
+                warn!("vm {}: cannot interrupt the guest for events: {e}", vm.name);
+            }
+        }
+    }
+}

@@ -205,6 +205,10 @@ fn serve(
                 return;
             }
         };
+        // Everything a connection needs exists now and nothing more is made until a frontend
+        // connects: from this line on, the daemon's threads and descriptors are what a VM
+        // without a guest costs (tests compare them across connections).
+        info!("vm {name}: waiting for a frontend");
         if let Err(e) = daemon.start(listener) {
             if !shared.stopping.load(Ordering::SeqCst) {
                 error!("vm {name}: accepting a frontend failed: {e}");
@@ -239,6 +243,13 @@ fn serve(
         // its peers' QPs are already in the error state with their work flushed.
         scheduler.detach(vm.id);
         device.release_all();
+        // Drop the connection's last references before saying it is released, so nothing of
+        // it outlives the line: the library's handler (which joins the vring worker thread and
+        // closes its epoll and the exit, kick and call eventfds), then the device and the VM,
+        // and with them the guest's memory (its memfds and their mappings).
+        drop(daemon);
+        drop(device);
+        drop(vm);
         info!("vm {name}: resources released");
     }
 }

@@ -52,7 +52,7 @@ impl RecordedEvents {
 pub struct TestVm {
     /// The VM.
     pub vm: Arc<Vm>,
-    /// Its events.
+    /// Its events (none if they go elsewhere, see [`TestVm::with_events`]).
     pub events: Arc<RecordedEvents>,
     next_free: u64,
     end: u64,
@@ -101,6 +101,22 @@ impl TestVm {
     /// As [`TestVm::new`], limited to `max_bw` payload bytes and `max_msg_rate` work requests
     /// per second.
     pub fn limited(id: u8, weight: u32, max_bw: Option<u64>, max_msg_rate: Option<u64>) -> Self {
+        let events = Arc::new(RecordedEvents::default());
+        Self::build(id, weight, (max_bw, max_msg_rate), events.clone(), events)
+    }
+
+    /// As [`TestVm::new`], its events going to `sink`.
+    pub fn with_events(id: u8, sink: Arc<dyn EventSink>) -> Self {
+        Self::build(id, 1, (None, None), sink, Arc::default())
+    }
+
+    fn build(
+        id: u8,
+        weight: u32,
+        (max_bw, max_msg_rate): (Option<u64>, Option<u64>),
+        sink: Arc<dyn EventSink>,
+        events: Arc<RecordedEvents>,
+    ) -> Self {
         let cfg = VmConfig {
             name: format!("vm{id}"),
             socket: "/nonexistent".into(),
@@ -113,13 +129,12 @@ impl TestVm {
         };
         let base = u64::from(id) << 28;
         let mem = GuestMem::from_ranges(&[(GuestAddress(base), MEM_SIZE)]).unwrap();
-        let events = Arc::new(RecordedEvents::default());
         let vm = Vm::new(
             u64::from(id),
             VmObjects::new(&cfg, 0x100 + u64::from(id)),
             weight,
             GuestMemoryAtomic::new(mem),
-            events.clone(),
+            sink,
         )
         .with_limits(max_bw, max_msg_rate);
         TestVm {

@@ -778,4 +778,105 @@ mod tests {
         .handle;
         assert!(fresh != pd.get() && fresh != stale.get());
     }
+
+    /// What a NIC fabric would see: every MR and QP change, and a refusal of its own that
+    /// fails the command with nothing changed.
+    #[derive(Debug, Default)]
+    struct RecordingHooks {
+        calls: std::sync::Mutex<Vec<&'static str>>,
+        refuse_mr: bool,
+    }
+
+    impl ObjectHooks for RecordingHooks {
+        fn register_mr(&self, _vm: u64, _lkey: u32, _mr: &Mr) -> Result<(), Status> {
+            self.calls.lock().unwrap().push("register_mr");
+            if self.refuse_mr {
+                Err(Status::NoResources)
+            } else {
+                Ok(())
+            }
+        }
+        fn deregister_mr(&self, _vm: u64, _lkey: u32, _mr: &Mr) {
+            self.calls.lock().unwrap().push("deregister_mr");
+        }
+        fn create_qp(&self, _vm: u64, _qpn: u32, _qp: &Qp) -> Result<(), Status> {
+            self.calls.lock().unwrap().push("create_qp");
+            Ok(())
+        }
+        fn modify_qp(
+            &self,
+            _vm: u64,
+            _qpn: u32,
+            _before: &Qp,
+            _mask: qp::AttrMask,
+            _attr: &qp::Attr,
+            _next: qp::State,
+        ) -> Result<(), Status> {
+            self.calls.lock().unwrap().push("modify_qp");
+            Ok(())
+        }
+        fn destroy_qp(&self, _vm: u64, _qpn: u32, _qp: &Qp) {
+            self.calls.lock().unwrap().push("destroy_qp");
+        }
+    }
+
+    #[test]
+    fn the_fabric_hears_of_every_mr_and_qp_and_may_refuse_an_mr() {
+        use crate::testing::TestVm;
+        let mut vm = TestVm::new(3, 1);
+        let pd = vm.pd();
+        let buf = vm.alloc(8192);
+        let body = TestVm::reg_mr_body(pd, buf, 8192, mr::Access::LOCAL_WRITE);
+        let refusing = RecordingHooks {
+            refuse_mr: true,
+            ..RecordingHooks::default()
+        };
+        let refused = vm.exec_with(cmd::Opcode::RegMr, &body, &refusing);
+        assert_eq!(refused.unwrap_err().status, Status::NoResources);
+        {
+            let objects = vm.vm.lock();
+            assert_eq!((objects.mrs.len(), objects.registered_bytes), (0, 0));
+            assert_eq!(objects.pds.get(pd).map(|p| p.users), Some(0));
+        }
+        let hooks = RecordingHooks::default();
+        let keys = cmd::RegMrResp::read_from_bytes(
+            &vm.exec_with(cmd::Opcode::RegMr, &body, &hooks).unwrap(),
+        )
+        .unwrap();
+        let qp = vm.qp(pd, qp::Type::Rc, 4, 16);
+        // The QP came from `exec` (no hooks); tell these hooks of its changes from here on.
+        let init = qp::Attr {
+            qp_state: qp::State::Init.raw(),
+            port_num: 1,
+            ..qp::Attr::default()
+        };
+        let modify = cmd::ModifyQp {
+            qpn: qp.qpn.into(),
+            attr_mask: (qp::AttrMask::STATE
+                | qp::AttrMask::PKEY_INDEX
+                | qp::AttrMask::PORT
+                | qp::AttrMask::ACCESS_FLAGS)
+                .bits()
+                .into(),
+            attr: init,
+        };
+        vm.exec_with(cmd::Opcode::ModifyQp, modify.as_bytes(), &hooks)
+            .unwrap();
+        let handle = |h: u32| {
+            cmd::Handle {
+                handle: h.into(),
+                reserved: 0.into(),
+            }
+            .as_bytes()
+            .to_vec()
+        };
+        vm.exec_with(cmd::Opcode::DestroyQp, &handle(qp.qpn), &hooks)
+            .unwrap();
+        vm.exec_with(cmd::Opcode::DeregMr, &handle(keys.lkey.get()), &hooks)
+            .unwrap();
+        assert_eq!(
+            *hooks.calls.lock().unwrap(),
+            vec!["register_mr", "modify_qp", "destroy_qp", "deregister_mr"]
+        );
+    }
 }

@@ -387,3 +387,84 @@ impl VhostUserBackend for VmDevice {
 
 /// Shares a device between the vhost-user library (which wants `Clone`) and the server loop.
 pub type SharedDevice = Arc<VmDevice>;
+
+#[cfg(test)]
+mod tests {
+    use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
+    use virtio_queue::desc::RawDescriptor;
+    use virtio_queue::desc::split::Descriptor as SplitDescriptor;
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::GuestAddress;
+    use vrdma_proto::cmd::Opcode;
+
+    use super::*;
+    use crate::fabric::mock::MockFabric;
+    use crate::model::memory::recorder;
+    use crate::testing::TestVm;
+
+    /// A control command's response reaches the driver's buffer through the one write path,
+    /// and nothing else in the guest changes.
+    #[test]
+    fn control_responses_are_written_through_the_one_path() {
+        let mut vm = TestVm::new(6, 1);
+        let scheduler = Scheduler::start(|| Box::new(MockFabric::default())).unwrap();
+        let cfg = VmConfig {
+            name: vm.vm.name.clone(),
+            socket: "/nonexistent".into(),
+            gid: vm.vm.gid,
+            weight: 1,
+            quotas: crate::config::Quotas::default(),
+            doorbell_queues: 1,
+            active_mtu: vrdma_proto::config::Mtu::Mtu4096,
+            roce: false,
+        };
+        let device = VmDevice::new(
+            &cfg,
+            vm.vm.clone(),
+            Arc::new(DoorbellQueues::new(vm.vm.clone())),
+            Arc::new(EventQueue::default()),
+            scheduler.hooks().clone(),
+            scheduler.clone(),
+        )
+        .unwrap();
+        let (ring, request, response) = (vm.alloc(16 << 10), vm.alloc(4096), vm.alloc(4096));
+        let command = cmd::header(Opcode::AllocPd);
+        vm.mem()
+            .write_slice(command.as_bytes(), GuestAddress(request))
+            .unwrap();
+        let mem = vm.mem();
+        let mock = MockSplitQueue::create(&*mem, GuestAddress(ring), 16);
+        let chain = mock
+            .build_desc_chain(&[
+                RawDescriptor::from(SplitDescriptor::new(
+                    request,
+                    size_of::<cmd::Header>() as u32,
+                    0,
+                    0,
+                )),
+                RawDescriptor::from(SplitDescriptor::new(
+                    response,
+                    64,
+                    VRING_DESC_F_WRITE as u16,
+                    0,
+                )),
+            ])
+            .unwrap();
+        let before = recorder::snapshot(&mem);
+        recorder::start();
+        let written = device.execute_chain(chain, &mem);
+        let writes = recorder::take();
+        let after = recorder::snapshot(&mem);
+        recorder::assert_covered_except(&before, &after, &writes, &[(ring, ring + (16 << 10))]);
+        let expected = size_of::<RespHeader>() + size_of::<cmd::Handle>();
+        assert_eq!(written as usize, expected);
+        assert_eq!(
+            writes
+                .iter()
+                .map(|w| (w.kind, w.gpa, w.len))
+                .collect::<Vec<_>>(),
+            vec![(WriteKind::Response, response, expected)]
+        );
+        assert_eq!(vm.vm.lock().pds.len(), 1, "the PD was made");
+    }
+}

@@ -293,3 +293,78 @@ impl EventSink for EventQueue {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use vhost_user_backend::VringT;
+    use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
+    use virtio_queue::desc::RawDescriptor;
+    use virtio_queue::desc::split::Descriptor as SplitDescriptor;
+    use virtio_queue::mock::MockSplitQueue;
+    use vrdma_proto::event::Kind;
+
+    use super::*;
+    use crate::model::memory::recorder;
+    use crate::testing::TestVm;
+
+    /// A ready virtqueue of `len` entries at `at` in `vm`'s memory, and the mock that writes
+    /// its driver's side.
+    pub(crate) fn vring_at(vm: &TestVm, at: u64, len: u16) -> Vring {
+        let vring = Vring::new(vm.vm.mem.clone(), len).unwrap();
+        let mem = vm.mem();
+        let mock = MockSplitQueue::create(&*mem, GuestAddress(at), len);
+        vring
+            .set_queue_info(
+                mock.desc_table_addr().0,
+                mock.avail_addr().0,
+                mock.used_addr().0,
+            )
+            .unwrap();
+        vring.set_queue_size(len);
+        vring.set_queue_ready(true);
+        vring
+    }
+
+    /// Events go into the driver's buffers through the one write path: nothing but the event
+    /// and the virtqueue's own rings changes.
+    #[test]
+    fn events_are_written_through_the_one_path() {
+        let events = Arc::new(EventQueue::default());
+        let mut vm = TestVm::with_events(5, events.clone());
+        let ring = vm.alloc(16 << 10);
+        let buffers = vm.alloc(4096);
+        let vring = vring_at(&vm, ring, 16);
+        {
+            let mem = vm.mem();
+            let mock = MockSplitQueue::create(&*mem, GuestAddress(ring), 16);
+            let descs: Vec<RawDescriptor> = (0..2)
+                .map(|i| {
+                    let d =
+                        SplitDescriptor::new(buffers + i * 64, 64, VRING_DESC_F_WRITE as u16, 0);
+                    RawDescriptor::from(d)
+                })
+                .collect();
+            mock.add_desc_chains(&descs, 0).unwrap();
+        }
+        events.kicked(&vring);
+        vm.vm.push_event(Kind::CqErr, 7);
+        vm.vm.push_event(Kind::QpFatal, 9);
+        let before = recorder::snapshot(&vm.mem());
+        recorder::start();
+        vm.vm.deliver_events();
+        let writes = recorder::take();
+        let after = recorder::snapshot(&vm.mem());
+        // The descriptor table, available and used rings are virtio-queue's.
+        recorder::assert_covered_except(&before, &after, &writes, &[(ring, ring + (16 << 10))]);
+        let kinds: Vec<(WriteKind, u64)> = writes.iter().map(|w| (w.kind, w.gpa)).collect();
+        assert_eq!(
+            kinds,
+            vec![
+                (WriteKind::Event, buffers),
+                (WriteKind::Event, buffers + 64)
+            ]
+        );
+        let first = vm.read(buffers, event::SIZE);
+        assert_eq!(first, event::Event::new(Kind::CqErr, 7).as_bytes());
+    }
+}

@@ -4,7 +4,7 @@
 
 use std::collections::HashSet;
 
-use vrdma_proto::cmd::{self, Opcode};
+use vrdma_proto::cmd::{self, Opcode, Status as CmdStatus};
 use vrdma_proto::cqe::Status;
 use vrdma_proto::mr::Access;
 use vrdma_proto::qp::{self, AttrMask};
@@ -13,7 +13,9 @@ use vrdma_proto::{Gid, event};
 use zerocopy::IntoBytes;
 
 use crate::fabric::soft::SoftFabric;
+use crate::model::hooks::ObjectHooks;
 use crate::model::memory::{WriteKind, recorder};
+use crate::model::objects::{Mr, Qp};
 use crate::sched::ManualScheduler;
 use crate::testing::{TestMr, TestQp, TestVm, send_header};
 
@@ -303,4 +305,104 @@ fn every_entry_into_sqd_raises_sq_drained() {
         p.sched.pass();
     }
     assert_eq!(drained(&p.a, p.qa.qpn), 2, "once per entry, not more");
+}
+
+/// What a NIC fabric would see: every MR and QP change, and a refusal of its own that
+/// fails the command with nothing changed.
+#[derive(Debug, Default)]
+struct RecordingHooks {
+    calls: std::sync::Mutex<Vec<&'static str>>,
+    refuse_mr: bool,
+}
+
+impl ObjectHooks for RecordingHooks {
+    fn register_mr(&self, _vm: u64, _lkey: u32, _mr: &Mr) -> Result<(), CmdStatus> {
+        self.calls.lock().unwrap().push("register_mr");
+        if self.refuse_mr {
+            Err(CmdStatus::NoResources)
+        } else {
+            Ok(())
+        }
+    }
+    fn deregister_mr(&self, _vm: u64, _lkey: u32, _mr: &Mr) {
+        self.calls.lock().unwrap().push("deregister_mr");
+    }
+    fn create_qp(&self, _vm: u64, _qpn: u32, _qp: &Qp) -> Result<(), CmdStatus> {
+        self.calls.lock().unwrap().push("create_qp");
+        Ok(())
+    }
+    fn modify_qp(
+        &self,
+        _vm: u64,
+        _qpn: u32,
+        _before: &Qp,
+        _mask: qp::AttrMask,
+        _attr: &qp::Attr,
+        _next: qp::State,
+    ) -> Result<(), CmdStatus> {
+        self.calls.lock().unwrap().push("modify_qp");
+        Ok(())
+    }
+    fn destroy_qp(&self, _vm: u64, _qpn: u32, _qp: &Qp) {
+        self.calls.lock().unwrap().push("destroy_qp");
+    }
+}
+
+#[test]
+fn the_fabric_hears_of_every_mr_and_qp_and_may_refuse_an_mr() {
+    let mut vm = TestVm::new(3, 1);
+    let pd = vm.pd();
+    let buf = vm.alloc(8192);
+    let body = TestVm::reg_mr_body(pd, buf, 8192, Access::LOCAL_WRITE);
+    let refusing = RecordingHooks {
+        refuse_mr: true,
+        ..RecordingHooks::default()
+    };
+    let refused = vm.exec_with(cmd::Opcode::RegMr, &body, &refusing);
+    assert_eq!(refused.unwrap_err().status, CmdStatus::NoResources);
+    {
+        let objects = vm.vm.lock();
+        assert_eq!((objects.mrs.len(), objects.registered_bytes), (0, 0));
+        assert_eq!(objects.pds.get(pd).map(|p| p.users), Some(0));
+    }
+    let hooks = RecordingHooks::default();
+    let keys = <cmd::RegMrResp as zerocopy::FromBytes>::read_from_bytes(
+        &vm.exec_with(cmd::Opcode::RegMr, &body, &hooks).unwrap(),
+    )
+    .unwrap();
+    let qp = vm.qp(pd, qp::Type::Rc, 4, 16);
+    // The QP came from `exec` (no hooks); tell these hooks of its changes from here on.
+    let init = qp::Attr {
+        qp_state: qp::State::Init.raw(),
+        port_num: 1,
+        ..qp::Attr::default()
+    };
+    let modify = cmd::ModifyQp {
+        qpn: qp.qpn.into(),
+        attr_mask: (qp::AttrMask::STATE
+            | qp::AttrMask::PKEY_INDEX
+            | qp::AttrMask::PORT
+            | qp::AttrMask::ACCESS_FLAGS)
+            .bits()
+            .into(),
+        attr: init,
+    };
+    vm.exec_with(cmd::Opcode::ModifyQp, modify.as_bytes(), &hooks)
+        .unwrap();
+    let handle = |h: u32| {
+        cmd::Handle {
+            handle: h.into(),
+            reserved: 0.into(),
+        }
+        .as_bytes()
+        .to_vec()
+    };
+    vm.exec_with(cmd::Opcode::DestroyQp, &handle(qp.qpn), &hooks)
+        .unwrap();
+    vm.exec_with(cmd::Opcode::DeregMr, &handle(keys.lkey.get()), &hooks)
+        .unwrap();
+    assert_eq!(
+        *hooks.calls.lock().unwrap(),
+        vec!["register_mr", "modify_qp", "destroy_qp", "deregister_mr"]
+    );
 }

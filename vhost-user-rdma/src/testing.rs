@@ -178,14 +178,7 @@ impl TestVm {
             hooks,
             vm: self.vm.id,
         };
-        let mut objects = self.vm.lock();
-        let result = objects.execute(request, &env);
-        let wake = std::mem::take(&mut objects.wake);
-        drop(objects);
-        for qpn in wake {
-            self.vm.enqueue(qpn);
-        }
-        result
+        self.vm.execute(request, &env)
     }
 
     /// Runs a control command that must succeed.
@@ -379,35 +372,37 @@ impl TestVm {
     /// Posts a send work request on `qp` as a driver does (slot, then producer index) and
     /// puts the QP on the ready list as its doorbell would.
     pub fn post_send(&self, qp: &TestQp, header: SendHeader, data: Data<'_>) {
-        let geometry = ring::Geometry::new(
-            qp.caps.max_send_wr.get(),
-            wqe::send_stride(qp.caps.max_send_sge.get(), qp.caps.max_inline_data.get()),
-        )
-        .unwrap();
-        let producer = self.producer(qp.sq);
-        let mut slot = vec![0u8; geometry.stride() as usize];
-        wqe::encode_send(&mut slot, header, data).unwrap();
-        self.mem()
-            .write_slice(&slot, GuestAddress(qp.sq + geometry.entry_offset(producer)))
-            .unwrap();
-        self.set_producer(qp.sq, producer.wrapping_add(1));
+        let c = &qp.caps;
+        let stride = wqe::send_stride(c.max_send_sge.get(), c.max_inline_data.get());
+        self.post(qp.sq, c.max_send_wr.get(), stride, |slot| {
+            wqe::encode_send(slot, header, data)
+        });
         self.vm.enqueue(qp.qpn);
     }
 
     /// Posts a receive of `sges` on `qp`.
     pub fn post_recv(&self, qp: &TestQp, wr_id: u64, sges: &[Sge]) {
-        let geometry = ring::Geometry::new(
-            qp.caps.max_recv_wr.get(),
-            wqe::recv_stride(qp.caps.max_recv_sge.get()),
-        )
-        .unwrap();
-        let producer = self.producer(qp.rq);
-        let mut slot = vec![0u8; geometry.stride() as usize];
-        wqe::encode_recv(&mut slot, wr_id, sges).unwrap();
-        self.mem()
-            .write_slice(&slot, GuestAddress(qp.rq + geometry.entry_offset(producer)))
-            .unwrap();
-        self.set_producer(qp.rq, producer.wrapping_add(1));
+        let stride = wqe::recv_stride(qp.caps.max_recv_sge.get());
+        self.post(qp.rq, qp.caps.max_recv_wr.get(), stride, |slot| {
+            wqe::encode_recv(slot, wr_id, sges)
+        });
+    }
+
+    /// Writes the next slot of the ring at `ring_addr` with `encode`, then its producer index.
+    fn post(
+        &self,
+        ring_addr: u64,
+        depth: u32,
+        stride: u32,
+        encode: impl FnOnce(&mut [u8]) -> Result<usize, vrdma_proto::DecodeError>,
+    ) {
+        let geometry = ring::Geometry::new(depth, stride).unwrap();
+        let producer = self.producer(ring_addr);
+        let mut slot = vec![0u8; stride as usize];
+        encode(&mut slot).unwrap();
+        let at = ring_addr + geometry.entry_offset(producer);
+        self.mem().write_slice(&slot, GuestAddress(at)).unwrap();
+        self.set_producer(ring_addr, producer.wrapping_add(1));
     }
 
     /// Every completion in CQ ring `ring_addr` so far (from the first, whatever the driver

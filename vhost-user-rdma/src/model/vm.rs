@@ -8,8 +8,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use vrdma_proto::{Gid, event};
 
+use vrdma_proto::cmd::Request;
+
+use super::control::ControlEnv;
 use super::memory::GuestMemAtomic;
-use super::objects::VmObjects;
+use super::objects::{Failure, VmObjects};
 
 /// Most asynchronous events kept while the driver has no event buffers posted.
 pub const MAX_PENDING_EVENTS: usize = 4096;
@@ -183,6 +186,20 @@ impl Vm {
             Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
             Err(std::sync::TryLockError::WouldBlock) => None,
         }
+    }
+
+    /// Executes one control command against the VM's objects (waiting for their lock: only
+    /// the VM's own control path calls this), then hands the scheduler the QPs the command
+    /// gave work to.
+    pub fn execute(&self, request: Request<'_>, env: &ControlEnv<'_>) -> Result<Vec<u8>, Failure> {
+        let mut objects = self.lock();
+        let result = objects.execute(request, env);
+        let wake = std::mem::take(&mut objects.wake);
+        drop(objects);
+        for qpn in wake {
+            self.enqueue(qpn);
+        }
+        result
     }
 
     /// Puts QP `qpn` on the ready list unless it is there already. Takes only the ready

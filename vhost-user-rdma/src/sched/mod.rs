@@ -123,23 +123,23 @@ impl Scheduler {
     /// Removes a VM from the fabric; its peers' QPs with sends outstanding to it go to the
     /// error state. Returns once the scheduler holds no reference to it.
     pub fn detach(&self, vm_id: u64) {
-        let (done_tx, done_rx) = sync_channel(1);
-        if self.tx.send(Control::Detach(vm_id, done_tx)).is_ok() {
-            self.wake();
-            if done_rx.recv_timeout(Duration::from_secs(10)).is_err() {
-                warn!("the scheduler did not release VM {vm_id} within 10 s");
-            }
-        }
+        self.request(|done| Control::Detach(vm_id, done), "release", vm_id);
     }
 
     /// Stops serving VM `vm_id` and carrying its traffic (migration). Returns once no step of
     /// the VM is under way.
     pub fn pause(&self, vm_id: u64) {
+        self.request(|done| Control::Pause(vm_id, done), "pause", vm_id);
+    }
+
+    /// Sends the scheduler a request that it answers once done, and waits for the answer (at
+    /// most 10 s: a scheduler that does not answer is logged, not waited for forever).
+    fn request(&self, control: impl FnOnce(SyncSender<()>) -> Control, what: &str, vm_id: u64) {
         let (done_tx, done_rx) = sync_channel(1);
-        if self.tx.send(Control::Pause(vm_id, done_tx)).is_ok() {
+        if self.tx.send(control(done_tx)).is_ok() {
             self.wake();
             if done_rx.recv_timeout(Duration::from_secs(10)).is_err() {
-                warn!("the scheduler did not pause VM {vm_id} within 10 s");
+                warn!("the scheduler did not {what} VM {vm_id} within 10 s");
             }
         }
     }

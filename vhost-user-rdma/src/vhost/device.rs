@@ -276,13 +276,7 @@ impl VmDevice {
             hooks: self.hooks.as_ref(),
             vm: self.vm.id,
         };
-        let mut objects = self.vm.lock();
-        let result = objects.execute(decoded, &env);
-        let wake = std::mem::take(&mut objects.wake);
-        drop(objects);
-        for qpn in wake {
-            self.vm.enqueue(qpn);
-        }
+        let result = self.vm.execute(decoded, &env);
         if let Err(f) = &result {
             debug!(
                 "vm {}: {opcode:?} failed: {:?} (detail {:#x})",

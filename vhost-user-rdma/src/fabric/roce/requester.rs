@@ -390,8 +390,13 @@ fn send_next(
     let header = &wr.header;
     let mut ext = Extensions::default();
     let mut n = 0u32;
-    // What this packet moves for the requester: its payload, or what a READ asks for.
-    let mut moves = 0u32;
+    // What this packet moves for the requester: its payload, what a READ asks for, or an
+    // atomic's 8 bytes (as the soft fabric counts them).
+    let mut moves = if wr.opcode.is_atomic() {
+        wqe::ATOMIC_SIZE
+    } else {
+        0
+    };
     let (op, advance) = match wr.opcode {
         Opcode::RdmaRead => {
             let rest = wr.byte_len.saturating_sub(off);

@@ -1,9 +1,11 @@
 //! The daemon binary as an operator runs it: argument errors, capabilities, sockets, and a
 //! clean shutdown on SIGTERM and SIGINT.
 
+use std::io::{BufRead, BufReader};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_vhost-user-rdma");
@@ -15,11 +17,93 @@ fn temp_dir(tag: &str) -> PathBuf {
     dir
 }
 
-fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !ok() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(10));
+/// The daemon binary with its log (stderr, at info level) collected by a thread as it is
+/// written. Tests wait for log lines rather than probing the sockets: a probe connection is a
+/// frontend the daemon accepts and serves, and what the daemon then reports (or is doing when
+/// a signal arrives) would depend on when it notices the probe close.
+struct Daemon {
+    child: Child,
+    log: Arc<(Mutex<String>, Condvar)>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Daemon {
+    fn start(args: &[String]) -> Daemon {
+        let mut child = Command::new(BIN)
+            .args(args)
+            .args(["--log-level", "info"])
+            .env_remove("RUST_LOG")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new((Mutex::new(String::new()), Condvar::new()));
+        let shared = log.clone();
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let (text, grown) = &*shared;
+                let mut text = text.lock().unwrap();
+                text.push_str(&line);
+                text.push('\n');
+                grown.notify_all();
+            }
+        });
+        Daemon {
+            child,
+            log,
+            reader: Some(reader),
+        }
+    }
+
+    /// Waits until `needle` occurs `times` times in the log.
+    fn wait_for_log(&self, needle: &str, times: usize) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let (text, grown) = &*self.log;
+        let mut text = text.lock().unwrap();
+        while text.matches(needle).count() < times {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "timed out waiting for {needle:?} in the log:\n{text}"
+            );
+            text = grown.wait_timeout(text, left).unwrap().0;
+        }
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{sig}");
+    }
+
+    /// Waits for the daemon to exit; returns its status and its whole log.
+    fn wait(mut self, what: &str) -> (ExitStatus, String) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(Instant::now() < deadline, "daemon did not stop on {what}");
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        // The reader ends at end of file, once the daemon has exited: the log is complete.
+        self.reader.take().unwrap().join().unwrap();
+        let log = self.log.0.lock().unwrap().clone();
+        (status, log)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // A failed assertion must not leave a daemon running.
+        if self.reader.is_some() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }
 
@@ -62,15 +146,14 @@ fn print_capabilities_is_json_with_a_type() {
 fn serve_and_stop(signal: &str) {
     let dir = temp_dir(signal);
     let (a, b) = (dir.join("a.sock"), dir.join("b.sock"));
-    let mut child = Command::new(BIN)
-        .args(["--vm", &format!("name=a,socket={}", a.display())])
-        .args(["--vm", &format!("name=b,socket={}", b.display())])
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for("both sockets", || {
-        UnixStream::connect(&a).is_ok() && UnixStream::connect(&b).is_ok()
-    });
+    let daemon = Daemon::start(&[
+        "--vm".into(),
+        format!("name=a,socket={}", a.display()),
+        "--vm".into(),
+        format!("name=b,socket={}", b.display()),
+    ]);
+    daemon.wait_for_log("vm a: listening on", 1);
+    daemon.wait_for_log("vm b: listening on", 1);
     // A second daemon on the same socket is refused instead of stealing it.
     let busy = Command::new(BIN)
         .args(["--vm", &format!("name=x,socket={}", a.display())])
@@ -86,23 +169,9 @@ fn serve_and_stop(signal: &str) {
         "the first daemon still serves"
     );
 
-    let status = Command::new("kill")
-        .args([&format!("-{signal}"), &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let exit = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "daemon did not stop on SIG{signal}"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    assert!(exit.success(), "{exit:?}");
+    daemon.signal(signal);
+    let (exit, log) = daemon.wait(&format!("SIG{signal}"));
+    assert!(exit.success(), "{exit:?}\n{log}");
     assert!(
         !Path::new(&a).exists() && !Path::new(&b).exists(),
         "sockets must be removed"
@@ -124,35 +193,24 @@ fn sigint_stops_cleanly_and_removes_the_sockets() {
 fn sigusr1_logs_the_counters_and_keeps_serving() {
     let dir = temp_dir("usr1");
     let a = dir.join("a.sock");
-    let child = Command::new(BIN)
-        .args([
-            "--vm",
-            &format!("name=a,socket={},gid=127.0.14.1", a.display()),
-        ])
-        .args(["--roce", "--log-level", "info"])
-        .env_remove("RUST_LOG")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_for("the socket", || UnixStream::connect(&a).is_ok());
-    let kill = |sig: &str| {
-        let ok = Command::new("kill")
-            .args([sig, &child.id().to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok);
-    };
-    kill("-USR1");
-    std::thread::sleep(Duration::from_millis(300));
+    let daemon = Daemon::start(&[
+        "--vm".into(),
+        format!("name=a,socket={},gid=127.0.14.1", a.display()),
+        "--roce".into(),
+    ]);
+    // No frontend has ever connected, so the counters line must say so.
+    daemon.wait_for_log("vm a: listening on", 1);
+    daemon.signal("USR1");
+    // The fabric's line comes after every VM's in the same report: once it is there, the
+    // whole report is.
+    daemon.wait_for_log("RoCEv2 127.0.14.1:4791: rx ", 1);
     assert!(
         UnixStream::connect(&a).is_ok(),
         "still serving after SIGUSR1"
     );
-    kill("-TERM");
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "{out:?}");
-    let log = String::from_utf8_lossy(&out.stderr);
+    daemon.signal("TERM");
+    let (exit, log) = daemon.wait("SIGTERM");
+    assert!(exit.success(), "{exit:?}\n{log}");
     // Once for SIGUSR1, once more at shutdown for the fabric.
     let vm_lines = log.matches("vm a: no guest connected").count();
     let fabric_lines = log.matches("RoCEv2 127.0.14.1:4791: rx 0 tx 0").count();

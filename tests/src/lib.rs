@@ -11,6 +11,7 @@ use clap::Parser;
 use vhost_user_rdma::config::{Args, Config};
 use vhost_user_rdma::daemon::Daemon;
 use vhost_user_rdma::model::vm::Vm;
+use vhost_user_rdma::vhost::queues::DoorbellQueues;
 use vrdma::mem::DmaBuf;
 use vrdma::{
     AccessFlags, CompletionQueue, Context, MemoryRegion, ProtectionDomain, QpAttr, QpAttrMask,
@@ -94,6 +95,12 @@ impl TestDaemon {
     pub fn vm(&self, name: &str) -> Option<Arc<Vm>> {
         let server = self.daemon.as_ref()?.server(name)?;
         server.device().map(|d| d.vm().clone())
+    }
+
+    /// The doorbell queues of VM `name` while a guest is connected.
+    pub fn doorbells(&self, name: &str) -> Option<Arc<DoorbellQueues>> {
+        let server = self.daemon.as_ref()?.server(name)?;
+        server.device().map(|d| d.doorbells().clone())
     }
 
     /// Waits until VM `name` has a connected guest (or has none, with `connected` false).

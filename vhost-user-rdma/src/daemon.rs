@@ -123,13 +123,14 @@ impl Daemon {
             let c = &device.vm().counters;
             let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
             info!(
-                "vm {}: wrs {} bytes {} completions {} errors {} doorbells {} malformed-doorbells {} ud-dropped {} events-lost {} commands {} failed-commands {} waited-ms {}",
+                "vm {}: wrs {} bytes {} completions {} errors {} doorbells {} polled-doorbells {} malformed-doorbells {} ud-dropped {} events-lost {} commands {} failed-commands {} waited-ms {}",
                 s.name(),
                 load(&c.wrs),
                 load(&c.bytes),
                 load(&c.completions),
                 load(&c.errors),
                 load(&c.doorbells),
+                load(&c.doorbells_polled),
                 load(&c.doorbells_malformed),
                 load(&c.ud_dropped),
                 load(&c.events_lost),

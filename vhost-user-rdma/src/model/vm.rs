@@ -72,6 +72,9 @@ pub struct Counters {
     pub commands_failed: AtomicU64,
     /// Doorbells received.
     pub doorbells: AtomicU64,
+    /// Of `doorbells`, those the scheduler took by polling, with no kick (the rest came with
+    /// a kick, through the vring worker): shows whether adaptive polling is at work.
+    pub doorbells_polled: AtomicU64,
     /// Doorbell descriptors ignored as malformed.
     pub doorbells_malformed: AtomicU64,
     /// Datagrams dropped (no receive posted, Q_Key mismatch, no such QP).

@@ -74,19 +74,19 @@ impl DoorbellQueues {
                 }
             }
         }
-        self.drain(vring);
+        self.drain(vring, false);
     }
 
     /// The doorbell queues known so far.
-    fn known(&self) -> impl Iterator<Item = &Vring> {
+    pub fn vrings(&self) -> impl Iterator<Item = &Vring> {
         self.vrings.iter().filter_map(OnceLock::get)
     }
 
     /// Hot path: takes the doorbell batches the driver has made available on `vring`, puts
     /// their QPs on the ready list and returns the descriptors. Returns how many batches it
     /// took. One chain at a time (the vring lock is released between them) and nothing is
-    /// collected, so it allocates nothing.
-    fn drain(&self, vring: &Vring) -> usize {
+    /// collected, so it allocates nothing. `polled`: the scheduler took them without a kick.
+    fn drain(&self, vring: &Vring, polled: bool) -> usize {
         let vm = &self.vm;
         let mem = vm.mem.memory();
         let mut batch = [0u8; doorbell::SIZE * doorbell::MAX_BATCH];
@@ -122,6 +122,9 @@ impl DoorbellQueues {
                 Ok(doorbells) if ok => {
                     for (_kind, qpn) in doorbells {
                         vm.counters.doorbells.fetch_add(1, Ordering::Relaxed);
+                        if polled {
+                            vm.counters.doorbells_polled.fetch_add(1, Ordering::Relaxed);
+                        }
                         // Either kind just asks the scheduler to look at the QP: a send doorbell
                         // for new work, a receive doorbell for a QP in ERR whose new receives
                         // must be flushed. A QPN that names nothing is skipped there, as an RNIC
@@ -150,9 +153,9 @@ impl Doorbells for DoorbellQueues {
     fn take(&self) -> bool {
         let mem = self.vm.mem.memory();
         let mut any = false;
-        for vring in self.known() {
+        for vring in self.vrings() {
             if has_pending(vring, &mem) {
-                any |= self.drain(vring) > 0;
+                any |= self.drain(vring, true) > 0;
             }
         }
         any
@@ -162,7 +165,7 @@ impl Doorbells for DoorbellQueues {
         self.kicks_off.store(!on, Ordering::Release);
         let mem = self.vm.mem.memory();
         let mut pending = false;
-        for vring in self.known() {
+        for vring in self.vrings() {
             let mut state = vring.get_mut();
             let queue = state.get_queue_mut();
             // A stopped ring is left alone: `kicked` sets its state when it starts again.

@@ -655,8 +655,20 @@ pub fn median(v: &mut [f64]) -> f64 {
     }
 }
 
+/// Series of section `idle`: the daemon with `n` VMs, idle; then one pair of them in a
+/// ping-pong; then all idle again.
+pub fn idle_series(n: u64) -> [String; 3] {
+    [
+        format!("{n} idle VMs, event mode"),
+        format!("{n} VMs, one pair in an 8 B ping-pong"),
+        format!("{n} VMs, idle again after the ping-pong"),
+    ]
+}
+
 /// Daemon CPU with idle guests in event mode: each VM's guest has a QP connected to a
-/// neighbour and an armed CQ, and sleeps.
+/// neighbour and an armed CQ, and sleeps. Then the scheduler's adaptive polling: the daemon's
+/// CPU while one pair ping-pongs 8-byte writes (the scheduler polls), and once they stop
+/// (it must sleep again).
 pub fn idle(env: &mut Env, r: &mut Results) -> Result<(), Error> {
     let n = if env.quick { 4 } else { 16 };
     let vms: Vec<VmSpec> = (0..n).map(|i| VmSpec::new(format!("i{i:02}"))).collect();
@@ -693,16 +705,48 @@ pub fn idle(env: &mut Env, r: &mut Results) -> Result<(), Error> {
     let cpu = procs::percent(daemon.cpu()?.saturating_sub(c0), t0.elapsed());
     let mem = daemon.memory()?;
     eprintln!("  daemon CPU with {n} idle VMs: {cpu:.2}% of a core over {window:?}");
-    let series = format!("{n} idle VMs, event mode");
-    r.add("idle", &series, Some(n), "daemon_cpu", cpu, "%");
+    let [idle_vms, pingpong, idle_after] = idle_series(n);
+    r.add("idle", &idle_vms, Some(n), "daemon_cpu", cpu, "%");
     r.add(
         "idle",
-        &series,
+        &idle_vms,
         Some(n),
         "daemon_rss",
         mem.rss as f64 / MIB,
         "MiB",
     );
+
+    // One write at a time, each waited for with the guest polling its CQ: every doorbell
+    // comes a few microseconds after the scheduler's last work, so the scheduler polls
+    // instead of sleeping (docs/architecture.md, "Adaptive polling").
+    let mut writers = Writers::default();
+    let mut pair = sides.drain(..2);
+    let (a, b) = (pair.next().expect("n >= 2"), pair.next().expect("n >= 2"));
+    drop(pair);
+    let target = b.target();
+    writers.keep(b);
+    writers.start("ping-pong", a, target, rate_load(1, 1));
+    // Past the start and the warm-up first, so the window sees only the steady state.
+    writers.measure(env.window(0.3, 1.0), Duration::ZERO)?;
+    let c0 = daemon.cpu()?;
+    let (done, took) = writers.measure(Duration::ZERO, window)?;
+    let cpu = procs::percent(daemon.cpu()?.saturating_sub(c0), took);
+    let rate = done[0] as f64 / took.as_secs_f64();
+    eprintln!(
+        "  daemon CPU with one pair in a ping-pong: {cpu:.2}% of a core ({rate:.0} writes/s)"
+    );
+    r.add("idle", &pingpong, Some(n), "daemon_cpu", cpu, "%");
+    r.add("idle", &pingpong, Some(n), "msg_rate", rate / 1e6, "Mmsg/s");
+
+    // Traffic stops: after the polling window (at most 200 µs) the scheduler must sleep.
+    writers.finish()?;
+    procs::sleep(Duration::from_millis(200))?;
+    let (c0, t0) = (daemon.cpu()?, Instant::now());
+    procs::sleep(window)?;
+    let cpu = procs::percent(daemon.cpu()?.saturating_sub(c0), t0.elapsed());
+    eprintln!("  daemon CPU once the ping-pong stopped: {cpu:.2}% of a core over {window:?}");
+    r.add("idle", &idle_after, Some(n), "daemon_cpu", cpu, "%");
+    drop(writers);
     drop(channels);
     Ok(())
 }

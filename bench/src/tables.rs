@@ -210,7 +210,12 @@ fn targets(r: &mut Results) -> Table {
         .records()
         .iter()
         .rev()
-        .find(|x| x.section == "idle" && x.metric == "daemon_cpu")
+        .find(|x| {
+            x.section == "idle"
+                && x.metric == "daemon_cpu"
+                && x.size
+                    .is_some_and(|n| x.series == crate::sections::idle_series(n)[0])
+        })
         .map(|x| x.value);
     let rows: Vec<(&str, Option<f64>, &str, Goal)> = vec![
         (
@@ -410,19 +415,7 @@ pub fn all(r: &mut Results, env: &Env) -> Vec<Table> {
         out.push(t);
     }
 
-    let mut t = Table::new(
-        "Daemon with idle VMs (event mode)",
-        &["VMs", "CPU % of a core", "RSS MiB"],
-    );
-    for s in r.series("idle", "daemon_cpu") {
-        for (n, cpu) in r.points("idle", &s, "daemon_cpu") {
-            t.row(vec![
-                n.to_string(),
-                fmt(Some(cpu)),
-                fmt(r.get("idle", &s, Some(n), "daemon_rss")),
-            ]);
-        }
-    }
+    let t = idle_table(r);
     if !t.rows.is_empty() {
         out.push(t);
     }
@@ -527,6 +520,36 @@ pub fn all(r: &mut Results, env: &Env) -> Vec<Table> {
     out.push(targets(r));
     let _ = env;
     out
+}
+
+/// Section `idle`: the daemon's CPU with idle VMs, while one pair ping-pongs, and after.
+fn idle_table(r: &Results) -> Table {
+    let mut t = Table::new(
+        "Daemon with idle VMs (event mode), and around a ping-pong",
+        &["VMs", "", "CPU % of a core", "writes/s", "RSS MiB"],
+    );
+    for s in r.series("idle", "daemon_cpu") {
+        for (n, cpu) in r.points("idle", &s, "daemon_cpu") {
+            let [idle, pingpong, after] = crate::sections::idle_series(n);
+            let what = if s == idle {
+                "idle"
+            } else if s == pingpong {
+                "one pair in an 8 B ping-pong"
+            } else if s == after {
+                "idle again after the ping-pong"
+            } else {
+                &s
+            };
+            t.row(vec![
+                n.to_string(),
+                what.into(),
+                fmt(Some(cpu)),
+                fmt(r.get("idle", &s, Some(n), "msg_rate").map(|m| m * 1e6)),
+                fmt(r.get("idle", &s, Some(n), "daemon_rss")),
+            ]);
+        }
+    }
+    t
 }
 
 /// The charts: all bandwidth series on one, all latency series on the other.
@@ -725,6 +748,32 @@ mod tests {
         );
         assert_eq!(lat.rows, [["8", "30.0", "60.0", "20.0", "1.50"]]);
         assert!(roce_tables(&Results::default()).is_empty());
+    }
+
+    #[test]
+    fn the_idle_target_is_the_idle_vms_not_the_ping_pong() {
+        let mut r = Results::default();
+        let [idle, pingpong, after] = crate::sections::idle_series(16);
+        r.add("idle", &idle, Some(16), "daemon_cpu", 0.5, "%");
+        r.add("idle", &idle, Some(16), "daemon_rss", 5.4, "MiB");
+        r.add("idle", &pingpong, Some(16), "daemon_cpu", 97.0, "%");
+        r.add("idle", &pingpong, Some(16), "msg_rate", 0.1, "Mmsg/s");
+        r.add("idle", &after, Some(16), "daemon_cpu", 0.0, "%");
+        let t = targets(&mut r);
+        let row = t
+            .rows
+            .iter()
+            .find(|row| row[0] == "daemon CPU, idle VMs in event mode")
+            .unwrap();
+        assert_eq!((row[1].as_str(), row[4].as_str()), ("0.500", "MET"));
+        assert_eq!(
+            idle_table(&r).rows,
+            [
+                ["16", "idle", "0.500", "-", "5.40"],
+                ["16", "one pair in an 8 B ping-pong", "97.0", "100000", "-"],
+                ["16", "idle again after the ping-pong", "0", "-", "-"],
+            ]
+        );
     }
 
     #[test]

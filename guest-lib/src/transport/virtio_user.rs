@@ -15,6 +15,9 @@
 //! `SET_VRING_KICK` and `SET_VRING_ENABLE 1`. With `REPLY_ACK` every request after
 //! `SET_PROTOCOL_FEATURES` asks for an acknowledgement, so a refusal is reported at the step
 //! that caused it.
+//!
+//! [`VirtioUser::pause_rings`] stops and restarts every ring as a VMM does when it pauses and
+//! resumes a VM, so tests can put the device through what QEMU does to it.
 
 use std::fmt;
 use std::io;
@@ -712,20 +715,27 @@ impl Handshake<'_> {
     }
 }
 
+/// What `SET_VRING_ADDR` says of `vq`.
+fn vring_config(vq: &Vq) -> VringConfigData {
+    let size = vq.queue.size();
+    let a = vq.queue.addresses();
+    VringConfigData {
+        queue_max_size: size,
+        queue_size: size,
+        flags: 0,
+        desc_table_addr: a.desc,
+        used_ring_addr: a.used,
+        avail_ring_addr: a.avail,
+        log_addr: None,
+    }
+}
+
 impl Handshake<'_> {
     fn setup_vring(&mut self, vq: &Vq) -> Result<()> {
         let (i, q) = (usize::from(vq.index), vq.index);
         let size = vq.queue.size();
         let a = vq.queue.addresses();
-        let ring = VringConfigData {
-            queue_max_size: size,
-            queue_size: size,
-            flags: 0,
-            desc_table_addr: a.desc,
-            used_ring_addr: a.used,
-            avail_ring_addr: a.avail,
-            log_addr: None,
-        };
+        let ring = vring_config(vq);
         let r = self.frontend.set_vring_num(i, size);
         self.step(format!("SET_VRING_NUM (queue {q}, size {size})"), r)?;
         let r = self.frontend.set_vring_addr(i, &ring);
@@ -748,6 +758,58 @@ impl Handshake<'_> {
         );
         Ok(())
     }
+}
+
+impl Handshake<'_> {
+    /// Stops `vq` (`GET_VRING_BASE`) and checks where the device says it stopped.
+    fn stop_vring(&self, vq: &Vq) -> Result<StoppedRing> {
+        let q = vq.index;
+        let r = self.frontend.get_vring_base(usize::from(q));
+        let reported = self.step(format!("GET_VRING_BASE (queue {q})"), r)?;
+        let next_avail = vq.queue.check_stopped_at(reported).map_err(|e| vq.err(e))?;
+        // Read after the ring stopped: the device changes the flag only on a running ring.
+        let no_notify = !vq.queue.needs_kick();
+        Ok(StoppedRing {
+            queue: q,
+            next_avail,
+            no_notify,
+        })
+    }
+
+    /// Starts `vq` again where the device stopped, in the order QEMU's `vhost_dev_start` uses
+    /// on resume: `SET_VRING_NUM`, `SET_VRING_ADDR`, `SET_VRING_BASE`, `SET_VRING_KICK`,
+    /// `SET_VRING_CALL`, `SET_VRING_ENABLE`. The backend takes the used index from the used
+    /// ring in shared memory (at `SET_VRING_ADDR`) and starts the ring once it has a kick.
+    fn restart_vring(&mut self, vq: &Vq, next_avail: u16) -> Result<()> {
+        let (i, q) = (usize::from(vq.index), vq.index);
+        let size = vq.queue.size();
+        let r = self.frontend.set_vring_num(i, size);
+        self.step(format!("SET_VRING_NUM (queue {q}, size {size})"), r)?;
+        let r = self.frontend.set_vring_addr(i, &vring_config(vq));
+        self.step(format!("SET_VRING_ADDR (queue {q})"), r)?;
+        let r = self.frontend.set_vring_base(i, next_avail);
+        self.step(format!("SET_VRING_BASE (queue {q}, {next_avail})"), r)?;
+        let r = self.frontend.set_vring_kick(i, &vq.kick);
+        self.step(format!("SET_VRING_KICK (queue {q})"), r)?;
+        let r = self.frontend.set_vring_call(i, &vq.call);
+        self.step(format!("SET_VRING_CALL (queue {q})"), r)?;
+        let r = self.frontend.set_vring_enable(i, true);
+        self.step(format!("SET_VRING_ENABLE (queue {q})"), r)?;
+        Ok(())
+    }
+}
+
+/// One virtqueue as [`VirtioUser::pause_rings`] found it when the device stopped it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoppedRing {
+    /// The virtqueue (`vrdma_proto::queue` numbering).
+    pub queue: u16,
+    /// The device's next available index (`GET_VRING_BASE`'s answer), given back with
+    /// `SET_VRING_BASE` on resume.
+    pub next_avail: u16,
+    /// The device had set `VRING_USED_F_NO_NOTIFY` (it polled the queue): a driver following
+    /// the protocol does not kick it until the device clears the flag.
+    pub no_notify: bool,
 }
 
 fn read_config(socket: &Path, frontend: &mut Frontend) -> Result<Config> {
@@ -1042,6 +1104,49 @@ impl VirtioUser {
         lock(&self.memory, "memory table")
             .map(|m| m.regions.clone())
             .unwrap_or_default()
+    }
+
+    /// Pauses and resumes the device as a VMM does when it pauses and resumes a VM (QEMU's
+    /// `vhost_dev_stop` and `vhost_dev_start`): stops every virtqueue with `GET_VRING_BASE`,
+    /// remembering the next available index the device returns, calls `while_paused` with
+    /// what it found, then starts every virtqueue again with `SET_VRING_NUM`,
+    /// `SET_VRING_ADDR`, `SET_VRING_BASE` (the remembered index), `SET_VRING_KICK`,
+    /// `SET_VRING_CALL` and `SET_VRING_ENABLE`. Queues go in index order both times.
+    ///
+    /// As with a paused vCPU, the driver touches no virtqueue meanwhile: every queue's lock is
+    /// held from the first stop to the last start, so other threads' commands, doorbells and
+    /// event draining wait (work requests they post into QP rings do not). `while_paused`
+    /// must therefore not use this transport. The driver's ring state is kept, as a guest's
+    /// is: each index the device returns is checked against it
+    /// ([`SplitQueue::check_stopped_at`]), and an index outside it fails the call with the
+    /// rings left stopped, as does a refused request.
+    pub fn pause_rings<R>(&self, while_paused: impl FnOnce(&[StoppedRing]) -> R) -> Result<R> {
+        // The order the driver's own paths take these locks in (a command may register memory).
+        let control = lock(&self.control, "control queue")?;
+        let events = lock(&self.events, "event queue")?;
+        let doorbells = self
+            .doorbells
+            .iter()
+            .map(|dq| lock(dq, "doorbell queue"))
+            .collect::<Result<Vec<_>>>()?;
+        let memory = lock(&self.memory, "memory table")?;
+        let vqs: Vec<&Vq> = [&control.vq, &events.vq]
+            .into_iter()
+            .chain(doorbells.iter().map(|dq| &dq.vq))
+            .collect();
+        let mut hs = Handshake {
+            socket: &self.socket,
+            frontend: memory.frontend.clone(),
+        };
+        let stopped = vqs
+            .iter()
+            .map(|vq| hs.stop_vring(vq))
+            .collect::<Result<Vec<_>>>()?;
+        let result = while_paused(&stopped);
+        for (vq, ring) in vqs.iter().zip(&stopped) {
+            hs.restart_vring(vq, ring.next_avail)?;
+        }
+        Ok(result)
     }
 
     /// Fails with [`VirtioUserError::Disconnected`] if the daemon has closed the connection.

@@ -102,6 +102,21 @@ pub enum QueueError {
         /// Chains the driver had in flight.
         in_flight: u16,
     },
+    /// The device, asked where it stopped (`GET_VRING_BASE`), named an available index
+    /// outside what the driver has made available and not yet taken back.
+    #[error(
+        "the device stopped at available index {next_avail}, outside the driver's window \
+         {last_used}..={avail_idx} (used index taken back .. available index published); the \
+         device is misbehaving"
+    )]
+    StoppedOutsideRing {
+        /// The index the device reported.
+        next_avail: u32,
+        /// The next used index the driver will consume.
+        last_used: u16,
+        /// The available index the driver has published.
+        avail_idx: u16,
+    },
 }
 
 /// The guest-physical addresses of a queue's three parts, as `SET_VRING_ADDR` and a
@@ -360,6 +375,27 @@ impl SplitQueue {
         fence(Ordering::SeqCst);
     }
 
+    /// Checks the available index a stopped device reports (`GET_VRING_BASE`; the frontend
+    /// gives it back with `SET_VRING_BASE` when the ring starts again) and returns it as a
+    /// ring index.
+    ///
+    /// The device can only have taken chains the driver made available, and it has taken
+    /// every chain it returned, so the index lies between the driver's next used index and
+    /// its available index. Nothing in the driver's own state changes across a stop and
+    /// restart: the available ring, the used ring and their indices stay in shared memory.
+    pub fn check_stopped_at(&self, next_avail: u32) -> Result<u16, QueueError> {
+        u16::try_from(next_avail)
+            .ok()
+            // Wrapping distances: the chains not yet taken are some of those in flight
+            // (`avail_idx - last_used`).
+            .filter(|&index| self.avail_idx.wrapping_sub(index) <= self.in_flight)
+            .ok_or(QueueError::StoppedOutsideRing {
+                next_avail,
+                last_used: self.last_used,
+                avail_idx: self.avail_idx,
+            })
+    }
+
     /// Whether the device has returned chains that [`SplitQueue::pop_used`] has not consumed.
     pub fn has_used(&self) -> bool {
         u16::from_le(self.used_idx_field().load(Ordering::Acquire)) != self.last_used
@@ -474,6 +510,29 @@ mod tests {
         assert_eq!(u16::from_le_bytes([avail[4], avail[5]]), 0, "avail ring[0]");
         assert!(q.needs_kick());
         assert_eq!(q.pop_used().unwrap(), None);
+    }
+
+    #[test]
+    fn a_stopped_device_must_stand_between_used_and_available() {
+        let mut q = queue(8);
+        for _ in 0..3 {
+            q.add_chain(&[(0x1000, 8)], &[]).unwrap();
+        }
+        // Nothing returned yet: the device may have taken none, some or all of the three.
+        for taken in 0..=3 {
+            assert_eq!(q.check_stopped_at(taken).unwrap(), taken as u16);
+        }
+        // Beyond what was made available, behind the start, or not a 16-bit index at all.
+        for bad in [4, 0xffff, 0x1_0000] {
+            assert!(
+                matches!(
+                    q.check_stopped_at(bad),
+                    Err(QueueError::StoppedOutsideRing { next_avail, last_used: 0, avail_idx: 3 })
+                        if next_avail == bad
+                ),
+                "index {bad} was accepted"
+            );
+        }
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! connected to it through the `vrdma` library's virtio-user transport (each guest is its own
 //! vhost-user frontend with memfd memory, exactly as a VMM would be).
 
+use std::os::fd::RawFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -12,12 +13,14 @@ use vhost_user_rdma::config::{Args, Config};
 use vhost_user_rdma::daemon::Daemon;
 use vhost_user_rdma::model::vm::Vm;
 use vhost_user_rdma::vhost::queues::DoorbellQueues;
-use vrdma::mem::DmaBuf;
+use vrdma::mem::{DmaBuf, SharedMemory};
+use vrdma::transport::{DeviceEvent, Options, Transport, VirtioUser, VirtioUserError};
 use vrdma::{
     AccessFlags, CompletionQueue, Context, MemoryRegion, ProtectionDomain, QpAttr, QpAttrMask,
     QpCap, QpInitAttr, QpState, QpType, QueuePair, WorkCompletion,
 };
 use vrdma_proto::Gid;
+use vrdma_proto::doorbell::Doorbell;
 
 pub mod chaos;
 pub use vrdma_netns as netns;
@@ -91,6 +94,15 @@ impl TestDaemon {
         Context::open(self.socket(name)).expect("guest connects")
     }
 
+    /// Opens VM `name`'s device as its guest, keeping the transport too: for raw commands,
+    /// or to do to the device what the VMM would ([`VirtioUser::pause_rings`]).
+    pub fn open_shared(&self, name: &str) -> (Context, Arc<VirtioUser>) {
+        let dev = Arc::new(
+            VirtioUser::connect(self.socket(name), Options::default()).expect("guest connects"),
+        );
+        (Context::from_transport(SharedTransport(dev.clone())), dev)
+    }
+
     /// The daemon's view of VM `name` while a guest is connected.
     pub fn vm(&self, name: &str) -> Option<Arc<Vm>> {
         let server = self.daemon.as_ref()?.server(name)?;
@@ -122,6 +134,55 @@ impl Drop for TestDaemon {
             d.stop();
         }
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// One connection's transport, shared between a `Context` (which owns its transport) and the
+/// test, which also drives it directly.
+#[derive(Debug, Clone)]
+pub struct SharedTransport(pub Arc<VirtioUser>);
+
+impl Transport for SharedTransport {
+    type Error = VirtioUserError;
+
+    fn config(&self) -> &vrdma_proto::config::Config {
+        Transport::config(&*self.0)
+    }
+    fn read_config(&self) -> Result<vrdma_proto::config::Config, VirtioUserError> {
+        Transport::read_config(&*self.0)
+    }
+    fn features(&self) -> u64 {
+        Transport::features(&*self.0)
+    }
+    fn num_doorbell_queues(&self) -> u16 {
+        Transport::num_doorbell_queues(&*self.0)
+    }
+    fn control(&self, request: &[u8], response: &mut [u8]) -> Result<usize, VirtioUserError> {
+        Transport::control(&*self.0, request, response)
+    }
+    fn ring_doorbells(&self, queue: u16, doorbells: &[Doorbell]) -> Result<(), VirtioUserError> {
+        Transport::ring_doorbells(&*self.0, queue, doorbells)
+    }
+    fn event_fd(&self) -> RawFd {
+        Transport::event_fd(&*self.0)
+    }
+    fn hangup_fd(&self) -> Option<RawFd> {
+        Transport::hangup_fd(&*self.0)
+    }
+    fn drain_events(&self) -> Result<Vec<DeviceEvent>, VirtioUserError> {
+        Transport::drain_events(&*self.0)
+    }
+    fn alloc_dma(&self, len: usize, align: usize) -> Result<DmaBuf, VirtioUserError> {
+        Transport::alloc_dma(&*self.0, len, align)
+    }
+    fn add_memory(&self, mem: Arc<SharedMemory>) -> Result<(), VirtioUserError> {
+        Transport::add_memory(&*self.0, mem)
+    }
+    fn remove_memory(&self, base: u64) -> Result<(), VirtioUserError> {
+        Transport::remove_memory(&*self.0, base)
+    }
+    fn is_shared(&self, addr: u64, len: u64) -> bool {
+        Transport::is_shared(&*self.0, addr, len)
     }
 }
 

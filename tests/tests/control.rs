@@ -6,12 +6,11 @@
 //! raw command bytes on the same transport (`Transport::control`), so that they can name
 //! handles the verbs objects no longer own and send what no well-behaved driver would.
 
-use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vrdma::mem::{DmaBuf, SharedMemory};
-use vrdma::transport::{DeviceEvent, Options, Transport, VirtioUser, VirtioUserError};
+use vrdma::mem::DmaBuf;
+use vrdma::transport::{Transport, VirtioUser};
 use vrdma::{
     AccessFlags, AddressHandle, CompletionChannel, CompletionQueue, Context, MemoryRegion,
     ProtectionDomain, QpAttr, QpAttrMask, QpCap, QpInitAttr, QpState, QpType, QueuePair, SendWr,
@@ -19,7 +18,6 @@ use vrdma::{
 };
 use vrdma_proto::cmd::{self, NotifyFlags, Opcode, RespHeader, Status};
 use vrdma_proto::config::{self, Config, Mtu};
-use vrdma_proto::doorbell::Doorbell;
 use vrdma_proto::{Gid, cqe, qp, ring, wqe};
 use vrdma_tests::{Endpoint, TestDaemon, all_access, connect_rc, poll_one, rc_pair};
 use zerocopy::{FromBytes, IntoBytes};
@@ -27,51 +25,6 @@ use zerocopy::{FromBytes, IntoBytes};
 // ---------------------------------------------------------------------------------------------
 // A guest connection usable both through verbs and raw.
 // ---------------------------------------------------------------------------------------------
-
-/// The transport of one connection, shared between a `Context` and the test's raw commands.
-#[derive(Debug, Clone)]
-struct Shared(Arc<VirtioUser>);
-
-impl Transport for Shared {
-    type Error = VirtioUserError;
-
-    fn config(&self) -> &Config {
-        Transport::config(&*self.0)
-    }
-    fn read_config(&self) -> Result<Config, VirtioUserError> {
-        Transport::read_config(&*self.0)
-    }
-    fn features(&self) -> u64 {
-        Transport::features(&*self.0)
-    }
-    fn num_doorbell_queues(&self) -> u16 {
-        Transport::num_doorbell_queues(&*self.0)
-    }
-    fn control(&self, request: &[u8], response: &mut [u8]) -> Result<usize, VirtioUserError> {
-        Transport::control(&*self.0, request, response)
-    }
-    fn ring_doorbells(&self, queue: u16, doorbells: &[Doorbell]) -> Result<(), VirtioUserError> {
-        Transport::ring_doorbells(&*self.0, queue, doorbells)
-    }
-    fn event_fd(&self) -> RawFd {
-        Transport::event_fd(&*self.0)
-    }
-    fn drain_events(&self) -> Result<Vec<DeviceEvent>, VirtioUserError> {
-        Transport::drain_events(&*self.0)
-    }
-    fn alloc_dma(&self, len: usize, align: usize) -> Result<DmaBuf, VirtioUserError> {
-        Transport::alloc_dma(&*self.0, len, align)
-    }
-    fn add_memory(&self, mem: Arc<SharedMemory>) -> Result<(), VirtioUserError> {
-        Transport::add_memory(&*self.0, mem)
-    }
-    fn remove_memory(&self, base: u64) -> Result<(), VirtioUserError> {
-        Transport::remove_memory(&*self.0, base)
-    }
-    fn is_shared(&self, addr: u64, len: u64) -> bool {
-        Transport::is_shared(&*self.0, addr, len)
-    }
-}
 
 /// A refused command: its status and `detail`.
 type Refusal = (Status, u32);
@@ -170,10 +123,7 @@ fn reg_mr_bytes(body: &cmd::RegMr, pages: &[u64]) -> Vec<u8> {
 
 impl Guest {
     fn connect(d: &TestDaemon, name: &str) -> Guest {
-        let dev = Arc::new(
-            VirtioUser::connect(d.socket(name), Options::default()).expect("guest connects"),
-        );
-        let ctx = Context::from_transport(Shared(dev.clone()));
+        let (ctx, dev) = d.open_shared(name);
         Guest { ctx, dev }
     }
 

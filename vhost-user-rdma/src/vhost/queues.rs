@@ -77,6 +77,12 @@ impl DoorbellQueues {
         self.drain(vring, false);
     }
 
+    /// Whether the scheduler polls this VM and wants its driver not to kick (what the queues
+    /// that run show as `VRING_USED_F_NO_NOTIFY`). For tests and diagnostics.
+    pub fn kicks_off(&self) -> bool {
+        self.kicks_off.load(Ordering::Acquire)
+    }
+
     /// The doorbell queues known so far.
     pub fn vrings(&self) -> impl Iterator<Item = &Vring> {
         self.vrings.iter().filter_map(OnceLock::get)

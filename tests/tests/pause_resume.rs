@@ -1,0 +1,146 @@
+//! A VMM pausing and resuming a VM stops and restarts its virtqueues (QEMU: `GET_VRING_BASE` on
+//! every ring, then `SET_VRING_NUM`, `_ADDR`, `_BASE`, `_KICK`, `_CALL` and `_ENABLE`). When
+//! that happens while the scheduler polls the VM's doorbell queue, the stopped queue keeps
+//! `VRING_USED_F_NO_NOTIFY` in guest memory; if the scheduler stops polling meanwhile and the
+//! device does not set the flag to match when the ring starts again, a driver following
+//! docs/protocol.md §14.4 never kicks that queue again and its QPs hang.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use vrdma::{CompletionQueue, QpCap, SendFlags, SendWr, Sge, WcStatus};
+use vrdma_proto::queue;
+use vrdma_tests::{Endpoint, TestDaemon, empty_wc, rc_pair};
+
+/// Pause/resume cycles. Without the device setting the flag when a ring starts, the test hangs
+/// in the first or second: the pause catches the VM polled in most cycles, and the waits below
+/// make the rest certain. The other cycles are for the races around the restart itself.
+const CYCLES: u32 = 200;
+/// Small writes between two pauses, each waited for before the next is posted: each doorbell
+/// comes a few microseconds after the previous completion, which is what makes the scheduler
+/// poll (its polling window grows back after the long sleep of the previous pause).
+const WRITES_PER_CYCLE: u64 = 20;
+/// Bytes of the write in flight when the VMM pauses the VM: it keeps the scheduler serving,
+/// and so polling, the VM while the rings stop.
+const BULK: u32 = 8 << 20;
+/// How long anything may take before the test calls it hung. A write takes microseconds (the
+/// bulk one milliseconds); one whose doorbell is never taken takes for ever, so this only
+/// bounds the failure.
+const HANG: Duration = Duration::from_secs(10);
+
+/// Waits until `done()` holds, failing the test with `hung()` after [`HANG`].
+#[track_caller]
+fn wait_for(mut done: impl FnMut() -> bool, hung: impl Fn() -> String) {
+    let deadline = Instant::now() + HANG;
+    while !done() {
+        assert!(Instant::now() < deadline, "{}", hung());
+        // Leave the CPU to the daemon: this machine has two cores.
+        std::thread::yield_now();
+    }
+}
+
+/// Waits for the completion of write `id` on `cq`, which must succeed.
+#[track_caller]
+fn await_write(cq: &CompletionQueue, id: u64, hung: impl Fn() -> String) {
+    let mut wc = [empty_wc(); 1];
+    wait_for(|| cq.poll(&mut wc).expect("poll") == 1, hung);
+    assert_eq!(
+        (wc[0].wr_id, wc[0].status),
+        (id, WcStatus::Success),
+        "{:?}",
+        wc[0]
+    );
+}
+
+/// Posts an RDMA WRITE of `len` bytes from `a` to `b`, signalled, with id `id`.
+fn post_write(a: &Endpoint, b: &Endpoint, id: u64, len: u32) {
+    let src = [Sge::new(a.buf.addr(), len, a.mr.lkey())];
+    let wr =
+        [SendWr::rdma_write(id, &src, b.buf.addr(), b.mr.rkey()).with_flags(SendFlags::SIGNALED)];
+    a.send(&wr).expect("post write");
+}
+
+#[test]
+fn doorbells_are_taken_after_the_vmm_pauses_and_resumes_a_polled_vm() {
+    let d = TestDaemon::start(&[("a", ""), ("b", "")]);
+    let (ca, dev_a) = d.open_shared("a");
+    let cb = d.open("b");
+    let (a, b) = rc_pair(&ca, &cb, BULK as usize, QpCap::default());
+    let doorbells_a = d.doorbells("a").expect("a is connected");
+    let vm_a = d.vm("a").expect("a is connected");
+
+    let mut id = 0u64;
+    // How many pauses stopped the doorbell queue while the scheduler polled it (the flag
+    // set): the case the test is for. A run in which none did would prove nothing.
+    let mut paused_while_polled = 0u32;
+    for cycle in 1..=CYCLES {
+        // Each write is posted on an idle QP, so the driver rings a doorbell, and completes
+        // only once the device takes it: from a kick, or by polling the queue.
+        for _ in 0..WRITES_PER_CYCLE {
+            id += 1;
+            post_write(&a, &b, id, 8);
+            await_write(&a.cq, id, || {
+                format!(
+                    "QP hung after stop/start cycle {}: doorbells not taken",
+                    cycle - 1
+                )
+            });
+        }
+
+        id += 1;
+        let bulk = id;
+        let moved_before = vm_a.counters.bytes.load(Ordering::Relaxed);
+        post_write(&a, &b, bulk, BULK);
+        // Pause only once the device has taken the write (its doorbell, if it needed one, is
+        // off the ring): a doorbell left on a stopped ring waits for the restart. The counter
+        // may still be short of the last small write's 8 bytes, so more than 8 must arrive.
+        wait_for(
+            || vm_a.counters.bytes.load(Ordering::Relaxed) > moved_before + 8,
+            || format!("cycle {cycle}: the bulk write never started"),
+        );
+        let polled = dev_a
+            .pause_rings(|rings| {
+                let doorbell_ring = rings
+                    .iter()
+                    .find(|r| r.queue == queue::FIRST_DOORBELL)
+                    .expect("the doorbell queue was stopped with the others");
+                // The write needs none of a's rings: it completes while they are stopped.
+                await_write(&a.cq, bulk, || {
+                    format!("cycle {cycle}: the bulk write did not complete while paused")
+                });
+                // With no work left, the scheduler stops polling a within its window. Restart
+                // only once it has: the flag a stopped ring kept no longer matches, and the
+                // device must set it right when the ring starts.
+                wait_for(
+                    || !doorbells_a.kicks_off(),
+                    || format!("cycle {cycle}: the scheduler kept polling an idle VM"),
+                );
+                doorbell_ring.no_notify
+            })
+            .unwrap_or_else(|e| panic!("stop/start cycle {cycle}: {}", vrdma::error_chain(&e)));
+        if polled {
+            paused_while_polled += 1;
+        }
+        // The QP is idle again, so this write needs its doorbell taken; with the flag left set
+        // the driver does not kick, and nothing polls.
+        id += 1;
+        post_write(&a, &b, id, 8);
+        await_write(&a.cq, id, || {
+            format!(
+                "QP hung after stop/start cycle {cycle}: doorbells not taken (the doorbell \
+                 queue was stopped {} VRING_USED_F_NO_NOTIFY)",
+                if polled { "with" } else { "without" }
+            )
+        });
+    }
+    eprintln!("{paused_while_polled} of {CYCLES} pauses stopped a polled doorbell queue");
+    assert!(
+        paused_while_polled > 0,
+        "no pause found the doorbell queue polled (VRING_USED_F_NO_NOTIFY set): the scheduler \
+         never polled VM a, so the test exercised nothing"
+    );
+
+    // The control queue came back too.
+    ca.query_port(1)
+        .expect("the control queue answers after the stop/start cycles");
+}

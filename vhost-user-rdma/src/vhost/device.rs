@@ -8,7 +8,7 @@ use log::{debug, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
-use virtio_queue::{DescriptorChain, QueueOwnedT};
+use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddressSpace};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
@@ -146,6 +146,12 @@ impl VmDevice {
     }
 
     fn process_control(&self, vring: &Vring) -> Result<(), Error> {
+        // The library may hand over a queue the VMM has stopped again (GET_VRING_BASE) since
+        // it became ready: nothing to do until it restarts, and an error here would end the
+        // VM's vring worker.
+        if !vring.get_ref().get_queue().ready() {
+            return Ok(());
+        }
         let mem = self.vm.mem.memory();
         loop {
             let chains: Vec<_> = vring

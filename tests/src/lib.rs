@@ -25,6 +25,7 @@ use vrdma_proto::doorbell::Doorbell;
 pub mod chaos;
 pub use vrdma_netns as netns;
 
+pub mod raw;
 pub mod scenarios;
 
 /// A daemon serving VMs on sockets in a private temporary directory; stopped on drop.

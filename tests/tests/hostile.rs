@@ -5,155 +5,14 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use vrdma::mem::DmaBuf;
-use vrdma::transport::{Options, Transport, VirtioUser};
-use vrdma_proto::cmd::{self, Opcode, RespHeader, Status};
+use vrdma::transport::{Options, Transport};
+use vrdma_proto::cmd::{Opcode, Status};
 use vrdma_proto::cqe::{self, Cqe, VendorErr};
-use vrdma_proto::doorbell::{self, Doorbell};
+use vrdma_proto::doorbell::Doorbell;
 use vrdma_proto::{event, qp, ring, wqe};
+use vrdma_tests::raw::{Raw, set_producer, word};
 use vrdma_tests::{TestDaemon, rc_pair, read};
-use zerocopy::{FromBytes, IntoBytes};
-
-struct Raw {
-    v: VirtioUser,
-}
-
-impl Raw {
-    fn command(&self, op: Opcode, body: &[u8]) -> (Status, Vec<u8>) {
-        let mut req = cmd::header(op).as_bytes().to_vec();
-        req.extend_from_slice(body);
-        let mut resp = vec![0u8; 8 + op.response_len()];
-        let n = self.v.control(&req, &mut resp).expect("control");
-        let (_, status) = RespHeader::decode(&resp[..n]).expect("response header");
-        (status, resp[8..n].to_vec())
-    }
-
-    fn ok(&self, op: Opcode, body: &[u8]) -> Vec<u8> {
-        let (status, resp) = self.command(op, body);
-        assert_eq!(status, Status::Ok, "{op:?}");
-        resp
-    }
-
-    fn ring(&self, depth: u32, stride: u32) -> DmaBuf {
-        let g = ring::Geometry::new(depth, stride).unwrap();
-        self.v
-            .dma()
-            .alloc_aligned(g.byte_len() as usize, 64)
-            .expect("ring memory")
-    }
-
-    /// A PD, a 16-entry CQ and an RC QP of depth 4 in RTS towards a GID nobody has.
-    fn qp(&self) -> (u32, DmaBuf, DmaBuf) {
-        let pdn = cmd::Handle::read_from_bytes(&self.ok(Opcode::AllocPd, &[]))
-            .unwrap()
-            .handle;
-        let cq_ring = self.ring(16, cqe::SIZE);
-        let cq = cmd::CreateCq {
-            cqe: 16.into(),
-            reserved: 0.into(),
-            ring_addr: cq_ring.addr().into(),
-        };
-        let cqn = cmd::CreateCqResp::read_from_bytes(&self.ok(Opcode::CreateCq, cq.as_bytes()))
-            .unwrap()
-            .cqn;
-        let sq_ring = self.ring(4, wqe::send_stride(1, 0));
-        let rq_ring = self.ring(4, wqe::recv_stride(1));
-        let create = cmd::CreateQp {
-            pdn,
-            qp_type: qp::Type::Rc.raw(),
-            sq_sig_all: 1,
-            reserved: 0.into(),
-            send_cqn: cqn,
-            recv_cqn: cqn,
-            cap: qp::Caps {
-                max_send_wr: 4.into(),
-                max_recv_wr: 4.into(),
-                max_send_sge: 1.into(),
-                max_recv_sge: 1.into(),
-                max_inline_data: 0.into(),
-                reserved: 0.into(),
-            },
-            sq_ring_addr: sq_ring.addr().into(),
-            rq_ring_addr: rq_ring.addr().into(),
-        };
-        let qpn = cmd::CreateQpResp::read_from_bytes(&self.ok(Opcode::CreateQp, create.as_bytes()))
-            .unwrap()
-            .qpn
-            .get();
-        let steps: [(qp::State, qp::AttrMask); 3] = [
-            (
-                qp::State::Init,
-                qp::AttrMask::PKEY_INDEX | qp::AttrMask::PORT | qp::AttrMask::ACCESS_FLAGS,
-            ),
-            (
-                qp::State::Rtr,
-                qp::AttrMask::AV
-                    | qp::AttrMask::PATH_MTU
-                    | qp::AttrMask::DEST_QPN
-                    | qp::AttrMask::RQ_PSN
-                    | qp::AttrMask::MAX_DEST_RD_ATOMIC
-                    | qp::AttrMask::MIN_RNR_TIMER,
-            ),
-            (
-                qp::State::Rts,
-                qp::AttrMask::TIMEOUT
-                    | qp::AttrMask::RETRY_CNT
-                    | qp::AttrMask::RNR_RETRY
-                    | qp::AttrMask::SQ_PSN
-                    | qp::AttrMask::MAX_QP_RD_ATOMIC,
-            ),
-        ];
-        for (state, mask) in steps {
-            let mut attr = qp::Attr {
-                qp_state: state.raw(),
-                path_mtu: vrdma_proto::config::Mtu::Mtu1024.raw(),
-                port_num: 1,
-                max_rd_atomic: 1,
-                max_dest_rd_atomic: 1,
-                dest_qp_num: 2.into(),
-                ..qp::Attr::default()
-            };
-            attr.ah_attr = qp::AhAttr {
-                dgid: vrdma_proto::Gid::from_ipv4([10, 9, 9, 9]),
-                is_global: 1,
-                port_num: 1,
-                ..qp::AhAttr::default()
-            };
-            let body = cmd::ModifyQp {
-                qpn: qpn.into(),
-                attr_mask: (mask | qp::AttrMask::STATE).bits().into(),
-                attr,
-            };
-            self.ok(Opcode::ModifyQp, body.as_bytes());
-        }
-        (qpn, sq_ring, cq_ring)
-    }
-
-    fn state(&self, qpn: u32) -> qp::State {
-        let body = cmd::Handle {
-            handle: qpn.into(),
-            reserved: 0.into(),
-        };
-        let resp =
-            cmd::QueryQpResp::read_from_bytes(&self.ok(Opcode::QueryQp, body.as_bytes())).unwrap();
-        qp::State::from_raw(resp.attr.qp_state).unwrap()
-    }
-
-    fn doorbell(&self, qpn: u32) {
-        self.v
-            .ring_doorbells(0, &[Doorbell::new(doorbell::Kind::Send, qpn)])
-            .expect("doorbell");
-    }
-}
-
-fn set_producer(ring: &DmaBuf, value: u32) {
-    ring.write_at(ring::PRODUCER_OFFSET as usize, &value.to_le_bytes())
-        .unwrap();
-}
-
-fn word(ring: &DmaBuf, offset: u64) -> u32 {
-    u32::from_le_bytes(read(ring, offset as usize, 4).try_into().unwrap())
-}
+use zerocopy::IntoBytes;
 
 fn wait(what: &str, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -166,9 +25,7 @@ fn wait(what: &str, mut done: impl FnMut() -> bool) {
 #[test]
 fn malformed_work_requests_and_overruns_fail_only_the_offending_qp() {
     let d = TestDaemon::start(&[("evil", ""), ("v1", ""), ("v2", "")]);
-    let evil = Raw {
-        v: VirtioUser::connect(d.socket("evil"), Options::default()).expect("connect"),
-    };
+    let evil = Raw::connect(d.socket("evil"), Options::default());
 
     // An undefined opcode in a send WQE: LOC_QP_OP_ERR with the request's wr_id, QP to ERR.
     let (qpn, sq, cq) = evil.qp();

@@ -90,3 +90,61 @@ pub trait Transport: Send + Sync {
     /// can reach it. Memory regions and work requests must only name such ranges.
     fn is_shared(&self, addr: u64, len: u64) -> bool;
 }
+
+/// A shared transport is a transport: one connection can serve a [`crate::Context`] and, say, a
+/// test or tool that also sends raw control commands on it.
+impl<T: Transport + ?Sized> Transport for Arc<T> {
+    type Error = T::Error;
+
+    fn config(&self) -> &Config {
+        (**self).config()
+    }
+
+    fn read_config(&self) -> Result<Config, Self::Error> {
+        (**self).read_config()
+    }
+
+    fn features(&self) -> u64 {
+        (**self).features()
+    }
+
+    fn num_doorbell_queues(&self) -> u16 {
+        (**self).num_doorbell_queues()
+    }
+
+    fn control(&self, request: &[u8], response: &mut [u8]) -> Result<usize, Self::Error> {
+        (**self).control(request, response)
+    }
+
+    fn ring_doorbells(&self, queue: u16, doorbells: &[Doorbell]) -> Result<(), Self::Error> {
+        (**self).ring_doorbells(queue, doorbells)
+    }
+
+    fn event_fd(&self) -> RawFd {
+        (**self).event_fd()
+    }
+
+    fn hangup_fd(&self) -> Option<RawFd> {
+        (**self).hangup_fd()
+    }
+
+    fn drain_events(&self) -> Result<Vec<DeviceEvent>, Self::Error> {
+        (**self).drain_events()
+    }
+
+    fn alloc_dma(&self, len: usize, align: usize) -> Result<DmaBuf, Self::Error> {
+        (**self).alloc_dma(len, align)
+    }
+
+    fn add_memory(&self, mem: Arc<SharedMemory>) -> Result<(), Self::Error> {
+        (**self).add_memory(mem)
+    }
+
+    fn remove_memory(&self, base: u64) -> Result<(), Self::Error> {
+        (**self).remove_memory(base)
+    }
+
+    fn is_shared(&self, addr: u64, len: u64) -> bool {
+        (**self).is_shared(addr, len)
+    }
+}

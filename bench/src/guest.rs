@@ -1,17 +1,23 @@
-//! In-process guests for the fairness, isolation, many-VM and scale scenarios: each is a
-//! thread of this process that opens a VM's device through the `vrdma` library (virtio-user,
-//! as the tests and vrdma-perf do) and keeps RDMA WRITEs outstanding.
+//! In-process guests for the fairness, isolation, registering, many-VM and scale scenarios:
+//! each is a thread of this process that opens a VM's device through the `vrdma` library
+//! (virtio-user, as the tests and vrdma-perf do) and keeps RDMA WRITEs outstanding, or
+//! registers memory over and over.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use vrdma::mem::DmaBuf;
+use vrdma::transport::{Options, Transport, VirtioUser};
 use vrdma::{
     AccessFlags, AddressHandle, CompletionQueue, Context, MemoryRegion, ProtectionDomain, QpAttr,
-    QpAttrMask, QpCap, QpInitAttr, QpState, QpType, QueuePair, SendFlags, SendWr, Sge, WcStatus,
-    WorkCompletion,
+    QpAttrMask, QpCap, QpInitAttr, QpState, QpType, QueuePair, RecvWr, SendFlags, SendWr, Sge,
+    WcStatus, WorkCompletion,
 };
+use vrdma_proto::cmd::{self, Opcode, RespHeader, Status};
+use vrdma_proto::mr;
+use zerocopy::IntoBytes;
 
 /// Why an in-process guest failed.
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +60,30 @@ pub enum Error {
     /// Interrupted by a signal.
     #[error("interrupted")]
     Interrupted,
+    /// Shared memory could not be had.
+    #[error("{what}: {source}")]
+    Memory {
+        /// What the guest was doing.
+        what: String,
+        /// Why.
+        source: vrdma::mem::MemError,
+    },
+    /// A raw control command could not be sent or answered.
+    #[error("{what}: {source}")]
+    Transport {
+        /// What the guest was doing.
+        what: String,
+        /// The transport's error.
+        source: vrdma::transport::VirtioUserError,
+    },
+    /// The device refused a raw control command.
+    #[error("{what}: the device answered {status:?}")]
+    Refused {
+        /// What the guest was doing.
+        what: String,
+        /// Its answer.
+        status: vrdma_proto::cmd::Status,
+    },
 }
 
 fn verb(what: impl Into<String>) -> impl FnOnce(vrdma::Error) -> Error {
@@ -423,4 +453,232 @@ impl Drop for Writers {
     fn drop(&mut self) {
         let _ = self.finish();
     }
+}
+
+/// A VM that registers and deregisters one large MR over and over, with raw control commands
+/// (the library would pick the largest page size the buffer allows; this one names every
+/// page), and has a SEND of its own refused for want of a receive while it does, retried
+/// without end, so the daemon's scheduler has a timer of this VM falling due every 10 µs.
+#[derive(Debug)]
+pub struct Registrar {
+    /// The connection, shared with `_ctx`.
+    v: Arc<VirtioUser>,
+    /// The REG_MR command (header, body, page list), made once.
+    request: Arc<Vec<u8>>,
+    /// Sends to `receiver`, which posts no receive until the SEND may go through.
+    sender: Side,
+    receiver: Side,
+    /// The MR's PD.
+    _pd: ProtectionDomain,
+    /// The memory the MR covers, kept for as long as it is registered.
+    _region: DmaBuf,
+    _ctx: Context,
+}
+
+/// A registrar's loop running on its own thread.
+#[derive(Debug)]
+pub struct Registering {
+    stop: Arc<AtomicBool>,
+    count: Arc<AtomicU64>,
+    thread: Option<std::thread::JoinHandle<Result<Vec<Duration>, Error>>>,
+}
+
+impl Registrar {
+    /// Opens VM `socket`'s device with `pages` pages of `1 << page_shift` bytes of memory on
+    /// top of what the connection needs (memfd memory is sparse: registering touches none of
+    /// it), and sets up its QPs.
+    pub fn open(socket: &Path, pages: u64, page_shift: u8) -> Result<Registrar, Error> {
+        let len = pages << page_shift;
+        let options = Options {
+            memory_size: len as usize + (16 << 20),
+            ..Options::default()
+        };
+        let v = VirtioUser::connect(socket, options).map_err(|source| Error::Transport {
+            what: format!("opening {}", socket.display()),
+            source,
+        })?;
+        let v = Arc::new(v);
+        let ctx = Context::from_transport(v.clone());
+        let region = v
+            .dma()
+            .alloc_aligned(len as usize, 1 << page_shift)
+            .map_err(|source| Error::Memory {
+                what: "allocating the memory to register".into(),
+                source,
+            })?;
+        let pd = ProtectionDomain::new(&ctx).map_err(verb("ibv_alloc_pd"))?;
+        let head = cmd::RegMr {
+            pdn: pd.handle().into(),
+            access: (mr::Access::LOCAL_WRITE | mr::Access::REMOTE_WRITE)
+                .bits()
+                .into(),
+            iova: region.addr().into(),
+            length: len.into(),
+            first_page_offset: 0.into(),
+            npages: u32::try_from(pages).unwrap_or(u32::MAX).into(),
+            page_shift,
+            reserved: [0; 7],
+        };
+        let mut request = Vec::with_capacity(64 + pages as usize * 8);
+        request.extend_from_slice(cmd::header(Opcode::RegMr).as_bytes());
+        request.extend_from_slice(head.as_bytes());
+        for i in 0..pages {
+            request.extend_from_slice(&(region.addr() + (i << page_shift)).to_le_bytes());
+        }
+        let sender = Side::new(&ctx, 1, 1, 4, 64)?;
+        let receiver = Side::new(&ctx, 1, 1, 4, 64)?;
+        connect(&sender, &receiver)?;
+        Ok(Registrar {
+            v,
+            request: Arc::new(request),
+            sender,
+            receiver,
+            _pd: pd,
+            _region: region,
+            _ctx: ctx,
+        })
+    }
+
+    /// Posts the SEND that will be refused until [`Registrar::quiet`], and starts sending the
+    /// REG_MR on a thread of its own until [`Registering::finish`]: registering and
+    /// deregistering, or (`refused`) naming a PD that does not exist, so that the daemon
+    /// decodes the page list and refuses the command as soon as it holds the VM's objects, a
+    /// neighbour as busy on the daemon's CPU that holds no lock for long. Returns once the
+    /// first command is done.
+    pub fn start(&self, refused: bool) -> Result<Registering, Error> {
+        let sge = [Sge::new(self.sender.buf.addr(), 8, self.sender.mr.lkey())];
+        let send = SendWr::send(1, &sge).with_flags(SendFlags::SIGNALED);
+        // SAFETY: the SGE lies in the sender's buffer, which the registrar keeps, and nothing
+        // writes it.
+        unsafe { self.sender.qps[0].post_send(&[send]) }
+            .map_err(verb("ibv_post_send (the refused SEND)"))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let count = Arc::new(AtomicU64::new(0));
+        let (v, mut request) = (self.v.clone(), self.request.clone());
+        if refused {
+            let mut r = (*request).clone();
+            let pdn = size_of::<cmd::Header>();
+            r[pdn..pdn + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+            request = Arc::new(r);
+        }
+        let (stop2, count2) = (stop.clone(), count.clone());
+        let thread = std::thread::spawn(move || {
+            let mut took = Vec::new();
+            while !stop2.load(Ordering::Relaxed) {
+                let t0 = Instant::now();
+                let (status, lkey) = raw(&v, &request, "REG_MR")?;
+                took.push(t0.elapsed());
+                match (refused, status) {
+                    (false, Status::Ok) => {
+                        let mut dereg = cmd::header(Opcode::DeregMr).as_bytes().to_vec();
+                        dereg.extend_from_slice(&lkey.to_le_bytes());
+                        dereg.extend_from_slice(&0u32.to_le_bytes());
+                        match raw(&v, &dereg, "DEREG_MR")? {
+                            (Status::Ok, _) => {}
+                            (status, _) => {
+                                let what = "DEREG_MR".into();
+                                return Err(Error::Refused { what, status });
+                            }
+                        }
+                    }
+                    (true, Status::InvalidHandle) => {}
+                    (_, status) => {
+                        let what = "REG_MR".into();
+                        return Err(Error::Refused { what, status });
+                    }
+                }
+                count2.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(took)
+        });
+        let mut r = Registering {
+            stop,
+            count,
+            thread: Some(thread),
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while r.count.load(Ordering::Relaxed) == 0 {
+            if r.thread.as_ref().is_some_and(|t| t.is_finished()) || Instant::now() > deadline {
+                r.finish()?;
+                return Err(Error::NoTraffic {
+                    who: "the registering VM".into(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(r)
+    }
+
+    /// Posts the receive the SEND was waiting for and checks that both complete: the SEND
+    /// was refused and retried the whole time. The VM is idle again.
+    pub fn quiet(&self) -> Result<(), Error> {
+        let sge = [Sge::new(
+            self.receiver.buf.addr(),
+            64,
+            self.receiver.mr.lkey(),
+        )];
+        let wr = RecvWr {
+            wr_id: 2,
+            sg_list: &sge,
+        };
+        // SAFETY: the SGE lies in the receiver's buffer, which the registrar keeps; it is
+        // read by nobody.
+        unsafe { self.receiver.qps[0].post_recv(&[wr]) }
+            .map_err(verb("ibv_post_recv (for the refused SEND)"))?;
+        for side in [&self.sender, &self.receiver] {
+            let mut wc = [WorkCompletion::default(); 1];
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                if side.cq.poll(&mut wc).map_err(verb("ibv_poll_cq"))? == 1 {
+                    if wc[0].status != WcStatus::Success {
+                        return Err(Error::Completion {
+                            status: wc[0].status,
+                            vendor_err: wc[0].vendor_err,
+                        });
+                    }
+                    break;
+                }
+                if Instant::now() > deadline {
+                    return Err(Error::Stalled { outstanding: 1 });
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Registering {
+    /// Stops the loop after the registration under way; how long each registration took.
+    pub fn finish(&mut self) -> Result<Vec<Duration>, Error> {
+        self.stop.store(true, Ordering::Relaxed);
+        match self.thread.take().map(std::thread::JoinHandle::join) {
+            Some(Ok(r)) => r,
+            Some(Err(_)) => Err(Error::Panicked),
+            None => Ok(Vec::new()),
+        }
+    }
+}
+
+impl Drop for Registering {
+    fn drop(&mut self) {
+        let _ = self.finish();
+    }
+}
+
+/// Sends `request` (header and body) on `v`: the device's status, and the first word of the
+/// answer's body (the lkey of a REG_MR).
+fn raw(v: &VirtioUser, request: &[u8], what: &str) -> Result<(Status, u32), Error> {
+    let mut resp = [0u8; 64];
+    let n = v
+        .control(request, &mut resp)
+        .map_err(|source| Error::Transport {
+            what: what.into(),
+            source,
+        })?;
+    let status = RespHeader::decode(&resp[..n]).map_or(Status::Malformed, |(_, s)| s);
+    let at = size_of::<RespHeader>();
+    let word = resp.get(at..at + 4).filter(|_| n >= at + 4);
+    let word = word.map_or(0, |w| u32::from_le_bytes([w[0], w[1], w[2], w[3]]));
+    Ok((status, word))
 }

@@ -24,8 +24,9 @@ use report::Results;
 use sections::{Env, SECTIONS};
 
 /// The side-by-side benchmark: vrdma against TCP (qperf) and memcpy, memory registration,
-/// daemon idle CPU, fairness, isolation and scale. Run it through bench/run, which installs
-/// qperf and gnuplot and builds the daemon and vrdma-perf next to this program.
+/// daemon idle CPU, fairness, isolation (from bulk traffic and from memory registration) and
+/// scale. Run it through bench/run, which installs qperf and gnuplot and builds the daemon and
+/// vrdma-perf next to this program.
 #[derive(Debug, Parser)]
 #[command(name = "vrdma-bench", version, about, long_about = None)]
 struct Args {
@@ -39,7 +40,7 @@ struct Args {
     quick: bool,
 
     /// Run only these sections (comma-separated): vrdma, tcp, roce, memcpy, mr, idle,
-    /// fairness, isolation, many, scale.
+    /// fairness, isolation, registering, many, scale.
     #[arg(long, value_name = "SECTION,...", value_delimiter = ',')]
     only: Vec<String>,
 
@@ -124,6 +125,7 @@ fn main() -> ExitCode {
             "idle" => sections::idle(&mut env, &mut results),
             "fairness" => sections::fairness(&mut env, &mut results),
             "isolation" => sections::isolation(&mut env, &mut results),
+            "registering" => sections::registering(&mut env, &mut results),
             "many" => sections::many(&mut env, &mut results),
             _ => sections::scale(&mut env, &mut results),
         };

@@ -61,7 +61,7 @@ pub struct Env {
 }
 
 /// The sections, in the order they run.
-pub const SECTIONS: [&str; 10] = [
+pub const SECTIONS: [&str; 11] = [
     "vrdma",
     "tcp",
     "roce",
@@ -70,6 +70,7 @@ pub const SECTIONS: [&str; 10] = [
     "idle",
     "fairness",
     "isolation",
+    "registering",
     "many",
     "scale",
 ];
@@ -854,11 +855,11 @@ pub fn isolation(env: &mut Env, r: &mut Results) -> Result<(), Error> {
         }
     }
     let alone = median_p99(alone.into_iter().map(|e| (e, 0.0)).collect()).0;
-    record_latency(r, "alone", &alone);
+    record_latency(r, "isolation", "alone", &alone);
     let mut ratios = Vec::new();
     for (neighbour, runs) in BULK_NEIGHBOURS.iter().zip(loaded) {
         let (entry, bulk_bw) = median_p99(runs);
-        record_latency(r, neighbour.series, &entry);
+        record_latency(r, "isolation", neighbour.series, &entry);
         let size = Some(u64::from(ISOLATION_BULK_MSG));
         r.add(
             "isolation",
@@ -891,18 +892,11 @@ fn median_p99(mut runs: Vec<(perf::LatEntry, f64)>) -> (perf::LatEntry, f64) {
     runs.swap_remove(middle)
 }
 
-/// Records an isolation run's typical, p99 and p99.9 latency as `series`.
-fn record_latency(r: &mut Results, series: &str, e: &perf::LatEntry) {
-    r.add(
-        "isolation",
-        series,
-        Some(8),
-        "t_typical",
-        e.t_typical_us,
-        "us",
-    );
-    r.add("isolation", series, Some(8), "p99", e.p99_us, "us");
-    r.add("isolation", series, Some(8), "p999", e.p999_us, "us");
+/// Records a latency run's typical, p99 and p99.9 latency in `section` as `series`.
+fn record_latency(r: &mut Results, section: &str, series: &str, e: &perf::LatEntry) {
+    r.add(section, series, Some(8), "t_typical", e.t_typical_us, "us");
+    r.add(section, series, Some(8), "p99", e.p99_us, "us");
+    r.add(section, series, Some(8), "p999", e.p999_us, "us");
 }
 
 /// How the bulk VM of the isolation section drives its 4 MiB writes.
@@ -975,6 +969,127 @@ fn next_to_bulk(
     let loaded = loaded?.0.lat_for(8, "write_lat next to bulk")?.clone();
     Ok((loaded, bulk_bw))
 }
+
+/// 8-byte write latency (vrdma-perf write_lat) between two VMs, alone and while a third VM
+/// registers and deregisters 4 GiB in 2^18 pages over and over, with a SEND of its own
+/// refused for want of a receive and retried every 10 µs meanwhile (so the scheduler has that
+/// VM's timers to serve while its objects are locked); and, to tell the lock from the CPU,
+/// while it sends the same REG_MR naming a PD that does not exist, which the daemon decodes
+/// and refuses as soon as it holds the VM's objects.
+pub fn registering(env: &mut Env, r: &mut Results) -> Result<(), Error> {
+    let mut daemon = env.daemon(
+        "registering",
+        &[VmSpec::new("a"), VmSpec::new("b"), VmSpec::new("reg")],
+    )?;
+    let iters = if env.quick { 2000 } else { 20_000 };
+    let run = Run {
+        test: "write_lat",
+        size: 8,
+        length: Length::Iterations(iters),
+        events: false,
+        post_list: None,
+        tx_depth: None,
+        mtu: None,
+    };
+    let reg = guest::Registrar::open(&daemon.socket("reg"), REG_PAGES, REG_PAGE_SHIFT)?;
+    // As in the isolation section: rounds of alone and next to each kind of neighbour, and of
+    // each the run with the median p99.
+    let rounds = if env.quick { 1 } else { ISOLATION_ROUNDS };
+    let mut alone = Vec::new();
+    let mut next: [Vec<(perf::LatEntry, f64)>; 2] = Default::default();
+    let mut took: [Vec<f64>; 2] = Default::default();
+    for round in 0..rounds {
+        let dir = env.dir(&format!("vrdma-perf/registering-alone-{round}"))?;
+        let (report, _) = perf_run(env, &mut Ends::local(&mut daemon), &run, &dir)?;
+        alone.push((report.lat_for(8, "write_lat alone")?.clone(), 0.0));
+        for (k, neighbour) in REG_NEIGHBOURS.iter().enumerate() {
+            let dir = env.dir(&format!("vrdma-perf/registering-{}-{round}", neighbour.tag))?;
+            let mut registering = reg.start(neighbour.refused)?;
+            let t0 = Instant::now();
+            let report = perf_run(env, &mut Ends::local(&mut daemon), &run, &dir);
+            let elapsed = t0.elapsed();
+            let times = registering.finish()?;
+            reg.quiet()?;
+            let entry = report?.0.lat_for(8, neighbour.series)?.clone();
+            let per_s = times.len() as f64 / elapsed.as_secs_f64();
+            took[k].extend(times.iter().map(|t| t.as_secs_f64() * 1e3));
+            next[k].push((entry, per_s));
+        }
+    }
+    let alone = median_p99(alone).0;
+    record_latency(r, "registering", "alone", &alone);
+    let mut line = format!(
+        "  p50/p99 alone {:.2}/{:.2} us",
+        alone.t_typical_us, alone.p99_us
+    );
+    for ((neighbour, runs), took) in REG_NEIGHBOURS.iter().zip(next).zip(&mut took) {
+        let (entry, per_s) = median_p99(runs);
+        record_latency(r, "registering", neighbour.series, &entry);
+        let ratio = entry.p99_us / alone.p99_us;
+        r.add("registering", neighbour.ratio, Some(8), "ratio", ratio, "x");
+        let ms = median(took);
+        let size = Some(REG_PAGES << REG_PAGE_SHIFT);
+        r.add("registering", neighbour.command, size, "time", ms, "ms");
+        r.add(
+            "registering",
+            neighbour.command,
+            size,
+            "per_s",
+            per_s,
+            "1/s",
+        );
+        line.push_str(&format!(
+            "; {} {:.2}/{:.2} us ({ratio:.2}x), {} of {ms:.2} ms median, {per_s:.0}/s",
+            neighbour.series,
+            entry.t_typical_us,
+            entry.p99_us,
+            took.len(),
+        ));
+    }
+    eprintln!("{line}");
+    Ok(())
+}
+
+/// Pages the registering VM of the registering section registers at a time, and their size:
+/// 2^18 pages of 16 KiB, 4 GiB, the longest page list one REG_MR may carry. The daemon checks
+/// every page under the VM's lock.
+const REG_PAGES: u64 = 1 << 18;
+const REG_PAGE_SHIFT: u8 = 14;
+
+/// What the third VM of the registering section does.
+struct RegNeighbour {
+    /// Its series in the table.
+    series: &'static str,
+    /// The ratio's name in the CSV.
+    ratio: &'static str,
+    /// The series of its commands' times.
+    command: &'static str,
+    /// Its vrdma-perf directories' tag.
+    tag: &'static str,
+    /// It names a PD that does not exist.
+    refused: bool,
+}
+
+/// The ratio of the registering section's target.
+pub const REG_RATIO: &str = "p99 next to registrations / alone";
+
+/// The registering VM, and the same VM's REG_MRs refused (see [`registering`]).
+const REG_NEIGHBOURS: [RegNeighbour; 2] = [
+    RegNeighbour {
+        series: "next to 4 GiB registrations",
+        ratio: REG_RATIO,
+        command: "REG_MR of 4 GiB",
+        tag: "reg",
+        refused: false,
+    },
+    RegNeighbour {
+        series: "next to refused 4 GiB REG_MRs (same CPU, no lock)",
+        ratio: "p99 next to refused REG_MRs / alone",
+        command: "REG_MR of 4 GiB, refused",
+        tag: "refused",
+        refused: true,
+    },
+];
 
 /// 16 VMs as 8 pairs, each VM writing 64 KiB messages over 16 QPs to its partner, against
 /// one VM writing to another over one QP with the same number of writes outstanding.

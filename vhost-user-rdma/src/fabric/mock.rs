@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use super::{Fabric, StepOutcome, WR_COST};
 use crate::model::hooks::{NoHooks, ObjectHooks};
+use crate::model::memory::GuestMem;
 use crate::model::objects::VmObjects;
 use crate::model::vm::Vm;
 
@@ -92,6 +93,7 @@ impl Fabric for MockFabric {
         &mut self,
         vm: &Arc<Vm>,
         _objects: &mut VmObjects,
+        _mem: &GuestMem,
         qpn: u32,
         budget: u32,
     ) -> StepOutcome {

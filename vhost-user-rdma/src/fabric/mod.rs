@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::model::hooks::ObjectHooks;
+use crate::model::memory::GuestMem;
 use crate::model::objects::VmObjects;
 use crate::model::vm::Vm;
 
@@ -130,10 +131,16 @@ pub trait Fabric: std::fmt::Debug {
     /// Carries VM `vm_id`'s traffic again.
     fn resume(&mut self, vm_id: u64);
 
-    /// Advances QP `qpn` of `vm`, whose objects are `objects` (locked by the caller), by at
-    /// most `budget` payload bytes. The QP is in RTS or SQD.
-    fn step(&mut self, vm: &Arc<Vm>, objects: &mut VmObjects, qpn: u32, budget: u32)
-    -> StepOutcome;
+    /// Advances QP `qpn` of `vm`, whose objects are `objects` (locked by the caller) and
+    /// memory `mem`, by at most `budget` payload bytes. The QP is in RTS or SQD.
+    fn step(
+        &mut self,
+        vm: &Arc<Vm>,
+        objects: &mut VmObjects,
+        mem: &GuestMem,
+        qpn: u32,
+        budget: u32,
+    ) -> StepOutcome;
 
     /// What the VMs' control paths tell the fabric as objects are made, changed and
     /// destroyed; called on those paths, not on the scheduler's thread.

@@ -84,10 +84,10 @@ impl Fabric for SoftFabric {
         &mut self,
         vm: &Arc<Vm>,
         objects: &mut VmObjects,
+        mem: &GuestMem,
         qpn: u32,
         budget: u32,
     ) -> StepOutcome {
-        let mem = vm.mem.memory();
         let Some(qp) = objects.qps.get(qpn) else {
             return StepOutcome::IDLE;
         };
@@ -97,7 +97,7 @@ impl Fabric for SoftFabric {
             // flight and PSNs belong to the wire, and switching would lose them.
             let on_wire = qp.rt.rc.is_started() || !self.by_gid.contains_key(&qp.attr.ah_attr.dgid);
             if qp.qp_type() == qp::Type::Rc && on_wire {
-                return remote.step_rc(vm, objects, &mem, qpn, budget);
+                return remote.step_rc(vm, objects, mem, qpn, budget);
             }
         }
         if !qp.rt.inflight.active {
@@ -105,9 +105,9 @@ impl Fabric for SoftFabric {
                 sq_drained(objects, vm, qpn);
                 return StepOutcome::IDLE;
             }
-            match start_wr(objects, vm, &mem, qpn) {
+            match start_wr(objects, vm, mem, qpn) {
                 Start::Started => {
-                    set_sq_polling(objects, &mem, qpn, true);
+                    set_sq_polling(objects, mem, qpn, true);
                 }
                 Start::Empty => return StepOutcome::IDLE,
                 Start::Failed => return StepOutcome::FAILED,
@@ -121,7 +121,7 @@ impl Fabric for SoftFabric {
                 return StepOutcome::wait_until(at);
             }
         }
-        self.execute(vm, objects, &mem, qpn, budget)
+        self.execute(vm, objects, mem, qpn, budget)
     }
 
     fn hooks(&self) -> Arc<dyn ObjectHooks> {

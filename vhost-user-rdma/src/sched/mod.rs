@@ -657,7 +657,7 @@ impl Turns {
         let mut objects = vm.try_lock()?;
         let mem = vm.mem.memory();
         let mut outcome = match examine(&mut objects, vm, &mem, qpn) {
-            Examined::Send => self.fabric.step(vm, &mut objects, qpn, budget),
+            Examined::Send => self.fabric.step(vm, &mut objects, &mem, qpn, budget),
             Examined::Flushed => {
                 self.watch_error(vm.id, qpn);
                 StepOutcome::IDLE

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use log::warn;
 use vhost_user_backend::{VringRwLock, VringT};
-use virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
+use virtio_bindings::virtio_ring::{VRING_AVAIL_F_NO_INTERRUPT, VRING_USED_F_NO_NOTIFY};
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
 use vrdma_proto::{doorbell, event, queue};
@@ -64,10 +64,12 @@ impl DoorbellQueues {
             let mem = self.vm.mem.memory();
             let mut state = vring.get_mut();
             let queue = state.get_queue_mut();
-            if queue.ready() {
-                // Read under the vring's lock, as the scheduler changes it (see `set_kicks`):
-                // whichever of the two applies last applies the current state.
-                if self.kicks_off.load(Ordering::Acquire) {
+            // Read under the vring's lock, as the scheduler changes it (see `set_kicks`):
+            // whichever of the two applies last applies the current state. Written only when
+            // the ring's flag says otherwise, so an ordinary kick costs one load.
+            let off = self.kicks_off.load(Ordering::Acquire);
+            if queue.ready() && no_notify(queue.used_ring(), &mem) != Some(off) {
+                if off {
                     let _ = queue.disable_notification(&*mem);
                 } else {
                     let _ = queue.enable_notification(&*mem);
@@ -204,6 +206,15 @@ fn has_pending(vring: &Vring, mem: &GuestMem) -> bool {
         }
         Err(_) => false,
     }
+}
+
+/// Whether the used ring at `used` tells the driver not to kick (`VRING_USED_F_NO_NOTIFY`),
+/// or `None` if it cannot be read.
+fn no_notify(used: u64, mem: &GuestMem) -> Option<bool> {
+    let flags = mem
+        .load::<u16>(GuestAddress(used), Ordering::Acquire)
+        .ok()?;
+    Some(u16::from_le(flags) & VRING_USED_F_NO_NOTIFY as u16 != 0)
 }
 
 /// Whether the driver wants an interrupt for buffers returned on `vring`: a driver that is

@@ -827,16 +827,7 @@ pub fn isolation(env: &mut Env, r: &mut Results) -> Result<(), Error> {
             VmSpec::new("bsink"),
         ],
     )?;
-    let iters = if env.quick { 2000 } else { 20_000 };
-    let run = Run {
-        test: "write_lat",
-        size: 8,
-        length: Length::Iterations(iters),
-        events: false,
-        post_list: None,
-        tx_depth: None,
-        mtu: None,
-    };
+    let run = small_write_latency(env);
     let bulk = guest::open(&daemon.socket("bulk"))?;
     let bsink = guest::open(&daemon.socket("bsink"))?;
     // Each round measures alone and next to each kind of neighbour in turn, so that a change
@@ -970,6 +961,19 @@ fn next_to_bulk(
     Ok((loaded, bulk_bw))
 }
 
+/// The 8-byte RDMA WRITE ping-pong the isolation sections measure next to their neighbours.
+fn small_write_latency(env: &Env) -> Run {
+    Run {
+        test: "write_lat",
+        size: 8,
+        length: Length::Iterations(if env.quick { 2000 } else { 20_000 }),
+        events: false,
+        post_list: None,
+        tx_depth: None,
+        mtu: None,
+    }
+}
+
 /// 8-byte write latency (vrdma-perf write_lat) between two VMs, alone and while a third VM
 /// registers and deregisters 4 GiB in 2^18 pages over and over, with a SEND of its own
 /// refused for want of a receive and retried every 10 µs meanwhile (so the scheduler has that
@@ -981,16 +985,7 @@ pub fn registering(env: &mut Env, r: &mut Results) -> Result<(), Error> {
         "registering",
         &[VmSpec::new("a"), VmSpec::new("b"), VmSpec::new("reg")],
     )?;
-    let iters = if env.quick { 2000 } else { 20_000 };
-    let run = Run {
-        test: "write_lat",
-        size: 8,
-        length: Length::Iterations(iters),
-        events: false,
-        post_list: None,
-        tx_depth: None,
-        mtu: None,
-    };
+    let run = small_write_latency(env);
     let reg = guest::Registrar::open(&daemon.socket("reg"), REG_PAGES, REG_PAGE_SHIFT)?;
     // As in the isolation section: rounds of alone and next to each kind of neighbour, and of
     // each the run with the median p99.

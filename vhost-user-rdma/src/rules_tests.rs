@@ -377,18 +377,8 @@ fn the_fabric_hears_of_every_mr_and_qp_and_may_refuse_an_mr() {
         port_num: 1,
         ..qp::Attr::default()
     };
-    let modify = cmd::ModifyQp {
-        qpn: qp.qpn.into(),
-        attr_mask: (qp::AttrMask::STATE
-            | qp::AttrMask::PKEY_INDEX
-            | qp::AttrMask::PORT
-            | qp::AttrMask::ACCESS_FLAGS)
-            .bits()
-            .into(),
-        attr: init,
-    };
-    vm.exec_with(cmd::Opcode::ModifyQp, modify.as_bytes(), &hooks)
-        .unwrap();
+    let mask = AttrMask::PKEY_INDEX | AttrMask::PORT | AttrMask::ACCESS_FLAGS;
+    vm.modify_with(qp.qpn, mask, init, &hooks).unwrap();
     let handle = |h: u32| {
         cmd::Handle {
             handle: h.into(),

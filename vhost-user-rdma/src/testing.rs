@@ -284,12 +284,23 @@ impl TestVm {
 
     /// MODIFY_QP of QP `qpn` with `attr` and `mask` (STATE added).
     pub fn modify(&self, qpn: u32, mask: AttrMask, attr: qp::Attr) -> Result<Vec<u8>, Failure> {
+        self.modify_with(qpn, mask, attr, &NoHooks)
+    }
+
+    /// As [`TestVm::modify`], telling `hooks`.
+    pub fn modify_with(
+        &self,
+        qpn: u32,
+        mask: AttrMask,
+        attr: qp::Attr,
+        hooks: &dyn ObjectHooks,
+    ) -> Result<Vec<u8>, Failure> {
         let m = cmd::ModifyQp {
             qpn: qpn.into(),
             attr_mask: (mask | AttrMask::STATE).bits().into(),
             attr,
         };
-        self.exec_with(Opcode::ModifyQp, m.as_bytes(), &NoHooks)
+        self.exec_with(Opcode::ModifyQp, m.as_bytes(), hooks)
     }
 
     /// Takes RC QP `qpn` to RTS, connected to QP `dest_qpn` of the port `dgid`, accepting

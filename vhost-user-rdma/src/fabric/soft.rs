@@ -68,16 +68,12 @@ impl Fabric for SoftFabric {
         if !self.paused.contains(&vm_id) {
             self.paused.push(vm_id);
         }
-        if let Some(remote) = &mut self.remote {
-            remote.pause(vm_id);
-        }
+        self.pause_remote(vm_id, true);
     }
 
     fn resume(&mut self, vm_id: u64) {
         self.paused.retain(|&id| id != vm_id);
-        if let Some(remote) = &mut self.remote {
-            remote.resume(vm_id);
-        }
+        self.pause_remote(vm_id, false);
     }
 
     fn step(
@@ -130,6 +126,15 @@ impl Fabric for SoftFabric {
 }
 
 impl SoftFabric {
+    /// Pauses (or resumes) what the RoCEv2 fabric takes from the network for VM `vm_id`, on
+    /// its address.
+    fn pause_remote(&mut self, vm_id: u64, paused: bool) {
+        let gid = self.by_gid.values().find(|v| v.id == vm_id).map(|v| v.gid);
+        if let (Some(remote), Some(gid)) = (&mut self.remote, gid) {
+            remote.set_paused(&gid, paused);
+        }
+    }
+
     /// Moves the next chunk of QP `qpn`'s work request in progress.
     fn execute(
         &mut self,

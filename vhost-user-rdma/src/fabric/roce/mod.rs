@@ -79,26 +79,10 @@ impl RoceFabric {
         }
     }
 
-    /// Drops the traffic of VM `vm_id` arriving from the network until [`RoceFabric::resume`]:
-    /// its peers resend it, as after a loss.
-    pub fn pause(&mut self, vm_id: u64) {
-        if let Some(gid) = self.gid_of_vm(vm_id) {
-            self.net.set_paused(&gid, true);
-        }
-    }
-
-    /// Takes VM `vm_id`'s traffic again.
-    pub fn resume(&mut self, vm_id: u64) {
-        if let Some(gid) = self.gid_of_vm(vm_id) {
-            self.net.set_paused(&gid, false);
-        }
-    }
-
-    fn gid_of_vm(&self, vm_id: u64) -> Option<Gid> {
-        self.net.endpoints().find_map(|(gid, ep)| {
-            let vm = ep.vm.read().ok()?;
-            (vm.as_ref()?.id == vm_id).then_some(*gid)
-        })
+    /// Drops the traffic arriving from the network for the VM on `gid`'s address while
+    /// `paused` (its peers resend it, as after a loss), or takes it again.
+    pub fn set_paused(&mut self, gid: &Gid, paused: bool) {
+        self.net.set_paused(gid, paused);
     }
 
     /// The scheduler's step for RC QP `qpn` of `vm`, whose peer is on another host.

@@ -172,11 +172,6 @@ impl Network {
         self.endpoints.get(gid)
     }
 
-    /// Every VM address the network serves.
-    pub fn endpoints(&self) -> impl Iterator<Item = (&Gid, &Arc<Endpoint>)> {
-        self.endpoints.iter()
-    }
-
     /// Makes `vm` the VM answering on its GID's address (`None` when it goes away).
     pub fn attach(&self, gid: &Gid, vm: Option<Arc<Vm>>) {
         if let Some(ep) = self.endpoints.get(gid) {

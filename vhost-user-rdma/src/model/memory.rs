@@ -4,14 +4,22 @@
 //! Every store, copy and atomic the daemon makes into a guest's memory goes through a function
 //! of this module and names its [`WriteKind`]: message payloads, READ responses, atomics,
 //! completion entries, ring indices, arm and polling words, events and control responses. Live
-//! migration marks the dirty pages here, so no other module may call a writing method of
-//! `vm-memory` on guest memory. (The virtqueues' own used rings are written by `virtio-queue`
-//! through the `GuestMemoryAtomic` the vhost-user library keeps, which logs them itself.)
+//! migration depends on it, so no other module may call a writing method of `vm-memory` on
+//! guest memory. (The virtqueues' own used rings are written by `virtio-queue` through the
+//! same memory, so they are logged the same way.)
+//!
+//! Dirty pages are logged by the memory type itself: each region carries vhost-user-backend's
+//! [`BitmapMmapRegion`], which the frontend's `SET_LOG_BASE` points at its shared log, and
+//! every `vm-memory` method that writes (`write_slice`, `store`, `copy_from`,
+//! `copy_to_volatile_slice`) marks the pages it covered. The one write that does not go
+//! through such a method, an atomic operated on in place, is marked in [`with_atomic`].
 //!
 //! Nothing here allocates: runs go into fixed arrays sized for one scheduler chunk.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use vhost_user_backend::bitmap::BitmapMmapRegion;
+use vm_memory::bitmap::Bitmap;
 use vm_memory::{
     Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress,
     VolatileMemory, VolatileSlice,
@@ -19,8 +27,9 @@ use vm_memory::{
 use vrdma_proto::cqe::VendorErr;
 use vrdma_proto::ring;
 
-/// The guest memory type the daemon works on.
-pub type GuestMem = vm_memory::GuestMemoryMmap<()>;
+/// The guest memory type the daemon works on: each region logs the pages written through it
+/// once the frontend has given a dirty log.
+pub type GuestMem = vm_memory::GuestMemoryMmap<BitmapMmapRegion>;
 /// Guest memory as the vhost-user library keeps it: replaced whole on every memory-table
 /// change, so holding a snapshot never outlives the table it came from by more than one chunk.
 pub type GuestMemAtomic = vm_memory::GuestMemoryAtomic<GuestMem>;
@@ -179,7 +188,7 @@ impl Runs {
 }
 
 /// The longest slice of guest memory at `gpa`, up to `max` bytes, within one memory slot.
-fn slice_at(mem: &GuestMem, gpa: u64, max: u64) -> Option<VolatileSlice<'_, ()>> {
+fn slice_at(mem: &GuestMem, gpa: u64, max: u64) -> Option<VolatileSlice<'_, BitmapMmapRegion>> {
     let region = mem.find_region(GuestAddress(gpa))?;
     let offset = gpa - region.start_addr().raw_value();
     let n = max.min(region.len() - offset);
@@ -307,6 +316,9 @@ pub fn with_atomic<R>(
         .get_atomic_ref::<AtomicU64>(0)
         .map_err(|_| VendorErr::BadAtomic)?;
     let result = op(atomic);
+    // An atomic reference is the one access `vm-memory` does not log: the word may have
+    // changed, so its page is dirty.
+    slice.bitmap().mark_dirty(0, 8);
     wrote(WriteKind::Atomic, gpa, 8);
     Ok(result)
 }

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use log::{debug, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{VhostUserBackend, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
@@ -303,7 +304,7 @@ impl VmDevice {
 }
 
 impl VhostUserBackend for VmDevice {
-    type Bitmap = ();
+    type Bitmap = BitmapMmapRegion;
     type Vring = Vring;
 
     fn num_queues(&self) -> usize {
@@ -319,7 +320,12 @@ impl VhostUserBackend for VmDevice {
         if self.doorbell_queues == 1 {
             device &= !features::MULTI_DOORBELL;
         }
-        (1 << VIRTIO_F_VERSION_1) | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() | device
+        // LOG_ALL: the device logs every page it writes (model::memory), so a VMM can migrate
+        // the VM while it runs.
+        (1 << VIRTIO_F_VERSION_1)
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+            | VhostUserVirtioFeatures::LOG_ALL.bits()
+            | device
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
@@ -327,6 +333,7 @@ impl VhostUserBackend for VmDevice {
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::LOG_SHMFD
     }
 
     fn set_event_idx(&self, enabled: bool) {

@@ -5,10 +5,33 @@
 //! a guest made up, names nothing. Handles never contain host pointers, and they are dense per
 //! VM, which is what lets a VM's objects be recreated unchanged on another host.
 
-use serde::{Deserialize, Serialize};
+/// Why a saved table cannot be restored.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RestoreError {
+    /// More slots than the handles' index bits can name.
+    #[error("{0} slots, more than the handles can name")]
+    TooManySlots(usize),
+    /// A slot's generation is 0 or does not fit the handles' generation bits.
+    #[error("slot {0} has generation {1}, which no handle can carry")]
+    Generation(usize, u32),
+    /// The free list names a slot that does not exist, is in use, or is listed twice.
+    #[error("the free list names slot {0}, which is not a free slot, or twice")]
+    FreeSlot(u32),
+    /// An empty slot is missing from the free list, so it could never be reused.
+    #[error("empty slot {0} is not on the free list")]
+    LostSlot(usize),
+    /// More live objects than the destination allows.
+    #[error("{live} objects, over this VM's quota of {capacity}")]
+    OverCapacity {
+        /// Objects saved.
+        live: u32,
+        /// Quota here.
+        capacity: u32,
+    },
+}
 
 /// A table of objects named by generational handles.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone)]
 pub struct Table<T> {
     slots: Vec<Slot<T>>,
     free: Vec<u32>,
@@ -18,7 +41,7 @@ pub struct Table<T> {
     live: u32,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone)]
 struct Slot<T> {
     generation: u32,
     value: Option<T>,
@@ -38,6 +61,11 @@ impl<T> Table<T> {
             capacity,
             live: 0,
         }
+    }
+
+    /// Most objects alive at once (the quota).
+    pub fn capacity(&self) -> u32 {
+        self.capacity
     }
 
     /// Objects alive.
@@ -137,6 +165,68 @@ impl<T> Table<T> {
         })
     }
 
+    /// The table as saved for migration: each slot's generation and object, in slot order,
+    /// and the free slots in the order they will be reused. With [`Table::restore`] this
+    /// gives the same handles for the same objects, and the same handles for the objects made
+    /// next.
+    pub fn slots(&self) -> (impl Iterator<Item = (u32, Option<&T>)>, &[u32]) {
+        (
+            self.slots.iter().map(|s| (s.generation, s.value.as_ref())),
+            &self.free,
+        )
+    }
+
+    /// Index bits and generation bits of the table's handles.
+    pub fn handle_bits(&self) -> (u32, u32) {
+        (self.index_bits, self.generation_bits)
+    }
+
+    /// Rebuilds a table saved with [`Table::slots`] into one made as `Table::new(capacity,
+    /// index_bits, generation_bits)`, checking everything a corrupt or hostile save could get
+    /// wrong: the slot count, each generation, and that the free list names each empty slot
+    /// exactly once.
+    pub fn restore(
+        capacity: u32,
+        index_bits: u32,
+        generation_bits: u32,
+        slots: Vec<(u32, Option<T>)>,
+        free: Vec<u32>,
+    ) -> Result<Self, RestoreError> {
+        let mut table = Table::new(capacity, index_bits, generation_bits);
+        if slots.len() as u64 > 1u64 << index_bits {
+            return Err(RestoreError::TooManySlots(slots.len()));
+        }
+        let mask = table.generation_mask();
+        let mut listed = vec![false; slots.len()];
+        for &index in &free {
+            let seen = listed
+                .get_mut(index as usize)
+                .ok_or(RestoreError::FreeSlot(index))?;
+            if *seen || slots[index as usize].1.is_some() {
+                return Err(RestoreError::FreeSlot(index));
+            }
+            *seen = true;
+        }
+        for (index, (generation, value)) in slots.into_iter().enumerate() {
+            if generation == 0 || generation > mask {
+                return Err(RestoreError::Generation(index, generation));
+            }
+            if value.is_none() && !listed[index] {
+                return Err(RestoreError::LostSlot(index));
+            }
+            table.live += u32::from(value.is_some());
+            table.slots.push(Slot { generation, value });
+        }
+        if table.live > capacity {
+            return Err(RestoreError::OverCapacity {
+                live: table.live,
+                capacity,
+            });
+        }
+        table.free = free;
+        Ok(table)
+    }
+
     /// Removes every object.
     pub fn drain(&mut self) -> Vec<(u32, T)> {
         let handles: Vec<u32> = self.iter().map(|(h, _)| h).collect();
@@ -181,6 +271,47 @@ mod tests {
         t.remove(a);
         assert!(t.insert(3).is_ok());
         assert_eq!(t.len(), 2);
+    }
+
+    /// A saved table comes back with the same handles, stale handles stay stale, and the
+    /// next objects get the handles they would have got on the source.
+    #[test]
+    fn a_restored_table_names_the_same_objects_and_allocates_the_same_next() {
+        let mut t = Table::new(8, 16, 8);
+        let a = t.insert("a").unwrap();
+        let b = t.insert("b").unwrap();
+        let c = t.insert("c").unwrap();
+        t.remove(b);
+        let (slots, free) = t.slots();
+        let slots: Vec<(u32, Option<&str>)> = slots.map(|(g, v)| (g, v.copied())).collect();
+        let mut r = Table::restore(8, 16, 8, slots.clone(), free.to_vec()).unwrap();
+        assert_eq!(
+            (r.get(a), r.get(b), r.get(c)),
+            (Some(&"a"), None, Some(&"c"))
+        );
+        assert_eq!(r.len(), 2);
+        assert_eq!(r.insert("d"), t.insert("d"), "same next handle");
+
+        let err = |slots: Vec<(u32, Option<&'static str>)>, free: Vec<u32>| {
+            Table::restore(8, 16, 8, slots, free).unwrap_err()
+        };
+        assert_eq!(err(slots.clone(), vec![]), RestoreError::LostSlot(1));
+        assert_eq!(err(slots.clone(), vec![1, 1]), RestoreError::FreeSlot(1));
+        assert_eq!(err(slots.clone(), vec![0]), RestoreError::FreeSlot(0));
+        assert_eq!(err(slots.clone(), vec![9]), RestoreError::FreeSlot(9));
+        let mut bad = slots.clone();
+        bad[0].0 = 0;
+        assert_eq!(err(bad, vec![1]), RestoreError::Generation(0, 0));
+        let mut bad = slots.clone();
+        bad[2].0 = 256;
+        assert_eq!(err(bad, vec![1]), RestoreError::Generation(2, 256));
+        assert_eq!(
+            Table::restore(1, 16, 8, slots, vec![1]).unwrap_err(),
+            RestoreError::OverCapacity {
+                live: 2,
+                capacity: 1
+            }
+        );
     }
 
     #[test]

@@ -5,7 +5,6 @@
 //! Guest addresses are checked against the VM's memory table when an object is made but never
 //! cached as host pointers: the data path translates them again on every access.
 
-use serde::{Deserialize, Serialize};
 use vrdma_proto::cmd::{self, Status};
 use vrdma_proto::config::{self, DeviceCaps, Mtu, PortAttr};
 use vrdma_proto::cqe::VendorErr;
@@ -19,38 +18,15 @@ use crate::config::VmConfig;
 use crate::handle::Table;
 use crate::limits;
 
-/// Serialises a wire struct as its bytes, so state that holds protocol structs can be saved
-/// for migration without a second, hand-kept copy of their layout.
-mod wire_bytes {
-    use serde::de::Error as _;
-    use serde::{Deserialize, Deserializer, Serializer};
-    use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
-
-    pub fn serialize<T: IntoBytes + Immutable, S: Serializer>(
-        v: &T,
-        s: S,
-    ) -> Result<S::Ok, S::Error> {
-        s.serialize_bytes(v.as_bytes())
-    }
-
-    pub fn deserialize<'de, T: FromBytes + KnownLayout + Immutable, D: Deserializer<'de>>(
-        d: D,
-    ) -> Result<T, D::Error> {
-        let bytes = Vec::<u8>::deserialize(d)?;
-        T::read_from_bytes(&bytes)
-            .map_err(|_| D::Error::custom("saved wire struct has the wrong size"))
-    }
-}
-
 /// A protection domain.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default)]
 pub struct Pd {
     /// MRs, QPs and AHs in this PD; it cannot be freed while any exist.
     pub users: u32,
 }
 
 /// A memory region.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone)]
 pub struct Mr {
     /// Its PD.
     pub pdn: u32,
@@ -189,7 +165,7 @@ pub fn sge_iter_runs(
 }
 
 /// A completion queue.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone)]
 pub struct Cq {
     /// Ring entries.
     pub depth: u32,
@@ -206,7 +182,7 @@ pub struct Cq {
 }
 
 /// A queue pair's control-path view.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone)]
 pub struct Qp {
     /// RC or UD, raw.
     pub qp_type: u8,
@@ -219,14 +195,12 @@ pub struct Qp {
     /// Every send completes with a CQE.
     pub sq_sig_all: bool,
     /// Queue sizes.
-    #[serde(with = "wire_bytes")]
     pub caps: qp::Caps,
     /// Send ring address.
     pub sq_ring_addr: u64,
     /// Receive ring address.
     pub rq_ring_addr: u64,
     /// Attributes set so far; `qp_state` is the current state.
-    #[serde(with = "wire_bytes")]
     pub attr: qp::Attr,
     /// Data-path progress.
     pub rt: QpRuntime,
@@ -291,12 +265,11 @@ impl Qp {
 }
 
 /// An address handle.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone)]
 pub struct Ah {
     /// Its PD.
     pub pdn: u32,
     /// The address.
-    #[serde(with = "wire_bytes")]
     pub attr: qp::AhAttr,
 }
 
@@ -316,21 +289,17 @@ impl From<Status> for Failure {
 }
 
 /// One VM's objects, limits and identity.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone)]
 pub struct VmObjects {
     /// Name, for logs.
     pub name: String,
     /// The port's GID.
-    #[serde(with = "wire_bytes")]
     pub gid: Gid,
     /// Capabilities the guest sees.
-    #[serde(with = "wire_bytes")]
     pub caps: DeviceCaps,
     /// Whether the daemon runs the inter-host fabric: RC QPs then carry transport records.
-    #[serde(default)]
     pub roce: bool,
     /// The port's active MTU, raw [`Mtu`].
-    #[serde(default = "default_active_mtu")]
     pub active_mtu: u8,
     /// PDs.
     pub pds: Table<Pd>,
@@ -348,13 +317,7 @@ pub struct VmObjects {
     pub max_registered_bytes: u64,
     /// QPs a control command gave work to (a transition to ERR needs its flush, to RTS may
     /// release queued sends); the device hands them to the scheduler after the command.
-    #[serde(skip)]
     pub wake: Vec<u32>,
-}
-
-/// A VM saved before the active MTU was configurable had 4096.
-fn default_active_mtu() -> u8 {
-    Mtu::Mtu4096.raw()
 }
 
 /// The port every vrdma device has: RoCE, active, up to 4096-byte MTU; `active_mtu` is what

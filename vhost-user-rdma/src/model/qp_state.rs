@@ -6,13 +6,16 @@
 
 use std::time::Instant;
 
-use serde::{Deserialize, Serialize};
 use vrdma_proto::qp;
 use vrdma_proto::wqe::{self, Sge};
 
 /// Bytes of the largest send ring slot a QP can have.
 pub const MAX_SEND_SLOT: usize =
     wqe::send_stride(crate::limits::MAX_SGE, crate::limits::MAX_INLINE) as usize;
+
+/// Packets a QP may have on the wire unacknowledged: more only fills socket buffers, and a
+/// loss then costs a longer go-back-N. Its congestion window never exceeds this.
+pub const MAX_UNACKED: u32 = 256;
 
 /// Work requests an RC QP may have on the wire unacknowledged.
 pub const RC_WINDOW: usize = 32;
@@ -109,7 +112,7 @@ impl Retries {
 }
 
 /// The PSNs a QP carries across a migration: where each direction stands.
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default)]
 pub struct Psns {
     /// Next PSN the requester sends.
     pub next: u32,
@@ -122,7 +125,7 @@ pub struct Psns {
 }
 
 /// A QP's data-path state.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default)]
 pub struct QpRuntime {
     /// Index of the oldest send work request not yet completed.
     pub sq_head: u32,
@@ -135,23 +138,17 @@ pub struct QpRuntime {
     pub sq_dead: bool,
     /// The send ring's polling word is set: the driver skips doorbells because the scheduler
     /// will look at the ring again before the QP goes idle.
-    #[serde(default)]
     pub sq_polling: bool,
-    /// The current work request; must be idle before the state is saved.
-    #[serde(skip)]
+    /// The current work request.
     pub inflight: Inflight,
     /// Retries left for what the requester waits on.
-    #[serde(skip)]
     pub retries: Retries,
     /// The requester whose message this QP is receiving (RC), and when it last moved a piece,
     /// so two cannot interleave; one silent for a while has gone and is replaced.
-    #[serde(skip)]
     pub rx_owner: Option<(u64, u32, Instant)>,
     /// Where the QP stands in PSN space on the inter-host fabric.
-    #[serde(default)]
     pub psns: Psns,
-    /// The QP's transport on the inter-host fabric; must be idle before the state is saved.
-    #[serde(skip)]
+    /// The QP's transport on the inter-host fabric.
     pub rc: RcTransport,
 }
 
@@ -312,8 +309,9 @@ impl RcTransport {
             .map_or_else(Sent::default, |r| r.sent[index as usize % RC_WINDOW])
     }
 
-    /// The records, made now only for a QP restored from saved state (its transport is not
-    /// saved); a QP created with `--roce` has them from the start.
+    /// The records, made now for a QP that first goes on the wire after it was restored on a
+    /// daemon with `--roce` from one without; a QP created with `--roce` has them from the
+    /// start.
     pub fn records(&mut self) -> &mut Records {
         self.records.get_or_insert_with(Box::default)
     }

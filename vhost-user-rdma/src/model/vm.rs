@@ -83,6 +83,37 @@ pub struct Counters {
     pub events_lost: AtomicU64,
 }
 
+impl Counters {
+    /// Every counter, in declaration order (the order a saved state keeps them in).
+    pub fn values(&self) -> [u64; 12] {
+        self.all().map(|c| c.load(Ordering::Relaxed))
+    }
+
+    /// Sets every counter, in the order of [`Counters::values`] (a restored VM's).
+    pub fn set_values(&self, values: &[u64; 12]) {
+        for (c, v) in self.all().iter().zip(values) {
+            c.store(*v, Ordering::Relaxed);
+        }
+    }
+
+    fn all(&self) -> [&AtomicU64; 12] {
+        [
+            &self.wrs,
+            &self.bytes,
+            &self.completions,
+            &self.errors,
+            &self.wait_ns,
+            &self.commands_ok,
+            &self.commands_failed,
+            &self.doorbells,
+            &self.doorbells_polled,
+            &self.doorbells_malformed,
+            &self.ud_dropped,
+            &self.events_lost,
+        ]
+    }
+}
+
 /// Where a VM's asynchronous events go: its event virtqueue, which the vhost layer owns.
 pub trait EventSink: Send + Sync {
     /// Moves events from the front of `backlog` into the buffers the driver has posted and
@@ -249,6 +280,12 @@ impl Vm {
         }
         q.push_back(event::Event::new(kind, handle));
         self.events_pending.store(true, Ordering::Release);
+    }
+
+    /// The events queued and not yet delivered, oldest first (saving the VM).
+    pub fn pending_events(&self) -> Vec<event::Event> {
+        let q = self.events.lock().unwrap_or_else(|p| p.into_inner());
+        q.iter().copied().collect()
     }
 
     /// Hands queued events to the event queue, if any wait.

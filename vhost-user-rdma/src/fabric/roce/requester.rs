@@ -33,9 +33,7 @@ use crate::rnic::requester::{
     sq_posted,
 };
 
-/// Packets a QP may have on the wire unacknowledged: more only fills socket buffers, and a
-/// loss then costs a longer go-back-N.
-pub const MAX_UNACKED: u32 = 256;
+pub use crate::model::qp_state::MAX_UNACKED;
 
 /// The smallest window a lossy path shrinks a QP's to.
 const MIN_WINDOW: u32 = 8;

@@ -3,7 +3,8 @@
 //! that happens while the scheduler polls the VM's doorbell queue, the stopped queue keeps
 //! `VRING_USED_F_NO_NOTIFY` in guest memory; if the scheduler stops polling meanwhile and the
 //! device does not set the flag to match when the ring starts again, a driver following
-//! docs/protocol.md §14.4 never kicks that queue again and its QPs hang.
+//! docs/protocol.md §14.4 never kicks that queue again and its QPs hang. And while its rings
+//! are stopped the VM is stopped: nothing it has in flight moves until they start again.
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -104,16 +105,20 @@ fn doorbells_are_taken_after_the_vmm_pauses_and_resumes_a_polled_vm() {
                     .iter()
                     .find(|r| r.queue == queue::FIRST_DOORBELL)
                     .expect("the doorbell queue was stopped with the others");
-                // The write needs none of a's rings: it completes while they are stopped.
-                await_write(&a.cq, bulk, || {
-                    format!("cycle {cycle}: the bulk write did not complete while paused")
-                });
-                // With no work left, the scheduler stops polling a within its window. Restart
-                // only once it has: the flag a stopped ring kept no longer matches, and the
-                // device must set it right when the ring starts.
+                // The VM stops with its rings (live migration relies on it): the write in
+                // flight moves no further until they restart.
+                let moved = vm_a.counters.bytes.load(Ordering::Relaxed);
+                // With the VM stopped, the scheduler stops polling it within its window.
+                // Restart only once it has: the flag a stopped ring kept no longer matches,
+                // and the device must set it right when the ring starts.
                 wait_for(
                     || !doorbells_a.kicks_off(),
-                    || format!("cycle {cycle}: the scheduler kept polling an idle VM"),
+                    || format!("cycle {cycle}: the scheduler kept polling a stopped VM"),
+                );
+                assert_eq!(
+                    vm_a.counters.bytes.load(Ordering::Relaxed),
+                    moved,
+                    "cycle {cycle}: VM a moved data while the VMM had its rings stopped"
                 );
                 doorbell_ring.no_notify
             })
@@ -121,6 +126,9 @@ fn doorbells_are_taken_after_the_vmm_pauses_and_resumes_a_polled_vm() {
         if polled {
             paused_while_polled += 1;
         }
+        await_write(&a.cq, bulk, || {
+            format!("cycle {cycle}: the bulk write did not complete once the rings restarted")
+        });
         // The QP is idle again, so this write needs its doorbell taken; with the flag left set
         // the driver does not kick, and nothing polls.
         id += 1;

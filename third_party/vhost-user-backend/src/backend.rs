@@ -146,6 +146,15 @@ pub trait VhostUserBackend: Send + Sync {
         Ok(())
     }
 
+    /// Start processing requests from the specified vring again.
+    ///
+    /// This is called when a vring becomes ready and enabled (`SET_VRING_KICK` or
+    /// `SET_VRING_ENABLE`), including after a `GET_VRING_BASE` stopped it: the counterpart of
+    /// `stop_vring`, so a backend that quiesces in `stop_vring` knows when to resume.
+    fn start_vring(&self, _queue_index: u32) -> Result<()> {
+        Ok(())
+    }
+
     /// Handle IO events for backend registered file descriptors.
     ///
     /// This function gets called if the backend registered some additional listeners onto specific
@@ -306,6 +315,15 @@ pub trait VhostUserBackendMut: Send + Sync {
         Ok(())
     }
 
+    /// Start processing requests from the specified vring again.
+    ///
+    /// This is called when a vring becomes ready and enabled (`SET_VRING_KICK` or
+    /// `SET_VRING_ENABLE`), including after a `GET_VRING_BASE` stopped it: the counterpart of
+    /// `stop_vring`, so a backend that quiesces in `stop_vring` knows when to resume.
+    fn start_vring(&mut self, _queue_index: u32) -> Result<()> {
+        Ok(())
+    }
+
     /// Handle IO events for backend registered file descriptors.
     ///
     /// This function gets called if the backend registered some additional listeners onto specific
@@ -424,6 +442,10 @@ impl<T: VhostUserBackend> VhostUserBackend for Arc<T> {
         self.deref().stop_vring(queue_index)
     }
 
+    fn start_vring(&self, queue_index: u32) -> Result<()> {
+        self.deref().start_vring(queue_index)
+    }
+
     fn handle_event(
         &self,
         device_event: u16,
@@ -519,6 +541,10 @@ impl<T: VhostUserBackendMut> VhostUserBackend for Mutex<T> {
 
     fn stop_vring(&self, queue_index: u32) -> Result<()> {
         self.lock().unwrap().stop_vring(queue_index)
+    }
+
+    fn start_vring(&self, queue_index: u32) -> Result<()> {
+        self.lock().unwrap().start_vring(queue_index)
     }
 
     fn handle_event(
@@ -619,6 +645,10 @@ impl<T: VhostUserBackendMut> VhostUserBackend for RwLock<T> {
 
     fn stop_vring(&self, queue_index: u32) -> Result<()> {
         self.write().unwrap().stop_vring(queue_index)
+    }
+
+    fn start_vring(&self, queue_index: u32) -> Result<()> {
+        self.write().unwrap().start_vring(queue_index)
     }
 
     fn handle_event(

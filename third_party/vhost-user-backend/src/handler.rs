@@ -286,6 +286,12 @@ where
                     break;
                 }
             }
+            if vring_state.get_queue().ready() && vring_state.is_enabled() {
+                drop(vring_state);
+                self.backend
+                    .start_vring(u32::from(index))
+                    .map_err(VhostUserError::ReqHandlerError)?;
+            }
         }
         Ok(())
     }

@@ -56,7 +56,9 @@ const POLL_START: Duration = Duration::from_micros(10);
 
 enum Control {
     Attach(Arc<Vm>, Arc<dyn Doorbells>),
-    Detach(u64, SyncSender<()>),
+    /// Detach VM `.0`; `.2`: it moved to another daemon (migration), so its peers' QPs are
+    /// left alone to reach it there.
+    Detach(u64, SyncSender<()>, bool),
     Pause(u64, SyncSender<()>),
     Resume(u64),
 }
@@ -123,7 +125,13 @@ impl Scheduler {
     /// Removes a VM from the fabric; its peers' QPs with sends outstanding to it go to the
     /// error state. Returns once the scheduler holds no reference to it.
     pub fn detach(&self, vm_id: u64) {
-        self.request(|done| Control::Detach(vm_id, done), "release", vm_id);
+        self.request(|done| Control::Detach(vm_id, done, false), "release", vm_id);
+    }
+
+    /// Removes a VM that migrated to another daemon: its peers' QPs keep their work and reach
+    /// it where it went (over RoCEv2), as a VM's peers reach it after it moved on hardware.
+    pub fn detach_moved(&self, vm_id: u64) {
+        self.request(|done| Control::Detach(vm_id, done, true), "release", vm_id);
     }
 
     /// Stops serving VM `vm_id` and carrying its traffic (migration). Returns once no step of
@@ -377,7 +385,7 @@ impl Turns {
                     paused: false,
                 });
             }
-            Control::Detach(id, done) => {
+            Control::Detach(id, done, moved) => {
                 if let Some(i) = self.position(id) {
                     let e = self.entries.remove(i);
                     if e.polled {
@@ -386,8 +394,12 @@ impl Turns {
                     self.fabric.detach(&e.vm);
                     self.error_qps.retain(|&(p, _)| p != id);
                     self.peer_failures.retain(|f| f.vm != id);
-                    self.fail_peers_of(&e.vm);
-                    info!("vm {}: detached from the fabric", e.vm.name);
+                    if moved {
+                        info!("vm {}: moved to another daemon; detached", e.vm.name);
+                    } else {
+                        self.fail_peers_of(&e.vm);
+                        info!("vm {}: detached from the fabric", e.vm.name);
+                    }
                 }
                 let _ = done.send(());
             }
@@ -898,7 +910,7 @@ mod tests {
         let (release, holder) = hold_lock(&c.vm);
         t.fire_timers();
         assert!(c.vm.has_work.load(Ordering::Acquire), "c's due timer fired");
-        t.control(Control::Detach(d.vm.id, sync_channel(1).0));
+        t.control(Control::Detach(d.vm.id, sync_channel(1).0, false));
         // a's and b's objects were free: only c's peers wait for theirs.
         let waiting: Vec<u64> = t.peer_failures.iter().map(|f| f.vm).collect();
         assert_eq!(waiting, vec![c.vm.id]);

@@ -1,16 +1,22 @@
 //! The vhost-user device of one VM: features, config space, and the virtqueues.
 
-use std::io;
-use std::sync::Arc;
+use std::fs::File;
+use std::io::{self, Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Instant;
 
-use log::{debug, warn};
-use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use log::{debug, error, info, warn};
+use vhost::vhost_user::message::{
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserProtocolFeatures,
+    VhostUserVirtioFeatures,
+};
 use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{VhostUserBackend, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddressSpace};
+use vm_memory::{Bytes, GuestAddressSpace, GuestMemoryBackend};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier,
@@ -25,7 +31,9 @@ use crate::model::control::ControlEnv;
 use crate::model::hooks::ObjectHooks;
 use crate::model::memory::{self, GuestMem, GuestMemAtomic, WriteKind};
 use crate::model::objects::{Failure, port_attr};
+use crate::model::state::{self, BadRing};
 use crate::model::vm::Vm;
+use crate::rnic::completion::set_error;
 use crate::sched::Scheduler;
 
 /// The most device-readable bytes a control chain may carry: a `REG_MR` with the longest page
@@ -45,6 +53,22 @@ pub enum Error {
     /// No memory table has been received yet.
     #[error("the frontend kicked a queue before sending its memory table")]
     NoMemory,
+    /// The frontend asked for a state transfer this device does not do.
+    #[error(
+        "device state transfer in phase {0:?} is not supported: vrdma transfers its state only with the VM stopped"
+    )]
+    TransferPhase(VhostTransferStatePhase),
+    /// `CHECK_DEVICE_STATE` without a transfer before it.
+    #[error("the frontend checked a device state transfer it never started")]
+    NoTransfer,
+    /// Saving or loading the device state failed.
+    #[error("migrating VM {vm}: {reason}")]
+    Migration {
+        /// The VM.
+        vm: String,
+        /// What went wrong, with its causes.
+        reason: String,
+    },
     /// The virtqueue itself is broken (bad descriptor table or rings).
     #[error("virtqueue {queue} is unusable")]
     Queue {
@@ -77,7 +101,30 @@ pub struct VmDevice {
     event_idx: AtomicBool,
     exit_consumer: EventConsumer,
     exit_notifier: EventNotifier,
+    cfg: VmConfig,
+    migration: Mutex<Migration>,
+    /// Held by the vring worker while it serves a queue, so stopping a ring can wait until
+    /// nothing the worker took from it is still being answered.
+    serving: Mutex<()>,
 }
+
+/// Where the VM stands in the VMM's stop, start and state-transfer sequence.
+#[derive(Debug, Default)]
+struct Migration {
+    /// The VMM stopped a ring (`GET_VRING_BASE`) or is loading state: the scheduler does not
+    /// serve the VM and the fabric drops what arrives for it, until a ring starts again.
+    stopped: bool,
+    /// A restored VM's rings have not yet been checked against a memory table.
+    rings_unchecked: bool,
+    /// The thread saving or loading the device state, until `CHECK_DEVICE_STATE`.
+    transfer: Option<JoinHandle<Result<(), String>>>,
+    /// The device state was saved and checked: the VM lives on elsewhere now, unless the VMM
+    /// restarts its rings.
+    saved: bool,
+}
+
+/// Longest blob a destination reads: the format's own bound plus its header.
+const MAX_STATE_BYTES: u64 = state::codec::MAX_PAYLOAD + state::codec::HEADER_LEN as u64;
 
 impl VmDevice {
     /// A device for `vm`, configured by `cfg`, whose doorbell and event queues are
@@ -114,7 +161,154 @@ impl VmDevice {
             event_idx: AtomicBool::new(false),
             exit_consumer,
             exit_notifier,
+            cfg: cfg.clone(),
+            migration: Mutex::new(Migration::default()),
+            serving: Mutex::new(()),
         })
+    }
+
+    fn migration(&self) -> MutexGuard<'_, Migration> {
+        self.migration.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether the device state was saved and checked, so the VM now runs elsewhere (unless
+    /// the VMM restarts it here).
+    pub fn migrated_away(&self) -> bool {
+        let m = self.migration();
+        m.saved && m.stopped
+    }
+
+    /// Stops the VM for the VMM: the scheduler finishes the chunk under way and serves it no
+    /// more, the fabric drops what arrives for it (its peers resend later), and, once this
+    /// returns, no thread writes into its memory: the RoCEv2 receive threads check the pause
+    /// under the VM's lock, which this takes once after the pause.
+    fn quiesce(&self, m: &mut Migration) {
+        if m.stopped {
+            return;
+        }
+        m.stopped = true;
+        self.scheduler.pause(self.vm.id);
+        drop(self.vm.lock());
+        info!("vm {}: stopped by the VMM", self.name);
+    }
+
+    /// Serves the VM again once the VMM has started a ring with a memory table in place; a
+    /// restored VM's rings are checked against that table first.
+    fn resume_if_started(&self) {
+        let mut m = self.migration();
+        if !m.stopped || self.vm.mem.memory().num_regions() == 0 {
+            return;
+        }
+        if let Some(t) = m.transfer.take() {
+            // A ring restarted before CHECK_DEVICE_STATE: finish the transfer first, so a
+            // load cannot race the VM it loads into.
+            if let Err(e) = t
+                .join()
+                .unwrap_or_else(|_| Err("the transfer thread panicked".into()))
+            {
+                error!("vm {}: device state transfer failed: {e}", self.name);
+            }
+        }
+        if m.rings_unchecked {
+            m.rings_unchecked = false;
+            self.fail_rings_outside_memory();
+        }
+        m.stopped = false;
+        m.saved = false;
+        self.scheduler.resume(self.vm.id);
+        if self.vm.has_work.load(Ordering::Acquire) {
+            self.scheduler.wake();
+        }
+        info!("vm {}: started by the VMM", self.name);
+    }
+
+    /// Puts in error every restored object whose ring the memory table does not hold, as a
+    /// device whose ring vanished would: the QP to ERR with a fatal event, the CQ in error.
+    fn fail_rings_outside_memory(&self) {
+        let mem = self.vm.mem.memory();
+        let mut objects = self.vm.lock();
+        for bad in state::check_rings(&objects, &mem) {
+            match bad {
+                BadRing::Qp(qpn) => {
+                    error!(
+                        "vm {}: restored QP {qpn:#x} has a ring outside the VM's memory; it goes to the error state",
+                        self.name
+                    );
+                    set_error(&mut objects, &self.vm, qpn);
+                    self.vm.push_event(vrdma_proto::event::Kind::QpFatal, qpn);
+                }
+                BadRing::Cq(cqn) => {
+                    error!(
+                        "vm {}: restored CQ {cqn:#x} has its ring outside the VM's memory; it is in error",
+                        self.name
+                    );
+                    if let Some(cq) = objects.cqs.get_mut(cqn) {
+                        cq.overflowed = true;
+                    }
+                    self.vm.push_event(vrdma_proto::event::Kind::CqErr, cqn);
+                }
+            }
+        }
+    }
+
+    fn start_transfer(
+        &self,
+        direction: VhostTransferStateDirection,
+        phase: VhostTransferStatePhase,
+        file: File,
+    ) -> Result<(), Error> {
+        if phase != VhostTransferStatePhase::STOPPED {
+            return Err(Error::TransferPhase(phase));
+        }
+        let mut m = self.migration();
+        // The VMM stops the rings before saving; a snapshot without that still gets a
+        // consistent state. A load stops the VM so nothing runs on it half-restored.
+        self.quiesce(&mut m);
+        if let Some(old) = m.transfer.take() {
+            let _ = old.join();
+        }
+        let vm = self.vm.clone();
+        let name = self.name.clone();
+        let thread = match direction {
+            VhostTransferStateDirection::SAVE => {
+                m.saved = false;
+                std::thread::Builder::new()
+                    .name(format!("save-{name}"))
+                    .spawn(move || save_to(&vm, file))
+            }
+            VhostTransferStateDirection::LOAD => {
+                m.rings_unchecked = true;
+                let cfg = self.cfg.clone();
+                std::thread::Builder::new()
+                    .name(format!("load-{name}"))
+                    .spawn(move || load_from(&vm, &cfg, file))
+            }
+        };
+        let thread = thread.map_err(|e| Error::Migration {
+            vm: self.name.clone(),
+            reason: format!("cannot start the transfer thread: {e}"),
+        })?;
+        m.transfer = Some(thread);
+        Ok(())
+    }
+
+    fn finish_transfer(&self) -> Result<(), Error> {
+        let mut m = self.migration();
+        let thread = m.transfer.take().ok_or(Error::NoTransfer)?;
+        let outcome = thread
+            .join()
+            .unwrap_or_else(|_| Err("the transfer thread panicked".into()));
+        match outcome {
+            Ok(()) => {
+                // Only a save leaves `rings_unchecked` clear; after it the VM lives elsewhere.
+                m.saved = !m.rings_unchecked;
+                Ok(())
+            }
+            Err(reason) => Err(Error::Migration {
+                vm: self.name.clone(),
+                reason,
+            }),
+        }
     }
 
     /// The config-space image the driver reads.
@@ -155,6 +349,11 @@ impl VmDevice {
         }
         let mem = self.vm.mem.memory();
         loop {
+            // Checked on every pass: the VMM may stop the ring between two (stop_vring waits
+            // for the pass under way to finish).
+            if !vring.get_ref().get_queue().ready() {
+                break;
+            }
             let chains: Vec<_> = vring
                 .get_mut()
                 .get_queue_mut()
@@ -334,6 +533,7 @@ impl VhostUserBackend for VmDevice {
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
             | VhostUserProtocolFeatures::LOG_SHMFD
+            | VhostUserProtocolFeatures::DEVICE_STATE
     }
 
     fn set_event_idx(&self, enabled: bool) {
@@ -359,6 +559,42 @@ impl VhostUserBackend for VmDevice {
         self.release_all();
     }
 
+    fn stop_vring(&self, _queue_index: u32) -> io::Result<()> {
+        // The library has marked the ring not ready; wait for the worker to finish what it
+        // took from it, so every descriptor it consumed is answered before GET_VRING_BASE
+        // returns the ring's index.
+        drop(self.serving.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut m = self.migration();
+        self.quiesce(&mut m);
+        Ok(())
+    }
+
+    fn start_vring(&self, _queue_index: u32) -> io::Result<()> {
+        self.resume_if_started();
+        Ok(())
+    }
+
+    fn set_device_state_fd(
+        &self,
+        direction: VhostTransferStateDirection,
+        phase: VhostTransferStatePhase,
+        file: File,
+    ) -> io::Result<Option<File>> {
+        // The library hands QEMU only success or failure: say why here.
+        self.start_transfer(direction, phase, file).map_err(|e| {
+            error!("vm {}: {e}", self.name);
+            io::Error::other(e)
+        })?;
+        Ok(None)
+    }
+
+    fn check_device_state(&self) -> io::Result<()> {
+        self.finish_transfer().map_err(|e| {
+            error!("vm {}: {}", self.name, vrdma_proto::ErrorChain(&e));
+            io::Error::other(e)
+        })
+    }
+
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
         Some((
             self.exit_consumer.try_clone().ok()?,
@@ -377,6 +613,7 @@ impl VhostUserBackend for VmDevice {
             return Err(Error::UnexpectedEvent(evset).into());
         }
         lower_worker_priority(&self.name);
+        let _serving = self.serving.lock().unwrap_or_else(|p| p.into_inner());
         let vring = vrings
             .get(usize::from(device_event))
             .ok_or(Error::UnknownQueue(device_event))?;
@@ -391,6 +628,46 @@ impl VhostUserBackend for VmDevice {
         }
         Ok(())
     }
+}
+
+/// Saves `vm`'s state and writes it to `file` (the VMM reads the other end as it goes, so a
+/// blob larger than a pipe holds does not block for good).
+fn save_to(vm: &Vm, mut file: File) -> Result<(), String> {
+    let started = Instant::now();
+    let blob = {
+        let objects = vm.lock();
+        state::save_vm(vm, &objects, Instant::now())
+    };
+    file.write_all(&blob)
+        .map_err(|e| format!("cannot write the device state to the frontend: {e}"))?;
+    info!(
+        "vm {}: device state saved, {} bytes in {:?}",
+        vm.name,
+        blob.len(),
+        started.elapsed()
+    );
+    Ok(())
+}
+
+/// Reads a device state from `file` until the VMM closes it, checks it, and installs it in
+/// `vm`, or leaves `vm` as it was.
+fn load_from(vm: &Vm, cfg: &VmConfig, file: File) -> Result<(), String> {
+    let started = Instant::now();
+    let mut blob = Vec::new();
+    file.take(MAX_STATE_BYTES + 1)
+        .read_to_end(&mut blob)
+        .map_err(|e| format!("cannot read the device state from the frontend: {e}"))?;
+    let node_guid = vm.lock().caps.node_guid.get();
+    state::load(&blob, cfg, node_guid, Instant::now())
+        .and_then(|r| state::install(vm, r))
+        .map_err(|e| vrdma_proto::ErrorChain(&e).to_string())?;
+    info!(
+        "vm {}: device state loaded, {} bytes in {:?}",
+        vm.name,
+        blob.len(),
+        started.elapsed()
+    );
+    Ok(())
 }
 
 /// Runs the calling vring worker (the thread the vhost-user library starts for each VM's

@@ -100,11 +100,16 @@ impl DoorbellQueues {
         let mut batch = [0u8; doorbell::SIZE * doorbell::MAX_BATCH];
         let mut taken = 0;
         loop {
-            let Some(chain) = vring
-                .get_mut()
-                .get_queue_mut()
-                .pop_descriptor_chain(mem.clone())
-            else {
+            let chain = {
+                let mut state = vring.get_mut();
+                let queue = state.get_queue_mut();
+                // A ring the VMM stopped is not touched: its index went to the VMM.
+                if !queue.ready() {
+                    break;
+                }
+                queue.pop_descriptor_chain(mem.clone())
+            };
+            let Some(chain) = chain else {
                 break;
             };
             taken += 1;
@@ -264,13 +269,17 @@ impl EventSink for EventQueue {
         // the caller (the scheduler) here.
         for _pass in 0..2 {
             while let Some(ev) = backlog.front() {
-                let chain = match vring
-                    .get_mut()
-                    .get_queue_mut()
-                    .pop_descriptor_chain(mem.clone())
-                {
-                    Some(c) => c,
-                    None => break,
+                let chain = {
+                    let mut state = vring.get_mut();
+                    let queue = state.get_queue_mut();
+                    // A ring the VMM stopped is not touched; the events wait in the backlog.
+                    if !queue.ready() {
+                        break;
+                    }
+                    queue.pop_descriptor_chain(mem.clone())
+                };
+                let Some(chain) = chain else {
+                    break;
                 };
                 let head = chain.head_index();
                 let mut written = 0u32;

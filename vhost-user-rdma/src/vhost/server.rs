@@ -240,8 +240,13 @@ fn serve(
             .take();
         device.stop_worker();
         // Detach first: once the scheduler has let go, nothing touches this VM's memory, and
-        // its peers' QPs are already in the error state with their work flushed.
-        scheduler.detach(vm.id);
+        // its peers' QPs are already in the error state with their work flushed, unless the VM
+        // migrated: then they keep their work and reach it where it went.
+        if device.migrated_away() {
+            scheduler.detach_moved(vm.id);
+        } else {
+            scheduler.detach(vm.id);
+        }
         device.release_all();
         // Drop the connection's last references before saying it is released, so nothing of
         // it outlives the line: the library's handler (which joins the vring worker thread and

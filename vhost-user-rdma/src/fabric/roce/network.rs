@@ -300,6 +300,11 @@ fn handle_datagram(
     let peer = gid_of(from.ip());
     let mem = vm.mem.memory();
     let mut objects = vm.lock();
+    // Checked again under the VM's lock: whoever pauses the VM takes that lock once after
+    // setting the flag, so once the pause returns no packet writes into the VM's memory.
+    if ep.paused.load(Ordering::Acquire) {
+        return;
+    }
     let op = pkt.opcode();
     if op.is_ud() {
         on_ud(ep, &vm, &mut objects, &mem, &pkt, peer);

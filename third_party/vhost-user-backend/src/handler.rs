@@ -109,6 +109,8 @@ pub struct VhostUserHandler<T: VhostUserBackend> {
     // memory mapped while postcopy is listening, published once the frontend acks it
     #[cfg(feature = "postcopy")]
     pending_mem: Option<GuestMemoryMmap<T::Bitmap>>,
+    // dirty log set by the last SET_LOG_BASE, until a SET_FEATURES without LOG_ALL
+    log: Option<Arc<MmapLogReg>>,
     worker_threads: Vec<thread::JoinHandle<VringEpollResult<()>>>,
 }
 
@@ -172,6 +174,7 @@ where
             uffd: None,
             #[cfg(feature = "postcopy")]
             pending_mem: None,
+            log: None,
             worker_threads,
         })
     }
@@ -306,6 +309,43 @@ where
     }
 }
 
+impl<T: VhostUserBackend> VhostUserHandler<T>
+where
+    T::Bitmap: BitmapReplace,
+{
+    // Points the bitmap of every region of `mem` at `logmem`. All bitmaps are created
+    // before any is replaced, so on error no region changes.
+    fn set_region_logs(
+        mem: &GuestMemoryMmap<T::Bitmap>,
+        logmem: &Arc<MmapLogReg>,
+    ) -> VhostUserResult<()> {
+        let mut bitmaps = Vec::new();
+        for region in mem.iter() {
+            let bitmap = <<T as VhostUserBackend>::Bitmap as BitmapReplace>::InnerBitmap::new(
+                region,
+                Arc::clone(logmem),
+            )
+            .map_err(VhostUserError::ReqHandlerError)?;
+
+            bitmaps.push((region, bitmap));
+        }
+
+        for (region, bitmap) in bitmaps {
+            (*region).bitmap().replace(bitmap);
+        }
+
+        Ok(())
+    }
+
+    // New regions are created unlogged: while logging, log them before `mem` is used.
+    fn log_memory(&self, mem: &GuestMemoryMmap<T::Bitmap>) -> VhostUserResult<()> {
+        match &self.log {
+            Some(logmem) => Self::set_region_logs(mem, logmem),
+            None => Ok(()),
+        }
+    }
+}
+
 impl<T: VhostUserBackend> VhostUserBackendReqHandlerMut for VhostUserHandler<T>
 where
     T::Bitmap: BitmapReplace + NewBitmap + Clone,
@@ -347,6 +387,20 @@ where
     fn set_features(&mut self, features: u64) -> VhostUserResult<()> {
         if (features & !self.backend.features()) != 0 {
             return Err(VhostUserError::InvalidParam);
+        }
+
+        // Without `VHOST_F_LOG_ALL` the front-end no longer reads the log (migration ended or
+        // was cancelled): stop logging.
+        if features & VhostUserVirtioFeatures::LOG_ALL.bits() == 0 && self.log.take().is_some() {
+            for region in self.atomic_mem.memory().iter() {
+                region.bitmap().clear();
+            }
+            #[cfg(feature = "postcopy")]
+            if let Some(pending_mem) = &self.pending_mem {
+                for region in pending_mem.iter() {
+                    region.bitmap().clear();
+                }
+            }
         }
 
         self.acked_features = features;
@@ -418,6 +472,7 @@ where
 
         let mem = GuestMemoryMmap::from_regions(regions)
             .map_err(|e| VhostUserError::ReqHandlerError(io::Error::other(e)))?;
+        self.log_memory(&mem)?;
 
         #[cfg(feature = "postcopy")]
         if postcopy_listening == Some(true) {
@@ -727,6 +782,7 @@ where
                 None => self.atomic_mem.memory().insert_region(guest_region),
             }
             .map_err(|e| VhostUserError::ReqHandlerError(io::Error::other(e)))?;
+            self.log_memory(&mem)?;
             let base = addr_mapping.local_addr;
             self.pending_mem = Some(mem);
             self.mappings.push(addr_mapping);
@@ -738,6 +794,7 @@ where
             .memory()
             .insert_region(guest_region)
             .map_err(|e| VhostUserError::ReqHandlerError(io::Error::other(e)))?;
+        self.log_memory(&mem)?;
 
         self.atomic_mem.lock().unwrap().replace(mem);
 
@@ -756,6 +813,7 @@ where
             let (mem, _) = pending_mem
                 .remove_region(GuestAddress(region.guest_phys_addr), region.memory_size)
                 .map_err(|e| VhostUserError::ReqHandlerError(io::Error::other(e)))?;
+            self.log_memory(&mem)?;
             self.pending_mem = Some(mem);
             self.mappings
                 .retain(|mapping| mapping.gpa_base != region.guest_phys_addr);
@@ -767,6 +825,7 @@ where
             .memory()
             .remove_region(GuestAddress(region.guest_phys_addr), region.memory_size)
             .map_err(|e| VhostUserError::ReqHandlerError(io::Error::other(e)))?;
+        self.log_memory(&mem)?;
 
         self.atomic_mem.lock().unwrap().replace(mem);
 
@@ -895,32 +954,20 @@ where
     // the size and offset of shared memory area are provided in the `VhostUserLog` message.
     //
     // See https://qemu-project.gitlab.io/qemu/interop/vhost-user.html#migration.
-    // TODO: We ignore the `LOG_ALL` flag on `SET_FEATURES`, so we will continue marking pages as
-    // dirty even if the migration fails. We need to disable the logging after receiving  a
-    // `SET_FEATURE` without the `LOG_ALL` flag.
+    // The log is kept: regions mapped later (SET_MEM_TABLE, ADD_MEM_REG, ...) log to it too,
+    // until a `SET_FEATURES` without the `LOG_ALL` flag stops the logging.
     fn set_log_base(&mut self, log: &VhostUserLog, file: File) -> VhostUserResult<()> {
-        let mem = self.atomic_mem.memory();
-
         let logmem = Arc::new(
             MmapLogReg::from_file(file.as_fd(), log.mmap_offset, log.mmap_size)
                 .map_err(VhostUserError::ReqHandlerError)?,
         );
 
-        // Let's create all bitmaps first before replacing them, in case any of them fails
-        let mut bitmaps = Vec::new();
-        for region in mem.iter() {
-            let bitmap = <<T as VhostUserBackend>::Bitmap as BitmapReplace>::InnerBitmap::new(
-                region,
-                Arc::clone(&logmem),
-            )
-            .map_err(VhostUserError::ReqHandlerError)?;
-
-            bitmaps.push((region, bitmap));
+        #[cfg(feature = "postcopy")]
+        if let Some(pending_mem) = &self.pending_mem {
+            Self::set_region_logs(pending_mem, &logmem)?;
         }
-
-        for (region, bitmap) in bitmaps {
-            (*region).bitmap().replace(bitmap);
-        }
+        Self::set_region_logs(&self.atomic_mem.memory(), &logmem)?;
+        self.log = Some(logmem);
 
         Ok(())
     }

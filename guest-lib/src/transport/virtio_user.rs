@@ -8,8 +8,8 @@
 //!
 //! Handshake, in order: `SET_OWNER`, `GET_FEATURES` (`VIRTIO_F_VERSION_1` and
 //! `VHOST_USER_F_PROTOCOL_FEATURES` required), `GET_PROTOCOL_FEATURES`,
-//! `SET_PROTOCOL_FEATURES` (`CONFIG` required; `MQ`, `REPLY_ACK`, `CONFIGURE_MEM_SLOTS` when
-//! offered), `GET_QUEUE_NUM` (with `MQ`), `SET_FEATURES`, `GET_CONFIG`, then memory through
+//! `SET_PROTOCOL_FEATURES` (`CONFIG` required; `MQ`, `REPLY_ACK`, `CONFIGURE_MEM_SLOTS` and
+//! `LOG_SHMFD` when offered), `GET_QUEUE_NUM` (with `MQ`), `SET_FEATURES`, `GET_CONFIG`, then memory through
 //! `GET_MAX_MEM_SLOTS` + `ADD_MEM_REG` (or `SET_MEM_TABLE` without `CONFIGURE_MEM_SLOTS`), then
 //! for every queue `SET_VRING_NUM`, `SET_VRING_ADDR`, `SET_VRING_BASE 0`, `SET_VRING_CALL`,
 //! `SET_VRING_KICK` and `SET_VRING_ENABLE 1`. With `REPLY_ACK` every request after
@@ -17,11 +17,13 @@
 //! that caused it.
 //!
 //! [`VirtioUser::pause_rings`] stops and restarts every ring as a VMM does when it pauses and
-//! resumes a VM, so tests can put the device through what QEMU does to it.
+//! resumes a VM, and [`VirtioUser::start_dirty_log`] and [`VirtioUser::stop_dirty_log`] turn
+//! the device's dirty-page log on and off as a VMM does around a live migration, so tests can
+//! put the device through what QEMU does to it.
 
 use std::fmt;
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -29,10 +31,10 @@ use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{
     MAX_ATTACHED_FD_ENTRIES, VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures,
-    VhostUserVirtioFeatures,
+    VhostUserVirtioFeatures, VhostUserVringAddrFlags,
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use vhost::{VhostBackend, VringConfigData};
+use vhost::{VhostBackend, VhostUserDirtyLogRegion, VringConfigData};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 use vrdma_proto::config::Config;
@@ -914,7 +916,8 @@ impl VirtioUser {
             & (VhostUserProtocolFeatures::CONFIG
                 | VhostUserProtocolFeatures::MQ
                 | VhostUserProtocolFeatures::REPLY_ACK
-                | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS);
+                | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+                | VhostUserProtocolFeatures::LOG_SHMFD);
         let r = hs.frontend.set_protocol_features(protocol);
         hs.step("SET_PROTOCOL_FEATURES", r)?;
         if protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) {
@@ -1147,6 +1150,85 @@ impl VirtioUser {
             hs.restart_vring(vq, ring.next_avail)?;
         }
         Ok(result)
+    }
+
+    /// Turns on the device's dirty-page log, with the messages QEMU sends when a live migration
+    /// starts (`vhost_migration_log`): `SET_LOG_BASE` with `log` (`size` bytes from offset
+    /// 0), `SET_FEATURES` with the features negotiated at connect time plus
+    /// `VHOST_F_LOG_ALL`, then for every virtqueue, in index order, `SET_VRING_ADDR` with
+    /// `VHOST_VRING_F_LOG` and the used ring as the log address. From then on the device sets
+    /// the bit of every page it writes: page `gpa / 4096` is bit `page % 8` of byte
+    /// `page / 8` of `log`. The log must cover every region registered now or later while it
+    /// is on (the daemon refuses a region past its end); guest-physical addresses are this
+    /// process's virtual addresses, so make `log` a sparse memfd (its pages are allocated as
+    /// the device marks them).
+    ///
+    /// The rings keep running, as a migrating VM's do; the driver's queues are locked
+    /// meanwhile, as in [`VirtioUser::pause_rings`]. The vhost-user library reloads a ring's
+    /// used index from guest memory on `SET_VRING_ADDR`, so the device should have nothing
+    /// to complete on this connection's rings when it is called. Needs `LOG_SHMFD`, which
+    /// `connect` accepts whenever the daemon offers it.
+    pub fn start_dirty_log(&self, log: BorrowedFd<'_>, size: u64) -> Result<()> {
+        if !self.protocol.contains(VhostUserProtocolFeatures::LOG_SHMFD) {
+            return Err(VirtioUserError::MissingProtocolFeature {
+                socket: self.socket.clone(),
+                feature: "LOG_SHMFD",
+                offered: self.protocol.bits(),
+            });
+        }
+        self.set_dirty_log(Some((log, size)))
+    }
+
+    /// Turns the dirty-page log off again, with the messages QEMU sends when a migration ends
+    /// or is cancelled (`vhost_dev_set_log(false)`): `SET_FEATURES` with the negotiated
+    /// features (without `VHOST_F_LOG_ALL`), then for every virtqueue `SET_VRING_ADDR`
+    /// without `VHOST_VRING_F_LOG`. Once it returns the device marks nothing more in the log
+    /// (the caller may then unmap or reuse it). The same caveat about running rings applies
+    /// as for [`VirtioUser::start_dirty_log`].
+    pub fn stop_dirty_log(&self) -> Result<()> {
+        self.set_dirty_log(None)
+    }
+
+    fn set_dirty_log(&self, log: Option<(BorrowedFd<'_>, u64)>) -> Result<()> {
+        // The locks of `pause_rings`, in its order.
+        let control = lock(&self.control, "control queue")?;
+        let events = lock(&self.events, "event queue")?;
+        let doorbells = self
+            .doorbells
+            .iter()
+            .map(|dq| lock(dq, "doorbell queue"))
+            .collect::<Result<Vec<_>>>()?;
+        let memory = lock(&self.memory, "memory table")?;
+        let hs = Handshake {
+            socket: &self.socket,
+            frontend: memory.frontend.clone(),
+        };
+        let mut features = self.features;
+        if let Some((fd, size)) = log {
+            let region = VhostUserDirtyLogRegion {
+                mmap_size: size,
+                mmap_offset: 0,
+                mmap_handle: fd.as_raw_fd(),
+            };
+            let r = hs.frontend.set_log_base(0, Some(region));
+            hs.step(format!("SET_LOG_BASE ({size} bytes)"), r)?;
+            features |= VhostUserVirtioFeatures::LOG_ALL.bits();
+        }
+        let r = hs.frontend.set_features(features);
+        hs.step(format!("SET_FEATURES ({features:#x})"), r)?;
+        let vqs = [&control.vq, &events.vq]
+            .into_iter()
+            .chain(doorbells.iter().map(|dq| &dq.vq));
+        for vq in vqs {
+            let mut ring = vring_config(vq);
+            if log.is_some() {
+                ring.flags = VhostUserVringAddrFlags::VHOST_VRING_F_LOG.bits();
+                ring.log_addr = Some(ring.used_ring_addr);
+            }
+            let r = hs.frontend.set_vring_addr(usize::from(vq.index), &ring);
+            hs.step(format!("SET_VRING_ADDR (queue {})", vq.index), r)?;
+        }
+        Ok(())
     }
 
     /// Fails with [`VirtioUserError::Disconnected`] if the daemon has closed the connection.

@@ -15,9 +15,9 @@ use std::ffi::CString;
 use std::fmt;
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::ptr::{self, NonNull};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
 
 use vhost::VhostUserMemoryRegionInfo;
 
@@ -169,7 +169,9 @@ fn align_up(value: u64, align: u64) -> Option<u64> {
 pub struct SharedMemory {
     ptr: NonNull<u8>,
     len: usize,
-    file: File,
+    /// Replaced only by [`SharedMemory::replace_backing`] (a VMM moving the guest onto its
+    /// migrated copy); readers take a reference to the current file.
+    file: RwLock<Arc<File>>,
     name: String,
     sealed: bool,
 }
@@ -190,7 +192,7 @@ impl fmt::Debug for SharedMemory {
             .field("name", &self.name)
             .field("addr", &format_args!("{:#x}", self.addr()))
             .field("len", &self.len)
-            .field("fd", &self.file.as_raw_fd())
+            .field("fd", &self.as_raw_fd())
             .field("sealed", &self.sealed)
             .finish()
     }
@@ -266,7 +268,7 @@ impl SharedMemory {
         Ok(SharedMemory {
             ptr,
             len,
-            file,
+            file: RwLock::new(Arc::new(file)),
             name: name.to_owned(),
             sealed: seal,
         })
@@ -307,8 +309,54 @@ impl SharedMemory {
     }
 
     /// The memfd backing the region.
-    pub fn file(&self) -> &File {
-        &self.file
+    pub fn file(&self) -> Arc<File> {
+        self.file.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Moves the region onto `file`, as a VMM moves a migrated guest onto the copy of its RAM
+    /// on the destination: maps `file` over the region's addresses (`MAP_FIXED`, so the
+    /// addresses, and with them the guest-physical addresses, stay), and makes it the file
+    /// the region is registered with from now on. `file` must be at least as long as the
+    /// region.
+    ///
+    /// The caller stops every thread that could touch the region meanwhile, as a VMM stops
+    /// the vCPUs: an access during the swap may land in either file.
+    pub fn replace_backing(&self, file: File) -> Result<(), MemError> {
+        let len = file
+            .metadata()
+            .map(|m| m.len())
+            .map_err(|source| MemError::Map {
+                name: self.name.clone(),
+                len: self.len,
+                source,
+            })?;
+        if len < self.len as u64 {
+            return Err(MemError::InvalidLength { len: len as usize });
+        }
+        let mut current = self.file.write().unwrap_or_else(|p| p.into_inner());
+        // SAFETY: the new mapping covers exactly this region's own mapping (`ptr`, `len`),
+        // which `MAP_FIXED` replaces atomically; nothing outside it is touched. The region
+        // holds plain bytes that no Rust reference points into, so replacing the pages under
+        // it changes only what later raw accesses read.
+        let addr = unsafe {
+            libc::mmap(
+                self.ptr.as_ptr().cast(),
+                self.len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_FIXED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(MemError::Map {
+                name: self.name.clone(),
+                len: self.len,
+                source: io::Error::last_os_error(),
+            });
+        }
+        *current = Arc::new(file);
+        Ok(())
     }
 
     /// The vhost-user memory-table entry for this region: guest-physical address and
@@ -324,7 +372,7 @@ impl SharedMemory {
             memory_size: self.len as u64,
             userspace_addr: self.addr(),
             mmap_offset: 0,
-            mmap_handle: self.file.as_raw_fd(),
+            mmap_handle: self.as_raw_fd(),
             ..Default::default()
         }
     }
@@ -382,14 +430,13 @@ impl SharedMemory {
 }
 
 impl AsRawFd for SharedMemory {
+    /// The current file's descriptor: valid until the region is dropped or moved onto another
+    /// file ([`SharedMemory::replace_backing`]).
     fn as_raw_fd(&self) -> RawFd {
-        self.file.as_raw_fd()
-    }
-}
-
-impl AsFd for SharedMemory {
-    fn as_fd(&self) -> BorrowedFd<'_> {
-        self.file.as_fd()
+        self.file
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_raw_fd()
     }
 }
 

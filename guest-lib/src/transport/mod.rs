@@ -17,7 +17,7 @@ use vrdma_proto::event;
 
 use crate::mem::{DmaBuf, SharedMemory};
 
-pub use virtio_user::{Options, StoppedRing, VirtioUser, VirtioUserError};
+pub use virtio_user::{Migration, Options, StoppedRing, VirtioUser, VirtioUserError};
 
 /// One event the device delivered on the event queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

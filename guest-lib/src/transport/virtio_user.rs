@@ -26,7 +26,8 @@ use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{
@@ -43,6 +44,10 @@ use vrdma_proto::{event, features, queue};
 use zerocopy::IntoBytes;
 
 use super::{DeviceEvent, Transport};
+mod migrate;
+
+pub use migrate::Migration;
+
 use crate::mem::{DMA_GRANULE, DmaAllocator, DmaBuf, MemError, SharedMemory, page_size};
 use crate::virtio::{QueueError, SplitQueue};
 
@@ -672,7 +677,8 @@ impl Memory {
 
 /// A vrdma device reached over vhost-user from this process.
 pub struct VirtioUser {
-    socket: PathBuf,
+    /// The socket of the daemon serving the device; changes when the VM migrates.
+    socket: RwLock<PathBuf>,
     features: u64,
     protocol: VhostUserProtocolFeatures,
     config: Config,
@@ -686,7 +692,7 @@ pub struct VirtioUser {
     event_fd: RawFd,
     doorbells: Vec<Mutex<DoorbellQueue>>,
     /// The vhost-user socket (owned by `memory`'s frontend), to notice the daemon going away.
-    socket_fd: RawFd,
+    socket_fd: AtomicI32,
     /// Watches `socket_fd` for a hang-up only.
     hangup: Epoll,
 }
@@ -917,7 +923,8 @@ impl VirtioUser {
                 | VhostUserProtocolFeatures::MQ
                 | VhostUserProtocolFeatures::REPLY_ACK
                 | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
-                | VhostUserProtocolFeatures::LOG_SHMFD);
+                | VhostUserProtocolFeatures::LOG_SHMFD
+                | VhostUserProtocolFeatures::DEVICE_STATE);
         let r = hs.frontend.set_protocol_features(protocol);
         hs.step("SET_PROTOCOL_FEATURES", r)?;
         if protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) {
@@ -1069,7 +1076,7 @@ impl VirtioUser {
             total
         );
         Ok(VirtioUser {
-            socket,
+            socket: RwLock::new(socket),
             features: acked,
             protocol,
             config,
@@ -1082,14 +1089,22 @@ impl VirtioUser {
             events: Mutex::new(events),
             event_fd,
             doorbells,
-            socket_fd,
+            socket_fd: AtomicI32::new(socket_fd),
             hangup,
         })
     }
 
-    /// The vhost-user socket this transport is connected to.
-    pub fn socket(&self) -> &Path {
-        &self.socket
+    /// The vhost-user socket this transport is connected to (after a migration, the
+    /// destination's).
+    pub fn socket(&self) -> PathBuf {
+        self.socket_path()
+    }
+
+    fn socket_path(&self) -> PathBuf {
+        self.socket
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The vhost-user protocol features in use.
@@ -1138,7 +1153,7 @@ impl VirtioUser {
             .chain(doorbells.iter().map(|dq| &dq.vq))
             .collect();
         let mut hs = Handshake {
-            socket: &self.socket,
+            socket: &self.socket_path(),
             frontend: memory.frontend.clone(),
         };
         let stopped = vqs
@@ -1171,7 +1186,7 @@ impl VirtioUser {
     pub fn start_dirty_log(&self, log: BorrowedFd<'_>, size: u64) -> Result<()> {
         if !self.protocol.contains(VhostUserProtocolFeatures::LOG_SHMFD) {
             return Err(VirtioUserError::MissingProtocolFeature {
-                socket: self.socket.clone(),
+                socket: self.socket_path(),
                 feature: "LOG_SHMFD",
                 offered: self.protocol.bits(),
             });
@@ -1200,7 +1215,7 @@ impl VirtioUser {
             .collect::<Result<Vec<_>>>()?;
         let memory = lock(&self.memory, "memory table")?;
         let hs = Handshake {
-            socket: &self.socket,
+            socket: &self.socket_path(),
             frontend: memory.frontend.clone(),
         };
         let mut features = self.features;
@@ -1238,7 +1253,7 @@ impl VirtioUser {
         match self.hangup.wait(0, &mut events) {
             Ok(0) => Ok(()),
             Ok(_) => Err(VirtioUserError::Disconnected {
-                socket: self.socket.clone(),
+                socket: self.socket_path(),
             }),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(()),
             Err(e) => Err(event_err("checking the vhost-user connection")(e)),
@@ -1260,7 +1275,7 @@ impl Transport for VirtioUser {
 
     fn read_config(&self) -> Result<Config> {
         let mut memory = lock(&self.memory, "memory table")?;
-        read_config(&self.socket, &mut memory.frontend)
+        read_config(&self.socket_path(), &mut memory.frontend)
     }
 
     fn features(&self) -> u64 {
@@ -1287,7 +1302,7 @@ impl Transport for VirtioUser {
         let mut cq = lock(&self.control, "control queue")?;
         if cq.broken {
             return Err(VirtioUserError::ControlQueueBroken {
-                socket: self.socket.clone(),
+                socket: self.socket_path(),
             });
         }
         self.check_connected()?;
@@ -1335,11 +1350,11 @@ impl Transport for VirtioUser {
                     "control command (opcode bytes {:02x?}) timed out after {:?} on {}",
                     &request[..request.len().min(2)],
                     self.timeout,
-                    self.socket.display()
+                    self.socket_path().display()
                 );
                 Self::quarantine(&mut cq, [big_req, big_resp]);
                 return Err(VirtioUserError::DeviceTimeout {
-                    socket: self.socket.clone(),
+                    socket: self.socket_path(),
                     timeout: self.timeout,
                 });
             }
@@ -1403,7 +1418,7 @@ impl Transport for VirtioUser {
                 dq.vq.queue.set_interrupts(false);
                 if !woken? {
                     return Err(VirtioUserError::DoorbellTimeout {
-                        socket: self.socket.clone(),
+                        socket: self.socket_path(),
                         queue,
                         timeout: self.timeout,
                     });
@@ -1438,7 +1453,7 @@ impl Transport for VirtioUser {
     }
 
     fn hangup_fd(&self) -> Option<RawFd> {
-        Some(self.socket_fd)
+        Some(self.socket_fd.load(Ordering::Relaxed))
     }
 
     fn drain_events(&self) -> Result<Vec<DeviceEvent>> {
@@ -1461,13 +1476,13 @@ impl Transport for VirtioUser {
                     Ok((kind, handle)) => out.push(DeviceEvent { kind, handle }),
                     Err(e) => log::warn!(
                         "ignoring a malformed event from {}: {e}",
-                        self.socket.display()
+                        self.socket_path().display()
                     ),
                 }
             } else {
                 log::warn!(
                     "ignoring an event buffer the device returned with {written} bytes from {}",
-                    self.socket.display()
+                    self.socket_path().display()
                 );
             }
             eq.post(slot)?;
@@ -1509,7 +1524,7 @@ impl Transport for VirtioUser {
     }
 
     fn add_memory(&self, mem: Arc<SharedMemory>) -> Result<()> {
-        lock(&self.memory, "memory table")?.add(&self.socket, mem)
+        lock(&self.memory, "memory table")?.add(&self.socket_path(), mem)
     }
 
     fn remove_memory(&self, base: u64) -> Result<()> {
@@ -1527,7 +1542,7 @@ impl Transport for VirtioUser {
             }
             Err(e) => return Err(mem_err("removing DMA memory")(e)),
         };
-        if let Err(e) = memory.remove(&self.socket, base) {
+        if let Err(e) = memory.remove(&self.socket_path(), base) {
             if let Some(region) = managed {
                 let _ = self.dma.add_region(region);
             }

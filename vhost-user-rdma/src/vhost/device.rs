@@ -351,9 +351,11 @@ impl VmDevice {
         loop {
             // Checked on every pass: the VMM may stop the ring between two (stop_vring waits
             // for the pass under way to finish).
-            if !vring.get_ref().get_queue().ready() {
+            let state = vring.get_ref();
+            if !state.is_enabled() || !state.get_queue().ready() {
                 break;
             }
+            drop(state);
             let chains: Vec<_> = vring
                 .get_mut()
                 .get_queue_mut()

@@ -102,12 +102,11 @@ impl DoorbellQueues {
         loop {
             let chain = {
                 let mut state = vring.get_mut();
-                let queue = state.get_queue_mut();
-                // A ring the VMM stopped is not touched: its index went to the VMM.
-                if !queue.ready() {
+                // A ring the VMM disabled or stopped is not touched: its index goes to the VMM.
+                if !state.is_enabled() || !state.get_queue().ready() {
                     break;
                 }
-                queue.pop_descriptor_chain(mem.clone())
+                state.get_queue_mut().pop_descriptor_chain(mem.clone())
             };
             let Some(chain) = chain else {
                 break;
@@ -201,7 +200,7 @@ impl Doorbells for DoorbellQueues {
 fn has_pending(vring: &Vring, mem: &GuestMem) -> bool {
     let state = vring.get_ref();
     let queue = state.get_queue();
-    if !queue.ready() {
+    if !state.is_enabled() || !queue.ready() {
         return false;
     }
     match queue.avail_idx(mem, Ordering::Acquire) {
@@ -271,12 +270,12 @@ impl EventSink for EventQueue {
             while let Some(ev) = backlog.front() {
                 let chain = {
                     let mut state = vring.get_mut();
-                    let queue = state.get_queue_mut();
-                    // A ring the VMM stopped is not touched; the events wait in the backlog.
-                    if !queue.ready() {
+                    // A ring the VMM disabled or stopped is not touched; the events wait in
+                    // the backlog.
+                    if !state.is_enabled() || !state.get_queue().ready() {
                         break;
                     }
-                    queue.pop_descriptor_chain(mem.clone())
+                    state.get_queue_mut().pop_descriptor_chain(mem.clone())
                 };
                 let Some(chain) = chain else {
                     break;

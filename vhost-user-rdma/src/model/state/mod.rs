@@ -577,9 +577,11 @@ fn restore_rc(
     now: Instant,
     bad: &impl Fn(&'static str) -> Error,
 ) -> Result<RcTransport, Error> {
+    // The window means something only once the QP has sent on the wire: a QP that never has
+    // (its peer is on the same daemon) starts it from its send ring when it first does.
     let window = qp_state::RC_WINDOW as u32;
     let begun = s.sq_max.wrapping_sub(sq_head);
-    if begun > window || s.sq_next.wrapping_sub(sq_head) > begun {
+    if s.started && (begun > window || s.sq_next.wrapping_sub(sq_head) > begun) {
         return Err(bad("its RC window is inconsistent with its send ring"));
     }
     let psn = |p: Option<u32>| p.is_some_and(|p| p > qp::MAX_PSN);
@@ -1258,6 +1260,32 @@ mod tests {
         }
         for n in 0..payload.len() {
             assert!(load(&codec::frame(VERSION, &payload[..n]), &cfg, 7, now).is_err());
+        }
+    }
+
+    /// Writes seed inputs for the `state_load` fuzz target (vhost-user-rdma/fuzz/README.md):
+    /// saved states of the sample VM, as the target reads them (a mode byte, then a payload
+    /// it frames itself, or a whole blob).
+    #[test]
+    #[ignore = "writes the fuzz corpus seeds; run by hand (see vhost-user-rdma/fuzz/README.md)"]
+    fn write_fuzz_seeds() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/state_load");
+        std::fs::create_dir_all(&dir).unwrap();
+        let (_, vm, qpn) = sample();
+        let now = Instant::now();
+        let mut busy = vm.clone();
+        let qp = busy.qps.get_mut(qpn).unwrap();
+        qp.rt.inflight.active = true;
+        qp.rt.rc.deadline = Some(now + Duration::from_millis(3));
+        let events = [event::Event::new(event::Kind::CommEst, qpn)];
+        for (name, objects) in [("idle", &vm), ("busy", &busy)] {
+            let blob = save(objects, [5; v1::COUNTERS], &events, now);
+            let mut framed = vec![3u8];
+            framed.extend_from_slice(&blob[codec::HEADER_LEN..]);
+            std::fs::write(dir.join(format!("{name}-payload")), framed).unwrap();
+            let mut whole = vec![2u8];
+            whole.extend_from_slice(&blob);
+            std::fs::write(dir.join(format!("{name}-blob")), whole).unwrap();
         }
     }
 }

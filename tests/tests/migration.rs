@@ -1,0 +1,311 @@
+//! Live migration (docs/migration.md): guests move between daemons with work in flight, through
+//! the test VMM of `vrdma_tests::vmm`, which sends QEMU's messages and moves guest memory as
+//! QEMU moves RAM. Every work request is numbered and its completion checked exactly once, in
+//! order, with its data; the VMM compares source and destination memory byte for byte at
+//! the switch-over.
+
+use std::time::{Duration, Instant};
+
+use vrdma::{QpCap, RecvWr, SendFlags, SendWr, Sge, WcOpcode, WcStatus, WorkCompletion};
+use vrdma_tests::vmm::{MigrateError, Plan, migrate};
+use vrdma_tests::{Endpoint, TestDaemon, empty_wc, rc_pair, read};
+
+/// Bytes of each WRITE of the first batch, and of each SEND.
+const PIECE: usize = 64 * 1024;
+/// WRITEs posted before the migration.
+const WRITES: u64 = 32;
+/// SENDs posted before the migration, with no receive posted for them: they wait (RNR) until
+/// the responder's guest posts receives on the destination.
+const SENDS: u64 = 8;
+/// Fetch-and-adds on the responder's counter.
+const ADDS: u64 = 4;
+/// The increment of each.
+const ADD: u64 = 0x1_0001;
+/// Where the responder's counter lives in its buffer (past the WRITEs' and SENDs' bytes).
+const COUNTER_AT: usize = (WRITES as usize + SENDS as usize) * PIECE;
+/// Buffer bytes per endpoint.
+const BUF: usize = COUNTER_AT + 4096;
+/// How long any completion may take before the test calls it lost.
+const LOST: Duration = Duration::from_secs(20);
+
+fn cap() -> QpCap {
+    QpCap {
+        max_send_wr: 128,
+        max_recv_wr: 64,
+        max_send_sge: 1,
+        max_recv_sge: 1,
+        max_inline_data: 0,
+    }
+}
+
+/// The byte at offset `i` of piece `n`.
+fn byte(n: u64, i: usize) -> u8 {
+    (i as u8)
+        .wrapping_mul(13)
+        .wrapping_add(n as u8)
+        .wrapping_add(1)
+}
+
+fn fill_piece(e: &Endpoint, n: u64) {
+    let bytes: Vec<u8> = (0..PIECE).map(|i| byte(n, i)).collect();
+    e.buf
+        .write_at(n as usize * PIECE, &bytes)
+        .expect("fill piece");
+}
+
+/// The next completion on `e`'s CQ, failing the test after [`LOST`].
+fn next(e: &Endpoint, what: &str) -> WorkCompletion {
+    let deadline = Instant::now() + LOST;
+    let mut wc = [empty_wc(); 1];
+    loop {
+        if e.cq.poll(&mut wc).expect("poll") == 1 {
+            return wc[0];
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: no completion within {LOST:?}"
+        );
+        std::thread::yield_now();
+    }
+}
+
+/// Checks that `e`'s CQ holds nothing more.
+fn none_left(e: &Endpoint, what: &str) {
+    let mut wc = [empty_wc(); 4];
+    let n = e.cq.poll(&mut wc).expect("poll");
+    assert_eq!(n, 0, "{what}: unexpected completions {:?}", &wc[..n]);
+}
+
+/// The requester's work posted before the move: WRITEs of patterned pieces, fetch-and-adds on
+/// the responder's counter, a READ of the responder's counter page, then SENDs that wait for
+/// receives. Returns the wr_ids in posting order.
+fn post_work(a: &Endpoint, b: &Endpoint) -> Vec<u64> {
+    let mut ids = Vec::new();
+    for n in 0..WRITES {
+        fill_piece(a, n);
+        let at = a.buf.addr() + n * PIECE as u64;
+        let sge = [Sge::new(at, PIECE as u32, a.mr.lkey())];
+        let wr = SendWr::rdma_write(n + 1, &sge, b.buf.addr() + n * PIECE as u64, b.mr.rkey())
+            .with_flags(SendFlags::SIGNALED);
+        a.send(&[wr]).expect("post write");
+        ids.push(n + 1);
+    }
+    for k in 0..ADDS {
+        // Each add's old value lands in its own word of a's counter page.
+        let old = a.buf.addr() + COUNTER_AT as u64 + 8 * k;
+        let sge = [Sge::new(old, 8, a.mr.lkey())];
+        let wr = SendWr::fetch_add(
+            200 + k,
+            &sge,
+            b.buf.addr() + COUNTER_AT as u64,
+            b.mr.rkey(),
+            ADD,
+        )
+        .with_flags(SendFlags::SIGNALED);
+        a.send(&[wr]).expect("post add");
+        ids.push(200 + k);
+    }
+    for n in 0..SENDS {
+        let piece = WRITES + n;
+        fill_piece(a, piece);
+        let sge = [Sge::new(
+            a.buf.addr() + piece * PIECE as u64,
+            PIECE as u32,
+            a.mr.lkey(),
+        )];
+        let wr = SendWr::send(100 + n, &sge).with_flags(SendFlags::SIGNALED);
+        a.send(&[wr]).expect("post send");
+        ids.push(100 + n);
+    }
+    ids
+}
+
+/// Posts the responder's receives for the SENDs, into their own pieces of its buffer.
+fn post_receives(b: &Endpoint) {
+    for n in 0..SENDS {
+        let piece = WRITES + n;
+        let sge = [Sge::new(
+            b.buf.addr() + piece * PIECE as u64,
+            PIECE as u32,
+            b.mr.lkey(),
+        )];
+        b.recv(&[RecvWr {
+            wr_id: 1000 + n,
+            sg_list: &sge,
+        }])
+        .expect("post recv");
+    }
+}
+
+/// Checks every completion of [`post_work`] arrives once, in order, and all the data.
+fn check_work(a: &Endpoint, b: &Endpoint, ids: &[u64], adds_before: u64) {
+    for &id in ids {
+        let wc = next(a, &format!("work request {id}"));
+        assert_eq!(
+            (wc.wr_id, wc.status),
+            (id, WcStatus::Success),
+            "completions out of order, lost or failed: {wc:?}"
+        );
+    }
+    for n in 0..SENDS {
+        let wc = next(b, &format!("receive {n}"));
+        assert_eq!(
+            (wc.wr_id, wc.status, wc.opcode, wc.byte_len),
+            (1000 + n, WcStatus::Success, WcOpcode::Recv, PIECE as u32),
+            "{wc:?}"
+        );
+    }
+    none_left(a, "requester");
+    none_left(b, "responder");
+    for n in 0..WRITES + SENDS {
+        let got = read(&b.buf, n as usize * PIECE, PIECE);
+        let want: Vec<u8> = (0..PIECE).map(|i| byte(n, i)).collect();
+        assert!(got == want, "piece {n} arrived wrong at the responder");
+    }
+    let counter = u64::from_le_bytes(read(&b.buf, COUNTER_AT, 8).try_into().unwrap());
+    assert_eq!(
+        counter,
+        adds_before + ADDS * ADD,
+        "every add applied exactly once"
+    );
+    for k in 0..ADDS {
+        let old = u64::from_le_bytes(
+            read(&a.buf, COUNTER_AT + 8 * k as usize, 8)
+                .try_into()
+                .unwrap(),
+        );
+        assert_eq!(
+            old,
+            adds_before + k * ADD,
+            "add {k} saw the right old value"
+        );
+    }
+}
+
+/// Both ends of a connection move from one daemon to another on the same host, with WRITEs,
+/// atomics and SENDs in flight (the SENDs waiting for receives). Everything completes once,
+/// in order, on the destination; the source daemon lets both VMs go.
+#[test]
+fn both_ends_of_a_connection_move_to_another_daemon() {
+    let source = TestDaemon::start(&[("a", ""), ("b", "")]);
+    let dest = TestDaemon::start(&[("a", ""), ("b", "")]);
+    let (ca, dev_a) = source.open_shared("a");
+    let (cb, dev_b) = source.open_shared("b");
+    let (a, b) = rc_pair(&ca, &cb, BUF, cap());
+
+    let ids = post_work(&a, &b);
+    let reports = migrate(
+        &[
+            (&dev_a, dest.socket("a").as_path()),
+            (&dev_b, dest.socket("b").as_path()),
+        ],
+        &Plan {
+            precopy_rounds: 2,
+            ..Plan::default()
+        },
+        || {},
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    for r in &reports {
+        assert!(r.state_bytes > 0);
+        eprintln!("{r:?}");
+    }
+    source.wait_connected("a", false);
+    source.wait_connected("b", false);
+    assert!(dest.vm("a").is_some() && dest.vm("b").is_some());
+
+    // The SENDs still wait for receives: posted on the destination, they complete there.
+    post_receives(&b);
+    check_work(&a, &b, &ids, 0);
+
+    // The moved QPs go on working, both ways.
+    let sge = [Sge::new(b.buf.addr(), 4096, b.mr.lkey())];
+    b.send(&[
+        SendWr::rdma_write(7, &sge, a.buf.addr(), a.mr.rkey()).with_flags(SendFlags::SIGNALED)
+    ])
+    .unwrap();
+    let wc = next(&b, "write after the move");
+    assert_eq!((wc.wr_id, wc.status), (7, WcStatus::Success));
+    assert_eq!(read(&a.buf, 0, 4096), read(&b.buf, 0, 4096));
+    assert_eq!(
+        dest.vm("a")
+            .unwrap()
+            .counters
+            .wrs
+            .load(std::sync::atomic::Ordering::Relaxed),
+        WRITES + ADDS + SENDS,
+        "the counters moved with the VM (the write above is counted on b)"
+    );
+}
+
+/// The comparison is real: with the last round's dirty log ignored, pages a peer wrote into
+/// the VM after the last pre-copy round are stale in the copy and the migration fails; the
+/// source then resumes and the VM goes on working there.
+#[test]
+fn an_unlogged_page_fails_the_migration_and_the_source_resumes() {
+    let source = TestDaemon::start(&[("a", ""), ("c", "")]);
+    let dest = TestDaemon::start(&[("a", ""), ("c", "")]);
+    let (ca, dev_a) = source.open_shared("a");
+    let cc = source.open("c");
+    let (a, c) = rc_pair(&ca, &cc, BUF, cap());
+    let mut round = 0u64;
+    let outcome = migrate(
+        &[(&dev_a, dest.socket("a").as_path())],
+        &Plan {
+            precopy_rounds: 2,
+            ignore_last_log: true,
+            ..Plan::default()
+        },
+        || {
+            // The peer (running: only a's vCPUs are stopped) writes into a after every
+            // pre-copy round, the last one included, and waits for the write to land.
+            round += 1;
+            fill_piece(&c, round);
+            let sge = [Sge::new(
+                c.buf.addr() + round * PIECE as u64,
+                PIECE as u32,
+                c.mr.lkey(),
+            )];
+            let wr = SendWr::rdma_write(
+                round,
+                &sge,
+                a.buf.addr() + round * PIECE as u64,
+                a.mr.rkey(),
+            )
+            .with_flags(SendFlags::SIGNALED);
+            c.send(&[wr]).expect("post write");
+            let wc = next(&c, "peer's write during the migration");
+            assert_eq!((wc.wr_id, wc.status), (round, WcStatus::Success));
+        },
+    );
+    match outcome {
+        Err(MigrateError::Mismatch(pages)) => {
+            let written = a.buf.addr() + 2 * PIECE as u64;
+            assert!(
+                pages
+                    .iter()
+                    .any(|&p| p >= written && p < written + PIECE as u64),
+                "the pages of the write after the last round differ: {pages:#x?}"
+            );
+        }
+        other => panic!("expected the comparison to fail, got {other:?}"),
+    }
+    // The source runs the VM again; the destination let it go.
+    assert!(source.vm("a").is_some());
+    dest.wait_connected("a", false);
+    let sge = [Sge::new(a.buf.addr(), 4096, a.mr.lkey())];
+    a.send(&[
+        SendWr::rdma_write(9, &sge, c.buf.addr(), c.mr.rkey()).with_flags(SendFlags::SIGNALED)
+    ])
+    .unwrap();
+    let wc = next(&a, "write after the cancelled migration");
+    assert_eq!((wc.wr_id, wc.status), (9, WcStatus::Success));
+    for n in 1..=2 {
+        let got = read(&a.buf, n * PIECE, PIECE);
+        let want: Vec<u8> = (0..PIECE).map(|i| byte(n as u64, i)).collect();
+        assert!(
+            got == want,
+            "the peer's write {n} is in a's memory on the source"
+        );
+    }
+}

@@ -6,9 +6,10 @@
 
 use std::time::{Duration, Instant};
 
+use vrdma::{Context, QpType};
 use vrdma::{QpCap, RecvWr, SendFlags, SendWr, Sge, WcOpcode, WcStatus, WorkCompletion};
 use vrdma_tests::vmm::{MigrateError, Plan, migrate};
-use vrdma_tests::{Endpoint, TestDaemon, empty_wc, rc_pair, read};
+use vrdma_tests::{Endpoint, RcPeer, TestDaemon, empty_wc, read, try_connect_rc};
 
 /// Bytes of each WRITE of the first batch, and of each SEND.
 const PIECE: usize = 64 * 1024;
@@ -27,6 +28,34 @@ const COUNTER_AT: usize = (WRITES as usize + SENDS as usize) * PIECE;
 const BUF: usize = COUNTER_AT + 4096;
 /// How long any completion may take before the test calls it lost.
 const LOST: Duration = Duration::from_secs(20);
+
+/// ACK timeout exponent of the migration tests' QPs: 4.096 µs × 2^14 ≈ 67 ms, perftest's and
+/// most applications' choice; with 7 retries a peer waits about half a second before it gives
+/// up, longer than any switch-over here. (The other tests' 1 ms gives up after 8 ms.)
+const TIMEOUT: u8 = 14;
+
+/// Two RC endpoints on `a` and `b`, connected with [`TIMEOUT`], 7 retries and infinite RNR
+/// retries.
+fn rc_pair(a: &Context, b: &Context, len: usize, cap: QpCap) -> (Endpoint, Endpoint) {
+    let ea = Endpoint::new(a, QpType::Rc, len, cap);
+    let eb = Endpoint::new(b, QpType::Rc, len, cap);
+    for (qp, gid, qpn) in [
+        (&ea.qp, b.gid(), eb.qp.qp_num()),
+        (&eb.qp, a.gid(), ea.qp.qp_num()),
+    ] {
+        let peer = RcPeer {
+            gid,
+            qpn,
+            mtu: vrdma_proto::config::Mtu::Mtu1024,
+            timeout: TIMEOUT,
+            retry_cnt: 7,
+            rnr_retry: 7,
+        };
+        try_connect_rc(qp, &peer)
+            .unwrap_or_else(|(state, e)| panic!("connect fails in {state:?}: {e}"));
+    }
+    (ea, eb)
+}
 
 fn cap() -> QpCap {
     QpCap {
@@ -308,4 +337,90 @@ fn an_unlogged_page_fails_the_migration_and_the_source_resumes() {
             "the peer's write {n} is in a's memory on the source"
         );
     }
+}
+
+/// A VM moves to another daemon on the same host while its peer stays: the peer's SENDs,
+/// waiting for receives when the VM left, complete once the VM posts them on the destination,
+/// and from then on the two talk over RoCEv2 (the VM's address moved with it).
+#[test]
+fn a_vm_moves_away_from_its_peer_which_then_reaches_it_over_roce() {
+    let source = TestDaemon::start_with(
+        &[("a", "gid=127.0.21.1"), ("p", "gid=127.0.21.2")],
+        &["--roce"],
+    );
+    let dest = TestDaemon::start_with(&[("a", "gid=127.0.21.1,incoming=on")], &["--roce"]);
+    let (ca, dev_a) = source.open_shared("a");
+    let cp = source.open("p");
+    let (a, p) = rc_pair(&ca, &cp, BUF, cap());
+
+    // p's SENDs wait for receives a has not posted.
+    let mut ids = Vec::new();
+    for n in 0..SENDS {
+        fill_piece(&p, WRITES + n);
+        let sge = [Sge::new(
+            p.buf.addr() + (WRITES + n) * PIECE as u64,
+            PIECE as u32,
+            p.mr.lkey(),
+        )];
+        p.send(&[SendWr::send(100 + n, &sge).with_flags(SendFlags::SIGNALED)])
+            .expect("post send");
+        ids.push(100 + n);
+    }
+    let reports = migrate(
+        &[(&dev_a, dest.socket("a").as_path())],
+        &Plan {
+            precopy_rounds: 1,
+            ..Plan::default()
+        },
+        || {},
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    eprintln!("{reports:?}");
+    source.wait_connected("a", false);
+
+    post_receives(&a);
+    for &id in &ids {
+        let wc = next(&p, &format!("send {id}"));
+        assert_eq!((wc.wr_id, wc.status), (id, WcStatus::Success), "{wc:?}");
+    }
+    for n in 0..SENDS {
+        let wc = next(&a, &format!("receive {n}"));
+        assert_eq!(
+            (wc.wr_id, wc.status),
+            (1000 + n, WcStatus::Success),
+            "{wc:?}"
+        );
+        let got = read(&a.buf, (WRITES + n) as usize * PIECE, PIECE);
+        let want: Vec<u8> = (0..PIECE).map(|i| byte(WRITES + n, i)).collect();
+        assert!(got == want, "SEND {n} arrived wrong");
+    }
+
+    // Both ways over the wire now: a WRITEs into p, p adds to a's counter.
+    fill_piece(&a, 0);
+    let sge = [Sge::new(a.buf.addr(), PIECE as u32, a.mr.lkey())];
+    a.send(&[
+        SendWr::rdma_write(1, &sge, p.buf.addr(), p.mr.rkey()).with_flags(SendFlags::SIGNALED)
+    ])
+    .unwrap();
+    let wc = next(&a, "write from the moved VM");
+    assert_eq!((wc.wr_id, wc.status), (1, WcStatus::Success), "{wc:?}");
+    assert!(read(&p.buf, 0, PIECE) == read(&a.buf, 0, PIECE));
+    let old = [Sge::new(p.buf.addr() + COUNTER_AT as u64, 8, p.mr.lkey())];
+    p.send(&[
+        SendWr::fetch_add(2, &old, a.buf.addr() + COUNTER_AT as u64, a.mr.rkey(), ADD)
+            .with_flags(SendFlags::SIGNALED),
+    ])
+    .unwrap();
+    let wc = next(&p, "add into the moved VM");
+    assert_eq!((wc.wr_id, wc.status), (2, WcStatus::Success), "{wc:?}");
+    let counter = u64::from_le_bytes(read(&a.buf, COUNTER_AT, 8).try_into().unwrap());
+    assert_eq!(counter, ADD);
+    let roce = dest.daemon().roce().expect("--roce");
+    let ep = roce
+        .endpoint(&ca.gid())
+        .expect("the destination serves a's address");
+    assert!(
+        ep.counters.rx.load(std::sync::atomic::Ordering::Relaxed) > 0,
+        "the peer's traffic reached the VM over RoCEv2"
+    );
 }

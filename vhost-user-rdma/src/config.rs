@@ -21,7 +21,9 @@ pub struct Args {
     /// weight (share of the fabric, 1-1000; default 1), max-qp, max-cq, max-mr, max-pd,
     /// max-ah (object quotas), max-mr-bytes (bytes registered at once; suffixes K, M, G),
     /// max-bw (payload bytes per second; suffixes K, M, G), max-msg-rate (work requests per
-    /// second), doorbells (doorbell queues, 1-64; default 1).
+    /// second), doorbells (doorbell queues, 1-64; default 1), incoming (on: the VM arrives by
+    /// live migration, so with --roce its address is bound when its guest connects; default
+    /// off).
     ///
     /// Example: --vm name=vm1,socket=/run/vrdma/vm1.sock,gid=10.0.0.1,weight=3
     #[arg(long = "vm", value_name = "KEY=VALUE,...")]
@@ -188,6 +190,10 @@ pub struct VmConfig {
     pub active_mtu: Mtu,
     /// Whether the daemon runs the inter-host fabric (`--roce`).
     pub roce: bool,
+    /// The VM arrives by live migration (`incoming=on`): with `--roce` its address is bound
+    /// when its guest connects, not at start, as it may still be another host's (or another
+    /// daemon's) until the switch-over.
+    pub incoming: bool,
 }
 
 /// Which fabric carries the VMs' work.
@@ -325,6 +331,7 @@ fn parse_vm(entry: &str, index: usize) -> Result<VmConfig, Error> {
     let mut weight = 1;
     let mut quotas = Quotas::default();
     let mut doorbell_queues = 1;
+    let mut incoming = false;
     for part in entry.split(',').filter(|p| !p.is_empty()) {
         let (key, value) = part.split_once('=').ok_or_else(|| Error::NotKeyValue {
             entry: entry.to_owned(),
@@ -380,6 +387,13 @@ fn parse_vm(entry: &str, index: usize) -> Result<VmConfig, Error> {
             "doorbells" => {
                 doorbell_queues = count(vrdma_proto::queue::MAX_DOORBELL_QUEUES.into())? as u16
             }
+            "incoming" => {
+                incoming = match value {
+                    "on" => true,
+                    "off" => false,
+                    _ => return Err(bad(key, value, "expected on or off")),
+                }
+            }
             _ => {
                 return Err(Error::UnknownKey {
                     entry: entry.to_owned(),
@@ -405,6 +419,7 @@ fn parse_vm(entry: &str, index: usize) -> Result<VmConfig, Error> {
         doorbell_queues,
         active_mtu: Mtu::Mtu4096,
         roce: false,
+        incoming,
     })
 }
 

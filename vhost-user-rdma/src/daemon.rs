@@ -49,7 +49,11 @@ impl Daemon {
         }
         let network = match config.roce {
             Some(settings) => {
-                let gids: Vec<_> = config.vms.iter().map(|v| (v.name.clone(), v.gid)).collect();
+                let gids: Vec<_> = config
+                    .vms
+                    .iter()
+                    .map(|v| (v.name.clone(), v.gid, v.incoming))
+                    .collect();
                 Some(Network::start(settings, &gids)?)
             }
             None => None,

@@ -126,6 +126,7 @@ impl TestVm {
             doorbell_queues: 1,
             active_mtu: vrdma_proto::config::Mtu::Mtu4096,
             roce: false,
+            incoming: false,
         };
         let base = u64::from(id) << 28;
         let mem = GuestMem::from_ranges(&[(GuestAddress(base), MEM_SIZE)]).unwrap();

@@ -36,6 +36,7 @@ fuzz_target!(|data: &[u8]| {
         doorbell_queues: 1,
         active_mtu: Mtu::Mtu4096,
         roce: mode & 2 != 0,
+        incoming: false,
     };
     let now = Instant::now();
     let restored = match state::load(&blob, &cfg, 7, now) {

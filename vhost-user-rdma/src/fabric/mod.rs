@@ -123,6 +123,10 @@ pub trait Fabric: std::fmt::Debug {
     /// delivers nothing more to it.
     fn detach(&mut self, vm: &Arc<Vm>);
 
+    /// VM `vm`, detached, went to another daemon by live migration: give up what it owned
+    /// here on the network (its address), so the daemon it went to can take it.
+    fn moved_away(&mut self, _vm: &Arc<Vm>) {}
+
     /// Stops carrying VM `vm_id`'s traffic in either direction, as for a live migration:
     /// requests to it wait (peers' QPs retry later, as across a link that paused) until
     /// [`Fabric::resume`]. The scheduler stops stepping its QPs itself.

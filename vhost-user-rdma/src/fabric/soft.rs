@@ -64,6 +64,12 @@ impl Fabric for SoftFabric {
         }
     }
 
+    fn moved_away(&mut self, vm: &Arc<Vm>) {
+        if let Some(remote) = &mut self.remote {
+            remote.release(&vm.gid);
+        }
+    }
+
     fn pause(&mut self, vm_id: u64) {
         if !self.paused.contains(&vm_id) {
             self.paused.push(vm_id);

@@ -392,6 +392,9 @@ impl Turns {
                         self.polled -= 1;
                     }
                     self.fabric.detach(&e.vm);
+                    if moved {
+                        self.fabric.moved_away(&e.vm);
+                    }
                     self.error_qps.retain(|&(p, _)| p != id);
                     self.peer_failures.retain(|f| f.vm != id);
                     if moved {

@@ -728,6 +728,7 @@ mod tests {
             doorbell_queues: 1,
             active_mtu: vrdma_proto::config::Mtu::Mtu4096,
             roce: false,
+            incoming: false,
         };
         let device = VmDevice::new(
             &cfg,

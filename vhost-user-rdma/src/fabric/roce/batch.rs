@@ -92,6 +92,14 @@ impl Batch {
             )]
         });
         let no_cmsgs: [ControlMessage<'_>; 0] = [];
+        if !ep.bound.load(Ordering::Acquire) {
+            // The address is not (or no longer) this daemon's: a packet from another would
+            // be dropped by the peer. Lost like any packet; the transport resends it.
+            ep.counters
+                .tx_dropped
+                .fetch_add(n as u64, Ordering::Relaxed);
+            return;
+        }
         let mut done = 0;
         while done < n {
             let result = sendmmsg(

@@ -49,10 +49,19 @@ pub struct Counters {
 /// A VM's address on the network: its socket and who answers there.
 #[derive(Debug)]
 pub struct Endpoint {
-    /// The address bound.
+    /// The VM's address.
     pub addr: SocketAddr,
-    /// The socket bound to it.
+    /// The socket bound to it while [`Endpoint::bound`]; otherwise an unbound socket that
+    /// receives nothing. The descriptor stays for the endpoint's life and the socket behind
+    /// it is replaced (`dup2`), so the receive thread and the senders never take a lock for
+    /// it: a VM that migrates away releases its address, and one that arrives claims it.
     pub socket: UdpSocket,
+    /// The address is bound here.
+    pub bound: AtomicBool,
+    /// A VM here wants the address: the receive thread binds it as soon as it is free.
+    pub wanted: AtomicBool,
+    /// Serialises binding and releasing.
+    pub claim: std::sync::Mutex<()>,
     /// The UDP port of every daemon in the fabric, where packets to peers go.
     pub peer_port: u16,
     /// The VM answering on this address, if one is attached.

@@ -67,6 +67,11 @@ impl RoceFabric {
         self.net.attach(&vm.gid, Some(vm.clone()));
     }
 
+    /// VM `vm` moved to another daemon: its address is released for that daemon to bind.
+    pub fn release(&mut self, gid: &Gid) {
+        self.net.release(gid);
+    }
+
     /// VM `vm` no longer answers on its address.
     pub fn detach(&mut self, vm: &Arc<Vm>) {
         let ep_vm = self

@@ -33,6 +33,9 @@ const RX_POLL_WINDOW: Duration = Duration::from_micros(50);
 /// How often a receive thread checks whether the daemon is stopping.
 const RX_POLL: Duration = Duration::from_millis(200);
 
+/// How often an address a VM arrived for is tried again while another daemon holds it.
+const CLAIM_RETRY: Duration = Duration::from_millis(2);
+
 /// Datagrams per `recvmmsg`.
 const RX_BATCH: usize = 32;
 
@@ -75,24 +78,38 @@ pub struct Network {
 }
 
 impl Network {
-    /// Binds every VM's GID address and starts the receive threads.
-    pub fn start(settings: RoceSettings, vms: &[(String, Gid)]) -> Result<Arc<Network>, Error> {
+    /// Binds every VM's GID address (but those of VMs that arrive by migration, bound when
+    /// they do) and starts the receive threads. `vms`: each VM's name, GID and whether it is
+    /// `incoming`.
+    pub fn start(
+        settings: RoceSettings,
+        vms: &[(String, Gid, bool)],
+    ) -> Result<Arc<Network>, Error> {
         let mut endpoints = HashMap::new();
-        for (name, gid) in vms {
+        for (name, gid, incoming) in vms {
             let addr = SocketAddr::new(ip_of(*gid), settings.port);
             let bind_error = |source| Error::Bind {
                 vm: name.clone(),
                 addr,
                 source,
             };
-            let socket = UdpSocket::bind(addr).map_err(bind_error)?;
+            let (socket, bound) = if *incoming {
+                (unbound_socket(addr).map_err(bind_error)?, false)
+            } else {
+                (UdpSocket::bind(addr).map_err(bind_error)?, true)
+            };
             socket.set_read_timeout(Some(RX_POLL)).map_err(bind_error)?;
-            size_buffers(&socket, addr);
+            if bound {
+                size_buffers(&socket, addr);
+            }
             endpoints.insert(
                 *gid,
                 Arc::new(Endpoint {
                     addr,
                     socket,
+                    bound: AtomicBool::new(bound),
+                    wanted: AtomicBool::new(false),
+                    claim: std::sync::Mutex::new(()),
                     peer_port: settings.port,
                     vm: RwLock::new(None),
                     paused: AtomicBool::new(false),
@@ -117,7 +134,11 @@ impl Network {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .push(handle);
-            info!("RoCEv2: listening on {}", ep.addr);
+            if ep.bound.load(Ordering::Relaxed) {
+                info!("RoCEv2: listening on {}", ep.addr);
+            } else {
+                info!("RoCEv2: {} is bound when its VM arrives", ep.addr);
+            }
         }
         Ok(net)
     }
@@ -172,10 +193,45 @@ impl Network {
         self.endpoints.get(gid)
     }
 
-    /// Makes `vm` the VM answering on its GID's address (`None` when it goes away).
+    /// Makes `vm` the VM answering on its GID's address (`None` when it goes away). A VM
+    /// arriving binds the address if this daemon does not hold it (it arrives by migration):
+    /// now if it is free, else as soon as the daemon it comes from releases it.
     pub fn attach(&self, gid: &Gid, vm: Option<Arc<Vm>>) {
         if let Some(ep) = self.endpoints.get(gid) {
+            let arriving = vm.is_some();
             *ep.vm.write().unwrap_or_else(|p| p.into_inner()) = vm;
+            // A VM leaving stops the tries for an address not yet bound (a migration to here
+            // that failed); one bound stays bound for the VM's next guest.
+            ep.wanted.store(arriving, Ordering::Release);
+            if arriving {
+                claim(ep);
+            }
+        }
+    }
+
+    /// Gives up the address of `gid` (its VM migrated to another daemon, which binds it).
+    pub fn release(&self, gid: &Gid) {
+        let Some(ep) = self.endpoints.get(gid) else {
+            return;
+        };
+        let _claim = ep.claim.lock().unwrap_or_else(|p| p.into_inner());
+        ep.wanted.store(false, Ordering::Release);
+        if !ep.bound.load(Ordering::Acquire) {
+            return;
+        }
+        match unbound_socket(ep.addr) {
+            Ok(socket) => {
+                replace_socket(ep, &socket);
+                ep.bound.store(false, Ordering::Release);
+                info!(
+                    "RoCEv2: released {}: its VM moved to another daemon",
+                    ep.addr
+                );
+            }
+            Err(e) => warn!(
+                "RoCEv2: cannot release {} for the daemon its VM moved to: {e}; that daemon cannot receive its traffic until this one stops",
+                ep.addr
+            ),
         }
     }
 
@@ -204,6 +260,17 @@ fn receive_loop(net: &Network, ep: &Arc<Endpoint>) {
     // sleeping in it, as the scheduler polls doorbells (a wake-up costs more than a packet).
     let mut last_traffic: Option<Instant> = None;
     while !net.stop.load(Ordering::Relaxed) {
+        if !ep.bound.load(Ordering::Acquire) {
+            // The address is another daemon's until its VM arrives here; once it has, try
+            // again until that daemon lets it go.
+            if ep.wanted.load(Ordering::Acquire) {
+                claim(ep);
+            }
+            if !ep.bound.load(Ordering::Acquire) {
+                std::thread::sleep(CLAIM_RETRY);
+                continue;
+            }
+        }
         let mut n = 0;
         let polling = last_traffic.is_some_and(|t| t.elapsed() < RX_POLL_WINDOW);
         {
@@ -252,6 +319,67 @@ fn receive_loop(net: &Network, ep: &Arc<Endpoint>) {
         rx.batch.flush();
         // Counted once handled, so a count that has reached N means N datagrams were acted on.
         ep.counters.rx.fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
+
+/// Binds `ep`'s address if it is wanted and not yet bound: with `IP_FREEBIND`, since a
+/// migrated VM's address may come to this host only at the switch-over. Fails quietly while
+/// another daemon holds it (the receive thread tries again).
+fn claim(ep: &Endpoint) {
+    let _claim = ep.claim.lock().unwrap_or_else(|p| p.into_inner());
+    if ep.bound.load(Ordering::Acquire) || !ep.wanted.load(Ordering::Acquire) {
+        return;
+    }
+    match freebind_socket(ep.addr) {
+        Ok(socket) => {
+            size_buffers(&socket, ep.addr);
+            replace_socket(ep, &socket);
+            ep.bound.store(true, Ordering::Release);
+            info!("RoCEv2: listening on {} (its VM arrived)", ep.addr);
+        }
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => {}
+        Err(e) => warn!("RoCEv2: cannot bind {}: {e}", ep.addr),
+    }
+}
+
+/// A UDP socket of `addr`'s family bound to nothing: an endpoint's socket while its address
+/// is another daemon's. It receives nothing, and nothing is sent from it.
+fn unbound_socket(addr: SocketAddr) -> io::Result<UdpSocket> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, socket};
+    let family = if addr.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    let fd = socket(family, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None)
+        .map_err(io::Error::from)?;
+    Ok(UdpSocket::from(fd))
+}
+
+/// A UDP socket bound to `addr` even if the address is not (yet) this host's.
+fn freebind_socket(addr: SocketAddr) -> io::Result<UdpSocket> {
+    use nix::sys::socket::{SockaddrStorage, bind, setsockopt, sockopt};
+    let socket = unbound_socket(addr)?;
+    setsockopt(&socket, sockopt::IpFreebind, &true).map_err(io::Error::from)?;
+    bind(socket.as_raw_fd(), &SockaddrStorage::from(addr)).map_err(io::Error::from)?;
+    Ok(socket)
+}
+
+/// Puts `new` behind `ep`'s descriptor: the receive thread, woken out of a receive on the old
+/// socket, reads from the new one on its next call; senders use it from their next batch.
+fn replace_socket(ep: &Endpoint, new: &UdpSocket) {
+    let _ = new.set_read_timeout(Some(RX_POLL));
+    let _ = nix::sys::socket::shutdown(ep.socket.as_raw_fd(), nix::sys::socket::Shutdown::Read);
+    // SAFETY: both descriptors are open sockets this endpoint owns; dup2 atomically makes
+    // `ep.socket`'s descriptor refer to `new`'s socket (closing the old one), which
+    // `ep.socket` then owns as before. `new` keeps its own descriptor, closed when dropped.
+    let rc = unsafe { libc::dup2(new.as_raw_fd(), ep.socket.as_raw_fd()) };
+    if rc < 0 {
+        warn!(
+            "RoCEv2 {}: cannot switch sockets: {}",
+            ep.addr,
+            io::Error::last_os_error()
+        );
     }
 }
 

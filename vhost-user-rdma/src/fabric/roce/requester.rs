@@ -104,6 +104,11 @@ pub fn step_rc(
     let sqd = qp.state() == qp::State::Sqd;
     let (sq_head, una, next) = (qp.rt.sq_head, qp.rt.psns.una, qp.rt.psns.next);
     if !qp.rt.rc.started {
+        // A QP whose peer was on this daemon (or on the one it migrated from) may be in the
+        // middle of a work request moved by local copies: on the wire it starts again from
+        // its first byte, as a message the peer has not seen (copies into the peer's memory
+        // are idempotent, and a receive is consumed only at a message's last byte).
+        qp.rt.inflight = Default::default();
         qp.rt.retries = Retries::full(&qp.attr);
         let t = &mut qp.rt.rc;
         t.started = true;
@@ -540,6 +545,46 @@ fn go_back(av: &mut VmObjects, a: &Vm, mem: &GuestMem, qpn: u32, counters: &Coun
     if una == qp.rt.rc.psn_max {
         return true;
     }
+    let resent = psn_diff(qp.rt.rc.psn_max, una).max(0) as u64;
+    match resume_at_una(av, a, mem, qpn) {
+        Resume::Failed => return false,
+        Resume::Nothing => return true,
+        Resume::At => {}
+    }
+    counters.retransmitted.fetch_add(resent, Ordering::Relaxed);
+    let Some(qp) = av.qps.get_mut(qpn) else {
+        return false;
+    };
+    qp.rt.rc.rewound = Some(una);
+    // Each go-back resends everything after the gap: a path that loses or reorders packets
+    // gets a smaller window, and earns it back one packet per acknowledgement.
+    qp.rt.rc.cwnd = (qp.rt.rc.cwnd / 2).max(MIN_WINDOW);
+    debug!(
+        "vm {}: QP {qpn:#x}: going back to PSN {una:#x} ({resent} packets)",
+        a.name
+    );
+    true
+}
+
+/// Where [`resume_at_una`] left the transmitter.
+enum Resume {
+    /// At the oldest unacknowledged PSN, in the work request it belongs to.
+    At,
+    /// Nothing on the wire holds it: every request sent is acknowledged.
+    Nothing,
+    /// The work request could not be read again; the QP has failed.
+    Failed,
+}
+
+/// Makes the oldest unacknowledged PSN the next to send, in the work request it belongs to,
+/// re-read from the ring: the transmitter then sends that request's packet for it, and the
+/// requests after it with the PSNs they had. Moving only the PSN would send the rest of
+/// another request under it.
+fn resume_at_una(av: &mut VmObjects, a: &Vm, mem: &GuestMem, qpn: u32) -> Resume {
+    let Some(qp) = av.qps.get(qpn) else {
+        return Resume::Failed;
+    };
+    let una = qp.rt.psns.una;
     let (head, end) = (qp.rt.sq_head, qp.rt.rc.sq_max);
     let mut i = head;
     let mut found = None;
@@ -552,31 +597,41 @@ fn go_back(av: &mut VmObjects, a: &Vm, mem: &GuestMem, qpn: u32, counters: &Coun
         i = i.wrapping_add(1);
     }
     let Some(index) = found else {
-        return true;
+        return Resume::Nothing;
     };
-    let resent = psn_diff(qp.rt.rc.psn_max, una).max(0) as u64;
     let mut slot = [0u8; MAX_SEND_SLOT];
     if !read_send_slot(qp, mem, index, &mut slot) {
         ring_fatal(av, a, mem, qpn, VendorErr::GuestMemory);
-        return false;
+        return Resume::Failed;
     }
-    counters.retransmitted.fetch_add(resent, Ordering::Relaxed);
     let Some(qp) = av.qps.get_mut(qpn) else {
-        return false;
+        return Resume::Failed;
     };
     qp.rt.inflight.slot = slot;
     qp.rt.inflight.active = true;
     qp.rt.rc.sq_next = index;
-    qp.rt.rc.rewound = Some(una);
-    // Each go-back resends everything after the gap: a path that loses or reorders packets
-    // gets a smaller window, and earns it back one packet per acknowledgement.
-    qp.rt.rc.cwnd = (qp.rt.rc.cwnd / 2).max(MIN_WINDOW);
     qp.rt.psns.next = una;
-    debug!(
-        "vm {}: QP {qpn:#x}: going back to PSN {una:#x} ({resent} packets)",
-        a.name
-    );
-    true
+    Resume::At
+}
+
+/// An acknowledgement moved the oldest unacknowledged PSN past the next one to send (a
+/// go-back-N was resending what the first transmission had already delivered): carry on from
+/// it, without resending what is acknowledged.
+fn skip_acknowledged(av: &mut VmObjects, a: &Vm, mem: &GuestMem, qpn: u32) {
+    let Some(qp) = av.qps.get_mut(qpn) else {
+        return;
+    };
+    if psn_diff(qp.rt.psns.una, qp.rt.psns.next) <= 0 {
+        return;
+    }
+    if let Resume::Nothing = resume_at_una(av, a, mem, qpn) {
+        // Everything sent is acknowledged: go on after the last request begun.
+        if let Some(qp) = av.qps.get_mut(qpn) {
+            qp.rt.psns.next = qp.rt.psns.una;
+            qp.rt.rc.sq_next = qp.rt.rc.sq_max;
+            qp.rt.inflight.active = false;
+        }
+    }
 }
 
 /// Completes the oldest work request on the wire with `status` and takes the QP to ERR,
@@ -786,15 +841,14 @@ fn ack_through(av: &mut VmObjects, a: &Vm, mem: &GuestMem, qpn: u32, psn: u32) -
         complete_oldest(av, a, mem, qpn, Status::Success, VendorErr::None);
         moved = true;
     }
+    if moved {
+        skip_acknowledged(av, a, mem, qpn);
+    }
     moved
 }
 
-/// Forward progress: the retry budget is whole again and the timer restarts. A go-back-N
-/// that is resending what has now been acknowledged skips ahead.
+/// Forward progress: the retry budget is whole again and the timer restarts.
 fn progress(qp: &mut Qp) {
-    if psn_diff(qp.rt.psns.una, qp.rt.psns.next) > 0 {
-        qp.rt.psns.next = qp.rt.psns.una;
-    }
     qp.rt.retries = Retries::full(&qp.attr);
     let w = &mut qp.rt.rc;
     w.deadline = None;
@@ -861,6 +915,7 @@ fn answered(av: &mut VmObjects, a: &Vm, mem: &GuestMem, qpn: u32, psn: u32, last
     if last {
         complete_oldest(av, a, mem, qpn, Status::Success, VendorErr::None);
     }
+    skip_acknowledged(av, a, mem, qpn);
     true
 }
 

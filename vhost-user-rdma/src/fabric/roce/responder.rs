@@ -349,8 +349,18 @@ fn nak_code(status: Status) -> NakCode {
 
 /// The NAK for a request the responder cannot make sense of; the QP goes to ERR as the IBA
 /// asks of an invalid request.
-fn invalid_request(r: &Responder<'_>, rx: &mut RxBuffers, bv: &mut VmObjects, psn: u32) {
+fn invalid_request(
+    r: &Responder<'_>,
+    rx: &mut RxBuffers,
+    bv: &mut VmObjects,
+    psn: u32,
+    why: std::fmt::Arguments<'_>,
+) {
     let (reply, b, mem, qpn) = (&r.reply, r.b, r.mem, r.qpn);
+    log::debug!(
+        "vm {}: QP {qpn:#x}: invalid request at PSN {psn:#x}: {why}",
+        b.name
+    );
     let msn = bv.qps.get(qpn).map_or(0, |q| q.rt.psns.msn);
     responder_error(bv, b, mem, qpn, None, VendorErr::MalformedWqe);
     b.push_event(event::Kind::QpReqErr, qpn);
@@ -403,12 +413,24 @@ fn serve_data(r: &Responder<'_>, rx: &mut RxBuffers, bv: &mut VmObjects, pkt: &P
         RxMsg::Write { .. } => !is_send && !starts,
     };
     if !in_order || (!ends && n != mtu) || n > mtu {
-        invalid_request(r, rx, bv, psn);
+        invalid_request(
+            r,
+            rx,
+            bv,
+            psn,
+            format_args!("{op:?} of {n} bytes while {state:?} (path MTU {mtu})"),
+        );
         return;
     }
     if matches!(op, RcSendLastWithInvalidate | RcSendOnlyWithInvalidate) {
         // vrdma has no memory windows or fast-registered MRs to invalidate.
-        invalid_request(r, rx, bv, psn);
+        invalid_request(
+            r,
+            rx,
+            bv,
+            psn,
+            format_args!("{op:?} (nothing to invalidate)"),
+        );
         return;
     }
     let mut header = wqe::SendHeader::default();
@@ -441,13 +463,19 @@ fn serve_data(r: &Responder<'_>, rx: &mut RxBuffers, bv: &mut VmObjects, pkt: &P
             ) => (va, rkey, len, done),
             (_, Some(reth)) => (reth.va(), reth.rkey(), reth.dma_len(), 0),
             _ => {
-                invalid_request(r, rx, bv, psn);
+                invalid_request(r, rx, bv, psn, format_args!("{op:?} without a RETH"));
                 return;
             }
         };
         let end = done.checked_add(n);
         if end.is_none_or(|e| e > len || (ends && e != len)) {
-            invalid_request(r, rx, bv, psn);
+            invalid_request(
+                r,
+                rx,
+                bv,
+                psn,
+                format_args!("{op:?} of {n} bytes at {done} of a {len}-byte WRITE"),
+            );
             return;
         }
         header.remote_addr = va.into();
@@ -574,7 +602,14 @@ fn serve_read(
     // A message is at most 2^31 bytes (IBA C9-94), which also keeps a READ's PSNs within the
     // half of PSN space that tells old from new.
     if qp.rt.rc.rx != RxMsg::Idle || len > 1 << 31 {
-        invalid_request(r, rx, bv, psn);
+        let state = qp.rt.rc.rx;
+        invalid_request(
+            r,
+            rx,
+            bv,
+            psn,
+            format_args!("READ of {len} bytes while {state:?}"),
+        );
         return None;
     }
     let msn = psn_add(qp.rt.psns.msn, 1);
@@ -688,7 +723,8 @@ fn serve_atomic(r: &Responder<'_>, rx: &mut RxBuffers, bv: &mut VmObjects, pkt: 
     let psn = pkt.bth().psn();
     let Some(eth) = pkt.ext().atomic else { return };
     if qp.rt.rc.rx != RxMsg::Idle {
-        invalid_request(r, rx, bv, psn);
+        let state = qp.rt.rc.rx;
+        invalid_request(r, rx, bv, psn, format_args!("atomic while {state:?}"));
         return;
     }
     let (compare_add, swap, opcode) = if pkt.opcode() == Op::RcCompareSwap {

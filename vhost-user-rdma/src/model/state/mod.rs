@@ -820,6 +820,7 @@ mod tests {
             doorbell_queues: 1,
             active_mtu: Mtu::Mtu4096,
             roce: false,
+            incoming: false,
         };
         let mut vm = VmObjects::new(&cfg, 7);
         let pd = cmd::Handle::read_from_bytes(
@@ -1007,6 +1008,7 @@ mod tests {
             doorbell_queues: 1,
             active_mtu: Mtu::Mtu4096,
             roce: true,
+            incoming: false,
         };
         let mut vm = VmObjects::new(&cfg, 7);
         let handle = |bytes: Vec<u8>| cmd::Handle::read_from_bytes(&bytes).unwrap().handle;

@@ -174,6 +174,15 @@ impl Drop for DirtyLog {
     }
 }
 
+/// Where a migration stands when [`migrate`] calls its hook.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Pre-copy round `n` (from 1) has been copied; the device still runs.
+    Copied(u32),
+    /// The source is stopped and its state saved; the destination is about to load it.
+    BeforeLoad,
+}
+
 /// One region of a guest and its copy at the destination.
 struct Copy {
     region: std::sync::Arc<SharedMemory>,
@@ -270,12 +279,13 @@ impl<'a> Moving<'a> {
 /// is compared with the source byte for byte; the destination loads the state, the guests
 /// move onto their copies and the destination starts. On any failure before the switch-over
 /// every source resumes (QEMU's `vhost_dev_start` and `vhost_migration_log(false)`) and the
-/// error is returned. `between_rounds` runs after each pre-copy round, the last one included
-/// (so what it makes the device write lands in the next round's log, or the last's).
+/// error is returned. `hook` runs at each [`Step`]: after each pre-copy round, the last one
+/// included (so what it makes the device write lands in the next round's log, or the
+/// last's), and before the load.
 pub fn migrate(
     guests: &[(&VirtioUser, &Path)],
     plan: &Plan,
-    mut between_rounds: impl FnMut(),
+    mut hook: impl FnMut(Step),
 ) -> Result<Vec<Report>, MigrateError> {
     let log = DirtyLog::new()?;
     let mut moving = Vec::new();
@@ -286,7 +296,7 @@ pub fn migrate(
             report: Report::default(),
         });
     }
-    let outcome = run(guests, plan, &log, &mut moving, &mut between_rounds);
+    let outcome = run(guests, plan, &log, &mut moving, &mut hook);
     if let Err(e) = outcome {
         for mv in &mut moving {
             if let Some(m) = mv.migration.take() {
@@ -303,7 +313,7 @@ fn run(
     plan: &Plan,
     log: &DirtyLog,
     moving: &mut [Moving<'_>],
-    between_rounds: &mut dyn FnMut(),
+    hook: &mut dyn FnMut(Step),
 ) -> Result<(), MigrateError> {
     // The destination QEMU is started (-incoming) before the migration begins.
     for (mv, (_, dest)) in moving.iter_mut().zip(guests) {
@@ -319,14 +329,14 @@ fn run(
         }
         mv.report.pages.push(pages);
     }
-    for _ in 0..plan.precopy_rounds {
+    for n in 1..=plan.precopy_rounds {
         if !plan.round_pause.is_zero() {
             std::thread::sleep(plan.round_pause);
         }
         for mv in moving.iter_mut() {
             mv.round(log, false)?;
         }
-        between_rounds();
+        hook(Step::Copied(n));
     }
     let stop = Instant::now();
     for mv in moving.iter_mut() {
@@ -351,6 +361,7 @@ fn run(
     if plan.cancel_before_switch {
         return Err(MigrateError::Cancelled);
     }
+    hook(Step::BeforeLoad);
     for (mv, mut blob) in moving.iter_mut().zip(blobs) {
         if let Some(tamper) = plan.tamper {
             tamper(&mut blob);

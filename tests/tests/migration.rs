@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use vrdma::{Context, QpType};
 use vrdma::{QpCap, RecvWr, SendFlags, SendWr, Sge, WcOpcode, WcStatus, WorkCompletion};
-use vrdma_tests::vmm::{MigrateError, Plan, migrate};
+use vrdma_tests::vmm::{MigrateError, Plan, Step, migrate};
 use vrdma_tests::{Endpoint, RcPeer, TestDaemon, empty_wc, read, try_connect_rc};
 
 /// Bytes of each WRITE of the first batch, and of each SEND.
@@ -232,7 +232,7 @@ fn both_ends_of_a_connection_move_to_another_daemon() {
             precopy_rounds: 2,
             ..Plan::default()
         },
-        || {},
+        |_| {},
     )
     .unwrap_or_else(|e| panic!("{e}"));
     for r in &reports {
@@ -285,7 +285,10 @@ fn an_unlogged_page_fails_the_migration_and_the_source_resumes() {
             ignore_last_log: true,
             ..Plan::default()
         },
-        || {
+        |step| {
+            if !matches!(step, Step::Copied(_)) {
+                return;
+            }
             // The peer (running: only a's vCPUs are stopped) writes into a after every
             // pre-copy round, the last one included, and waits for the write to land.
             round += 1;
@@ -372,7 +375,7 @@ fn a_vm_moves_away_from_its_peer_which_then_reaches_it_over_roce() {
             precopy_rounds: 1,
             ..Plan::default()
         },
-        || {},
+        |_| {},
     )
     .unwrap_or_else(|e| panic!("{e}"));
     eprintln!("{reports:?}");
@@ -423,4 +426,79 @@ fn a_vm_moves_away_from_its_peer_which_then_reaches_it_over_roce() {
         ep.counters.rx.load(std::sync::atomic::Ordering::Relaxed) > 0,
         "the peer's traffic reached the VM over RoCEv2"
     );
+}
+
+/// How a migration is made to fail before the switch-over.
+#[derive(Debug, Clone, Copy)]
+enum Failure {
+    /// A byte of the state flipped in transit: the checksum catches it.
+    Corrupt,
+    /// The state claims a format version from the future.
+    FutureVersion,
+    /// The destination daemon dies before the state reaches it.
+    DestinationDies,
+    /// The VMM cancels the migration after the source stopped.
+    Cancelled,
+}
+
+/// Every way a migration fails before the switch-over leaves the VM on the source, which
+/// resumes with everything it had in flight: WRITEs, atomics and SENDs waiting for
+/// receives all complete once, in order, with their data.
+#[test]
+fn a_failed_migration_leaves_the_vm_running_on_the_source() {
+    for failure in [
+        Failure::Corrupt,
+        Failure::FutureVersion,
+        Failure::DestinationDies,
+        Failure::Cancelled,
+    ] {
+        let source = TestDaemon::start(&[("a", ""), ("b", "")]);
+        let dest = TestDaemon::start(&[("a", ""), ("b", "")]);
+        let dest_socket = dest.socket("a");
+        let mut dest = Some(dest);
+        let (ca, dev_a) = source.open_shared("a");
+        let cb = source.open("b");
+        let (a, b) = rc_pair(&ca, &cb, BUF, cap());
+        let ids = post_work(&a, &b);
+        let tamper: Option<fn(&mut Vec<u8>)> = match failure {
+            Failure::Corrupt => Some(|blob| {
+                let at = blob.len() - 3;
+                blob[at] ^= 0x10;
+            }),
+            // The version is the 32-bit word after the 8-byte magic.
+            Failure::FutureVersion => Some(|blob| blob[8..12].copy_from_slice(&2u32.to_le_bytes())),
+            _ => None,
+        };
+        let outcome = migrate(
+            &[(&dev_a, dest_socket.as_path())],
+            &Plan {
+                precopy_rounds: 1,
+                tamper,
+                cancel_before_switch: matches!(failure, Failure::Cancelled),
+                ..Plan::default()
+            },
+            |step| {
+                if step == Step::BeforeLoad && matches!(failure, Failure::DestinationDies) {
+                    dest.take();
+                }
+            },
+        );
+        match (failure, &outcome) {
+            (Failure::Cancelled, Err(MigrateError::Cancelled))
+            | (
+                Failure::Corrupt | Failure::FutureVersion | Failure::DestinationDies,
+                Err(MigrateError::Device(_)),
+            ) => {}
+            _ => panic!("{failure:?}: the migration should have failed, got {outcome:?}"),
+        }
+        assert!(
+            source.vm("a").is_some(),
+            "{failure:?}: a is still served by the source"
+        );
+        if let Some(dest) = &dest {
+            dest.wait_connected("a", false);
+        }
+        post_receives(&b);
+        check_work(&a, &b, &ids, 0);
+    }
 }

@@ -117,6 +117,20 @@ impl TestDaemon {
         server.device().map(|d| d.doorbells().clone())
     }
 
+    /// Waits until VM `name`'s socket has served `served` guests and released everything of
+    /// the last: the daemon is back where it was before the first connected.
+    pub fn wait_released(&self, name: &str, served: u64) {
+        let server = self.daemon().server(name).expect("a configured VM");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while server.times_waiting() < served + 1 {
+            assert!(
+                Instant::now() < deadline,
+                "VM {name} did not release its guest number {served}"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     /// Waits until VM `name` has a connected guest (or has none, with `connected` false).
     pub fn wait_connected(&self, name: &str, connected: bool) {
         let deadline = Instant::now() + Duration::from_secs(10);

@@ -181,6 +181,9 @@ pub enum Step {
     Copied(u32),
     /// The source is stopped and its state saved; the destination is about to load it.
     BeforeLoad,
+    /// The destination has loaded the state and is about to start: where a VM's network
+    /// address moves to the destination host.
+    Loaded,
 }
 
 /// One region of a guest and its copy at the destination.
@@ -370,6 +373,7 @@ fn run(
         mv.m().load_state(&blob)?;
         mv.report.load = t.elapsed();
     }
+    hook(Step::Loaded);
     // Switch-over: the guests run on their copies from here.
     for mv in moving.iter_mut() {
         let copies = std::mem::take(&mut mv.copies);

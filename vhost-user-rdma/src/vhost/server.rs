@@ -54,6 +54,9 @@ pub enum Error {
 #[derive(Default)]
 struct Shared {
     stopping: AtomicBool,
+    /// Times the server has been ready for a frontend with everything of the previous
+    /// connection released.
+    waiting: std::sync::atomic::AtomicU64,
     connection: Mutex<Option<ShutdownHandle>>,
     device: Mutex<Option<SharedDevice>>,
 }
@@ -119,6 +122,13 @@ impl VmServer {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// How many times the server has been waiting for a frontend with everything of the
+    /// previous one released: one more than the frontends it has served, once the last has
+    /// gone. Tests count on it to know a departed guest left nothing behind.
+    pub fn times_waiting(&self) -> u64 {
+        self.shared.waiting.load(Ordering::SeqCst)
     }
 
     /// Disconnects the frontend (which sees the device go away), stops accepting, waits up to
@@ -209,6 +219,7 @@ fn serve(
         // connects: from this line on, the daemon's threads and descriptors are what a VM
         // without a guest costs (tests compare them across connections).
         info!("vm {name}: waiting for a frontend");
+        shared.waiting.fetch_add(1, Ordering::SeqCst);
         if let Err(e) = daemon.start(listener) {
             if !shared.stopping.load(Ordering::SeqCst) {
                 error!("vm {name}: accepting a frontend failed: {e}");

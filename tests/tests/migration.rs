@@ -342,30 +342,37 @@ fn an_unlogged_page_fails_the_migration_and_the_source_resumes() {
     }
 }
 
-/// A VM moves to another daemon on the same host while its peer stays: the peer's SENDs,
-/// waiting for receives when the VM left, complete once the VM posts them on the destination,
-/// and from then on the two talk over RoCEv2 (the VM's address moved with it).
+/// A VM moves to another daemon on the same host while its peer stays: SENDs waiting for
+/// receives when the VM left (the peer's to it, or the VM's own to the peer) complete once the
+/// receives are posted, and from then on the two talk over RoCEv2 (the VM's address moved
+/// with it). Once with the VM as the responder of the waiting SENDs, once as their requester.
 #[test]
 fn a_vm_moves_away_from_its_peer_which_then_reaches_it_over_roce() {
-    let source = TestDaemon::start_with(
-        &[("a", "gid=127.0.21.1"), ("p", "gid=127.0.21.2")],
-        &["--roce"],
-    );
-    let dest = TestDaemon::start_with(&[("a", "gid=127.0.21.1,incoming=on")], &["--roce"]);
+    for (requester, net) in [(false, 21), (true, 23)] {
+        moves_away_from_its_peer(requester, net);
+    }
+}
+
+fn moves_away_from_its_peer(vm_sends: bool, net: u8) {
+    let (gid_a, gid_p) = (format!("gid=127.0.{net}.1"), format!("gid=127.0.{net}.2"));
+    let source = TestDaemon::start_with(&[("a", &gid_a), ("p", &gid_p)], &["--roce"]);
+    let dest = TestDaemon::start_with(&[("a", &format!("{gid_a},incoming=on"))], &["--roce"]);
     let (ca, dev_a) = source.open_shared("a");
     let cp = source.open("p");
     let (a, p) = rc_pair(&ca, &cp, BUF, cap());
+    // The SENDs' requester and responder.
+    let (req, resp) = if vm_sends { (&a, &p) } else { (&p, &a) };
 
-    // p's SENDs wait for receives a has not posted.
+    // The SENDs wait for receives not yet posted.
     let mut ids = Vec::new();
     for n in 0..SENDS {
-        fill_piece(&p, WRITES + n);
+        fill_piece(req, WRITES + n);
         let sge = [Sge::new(
-            p.buf.addr() + (WRITES + n) * PIECE as u64,
+            req.buf.addr() + (WRITES + n) * PIECE as u64,
             PIECE as u32,
-            p.mr.lkey(),
+            req.mr.lkey(),
         )];
-        p.send(&[SendWr::send(100 + n, &sge).with_flags(SendFlags::SIGNALED)])
+        req.send(&[SendWr::send(100 + n, &sge).with_flags(SendFlags::SIGNALED)])
             .expect("post send");
         ids.push(100 + n);
     }
@@ -381,19 +388,19 @@ fn a_vm_moves_away_from_its_peer_which_then_reaches_it_over_roce() {
     eprintln!("{reports:?}");
     source.wait_connected("a", false);
 
-    post_receives(&a);
+    post_receives(resp);
     for &id in &ids {
-        let wc = next(&p, &format!("send {id}"));
+        let wc = next(req, &format!("send {id}"));
         assert_eq!((wc.wr_id, wc.status), (id, WcStatus::Success), "{wc:?}");
     }
     for n in 0..SENDS {
-        let wc = next(&a, &format!("receive {n}"));
+        let wc = next(resp, &format!("receive {n}"));
         assert_eq!(
             (wc.wr_id, wc.status),
             (1000 + n, WcStatus::Success),
             "{wc:?}"
         );
-        let got = read(&a.buf, (WRITES + n) as usize * PIECE, PIECE);
+        let got = read(&resp.buf, (WRITES + n) as usize * PIECE, PIECE);
         let want: Vec<u8> = (0..PIECE).map(|i| byte(WRITES + n, i)).collect();
         assert!(got == want, "SEND {n} arrived wrong");
     }

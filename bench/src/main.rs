@@ -11,6 +11,7 @@ mod plot;
 mod procs;
 mod qperf;
 mod report;
+mod migration;
 mod sections;
 mod tables;
 
@@ -40,7 +41,7 @@ struct Args {
     quick: bool,
 
     /// Run only these sections (comma-separated): vrdma, tcp, roce, memcpy, mr, idle,
-    /// fairness, isolation, registering, many, scale.
+    /// fairness, isolation, registering, many, scale, migrate.
     #[arg(long, value_name = "SECTION,...", value_delimiter = ',')]
     only: Vec<String>,
 
@@ -127,7 +128,9 @@ fn main() -> ExitCode {
             "isolation" => sections::isolation(&mut env, &mut results),
             "registering" => sections::registering(&mut env, &mut results),
             "many" => sections::many(&mut env, &mut results),
-            _ => sections::scale(&mut env, &mut results),
+            "migrate" => migration::migrate_section(&mut env, &mut results),
+            "scale" => sections::scale(&mut env, &mut results),
+            other => unreachable!("section {other} is in SECTIONS but not run"),
         };
         ran.push(name);
         if let Err(e) = outcome {

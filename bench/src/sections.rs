@@ -61,7 +61,7 @@ pub struct Env {
 }
 
 /// The sections, in the order they run.
-pub const SECTIONS: [&str; 11] = [
+pub const SECTIONS: [&str; 12] = [
     "vrdma",
     "tcp",
     "roce",
@@ -73,6 +73,7 @@ pub const SECTIONS: [&str; 11] = [
     "registering",
     "many",
     "scale",
+    "migrate",
 ];
 
 /// The RDMA operations compared.
@@ -167,7 +168,12 @@ impl Env {
     }
 
     /// [`Env::daemon`] where and as `launch` says.
-    fn daemon_on(&self, tag: &str, vms: &[VmSpec], launch: &Launch) -> Result<Daemon, Error> {
+    pub(crate) fn daemon_on(
+        &self,
+        tag: &str,
+        vms: &[VmSpec],
+        launch: &Launch,
+    ) -> Result<Daemon, Error> {
         let bin = procs::sibling("vhost-user-rdma", "vhost-user-rdma")?;
         let log = self.dir("logs")?.join(format!("daemon-{tag}.log"));
         Ok(Daemon::start(
@@ -185,7 +191,7 @@ impl Env {
 
     /// A measurement failed: ends the run if that was Ctrl-C, otherwise records the failure
     /// so the section can go on with the next measurement.
-    fn failed(&mut self, what: String) -> Result<(), Error> {
+    pub(crate) fn failed(&mut self, what: String) -> Result<(), Error> {
         if procs::interrupted() {
             return Err(procs::Error::Interrupted.into());
         }

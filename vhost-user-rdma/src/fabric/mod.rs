@@ -127,6 +127,13 @@ pub trait Fabric: std::fmt::Debug {
     /// here on the network (its address), so the daemon it went to can take it.
     fn moved_away(&mut self, _vm: &Arc<Vm>) {}
 
+    /// VM `vm`, whose objects are `objects` (locked by the caller), arrived by live
+    /// migration and has just resumed here: tell its peers, so neither side waits for a
+    /// timeout to resend what the switch-over dropped. Returns the QPs to look at.
+    fn announce(&mut self, _vm: &Arc<Vm>, _objects: &mut VmObjects) -> Vec<u32> {
+        Vec::new()
+    }
+
     /// Stops carrying VM `vm_id`'s traffic in either direction, as for a live migration:
     /// requests to it wait (peers' QPs retry later, as across a link that paused) until
     /// [`Fabric::resume`]. The scheduler stops stepping its QPs itself.

@@ -70,6 +70,13 @@ impl Fabric for SoftFabric {
         }
     }
 
+    fn announce(&mut self, vm: &Arc<Vm>, objects: &mut VmObjects) -> Vec<u32> {
+        match &mut self.remote {
+            Some(remote) => remote.announce(vm, objects),
+            None => Vec::new(),
+        }
+    }
+
     fn pause(&mut self, vm_id: u64) {
         if !self.paused.contains(&vm_id) {
             self.paused.push(vm_id);
@@ -133,11 +140,15 @@ impl Fabric for SoftFabric {
 
 impl SoftFabric {
     /// Pauses (or resumes) what the RoCEv2 fabric takes from the network for VM `vm_id`, on
-    /// its address.
+    /// its address; a VM that resumes (or starts) takes its address if this daemon does not
+    /// hold it yet (it arrived by migration).
     fn pause_remote(&mut self, vm_id: u64, paused: bool) {
         let gid = self.by_gid.values().find(|v| v.id == vm_id).map(|v| v.gid);
         if let (Some(remote), Some(gid)) = (&mut self.remote, gid) {
             remote.set_paused(&gid, paused);
+            if !paused {
+                remote.claim(&gid);
+            }
         }
     }
 

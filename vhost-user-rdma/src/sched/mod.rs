@@ -60,7 +60,8 @@ enum Control {
     /// left alone to reach it there.
     Detach(u64, SyncSender<()>, bool),
     Pause(u64, SyncSender<()>),
-    Resume(u64),
+    /// Resume VM `.0`; `.1`: it has just arrived by live migration, so its peers are told.
+    Resume(u64, bool),
 }
 
 /// The handle the devices and servers use to reach the scheduler.
@@ -152,9 +153,18 @@ impl Scheduler {
         }
     }
 
-    /// Serves VM `vm_id` again.
+    /// Serves VM `vm_id` again (or starts serving it: a VM whose guest starts takes its network
+    /// address then if this daemon does not hold it yet).
     pub fn resume(&self, vm_id: u64) {
-        if self.tx.send(Control::Resume(vm_id)).is_ok() {
+        if self.tx.send(Control::Resume(vm_id, false)).is_ok() {
+            self.wake();
+        }
+    }
+
+    /// Serves VM `vm_id`, which has just arrived by live migration: as [`Scheduler::resume`],
+    /// and its QPs tell their peers (`Fabric::announce`).
+    pub fn resume_arrived(&self, vm_id: u64) {
+        if self.tx.send(Control::Resume(vm_id, true)).is_ok() {
             self.wake();
         }
     }
@@ -206,6 +216,9 @@ struct Turns {
     last_flush: Instant,
     /// Peers of departed VMs still to fail, their VMs' objects having been busy.
     peer_failures: Vec<PeerFailure>,
+    /// VMs that arrived by migration and still have to tell their peers, their objects having
+    /// been busy.
+    arrivals: Vec<u64>,
     /// How long to keep polling a VM after its last work (adaptive).
     poll_window: Duration,
     /// VMs being polled.
@@ -226,6 +239,7 @@ impl Turns {
             error_qps: Vec::with_capacity(256),
             last_flush: Instant::now(),
             peer_failures: Vec::new(),
+            arrivals: Vec::new(),
             poll_window: Duration::ZERO,
             polled: 0,
             served: Vec::new(),
@@ -245,6 +259,9 @@ impl Turns {
             self.fire_timers();
             if !self.peer_failures.is_empty() {
                 self.fail_pending_peers();
+            }
+            if !self.arrivals.is_empty() {
+                self.announce_arrivals();
             }
             if !self.error_qps.is_empty() && self.last_flush.elapsed() >= FLUSH_TICK {
                 self.flush_error_qps();
@@ -304,7 +321,7 @@ impl Turns {
         if let Some(at) = self.rate_wake {
             sleep = sleep.min(at.saturating_duration_since(now));
         }
-        if self.retry_soon || !self.peer_failures.is_empty() {
+        if self.retry_soon || !self.peer_failures.is_empty() || !self.arrivals.is_empty() {
             sleep = sleep.min(RETRY_BUSY);
         }
         sleep
@@ -415,11 +432,15 @@ impl Turns {
                 }
                 let _ = done.send(());
             }
-            Control::Resume(id) => {
+            Control::Resume(id, arrived) => {
                 if let Some(i) = self.position(id) {
-                    self.entries[i].paused = false;
+                    if std::mem::take(&mut self.entries[i].paused) {
+                        info!("vm {}: resumed", self.entries[i].vm.name);
+                    }
                     self.fabric.resume(id);
-                    info!("vm {}: resumed", self.entries[i].vm.name);
+                    if arrived {
+                        self.arrivals.push(id);
+                    }
                 }
             }
         }
@@ -440,6 +461,28 @@ impl Turns {
             });
         }
         self.fail_pending_peers();
+    }
+
+    /// Lets each VM that arrived by migration tell its peers, once its objects are free.
+    fn announce_arrivals(&mut self) {
+        let mut k = 0;
+        while k < self.arrivals.len() {
+            let Some(i) = self.position(self.arrivals[k]) else {
+                self.arrivals.swap_remove(k);
+                continue;
+            };
+            let vm = self.entries[i].vm.clone();
+            let Some(mut objects) = vm.try_lock() else {
+                k += 1;
+                continue;
+            };
+            self.arrivals.swap_remove(k);
+            let rewound = self.fabric.announce(&vm, &mut objects);
+            drop(objects);
+            for qpn in rewound {
+                vm.enqueue(qpn);
+            }
+        }
     }
 
     /// Fails the peers of departed VMs in every VM whose objects are free now.
@@ -970,7 +1013,7 @@ mod tests {
         }
         assert!(mock.state().steps.is_empty());
         assert!(a.vm.has_work.load(Ordering::Acquire), "its work waits");
-        t.control(Control::Resume(a.vm.id));
+        t.control(Control::Resume(a.vm.id, false));
         assert!(mock.state().paused.is_empty());
         assert!(t.round(), "served again");
         assert!(!mock.state().steps.is_empty());

@@ -121,6 +121,8 @@ struct Migration {
     /// The device state was saved and checked: the VM lives on elsewhere now, unless the VMM
     /// restarts its rings.
     saved: bool,
+    /// The scheduler has been told the VM runs (on its guest's first start).
+    started: bool,
 }
 
 /// Longest blob a destination reads: the format's own bound plus its header.
@@ -196,7 +198,15 @@ impl VmDevice {
     /// restored VM's rings are checked against that table first.
     fn resume_if_started(&self) {
         let mut m = self.migration();
-        if !m.stopped || self.vm.mem.memory().num_regions() == 0 {
+        if self.vm.mem.memory().num_regions() == 0 {
+            return;
+        }
+        if !m.stopped {
+            if !std::mem::replace(&mut m.started, true) {
+                // The guest's first start: the fabric takes the VM's address now if this
+                // daemon does not hold it yet.
+                self.scheduler.resume(self.vm.id);
+            }
             return;
         }
         if let Some(t) = m.transfer.take() {
@@ -209,13 +219,18 @@ impl VmDevice {
                 error!("vm {}: device state transfer failed: {e}", self.name);
             }
         }
-        if m.rings_unchecked {
-            m.rings_unchecked = false;
+        let arrived = std::mem::take(&mut m.rings_unchecked);
+        if arrived {
             self.fail_rings_outside_memory();
         }
         m.stopped = false;
         m.saved = false;
-        self.scheduler.resume(self.vm.id);
+        m.started = true;
+        if arrived {
+            self.scheduler.resume_arrived(self.vm.id);
+        } else {
+            self.scheduler.resume(self.vm.id);
+        }
         if self.vm.has_work.load(Ordering::Acquire) {
             self.scheduler.wake();
         }

@@ -67,6 +67,11 @@ impl RoceFabric {
         self.net.attach(&vm.gid, Some(vm.clone()));
     }
 
+    /// The VM on `gid` runs here now: its address is bound if it is not yet.
+    pub fn claim(&mut self, gid: &Gid) {
+        self.net.claim(gid);
+    }
+
     /// VM `vm` moved to another daemon: its address is released for that daemon to bind.
     pub fn release(&mut self, gid: &Gid) {
         self.net.release(gid);
@@ -88,6 +93,16 @@ impl RoceFabric {
     /// `paused` (its peers resend it, as after a loss), or takes it again.
     pub fn set_paused(&mut self, gid: &Gid, paused: bool) {
         self.net.set_paused(gid, paused);
+    }
+
+    /// VM `vm`, whose objects are `objects`, arrived by live migration and runs here now: its
+    /// QPs on the wire tell their peers (see [`requester::announce`]). Returns the QPs that
+    /// go back to resend.
+    pub fn announce(&mut self, vm: &Vm, objects: &mut VmObjects) -> Vec<u32> {
+        let Some(ep) = self.net.endpoint(&vm.gid) else {
+            return Vec::new();
+        };
+        requester::announce(ep, &mut self.tx, objects)
     }
 
     /// The scheduler's step for RC QP `qpn` of `vm`, whose peer is on another host.

@@ -96,7 +96,11 @@ impl Network {
             let (socket, bound) = if *incoming {
                 (unbound_socket(addr).map_err(bind_error)?, false)
             } else {
-                (UdpSocket::bind(addr).map_err(bind_error)?, true)
+                // Nobody else may hold the address: a plain bind says so at start. The
+                // address is then bound shareable, so the daemon a VM migrates to can take it
+                // over without a gap (see `shared_socket`).
+                drop(UdpSocket::bind(addr).map_err(bind_error)?);
+                (shared_socket(addr, false).map_err(bind_error)?, true)
             };
             socket.set_read_timeout(Some(RX_POLL)).map_err(bind_error)?;
             if bound {
@@ -194,18 +198,26 @@ impl Network {
     }
 
     /// Makes `vm` the VM answering on its GID's address (`None` when it goes away). A VM
-    /// arriving binds the address if this daemon does not hold it (it arrives by migration):
-    /// now if it is free, else as soon as the daemon it comes from releases it.
+    /// leaving stops the tries for an address not yet bound (a migration to here that failed);
+    /// one bound stays bound for the VM's next guest.
     pub fn attach(&self, gid: &Gid, vm: Option<Arc<Vm>>) {
         if let Some(ep) = self.endpoints.get(gid) {
-            let arriving = vm.is_some();
+            let leaving = vm.is_none();
             *ep.vm.write().unwrap_or_else(|p| p.into_inner()) = vm;
-            // A VM leaving stops the tries for an address not yet bound (a migration to here
-            // that failed); one bound stays bound for the VM's next guest.
-            ep.wanted.store(arriving, Ordering::Release);
-            if arriving {
-                claim(ep);
+            if leaving {
+                ep.wanted.store(false, Ordering::Release);
             }
+        }
+    }
+
+    /// The VM on `gid`'s address runs here now (its guest started, or it resumed after
+    /// arriving by migration): binds the address if this daemon does not hold it yet. Not on
+    /// connection: a destination's VM connects long before the switch-over, and binding then
+    /// would take the source's traffic while the VM still runs there.
+    pub fn claim(&self, gid: &Gid) {
+        if let Some(ep) = self.endpoints.get(gid) {
+            ep.wanted.store(true, Ordering::Release);
+            claim(ep);
         }
     }
 
@@ -324,13 +336,13 @@ fn receive_loop(net: &Network, ep: &Arc<Endpoint>) {
 
 /// Binds `ep`'s address if it is wanted and not yet bound: with `IP_FREEBIND`, since a
 /// migrated VM's address may come to this host only at the switch-over. Fails quietly while
-/// another daemon holds it (the receive thread tries again).
+/// another process holds it without sharing (the receive thread tries again).
 fn claim(ep: &Endpoint) {
     let _claim = ep.claim.lock().unwrap_or_else(|p| p.into_inner());
     if ep.bound.load(Ordering::Acquire) || !ep.wanted.load(Ordering::Acquire) {
         return;
     }
-    match freebind_socket(ep.addr) {
+    match shared_socket(ep.addr, true) {
         Ok(socket) => {
             size_buffers(&socket, ep.addr);
             replace_socket(ep, &socket);
@@ -356,11 +368,19 @@ fn unbound_socket(addr: SocketAddr) -> io::Result<UdpSocket> {
     Ok(UdpSocket::from(fd))
 }
 
-/// A UDP socket bound to `addr` even if the address is not (yet) this host's.
-fn freebind_socket(addr: SocketAddr) -> io::Result<UdpSocket> {
+/// A UDP socket bound to `addr` with `SO_REUSEPORT`, and with `freebind` even if the address
+/// is not (yet) this host's. Sharing is what lets a VM move between two daemons on one host
+/// without a gap: the destination binds the address when the VM starts there, while the
+/// source still holds it for a moment (its VM stopped, so what reaches it is dropped and
+/// resent), and the source's socket leaves the group when it lets the VM go. Only sockets
+/// that all set the option share, and Linux shares only among one user's sockets.
+fn shared_socket(addr: SocketAddr, freebind: bool) -> io::Result<UdpSocket> {
     use nix::sys::socket::{SockaddrStorage, bind, setsockopt, sockopt};
     let socket = unbound_socket(addr)?;
-    setsockopt(&socket, sockopt::IpFreebind, &true).map_err(io::Error::from)?;
+    setsockopt(&socket, sockopt::ReusePort, &true).map_err(io::Error::from)?;
+    if freebind {
+        setsockopt(&socket, sockopt::IpFreebind, &true).map_err(io::Error::from)?;
+    }
     bind(socket.as_raw_fd(), &SockaddrStorage::from(addr)).map_err(io::Error::from)?;
     Ok(socket)
 }

@@ -9,7 +9,7 @@ use log::debug;
 use vrdma_proto::cqe::{Status, VendorErr};
 use vrdma_proto::wqe::{self, Opcode, Payload, SendFlags};
 use vrdma_proto::{Gid, qp};
-use vrdma_roce::aeth::{NakCode, Syndrome};
+use vrdma_roce::aeth::{Aeth, NakCode, Syndrome};
 use vrdma_roce::atomic::AtomicEth;
 use vrdma_roce::bth::Bth;
 use vrdma_roce::deth::Deth;
@@ -765,6 +765,50 @@ pub fn on_response(
         Op::RcAtomicAcknowledge => atomic_response(av, a, mem, qpn, pkt),
         _ => false,
     }
+}
+
+/// A VM that arrived by live migration tells its RC peers it runs again, as a migrated VM's
+/// network stack announces its addresses: whatever either side sent during the switch-over
+/// was dropped, and without this each side would wait for its ACK timeout (tens of
+/// milliseconds to seconds) before resending. Every QP that has used the wire sends its peer a
+/// PSN sequence error NAK for the PSN it expects, which a requester answers with a go-back-N
+/// at once (as to any gap; a peer with nothing outstanding ignores it), and goes back itself
+/// to its oldest unacknowledged PSN. Returns the QPs the scheduler must look at.
+pub fn announce(ep: &Arc<Endpoint>, bufs: &mut TxBuffers, av: &mut VmObjects) -> Vec<u32> {
+    let mut rewound = Vec::new();
+    let qpns: Vec<u32> = av.qps.iter().map(|(qpn, _)| qpn).collect();
+    for qpn in qpns {
+        let Some(qp) = av.qps.get_mut(qpn) else {
+            continue;
+        };
+        if qp.qp_type() != qp::Type::Rc || !qp.rt.rc.started {
+            continue;
+        }
+        let (peer, dest) = (qp.attr.ah_attr.dgid, qp.attr.dest_qp_num.get());
+        if qp.responds() {
+            let (psn, msn) = (qp.rt.psns.expected, qp.rt.psns.msn);
+            let nak = Bth::new(Op::RcAcknowledge, dest, psn)
+                .ok()
+                .zip(Aeth::new(Syndrome::Nak(NakCode::PsnSequenceError), msn & PSN_MASK).ok());
+            if let Some((bth, aeth)) = nak {
+                let ext = Extensions {
+                    aeth: Some(aeth),
+                    ..Extensions::default()
+                };
+                if let Ok(pkt) = Packet::new(bth, ext, &[]) {
+                    bufs.batch.push(ep, peer, &pkt);
+                }
+            }
+        }
+        if qp.sends() && qp.rt.psns.una != qp.rt.rc.psn_max {
+            qp.rt.rc.rewind = true;
+            qp.rt.rc.rewound = None;
+            qp.rt.rc.deadline = None;
+            rewound.push(qpn);
+        }
+    }
+    bufs.batch.flush();
+    rewound
 }
 
 /// Whether a go-back-N is waiting for the scheduler.

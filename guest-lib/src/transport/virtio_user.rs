@@ -1178,11 +1178,11 @@ impl VirtioUser {
     /// process's virtual addresses, so make `log` a sparse memfd (its pages are allocated as
     /// the device marks them).
     ///
-    /// The rings keep running, as a migrating VM's do; the driver's queues are locked
-    /// meanwhile, as in [`VirtioUser::pause_rings`]. The vhost-user library reloads a ring's
-    /// used index from guest memory on `SET_VRING_ADDR`, so the device should have nothing
-    /// to complete on this connection's rings when it is called. Needs `LOG_SHMFD`, which
-    /// `connect` accepts whenever the daemon offers it.
+    /// The rings keep running, as a migrating VM's do, and the device may go on returning
+    /// descriptors on them (the daemon leaves a started ring's indices alone on
+    /// `SET_VRING_ADDR`); the driver's queues are locked meanwhile, as in
+    /// [`VirtioUser::pause_rings`]. Needs `LOG_SHMFD`, which `connect` accepts whenever the
+    /// daemon offers it.
     pub fn start_dirty_log(&self, log: BorrowedFd<'_>, size: u64) -> Result<()> {
         if !self.protocol.contains(VhostUserProtocolFeatures::LOG_SHMFD) {
             return Err(VirtioUserError::MissingProtocolFeature {
@@ -1198,8 +1198,8 @@ impl VirtioUser {
     /// or is cancelled (`vhost_dev_set_log(false)`): `SET_FEATURES` with the negotiated
     /// features (without `VHOST_F_LOG_ALL`), then for every virtqueue `SET_VRING_ADDR`
     /// without `VHOST_VRING_F_LOG`. Once it returns the device marks nothing more in the log
-    /// (the caller may then unmap or reuse it). The same caveat about running rings applies
-    /// as for [`VirtioUser::start_dirty_log`].
+    /// (the caller may then unmap or reuse it). The rings keep running, as for
+    /// [`VirtioUser::start_dirty_log`].
     pub fn stop_dirty_log(&self) -> Result<()> {
         self.set_dirty_log(None)
     }

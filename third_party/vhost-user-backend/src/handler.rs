@@ -39,7 +39,7 @@ use vmm_sys_util::epoll::EventSet;
 use super::backend::VhostUserBackend;
 use super::event_loop::VringEpollHandler;
 use super::event_loop::{VringEpollError, VringEpollResult};
-use super::vring::VringT;
+use super::vring::{SetVringAddrError, VringT};
 use super::GM;
 
 // vhost in the kernel usually supports 509 mem slots.
@@ -535,24 +535,15 @@ where
             let used_ring = self
                 .vmm_va_to_gpa(used)
                 .map_err(|e| VhostUserError::ReqHandlerError(io::Error::other(e)))?;
+            // The used index is fetched from guest memory only for a ring being set up or
+            // restarted; on a started ring this request only turns logging on or off, and the
+            // backend may be adding used entries meanwhile (see `VringT::set_vring_addr`).
             vring
-                .set_queue_info(desc_table, avail_ring, used_ring)
-                .map_err(|_| VhostUserError::InvalidParam)?;
-
-            // SET_VRING_BASE will only restore the 'avail' index, however, after the guest driver
-            // changes, for instance, after reboot, the 'used' index should be reset to 0.
-            //
-            // So let's fetch the used index from the vring as set by the guest here to keep
-            // compatibility with the QEMU's vhost-user library just in case, any implementation
-            // expects the 'used' index to be set when receiving a SET_VRING_ADDR message.
-            //
-            // Note: I'm not sure why QEMU's vhost-user library sets the 'user' index here,
-            // _probably_ to make sure that the VQ is already configured. A better solution would
-            // be to receive the 'used' index in SET_VRING_BASE, as is done when using packed VQs.
-            let idx = vring
-                .queue_used_idx()
-                .map_err(|_| VhostUserError::BackendInternalError)?;
-            vring.set_queue_next_used(idx);
+                .set_vring_addr(desc_table, avail_ring, used_ring)
+                .map_err(|e| match e {
+                    SetVringAddrError::Address(_) => VhostUserError::InvalidParam,
+                    SetVringAddrError::UsedIndex(_) => VhostUserError::BackendInternalError,
+                })?;
 
             Ok(())
         } else {

@@ -36,7 +36,8 @@ use crate::bitmap::BitmapReplace;
 
 mod vring;
 pub use self::vring::{
-    VringMutex, VringRwLock, VringState, VringStateGuard, VringStateMutGuard, VringT,
+    SetVringAddrError, VringMutex, VringRwLock, VringState, VringStateGuard, VringStateMutGuard,
+    VringT,
 };
 
 // Due to the way `xen` handles memory mappings we can not combine it with

@@ -17,6 +17,26 @@ use virtio_queue::{Error as VirtQueError, Queue, QueueT};
 use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
+/// Error from `VringT::set_vring_addr()`.
+#[derive(Debug)]
+pub enum SetVringAddrError {
+    /// An address is not valid for the queue; the next used index was left alone.
+    Address(VirtQueError),
+    /// The addresses were set, but the used index could not be read from guest memory.
+    UsedIndex(VirtQueError),
+}
+
+impl std::fmt::Display for SetVringAddrError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SetVringAddrError::Address(e) => write!(f, "invalid vring address: {e}"),
+            SetVringAddrError::UsedIndex(e) => write!(f, "cannot read the used index: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for SetVringAddrError {}
+
 /// Trait for objects returned by `VringT::get_ref()`.
 pub trait VringStateGuard<'a, M: GuestAddressSpace> {
     /// Type for guard returned by `VringT::get_ref()`.
@@ -68,6 +88,23 @@ pub trait VringT<M: GuestAddressSpace>:
         avail_ring: u64,
         used_ring: u64,
     ) -> Result<(), VirtQueError>;
+
+    /// Set the queue addresses for `VHOST_USER_SET_VRING_ADDR`, and the queue's next used
+    /// index from the used ring in guest memory, unless the queue is ready and its addresses
+    /// do not change.
+    ///
+    /// Both happen under the vring's lock, so that no `add_used()` runs between reading the
+    /// used index and setting it. The default implementation takes that lock with
+    /// `get_mut()`.
+    fn set_vring_addr(
+        &self,
+        desc_table: u64,
+        avail_ring: u64,
+        used_ring: u64,
+    ) -> Result<(), SetVringAddrError> {
+        self.get_mut()
+            .set_vring_addr(desc_table, avail_ring, used_ring)
+    }
 
     /// Get queue next avail head.
     fn queue_next_avail(&self) -> u16;
@@ -192,6 +229,50 @@ impl<M: GuestAddressSpace> VringState<M> {
             .try_set_avail_ring_address(GuestAddress(avail_ring))?;
         self.queue
             .try_set_used_ring_address(GuestAddress(used_ring))
+    }
+
+    /// Set the queue addresses for `VHOST_USER_SET_VRING_ADDR`, and the queue's next used
+    /// index from the used ring in guest memory, unless the queue is ready and its addresses
+    /// do not change.
+    fn set_vring_addr(
+        &mut self,
+        desc_table: u64,
+        avail_ring: u64,
+        used_ring: u64,
+    ) -> Result<(), SetVringAddrError> {
+        // A started ring that keeps its addresses is a frontend turning dirty-page logging
+        // on or off (`VHOST_VRING_F_LOG`; QEMU does so when a live migration starts and
+        // ends) while the backend goes on processing the ring. Its next used index is the
+        // backend's: the used index in guest memory is at best the same value, and a stale
+        // one if the backend adds a used entry between the read and the store, so that the
+        // next entry overwrites that one and the driver never sees it.
+        if self.queue.ready()
+            && self.queue.desc_table() == desc_table
+            && self.queue.avail_ring() == avail_ring
+            && self.queue.used_ring() == used_ring
+        {
+            return Ok(());
+        }
+
+        self.set_queue_info(desc_table, avail_ring, used_ring)
+            .map_err(SetVringAddrError::Address)?;
+
+        // SET_VRING_BASE will only restore the 'avail' index, however, after the guest driver
+        // changes, for instance, after reboot, the 'used' index should be reset to 0.
+        //
+        // So let's fetch the used index from the vring as set by the guest here to keep
+        // compatibility with the QEMU's vhost-user library just in case, any implementation
+        // expects the 'used' index to be set when receiving a SET_VRING_ADDR message.
+        //
+        // Note: I'm not sure why QEMU's vhost-user library sets the 'user' index here,
+        // _probably_ to make sure that the VQ is already configured. A better solution would
+        // be to receive the 'used' index in SET_VRING_BASE, as is done when using packed VQs.
+        let idx = self
+            .queue_used_idx()
+            .map_err(SetVringAddrError::UsedIndex)?;
+        self.set_queue_next_used(idx);
+
+        Ok(())
     }
 
     /// Get queue next avail head.
@@ -506,6 +587,7 @@ impl<M: 'static + GuestAddressSpace> VringT<M> for VringRwLock<M> {
 mod tests {
     use super::*;
     use vm_memory::bitmap::AtomicBitmap;
+    use vm_memory::Bytes;
     use vmm_sys_util::event::{new_event_consumer_and_notifier, EventFlag};
 
     #[test]
@@ -541,6 +623,55 @@ mod tests {
 
         vring.set_queue_ready(true);
         assert!(vring.lock().queue.ready());
+    }
+
+    #[test]
+    fn test_vring_set_vring_addr() {
+        let mem = GuestMemoryAtomic::new(
+            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0x100000), 0x10000)]).unwrap(),
+        );
+        let vring = VringMutex::new(mem.clone(), 0x1000).unwrap();
+        let set_used_idx = |used_ring: u64, idx: u16| {
+            mem.memory()
+                .write_obj(idx.to_le(), GuestAddress(used_ring + 2))
+                .unwrap()
+        };
+
+        // A ring being set up takes its next used index from guest memory.
+        set_used_idx(0x100300, 5);
+        vring.set_vring_addr(0x100100, 0x100200, 0x100300).unwrap();
+        assert_eq!(vring.lock().queue.used_ring(), 0x100300);
+        assert_eq!(vring.lock().queue.next_used(), 5);
+
+        // Once it is started, the same addresses (logging turned on or off) leave it alone.
+        vring.set_queue_ready(true);
+        set_used_idx(0x100300, 9);
+        vring.set_vring_addr(0x100100, 0x100200, 0x100300).unwrap();
+        assert_eq!(vring.lock().queue.next_used(), 5);
+
+        // New addresses are set up, even on a started ring.
+        set_used_idx(0x100400, 7);
+        vring.set_vring_addr(0x100100, 0x100200, 0x100400).unwrap();
+        assert_eq!(vring.lock().queue.used_ring(), 0x100400);
+        assert_eq!(vring.lock().queue.next_used(), 7);
+
+        // A stopped ring that is restarted takes the index from guest memory again.
+        vring.set_queue_ready(false);
+        set_used_idx(0x100400, 11);
+        vring.set_vring_addr(0x100100, 0x100200, 0x100400).unwrap();
+        assert_eq!(vring.lock().queue.next_used(), 11);
+
+        // A misaligned address changes nothing.
+        assert!(matches!(
+            vring.set_vring_addr(0x100101, 0x100200, 0x100300),
+            Err(SetVringAddrError::Address(_))
+        ));
+        assert_eq!(vring.lock().queue.desc_table(), 0x100100);
+        // A used ring outside guest memory is set, but has no index to read.
+        assert!(matches!(
+            vring.set_vring_addr(0x100100, 0x100200, 0x200000),
+            Err(SetVringAddrError::UsedIndex(_))
+        ));
     }
 
     #[test]

@@ -6,12 +6,12 @@
 
 mod guest;
 mod memcpy;
+mod migration;
 mod perf;
 mod plot;
 mod procs;
 mod qperf;
 mod report;
-mod migration;
 mod sections;
 mod tables;
 

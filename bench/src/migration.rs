@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use vrdma::transport::{Options, VirtioUser};
 use vrdma::{
-    CompletionQueue, Context, MemoryRegion, ProtectionDomain, QpCap, QpInitAttr, QpType,
-    QueuePair, SendFlags, SendWr, Sge, WcStatus,
+    CompletionQueue, Context, MemoryRegion, ProtectionDomain, QpCap, QpInitAttr, QpType, QueuePair,
+    SendFlags, SendWr, Sge, WcStatus,
 };
 use vrdma_tests::vmm::{Plan, migrate};
 use vrdma_tests::{RcPeer, SharedTransport, all_access, empty_wc, try_connect_rc};
@@ -45,6 +45,7 @@ fn verb(what: &str) -> impl FnOnce(vrdma::Error) -> Error + '_ {
 #[derive(Debug, Clone, Copy)]
 struct Sample {
     blackout_ms: f64,
+    downtime_ms: f64,
     state_bytes: f64,
     save_ms: f64,
     load_ms: f64,
@@ -52,7 +53,11 @@ struct Sample {
 
 /// The section.
 pub fn migrate_section(env: &mut Env, r: &mut Results) -> Result<(), Error> {
-    let counts: &[usize] = if env.quick { &QP_COUNTS[..2] } else { &QP_COUNTS };
+    let counts: &[usize] = if env.quick {
+        &QP_COUNTS[..2]
+    } else {
+        &QP_COUNTS
+    };
     for &qps in counts {
         let mut samples = Vec::new();
         for run in 0..if env.quick { 1 } else { RUNS } {
@@ -71,17 +76,20 @@ pub fn migrate_section(env: &mut Env, r: &mut Results) -> Result<(), Error> {
         let size = Some(qps as u64);
         let s = Sample {
             blackout_ms: med(|s| s.blackout_ms),
+            downtime_ms: med(|s| s.downtime_ms),
             state_bytes: med(|s| s.state_bytes),
             save_ms: med(|s| s.save_ms),
             load_ms: med(|s| s.load_ms),
         };
         r.add("migrate", "blackout", size, "time", s.blackout_ms, "ms");
+        r.add("migrate", "downtime", size, "time", s.downtime_ms, "ms");
         r.add("migrate", "state", size, "size", s.state_bytes, "B");
         r.add("migrate", "save", size, "time", s.save_ms, "ms");
         r.add("migrate", "load", size, "time", s.load_ms, "ms");
         eprintln!(
-            "  {qps} QPs: blackout {:.1} ms, state {:.0} B, save {:.2} ms, load {:.2} ms (median of {})",
+            "  {qps} QPs: blackout {:.1} ms (VMM downtime {:.1} ms), state {:.0} B, save {:.2} ms, load {:.2} ms (median of {})",
             s.blackout_ms,
+            s.downtime_ms,
             s.state_bytes,
             s.save_ms,
             s.load_ms,
@@ -108,7 +116,10 @@ fn one(env: &Env, qps: usize, run: usize) -> Result<Sample, Error> {
     )?;
     let dest = env.daemon_on(
         &format!("{tag}-dest"),
-        &[VmSpec::with("a", format!("gid={VM_GID},incoming=on,{quota}"))],
+        &[VmSpec::with(
+            "a",
+            format!("gid={VM_GID},incoming=on,{quota}"),
+        )],
         &launch,
     )?;
     let open = |socket: &std::path::Path| -> Result<(Context, Arc<VirtioUser>), Error> {
@@ -223,6 +234,7 @@ fn one(env: &Env, qps: usize, run: usize) -> Result<Sample, Error> {
     let r = &report[0];
     Ok(Sample {
         blackout_ms: blackout.as_secs_f64() * 1e3,
+        downtime_ms: r.downtime.as_secs_f64() * 1e3,
         state_bytes: r.state_bytes as f64,
         save_ms: r.save.as_secs_f64() * 1e3,
         load_ms: r.load.as_secs_f64() * 1e3,

@@ -123,6 +123,8 @@ struct Migration {
     saved: bool,
     /// The scheduler has been told the VM runs (on its guest's first start).
     started: bool,
+    /// When the VMM stopped the VM: its timers resume with what they had left then.
+    stopped_at: Option<Instant>,
 }
 
 /// Longest blob a destination reads: the format's own bound plus its header.
@@ -189,6 +191,7 @@ impl VmDevice {
             return;
         }
         m.stopped = true;
+        m.stopped_at = Some(Instant::now());
         self.scheduler.pause(self.vm.id);
         drop(self.vm.lock());
         info!("vm {}: stopped by the VMM", self.name);
@@ -220,8 +223,12 @@ impl VmDevice {
             }
         }
         let arrived = std::mem::take(&mut m.rings_unchecked);
+        let stopped_for = m.stopped_at.take().map(|t| t.elapsed());
         if arrived {
+            // Its timers were restored with what they had left when the source saved them.
             self.fail_rings_outside_memory();
+        } else if let Some(d) = stopped_for {
+            self.freeze_timers(d);
         }
         m.stopped = false;
         m.saved = false;
@@ -235,6 +242,28 @@ impl VmDevice {
             self.scheduler.wake();
         }
         info!("vm {}: started by the VMM", self.name);
+    }
+
+    /// Moves every timer of the VM `stopped_for` later: a VM the VMM stopped and restarted
+    /// (a cancelled migration) resumes with what its timers had left, as if time had stood
+    /// still for it, rather than with every ACK timeout expired at once.
+    fn freeze_timers(&self, stopped_for: std::time::Duration) {
+        let mut objects = self.vm.lock();
+        let later = |t: &mut Option<Instant>| {
+            if let Some(at) = t {
+                *at += stopped_for;
+            }
+        };
+        let qpns: Vec<u32> = objects.qps.iter().map(|(qpn, _)| qpn).collect();
+        for qpn in qpns {
+            if let Some(qp) = objects.qps.get_mut(qpn) {
+                later(&mut qp.rt.inflight.wait_until);
+                later(&mut qp.rt.rc.deadline);
+                later(&mut qp.rt.rc.rnr_until);
+                // The scheduler's timer for the old deadline fires and finds it later: it
+                // arms a new one then.
+            }
+        }
     }
 
     /// Puts in error every restored object whose ring the memory table does not hold, as a

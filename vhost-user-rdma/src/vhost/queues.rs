@@ -335,8 +335,7 @@ mod tests {
     use crate::model::memory::recorder;
     use crate::testing::TestVm;
 
-    /// A ready virtqueue of `len` entries at `at` in `vm`'s memory, and the mock that writes
-    /// its driver's side.
+    /// A running (ready and enabled) virtqueue of `len` entries at `at` in `vm`'s memory.
     pub(crate) fn vring_at(vm: &TestVm, at: u64, len: u16) -> Vring {
         let vring = Vring::new(vm.vm.mem.clone(), len).unwrap();
         let mem = vm.mem();
@@ -350,6 +349,7 @@ mod tests {
             .unwrap();
         vring.set_queue_size(len);
         vring.set_queue_ready(true);
+        vring.set_enabled(true);
         vring
     }
 

@@ -18,7 +18,7 @@ use vrdma::{
     SendFlags, SendWr, Sge, WcStatus,
 };
 use vrdma_tests::vmm::{Plan, migrate};
-use vrdma_tests::{RcPeer, SharedTransport, all_access, empty_wc, try_connect_rc};
+use vrdma_tests::{SharedTransport, all_access, connect_rc_both, empty_wc};
 
 use crate::procs::{Launch, VmSpec};
 use crate::report::Results;
@@ -162,18 +162,7 @@ fn one(env: &Env, qps: usize, run: usize) -> Result<Sample, Error> {
     let mut pairs = Vec::with_capacity(qps);
     for _ in 0..qps {
         let (qa, qp) = (make(&pd_a, &cq_a)?, make(&pd_p, &cq_p)?);
-        for (q, gid, qpn) in [(&qa, cp.gid(), qp.qp_num()), (&qp, ca.gid(), qa.qp_num())] {
-            let peer = RcPeer {
-                gid,
-                qpn,
-                mtu: vrdma_proto::config::Mtu::Mtu1024,
-                timeout: TIMEOUT,
-                retry_cnt: 7,
-                rnr_retry: 7,
-            };
-            try_connect_rc(q, &peer)
-                .map_err(|(s, e)| Error::Skipped(format!("connect in {s:?}: {e}")))?;
-        }
+        connect_rc_both(&qa, ca.gid(), &qp, cp.gid(), TIMEOUT);
         pairs.push((qa, qp));
     }
     // The peer's ping: one 8-byte WRITE at a time on its first QP, each completion's time.

@@ -414,6 +414,24 @@ pub fn connect_rc(qp: &QueuePair, remote_gid: Gid, remote_qpn: u32, rnr_retry: u
     }
 }
 
+/// Connects RC QPs `qa` (on the port of `ga`) and `qb` (on `gb`) to each other as
+/// `ibv_rc_pingpong` does, with MTU 1024, ACK timeout exponent `timeout`, 7 retries and
+/// infinite RNR retries.
+pub fn connect_rc_both(qa: &QueuePair, ga: Gid, qb: &QueuePair, gb: Gid, timeout: u8) {
+    for (qp, gid, qpn) in [(qa, gb, qb.qp_num()), (qb, ga, qa.qp_num())] {
+        let peer = RcPeer {
+            gid,
+            qpn,
+            mtu: vrdma_proto::config::Mtu::Mtu1024,
+            timeout,
+            retry_cnt: 7,
+            rnr_retry: 7,
+        };
+        try_connect_rc(qp, &peer)
+            .unwrap_or_else(|(state, e)| panic!("connect fails in {state:?}: {e}"));
+    }
+}
+
 /// Two RC endpoints on `a` and `b`, connected to each other.
 pub fn rc_pair(a: &Context, b: &Context, len: usize, cap: QpCap) -> (Endpoint, Endpoint) {
     let ea = Endpoint::new(a, QpType::Rc, len, cap);

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use vrdma::{Context, QpType};
 use vrdma::{QpCap, RecvWr, SendFlags, SendWr, Sge, WcOpcode, WcStatus, WorkCompletion};
 use vrdma_tests::vmm::{MigrateError, Plan, Step, migrate};
-use vrdma_tests::{Endpoint, RcPeer, TestDaemon, empty_wc, read, try_connect_rc};
+use vrdma_tests::{Endpoint, TestDaemon, connect_rc_both, empty_wc, read};
 
 /// Bytes of each WRITE of the first batch, and of each SEND.
 const PIECE: usize = 64 * 1024;
@@ -39,21 +39,7 @@ const TIMEOUT: u8 = 14;
 fn rc_pair(a: &Context, b: &Context, len: usize, cap: QpCap) -> (Endpoint, Endpoint) {
     let ea = Endpoint::new(a, QpType::Rc, len, cap);
     let eb = Endpoint::new(b, QpType::Rc, len, cap);
-    for (qp, gid, qpn) in [
-        (&ea.qp, b.gid(), eb.qp.qp_num()),
-        (&eb.qp, a.gid(), ea.qp.qp_num()),
-    ] {
-        let peer = RcPeer {
-            gid,
-            qpn,
-            mtu: vrdma_proto::config::Mtu::Mtu1024,
-            timeout: TIMEOUT,
-            retry_cnt: 7,
-            rnr_retry: 7,
-        };
-        try_connect_rc(qp, &peer)
-            .unwrap_or_else(|(state, e)| panic!("connect fails in {state:?}: {e}"));
-    }
+    connect_rc_both(&ea.qp, a.gid(), &eb.qp, b.gid(), TIMEOUT);
     (ea, eb)
 }
 
@@ -791,20 +777,10 @@ fn sixty_four_qps_and_a_gigabyte_move_under_load() {
     let qps: Vec<(vrdma::QueuePair, vrdma::QueuePair)> = (0..QPS)
         .map(|_| {
             let (qa, qb) = (make(&pd_a, &cq_a), make(&pd_b, &cq_b));
-            for (qp, gid, qpn) in [(&qa, cb.gid(), qb.qp_num()), (&qb, ca.gid(), qa.qp_num())] {
-                let peer = RcPeer {
-                    gid,
-                    qpn,
-                    mtu: vrdma_proto::config::Mtu::Mtu1024,
-                    // The switch-over here includes the test VMM's comparison of the whole
-                    // gigabyte (about a second on this machine), which a VMM does not do:
-                    // the peer's QPs wait 4.096 µs × 2^17 ≈ 0.5 s per try, about 4 s in all.
-                    timeout: 17,
-                    retry_cnt: 7,
-                    rnr_retry: 7,
-                };
-                try_connect_rc(qp, &peer).unwrap_or_else(|(s, e)| panic!("connect in {s:?}: {e}"));
-            }
+            // The switch-over here includes the test VMM's comparison of the whole
+            // gigabyte (about a second on this machine), which a VMM does not do: the peer's
+            // QPs wait 4.096 µs × 2^17 ≈ 0.5 s per try, about 4 s in all.
+            connect_rc_both(&qa, ca.gid(), &qb, cb.gid(), 17);
             (qa, qb)
         })
         .collect();

@@ -820,6 +820,72 @@ pub struct StoppedRing {
     pub no_notify: bool,
 }
 
+/// Every queue of a transport, held ([`VirtioUser::hold`]).
+struct Held<'a> {
+    control: MutexGuard<'a, ControlQueue>,
+    events: MutexGuard<'a, EventQueue>,
+    doorbells: Vec<MutexGuard<'a, DoorbellQueue>>,
+    memory: MutexGuard<'a, Memory>,
+}
+
+impl Held<'_> {
+    /// The virtqueues in index order: control, event, doorbells.
+    fn vqs(&self) -> Vec<&Vq> {
+        [&self.control.vq, &self.events.vq]
+            .into_iter()
+            .chain(self.doorbells.iter().map(|dq| &dq.vq))
+            .collect()
+    }
+}
+
+/// `SET_VRING_ADDR`'s description of `vq`, with `VHOST_VRING_F_LOG` and the used ring as its
+/// log address when `log`.
+fn logged(vq: &Vq, log: bool) -> VringConfigData {
+    let mut ring = vring_config(vq);
+    if log {
+        ring.flags = VhostUserVringAddrFlags::VHOST_VRING_F_LOG.bits();
+        ring.log_addr = Some(ring.used_ring_addr);
+    }
+    ring
+}
+
+/// `SET_LOG_BASE`: the log is the `size` bytes of `fd` from offset 0.
+fn set_log_base(hs: &Handshake<'_>, (fd, size): (BorrowedFd<'_>, u64)) -> Result<()> {
+    let region = VhostUserDirtyLogRegion {
+        mmap_size: size,
+        mmap_offset: 0,
+        mmap_handle: fd.as_raw_fd(),
+    };
+    let r = hs.frontend.set_log_base(0, Some(region));
+    hs.step(format!("SET_LOG_BASE ({size} bytes)"), r)
+}
+
+/// Turns the device's dirty log on (`log`) or off, as QEMU's `vhost_migration_log` does on
+/// running rings: with a log, `SET_LOG_BASE` (`size` bytes from offset 0); then
+/// `SET_FEATURES` (`features`, plus `VHOST_F_LOG_ALL` with a log); then `SET_VRING_ADDR` with
+/// or without the log flag for every ring of `vqs`.
+fn set_logging(
+    hs: &Handshake<'_>,
+    vqs: &[&Vq],
+    features: u64,
+    log: Option<(BorrowedFd<'_>, u64)>,
+) -> Result<()> {
+    let mut features = features;
+    if let Some(log) = log {
+        set_log_base(hs, log)?;
+        features |= VhostUserVirtioFeatures::LOG_ALL.bits();
+    }
+    let r = hs.frontend.set_features(features);
+    hs.step(format!("SET_FEATURES ({features:#x})"), r)?;
+    for vq in vqs {
+        let r = hs
+            .frontend
+            .set_vring_addr(usize::from(vq.index), &logged(vq, log.is_some()));
+        hs.step(format!("SET_VRING_ADDR (queue {})", vq.index), r)?;
+    }
+    Ok(())
+}
+
 fn read_config(socket: &Path, frontend: &mut Frontend) -> Result<Config> {
     let size = std::mem::size_of::<Config>();
     let buf = vec![0u8; size];
@@ -1139,22 +1205,11 @@ impl VirtioUser {
     /// ([`SplitQueue::check_stopped_at`]), and an index outside it fails the call with the
     /// rings left stopped, as does a refused request.
     pub fn pause_rings<R>(&self, while_paused: impl FnOnce(&[StoppedRing]) -> R) -> Result<R> {
-        // The order the driver's own paths take these locks in (a command may register memory).
-        let control = lock(&self.control, "control queue")?;
-        let events = lock(&self.events, "event queue")?;
-        let doorbells = self
-            .doorbells
-            .iter()
-            .map(|dq| lock(dq, "doorbell queue"))
-            .collect::<Result<Vec<_>>>()?;
-        let memory = lock(&self.memory, "memory table")?;
-        let vqs: Vec<&Vq> = [&control.vq, &events.vq]
-            .into_iter()
-            .chain(doorbells.iter().map(|dq| &dq.vq))
-            .collect();
+        let held = self.hold()?;
+        let vqs = held.vqs();
         let mut hs = Handshake {
             socket: &self.socket_path(),
-            frontend: memory.frontend.clone(),
+            frontend: held.memory.frontend.clone(),
         };
         let stopped = vqs
             .iter()
@@ -1205,7 +1260,18 @@ impl VirtioUser {
     }
 
     fn set_dirty_log(&self, log: Option<(BorrowedFd<'_>, u64)>) -> Result<()> {
-        // The locks of `pause_rings`, in its order.
+        let held = self.hold()?;
+        let hs = Handshake {
+            socket: &self.socket_path(),
+            frontend: held.memory.frontend.clone(),
+        };
+        set_logging(&hs, &held.vqs(), self.features, log)
+    }
+
+    /// Holds every queue of the transport, in the order the driver's own paths take their
+    /// locks (a command may register memory): other threads' commands, doorbells and event
+    /// draining wait until the [`Held`] is dropped, as a VM's do while its vCPUs are stopped.
+    fn hold(&self) -> Result<Held<'_>> {
         let control = lock(&self.control, "control queue")?;
         let events = lock(&self.events, "event queue")?;
         let doorbells = self
@@ -1214,36 +1280,12 @@ impl VirtioUser {
             .map(|dq| lock(dq, "doorbell queue"))
             .collect::<Result<Vec<_>>>()?;
         let memory = lock(&self.memory, "memory table")?;
-        let hs = Handshake {
-            socket: &self.socket_path(),
-            frontend: memory.frontend.clone(),
-        };
-        let mut features = self.features;
-        if let Some((fd, size)) = log {
-            let region = VhostUserDirtyLogRegion {
-                mmap_size: size,
-                mmap_offset: 0,
-                mmap_handle: fd.as_raw_fd(),
-            };
-            let r = hs.frontend.set_log_base(0, Some(region));
-            hs.step(format!("SET_LOG_BASE ({size} bytes)"), r)?;
-            features |= VhostUserVirtioFeatures::LOG_ALL.bits();
-        }
-        let r = hs.frontend.set_features(features);
-        hs.step(format!("SET_FEATURES ({features:#x})"), r)?;
-        let vqs = [&control.vq, &events.vq]
-            .into_iter()
-            .chain(doorbells.iter().map(|dq| &dq.vq));
-        for vq in vqs {
-            let mut ring = vring_config(vq);
-            if log.is_some() {
-                ring.flags = VhostUserVringAddrFlags::VHOST_VRING_F_LOG.bits();
-                ring.log_addr = Some(ring.used_ring_addr);
-            }
-            let r = hs.frontend.set_vring_addr(usize::from(vq.index), &ring);
-            hs.step(format!("SET_VRING_ADDR (queue {})", vq.index), r)?;
-        }
-        Ok(())
+        Ok(Held {
+            control,
+            events,
+            doorbells,
+            memory,
+        })
     }
 
     /// Fails with [`VirtioUserError::Disconnected`] if the daemon has closed the connection.

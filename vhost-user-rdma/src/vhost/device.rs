@@ -25,7 +25,7 @@ use vrdma_proto::cmd::{self, RespHeader, Status};
 use vrdma_proto::{config, features, queue};
 use zerocopy::IntoBytes;
 
-use super::queues::{DoorbellQueues, EventQueue, Vring};
+use super::queues::{DoorbellQueues, EventQueue, Vring, is_running};
 use crate::config::VmConfig;
 use crate::model::control::ControlEnv;
 use crate::model::hooks::ObjectHooks;
@@ -385,21 +385,15 @@ impl VmDevice {
     }
 
     fn process_control(&self, vring: &Vring) -> Result<(), Error> {
-        // The library may hand over a queue the VMM has stopped again (GET_VRING_BASE) since
-        // it became ready: nothing to do until it restarts, and an error here would end the
-        // VM's vring worker.
-        if !vring.get_ref().get_queue().ready() {
-            return Ok(());
-        }
         let mem = self.vm.mem.memory();
         loop {
-            // Checked on every pass: the VMM may stop the ring between two (stop_vring waits
-            // for the pass under way to finish).
-            let state = vring.get_ref();
-            if !state.is_enabled() || !state.get_queue().ready() {
+            // The library may hand over a queue the VMM has stopped or disabled since it became
+            // ready, and the VMM may stop it between two passes (stop_vring waits for the pass
+            // under way): nothing to do until it restarts, and an error here would end the
+            // VM's vring worker.
+            if !is_running(vring) {
                 break;
             }
-            drop(state);
             let chains: Vec<_> = vring
                 .get_mut()
                 .get_queue_mut()

@@ -100,15 +100,7 @@ impl DoorbellQueues {
         let mut batch = [0u8; doorbell::SIZE * doorbell::MAX_BATCH];
         let mut taken = 0;
         loop {
-            let chain = {
-                let mut state = vring.get_mut();
-                // A ring the VMM disabled or stopped is not touched: its index goes to the VMM.
-                if !state.is_enabled() || !state.get_queue().ready() {
-                    break;
-                }
-                state.get_queue_mut().pop_descriptor_chain(mem.clone())
-            };
-            let Some(chain) = chain else {
+            let Some(chain) = pop_running(vring, &mem) else {
                 break;
             };
             taken += 1;
@@ -194,15 +186,35 @@ impl Doorbells for DoorbellQueues {
     }
 }
 
+/// Whether `vring` runs: started (ready) and enabled. A ring the VMM disabled or stopped is
+/// not touched, not even polled: its indices are the VMM's until it starts the ring again.
+pub fn is_running(vring: &Vring) -> bool {
+    let state = vring.get_ref();
+    state.is_enabled() && state.get_queue().ready()
+}
+
+/// The next chain the driver made available on `vring`, if the ring runs. The check and the
+/// pop are made under the ring's one lock, so a ring stopped meanwhile gives nothing.
+fn pop_running<M>(vring: &Vring, mem: &M) -> Option<virtio_queue::DescriptorChain<M>>
+where
+    M: Clone + std::ops::Deref<Target = GuestMem>,
+{
+    let mut state = vring.get_mut();
+    if !state.is_enabled() || !state.get_queue().ready() {
+        return None;
+    }
+    state.get_queue_mut().pop_descriptor_chain(mem.clone())
+}
+
 /// Whether `vring` is ready and has doorbells the daemon has not taken. Checked before locking
 /// the vring for writing, so an idle poll costs two loads; a driver whose available index is
 /// impossible gets nothing polled (its kicks still reach the worker, which reports it).
 fn has_pending(vring: &Vring, mem: &GuestMem) -> bool {
-    let state = vring.get_ref();
-    let queue = state.get_queue();
-    if !state.is_enabled() || !queue.ready() {
+    if !is_running(vring) {
         return false;
     }
+    let state = vring.get_ref();
+    let queue = state.get_queue();
     match queue.avail_idx(mem, Ordering::Acquire) {
         Ok(idx) => {
             let ahead = idx.0.wrapping_sub(queue.next_avail());
@@ -268,16 +280,8 @@ impl EventSink for EventQueue {
         // the caller (the scheduler) here.
         for _pass in 0..2 {
             while let Some(ev) = backlog.front() {
-                let chain = {
-                    let mut state = vring.get_mut();
-                    // A ring the VMM disabled or stopped is not touched; the events wait in
-                    // the backlog.
-                    if !state.is_enabled() || !state.get_queue().ready() {
-                        break;
-                    }
-                    state.get_queue_mut().pop_descriptor_chain(mem.clone())
-                };
-                let Some(chain) = chain else {
+                // On a ring the VMM disabled or stopped, the events wait in the backlog.
+                let Some(chain) = pop_running(vring, &mem) else {
                     break;
                 };
                 let head = chain.head_index();

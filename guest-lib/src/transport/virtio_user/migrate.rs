@@ -13,21 +13,21 @@ use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, MutexGuard};
 
 use vhost::vhost_user::message::{
     VhostTransferStateDirection, VhostTransferStatePhase, VhostUserHeaderFlag,
-    VhostUserProtocolFeatures, VhostUserVirtioFeatures, VhostUserVringAddrFlags,
+    VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use vhost::{VhostBackend, VhostUserDirtyLogRegion, VhostUserMemoryRegionInfo};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo};
 use vmm_sys_util::epoll::ControlOperation;
 use vrdma_proto::queue;
 
 use super::{
-    ControlQueue, DoorbellQueue, EventQueue, Handshake, Memory, Result, StoppedRing, VirtioUser,
-    VirtioUserError, Vq, event_err, lock, read_config, vring_config, watch_hangup,
+    Handshake, Held, Result, StoppedRing, VirtioUser, VirtioUserError, Vq, event_err, logged,
+    read_config, set_log_base, set_logging, watch_hangup,
 };
 use crate::mem::SharedMemory;
 
@@ -35,10 +35,7 @@ use crate::mem::SharedMemory;
 /// and, once made, the destination's.
 pub struct Migration<'a> {
     vu: &'a VirtioUser,
-    control: MutexGuard<'a, ControlQueue>,
-    events: MutexGuard<'a, EventQueue>,
-    doorbells: Vec<MutexGuard<'a, DoorbellQueue>>,
-    memory: MutexGuard<'a, Memory>,
+    held: Held<'a>,
     /// The dirty log is on at the source.
     logging: bool,
     /// Where the source stopped each ring (`GET_VRING_BASE`), once stopped.
@@ -74,15 +71,7 @@ impl VirtioUser {
     /// doorbells and event draining wait meanwhile, as they would on a VM whose vCPUs are
     /// stopped; the caller must not use this transport itself until then.
     pub fn begin_migration(&self) -> Result<Migration<'_>> {
-        // The order the driver's own paths take these locks in (a command may register memory).
-        let control = lock(&self.control, "control queue")?;
-        let events = lock(&self.events, "event queue")?;
-        let doorbells = self
-            .doorbells
-            .iter()
-            .map(|dq| lock(dq, "doorbell queue"))
-            .collect::<Result<Vec<_>>>()?;
-        let memory = lock(&self.memory, "memory table")?;
+        let held = self.hold()?;
         for needed in [
             (VhostUserProtocolFeatures::LOG_SHMFD, "LOG_SHMFD"),
             (VhostUserProtocolFeatures::DEVICE_STATE, "DEVICE_STATE"),
@@ -97,10 +86,7 @@ impl VirtioUser {
         }
         Ok(Migration {
             vu: self,
-            control,
-            events,
-            doorbells,
-            memory,
+            held,
             logging: false,
             stopped: None,
             destination: None,
@@ -110,20 +96,17 @@ impl VirtioUser {
 
 impl Migration<'_> {
     fn vqs(&self) -> Vec<&Vq> {
-        [&self.control.vq, &self.events.vq]
-            .into_iter()
-            .chain(self.doorbells.iter().map(|dq| &dq.vq))
-            .collect()
+        self.held.vqs()
     }
 
     /// The source's socket and connection.
     fn source(&self) -> (PathBuf, Frontend) {
-        (self.vu.socket_path(), self.memory.frontend.clone())
+        (self.vu.socket_path(), self.held.memory.frontend.clone())
     }
 
     /// The regions of guest memory the device can reach: what the VMM copies.
     pub fn regions(&self) -> &[Arc<SharedMemory>] {
-        &self.memory.regions
+        &self.held.memory.regions
     }
 
     /// Turns on the device's dirty log at the source, as QEMU's `vhost_migration_log(true)`:
@@ -136,22 +119,7 @@ impl Migration<'_> {
             socket: &socket,
             frontend,
         };
-        let region = VhostUserDirtyLogRegion {
-            mmap_size: size,
-            mmap_offset: 0,
-            mmap_handle: log.as_raw_fd(),
-        };
-        let r = hs.frontend.set_log_base(0, Some(region));
-        hs.step(format!("SET_LOG_BASE ({size} bytes)"), r)?;
-        let features = self.vu.features | VhostUserVirtioFeatures::LOG_ALL.bits();
-        let r = hs.frontend.set_features(features);
-        hs.step(format!("SET_FEATURES ({features:#x})"), r)?;
-        for vq in self.vqs() {
-            let r = hs
-                .frontend
-                .set_vring_addr(usize::from(vq.index), &logged(vq, true));
-            hs.step(format!("SET_VRING_ADDR (queue {}, log)", vq.index), r)?;
-        }
+        set_logging(&hs, &self.vqs(), self.vu.features, Some((log, size)))?;
         self.logging = true;
         Ok(())
     }
@@ -253,7 +221,7 @@ impl Migration<'_> {
             let r = hs.frontend.get_queue_num();
             hs.step("GET_QUEUE_NUM", r)?;
         }
-        if self.memory.slots {
+        if self.held.memory.slots {
             let r = hs.frontend.get_max_mem_slots();
             hs.step("GET_MAX_MEM_SLOTS", r)?;
         }
@@ -337,12 +305,13 @@ impl Migration<'_> {
         let r = hs.frontend.set_features(self.vu.features);
         hs.step(format!("SET_FEATURES ({:#x})", self.vu.features), r)?;
         let table: Vec<VhostUserMemoryRegionInfo> = self
+            .held
             .memory
             .regions
             .iter()
             .map(|r| r.region_info())
             .collect();
-        if self.memory.slots {
+        if self.held.memory.slots {
             for region in &table {
                 let r = hs.frontend.add_mem_region(region);
                 hs.step(format!("ADD_MEM_REG ({:#x})", region.guest_phys_addr), r)?;
@@ -362,7 +331,7 @@ impl Migration<'_> {
         // The guest's own waits notice the new daemon going away, not the old one.
         let old_fd = self.vu.socket_fd.load(Ordering::Relaxed);
         let new_fd = frontend.as_raw_fd();
-        for epoll in [&self.vu.hangup, &self.control.waiter] {
+        for epoll in [&self.vu.hangup, &self.held.control.waiter] {
             let _ = epoll.ctl(
                 ControlOperation::Delete,
                 old_fd,
@@ -373,7 +342,7 @@ impl Migration<'_> {
         self.vu.socket_fd.store(new_fd, Ordering::Relaxed);
         *self.vu.socket.write().unwrap_or_else(|p| p.into_inner()) = socket;
         // Dropping the source's frontend closes its connection.
-        self.memory.frontend = frontend;
+        self.held.memory.frontend = frontend;
         Ok(())
     }
 
@@ -402,14 +371,7 @@ impl Migration<'_> {
             self.start_rings(&mut hs, &stopped, log.filter(|_| self.logging))?;
         }
         if self.logging {
-            let r = hs.frontend.set_features(self.vu.features);
-            hs.step(format!("SET_FEATURES ({:#x})", self.vu.features), r)?;
-            for vq in self.vqs() {
-                let r = hs
-                    .frontend
-                    .set_vring_addr(usize::from(vq.index), &logged(vq, false));
-                hs.step(format!("SET_VRING_ADDR (queue {})", vq.index), r)?;
-            }
+            set_logging(&hs, &self.vqs(), self.vu.features, None)?;
             self.logging = false;
         }
         Ok(())
@@ -441,14 +403,8 @@ impl Migration<'_> {
             let r = hs.frontend.set_vring_call(i, &vq.call);
             hs.step(format!("SET_VRING_CALL (queue {q})"), r)?;
         }
-        if let Some((fd, size)) = log {
-            let region = VhostUserDirtyLogRegion {
-                mmap_size: size,
-                mmap_offset: 0,
-                mmap_handle: fd.as_raw_fd(),
-            };
-            let r = hs.frontend.set_log_base(0, Some(region));
-            hs.step(format!("SET_LOG_BASE ({size} bytes)"), r)?;
+        if let Some(log) = log {
+            set_log_base(hs, log)?;
         }
         for vq in self.vqs() {
             let r = hs.frontend.set_vring_enable(usize::from(vq.index), true);
@@ -456,15 +412,4 @@ impl Migration<'_> {
         }
         Ok(())
     }
-}
-
-/// `SET_VRING_ADDR`'s description of `vq`, with the log flag and the used ring as its log
-/// address when `log`.
-fn logged(vq: &Vq, log: bool) -> vhost::VringConfigData {
-    let mut ring = vring_config(vq);
-    if log {
-        ring.flags = VhostUserVringAddrFlags::VHOST_VRING_F_LOG.bits();
-        ring.log_addr = Some(ring.used_ring_addr);
-    }
-    ring
 }

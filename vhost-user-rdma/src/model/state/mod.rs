@@ -805,49 +805,46 @@ mod tests {
         out
     }
 
-    /// Everything a VM owns survives a save and a restore unchanged, which live migration relies on:
-    /// the same handles name the same objects afterwards, and stale ones stay stale.
-    #[test]
-    fn a_vms_objects_survive_a_save_and_restore() {
-        let base = 0x1_0000u64;
-        let mem = GuestMem::from_ranges(&[(GuestAddress(base), 1 << 20)]).unwrap();
+    /// Where the fixture's guest memory starts.
+    const BASE: u64 = 0x1_0000;
+
+    /// A VM made through its commands: a PD (and a freed one whose handle is stale), an MR of
+    /// two pages, a CQ, and an RC QP in INIT; the config it was made with and its memory.
+    struct Made {
+        cfg: crate::config::VmConfig,
+        mem: GuestMem,
+        vm: VmObjects,
+        pd: u32,
+        stale: u32,
+        lkey: u32,
+        qpn: u32,
+    }
+
+    fn made(roce: bool) -> Made {
+        let mem = GuestMem::from_ranges(&[(GuestAddress(BASE), 1 << 20)]).unwrap();
         let cfg = crate::config::VmConfig {
             name: "m".into(),
             socket: "/nonexistent".into(),
-            gid: Gid::from_ipv4([10, 0, 0, 1]),
+            gid: Gid::from_ipv4([10, 0, 0, 2]),
             weight: 1,
             quotas: crate::config::Quotas::default(),
             doorbell_queues: 1,
             active_mtu: Mtu::Mtu4096,
-            roce: false,
+            roce,
             incoming: false,
         };
         let mut vm = VmObjects::new(&cfg, 7);
-        let pd = cmd::Handle::read_from_bytes(
-            &exec(&mut vm, &mem, &command(cmd::Opcode::AllocPd, &[])).unwrap(),
-        )
-        .unwrap()
-        .handle;
-        let stale = cmd::Handle::read_from_bytes(
-            &exec(&mut vm, &mem, &command(cmd::Opcode::AllocPd, &[])).unwrap(),
-        )
-        .unwrap()
-        .handle;
-        exec(
-            &mut vm,
-            &mem,
-            &command(
-                cmd::Opcode::DeallocPd,
-                cmd::Handle {
-                    handle: stale,
-                    reserved: 0.into(),
-                }
-                .as_bytes(),
-            ),
-        )
-        .unwrap();
+        let mut run = |op, body: &[u8]| exec(&mut vm, &mem, &command(op, body)).unwrap();
+        let handle = |bytes: Vec<u8>| cmd::Handle::read_from_bytes(&bytes).unwrap().handle.get();
+        let pd = handle(run(cmd::Opcode::AllocPd, &[]));
+        let stale = handle(run(cmd::Opcode::AllocPd, &[]));
+        let freed = cmd::Handle {
+            handle: stale.into(),
+            reserved: 0.into(),
+        };
+        run(cmd::Opcode::DeallocPd, freed.as_bytes());
         let reg = cmd::RegMr {
-            pdn: pd,
+            pdn: pd.into(),
             access: (mr::Access::LOCAL_WRITE | mr::Access::REMOTE_WRITE)
                 .bits()
                 .into(),
@@ -859,29 +856,22 @@ mod tests {
             reserved: [0; 7],
         };
         let mut body = reg.as_bytes().to_vec();
-        body.extend_from_slice(&base.to_le_bytes());
-        body.extend_from_slice(&(base + 4096).to_le_bytes());
-        let keys = cmd::RegMrResp::read_from_bytes(
-            &exec(&mut vm, &mem, &command(cmd::Opcode::RegMr, &body)).unwrap(),
-        )
-        .unwrap();
+        body.extend_from_slice(&BASE.to_le_bytes());
+        body.extend_from_slice(&(BASE + 4096).to_le_bytes());
+        let lkey = cmd::RegMrResp::read_from_bytes(&run(cmd::Opcode::RegMr, &body))
+            .unwrap()
+            .lkey
+            .get();
         let cq = cmd::CreateCq {
             cqe: 16.into(),
             reserved: 0.into(),
-            ring_addr: (base + 0x4000).into(),
+            ring_addr: (BASE + 0x4000).into(),
         };
-        let cqn = cmd::CreateCqResp::read_from_bytes(
-            &exec(
-                &mut vm,
-                &mem,
-                &command(cmd::Opcode::CreateCq, cq.as_bytes()),
-            )
-            .unwrap(),
-        )
-        .unwrap()
-        .cqn;
+        let cqn = cmd::CreateCqResp::read_from_bytes(&run(cmd::Opcode::CreateCq, cq.as_bytes()))
+            .unwrap()
+            .cqn;
         let create = cmd::CreateQp {
-            pdn: pd,
+            pdn: pd.into(),
             qp_type: qp::Type::Rc.raw(),
             sq_sig_all: 0,
             reserved: 0.into(),
@@ -895,19 +885,13 @@ mod tests {
                 max_inline_data: 0.into(),
                 reserved: 0.into(),
             },
-            sq_ring_addr: (base + 0x8000).into(),
-            rq_ring_addr: (base + 0xc000).into(),
+            sq_ring_addr: (BASE + 0x8000).into(),
+            rq_ring_addr: (BASE + 0xc000).into(),
         };
-        let qpn = cmd::CreateQpResp::read_from_bytes(
-            &exec(
-                &mut vm,
-                &mem,
-                &command(cmd::Opcode::CreateQp, create.as_bytes()),
-            )
-            .unwrap(),
-        )
-        .unwrap()
-        .qpn;
+        let qpn =
+            cmd::CreateQpResp::read_from_bytes(&run(cmd::Opcode::CreateQp, create.as_bytes()))
+                .unwrap()
+                .qpn;
         let init = cmd::ModifyQp {
             qpn,
             attr_mask: (qp::AttrMask::STATE
@@ -923,25 +907,45 @@ mod tests {
                 ..qp::Attr::default()
             },
         };
-        exec(
-            &mut vm,
-            &mem,
-            &command(cmd::Opcode::ModifyQp, init.as_bytes()),
-        )
-        .unwrap();
-        let query = command(
-            cmd::Opcode::QueryQp,
-            cmd::Handle {
-                handle: qpn,
-                reserved: 0.into(),
-            }
-            .as_bytes(),
-        );
+        run(cmd::Opcode::ModifyQp, init.as_bytes());
+        Made {
+            cfg,
+            mem,
+            vm,
+            pd,
+            stale,
+            lkey,
+            qpn: qpn.get(),
+        }
+    }
+
+    fn handle_command(op: cmd::Opcode, handle: u32) -> Vec<u8> {
+        let body = cmd::Handle {
+            handle: handle.into(),
+            reserved: 0.into(),
+        };
+        command(op, body.as_bytes())
+    }
+
+    /// Everything a VM owns survives a save and a restore unchanged, which live migration
+    /// relies on: the same handles name the same objects afterwards, and stale ones stay stale.
+    #[test]
+    fn a_vms_objects_survive_a_save_and_restore() {
+        let Made {
+            cfg,
+            mem,
+            mut vm,
+            pd,
+            stale,
+            lkey,
+            qpn,
+        } = made(false);
+        let query = handle_command(cmd::Opcode::QueryQp, qpn);
         let before = exec(&mut vm, &mem, &query).unwrap();
 
         let now = Instant::now();
         let counters = std::array::from_fn(|i| i as u64 * 3 + 1);
-        let events = [event::Event::new(event::Kind::QpFatal, qpn.get())];
+        let events = [event::Event::new(event::Kind::QpFatal, qpn)];
         let saved = save(&vm, counters, &events, now);
         let restored = load(&saved, &cfg, 7, now).expect("restore");
         assert_eq!(restored.counters, counters);
@@ -954,122 +958,32 @@ mod tests {
             "same QP, same attributes"
         );
         assert_eq!(
-            restored.mrs.get(keys.lkey.get()).map(|m| m.pages.clone()),
-            Some(vec![base, base + 4096])
+            restored.mrs.get(lkey).map(|m| m.pages.clone()),
+            Some(vec![BASE, BASE + 4096])
         );
         assert_eq!(restored.registered_bytes, 8192);
-        let dealloc_stale = command(
-            cmd::Opcode::DeallocPd,
-            cmd::Handle {
-                handle: stale,
-                reserved: 0.into(),
-            }
-            .as_bytes(),
-        );
-        assert_eq!(
-            exec(&mut restored, &mem, &dealloc_stale)
+        let dealloc = |restored: &mut VmObjects, pd| {
+            exec(restored, &mem, &handle_command(cmd::Opcode::DeallocPd, pd))
                 .unwrap_err()
-                .status,
-            Status::InvalidHandle
-        );
+                .status
+        };
+        assert_eq!(dealloc(&mut restored, stale), Status::InvalidHandle);
         // The PD is still in use by the MR and the QP after the restore.
-        let dealloc = command(
-            cmd::Opcode::DeallocPd,
-            cmd::Handle {
-                handle: pd,
-                reserved: 0.into(),
-            }
-            .as_bytes(),
-        );
-        assert_eq!(
-            exec(&mut restored, &mem, &dealloc).unwrap_err().status,
-            Status::Busy
-        );
+        assert_eq!(dealloc(&mut restored, pd), Status::Busy);
         // New handles do not collide with the restored ones.
         let fresh = cmd::Handle::read_from_bytes(
             &exec(&mut restored, &mem, &command(cmd::Opcode::AllocPd, &[])).unwrap(),
         )
         .unwrap()
         .handle;
-        assert!(fresh != pd.get() && fresh != stale.get());
+        assert!(fresh != pd && fresh != stale);
     }
 
-    /// A VM with a PD, an MR, a CQ and an RC QP in RTS, its QP mid-transfer on the wire, and
-    /// the config it was made with.
+    /// The fixture with `--roce`, its QP in RTS mid-transfer on the wire.
     fn sample() -> (crate::config::VmConfig, VmObjects, u32) {
-        let base = 0x1_0000u64;
-        let mem = GuestMem::from_ranges(&[(GuestAddress(base), 1 << 20)]).unwrap();
-        let cfg = crate::config::VmConfig {
-            name: "s".into(),
-            socket: "/nonexistent".into(),
-            gid: Gid::from_ipv4([10, 0, 0, 2]),
-            weight: 1,
-            quotas: crate::config::Quotas::default(),
-            doorbell_queues: 1,
-            active_mtu: Mtu::Mtu4096,
-            roce: true,
-            incoming: false,
-        };
-        let mut vm = VmObjects::new(&cfg, 7);
-        let handle = |bytes: Vec<u8>| cmd::Handle::read_from_bytes(&bytes).unwrap().handle;
-        let pd = handle(exec(&mut vm, &mem, &command(cmd::Opcode::AllocPd, &[])).unwrap());
-        let reg = cmd::RegMr {
-            pdn: pd,
-            access: mr::Access::LOCAL_WRITE.bits().into(),
-            iova: 0x1000.into(),
-            length: 4096.into(),
-            first_page_offset: 0.into(),
-            npages: 1.into(),
-            page_shift: 12,
-            reserved: [0; 7],
-        };
-        let mut body = reg.as_bytes().to_vec();
-        body.extend_from_slice(&base.to_le_bytes());
-        exec(&mut vm, &mem, &command(cmd::Opcode::RegMr, &body)).unwrap();
-        let cq = cmd::CreateCq {
-            cqe: 16.into(),
-            reserved: 0.into(),
-            ring_addr: (base + 0x4000).into(),
-        };
-        let cqn = cmd::CreateCqResp::read_from_bytes(
-            &exec(
-                &mut vm,
-                &mem,
-                &command(cmd::Opcode::CreateCq, cq.as_bytes()),
-            )
-            .unwrap(),
-        )
-        .unwrap()
-        .cqn;
-        let create = cmd::CreateQp {
-            pdn: pd,
-            qp_type: qp::Type::Rc.raw(),
-            sq_sig_all: 0,
-            reserved: 0.into(),
-            send_cqn: cqn,
-            recv_cqn: cqn,
-            cap: qp::Caps {
-                max_send_wr: 4.into(),
-                max_recv_wr: 4.into(),
-                max_send_sge: 1.into(),
-                max_recv_sge: 1.into(),
-                max_inline_data: 0.into(),
-                reserved: 0.into(),
-            },
-            sq_ring_addr: (base + 0x8000).into(),
-            rq_ring_addr: (base + 0xc000).into(),
-        };
-        let qpn = cmd::CreateQpResp::read_from_bytes(
-            &exec(
-                &mut vm,
-                &mem,
-                &command(cmd::Opcode::CreateQp, create.as_bytes()),
-            )
-            .unwrap(),
-        )
-        .unwrap()
-        .qpn
-        .get();
+        let Made {
+            cfg, mut vm, qpn, ..
+        } = made(true);
         let qp = vm.qps.get_mut(qpn).unwrap();
         qp.attr.qp_state = qp::State::Rts.raw();
         qp.attr.path_mtu = Mtu::Mtu1024.raw();

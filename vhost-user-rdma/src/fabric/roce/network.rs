@@ -273,13 +273,14 @@ fn receive_loop(net: &Network, ep: &Arc<Endpoint>) {
     let mut last_traffic: Option<Instant> = None;
     while !net.stop.load(Ordering::Relaxed) {
         if !ep.bound.load(Ordering::Acquire) {
-            // The address is another daemon's until its VM arrives here; once it has, try
-            // again until that daemon lets it go.
-            if ep.wanted.load(Ordering::Acquire) {
+            // The address is another daemon's until its VM runs here; once it does, try
+            // again until that daemon lets it go. Until then there is nothing to receive.
+            let wanted = ep.wanted.load(Ordering::Acquire);
+            if wanted {
                 claim(ep);
             }
             if !ep.bound.load(Ordering::Acquire) {
-                std::thread::sleep(CLAIM_RETRY);
+                std::thread::sleep(if wanted { CLAIM_RETRY } else { RX_POLL });
                 continue;
             }
         }

@@ -290,6 +290,20 @@ fn targets(r: &mut Results) -> Table {
             "x",
             Goal::AtLeast(0.8),
         ),
+        (
+            "live migration, 64 QPs, 1 GiB: blackout a peer sees",
+            get(r, "migrate", "blackout", Some(64), "time"),
+            "ms",
+            Goal::AtMost(50.0),
+        ),
+        (
+            "live migration, 64 QPs: device state save + load",
+            get(r, "migrate", "save", Some(64), "time")
+                .zip(get(r, "migrate", "load", Some(64), "time"))
+                .map(|(s, l)| s + l),
+            "ms",
+            Goal::AtMost(10.0),
+        ),
     ];
     let mut t = Table::new("Targets", &["target", "measured", "unit", "goal", "status"]);
     for (name, v, unit, goal) in rows {
@@ -507,6 +521,39 @@ pub fn all(r: &mut Results, env: &Env) -> Vec<Table> {
             neighbours.join(", and ")
         );
     }
+    if !t.rows.is_empty() {
+        out.push(t);
+    }
+
+    let mut t = Table::new(
+        "Live migration with 1 GiB registered: what a peer and the VMM see",
+        &[
+            "QPs",
+            "blackout (ms)",
+            "VMM downtime (ms)",
+            "state (bytes)",
+            "save (ms)",
+            "load (ms)",
+        ],
+    );
+    for qps in [1u64, 64, 1024] {
+        let v = |series, metric| fmt(r.get("migrate", series, Some(qps), metric));
+        if r.get("migrate", "blackout", Some(qps), "time").is_some() {
+            t.row(vec![
+                qps.to_string(),
+                v("blackout", "time"),
+                v("downtime", "time"),
+                v("state", "size"),
+                v("save", "time"),
+                v("load", "time"),
+            ]);
+        }
+    }
+    t.note = "A peer on the daemon the VM leaves keeps one 8-byte WRITE at a time outstanding \
+              to it; the blackout is the longest gap between two of its completions. VMM \
+              downtime: from the first GET_VRING_BASE to the destination's last \
+              SET_VRING_ENABLE."
+        .into();
     if !t.rows.is_empty() {
         out.push(t);
     }

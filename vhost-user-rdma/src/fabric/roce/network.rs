@@ -114,6 +114,9 @@ impl Network {
                     bound: AtomicBool::new(bound),
                     wanted: AtomicBool::new(false),
                     claim: std::sync::Mutex::new(()),
+                    receiver: OnceLock::new(),
+                    swaps: AtomicU64::new(0),
+                    seen: AtomicU64::new(0),
                     peer_port: settings.port,
                     vm: RwLock::new(None),
                     paused: AtomicBool::new(false),
@@ -132,7 +135,10 @@ impl Network {
             let (n, e) = (net.clone(), ep.clone());
             let handle = std::thread::Builder::new()
                 .name(format!("vrdma-roce-{}", ep.addr.ip()))
-                .spawn(move || receive_loop(&n, &e))
+                .spawn(move || {
+                    let _ = e.receiver.set(std::thread::current());
+                    receive_loop(&n, &e)
+                })
                 .map_err(|source| Error::Thread(ep.addr, source))?;
             net.threads
                 .lock()
@@ -235,6 +241,7 @@ impl Network {
             Ok(socket) => {
                 replace_socket(ep, &socket);
                 ep.bound.store(false, Ordering::Release);
+                wait_for_receiver(ep);
                 info!(
                     "RoCEv2: released {}: its VM moved to another daemon",
                     ep.addr
@@ -272,6 +279,8 @@ fn receive_loop(net: &Network, ep: &Arc<Endpoint>) {
     // sleeping in it, as the scheduler polls doorbells (a wake-up costs more than a packet).
     let mut last_traffic: Option<Instant> = None;
     while !net.stop.load(Ordering::Relaxed) {
+        ep.seen
+            .store(ep.swaps.load(Ordering::Acquire), Ordering::Release);
         if !ep.bound.load(Ordering::Acquire) {
             // The address is another daemon's until its VM runs here; once it does, try
             // again until that daemon lets it go. Until then there is nothing to receive.
@@ -280,7 +289,8 @@ fn receive_loop(net: &Network, ep: &Arc<Endpoint>) {
                 claim(ep);
             }
             if !ep.bound.load(Ordering::Acquire) {
-                std::thread::sleep(if wanted { CLAIM_RETRY } else { RX_POLL });
+                // Woken as soon as the address is bound (`claim`).
+                std::thread::park_timeout(if wanted { CLAIM_RETRY } else { RX_POLL });
                 continue;
             }
         }
@@ -348,6 +358,9 @@ fn claim(ep: &Endpoint) {
             size_buffers(&socket, ep.addr);
             replace_socket(ep, &socket);
             ep.bound.store(true, Ordering::Release);
+            if let Some(t) = ep.receiver.get() {
+                t.unpark();
+            }
             info!("RoCEv2: listening on {} (its VM arrived)", ep.addr);
         }
         Err(e) if e.kind() == io::ErrorKind::AddrInUse => {}
@@ -401,6 +414,23 @@ fn replace_socket(ep: &Endpoint, new: &UdpSocket) {
             ep.addr,
             io::Error::last_os_error()
         );
+    }
+    ep.swaps.fetch_add(1, Ordering::Release);
+    if let Some(t) = ep.receiver.get() {
+        t.unpark();
+    }
+}
+
+/// Waits (briefly: the receive thread was just woken) until `ep`'s receive thread has left
+/// the socket it was receiving on. A receive in progress keeps a socket open after its
+/// descriptor moved on, and an open socket stays in the address's `SO_REUSEPORT` group: a
+/// peer's packet could still land in it and be lost, where the daemon the VM moved to is
+/// waiting for it.
+fn wait_for_receiver(ep: &Endpoint) {
+    let swapped = ep.swaps.load(Ordering::Acquire);
+    let deadline = Instant::now() + RX_POLL;
+    while ep.seen.load(Ordering::Acquire) < swapped && Instant::now() < deadline {
+        std::thread::yield_now();
     }
 }
 

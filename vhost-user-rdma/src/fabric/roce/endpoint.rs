@@ -2,8 +2,10 @@
 //! through it; and the IP and UDP headers a datagram travels with, as the ICRC sees them.
 
 use std::net::{IpAddr, SocketAddr, UdpSocket};
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::Instant;
 
 use log::warn;
 use vrdma_proto::Gid;
@@ -44,6 +46,10 @@ pub struct Counters {
     pub stray_responses: AtomicU64,
     /// Packets of a partition (P_Key) other than the default, the only one vrdma has.
     pub bad_pkey: AtomicU64,
+    /// Looks at an expired ACK timer that found datagrams from before its deadline still
+    /// unread (the host was late running the receive thread), each followed by another a
+    /// millisecond later instead of a retry.
+    pub timer_deferred: AtomicU64,
 }
 
 /// A VM's address on the network: its socket and who answers there.
@@ -78,12 +84,110 @@ pub struct Endpoint {
     pub paused: AtomicBool,
     /// What passed through it.
     pub counters: Counters,
+    /// How far the receive thread has got with what arrived: see [`Endpoint::caught_up`].
+    pub rx_progress: RxProgress,
+}
+
+/// How far an endpoint's receive thread has got with the datagrams that reached its socket,
+/// so that the requester tells a peer that did not answer from an answer that arrived but
+/// waits, unread, for a receive thread the host has not run yet.
+#[derive(Debug)]
+pub struct RxProgress {
+    /// What [`RxProgress::drained_at`] counts from.
+    epoch: Instant,
+    /// Nanoseconds after `epoch` (plus one; 0 is never) before which every datagram that
+    /// reached the socket has been handled: the start of the last receive that found the
+    /// socket empty, recorded once the datagrams it took are handled.
+    drained_at: AtomicU64,
+    /// The receive thread holds no datagram: it waits for the socket to become readable, or
+    /// has no socket to read. Cleared before it takes datagrams, set after it handled them.
+    idle: AtomicBool,
+}
+
+impl Default for RxProgress {
+    fn default() -> Self {
+        RxProgress {
+            epoch: Instant::now(),
+            drained_at: AtomicU64::new(0),
+            idle: AtomicBool::new(true),
+        }
+    }
+}
+
+impl RxProgress {
+    /// The receive thread is about to take datagrams from the socket.
+    pub fn taking(&self) {
+        self.idle.store(false, Ordering::SeqCst);
+    }
+
+    /// The receive thread has handled every datagram it took, and the receive that began at
+    /// `started` found the socket empty.
+    pub fn drained(&self, started: Instant) {
+        let at = started.saturating_duration_since(self.epoch).as_nanos() as u64 + 1;
+        self.drained_at.fetch_max(at, Ordering::SeqCst);
+    }
+
+    /// The receive thread holds no datagram and waits for more.
+    pub fn waiting(&self) {
+        self.idle.store(true, Ordering::SeqCst);
+    }
+
+    /// The receive thread has stopped: nothing will be read any more, so nothing is waited
+    /// for.
+    pub fn stopped(&self) {
+        self.drained_at.store(u64::MAX, Ordering::SeqCst);
+    }
+
+    fn drained_since(&self, t: Instant) -> bool {
+        // Stored plus one, so never (0) is before every `t`.
+        self.drained_at.load(Ordering::SeqCst)
+            > t.saturating_duration_since(self.epoch).as_nanos() as u64
+    }
 }
 
 impl Endpoint {
+    /// An endpoint for `addr` on `socket` (bound to it if `bound`), sending to peers at
+    /// `peer_port`, with no VM yet.
+    pub fn new(addr: SocketAddr, socket: UdpSocket, bound: bool, peer_port: u16) -> Self {
+        Endpoint {
+            addr,
+            socket,
+            bound: AtomicBool::new(bound),
+            wanted: AtomicBool::new(false),
+            claim: std::sync::Mutex::new(()),
+            receiver: std::sync::OnceLock::new(),
+            swaps: AtomicU64::new(0),
+            seen: AtomicU64::new(0),
+            peer_port,
+            vm: RwLock::new(None),
+            paused: AtomicBool::new(false),
+            counters: Counters::default(),
+            rx_progress: RxProgress::default(),
+        }
+    }
+
     /// Where packets for the port of GID `peer` go.
     pub fn peer_addr(&self, peer: Gid) -> SocketAddr {
         SocketAddr::new(ip_of(peer), self.peer_port)
+    }
+
+    /// Whether every datagram that reached the socket before `t` has been handled (given to
+    /// the responder or the requester's completer). An answer that arrived before an ACK
+    /// timeout but is still unread says nothing about the peer: the host has not yet run the
+    /// receive thread.
+    pub fn caught_up(&self, t: Instant) -> bool {
+        let rx = &self.rx_progress;
+        if rx.drained_since(t) {
+            return true;
+        }
+        // The socket first, then the thread: a datagram the socket held when asked was taken
+        // only after the thread said it was taking, so a thread still idle afterwards holds
+        // nothing that arrived before.
+        let mut queued: libc::c_int = 0;
+        // SAFETY: FIONREAD writes one c_int, the size of the next datagram, through the
+        // pointer, which points to one; the descriptor is the endpoint's open socket.
+        let rc = unsafe { libc::ioctl(self.socket.as_raw_fd(), libc::FIONREAD, &mut queued) };
+        rc != 0 || (queued == 0 && rx.idle.load(Ordering::SeqCst))
     }
 }
 

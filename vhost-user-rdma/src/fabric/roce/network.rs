@@ -5,14 +5,15 @@
 use std::collections::HashMap;
 use std::io::{self, IoSliceMut};
 use std::net::{SocketAddr, UdpSocket};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::{Arc, OnceLock};
 use std::thread::{JoinHandle, Thread};
 use std::time::{Duration, Instant};
 
 use log::{info, warn};
 use nix::errno::Errno;
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::socket::{MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg};
 use vm_memory::GuestAddressSpace;
 use vrdma_proto::Gid;
@@ -20,7 +21,7 @@ use vrdma_proto::config::Mtu;
 use vrdma_roce::icrc::Ip;
 use vrdma_roce::packet::{self, IcrcCheck, ParseError};
 
-use super::endpoint::{Counters, Endpoint, ip_udp, size_buffers};
+use super::endpoint::{Endpoint, ip_udp, size_buffers};
 use super::requester::on_response;
 use super::responder::{RxBuffers, on_request, on_ud, run_read};
 use crate::config::{RoceSettings, gid_of, ip_of};
@@ -108,20 +109,7 @@ impl Network {
             }
             endpoints.insert(
                 *gid,
-                Arc::new(Endpoint {
-                    addr,
-                    socket,
-                    bound: AtomicBool::new(bound),
-                    wanted: AtomicBool::new(false),
-                    claim: std::sync::Mutex::new(()),
-                    receiver: OnceLock::new(),
-                    swaps: AtomicU64::new(0),
-                    seen: AtomicU64::new(0),
-                    peer_port: settings.port,
-                    vm: RwLock::new(None),
-                    paused: AtomicBool::new(false),
-                    counters: Counters::default(),
-                }),
+                Arc::new(Endpoint::new(addr, socket, bound, settings.port)),
             );
         }
         let net = Arc::new(Network {
@@ -179,7 +167,7 @@ impl Network {
                 .map(|e| format!("{e}: {}", load(&c.malformed[e.index()])))
                 .collect();
             info!(
-                "RoCEv2 {}: rx {} tx {} tx-errors {} tx-dropped {} no-qp {} bad-pkey {} out-of-sequence {} duplicates {} retransmitted {} naks {} stray-responses {} malformed {} [{}]",
+                "RoCEv2 {}: rx {} tx {} tx-errors {} tx-dropped {} no-qp {} bad-pkey {} out-of-sequence {} duplicates {} retransmitted {} naks {} stray-responses {} timer-deferred {} malformed {} [{}]",
                 ep.addr,
                 load(&c.rx),
                 load(&c.tx),
@@ -192,6 +180,7 @@ impl Network {
                 load(&c.retransmitted),
                 load(&c.naks),
                 load(&c.stray_responses),
+                load(&c.timer_deferred),
                 c.malformed.iter().map(load).sum::<u64>(),
                 malformed.join(", "),
             );
@@ -278,10 +267,12 @@ fn receive_loop(net: &Network, ep: &Arc<Endpoint>) {
     // When the last datagram came: while traffic flows, the thread polls the socket instead of
     // sleeping in it, as the scheduler polls doorbells (a wake-up costs more than a packet).
     let mut last_traffic: Option<Instant> = None;
+    let wait = PollTimeout::try_from(RX_POLL).unwrap_or(PollTimeout::MAX);
     while !net.stop.load(Ordering::Relaxed) {
         ep.seen
             .store(ep.swaps.load(Ordering::Acquire), Ordering::Release);
         if !ep.bound.load(Ordering::Acquire) {
+            ep.rx_progress.waiting();
             // The address is another daemon's until its VM runs here; once it does, try
             // again until that daemon lets it go. Until then there is nothing to receive.
             let wanted = ep.wanted.load(Ordering::Acquire);
@@ -296,20 +287,34 @@ fn receive_loop(net: &Network, ep: &Arc<Endpoint>) {
         }
         let mut n = 0;
         let polling = last_traffic.is_some_and(|t| t.elapsed() < RX_POLL_WINDOW);
+        if !polling {
+            // Sleep until a datagram arrives, holding none: while the thread waits, what it
+            // has not read is in the socket, where an ACK timer can see it
+            // (`Endpoint::caught_up`), even once the datagram has woken the thread and the
+            // host has yet to run it.
+            ep.rx_progress.waiting();
+            let mut fds = [PollFd::new(ep.socket.as_fd(), PollFlags::POLLIN)];
+            match poll(&mut fds, wait) {
+                Ok(0) | Err(Errno::EINTR) => continue,
+                Ok(_) => {}
+                Err(e) => {
+                    warn!("RoCEv2 {}: waiting for datagrams failed: {e}", ep.addr);
+                    std::thread::sleep(RX_POLL);
+                    continue;
+                }
+            }
+        }
+        ep.rx_progress.taking();
+        let started = Instant::now();
         {
             let mut slots = storage.chunks_mut(RX_SLOT);
             let mut iovs: [[IoSliceMut<'_>; 1]; RX_BATCH] =
                 std::array::from_fn(|_| [IoSliceMut::new(slots.next().unwrap_or_default())]);
-            let flags = if polling {
-                MsgFlags::MSG_DONTWAIT
-            } else {
-                MsgFlags::MSG_WAITFORONE
-            };
             match recvmmsg(
                 ep.socket.as_raw_fd(),
                 &mut headers,
                 iovs.iter_mut(),
-                flags,
+                MsgFlags::MSG_DONTWAIT,
                 None,
             ) {
                 Ok(msgs) => {
@@ -318,11 +323,14 @@ fn receive_loop(net: &Network, ep: &Arc<Endpoint>) {
                         n += 1;
                     }
                 }
-                Err(Errno::EAGAIN) if polling => {
-                    std::thread::yield_now();
+                Err(Errno::EAGAIN) => {
+                    ep.rx_progress.drained(started);
+                    if polling {
+                        std::thread::yield_now();
+                    }
                     continue;
                 }
-                Err(Errno::EAGAIN | Errno::EINTR) => continue,
+                Err(Errno::EINTR) => continue,
                 Err(e) => {
                     warn!("RoCEv2 {}: receive failed: {e}", ep.addr);
                     std::thread::sleep(RX_POLL);
@@ -342,7 +350,13 @@ fn receive_loop(net: &Network, ep: &Arc<Endpoint>) {
         rx.batch.flush();
         // Counted once handled, so a count that has reached N means N datagrams were acted on.
         ep.counters.rx.fetch_add(n as u64, Ordering::Relaxed);
+        if n < RX_BATCH {
+            // The receive stopped short because the socket was empty: everything that had
+            // arrived when it began is handled now.
+            ep.rx_progress.drained(started);
+        }
     }
+    ep.rx_progress.stopped();
 }
 
 /// Binds `ep`'s address if it is wanted and not yet bound: with `IP_FREEBIND`, since a

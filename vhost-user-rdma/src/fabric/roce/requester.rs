@@ -51,6 +51,9 @@ const DEFAULT_TIMEOUT: Duration = Duration::from_millis(500);
 /// has the same floor, one kernel tick).
 const MIN_TIMEOUT: Duration = Duration::from_millis(4);
 
+/// How soon an ACK timer that expired while the receive thread was behind looks again.
+const RX_BEHIND_RECHECK: Duration = Duration::from_millis(1);
+
 /// The requester's buffers, owned by the scheduler so sending allocates nothing.
 #[derive(Debug)]
 pub struct TxBuffers {
@@ -132,7 +135,20 @@ pub fn step_rc(
         t.rnr_until = None;
         t.rewind = true;
     }
-    if outstanding && t.deadline.is_some_and(|d| now >= d) {
+    let expired = t.deadline.filter(|&d| outstanding && now >= d);
+    if let Some(deadline) = expired.filter(|&d| !ep.caught_up(d)) {
+        // Datagrams that reached this address before the deadline are still unread: the
+        // answer may be among them, waiting for a receive thread the host has not run yet.
+        // The timer is about the peer, so its silence is judged once they are read; no
+        // retry is spent and nothing is resent meanwhile.
+        log::trace!(
+            "vm {}: QP {qpn:#x}: ACK timer of {:?} ago waits for the receive thread",
+            a.name,
+            now - deadline
+        );
+        ep.counters.timer_deferred.fetch_add(1, Ordering::Relaxed);
+        t.deadline = Some(now + RX_BEHIND_RECHECK);
+    } else if expired.is_some() {
         if !qp.rt.retries.take_transport() {
             debug!(
                 "vm {}: QP {qpn:#x}: no answer after {retry_cnt} retries; RETRY_EXC_ERR",
@@ -1084,7 +1100,12 @@ pub fn send_ud(
 
 #[cfg(test)]
 mod tests {
+    use std::net::UdpSocket;
+
+    use vrdma_proto::wqe::Data;
+
     use super::*;
+    use crate::testing::{TestVm, send_header};
 
     #[test]
     fn a_work_request_takes_one_psn_per_packet_and_a_read_one_per_response() {
@@ -1093,5 +1114,117 @@ mod tests {
         assert_eq!(psns_for(Opcode::RdmaWrite, 1025, 1024), 2);
         assert_eq!(psns_for(Opcode::RdmaRead, 65536, 4096), 16);
         assert_eq!(psns_for(Opcode::AtomicFetchAndAdd, 8, 256), 1);
+    }
+
+    /// The receive thread takes what waits on `ep`'s socket and handles it, as
+    /// `network::receive_loop` does.
+    fn receive_thread_reads(ep: &Endpoint) {
+        ep.rx_progress.taking();
+        let started = Instant::now();
+        ep.socket.set_nonblocking(true).unwrap();
+        let mut buf = [0u8; 64];
+        while ep.socket.recv(&mut buf).is_ok() {}
+        ep.rx_progress.drained(started);
+        ep.rx_progress.waiting();
+    }
+
+    #[test]
+    fn an_answer_unread_or_being_handled_keeps_the_endpoint_behind() {
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = socket.local_addr().unwrap();
+        let ep = Endpoint::new(addr, socket, true, addr.port());
+        assert!(ep.caught_up(Instant::now()), "nothing arrived");
+
+        let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
+        peer.send_to(b"ack", addr).unwrap();
+        let mut buf = [0u8; 8];
+        ep.socket.peek(&mut buf).unwrap();
+        let deadline = Instant::now();
+        assert!(!ep.caught_up(deadline), "it waits in the socket");
+
+        // Taken, not yet handled: the socket is empty but the thread holds it.
+        ep.rx_progress.taking();
+        let started = Instant::now();
+        ep.socket.recv(&mut buf).unwrap();
+        assert!(!ep.caught_up(deadline), "taken, not handled");
+        ep.rx_progress.drained(started);
+        assert!(ep.caught_up(deadline), "handled");
+        ep.rx_progress.waiting();
+        assert!(ep.caught_up(Instant::now()), "idle, socket empty");
+    }
+
+    /// The ACK timer of a QP with no retries left expires while an answer from the peer waits
+    /// unread in its address's socket (the host has not run the receive thread yet): the QP
+    /// neither fails nor resends until the receive thread has read it; then the timer counts.
+    #[test]
+    fn an_ack_timer_waits_for_answers_the_receive_thread_has_not_read() {
+        let mut a = TestVm::new(1, 1);
+        let pd = a.pd();
+        let qp = a.qp(pd, qp::Type::Rc, 16, 16);
+        // Where the SEND goes; nothing answers from there.
+        let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let peer_gid = Gid::from_ipv4([127, 0, 0, 1]);
+        a.connect(qp.qpn, peer_gid, 0x11, (0, 0, 0));
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = socket.local_addr().unwrap();
+        let ep = Arc::new(Endpoint::new(
+            addr,
+            socket,
+            true,
+            peer.local_addr().unwrap().port(),
+        ));
+        let mut bufs = TxBuffers::default();
+        let header = send_header(Opcode::Send, 7, SendFlags::SIGNALED);
+        a.post_send(&qp, header, Data::Inline(b"hello"));
+        let mem = a.mem();
+        let step = |bufs: &mut TxBuffers| {
+            let mut objects = a.vm.lock();
+            step_rc(&ep, bufs, &a.vm, &mut objects, &mem, qp.qpn, 1 << 20);
+            drop(objects);
+            bufs.batch.flush();
+        };
+        let sent = || ep.counters.tx.swap(0, Ordering::Relaxed);
+        let expire = || {
+            let mut objects = a.vm.lock();
+            let t = &mut objects.qps.get_mut(qp.qpn).unwrap().rt.rc;
+            assert!(t.deadline.is_some(), "the SEND is on the wire, timed");
+            t.deadline = Some(Instant::now() - Duration::from_millis(1));
+        };
+        step(&mut bufs);
+        assert_eq!(sent(), 1, "the SEND went out");
+
+        // The peer's ACK reaches the socket; the receive thread has not run.
+        UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .send_to(b"ack", addr)
+            .unwrap();
+        let mut buf = [0u8; 8];
+        ep.socket.peek(&mut buf).unwrap();
+        expire();
+        step(&mut bufs);
+        assert!(
+            a.completions(qp.cq_ring, 16).is_empty(),
+            "no RETRY_EXC_ERR while the answer is unread"
+        );
+        assert_eq!(sent(), 0, "nothing resent");
+        assert_eq!(ep.counters.retransmitted.load(Ordering::Relaxed), 0);
+        assert_eq!(ep.counters.timer_deferred.load(Ordering::Relaxed), 1);
+        {
+            let objects = a.vm.lock();
+            let q = objects.qps.get(qp.qpn).unwrap();
+            assert_eq!(q.state(), qp::State::Rts);
+            assert!(q.rt.rc.deadline.is_some_and(|d| d > Instant::now()));
+        }
+
+        // Read, and it answered nothing this QP waits for: now the peer is silent.
+        receive_thread_reads(&ep);
+        expire();
+        step(&mut bufs);
+        let done = a.completions(qp.cq_ring, 16);
+        assert_eq!(done.len(), 1);
+        assert_eq!(
+            (done[0].wr_id.get(), done[0].status),
+            (7, Status::RetryExcErr.raw())
+        );
     }
 }

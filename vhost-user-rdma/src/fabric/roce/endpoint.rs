@@ -70,11 +70,6 @@ pub struct Endpoint {
     pub claim: std::sync::Mutex<()>,
     /// The receive thread, woken when the address is bound: until then it sleeps.
     pub receiver: std::sync::OnceLock<std::thread::Thread>,
-    /// Times the socket behind the descriptor was replaced.
-    pub swaps: AtomicU64,
-    /// The last of `swaps` the receive thread has seen at the top of its loop: from then on it
-    /// holds nothing of the sockets before.
-    pub seen: AtomicU64,
     /// The UDP port of every daemon in the fabric, where packets to peers go.
     pub peer_port: u16,
     /// The VM answering on this address, if one is attached.
@@ -156,8 +151,6 @@ impl Endpoint {
             wanted: AtomicBool::new(false),
             claim: std::sync::Mutex::new(()),
             receiver: std::sync::OnceLock::new(),
-            swaps: AtomicU64::new(0),
-            seen: AtomicU64::new(0),
             peer_port,
             vm: RwLock::new(None),
             paused: AtomicBool::new(false),

@@ -228,9 +228,9 @@ impl Network {
         }
         match unbound_socket(ep.addr) {
             Ok(socket) => {
+                shun_peers(ep);
                 replace_socket(ep, &socket);
                 ep.bound.store(false, Ordering::Release);
-                wait_for_receiver(ep);
                 info!(
                     "RoCEv2: released {}: its VM moved to another daemon",
                     ep.addr
@@ -269,8 +269,6 @@ fn receive_loop(net: &Network, ep: &Arc<Endpoint>) {
     let mut last_traffic: Option<Instant> = None;
     let wait = PollTimeout::try_from(RX_POLL).unwrap_or(PollTimeout::MAX);
     while !net.stop.load(Ordering::Relaxed) {
-        ep.seen
-            .store(ep.swaps.load(Ordering::Acquire), Ordering::Release);
         if !ep.bound.load(Ordering::Acquire) {
             ep.rx_progress.waiting();
             // The address is another daemon's until its VM runs here; once it does, try
@@ -429,22 +427,24 @@ fn replace_socket(ep: &Endpoint, new: &UdpSocket) {
             io::Error::last_os_error()
         );
     }
-    ep.swaps.fetch_add(1, Ordering::Release);
     if let Some(t) = ep.receiver.get() {
         t.unpark();
     }
 }
 
-/// Waits (briefly: the receive thread was just woken) until `ep`'s receive thread has left
-/// the socket it was receiving on. A receive in progress keeps a socket open after its
-/// descriptor moved on, and an open socket stays in the address's `SO_REUSEPORT` group: a
-/// peer's packet could still land in it and be lost, where the daemon the VM moved to is
-/// waiting for it.
-fn wait_for_receiver(ep: &Endpoint) {
-    let swapped = ep.swaps.load(Ordering::Acquire);
-    let deadline = Instant::now() + RX_POLL;
-    while ep.seen.load(Ordering::Acquire) < swapped && Instant::now() < deadline {
-        std::thread::yield_now();
+/// Makes `ep`'s socket take no more datagrams from peers before it is let go. A receive in
+/// progress keeps a socket open after its descriptor moved on, and an open socket stays in
+/// the address's `SO_REUSEPORT` group, where a peer's packet could still land and be lost
+/// while the daemon the VM moved to waits for it. Connected to a port nobody sends from, it
+/// matches no peer's packet, and Linux then picks the group's unconnected socket, the new
+/// owner's, at once, whatever the receive thread is doing.
+fn shun_peers(ep: &Endpoint) {
+    let nowhere = SockaddrStorage::from(SocketAddr::new(ep.addr.ip(), 1));
+    if let Err(e) = nix::sys::socket::connect(ep.socket.as_raw_fd(), &nowhere) {
+        warn!(
+            "RoCEv2 {}: cannot stop the socket taking peers' packets before releasing it: {e}",
+            ep.addr
+        );
     }
 }
 

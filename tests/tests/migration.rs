@@ -658,13 +658,28 @@ fn a_vm_moves_across_hosts_while_peers_on_three_hosts_talk_to_it() {
                 .expect("post send");
         }
     }
+    // A pair of its own for the peer on C to WRITE into the VM during the pre-copy rounds:
+    // those writes are made by the RoCEv2 receive thread of the VM's daemon, and must be
+    // logged like any other (the comparison at the switch-over sees one that is not).
+    let (mw, cw) = rc_pair(&cm, &peers_ctx[2], 4 * PIECE, cap());
     let report = migrate(
         &[(&dev_m, db.socket("m").as_path())],
         &Plan {
-            precopy_rounds: 1,
+            precopy_rounds: 2,
             ..Plan::default()
         },
         |step| {
+            if let Step::Copied(n) = step {
+                let n = u64::from(n);
+                fill_piece(&cw, n);
+                let at = n * PIECE as u64;
+                let sge = [Sge::new(cw.buf.addr() + at, PIECE as u32, cw.mr.lkey())];
+                let wr = SendWr::rdma_write(n, &sge, mw.buf.addr() + at, mw.mr.rkey())
+                    .with_flags(SendFlags::SIGNALED);
+                cw.send(&[wr]).expect("post write");
+                let wc = next(&cw, "the write from host C during pre-copy");
+                assert_eq!((wc.wr_id, wc.status), (n, WcStatus::Success), "{wc:?}");
+            }
             if step == Step::Loaded {
                 // The address goes with the VM; the peers learn where it is now (QEMU's
                 // announcement after a migration does this for a VM's own addresses).
@@ -683,6 +698,14 @@ fn a_vm_moves_across_hosts_while_peers_on_three_hosts_talk_to_it() {
     .unwrap_or_else(|e| panic!("{e}"));
     eprintln!("{report:?}");
     da.wait_connected("m", false);
+    for n in 1..=2 {
+        let got = read(&mw.buf, n * PIECE, PIECE);
+        let want: Vec<u8> = (0..PIECE).map(|i| byte(n as u64, i)).collect();
+        assert!(
+            got == want,
+            "the write from host C after round {n} is in the moved VM"
+        );
+    }
 
     for (m, p) in &pairs {
         post_receives(m);

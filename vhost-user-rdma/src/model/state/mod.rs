@@ -979,6 +979,25 @@ mod tests {
         assert!(fresh != pd && fresh != stale);
     }
 
+    /// A restored VM's rings are checked against the memory table that arrives after the
+    /// state: those outside it are named, so the device can put their objects in error.
+    #[test]
+    fn rings_outside_the_memory_table_are_found() {
+        let Made { vm, mem, qpn, .. } = made(false);
+        assert_eq!(
+            check_rings(&vm, &mem),
+            vec![],
+            "all rings in the VM's memory"
+        );
+        // A table that ends before the CQ's ring (at BASE + 0x4000) and the QP's.
+        let short = GuestMem::from_ranges(&[(GuestAddress(BASE), 0x4000)]).unwrap();
+        let cqn = vm.cqs.iter().map(|(cqn, _)| cqn).next().unwrap();
+        assert_eq!(
+            check_rings(&vm, &short),
+            vec![BadRing::Cq(cqn), BadRing::Qp(qpn)]
+        );
+    }
+
     /// The fixture with `--roce`, its QP in RTS mid-transfer on the wire.
     fn sample() -> (crate::config::VmConfig, VmObjects, u32) {
         let Made {

@@ -189,7 +189,11 @@ impl Doorbells for DoorbellQueues {
 /// Whether `vring` runs: started (ready) and enabled. A ring the VMM disabled or stopped is
 /// not touched, not even polled: its indices are the VMM's until it starts the ring again.
 pub fn is_running(vring: &Vring) -> bool {
-    let state = vring.get_ref();
+    runs(&vring.get_ref())
+}
+
+/// [`is_running`] on a ring whose lock the caller holds.
+fn runs(state: &vhost_user_backend::VringState<GuestMemAtomic>) -> bool {
     state.is_enabled() && state.get_queue().ready()
 }
 
@@ -200,7 +204,7 @@ where
     M: Clone + std::ops::Deref<Target = GuestMem>,
 {
     let mut state = vring.get_mut();
-    if !state.is_enabled() || !state.get_queue().ready() {
+    if !runs(&state) {
         return None;
     }
     state.get_queue_mut().pop_descriptor_chain(mem.clone())
@@ -210,10 +214,10 @@ where
 /// the vring for writing, so an idle poll costs two loads; a driver whose available index is
 /// impossible gets nothing polled (its kicks still reach the worker, which reports it).
 fn has_pending(vring: &Vring, mem: &GuestMem) -> bool {
-    if !is_running(vring) {
+    let state = vring.get_ref();
+    if !runs(&state) {
         return false;
     }
-    let state = vring.get_ref();
     let queue = state.get_queue();
     match queue.avail_idx(mem, Ordering::Acquire) {
         Ok(idx) => {

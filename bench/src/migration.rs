@@ -38,7 +38,7 @@ const TIMEOUT: u8 = 14;
 const RUNS: usize = 3;
 
 fn verb(what: &str) -> impl FnOnce(vrdma::Error) -> Error + '_ {
-    move |e| Error::Skipped(format!("{what}: {}", vrdma::error_chain(&e)))
+    move |e| Error::Failed(format!("{what}: {}", vrdma::error_chain(&e)))
 }
 
 /// One migration's numbers.
@@ -125,7 +125,7 @@ fn one(env: &Env, qps: usize, run: usize) -> Result<Sample, Error> {
     let open = |socket: &std::path::Path| -> Result<(Context, Arc<VirtioUser>), Error> {
         let dev = Arc::new(
             VirtioUser::connect(socket, Options::default())
-                .map_err(|e| Error::Skipped(format!("connect: {}", vrdma::error_chain(&e))))?,
+                .map_err(|e| Error::Failed(format!("connect: {}", vrdma::error_chain(&e))))?,
         );
         Ok((Context::from_transport(SharedTransport(dev.clone())), dev))
     };
@@ -211,10 +211,10 @@ fn one(env: &Env, qps: usize, run: usize) -> Result<Sample, Error> {
         stop.store(true, Ordering::Relaxed);
         (report, pinger.join())
     });
-    let report = report.map_err(|e| Error::Skipped(format!("migration: {e}")))?;
+    let report = report.map_err(|e| Error::Failed(format!("migration: {e}")))?;
     let times = times
-        .map_err(|_| Error::Skipped("the peer's thread panicked".into()))?
-        .map_err(|e| Error::Skipped(format!("the peer: {e}")))?;
+        .map_err(|_| Error::Failed("the peer's thread panicked".into()))?
+        .map_err(|e| Error::Failed(format!("the peer: {e}")))?;
     let blackout = times
         .windows(2)
         .map(|w| w[1] - w[0])

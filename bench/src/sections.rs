@@ -35,6 +35,9 @@ pub enum Error {
     /// The section cannot run here, and why.
     #[error("skipped: {0}")]
     Skipped(String),
+    /// A measurement failed, and why.
+    #[error("{0}")]
+    Failed(String),
     /// A directory could not be made.
     #[error("cannot create {path}: {source}")]
     Dir {

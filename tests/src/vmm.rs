@@ -60,8 +60,6 @@ pub enum MigrateError {
 pub struct Plan {
     /// Pre-copy rounds after the full pass, each copying the pages logged since the last.
     pub precopy_rounds: u32,
-    /// How long the VMM waits before each pre-copy round (the device runs meanwhile).
-    pub round_pause: Duration,
     /// A negative control: do not copy the pages of the last round's log, so the comparison
     /// must find the pages the device wrote after the last pre-copy round.
     pub ignore_last_log: bool,
@@ -336,9 +334,6 @@ fn run(
         mv.report.pages.push(pages);
     }
     for n in 1..=plan.precopy_rounds {
-        if !plan.round_pause.is_zero() {
-            std::thread::sleep(plan.round_pause);
-        }
         for mv in moving.iter_mut() {
             mv.round(log, false)?;
         }

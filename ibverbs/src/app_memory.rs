@@ -1,0 +1,1 @@
+//! Application buffers made reachable by the device (placeholder: written next).

@@ -105,6 +105,23 @@ impl Gid {
         }
     }
 
+    /// The node GUID of the device whose port has this GID (host order; its big-endian
+    /// bytes are the GUID). An IPv4-mapped GID gives `02:56:52:44` ("VRD", locally
+    /// administered) followed by the IPv4 address; an IPv6 GID gives its interface
+    /// identifier, as RoCE NICs derive their GUID from the MAC address in their link-local
+    /// GID. So a VM keeps its GUID when it moves to another host, and two daemons' VMs never
+    /// share one.
+    pub fn node_guid(&self) -> u64 {
+        match self.to_ipv4() {
+            Some(v4) => 0x0256_5244_0000_0000 | u64::from(u32::from_be_bytes(v4)),
+            None => {
+                let mut id = [0u8; 8];
+                id.copy_from_slice(&self.0[8..16]);
+                u64::from_be_bytes(id)
+            }
+        }
+    }
+
     /// Whether this is the all-zero GID, which never names a port.
     pub fn is_zero(&self) -> bool {
         self.0.iter().all(|&b| b == 0)

@@ -2891,6 +2891,18 @@ fn wire_enums_round_trip_and_reject_unknown_values() {
 }
 
 #[test]
+fn node_guids_come_from_the_gid_and_differ_between_ports() {
+    let a = Gid::from_ipv4([10, 0, 0, 1]);
+    assert_eq!(a.node_guid(), 0x0256_5244_0a00_0001);
+    assert_ne!(a.node_guid(), Gid::from_ipv4([10, 0, 0, 2]).node_guid());
+    let mut v6 = [0u8; 16];
+    v6[0] = 0xfe;
+    v6[1] = 0x80;
+    v6[8..].copy_from_slice(&[0x02, 0x11, 0x22, 0xff, 0xfe, 0x33, 0x44, 0x55]);
+    assert_eq!(Gid(v6).node_guid(), 0x0211_22ff_fe33_4455);
+}
+
+#[test]
 fn gid_ipv4_mapping_and_display() {
     let gid = Gid::from_ipv4([192, 168, 1, 1]);
     assert_eq!(

@@ -74,10 +74,8 @@ impl Daemon {
             n.set_scheduler(scheduler.thread().clone());
         }
         let mut servers = Vec::new();
-        for (i, vm) in config.vms.iter().enumerate() {
-            // Locally administered, "VRDM" in the middle, the VM's index at the end.
-            let guid = 0x0200_5652_444d_0000 | (i as u64 + 1);
-            match VmServer::start(vm.clone(), guid, scheduler.clone()) {
+        for vm in &config.vms {
+            match VmServer::start(vm.clone(), vm.gid.node_guid(), scheduler.clone()) {
                 Ok(s) => servers.push(s),
                 Err(e) => {
                     for s in servers {

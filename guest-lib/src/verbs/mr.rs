@@ -46,6 +46,19 @@ impl MemoryRegion {
         len: u64,
         access: AccessFlags,
     ) -> Result<MemoryRegion> {
+        Self::register_iova(pd, addr, len, addr, access)
+    }
+
+    /// As [`MemoryRegion::register_range`], with the region's first byte at `iova` in the
+    /// addresses work requests use for it (its local SGEs and remote peers' RDMA).
+    #[doc(alias = "ibv_reg_mr_iova2")]
+    pub fn register_iova(
+        pd: &ProtectionDomain,
+        addr: u64,
+        len: u64,
+        iova: u64,
+        access: AccessFlags,
+    ) -> Result<MemoryRegion> {
         const VERB: &str = "ibv_reg_mr";
         if len == 0 {
             return Err(Error::invalid(VERB, "length is zero"));
@@ -67,7 +80,7 @@ impl MemoryRegion {
         let body = cmd::RegMr {
             pdn: pd.inner.pdn.into(),
             access: access.bits().into(),
-            iova: addr.into(),
+            iova: iova.into(),
             length: len.into(),
             first_page_offset: (offset as u32).into(),
             npages: (npages as u32).into(),
@@ -86,7 +99,7 @@ impl MemoryRegion {
             pd: pd.inner.clone(),
             lkey: resp.lkey.get(),
             rkey: resp.rkey.get(),
-            addr,
+            addr: iova,
             len,
         })
     }
@@ -101,7 +114,8 @@ impl MemoryRegion {
         self.rkey
     }
 
-    /// Start address.
+    /// Start address, in the region's iova space (the process address unless registered
+    /// with [`MemoryRegion::register_iova`]).
     pub fn addr(&self) -> u64 {
         self.addr
     }

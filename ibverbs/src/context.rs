@@ -1,0 +1,641 @@
+//! The open device (`ibv_context`), its completion channels and its asynchronous events.
+//!
+//! One vhost-user connection carries every event of a context (CQ events and asynchronous
+//! events) on one file descriptor, the transport's event fd. The shim gives that fd to every
+//! completion channel and as the context's `async_fd`, so `poll`/`epoll` on any of them wakes
+//! when the device has something; `ibv_get_cq_event` and `ibv_get_async_event` then drain
+//! the device's events and route each to the channel of its CQ (or to the async queue).
+//! Events routed to a queue whose owner is not the caller leave the fd signalled, so a
+//! thread waiting on another channel wakes and finds them.
+
+use std::collections::{HashMap, VecDeque};
+use std::ffi::{c_int, c_void};
+use std::os::fd::RawFd;
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use vrdma_proto::Gid;
+use vrdma_proto::event::Kind;
+
+use crate::abi::*;
+use crate::app_memory::DeviceMemory;
+use crate::device::DeviceEntry;
+use crate::{guard, identity, null_with, set_errno};
+
+/// Everything behind an `ibv_context *`.
+#[repr(C)]
+pub(crate) struct Context {
+    /// First, so an `ibv_context *` is a `Context *`.
+    pub(crate) ibv: ibv_context,
+    pub(crate) device: &'static DeviceEntry,
+    pub(crate) vrdma: vrdma::Context,
+    pub(crate) memory: DeviceMemory,
+    pub(crate) port: Port,
+    events: Events,
+    /// The process that opened the context: a forked child must not use it (the device
+    /// connection and the shared memory belong to the parent).
+    pid: u32,
+}
+
+/// The port as programs see it.
+pub(crate) struct Port {
+    pub(crate) gid: Gid,
+    pub(crate) lid: u16,
+}
+
+impl Port {
+    /// The GID a program's address vector names: its GRH's, or its LID's.
+    pub(crate) fn dgid(&self, ah: &ibv_ah_attr) -> Option<Gid> {
+        if ah.is_global != 0 {
+            Some(Gid(ah.grh.dgid.raw))
+        } else {
+            identity::gid_of_lid(&self.gid, ah.dlid)
+        }
+    }
+}
+
+struct Events {
+    /// The device's event stream, drained without waiting.
+    device: vrdma::CompletionChannel,
+    fd: RawFd,
+    routes: Mutex<Routes>,
+}
+
+#[derive(Default)]
+struct Routes {
+    /// CQ number to (channel, CQ) for CQs made with a channel.
+    cq_channel: HashMap<u32, (usize, usize)>,
+    /// Per channel, the CQs with an event not yet taken.
+    pending: HashMap<usize, VecDeque<usize>>,
+    /// Asynchronous events not yet taken: (type, element).
+    async_events: VecDeque<(c_int, usize)>,
+    /// Objects by handle, to name them in asynchronous events.
+    qps: HashMap<u32, usize>,
+    cqs: HashMap<u32, usize>,
+    srqs: HashMap<u32, usize>,
+}
+
+/// What `ibv_get_cq_event` and `ibv_get_async_event` do when nothing is queued.
+enum Wait {
+    /// Wait for the fd; `Err(errno)` on EINTR and the like.
+    Block,
+    /// The channel's fd is non-blocking: fail with EAGAIN, as a read of it would.
+    NonBlocking,
+}
+
+impl Context {
+    /// Opens the device: connects to its socket and builds the `ibv_context`.
+    pub(crate) fn open(device: &'static DeviceEntry) -> Result<*mut ibv_context, i32> {
+        let vrdma = vrdma::Context::open(&device.socket).map_err(|e| {
+            log::warn!(
+                "ibv_open_device {}: cannot connect to {}: {}",
+                device.name(),
+                device.socket.display(),
+                vrdma::error_chain(&e)
+            );
+            match e.errno() {
+                libc::EIO => libc::ENODEV,
+                other => other,
+            }
+        })?;
+        let gid = vrdma.gid();
+        *device.gid.lock().unwrap_or_else(|p| p.into_inner()) = Some(gid);
+        let lid = identity::lid_of(&gid);
+        if lid == 0 {
+            log::warn!(
+                "{}: GID {gid} has no unicast LID (its low 16 bits are 0 or a multicast LID); \
+                 peers must address it by GID (perftest -x 0, ibv_rc_pingpong -g 0)",
+                device.name()
+            );
+        }
+        let router = vrdma::CompletionChannel::new(&vrdma).map_err(|e| {
+            log::warn!(
+                "ibv_open_device {}: {}",
+                device.name(),
+                vrdma::error_chain(&e)
+            );
+            e.errno()
+        })?;
+        let fd = vrdma.event_fd();
+        let memory = DeviceMemory::new(vrdma.clone());
+        let ctx = Box::new(Context {
+            ibv: ibv_context {
+                device: (&device.ibv as *const ibv_device).cast_mut(),
+                ops: crate::ops(),
+                cmd_fd: -1,
+                async_fd: fd,
+                num_comp_vectors: 1,
+                // SAFETY: an all-zero pthread_mutex_t is PTHREAD_MUTEX_INITIALIZER on glibc.
+                mutex: unsafe { std::mem::zeroed() },
+                abi_compat: std::ptr::null_mut(),
+            },
+            device,
+            vrdma,
+            memory,
+            port: Port { gid, lid },
+            events: Events {
+                device: router,
+                fd,
+                routes: Mutex::new(Routes::default()),
+            },
+            pid: std::process::id(),
+        });
+        Ok(Box::into_raw(ctx).cast::<ibv_context>())
+    }
+
+    /// Closes a context.
+    ///
+    /// # Safety
+    ///
+    /// `context` must come from [`Context::open`] and not be used afterwards.
+    pub(crate) unsafe fn close(context: *mut ibv_context) -> c_int {
+        // SAFETY: the caller's contract.
+        let Some(ctx) = (unsafe { Context::from_ptr(context) }) else {
+            return libc::EINVAL;
+        };
+        let routes = ctx.routes();
+        if !routes.qps.is_empty() || !routes.cqs.is_empty() || !routes.srqs.is_empty() {
+            log::warn!(
+                "ibv_close_device {}: closing with {} QPs, {} CQs and {} SRQs still open",
+                ctx.device.name(),
+                routes.qps.len(),
+                routes.cqs.len(),
+                routes.srqs.len()
+            );
+        }
+        drop(routes);
+        // SAFETY: made by Box::into_raw in `open`; the caller gives it up.
+        drop(unsafe { Box::from_raw(context.cast::<Context>()) });
+        0
+    }
+
+    /// The context behind a pointer a program passed, or `None` for NULL. In a forked child
+    /// the parent's contexts are unusable (errno EIO on their verbs, logged once).
+    ///
+    /// # Safety
+    ///
+    /// A non-NULL `context` must come from [`Context::open`] and still be open.
+    pub(crate) unsafe fn from_ptr<'a>(context: *mut ibv_context) -> Option<&'a Context> {
+        if context.is_null() {
+            return None;
+        }
+        // SAFETY: the caller's contract: it points at a live Context (ibv is its first field).
+        let ctx = unsafe { &*context.cast::<Context>() };
+        if ctx.pid != std::process::id() {
+            log::warn!(
+                "a verbs context was used in a child process (pid {}) forked from its owner \
+                 (pid {}); open the device again in the child",
+                std::process::id(),
+                ctx.pid
+            );
+            return None;
+        }
+        Some(ctx)
+    }
+
+    pub(crate) fn as_ptr(&self) -> *mut ibv_context {
+        (&self.ibv as *const ibv_context).cast_mut()
+    }
+
+    fn routes(&self) -> MutexGuard<'_, Routes> {
+        self.events.routes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn device_attr(&self) -> ibv_device_attr {
+        let caps = self.vrdma.device_attr();
+        let int = |v: u32| v.min(i32::MAX as u32) as c_int;
+        let mut fw_ver = [0; 64];
+        crate::fill_c_string(&mut fw_ver, concat!("vrdma ", env!("CARGO_PKG_VERSION")));
+        let (max_srq, max_srq_wr, max_srq_sge) = (0, 0, 0);
+        ibv_device_attr {
+            fw_ver,
+            node_guid: caps.node_guid.get().to_be(),
+            sys_image_guid: caps.sys_image_guid.get().to_be(),
+            max_mr_size: caps.max_mr_size.get(),
+            page_size_cap: caps.page_size_cap.get(),
+            vendor_id: caps.vendor_id.get(),
+            vendor_part_id: caps.vendor_part_id.get(),
+            hw_ver: caps.hw_ver.get(),
+            max_qp: int(caps.max_qp.get()),
+            max_qp_wr: int(caps.max_qp_wr.get()),
+            // Resizing queues and port changes are not supported, and there is no special
+            // QP; RNR NAKs are generated (IBV_DEVICE_RC_RNR_NAK_GEN).
+            device_cap_flags: 1 << 12,
+            max_sge: int(caps.max_sge.get()),
+            max_sge_rd: int(caps.max_sge.get()),
+            max_cq: int(caps.max_cq.get()),
+            max_cqe: int(caps.max_cqe.get()),
+            max_mr: int(caps.max_mr.get()),
+            max_pd: int(caps.max_pd.get()),
+            max_qp_rd_atom: int(caps.max_qp_rd_atom.get()),
+            max_ee_rd_atom: 0,
+            max_res_rd_atom: int(caps.max_qp_rd_atom.get().saturating_mul(caps.max_qp.get())),
+            max_qp_init_rd_atom: int(caps.max_qp_init_rd_atom.get()),
+            max_ee_init_rd_atom: 0,
+            atomic_cap: c_int::from(caps.atomic_cap),
+            max_ee: 0,
+            max_rdd: 0,
+            max_mw: 0,
+            max_raw_ipv6_qp: 0,
+            max_raw_ethy_qp: 0,
+            max_mcast_grp: 0,
+            max_mcast_qp_attach: 0,
+            max_total_mcast_qp_attach: 0,
+            max_ah: int(caps.max_ah.get()),
+            max_fmr: 0,
+            max_map_per_fmr: 0,
+            max_srq,
+            max_srq_wr,
+            max_srq_sge,
+            max_pkeys: 1,
+            local_ca_ack_delay: 15,
+            phys_port_cnt: caps.phys_port_cnt,
+        }
+    }
+
+    pub(crate) fn port_attr(&self, port_num: u8) -> Result<ibv_port_attr, c_int> {
+        if port_num != 1 {
+            return Err(libc::EINVAL);
+        }
+        let p = self.vrdma.query_port(port_num).map_err(|e| {
+            log::warn!("ibv_query_port: {}", vrdma::error_chain(&e));
+            e.errno()
+        })?;
+        Ok(ibv_port_attr {
+            state: c_int::from(p.state),
+            max_mtu: c_int::from(p.max_mtu),
+            active_mtu: c_int::from(p.active_mtu),
+            gid_tbl_len: c_int::from(p.gid_tbl_len.get()),
+            port_cap_flags: p.port_cap_flags.get(),
+            max_msg_sz: p.max_msg_sz.get(),
+            bad_pkey_cntr: 0,
+            qkey_viol_cntr: 0,
+            pkey_tbl_len: 1,
+            lid: self.port.lid,
+            // A subnet manager's LID: programs print it; none exists, report our own.
+            sm_lid: self.port.lid,
+            lmc: 0,
+            max_vl_num: 1,
+            sm_sl: 0,
+            subnet_timeout: 0,
+            init_type_reply: 0,
+            active_width: p.active_width,
+            active_speed: p.active_speed,
+            phys_state: p.phys_state,
+            // See the identity module: an InfiniBand port with a LID, so programs connect
+            // by LID without GID flags.
+            link_layer: IBV_LINK_LAYER_INFINIBAND,
+            flags: 0,
+            port_cap_flags2: 0,
+        })
+    }
+
+    pub(crate) fn register_cq(&self, cqn: u32, cq: usize, channel: Option<usize>) {
+        let mut r = self.routes();
+        r.cqs.insert(cqn, cq);
+        if let Some(ch) = channel {
+            r.cq_channel.insert(cqn, (ch, cq));
+        }
+    }
+
+    /// Forgets a CQ; its events not yet taken are dropped (the program destroyed it).
+    pub(crate) fn unregister_cq(&self, cqn: u32) {
+        let mut r = self.routes();
+        r.cqs.remove(&cqn);
+        if let Some((ch, cq)) = r.cq_channel.remove(&cqn)
+            && let Some(q) = r.pending.get_mut(&ch)
+        {
+            q.retain(|&c| c != cq);
+        }
+    }
+
+    pub(crate) fn register_qp(&self, qpn: u32, qp: usize) {
+        self.routes().qps.insert(qpn, qp);
+    }
+
+    pub(crate) fn unregister_qp(&self, qpn: u32) {
+        let mut r = self.routes();
+        if let Some(qp) = r.qps.remove(&qpn) {
+            // Its events not yet taken would name a freed QP.
+            r.async_events.retain(|&(_, e)| e != qp);
+        }
+    }
+
+    /// Whether a channel still has CQs.
+    pub(crate) fn channel_in_use(&self, channel: usize) -> bool {
+        self.routes()
+            .cq_channel
+            .values()
+            .any(|&(ch, _)| ch == channel)
+    }
+
+    pub(crate) fn forget_channel(&self, channel: usize) {
+        self.routes().pending.remove(&channel);
+    }
+
+    /// Moves the device's events into the routes. Returns whether any was queued.
+    fn pump(&self, r: &mut Routes) -> Result<bool, c_int> {
+        let mut queued = false;
+        loop {
+            match self.events.device.get_cq_event(Some(Duration::ZERO)) {
+                Ok(Some(cqn)) => {
+                    if let Some(&(ch, cq)) = r.cq_channel.get(&cqn) {
+                        r.pending.entry(ch).or_default().push_back(cq);
+                        queued = true;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    log::warn!("ibv_get_cq_event: {}", vrdma::error_chain(&e));
+                    return Err(e.errno());
+                }
+            }
+        }
+        let events = self.events.device.take_async_events().map_err(|e| {
+            log::warn!("ibv_get_async_event: {}", vrdma::error_chain(&e));
+            e.errno()
+        })?;
+        for (kind, handle) in events {
+            if let Some(ev) = translate_async(r, kind, handle) {
+                r.async_events.push_back(ev);
+                queued = true;
+            }
+        }
+        Ok(queued)
+    }
+
+    /// Makes the event fd readable, so that waiters on other queues look again.
+    fn signal(&self) {
+        let one: u64 = 1;
+        // SAFETY: writing 8 bytes from a local to the transport's eventfd.
+        let _ = unsafe { libc::write(self.events.fd, (&one as *const u64).cast::<c_void>(), 8) };
+    }
+
+    fn wait_mode(&self) -> Wait {
+        // SAFETY: F_GETFL on a descriptor the transport owns.
+        let flags = unsafe { libc::fcntl(self.events.fd, libc::F_GETFL) };
+        if flags >= 0 && flags & libc::O_NONBLOCK != 0 {
+            Wait::NonBlocking
+        } else {
+            Wait::Block
+        }
+    }
+
+    /// Waits for the fd to become readable. Interrupted by a signal: EINTR, as qperf needs
+    /// to end its timed tests.
+    fn wait(&self) -> Result<(), c_int> {
+        let mut pfd = libc::pollfd {
+            fd: self.events.fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        let n = unsafe { libc::poll(&mut pfd, 1, -1) };
+        if n < 0 {
+            return Err(std::io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO));
+        }
+        Ok(())
+    }
+
+    /// Takes the next CQ event of `channel`, waiting as its fd's mode says.
+    pub(crate) fn next_cq_event(&self, channel: usize) -> Result<usize, c_int> {
+        loop {
+            {
+                let mut r = self.routes();
+                self.pump(&mut r)?;
+                if let Some(cq) = r.pending.get_mut(&channel).and_then(|q| q.pop_front()) {
+                    if r.pending.values().any(|q| !q.is_empty()) || !r.async_events.is_empty() {
+                        self.signal();
+                    }
+                    return Ok(cq);
+                }
+                if r.pending.values().any(|q| !q.is_empty()) {
+                    self.signal();
+                }
+            }
+            match self.wait_mode() {
+                Wait::NonBlocking => return Err(libc::EAGAIN),
+                Wait::Block => self.wait()?,
+            }
+        }
+    }
+
+    /// Takes the next asynchronous event.
+    pub(crate) fn next_async_event(&self) -> Result<(c_int, usize), c_int> {
+        loop {
+            {
+                let mut r = self.routes();
+                self.pump(&mut r)?;
+                if let Some(ev) = r.async_events.pop_front() {
+                    if r.pending.values().any(|q| !q.is_empty()) || !r.async_events.is_empty() {
+                        self.signal();
+                    }
+                    return Ok(ev);
+                }
+                if r.pending.values().any(|q| !q.is_empty()) {
+                    self.signal();
+                }
+            }
+            match self.wait_mode() {
+                Wait::NonBlocking => return Err(libc::EAGAIN),
+                Wait::Block => self.wait()?,
+            }
+        }
+    }
+}
+
+/// The `ibv_async_event` of a device event, or `None` for an object the program no longer
+/// has.
+fn translate_async(r: &Routes, kind: Kind, handle: u32) -> Option<(c_int, usize)> {
+    let qp = |t| r.qps.get(&handle).map(|&p| (t, p));
+    match kind {
+        Kind::QpFatal => qp(IBV_EVENT_QP_FATAL),
+        Kind::QpReqErr => qp(IBV_EVENT_QP_REQ_ERR),
+        Kind::QpAccessErr => qp(IBV_EVENT_QP_ACCESS_ERR),
+        Kind::CommEst => qp(IBV_EVENT_COMM_EST),
+        Kind::SqDrained => qp(IBV_EVENT_SQ_DRAINED),
+        Kind::QpLastWqeReached => qp(IBV_EVENT_QP_LAST_WQE_REACHED),
+        Kind::CqErr => r.cqs.get(&handle).map(|&p| (IBV_EVENT_CQ_ERR, p)),
+        Kind::DeviceFatal => Some((IBV_EVENT_DEVICE_FATAL, 0)),
+        Kind::PortActive => Some((IBV_EVENT_PORT_ACTIVE, handle as usize)),
+        Kind::PortErr => Some((IBV_EVENT_PORT_ERR, handle as usize)),
+        Kind::CqCompletion => None,
+    }
+}
+
+/// A completion channel.
+#[repr(C)]
+pub(crate) struct Channel {
+    /// First, so an `ibv_comp_channel *` is a `Channel *`.
+    pub(crate) ibv: ibv_comp_channel,
+}
+
+/// `ibv_create_comp_channel`.
+///
+/// # Safety
+///
+/// `context` must be an open context.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn ibv_create_comp_channel(
+    context: *mut ibv_context,
+) -> *mut ibv_comp_channel {
+    guard(
+        "ibv_create_comp_channel",
+        || null_with(libc::EIO),
+        || {
+            // SAFETY: the caller's contract.
+            let Some(ctx) = (unsafe { Context::from_ptr(context) }) else {
+                return null_with(libc::EINVAL);
+            };
+            let ch = Box::new(Channel {
+                ibv: ibv_comp_channel {
+                    context,
+                    fd: ctx.events.fd,
+                    refcnt: 0,
+                },
+            });
+            Box::into_raw(ch).cast::<ibv_comp_channel>()
+        },
+    )
+}
+
+/// `ibv_destroy_comp_channel`: EBUSY while CQs use it.
+///
+/// # Safety
+///
+/// `channel` must come from [`ibv_create_comp_channel`] and not be used afterwards.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn ibv_destroy_comp_channel(channel: *mut ibv_comp_channel) -> c_int {
+    guard(
+        "ibv_destroy_comp_channel",
+        || libc::EIO,
+        || {
+            if channel.is_null() {
+                return libc::EINVAL;
+            }
+            // SAFETY: the caller's contract: a live channel.
+            let context = unsafe { (*channel).context };
+            // SAFETY: a channel's context outlives it.
+            let Some(ctx) = (unsafe { Context::from_ptr(context) }) else {
+                return libc::EINVAL;
+            };
+            if ctx.channel_in_use(channel as usize) {
+                return libc::EBUSY;
+            }
+            ctx.forget_channel(channel as usize);
+            // SAFETY: made by Box::into_raw; the caller gives it up.
+            drop(unsafe { Box::from_raw(channel.cast::<Channel>()) });
+            0
+        },
+    )
+}
+
+/// `ibv_get_cq_event`: -1 with errno (EINTR when a signal interrupts the wait, EAGAIN when
+/// the channel's fd is non-blocking and nothing is queued).
+///
+/// # Safety
+///
+/// `channel` must be a live channel; `cq` and `cq_context` valid for writing.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn ibv_get_cq_event(
+    channel: *mut ibv_comp_channel,
+    cq: *mut *mut ibv_cq,
+    cq_context: *mut *mut c_void,
+) -> c_int {
+    guard(
+        "ibv_get_cq_event",
+        || -1,
+        || {
+            if channel.is_null() || cq.is_null() || cq_context.is_null() {
+                set_errno(libc::EINVAL);
+                return -1;
+            }
+            // SAFETY: the caller's contract: a live channel, whose context outlives it.
+            let Some(ctx) = (unsafe { Context::from_ptr((*channel).context) }) else {
+                set_errno(libc::EINVAL);
+                return -1;
+            };
+            match ctx.next_cq_event(channel as usize) {
+                Ok(got) => {
+                    let got = got as *mut ibv_cq;
+                    // SAFETY: `got` is a live CQ (destroying one removes its queued events);
+                    // the out pointers are valid (the caller's contract).
+                    unsafe {
+                        *cq = got;
+                        *cq_context = (*got).cq_context;
+                    }
+                    0
+                }
+                Err(errno) => {
+                    set_errno(errno);
+                    -1
+                }
+            }
+        },
+    )
+}
+
+/// `ibv_ack_cq_events`.
+///
+/// # Safety
+///
+/// `cq` must be a live CQ.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn ibv_ack_cq_events(cq: *mut ibv_cq, nevents: u32) {
+    if cq.is_null() {
+        return;
+    }
+    // SAFETY: the caller's contract: a live CQ.
+    unsafe {
+        (*cq).comp_events_completed = (*cq).comp_events_completed.wrapping_add(nevents);
+    }
+}
+
+/// `ibv_get_async_event`.
+///
+/// # Safety
+///
+/// `context` must be an open context and `event` valid for writing.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn ibv_get_async_event(
+    context: *mut ibv_context,
+    event: *mut ibv_async_event,
+) -> c_int {
+    guard(
+        "ibv_get_async_event",
+        || -1,
+        || {
+            // SAFETY: the caller's contract.
+            let Some(ctx) = (unsafe { Context::from_ptr(context) }) else {
+                set_errno(libc::EINVAL);
+                return -1;
+            };
+            if event.is_null() {
+                set_errno(libc::EINVAL);
+                return -1;
+            }
+            match ctx.next_async_event() {
+                Ok((event_type, element)) => {
+                    // SAFETY: valid for writing (the caller's contract).
+                    unsafe {
+                        event.write(ibv_async_event {
+                            element: element as *mut c_void,
+                            event_type,
+                        })
+                    };
+                    0
+                }
+                Err(errno) => {
+                    set_errno(errno);
+                    -1
+                }
+            }
+        },
+    )
+}
+
+/// `ibv_ack_async_event`: nothing to release.
+#[unsafe(no_mangle)]
+pub extern "C" fn ibv_ack_async_event(_event: *mut ibv_async_event) {}

@@ -83,6 +83,18 @@ pub enum MemError {
         /// The length asked for.
         len: usize,
     },
+    /// An address, length or file offset of a mapping to adopt that is not page-aligned.
+    #[error(
+        "cannot adopt a mapping whose {what} {value:#x} is not a multiple of the page size {page}"
+    )]
+    Unaligned {
+        /// Which value.
+        what: &'static str,
+        /// The value.
+        value: u64,
+        /// The page size.
+        page: usize,
+    },
     /// An alignment that is not a power of two.
     #[error("invalid alignment {align}: it must be a power of two")]
     InvalidAlignment {
@@ -160,20 +172,31 @@ fn align_up(value: u64, align: u64) -> Option<u64> {
     Some(value.checked_add(align - 1)? & !(align - 1))
 }
 
-/// A memfd-backed region mapped `MAP_SHARED` into this process.
+/// A file-backed region mapped `MAP_SHARED` into this process: a memfd it created
+/// ([`SharedMemory::create`]), or a mapping of any file someone else made
+/// ([`SharedMemory::adopt`]).
 ///
 /// Its guest-physical address, as announced to the device, is its virtual address in this
-/// process ([`SharedMemory::addr`]). The mapping is removed when the value is dropped; the
-/// device keeps its own mapping of the file until the region is unregistered or the connection
-/// closes.
+/// process ([`SharedMemory::addr`]). A mapping the region created is removed when the value is
+/// dropped, an adopted one is left to its owner; either way the device keeps its own mapping
+/// of the file until the region is unregistered or the connection closes.
 pub struct SharedMemory {
     ptr: NonNull<u8>,
     len: usize,
     /// Replaced only by [`SharedMemory::replace_backing`] (a VMM moving the guest onto its
     /// migrated copy); readers take a reference to the current file.
-    file: RwLock<Arc<File>>,
+    backing: RwLock<Backing>,
     name: String,
     sealed: bool,
+    /// The region made its mapping, so it removes it on drop; `false` for adopted mappings.
+    owns_mapping: bool,
+}
+
+/// The file behind a region and where in it the region's first byte is.
+#[derive(Debug, Clone)]
+struct Backing {
+    file: Arc<File>,
+    offset: u64,
 }
 
 // SAFETY: `SharedMemory` owns a MAP_SHARED mapping that lives until `drop`. Its pointer is never
@@ -193,7 +216,9 @@ impl fmt::Debug for SharedMemory {
             .field("addr", &format_args!("{:#x}", self.addr()))
             .field("len", &self.len)
             .field("fd", &self.as_raw_fd())
+            .field("mmap_offset", &self.mmap_offset())
             .field("sealed", &self.sealed)
+            .field("owns_mapping", &self.owns_mapping)
             .finish()
     }
 }
@@ -268,9 +293,70 @@ impl SharedMemory {
         Ok(SharedMemory {
             ptr,
             len,
-            file: RwLock::new(Arc::new(file)),
+            backing: RwLock::new(Backing {
+                file: Arc::new(file),
+                offset: 0,
+            }),
             name: name.to_owned(),
             sealed: seal,
+            owns_mapping: true,
+        })
+    }
+
+    /// Adopts a mapping this region did not make: `len` bytes at `addr` that someone (the
+    /// application) mapped `MAP_SHARED` from `file`, starting `mmap_offset` bytes into it. The
+    /// device is given `file` and `mmap_offset`, so it maps the same pages; dropping the
+    /// region leaves the mapping alone (only the region's reference to `file` goes).
+    ///
+    /// `addr`, `len` and `mmap_offset` must be multiples of the page size (of the file's huge
+    /// page size for a hugetlbfs file, which the device's `mmap` insists on; this function
+    /// only checks the base page size). The region is not sealed: whoever made the file
+    /// decides its size.
+    ///
+    /// # Safety
+    ///
+    /// For as long as the caller uses the region's accessors ([`SharedMemory::read`],
+    /// [`SharedMemory::write`], [`SharedMemory::fill`], [`SharedMemory::replace_backing`]) or
+    /// hands it to a [`DmaAllocator`], `addr..addr + len` must stay mapped readable and
+    /// writable, and must not be memory Rust references point into. Registering the region
+    /// with a device only needs the file, so a caller that never touches the memory through
+    /// the region has nothing to uphold.
+    pub unsafe fn adopt(
+        name: &str,
+        file: File,
+        mmap_offset: u64,
+        addr: u64,
+        len: usize,
+    ) -> Result<Self, MemError> {
+        let page = page_size();
+        let unaligned = |what, value: u64| MemError::Unaligned { what, value, page };
+        if len == 0 || len > isize::MAX as usize || addr.checked_add(len as u64).is_none() {
+            return Err(MemError::InvalidLength { len });
+        }
+        if len % page != 0 {
+            return Err(unaligned("length", len as u64));
+        }
+        if addr % page as u64 != 0 {
+            return Err(unaligned("address", addr));
+        }
+        if mmap_offset % page as u64 != 0 {
+            return Err(unaligned("file offset", mmap_offset));
+        }
+        let ptr = NonNull::new(addr as *mut u8).ok_or(unaligned("address", addr))?;
+        log::debug!(
+            "shared memory {name:?}: adopted {len} bytes at {addr:#x}, file offset \
+             {mmap_offset:#x}"
+        );
+        Ok(SharedMemory {
+            ptr,
+            len,
+            backing: RwLock::new(Backing {
+                file: Arc::new(file),
+                offset: mmap_offset,
+            }),
+            name: name.to_owned(),
+            sealed: false,
+            owns_mapping: false,
         })
     }
 
@@ -308,16 +394,35 @@ impl SharedMemory {
         self.sealed
     }
 
-    /// The memfd backing the region.
+    /// The file backing the region.
     pub fn file(&self) -> Arc<File> {
-        self.file.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.backing().file
+    }
+
+    /// Where in [`SharedMemory::file`] the region's first byte is: 0 unless the region was
+    /// adopted ([`SharedMemory::adopt`]).
+    pub fn mmap_offset(&self) -> u64 {
+        self.backing().offset
+    }
+
+    /// Whether the region made its mapping (and removes it when dropped); `false` for an
+    /// adopted one.
+    pub fn owns_mapping(&self) -> bool {
+        self.owns_mapping
+    }
+
+    fn backing(&self) -> Backing {
+        self.backing
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Moves the region onto `file`, as a VMM moves a migrated guest onto the copy of its RAM
     /// on the destination: maps `file` over the region's addresses (`MAP_FIXED`, so the
     /// addresses, and with them the guest-physical addresses, stay), and makes it the file
-    /// the region is registered with from now on. `file` must be at least as long as the
-    /// region.
+    /// the region is registered with from now on, at offset 0. `file` must be at least as
+    /// long as the region.
     ///
     /// The caller stops every thread that could touch the region meanwhile, as a VMM stops
     /// the vCPUs: an access during the swap may land in either file.
@@ -333,7 +438,7 @@ impl SharedMemory {
         if len < self.len as u64 {
             return Err(MemError::InvalidLength { len: len as usize });
         }
-        let mut current = self.file.write().unwrap_or_else(|p| p.into_inner());
+        let mut current = self.backing.write().unwrap_or_else(|p| p.into_inner());
         // SAFETY: the new mapping covers exactly this region's own mapping (`ptr`, `len`),
         // which `MAP_FIXED` replaces atomically; nothing outside it is touched. The region
         // holds plain bytes that no Rust reference points into, so replacing the pages under
@@ -355,24 +460,29 @@ impl SharedMemory {
                 source: io::Error::last_os_error(),
             });
         }
-        *current = Arc::new(file);
+        *current = Backing {
+            file: Arc::new(file),
+            offset: 0,
+        };
         Ok(())
     }
 
     /// The vhost-user memory-table entry for this region: guest-physical address and
-    /// frontend virtual address are both [`SharedMemory::addr`], file offset 0.
+    /// frontend virtual address are both [`SharedMemory::addr`], the file offset is
+    /// [`SharedMemory::mmap_offset`].
     ///
     /// The entry borrows the region's file descriptor; it is valid while `self` lives.
     // `..Default::default()` covers the fields the `xen` feature of `vhost` adds, should any
     // crate in the build enable it.
     #[allow(clippy::needless_update)]
     pub fn region_info(&self) -> VhostUserMemoryRegionInfo {
+        let backing = self.backing();
         VhostUserMemoryRegionInfo {
             guest_phys_addr: self.addr(),
             memory_size: self.len as u64,
             userspace_addr: self.addr(),
-            mmap_offset: 0,
-            mmap_handle: self.as_raw_fd(),
+            mmap_offset: backing.offset,
+            mmap_handle: backing.file.as_raw_fd(),
             ..Default::default()
         }
     }
@@ -433,15 +543,20 @@ impl AsRawFd for SharedMemory {
     /// The current file's descriptor: valid until the region is dropped or moved onto another
     /// file ([`SharedMemory::replace_backing`]).
     fn as_raw_fd(&self) -> RawFd {
-        self.file
+        self.backing
             .read()
             .unwrap_or_else(|p| p.into_inner())
+            .file
             .as_raw_fd()
     }
 }
 
 impl Drop for SharedMemory {
     fn drop(&mut self) {
+        if !self.owns_mapping {
+            // An adopted mapping belongs to whoever made it.
+            return;
+        }
         // SAFETY: `ptr`/`len` describe exactly the mapping created in `create`, which nothing
         // else unmaps; after drop no accessor can reach it (DmaBufs hold an Arc to `self`).
         let rc = unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
@@ -934,6 +1049,111 @@ mod tests {
             .read_slice(&mut buf, vm_memory::GuestAddress(0))
             .unwrap();
         assert_eq!(buf, [1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn an_adopted_mapping_is_described_by_its_offset_and_outlives_the_region() {
+        let page = page_size();
+        // Someone else's file of three pages, of which they mapped the last two.
+        let owner = SharedMemory::create("vrdma-test-owner", 3 * page, false).unwrap();
+        owner
+            .write(owner.addr() + page as u64, b"second page")
+            .unwrap();
+        let file = owner.file().try_clone().unwrap();
+        let theirs = map_shared_at_offset(&file, 2 * page, page as u64);
+        // SAFETY: `theirs` maps the file's pages 1 and 2 read-write and stays mapped until
+        // the end of the test, after the last access through `adopted`.
+        let adopted = unsafe {
+            SharedMemory::adopt("vrdma-test-adopted", file, page as u64, theirs, 2 * page)
+        }
+        .unwrap();
+        assert!(!adopted.owns_mapping());
+        assert_eq!(adopted.mmap_offset(), page as u64);
+        let info = adopted.region_info();
+        assert_eq!(
+            (info.guest_phys_addr, info.userspace_addr, info.memory_size),
+            (theirs, theirs, 2 * page as u64)
+        );
+        assert_eq!(info.mmap_offset, page as u64);
+        // What the device maps from the entry is what the adopted addresses hold.
+        let device_view = vm_memory::GuestMemoryMmap::<()>::from_ranges_with_files([(
+            vm_memory::GuestAddress(info.guest_phys_addr),
+            info.memory_size as usize,
+            Some(vm_memory::FileOffset::new(
+                adopted.file().try_clone().unwrap(),
+                info.mmap_offset,
+            )),
+        )])
+        .unwrap();
+        use vm_memory::Bytes;
+        let mut buf = [0u8; 11];
+        device_view
+            .read_slice(&mut buf, vm_memory::GuestAddress(theirs))
+            .unwrap();
+        assert_eq!(&buf, b"second page");
+        device_view
+            .write_slice(b"device", vm_memory::GuestAddress(theirs + page as u64))
+            .unwrap();
+        let mut back = [0u8; 6];
+        adopted.read(theirs + page as u64, &mut back).unwrap();
+        assert_eq!(&back, b"device");
+
+        drop(adopted);
+        // The owner's mapping is still there.
+        // SAFETY: `theirs` is still mapped (dropping the adopted region must not unmap it).
+        let first = unsafe { ptr::read_volatile(theirs as *const u8) };
+        assert_eq!(first, b's');
+        // SAFETY: the mapping made above, unmapped once.
+        assert_eq!(unsafe { libc::munmap(theirs as *mut _, 2 * page) }, 0);
+
+        // Misaligned values are refused.
+        let file = owner.file().try_clone().unwrap();
+        // SAFETY: refused before anything could access the memory.
+        let err = unsafe { SharedMemory::adopt("x", file, 100, owner.addr(), page) }.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                MemError::Unaligned {
+                    what: "file offset",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let file = owner.file().try_clone().unwrap();
+        // SAFETY: as above.
+        let err = unsafe { SharedMemory::adopt("x", file, 0, owner.addr() + 8, page) }.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                MemError::Unaligned {
+                    what: "address",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let file = owner.file().try_clone().unwrap();
+        // SAFETY: as above.
+        let err = unsafe { SharedMemory::adopt("x", file, 0, owner.addr(), 0) }.unwrap_err();
+        assert!(matches!(err, MemError::InvalidLength { len: 0 }), "{err}");
+    }
+
+    /// Maps `len` bytes of `file` from `offset`, shared, where the kernel likes.
+    fn map_shared_at_offset(file: &File, len: usize, offset: u64) -> u64 {
+        // SAFETY: a fresh mapping chosen by the kernel overlaps nothing.
+        let addr = unsafe {
+            libc::mmap(
+                ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                offset as libc::off_t,
+            )
+        };
+        assert_ne!(addr, libc::MAP_FAILED);
+        addr as u64
     }
 
     #[test]

@@ -200,6 +200,9 @@ impl Transport for SharedTransport {
     fn is_shared(&self, addr: u64, len: u64) -> bool {
         Transport::is_shared(&*self.0, addr, len)
     }
+    fn shared_region(&self, addr: u64) -> Option<(u64, u64)> {
+        Transport::shared_region(&*self.0, addr)
+    }
 }
 
 /// Everything one side of a connection needs.

@@ -86,9 +86,43 @@ pub trait Transport: Send + Sync {
     /// allocator still has buffers in cannot be removed.
     fn remove_memory(&self, base: u64) -> Result<(), Self::Error>;
 
-    /// Whether `addr..addr + len` lies inside one registered region, i.e. whether the device
-    /// can reach it. Memory regions and work requests must only name such ranges.
+    /// Whether every byte of `addr..addr + len` lies in a registered region (one, or several
+    /// adjacent ones), i.e. whether the device can reach it. Memory regions and work requests
+    /// must only name such ranges.
     fn is_shared(&self, addr: u64, len: u64) -> bool;
+
+    /// The registered region holding `addr`, as its first address and length; `None` if the
+    /// device cannot reach `addr`. A memory region over several regions needs their bounds:
+    /// the device takes each page of its page list from one region.
+    fn shared_region(&self, addr: u64) -> Option<(u64, u64)>;
+}
+
+/// Whether the regions `shared_region` finds cover `addr..addr + len` without a gap
+/// (`len == 0` asks about `addr` alone): [`Transport::is_shared`] for transports that keep
+/// regions.
+pub fn covered_by_regions(
+    addr: u64,
+    len: u64,
+    shared_region: impl Fn(u64) -> Option<(u64, u64)>,
+) -> bool {
+    let Some(end) = addr.checked_add(len) else {
+        return false;
+    };
+    let mut at = addr;
+    loop {
+        let Some((base, size)) = shared_region(at) else {
+            return false;
+        };
+        let region_end = base.saturating_add(size);
+        if region_end >= end {
+            return true;
+        }
+        if region_end <= at {
+            // A region that does not hold `at`: a broken transport, not a reachable byte.
+            return false;
+        }
+        at = region_end;
+    }
 }
 
 /// A shared transport is a transport: one connection can serve a [`crate::Context`] and, say, a
@@ -146,5 +180,9 @@ impl<T: Transport + ?Sized> Transport for Arc<T> {
 
     fn is_shared(&self, addr: u64, len: u64) -> bool {
         (**self).is_shared(addr, len)
+    }
+
+    fn shared_region(&self, addr: u64) -> Option<(u64, u64)> {
+        (**self).shared_region(addr)
     }
 }

@@ -638,6 +638,14 @@ impl Memory {
         Ok(())
     }
 
+    /// The region holding `addr`, as its first address and length.
+    fn region_holding(&self, addr: u64) -> Option<(u64, u64)> {
+        self.regions
+            .iter()
+            .find(|r| r.contains(addr, 1))
+            .map(|r| (r.addr(), r.len() as u64))
+    }
+
     fn remove(&mut self, socket: &Path, base: u64) -> Result<Arc<SharedMemory>> {
         let idx = self
             .regions
@@ -1594,8 +1602,15 @@ impl Transport for VirtioUser {
     }
 
     fn is_shared(&self, addr: u64, len: u64) -> bool {
+        let Ok(memory) = lock(&self.memory, "memory table") else {
+            return false;
+        };
+        super::covered_by_regions(addr, len, |at| memory.region_holding(at))
+    }
+
+    fn shared_region(&self, addr: u64) -> Option<(u64, u64)> {
         lock(&self.memory, "memory table")
-            .map(|m| m.regions.iter().any(|r| r.contains(addr, len)))
-            .unwrap_or(false)
+            .ok()?
+            .region_holding(addr)
     }
 }

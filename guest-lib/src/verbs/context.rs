@@ -26,6 +26,7 @@ trait DynTransport: Send + Sync + std::fmt::Debug {
     fn drain_events(&self) -> std::result::Result<Vec<DeviceEvent>, BoxError>;
     fn alloc_dma(&self, len: usize, align: usize) -> std::result::Result<DmaBuf, BoxError>;
     fn is_shared(&self, addr: u64, len: u64) -> bool;
+    fn shared_region(&self, addr: u64) -> Option<(u64, u64)>;
     fn add_memory(&self, mem: Arc<SharedMemory>) -> std::result::Result<(), BoxError>;
     fn remove_memory(&self, base: u64) -> std::result::Result<(), BoxError>;
     fn config(&self) -> &config::Config;
@@ -59,6 +60,9 @@ impl<T: Transport + std::fmt::Debug> DynTransport for T {
     }
     fn is_shared(&self, addr: u64, len: u64) -> bool {
         Transport::is_shared(self, addr, len)
+    }
+    fn shared_region(&self, addr: u64) -> Option<(u64, u64)> {
+        Transport::shared_region(self, addr)
     }
     fn add_memory(&self, mem: Arc<SharedMemory>) -> std::result::Result<(), BoxError> {
         Transport::add_memory(self, mem).map_err(Into::into)
@@ -198,6 +202,19 @@ impl Context {
             })
     }
 
+    /// Whether the device can reach every byte of `addr..addr + len`: it lies in memory added
+    /// with [`Context::add_memory`] or allocated with [`Context::alloc`] (in one region or in
+    /// several adjacent ones), so it can be registered as an MR.
+    pub fn is_shared(&self, addr: u64, len: u64) -> bool {
+        self.inner.is_shared(addr, len)
+    }
+
+    /// The region of shared memory holding `addr`, as its first address and length; `None`
+    /// if the device cannot reach `addr`.
+    pub fn shared_region(&self, addr: u64) -> Option<(u64, u64)> {
+        self.inner.shared_region(addr)
+    }
+
     /// The file descriptor that becomes readable when the device has events (completion
     /// channel events and asynchronous events).
     pub fn event_fd(&self) -> RawFd {
@@ -264,6 +281,10 @@ impl Inner {
 
     pub(crate) fn is_shared(&self, addr: u64, len: u64) -> bool {
         self.transport.is_shared(addr, len)
+    }
+
+    pub(crate) fn shared_region(&self, addr: u64) -> Option<(u64, u64)> {
+        self.transport.shared_region(addr)
     }
 
     pub(crate) fn ring(

@@ -34,7 +34,7 @@ pub enum Error {
     },
     /// Memory to register is not in memory the device can reach.
     #[error(
-        "ibv_reg_mr failed: {len} bytes at {addr:#x} are not in shared memory; allocate buffers with Context::alloc"
+        "ibv_reg_mr failed: {len} bytes at {addr:#x} are not in memory shared with the device; allocate buffers with Context::alloc or share their memory with Context::add_memory"
     )]
     NotShareable {
         /// Start.

@@ -37,8 +37,9 @@ impl MemoryRegion {
         Self::register_range(pd, buf.addr(), buf.len() as u64, access)
     }
 
-    /// Registers `len` bytes at `addr`, which must lie in memory from [`super::Context::alloc`]
-    /// (the device can only reach shared memory).
+    /// Registers `len` bytes at `addr`, which must lie in memory the device can reach: from
+    /// [`super::Context::alloc`], or added with [`super::Context::add_memory`]. The range may
+    /// span several adjacent regions; each page of the page list then lies in one of them.
     #[doc(alias = "ibv_reg_mr")]
     pub fn register_range(
         pd: &ProtectionDomain,
@@ -69,10 +70,9 @@ impl MemoryRegion {
                 "remote write or atomic access needs local write",
             ));
         }
-        if !pd.inner.ctx.is_shared(addr, len) {
-            return Err(Error::NotShareable { addr, len });
-        }
-        let shift = page_shift_for(addr, len, |a, l| pd.inner.ctx.is_shared(a, l));
+        let regions = covering_regions(addr, len, |a| pd.inner.ctx.shared_region(a))
+            .ok_or(Error::NotShareable { addr, len })?;
+        let shift = page_shift_for(addr, len, &regions);
         let page = 1u64 << shift;
         let first = addr & !(page - 1);
         let offset = addr - first;
@@ -140,23 +140,49 @@ impl Drop for MemoryRegion {
     }
 }
 
-/// The largest page size (up to 1 GiB) whose pages, covering `addr..addr + len`, all lie in
-/// memory the device can reach (`shared`), as Linux's `ib_umem_find_best_pgsz` picks the
-/// largest page size a mapping allows: 1 GiB of 2 MiB pages is a 4 KiB page list, not 2 MiB.
-/// Under virtio-user guest-physical memory is contiguous within a region, so only the
-/// region's bounds limit it.
-fn page_shift_for(addr: u64, len: u64, shared: impl Fn(u64, u64) -> bool) -> u8 {
+/// The shared regions, as `(start, end)`, that hold `addr..addr + len` one after the other
+/// without a gap; `None` if some byte of the range is not shared.
+fn covering_regions(
+    addr: u64,
+    len: u64,
+    shared_region: impl Fn(u64) -> Option<(u64, u64)>,
+) -> Option<Vec<(u64, u64)>> {
+    let end = addr.checked_add(len)?;
+    let mut regions = Vec::new();
+    let mut at = addr;
+    while at < end {
+        let (base, size) = shared_region(at)?;
+        let region_end = base.checked_add(size)?;
+        if base > at || region_end <= at {
+            return None;
+        }
+        regions.push((base, region_end));
+        at = region_end;
+    }
+    Some(regions)
+}
+
+/// The largest page size (up to 1 GiB) whose pages, covering `addr..addr + len`, each lie in
+/// one of `regions` (the adjacent regions [`covering_regions`] found), as Linux's
+/// `ib_umem_find_best_pgsz` picks the largest page size a mapping allows: 1 GiB of 2 MiB pages
+/// is a 4 KiB page list, not 2 MiB. Under virtio-user guest-physical memory is contiguous
+/// within a region, so only the regions' bounds limit it: the first and last page must not
+/// reach outside them, and no page may straddle the boundary between two of them (the device
+/// maps each page from one region).
+fn page_shift_for(addr: u64, len: u64, regions: &[(u64, u64)]) -> u8 {
+    let (Some(&(start, _)), Some(&(_, end))) = (regions.first(), regions.last()) else {
+        return PAGE_SHIFT;
+    };
     let mut shift = vrdma_proto::mr::MAX_PAGE_SHIFT;
     while shift > PAGE_SHIFT {
         let page = 1u64 << shift;
         let first = addr & !(page - 1);
-        if let Some(end) = addr
+        let last_end = addr
             .checked_add(len)
-            .and_then(|e| e.checked_next_multiple_of(page))
-        {
-            if shared(first, end - first) {
-                return shift;
-            }
+            .and_then(|e| e.checked_next_multiple_of(page));
+        let inner_bounds_aligned = regions.windows(2).all(|w| w[0].1 % page == 0);
+        if first >= start && last_end.is_some_and(|e| e <= end) && inner_bounds_aligned {
+            return shift;
         }
         shift -= 1;
     }
@@ -171,17 +197,59 @@ mod tests {
     fn the_page_size_is_the_largest_the_shared_region_allows() {
         // A region of 8 MiB starting 2 MiB-aligned but not 4 MiB-aligned.
         let (base, size) = (0x7f00_0020_0000u64, 8u64 << 20);
-        let shared = |a: u64, l: u64| a >= base && a + l <= base + size;
+        let one = [(base, base + size)];
         // The whole region: 2 MiB pages fit, 4 MiB pages would start before it.
-        assert_eq!(page_shift_for(base, size, shared), 21);
+        assert_eq!(page_shift_for(base, size, &one), 21);
         // A 4 KiB buffer in the region's middle 4 MiB: one 4 MiB page covers it.
-        assert_eq!(page_shift_for(base + (3 << 20) + 4096, 4096, shared), 22);
+        assert_eq!(page_shift_for(base + (3 << 20) + 4096, 4096, &one), 22);
         // A buffer at the region's last page: 2 MiB pages still fit (the region ends on one).
-        assert_eq!(page_shift_for(base + size - 4096, 4096, shared), 21);
+        assert_eq!(page_shift_for(base + size - 4096, 4096, &one), 21);
         // Nothing larger than a base page fits a one-page region at an odd address.
-        let tiny = |a: u64, l: u64| a >= 0x1000 && a + l <= 0x2000;
-        assert_eq!(page_shift_for(0x1000, 0x1000, tiny), PAGE_SHIFT);
+        assert_eq!(
+            page_shift_for(0x1000, 0x1000, &[(0x1000, 0x2000)]),
+            PAGE_SHIFT
+        );
         // A length that would overflow falls back to base pages rather than wrapping.
-        assert_eq!(page_shift_for(u64::MAX - 10, 5, |_, _| true), PAGE_SHIFT);
+        assert_eq!(
+            page_shift_for(u64::MAX - 10, 5, &[(0, u64::MAX)]),
+            PAGE_SHIFT
+        );
+    }
+
+    #[test]
+    fn pages_never_straddle_two_regions() {
+        // Two adjacent regions of 4 MiB each, meeting at a 4 MiB (not 8 MiB) boundary.
+        let mid = 0x7f00_0040_0000u64;
+        let two = [(mid - (4 << 20), mid), (mid, mid + (4 << 20))];
+        // All of both: 4 MiB pages, one per region.
+        assert_eq!(page_shift_for(mid - (4 << 20), 8 << 20, &two), 22);
+        // Two pieces meeting at an odd page: only base pages keep each page in one region.
+        let odd = 0x7f00_0000_3000u64;
+        let pieces = [(odd - 0x3000, odd), (odd, odd + 0x5000)];
+        assert_eq!(page_shift_for(odd - 0x100, 0x200, &pieces), PAGE_SHIFT);
+        // A buffer inside the second piece alone is limited by that piece's bounds only:
+        // 16 KiB pages (0x...4000..0x...8000) fit it, 32 KiB ones would start before it.
+        assert_eq!(page_shift_for(odd + 0x1000, 0x100, &pieces[1..]), 14);
+    }
+
+    #[test]
+    fn regions_must_cover_the_range_without_gaps() {
+        let table = [(0x1000u64, 0x2000u64), (0x3000, 0x1000), (0x5000, 0x1000)];
+        let lookup = |a: u64| table.iter().copied().find(|&(b, l)| a >= b && a < b + l);
+        assert_eq!(
+            covering_regions(0x1800, 0x2000, lookup),
+            Some(vec![(0x1000, 0x3000), (0x3000, 0x4000)])
+        );
+        assert_eq!(
+            covering_regions(0x1000, 0x1000, lookup),
+            Some(vec![(0x1000, 0x3000)])
+        );
+        // 0x4000..0x5000 is a hole.
+        assert_eq!(covering_regions(0x3800, 0x1000, lookup), None);
+        assert_eq!(covering_regions(0x800, 0x1000, lookup), None);
+        assert_eq!(
+            covering_regions(u64::MAX - 1, 2, |_| Some((0, u64::MAX))),
+            None
+        );
     }
 }

@@ -1,16 +1,18 @@
 //! The open device (`ibv_context`), its completion channels and its asynchronous events.
 //!
 //! One vhost-user connection carries every event of a context (CQ events and asynchronous
-//! events) on one file descriptor, the transport's event fd. The shim gives that fd to every
-//! completion channel and as the context's `async_fd`, so `poll`/`epoll` on any of them wakes
-//! when the device has something; `ibv_get_cq_event` and `ibv_get_async_event` then drain
-//! the device's events and route each to the channel of its CQ (or to the async queue).
-//! Events routed to a queue whose owner is not the caller leave the fd signalled, so a
-//! thread waiting on another channel wakes and finds them.
+//! events) on one file descriptor, the transport's event fd. Each completion channel's fd, and
+//! the context's `async_fd`, is an epoll instance of its own watching that fd: `poll`/`epoll`
+//! on any of them wakes when the device has something, and each keeps the file flags the
+//! program gives it (a program that makes its channel non-blocking gets EAGAIN from
+//! `ibv_get_cq_event`, as with libibverbs). `ibv_get_cq_event` and `ibv_get_async_event`
+//! drain the device's events and route each to the channel of its CQ (or to the async
+//! queue). Events routed to a queue whose owner is not the caller leave the event fd
+//! signalled, so a thread waiting on another channel wakes and finds them.
 
 use std::collections::{HashMap, VecDeque};
 use std::ffi::{c_int, c_void};
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -57,8 +59,32 @@ impl Port {
 struct Events {
     /// The device's event stream, drained without waiting.
     device: vrdma::CompletionChannel,
+    /// The transport's event fd.
     fd: RawFd,
+    /// The context's `async_fd`: an epoll instance watching `fd`.
+    async_fd: OwnedFd,
     routes: Mutex<Routes>,
+}
+
+/// An epoll instance that is readable while `fd` is: a file descriptor with its own flags
+/// that wakes with the transport's event fd.
+pub(crate) fn watcher(fd: RawFd) -> std::io::Result<OwnedFd> {
+    // SAFETY: epoll_create1 has no memory preconditions; the result is checked.
+    let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+    if ep < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a new descriptor this function owns.
+    let ep = unsafe { OwnedFd::from_raw_fd(ep) };
+    let mut ev = libc::epoll_event {
+        events: libc::EPOLLIN as u32,
+        u64: 0,
+    };
+    // SAFETY: both descriptors are open; `ev` is a valid event.
+    if unsafe { libc::epoll_ctl(ep.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(ep)
 }
 
 #[derive(Default)]
@@ -79,8 +105,36 @@ struct Routes {
 enum Wait {
     /// Wait for the fd; `Err(errno)` on EINTR and the like.
     Block,
-    /// The channel's fd is non-blocking: fail with EAGAIN, as a read of it would.
+    /// The program made the fd non-blocking: fail with EAGAIN, as a read of it would.
     NonBlocking,
+}
+
+fn wait_mode(fd: RawFd) -> Wait {
+    // SAFETY: F_GETFL on a descriptor the shim owns.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags >= 0 && flags & libc::O_NONBLOCK != 0 {
+        Wait::NonBlocking
+    } else {
+        Wait::Block
+    }
+}
+
+/// Waits for `fd` to become readable. Interrupted by a signal: EINTR, as qperf needs to end
+/// its timed tests.
+fn wait(fd: RawFd) -> Result<(), c_int> {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    let n = unsafe { libc::poll(&mut pfd, 1, -1) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EIO));
+    }
+    Ok(())
 }
 
 impl Context {
@@ -117,13 +171,20 @@ impl Context {
             e.errno()
         })?;
         let fd = vrdma.event_fd();
+        let async_fd = watcher(fd).map_err(|e| {
+            log::warn!(
+                "ibv_open_device {}: cannot make the async event fd: {e}",
+                device.name()
+            );
+            e.raw_os_error().unwrap_or(libc::EMFILE)
+        })?;
         let memory = DeviceMemory::new(vrdma.clone());
         let ctx = Box::new(Context {
             ibv: ibv_context {
                 device: (&device.ibv as *const ibv_device).cast_mut(),
                 ops: crate::ops(),
                 cmd_fd: -1,
-                async_fd: fd,
+                async_fd: async_fd.as_raw_fd(),
                 num_comp_vectors: 1,
                 // SAFETY: an all-zero pthread_mutex_t is PTHREAD_MUTEX_INITIALIZER on glibc.
                 mutex: unsafe { std::mem::zeroed() },
@@ -136,6 +197,7 @@ impl Context {
             events: Events {
                 device: router,
                 fd,
+                async_fd,
                 routes: Mutex::new(Routes::default()),
             },
             pid: std::process::id(),
@@ -155,7 +217,9 @@ impl Context {
         };
         let routes = ctx.routes();
         if !routes.qps.is_empty() || !routes.cqs.is_empty() || !routes.srqs.is_empty() {
-            log::warn!(
+            // Not an error: libibverbs lets a program close with objects left, and the
+            // daemon releases them with the connection.
+            log::debug!(
                 "ibv_close_device {}: closing with {} QPs, {} CQs and {} SRQs still open",
                 ctx.device.name(),
                 routes.qps.len(),
@@ -371,36 +435,9 @@ impl Context {
         let _ = unsafe { libc::write(self.events.fd, (&one as *const u64).cast::<c_void>(), 8) };
     }
 
-    fn wait_mode(&self) -> Wait {
-        // SAFETY: F_GETFL on a descriptor the transport owns.
-        let flags = unsafe { libc::fcntl(self.events.fd, libc::F_GETFL) };
-        if flags >= 0 && flags & libc::O_NONBLOCK != 0 {
-            Wait::NonBlocking
-        } else {
-            Wait::Block
-        }
-    }
-
-    /// Waits for the fd to become readable. Interrupted by a signal: EINTR, as qperf needs
-    /// to end its timed tests.
-    fn wait(&self) -> Result<(), c_int> {
-        let mut pfd = libc::pollfd {
-            fd: self.events.fd,
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd.
-        let n = unsafe { libc::poll(&mut pfd, 1, -1) };
-        if n < 0 {
-            return Err(std::io::Error::last_os_error()
-                .raw_os_error()
-                .unwrap_or(libc::EIO));
-        }
-        Ok(())
-    }
-
-    /// Takes the next CQ event of `channel`, waiting as its fd's mode says.
-    pub(crate) fn next_cq_event(&self, channel: usize) -> Result<usize, c_int> {
+    /// Takes the next CQ event of `channel` (whose fd is `fd`), waiting as the fd's mode
+    /// says.
+    pub(crate) fn next_cq_event(&self, channel: usize, fd: RawFd) -> Result<usize, c_int> {
         loop {
             {
                 let mut r = self.routes();
@@ -415,9 +452,9 @@ impl Context {
                     self.signal();
                 }
             }
-            match self.wait_mode() {
+            match wait_mode(fd) {
                 Wait::NonBlocking => return Err(libc::EAGAIN),
-                Wait::Block => self.wait()?,
+                Wait::Block => wait(fd)?,
             }
         }
     }
@@ -438,9 +475,10 @@ impl Context {
                     self.signal();
                 }
             }
-            match self.wait_mode() {
+            let fd = self.events.async_fd.as_raw_fd();
+            match wait_mode(fd) {
                 Wait::NonBlocking => return Err(libc::EAGAIN),
-                Wait::Block => self.wait()?,
+                Wait::Block => wait(fd)?,
             }
         }
     }
@@ -470,6 +508,8 @@ fn translate_async(r: &Routes, kind: Kind, handle: u32) -> Option<(c_int, usize)
 pub(crate) struct Channel {
     /// First, so an `ibv_comp_channel *` is a `Channel *`.
     pub(crate) ibv: ibv_comp_channel,
+    /// `ibv.fd`: an epoll instance watching the context's event fd.
+    _fd: OwnedFd,
 }
 
 /// `ibv_create_comp_channel`.
@@ -489,12 +529,20 @@ pub unsafe extern "C" fn ibv_create_comp_channel(
             let Some(ctx) = (unsafe { Context::from_ptr(context) }) else {
                 return null_with(libc::EINVAL);
             };
+            let fd = match watcher(ctx.events.fd) {
+                Ok(fd) => fd,
+                Err(e) => {
+                    log::warn!("ibv_create_comp_channel: {e}");
+                    return null_with(e.raw_os_error().unwrap_or(libc::EMFILE));
+                }
+            };
             let ch = Box::new(Channel {
                 ibv: ibv_comp_channel {
                     context,
-                    fd: ctx.events.fd,
+                    fd: fd.as_raw_fd(),
                     refcnt: 0,
                 },
+                _fd: fd,
             });
             Box::into_raw(ch).cast::<ibv_comp_channel>()
         },
@@ -557,7 +605,9 @@ pub unsafe extern "C" fn ibv_get_cq_event(
                 set_errno(libc::EINVAL);
                 return -1;
             };
-            match ctx.next_cq_event(channel as usize) {
+            // SAFETY: a live channel (checked non-NULL above).
+            let fd = unsafe { (*channel).fd };
+            match ctx.next_cq_event(channel as usize, fd) {
                 Ok(got) => {
                     let got = got as *mut ibv_cq;
                     // SAFETY: `got` is a live CQ (destroying one removes its queued events);

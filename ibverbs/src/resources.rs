@@ -137,7 +137,7 @@ fn reg_mr(
         Ok(a) => a,
         Err(errno) => return null_with(errno),
     };
-    let pinned = match ctx.memory.pin(addr as u64, length as u64) {
+    let pinned = match ctx.memory.pin_for(addr as u64, length as u64, access) {
         Ok(p) => p,
         Err(e) => {
             log::warn!("ibv_reg_mr: {}", vrdma::error_chain(&e));
@@ -250,14 +250,7 @@ pub unsafe extern "C" fn ibv_dereg_mr(mr: *mut ibv_mr) -> c_int {
 /// `ibv_fork_init`.
 #[unsafe(no_mangle)]
 pub extern "C" fn ibv_fork_init() -> c_int {
-    guard(
-        "ibv_fork_init",
-        || libc::EIO,
-        || {
-            crate::unsupported::note_fork_init();
-            app_memory::fork_init()
-        },
-    )
+    guard("ibv_fork_init", || libc::EIO, app_memory::fork_init)
 }
 
 /// The vrdma address vector of a program's `ibv_ah_attr`.

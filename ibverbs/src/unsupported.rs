@@ -4,7 +4,6 @@
 //! here: one left to the real libibverbs would be handed the shim's objects and crash.
 
 use std::ffi::{c_char, c_int, c_void};
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::abi::*;
 use crate::{null_with, set_errno};
@@ -131,17 +130,11 @@ pub extern "C" fn ibv_get_sysfs_path() -> *const c_char {
     c"/sys".as_ptr()
 }
 
-static FORK_INITIALIZED: AtomicBool = AtomicBool::new(false);
-
-pub(crate) fn note_fork_init() {
-    FORK_INITIALIZED.store(true, Ordering::Release);
-}
-
-/// `ibv_is_fork_initialized`: IBV_FORK_ENABLED (1) after `ibv_fork_init`, else
-/// IBV_FORK_DISABLED (0).
+/// `ibv_is_fork_initialized`: IBV_FORK_ENABLED (1) after `ibv_fork_init` or with
+/// RDMAV_FORK_SAFE / IBV_FORK_SAFE set, else IBV_FORK_DISABLED (0).
 #[unsafe(no_mangle)]
 pub extern "C" fn ibv_is_fork_initialized() -> c_int {
-    c_int::from(FORK_INITIALIZED.load(Ordering::Acquire))
+    c_int::from(crate::app_memory::is_fork_safe())
 }
 
 fn madvise_range(base: *mut c_void, size: usize, advice: c_int) -> c_int {

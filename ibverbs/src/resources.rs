@@ -139,10 +139,8 @@ fn reg_mr(
     };
     let pinned = match ctx.memory.pin_for(addr as u64, length as u64, access) {
         Ok(p) => p,
-        Err(e) => {
-            log::warn!("ibv_reg_mr: {}", vrdma::error_chain(&e));
-            return null_with(e.errno());
-        }
+        // app_memory has logged why.
+        Err(e) => return null_with(e.errno()),
     };
     match vrdma::MemoryRegion::register_iova(&p.pd, addr as u64, length as u64, iova, access) {
         Ok(mr) => Box::into_raw(Box::new(Mr {

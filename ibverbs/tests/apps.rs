@@ -393,3 +393,69 @@ fn qperf_rc_and_ud_tests() {
 fn qperf_across_daemons() {
     qperf(&Pair::two_daemons(72), 21201);
 }
+
+/// Names in `objdump -T` output: the undefined ones (imports) or the defined ones.
+fn dynamic_symbols(file: &std::path::Path, undefined: bool) -> std::collections::BTreeSet<String> {
+    let out = std::process::Command::new("objdump")
+        .arg("-T")
+        .arg(file)
+        .output()
+        .expect("run objdump (binutils)");
+    assert!(out.status.success(), "objdump -T {}", file.display());
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| {
+            if undefined {
+                l.contains("*UND*")
+            } else {
+                !l.contains("*UND*") && l.contains(" DF ")
+            }
+        })
+        .filter_map(|l| l.split_whitespace().last().map(str::to_owned))
+        .collect()
+}
+
+/// A verbs function the shim does not define would bind to the real libibverbs, which would
+/// be handed the shim's objects and crash: every `ibv_*` function the Debian programs import
+/// must be the shim's.
+#[test]
+fn the_shim_defines_every_verbs_function_the_programs_import() {
+    let defined = dynamic_symbols(&common::shim(), false);
+    let mut checked = 0;
+    for program in [
+        "ib_write_bw",
+        "ib_read_bw",
+        "ib_send_bw",
+        "ib_atomic_bw",
+        "ib_write_lat",
+        "ib_read_lat",
+        "ib_send_lat",
+        "ib_atomic_lat",
+        "qperf",
+        "ibv_devices",
+        "ibv_devinfo",
+        "ibv_rc_pingpong",
+        "ibv_ud_pingpong",
+        "ibv_srq_pingpong",
+    ] {
+        let Some(path) = std::env::var_os("PATH").and_then(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join(program))
+                .find(|f| f.is_file())
+        }) else {
+            panic!(
+                "{program} is not installed (tests/run installs perftest, qperf and ibverbs-utils)"
+            );
+        };
+        for symbol in dynamic_symbols(&path, true) {
+            if symbol.starts_with("ibv_") || symbol.starts_with("_ibv_") {
+                assert!(
+                    defined.contains(&symbol),
+                    "{program} imports {symbol}, which the shim does not define"
+                );
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked > 100, "only {checked} imports checked");
+}

@@ -45,6 +45,14 @@ wire_enum! {
         CreateAh = 0x50,
         /// Destroy an address handle; [`Handle`].
         DestroyAh = 0x51,
+        /// Create a shared receive queue; [`CreateSrq`]; answered with [`CreateSrqResp`].
+        CreateSrq = 0x60,
+        /// Modify a shared receive queue; [`ModifySrq`].
+        ModifySrq = 0x61,
+        /// Query a shared receive queue; [`Handle`]; answered with [`QuerySrqResp`].
+        QuerySrq = 0x62,
+        /// Destroy a shared receive queue; [`Handle`].
+        DestroySrq = 0x63,
     }
 }
 
@@ -64,12 +72,16 @@ impl Opcode {
             Opcode::ReqNotifyCq => size_of::<ReqNotifyCqResp>(),
             Opcode::CreateQp => size_of::<CreateQpResp>(),
             Opcode::QueryQp => size_of::<QueryQpResp>(),
+            Opcode::CreateSrq => size_of::<CreateSrqResp>(),
+            Opcode::QuerySrq => size_of::<QuerySrqResp>(),
             Opcode::DeallocPd
             | Opcode::DeregMr
             | Opcode::DestroyCq
             | Opcode::ModifyQp
             | Opcode::DestroyQp
-            | Opcode::DestroyAh => 0,
+            | Opcode::DestroyAh
+            | Opcode::ModifySrq
+            | Opcode::DestroySrq => 0,
         }
     }
 }
@@ -92,7 +104,7 @@ wire_enum! {
         InvalidHandle = 4,
         /// A quota or device limit would be exceeded.
         NoResources = 5,
-        /// The object is still in use (a PD with MRs, a CQ with QPs).
+        /// The object is still in use (a PD with MRs, a CQ or SRQ with QPs).
         Busy = 6,
         /// The QP state machine does not allow this transition or attribute mask.
         InvalidState = 7,
@@ -184,7 +196,8 @@ pub struct RespHeader {
     pub status: U16,
     /// Reserved, zero.
     pub reserved: U16,
-    /// More about a failure: for `MODIFY_QP` the `qp::AttrMask` bits at fault; otherwise 0.
+    /// More about a failure: for `MODIFY_QP` the `qp::AttrMask` bits at fault, for `MODIFY_SRQ`
+    /// the `SrqAttrMask` bits at fault; otherwise 0.
     pub detail: U32,
 }
 
@@ -208,7 +221,7 @@ impl RespHeader {
 }
 
 /// Body of commands that name one object: `DEALLOC_PD`, `DEREG_MR` (the lkey), `DESTROY_CQ`,
-/// `QUERY_QP`, `DESTROY_QP` and `DESTROY_AH`.
+/// `QUERY_QP`, `DESTROY_QP`, `DESTROY_AH`, `QUERY_SRQ` and `DESTROY_SRQ`.
 #[derive(
     Debug,
     Clone,
@@ -472,6 +485,11 @@ pub struct ReqNotifyCqResp {
 /// The send ring holds `cap.max_send_wr` slots of `wqe::send_stride(max_send_sge,
 /// max_inline_data)` bytes and the receive ring `cap.max_recv_wr` slots of
 /// `wqe::recv_stride(max_recv_sge)` bytes, each after a `ring::HEADER_SIZE` header.
+///
+/// A QP attached to a shared receive queue (`srqn` ≠ 0) has no receive ring of its own:
+/// `cap.max_recv_wr`, `cap.max_recv_sge` and `rq_ring_addr` are 0. A driver that attaches no
+/// SRQ may send only the first [`CREATE_QP_BASE_SIZE`] bytes (the body before `srqn`), which
+/// the device reads as `srqn = 0`, so it works with devices that predate SRQs.
 #[derive(
     Debug,
     Clone,
@@ -503,9 +521,16 @@ pub struct CreateQp {
     pub cap: qp::Caps,
     /// Guest-physical address of the send ring, 64-byte aligned.
     pub sq_ring_addr: U64,
-    /// Guest-physical address of the receive ring, 64-byte aligned.
+    /// Guest-physical address of the receive ring, 64-byte aligned; 0 with an SRQ.
     pub rq_ring_addr: U64,
+    /// The shared receive queue the QP takes its receives from, or 0 for its own receive ring.
+    pub srqn: U32,
+    /// Reserved, zero.
+    pub reserved1: U32,
 }
+
+/// Bytes of a `CREATE_QP` body without an SRQ: everything before [`CreateQp::srqn`].
+pub const CREATE_QP_BASE_SIZE: usize = core::mem::offset_of!(CreateQp, srqn);
 
 /// Response of `CREATE_QP`.
 #[derive(
@@ -613,6 +638,128 @@ pub struct CreateAh {
     pub attr: qp::AhAttr,
 }
 
+/// Body of `CREATE_SRQ`.
+///
+/// The ring (see [`crate::ring`]) holds `max_wr` receive entries of
+/// `wqe::recv_stride(max_sge)` bytes after a `ring::HEADER_SIZE` header, and must lie in one
+/// guest memory slot at `ring_addr`, which is aligned to 64 bytes.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    FromBytes,
+    IntoBytes,
+    KnownLayout,
+    Immutable,
+    Unaligned,
+)]
+#[repr(C)]
+pub struct CreateSrq {
+    /// Protection domain; the lkeys of the SRQ's work requests are checked against it.
+    pub pdn: U32,
+    /// Ring entries; a power of two, at most the device's `max_srq_wr`.
+    pub max_wr: U32,
+    /// Most SGEs in one work request, at most the device's `max_srq_sge`.
+    pub max_sge: U32,
+    /// The limit the SRQ is armed with (0: not armed); at most `max_wr`.
+    pub srq_limit: U32,
+    /// Guest-physical address of the ring.
+    pub ring_addr: U64,
+}
+
+/// Response of `CREATE_SRQ`.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    FromBytes,
+    IntoBytes,
+    KnownLayout,
+    Immutable,
+    Unaligned,
+)]
+#[repr(C)]
+pub struct CreateSrqResp {
+    /// SRQ number.
+    pub srqn: U32,
+    /// Ring entries, as created.
+    pub max_wr: U32,
+    /// SGEs per work request, as created.
+    pub max_sge: U32,
+    /// Reserved, zero.
+    pub reserved: U32,
+}
+
+bitflags::bitflags! {
+    /// Which attributes a `MODIFY_SRQ` sets, with the bit values of `ibv_srq_attr_mask`.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+    pub struct SrqAttrMask: u32 {
+        /// `max_wr` (resizing); vrdma does not support it and the device answers
+        /// `NotSupported`.
+        const MAX_WR = 1 << 0;
+        /// `srq_limit`: arm the SRQ limit event (0 disarms it).
+        const LIMIT = 1 << 1;
+    }
+}
+
+/// Body of `MODIFY_SRQ`.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    FromBytes,
+    IntoBytes,
+    KnownLayout,
+    Immutable,
+    Unaligned,
+)]
+#[repr(C)]
+pub struct ModifySrq {
+    /// SRQ number.
+    pub srqn: U32,
+    /// [`SrqAttrMask`] bits.
+    pub attr_mask: U32,
+    /// New ring depth (with `MAX_WR`).
+    pub max_wr: U32,
+    /// New limit (with `LIMIT`).
+    pub srq_limit: U32,
+}
+
+/// Response of `QUERY_SRQ`, as `ibv_srq_attr`.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    FromBytes,
+    IntoBytes,
+    KnownLayout,
+    Immutable,
+    Unaligned,
+)]
+#[repr(C)]
+pub struct QuerySrqResp {
+    /// Ring entries.
+    pub max_wr: U32,
+    /// SGEs per work request.
+    pub max_sge: U32,
+    /// The armed limit, or 0 if the SRQ is not armed (a limit event disarms it).
+    pub srq_limit: U32,
+    /// Reserved, zero.
+    pub reserved: U32,
+}
+
 /// A `REG_MR` page list: guest-physical addresses of the pages that back the region, in order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PageList<'a> {
@@ -703,6 +850,19 @@ pub enum Request<'a> {
     CreateAh(CreateAh),
     /// `DESTROY_AH` of an AH handle.
     DestroyAh(u32),
+    /// `CREATE_SRQ`.
+    CreateSrq(CreateSrq),
+    /// `MODIFY_SRQ` with its decoded mask.
+    ModifySrq {
+        /// The body as sent.
+        cmd: ModifySrq,
+        /// Its attribute mask.
+        mask: SrqAttrMask,
+    },
+    /// `QUERY_SRQ` of an SRQ number.
+    QuerySrq(u32),
+    /// `DESTROY_SRQ` of an SRQ number.
+    DestroySrq(u32),
 }
 
 impl Request<'_> {
@@ -725,6 +885,10 @@ impl Request<'_> {
             Request::DestroyQp(_) => Opcode::DestroyQp,
             Request::CreateAh(_) => Opcode::CreateAh,
             Request::DestroyAh(_) => Opcode::DestroyAh,
+            Request::CreateSrq(_) => Opcode::CreateSrq,
+            Request::ModifySrq { .. } => Opcode::ModifySrq,
+            Request::QuerySrq(_) => Opcode::QuerySrq,
+            Request::DestroySrq(_) => Opcode::DestroySrq,
         }
     }
 }
@@ -797,24 +961,7 @@ pub fn decode(bytes: &[u8]) -> Result<Request<'_>, DecodeError> {
                 flags,
             }
         }
-        Opcode::CreateQp => {
-            let c = read_exact::<CreateQp>(body, "CREATE_QP")?;
-            check_reserved(c.reserved.as_bytes(), "CREATE_QP reserved")?;
-            check_reserved(c.cap.reserved.as_bytes(), "CREATE_QP cap.reserved")?;
-            let qp_type = qp::Type::from_raw(c.qp_type)?;
-            if c.sq_sig_all > 1 {
-                return Err(DecodeError::UnknownValue {
-                    field: "CREATE_QP sq_sig_all",
-                    value: c.sq_sig_all.into(),
-                });
-            }
-            crate::ring::check_depth(c.cap.max_send_wr.get(), "CREATE_QP max_send_wr")?;
-            crate::ring::check_depth(c.cap.max_recv_wr.get(), "CREATE_QP max_recv_wr")?;
-            crate::ring::check_base(c.sq_ring_addr.get(), "CREATE_QP sq_ring_addr")?;
-            crate::ring::check_base(c.rq_ring_addr.get(), "CREATE_QP rq_ring_addr")?;
-            crate::wqe::check_queue_shape(&c.cap)?;
-            Request::CreateQp { cmd: c, qp_type }
-        }
+        Opcode::CreateQp => decode_create_qp(body)?,
         Opcode::ModifyQp => {
             let m = read_exact::<ModifyQp>(body, "MODIFY_QP")?;
             let mask = decode_flags!(qp::AttrMask, m.attr_mask.get(), "MODIFY_QP attr_mask")?;
@@ -830,7 +977,70 @@ pub fn decode(bytes: &[u8]) -> Result<Request<'_>, DecodeError> {
             Request::CreateAh(c)
         }
         Opcode::DestroyAh => Request::DestroyAh(handle("DESTROY_AH")?),
+        Opcode::CreateSrq => {
+            let c = read_exact::<CreateSrq>(body, "CREATE_SRQ")?;
+            crate::ring::check_depth(c.max_wr.get(), "CREATE_SRQ max_wr")?;
+            if c.max_sge.get() > crate::wqe::MAX_SGE {
+                return Err(DecodeError::TooLarge {
+                    field: "CREATE_SRQ max_sge",
+                    value: c.max_sge.get().into(),
+                    max: crate::wqe::MAX_SGE.into(),
+                });
+            }
+            if c.srq_limit.get() > c.max_wr.get() {
+                return Err(DecodeError::Inconsistent {
+                    field: "CREATE_SRQ srq_limit",
+                    reason: "is larger than max_wr",
+                });
+            }
+            crate::ring::check_base(c.ring_addr.get(), "CREATE_SRQ ring_addr")?;
+            Request::CreateSrq(c)
+        }
+        Opcode::ModifySrq => {
+            let m = read_exact::<ModifySrq>(body, "MODIFY_SRQ")?;
+            let mask = decode_flags!(SrqAttrMask, m.attr_mask.get(), "MODIFY_SRQ attr_mask")?;
+            Request::ModifySrq { cmd: m, mask }
+        }
+        Opcode::QuerySrq => Request::QuerySrq(handle("QUERY_SRQ")?),
+        Opcode::DestroySrq => Request::DestroySrq(handle("DESTROY_SRQ")?),
     })
+}
+
+/// `CREATE_QP`, in its full form or its [`CREATE_QP_BASE_SIZE`]-byte form without `srqn`.
+fn decode_create_qp(body: &[u8]) -> Result<Request<'_>, DecodeError> {
+    let c = if body.len() == CREATE_QP_BASE_SIZE {
+        let mut whole = [0u8; core::mem::size_of::<CreateQp>()];
+        whole[..CREATE_QP_BASE_SIZE].copy_from_slice(body);
+        read_exact::<CreateQp>(&whole, "CREATE_QP")?
+    } else {
+        read_exact::<CreateQp>(body, "CREATE_QP")?
+    };
+    check_reserved(c.reserved.as_bytes(), "CREATE_QP reserved")?;
+    check_reserved(c.reserved1.as_bytes(), "CREATE_QP reserved1")?;
+    check_reserved(c.cap.reserved.as_bytes(), "CREATE_QP cap.reserved")?;
+    let qp_type = qp::Type::from_raw(c.qp_type)?;
+    if c.sq_sig_all > 1 {
+        return Err(DecodeError::UnknownValue {
+            field: "CREATE_QP sq_sig_all",
+            value: c.sq_sig_all.into(),
+        });
+    }
+    crate::ring::check_depth(c.cap.max_send_wr.get(), "CREATE_QP max_send_wr")?;
+    crate::ring::check_base(c.sq_ring_addr.get(), "CREATE_QP sq_ring_addr")?;
+    if c.srqn.get() == 0 {
+        crate::ring::check_depth(c.cap.max_recv_wr.get(), "CREATE_QP max_recv_wr")?;
+        crate::ring::check_base(c.rq_ring_addr.get(), "CREATE_QP rq_ring_addr")?;
+    } else if c.cap.max_recv_wr.get() != 0
+        || c.cap.max_recv_sge.get() != 0
+        || c.rq_ring_addr.get() != 0
+    {
+        return Err(DecodeError::Inconsistent {
+            field: "CREATE_QP srqn",
+            reason: "a QP with an SRQ has no receive ring: max_recv_wr, max_recv_sge and rq_ring_addr must be 0",
+        });
+    }
+    crate::wqe::check_queue_shape(&c.cap)?;
+    Ok(Request::CreateQp { cmd: c, qp_type })
 }
 
 fn decode_reg_mr(body: &[u8]) -> Result<Request<'_>, DecodeError> {

@@ -222,6 +222,64 @@ impl PortAttr {
     }
 }
 
+/// Shared-receive-queue limits (the `ibv_device_attr` fields `max_srq`, `max_srq_wr` and
+/// `max_srq_sge`), at the end of the configuration space.
+///
+/// They follow the rest of the space rather than being part of [`DeviceCaps`] so that no
+/// offset of version 1 moves: a device that does not offer `features::SRQ` writes zeros
+/// here (or ends its space before them), and a driver reads them only if it accepted the
+/// feature.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    FromBytes,
+    IntoBytes,
+    KnownLayout,
+    Immutable,
+    Unaligned,
+)]
+#[repr(C)]
+pub struct SrqCaps {
+    /// Most SRQs.
+    pub max_srq: U32,
+    /// Most work requests one SRQ holds (largest ring depth); at most `ring::MAX_DEPTH`.
+    pub max_srq_wr: U32,
+    /// Most scatter/gather entries in one SRQ work request; at most `wqe::MAX_SGE`.
+    pub max_srq_sge: U32,
+    /// Reserved, zero.
+    pub reserved: U32,
+}
+
+impl SrqCaps {
+    /// Copies and checks SRQ limits: within the protocol's bounds, reserved bytes zero.
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        let (caps, _) = read_prefix::<Self>(bytes, "SRQ capabilities")?;
+        check_reserved(caps.reserved.as_bytes(), "SRQ capabilities reserved")?;
+        let bounds = [
+            ("max_srq_wr", caps.max_srq_wr.get(), crate::ring::MAX_DEPTH),
+            ("max_srq_sge", caps.max_srq_sge.get(), crate::wqe::MAX_SGE),
+        ];
+        for (field, value, max) in bounds {
+            if value > max {
+                return Err(DecodeError::TooLarge {
+                    field,
+                    value: value.into(),
+                    max: max.into(),
+                });
+            }
+        }
+        Ok(caps)
+    }
+}
+
+/// Bytes of the configuration space before [`Config::srq`]: all of it in version 1 as first
+/// published, and all a device that does not offer `features::SRQ` need expose.
+pub const BASE_CONFIG_SIZE: usize = core::mem::offset_of!(Config, srq);
+
 /// The whole configuration space, read-only for the driver.
 #[derive(
     Debug,
@@ -250,12 +308,22 @@ pub struct Config {
     pub port: PortAttr,
     /// GID index 0 of port 1, so a driver can address its peers without a command.
     pub gid: crate::Gid,
+    /// Shared-receive-queue limits; zero unless the device offers `features::SRQ`.
+    pub srq: SrqCaps,
 }
 
 impl Config {
-    /// Copies and checks a configuration space image.
+    /// Copies and checks a configuration space image. An image of [`BASE_CONFIG_SIZE`] bytes
+    /// (a device without SRQs that exposes only those) reads as one whose `srq` is zero.
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
-        let (config, _) = read_prefix::<Self>(bytes, "config space")?;
+        let mut whole = [0u8; core::mem::size_of::<Config>()];
+        let image = if bytes.len() == BASE_CONFIG_SIZE {
+            whole[..BASE_CONFIG_SIZE].copy_from_slice(bytes);
+            &whole[..]
+        } else {
+            bytes
+        };
+        let (config, _) = read_prefix::<Self>(image, "config space")?;
         if config.version.get() != crate::PROTOCOL_VERSION {
             return Err(DecodeError::UnknownValue {
                 field: "config version",
@@ -278,6 +346,7 @@ impl Config {
         check_reserved(config.reserved.as_bytes(), "config reserved")?;
         DeviceCaps::decode(config.caps.as_bytes())?;
         PortAttr::decode(config.port.as_bytes())?;
+        SrqCaps::decode(config.srq.as_bytes())?;
         Ok(config)
     }
 }

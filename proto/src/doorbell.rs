@@ -24,6 +24,11 @@ wire_enum! {
         /// receive ring itself when a message arrives; this only makes the device look at a QP
         /// in the error state sooner, to flush the new receives.
         Recv = 2,
+        /// The shared receive queue `handle` (an SRQ number, not a QP number) has new
+        /// receives. Optional, and in this version a hint only: the device reads an SRQ's
+        /// ring when a message arrives for a QP attached to it, and an SRQ's receives are
+        /// never flushed, so there is nothing more for the device to do.
+        Srq = 3,
     }
 }
 
@@ -47,22 +52,22 @@ pub struct Doorbell {
     pub kind: u8,
     /// Reserved, zero.
     pub reserved: [u8; 3],
-    /// QP number.
+    /// QP number (`Send`, `Recv`) or SRQ number (`Srq`).
     pub handle: U32,
 }
 
 impl Doorbell {
-    /// A doorbell of `kind` for QP `qpn`.
-    pub fn new(kind: Kind, qpn: u32) -> Self {
+    /// A doorbell of `kind` for QP (or, for `Srq`, SRQ) `handle`.
+    pub fn new(kind: Kind, handle: u32) -> Self {
         Doorbell {
             kind: kind.raw(),
             reserved: [0; 3],
-            handle: qpn.into(),
+            handle: handle.into(),
         }
     }
 }
 
-/// Decodes a doorbell descriptor's bytes into `(kind, qpn)` pairs.
+/// Decodes a doorbell descriptor's bytes into `(kind, handle)` pairs.
 ///
 /// The whole batch is checked before any doorbell is returned, so a malformed batch is
 /// rejected whole rather than half obeyed.

@@ -36,7 +36,14 @@ wire_enum! {
         PortActive = 9,
         /// Port `handle` went down (`IBV_EVENT_PORT_ERR`).
         PortErr = 10,
-        /// QP `handle` in ERR has no more receives to flush (`IBV_EVENT_QP_LAST_WQE_REACHED`).
+        /// SRQ `handle` is unusable: its ring overran or its memory is gone
+        /// (`IBV_EVENT_SRQ_ERR`).
+        SrqErr = 14,
+        /// SRQ `handle` holds fewer receives than the limit it was armed with; the SRQ is
+        /// disarmed (`IBV_EVENT_SRQ_LIMIT_REACHED`).
+        SrqLimitReached = 15,
+        /// QP `handle`, attached to an SRQ, is in ERR and will take no more receives from it;
+        /// the receive it held, if any, has been flushed (`IBV_EVENT_QP_LAST_WQE_REACHED`).
         QpLastWqeReached = 16,
         /// CQ `handle` was armed and has a matching completion.
         CqCompletion = 0x100,
@@ -63,7 +70,7 @@ pub struct Event {
     pub kind: U16,
     /// Reserved, zero.
     pub reserved: U16,
-    /// The CQ, QP or port the event is about.
+    /// The CQ, QP, SRQ or port the event is about.
     pub handle: U32,
 }
 

@@ -56,11 +56,14 @@ pub mod features {
     pub const MULTI_DOORBELL: u64 = 1 << 3;
     /// Completion-queue notification through the event queue (`event::Kind::CqCompletion`).
     pub const CQ_NOTIFY: u64 = 1 << 4;
+    /// Shared receive queues: the `*_SRQ` commands, `CREATE_QP` with an SRQ, SRQ doorbells
+    /// and the SRQ events; the configuration space's `srq` limits are valid.
+    pub const SRQ: u64 = 1 << 5;
     /// `VIRTIO_F_VERSION_1`, required.
     pub const VERSION_1: u64 = 1 << 32;
 
     /// Every device-specific bit this version defines; the device never offers others.
-    pub const ALL_DEVICE: u64 = UD | ATOMICS | INLINE_DATA | MULTI_DOORBELL | CQ_NOTIFY;
+    pub const ALL_DEVICE: u64 = UD | ATOMICS | INLINE_DATA | MULTI_DOORBELL | CQ_NOTIFY | SRQ;
 }
 
 /// A 128-bit global identifier, in network byte order as in `ibv_gid`.

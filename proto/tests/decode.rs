@@ -103,6 +103,18 @@ fn create_qp_body() -> cmd::CreateQp {
         cap: caps(),
         sq_ring_addr: U64::new(0x1_0000),
         rq_ring_addr: U64::new(0x2_0040),
+        srqn: U32::new(0),
+        reserved1: U32::new(0),
+    }
+}
+
+fn create_srq_body() -> cmd::CreateSrq {
+    cmd::CreateSrq {
+        pdn: U32::new(1),
+        max_wr: U32::new(256),
+        max_sge: U32::new(4),
+        srq_limit: U32::new(16),
+        ring_addr: U64::new(0x3_0000),
     }
 }
 
@@ -170,7 +182,7 @@ fn modify_qp(mask: AttrMask, attr: qp::Attr) -> Vec<u8> {
 }
 
 /// Body sizes of the commands with a fixed-size body, and the name their decoder reports.
-const FIXED_BODIES: [(Opcode, usize, &str); 13] = [
+const FIXED_BODIES: [(Opcode, usize, &str); 17] = [
     (Opcode::QueryPort, 8, "QUERY_PORT"),
     (Opcode::QueryGid, 8, "QUERY_GID"),
     (Opcode::DeallocPd, 8, "DEALLOC_PD"),
@@ -178,24 +190,30 @@ const FIXED_BODIES: [(Opcode, usize, &str); 13] = [
     (Opcode::CreateCq, 16, "CREATE_CQ"),
     (Opcode::DestroyCq, 8, "DESTROY_CQ"),
     (Opcode::ReqNotifyCq, 8, "REQ_NOTIFY_CQ"),
-    (Opcode::CreateQp, 56, "CREATE_QP"),
+    (Opcode::CreateQp, 64, "CREATE_QP"),
     (Opcode::ModifyQp, 80, "MODIFY_QP"),
     (Opcode::QueryQp, 8, "QUERY_QP"),
     (Opcode::DestroyQp, 8, "DESTROY_QP"),
     (Opcode::CreateAh, 40, "CREATE_AH"),
     (Opcode::DestroyAh, 8, "DESTROY_AH"),
+    (Opcode::CreateSrq, 24, "CREATE_SRQ"),
+    (Opcode::ModifySrq, 16, "MODIFY_SRQ"),
+    (Opcode::QuerySrq, 8, "QUERY_SRQ"),
+    (Opcode::DestroySrq, 8, "DESTROY_SRQ"),
 ];
 
 /// Commands whose body is a `cmd::Handle`, with the request they decode to.
 type HandleRequest = fn(u32) -> Request<'static>;
 
-const HANDLE_COMMANDS: [(Opcode, HandleRequest); 6] = [
+const HANDLE_COMMANDS: [(Opcode, HandleRequest); 8] = [
     (Opcode::DeallocPd, Request::DeallocPd),
     (Opcode::DeregMr, Request::DeregMr),
     (Opcode::DestroyCq, Request::DestroyCq),
     (Opcode::QueryQp, Request::QueryQp),
     (Opcode::DestroyQp, Request::DestroyQp),
     (Opcode::DestroyAh, Request::DestroyAh),
+    (Opcode::QuerySrq, Request::QuerySrq),
+    (Opcode::DestroySrq, Request::DestroySrq),
 ];
 
 #[test]
@@ -904,6 +922,220 @@ fn cmd_create_qp_rejections() {
     );
 }
 
+/// A QP attached to an SRQ names it in `srqn` and has no receive ring; a QP without one may
+/// send the 56-byte body of devices that predate SRQs.
+#[test]
+fn cmd_create_qp_with_an_srq_and_the_short_form() {
+    let with_srq = cmd::CreateQp {
+        srqn: U32::new(0x0001_0003),
+        rq_ring_addr: U64::new(0),
+        cap: qp::Caps {
+            max_recv_wr: U32::new(0),
+            max_recv_sge: U32::new(0),
+            ..caps()
+        },
+        ..create_qp_body()
+    };
+    assert_eq!(
+        cmd::decode(&command(Opcode::CreateQp, with_srq.as_bytes())),
+        Ok(Request::CreateQp {
+            cmd: with_srq,
+            qp_type: qp::Type::Rc
+        })
+    );
+    let full = create_qp_body();
+    let short = &full.as_bytes()[..cmd::CREATE_QP_BASE_SIZE];
+    assert_eq!(short.len(), 56);
+    assert_eq!(
+        cmd::decode(&command(Opcode::CreateQp, short)),
+        Ok(Request::CreateQp {
+            cmd: create_qp_body(),
+            qp_type: qp::Type::Rc
+        }),
+        "the short form reads as srqn 0"
+    );
+    // Between the two forms, or the short form of an SRQ QP (which cannot be written), is
+    // truncated.
+    assert_eq!(
+        cmd::decode(&command(
+            Opcode::CreateQp,
+            &create_qp_body().as_bytes()[..60]
+        )),
+        Err(DecodeError::Truncated {
+            what: "CREATE_QP",
+            need: 64,
+            got: 60
+        })
+    );
+    // An SRQ QP with any part of a receive ring of its own.
+    let mut rq_depth = with_srq;
+    rq_depth.cap.max_recv_wr = U32::new(16);
+    let mut rq_sge = with_srq;
+    rq_sge.cap.max_recv_sge = U32::new(1);
+    let rq_ring = cmd::CreateQp {
+        rq_ring_addr: U64::new(0x2_0040),
+        ..with_srq
+    };
+    for bad in [rq_depth, rq_sge, rq_ring] {
+        assert_err!(
+            cmd::decode(&command(Opcode::CreateQp, bad.as_bytes())),
+            DecodeError::Inconsistent {
+                field: "CREATE_QP srqn",
+                ..
+            }
+        );
+    }
+    // Without an SRQ the receive ring is checked as before.
+    let no_ring = cmd::CreateQp {
+        rq_ring_addr: U64::new(0),
+        ..create_qp_body()
+    };
+    assert_err!(
+        cmd::decode(&command(Opcode::CreateQp, no_ring.as_bytes())),
+        DecodeError::Inconsistent {
+            field: "CREATE_QP rq_ring_addr",
+            ..
+        }
+    );
+    let bad = cmd::CreateQp {
+        reserved1: U32::new(1),
+        ..with_srq
+    };
+    assert_eq!(
+        cmd::decode(&command(Opcode::CreateQp, bad.as_bytes())),
+        Err(DecodeError::ReservedNonZero {
+            field: "CREATE_QP reserved1"
+        })
+    );
+}
+
+#[test]
+fn cmd_create_srq() {
+    let body = create_srq_body();
+    assert_eq!(
+        cmd::decode(&command(Opcode::CreateSrq, body.as_bytes())),
+        Ok(Request::CreateSrq(body))
+    );
+    // The bounds: one entry, no SGE, the protocol's largest depth and SGE count, a limit
+    // equal to the depth.
+    for (max_wr, max_sge, limit) in [(1, 0, 0), (ring::MAX_DEPTH, wqe::MAX_SGE, ring::MAX_DEPTH)] {
+        let edge = cmd::CreateSrq {
+            max_wr: U32::new(max_wr),
+            max_sge: U32::new(max_sge),
+            srq_limit: U32::new(limit),
+            ..body
+        };
+        assert_eq!(
+            cmd::decode(&command(Opcode::CreateSrq, edge.as_bytes())),
+            Ok(Request::CreateSrq(edge))
+        );
+    }
+}
+
+#[test]
+fn cmd_create_srq_rejections() {
+    let ok = create_srq_body();
+    let decode = |body: cmd::CreateSrq| {
+        cmd::decode(&command(Opcode::CreateSrq, body.as_bytes())).map(|r| r.opcode())
+    };
+    for depth in [0u32, 3, 100] {
+        assert_err!(
+            decode(cmd::CreateSrq {
+                max_wr: U32::new(depth),
+                ..ok
+            }),
+            DecodeError::Inconsistent {
+                field: "CREATE_SRQ max_wr",
+                ..
+            }
+        );
+    }
+    assert_err!(
+        decode(cmd::CreateSrq {
+            max_wr: U32::new(ring::MAX_DEPTH * 2),
+            ..ok
+        }),
+        DecodeError::TooLarge {
+            field: "CREATE_SRQ max_wr",
+            ..
+        }
+    );
+    assert_eq!(
+        decode(cmd::CreateSrq {
+            max_sge: U32::new(wqe::MAX_SGE + 1),
+            ..ok
+        }),
+        Err(DecodeError::TooLarge {
+            field: "CREATE_SRQ max_sge",
+            value: 33,
+            max: 32
+        })
+    );
+    assert_err!(
+        decode(cmd::CreateSrq {
+            srq_limit: U32::new(257),
+            ..ok
+        }),
+        DecodeError::Inconsistent {
+            field: "CREATE_SRQ srq_limit",
+            ..
+        }
+    );
+    assert_err!(
+        decode(cmd::CreateSrq {
+            ring_addr: U64::new(0),
+            ..ok
+        }),
+        DecodeError::Inconsistent {
+            field: "CREATE_SRQ ring_addr",
+            ..
+        }
+    );
+    assert_eq!(
+        decode(cmd::CreateSrq {
+            ring_addr: U64::new(0x3_0020),
+            ..ok
+        }),
+        Err(DecodeError::Misaligned {
+            field: "CREATE_SRQ ring_addr",
+            value: 0x3_0020,
+            align: 64
+        })
+    );
+}
+
+#[test]
+fn cmd_modify_srq_masks() {
+    let body = |mask: u32| cmd::ModifySrq {
+        srqn: U32::new(9),
+        attr_mask: U32::new(mask),
+        max_wr: U32::new(1 << 30),
+        srq_limit: U32::new(u32::MAX),
+    };
+    // Values are the device's to check against the SRQ; decoding looks only at the mask.
+    for mask in [
+        cmd::SrqAttrMask::empty(),
+        cmd::SrqAttrMask::MAX_WR,
+        cmd::SrqAttrMask::LIMIT,
+        cmd::SrqAttrMask::all(),
+    ] {
+        let b = body(mask.bits());
+        assert_eq!(
+            cmd::decode(&command(Opcode::ModifySrq, b.as_bytes())),
+            Ok(Request::ModifySrq { cmd: b, mask })
+        );
+    }
+    for bits in [1u32 << 2, 1 << 31, u32::MAX] {
+        assert_eq!(
+            cmd::decode(&command(Opcode::ModifySrq, body(bits).as_bytes())),
+            Err(DecodeError::ReservedBits {
+                field: "MODIFY_SRQ attr_mask",
+                bits: (bits & !3).into()
+            })
+        );
+    }
+}
+
 #[test]
 fn cmd_modify_qp() {
     let mask = AttrMask::STATE
@@ -1411,7 +1643,9 @@ fn valid_body(op: Opcode) -> Vec<u8> {
         | Opcode::DestroyCq
         | Opcode::QueryQp
         | Opcode::DestroyQp
-        | Opcode::DestroyAh => handle.as_bytes().to_vec(),
+        | Opcode::DestroyAh
+        | Opcode::QuerySrq
+        | Opcode::DestroySrq => handle.as_bytes().to_vec(),
         Opcode::RegMr => reg_mr_command(&reg_mr_body(), &REG_MR_PAGES)[8..].to_vec(),
         Opcode::CreateCq => cmd::CreateCq {
             cqe: U32::new(16),
@@ -1429,6 +1663,15 @@ fn valid_body(op: Opcode) -> Vec<u8> {
         Opcode::CreateQp => create_qp_body().as_bytes().to_vec(),
         Opcode::ModifyQp => modify_qp(AttrMask::STATE, qp_attr())[8..].to_vec(),
         Opcode::CreateAh => create_ah_body().as_bytes().to_vec(),
+        Opcode::CreateSrq => create_srq_body().as_bytes().to_vec(),
+        Opcode::ModifySrq => cmd::ModifySrq {
+            srqn: U32::new(5),
+            attr_mask: U32::new(cmd::SrqAttrMask::LIMIT.bits()),
+            max_wr: U32::new(0),
+            srq_limit: U32::new(8),
+        }
+        .as_bytes()
+        .to_vec(),
     }
 }
 
@@ -1505,7 +1748,7 @@ fn cmd_unknown_opcodes() {
         );
         rejected += 1;
     }
-    assert_eq!(rejected, 65536 - 16);
+    assert_eq!(rejected, 65536 - 20);
 }
 
 #[test]
@@ -2347,6 +2590,7 @@ fn doorbell_batches() {
         Doorbell::new(Kind::Recv, 5),
         Doorbell::new(Kind::Send, 0x00ff_ffff),
         Doorbell::new(Kind::Send, 0),
+        Doorbell::new(Kind::Srq, 0x0001_0002),
     ];
     let bytes = doorbells(&list);
     let got: Vec<_> = doorbell::decode_batch(&bytes).unwrap().collect();
@@ -2356,7 +2600,8 @@ fn doorbell_batches() {
             (Kind::Send, 5),
             (Kind::Recv, 5),
             (Kind::Send, 0x00ff_ffff),
-            (Kind::Send, 0)
+            (Kind::Send, 0),
+            (Kind::Srq, 0x0001_0002)
         ]
     );
     // One, and MAX_BATCH.
@@ -2404,7 +2649,7 @@ fn doorbell_batch_rejections() {
         }
     );
     // An unknown kind in the middle rejects the whole batch.
-    for kind in [0u8, 3, 0xff] {
+    for kind in [0u8, 4, 0xff] {
         let mut list = vec![Doorbell::new(Kind::Send, 1); 5];
         list[2].kind = kind;
         assert_eq!(
@@ -2438,7 +2683,7 @@ fn event_round_trip_and_rejections() {
         buf.extend_from_slice(&[0xff; 8]);
         assert_eq!(event::Event::decode(&buf), Ok((kind, 0xabcd_0123)));
     }
-    for raw in [6u16, 7, 11, 15, 17, 0xff, 0x101, 0xffff] {
+    for raw in [6u16, 7, 11, 13, 17, 0xff, 0x101, 0xffff] {
         let ev = event::Event {
             kind: U16::new(raw),
             ..Default::default()
@@ -2621,6 +2866,12 @@ fn config_space() -> config::Config {
             ..Default::default()
         },
         gid: Gid::from_ipv4([10, 0, 0, 1]),
+        srq: config::SrqCaps {
+            max_srq: U32::new(1024),
+            max_srq_wr: U32::new(16384),
+            max_srq_sge: U32::new(16),
+            reserved: U32::new(0),
+        },
     }
 }
 
@@ -2694,16 +2945,52 @@ fn config_decode_rejections() {
         })
     );
     let full = config_space();
-    for n in [0usize, 8, 151] {
+    for n in [0usize, 8, 151, 153, 167] {
         assert_eq!(
             config::Config::decode(&full.as_bytes()[..n]),
             Err(DecodeError::Truncated {
                 what: "config space",
-                need: 152,
+                need: 168,
                 got: n
             })
         );
     }
+    // The space of a device without SRQs may end before the SRQ limits: they read as zero.
+    assert_eq!(
+        config::Config::decode(&full.as_bytes()[..config::BASE_CONFIG_SIZE]),
+        Ok(config::Config {
+            srq: config::SrqCaps::default(),
+            ..full
+        })
+    );
+
+    // SRQ limits.
+    let mut c = config_space();
+    c.srq.reserved = U32::new(1);
+    assert_eq!(
+        decode(c),
+        Err(DecodeError::ReservedNonZero {
+            field: "SRQ capabilities reserved"
+        })
+    );
+    let mut c = config_space();
+    c.srq.max_srq_sge = U32::new(wqe::MAX_SGE + 1);
+    assert_err!(
+        decode(c),
+        DecodeError::TooLarge {
+            field: "max_srq_sge",
+            ..
+        }
+    );
+    let mut c = config_space();
+    c.srq.max_srq_wr = U32::new(ring::MAX_DEPTH + 1);
+    assert_err!(
+        decode(c),
+        DecodeError::TooLarge {
+            field: "max_srq_wr",
+            ..
+        }
+    );
 
     // Device attributes.
     let mut c = config_space();
@@ -2871,7 +3158,7 @@ fn wire_enums_round_trip_and_reject_unknown_values() {
     check_wire_enum!(config::LinkLayer, u8, "link layer", 3, 0..=u8::MAX);
     check_wire_enum!(config::AtomicCap, u8, "atomic capability", 3, 0..=u8::MAX);
     check_wire_enum!(config::GidType, u8, "gid type", 3, 0..=u8::MAX);
-    check_wire_enum!(cmd::Opcode, u16, "command opcode", 16, 0..=u16::MAX);
+    check_wire_enum!(cmd::Opcode, u16, "command opcode", 20, 0..=u16::MAX);
     check_wire_enum!(cmd::Status, u16, "command status", 12, 0..=u16::MAX);
     check_wire_enum!(qp::Type, u8, "qp type", 2, 0..=u8::MAX);
     check_wire_enum!(qp::State, u8, "qp state", 7, 0..=u8::MAX);
@@ -2886,8 +3173,8 @@ fn wire_enums_round_trip_and_reject_unknown_values() {
         19,
         (0..=0x1_0000u32).chain([1 << 31, u32::MAX])
     );
-    check_wire_enum!(event::Kind, u16, "event kind", 11, 0..=u16::MAX);
-    check_wire_enum!(doorbell::Kind, u8, "doorbell kind", 2, 0..=u8::MAX);
+    check_wire_enum!(event::Kind, u16, "event kind", 13, 0..=u16::MAX);
+    check_wire_enum!(doorbell::Kind, u8, "doorbell kind", 3, 0..=u8::MAX);
 }
 
 #[test]

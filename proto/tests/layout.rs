@@ -4,7 +4,9 @@
 //! little-endian byte array of alignment 1 (`U16` = 2, `U32` = 4, `U64` = 8 bytes, `Gid` = 16),
 //! so fields follow each other with no padding. A field that is reordered, resized, inserted
 //! or removed changes an offset or the size and fails here; the wire format is the contract
-//! between two independently built programs, so it may only change with the protocol version.
+//! between two independently built programs, so it may only change with the protocol version
+//! (or grow at its end under a feature bit, as the SRQ fields of `Config` and `CreateQp` do,
+//! where the shorter form stays valid).
 
 use std::mem::offset_of;
 
@@ -121,13 +123,25 @@ fn config_port_attr_layout() {
 
 #[test]
 fn config_layout() {
-    assert_layout!(config::Config, size = 152, [
+    assert_layout!(config::Config, size = 168, [
         version: U32 = 0,
         num_doorbell_queues: U16 = 4,
         reserved: U16 = 6,
         caps: config::DeviceCaps = 8,
         port: config::PortAttr = 112,
         gid: Gid = 136,
+        srq: config::SrqCaps = 152,
+    ]);
+    assert_eq!(config::BASE_CONFIG_SIZE, 152);
+}
+
+#[test]
+fn config_srq_caps_layout() {
+    assert_layout!(config::SrqCaps, size = 16, [
+        max_srq: U32 = 0,
+        max_srq_wr: U32 = 4,
+        max_srq_sge: U32 = 8,
+        reserved: U32 = 12,
     ]);
 }
 
@@ -247,7 +261,7 @@ fn cmd_req_notify_cq_resp_layout() {
 
 #[test]
 fn cmd_create_qp_layout() {
-    assert_layout!(cmd::CreateQp, size = 56, [
+    assert_layout!(cmd::CreateQp, size = 64, [
         pdn: U32 = 0,
         qp_type: u8 = 4,
         sq_sig_all: u8 = 5,
@@ -257,6 +271,38 @@ fn cmd_create_qp_layout() {
         cap: qp::Caps = 16,
         sq_ring_addr: U64 = 40,
         rq_ring_addr: U64 = 48,
+        srqn: U32 = 56,
+        reserved1: U32 = 60,
+    ]);
+    assert_eq!(cmd::CREATE_QP_BASE_SIZE, 56);
+}
+
+#[test]
+fn cmd_srq_layouts() {
+    assert_layout!(cmd::CreateSrq, size = 24, [
+        pdn: U32 = 0,
+        max_wr: U32 = 4,
+        max_sge: U32 = 8,
+        srq_limit: U32 = 12,
+        ring_addr: U64 = 16,
+    ]);
+    assert_layout!(cmd::CreateSrqResp, size = 16, [
+        srqn: U32 = 0,
+        max_wr: U32 = 4,
+        max_sge: U32 = 8,
+        reserved: U32 = 12,
+    ]);
+    assert_layout!(cmd::ModifySrq, size = 16, [
+        srqn: U32 = 0,
+        attr_mask: U32 = 4,
+        max_wr: U32 = 8,
+        srq_limit: U32 = 12,
+    ]);
+    assert_layout!(cmd::QuerySrqResp, size = 16, [
+        max_wr: U32 = 0,
+        max_sge: U32 = 4,
+        srq_limit: U32 = 8,
+        reserved: U32 = 12,
     ]);
 }
 
@@ -510,8 +556,9 @@ fn device_identity_and_features() {
     assert_eq!(features::INLINE_DATA, 0x04);
     assert_eq!(features::MULTI_DOORBELL, 0x08);
     assert_eq!(features::CQ_NOTIFY, 0x10);
+    assert_eq!(features::SRQ, 0x20);
     assert_eq!(features::VERSION_1, 1 << 32);
-    assert_eq!(features::ALL_DEVICE, 0x1f);
+    assert_eq!(features::ALL_DEVICE, 0x3f);
     // Device-specific feature bits are 0 to 23 in virtio.
     assert_eq!(features::ALL_DEVICE >> 24, 0);
 }
@@ -536,6 +583,10 @@ fn command_opcode_values() {
         (O::DestroyQp, 0x43),
         (O::CreateAh, 0x50),
         (O::DestroyAh, 0x51),
+        (O::CreateSrq, 0x60),
+        (O::ModifySrq, 0x61),
+        (O::QuerySrq, 0x62),
+        (O::DestroySrq, 0x63),
     ];
     assert_eq!(O::ALL.len(), expected.len());
     for (op, raw) in expected {
@@ -691,6 +742,8 @@ fn verbs_values() {
         (E::DeviceFatal, 8),
         (E::PortActive, 9),
         (E::PortErr, 10),
+        (E::SrqErr, 14),
+        (E::SrqLimitReached, 15),
         (E::QpLastWqeReached, 16),
         (E::CqCompletion, 0x100),
     ];
@@ -751,6 +804,10 @@ fn verbs_flag_bits() {
     // REQ_NOTIFY_CQ: ibv_req_notify_cq(cq, solicited_only = 1)
     assert_eq!(cmd::NotifyFlags::SOLICITED_ONLY.bits(), 1);
     assert_eq!(cmd::NotifyFlags::all().bits(), 1);
+    // ibv_srq_attr_mask
+    assert_eq!(cmd::SrqAttrMask::MAX_WR.bits(), 1);
+    assert_eq!(cmd::SrqAttrMask::LIMIT.bits(), 2);
+    assert_eq!(cmd::SrqAttrMask::all().bits(), 3);
 }
 
 #[test]
@@ -761,6 +818,7 @@ fn small_enum_values() {
     assert_eq!(config::GidType::RoceV2.raw(), 2);
     assert_eq!(doorbell::Kind::Send.raw(), 1);
     assert_eq!(doorbell::Kind::Recv.raw(), 2);
+    assert_eq!(doorbell::Kind::Srq.raw(), 3);
     // Vendor errors are numbered densely from 0 in declaration order.
     for (i, v) in cqe::VendorErr::ALL.iter().enumerate() {
         assert_eq!(v.raw() as usize, i, "{v:?}");

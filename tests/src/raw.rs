@@ -103,6 +103,8 @@ impl Raw {
             },
             sq_ring_addr: sq_ring.addr().into(),
             rq_ring_addr: rq_ring.addr().into(),
+            srqn: 0.into(),
+            reserved1: 0.into(),
         };
         let qpn = cmd::CreateQpResp::read_from_bytes(&self.ok(Opcode::CreateQp, create.as_bytes()))
             .unwrap()

@@ -262,6 +262,8 @@ impl Guest {
             cap: raw_caps(),
             sq_ring_addr: sq_addr.into(),
             rq_ring_addr: rq_addr.into(),
+            srqn: 0.into(),
+            reserved1: 0.into(),
         };
         let resp: cmd::CreateQpResp = self.call_as(Opcode::CreateQp, body.as_bytes())?;
         assert_eq!(resp.cap, raw_caps(), "CREATE_QP answers the caps asked for");

@@ -459,7 +459,10 @@ fn a_failed_migration_leaves_the_vm_running_on_the_source() {
                 blob[at] ^= 0x10;
             }),
             // The version is the 32-bit word after the 8-byte magic.
-            Failure::FutureVersion => Some(|blob| blob[8..12].copy_from_slice(&2u32.to_le_bytes())),
+            Failure::FutureVersion => Some(|blob| {
+                let future = vhost_user_rdma::model::state::VERSION + 1;
+                blob[8..12].copy_from_slice(&future.to_le_bytes())
+            }),
             _ => None,
         };
         let outcome = migrate(

@@ -19,11 +19,11 @@ pub struct Args {
     /// Keys: name (required), socket (required; the vhost-user socket path the VMM connects
     /// to), gid (IPv4 or IPv6 address of the VM's port; default 10.0.0.N for the Nth VM),
     /// weight (share of the fabric, 1-1000; default 1), max-qp, max-cq, max-mr, max-pd,
-    /// max-ah (object quotas), max-mr-bytes (bytes registered at once; suffixes K, M, G),
-    /// max-bw (payload bytes per second; suffixes K, M, G), max-msg-rate (work requests per
-    /// second), doorbells (doorbell queues, 1-64; default 1), incoming (on: the VM arrives by
-    /// live migration, so with --roce its address is bound when its guest connects; default
-    /// off).
+    /// max-ah, max-srq (object quotas), max-mr-bytes (bytes registered at once; suffixes K,
+    /// M, G), max-bw (payload bytes per second; suffixes K, M, G), max-msg-rate (work
+    /// requests per second), doorbells (doorbell queues, 1-64; default 1), incoming (on: the
+    /// VM arrives by live migration, so with --roce its address is bound when its guest
+    /// connects; default off).
     ///
     /// Example: --vm name=vm1,socket=/run/vrdma/vm1.sock,gid=10.0.0.1,weight=3
     #[arg(long = "vm", value_name = "KEY=VALUE,...")]
@@ -82,7 +82,7 @@ pub enum Error {
     },
     /// A key is unknown.
     #[error(
-        "--vm {entry:?}: unknown key {key:?} (known: name, socket, gid, weight, max-qp, max-cq, max-mr, max-pd, max-ah, max-mr-bytes, max-bw, max-msg-rate, doorbells)"
+        "--vm {entry:?}: unknown key {key:?} (known: name, socket, gid, weight, max-qp, max-cq, max-mr, max-pd, max-ah, max-srq, max-mr-bytes, max-bw, max-msg-rate, doorbells)"
     )]
     UnknownKey {
         /// The whole entry.
@@ -134,6 +134,12 @@ pub enum Error {
     RocePort,
 }
 
+/// The default SRQ quota: applications share a few SRQs among many QPs, so far fewer are
+/// needed than QPs.
+fn default_max_srq() -> u32 {
+    1024
+}
+
 /// Per-VM limits; the guest sees them as its device's capabilities.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Quotas {
@@ -147,6 +153,9 @@ pub struct Quotas {
     pub max_pd: u32,
     /// Most AHs.
     pub max_ah: u32,
+    /// Most shared receive queues.
+    #[serde(default = "default_max_srq")]
+    pub max_srq: u32,
     /// Most bytes registered at once.
     pub max_mr_bytes: u64,
     /// Most payload bytes per second the VM may move as requester; `None` for no limit.
@@ -163,6 +172,7 @@ impl Default for Quotas {
             max_mr: 16384,
             max_pd: 1024,
             max_ah: 4096,
+            max_srq: default_max_srq(),
             max_mr_bytes: 16 << 30,
             max_bw: None,
             max_msg_rate: None,
@@ -364,6 +374,7 @@ fn parse_vm(entry: &str, index: usize) -> Result<VmConfig, Error> {
             "max-mr" => quotas.max_mr = count(crate::limits::MAX_MR)?,
             "max-pd" => quotas.max_pd = count(crate::limits::MAX_PD)?,
             "max-ah" => quotas.max_ah = count(crate::limits::MAX_AH)?,
+            "max-srq" => quotas.max_srq = count(crate::limits::MAX_SRQ)?,
             "max-mr-bytes" => {
                 quotas.max_mr_bytes = parse_size(value)
                     .ok_or_else(|| bad(key, value, "expected a size such as 512M or 4G"))?
@@ -472,7 +483,7 @@ mod tests {
     fn parses_two_vms_with_defaults_and_overrides() {
         let cfg = Config::from_args(&args(&[
             "name=a,socket=/tmp/a.sock",
-            "name=b,socket=/tmp/b.sock,gid=192.168.1.7,weight=3,max-qp=8,max-mr-bytes=2G,doorbells=4,max-bw=100M,max-msg-rate=5000",
+            "name=b,socket=/tmp/b.sock,gid=192.168.1.7,weight=3,max-qp=8,max-srq=3,max-mr-bytes=2G,doorbells=4,max-bw=100M,max-msg-rate=5000",
         ]))
         .unwrap();
         assert_eq!(cfg.vms[0].gid, Gid::from_ipv4([10, 0, 0, 1]));
@@ -480,6 +491,8 @@ mod tests {
         assert_eq!(cfg.vms[1].gid, Gid::from_ipv4([192, 168, 1, 7]));
         assert_eq!(cfg.vms[1].weight, 3);
         assert_eq!(cfg.vms[1].quotas.max_qp, 8);
+        assert_eq!(cfg.vms[1].quotas.max_srq, 3);
+        assert_eq!(cfg.vms[0].quotas.max_srq, 1024);
         assert_eq!(cfg.vms[1].quotas.max_mr_bytes, 2 << 30);
         assert_eq!(cfg.vms[1].doorbell_queues, 4);
         assert_eq!(cfg.vms[1].quotas.max_bw, Some(100 << 20));

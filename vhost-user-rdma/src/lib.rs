@@ -27,4 +27,6 @@ pub mod vhost;
 #[cfg(test)]
 mod rules_tests;
 #[cfg(test)]
+mod srq_tests;
+#[cfg(test)]
 mod testing;

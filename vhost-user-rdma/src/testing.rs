@@ -75,6 +75,19 @@ pub struct TestQp {
     pub caps: qp::Caps,
 }
 
+/// An SRQ a test made, with where its ring is.
+#[derive(Debug, Clone, Copy)]
+pub struct TestSrq {
+    /// Its number.
+    pub srqn: u32,
+    /// Its ring.
+    pub ring: u64,
+    /// Its depth.
+    pub depth: u32,
+    /// SGEs per work request.
+    pub max_sge: u32,
+}
+
 /// An MR a test registered, covering guest memory one to one (iova = guest-physical address).
 #[derive(Debug, Clone, Copy)]
 pub struct TestMr {
@@ -110,19 +123,35 @@ impl TestVm {
         Self::build(id, 1, (None, None), sink, Arc::default())
     }
 
+    /// As [`TestVm::new`], with `quotas` instead of the defaults.
+    pub fn with_quotas(id: u8, quotas: Quotas) -> Self {
+        let events = Arc::new(RecordedEvents::default());
+        Self::build_with(id, 1, (None, None), (events.clone(), events), quotas)
+    }
+
     fn build(
         id: u8,
         weight: u32,
-        (max_bw, max_msg_rate): (Option<u64>, Option<u64>),
+        limits: (Option<u64>, Option<u64>),
         sink: Arc<dyn EventSink>,
         events: Arc<RecordedEvents>,
+    ) -> Self {
+        Self::build_with(id, weight, limits, (sink, events), Quotas::default())
+    }
+
+    fn build_with(
+        id: u8,
+        weight: u32,
+        (max_bw, max_msg_rate): (Option<u64>, Option<u64>),
+        (sink, events): (Arc<dyn EventSink>, Arc<RecordedEvents>),
+        quotas: Quotas,
     ) -> Self {
         let cfg = VmConfig {
             name: format!("vm{id}"),
             socket: "/nonexistent".into(),
             gid: Gid::from_ipv4([10, 0, 0, id]),
             weight,
-            quotas: Quotas::default(),
+            quotas,
             doorbell_queues: 1,
             active_mtu: vrdma_proto::config::Mtu::Mtu4096,
             roce: false,
@@ -244,22 +273,51 @@ impl TestVm {
 
     /// A new QP of `qp_type` in `pd` whose queues complete into a new CQ of `cq_depth`.
     pub fn qp(&mut self, pd: u32, qp_type: qp::Type, depth: u32, cq_depth: u32) -> TestQp {
+        self.make_qp(pd, qp_type, depth, cq_depth, 0)
+    }
+
+    /// As [`TestVm::qp`], the QP taking its receives from SRQ `srqn` (it has no receive ring).
+    pub fn qp_on_srq(
+        &mut self,
+        pd: u32,
+        qp_type: qp::Type,
+        depth: u32,
+        cq_depth: u32,
+        srqn: u32,
+    ) -> TestQp {
+        self.make_qp(pd, qp_type, depth, cq_depth, srqn)
+    }
+
+    fn make_qp(
+        &mut self,
+        pd: u32,
+        qp_type: qp::Type,
+        depth: u32,
+        cq_depth: u32,
+        srqn: u32,
+    ) -> TestQp {
         let (cqn, cq_ring) = self.cq(cq_depth);
+        let (recv_wr, recv_sge) = if srqn == 0 { (depth, 2) } else { (0, 0) };
         let caps = qp::Caps {
             max_send_wr: depth.into(),
-            max_recv_wr: depth.into(),
+            max_recv_wr: recv_wr.into(),
             max_send_sge: 2.into(),
-            max_recv_sge: 2.into(),
+            max_recv_sge: recv_sge.into(),
             max_inline_data: 64.into(),
             reserved: 0.into(),
         };
         let sq_len = ring::Geometry::new(depth, wqe::send_stride(2, 64))
             .unwrap()
             .byte_len();
-        let rq_len = ring::Geometry::new(depth, wqe::recv_stride(2))
-            .unwrap()
-            .byte_len();
-        let (sq, rq) = (self.alloc(sq_len), self.alloc(rq_len));
+        let sq = self.alloc(sq_len);
+        let rq = if srqn == 0 {
+            let rq_len = ring::Geometry::new(depth, wqe::recv_stride(2))
+                .unwrap()
+                .byte_len();
+            self.alloc(rq_len)
+        } else {
+            0
+        };
         let create = cmd::CreateQp {
             pdn: pd.into(),
             qp_type: qp_type.raw(),
@@ -270,6 +328,8 @@ impl TestVm {
             cap: caps,
             sq_ring_addr: sq.into(),
             rq_ring_addr: rq.into(),
+            srqn: srqn.into(),
+            reserved1: 0.into(),
         };
         let resp = self.exec(Opcode::CreateQp, create.as_bytes());
         let qpn = cmd::CreateQpResp::read_from_bytes(&resp).unwrap().qpn.get();
@@ -281,6 +341,56 @@ impl TestVm {
             cqn,
             caps,
         }
+    }
+
+    /// The body of a CREATE_SRQ in `pd` of `depth` entries of `max_sge` SGEs, armed with
+    /// `limit`, its ring at `ring`.
+    pub fn srq_body(pd: u32, depth: u32, max_sge: u32, limit: u32, ring: u64) -> cmd::CreateSrq {
+        cmd::CreateSrq {
+            pdn: pd.into(),
+            max_wr: depth.into(),
+            max_sge: max_sge.into(),
+            srq_limit: limit.into(),
+            ring_addr: ring.into(),
+        }
+    }
+
+    /// A new SRQ in `pd` of `depth` entries of `max_sge` SGEs, armed with `limit`.
+    pub fn srq(&mut self, pd: u32, depth: u32, max_sge: u32, limit: u32) -> TestSrq {
+        let len = ring::Geometry::new(depth, wqe::recv_stride(max_sge))
+            .unwrap()
+            .byte_len();
+        let ring = self.alloc(len);
+        let body = Self::srq_body(pd, depth, max_sge, limit, ring);
+        let resp = self.exec(Opcode::CreateSrq, body.as_bytes());
+        let srqn = cmd::CreateSrqResp::read_from_bytes(&resp)
+            .unwrap()
+            .srqn
+            .get();
+        TestSrq {
+            srqn,
+            ring,
+            depth,
+            max_sge,
+        }
+    }
+
+    /// Posts a receive of `sges` on `srq`, as a driver does (slot, then producer index).
+    pub fn post_srq_recv(&self, srq: &TestSrq, wr_id: u64, sges: &[Sge]) {
+        let stride = wqe::recv_stride(srq.max_sge);
+        self.post(srq.ring, srq.depth, stride, |slot| {
+            wqe::encode_recv(slot, wr_id, sges)
+        });
+    }
+
+    /// The consumer index the device last published in the ring at `ring_addr`.
+    pub fn consumer(&self, ring_addr: u64) -> u32 {
+        self.mem()
+            .load::<u32>(
+                GuestAddress(ring_addr + ring::CONSUMER_OFFSET),
+                Ordering::Acquire,
+            )
+            .unwrap()
     }
 
     /// MODIFY_QP of QP `qpn` with `attr` and `mask` (STATE added).

@@ -19,7 +19,7 @@ const LAYERS: &[&[&str]] = &[
 ];
 
 /// Test-only modules at the top of the crate: they may use every layer.
-const TEST_SUPPORT: &[&str] = &["testing", "rules_tests"];
+const TEST_SUPPORT: &[&str] = &["testing", "rules_tests", "srq_tests"];
 
 fn layer_of(top: &str) -> usize {
     LAYERS

@@ -437,6 +437,8 @@ impl QueuePair {
             },
             sq_ring_addr: sq.addr().into(),
             rq_ring_addr: rq.addr().into(),
+            srqn: 0.into(),
+            reserved1: 0.into(),
         };
         let resp: cmd::CreateQpResp = ctx.command_as(Opcode::CreateQp, body.as_bytes(), VERB)?;
         Ok(QueuePair {

@@ -53,17 +53,40 @@ fuzz_target!(|data: &[u8]| {
             assert!(send_stride >= wqe::SEND_HEADER_SIZE + cap.max_send_sge.get() * wqe::SGE_SIZE);
             assert!(send_stride >= wqe::SEND_HEADER_SIZE + cap.max_inline_data.get());
             assert!(recv_stride >= wqe::RECV_HEADER_SIZE + cap.max_recv_sge.get() * wqe::SGE_SIZE);
-            // A decoded CREATE_QP always describes rings the device can lay out.
+            assert_eq!(cmd.reserved1.get(), 0);
+            // A decoded CREATE_QP always describes rings the device can lay out: a send ring,
+            // and a receive ring unless an SRQ takes its place (and then nothing of one).
             let sq = ring::Geometry::new(cap.max_send_wr.get(), send_stride)
                 .expect("decoded send ring geometry");
-            let rq = ring::Geometry::new(cap.max_recv_wr.get(), recv_stride)
-                .expect("decoded receive ring geometry");
-            for (geometry, base) in [(sq, cmd.sq_ring_addr.get()), (rq, cmd.rq_ring_addr.get())] {
+            let mut rings = vec![(sq, cmd.sq_ring_addr.get())];
+            if cmd.srqn.get() == 0 {
+                let rq = ring::Geometry::new(cap.max_recv_wr.get(), recv_stride)
+                    .expect("decoded receive ring geometry");
+                rings.push((rq, cmd.rq_ring_addr.get()));
+            } else {
+                assert_eq!(cap.max_recv_wr.get(), 0);
+                assert_eq!(cap.max_recv_sge.get(), 0);
+                assert_eq!(cmd.rq_ring_addr.get(), 0);
+            }
+            for (geometry, base) in rings {
                 assert_eq!(base % ring::ALIGN, 0);
                 assert_ne!(base, 0);
                 let last = geometry.entry_offset(geometry.depth() - 1);
                 assert!(last + u64::from(geometry.stride()) == geometry.byte_len());
             }
+        }
+        Request::CreateSrq(c) => {
+            assert!(c.max_sge.get() <= wqe::MAX_SGE);
+            assert!(c.srq_limit.get() <= c.max_wr.get());
+            let geometry = ring::Geometry::new(c.max_wr.get(), wqe::recv_stride(c.max_sge.get()))
+                .expect("decoded SRQ ring geometry");
+            assert!(geometry.byte_len() > ring::HEADER_SIZE);
+            assert_eq!(c.ring_addr.get() % ring::ALIGN, 0);
+            assert_ne!(c.ring_addr.get(), 0);
+        }
+        Request::ModifySrq { cmd, mask } => {
+            assert_eq!(mask.bits(), cmd.attr_mask.get());
+            assert_eq!(mask - cmd::SrqAttrMask::all(), cmd::SrqAttrMask::empty());
         }
         Request::CreateCq(c) => {
             let geometry =
@@ -91,7 +114,9 @@ fuzz_target!(|data: &[u8]| {
         | Request::DestroyCq(_)
         | Request::QueryQp(_)
         | Request::DestroyQp(_)
-        | Request::DestroyAh(_) => {}
+        | Request::DestroyAh(_)
+        | Request::QuerySrq(_)
+        | Request::DestroySrq(_) => {}
     }
 });
 

@@ -16,7 +16,7 @@ use zerocopy::IntoBytes;
 
 use super::hooks::ObjectHooks;
 use super::memory::{self, GuestMem, WriteKind};
-use super::objects::{Ah, Cq, Failure, Mr, Pd, Qp, VmObjects, port_attr};
+use super::objects::{Ah, Cq, Failure, Mr, Pd, Qp, Srq, VmObjects, port_attr};
 use super::qp_state::{QpRuntime, RcTransport};
 
 /// What a command returns: its response body, or why it failed.
@@ -149,6 +149,9 @@ impl VmObjects {
                 self.unuse_pd(qp.pdn);
                 self.unuse_cq(qp.send_cqn);
                 self.unuse_cq(qp.recv_cqn);
+                if let Some(srq) = self.srqs.get_mut(qp.srqn) {
+                    srq.users = srq.users.saturating_sub(1);
+                }
                 Ok(Vec::new())
             }
             Request::CreateAh(c) => {
@@ -169,7 +172,96 @@ impl VmObjects {
                 self.unuse_pd(ah.pdn);
                 Ok(Vec::new())
             }
+            Request::CreateSrq(c) => self.create_srq(&c, mem),
+            Request::ModifySrq { cmd, mask } => self.modify_srq(&cmd, mask),
+            Request::QuerySrq(srqn) => {
+                let srq = self.srqs.get(srqn).ok_or(Status::InvalidHandle)?;
+                Ok(cmd::QuerySrqResp {
+                    max_wr: srq.depth.into(),
+                    max_sge: srq.max_sge.into(),
+                    srq_limit: srq.limit.into(),
+                    reserved: 0.into(),
+                }
+                .as_bytes()
+                .to_vec())
+            }
+            Request::DestroySrq(srqn) => {
+                let srq = self.srqs.get(srqn).ok_or(Status::InvalidHandle)?;
+                // As ibv_destroy_srq's EBUSY: a QP still takes its receives from it.
+                if srq.users > 0 {
+                    return Err(Status::Busy.into());
+                }
+                let srq = self.srqs.remove(srqn).ok_or(Status::InvalidHandle)?;
+                self.unuse_pd(srq.pdn);
+                Ok(Vec::new())
+            }
         }
+    }
+
+    fn create_srq(&mut self, c: &cmd::CreateSrq, mem: &GuestMem) -> Outcome {
+        let pdn = c.pdn.get();
+        self.pds.get(pdn).ok_or(Status::InvalidHandle)?;
+        let (depth, max_sge) = (c.max_wr.get(), c.max_sge.get());
+        if depth > self.srq_caps.max_srq_wr.get() || max_sge > self.srq_caps.max_srq_sge.get() {
+            return Err(Status::InvalidArgument.into());
+        }
+        let record = Srq {
+            pdn,
+            depth,
+            max_sge,
+            ring_addr: c.ring_addr.get(),
+            limit: c.srq_limit.get(),
+            consumer: 0,
+            users: 0,
+            fault: None,
+        };
+        let geometry = record.geometry().ok_or(Status::InvalidArgument)?;
+        check_ring(mem, record.ring_addr, geometry.byte_len())?;
+        let ring_addr = record.ring_addr;
+        let srqn = self.srqs.insert(record).map_err(|_| Status::NoResources)?;
+        init_ring_words(
+            mem,
+            ring_addr,
+            &[(ring::CONSUMER_OFFSET, WriteKind::RingIndex)],
+        );
+        self.use_pd(pdn);
+        Ok(cmd::CreateSrqResp {
+            srqn: srqn.into(),
+            max_wr: depth.into(),
+            max_sge: max_sge.into(),
+            reserved: 0.into(),
+        }
+        .as_bytes()
+        .to_vec())
+    }
+
+    fn modify_srq(&mut self, c: &cmd::ModifySrq, mask: cmd::SrqAttrMask) -> Outcome {
+        use cmd::SrqAttrMask as M;
+        let srq = self
+            .srqs
+            .get_mut(c.srqn.get())
+            .ok_or(Status::InvalidHandle)?;
+        // The ring is the driver's memory, sized when it was created: resizing a live ring
+        // would mean moving entries the driver may be writing. Refused, as by most RNICs.
+        if mask.contains(M::MAX_WR) {
+            return Err(Failure {
+                status: Status::NotSupported,
+                detail: M::MAX_WR.bits(),
+            });
+        }
+        if mask.contains(M::LIMIT) {
+            let limit = c.srq_limit.get();
+            if limit > srq.depth {
+                return Err(Failure {
+                    status: Status::InvalidArgument,
+                    detail: M::LIMIT.bits(),
+                });
+            }
+            // 0 disarms; any other value arms until the next time a receive taken leaves
+            // fewer than it in the ring.
+            srq.limit = limit;
+        }
+        Ok(Vec::new())
     }
 
     fn use_pd(&mut self, pdn: u32) {
@@ -298,6 +390,14 @@ impl VmObjects {
         if send_cq.overflowed || recv_cq.overflowed {
             return Err(Status::InvalidArgument.into());
         }
+        let srqn = c.srqn.get();
+        if srqn != 0 {
+            let srq = self.srqs.get(srqn).ok_or(Status::InvalidHandle)?;
+            // An SRQ in error gives no receives (docs/protocol.md §16.8).
+            if srq.fault.is_some() {
+                return Err(Status::InvalidArgument.into());
+            }
+        }
         let cap = &c.cap;
         let within = [
             (cap.max_send_wr.get(), self.caps.max_qp_wr.get()),
@@ -318,6 +418,7 @@ impl VmObjects {
             caps: c.cap,
             sq_ring_addr: c.sq_ring_addr.get(),
             rq_ring_addr: c.rq_ring_addr.get(),
+            srqn,
             attr: qp::Attr::default(),
             rt: QpRuntime::default(),
         };
@@ -327,9 +428,12 @@ impl VmObjects {
         }
         record.attr.qp_state = qp::State::Reset.raw();
         let sq = record.sq_geometry().ok_or(Status::InvalidArgument)?;
-        let rq = record.rq_geometry().ok_or(Status::InvalidArgument)?;
         check_ring(mem, record.sq_ring_addr, sq.byte_len())?;
-        check_ring(mem, record.rq_ring_addr, rq.byte_len())?;
+        // A QP with an SRQ has no receive ring (decoding made sure it names none).
+        if srqn == 0 {
+            let rq = record.rq_geometry().ok_or(Status::InvalidArgument)?;
+            check_ring(mem, record.rq_ring_addr, rq.byte_len())?;
+        }
         let caps = record.caps;
         let (sq_addr, rq_addr) = (record.sq_ring_addr, record.rq_ring_addr);
         let qpn = self.qps.insert(record).map_err(|_| Status::NoResources)?;
@@ -349,16 +453,21 @@ impl VmObjects {
                 (ring::SEND_POLLING_OFFSET, WriteKind::ControlWord),
             ],
         );
-        init_ring_words(
-            mem,
-            rq_addr,
-            &[(ring::CONSUMER_OFFSET, WriteKind::RingIndex)],
-        );
+        if srqn == 0 {
+            init_ring_words(
+                mem,
+                rq_addr,
+                &[(ring::CONSUMER_OFFSET, WriteKind::RingIndex)],
+            );
+        }
         self.use_pd(pdn);
         for cqn in [send_cqn, recv_cqn] {
             if let Some(cq) = self.cqs.get_mut(cqn) {
                 cq.users += 1;
             }
+        }
+        if let Some(srq) = self.srqs.get_mut(srqn) {
+            srq.users += 1;
         }
         Ok(cmd::CreateQpResp {
             qpn: qpn.into(),
@@ -482,7 +591,13 @@ impl VmObjects {
             // Hardware drops queued work without completions on reset; do the same by
             // catching each ring's consumer up with its producer.
             let sq = drain_ring(mem, record.sq_ring_addr);
-            let rq = drain_ring(mem, record.rq_ring_addr);
+            // A QP with an SRQ has no receive ring to drain; the receive it held, if any, is
+            // dropped with the rest of its runtime (as rxe drops its SRQ WQE on reset).
+            let rq = if record.has_srq() {
+                0
+            } else {
+                drain_ring(mem, record.rq_ring_addr)
+            };
             init_ring_words(
                 mem,
                 record.sq_ring_addr,
@@ -526,6 +641,7 @@ impl VmObjects {
         for (lkey, mr) in self.mrs.drain() {
             hooks.deregister_mr(vm, lkey, &mr);
         }
+        self.srqs.drain();
         self.cqs.drain();
         self.pds.drain();
         self.registered_bytes = 0;

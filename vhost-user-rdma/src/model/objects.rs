@@ -1,4 +1,4 @@
-//! One VM's RDMA objects: PDs, MRs, CQs, QPs and AHs in generational handle tables, with the
+//! One VM's RDMA objects: PDs, MRs, CQs, QPs, AHs and SRQs in generational handle tables, with the
 //! identity and limits the guest sees, and the translation of the addresses work requests name
 //! into guest-physical runs.
 //!
@@ -6,7 +6,7 @@
 //! cached as host pointers: the data path translates them again on every access.
 
 use vrdma_proto::cmd::{self, Status};
-use vrdma_proto::config::{self, DeviceCaps, Mtu, PortAttr};
+use vrdma_proto::config::{self, DeviceCaps, Mtu, PortAttr, SrqCaps};
 use vrdma_proto::cqe::VendorErr;
 use vrdma_proto::mr::Access;
 use vrdma_proto::wqe::{Sge, SgeList};
@@ -181,6 +181,42 @@ pub struct Cq {
     pub overflowed: bool,
 }
 
+/// A shared receive queue: a receive ring any number of the VM's QPs take their receives
+/// from.
+///
+/// Its consumer side is shared by every QP attached to it, which the soft fabric and the
+/// RoCEv2 receive threads serve on different threads; like a CQ's producer side it is kept
+/// here, so the VM's object lock, which every responder path holds while it takes a receive,
+/// is what serialises them. Nothing wider than the VM is locked.
+#[derive(Debug, Clone)]
+pub struct Srq {
+    /// Its PD: the lkeys of its work requests are checked against it.
+    pub pdn: u32,
+    /// Ring entries.
+    pub depth: u32,
+    /// Most SGEs in one work request.
+    pub max_sge: u32,
+    /// Guest-physical address of the ring.
+    pub ring_addr: u64,
+    /// The armed limit, 0 if not armed: when a receive taken leaves fewer than this many in
+    /// the ring, the device raises SRQ_LIMIT_REACHED and disarms.
+    pub limit: u32,
+    /// The device's consumer index (the ring's copy is only ever written from this).
+    pub consumer: u32,
+    /// QPs attached; it cannot be destroyed while any are.
+    pub users: u32,
+    /// Why the ring became unusable (overrun, or its memory gone), if it did: the SRQ is then
+    /// in error for good, as on hardware.
+    pub fault: Option<VendorErr>,
+}
+
+impl Srq {
+    /// The ring's geometry.
+    pub fn geometry(&self) -> Option<ring::Geometry> {
+        ring::Geometry::new(self.depth, wqe::recv_stride(self.max_sge)).ok()
+    }
+}
+
 /// A queue pair's control-path view.
 #[derive(Debug, Clone)]
 pub struct Qp {
@@ -198,8 +234,10 @@ pub struct Qp {
     pub caps: qp::Caps,
     /// Send ring address.
     pub sq_ring_addr: u64,
-    /// Receive ring address.
+    /// Receive ring address (0 with an SRQ).
     pub rq_ring_addr: u64,
+    /// The SRQ the QP takes its receives from, or 0 if it has its own receive ring.
+    pub srqn: u32,
     /// Attributes set so far; `qp_state` is the current state.
     pub attr: qp::Attr,
     /// Data-path progress.
@@ -254,7 +292,12 @@ impl Qp {
         ring::Geometry::new(self.caps.max_send_wr.get(), stride).ok()
     }
 
-    /// The receive ring's geometry.
+    /// Whether the QP takes its receives from an SRQ rather than a ring of its own.
+    pub fn has_srq(&self) -> bool {
+        self.srqn != 0
+    }
+
+    /// The receive ring's geometry (none for a QP with an SRQ, which has no receive ring).
     pub fn rq_geometry(&self) -> Option<ring::Geometry> {
         ring::Geometry::new(
             self.caps.max_recv_wr.get(),
@@ -297,6 +340,8 @@ pub struct VmObjects {
     pub gid: Gid,
     /// Capabilities the guest sees.
     pub caps: DeviceCaps,
+    /// SRQ limits the guest sees.
+    pub srq_caps: SrqCaps,
     /// Whether the daemon runs the inter-host fabric: RC QPs then carry transport records.
     pub roce: bool,
     /// The port's active MTU, raw [`Mtu`].
@@ -311,6 +356,8 @@ pub struct VmObjects {
     pub qps: Table<Qp>,
     /// AHs.
     pub ahs: Table<Ah>,
+    /// SRQs.
+    pub srqs: Table<Srq>,
     /// Bytes registered across all MRs.
     pub registered_bytes: u64,
     /// Quota on `registered_bytes`.
@@ -371,11 +418,18 @@ impl VmObjects {
             phys_port_cnt: 1,
             reserved: [0; 2],
         };
+        let srq_caps = SrqCaps {
+            max_srq: q.max_srq.into(),
+            max_srq_wr: limits::MAX_SRQ_WR.into(),
+            max_srq_sge: limits::MAX_SRQ_SGE.into(),
+            reserved: 0.into(),
+        };
         use crate::limits::*;
         VmObjects {
             name: cfg.name.clone(),
             gid: cfg.gid,
             caps,
+            srq_caps,
             active_mtu: cfg.active_mtu.raw(),
             roce: cfg.roce,
             pds: Table::new(q.max_pd, HANDLE_INDEX_BITS, HANDLE_GENERATION_BITS),
@@ -383,6 +437,7 @@ impl VmObjects {
             cqs: Table::new(q.max_cq, HANDLE_INDEX_BITS, HANDLE_GENERATION_BITS),
             qps: Table::new(q.max_qp, QPN_INDEX_BITS, QPN_GENERATION_BITS),
             ahs: Table::new(q.max_ah, HANDLE_INDEX_BITS, HANDLE_GENERATION_BITS),
+            srqs: Table::new(q.max_srq, HANDLE_INDEX_BITS, HANDLE_GENERATION_BITS),
             registered_bytes: 0,
             max_registered_bytes: q.max_mr_bytes,
             wake: Vec::new(),

@@ -27,7 +27,7 @@ pub const READ_HISTORY: usize = crate::limits::MAX_RD_ATOM as usize;
 pub const ATOMIC_REPLAY: usize = crate::limits::MAX_RD_ATOM as usize;
 
 /// A receive work request the responder has taken for a message in progress.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RecvCopy {
     /// Its `wr_id`.
     pub wr_id: u64,
@@ -146,6 +146,12 @@ pub struct QpRuntime {
     /// The requester whose message this QP is receiving (RC), and when it last moved a piece,
     /// so two cannot interleave; one silent for a while has gone and is replaced.
     pub rx_owner: Option<(u64, u32, Instant)>,
+    /// The receive this QP took from its SRQ and holds until the message it was taken for
+    /// completes. Taking it consumed it from the SRQ, so it is this QP's alone: a message that
+    /// fails leaves it here for the next one, and a flush completes it on this QP's CQ.
+    pub srq_recv: Option<RecvCopy>,
+    /// QP_LAST_WQE_REACHED has been raised since the QP (attached to an SRQ) entered ERR.
+    pub last_wqe_raised: bool,
     /// Where the QP stands in PSN space on the inter-host fabric.
     pub psns: Psns,
     /// The QP's transport on the inter-host fabric.

@@ -118,15 +118,21 @@ pub fn post(objects: &mut VmObjects, vm: &Vm, mem: &GuestMem, cqn: u32, c: &Comp
 /// Completes every outstanding work request of QP `qpn` with `WR_FLUSH_ERR`: its send queue
 /// if `send`, its receive queue if `recv`. Stops early if a CQ cannot take more; the rest is
 /// flushed on a later call.
+///
+/// A QP attached to an SRQ has no receive queue of its own: the SRQ's entries are not the
+/// QP's to flush (other QPs go on taking them), so `recv` flushes only the receive the QP
+/// holds, and then raises QP_LAST_WQE_REACHED, once per entry into ERR.
 pub fn flush(objects: &mut VmObjects, vm: &Vm, mem: &GuestMem, qpn: u32, send: bool, recv: bool) {
     let Some(qp) = objects.qps.get(qpn) else {
         return;
     };
     let (send_cqn, recv_cqn) = (qp.send_cqn, qp.recv_cqn);
     let (sq_addr, rq_addr) = (qp.sq_ring_addr, qp.rq_ring_addr);
-    let (Some(sq), Some(rq)) = (qp.sq_geometry(), qp.rq_geometry()) else {
+    let Some(sq) = qp.sq_geometry() else {
         return;
     };
+    let rq = qp.rq_geometry();
+    let has_srq = qp.has_srq();
     let (mut sq_head, mut rq_done) = (qp.rt.sq_head, qp.rt.rq_done);
     // An overrun send ring holds nothing the device may trust, so nothing in it is completed.
     let send = send && !qp.rt.sq_dead;
@@ -158,7 +164,9 @@ pub fn flush(objects: &mut VmObjects, vm: &Vm, mem: &GuestMem, qpn: u32, send: b
             sq_head = sq_head.wrapping_add(1);
         }
     }
-    if recv {
+    if recv && has_srq {
+        flush_srq_recv(objects, vm, mem, qpn);
+    } else if let (true, Some(rq)) = (recv, rq) {
         let producer = load_producer(mem, rq_addr).unwrap_or(rq_done);
         let pending = rq
             .occupancy(producer, rq_done)
@@ -193,6 +201,32 @@ pub fn flush(objects: &mut VmObjects, vm: &Vm, mem: &GuestMem, qpn: u32, send: b
         if recv {
             qp.rt.rq_done = rq_done;
         }
+    }
+}
+
+/// The receive flush of a QP in ERR attached to an SRQ: its held receive completes with
+/// `WR_FLUSH_ERR`, then QP_LAST_WQE_REACHED tells the driver no more will come.
+fn flush_srq_recv(objects: &mut VmObjects, vm: &Vm, mem: &GuestMem, qpn: u32) {
+    let Some(qp) = objects.qps.get_mut(qpn) else {
+        return;
+    };
+    let held = qp.rt.srq_recv.take();
+    let first = !qp.rt.last_wqe_raised;
+    qp.rt.last_wqe_raised = true;
+    let cqn = qp.recv_cqn;
+    if let Some(r) = held {
+        let c = Completion::new(
+            r.wr_id,
+            qpn,
+            cqe::Status::WrFlushErr,
+            cqe::Opcode::Recv,
+            VendorErr::None,
+        );
+        // A CQ in error drops it, as any flush completion destined for it (§18.5).
+        let _ = post(objects, vm, mem, cqn, &c);
+    }
+    if first {
+        vm.push_event(event::Kind::QpLastWqeReached, qpn);
     }
 }
 

@@ -5,11 +5,13 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use log::debug;
 use vm_memory::{Bytes, GuestAddress};
 use vrdma_proto::cqe::{self, Status, VendorErr};
 use vrdma_proto::mr::Access;
 use vrdma_proto::wqe::{self, Opcode};
-use vrdma_proto::{Gid, event, qp};
+use vrdma_proto::{Gid, event, qp, ring};
+use zerocopy::FromBytes;
 
 use super::completion::{self, Completion, set_error};
 use crate::handle::Table;
@@ -178,7 +180,7 @@ pub fn respond(
     // Take the receive at the message's first chunk and keep it to its last.
     let mut recv = RecvCopy::default();
     if consumes_recv {
-        match take_recv(objects, dest_qpn, c.b_mem) {
+        match take_recv(objects, vm, dest_qpn, c.b_mem) {
             Ok(Some(r)) => recv = r,
             Ok(None) => return Resp::Rnr(min_rnr),
             Err(v) => {
@@ -331,10 +333,29 @@ fn respond_ud(objects: &mut VmObjects, vm: &Vm, dest_qpn: u32, c: &Chunk<'_>) ->
         vm.counters.ud_dropped.fetch_add(1, Ordering::Relaxed);
         return Resp::Dropped;
     }
-    let recv = match take_recv(objects, dest_qpn, c.b_mem) {
+    let recv = match take_recv(objects, vm, dest_qpn, c.b_mem) {
         Ok(Some(r)) => r,
-        Ok(None) | Err(_) => {
+        Ok(None) => {
             vm.counters.ud_dropped.fetch_add(1, Ordering::Relaxed);
+            return Resp::Dropped;
+        }
+        Err(v) => {
+            vm.counters.ud_dropped.fetch_add(1, Ordering::Relaxed);
+            // A receive that failed its checks after it was taken from an SRQ is this QP's
+            // now: it completes in error here, and the QP stays as it is, as for a receive
+            // whose SGEs fail while a datagram is placed. (One from the QP's own ring stays
+            // at its head.)
+            let held = objects.qps.get(dest_qpn).and_then(|q| q.rt.srq_recv);
+            if let Some(r) = held {
+                let bad = Completion::new(
+                    r.wr_id,
+                    dest_qpn,
+                    recv_error_status(v),
+                    cqe::Opcode::Recv,
+                    v,
+                );
+                finish_recv(objects, vm, c.b_mem, dest_qpn, &bad);
+            }
             return Resp::Dropped;
         }
     };
@@ -428,51 +449,193 @@ fn grh(sgid: Gid, dgid: Gid, payload: u32) -> [u8; GRH_SIZE as usize] {
     h
 }
 
-/// Reads the receive work request at the head of QP `qpn`'s receive ring without consuming it,
-/// with its SGEs checked against the QP's PD and local-write rights.
+/// The receive work request QP `qpn` is to place a message in, with its SGEs checked against
+/// the PD and local-write rights.
+///
+/// With a receive ring of its own, that is the entry at the head of the ring, read without
+/// consuming it ([`finish_recv`] consumes it). With an SRQ, it is the receive the QP already
+/// holds for the message in progress, or else the next entry of the SRQ, which taking
+/// consumes there and then: the entry leaves the SRQ (its slot is free for the driver, and
+/// the SRQ's limit is checked) and is the QP's until it completes, so another QP sharing the
+/// SRQ can never take it too. A taken entry that fails its checks stays with the QP, so that
+/// it still completes exactly once.
 pub fn take_recv(
-    objects: &VmObjects,
+    objects: &mut VmObjects,
+    vm: &Vm,
     qpn: u32,
     mem: &GuestMem,
 ) -> Result<Option<RecvCopy>, VendorErr> {
     let Some(qp) = objects.qps.get(qpn) else {
         return Ok(None);
     };
+    if qp.has_srq() {
+        return take_from_srq(objects, vm, qpn, mem);
+    }
     let Some(geometry) = qp.rq_geometry() else {
         return Ok(None);
     };
-    let producer = load_producer(mem, qp.rq_ring_addr).ok_or(VendorErr::GuestMemory)?;
-    match geometry.occupancy(producer, qp.rt.rq_done) {
-        Ok(0) => return Ok(None),
-        Ok(_) => {}
-        Err(_) => return Err(VendorErr::RingOverrun),
-    }
-    let stride = geometry.stride() as usize;
-    let mut slot = [0u8; wqe::recv_stride(crate::limits::MAX_SGE) as usize];
-    let at = GuestAddress(qp.rq_ring_addr + geometry.entry_offset(qp.rt.rq_done));
-    if stride > slot.len() || mem.read_slice(&mut slot[..stride], at).is_err() {
-        return Err(VendorErr::GuestMemory);
-    }
-    let wr = wqe::decode_recv(&slot[..stride], qp.caps.max_recv_sge.get())
-        .map_err(|_| VendorErr::MalformedWqe)?;
-    let mut copy = RecvCopy {
-        wr_id: wr.wr_id,
-        n: wr.sges.len(),
-        room: wr.byte_len,
-        ..RecvCopy::default()
+    let mut buf = [0u8; wqe::recv_stride(crate::limits::MAX_SGE) as usize];
+    let Some((_, slot)) = ring_head(mem, qp.rq_ring_addr, geometry, qp.rt.rq_done, &mut buf)?
+    else {
+        return Ok(None);
     };
-    for (i, sge) in wr.sges.iter().enumerate() {
-        copy.sges[i] = sge;
-        check_local(&objects.mrs, qp.pdn, &sge, Access::LOCAL_WRITE).map_err(|f| f.vendor())?;
-    }
+    let mut copy = RecvCopy::default();
+    check_recv(
+        &objects.mrs,
+        slot,
+        qp.caps.max_recv_sge.get(),
+        qp.pdn,
+        &mut copy,
+    )?;
     Ok(Some(copy))
 }
 
-/// Completes the receive at the head of QP `qpn`'s ring with `c` and consumes it.
+/// [`take_recv`] for a QP attached to an SRQ.
+fn take_from_srq(
+    objects: &mut VmObjects,
+    vm: &Vm,
+    qpn: u32,
+    mem: &GuestMem,
+) -> Result<Option<RecvCopy>, VendorErr> {
+    let Some(qp) = objects.qps.get(qpn) else {
+        return Ok(None);
+    };
+    if let Some(held) = qp.rt.srq_recv {
+        return Ok(Some(held));
+    }
+    let srqn = qp.srqn;
+    // An SRQ cannot be destroyed while a QP is attached to it.
+    let Some(srq) = objects.srqs.get(srqn) else {
+        return Ok(None);
+    };
+    if let Some(v) = srq.fault {
+        return Err(v);
+    }
+    let Some(geometry) = srq.geometry() else {
+        return Ok(None);
+    };
+    let mut buf = [0u8; wqe::recv_stride(crate::limits::MAX_SRQ_SGE) as usize];
+    let (posted, slot) = match ring_head(mem, srq.ring_addr, geometry, srq.consumer, &mut buf) {
+        Ok(Some(head)) => head,
+        Ok(None) => return Ok(None),
+        Err(v) => return Err(srq_failed(objects, vm, srqn, v)),
+    };
+    let mut taken = RecvCopy::default();
+    let checked = check_recv(&objects.mrs, slot, srq.max_sge, srq.pdn, &mut taken);
+    // Taken, whatever it holds: the entry belongs to this QP from here on.
+    let (ring_addr, consumer, limit) = (srq.ring_addr, srq.consumer.wrapping_add(1), srq.limit);
+    let left = posted - 1;
+    if let Some(srq) = objects.srqs.get_mut(srqn) {
+        srq.consumer = consumer;
+        // Fired once, then disarmed, as rxe does when a take leaves fewer than the limit.
+        if limit != 0 && left < limit {
+            srq.limit = 0;
+            vm.push_event(event::Kind::SrqLimitReached, srqn);
+        }
+    }
+    publish_consumer(mem, ring_addr, consumer);
+    if let Some(qp) = objects.qps.get_mut(qpn) {
+        qp.rt.srq_recv = Some(taken);
+    }
+    checked.map(|()| Some(taken))
+}
+
+/// Puts SRQ `srqn` in error for good, raising SRQ_ERR the first time; returns `v`.
+fn srq_failed(objects: &mut VmObjects, vm: &Vm, srqn: u32, v: VendorErr) -> VendorErr {
+    if let Some(srq) = objects.srqs.get_mut(srqn) {
+        if srq.fault.is_none() {
+            debug!(
+                "vm {}: SRQ {srqn:#x}'s ring is unusable ({v:?}); the SRQ is in error",
+                vm.name
+            );
+            srq.fault = Some(v);
+            vm.push_event(event::Kind::SrqErr, srqn);
+        }
+    }
+    v
+}
+
+/// The entries posted in the receive ring of `geometry` at `ring_addr` beyond index
+/// `consumer`, with the first of them copied into `buf`; `None` if there are none. An overrun
+/// ring (§11.3 of docs/protocol.md) or one whose memory is gone is an error.
+fn ring_head<'a>(
+    mem: &GuestMem,
+    ring_addr: u64,
+    geometry: ring::Geometry,
+    consumer: u32,
+    buf: &'a mut [u8],
+) -> Result<Option<(u32, &'a [u8])>, VendorErr> {
+    let producer = load_producer(mem, ring_addr).ok_or(VendorErr::GuestMemory)?;
+    let posted = match geometry.occupancy(producer, consumer) {
+        Ok(0) => return Ok(None),
+        Ok(n) => n,
+        Err(_) => return Err(VendorErr::RingOverrun),
+    };
+    let slot = buf
+        .get_mut(..geometry.stride() as usize)
+        .ok_or(VendorErr::MalformedWqe)?;
+    let at = GuestAddress(ring_addr + geometry.entry_offset(consumer));
+    mem.read_slice(slot, at)
+        .map_err(|_| VendorErr::GuestMemory)?;
+    Ok(Some((posted, slot)))
+}
+
+/// Decodes a receive slot copied out of a ring into `copy` and checks its SGEs against PD
+/// `pdn` and local-write rights. On a failure `copy` still holds what could be read of the
+/// request (its `wr_id` at least), which a taken SRQ entry needs to complete.
+fn check_recv(
+    mrs: &Table<Mr>,
+    slot: &[u8],
+    max_sge: u32,
+    pdn: u32,
+    copy: &mut RecvCopy,
+) -> Result<(), VendorErr> {
+    let wr = match wqe::decode_recv(slot, max_sge) {
+        Ok(wr) => wr,
+        Err(_) => {
+            copy.wr_id = wqe::RecvHeader::read_from_prefix(slot)
+                .map(|(h, _)| h.wr_id.get())
+                .unwrap_or(0);
+            return Err(VendorErr::MalformedWqe);
+        }
+    };
+    copy.wr_id = wr.wr_id;
+    copy.n = wr.sges.len();
+    copy.room = wr.byte_len;
+    for (i, sge) in wr.sges.iter().enumerate() {
+        copy.sges[i] = sge;
+    }
+    for sge in wr.sges.iter() {
+        check_local(mrs, pdn, &sge, Access::LOCAL_WRITE).map_err(|f| f.vendor())?;
+    }
+    Ok(())
+}
+
+/// The status a receive completes with when it fails its own checks.
+fn recv_error_status(v: VendorErr) -> Status {
+    match v {
+        VendorErr::MalformedWqe => Status::LocQpOpErr,
+        VendorErr::LocalAccess => Status::LocAccessErr,
+        _ => Status::LocProtErr,
+    }
+}
+
+/// Completes the receive at the head of QP `qpn`'s ring (or, with an SRQ, the one it holds)
+/// with `c` and consumes it.
 pub fn finish_recv(objects: &mut VmObjects, vm: &Vm, mem: &GuestMem, qpn: u32, c: &Completion) {
     let Some(qp) = objects.qps.get_mut(qpn) else {
         return;
     };
+    if qp.has_srq() {
+        // Consumed from the SRQ when it was taken: only the completion is left to write.
+        qp.rt.srq_recv = None;
+        qp.rt.rx_owner = None;
+        let cqn = qp.recv_cqn;
+        if !completion::post(objects, vm, mem, cqn, c) {
+            set_error(objects, vm, qpn);
+        }
+        return;
+    }
     let (cqn, ring_addr) = (qp.recv_cqn, qp.rq_ring_addr);
     qp.rt.rq_done = qp.rt.rq_done.wrapping_add(1);
     qp.rt.rx_owner = None;

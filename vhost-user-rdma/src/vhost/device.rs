@@ -141,7 +141,10 @@ impl VmDevice {
         hooks: Arc<dyn ObjectHooks>,
         scheduler: Scheduler,
     ) -> io::Result<Self> {
-        let caps = vm.lock().caps;
+        let (caps, srq) = {
+            let objects = vm.lock();
+            (objects.caps, objects.srq_caps)
+        };
         let config_space = config::Config {
             version: vrdma_proto::PROTOCOL_VERSION.into(),
             num_doorbell_queues: cfg.doorbell_queues.into(),
@@ -149,6 +152,7 @@ impl VmDevice {
             caps,
             port: port_attr(cfg.active_mtu),
             gid: cfg.gid,
+            srq,
         }
         .as_bytes()
         .to_vec();
@@ -267,7 +271,8 @@ impl VmDevice {
     }
 
     /// Puts in error every restored object whose ring the memory table does not hold, as a
-    /// device whose ring vanished would: the QP to ERR with a fatal event, the CQ in error.
+    /// device whose ring vanished would: the QP to ERR with a fatal event, the CQ and the SRQ
+    /// in error with theirs.
     fn fail_rings_outside_memory(&self) {
         let mem = self.vm.mem.memory();
         let mut objects = self.vm.lock();
@@ -290,6 +295,16 @@ impl VmDevice {
                         cq.overflowed = true;
                     }
                     self.vm.push_event(vrdma_proto::event::Kind::CqErr, cqn);
+                }
+                BadRing::Srq(srqn) => {
+                    error!(
+                        "vm {}: restored SRQ {srqn:#x} has its ring outside the VM's memory; it is in error",
+                        self.name
+                    );
+                    if let Some(srq) = objects.srqs.get_mut(srqn) {
+                        srq.fault = Some(vrdma_proto::cqe::VendorErr::GuestMemory);
+                    }
+                    self.vm.push_event(vrdma_proto::event::Kind::SrqErr, srqn);
                 }
             }
         }

@@ -124,16 +124,21 @@ impl DoorbellQueues {
             }
             match doorbell::decode_batch(&batch[..len]) {
                 Ok(doorbells) if ok => {
-                    for (_kind, qpn) in doorbells {
+                    for (kind, handle) in doorbells {
                         vm.counters.doorbells.fetch_add(1, Ordering::Relaxed);
                         if polled {
                             vm.counters.doorbells_polled.fetch_add(1, Ordering::Relaxed);
                         }
-                        // Either kind just asks the scheduler to look at the QP: a send doorbell
-                        // for new work, a receive doorbell for a QP in ERR whose new receives
-                        // must be flushed. A QPN that names nothing is skipped there, as an RNIC
-                        // ignores a doorbell for a QP that does not exist.
-                        vm.enqueue(qpn);
+                        // An SRQ doorbell names an SRQ, not a QP, and asks nothing: SRQ
+                        // entries are read when a message arrives and are never flushed.
+                        if kind == doorbell::Kind::Srq {
+                            continue;
+                        }
+                        // Either other kind just asks the scheduler to look at the QP: a send
+                        // doorbell for new work, a receive doorbell for a QP in ERR whose new
+                        // receives must be flushed. A QPN that names nothing is skipped there,
+                        // as an RNIC ignores a doorbell for a QP that does not exist.
+                        vm.enqueue(handle);
                     }
                 }
                 _ => {

@@ -1,9 +1,12 @@
 //! A VM's device state as live migration moves it: saved from the live objects into a
-//! versioned blob of vrdma's own format ([`codec`] frames it, [`v1`] lays it out), and
-//! restored from one with every field checked before anything is installed.
+//! versioned blob of vrdma's own format ([`codec`] frames it, [`v1`] lays out the objects of
+//! version 1, and [`v2`] adds the shared receive queues after them), and restored from one
+//! with every field checked before anything is installed. A daemon writes version 2 and reads
+//! both: a version 1 state is one without SRQs.
 //!
 //! What moves: every object with its handle (and each handle table's generations and free
-//! list, so the same handles come next), the rings' indices, each QP's data-path state
+//! list, so the same handles come next), the rings' indices (an SRQ's consumer index and
+//! armed limit too, and the receive each QP holds from its SRQ), each QP's data-path state
 //! including the work request in progress and the RC transport's (PSNs, the unacknowledged
 //! window, the READ and atomic replay records), the counters and the undelivered events.
 //! Timers are saved as what was left of them when the VM stopped, so they resume where they
@@ -16,25 +19,27 @@
 
 pub mod codec;
 pub mod v1;
+pub mod v2;
 
 use std::time::{Duration, Instant};
 
 use vrdma_proto::mr::{self as proto_mr, Access};
+use vrdma_proto::wqe::Sge;
 use vrdma_proto::{Gid, cqe, event, qp, ring, wqe};
 use zerocopy::{FromBytes, IntoBytes};
 
 use super::control::in_one_region;
 use super::memory::GuestMem;
-use super::objects::{Ah, Cq, Mr, Pd, Qp, VmObjects};
+use super::objects::{Ah, Cq, Mr, Pd, Qp, Srq, VmObjects};
 use super::qp_state::{
-    self, Inflight, QpRuntime, RcTransport, ReadRecord, Records, Retries, RxMsg, Sent,
+    self, Inflight, QpRuntime, RcTransport, ReadRecord, Records, RecvCopy, Retries, RxMsg, Sent,
 };
 use super::vm::Vm;
 use crate::config::VmConfig;
 use crate::handle::{RestoreError, Table};
 
-/// The format version this daemon writes, and the newest it reads.
-pub const VERSION: u32 = 1;
+/// The format version this daemon writes, and the newest it reads (it reads every older one).
+pub const VERSION: u32 = 2;
 
 /// The longest timer a saved QP may carry: far above any verbs timeout (the longest ACK
 /// timeout is 4.096 µs × 2^31, about 2.4 hours), so only a corrupt state exceeds it.
@@ -133,7 +138,7 @@ pub fn save(
     events: &[event::Event],
     now: Instant,
 ) -> Vec<u8> {
-    let state = v1::VmState {
+    let base = v1::VmState {
         gid: objects.gid.0,
         active_mtu: objects.active_mtu,
         roce: objects.roce,
@@ -168,6 +173,37 @@ pub fn save(
                 let mut b = [0u8; 8];
                 b.copy_from_slice(e.as_bytes());
                 b
+            })
+            .collect(),
+    };
+    let state = v2::VmState {
+        base,
+        srqs: save_table(&objects.srqs, |srq| v2::Srq {
+            pdn: srq.pdn,
+            depth: srq.depth,
+            max_sge: srq.max_sge,
+            ring_addr: srq.ring_addr,
+            limit: srq.limit,
+            consumer: srq.consumer,
+            users: srq.users,
+            fault: srq.fault.map_or(0, |v| v.raw()),
+        }),
+        attached: objects
+            .qps
+            .iter()
+            .filter(|(_, qp)| qp.has_srq())
+            .map(|(qpn, qp)| v2::Attached {
+                qpn,
+                srqn: qp.srqn,
+                last_wqe_raised: qp.rt.last_wqe_raised,
+                held: qp.rt.srq_recv.map(|r| v2::Held {
+                    wr_id: r.wr_id,
+                    sges: r.sges[..r.n]
+                        .iter()
+                        .map(|s| (s.addr.get(), s.length.get(), s.lkey.get()))
+                        .collect(),
+                    room: r.room,
+                }),
             })
             .collect(),
     };
@@ -273,17 +309,39 @@ fn save_qp(qp: &Qp, now: Instant) -> v1::Qp {
 /// GUID is `node_guid`, as of `now`. Everything is checked that can be without guest memory.
 pub fn load(blob: &[u8], cfg: &VmConfig, node_guid: u64, now: Instant) -> Result<Restored, Error> {
     let (version, payload) = codec::unframe(blob, VERSION)?;
-    debug_assert_eq!(version, 1, "the only version so far");
-    let state = v1::VmState::decode(payload)?;
-    restore_v1(state, cfg, node_guid, now)
+    let state = if version == 1 {
+        // Version 1 predates SRQs: the same objects, none of them an SRQ.
+        let (index_bits, generation_bits) = (
+            crate::limits::HANDLE_INDEX_BITS as u8,
+            crate::limits::HANDLE_GENERATION_BITS as u8,
+        );
+        v2::VmState {
+            base: v1::VmState::decode(payload)?,
+            srqs: v1::Table {
+                index_bits,
+                generation_bits,
+                slots: Vec::new(),
+                free: Vec::new(),
+            },
+            attached: Vec::new(),
+        }
+    } else {
+        v2::VmState::decode(payload)?
+    };
+    restore(state, cfg, node_guid, now)
 }
 
-fn restore_v1(
-    s: v1::VmState,
+fn restore(
+    state: v2::VmState,
     cfg: &VmConfig,
     node_guid: u64,
     now: Instant,
 ) -> Result<Restored, Error> {
+    let v2::VmState {
+        base: s,
+        srqs,
+        attached,
+    } = state;
     let mut o = VmObjects::new(cfg, node_guid);
     let saved_gid = Gid(s.gid);
     if saved_gid != o.gid {
@@ -308,9 +366,31 @@ fn restore_v1(
     let caps = o.caps;
     o.mrs = restore_table("MR", &o.mrs, s.mrs, |lkey, mr| restore_mr(lkey, mr, &caps))?;
     o.cqs = restore_table("CQ", &o.cqs, s.cqs, |cqn, cq| restore_cq(cqn, cq, &caps))?;
-    o.qps = restore_table("QP", &o.qps, s.qps, |qpn, qp| {
-        restore_qp(qpn, qp, &caps, mtu, now)
+    let srq_caps = o.srq_caps;
+    o.srqs = restore_table("SRQ", &o.srqs, srqs, |srqn, srq| {
+        restore_srq(srqn, srq, &srq_caps)
     })?;
+    let mut attachments = std::collections::HashMap::with_capacity(attached.len());
+    for a in attached {
+        let qpn = a.qpn;
+        if attachments.insert(qpn, a).is_some() {
+            return Err(Error::Object {
+                what: "QP",
+                handle: qpn,
+                problem: "it is attached to an SRQ twice",
+            });
+        }
+    }
+    o.qps = restore_table("QP", &o.qps, s.qps, |qpn, qp| {
+        restore_qp(qpn, qp, &caps, mtu, now, attachments.remove(&qpn))
+    })?;
+    if let Some(&qpn) = attachments.keys().next() {
+        return Err(Error::Object {
+            what: "QP",
+            handle: qpn,
+            problem: "an SRQ attachment names a QP that does not exist",
+        });
+    }
     o.ahs = restore_table("AH", &o.ahs, s.ahs, |handle, ah| {
         let attr = qp::AhAttr::read_from_bytes(&ah.attr).map_err(|_| Error::Object {
             what: "AH",
@@ -358,7 +438,7 @@ fn restore_table<T, S>(
     what: &'static str,
     here: &Table<T>,
     saved: v1::Table<S>,
-    restore: impl Fn(u32, S) -> Result<T, Error>,
+    mut restore: impl FnMut(u32, S) -> Result<T, Error>,
 ) -> Result<Table<T>, Error> {
     let bits = here.handle_bits();
     if (
@@ -429,6 +509,40 @@ fn restore_mr(lkey: u32, mr: v1::Mr, caps: &vrdma_proto::config::DeviceCaps) -> 
     })
 }
 
+fn restore_srq(srqn: u32, srq: v2::Srq, caps: &vrdma_proto::config::SrqCaps) -> Result<Srq, Error> {
+    let bad = |problem| Error::Object {
+        what: "SRQ",
+        handle: srqn,
+        problem,
+    };
+    if srq.depth > caps.max_srq_wr.get() || srq.max_sge > caps.max_srq_sge.get() {
+        return Err(bad("its depth or SGE count is over this daemon's limits"));
+    }
+    if srq.limit > srq.depth {
+        return Err(bad("its limit is larger than its depth"));
+    }
+    let fault = match srq.fault {
+        0 => None,
+        raw => Some(
+            cqe::VendorErr::from_raw(raw).map_err(|_| bad("its fault is not a vendor error"))?,
+        ),
+    };
+    let record = Srq {
+        pdn: srq.pdn,
+        depth: srq.depth,
+        max_sge: srq.max_sge,
+        ring_addr: srq.ring_addr,
+        limit: srq.limit,
+        consumer: srq.consumer,
+        users: srq.users,
+        fault,
+    };
+    record
+        .geometry()
+        .ok_or_else(|| bad("its ring geometry is invalid"))?;
+    Ok(record)
+}
+
 fn restore_cq(cqn: u32, cq: v1::Cq, caps: &vrdma_proto::config::DeviceCaps) -> Result<Cq, Error> {
     if cq.depth > caps.max_cqe.get() || ring::Geometry::new(cq.depth, cqe::SIZE).is_err() {
         return Err(Error::Object {
@@ -470,6 +584,7 @@ fn restore_qp(
     caps: &vrdma_proto::config::DeviceCaps,
     active_mtu: vrdma_proto::config::Mtu,
     now: Instant,
+    attached: Option<v2::Attached>,
 ) -> Result<Qp, Error> {
     let bad = |problem| Error::Object {
         what: "QP",
@@ -521,15 +636,30 @@ fn restore_qp(
         caps: cap,
         sq_ring_addr: s.sq_ring_addr,
         rq_ring_addr: s.rq_ring_addr,
+        srqn: attached.as_ref().map_or(0, |a| a.srqn),
         attr,
         rt: QpRuntime::at(rt.sq_head, rt.rq_done),
     };
     let sq = record
         .sq_geometry()
         .ok_or_else(|| bad("its send ring geometry is invalid"))?;
-    record
-        .rq_geometry()
-        .ok_or_else(|| bad("its receive ring geometry is invalid"))?;
+    match &attached {
+        None => {
+            record
+                .rq_geometry()
+                .ok_or_else(|| bad("its receive ring geometry is invalid"))?;
+        }
+        Some(a) => {
+            if a.srqn == 0 {
+                return Err(bad("its SRQ attachment names no SRQ"));
+            }
+            if cap.max_recv_wr.get() != 0 || cap.max_recv_sge.get() != 0 || s.rq_ring_addr != 0 {
+                return Err(bad("it takes receives from an SRQ but has a receive ring"));
+            }
+            record.rt.last_wqe_raised = a.last_wqe_raised;
+            record.rt.srq_recv = a.held.as_ref().map(restore_held).transpose()?;
+        }
+    }
     record.rt.sqd_notified = rt.sqd_notified;
     record.rt.sq_dead = rt.sq_dead;
     record.rt.sq_polling = rt.sq_polling;
@@ -569,6 +699,34 @@ fn restore_qp(
     }
     record.rt.rc = restore_rc(&rt.rc, rt.sq_head, now, &bad)?;
     Ok(record)
+}
+
+/// The receive a QP held from its SRQ: at most the SGEs any SRQ can have (its own SRQ's limit
+/// is checked with the references), its room the sum of their lengths.
+fn restore_held(h: &v2::Held) -> Result<RecvCopy, Error> {
+    let bad = |problem| Error::Vm(problem);
+    let mut copy = RecvCopy {
+        wr_id: h.wr_id,
+        n: h.sges.len(),
+        room: h.room,
+        ..RecvCopy::default()
+    };
+    if h.sges.len() > copy.sges.len() {
+        return Err(bad("a held SRQ receive has more SGEs than any SRQ"));
+    }
+    let mut room = 0u32;
+    for (slot, &(addr, length, lkey)) in copy.sges.iter_mut().zip(&h.sges) {
+        *slot = Sge::new(addr, length, lkey);
+        room = room
+            .checked_add(length)
+            .ok_or_else(|| bad("a held SRQ receive's length overflows"))?;
+    }
+    if room != h.room {
+        return Err(bad(
+            "a held SRQ receive's room differs from its SGEs' lengths",
+        ));
+    }
+    Ok(copy)
 }
 
 fn restore_rc(
@@ -688,8 +846,27 @@ fn check_references(o: &VmObjects) -> Result<(), Error> {
     for (handle, ah) in o.ahs.iter() {
         use_pd("AH", handle, ah.pdn)?;
     }
+    for (srqn, srq) in o.srqs.iter() {
+        use_pd("SRQ", srqn, srq.pdn)?;
+    }
+    let mut srq_users: std::collections::HashMap<u32, u32> = Default::default();
     for (qpn, qp) in o.qps.iter() {
         use_pd("QP", qpn, qp.pdn)?;
+        if qp.has_srq() {
+            let srq = o.srqs.get(qp.srqn).ok_or(Error::Object {
+                what: "QP",
+                handle: qpn,
+                problem: "its SRQ does not exist",
+            })?;
+            if qp.rt.srq_recv.is_some_and(|r| r.n > srq.max_sge as usize) {
+                return Err(Error::Object {
+                    what: "QP",
+                    handle: qpn,
+                    problem: "the receive it holds has more SGEs than its SRQ allows",
+                });
+            }
+            *srq_users.entry(qp.srqn).or_default() += 1;
+        }
         for cqn in [qp.send_cqn, qp.recv_cqn] {
             if o.cqs.get(cqn).is_none() {
                 return Err(Error::Object {
@@ -719,6 +896,15 @@ fn check_references(o: &VmObjects) -> Result<(), Error> {
             });
         }
     }
+    for (srqn, srq) in o.srqs.iter() {
+        if srq.users != srq_users.get(&srqn).copied().unwrap_or(0) {
+            return Err(Error::Object {
+                what: "SRQ",
+                handle: srqn,
+                problem: "its use count differs from the QPs attached to it",
+            });
+        }
+    }
     Ok(())
 }
 
@@ -730,7 +916,8 @@ pub fn install(vm: &Vm, restored: Restored) -> Result<(), Error> {
         && objects.mrs.is_empty()
         && objects.cqs.is_empty()
         && objects.qps.is_empty()
-        && objects.ahs.is_empty();
+        && objects.ahs.is_empty()
+        && objects.srqs.is_empty();
     if !empty {
         return Err(Error::NotEmpty);
     }
@@ -756,6 +943,8 @@ pub enum BadRing {
     Qp(u32),
     /// A CQ's ring.
     Cq(u32),
+    /// An SRQ's ring.
+    Srq(u32),
 }
 
 /// Checks every ring of `objects` against the memory table that arrived after the state, as
@@ -771,9 +960,21 @@ pub fn check_rings(objects: &VmObjects, mem: &GuestMem) -> Vec<BadRing> {
     }
     for (qpn, qp) in objects.qps.iter() {
         let sq = qp.sq_geometry().map_or(0, |g| g.byte_len());
-        let rq = qp.rq_geometry().map_or(0, |g| g.byte_len());
-        if !in_one_region(mem, qp.sq_ring_addr, sq) || !in_one_region(mem, qp.rq_ring_addr, rq) {
+        // A QP with an SRQ has no receive ring of its own.
+        let rq_outside = !qp.has_srq()
+            && !in_one_region(
+                mem,
+                qp.rq_ring_addr,
+                qp.rq_geometry().map_or(0, |g| g.byte_len()),
+            );
+        if !in_one_region(mem, qp.sq_ring_addr, sq) || rq_outside {
             bad.push(BadRing::Qp(qpn));
+        }
+    }
+    for (srqn, srq) in objects.srqs.iter() {
+        let len = srq.geometry().map_or(0, |g| g.byte_len());
+        if !in_one_region(mem, srq.ring_addr, len) {
+            bad.push(BadRing::Srq(srqn));
         }
     }
     bad
@@ -887,6 +1088,8 @@ mod tests {
             },
             sq_ring_addr: (BASE + 0x8000).into(),
             rq_ring_addr: (BASE + 0xc000).into(),
+            srqn: 0.into(),
+            reserved1: 0.into(),
         };
         let qpn =
             cmd::CreateQpResp::read_from_bytes(&run(cmd::Opcode::CreateQp, create.as_bytes()))
@@ -1093,16 +1296,16 @@ mod tests {
         assert!(matches!(
             load(&future, &cfg, 7, now),
             Err(Error::Format(codec::Error::Version {
-                found: 2,
-                supported: 1
-            }))
+                found,
+                supported: VERSION
+            })) if found == VERSION + 1
         ));
 
         // Consistent framing, inconsistent content: re-framed so only validation can catch it.
         let reframe = |change: &dyn Fn(&mut v1::VmState)| {
             let (_, payload) = codec::unframe(&good, VERSION).unwrap();
-            let mut state = v1::VmState::decode(payload).unwrap();
-            change(&mut state);
+            let mut state = v2::VmState::decode(payload).unwrap();
+            change(&mut state.base);
             load(&codec::frame(VERSION, &state.encode()), &cfg, 7, now)
         };
         let with_qp = |f: &dyn Fn(&mut v1::Qp)| {
@@ -1178,23 +1381,238 @@ mod tests {
         assert!(matches!(load(&good, &no_roce, 7, now), Err(Error::NoRoce)));
     }
 
+    /// Where the SRQ fixture's SRQ ring and its QP's send ring are.
+    const SRQ_RING: u64 = BASE + 0x10000;
+    const SRQ_QP_SQ: u64 = BASE + 0x12000;
+
+    /// The fixture plus an SRQ (8 entries of one SGE, armed with limit 2) and a second RC QP
+    /// attached to it, which holds a receive it took (the SRQ's consumer index is past it)
+    /// for a message in progress. Returns the SRQ's number and the QP's.
+    fn with_srq(m: &mut Made) -> (u32, u32) {
+        let (mem, vm) = (&m.mem, &mut m.vm);
+        let srq = cmd::CreateSrq {
+            pdn: m.pd.into(),
+            max_wr: 8.into(),
+            max_sge: 1.into(),
+            srq_limit: 2.into(),
+            ring_addr: SRQ_RING.into(),
+        };
+        let srqn = cmd::CreateSrqResp::read_from_bytes(
+            &exec(vm, mem, &command(cmd::Opcode::CreateSrq, srq.as_bytes())).unwrap(),
+        )
+        .unwrap()
+        .srqn
+        .get();
+        let cqn = vm.cqs.iter().map(|(cqn, _)| cqn).next().unwrap();
+        let create = cmd::CreateQp {
+            pdn: m.pd.into(),
+            qp_type: qp::Type::Rc.raw(),
+            sq_sig_all: 0,
+            reserved: 0.into(),
+            send_cqn: cqn.into(),
+            recv_cqn: cqn.into(),
+            cap: qp::Caps {
+                max_send_wr: 4.into(),
+                max_send_sge: 1.into(),
+                ..qp::Caps::default()
+            },
+            sq_ring_addr: SRQ_QP_SQ.into(),
+            rq_ring_addr: 0.into(),
+            srqn: srqn.into(),
+            reserved1: 0.into(),
+        };
+        let qpn = cmd::CreateQpResp::read_from_bytes(
+            &exec(vm, mem, &command(cmd::Opcode::CreateQp, create.as_bytes())).unwrap(),
+        )
+        .unwrap()
+        .qpn
+        .get();
+        vm.srqs.get_mut(srqn).unwrap().consumer = 1;
+        let qp = vm.qps.get_mut(qpn).unwrap();
+        let mut held = RecvCopy {
+            wr_id: 9,
+            n: 1,
+            room: 100,
+            ..RecvCopy::default()
+        };
+        held.sges[0] = Sge::new(0x7000_0000, 100, m.lkey);
+        qp.rt.srq_recv = Some(held);
+        (srqn, qpn)
+    }
+
+    /// An SRQ moves with its handle, ring, indices and armed limit, and a QP attached to it
+    /// with the receive it holds: after a restore the SRQ is still in use, and a second hop
+    /// changes nothing.
+    #[test]
+    fn an_srq_and_the_receive_a_qp_holds_survive_a_save_and_restore() {
+        let mut m = made(false);
+        let (srqn, qpn) = with_srq(&mut m);
+        let now = Instant::now();
+        let blob = save(&m.vm, [0; v1::COUNTERS], &[], now);
+        let mut restored = load(&blob, &m.cfg, 7, now).unwrap().objects;
+        let (a, b) = (
+            m.vm.srqs.get(srqn).unwrap(),
+            restored.srqs.get(srqn).unwrap(),
+        );
+        assert_eq!(
+            (
+                a.pdn,
+                a.depth,
+                a.max_sge,
+                a.ring_addr,
+                a.limit,
+                a.consumer,
+                a.users
+            ),
+            (
+                b.pdn,
+                b.depth,
+                b.max_sge,
+                b.ring_addr,
+                b.limit,
+                b.consumer,
+                b.users
+            )
+        );
+        assert_eq!((b.depth, b.limit, b.consumer, b.users), (8, 2, 1, 1));
+        let qp = restored.qps.get(qpn).unwrap();
+        assert_eq!(qp.srqn, srqn);
+        assert_eq!(qp.rt.srq_recv, m.vm.qps.get(qpn).unwrap().rt.srq_recv);
+        assert_eq!(qp.rt.srq_recv.map(|r| r.wr_id), Some(9));
+        assert_eq!(check_rings(&restored, &m.mem), vec![]);
+        let query = handle_command(cmd::Opcode::QuerySrq, srqn);
+        assert_eq!(
+            exec(&mut restored, &m.mem, &query),
+            exec(&mut m.vm, &m.mem, &query)
+        );
+        assert_eq!(save(&restored, [0; v1::COUNTERS], &[], now), blob);
+        let destroy = handle_command(cmd::Opcode::DestroySrq, srqn);
+        assert_eq!(
+            exec(&mut restored, &m.mem, &destroy).unwrap_err().status,
+            Status::Busy
+        );
+        // The SRQ's ring is checked against the memory table like every other.
+        let short = GuestMem::from_ranges(&[(GuestAddress(BASE), 0x10000)]).unwrap();
+        assert!(check_rings(&restored, &short).contains(&BadRing::Srq(srqn)));
+    }
+
+    /// A state a daemon of format version 1 wrote (before SRQs) still loads.
+    #[test]
+    fn a_version_1_state_loads_as_one_without_srqs() {
+        let Made {
+            cfg,
+            mem,
+            mut vm,
+            qpn,
+            ..
+        } = made(false);
+        let now = Instant::now();
+        let blob = save(&vm, [3; v1::COUNTERS], &[], now);
+        let (_, payload) = codec::unframe(&blob, VERSION).unwrap();
+        let v1_blob = codec::frame(1, &v2::VmState::decode(payload).unwrap().base.encode());
+        let restored = load(&v1_blob, &cfg, 7, now).expect("a version 1 state");
+        assert_eq!(restored.counters, [3; v1::COUNTERS]);
+        let mut objects = restored.objects;
+        assert!(objects.srqs.is_empty());
+        let query = handle_command(cmd::Opcode::QueryQp, qpn);
+        assert_eq!(
+            exec(&mut objects, &mem, &query),
+            exec(&mut vm, &mem, &query)
+        );
+        // Saved again, it is the version 2 state of the same VM.
+        assert_eq!(save(&objects, [3; v1::COUNTERS], &[], now), blob);
+    }
+
+    /// Each inconsistency of a saved SRQ or attachment is refused.
+    #[test]
+    fn corrupt_srq_states_are_refused() {
+        let mut m = made(false);
+        let (srqn, qpn) = with_srq(&mut m);
+        let now = Instant::now();
+        let good = save(&m.vm, [0; v1::COUNTERS], &[], now);
+        assert!(load(&good, &m.cfg, 7, now).is_ok());
+        let reframe = |change: &dyn Fn(&mut v2::VmState)| {
+            let (_, payload) = codec::unframe(&good, VERSION).unwrap();
+            let mut state = v2::VmState::decode(payload).unwrap();
+            change(&mut state);
+            load(&codec::frame(VERSION, &state.encode()), &m.cfg, 7, now)
+        };
+        let srq = |f: &dyn Fn(&mut v2::Srq)| {
+            reframe(&|s| {
+                f(s.srqs
+                    .slots
+                    .iter_mut()
+                    .find_map(|(_, q)| q.as_mut())
+                    .unwrap())
+            })
+        };
+        let object = |r: Result<Restored, Error>| match r {
+            Err(Error::Object { what, handle, .. }) => Some((what, handle)),
+            _ => None,
+        };
+        assert_eq!(object(srq(&|q| q.users = 2)), Some(("SRQ", srqn)));
+        assert_eq!(object(srq(&|q| q.limit = 9)), Some(("SRQ", srqn)));
+        assert_eq!(object(srq(&|q| q.depth = 6)), Some(("SRQ", srqn)));
+        assert_eq!(object(srq(&|q| q.max_sge = 17)), Some(("SRQ", srqn)));
+        assert_eq!(object(srq(&|q| q.fault = 999)), Some(("SRQ", srqn)));
+        assert_eq!(object(srq(&|q| q.pdn ^= 0x1_0000)), Some(("SRQ", srqn)));
+        // Attachments: to an SRQ that does not exist, of a QP that does not exist, twice, or
+        // missing (the QP then has no receive ring at all).
+        assert_eq!(
+            object(reframe(&|s| s.attached[0].srqn ^= 0x1_0000)),
+            Some(("QP", qpn))
+        );
+        assert_eq!(
+            object(reframe(&|s| {
+                let mut stray = s.attached[0].clone();
+                stray.qpn = 0x02_0005;
+                s.attached.push(stray);
+            })),
+            Some(("QP", 0x02_0005))
+        );
+        assert_eq!(
+            object(reframe(&|s| {
+                let twice = s.attached[0].clone();
+                s.attached.push(twice);
+            })),
+            Some(("QP", qpn))
+        );
+        assert_eq!(object(reframe(&|s| s.attached.clear())), Some(("QP", qpn)));
+        // The held receive: its room must be its SGEs' lengths, and its SGEs fit its SRQ.
+        assert!(matches!(
+            reframe(&|s| s.attached[0].held.as_mut().unwrap().room = 101),
+            Err(Error::Vm(_))
+        ));
+        assert_eq!(
+            object(reframe(&|s| {
+                let held = s.attached[0].held.as_mut().unwrap();
+                held.sges.push((0x7000_0000, 0, 1));
+            })),
+            Some(("QP", qpn))
+        );
+    }
+
     /// Any single corrupted byte of the payload, re-framed with a valid checksum, is either
     /// refused with an error or loads: never a panic (the fuzz target does this at scale).
     #[test]
     fn every_single_byte_corruption_is_handled() {
         let (cfg, vm, _) = sample();
+        let mut with = made(false);
+        with_srq(&mut with);
         let now = Instant::now();
-        let good = save(&vm, [0; v1::COUNTERS], &[], now);
-        let payload = &good[codec::HEADER_LEN..];
-        for i in 0..payload.len() {
-            for x in [0x01u8, 0x80, 0xff] {
-                let mut p = payload.to_vec();
-                p[i] ^= x;
-                let _ = load(&codec::frame(VERSION, &p), &cfg, 7, now);
+        for objects in [&vm, &with.vm] {
+            let good = save(objects, [0; v1::COUNTERS], &[], now);
+            let payload = &good[codec::HEADER_LEN..];
+            for i in 0..payload.len() {
+                for x in [0x01u8, 0x80, 0xff] {
+                    let mut p = payload.to_vec();
+                    p[i] ^= x;
+                    let _ = load(&codec::frame(VERSION, &p), &cfg, 7, now);
+                }
             }
-        }
-        for n in 0..payload.len() {
-            assert!(load(&codec::frame(VERSION, &payload[..n]), &cfg, 7, now).is_err());
+            for n in 0..payload.len() {
+                assert!(load(&codec::frame(VERSION, &payload[..n]), &cfg, 7, now).is_err());
+            }
         }
     }
 
@@ -1212,8 +1630,10 @@ mod tests {
         let qp = busy.qps.get_mut(qpn).unwrap();
         qp.rt.inflight.active = true;
         qp.rt.rc.deadline = Some(now + Duration::from_millis(3));
+        let mut shared = made(false);
+        with_srq(&mut shared);
         let events = [event::Event::new(event::Kind::CommEst, qpn)];
-        for (name, objects) in [("idle", &vm), ("busy", &busy)] {
+        for (name, objects) in [("idle", &vm), ("busy", &busy), ("srq", &shared.vm)] {
             let blob = save(objects, [5; v1::COUNTERS], &events, now);
             let mut framed = vec![3u8];
             framed.extend_from_slice(&blob[codec::HEADER_LEN..]);

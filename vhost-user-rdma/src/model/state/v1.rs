@@ -7,6 +7,10 @@
 //!
 //! Decoding checks only the shape (counts, flags, lengths); what the values mean is checked
 //! when the state is restored (`super::restore`).
+//!
+//! Version 2 (`super::v2`) is this layout followed by a section of its own, so the encoder and
+//! decoder of the whole layout are also offered without their framing
+//! ([`VmState::encode_into`], [`VmState::decode_from`]).
 
 use super::codec::{Error, Reader, Writer};
 use crate::limits;
@@ -230,16 +234,22 @@ impl VmState {
     /// The payload.
     pub fn encode(&self) -> Vec<u8> {
         let mut w = Writer::default();
+        self.encode_into(&mut w);
+        w.into_bytes()
+    }
+
+    /// Writes the fields into `w`, as the start of a longer payload.
+    pub fn encode_into(&self, w: &mut Writer) {
         for b in self.gid {
             w.u8(b);
         }
         w.u8(self.active_mtu);
         w.bool(self.roce);
-        encode_table(&mut w, &self.pds, |w, pd| w.u32(pd.users));
-        encode_table(&mut w, &self.mrs, encode_mr);
-        encode_table(&mut w, &self.cqs, encode_cq);
-        encode_table(&mut w, &self.qps, encode_qp);
-        encode_table(&mut w, &self.ahs, |w, ah| {
+        encode_table(w, &self.pds, |w, pd| w.u32(pd.users));
+        encode_table(w, &self.mrs, encode_mr);
+        encode_table(w, &self.cqs, encode_cq);
+        encode_table(w, &self.qps, encode_qp);
+        encode_table(w, &self.ahs, |w, ah| {
             w.u32(ah.pdn);
             w.bytes(&ah.attr);
         });
@@ -254,27 +264,33 @@ impl VmState {
                 w.u8(*b);
             }
         }
-        w.into_bytes()
     }
 
     /// Reads a payload written by [`VmState::encode`].
     pub fn decode(payload: &[u8]) -> Result<Self, Error> {
         let mut r = Reader::new(payload);
+        let state = Self::decode_from(&mut r)?;
+        r.finish()?;
+        Ok(state)
+    }
+
+    /// Reads the fields [`VmState::encode_into`] wrote, leaving `r` after them.
+    pub fn decode_from(r: &mut Reader<'_>) -> Result<Self, Error> {
         let mut gid = [0u8; 16];
         for b in &mut gid {
             *b = r.u8("GID")?;
         }
         let active_mtu = r.u8("active MTU")?;
         let roce = r.bool("RoCE flag")?;
-        let pds = decode_table(&mut r, "PD", limits::MAX_PD, |r| {
+        let pds = decode_table(r, "PD", limits::MAX_PD, |r| {
             Ok(Pd {
                 users: r.u32("PD users")?,
             })
         })?;
-        let mrs = decode_table(&mut r, "MR", limits::MAX_MR, decode_mr)?;
-        let cqs = decode_table(&mut r, "CQ", limits::MAX_CQ, decode_cq)?;
-        let qps = decode_table(&mut r, "QP", limits::MAX_QP, decode_qp)?;
-        let ahs = decode_table(&mut r, "AH", limits::MAX_AH, |r| {
+        let mrs = decode_table(r, "MR", limits::MAX_MR, decode_mr)?;
+        let cqs = decode_table(r, "CQ", limits::MAX_CQ, decode_cq)?;
+        let qps = decode_table(r, "QP", limits::MAX_QP, decode_qp)?;
+        let ahs = decode_table(r, "AH", limits::MAX_AH, |r| {
             Ok(Ah {
                 pdn: r.u32("AH PD")?,
                 attr: r.bytes("AH attributes", 256)?.to_vec(),
@@ -298,7 +314,6 @@ impl VmState {
             }
             events.push(e);
         }
-        r.finish()?;
         Ok(VmState {
             gid,
             active_mtu,
@@ -315,7 +330,8 @@ impl VmState {
     }
 }
 
-fn encode_table<T>(w: &mut Writer, t: &Table<T>, item: impl Fn(&mut Writer, &T)) {
+/// Writes a handle table, each object with `item`.
+pub fn encode_table<T>(w: &mut Writer, t: &Table<T>, item: impl Fn(&mut Writer, &T)) {
     w.u8(t.index_bits);
     w.u8(t.generation_bits);
     w.count(t.slots.len());
@@ -332,7 +348,8 @@ fn encode_table<T>(w: &mut Writer, t: &Table<T>, item: impl Fn(&mut Writer, &T))
     }
 }
 
-fn decode_table<T>(
+/// Reads a handle table of at most `max` slots, each object with `item`.
+pub fn decode_table<T>(
     r: &mut Reader<'_>,
     what: &'static str,
     max: u32,

@@ -141,6 +141,7 @@ impl Side {
                 &QpInitAttr {
                     send_cq: &cq,
                     recv_cq: &cq,
+                    srq: None,
                     cap,
                     qp_type: QpType::Rc,
                     sq_sig_all: false,

@@ -152,6 +152,7 @@ fn one(env: &Env, qps: usize, run: usize) -> Result<Sample, Error> {
             &QpInitAttr {
                 send_cq: cq,
                 recv_cq: cq,
+                srq: None,
                 cap,
                 qp_type: QpType::Rc,
                 sq_sig_all: false,

@@ -46,6 +46,7 @@ fn open_side(socket: &str, remote: AccessFlags) -> Result<Side, Box<dyn Error>> 
         &QpInitAttr {
             send_cq: &cq,
             recv_cq: &cq,
+            srq: None,
             cap: QpCap::default(),
             qp_type: QpType::Rc,
             sq_sig_all: false,

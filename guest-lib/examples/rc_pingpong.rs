@@ -225,6 +225,7 @@ impl Pingpong {
                 &QpInitAttr {
                     send_cq: &cq,
                     recv_cq: &cq,
+                    srq: None,
                     cap: QpCap {
                         max_send_wr: 1,
                         max_recv_wr: args.rx_depth,

@@ -188,7 +188,7 @@ fn free_port() -> u16 {
 
 #[test]
 fn devinfo_prints_the_device_the_daemon_configured() {
-    let d = TestDaemon::start(&[("vm1", "gid=10.0.0.7,max-qp=77,max-cq=33")]);
+    let d = TestDaemon::start(&[("vm1", "gid=10.0.0.7,max-qp=77,max-cq=33,max-srq=5")]);
     let socket = d.socket("vm1");
     let socket = socket.to_str().expect("utf-8 path");
 
@@ -225,6 +225,9 @@ fn devinfo_prints_the_device_the_daemon_configured() {
         "\tmax_qp:\t\t\t\t77\n",
         "\tmax_cq:\t\t\t\t33\n",
         "\tmax_qp_wr:\t\t\t16384\n",
+        "\tmax_srq:\t\t\t5\n",
+        "\tmax_srq_wr:\t\t\t16384\n",
+        "\tmax_srq_sge:\t\t\t16\n",
         "\tatomic_cap:\t\t\tATOMIC_GLOB (2)\n",
         "\t\t\tgid_tbl_len:\t\t1\n",
         "\t\t\tphys_state:\t\tLINK_UP (5)\n",

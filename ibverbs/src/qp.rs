@@ -271,6 +271,7 @@ pub unsafe extern "C" fn ibv_create_qp(
             let attr = QpInitAttr {
                 send_cq: &send_cq.cq,
                 recv_cq: &recv_cq.cq,
+                srq: None,
                 cap,
                 qp_type,
                 sq_sig_all: init.sq_sig_all != 0,

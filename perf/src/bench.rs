@@ -282,6 +282,7 @@ impl Side {
                     &QpInitAttr {
                         send_cq: &scq,
                         recv_cq: &rcq,
+                        srq: None,
                         cap: QpCap {
                             max_send_wr: params.tx_depth,
                             max_recv_wr: recv_depth,

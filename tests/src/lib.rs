@@ -240,6 +240,7 @@ impl Endpoint {
             &QpInitAttr {
                 send_cq: &cq,
                 recv_cq: &cq,
+                srq: None,
                 cap,
                 qp_type,
                 sq_sig_all: false,

@@ -460,6 +460,7 @@ fn new_qp(
         &QpInitAttr {
             send_cq: cq,
             recv_cq: cq,
+            srq: None,
             cap: small_cap(),
             qp_type,
             sq_sig_all: false,
@@ -624,6 +625,7 @@ fn every_object_is_created_queried_and_destroyed() {
             &QpInitAttr {
                 send_cq: &scq,
                 recv_cq: &rcq,
+                srq: None,
                 cap: QpCap {
                     max_send_wr: 16,
                     max_recv_wr: 8,

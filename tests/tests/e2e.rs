@@ -950,6 +950,7 @@ fn shared_cq_endpoint(
         &QpInitAttr {
             send_cq: cq,
             recv_cq: cq,
+            srq: None,
             cap: cap(16),
             qp_type: QpType::Rc,
             sq_sig_all: false,
@@ -1233,6 +1234,7 @@ fn fresh_qp(pd: &ProtectionDomain, cq: &CompletionQueue) -> QueuePair {
         &QpInitAttr {
             send_cq: cq,
             recv_cq: cq,
+            srq: None,
             cap: cap(16),
             qp_type: QpType::Rc,
             sq_sig_all: false,

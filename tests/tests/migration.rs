@@ -793,6 +793,7 @@ fn sixty_four_qps_and_a_gigabyte_move_under_load() {
             &vrdma::QpInitAttr {
                 send_cq: cq,
                 recv_cq: cq,
+                srq: None,
                 cap: cap(),
                 qp_type: QpType::Rc,
                 sq_sig_all: false,

@@ -17,7 +17,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use vrdma::transport::VirtioUserError;
-use vrdma::{Context, DeviceAttr, PortAttr};
+use vrdma::{Context, DeviceAttr, PortAttr, SrqCaps};
 use vrdma_proto::config::{AtomicCap, LinkLayer, Mtu, PortState};
 
 const USAGE: &str = "\
@@ -137,7 +137,7 @@ fn run(args: &Args) -> Result<(), String> {
         }
         ports.push((port, attr, gids));
     }
-    print!("{}", format_device(&dev, args.verbose));
+    print!("{}", format_device(&dev, &ctx.srq_caps(), args.verbose));
     for (port, attr, gids) in &ports {
         print!("{}", format_port(*port, attr, gids, args.verbose));
     }
@@ -179,7 +179,7 @@ fn open_failure(args: &Args, err: &vrdma::Error) -> String {
 }
 
 /// `ibv_devinfo`'s device section.
-fn format_device(dev: &DeviceAttr, verbose: bool) -> String {
+fn format_device(dev: &DeviceAttr, srq: &SrqCaps, verbose: bool) -> String {
     let mut out = String::new();
     let mut line = |s: String| {
         out.push_str(&s);
@@ -228,6 +228,9 @@ fn format_device(dev: &DeviceAttr, verbose: bool) -> String {
             dev.atomic_cap
         ));
         line(format!("\tmax_ah:\t\t\t\t{}", dev.max_ah.get()));
+        line(format!("\tmax_srq:\t\t\t{}", srq.max_srq.get()));
+        line(format!("\tmax_srq_wr:\t\t\t{}", srq.max_srq_wr.get()));
+        line(format!("\tmax_srq_sge:\t\t\t{}", srq.max_srq_sge.get()));
     }
     out
 }

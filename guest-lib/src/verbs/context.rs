@@ -125,6 +125,13 @@ impl Context {
         self.inner.transport.config().caps
     }
 
+    /// The device's limits on shared receive queues, from the configuration space (they are
+    /// not part of [`DeviceAttr`], which is what `QUERY_DEVICE` returns): `max_srq`,
+    /// `max_srq_wr` and `max_srq_sge`, all zero if the device offers no SRQs.
+    pub fn srq_caps(&self) -> super::SrqCaps {
+        self.inner.srq_caps()
+    }
+
     /// The port's GID (index 0).
     pub fn gid(&self) -> Gid {
         self.inner.transport.config().gid
@@ -315,6 +322,10 @@ impl Inner {
 
     pub(crate) fn caps(&self) -> &DeviceCaps {
         &self.transport.config().caps
+    }
+
+    pub(crate) fn srq_caps(&self) -> config::SrqCaps {
+        self.transport.config().srq
     }
 
     /// Destroys an object on drop; a failure is logged (drop cannot report it).

@@ -226,13 +226,19 @@ impl CompletionQueue {
     }
 }
 
+/// The kind of an asynchronous event (`ibv_event_type`), as
+/// [`CompletionChannel::take_async_events`] returns it with the handle it names: among them
+/// `QpFatal`, `CqErr`, `SqDrained`, and for shared receive queues `SrqLimitReached` and
+/// `SrqErr` (naming the SRQ) and `QpLastWqeReached` (naming a QP attached to one).
+pub type AsyncEventKind = event::Kind;
+
 /// A completion channel (`ibv_comp_channel`): a file descriptor that becomes readable when an
 /// armed CQ gets a completion. It works with poll and epoll.
 #[derive(Debug)]
 pub struct CompletionChannel {
     ctx: Arc<Inner>,
     pending: Mutex<VecDeque<u32>>,
-    async_events: Mutex<VecDeque<(event::Kind, u32)>>,
+    async_events: Mutex<VecDeque<(AsyncEventKind, u32)>>,
     epoll: Epoll,
 }
 
@@ -329,9 +335,10 @@ impl CompletionChannel {
         }
     }
 
-    /// Asynchronous events (QP fatal, CQ error, SQ drained...) received so far.
+    /// Asynchronous events (QP fatal, CQ error, SQ drained, SRQ limit reached, last WQE
+    /// reached...) received so far, each with the handle it names (QPN, CQN or SRQ number).
     #[doc(alias = "ibv_get_async_event")]
-    pub fn take_async_events(&self) -> Result<Vec<(event::Kind, u32)>> {
+    pub fn take_async_events(&self) -> Result<Vec<(AsyncEventKind, u32)>> {
         self.collect("ibv_get_async_event")?;
         Ok(self
             .async_events

@@ -2,13 +2,14 @@
 //!
 //! ```text
 //! Context::open ─┬─ ProtectionDomain ─┬─ MemoryRegion
-//!                │                    ├─ QueuePair (with CompletionQueues)
+//!                │                    ├─ QueuePair (with CompletionQueues, maybe an SRQ)
+//!                │                    ├─ SharedReceiveQueue
 //!                │                    └─ AddressHandle
 //!                └─ CompletionQueue, CompletionChannel
 //! ```
 //!
-//! Objects keep what they depend on alive (a QP holds its PD and CQs), and destroy themselves
-//! on the device when dropped.
+//! Objects keep what they depend on alive (a QP holds its PD, CQs and SRQ), and destroy
+//! themselves on the device when dropped.
 
 mod ah;
 mod context;
@@ -19,10 +20,13 @@ mod mr;
 mod pd;
 mod qp;
 mod ring;
+mod srq;
 
 pub use ah::{AddressHandle, AhAttr};
 pub use context::{Context, DeviceAttr, PortAttr};
-pub use cq::{CompletionChannel, CompletionQueue, WcOpcode, WcStatus, WorkCompletion};
+pub use cq::{
+    AsyncEventKind, CompletionChannel, CompletionQueue, WcOpcode, WcStatus, WorkCompletion,
+};
 pub use device::{DEFAULT_SOCKET_DIR, Device, device_list};
 pub use error::Error;
 pub use mr::{AccessFlags, MemoryRegion};
@@ -31,6 +35,7 @@ pub use qp::{
     QpAttr, QpAttrMask, QpCap, QpInitAttr, QpState, QpType, QueuePair, RecvWr, SendFlags, SendWr,
     Sge, WrOpcode,
 };
+pub use srq::{SharedReceiveQueue, SrqAttr, SrqAttrMask, SrqCaps};
 
 /// Result of a verbs call.
 pub type Result<T> = std::result::Result<T, Error>;

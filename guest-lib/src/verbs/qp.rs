@@ -12,6 +12,7 @@ use super::ah::{AddressHandle, AhAttr};
 use super::cq::{CompletionQueue, CqInner};
 use super::pd::{PdInner, ProtectionDomain};
 use super::ring::Ring;
+use super::srq::{SharedReceiveQueue, SrqInner};
 use super::{Error, Result};
 
 /// QP transport type (`ibv_qp_type`).
@@ -59,8 +60,12 @@ impl Default for QpCap {
 pub struct QpInitAttr<'a> {
     /// CQ for send completions.
     pub send_cq: &'a CompletionQueue,
-    /// CQ for receive completions.
+    /// CQ for receive completions (also those of receives taken from `srq`).
     pub recv_cq: &'a CompletionQueue,
+    /// The shared receive queue the QP takes its receives from, or `None` for a receive queue
+    /// of its own. With an SRQ, `cap.max_recv_wr` and `cap.max_recv_sge` are ignored (the QP
+    /// has no receive queue) and [`QueuePair::post_recv`] fails; post to the SRQ instead.
+    pub srq: Option<&'a SharedReceiveQueue>,
     /// Queue sizes.
     pub cap: QpCap,
     /// RC or UD.
@@ -336,10 +341,63 @@ pub struct RecvWr<'a> {
     pub sg_list: &'a [Sge],
 }
 
+/// A ring the driver produces into (a send, receive or shared receive queue) and its producer
+/// index.
 #[derive(Debug)]
-struct WorkQueue {
-    ring: Ring,
-    producer: u32,
+pub(crate) struct WorkQueue {
+    pub(crate) ring: Ring,
+    pub(crate) producer: u32,
+}
+
+impl WorkQueue {
+    /// Writes `wrs` into the ring as receive entries of at most `max_sge` SGEs and publishes
+    /// them. As in verbs, the requests before a failing one are posted.
+    ///
+    /// # Safety
+    ///
+    /// The memory every SGE names must stay valid and must not be accessed by the caller
+    /// until the receive's completion has been polled (the device writes into it).
+    pub(crate) unsafe fn post_receives(
+        &mut self,
+        wrs: &[RecvWr<'_>],
+        max_sge: u32,
+        verb: &'static str,
+    ) -> Result<()> {
+        let geometry = self.ring.geometry();
+        let stride = geometry.stride() as usize;
+        let mut slot = [0u8; 1024];
+        let mut result = Ok(());
+        for wr in wrs {
+            let consumer = self.ring.load(ring::CONSUMER_OFFSET, Ordering::Acquire);
+            if self.producer.wrapping_sub(consumer) >= geometry.depth() {
+                result = Err(Error::QueueFull {
+                    verb,
+                    depth: geometry.depth(),
+                });
+                break;
+            }
+            if wr.sg_list.len() > max_sge as usize {
+                result = Err(Error::invalid(
+                    verb,
+                    format!("{} SGEs exceed the queue's {max_sge}", wr.sg_list.len()),
+                ));
+                break;
+            }
+            match wqe::encode_recv(&mut slot[..stride], wr.wr_id, wr.sg_list) {
+                Ok(n) => {
+                    self.ring.write_entry(self.producer, &slot[..n]);
+                    self.producer = self.producer.wrapping_add(1);
+                }
+                Err(source) => {
+                    result = Err(Error::Protocol { verb, source });
+                    break;
+                }
+            }
+        }
+        self.ring
+            .store(ring::PRODUCER_OFFSET, self.producer, Ordering::Release);
+        result
+    }
 }
 
 #[derive(Debug)]
@@ -347,11 +405,15 @@ struct QpInner {
     pd: Arc<PdInner>,
     _send_cq: Arc<CqInner>,
     _recv_cq: Arc<CqInner>,
+    /// The SRQ the QP takes its receives from, kept alive (the device refuses to destroy an
+    /// SRQ a QP is attached to) until the QP is destroyed.
+    srq: Option<Arc<SrqInner>>,
     qpn: u32,
     qp_type: QpType,
     cap: QpCap,
     sq: Mutex<WorkQueue>,
-    rq: Mutex<WorkQueue>,
+    /// `None` when the QP takes its receives from an SRQ.
+    rq: Option<Mutex<WorkQueue>>,
 }
 
 impl Drop for QpInner {
@@ -369,7 +431,8 @@ pub struct QueuePair {
 }
 
 impl QueuePair {
-    /// Creates a QP in RESET.
+    /// Creates a QP in RESET, with a receive queue of its own or, with `init.srq`, taking its
+    /// receives from a shared receive queue.
     #[doc(alias = "ibv_create_qp")]
     pub fn new(pd: &ProtectionDomain, init: &QpInitAttr<'_>) -> Result<QueuePair> {
         const VERB: &str = "ibv_create_qp";
@@ -386,6 +449,11 @@ impl QueuePair {
             .max(1)
             .checked_next_power_of_two()
             .unwrap_or(u32::MAX);
+        if init.srq.is_some() {
+            // No receive queue: verbs ignores these with an SRQ, and the device wants them 0.
+            cap.max_recv_wr = 0;
+            cap.max_recv_sge = 0;
+        }
         let limits = [
             ("max_send_wr", cap.max_send_wr, caps.max_qp_wr.get()),
             ("max_recv_wr", cap.max_recv_wr, caps.max_qp_wr.get()),
@@ -410,16 +478,23 @@ impl QueuePair {
             wqe::send_stride(cap.max_send_sge, cap.max_inline_data),
         )
         .map_err(|source| Error::Protocol { verb: VERB, source })?;
-        let rq_geometry = ring::Geometry::new(cap.max_recv_wr, wqe::recv_stride(cap.max_recv_sge))
-            .map_err(|source| Error::Protocol { verb: VERB, source })?;
         let sq = Ring::new(
             ctx.alloc(sq_geometry.byte_len() as usize, ring::ALIGN as usize, VERB)?,
             sq_geometry,
         );
-        let rq = Ring::new(
-            ctx.alloc(rq_geometry.byte_len() as usize, ring::ALIGN as usize, VERB)?,
-            rq_geometry,
-        );
+        let rq = match init.srq {
+            Some(_) => None,
+            None => {
+                let geometry =
+                    ring::Geometry::new(cap.max_recv_wr, wqe::recv_stride(cap.max_recv_sge))
+                        .map_err(|source| Error::Protocol { verb: VERB, source })?;
+                Some(Ring::new(
+                    ctx.alloc(geometry.byte_len() as usize, ring::ALIGN as usize, VERB)?,
+                    geometry,
+                ))
+            }
+        };
+        let srqn = init.srq.map_or(0, |srq| srq.srq_num());
         let body = cmd::CreateQp {
             pdn: pd.inner.pdn.into(),
             qp_type: init.qp_type.raw(),
@@ -436,16 +511,22 @@ impl QueuePair {
                 reserved: 0.into(),
             },
             sq_ring_addr: sq.addr().into(),
-            rq_ring_addr: rq.addr().into(),
-            srqn: 0.into(),
+            rq_ring_addr: rq.as_ref().map_or(0, Ring::addr).into(),
+            srqn: srqn.into(),
             reserved1: 0.into(),
         };
-        let resp: cmd::CreateQpResp = ctx.command_as(Opcode::CreateQp, body.as_bytes(), VERB)?;
+        // Without an SRQ, the body devices that predate SRQs know (§9.12 of docs/protocol.md).
+        let body = match init.srq {
+            Some(_) => body.as_bytes(),
+            None => &body.as_bytes()[..cmd::CREATE_QP_BASE_SIZE],
+        };
+        let resp: cmd::CreateQpResp = ctx.command_as(Opcode::CreateQp, body, VERB)?;
         Ok(QueuePair {
             inner: Arc::new(QpInner {
                 pd: pd.inner.clone(),
                 _send_cq: init.send_cq.inner.clone(),
                 _recv_cq: init.recv_cq.inner.clone(),
+                srq: init.srq.map(|srq| srq.inner.clone()),
                 qpn: resp.qpn.get(),
                 qp_type: init.qp_type,
                 cap,
@@ -453,10 +534,7 @@ impl QueuePair {
                     ring: sq,
                     producer: 0,
                 }),
-                rq: Mutex::new(WorkQueue {
-                    ring: rq,
-                    producer: 0,
-                }),
+                rq: rq.map(|ring| Mutex::new(WorkQueue { ring, producer: 0 })),
             }),
         })
     }
@@ -471,9 +549,14 @@ impl QueuePair {
         self.inner.qp_type
     }
 
-    /// Queue sizes as created.
+    /// Queue sizes as created (no receive queue, `max_recv_wr` 0, with an SRQ).
     pub fn cap(&self) -> QpCap {
         self.inner.cap
+    }
+
+    /// The number of the SRQ the QP takes its receives from, if it does.
+    pub fn srq_num(&self) -> Option<u32> {
+        self.inner.srq.as_ref().map(|srq| srq.srqn)
     }
 
     /// Changes the QP's state and attributes, with the same rules as on hardware.
@@ -490,7 +573,7 @@ impl QueuePair {
             .command(Opcode::ModifyQp, body.as_bytes(), "ibv_modify_qp")?;
         if mask.contains(QpAttrMask::STATE) && attr.qp_state == QpState::Reset {
             // The device dropped queued work; start over from its indices.
-            for q in [&self.inner.sq, &self.inner.rq] {
+            for q in std::iter::once(&self.inner.sq).chain(self.inner.rq.as_ref()) {
                 let mut q = q.lock().unwrap_or_else(|p| p.into_inner());
                 q.producer = q.ring.load(ring::CONSUMER_OFFSET, Ordering::Acquire);
             }
@@ -655,6 +738,9 @@ impl QueuePair {
 
     /// Posts receive work requests.
     ///
+    /// Fails (`EINVAL`, as `rxe`) for a QP attached to an SRQ, which has no receive queue:
+    /// post with [`SharedReceiveQueue::post_recv`] instead.
+    ///
     /// # Safety
     ///
     /// As with `ibv_post_recv`: the memory every SGE names must stay valid and must not be
@@ -662,38 +748,18 @@ impl QueuePair {
     #[doc(alias = "ibv_post_recv")]
     pub unsafe fn post_recv(&self, wrs: &[RecvWr<'_>]) -> Result<()> {
         const VERB: &str = "ibv_post_recv";
-        let mut rq = self.inner.rq.lock().unwrap_or_else(|p| p.into_inner());
-        let geometry = rq.ring.geometry();
-        let mut slot = [0u8; 1024];
-        let mut result = Ok(());
-        for wr in wrs {
-            let consumer = rq.ring.load(ring::CONSUMER_OFFSET, Ordering::Acquire);
-            if rq.producer.wrapping_sub(consumer) >= geometry.depth() {
-                result = Err(Error::QueueFull {
-                    verb: VERB,
-                    depth: geometry.depth(),
-                });
-                break;
-            }
-            if wr.sg_list.len() > self.inner.cap.max_recv_sge as usize {
-                result = Err(Error::invalid(
-                    VERB,
-                    format!(
-                        "{} SGEs exceed the QP's {}",
-                        wr.sg_list.len(),
-                        self.inner.cap.max_recv_sge
-                    ),
-                ));
-                break;
-            }
-            let stride = geometry.stride() as usize;
-            let n = wqe::encode_recv(&mut slot[..stride], wr.wr_id, wr.sg_list)
-                .map_err(|source| Error::Protocol { verb: VERB, source })?;
-            rq.ring.write_entry(rq.producer, &slot[..n]);
-            rq.producer = rq.producer.wrapping_add(1);
-        }
-        rq.ring
-            .store(ring::PRODUCER_OFFSET, rq.producer, Ordering::Release);
-        result
+        let Some(rq) = &self.inner.rq else {
+            return Err(Error::invalid(
+                VERB,
+                format!(
+                    "QP {:#x} takes its receives from SRQ {:#x}: post them to the SRQ",
+                    self.inner.qpn,
+                    self.srq_num().unwrap_or(0)
+                ),
+            ));
+        };
+        let mut rq = rq.lock().unwrap_or_else(|p| p.into_inner());
+        // SAFETY: this function's contract is the one `post_receives` needs.
+        unsafe { rq.post_receives(wrs, self.inner.cap.max_recv_sge, VERB) }
     }
 }

@@ -359,6 +359,7 @@ impl Guest {
                 &QpInitAttr {
                     send_cq: &scq,
                     recv_cq: &rcq,
+                    srq: None,
                     cap: QpCap {
                         // Exactly the depths in use, as perftest sizes its queues: a slot is
                         // free as soon as its completion has been polled.

@@ -270,7 +270,12 @@ impl Context {
         let int = |v: u32| v.min(i32::MAX as u32) as c_int;
         let mut fw_ver = [0; 64];
         crate::fill_c_string(&mut fw_ver, concat!("vrdma ", env!("CARGO_PKG_VERSION")));
-        let (max_srq, max_srq_wr, max_srq_sge) = (0, 0, 0);
+        let srq = self.vrdma.srq_caps();
+        let (max_srq, max_srq_wr, max_srq_sge) = (
+            int(srq.max_srq.get()),
+            int(srq.max_srq_wr.get()),
+            int(srq.max_srq_sge.get()),
+        );
         ibv_device_attr {
             fw_ver,
             node_guid: caps.node_guid.get().to_be(),
@@ -382,6 +387,17 @@ impl Context {
         if let Some(qp) = r.qps.remove(&qpn) {
             // Its events not yet taken would name a freed QP.
             r.async_events.retain(|&(_, e)| e != qp);
+        }
+    }
+
+    pub(crate) fn register_srq(&self, srqn: u32, srq: usize) {
+        self.routes().srqs.insert(srqn, srq);
+    }
+
+    pub(crate) fn unregister_srq(&self, srqn: u32) {
+        let mut r = self.routes();
+        if let Some(srq) = r.srqs.remove(&srqn) {
+            r.async_events.retain(|&(_, e)| e != srq);
         }
     }
 
@@ -501,7 +517,12 @@ fn translate_async(r: &Routes, kind: Kind, handle: u32) -> Option<(c_int, usize)
         Kind::PortErr => Some((IBV_EVENT_PORT_ERR, handle as usize)),
         // The shim creates no SRQs yet (ibv_create_srq is not wired to vrdma's SRQs), so no
         // event can name one of its objects.
-        Kind::CqCompletion | Kind::SrqErr | Kind::SrqLimitReached => None,
+        Kind::SrqErr => r.srqs.get(&handle).map(|&p| (IBV_EVENT_SRQ_ERR, p)),
+        Kind::SrqLimitReached => r
+            .srqs
+            .get(&handle)
+            .map(|&p| (IBV_EVENT_SRQ_LIMIT_REACHED, p)),
+        Kind::CqCompletion => None,
     }
 }
 

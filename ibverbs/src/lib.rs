@@ -12,7 +12,7 @@
 //!   InfiniBand: its LID and node GUID.
 //! * [`app_memory`]: makes the application's own buffers (malloc, memalign, anonymous or
 //!   file mappings) reachable by the device when they are registered.
-//! * `device`, `context`, `resources`, `cq`, `qp`, `srq`, `unsupported`: the exported
+//! * `device`, `context`, `resources`, `cq`, `qp`, `srq`, `strings`, `unsupported`: the exported
 //!   functions, one module per group of verbs.
 //!
 //! Every exported function checks its arguments, never unwinds into C (a panic becomes the
@@ -28,6 +28,7 @@ mod device;
 pub mod identity;
 mod qp;
 mod resources;
+mod srq;
 mod strings;
 mod unsupported;
 
@@ -106,7 +107,7 @@ pub(crate) fn ops() -> abi::ibv_context_ops {
         _compat_modify_srq: None,
         _compat_query_srq: None,
         _compat_destroy_srq: None,
-        post_srq_recv: None,
+        post_srq_recv: Some(srq::post_srq_recv),
         _compat_create_qp: None,
         _compat_query_qp: None,
         _compat_modify_qp: None,

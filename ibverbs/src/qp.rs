@@ -15,6 +15,7 @@ use crate::abi::*;
 use crate::context::Context;
 use crate::cq::Cq;
 use crate::resources::{Ah, Pd, ah_attr, ah_attr_to_c};
+use crate::srq::Srq;
 use crate::{guard, null_with};
 
 /// Everything behind an `ibv_qp *`.
@@ -38,7 +39,7 @@ compile_error!("the shim reads ibv_sge arrays as vrdma SGEs, which needs a littl
 ///
 /// `sg_list` must point at `num_sge` readable SGEs (when `num_sge` > 0) that stay unchanged
 /// for `'a`.
-unsafe fn sges<'a>(sg_list: *const ibv_sge, num_sge: c_int) -> Result<&'a [Sge], c_int> {
+pub(crate) unsafe fn sges<'a>(sg_list: *const ibv_sge, num_sge: c_int) -> Result<&'a [Sge], c_int> {
     match num_sge {
         0 => Ok(&[]),
         n if n < 0 || sg_list.is_null() => Err(libc::EINVAL),
@@ -251,10 +252,8 @@ pub unsafe extern "C" fn ibv_create_qp(
                     return null_with(libc::EOPNOTSUPP);
                 }
             };
-            if !init.srq.is_null() {
-                log::warn!("ibv_create_qp: shared receive queues are not supported yet");
-                return null_with(libc::EOPNOTSUPP);
-            }
+            // SAFETY: NULL or a live SRQ of this shim (the caller's contract).
+            let srq = (!init.srq.is_null()).then(|| unsafe { &*init.srq.cast::<Srq>() });
             if init.send_cq.is_null() || init.recv_cq.is_null() {
                 return null_with(libc::EINVAL);
             }
@@ -271,7 +270,7 @@ pub unsafe extern "C" fn ibv_create_qp(
             let attr = QpInitAttr {
                 send_cq: &send_cq.cq,
                 recv_cq: &recv_cq.cq,
-                srq: None,
+                srq: srq.map(|s| &s.srq),
                 cap,
                 qp_type,
                 sq_sig_all: init.sq_sig_all != 0,
@@ -293,6 +292,9 @@ pub unsafe extern "C" fn ibv_create_qp(
             };
             send_cq.users.fetch_add(1, Ordering::AcqRel);
             recv_cq.users.fetch_add(1, Ordering::AcqRel);
+            if let Some(srq) = srq {
+                srq.users.fetch_add(1, Ordering::AcqRel);
+            }
             let qpn = vqp.qp_num();
             let qp = Box::new(Qp {
                 ibv: ibv_qp {
@@ -529,6 +531,11 @@ pub unsafe extern "C" fn ibv_destroy_qp(qp: *mut ibv_qp) -> c_int {
                 (*q.ibv.recv_cq.cast::<Cq>())
                     .users
                     .fetch_sub(1, Ordering::AcqRel);
+                if !q.ibv.srq.is_null() {
+                    (*q.ibv.srq.cast::<Srq>())
+                        .users
+                        .fetch_sub(1, Ordering::AcqRel);
+                }
             }
             // SAFETY: made by Box::into_raw in ibv_create_qp; the caller gives it up.
             drop(unsafe { Box::from_raw(qp.cast::<Qp>()) });

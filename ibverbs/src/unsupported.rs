@@ -212,32 +212,3 @@ pub unsafe extern "C" fn _ibv_query_gid_table(
         errno => -(errno as isize),
     }
 }
-
-/// `ibv_create_srq`: shared receive queues are not supported yet.
-#[unsafe(no_mangle)]
-pub extern "C" fn ibv_create_srq(_pd: *mut ibv_pd, _attr: *mut ibv_srq_init_attr) -> *mut ibv_srq {
-    log::warn!("ibv_create_srq: shared receive queues are not supported yet");
-    null_with(libc::EOPNOTSUPP)
-}
-
-/// `ibv_modify_srq`.
-#[unsafe(no_mangle)]
-pub extern "C" fn ibv_modify_srq(
-    _srq: *mut ibv_srq,
-    _attr: *mut ibv_srq_attr,
-    _mask: c_int,
-) -> c_int {
-    libc::EOPNOTSUPP
-}
-
-/// `ibv_query_srq`.
-#[unsafe(no_mangle)]
-pub extern "C" fn ibv_query_srq(_srq: *mut ibv_srq, _attr: *mut ibv_srq_attr) -> c_int {
-    libc::EOPNOTSUPP
-}
-
-/// `ibv_destroy_srq`.
-#[unsafe(no_mangle)]
-pub extern "C" fn ibv_destroy_srq(_srq: *mut ibv_srq) -> c_int {
-    libc::EOPNOTSUPP
-}

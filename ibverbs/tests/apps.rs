@@ -106,6 +106,26 @@ fn ibv_ud_pingpong_across_daemons() {
     );
 }
 
+#[test]
+fn ibv_srq_pingpong_validates_every_buffer() {
+    pingpong(
+        &Pair::one_daemon(),
+        "ibv_srq_pingpong",
+        21005,
+        &["-c", "-n", "100"],
+    );
+}
+
+#[test]
+fn ibv_srq_pingpong_with_events_across_daemons() {
+    pingpong(
+        &Pair::two_daemons(73),
+        "ibv_srq_pingpong",
+        21006,
+        &["-e", "-c", "-n", "100"],
+    );
+}
+
 /// Runs a perftest program both sides: `-F` (no CPU-frequency warning), the test's port,
 /// then `args`.
 fn perftest(
@@ -203,6 +223,19 @@ fn ib_send_bw_bidirectional_with_events() {
     );
     assert_bw_report(&client, 1);
     assert_bw_report(&server, 1);
+}
+
+#[test]
+fn ib_send_bw_with_a_shared_receive_queue() {
+    let (server, client) = perftest(
+        &Pair::one_daemon(),
+        "ib_send_bw",
+        21125,
+        &["--use-srq", "-q", "2", "-n", "200"],
+    );
+    assert_bw_report(&client, 1);
+    assert_bw_report(&server, 1);
+    assert!(server.stdout.contains("Using SRQ      : ON"), "{server}");
 }
 
 #[test]

@@ -2,7 +2,7 @@
  * verbs semantics through the shim, checked from C as an application sees them (the inline
  * functions of verbs.h included): errno conventions, completion channels (poll, EAGAIN,
  * EINTR), asynchronous events, EBUSY on destroy, bad_wr, address handles from a UD
- * completion. Needs two devices (VRDMA_SOCKETS=vm1:vm2). Prints "verbs_semantics: ok".
+ * completion, shared receive queues (receives taken in order, the limit event, EBUSY). Needs two devices (VRDMA_SOCKETS=vm1:vm2). Prints "verbs_semantics: ok".
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -373,6 +373,103 @@ static void check_ud(struct ibv_device **list)
 	CHECK(ibv_close_device(a.ctx) == 0 && ibv_close_device(b.ctx) == 0, "close");
 }
 
+static void check_srq(struct ibv_device **list)
+{
+	struct side a, b;
+	struct ibv_device_attr da;
+	struct ibv_srq_init_attr si = { .srq_context = &marker,
+					.attr = { .max_wr = 8, .max_sge = 1 } };
+	struct ibv_srq_attr sa;
+	struct ibv_srq *srq;
+	struct ibv_async_event ae;
+	struct ibv_qp_init_attr init;
+	int i;
+
+	open_side(list[0], &a, IBV_QPT_RC);
+	CHECK(ibv_query_device(a.ctx, &da) == 0 && da.max_srq > 0 && da.max_srq_wr >= 8,
+	      "device SRQ limits %d %d", da.max_srq, da.max_srq_wr);
+	srq = ibv_create_srq(a.pd, &si);
+	CHECK(srq && si.attr.max_wr >= 8 && srq->srq_context == &marker, "ibv_create_srq");
+	CHECK(ibv_query_srq(srq, &sa) == 0 && sa.max_wr == si.attr.max_wr && sa.srq_limit == 0,
+	      "ibv_query_srq");
+	sa.max_wr = 64;
+	CHECK(ibv_modify_srq(srq, &sa, IBV_SRQ_MAX_WR) != 0, "resizing is refused");
+
+	/* b's QP takes its receives from the SRQ... of its own device: make it on b. */
+	ibv_destroy_qp(a.qp);
+	open_side(list[1], &b, IBV_QPT_RC);
+	{
+		struct ibv_srq_init_attr bi = { .attr = { .max_wr = 8, .max_sge = 1 } };
+		struct ibv_srq *bsrq = ibv_create_srq(b.pd, &bi);
+		CHECK(bsrq, "ibv_create_srq on b");
+		ibv_destroy_qp(b.qp);
+		memset(&init, 0, sizeof init);
+		init.send_cq = b.cq;
+		init.recv_cq = b.cq;
+		init.srq = bsrq;
+		init.cap.max_send_wr = 8;
+		init.cap.max_send_sge = 1;
+		init.qp_type = IBV_QPT_RC;
+		b.qp = ibv_create_qp(b.pd, &init);
+		CHECK(b.qp && b.qp->srq == bsrq, "QP on an SRQ");
+		memset(&init, 0, sizeof init);
+		init.send_cq = a.cq;
+		init.recv_cq = a.cq;
+		init.cap.max_send_wr = 8;
+		init.cap.max_recv_wr = 8;
+		init.cap.max_send_sge = 1;
+		init.cap.max_recv_sge = 1;
+		init.qp_type = IBV_QPT_RC;
+		a.qp = ibv_create_qp(a.pd, &init);
+		CHECK(a.qp, "ibv_create_qp");
+		to_rts(&a, &b);
+		to_rts(&b, &a);
+		CHECK(ibv_destroy_srq(bsrq) == EBUSY, "an SRQ with a QP is busy");
+		{
+			struct ibv_sge rs = { (uintptr_t)b.buf, 64, b.mr->lkey };
+			struct ibv_recv_wr rwr = { .wr_id = 1, .sg_list = &rs, .num_sge = 1 }, *rbad;
+			CHECK(ibv_post_recv(b.qp, &rwr, &rbad) != 0 && rbad == &rwr,
+			      "posting to the receive queue of a QP on an SRQ fails");
+			for (i = 0; i < 4; i++) {
+				rs.addr = (uintptr_t)b.buf + 64 * i;
+				rwr.wr_id = 100 + i;
+				CHECK(ibv_post_srq_recv(bsrq, &rwr, &rbad) == 0, "ibv_post_srq_recv");
+			}
+		}
+		sa.srq_limit = 3;
+		CHECK(ibv_modify_srq(bsrq, &sa, IBV_SRQ_LIMIT) == 0, "arming the limit");
+		for (i = 0; i < 2; i++) {
+			struct ibv_sge ss = { (uintptr_t)a.buf, 16, a.mr->lkey };
+			struct ibv_send_wr w = { .wr_id = 200 + i, .sg_list = &ss, .num_sge = 1,
+						 .opcode = IBV_WR_SEND,
+						 .send_flags = IBV_SEND_SIGNALED }, *bad;
+			struct ibv_wc wc;
+			memset(a.buf, 0x60 + i, 16);
+			CHECK(ibv_post_send(a.qp, &w, &bad) == 0, "send to the SRQ's QP");
+			CHECK(poll_one(a.cq).status == IBV_WC_SUCCESS, "send completion");
+			wc = poll_one(b.cq);
+			CHECK(wc.status == IBV_WC_SUCCESS && wc.wr_id == 100 + (uint64_t)i &&
+			      wc.qp_num == b.qp->qp_num && b.buf[64 * i] == 0x60 + i,
+			      "receive %d from the SRQ: wr_id %llu", i,
+			      (unsigned long long)wc.wr_id);
+		}
+		CHECK(ibv_get_async_event(b.ctx, &ae) == 0, "ibv_get_async_event");
+		CHECK(ae.event_type == IBV_EVENT_SRQ_LIMIT_REACHED && ae.element.srq == bsrq,
+		      "SRQ_LIMIT_REACHED names the SRQ (got %s)", ibv_event_type_str(ae.event_type));
+		ibv_ack_async_event(&ae);
+		CHECK(ibv_query_srq(bsrq, &sa) == 0 && sa.srq_limit == 0, "the limit disarmed");
+		CHECK(ibv_destroy_qp(b.qp) == 0, "destroy the SRQ's QP");
+		CHECK(ibv_destroy_srq(bsrq) == 0, "ibv_destroy_srq");
+	}
+	CHECK(ibv_destroy_srq(srq) == 0, "ibv_destroy_srq");
+	CHECK(ibv_destroy_qp(a.qp) == 0, "destroy");
+	CHECK(ibv_dereg_mr(a.mr) == 0 && ibv_dereg_mr(b.mr) == 0, "dereg");
+	CHECK(ibv_destroy_cq(a.cq) == 0 && ibv_destroy_cq(b.cq) == 0, "destroy cq");
+	CHECK(ibv_destroy_comp_channel(a.ch) == 0 && ibv_destroy_comp_channel(b.ch) == 0, "ch");
+	CHECK(ibv_dealloc_pd(a.pd) == 0 && ibv_dealloc_pd(b.pd) == 0, "pd");
+	CHECK(ibv_close_device(a.ctx) == 0 && ibv_close_device(b.ctx) == 0, "close");
+}
+
 int main(void)
 {
 	struct ibv_device **list;
@@ -391,6 +488,7 @@ int main(void)
 	check_errnos(list);
 	check_rc(list);
 	check_ud(list);
+	check_srq(list);
 	ibv_free_device_list(list);
 	printf("verbs_semantics: ok\n");
 	return 0;

@@ -408,4 +408,34 @@ mod tests {
         let first = vm.read(buffers, event::SIZE);
         assert_eq!(first, event::Event::new(Kind::CqErr, 7).as_bytes());
     }
+
+    /// An SRQ doorbell is counted and asks nothing: its handle, an SRQ number, is never taken
+    /// for a QPN, so it cannot displace a pending doorbell of the QP whose slot its low bits
+    /// name.
+    #[test]
+    fn an_srq_doorbell_names_no_qp() {
+        let mut vm = TestVm::new(6, 1);
+        let ring = vm.alloc(16 << 10);
+        let batch = vm.alloc(4096);
+        let qpn = 0x01_0003;
+        let same_slot = 0x0002_0003;
+        let bells = [
+            doorbell::Doorbell::new(doorbell::Kind::Send, qpn),
+            doorbell::Doorbell::new(doorbell::Kind::Srq, same_slot),
+        ];
+        let bytes: Vec<u8> = bells.iter().flat_map(|d| d.as_bytes().to_vec()).collect();
+        vm.mem().write_slice(&bytes, GuestAddress(batch)).unwrap();
+        let vring = vring_at(&vm, ring, 16);
+        {
+            let mem = vm.mem();
+            let mock = MockSplitQueue::create(&*mem, GuestAddress(ring), 16);
+            let desc = SplitDescriptor::new(batch, bytes.len() as u32, 0, 0);
+            mock.add_desc_chains(&[RawDescriptor::from(desc)], 0)
+                .unwrap();
+        }
+        DoorbellQueues::new(vm.vm.clone()).kicked(0, &vring);
+        assert_eq!(vm.vm.counters.doorbells.load(Ordering::Relaxed), 2);
+        assert_eq!(vm.vm.pop_ready(), Some(qpn));
+        assert_eq!(vm.vm.pop_ready(), None);
+    }
 }

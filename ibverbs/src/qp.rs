@@ -124,6 +124,71 @@ impl Qp {
     }
 }
 
+/// A work request in a program's singly linked list.
+pub(crate) trait Linked {
+    fn next(&self) -> *mut Self;
+}
+
+impl Linked for ibv_send_wr {
+    fn next(&self) -> *mut Self {
+        self.next
+    }
+}
+
+impl Linked for ibv_recv_wr {
+    fn next(&self) -> *mut Self {
+        self.next
+    }
+}
+
+/// Posts a program's list in order with `post`, one request at a time; on the first failure
+/// `bad_wr` names that request (the ones before it are posted) and its errno is returned.
+///
+/// # Safety
+///
+/// `first` must start a valid list and `bad_wr` be NULL or writable.
+pub(crate) unsafe fn post_each<W: Linked>(
+    first: *mut W,
+    bad_wr: *mut *mut W,
+    mut post: impl FnMut(&W) -> Result<(), c_int>,
+) -> c_int {
+    let mut at = first;
+    while !at.is_null() {
+        // SAFETY: a valid list (the caller's contract).
+        let w = unsafe { &*at };
+        if let Err(errno) = post(w) {
+            if !bad_wr.is_null() {
+                // SAFETY: writable (the caller's contract).
+                unsafe { *bad_wr = at };
+            }
+            return errno;
+        }
+        at = w.next();
+    }
+    0
+}
+
+/// Posts one program receive request with `post` (a QP's or an SRQ's).
+///
+/// # Safety
+///
+/// The request's SGEs must be valid, and its memory until the receive completes.
+pub(crate) unsafe fn post_one_recv(
+    w: &ibv_recv_wr,
+    post: impl FnOnce(&[RecvWr<'_>]) -> vrdma::Result<()>,
+) -> Result<(), c_int> {
+    // SAFETY: the caller's contract.
+    let sg_list = unsafe { sges(w.sg_list, w.num_sge)? };
+    post(&[RecvWr {
+        wr_id: w.wr_id,
+        sg_list,
+    }])
+    .map_err(|e| {
+        log::debug!("{}", vrdma::error_chain(&e));
+        e.errno()
+    })
+}
+
 /// `ibv_context_ops.post_send`: posts the list in order; on failure `bad_wr` is the first
 /// request not posted, and the ones before it are posted.
 ///
@@ -144,28 +209,16 @@ pub(crate) unsafe extern "C" fn post_send(
             let Some(q) = (unsafe { Qp::from_ptr(qp) }) else {
                 return libc::EINVAL;
             };
-            let mut at = wr;
-            while !at.is_null() {
-                // SAFETY: a valid list (the caller's contract).
-                let w = unsafe { &*at };
-                // SAFETY: as above, passed on.
-                let result = unsafe { q.send_wr(w) }.and_then(|v| {
-                    // SAFETY: verbs' contract on the program's memory, passed on.
-                    unsafe { q.qp.post_send(&[v]) }.map_err(|e| {
+            // SAFETY: the caller's contract, passed on.
+            unsafe {
+                post_each(wr, bad_wr, |w| {
+                    let v = q.send_wr(w)?;
+                    q.qp.post_send(&[v]).map_err(|e| {
                         log::debug!("{}", vrdma::error_chain(&e));
                         e.errno()
                     })
-                });
-                if let Err(errno) = result {
-                    if !bad_wr.is_null() {
-                        // SAFETY: a valid out pointer (the caller's contract).
-                        unsafe { *bad_wr = at };
-                    }
-                    return errno;
-                }
-                at = w.next;
+                })
             }
-            0
         },
     )
 }
@@ -188,32 +241,8 @@ pub(crate) unsafe extern "C" fn post_recv(
             let Some(q) = (unsafe { Qp::from_ptr(qp) }) else {
                 return libc::EINVAL;
             };
-            let mut at = wr;
-            while !at.is_null() {
-                // SAFETY: a valid list (the caller's contract).
-                let w = unsafe { &*at };
-                // SAFETY: as above.
-                let result = unsafe { sges(w.sg_list, w.num_sge) }.and_then(|sg_list| {
-                    let v = RecvWr {
-                        wr_id: w.wr_id,
-                        sg_list,
-                    };
-                    // SAFETY: verbs' contract on the program's memory, passed on.
-                    unsafe { q.qp.post_recv(&[v]) }.map_err(|e| {
-                        log::debug!("{}", vrdma::error_chain(&e));
-                        e.errno()
-                    })
-                });
-                if let Err(errno) = result {
-                    if !bad_wr.is_null() {
-                        // SAFETY: a valid out pointer (the caller's contract).
-                        unsafe { *bad_wr = at };
-                    }
-                    return errno;
-                }
-                at = w.next;
-            }
-            0
+            // SAFETY: the caller's contract, passed on.
+            unsafe { post_each(wr, bad_wr, |w| post_one_recv(w, |v| q.qp.post_recv(v))) }
         },
     )
 }

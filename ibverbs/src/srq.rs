@@ -4,11 +4,11 @@
 use std::ffi::c_int;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use vrdma::{RecvWr, SrqAttr, SrqAttrMask};
+use vrdma::{SrqAttr, SrqAttrMask};
 
 use crate::abi::*;
 use crate::context::Context;
-use crate::qp::sges;
+use crate::qp::{post_each, post_one_recv};
 use crate::resources::Pd;
 use crate::{guard, null_with};
 
@@ -243,32 +243,8 @@ pub(crate) unsafe extern "C" fn post_srq_recv(
             let Some(s) = (unsafe { srq_of(srq) }) else {
                 return libc::EINVAL;
             };
-            let mut at = wr;
-            while !at.is_null() {
-                // SAFETY: a valid list (the caller's contract).
-                let w = unsafe { &*at };
-                // SAFETY: as above.
-                let result = unsafe { sges(w.sg_list, w.num_sge) }.and_then(|sg_list| {
-                    let v = RecvWr {
-                        wr_id: w.wr_id,
-                        sg_list,
-                    };
-                    // SAFETY: verbs' contract on the program's memory, passed on.
-                    unsafe { s.srq.post_recv(&[v]) }.map_err(|e| {
-                        log::debug!("{}", vrdma::error_chain(&e));
-                        e.errno()
-                    })
-                });
-                if let Err(errno) = result {
-                    if !bad_wr.is_null() {
-                        // SAFETY: a valid out pointer (the caller's contract).
-                        unsafe { *bad_wr = at };
-                    }
-                    return errno;
-                }
-                at = w.next;
-            }
-            0
+            // SAFETY: the caller's contract, passed on.
+            unsafe { post_each(wr, bad_wr, |w| post_one_recv(w, |v| s.srq.post_recv(v))) }
         },
     )
 }

@@ -99,6 +99,23 @@ struct Routes {
     qps: HashMap<u32, usize>,
     cqs: HashMap<u32, usize>,
     srqs: HashMap<u32, usize>,
+    /// Every object made in the context, to free what the program leaves when it closes it.
+    owned: HashMap<usize, (Rank, Free)>,
+}
+
+/// Frees one object of the context (its module's destroy, without the checks).
+pub(crate) type Free = unsafe fn(*mut c_void);
+
+/// The order in which `ibv_close_device` frees what is left: users before what they use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Rank {
+    Qp,
+    Srq,
+    Ah,
+    Mr,
+    Cq,
+    Channel,
+    Pd,
 }
 
 /// What `ibv_get_cq_event` and `ibv_get_async_event` do when nothing is queued.
@@ -215,19 +232,22 @@ impl Context {
         let Some(ctx) = (unsafe { Context::from_ptr(context) }) else {
             return libc::EINVAL;
         };
-        let routes = ctx.routes();
-        if !routes.qps.is_empty() || !routes.cqs.is_empty() || !routes.srqs.is_empty() {
-            // Not an error: libibverbs lets a program close with objects left, and the
-            // daemon releases them with the connection.
+        // What the program left is freed, as the kernel frees a closed context's objects:
+        // each holds the connection open, which the next guest of this VM needs.
+        let mut left: Vec<(usize, (Rank, Free))> = ctx.routes().owned.drain().collect();
+        if !left.is_empty() {
             log::debug!(
-                "ibv_close_device {}: closing with {} QPs, {} CQs and {} SRQs still open",
+                "ibv_close_device {}: freeing {} objects the program left",
                 ctx.device.name(),
-                routes.qps.len(),
-                routes.cqs.len(),
-                routes.srqs.len()
+                left.len()
             );
         }
-        drop(routes);
+        left.sort_by_key(|&(_, (rank, _))| rank);
+        for (ptr, (_, free)) in left {
+            // SAFETY: a live object of this context (destroying one disowns it first), freed
+            // after everything that uses it.
+            unsafe { free(ptr as *mut c_void) };
+        }
         // SAFETY: made by Box::into_raw in `open`; the caller gives it up.
         drop(unsafe { Box::from_raw(context.cast::<Context>()) });
         0
@@ -357,6 +377,16 @@ impl Context {
             flags: 0,
             port_cap_flags2: 0,
         })
+    }
+
+    /// Records an object made in the context.
+    pub(crate) fn adopt(&self, object: *mut c_void, rank: Rank, free: Free) {
+        self.routes().owned.insert(object as usize, (rank, free));
+    }
+
+    /// Forgets an object the program is destroying.
+    pub(crate) fn disown(&self, object: *mut c_void) {
+        self.routes().owned.remove(&(object as usize));
     }
 
     pub(crate) fn register_cq(&self, cqn: u32, cq: usize, channel: Option<usize>) {
@@ -567,9 +597,27 @@ pub unsafe extern "C" fn ibv_create_comp_channel(
                 },
                 _fd: fd,
             });
-            Box::into_raw(ch).cast::<ibv_comp_channel>()
+            let ptr = Box::into_raw(ch);
+            ctx.adopt(ptr.cast(), Rank::Channel, free_channel);
+            ptr.cast::<ibv_comp_channel>()
         },
     )
+}
+
+/// Frees a channel.
+///
+/// # Safety
+///
+/// `channel` must be a live channel, not used afterwards.
+unsafe fn free_channel(channel: *mut c_void) {
+    // SAFETY: the caller's contract; a channel's context outlives it.
+    unsafe {
+        let ch = Box::from_raw(channel.cast::<Channel>());
+        if let Some(ctx) = Context::from_ptr(ch.ibv.context) {
+            ctx.forget_channel(channel as usize);
+        }
+        drop(ch);
+    }
 }
 
 /// `ibv_destroy_comp_channel`: EBUSY while CQs use it.
@@ -595,9 +643,9 @@ pub unsafe extern "C" fn ibv_destroy_comp_channel(channel: *mut ibv_comp_channel
             if ctx.channel_in_use(channel as usize) {
                 return libc::EBUSY;
             }
-            ctx.forget_channel(channel as usize);
-            // SAFETY: made by Box::into_raw; the caller gives it up.
-            drop(unsafe { Box::from_raw(channel.cast::<Channel>()) });
+            ctx.disown(channel.cast());
+            // SAFETY: a live channel the caller gives up.
+            unsafe { free_channel(channel.cast()) };
             0
         },
     )

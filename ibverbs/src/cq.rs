@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use vrdma::WorkCompletion;
 
 use crate::abi::*;
-use crate::context::{Channel, Context};
+use crate::context::{Channel, Context, Rank};
 use crate::{guard, identity, null_with};
 
 /// Everything behind an `ibv_cq *`.
@@ -186,9 +186,27 @@ pub unsafe extern "C" fn ibv_create_cq(
                 ptr as usize,
                 (!channel.is_null()).then_some(channel as usize),
             );
+            ctx.adopt(ptr.cast(), Rank::Cq, free_cq);
             ptr.cast::<ibv_cq>()
         },
     )
+}
+
+/// Frees a CQ.
+///
+/// # Safety
+///
+/// `cq` must be a live CQ, not used afterwards.
+unsafe fn free_cq(cq: *mut c_void) {
+    // SAFETY: made by Box::into_raw in ibv_create_cq (the caller's contract); a CQ's context
+    // outlives it.
+    unsafe {
+        let cq = Box::from_raw(cq.cast::<Cq>());
+        if let Some(ctx) = Context::from_ptr(cq.ibv.context) {
+            ctx.unregister_cq(cq.ibv.handle);
+        }
+        drop(cq);
+    }
 }
 
 /// `ibv_destroy_cq`: EBUSY while QPs use it.
@@ -216,9 +234,9 @@ pub unsafe extern "C" fn ibv_destroy_cq(cq: *mut ibv_cq) -> c_int {
             if c.users.load(Ordering::Acquire) != 0 {
                 return libc::EBUSY;
             }
-            ctx.unregister_cq(c.ibv.handle);
-            // SAFETY: made by Box::into_raw in ibv_create_cq; the caller gives it up.
-            drop(unsafe { Box::from_raw(cq.cast::<Cq>()) });
+            ctx.disown(cq.cast());
+            // SAFETY: a live CQ the caller gives up.
+            unsafe { free_cq(cq.cast()) };
             0
         },
     )

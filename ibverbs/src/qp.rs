@@ -1,7 +1,7 @@
 //! Queue pairs: create, modify, query, destroy, and the data path's `post_send` and
 //! `post_recv`.
 
-use std::ffi::{c_int, c_uint};
+use std::ffi::{c_int, c_uint, c_void};
 use std::sync::atomic::Ordering;
 
 use vrdma::{
@@ -12,7 +12,7 @@ use vrdma_proto::config::Mtu;
 use vrdma_proto::mr::Access;
 
 use crate::abi::*;
-use crate::context::Context;
+use crate::context::{Context, Rank};
 use crate::cq::Cq;
 use crate::resources::{Ah, Pd, ah_attr, ah_attr_to_c};
 use crate::srq::Srq;
@@ -324,6 +324,8 @@ pub unsafe extern "C" fn ibv_create_qp(
             if let Some(srq) = srq {
                 srq.users.fetch_add(1, Ordering::AcqRel);
             }
+            // SAFETY: a live PD (checked above).
+            unsafe { Pd::retain(pd) };
             let qpn = vqp.qp_num();
             let qp = Box::new(Qp {
                 ibv: ibv_qp {
@@ -348,6 +350,7 @@ pub unsafe extern "C" fn ibv_create_qp(
             });
             let ptr = Box::into_raw(qp);
             ctx.register_qp(qpn, ptr as usize);
+            ctx.adopt(ptr.cast(), Rank::Qp, free_qp);
             ptr.cast::<ibv_qp>()
         },
     )
@@ -534,6 +537,35 @@ pub unsafe extern "C" fn ibv_query_qp(
     )
 }
 
+/// Frees a QP.
+///
+/// # Safety
+///
+/// `qp` must be a live QP, not used afterwards.
+unsafe fn free_qp(qp: *mut c_void) {
+    // SAFETY: made by Box::into_raw in ibv_create_qp (the caller's contract); a QP's context,
+    // PD, CQs and SRQ outlive it.
+    unsafe {
+        let q = Box::from_raw(qp.cast::<Qp>());
+        if let Some(ctx) = Context::from_ptr(q.ibv.context) {
+            ctx.unregister_qp(q.ibv.qp_num);
+        }
+        (*q.ibv.send_cq.cast::<Cq>())
+            .users
+            .fetch_sub(1, Ordering::AcqRel);
+        (*q.ibv.recv_cq.cast::<Cq>())
+            .users
+            .fetch_sub(1, Ordering::AcqRel);
+        if !q.ibv.srq.is_null() {
+            (*q.ibv.srq.cast::<Srq>())
+                .users
+                .fetch_sub(1, Ordering::AcqRel);
+        }
+        Pd::release(q.ibv.pd);
+        drop(q);
+    }
+}
+
 /// `ibv_destroy_qp`.
 ///
 /// # Safety
@@ -549,25 +581,12 @@ pub unsafe extern "C" fn ibv_destroy_qp(qp: *mut ibv_qp) -> c_int {
             let Some(q) = (unsafe { Qp::from_ptr(qp) }) else {
                 return libc::EINVAL;
             };
-            // SAFETY: a QP's context and CQs outlive it.
-            unsafe {
-                if let Some(ctx) = Context::from_ptr(q.ibv.context) {
-                    ctx.unregister_qp(q.ibv.qp_num);
-                }
-                (*q.ibv.send_cq.cast::<Cq>())
-                    .users
-                    .fetch_sub(1, Ordering::AcqRel);
-                (*q.ibv.recv_cq.cast::<Cq>())
-                    .users
-                    .fetch_sub(1, Ordering::AcqRel);
-                if !q.ibv.srq.is_null() {
-                    (*q.ibv.srq.cast::<Srq>())
-                        .users
-                        .fetch_sub(1, Ordering::AcqRel);
-                }
+            // SAFETY: a QP's context outlives it.
+            if let Some(ctx) = unsafe { Context::from_ptr(q.ibv.context) } {
+                ctx.disown(qp.cast());
             }
-            // SAFETY: made by Box::into_raw in ibv_create_qp; the caller gives it up.
-            drop(unsafe { Box::from_raw(qp.cast::<Qp>()) });
+            // SAFETY: a live QP the caller gives up.
+            unsafe { free_qp(qp.cast()) };
             0
         },
     )

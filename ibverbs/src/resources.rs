@@ -1,12 +1,13 @@
 //! Protection domains, memory regions and address handles.
 
 use std::ffi::{c_int, c_uint, c_void};
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use vrdma::AccessFlags;
 
 use crate::abi::*;
 use crate::app_memory::{self, Pinned};
-use crate::context::Context;
+use crate::context::{Context, Free, Rank};
 use crate::{guard, null_with};
 
 /// Everything behind an `ibv_pd *`.
@@ -15,9 +16,32 @@ pub(crate) struct Pd {
     /// First, so an `ibv_pd *` is a `Pd *`.
     pub(crate) ibv: ibv_pd,
     pub(crate) pd: vrdma::ProtectionDomain,
+    /// MRs, QPs, AHs and SRQs made in it: deallocating it fails with EBUSY until they are
+    /// gone, as in verbs.
+    users: AtomicU32,
 }
 
 impl Pd {
+    /// Counts an object made in `pd`.
+    ///
+    /// # Safety
+    ///
+    /// `pd` must be a live PD of this shim.
+    pub(crate) unsafe fn retain(pd: *mut ibv_pd) {
+        // SAFETY: the caller's contract.
+        unsafe { (*pd.cast::<Pd>()).users.fetch_add(1, Ordering::AcqRel) };
+    }
+
+    /// Forgets an object made in `pd`.
+    ///
+    /// # Safety
+    ///
+    /// As [`Pd::retain`], for an object it counted.
+    pub(crate) unsafe fn release(pd: *mut ibv_pd) {
+        // SAFETY: the caller's contract.
+        unsafe { (*pd.cast::<Pd>()).users.fetch_sub(1, Ordering::AcqRel) };
+    }
+
     /// # Safety
     ///
     /// A non-NULL `pd` must be a live PD of this shim.
@@ -65,14 +89,18 @@ pub unsafe extern "C" fn ibv_alloc_pd(context: *mut ibv_context) -> *mut ibv_pd 
                 return null_with(libc::EINVAL);
             };
             match vrdma::ProtectionDomain::new(&ctx.vrdma) {
-                Ok(pd) => Box::into_raw(Box::new(Pd {
-                    ibv: ibv_pd {
-                        context,
-                        handle: pd.handle(),
-                    },
-                    pd,
-                }))
-                .cast::<ibv_pd>(),
+                Ok(pd) => {
+                    let ptr = Box::into_raw(Box::new(Pd {
+                        ibv: ibv_pd {
+                            context,
+                            handle: pd.handle(),
+                        },
+                        pd,
+                        users: AtomicU32::new(0),
+                    }));
+                    ctx.adopt(ptr.cast(), Rank::Pd, free_pd);
+                    ptr.cast::<ibv_pd>()
+                }
                 Err(e) => {
                     log::warn!("{}", vrdma::error_chain(&e));
                     null_with(e.errno())
@@ -80,6 +108,59 @@ pub unsafe extern "C" fn ibv_alloc_pd(context: *mut ibv_context) -> *mut ibv_pd 
             }
         },
     )
+}
+
+/// Frees a PD.
+///
+/// # Safety
+///
+/// `pd` must be a live PD, not used afterwards.
+unsafe fn free_pd(pd: *mut c_void) {
+    // SAFETY: made by Box::into_raw in ibv_alloc_pd (the caller's contract).
+    drop(unsafe { Box::from_raw(pd.cast::<Pd>()) });
+}
+
+/// Frees an MR.
+///
+/// # Safety
+///
+/// `mr` must be a live MR, not used afterwards.
+unsafe fn free_mr(mr: *mut c_void) {
+    // SAFETY: made by Box::into_raw in reg_mr (the caller's contract); its PD outlives it.
+    unsafe {
+        let mr = Box::from_raw(mr.cast::<Mr>());
+        Pd::release(mr.ibv.pd);
+        drop(mr);
+    }
+}
+
+/// Frees an AH.
+///
+/// # Safety
+///
+/// `ah` must be a live AH, not used afterwards.
+unsafe fn free_ah(ah: *mut c_void) {
+    // SAFETY: made by Box::into_raw in ibv_create_ah (the caller's contract); its PD outlives
+    // it.
+    unsafe {
+        let ah = Box::from_raw(ah.cast::<Ah>());
+        Pd::release(ah.ibv.pd);
+        drop(ah);
+    }
+}
+
+/// Disowns and frees an object the program destroys, whose PD is `pd`.
+///
+/// # Safety
+///
+/// `object` must be a live object made in `pd`, freed by `free`, not used afterwards.
+unsafe fn destroy_in(pd: *mut ibv_pd, object: *mut c_void, free: Free) {
+    // SAFETY: the caller's contract: a live PD, whose context outlives it.
+    if let Some((_, ctx)) = unsafe { Pd::from_ptr(pd) } {
+        ctx.disown(object);
+    }
+    // SAFETY: the caller's contract.
+    unsafe { free(object) };
 }
 
 /// `ibv_dealloc_pd`.
@@ -94,12 +175,15 @@ pub unsafe extern "C" fn ibv_dealloc_pd(pd: *mut ibv_pd) -> c_int {
         || libc::EIO,
         || {
             // SAFETY: the caller's contract.
-            if unsafe { Pd::from_ptr(pd) }.is_none() {
+            let Some((p, ctx)) = (unsafe { Pd::from_ptr(pd) }) else {
                 return libc::EINVAL;
+            };
+            if p.users.load(Ordering::Acquire) != 0 {
+                return libc::EBUSY;
             }
-            // SAFETY: made by Box::into_raw in ibv_alloc_pd; the caller gives it up. The device
-            // object lives on while MRs, QPs or AHs made in it do (they hold it).
-            drop(unsafe { Box::from_raw(pd.cast::<Pd>()) });
+            ctx.disown(pd.cast());
+            // SAFETY: a live PD the caller gives up.
+            unsafe { free_pd(pd.cast()) };
             0
         },
     )
@@ -143,20 +227,25 @@ fn reg_mr(
         Err(e) => return null_with(e.errno()),
     };
     match vrdma::MemoryRegion::register_iova(&p.pd, addr as u64, length as u64, iova, access) {
-        Ok(mr) => Box::into_raw(Box::new(Mr {
-            ibv: ibv_mr {
-                context: ctx.as_ptr(),
-                pd,
-                addr,
-                length,
-                handle: mr.lkey(),
-                lkey: mr.lkey(),
-                rkey: mr.rkey(),
-            },
-            _mr: mr,
-            _pinned: pinned,
-        }))
-        .cast::<ibv_mr>(),
+        Ok(mr) => {
+            // SAFETY: a live PD (checked above).
+            unsafe { Pd::retain(pd) };
+            let ptr = Box::into_raw(Box::new(Mr {
+                ibv: ibv_mr {
+                    context: ctx.as_ptr(),
+                    pd,
+                    addr,
+                    length,
+                    handle: mr.lkey(),
+                    lkey: mr.lkey(),
+                    rkey: mr.rkey(),
+                },
+                _mr: mr,
+                _pinned: pinned,
+            }));
+            ctx.adopt(ptr.cast(), Rank::Mr, free_mr);
+            ptr.cast::<ibv_mr>()
+        }
         Err(e) => {
             log::warn!("{}", vrdma::error_chain(&e));
             null_with(e.errno())
@@ -238,8 +327,8 @@ pub unsafe extern "C" fn ibv_dereg_mr(mr: *mut ibv_mr) -> c_int {
             if mr.is_null() {
                 return libc::EINVAL;
             }
-            // SAFETY: made by Box::into_raw in reg_mr; the caller gives it up.
-            drop(unsafe { Box::from_raw(mr.cast::<Mr>()) });
+            // SAFETY: a live MR the caller gives up.
+            unsafe { destroy_in((*mr).pd, mr.cast(), free_mr) };
             0
         },
     )
@@ -322,15 +411,20 @@ pub unsafe extern "C" fn ibv_create_ah(pd: *mut ibv_pd, attr: *mut ibv_ah_attr) 
                 Err(errno) => return null_with(errno),
             };
             match vrdma::AddressHandle::new(&p.pd, &av) {
-                Ok(ah) => Box::into_raw(Box::new(Ah {
-                    ibv: ibv_ah {
-                        context: ctx.as_ptr(),
-                        pd,
-                        handle: ah.handle(),
-                    },
-                    ah,
-                }))
-                .cast::<ibv_ah>(),
+                Ok(ah) => {
+                    // SAFETY: a live PD (checked above).
+                    unsafe { Pd::retain(pd) };
+                    let ptr = Box::into_raw(Box::new(Ah {
+                        ibv: ibv_ah {
+                            context: ctx.as_ptr(),
+                            pd,
+                            handle: ah.handle(),
+                        },
+                        ah,
+                    }));
+                    ctx.adopt(ptr.cast(), Rank::Ah, free_ah);
+                    ptr.cast::<ibv_ah>()
+                }
                 Err(e) => {
                     log::warn!("{}", vrdma::error_chain(&e));
                     null_with(e.errno())
@@ -354,8 +448,8 @@ pub unsafe extern "C" fn ibv_destroy_ah(ah: *mut ibv_ah) -> c_int {
             if ah.is_null() {
                 return libc::EINVAL;
             }
-            // SAFETY: made by Box::into_raw in ibv_create_ah; the caller gives it up.
-            drop(unsafe { Box::from_raw(ah.cast::<Ah>()) });
+            // SAFETY: a live AH the caller gives up.
+            unsafe { destroy_in((*ah).pd, ah.cast(), free_ah) };
             0
         },
     )

@@ -1,13 +1,13 @@
 //! Shared receive queues: create, modify (the limit), query, destroy, and the data path's
 //! `post_srq_recv`.
 
-use std::ffi::c_int;
+use std::ffi::{c_int, c_void};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use vrdma::{SrqAttr, SrqAttrMask};
 
 use crate::abi::*;
-use crate::context::Context;
+use crate::context::{Context, Rank};
 use crate::qp::{post_each, post_one_recv};
 use crate::resources::Pd;
 use crate::{guard, null_with};
@@ -85,8 +85,11 @@ pub unsafe extern "C" fn ibv_create_srq(
                 srq: vsrq,
                 users: AtomicU32::new(0),
             });
+            // SAFETY: a live PD (checked above).
+            unsafe { Pd::retain(pd) };
             let ptr = Box::into_raw(srq);
             ctx.register_srq(srqn, ptr as usize);
+            ctx.adopt(ptr.cast(), Rank::Srq, free_srq);
             ptr.cast::<ibv_srq>()
         },
     )
@@ -177,6 +180,24 @@ pub unsafe extern "C" fn ibv_query_srq(srq: *mut ibv_srq, attr: *mut ibv_srq_att
     )
 }
 
+/// Frees an SRQ.
+///
+/// # Safety
+///
+/// `srq` must be a live SRQ, not used afterwards.
+unsafe fn free_srq(srq: *mut c_void) {
+    // SAFETY: made by Box::into_raw in ibv_create_srq (the caller's contract); an SRQ's
+    // context and PD outlive it.
+    unsafe {
+        let srq = Box::from_raw(srq.cast::<Srq>());
+        if let Some(ctx) = Context::from_ptr(srq.ibv.context) {
+            ctx.unregister_srq(srq.ibv.handle);
+        }
+        Pd::release(srq.ibv.pd);
+        drop(srq);
+    }
+}
+
 /// `ibv_destroy_srq`: EBUSY while QPs are attached.
 ///
 /// # Safety
@@ -197,10 +218,10 @@ pub unsafe extern "C" fn ibv_destroy_srq(srq: *mut ibv_srq) -> c_int {
             }
             // SAFETY: an SRQ's context outlives it.
             if let Some(ctx) = unsafe { Context::from_ptr(s.ibv.context) } {
-                ctx.unregister_srq(s.ibv.handle);
+                ctx.disown(srq.cast());
             }
-            // SAFETY: made by Box::into_raw in ibv_create_srq; the caller gives it up.
-            drop(unsafe { Box::from_raw(srq.cast::<Srq>()) });
+            // SAFETY: a live SRQ the caller gives up.
+            unsafe { free_srq(srq.cast()) };
             0
         },
     )

@@ -239,6 +239,7 @@ static void check_rc(struct ibv_device **list)
 
 	/* Objects in use are busy. */
 	CHECK(ibv_destroy_cq(a.cq) == EBUSY, "CQ with a QP");
+	CHECK(ibv_dealloc_pd(a.pd) == EBUSY, "PD with a QP and an MR");
 	CHECK(ibv_destroy_comp_channel(a.ch) == EBUSY, "channel with a CQ");
 
 	/* bad_wr is the first request not posted; the ones before it are. */
@@ -470,6 +471,25 @@ static void check_srq(struct ibv_device **list)
 	CHECK(ibv_close_device(a.ctx) == 0 && ibv_close_device(b.ctx) == 0, "close");
 }
 
+/* Closing a device frees what the program left (as the kernel does), so the VM's next
+ * guest connects: qperf deallocates its PD before deregistering its MR, and reopens the
+ * device for its next test. */
+static void check_close_frees_leftovers(struct ibv_device **list)
+{
+	struct side a;
+	struct ibv_context *again;
+	struct ibv_pd *pd;
+
+	open_side(list[0], &a, IBV_QPT_RC);
+	CHECK(ibv_dealloc_pd(a.pd) == EBUSY, "a PD with objects is busy");
+	CHECK(ibv_close_device(a.ctx) == 0, "close with objects left");
+	again = ibv_open_device(list[0]);
+	CHECK(again, "reopening after a close with objects left");
+	pd = ibv_alloc_pd(again);
+	CHECK(pd, "ibv_alloc_pd after reopening");
+	CHECK(ibv_dealloc_pd(pd) == 0 && ibv_close_device(again) == 0, "close");
+}
+
 int main(void)
 {
 	struct ibv_device **list;
@@ -489,6 +509,7 @@ int main(void)
 	check_rc(list);
 	check_ud(list);
 	check_srq(list);
+	check_close_frees_leftovers(list);
 	ibv_free_device_list(list);
 	printf("verbs_semantics: ok\n");
 	return 0;

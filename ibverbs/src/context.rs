@@ -1,19 +1,23 @@
 //! The open device (`ibv_context`), its completion channels and its asynchronous events.
 //!
 //! One vhost-user connection carries every event of a context (CQ events and asynchronous
-//! events) on one file descriptor, the transport's event fd. Each completion channel's fd, and
-//! the context's `async_fd`, is an epoll instance of its own watching that fd: `poll`/`epoll`
-//! on any of them wakes when the device has something, and each keeps the file flags the
-//! program gives it (a program that makes its channel non-blocking gets EAGAIN from
-//! `ibv_get_cq_event`, as with libibverbs). `ibv_get_cq_event` and `ibv_get_async_event`
-//! drain the device's events and route each to the channel of its CQ (or to the async
-//! queue). Events routed to a queue whose owner is not the caller leave the event fd
-//! signalled, so a thread waiting on another channel wakes and finds them.
+//! events) on one file descriptor, the transport's event fd. A router thread per context
+//! waits on it, drains the device's events and routes each to the queue of its CQ's
+//! completion channel or to the context's asynchronous queue. Each queue has an eventfd in
+//! semaphore mode that counts its events: that is the channel's `fd` (and the context's
+//! `async_fd`), so it is readable exactly while the queue has events, as a kernel
+//! completion channel is. `ibv_get_cq_event` reads one count from it and takes one event, so
+//! a blocking wait is a `read()`, which a signal interrupts with EINTR or restarts as its
+//! handler's `SA_RESTART` says, and a program that makes the fd non-blocking gets EAGAIN, all
+//! as with libibverbs. When the device goes away (the vhost-user socket hangs up), every
+//! waiter wakes and fails with EIO.
 
 use std::collections::{HashMap, VecDeque};
 use std::ffi::{c_int, c_void};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use vrdma_proto::Gid;
@@ -29,11 +33,13 @@ use crate::{guard, identity, null_with, set_errno};
 pub(crate) struct Context {
     /// First, so an `ibv_context *` is a `Context *`.
     pub(crate) ibv: ibv_context,
+    /// Declared (so dropped) before what it uses: stops the router thread first.
+    router: Router,
     pub(crate) device: &'static DeviceEntry,
     pub(crate) vrdma: vrdma::Context,
     pub(crate) memory: DeviceMemory,
     pub(crate) port: Port,
-    events: Events,
+    events: Arc<Events>,
     /// The process that opened the context: a forked child must not use it (the device
     /// connection and the shared memory belong to the parent).
     pid: u32,
@@ -56,43 +62,46 @@ impl Port {
     }
 }
 
+/// The context's events, shared with its router thread.
 struct Events {
-    /// The device's event stream, drained without waiting.
+    /// The device's event stream; only the router thread drains it.
     device: vrdma::CompletionChannel,
-    /// The transport's event fd.
-    fd: RawFd,
-    /// The context's `async_fd`: an epoll instance watching `fd`.
+    /// The context's `async_fd`: counts `Routes::async_events`.
     async_fd: OwnedFd,
     routes: Mutex<Routes>,
+    /// The device went away: every wait fails with EIO.
+    dead: AtomicBool,
 }
 
-/// An epoll instance that is readable while `fd` is: a file descriptor with its own flags
-/// that wakes with the transport's event fd.
-pub(crate) fn watcher(fd: RawFd) -> std::io::Result<OwnedFd> {
-    // SAFETY: epoll_create1 has no memory preconditions; the result is checked.
-    let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-    if ep < 0 {
-        return Err(std::io::Error::last_os_error());
+/// The router thread, stopped and joined on drop.
+struct Router {
+    stop: OwnedFd,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for Router {
+    fn drop(&mut self) {
+        post(self.stop.as_raw_fd(), 1);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
-    // SAFETY: a new descriptor this function owns.
-    let ep = unsafe { OwnedFd::from_raw_fd(ep) };
-    let mut ev = libc::epoll_event {
-        events: libc::EPOLLIN as u32,
-        u64: 0,
-    };
-    // SAFETY: both descriptors are open; `ev` is a valid event.
-    if unsafe { libc::epoll_ctl(ep.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(ep)
+}
+
+/// A completion channel's queue.
+struct ChannelQueue {
+    /// The channel's fd: counts `cqs`.
+    fd: RawFd,
+    /// The CQs with an event not yet taken, oldest first.
+    cqs: VecDeque<usize>,
 }
 
 #[derive(Default)]
 struct Routes {
     /// CQ number to (channel, CQ) for CQs made with a channel.
     cq_channel: HashMap<u32, (usize, usize)>,
-    /// Per channel, the CQs with an event not yet taken.
-    pending: HashMap<usize, VecDeque<usize>>,
+    /// The channels' queues.
+    channels: HashMap<usize, ChannelQueue>,
     /// Asynchronous events not yet taken: (type, element).
     async_events: VecDeque<(c_int, usize)>,
     /// Objects by handle, to name them in asynchronous events.
@@ -118,40 +127,137 @@ pub(crate) enum Rank {
     Pd,
 }
 
-/// What `ibv_get_cq_event` and `ibv_get_async_event` do when nothing is queued.
-enum Wait {
-    /// Wait for the fd; `Err(errno)` on EINTR and the like.
-    Block,
-    /// The program made the fd non-blocking: fail with EAGAIN, as a read of it would.
-    NonBlocking,
+/// An eventfd in semaphore mode: each read takes one of the counts writes add.
+pub(crate) fn semaphore() -> std::io::Result<OwnedFd> {
+    // SAFETY: eventfd has no memory preconditions; the result is checked.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_SEMAPHORE | libc::EFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a new descriptor this function owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-fn wait_mode(fd: RawFd) -> Wait {
-    // SAFETY: F_GETFL on a descriptor the shim owns.
-    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-    if flags >= 0 && flags & libc::O_NONBLOCK != 0 {
-        Wait::NonBlocking
+/// Adds `n` to an eventfd's count.
+fn post(fd: RawFd, n: u64) {
+    // SAFETY: writing 8 bytes from a local to an eventfd.
+    let _ = unsafe { libc::write(fd, (&n as *const u64).cast::<c_void>(), 8) };
+}
+
+/// Takes one count from a semaphore eventfd, waiting for one unless the program made it
+/// non-blocking: `Err(errno)` for EINTR (a signal without `SA_RESTART`), EAGAIN and the
+/// like.
+fn take(fd: RawFd) -> Result<(), c_int> {
+    let mut count = 0u64;
+    // SAFETY: reading 8 bytes into a local.
+    let n = unsafe { libc::read(fd, (&mut count as *mut u64).cast::<c_void>(), 8) };
+    if n == 8 {
+        Ok(())
     } else {
-        Wait::Block
+        Err(std::io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EIO))
     }
 }
 
-/// Waits for `fd` to become readable. Interrupted by a signal: EINTR, as qperf needs to end
-/// its timed tests.
-fn wait(fd: RawFd) -> Result<(), c_int> {
-    let mut pfd = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd.
-    let n = unsafe { libc::poll(&mut pfd, 1, -1) };
-    if n < 0 {
-        return Err(std::io::Error::last_os_error()
-            .raw_os_error()
-            .unwrap_or(libc::EIO));
+/// The router thread: waits for device events (or the device hanging up, or the context
+/// closing) and routes them.
+fn route(events: Arc<Events>, transport: RawFd, hangup: Option<RawFd>, stop: RawFd, name: String) {
+    loop {
+        let mut fds = [
+            libc::pollfd {
+                fd: transport,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: stop,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: hangup.unwrap_or(-1),
+                events: libc::POLLRDHUP,
+                revents: 0,
+            },
+        ];
+        // SAFETY: three valid pollfds (a negative fd is ignored).
+        if unsafe { libc::poll(fds.as_mut_ptr(), 3, -1) } < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            log::warn!("{name}: waiting for device events failed: {e}");
+            events.die();
+            return;
+        }
+        if fds[1].revents != 0 {
+            return;
+        }
+        if fds[2].revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0 {
+            log::warn!(
+                "{name}: the daemon closed the connection; the device is gone (its verbs fail \
+                 with EIO)"
+            );
+            events.die();
+            return;
+        }
+        let mut r = events.lock();
+        if let Err(errno) = events.pump(&mut r) {
+            drop(r);
+            log::warn!("{name}: the device's events cannot be read (errno {errno})");
+            events.die();
+            return;
+        }
     }
-    Ok(())
+}
+
+impl Events {
+    fn lock(&self) -> MutexGuard<'_, Routes> {
+        self.routes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Marks the device gone and wakes every waiter.
+    fn die(&self) {
+        self.dead.store(true, Ordering::Release);
+        let r = self.lock();
+        for q in r.channels.values() {
+            post(q.fd, 1 << 32);
+        }
+        post(self.async_fd.as_raw_fd(), 1 << 32);
+    }
+
+    /// Moves the device's events into the routes, counting each on its queue's fd.
+    fn pump(&self, r: &mut Routes) -> Result<(), c_int> {
+        loop {
+            match self.device.get_cq_event(Some(Duration::ZERO)) {
+                Ok(Some(cqn)) => {
+                    if let Some(&(ch, cq)) = r.cq_channel.get(&cqn)
+                        && let Some(q) = r.channels.get_mut(&ch)
+                    {
+                        q.cqs.push_back(cq);
+                        post(q.fd, 1);
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    log::warn!("ibv_get_cq_event: {}", vrdma::error_chain(&e));
+                    return Err(e.errno());
+                }
+            }
+        }
+        let events = self.device.take_async_events().map_err(|e| {
+            log::warn!("ibv_get_async_event: {}", vrdma::error_chain(&e));
+            e.errno()
+        })?;
+        for (kind, handle) in events {
+            if let Some(ev) = translate_async(r, kind, handle) {
+                r.async_events.push_back(ev);
+                post(self.async_fd.as_raw_fd(), 1);
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Context {
@@ -179,7 +285,7 @@ impl Context {
                 device.name()
             );
         }
-        let router = vrdma::CompletionChannel::new(&vrdma).map_err(|e| {
+        let device_events = vrdma::CompletionChannel::new(&vrdma).map_err(|e| {
             log::warn!(
                 "ibv_open_device {}: {}",
                 device.name(),
@@ -187,36 +293,58 @@ impl Context {
             );
             e.errno()
         })?;
-        let fd = vrdma.event_fd();
-        let async_fd = watcher(fd).map_err(|e| {
+        let fds = semaphore().and_then(|a| Ok((a, semaphore()?)));
+        let (async_fd, stop) = fds.map_err(|e| {
             log::warn!(
-                "ibv_open_device {}: cannot make the async event fd: {e}",
+                "ibv_open_device {}: cannot make the event fds: {e}",
                 device.name()
             );
             e.raw_os_error().unwrap_or(libc::EMFILE)
         })?;
+        let events = Arc::new(Events {
+            device: device_events,
+            async_fd,
+            routes: Mutex::new(Routes::default()),
+            dead: AtomicBool::new(false),
+        });
+        let thread = {
+            let events = events.clone();
+            let (transport, hangup) = (vrdma.event_fd(), vrdma.hangup_fd());
+            let stop = stop.as_raw_fd();
+            let name = device.name();
+            std::thread::Builder::new()
+                .name(format!("vrdma-events-{name}"))
+                .spawn(move || route(events, transport, hangup, stop, name))
+                .map_err(|e| {
+                    log::warn!(
+                        "ibv_open_device {}: cannot start its event thread: {e}",
+                        device.name()
+                    );
+                    libc::EAGAIN
+                })?
+        };
+        let router = Router {
+            stop,
+            thread: Some(thread),
+        };
         let memory = DeviceMemory::new(vrdma.clone());
         let ctx = Box::new(Context {
             ibv: ibv_context {
                 device: (&device.ibv as *const ibv_device).cast_mut(),
                 ops: crate::ops(),
                 cmd_fd: -1,
-                async_fd: async_fd.as_raw_fd(),
+                async_fd: events.async_fd.as_raw_fd(),
                 num_comp_vectors: 1,
                 // SAFETY: an all-zero pthread_mutex_t is PTHREAD_MUTEX_INITIALIZER on glibc.
                 mutex: unsafe { std::mem::zeroed() },
                 abi_compat: std::ptr::null_mut(),
             },
+            router,
             device,
             vrdma,
             memory,
             port: Port { gid, lid },
-            events: Events {
-                device: router,
-                fd,
-                async_fd,
-                routes: Mutex::new(Routes::default()),
-            },
+            events,
             pid: std::process::id(),
         });
         Ok(Box::into_raw(ctx).cast::<ibv_context>())
@@ -282,7 +410,7 @@ impl Context {
     }
 
     fn routes(&self) -> MutexGuard<'_, Routes> {
-        self.events.routes.lock().unwrap_or_else(|p| p.into_inner())
+        self.events.lock()
     }
 
     pub(crate) fn device_attr(&self) -> ibv_device_attr {
@@ -400,12 +528,17 @@ impl Context {
     /// Forgets a CQ; its events not yet taken are dropped (the program destroyed it).
     pub(crate) fn unregister_cq(&self, cqn: u32) {
         let mut r = self.routes();
-        r.cqs.remove(&cqn);
         if let Some((ch, cq)) = r.cq_channel.remove(&cqn)
-            && let Some(q) = r.pending.get_mut(&ch)
+            && let Some(q) = r.channels.get_mut(&ch)
         {
-            q.retain(|&c| c != cq);
+            // Their counts stay on the channel's fd: a waiter that takes one finds no event
+            // and waits again (a spurious wake-up, never a lost one).
+            q.cqs.retain(|&c| c != cq);
         }
+        if let Some(&cq) = r.cqs.get(&cqn) {
+            r.async_events.retain(|&(_, e)| e != cq);
+        }
+        r.cqs.remove(&cqn);
     }
 
     pub(crate) fn register_qp(&self, qpn: u32, qp: usize) {
@@ -439,92 +572,49 @@ impl Context {
             .any(|&(ch, _)| ch == channel)
     }
 
+    /// Starts routing events to a channel whose fd is `fd`.
+    pub(crate) fn add_channel(&self, channel: usize, fd: RawFd) {
+        self.routes().channels.insert(
+            channel,
+            ChannelQueue {
+                fd,
+                cqs: VecDeque::new(),
+            },
+        );
+    }
+
     pub(crate) fn forget_channel(&self, channel: usize) {
-        self.routes().pending.remove(&channel);
-    }
-
-    /// Moves the device's events into the routes. Returns whether any was queued.
-    fn pump(&self, r: &mut Routes) -> Result<bool, c_int> {
-        let mut queued = false;
-        loop {
-            match self.events.device.get_cq_event(Some(Duration::ZERO)) {
-                Ok(Some(cqn)) => {
-                    if let Some(&(ch, cq)) = r.cq_channel.get(&cqn) {
-                        r.pending.entry(ch).or_default().push_back(cq);
-                        queued = true;
-                    }
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    log::warn!("ibv_get_cq_event: {}", vrdma::error_chain(&e));
-                    return Err(e.errno());
-                }
-            }
-        }
-        let events = self.events.device.take_async_events().map_err(|e| {
-            log::warn!("ibv_get_async_event: {}", vrdma::error_chain(&e));
-            e.errno()
-        })?;
-        for (kind, handle) in events {
-            if let Some(ev) = translate_async(r, kind, handle) {
-                r.async_events.push_back(ev);
-                queued = true;
-            }
-        }
-        Ok(queued)
-    }
-
-    /// Makes the event fd readable, so that waiters on other queues look again.
-    fn signal(&self) {
-        let one: u64 = 1;
-        // SAFETY: writing 8 bytes from a local to the transport's eventfd.
-        let _ = unsafe { libc::write(self.events.fd, (&one as *const u64).cast::<c_void>(), 8) };
+        self.routes().channels.remove(&channel);
     }
 
     /// Takes the next CQ event of `channel` (whose fd is `fd`), waiting as the fd's mode
     /// says.
     pub(crate) fn next_cq_event(&self, channel: usize, fd: RawFd) -> Result<usize, c_int> {
         loop {
-            {
-                let mut r = self.routes();
-                self.pump(&mut r)?;
-                if let Some(cq) = r.pending.get_mut(&channel).and_then(|q| q.pop_front()) {
-                    if r.pending.values().any(|q| !q.is_empty()) || !r.async_events.is_empty() {
-                        self.signal();
-                    }
-                    return Ok(cq);
-                }
-                if r.pending.values().any(|q| !q.is_empty()) {
-                    self.signal();
-                }
+            if self.events.dead.load(Ordering::Acquire) {
+                return Err(libc::EIO);
             }
-            match wait_mode(fd) {
-                Wait::NonBlocking => return Err(libc::EAGAIN),
-                Wait::Block => wait(fd)?,
+            take(fd)?;
+            if let Some(cq) = self
+                .routes()
+                .channels
+                .get_mut(&channel)
+                .and_then(|q| q.cqs.pop_front())
+            {
+                return Ok(cq);
             }
         }
     }
 
-    /// Takes the next asynchronous event.
+    /// Takes the next asynchronous event, waiting as the async fd's mode says.
     pub(crate) fn next_async_event(&self) -> Result<(c_int, usize), c_int> {
         loop {
-            {
-                let mut r = self.routes();
-                self.pump(&mut r)?;
-                if let Some(ev) = r.async_events.pop_front() {
-                    if r.pending.values().any(|q| !q.is_empty()) || !r.async_events.is_empty() {
-                        self.signal();
-                    }
-                    return Ok(ev);
-                }
-                if r.pending.values().any(|q| !q.is_empty()) {
-                    self.signal();
-                }
+            if self.events.dead.load(Ordering::Acquire) {
+                return Err(libc::EIO);
             }
-            let fd = self.events.async_fd.as_raw_fd();
-            match wait_mode(fd) {
-                Wait::NonBlocking => return Err(libc::EAGAIN),
-                Wait::Block => wait(fd)?,
+            take(self.events.async_fd.as_raw_fd())?;
+            if let Some(ev) = self.routes().async_events.pop_front() {
+                return Ok(ev);
             }
         }
     }
@@ -545,8 +635,6 @@ fn translate_async(r: &Routes, kind: Kind, handle: u32) -> Option<(c_int, usize)
         Kind::DeviceFatal => Some((IBV_EVENT_DEVICE_FATAL, 0)),
         Kind::PortActive => Some((IBV_EVENT_PORT_ACTIVE, handle as usize)),
         Kind::PortErr => Some((IBV_EVENT_PORT_ERR, handle as usize)),
-        // The shim creates no SRQs yet (ibv_create_srq is not wired to vrdma's SRQs), so no
-        // event can name one of its objects.
         Kind::SrqErr => r.srqs.get(&handle).map(|&p| (IBV_EVENT_SRQ_ERR, p)),
         Kind::SrqLimitReached => r
             .srqs
@@ -561,7 +649,7 @@ fn translate_async(r: &Routes, kind: Kind, handle: u32) -> Option<(c_int, usize)
 pub(crate) struct Channel {
     /// First, so an `ibv_comp_channel *` is a `Channel *`.
     pub(crate) ibv: ibv_comp_channel,
-    /// `ibv.fd`: an epoll instance watching the context's event fd.
+    /// `ibv.fd`: counts the channel's queued events.
     _fd: OwnedFd,
 }
 
@@ -582,7 +670,7 @@ pub unsafe extern "C" fn ibv_create_comp_channel(
             let Some(ctx) = (unsafe { Context::from_ptr(context) }) else {
                 return null_with(libc::EINVAL);
             };
-            let fd = match watcher(ctx.events.fd) {
+            let fd = match semaphore() {
                 Ok(fd) => fd,
                 Err(e) => {
                     log::warn!("ibv_create_comp_channel: {e}");
@@ -598,6 +686,8 @@ pub unsafe extern "C" fn ibv_create_comp_channel(
                 _fd: fd,
             });
             let ptr = Box::into_raw(ch);
+            // SAFETY: just made; its fd lives as long as it.
+            ctx.add_channel(ptr as usize, unsafe { (*ptr).ibv.fd });
             ctx.adopt(ptr.cast(), Rank::Channel, free_channel);
             ptr.cast::<ibv_comp_channel>()
         },

@@ -155,7 +155,7 @@ fn ib_write_bw_all_sizes() {
         &Pair::one_daemon(),
         "ib_write_bw",
         21100,
-        &["-a", "-n", "20"],
+        &["-a", "-n", "10"],
     );
     assert_bw_report(&client, ALL_SIZES);
 }
@@ -207,7 +207,7 @@ fn ib_send_bw_all_sizes() {
         &Pair::one_daemon(),
         "ib_send_bw",
         21120,
-        &["-a", "-n", "20"],
+        &["-a", "-n", "10"],
     );
     assert_bw_report(&client, ALL_SIZES);
     assert_bw_report(&server, ALL_SIZES);
@@ -290,7 +290,7 @@ fn ib_write_lat_all_sizes() {
         &Pair::one_daemon(),
         "ib_write_lat",
         21140,
-        &["-a", "-n", "20"],
+        &["-a", "-n", "10"],
     );
     assert_lat_report(&client, ALL_SIZES);
 }

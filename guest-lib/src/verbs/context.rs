@@ -227,6 +227,13 @@ impl Context {
     pub fn event_fd(&self) -> RawFd {
         self.inner.transport.event_fd()
     }
+
+    /// The file descriptor that reports the device going away (for virtio-user, the
+    /// vhost-user socket, which hangs up when the daemon closes the connection), or `None`
+    /// for a transport without one. Wait for `POLLRDHUP`/`POLLHUP` on it.
+    pub fn hangup_fd(&self) -> Option<RawFd> {
+        self.inner.transport.hangup_fd()
+    }
 }
 
 impl Inner {

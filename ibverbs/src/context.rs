@@ -405,6 +405,17 @@ impl Context {
         Some(ctx)
     }
 
+    /// Whether `context` is a context of the process that forked this one: its objects must
+    /// not be touched (destroying one would drive the parent's device connection).
+    ///
+    /// # Safety
+    ///
+    /// A non-NULL `context` must come from [`Context::open`] and still be open.
+    pub(crate) unsafe fn foreign(context: *mut ibv_context) -> bool {
+        // SAFETY: the caller's contract.
+        !context.is_null() && unsafe { (*context.cast::<Context>()).pid } != std::process::id()
+    }
+
     pub(crate) fn as_ptr(&self) -> *mut ibv_context {
         (&self.ibv as *const ibv_context).cast_mut()
     }

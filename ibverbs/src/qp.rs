@@ -520,9 +520,11 @@ pub unsafe extern "C" fn ibv_query_qp(
                 alt_timeout: 0,
                 rate_limit: 0,
             };
-            // SAFETY: writable (the caller's contract); `qp` is live.
+            // SAFETY: writable (the caller's contract); `qp` is live. As libibverbs, the
+            // query refreshes `qp->state` (the QP may have moved to ERR on its own).
             unsafe {
                 attr.write(out);
+                (*qp).state = out.qp_state;
                 let init = &mut *init_attr;
                 init.qp_context = (*qp).qp_context;
                 init.send_cq = (*qp).send_cq;
@@ -582,6 +584,10 @@ pub unsafe extern "C" fn ibv_destroy_qp(qp: *mut ibv_qp) -> c_int {
                 return libc::EINVAL;
             };
             // SAFETY: a QP's context outlives it.
+            if unsafe { Context::foreign(q.ibv.context) } {
+                return libc::EIO;
+            }
+            // SAFETY: as above.
             if let Some(ctx) = unsafe { Context::from_ptr(q.ibv.context) } {
                 ctx.disown(qp.cast());
             }

@@ -327,6 +327,10 @@ pub unsafe extern "C" fn ibv_dereg_mr(mr: *mut ibv_mr) -> c_int {
             if mr.is_null() {
                 return libc::EINVAL;
             }
+            // SAFETY: a live MR (the caller's contract), whose context outlives it.
+            if unsafe { Context::foreign((*mr).context) } {
+                return libc::EIO;
+            }
             // SAFETY: a live MR the caller gives up.
             unsafe { destroy_in((*mr).pd, mr.cast(), free_mr) };
             0
@@ -447,6 +451,10 @@ pub unsafe extern "C" fn ibv_destroy_ah(ah: *mut ibv_ah) -> c_int {
         || {
             if ah.is_null() {
                 return libc::EINVAL;
+            }
+            // SAFETY: a live AH (the caller's contract), whose context outlives it.
+            if unsafe { Context::foreign((*ah).context) } {
+                return libc::EIO;
             }
             // SAFETY: a live AH the caller gives up.
             unsafe { destroy_in((*ah).pd, ah.cast(), free_ah) };

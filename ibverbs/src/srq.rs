@@ -213,6 +213,10 @@ pub unsafe extern "C" fn ibv_destroy_srq(srq: *mut ibv_srq) -> c_int {
             let Some(s) = (unsafe { srq_of(srq) }) else {
                 return libc::EINVAL;
             };
+            // SAFETY: an SRQ's context outlives it.
+            if unsafe { Context::foreign(s.ibv.context) } {
+                return libc::EIO;
+            }
             if s.users.load(Ordering::Acquire) != 0 {
                 return libc::EBUSY;
             }

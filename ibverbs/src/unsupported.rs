@@ -158,12 +158,19 @@ fn madvise_range(base: *mut c_void, size: usize, advice: c_int) -> c_int {
 /// `ibv_dontfork_range`.
 #[unsafe(no_mangle)]
 pub extern "C" fn ibv_dontfork_range(base: *mut c_void, size: usize) -> c_int {
+    // As libibverbs: nothing to do unless fork safety is on.
+    if !crate::app_memory::is_fork_safe() {
+        return 0;
+    }
     madvise_range(base, size, libc::MADV_DONTFORK)
 }
 
 /// `ibv_dofork_range`.
 #[unsafe(no_mangle)]
 pub extern "C" fn ibv_dofork_range(base: *mut c_void, size: usize) -> c_int {
+    if !crate::app_memory::is_fork_safe() {
+        return 0;
+    }
     madvise_range(base, size, libc::MADV_DOFORK)
 }
 

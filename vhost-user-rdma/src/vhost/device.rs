@@ -595,6 +595,17 @@ impl VhostUserBackend for VmDevice {
         self.event_idx.store(enabled, Ordering::Relaxed);
     }
 
+    fn acked_features(&self, acked: u64) {
+        // QEMU sets the features when the guest's driver starts the device (DRIVER_OK) and
+        // when migration logging starts or stops: rare, and the first thing to look at when a
+        // guest's driver does not get its device.
+        info!(
+            "vm {}: the VMM set the features to {acked:#x} (device-specific {:#x})",
+            self.name,
+            acked & features::ALL_DEVICE
+        );
+    }
+
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
         let start = offset as usize;
         let end = start.saturating_add(size as usize);

@@ -2,10 +2,12 @@
 //!
 //! ```text
 //! vrdma-devinfo --socket /run/vrdma/vm1.sock [-v] [-i PORT]
+//! vrdma-devinfo --pci [-v] [-i PORT]       (inside a VM, as root)
 //! ```
 //!
 //! The device is opened over virtio-user (this process becomes the VM's vhost-user frontend
-//! for as long as it runs), queried with `ibv_query_device`, `ibv_query_port` and
+//! for as long as it runs) or, with `--pci`, as the VM's virtio-pci
+//! function (1af4:106a) from user space; then it is queried with `ibv_query_device`, `ibv_query_port` and
 //! `ibv_query_gid`, and printed with `ibv_devinfo`'s field names, tabs and value formats, so
 //! scripts written for `ibv_devinfo` read it unchanged. Fields `ibv_devinfo` prints that the
 //! vrdma device does not report (`board_id`, `device_cap_flags`, the ODP and TSO capabilities,
@@ -13,19 +15,21 @@
 //! `0.0.0`.
 
 use std::net::Ipv6Addr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use vrdma::transport::VirtioUserError;
+use vrdma::transport::{PciOptions, VirtioPci, VirtioUserError};
 use vrdma::{Context, DeviceAttr, PortAttr, SrqCaps};
 use vrdma_proto::config::{AtomicCap, LinkLayer, Mtu, PortState};
 
 const USAGE: &str = "\
-Usage: vrdma-devinfo --socket PATH [-v] [-i PORT]
-Print the attributes of the vrdma device behind a vhost-user socket, as ibv_devinfo does.
+Usage: vrdma-devinfo [--socket PATH | --pci] [-v] [-i PORT]
+Print the attributes of a vrdma device, as ibv_devinfo does: the one behind a vhost-user socket,
+or, inside a VM (as root), the VM's vrdma PCI device (1af4:106a).
 
 Options:
   -s, --socket=PATH      the VM's vhost-user socket (vhost-user-rdma --vm ...,socket=PATH)
+  -p, --pci              the first vrdma PCI device of this VM (needs root)
   -i, --ib-port=PORT     print only port PORT (default all ports)
   -v, --verbose          print all the attributes of the device
   -h, --help             print this help";
@@ -33,9 +37,18 @@ Options:
 /// The device's name, as `ibv_get_device_name` would give it: one device per socket.
 const HCA_ID: &str = "vrdma0";
 
+/// Where the device is.
+#[derive(Debug)]
+enum Device {
+    /// A vhost-user socket (virtio-user).
+    Socket(PathBuf),
+    /// The first vrdma PCI function of this (virtual) machine.
+    Pci,
+}
+
 #[derive(Debug)]
 struct Args {
-    socket: PathBuf,
+    device: Device,
     port: Option<u8>,
     verbose: bool,
 }
@@ -47,7 +60,7 @@ enum Parsed {
 
 fn parse(argv: impl Iterator<Item = String>) -> Result<Parsed, String> {
     let mut argv = argv.peekable();
-    let (mut socket, mut port, mut verbose) = (None, None, false);
+    let (mut socket, mut pci, mut port, mut verbose) = (None, false, None, false);
     while let Some(arg) = argv.next() {
         // `--opt=value` and `--opt value` (and `-s value`) as getopt_long accepts them.
         let (name, inline) = match arg.split_once('=') {
@@ -62,6 +75,7 @@ fn parse(argv: impl Iterator<Item = String>) -> Result<Parsed, String> {
         };
         match name.as_str() {
             "-s" | "--socket" => socket = Some(PathBuf::from(value("a socket path")?)),
+            "-p" | "--pci" => pci = true,
             "-i" | "--ib-port" => {
                 let v = value("a port number")?;
                 port = match v.parse::<u8>() {
@@ -74,9 +88,19 @@ fn parse(argv: impl Iterator<Item = String>) -> Result<Parsed, String> {
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
-    let socket = socket.ok_or("--socket PATH is required (the VM's vhost-user socket)")?;
+    let device = match (socket, pci) {
+        (Some(_), true) => return Err("--socket and --pci exclude each other".into()),
+        (Some(socket), false) => Device::Socket(socket),
+        (None, true) => Device::Pci,
+        (None, false) => {
+            return Err(
+                "--socket PATH (the VM's vhost-user socket) or --pci (inside the VM) is required"
+                    .into(),
+            );
+        }
+    };
     Ok(Parsed::Run(Args {
-        socket,
+        device,
         port,
         verbose,
     }))
@@ -104,7 +128,18 @@ fn main() -> ExitCode {
 }
 
 fn run(args: &Args) -> Result<(), String> {
-    let ctx = Context::open(&args.socket).map_err(|e| open_failure(args, &e))?;
+    let ctx = match &args.device {
+        Device::Socket(socket) => Context::open(socket).map_err(|e| open_failure(socket, &e))?,
+        Device::Pci => {
+            let transport = VirtioPci::open(PciOptions::default()).map_err(|e| {
+                format!(
+                    "cannot open the vrdma PCI device: {}",
+                    vrdma::error_chain(&e)
+                )
+            })?;
+            Context::from_transport(transport)
+        }
+    };
     let failed = |what: &str, e: vrdma::Error| format!("{what}: {}", vrdma::error_chain(&e));
     let dev = ctx
         .query_device()
@@ -145,8 +180,8 @@ fn run(args: &Args) -> Result<(), String> {
 }
 
 /// One line saying what failed and what to do about it.
-fn open_failure(args: &Args, err: &vrdma::Error) -> String {
-    let path = args.socket.display();
+fn open_failure(socket: &Path, err: &vrdma::Error) -> String {
+    let path = socket.display();
     let hint = format!("is vhost-user-rdma running with --vm ...,socket={path}?");
     let transport =
         std::error::Error::source(err).and_then(|s| s.downcast_ref::<VirtioUserError>());

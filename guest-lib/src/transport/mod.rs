@@ -6,6 +6,7 @@
 //! implementation today is [`virtio_user::VirtioUser`], where the process is its own
 //! vhost-user frontend; the same seam would take a kernel virtio driver's character device.
 
+pub mod virtio_pci;
 pub mod virtio_user;
 
 use std::os::fd::RawFd;
@@ -17,6 +18,7 @@ use vrdma_proto::event;
 
 use crate::mem::{DmaBuf, SharedMemory};
 
+pub use virtio_pci::{PciOptions, VirtioPci, VirtioPciError};
 pub use virtio_user::{Migration, Options, StoppedRing, VirtioUser, VirtioUserError};
 
 /// One event the device delivered on the event queue.

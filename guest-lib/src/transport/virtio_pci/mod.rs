@@ -5,11 +5,13 @@
 //! maps the modern virtio-pci capabilities (common configuration, notification, ISR, device
 //! configuration) from its `resourceN` files, performs the feature handshake (`ACKNOWLEDGE`,
 //! `DRIVER`, `FEATURES_OK`), reads the configuration space, sets up the control and event
-//! virtqueues in locked memory addressed by guest-physical address (see [`pinned`]) and sets
-//! `DRIVER_OK`. Control commands complete by polling the used ring.
+//! virtqueues in locked memory addressed by guest-physical address (see `pinned.rs`) and sets
+//! `DRIVER_OK`. When `uio_pci_generic` is loaded the function is bound to it and control
+//! commands wait for the device's interrupt on `/dev/uioN` (see `uio.rs`); otherwise they poll
+//! the used ring.
 //!
 //! This is the first step of the transport: doorbell queues, memory registration
-//! (`alloc_dma`, `add_memory`) and interrupts (uio_pci_generic's eventfd) are not there yet,
+//! (`alloc_dma`, `add_memory`) and event notification through `event_fd` are not there yet,
 //! and the methods that need them report [`VirtioPciError::Unsupported`]. What works is
 //! everything that only needs the configuration space and control commands (`vrdma-devinfo`).
 //! Needs root (sysfs `config`/`resourceN` writes, `mlock`, physical addresses in
@@ -17,6 +19,7 @@
 
 mod pci;
 mod pinned;
+mod uio;
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -36,6 +39,7 @@ use crate::virtio::{QueueError, SplitQueue};
 pub use pci::{DEVICE_ID, SYSFS_PCI_DEVICES, VENDOR_ID, find_devices};
 use pci::{PciDevice, Windows};
 use pinned::PinnedMemory;
+use uio::Uio;
 
 /// Device status bits (virtio 1.x §2.1).
 const STATUS_ACKNOWLEDGE: u8 = 1;
@@ -190,6 +194,9 @@ pub enum VirtioPciError {
         /// Its length.
         len: usize,
     },
+    /// Waiting for or unmasking the interrupt failed.
+    #[error("waiting for the device's interrupt on /dev/uio failed")]
+    Interrupt(#[source] io::Error),
     /// Not implemented by this transport yet.
     #[error("{0} is not supported by the virtio-pci transport yet")]
     Unsupported(&'static str),
@@ -248,6 +255,8 @@ pub struct VirtioPci {
     events: Mutex<EventQueue>,
     /// Never signalled yet: events are found by polling [`Transport::drain_events`].
     event_fd: EventFd,
+    /// Interrupts, when `uio_pci_generic` is loaded; control commands wait on them.
+    uio: Option<Uio>,
 }
 
 fn lock<'a, T>(mutex: &'a Mutex<T>, what: &'static str) -> Result<MutexGuard<'a, T>> {
@@ -269,6 +278,7 @@ impl VirtioPci {
                 .ok_or(VirtioPciError::NoDevice)?,
         };
         let device = PciDevice::open(&path)?;
+        let uio = Uio::bind(&path);
         let windows = device.map_windows()?;
         let memory = PinnedMemory::new(PINNED_BYTES)?;
         let common = &windows.common;
@@ -391,6 +401,7 @@ impl VirtioPci {
                 what: "creating the event eventfd",
                 source,
             })?,
+            uio,
         })
     }
 
@@ -403,6 +414,35 @@ impl VirtioPci {
         // The ring updates must be visible before the device is told about them.
         fence(Ordering::SeqCst);
         self.windows.notify.write16(vq.notify_at, vq.index);
+    }
+
+    /// Waits for the device's interrupt until `deadline`, or just yields without interrupts.
+    fn wait_for_interrupt(&self, deadline: Instant) -> Result<()> {
+        let Some(uio) = &self.uio else {
+            std::thread::yield_now();
+            return Ok(());
+        };
+        let uio_err = VirtioPciError::Interrupt;
+        if uio
+            .wait(deadline.saturating_duration_since(Instant::now()))
+            .map_err(uio_err)?
+        {
+            // Reading the ISR lowers the interrupt line before INTx is unmasked again.
+            let isr = self.windows.isr.read8(0);
+            if isr & ISR_CONFIG != 0 {
+                log::info!(
+                    "{}: the device's configuration changed",
+                    self.device.path.display()
+                );
+            }
+            self.device.unmask_intx()?;
+        }
+        Ok(())
+    }
+
+    /// Whether control commands complete by interrupt (else by polling).
+    pub fn has_interrupts(&self) -> bool {
+        self.uio.is_some()
     }
 
     fn check_status(&self) -> Result<()> {
@@ -582,7 +622,7 @@ impl Transport for VirtioPci {
                 });
             }
             self.check_status()?;
-            std::thread::yield_now();
+            self.wait_for_interrupt(deadline)?;
         };
         let written = (written as usize).min(resp_len);
         cq.response

@@ -31,6 +31,7 @@ const PCI_CAPABILITY_LIST: u64 = 0x34;
 const PCI_COMMAND: u64 = 0x04;
 const PCI_COMMAND_MEMORY: u16 = 0x2;
 const PCI_COMMAND_MASTER: u16 = 0x4;
+const PCI_COMMAND_INTX_DISABLE: u16 = 0x400;
 /// Bytes of the common configuration structure (virtio 1.x, up to `queue_device`).
 pub const COMMON_CFG_LEN: u64 = 0x38;
 
@@ -219,6 +220,21 @@ impl PciDevice {
                 .map_err(sysfs_err(&cfg_path, "enabling bus mastering in"))?;
         }
         Ok(dev)
+    }
+
+    /// Clears the command register's INTx-disable bit, which `uio_pci_generic` sets when the
+    /// interrupt fires.
+    pub fn unmask_intx(&self) -> Result<(), VirtioPciError> {
+        let command = u16::from_le_bytes(self.read_cfg(PCI_COMMAND)?);
+        if command & PCI_COMMAND_INTX_DISABLE != 0 {
+            self.config
+                .write_all_at(
+                    &(command & !PCI_COMMAND_INTX_DISABLE).to_le_bytes(),
+                    PCI_COMMAND,
+                )
+                .map_err(sysfs_err(&self.path.join("config"), "unmasking INTx in"))?;
+        }
+        Ok(())
     }
 
     fn read_cfg<const N: usize>(&self, at: u64) -> Result<[u8; N], VirtioPciError> {

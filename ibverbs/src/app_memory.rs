@@ -11,9 +11,15 @@
 //!   memfd at the same address: the whole pages are copied into a new memfd, which is then
 //!   mapped over them with `MAP_SHARED | MAP_FIXED` (an atomic replacement), keeping each
 //!   page's protection. Whole pages, so heap neighbours and malloc's chunk headers on a
-//!   partial page survive. The memfd is registered with the device as one region. The
-//!   process keeps the memfd mapping for good; the region goes from the device when the last
-//!   pin over it does.
+//!   partial page survive. The memfd is registered with the device as one region. When the
+//!   last pin over it goes, the region goes from the device and the pages are moved back
+//!   onto private anonymous memory the same way (copied, and the copy moved over them with
+//!   `mremap`, keeping their protection), wherever the memfd is still mapped: shared memory
+//!   would be shared with a forked child, and `MADV_DONTNEED` would keep its contents where
+//!   allocators count on getting zeros back (calloc of memory glibc trimmed from an arena,
+//!   a jemalloc purge). Pages of a memfd that a piece still holds (the application unmapped
+//!   part of a registered buffer, or moved it with `mremap`) are never moved again: they are
+//!   shared as that memfd.
 //! * **`MAP_SHARED` file mappings** (a file `mmap`, SysV shared memory, shared anonymous
 //!   memory, huge-page files) are registered as the file they map, with the mapping's file
 //!   offset, and are not moved: replacing them would cut the application off from its file
@@ -34,16 +40,29 @@
 //! (device, inode and offset; SysV segments, whose inodes are all 0, by path), and makes a new
 //! piece where not.
 //!
+//! **Forked children** get private copies of moved memory that is not marked
+//! `MADV_DONTFORK` (see `children.rs`): without fork safety ([`fork_init`]) a child has its
+//! own copy of registered memory, as with libibverbs, and it forgets the registry, since it
+//! cannot use its parent's devices.
+//!
 //! **Limitations.**
-//! * A write another thread makes to a page between its copy and its replacement is lost
-//!   (including malloc's own bookkeeping, if another thread allocates from the same heap
-//!   page at that moment). Register buffers before other threads use their pages, as verbs
-//!   applications do. Buffers on the calling thread's own stack are refused (the pin itself
-//!   writes there), other threads' stacks are not.
-//! * Moved memory stays `MAP_SHARED`: a forked child shares those pages with the parent
-//!   rather than getting copies, unless fork safety is on ([`fork_init`]). Transparent huge
-//!   pages are lost (shmem THP is off by default) and the copy needs as much memory again
-//!   for a moment. `mlock` on moved pages is not carried over.
+//! * A write another thread makes to a page between its copy and its replacement is lost,
+//!   when memory is moved onto a memfd and when it is moved back (including malloc's own
+//!   bookkeeping, if another thread allocates from the same heap page at that moment).
+//!   Register buffers before other threads use their pages, as verbs applications do, and
+//!   deregister them when no other thread writes their pages; the first move made while the
+//!   program runs other threads (the shim's own event threads not counted) is logged
+//!   with a warning. Buffers on the calling thread's own stack are refused (the pin itself
+//!   writes there), other threads' stacks are not. Likewise, a write another thread of the
+//!   parent makes while a forked child copies moved memory can reach the child's copy.
+//! * Transparent huge pages are lost (shmem THP is off by default) and each move needs as
+//!   much memory again for a moment; `mlock` and `madvise` settings of moved pages are not
+//!   carried over either way. Memory moved back stays a mapping of its own (the kernel does
+//!   not merge it with its neighbours), so each registered stretch can cost a mapping or two
+//!   against `vm.max_map_count` for good.
+//! * A moved mapping the application grows with `mremap` while it is registered (glibc's
+//!   `realloc` of a large chunk does) has pages past the end of its memfd, and touching
+//!   them is `SIGBUS` until its last pin goes (they are zeros then).
 //! * Each piece takes one of the device's memory slots (vhost-user-rdma offers 509).
 //! * A file that the application truncates under a registered mapping takes pages away from
 //!   the device's mapping too.
@@ -55,6 +74,7 @@
 //! and every refusal is logged with `log::warn!` saying why and what to do.
 
 mod backing;
+mod children;
 mod fork;
 mod maps;
 mod registry;
@@ -369,6 +389,7 @@ impl DeviceMemory {
         let writable = access.intersects(
             AccessFlags::LOCAL_WRITE | AccessFlags::REMOTE_WRITE | AccessFlags::REMOTE_ATOMIC,
         );
+        children::install();
         let held = registry::lock().pin(&self.device, addr, len, writable);
         match held {
             Ok(held) => Ok(Pinned {

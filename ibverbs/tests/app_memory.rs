@@ -132,11 +132,14 @@ impl App {
 
     /// Registers `len` bytes at `addr` and checks both directions: the peer reads what the
     /// application wrote, the application sees what the peer wrote, and neither disturbs a
-    /// byte outside. Deregisters before returning.
-    fn round_trip(&self, addr: u64, len: usize, seed: u8) {
+    /// byte outside. Deregisters before returning, and checks that memory moved onto a memfd
+    /// is private again (nothing else may hold it). Returns the `/proc/self/maps` line of
+    /// `addr` while it was registered.
+    fn round_trip(&self, addr: u64, len: usize, seed: u8) -> String {
         let mine = pattern(len, seed);
         write_bytes(addr, &mine);
         let r = self.register(addr, len);
+        let registered = maps_line(addr);
         assert_eq!(
             read_bytes(addr, len),
             mine,
@@ -162,6 +165,12 @@ impl App {
             "the device no longer reaches the buffer once its last pin is gone"
         );
         assert_eq!(read_bytes(addr, len), theirs, "the app keeps its memory");
+        let now = maps_line(addr);
+        assert!(
+            !now.contains(MOVED),
+            "moved memory is private again once its last pin goes: {now}"
+        );
+        registered
     }
 }
 
@@ -268,24 +277,58 @@ fn map_shared_file(file: &File, len: usize, offset: usize) -> u64 {
     map as u64
 }
 
-/// Forks a child that writes a byte at `addr` and exits: its wait status.
-fn child_writes(addr: u64) -> i32 {
-    // SAFETY: the child only stores one byte and calls _exit, both async-signal-safe, so
-    // forking a multithreaded process is sound.
+/// Forks a child that runs `body` and exits with 0 if it returned true, 1 if not: its wait
+/// status. The child is killed after 20 seconds, should it hang.
+fn in_child(body: impl FnOnce() -> bool) -> i32 {
+    // SAFETY: the child runs `body`, which the tests keep to memory accesses and calls that
+    // take no lock another thread of the parent could hold, and then _exit.
     let pid = unsafe { libc::fork() };
     assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
     if pid == 0 {
-        // SAFETY: in the child: `addr` is the parent's mapped buffer, or absent (then the
-        // store faults, which is what the test looks for).
+        // SAFETY: alarm and _exit are async-signal-safe.
         unsafe {
-            ptr::write_volatile(addr as *mut u8, b'C');
-            libc::_exit(0);
+            libc::alarm(20);
+            libc::_exit(if body() { 0 } else { 1 });
         }
     }
     let mut status = 0;
     // SAFETY: waits for the child just forked; `status` is a valid out-pointer.
     assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
     status
+}
+
+/// Forks a child that writes a byte at `addr` and exits: its wait status.
+fn child_writes(addr: u64) -> i32 {
+    in_child(|| {
+        // SAFETY: in the child: `addr` is the parent's mapped buffer, or absent (then the
+        // store faults, which is what the test looks for).
+        unsafe { ptr::write_volatile(addr as *mut u8, b'C') };
+        true
+    })
+}
+
+/// Whether the `len` bytes at `addr` are `expected`, read without allocating (in a child).
+fn holds(addr: u64, expected: &[u8]) -> bool {
+    // SAFETY: the tests pass buffers they mapped, at least `expected.len()` long.
+    (0..expected.len())
+        .all(|i| unsafe { ptr::read_volatile((addr as *const u8).add(i)) } == expected[i])
+}
+
+/// A 64-byte malloc chunk on the page of `buf` (a fresh, page-aligned small allocation), and
+/// the chunks malloc gave before it: the caller frees them all.
+fn malloc_on_the_page_of(buf: u64) -> (u64, Vec<u64>) {
+    // malloc serves small requests from its bins first: allocate until one lands on the
+    // buffer's page (the rest of the page is free, so one soon does).
+    let mut others = Vec::new();
+    loop {
+        // SAFETY: plain allocation, which the caller frees.
+        let n = unsafe { libc::malloc(64) } as u64;
+        if n / PAGE as u64 == buf / PAGE as u64 {
+            return (n, others);
+        }
+        others.push(n);
+        assert!(others.len() < 10_000, "malloc never used the buffer's page");
+    }
 }
 
 fn killed_by_segv(status: i32) -> bool {
@@ -303,8 +346,8 @@ fn memalign_and_posix_memalign_buffers_move_onto_a_memfd() {
                 // SAFETY: plain allocation, freed below.
                 let buf = unsafe { libc::memalign(PAGE, len) } as u64;
                 assert_ne!(buf, 0);
-                app.round_trip(buf, len, 1);
-                assert!(maps_line(buf).contains(MOVED), "{}", maps_line(buf));
+                let registered = app.round_trip(buf, len, 1);
+                assert!(registered.contains(MOVED), "{registered}");
                 // SAFETY: allocated above, freed once.
                 unsafe { libc::free(buf as *mut c_void) };
             }
@@ -331,18 +374,7 @@ fn small_malloc_buffers_share_their_page_with_intact_neighbours() {
             // SAFETY: `p` is a valid out-pointer; freed below.
             assert_eq!(unsafe { libc::posix_memalign(&mut p, PAGE, 1) }, 0);
             let buf = p as u64;
-            // malloc serves small requests from its bins first: allocate until one lands on
-            // the buffer's page (the rest of the page is free, so one soon does).
-            let mut others = Vec::new();
-            let neighbour = loop {
-                // SAFETY: plain allocation, freed below.
-                let n = unsafe { libc::malloc(64) } as u64;
-                if n / PAGE as u64 == buf / PAGE as u64 {
-                    break n;
-                }
-                others.push(n);
-                assert!(others.len() < 10_000, "malloc never used the buffer's page");
-            };
+            let (neighbour, others) = malloc_on_the_page_of(buf);
             write_bytes(neighbour, b"neighbour-data");
             app.round_trip(buf, 1, 3);
             assert_eq!(read_bytes(neighbour, 14), b"neighbour-data");
@@ -394,9 +426,10 @@ fn anonymous_mappings_move_and_keep_their_protection() {
             let len = 3 * PAGE;
             let buf = map_anonymous(len, libc::PROT_READ | libc::PROT_WRITE);
             // A range starting and ending inside pages.
-            app.round_trip(buf + 100, len - 300, 5);
-            assert!(maps_line(buf).contains(MOVED));
-            assert!(maps_line(buf).contains(" rw-s "), "{}", maps_line(buf));
+            let registered = app.round_trip(buf + 100, len - 300, 5);
+            assert!(registered.contains(MOVED), "{registered}");
+            assert!(registered.contains(" rw-s "), "{registered}");
+            assert!(maps_line(buf).contains(" rw-p "), "{}", maps_line(buf));
             unmap(buf, len);
 
             // Read-only memory: an MR without write access works; with it, EFAULT.
@@ -413,6 +446,7 @@ fn anonymous_mappings_move_and_keep_their_protection() {
             assert!(maps_line(ro).contains(" r--s "), "{}", maps_line(ro));
             drop(mr);
             drop(pin);
+            assert!(maps_line(ro).contains(" r--p "), "{}", maps_line(ro));
             unmap(ro, PAGE);
         },
     );
@@ -503,6 +537,15 @@ fn a_freed_and_reused_address_is_shared_afresh() {
         assert!(!maps_line(buf).contains(MOVED), "{}", maps_line(buf));
         let fresh = pattern(len, 10);
         write_bytes(buf, &fresh);
+        // Where the old pages are still registered, the new ones cannot be, and are left
+        // as they are.
+        let err = app.peer_mem.pin(buf, len as u64).unwrap_err();
+        assert!(
+            matches!(err, AppMemoryError::StillRegistered { .. }),
+            "{err}"
+        );
+        assert!(!maps_line(buf).contains(MOVED), "{}", maps_line(buf));
+        assert_eq!(read_bytes(buf, len), fresh);
         // The old piece must not be reused: the device would see the old pages.
         let r = app.register(buf, len);
         assert_eq!(app.peer_reads(&r.mr, buf, len), fresh);
@@ -599,7 +642,8 @@ fn sysv_and_shared_anonymous_memory_are_shared_by_their_files() {
                 libc::shmctl(id, libc::IPC_RMID, ptr::null_mut());
                 at as u64
             };
-            app.round_trip(shm + 8, len - 16, 15);
+            let registered = app.round_trip(shm + 8, len - 16, 15);
+            assert!(registered.contains("/SYSV"), "{registered}");
             assert!(maps_line(shm).contains("/SYSV"), "{}", maps_line(shm));
             // SAFETY: the segment attached above; shmdt still finds it (it was not replaced).
             assert_eq!(unsafe { libc::shmdt(shm as *const c_void) }, 0);
@@ -833,18 +877,19 @@ fn fork_init_keeps_registered_pages_out_of_children() {
             write_bytes(buf, b"P");
             let r = app.register(buf, 1);
             assert!(!app_memory::is_fork_safe());
-            // Without fork safety the moved page is MAP_SHARED: a child's write reaches the
-            // parent (the limitation ibv_fork_init exists for).
+            // Without fork safety a child gets its own copy of the page, as with libibverbs
+            // (there copy-on-write): its write does not reach the parent.
             assert_eq!(child_writes(buf), 0);
-            assert_eq!(read_bytes(buf, 1), b"C");
+            assert_eq!(read_bytes(buf, 1), b"P");
 
             assert_eq!(app_memory::fork_init(), 0);
             assert!(app_memory::is_fork_safe());
             // Pages registered before are covered too.
             assert!(killed_by_segv(child_writes(buf)));
             drop(r);
-            // Unpinned, the page is inherited again.
+            // Unpinned, the page is inherited again, as private memory.
             assert_eq!(child_writes(buf), 0);
+            assert_eq!(read_bytes(buf, 1), b"P");
             let again = app.register(buf, 1);
             assert!(killed_by_segv(child_writes(buf)));
             // Two pins over the page: it stays out of children until both are gone.
@@ -853,6 +898,7 @@ fn fork_init_keeps_registered_pages_out_of_children() {
             assert!(killed_by_segv(child_writes(buf)));
             drop(second);
             assert_eq!(child_writes(buf), 0);
+            assert_eq!(read_bytes(buf, 1), b"P");
             assert_eq!(app_memory::fork_init(), 0, "a second call is harmless");
             unmap(buf, PAGE);
         },
@@ -871,6 +917,7 @@ fn rdmav_fork_safe_turns_fork_safety_on_from_the_start() {
             assert!(killed_by_segv(child_writes(buf)));
             drop(r);
             assert_eq!(child_writes(buf), 0);
+            assert_eq!(read_bytes(buf, 1), [0]);
             unmap(buf, PAGE);
         },
     );
@@ -927,13 +974,11 @@ fn without_map_files_files_are_found_by_path_and_memfds_moved_again() {
                 "map_files must be out of reach for this test"
             );
 
-            // Private memory, and again once its memfd's piece is gone: the memfd cannot be
-            // reopened, so the pages move onto a new one.
-            app.round_trip(buf, 2 * PAGE, 20);
-            let before = maps_line(buf);
+            // Private memory is moved onto a memfd each time it is registered afresh (it is
+            // moved back in between).
+            let before = app.round_trip(buf, 2 * PAGE, 20);
             assert!(before.contains(MOVED), "{before}");
-            app.round_trip(buf + 10, 2 * PAGE - 20, 21);
-            let after = maps_line(buf);
+            let after = app.round_trip(buf + 10, 2 * PAGE - 20, 21);
             assert!(after.contains(MOVED), "{after}");
             assert_ne!(before, after, "a new memfd (another inode)");
             unmap(buf, 2 * PAGE);
@@ -976,6 +1021,234 @@ fn without_map_files_files_are_found_by_path_and_memfds_moved_again() {
             );
             // SAFETY: the segment attached above.
             assert_eq!(unsafe { libc::shmdt(shm as *const c_void) }, 0);
+        },
+    );
+}
+
+#[test]
+fn moved_memory_is_private_again_once_its_last_pin_goes() {
+    isolated(
+        "moved_memory_is_private_again_once_its_last_pin_goes",
+        &[],
+        |app| {
+            let len = 3 * PAGE;
+            let page = PAGE as u64;
+            let buf = map_anonymous(len, libc::PROT_READ | libc::PROT_WRITE);
+            let data = pattern(len, 30);
+            write_bytes(buf, &data);
+            let r = app.register(buf + 100, len - 200);
+            assert!(maps_line(buf).contains(MOVED), "{}", maps_line(buf));
+            assert_eq!(
+                app.peer_writes(&r.mr, buf + page, b"peer"),
+                WcStatus::Success
+            );
+            drop(r);
+            let line = maps_line(buf);
+            assert!(!line.contains(MOVED) && line.contains(" rw-p "), "{line}");
+            let mut expected = data.clone();
+            expected[PAGE..PAGE + 4].copy_from_slice(b"peer");
+            assert_eq!(read_bytes(buf, len), expected, "the contents stay");
+
+            // Allocators count on private anonymous pages reading back as zeros after
+            // MADV_DONTNEED (calloc of memory glibc trimmed from an arena, jemalloc's
+            // purge); a shared memfd would keep its contents.
+            // SAFETY: the test's own mapping; it holds no Rust object.
+            let rc = unsafe { libc::madvise(buf as *mut c_void, len, libc::MADV_DONTNEED) };
+            assert_eq!(rc, 0);
+            assert_eq!(read_bytes(buf, len), vec![0u8; len]);
+
+            // A forked child gets a copy again.
+            write_bytes(buf, b"P");
+            assert_eq!(child_writes(buf), 0);
+            assert_eq!(read_bytes(buf, 1), b"P");
+
+            // The protection the program set meanwhile stays, PROT_NONE included (the pages
+            // are copied through the memfd, not through the program's mapping).
+            write_bytes(buf + 2 * page, b"last page");
+            let r = app.register(buf, len);
+            let protect = |addr: u64, prot: i32| {
+                // SAFETY: the test's own mapping; it holds no Rust object.
+                let rc = unsafe { libc::mprotect(addr as *mut c_void, PAGE, prot) };
+                assert_eq!(rc, 0, "mprotect: {}", std::io::Error::last_os_error());
+            };
+            protect(buf, libc::PROT_NONE);
+            protect(buf + page, libc::PROT_READ);
+            drop(r);
+            for (addr, perms) in [
+                (buf, " ---p "),
+                (buf + page, " r--p "),
+                (buf + 2 * page, " rw-p "),
+            ] {
+                let line = maps_line(addr);
+                assert!(!line.contains(MOVED) && line.contains(perms), "{line}");
+            }
+            protect(buf, libc::PROT_READ | libc::PROT_WRITE);
+            protect(buf + page, libc::PROT_READ | libc::PROT_WRITE);
+            assert_eq!(read_bytes(buf, 1), b"P");
+            assert_eq!(read_bytes(buf + 2 * page, 9), b"last page");
+            unmap(buf, len);
+
+            // Moved elsewhere while registered (realloc of a large chunk uses mremap): private
+            // again where it is now.
+            let buf = map_anonymous(len, libc::PROT_READ | libc::PROT_WRITE);
+            write_bytes(buf, &data);
+            let r = app.register(buf, len);
+            // SAFETY: moves the test's own mapping; the old address is not used again.
+            let to =
+                unsafe { libc::mremap(buf as *mut c_void, len, 2 * len, libc::MREMAP_MAYMOVE) };
+            assert_ne!(to, libc::MAP_FAILED);
+            let to = to as u64;
+            assert!(maps_line(to).contains(MOVED), "{}", maps_line(to));
+            // It is the registered memfd, so it is registered as that, where it has pages.
+            let again = app.peer_mem.pin(to, len as u64).unwrap();
+            assert!(maps_line(to).contains(MOVED), "{}", maps_line(to));
+            let err = app.peer_mem.pin(to, 2 * len as u64).unwrap_err();
+            assert!(matches!(err, AppMemoryError::PastEndOfFile { .. }), "{err}");
+            drop(again);
+            drop(r);
+            let line = maps_line(to);
+            assert!(!line.contains(MOVED) && line.contains(" rw-p "), "{line}");
+            assert_eq!(read_bytes(to, len), data);
+            // The grown part lay past the memfd's end (touching it was SIGBUS); now it is
+            // fresh memory.
+            assert_eq!(read_bytes(to + len as u64, len), vec![0u8; len]);
+            unmap(to, 2 * len);
+        },
+    );
+}
+
+#[test]
+fn a_forked_child_gets_copies_of_registered_memory() {
+    isolated(
+        "a_forked_child_gets_copies_of_registered_memory",
+        &[],
+        |app| {
+            let len = 2 * PAGE;
+            let buf = map_anonymous(len, libc::PROT_READ | libc::PROT_WRITE);
+            let data = pattern(len, 31);
+            write_bytes(buf, &data);
+            let r = app.register(buf, len);
+            // A heap page, shared by the registered buffer and malloc's other chunks.
+            let mut p: *mut c_void = ptr::null_mut();
+            // SAFETY: `p` is a valid out-pointer; freed below.
+            assert_eq!(unsafe { libc::posix_memalign(&mut p, PAGE, 64) }, 0);
+            let small = p as u64;
+            let (neighbour, others) = malloc_on_the_page_of(small);
+            write_bytes(small, b"small buffer");
+            write_bytes(neighbour, b"neighbour");
+            let on_heap = app.register(small, 64);
+            assert!(maps_line(small).contains(MOVED), "{}", maps_line(small));
+
+            let status = in_child(|| {
+                let saw_parents = holds(buf, &data)
+                    && holds(small, b"small buffer")
+                    && holds(neighbour, b"neighbour");
+                // SAFETY: the child's copies of the buffers.
+                unsafe {
+                    ptr::write_bytes(buf as *mut u8, b'C', len);
+                    ptr::write_bytes(neighbour as *mut u8, b'C', 64);
+                }
+                // The registry's lock is free in the child.
+                saw_parents && !app_memory::is_fork_safe()
+            });
+            assert_eq!(status, 0, "the child saw its parent's memory");
+            assert_eq!(
+                read_bytes(buf, len),
+                data,
+                "the child's writes stay in the child"
+            );
+            assert_eq!(
+                read_bytes(neighbour, 9),
+                b"neighbour",
+                "the child's heap is its own"
+            );
+
+            // The parent's pages are still the device's.
+            assert_eq!(
+                app.peer_writes(&r.mr, buf + 10, b"device"),
+                WcStatus::Success
+            );
+            assert_eq!(read_bytes(buf + 10, 6), b"device");
+            assert_eq!(app.peer_reads(&on_heap.mr, small, 12), b"small buffer");
+            drop(on_heap);
+            drop(r);
+            // SAFETY: allocated above, freed once each.
+            unsafe {
+                libc::free(neighbour as *mut c_void);
+                for n in others {
+                    libc::free(n as *mut c_void);
+                }
+                libc::free(p);
+            }
+            unmap(buf, len);
+        },
+    );
+}
+
+#[test]
+fn pages_of_a_registered_memfd_are_never_moved_again() {
+    isolated(
+        "pages_of_a_registered_memfd_are_never_moved_again",
+        &[],
+        |app| {
+            // Without /proc/self/map_files a memfd cannot be reopened by its mapping: the
+            // way its pages used to be moved onto a new one.
+            drop_map_files_capabilities();
+            let page = PAGE as u64;
+            let buf = map_anonymous(3 * PAGE, libc::PROT_READ | libc::PROT_WRITE);
+            write_bytes(buf, &pattern(3 * PAGE, 40));
+            let r = app.register(buf, 3 * PAGE);
+            let inode = |addr: u64| {
+                let line = maps_line(addr);
+                assert!(line.contains(MOVED), "{line}");
+                line.split_whitespace()
+                    .nth(4)
+                    .unwrap_or_default()
+                    .to_owned()
+            };
+            let memfd = inode(buf);
+            let last = buf + 2 * page;
+            // The program unmaps the middle page only; the MR stays.
+            unmap(buf + page, PAGE);
+
+            // On the same device the last page cannot be registered anew (its old pages
+            // are, under the MR), and it is left as it is.
+            let err = app.mem.pin(last, 16).unwrap_err();
+            assert!(
+                matches!(err, AppMemoryError::StillRegistered { .. }),
+                "{err}"
+            );
+            assert_eq!(inode(last), memfd, "nothing was moved");
+            // On another device it is registered as the same memfd.
+            let on_peer = app
+                .peer_mem
+                .pin_for(last, page, all_access())
+                .expect("the peer's device registers the page");
+            assert_eq!(inode(last), memfd, "nothing was moved");
+            // The MR and the program still see the same pages.
+            assert_eq!(
+                app.peer_writes(&r.mr, last, b"through the MR"),
+                WcStatus::Success
+            );
+            assert_eq!(read_bytes(last, 14), b"through the MR");
+            write_bytes(last + 100, b"app");
+            assert_eq!(app.peer_reads(&r.mr, last + 100, 3), b"app");
+
+            // The MR's piece holds the memfd: the other pin's going does not move it.
+            drop(on_peer);
+            assert_eq!(inode(last), memfd);
+            assert_eq!(app.peer_writes(&r.mr, buf, b"first"), WcStatus::Success);
+            drop(r);
+            // Nothing registers the memfd now: what is left of it is private again.
+            for addr in [buf, last] {
+                let line = maps_line(addr);
+                assert!(!line.contains(MOVED) && line.contains(" rw-p "), "{line}");
+            }
+            assert_eq!(read_bytes(buf, 5), b"first");
+            assert_eq!(read_bytes(last, 14), b"through the MR");
+            assert_eq!(read_bytes(last + 100, 3), b"app");
+            unmap(buf, PAGE);
+            unmap(last, PAGE);
         },
     );
 }

@@ -1,15 +1,17 @@
 //! What backs a stretch of the application's memory, and how it is made shareable: private
 //! memory is copied onto a memfd mapped over it at the same address, a `MAP_SHARED` file
-//! mapping is shared as the file it maps.
+//! mapping is shared as the file it maps. And how moved memory is made private again once
+//! nothing registers it ([`unswap`]).
 
 use std::ffi::CString;
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::ptr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use vrdma::mem::{SharedMemory, page_size};
 
@@ -20,7 +22,7 @@ use super::maps::Vma;
 /// `/memfd:vrdma-app-buffer (deleted)`.
 const MEMFD_NAME: &str = "vrdma-app-buffer";
 /// How `/proc/self/maps` names a mapping of one of those memfds.
-const OUR_MEMFD_PATH: &str = "/memfd:vrdma-app-buffer";
+pub(crate) const OUR_MEMFD_PATH: &str = "/memfd:vrdma-app-buffer";
 /// `statfs`'s `f_type` of hugetlbfs.
 const HUGETLBFS_MAGIC: u32 = 0x9584_58f6;
 /// `/dev/zero`: a private mapping of it is anonymous memory.
@@ -61,8 +63,22 @@ impl Identity {
 pub(crate) struct Shareable {
     pub mem: Arc<SharedMemory>,
     pub identity: Identity,
-    /// Private memory moved onto a memfd, rather than the application's own shared file.
-    pub swapped: bool,
+    /// The file (the region's own), reachable without the region's lock: the `fork` child
+    /// handler reads moved memory through it.
+    pub file: Arc<File>,
+    /// The file is one of the memfds private memory was moved onto (by this piece or an
+    /// earlier one), rather than the application's own shared file: the memory is made
+    /// private again when no piece holds the memfd any more.
+    pub moved: bool,
+}
+
+/// A memfd private memory was moved onto, which a piece in the registry still holds: memory
+/// mapping it is shared as that file, never moved again (the device may be using its pages).
+#[derive(Debug)]
+pub(crate) struct MovedFile {
+    pub dev: (u32, u32),
+    pub inode: u64,
+    pub file: Arc<File>,
 }
 
 /// One mapping's part of a stretch of private memory to move, with its protection.
@@ -89,7 +105,18 @@ pub(crate) enum Plan {
         end: u64,
         file: File,
         identity: Identity,
+        /// The file is one of the memfds private memory was moved onto.
+        moved: bool,
     },
+}
+
+impl Plan {
+    /// The pages the plan covers.
+    pub fn range(&self) -> (u64, u64) {
+        match self {
+            Plan::Swap { start, end, .. } | Plan::Adopt { start, end, .. } => (*start, *end),
+        }
+    }
 }
 
 /// How a mapping can be shared.
@@ -111,18 +138,19 @@ struct FileFacts {
 
 /// Plans `start..end`, a stretch of whole pages no current piece covers, which `vmas` map
 /// without a hole and readable (the caller checked). `stack` is an address on the calling
-/// thread's stack.
+/// thread's stack; `moved_files` are the memfds pieces in the registry hold.
 pub(crate) fn plan(
     start: u64,
     end: u64,
     vmas: &[Vma],
     stack: u64,
+    moved_files: &[MovedFile],
     request: Request,
 ) -> Result<Vec<Plan>, AppMemoryError> {
     let mut plans: Vec<Plan> = Vec::new();
     for vma in vmas.iter().filter(|v| v.overlaps(start, end)) {
         let (s, e) = (vma.start.max(start), vma.end.min(end));
-        match classify(vma, s, e, stack, request)? {
+        match classify(vma, s, e, stack, moved_files, request)? {
             Class::Private => {
                 let part = Part {
                     start: s,
@@ -159,6 +187,7 @@ pub(crate) fn plan(
                     path: vma.path.clone(),
                     offset: vma.offset_of(s),
                 };
+                let moved = vma.path.starts_with(OUR_MEMFD_PATH);
                 // A mapping split by mprotect is one file stretch: one region.
                 if let Some(Plan::Adopt {
                     end,
@@ -182,6 +211,7 @@ pub(crate) fn plan(
                     end: e,
                     file,
                     identity,
+                    moved,
                 });
             }
         }
@@ -195,9 +225,43 @@ fn classify(
     s: u64,
     e: u64,
     stack: u64,
+    moved_files: &[MovedFile],
     request: Request,
 ) -> Result<Class, AppMemoryError> {
     let Request { addr, len } = request;
+    if vma.shared {
+        if let Some(moved) = moved_files
+            .iter()
+            .find(|m| m.dev == vma.dev && m.inode == vma.inode)
+        {
+            // Pages of a memfd a piece still holds (the application unmapped part of that
+            // piece, or moved it with mremap): the devices that piece is registered with may
+            // be using them, so they are shared as that memfd, never moved onto another.
+            let size = moved
+                .file
+                .metadata()
+                .map_err(|source| unavailable(vma, request, source))?
+                .len();
+            // A mapping grown with mremap reaches past the memfd's end, where there is no
+            // memory.
+            if vma.offset_of(e) > size {
+                return Err(AppMemoryError::PastEndOfFile {
+                    addr,
+                    len,
+                    path: vma.path.clone(),
+                    size,
+                });
+            }
+            return moved
+                .file
+                .try_clone()
+                .map(|file| Class::Shared {
+                    file,
+                    huge_page: None,
+                })
+                .map_err(|source| unavailable(vma, request, source));
+        }
+    }
     if vma.is_special() {
         return Err(AppMemoryError::KernelMapping {
             addr,
@@ -252,8 +316,8 @@ fn classify(
         .and_then(|f| open_verified(vma, &f.path).map(|file| (file, f.huge_page)));
     match opened {
         Ok((file, huge_page)) => Ok(Class::Shared { file, huge_page }),
-        // One of our own memfds whose piece is gone: nobody else holds it, so it is moved
-        // onto a new one like private memory.
+        // One of our own memfds that no piece holds (making it private again failed): no
+        // device uses it, so it is moved onto a new one like private memory.
         Err(_) if vma.path.starts_with(OUR_MEMFD_PATH) => {
             log::debug!(
                 "pages {s:#x}..{e:#x} are on an earlier vrdma memfd that cannot be reopened; \
@@ -355,6 +419,7 @@ pub(crate) fn adopt(
     end: u64,
     file: File,
     identity: Identity,
+    moved: bool,
     request: Request,
 ) -> Result<Shareable, AppMemoryError> {
     let name = format!("vrdma-app-file:{}", identity.path);
@@ -368,9 +433,10 @@ pub(crate) fn adopt(
                 source,
             })?;
     Ok(Shareable {
+        file: mem.file(),
         mem: Arc::new(mem),
         identity,
-        swapped: false,
+        moved,
     })
 }
 
@@ -491,8 +557,169 @@ pub(crate) fn swap(start: u64, end: u64, parts: &[Part]) -> Result<Shareable, Ap
             }
         })?;
     Ok(Shareable {
+        file: mem.file(),
         mem: Arc::new(mem),
         identity,
-        swapped: true,
+        moved: true,
     })
+}
+
+/// Makes `start..end`, a mapping of the memfd `fd` (one memory was moved onto) from file
+/// offset `offset`, private anonymous memory again with the same contents and protection
+/// `prot`: the pages are copied (through a view of the memfd of its own, so the mapping
+/// need not be readable) into a new private anonymous mapping elsewhere, which is given
+/// `prot` and then moved over `start..end` with `mremap(MREMAP_FIXED)`. That replaces the
+/// mapping atomically, as [`swap`] does: a thread reading the memory meanwhile reads the
+/// same bytes before and after, but a write another thread makes between the copy and the
+/// replacement is lost. Pages past the end of the memfd (the application grew the mapping
+/// with `mremap`; touching them was `SIGBUS`) become zeros.
+///
+/// Allocates nothing, logs nothing and takes no lock: the `fork` child handler calls it.
+pub(crate) fn unswap(start: u64, end: u64, prot: i32, fd: RawFd, offset: u64) -> io::Result<()> {
+    let len = (end - start) as usize;
+    // SAFETY: an all-zero stat is a valid value of this plain C struct.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `st` is a valid, writable stat the call fills in.
+    if unsafe { libc::fstat(fd, &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let file_len = u64::try_from(st.st_size).unwrap_or(0);
+    let copied = file_len.saturating_sub(offset).min(len as u64) as usize;
+    // SAFETY: a fresh private anonymous mapping where the kernel likes overlaps nothing.
+    let copy = unsafe {
+        libc::mmap(
+            ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if copy == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    let fail = |err: io::Error| {
+        // SAFETY: the copy mapped above, not moved; nothing refers to it.
+        unsafe { libc::munmap(copy, len) };
+        Err(err)
+    };
+    if copied > 0 {
+        // SAFETY: a fresh read-only shared mapping of the memfd where the kernel likes
+        // overlaps nothing; it covers only pages inside the file, and is unmapped below.
+        let view = unsafe {
+            libc::mmap(
+                ptr::null_mut(),
+                copied,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                fd,
+                offset as libc::off_t,
+            )
+        };
+        if view == libc::MAP_FAILED {
+            return fail(io::Error::last_os_error());
+        }
+        // SAFETY: the source is the view just mapped, `copied` bytes of the file (plain
+        // bytes, which the copy only reads); the destination is the new mapping of `len >=
+        // copied` bytes. Both are new, so they overlap neither each other nor anything else.
+        unsafe { ptr::copy_nonoverlapping(view.cast::<u8>(), copy.cast::<u8>(), copied) };
+        // SAFETY: the view mapped above; nothing refers to it any more.
+        unsafe { libc::munmap(view, copied) };
+    }
+    // SAFETY: changes the protection of the new mapping only.
+    if prot != libc::PROT_READ | libc::PROT_WRITE && unsafe { libc::mprotect(copy, len, prot) } != 0
+    {
+        return fail(io::Error::last_os_error());
+    }
+    // SAFETY: replaces exactly `start..end`, which maps the memfd, with the same bytes in
+    // private memory, at the same address and with the same protection; whatever the
+    // process keeps there reads the same afterwards. The copy mapping moves, so nothing
+    // else refers to it.
+    let moved = unsafe {
+        libc::mremap(
+            copy,
+            len,
+            len,
+            libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+            start as *mut libc::c_void,
+        )
+    };
+    if moved == libc::MAP_FAILED {
+        return fail(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Warns, once per process, when memory is moved between private and shared pages while
+/// the program runs other threads: what they write to those pages during the move is lost.
+/// `shim_threads` threads at least are the shim's own: it runs one for each open device
+/// (`ibverbs/src/context.rs`), which may not have its name yet when it has just started.
+pub(crate) fn warn_if_other_threads(start: u64, end: u64, shim_threads: usize) {
+    static WARNED: AtomicBool = AtomicBool::new(false);
+    if WARNED.load(Ordering::Relaxed) {
+        return;
+    }
+    let threads = program_threads(shim_threads);
+    if threads > 1 && !WARNED.swap(true, Ordering::Relaxed) {
+        log::warn!(
+            "moving application memory {start:#x}..{end:#x} between private and shared pages \
+             while the program runs {threads} threads: a write another thread makes to those \
+             pages during the move is lost (malloc's own bookkeeping too, if it allocates from \
+             the same page meanwhile). Register buffers before other threads write to their \
+             pages, and deregister them when no other thread uses those pages; this warning \
+             is shown once"
+        );
+    }
+}
+
+/// The number of threads of the program: those of this process but the shim's own, which
+/// never write application buffers: the threads named `vrdma-*`, and at least
+/// `shim_threads`. 0 if `/proc/self/task` cannot be read.
+fn program_threads(shim_threads: usize) -> usize {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return 0;
+    };
+    let (mut all, mut named_shim) = (0usize, 0usize);
+    for task in tasks.filter_map(Result::ok) {
+        // A thread that ended meanwhile has no name to read: not counted.
+        if let Ok(name) = std::fs::read(task.path().join("comm")) {
+            all += 1;
+            if !is_program_thread(&name) {
+                named_shim += 1;
+            }
+        }
+    }
+    all.saturating_sub(named_shim.max(shim_threads))
+}
+
+/// Whether the thread named `comm` (as `/proc/self/task/*/comm` has it) is the program's,
+/// not one of the shim's own (named `vrdma-*`).
+fn is_program_thread(comm: &[u8]) -> bool {
+    !comm.starts_with(b"vrdma-")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_programs_threads_are_counted_and_the_shims_are_not() {
+        assert!(is_program_thread(b"perftest\n"));
+        assert!(is_program_thread(b"vrdm\n"));
+        assert!(!is_program_thread(b"vrdma-events-vr\n"));
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let (started, running) = std::sync::mpsc::channel::<()>();
+        let program = std::thread::spawn(move || {
+            let _ = started.send(());
+            let _ = stopped.recv();
+        });
+        running.recv().unwrap();
+        // This thread and the one just started, at least.
+        assert!(program_threads(0) >= 2, "{}", program_threads(0));
+        // However many the shim is said to run, the process runs no more.
+        assert_eq!(program_threads(usize::MAX), 0);
+        drop(stop);
+        program.join().unwrap();
+    }
 }

@@ -1,13 +1,12 @@
 //! `MADV_DONTFORK` over registered memory, as `ibv_fork_init` asks for.
 //!
-//! Registered memory is `MAP_SHARED` once it is shared with the device (a memfd swapped in,
-//! or the application's own shared file). A forked child would share those pages with the
-//! parent instead of getting copy-on-write copies: the child's writes would reach the parent
-//! and the device. Real verbs has the mirror problem (the parent's pinned pages are copied
-//! for it on the next write) and `ibv_fork_init` answers it by marking registered pages
-//! `MADV_DONTFORK`, so they are simply absent from the child. This module does the same: it
-//! counts how many pins cover each page, marks pages `MADV_DONTFORK` while fork safety is on,
-//! and `MADV_DOFORK` again when their last pin goes.
+//! With libibverbs, a forked child gets copy-on-write copies of registered memory, and the
+//! parent's pinned pages could be copied away from the device on the parent's next write;
+//! `ibv_fork_init` answers that by marking registered pages `MADV_DONTFORK`, so they are
+//! simply absent from the child. This module does the same: it counts how many pins cover
+//! each page, marks pages `MADV_DONTFORK` while fork safety is on, and `MADV_DOFORK` again
+//! when their last pin goes. (Without fork safety a child gets private copies of moved
+//! memory from the `fork` handlers in `children.rs`.)
 
 use std::collections::BTreeMap;
 use std::io;

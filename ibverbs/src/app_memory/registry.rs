@@ -3,16 +3,19 @@
 //! how many pins hold it there, and the pin counts of pages for fork safety.
 //!
 //! One mutex guards it all. A pin holds it from reading `/proc/self/maps` to the last region
-//! registered, so two threads pinning the same fresh memory cannot both move it.
+//! registered, so two threads pinning the same fresh memory cannot both move it; an unpin
+//! holds it until the memory it releases is private again.
 
 use std::collections::{BTreeMap, HashMap};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{LazyLock, Mutex, MutexGuard};
 
 use vrdma::Context;
 use vrdma::mem::page_size;
 
 use super::AppMemoryError;
-use super::backing::{self, Identity, Plan, Request, Shareable};
+use super::backing::{self, Identity, MovedFile, Plan, Request, Shareable};
 use super::fork::{self, RangeCounts};
 use super::maps::{self, Vma};
 
@@ -21,6 +24,21 @@ use super::maps::{self, Vma};
 pub(crate) struct Device {
     pub id: u64,
     pub ctx: Context,
+}
+
+/// How many [`Device`]s are alive: the shim runs an event thread for each open device,
+/// which the warning about moving memory while other threads run leaves out.
+static DEVICES_ALIVE: AtomicUsize = AtomicUsize::new(0);
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        DEVICES_ALIVE.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// [`backing::warn_if_other_threads`], counting one shim thread for each device.
+fn warn_if_other_threads(start: u64, end: u64) {
+    backing::warn_if_other_threads(start, end, DEVICES_ALIVE.load(Ordering::Relaxed));
 }
 
 /// A stretch of the application's memory made shareable.
@@ -36,6 +54,12 @@ struct Piece {
 impl Piece {
     fn identity(&self) -> &Identity {
         &self.shareable.identity
+    }
+
+    /// Whether the piece's file is `other`'s.
+    fn same_file(&self, other: &Piece) -> bool {
+        self.identity().dev == other.identity().dev
+            && self.identity().inode == other.identity().inode
     }
 
     /// Whether `vmas` (sorted) still map all of the piece from its file, where it was.
@@ -104,6 +128,7 @@ impl Registry {
     pub fn new_device(&mut self, ctx: Context) -> Device {
         let id = self.next_device;
         self.next_device += 1;
+        DEVICES_ALIVE.fetch_add(1, Ordering::Relaxed);
         Device { id, ctx }
     }
 
@@ -224,7 +249,8 @@ impl Registry {
     }
 
     /// Finds or makes the pieces over `start..end` and registers each with `device`, adding
-    /// the ids it holds to `held` as it goes.
+    /// the ids it holds to `held` as it goes. Whatever would be refused for overlapping a
+    /// piece still registered with `device` is refused before any memory is moved.
     fn pin_pieces(
         &mut self,
         device: &Device,
@@ -236,7 +262,9 @@ impl Registry {
     ) -> Result<(), AppMemoryError> {
         let stack_marker = 0u8;
         let stack = std::ptr::addr_of!(stack_marker) as u64;
+        let moved_files = self.moved_files();
         let mut needed: Vec<u64> = Vec::new();
+        let mut plans: Vec<Plan> = Vec::new();
         let mut at = start;
         while at < end {
             if let Some(id) = self.current_holding(at) {
@@ -248,52 +276,108 @@ impl Registry {
             }
             let gap_end = self.current.range(at..end).next().map_or(end, |(&s, _)| s);
             if !self.reached_without_pieces(device, at, gap_end) {
-                for plan in backing::plan(at, gap_end, vmas, stack, request)? {
-                    let (s, e, shareable) = match plan {
-                        Plan::Swap { start, end, parts } => {
-                            (start, end, backing::swap(start, end, &parts)?)
-                        }
-                        Plan::Adopt {
-                            start,
-                            end,
-                            file,
-                            identity,
-                        } => (
-                            start,
-                            end,
-                            backing::adopt(start, end, file, identity, request)?,
-                        ),
-                    };
-                    log::debug!(
-                        "application memory {s:#x}..{e:#x} is now shareable ({})",
-                        if shareable.swapped {
-                            "moved onto a memfd".to_owned()
-                        } else {
-                            format!("its file {}", shareable.identity.path)
-                        }
-                    );
-                    let id = self.next_piece;
-                    self.next_piece += 1;
-                    self.pieces.insert(
-                        id,
-                        Piece {
-                            start: s,
-                            end: e,
-                            shareable,
-                            devices: Vec::new(),
-                        },
-                    );
-                    self.current.insert(s, id);
-                    needed.push(id);
-                }
+                plans.extend(backing::plan(
+                    at,
+                    gap_end,
+                    vmas,
+                    stack,
+                    &moved_files,
+                    request,
+                )?);
             }
             at = gap_end;
+        }
+        let to_register = needed
+            .iter()
+            .filter_map(|id| self.pieces.get(id))
+            .filter(|p| p.pins_on(device.id) == 0)
+            .map(|p| (p.start, p.end));
+        for (s, e) in to_register.chain(plans.iter().map(Plan::range)) {
+            self.check_not_registered(device, s, e, request)?;
+        }
+        for plan in plans {
+            let (s, e, shareable) = match plan {
+                Plan::Swap { start, end, parts } => {
+                    warn_if_other_threads(start, end);
+                    (start, end, backing::swap(start, end, &parts)?)
+                }
+                Plan::Adopt {
+                    start,
+                    end,
+                    file,
+                    identity,
+                    moved,
+                } => (
+                    start,
+                    end,
+                    backing::adopt(start, end, file, identity, moved, request)?,
+                ),
+            };
+            log::debug!(
+                "application memory {s:#x}..{e:#x} is now shareable ({})",
+                if shareable.moved {
+                    "on a memfd".to_owned()
+                } else {
+                    format!("its file {}", shareable.identity.path)
+                }
+            );
+            let id = self.next_piece;
+            self.next_piece += 1;
+            self.pieces.insert(
+                id,
+                Piece {
+                    start: s,
+                    end: e,
+                    shareable,
+                    devices: Vec::new(),
+                },
+            );
+            self.current.insert(s, id);
+            needed.push(id);
         }
         for id in needed {
             self.register(device, id, request)?;
             held.push(id);
         }
         Ok(())
+    }
+
+    /// The memfds the pieces hold.
+    fn moved_files(&self) -> Vec<MovedFile> {
+        self.pieces
+            .values()
+            .filter(|p| p.shareable.moved)
+            .map(|p| MovedFile {
+                dev: p.identity().dev,
+                inode: p.identity().inode,
+                file: p.shareable.file.clone(),
+            })
+            .collect()
+    }
+
+    /// Refuses `start..end` for `device` if a piece registered with it overlaps: the pages
+    /// of a piece the application unmapped may still be registered there (its MR is not
+    /// deregistered yet), and the device cannot take two regions at one address.
+    fn check_not_registered(
+        &self,
+        device: &Device,
+        start: u64,
+        end: u64,
+        request: Request,
+    ) -> Result<(), AppMemoryError> {
+        match self
+            .pieces
+            .values()
+            .find(|p| p.pins_on(device.id) > 0 && p.start < end && start < p.end)
+        {
+            Some(old) => Err(AppMemoryError::StillRegistered {
+                addr: request.addr,
+                len: request.len,
+                start: old.start,
+                end: old.end,
+            }),
+            None => Ok(()),
+        }
     }
 
     /// Counts one more pin of piece `id` on `device`, registering it there on the first.
@@ -307,22 +391,7 @@ impl Registry {
             return Ok(());
         };
         if piece.pins_on(device.id) == 0 {
-            // The pages of a piece the application unmapped may still be registered here
-            // (its MR is not deregistered yet); the device cannot take two regions at one
-            // address.
-            let (s, e) = (piece.start, piece.end);
-            if let Some(old) = self
-                .pieces
-                .values()
-                .find(|p| p.pins_on(device.id) > 0 && p.start < e && s < p.end)
-            {
-                return Err(AppMemoryError::StillRegistered {
-                    addr: request.addr,
-                    len: request.len,
-                    start: old.start,
-                    end: old.end,
-                });
-            }
+            self.check_not_registered(device, piece.start, piece.end, request)?;
             device
                 .ctx
                 .add_memory(piece.shareable.mem.clone())
@@ -384,8 +453,12 @@ impl Registry {
         }
     }
 
-    /// Drops pieces no device holds: their memory stays mapped for the application, only the
-    /// registry's reference to the file goes.
+    /// Drops pieces no device holds. Memory that was moved onto a memfd is made private
+    /// anonymous memory again, with its contents and protection, once no piece holds that
+    /// memfd: left shared, a forked child would share it (malloc's chunk headers too), and
+    /// `MADV_DONTNEED` would keep its contents where allocators count on zeros (calloc of
+    /// memory a glibc arena trimmed, a jemalloc purge). The application's own shared files
+    /// stay as they are; only the registry's reference to them goes.
     fn forget_unheld(&mut self) {
         let unheld: Vec<u64> = self
             .pieces
@@ -393,12 +466,101 @@ impl Registry {
             .filter(|(_, p)| p.devices.is_empty())
             .map(|(&id, _)| id)
             .collect();
+        let mut moved: Vec<Piece> = Vec::new();
         for id in unheld {
             if let Some(piece) = self.pieces.remove(&id) {
                 if self.current.get(&piece.start) == Some(&id) {
                     self.current.remove(&piece.start);
                 }
+                if piece.shareable.moved {
+                    moved.push(piece);
+                }
             }
+        }
+        for (i, piece) in moved.iter().enumerate() {
+            let still_held = moved[..i].iter().any(|p| p.same_file(piece))
+                || self.pieces.values().any(|p| p.same_file(piece));
+            if !still_held {
+                make_private(piece);
+            }
+        }
+    }
+
+    /// Whether some piece holds memory moved onto a memfd.
+    pub fn holds_moved_memory(&self) -> bool {
+        self.pieces.values().any(|p| p.shareable.moved)
+    }
+
+    /// In a child just forked (it runs one thread, the one that called `fork`): makes every
+    /// mapping of a memfd memory was moved onto private anonymous memory with its current
+    /// contents, and forgets every piece, since the child cannot use its parent's devices.
+    /// Pages marked `MADV_DONTFORK` are not in the child at all.
+    ///
+    /// Reads `/proc/self/maps` through a buffer on the stack and moves pages with system
+    /// calls alone: no allocation, no lock, no logging. Forgetting the pieces frees their
+    /// memory and closes the child's copies of their files, which is safe in a child (the
+    /// C library's `fork` leaves `malloc` usable there); a failure to copy leaves that
+    /// mapping shared with the parent, and nothing can report it. So does a mapping of a
+    /// memfd no piece holds (making it private failed in the parent, which said so).
+    pub fn forget_in_child(&mut self) {
+        if self.holds_moved_memory() {
+            let pieces = &self.pieces;
+            let _ = maps::for_each(|vma| {
+                if !vma.shared {
+                    return;
+                }
+                let file = pieces
+                    .values()
+                    .find(|p| {
+                        p.shareable.moved
+                            && p.identity().dev == vma.dev
+                            && p.identity().inode == vma.inode
+                    })
+                    .map(|p| p.shareable.file.as_raw_fd());
+                if let Some(fd) = file {
+                    let _ = backing::unswap(vma.start, vma.end, vma.prot(), fd, vma.offset);
+                }
+            });
+        }
+        self.pieces.clear();
+        self.current.clear();
+        self.pinned = RangeCounts::default();
+    }
+}
+
+/// Makes every mapping of `piece`'s memfd, wherever the application has it now (`mremap`
+/// may have moved it), private anonymous memory again.
+fn make_private(piece: &Piece) {
+    let Identity { dev, inode, .. } = *piece.identity();
+    let vmas = match maps::of_file(dev, inode) {
+        Ok(vmas) => vmas,
+        Err(err) => {
+            log::warn!(
+                "cannot read /proc/self/maps to make {:#x}..{:#x} private memory again now \
+                 that nothing registers it: {err}; it stays shared memory (a forked child \
+                 shares it, MADV_DONTNEED keeps its contents)",
+                piece.start,
+                piece.end
+            );
+            return;
+        }
+    };
+    for vma in vmas {
+        warn_if_other_threads(vma.start, vma.end);
+        let fd = piece.shareable.file.as_raw_fd();
+        match backing::unswap(vma.start, vma.end, vma.prot(), fd, vma.offset) {
+            Ok(()) => log::debug!(
+                "application memory {:#x}..{:#x} is private memory again",
+                vma.start,
+                vma.end
+            ),
+            Err(err) => log::warn!(
+                "cannot make application memory {:#x}..{:#x} private again now that nothing \
+                 registers it: {err}; it stays shared memory (a forked child shares it, \
+                 MADV_DONTNEED keeps its contents). Check free memory and vm.max_map_count",
+                vma.start,
+                vma.end
+            ),
         }
     }
 }

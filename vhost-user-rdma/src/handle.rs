@@ -141,6 +141,16 @@ impl<T> Table<T> {
         slot.value.as_mut()
     }
 
+    /// The handle of the object that lives now in the slot `handle` names, whatever
+    /// generation `handle` carries: for a handle kept from an earlier object of the slot,
+    /// that object's successor.
+    pub fn live_in_slot(&self, handle: u32) -> Option<u32> {
+        let (index, _) = self.split(handle);
+        let slot = self.slots.get(index)?;
+        slot.value.as_ref()?;
+        Some(self.compose(index as u32, slot.generation))
+    }
+
     /// Removes and returns the object `handle` names; its handle is never valid again until
     /// the generation counter wraps.
     pub fn remove(&mut self, handle: u32) -> Option<T> {
@@ -260,6 +270,27 @@ mod tests {
         );
         assert_eq!(t.get(b + 1), None, "a neighbouring index is not live");
         assert_eq!(t.remove(a), None);
+    }
+
+    #[test]
+    fn any_generation_of_a_slot_leads_to_the_object_living_there() {
+        let mut t = Table::new(4, 16, 8);
+        let a = t.insert("a").unwrap();
+        assert_eq!(t.live_in_slot(a), Some(a));
+        t.remove(a);
+        assert_eq!(t.live_in_slot(a), None, "the slot is empty");
+        let b = t.insert("b").unwrap();
+        assert_eq!(
+            t.live_in_slot(a),
+            Some(b),
+            "the old handle's slot holds b now"
+        );
+        assert_eq!(t.live_in_slot(b), Some(b));
+        assert_eq!(
+            t.live_in_slot(b + 1),
+            None,
+            "a neighbouring slot is not live"
+        );
     }
 
     #[test]

@@ -22,8 +22,9 @@ pub const MAX_PENDING_EVENTS: usize = 4096;
 struct ReadyList {
     /// Slot indices (the low bits of QPNs), in the order they became ready.
     queue: VecDeque<u32>,
-    /// Per slot, the QPN queued for it, or 0. A doorbell for a newer generation of the same
-    /// slot replaces an older one, so a stale doorbell can never hide a live QP's.
+    /// Per slot, the QPN last queued for it, or 0. Whatever its generation, it stands for
+    /// the slot: the scheduler steps the QP that lives there when it gets to it, so a stale
+    /// doorbell or timer (of a QP destroyed since) can never hide a live QP's.
     current: Vec<u32>,
 }
 

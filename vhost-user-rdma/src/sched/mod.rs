@@ -641,17 +641,17 @@ impl Turns {
                 if limited && e.buckets.wait().is_some() {
                     break;
                 }
-                let Some(qpn) = vm.pop_ready() else {
+                let Some(queued) = vm.pop_ready() else {
                     e.deficit = 0;
                     break;
                 };
                 let budget = u32::try_from(e.deficit)
                     .unwrap_or(u32::MAX)
                     .clamp(1, e.buckets.byte_budget());
-                let Some(outcome) = self.step(&vm, qpn, budget) else {
+                let Some((qpn, outcome)) = self.step(&vm, queued, budget) else {
                     // The VM's control path holds its objects; its turn waits, its deficit
                     // stays.
-                    vm.enqueue(qpn);
+                    vm.enqueue(queued);
                     self.retry_soon = true;
                     break;
                 };
@@ -707,12 +707,21 @@ impl Turns {
         }
     }
 
-    /// Advances QP `qpn` of `vm` by at most `budget` payload bytes, or returns `None` without
-    /// touching it if the VM's objects are busy. A QP that will not be looked at again (idle,
-    /// or no more work) has its polling word cleared first, and if work was posted meanwhile
-    /// without a doorbell, it stays in the rotation.
-    fn step(&mut self, vm: &Arc<Vm>, qpn: u32, budget: u32) -> Option<StepOutcome> {
+    /// Advances the QP that `queued`'s slot holds now by at most `budget` payload bytes, and
+    /// returns its QPN with what the step did, or returns `None` without touching it if the
+    /// VM's objects are busy. A QP that will not be looked at again (idle, or no more work)
+    /// has its polling word cleared first, and if work was posted meanwhile without a
+    /// doorbell, it stays in the rotation.
+    ///
+    /// The ready list keeps one entry per slot, and what queued it may be older than the QP
+    /// there now (a destroyed QP's ACK timer, or a receive thread's late wake-up, fires after
+    /// the guest created another QP in the slot and rang its doorbell): the entry stands for
+    /// the slot, so that it can never hide the new QP's doorbell.
+    fn step(&mut self, vm: &Arc<Vm>, queued: u32, budget: u32) -> Option<(u32, StepOutcome)> {
         let mut objects = vm.try_lock()?;
+        let Some(qpn) = objects.qps.live_in_slot(queued) else {
+            return Some((queued, StepOutcome::IDLE));
+        };
         let mem = vm.mem.memory();
         let mut outcome = match examine(&mut objects, vm, &mem, qpn) {
             Examined::Send => self.fabric.step(vm, &mut objects, &mem, qpn, budget),
@@ -737,7 +746,7 @@ impl Turns {
         }
         drop(objects);
         vm.deliver_events();
-        Some(outcome)
+        Some((qpn, outcome))
     }
 }
 
@@ -801,6 +810,7 @@ mod tests {
     use super::*;
     use crate::fabric::mock::{MockFabric, Plan};
     use crate::testing::{TestQp, TestVm, send_header};
+    use zerocopy::IntoBytes;
 
     /// A scheduler on `fabric`, run by hand: the test calls its rounds.
     fn turns(fabric: Box<dyn Fabric>) -> (Turns, SyncSender<Control>) {
@@ -991,6 +1001,52 @@ mod tests {
         let completions = c.completions(qc.cq_ring, 64);
         assert_eq!(completions[0].wr_id.get(), 7);
         assert_eq!(completions[0].status, Status::WrFlushErr.raw());
+    }
+
+    /// A QP's slot outlives it, and so may the QP's ACK timer: when the guest destroys a QP,
+    /// creates another in the same slot and rings its doorbell, and the old QP's timer fires
+    /// before the scheduler gets to the doorbell, the new QP is still stepped.
+    #[test]
+    fn a_late_timer_of_a_destroyed_qp_hides_no_doorbell_of_its_slot() {
+        let mock = MockFabric::default();
+        let (mut t, _tx) = turns(Box::new(mock.clone()));
+        let mut a = TestVm::new(1, 1);
+        let peer = Gid::from_ipv4([10, 0, 0, 9]);
+        let old = rts_qp(&mut a, peer, 1);
+        attach(&mut t, &a);
+        // Its ACK timer is armed when it sends; it completes, and the guest destroys it.
+        t.timers.push(Reverse((Instant::now(), a.vm.id, old.qpn)));
+        a.exec(
+            vrdma_proto::cmd::Opcode::DestroyQp,
+            vrdma_proto::cmd::Handle {
+                handle: old.qpn.into(),
+                reserved: 0.into(),
+            }
+            .as_bytes(),
+        );
+        let new = rts_qp(&mut a, peer, 1);
+        let slot = |qpn: u32| qpn & ((1 << crate::limits::QPN_INDEX_BITS) - 1);
+        assert_ne!(new.qpn, old.qpn);
+        assert_eq!(
+            slot(new.qpn),
+            slot(old.qpn),
+            "the new QP took the old one's slot"
+        );
+        while a.vm.pop_ready().is_some() {}
+        let bulk = Plan::Bulk {
+            message: 4096,
+            done: 0,
+        };
+        mock.state().plans.insert((a.vm.id, new.qpn), bulk);
+        a.vm.enqueue(new.qpn);
+        t.fire_timers();
+        t.round();
+        let stepped: Vec<u32> = mock.state().steps.iter().map(|s| s.qpn).collect();
+        assert!(
+            !stepped.is_empty() && stepped.iter().all(|&q| q == new.qpn),
+            "the live QP of the slot, {:#x}, is served, and only it: {stepped:x?}",
+            new.qpn
+        );
     }
 
     #[test]

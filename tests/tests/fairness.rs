@@ -16,9 +16,14 @@ fn share(weights: (u32, u32)) -> (u64, u64) {
     ]);
     let stop = Arc::new(AtomicBool::new(false));
     let sink = d.open("sink");
+    // A share is only defined while both VMs have work queued, so each keeps seconds of it
+    // queued (256 writes of 16 MiB; the daemon moves a few GB/s here): a guest thread that a
+    // loaded host leaves off the CPU for tens or hundreds of milliseconds, as on a two-core
+    // machine building something else, must not let its VM run dry and lose its share,
+    // which would measure the guest's CPU instead of the scheduler.
     let load = Load {
-        msg: 1 << 20,
-        depth: 32,
+        msg: 16 << 20,
+        depth: 256,
         batch: 8,
     };
     let tx = saturate(&d, "x", &sink, load, stop.clone());

@@ -13,6 +13,7 @@ mod procs;
 mod qperf;
 mod report;
 mod sections;
+mod shim;
 mod tables;
 
 use std::path::PathBuf;
@@ -40,7 +41,7 @@ struct Args {
     #[arg(long)]
     quick: bool,
 
-    /// Run only these sections (comma-separated): vrdma, tcp, roce, memcpy, mr, idle,
+    /// Run only these sections (comma-separated): vrdma, tcp, roce, shim, memcpy, mr, idle,
     /// fairness, isolation, registering, many, scale, migrate.
     #[arg(long, value_name = "SECTION,...", value_delimiter = ',')]
     only: Vec<String>,
@@ -72,9 +73,13 @@ fn main() -> ExitCode {
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         if let Some(placement) = procs::Placement::last_cpu(cpus) {
             eprintln!(
-                "vrdma-bench: daemon on CPU {}, guests on CPU {}, qperf on CPUs {} (--no-pin to \
-                 share them all)",
-                placement.daemon, placement.guests, placement.all
+                "vrdma-bench: daemon on CPU {}, guests on CPU {}, qperf on CPUs {}, the shim \
+                 section's servers on CPU {} and clients on CPU {} (--no-pin to share them all)",
+                placement.daemon,
+                placement.guests,
+                placement.all,
+                placement.ends[0],
+                placement.ends[1]
             );
             if let Err(e) = placement.apply() {
                 eprintln!("vrdma-bench: {e}");
@@ -121,6 +126,7 @@ fn main() -> ExitCode {
             "vrdma" => sections::vrdma(&mut env, &mut results),
             "tcp" => sections::tcp(&mut env, &mut results),
             "roce" => sections::roce(&mut env, &mut results),
+            "shim" => shim::shim_section(&mut env, &mut results),
             "memcpy" => sections::memcpy(&mut env, &mut results),
             "mr" => sections::mr(&mut env, &mut results),
             "idle" => sections::idle(&mut env, &mut results),

@@ -435,6 +435,9 @@ pub struct Placement {
     pub guests: String,
     /// Every CPU.
     pub all: String,
+    /// `taskset -c` lists for the server and the client of a two-process pair (section
+    /// shim): a guest CPU each when there are two, else both the guests' CPUs.
+    pub ends: [String; 2],
 }
 
 static PLACEMENT: OnceLock<Placement> = OnceLock::new();
@@ -443,15 +446,28 @@ impl Placement {
     /// The last CPU for the daemon and the rest for the guests, given `cpus` online CPUs;
     /// none on a single CPU.
     pub fn last_cpu(cpus: usize) -> Option<Placement> {
-        (cpus >= 2).then(|| Placement {
-            daemon: (cpus - 1).to_string(),
-            guests: if cpus == 2 {
-                "0".into()
+        (cpus >= 2).then(|| {
+            let guests = if cpus == 2 {
+                "0".to_owned()
             } else {
                 format!("0-{}", cpus - 2)
-            },
-            all: format!("0-{}", cpus - 1),
+            };
+            Placement {
+                daemon: (cpus - 1).to_string(),
+                ends: if cpus >= 3 {
+                    ["0".into(), "1".into()]
+                } else {
+                    [guests.clone(), guests.clone()]
+                },
+                guests,
+                all: format!("0-{}", cpus - 1),
+            }
         })
+    }
+
+    /// Whether the two ends of a pair share their CPUs.
+    pub fn ends_share(&self) -> bool {
+        self.ends[0] == self.ends[1]
     }
 
     /// Moves this process (all its threads, and so every child it starts later) to the
@@ -491,6 +507,10 @@ pub enum Role {
     Daemon,
     /// A program that does not use vrdma (qperf): every CPU.
     Baseline,
+    /// The server of a two-process pair (section shim).
+    Server,
+    /// The client of a two-process pair.
+    Client,
 }
 
 /// `Command::new(program)`, run under `taskset` on the CPUs of `role` when the bench pins,
@@ -499,6 +519,8 @@ pub fn command(program: impl AsRef<std::ffi::OsStr>, role: Role, netns: Option<&
     let cpus = Placement::current().map(|p| match role {
         Role::Daemon => p.daemon.as_str(),
         Role::Baseline => p.all.as_str(),
+        Role::Server => p.ends[0].as_str(),
+        Role::Client => p.ends[1].as_str(),
     });
     wrapped(program.as_ref(), cpus, netns)
 }
@@ -638,6 +660,11 @@ mod tests {
             (two.daemon.as_str(), two.guests.as_str(), two.all.as_str()),
             ("1", "0", "0-1")
         );
+        assert!(two.ends_share(), "one guest CPU for both ends");
+        assert_eq!(two.ends, ["0", "0"]);
+        let three = Placement::last_cpu(3).unwrap();
+        assert!(!three.ends_share());
+        assert_eq!(three.ends, ["0", "1"]);
         let eight = Placement::last_cpu(8).unwrap();
         assert_eq!(
             (

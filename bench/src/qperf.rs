@@ -224,8 +224,9 @@ pub fn which(program: &str) -> Option<std::path::PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// A TCP port nothing listens on now (the kernel picks it; qperf binds it right after).
-fn free_port() -> std::io::Result<u16> {
+/// A TCP port nothing listens on now (the kernel picks it; the server, qperf or section
+/// shim's, binds it right after).
+pub fn free_port() -> std::io::Result<u16> {
     let listener = std::net::TcpListener::bind(("127.0.0.1", 0))?;
     Ok(listener.local_addr()?.port())
 }

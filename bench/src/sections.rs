@@ -64,10 +64,11 @@ pub struct Env {
 }
 
 /// The sections, in the order they run.
-pub const SECTIONS: [&str; 12] = [
+pub const SECTIONS: [&str; 13] = [
     "vrdma",
     "tcp",
     "roce",
+    "shim",
     "memcpy",
     "mr",
     "idle",
@@ -156,7 +157,8 @@ impl Env {
         }
     }
 
-    fn dir(&self, name: &str) -> Result<PathBuf, Error> {
+    /// `name` under the output directory, created.
+    pub(crate) fn dir(&self, name: &str) -> Result<PathBuf, Error> {
         let path = self.out.join(name);
         std::fs::create_dir_all(&path).map_err(|source| Error::Dir {
             path: path.clone(),
@@ -166,7 +168,7 @@ impl Env {
     }
 
     /// Starts a daemon for `vms`, its log in logs/daemon-TAG.log.
-    fn daemon(&self, tag: &str, vms: &[VmSpec]) -> Result<Daemon, Error> {
+    pub(crate) fn daemon(&self, tag: &str, vms: &[VmSpec]) -> Result<Daemon, Error> {
         self.daemon_on(tag, vms, &Launch::default())
     }
 

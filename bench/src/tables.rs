@@ -6,6 +6,7 @@ use std::time::Duration;
 use crate::plot::Chart;
 use crate::report::{Results, Table, fmt, ratio, size_label};
 use crate::sections::{Compared, Env, LOCAL, OPS, REG_RATIO, ROCE, TCP_BW, TCP_LAT, vrdma_series};
+use crate::shim::{self, Tool};
 
 /// Every vrdma series: write, read, send in polling and event mode.
 fn vrdma_all() -> Vec<String> {
@@ -193,6 +194,107 @@ fn roce_tables(r: &Results) -> Vec<Table> {
         .collect()
 }
 
+/// The shim section's tables: each pair, the difference and its target.
+fn shim_tables(r: &Results) -> Vec<Table> {
+    let status = |met: bool| if met { "MET" } else { "NOT MET" }.to_owned();
+    let mut bw = Table::new(
+        "perftest through the libibverbs shim vs vrdma-perf: bandwidth (MiB/s)",
+        &[
+            "test",
+            "size",
+            "vrdma-perf",
+            "perftest + shim",
+            "shim / native",
+            "goal",
+            "status",
+        ],
+    );
+    for test in shim::BW_TESTS {
+        for (size, native) in r.points(shim::BW, &shim::series(Tool::Native, test), "bw") {
+            let shim = r.get(shim::BW, &shim::series(Tool::Shim, test), Some(size), "bw");
+            let ratio = r.get(shim::BW, &shim::compared(test), Some(size), "ratio");
+            bw.row(vec![
+                test.into(),
+                size_label(size),
+                fmt(Some(native)),
+                fmt(shim),
+                fmt(ratio),
+                format!(">= {}", shim::BW_GOAL),
+                ratio.map_or("-".into(), |x| status(x >= shim::BW_GOAL)),
+            ]);
+        }
+    }
+    bw.note = "Both tools as two processes (server on VM a, client on VM b, over TCP on \
+               127.0.0.1), same options (-Q 100 -I 0), polling; the median of the rounds."
+        .into();
+    let mut lat = Table::new(
+        "perftest through the libibverbs shim vs vrdma-perf: latency (us)",
+        &[
+            "test",
+            "size",
+            "vrdma-perf",
+            "perftest + shim",
+            "difference",
+            "vrdma-perf p99",
+            "shim p99",
+            "p99 difference",
+            "goal",
+            "status",
+        ],
+    );
+    for test in shim::LAT_TESTS {
+        let ser = |tool| shim::series(tool, test);
+        for (size, native) in r.points(shim::LAT, &ser(Tool::Native), "t_typical") {
+            let get = |series: &str, m| r.get(shim::LAT, series, Some(size), m);
+            let diff = get(&shim::compared(test), "t_typical_diff");
+            let state = diff.map_or("-".into(), |d| status(d <= shim::LAT_GOAL_US));
+            lat.row(vec![
+                test.into(),
+                size_label(size),
+                fmt(Some(native)),
+                fmt(get(&ser(Tool::Shim), "t_typical")),
+                diff.map_or("-".into(), |d| format!("{d:+.2}")),
+                fmt(get(&ser(Tool::Native), "p99")),
+                fmt(get(&ser(Tool::Shim), "p99")),
+                get(&shim::compared(test), "p99_diff").map_or("-".into(), |d| format!("{d:+.2}")),
+                format!("<= +{}", shim::LAT_GOAL_US),
+                state,
+            ]);
+        }
+    }
+    lat.note = "t_typical (median) of perftest's one-way latency (read_lat: a whole READ); the \
+                goal is on the median. Same options (-I 0 but for read_lat), polling."
+        .into();
+    if r.get(shim::LAT, shim::PLACEMENT, None, shim::ENDS_SHARE) == Some(1.0) {
+        lat.note.push_str(
+            " Server and client shared one CPU: each end waits for the other's turn on it (the \
+             shim yields after 64 empty polls, vrdma-perf after 64 rounds), and perftest's \
+             write_lat spins on memory without yielding, so its tail holds time slices.",
+        );
+    }
+    [bw, lat]
+        .into_iter()
+        .filter(|t| !t.rows.is_empty())
+        .collect()
+}
+
+/// The worst shim pair: the smallest bandwidth ratio and the largest latency difference.
+fn shim_worst(r: &Results) -> (Option<f64>, Option<f64>) {
+    let mut bw: Option<f64> = None;
+    for test in shim::BW_TESTS {
+        for (_, x) in r.points(shim::BW, &shim::compared(test), "ratio") {
+            bw = Some(bw.map_or(x, |b| b.min(x)));
+        }
+    }
+    let mut lat: Option<f64> = None;
+    for test in shim::LAT_TESTS {
+        for (_, d) in r.points(shim::LAT, &shim::compared(test), "t_typical_diff") {
+            lat = Some(lat.map_or(d, |l| l.max(d)));
+        }
+    }
+    (bw, lat)
+}
+
 /// The targets of the performance issue, each measured by this run (or "-" if its section
 /// did not run), recorded in section "targets".
 fn targets(r: &mut Results) -> Table {
@@ -217,6 +319,7 @@ fn targets(r: &mut Results) -> Table {
                     .is_some_and(|n| x.series == crate::sections::idle_series(n)[0])
         })
         .map(|x| x.value);
+    let (shim_bw, shim_lat) = shim_worst(r);
     let rows: Vec<(&str, Option<f64>, &str, Goal)> = vec![
         (
             "64 KiB RDMA WRITE bw / memcpy",
@@ -247,6 +350,18 @@ fn targets(r: &mut Results) -> Table {
             rate,
             "Mmsg/s",
             Goal::AtLeast(2.0),
+        ),
+        (
+            "perftest+shim bw / vrdma-perf, worst pair",
+            shim_bw,
+            "x",
+            Goal::AtLeast(shim::BW_GOAL),
+        ),
+        (
+            "perftest+shim latency - vrdma-perf, worst pair",
+            shim_lat,
+            "us",
+            Goal::AtMost(shim::LAT_GOAL_US),
         ),
         (
             "ibv_reg_mr of 1 GiB (median)",
@@ -424,6 +539,7 @@ pub fn all(r: &mut Results, env: &Env) -> Vec<Table> {
     }
 
     out.extend(roce_tables(r));
+    out.extend(shim_tables(r));
 
     let mr_cols = [
         col("mr", "ibv_reg_mr", "time").named("register (median)"),
@@ -868,6 +984,104 @@ mod tests {
                 ["16", "idle again after the ping-pong", "0", "-", "-"],
             ]
         );
+    }
+
+    #[test]
+    fn shim_pairs_are_compared_with_their_targets() {
+        let mut r = Results::default();
+        let add_bw = |r: &mut Results, test: &str, size: u64, native: f64, shim: f64| {
+            r.add(
+                shim::BW,
+                &shim::series(Tool::Native, test),
+                Some(size),
+                "bw",
+                native,
+                "MiB/s",
+            );
+            r.add(
+                shim::BW,
+                &shim::series(Tool::Shim, test),
+                Some(size),
+                "bw",
+                shim,
+                "MiB/s",
+            );
+            r.add(
+                shim::BW,
+                &shim::compared(test),
+                Some(size),
+                "ratio",
+                shim / native,
+                "x",
+            );
+        };
+        add_bw(&mut r, "write_bw", 64, 100.0, 96.0);
+        add_bw(&mut r, "send_bw", 65536, 1000.0, 900.0);
+        let add_lat = |r: &mut Results, test: &str, native: f64, shim: f64| {
+            r.add(
+                shim::LAT,
+                &shim::series(Tool::Native, test),
+                Some(8),
+                "t_typical",
+                native,
+                "us",
+            );
+            r.add(
+                shim::LAT,
+                &shim::series(Tool::Shim, test),
+                Some(8),
+                "t_typical",
+                shim,
+                "us",
+            );
+            let cmp = shim::compared(test);
+            r.add(
+                shim::LAT,
+                &cmp,
+                Some(8),
+                "t_typical_diff",
+                shim - native,
+                "us",
+            );
+        };
+        add_lat(&mut r, "read_lat", 3.0, 3.15);
+        add_lat(&mut r, "write_lat", 4.0, 4.8);
+        r.add(
+            shim::LAT,
+            shim::PLACEMENT,
+            None,
+            shim::ENDS_SHARE,
+            1.0,
+            "bool",
+        );
+        let tables = shim_tables(&r);
+        assert_eq!(tables.len(), 2);
+        let status: Vec<&str> = tables[0].rows.iter().map(|row| row[6].as_str()).collect();
+        assert_eq!(
+            status,
+            ["MET", "NOT MET"],
+            "0.96 meets >= 0.95, 0.9 does not"
+        );
+        let lat: Vec<(&str, &str, &str)> = tables[1]
+            .rows
+            .iter()
+            .map(|row| (row[0].as_str(), row[4].as_str(), row[9].as_str()))
+            .collect();
+        assert_eq!(
+            lat,
+            [
+                ("write_lat", "+0.80", "NOT MET"),
+                ("read_lat", "+0.15", "MET")
+            ]
+        );
+        assert!(tables[1].note.contains("shared one CPU"));
+        // The worst pairs: send_bw's 0.9, write_lat's 0.8 us.
+        let t = targets(&mut r);
+        let row = |name: &str| t.rows.iter().find(|row| row[0] == name).unwrap().clone();
+        let bw = row("perftest+shim bw / vrdma-perf, worst pair");
+        assert_eq!((bw[1].as_str(), bw[4].as_str()), ("0.900", "NOT MET"));
+        let lat = row("perftest+shim latency - vrdma-perf, worst pair");
+        assert_eq!((lat[1].as_str(), lat[4].as_str()), ("0.800", "NOT MET"));
     }
 
     #[test]

@@ -402,14 +402,17 @@ pub fn try_connect_rc(qp: &QueuePair, peer: &RcPeer) -> Result<(), (QpState, vrd
     Ok(())
 }
 
-/// [`try_connect_rc`] with the tests' settings (MTU 1024, ACK timeout about 1 ms), failing the
-/// test if the QP cannot be connected.
+/// [`try_connect_rc`] with the tests' settings (MTU 1024, ACK timeout exponent 14, about
+/// 67 ms, as ibv_rc_pingpong and perftest use), failing the test if the QP cannot be
+/// connected. A shorter timeout (exponent 8 was about 1 ms, 32 ms over 7 retries) made the
+/// cross-host tests fail with RETRY_EXC_ERR whenever a loaded host kept the peer daemon off
+/// the CPU for longer than that: the transport then did what it must.
 pub fn connect_rc(qp: &QueuePair, remote_gid: Gid, remote_qpn: u32, rnr_retry: u8, retry_cnt: u8) {
     let peer = RcPeer {
         gid: remote_gid,
         qpn: remote_qpn,
         mtu: vrdma_proto::config::Mtu::Mtu1024,
-        timeout: 8,
+        timeout: 14,
         retry_cnt,
         rnr_retry,
     };

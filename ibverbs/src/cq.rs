@@ -7,7 +7,7 @@ use vrdma::WorkCompletion;
 
 use crate::abi::*;
 use crate::context::{Channel, Context, Rank};
-use crate::{guard, identity, null_with};
+use crate::{errno_of, guard, identity, null_with};
 
 /// Everything behind an `ibv_cq *`.
 #[repr(C)]
@@ -214,10 +214,7 @@ pub unsafe extern "C" fn ibv_create_cq(
             }
             let vcq = match vrdma::CompletionQueue::new(&ctx.vrdma, cqe as u32) {
                 Ok(cq) => cq,
-                Err(e) => {
-                    log::warn!("{}", vrdma::error_chain(&e));
-                    return null_with(e.errno());
-                }
+                Err(e) => return null_with(errno_of(&e)),
             };
             let cqn = vcq.handle();
             let cq = Box::new(Cq {

@@ -41,6 +41,12 @@ pub(crate) fn set_errno(errno: i32) {
     unsafe { *libc::__errno_location() = errno };
 }
 
+/// Logs why a `vrdma` call failed and returns the errno verbs report for it.
+pub(crate) fn errno_of(e: &vrdma::Error) -> i32 {
+    log::warn!("{}", vrdma::error_chain(e));
+    e.errno()
+}
+
 /// Fails a pointer-returning verb: NULL with `errno` set.
 pub(crate) fn null_with<T>(errno: i32) -> *mut T {
     set_errno(errno);

@@ -16,7 +16,7 @@ use crate::context::{Context, Rank};
 use crate::cq::Cq;
 use crate::resources::{Ah, Pd, ah_attr, ah_attr_to_c};
 use crate::srq::Srq;
-use crate::{guard, null_with};
+use crate::{errno_of, guard, null_with};
 
 /// Everything behind an `ibv_qp *`.
 #[repr(C)]
@@ -306,10 +306,7 @@ pub unsafe extern "C" fn ibv_create_qp(
             };
             let vqp = match vrdma::QueuePair::new(&p.pd, &attr) {
                 Ok(q) => q,
-                Err(e) => {
-                    log::warn!("{}", vrdma::error_chain(&e));
-                    return null_with(e.errno());
-                }
+                Err(e) => return null_with(errno_of(&e)),
             };
             let actual = vqp.cap();
             init.cap = ibv_qp_cap {
@@ -446,10 +443,7 @@ pub unsafe extern "C" fn ibv_modify_qp(
                     }
                     0
                 }
-                Err(e) => {
-                    log::warn!("{}", vrdma::error_chain(&e));
-                    e.errno()
-                }
+                Err(e) => errno_of(&e),
             }
         },
     )
@@ -480,10 +474,7 @@ pub unsafe extern "C" fn ibv_query_qp(
             }
             let (a, cap) = match q.qp.query() {
                 Ok(v) => v,
-                Err(e) => {
-                    log::warn!("{}", vrdma::error_chain(&e));
-                    return e.errno();
-                }
+                Err(e) => return errno_of(&e),
             };
             let c_cap = ibv_qp_cap {
                 max_send_wr: cap.max_send_wr,

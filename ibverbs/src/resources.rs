@@ -8,7 +8,7 @@ use vrdma::AccessFlags;
 use crate::abi::*;
 use crate::app_memory::{self, Pinned};
 use crate::context::{Context, Free, Rank};
-use crate::{guard, null_with};
+use crate::{errno_of, guard, null_with};
 
 /// Everything behind an `ibv_pd *`.
 #[repr(C)]
@@ -101,10 +101,7 @@ pub unsafe extern "C" fn ibv_alloc_pd(context: *mut ibv_context) -> *mut ibv_pd 
                     ctx.adopt(ptr.cast(), Rank::Pd, free_pd);
                     ptr.cast::<ibv_pd>()
                 }
-                Err(e) => {
-                    log::warn!("{}", vrdma::error_chain(&e));
-                    null_with(e.errno())
-                }
+                Err(e) => null_with(errno_of(&e)),
             }
         },
     )
@@ -246,10 +243,7 @@ fn reg_mr(
             ctx.adopt(ptr.cast(), Rank::Mr, free_mr);
             ptr.cast::<ibv_mr>()
         }
-        Err(e) => {
-            log::warn!("{}", vrdma::error_chain(&e));
-            null_with(e.errno())
-        }
+        Err(e) => null_with(errno_of(&e)),
     }
 }
 
@@ -429,10 +423,7 @@ pub unsafe extern "C" fn ibv_create_ah(pd: *mut ibv_pd, attr: *mut ibv_ah_attr) 
                     ctx.adopt(ptr.cast(), Rank::Ah, free_ah);
                     ptr.cast::<ibv_ah>()
                 }
-                Err(e) => {
-                    log::warn!("{}", vrdma::error_chain(&e));
-                    null_with(e.errno())
-                }
+                Err(e) => null_with(errno_of(&e)),
             }
         },
     )

@@ -10,7 +10,7 @@ use crate::abi::*;
 use crate::context::{Context, Rank};
 use crate::qp::{post_each, post_one_recv};
 use crate::resources::Pd;
-use crate::{guard, null_with};
+use crate::{errno_of, guard, null_with};
 
 /// Everything behind an `ibv_srq *`.
 #[repr(C)]
@@ -60,10 +60,7 @@ pub unsafe extern "C" fn ibv_create_srq(
             };
             let vsrq = match vrdma::SharedReceiveQueue::new(&p.pd, &attr) {
                 Ok(s) => s,
-                Err(e) => {
-                    log::warn!("{}", vrdma::error_chain(&e));
-                    return null_with(e.errno());
-                }
+                Err(e) => return null_with(errno_of(&e)),
             };
             if let Ok(actual) = vsrq.query() {
                 init.attr.max_wr = actual.max_wr;
@@ -138,10 +135,7 @@ pub unsafe extern "C" fn ibv_modify_srq(
             };
             match s.srq.modify(&attr, mask) {
                 Ok(()) => 0,
-                Err(e) => {
-                    log::warn!("{}", vrdma::error_chain(&e));
-                    e.errno()
-                }
+                Err(e) => errno_of(&e),
             }
         },
     )
@@ -171,10 +165,7 @@ pub unsafe extern "C" fn ibv_query_srq(srq: *mut ibv_srq, attr: *mut ibv_srq_att
                     unsafe { attr.write(to_c(&a)) };
                     0
                 }
-                Err(e) => {
-                    log::warn!("{}", vrdma::error_chain(&e));
-                    e.errno()
-                }
+                Err(e) => errno_of(&e),
             }
         },
     )

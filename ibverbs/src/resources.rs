@@ -146,18 +146,30 @@ unsafe fn free_ah(ah: *mut c_void) {
     }
 }
 
-/// Disowns and frees an object the program destroys, whose PD is `pd`.
+/// Destroys an object the program made in `pd` of `context`: EIO in a forked child (the
+/// parent's objects are left alone), else disowns it and frees it with `free`.
 ///
 /// # Safety
 ///
-/// `object` must be a live object made in `pd`, freed by `free`, not used afterwards.
-unsafe fn destroy_in(pd: *mut ibv_pd, object: *mut c_void, free: Free) {
+/// `object` must be a live object made in `pd` of `context`, freed by `free`, not used
+/// afterwards.
+unsafe fn destroy_in(
+    context: *mut ibv_context,
+    pd: *mut ibv_pd,
+    object: *mut c_void,
+    free: Free,
+) -> c_int {
+    // SAFETY: the caller's contract: a live context.
+    if unsafe { Context::foreign(context) } {
+        return libc::EIO;
+    }
     // SAFETY: the caller's contract: a live PD, whose context outlives it.
     if let Some((_, ctx)) = unsafe { Pd::from_ptr(pd) } {
         ctx.disown(object);
     }
     // SAFETY: the caller's contract.
     unsafe { free(object) };
+    0
 }
 
 /// `ibv_dealloc_pd`.
@@ -321,13 +333,8 @@ pub unsafe extern "C" fn ibv_dereg_mr(mr: *mut ibv_mr) -> c_int {
             if mr.is_null() {
                 return libc::EINVAL;
             }
-            // SAFETY: a live MR (the caller's contract), whose context outlives it.
-            if unsafe { Context::foreign((*mr).context) } {
-                return libc::EIO;
-            }
-            // SAFETY: a live MR the caller gives up.
-            unsafe { destroy_in((*mr).pd, mr.cast(), free_mr) };
-            0
+            // SAFETY: a live MR the caller gives up; its context and PD outlive it.
+            unsafe { destroy_in((*mr).context, (*mr).pd, mr.cast(), free_mr) }
         },
     )
 }
@@ -443,13 +450,8 @@ pub unsafe extern "C" fn ibv_destroy_ah(ah: *mut ibv_ah) -> c_int {
             if ah.is_null() {
                 return libc::EINVAL;
             }
-            // SAFETY: a live AH (the caller's contract), whose context outlives it.
-            if unsafe { Context::foreign((*ah).context) } {
-                return libc::EIO;
-            }
-            // SAFETY: a live AH the caller gives up.
-            unsafe { destroy_in((*ah).pd, ah.cast(), free_ah) };
-            0
+            // SAFETY: a live AH the caller gives up; its context and PD outlive it.
+            unsafe { destroy_in((*ah).context, (*ah).pd, ah.cast(), free_ah) }
         },
     )
 }

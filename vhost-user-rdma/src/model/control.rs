@@ -306,15 +306,15 @@ impl VmObjects {
                 return Err(Status::BadAddress.into());
             }
         }
-        let record = Mr {
+        let record = Mr::new(
             pdn,
-            access: access.bits(),
-            iova: c.iova.get(),
+            access.bits(),
+            c.iova.get(),
             length,
-            first_page_offset: c.first_page_offset.get().into(),
-            page_shift: pages.page_shift(),
-            pages: pages.iter().collect(),
-        };
+            c.first_page_offset.get().into(),
+            pages.page_shift(),
+            pages.iter().collect(),
+        );
         let lkey = self.mrs.insert(record).map_err(|_| Status::NoResources)?;
         let registered = self
             .mrs

@@ -498,15 +498,15 @@ fn restore_mr(lkey: u32, mr: v1::Mr, caps: &vrdma_proto::config::DeviceCaps) -> 
     if mr.pages.iter().any(|p| p % page != 0) {
         return Err(bad("a page address is not aligned to its page size"));
     }
-    Ok(Mr {
-        pdn: mr.pdn,
-        access: mr.access,
-        iova: mr.iova,
-        length: mr.length,
-        first_page_offset: mr.first_page_offset,
-        page_shift: mr.page_shift,
-        pages: mr.pages,
-    })
+    Ok(Mr::new(
+        mr.pdn,
+        mr.access,
+        mr.iova,
+        mr.length,
+        mr.first_page_offset,
+        mr.page_shift,
+        mr.pages,
+    ))
 }
 
 fn restore_srq(srqn: u32, srq: v2::Srq, caps: &vrdma_proto::config::SrqCaps) -> Result<Srq, Error> {

@@ -157,7 +157,10 @@ pub enum MemError {
     Poisoned,
 }
 
-/// The system page size.
+/// The huge page size [`SharedMemory::hugetlb`] uses.
+pub const HUGE_PAGE_SIZE: usize = 2 << 20;
+
+/// The system's base page size.
 pub fn page_size() -> usize {
     // SAFETY: sysconf only reads a system constant; it has no memory-safety preconditions.
     let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
@@ -236,7 +239,20 @@ impl SharedMemory {
     /// `F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL` once sized, so a device can check (with
     /// `F_GET_SEALS`) that the file cannot be truncated under its mapping.
     pub fn create(name: &str, len: usize, seal: bool) -> Result<Self, MemError> {
-        let page = page_size();
+        Self::create_in(name, len, seal, false)
+    }
+
+    /// Creates a region of at least `len` bytes (rounded up to [`HUGE_PAGE_SIZE`]) in 2 MiB
+    /// huge pages (`MFD_HUGETLB`): each huge page is physically contiguous, which a device
+    /// addressed by physical address needs for rings. Fails with [`MemError::Create`] or
+    /// [`MemError::Map`] when the system has too few huge pages reserved
+    /// (`/proc/sys/vm/nr_hugepages`).
+    pub fn hugetlb(name: &str, len: usize) -> Result<Self, MemError> {
+        Self::create_in(name, len, false, true)
+    }
+
+    fn create_in(name: &str, len: usize, seal: bool, huge: bool) -> Result<Self, MemError> {
+        let page = if huge { HUGE_PAGE_SIZE } else { page_size() };
         let len = match len.checked_next_multiple_of(page) {
             Some(l) if l > 0 && l <= isize::MAX as usize => l,
             _ => return Err(MemError::InvalidLength { len }),
@@ -246,6 +262,9 @@ impl SharedMemory {
         let mut flags = libc::MFD_CLOEXEC;
         if seal {
             flags |= libc::MFD_ALLOW_SEALING;
+        }
+        if huge {
+            flags |= libc::MFD_HUGETLB | libc::MFD_HUGE_2MB;
         }
         // SAFETY: `cname` is a valid NUL-terminated string that outlives the call; memfd_create
         // does not retain the pointer.

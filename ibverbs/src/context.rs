@@ -261,13 +261,14 @@ impl Events {
 }
 
 impl Context {
-    /// Opens the device: connects to its socket and builds the `ibv_context`.
+    /// Opens the device (connects to its socket, or drives its PCI function) and builds the
+    /// `ibv_context`.
     pub(crate) fn open(device: &'static DeviceEntry) -> Result<*mut ibv_context, i32> {
-        let vrdma = vrdma::Context::open(&device.socket).map_err(|e| {
+        let vrdma = device.device.open().map_err(|e| {
             log::warn!(
-                "ibv_open_device {}: cannot connect to {}: {}",
+                "ibv_open_device {}: cannot open {}: {}",
                 device.name(),
-                device.socket.display(),
+                device.device.path.display(),
                 vrdma::error_chain(&e)
             );
             match e.errno() {

@@ -11,12 +11,12 @@ use crate::abi::*;
 use crate::context::Context;
 use crate::{fill_c_string, guard, init_logging, null_with, set_errno};
 
-/// A device in the list: the `ibv_device` programs hold, and the socket behind it.
+/// A device in the list: the `ibv_device` programs hold, and the vrdma device behind it.
 #[repr(C)]
 pub(crate) struct DeviceEntry {
     /// First, so an `ibv_device *` is a `DeviceEntry *`.
     pub(crate) ibv: ibv_device,
-    pub(crate) socket: PathBuf,
+    pub(crate) device: vrdma::Device,
     /// The port's GID once known (from a context, or a short connection for the GUID).
     pub(crate) gid: Mutex<Option<Gid>>,
 }
@@ -39,8 +39,9 @@ fn devices() -> &'static [&'static DeviceEntry] {
             let list = vrdma::device_list();
             if list.is_empty() {
                 log::warn!(
-                    "no vrdma device: VRDMA_SOCKETS is unset or empty and {} has no sockets; \
-                     set VRDMA_SOCKETS to the VM's vhost-user socket path(s), separated by ':'",
+                    "no vrdma device: VRDMA_SOCKETS is unset or empty, this machine has no \
+                     vrdma PCI function and {} has no sockets; set VRDMA_SOCKETS to the VM's \
+                     vhost-user socket path(s), separated by ':'",
                     vrdma::DEFAULT_SOCKET_DIR
                 );
             }
@@ -80,7 +81,7 @@ fn new_entry(index: usize, device: vrdma::Device) -> DeviceEntry {
     );
     DeviceEntry {
         ibv,
-        socket: device.socket,
+        device,
         gid: Mutex::new(None),
     }
 }
@@ -107,12 +108,12 @@ impl DeviceEntry {
     fn gid(&self) -> Option<Gid> {
         let mut known = self.gid.lock().unwrap_or_else(|p| p.into_inner());
         if known.is_none() {
-            match vrdma::Context::open(&self.socket) {
+            match self.device.open() {
                 Ok(ctx) => *known = Some(ctx.gid()),
                 Err(e) => log::warn!(
                     "{}: cannot reach the device at {} to read its GUID: {}",
                     self.name(),
-                    self.socket.display(),
+                    self.device.path.display(),
                     vrdma::error_chain(&e)
                 ),
             }

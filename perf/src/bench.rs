@@ -98,10 +98,13 @@ fn verbs<T>(r: vrdma::Result<T>, what: impl Into<String>) -> Result<T> {
 }
 
 /// Opens the device behind `socket`.
-pub fn open(socket: &std::path::Path) -> Result<Context> {
+pub fn open(device: &vrdma::Device) -> Result<Context> {
     verbs(
-        Context::open(socket),
-        format!("Couldn't get context for the device {}", socket.display()),
+        device.open(),
+        format!(
+            "Couldn't get context for the device {}",
+            device.path.display()
+        ),
     )
 }
 

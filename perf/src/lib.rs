@@ -108,7 +108,7 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<Option<JsonReport>, Error
     let report = match &s.role {
         Role::Server => {
             let dev = opts::resolve_device(s.device.as_deref())?;
-            let ctx = bench::open(&dev.socket)?;
+            let ctx = bench::open(&dev.device)?;
             let listener = wire::listen(s.port.unwrap_or(opts::DEF_PORT))?;
             let no_stop = AtomicBool::new(false);
             server(&s, ctx, &dev, &listener, ACCEPT_WAIT, &no_stop, out)?;
@@ -116,7 +116,7 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<Option<JsonReport>, Error
         }
         Role::Client(host) => {
             let dev = opts::resolve_device(s.device.as_deref())?;
-            let ctx = bench::open(&dev.socket)?;
+            let ctx = bench::open(&dev.device)?;
             client(&s, ctx, &dev, host, s.port.unwrap_or(opts::DEF_PORT), out)?
         }
         Role::Loopback(dev2) => loopback(&s, dev2, out)?,
@@ -133,8 +133,8 @@ fn loopback(s: &Settings, dev2: &str, out: &mut dyn Write) -> Result<JsonReport,
     let dev2 = opts::resolve_device(Some(dev2))?;
     // Both devices are opened before either end starts, so a bad one fails at once rather
     // than leaving the other end waiting.
-    let ctx = bench::open(&dev.socket)?;
-    let ctx2 = bench::open(&dev2.socket)?;
+    let ctx = bench::open(&dev.device)?;
+    let ctx2 = bench::open(&dev2.device)?;
     let listener =
         TcpListener::bind(("127.0.0.1", s.port.unwrap_or(0))).map_err(Error::Loopback)?;
     let port = listener.local_addr().map_err(Error::Loopback)?.port();

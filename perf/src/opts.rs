@@ -138,7 +138,8 @@ ib_send_lat and ib_atomic_lat over the vrdma guest library, with perftest's opti
   vrdma-perf write_lat -d vrdma0 --loopback vrdma1 both ends in this process (two VMs)
 
 The server follows the client's -s/-n/-a/-D/-q/-t/-l/-Q/-I/-e/-b; both must run the same test.
-Devices are the names vrdma::device_list() gives (VRDMA_SOCKETS, or the sockets in /run/vrdma)
+Devices are the names vrdma::device_list() gives (VRDMA_SOCKETS; or inside a VM its vrdma PCI
+functions, then the sockets in /run/vrdma)
 or vhost-user socket paths.";
 
 /// perftest for vrdma.
@@ -375,13 +376,13 @@ impl Settings {
     }
 }
 
-/// A device to open: what the header calls it, and its socket.
+/// A device to open: what the header calls it, and the device.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceChoice {
     /// `vrdma0`, or the socket path given.
     pub name: String,
-    /// The vhost-user socket.
-    pub socket: PathBuf,
+    /// The device: a vhost-user socket or, inside a VM, a PCI function.
+    pub device: vrdma::Device,
 }
 
 /// Resolves `-d`: a name from [`vrdma::device_list`], or a socket path; without it, the first
@@ -393,7 +394,7 @@ pub fn resolve_device(dev: Option<&str>) -> Result<DeviceChoice, Error> {
             .first()
             .map(|d| DeviceChoice {
                 name: d.name.clone(),
-                socket: d.socket.clone(),
+                device: d.clone(),
             })
             .ok_or_else(|| {
                 Error::Device(format!(
@@ -405,19 +406,19 @@ pub fn resolve_device(dev: Option<&str>) -> Result<DeviceChoice, Error> {
     if let Some(d) = list.iter().find(|d| d.name == dev) {
         return Ok(DeviceChoice {
             name: d.name.clone(),
-            socket: d.socket.clone(),
+            device: d.clone(),
         });
     }
     // A path: anything with a slash, or an existing file.
     if dev.contains('/') || std::path::Path::new(dev).exists() {
         return Ok(DeviceChoice {
             name: dev.to_owned(),
-            socket: PathBuf::from(dev),
+            device: vrdma::Device::socket(dev, dev),
         });
     }
     let known: Vec<String> = list
         .iter()
-        .map(|d| format!("{} ({})", d.name, d.socket.display()))
+        .map(|d| format!("{} ({})", d.name, d.path.display()))
         .collect();
     Err(Error::Device(format!(
         "IB device {dev} not found; devices: {}",

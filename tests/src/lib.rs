@@ -203,6 +203,10 @@ impl Transport for SharedTransport {
     fn shared_region(&self, addr: u64) -> Option<(u64, u64)> {
         Transport::shared_region(&*self.0, addr)
     }
+
+    fn device_addr(&self, addr: u64, len: u64) -> Option<u64> {
+        Transport::device_addr(&*self.0, addr, len)
+    }
 }
 
 /// Everything one side of a connection needs.

@@ -97,6 +97,13 @@ pub trait Transport: Send + Sync {
     /// device cannot reach `addr`. A memory region over several regions needs their bounds:
     /// the device takes each page of its page list from one region.
     fn shared_region(&self, addr: u64) -> Option<(u64, u64)>;
+
+    /// The address the device knows `addr..addr + len` by (its guest-physical address), if the
+    /// device reaches the whole range as one contiguous stretch; `None` otherwise. Commands
+    /// carry these addresses: ring bases and memory regions' page lists. Under virtio-user it
+    /// is `addr` itself; under virtio-pci, the guest-physical address of pinned memory, which
+    /// is contiguous within a page (within a huge page for the transport's own memory).
+    fn device_addr(&self, addr: u64, len: u64) -> Option<u64>;
 }
 
 /// Whether the regions `shared_region` finds cover `addr..addr + len` without a gap
@@ -186,5 +193,9 @@ impl<T: Transport + ?Sized> Transport for Arc<T> {
 
     fn shared_region(&self, addr: u64) -> Option<(u64, u64)> {
         (**self).shared_region(addr)
+    }
+
+    fn device_addr(&self, addr: u64, len: u64) -> Option<u64> {
+        (**self).device_addr(addr, len)
     }
 }

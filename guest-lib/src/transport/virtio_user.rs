@@ -1613,4 +1613,10 @@ impl Transport for VirtioUser {
             .ok()?
             .region_holding(addr)
     }
+
+    /// Guest-physical addresses are this process's addresses: the memory table maps each
+    /// region at its own address.
+    fn device_addr(&self, addr: u64, len: u64) -> Option<u64> {
+        self.is_shared(addr, len).then_some(addr)
+    }
 }

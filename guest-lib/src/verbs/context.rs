@@ -27,6 +27,7 @@ trait DynTransport: Send + Sync + std::fmt::Debug {
     fn alloc_dma(&self, len: usize, align: usize) -> std::result::Result<DmaBuf, BoxError>;
     fn is_shared(&self, addr: u64, len: u64) -> bool;
     fn shared_region(&self, addr: u64) -> Option<(u64, u64)>;
+    fn device_addr(&self, addr: u64, len: u64) -> Option<u64>;
     fn add_memory(&self, mem: Arc<SharedMemory>) -> std::result::Result<(), BoxError>;
     fn remove_memory(&self, base: u64) -> std::result::Result<(), BoxError>;
     fn config(&self) -> &config::Config;
@@ -63,6 +64,9 @@ impl<T: Transport + std::fmt::Debug> DynTransport for T {
     }
     fn shared_region(&self, addr: u64) -> Option<(u64, u64)> {
         Transport::shared_region(self, addr)
+    }
+    fn device_addr(&self, addr: u64, len: u64) -> Option<u64> {
+        Transport::device_addr(self, addr, len)
     }
     fn add_memory(&self, mem: Arc<SharedMemory>) -> std::result::Result<(), BoxError> {
         Transport::add_memory(self, mem).map_err(Into::into)
@@ -108,6 +112,21 @@ impl Context {
             verb: "ibv_open_device",
             source: Box::new(e),
         })?;
+        Ok(Self::from_transport(transport))
+    }
+
+    /// Opens the VM's virtio-pci function at `function` (its sysfs directory, as
+    /// [`crate::device_list`] gives it); needs root inside the VM.
+    pub fn open_pci(function: impl AsRef<Path>) -> Result<Context> {
+        let options = crate::transport::PciOptions {
+            device: Some(function.as_ref().to_path_buf()),
+            ..Default::default()
+        };
+        let transport =
+            crate::transport::VirtioPci::open(options).map_err(|e| Error::Transport {
+                verb: "ibv_open_device",
+                source: Box::new(e),
+            })?;
         Ok(Self::from_transport(transport))
     }
 
@@ -299,6 +318,17 @@ impl Inner {
 
     pub(crate) fn shared_region(&self, addr: u64) -> Option<(u64, u64)> {
         self.transport.shared_region(addr)
+    }
+
+    pub(crate) fn device_addr(&self, addr: u64, len: u64) -> Option<u64> {
+        self.transport.device_addr(addr, len)
+    }
+
+    /// The device's address of a ring the library allocated (`addr..addr + len`): rings are
+    /// single allocations, which the transports keep contiguous for the device.
+    pub(crate) fn ring_addr(&self, addr: u64, len: u64, verb: &'static str) -> Result<u64> {
+        self.device_addr(addr, len)
+            .ok_or(Error::RingNotContiguous { verb, len })
     }
 
     pub(crate) fn ring(

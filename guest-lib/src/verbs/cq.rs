@@ -131,7 +131,7 @@ impl CompletionQueue {
         let body = cmd::CreateCq {
             cqe: depth.into(),
             reserved: 0.into(),
-            ring_addr: ring.addr().into(),
+            ring_addr: ctx.inner.ring_addr(ring.addr(), ring.len(), VERB)?.into(),
         };
         let resp: cmd::CreateCqResp =
             ctx.inner

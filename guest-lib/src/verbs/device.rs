@@ -6,40 +6,82 @@ use super::{Context, Result};
 /// give the daemon's `--vm ...,socket=` paths in by convention.
 pub const DEFAULT_SOCKET_DIR: &str = "/run/vrdma";
 
-/// A device the application can open (`ibv_device`): under virtio-user, a vhost-user socket.
+/// A device the application can open (`ibv_device`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Device {
     /// `vrdma0`, `vrdma1`, ... in list order, as `ibv_get_device_name` would name them.
     pub name: String,
-    /// The socket.
-    pub socket: PathBuf,
+    /// Where it is: a vhost-user socket (virtio-user) or a PCI function's sysfs directory
+    /// (virtio-pci, inside a VM).
+    pub path: PathBuf,
+    /// How it is reached.
+    pub kind: DeviceKind,
+}
+
+/// How a [`Device`] is reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceKind {
+    /// The process is the vhost-user frontend of the daemon's socket.
+    VirtioUser,
+    /// The VM's virtio-pci function, driven from user space (needs root; one process at a
+    /// time: opening it resets the device).
+    VirtioPci,
 }
 
 impl Device {
+    /// The device behind a vhost-user socket, named `name`.
+    pub fn socket(name: impl Into<String>, path: impl Into<PathBuf>) -> Device {
+        Device {
+            name: name.into(),
+            path: path.into(),
+            kind: DeviceKind::VirtioUser,
+        }
+    }
+
     /// Opens the device.
     #[doc(alias = "ibv_open_device")]
     pub fn open(&self) -> Result<Context> {
-        Context::open(&self.socket)
+        match self.kind {
+            DeviceKind::VirtioUser => Context::open(&self.path),
+            DeviceKind::VirtioPci => Context::open_pci(&self.path),
+        }
     }
 }
 
 /// The devices this process can open (`ibv_get_device_list`): the sockets named in
-/// `VRDMA_SOCKETS` (separated by `:`), or else every socket in [`DEFAULT_SOCKET_DIR`], sorted.
-/// An empty list means no device, as `ibv_get_device_list` returning none does.
+/// `VRDMA_SOCKETS` (separated by `:`); or else, inside a VM, its vrdma PCI functions in PCI
+/// address order, then every socket in [`DEFAULT_SOCKET_DIR`], sorted. An empty list means no
+/// device, as `ibv_get_device_list` returning none does.
 #[doc(alias = "ibv_get_device_list")]
 pub fn device_list() -> Vec<Device> {
-    let sockets = match std::env::var_os("VRDMA_SOCKETS") {
+    let found: Vec<(PathBuf, DeviceKind)> = match std::env::var_os("VRDMA_SOCKETS") {
         Some(list) => std::env::split_paths(&list)
             .filter(|p| !p.as_os_str().is_empty())
+            .map(|p| (p, DeviceKind::VirtioUser))
             .collect(),
-        None => sockets_in(Path::new(DEFAULT_SOCKET_DIR)),
+        None => {
+            let functions = crate::transport::virtio_pci::find_devices().unwrap_or_else(|e| {
+                log::debug!("no vrdma PCI functions: {e}");
+                Vec::new()
+            });
+            functions
+                .into_iter()
+                .map(|p| (p, DeviceKind::VirtioPci))
+                .chain(
+                    sockets_in(Path::new(DEFAULT_SOCKET_DIR))
+                        .into_iter()
+                        .map(|p| (p, DeviceKind::VirtioUser)),
+                )
+                .collect()
+        }
     };
-    sockets
+    found
         .into_iter()
         .enumerate()
-        .map(|(i, socket)| Device {
+        .map(|(i, (path, kind))| Device {
             name: format!("vrdma{i}"),
-            socket,
+            path,
+            kind,
         })
         .collect()
 }

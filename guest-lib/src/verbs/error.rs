@@ -42,6 +42,18 @@ pub enum Error {
         /// Length.
         len: u64,
     },
+    /// The transport could not give the device a ring as one contiguous stretch.
+    #[error(
+        "{verb} failed: the device cannot reach a ring of {len} bytes as one contiguous stretch \
+         of memory; inside a VM, reserve huge pages (echo 64 > /proc/sys/vm/nr_hugepages) or \
+         ask for fewer entries"
+    )]
+    RingNotContiguous {
+        /// The verb.
+        verb: &'static str,
+        /// The ring's bytes.
+        len: u64,
+    },
     /// The work queue has no room (verbs returns ENOMEM).
     #[error("{verb} failed: the queue is full ({depth} entries); poll completions first")]
     QueueFull {
@@ -76,7 +88,7 @@ impl Error {
             Error::Device { errno, .. } => *errno,
             Error::Transport { .. } => libc::EIO,
             Error::InvalidArgument { .. } | Error::NotShareable { .. } => libc::EINVAL,
-            Error::QueueFull { .. } => libc::ENOMEM,
+            Error::QueueFull { .. } | Error::RingNotContiguous { .. } => libc::ENOMEM,
             Error::Protocol { .. } => libc::EPROTO,
         }
     }

@@ -27,7 +27,7 @@ pub use context::{Context, DeviceAttr, PortAttr};
 pub use cq::{
     AsyncEventKind, CompletionChannel, CompletionQueue, WcOpcode, WcStatus, WorkCompletion,
 };
-pub use device::{DEFAULT_SOCKET_DIR, Device, device_list};
+pub use device::{DEFAULT_SOCKET_DIR, Device, DeviceKind, device_list};
 pub use error::Error;
 pub use mr::{AccessFlags, MemoryRegion};
 pub use pd::ProtectionDomain;

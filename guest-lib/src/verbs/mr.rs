@@ -72,11 +72,16 @@ impl MemoryRegion {
         }
         let regions = covering_regions(addr, len, |a| pd.inner.ctx.shared_region(a))
             .ok_or(Error::NotShareable { addr, len })?;
-        let shift = page_shift_for(addr, len, &regions);
+        let ctx = &pd.inner.ctx;
+        let (shift, pages) =
+            device_pages(addr, len, page_shift_for(addr, len, &regions), |a, n| {
+                ctx.device_addr(a, n)
+            })
+            .ok_or(Error::NotShareable { addr, len })?;
         let page = 1u64 << shift;
         let first = addr & !(page - 1);
         let offset = addr - first;
-        let npages = (offset + len).div_ceil(page);
+        let npages = pages.len() as u64;
         let body = cmd::RegMr {
             pdn: pd.inner.pdn.into(),
             access: access.bits().into(),
@@ -87,12 +92,10 @@ impl MemoryRegion {
             page_shift: shift,
             reserved: [0; 7],
         };
-        // Under virtio-user guest-physical addresses are this process's addresses, so the page
-        // list is the pages themselves.
-        let mut request = Vec::with_capacity(size_of::<cmd::RegMr>() + npages as usize * 8);
+        let mut request = Vec::with_capacity(size_of::<cmd::RegMr>() + pages.len() * 8);
         request.extend_from_slice(body.as_bytes());
-        for i in 0..npages {
-            request.extend_from_slice(&(first + i * page).to_le_bytes());
+        for device_page in pages {
+            request.extend_from_slice(&device_page.to_le_bytes());
         }
         let resp: cmd::RegMrResp = pd.inner.ctx.command_as(Opcode::RegMr, &request, VERB)?;
         Ok(MemoryRegion {
@@ -162,6 +165,34 @@ fn covering_regions(
     Some(regions)
 }
 
+/// The page list of `addr..addr + len` in the device's addresses (`device_addr`), with the
+/// page size `1 << shift` for the largest `shift`, up to `largest`, at which every page is one
+/// contiguous stretch for the device starting on a multiple of the page size (the device
+/// checks that alignment). Under virtio-user the first try succeeds; under virtio-pci,
+/// memory that is contiguous to the process but not physically falls back to smaller pages,
+/// down to the base page. `None` if even base pages are out of the device's reach.
+fn device_pages(
+    addr: u64,
+    len: u64,
+    largest: u8,
+    device_addr: impl Fn(u64, u64) -> Option<u64>,
+) -> Option<(u8, Vec<u64>)> {
+    let mut shift = largest;
+    loop {
+        let page = 1u64 << shift;
+        let first = addr & !(page - 1);
+        let npages = (addr - first).checked_add(len)?.div_ceil(page);
+        let pages: Option<Vec<u64>> = (0..npages)
+            .map(|i| device_addr(first + i * page, page).filter(|d| d % page == 0))
+            .collect();
+        match pages {
+            Some(pages) => return Some((shift, pages)),
+            None if shift > PAGE_SHIFT => shift -= 1,
+            None => return None,
+        }
+    }
+}
+
 /// The largest page size (up to 1 GiB) whose pages, covering `addr..addr + len`, each lie in
 /// one of `regions` (the adjacent regions [`covering_regions`] found), as Linux's
 /// `ib_umem_find_best_pgsz` picks the largest page size a mapping allows: 1 GiB of 2 MiB pages
@@ -192,6 +223,42 @@ fn page_shift_for(addr: u64, len: u64, regions: &[(u64, u64)]) -> u8 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A device view of 0x20_0000..0x20_4000 as four scattered 4 KiB frames, pages 0 and 1
+    /// adjacent at an odd frame, 2 and 3 adjacent elsewhere.
+    fn scattered(addr: u64, len: u64) -> Option<u64> {
+        let frames = [0x9000u64, 0xa000, 0x3000, 0x4000];
+        let index = usize::try_from(addr.checked_sub(0x20_0000)? / 0x1000).ok()?;
+        let start = frames.get(index)? + addr % 0x1000;
+        let last = usize::try_from((addr + len - 1 - 0x20_0000) / 0x1000).ok()?;
+        let contiguous = (index..last).all(|i| {
+            matches!((frames.get(i), frames.get(i + 1)), (Some(a), Some(b)) if a + 0x1000 == *b)
+        });
+        (contiguous && last < frames.len()).then_some(start)
+    }
+
+    #[test]
+    fn device_pages_shrink_until_each_is_contiguous_and_aligned_for_the_device() {
+        // Under virtio-user the device's addresses are the process's: the largest size holds.
+        let identity = |a: u64, _| Some(a);
+        assert_eq!(
+            device_pages(0x20_0100, 0x3f00, 14, identity),
+            Some((14, vec![0x20_0000]))
+        );
+        // 16 KiB pages are not contiguous; 8 KiB ones are, for pages 0-1 and 2-3, but the
+        // first starts at 0x9000, which is not 8 KiB aligned: base pages it is.
+        assert_eq!(
+            device_pages(0x20_0100, 0x3f00, 14, scattered),
+            Some((12, vec![0x9000, 0xa000, 0x3000, 0x4000]))
+        );
+        // Only the second half: 8 KiB pages at 0x3000 are not aligned either; at 4 KiB fine.
+        assert_eq!(
+            device_pages(0x20_2000, 0x2000, 13, scattered),
+            Some((12, vec![0x3000, 0x4000]))
+        );
+        // A byte past the device's reach fails at every size.
+        assert_eq!(device_pages(0x20_3000, 0x1001, 13, scattered), None);
+    }
 
     #[test]
     fn the_page_size_is_the_largest_the_shared_region_allows() {

@@ -495,6 +495,11 @@ impl QueuePair {
             }
         };
         let srqn = init.srq.map_or(0, |srq| srq.srq_num());
+        let sq_ring_addr = ctx.ring_addr(sq.addr(), sq.len(), VERB)?;
+        let rq_ring_addr = match &rq {
+            Some(rq) => ctx.ring_addr(rq.addr(), rq.len(), VERB)?,
+            None => 0,
+        };
         let body = cmd::CreateQp {
             pdn: pd.inner.pdn.into(),
             qp_type: init.qp_type.raw(),
@@ -510,8 +515,8 @@ impl QueuePair {
                 max_inline_data: cap.max_inline_data.into(),
                 reserved: 0.into(),
             },
-            sq_ring_addr: sq.addr().into(),
-            rq_ring_addr: rq.as_ref().map_or(0, Ring::addr).into(),
+            sq_ring_addr: sq_ring_addr.into(),
+            rq_ring_addr: rq_ring_addr.into(),
             srqn: srqn.into(),
             reserved1: 0.into(),
         };

@@ -24,6 +24,11 @@ impl Ring {
         self.buf.addr()
     }
 
+    /// Bytes of memory the ring occupies.
+    pub(crate) fn len(&self) -> u64 {
+        self.buf.len() as u64
+    }
+
     pub(crate) fn geometry(&self) -> Geometry {
         self.geometry
     }

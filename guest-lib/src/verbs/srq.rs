@@ -101,7 +101,7 @@ impl SharedReceiveQueue {
             max_wr: max_wr.into(),
             max_sge: attr.max_sge.into(),
             srq_limit: attr.srq_limit.into(),
-            ring_addr: ring.addr().into(),
+            ring_addr: ctx.ring_addr(ring.addr(), ring.len(), VERB)?.into(),
         };
         let resp: cmd::CreateSrqResp = ctx.command_as(Opcode::CreateSrq, body.as_bytes(), VERB)?;
         Ok(SharedReceiveQueue {

@@ -4,41 +4,43 @@
 //! [`VirtioPci::open`] finds the function (1af4:106a) in sysfs, enables it with bus mastering,
 //! maps the modern virtio-pci capabilities (common configuration, notification, ISR, device
 //! configuration) from its `resourceN` files, performs the feature handshake (`ACKNOWLEDGE`,
-//! `DRIVER`, `FEATURES_OK`), reads the configuration space, sets up the control and event
-//! virtqueues in locked memory addressed by guest-physical address (see `pinned.rs`) and sets
-//! `DRIVER_OK`. When `uio_pci_generic` is loaded the function is bound to it and control
-//! commands wait for the device's interrupt on `/dev/uioN` (see `uio.rs`); otherwise they poll
-//! the used ring.
+//! `DRIVER`, `FEATURES_OK`), reads the configuration space, sets up the control, event and
+//! doorbell virtqueues in locked memory addressed by guest-physical address (see `pinned.rs`)
+//! and sets `DRIVER_OK`.
 //!
-//! This is the first step of the transport: doorbell queues, memory registration
-//! (`alloc_dma`, `add_memory`) and event notification through `event_fd` are not there yet,
-//! and the methods that need them report [`VirtioPciError::Unsupported`]. What works is
-//! everything that only needs the configuration space and control commands (`vrdma-devinfo`).
+//! Memory: the library's rings and buffers (`alloc_dma`) come from 2 MiB huge pages, each
+//! physically contiguous, so a ring of up to 2 MiB is one stretch for the device; without
+//! reserved huge pages, base pages, and then only rings of up to a page can be created.
+//! Application memory (`add_memory`) is locked and translated page by page; memory regions
+//! over it get page lists of guest-physical addresses. Control commands poll the used ring.
+//! Device events: when `uio_pci_generic` is loaded the function is bound to it and
+//! [`Transport::event_fd`] is `/dev/uioN`, readable when the device raises its interrupt
+//! (see `uio.rs`); otherwise it is a timer that fires every millisecond, so event waiters poll.
 //! Needs root (sysfs `config`/`resourceN` writes, `mlock`, physical addresses in
-//! `/proc/self/pagemap`).
+//! `/proc/self/pagemap`), and one process at a time per function: opening resets it.
 
 mod pci;
 mod pinned;
 mod uio;
 
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{Ordering, fence};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, Ordering, fence};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
-use vmm_sys_util::eventfd::EventFd;
 use vrdma_proto::config::Config;
-use vrdma_proto::doorbell::Doorbell;
+use vrdma_proto::doorbell::{self, Doorbell};
 use vrdma_proto::{event, features, queue};
+use zerocopy::IntoBytes;
 
 use super::{DeviceEvent, Transport};
-use crate::mem::{DmaBuf, MemError, SharedMemory, page_size};
+use crate::mem::{DmaAllocator, DmaBuf, HUGE_PAGE_SIZE, MemError, SharedMemory, page_size};
 use crate::virtio::{QueueError, SplitQueue};
 pub use pci::{DEVICE_ID, SYSFS_PCI_DEVICES, VENDOR_ID, find_devices};
 use pci::{PciDevice, Windows};
-use pinned::PinnedMemory;
+use pinned::{Pinned, PinnedMemory};
 use uio::Uio;
 
 /// Device status bits (virtio 1.x §2.1).
@@ -70,13 +72,38 @@ mod common {
     pub const QUEUE_DEVICE: u64 = 0x30;
 }
 
-/// Entries of the control and event queues: small enough that each queue's rings fit in one
-/// page, since pages are not physically contiguous.
+/// Entries of the event and doorbell queues: each queue's rings must fit in one page, since
+/// pages are not physically contiguous.
 const QUEUE_SIZE: u16 = 16;
-/// Bytes of the control request and response buffers (one page each).
-const CONTROL_BUF_BYTES: usize = 4096;
-/// Bytes of locked memory the transport sets up for its queues and buffers.
-const PINNED_BYTES: usize = 64 << 10;
+/// Entries of the control queue: room for a request of [`CONTROL_REQUEST_PAGES`] descriptors
+/// and its response.
+const CONTROL_QUEUE_SIZE: u16 = 64;
+/// Pages of the control request buffer, one descriptor each: a `REG_MR` page list of up to
+/// about 16,000 pages (64 MiB of base pages, 32 GiB of huge pages).
+const CONTROL_REQUEST_PAGES: usize = 32;
+/// Bytes of the control request buffer.
+const CONTROL_BUF_BYTES: usize = CONTROL_REQUEST_PAGES * 4096;
+/// Bytes of the control response buffer (one page).
+const CONTROL_RESPONSE_BYTES: usize = 4096;
+/// Bytes of one doorbell batch's buffer.
+const DOORBELL_SLOT_BYTES: usize = doorbell::MAX_BATCH * doorbell::SIZE;
+/// How often event waiters are woken to poll when the device's interrupt is not available.
+const EVENT_POLL_INTERVAL: Duration = Duration::from_millis(1);
+
+/// Bytes of locked memory the transport sets up for its queues and buffers: the control
+/// queue's rings, request and response; the event queue's rings and buffers; each doorbell
+/// queue's rings and batch buffers; a page to spare.
+fn pinned_bytes(num_doorbell_queues: u16) -> usize {
+    let page = page_size();
+    let doorbell_buffers = (usize::from(QUEUE_SIZE) * DOORBELL_SLOT_BYTES).div_ceil(page);
+    let pages = 1
+        + CONTROL_BUF_BYTES.div_ceil(page)
+        + 1
+        + 2
+        + 1
+        + usize::from(num_doorbell_queues) * (1 + doorbell_buffers);
+    pages * page
+}
 
 /// How to open the device.
 #[derive(Debug, Clone)]
@@ -200,6 +227,48 @@ pub enum VirtioPciError {
     /// Not implemented by this transport yet.
     #[error("{0} is not supported by the virtio-pci transport yet")]
     Unsupported(&'static str),
+    /// A doorbell queue index out of range.
+    #[error("doorbell queue {queue} does not exist (the device has {count})")]
+    NoSuchDoorbellQueue {
+        /// The index asked for.
+        queue: u16,
+        /// How many there are.
+        count: u16,
+    },
+    /// The device took no doorbells off a full doorbell queue in time.
+    #[error(
+        "doorbell queue {queue} stayed full for {timeout:?}: the device is not consuming it \
+         (see the daemon's log)"
+    )]
+    DoorbellTimeout {
+        /// The doorbell queue.
+        queue: u16,
+        /// How long the driver waited.
+        timeout: Duration,
+    },
+    /// `add_memory` of a region already added.
+    #[error("memory at {base:#x} is already shared with the device")]
+    DuplicateRegion {
+        /// Its first address.
+        base: u64,
+    },
+    /// `remove_memory` of a region never added.
+    #[error("no memory shared with the device starts at {base:#x}")]
+    NotRegistered {
+        /// The address given.
+        base: u64,
+    },
+    /// `remove_memory` of a region the transport's allocator still has buffers in.
+    #[error("memory at {base:#x} still holds {live} of the library's buffers")]
+    RegionInUse {
+        /// Its first address.
+        base: u64,
+        /// Buffers still allocated there.
+        live: usize,
+    },
+    /// The polling timer for device events could not be set up.
+    #[error("creating the timer that polls for device events")]
+    Timer(#[source] io::Error),
     /// An internal lock was poisoned by a panic.
     #[error("the {0} lock is poisoned by an earlier panic; reopen the device")]
     Poisoned(&'static str),
@@ -242,6 +311,41 @@ struct EventQueue {
     slot_of_head: Vec<Option<u16>>,
 }
 
+/// A doorbell virtqueue: batches of doorbells in fixed slots of pinned memory.
+#[derive(Debug)]
+struct DoorbellQueue {
+    vq: Vq,
+    buffers: DmaBuf,
+    free_slots: Vec<u16>,
+    /// The batch slot each descriptor head carries.
+    slot_of_head: Vec<Option<u16>>,
+}
+
+impl DoorbellQueue {
+    /// Takes back the batches the device has consumed.
+    fn reclaim(&mut self) -> Result<()> {
+        while let Some((head, _)) = self.vq.queue.pop_used().map_err(|e| self.vq.err(e))? {
+            if let Some(slot) = self
+                .slot_of_head
+                .get_mut(usize::from(head))
+                .and_then(Option::take)
+            {
+                self.free_slots.push(slot);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What makes [`Transport::event_fd`] readable.
+#[derive(Debug)]
+enum EventNotifier {
+    /// The device's interrupt through `uio_pci_generic`.
+    Interrupt(Uio),
+    /// A periodic timer (`timerfd`), so waiters poll.
+    Timer(OwnedFd),
+}
+
 /// A vrdma device driven through virtio-pci from user space.
 #[derive(Debug)]
 pub struct VirtioPci {
@@ -253,10 +357,15 @@ pub struct VirtioPci {
     timeout: Duration,
     control: Mutex<ControlQueue>,
     events: Mutex<EventQueue>,
-    /// Never signalled yet: events are found by polling [`Transport::drain_events`].
-    event_fd: EventFd,
-    /// Interrupts, when `uio_pci_generic` is loaded; control commands wait on them.
-    uio: Option<Uio>,
+    doorbells: Vec<Mutex<DoorbellQueue>>,
+    notifier: EventNotifier,
+    /// The library's rings and buffers ([`Transport::alloc_dma`]).
+    dma: DmaAllocator,
+    /// Every region the device reaches besides the transport's own queues: `dma`'s and those
+    /// added with [`Transport::add_memory`], in address order.
+    regions: RwLock<Vec<Pinned>>,
+    /// Set once the lack of huge pages has been reported.
+    warned_no_huge_pages: AtomicBool,
 }
 
 fn lock<'a, T>(mutex: &'a Mutex<T>, what: &'static str) -> Result<MutexGuard<'a, T>> {
@@ -278,9 +387,11 @@ impl VirtioPci {
                 .ok_or(VirtioPciError::NoDevice)?,
         };
         let device = PciDevice::open(&path)?;
-        let uio = Uio::bind(&path);
+        let notifier = match Uio::bind(&path) {
+            Some(uio) => EventNotifier::Interrupt(uio),
+            None => EventNotifier::Timer(polling_timer()?),
+        };
         let windows = device.map_windows()?;
-        let memory = PinnedMemory::new(PINNED_BYTES)?;
         let common = &windows.common;
         let status = |what: &str| -> Result<u8> {
             let s = common.read8(common::DEVICE_STATUS);
@@ -348,16 +459,18 @@ impl VirtioPci {
             });
         }
 
-        let control_vq = setup_queue(&windows, &memory, queue::CONTROL)?;
+        let num_doorbell_queues = config.num_doorbell_queues.get();
+        let memory = PinnedMemory::new(pinned_bytes(num_doorbell_queues))?;
+        let control_vq = setup_queue(&windows, &memory, queue::CONTROL, CONTROL_QUEUE_SIZE)?;
         let request = memory
             .alloc()
             .alloc(CONTROL_BUF_BYTES)
             .map_err(mem_err("allocating the control buffers"))?;
         let response = memory
             .alloc()
-            .alloc(CONTROL_BUF_BYTES)
+            .alloc(CONTROL_RESPONSE_BYTES)
             .map_err(mem_err("allocating the control buffers"))?;
-        let event_vq = setup_queue(&windows, &memory, queue::EVENT)?;
+        let event_vq = setup_queue(&windows, &memory, queue::EVENT, QUEUE_SIZE)?;
         let buffers = memory
             .alloc()
             .alloc(usize::from(QUEUE_SIZE) * event::SIZE)
@@ -369,6 +482,22 @@ impl VirtioPci {
         };
         for slot in 0..QUEUE_SIZE {
             post_event(&memory, &mut events, slot)?;
+        }
+        let mut doorbells = Vec::with_capacity(usize::from(num_doorbell_queues));
+        for i in 0..num_doorbell_queues {
+            let vq = setup_queue(&windows, &memory, queue::FIRST_DOORBELL + i, QUEUE_SIZE)?;
+            // The driver reclaims batch buffers when it needs them; no interrupt is wanted.
+            vq.queue.set_interrupts(false);
+            let buffers = memory
+                .alloc()
+                .alloc(usize::from(QUEUE_SIZE) * DOORBELL_SLOT_BYTES)
+                .map_err(mem_err("allocating doorbell buffers"))?;
+            doorbells.push(Mutex::new(DoorbellQueue {
+                vq,
+                buffers,
+                free_slots: (0..QUEUE_SIZE).rev().collect(),
+                slot_of_head: vec![None; usize::from(QUEUE_SIZE)],
+            }));
         }
 
         common.write8(common::DEVICE_STATUS, s | STATUS_DRIVER_OK);
@@ -397,11 +526,11 @@ impl VirtioPci {
                 broken: false,
             }),
             events: Mutex::new(events),
-            event_fd: EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VirtioPciError::Pin {
-                what: "creating the event eventfd",
-                source,
-            })?,
-            uio,
+            doorbells,
+            notifier,
+            dma: DmaAllocator::new(),
+            regions: RwLock::new(Vec::new()),
+            warned_no_huge_pages: AtomicBool::new(false),
         })
     }
 
@@ -416,33 +545,87 @@ impl VirtioPci {
         self.windows.notify.write16(vq.notify_at, vq.index);
     }
 
-    /// Waits for the device's interrupt until `deadline`, or just yields without interrupts.
-    fn wait_for_interrupt(&self, deadline: Instant) -> Result<()> {
-        let Some(uio) = &self.uio else {
-            std::thread::yield_now();
-            return Ok(());
-        };
-        let uio_err = VirtioPciError::Interrupt;
-        if uio
-            .wait(deadline.saturating_duration_since(Instant::now()))
-            .map_err(uio_err)?
-        {
-            // Reading the ISR lowers the interrupt line before INTx is unmasked again.
-            let isr = self.windows.isr.read8(0);
-            if isr & ISR_CONFIG != 0 {
-                log::info!(
-                    "{}: the device's configuration changed",
-                    self.device.path.display()
-                );
+    /// Takes the notification that made [`Transport::event_fd`] readable and, with
+    /// interrupts, acknowledges the device's interrupt (reading the ISR lowers the line) and
+    /// unmasks INTx, so the next event raises a new one. Called before the event queue is
+    /// read, so an event the device delivers afterwards makes the fd readable again.
+    fn acknowledge_notification(&self) -> Result<()> {
+        match &self.notifier {
+            EventNotifier::Interrupt(uio) => {
+                uio.take().map_err(VirtioPciError::Interrupt)?;
+                let isr = self.windows.isr.read8(0);
+                if isr & ISR_CONFIG != 0 {
+                    log::info!(
+                        "{}: the device's configuration changed",
+                        self.device.path.display()
+                    );
+                }
+                self.device.unmask_intx()
             }
-            self.device.unmask_intx()?;
+            EventNotifier::Timer(timer) => {
+                let mut expirations = [0u8; 8];
+                // SAFETY: reads at most 8 bytes into a live 8-byte buffer from the timerfd
+                // this value owns; it is non-blocking, so an unexpired timer gives EAGAIN.
+                unsafe { libc::read(timer.as_raw_fd(), expirations.as_mut_ptr().cast(), 8) };
+                Ok(())
+            }
         }
+    }
+
+    /// Whether device events arrive by interrupt (else the event fd is a polling timer).
+    pub fn has_interrupts(&self) -> bool {
+        matches!(self.notifier, EventNotifier::Interrupt(_))
+    }
+
+    /// Adds `size` bytes (at least) of locked memory to the DMA allocator: huge pages if the
+    /// system has them reserved, base pages otherwise (then rings are limited to a page).
+    fn grow_dma(&self, size: usize) -> Result<()> {
+        let size = size.max(HUGE_PAGE_SIZE).next_multiple_of(HUGE_PAGE_SIZE);
+        let mem = match SharedMemory::hugetlb("vrdma-pci-dma", size) {
+            Ok(mem) => mem,
+            Err(e) => {
+                if !self.warned_no_huge_pages.swap(true, Ordering::Relaxed) {
+                    log::warn!(
+                        "{}: no huge pages for the device's rings ({}); using base pages, which \
+                         limits each ring to {} bytes: reserve huge pages with \
+                         `echo 64 > /proc/sys/vm/nr_hugepages`",
+                        self.device.path.display(),
+                        crate::error_chain(&e),
+                        page_size()
+                    );
+                }
+                SharedMemory::new("vrdma-pci-dma", size)
+                    .map_err(mem_err("growing the DMA memory"))?
+            }
+        };
+        let pinned = Pinned::pin(Arc::new(mem))?;
+        let region = pinned.memory().clone();
+        self.insert_region(pinned)?;
+        self.dma
+            .add_fresh_region(region)
+            .map_err(mem_err("growing the DMA memory"))
+    }
+
+    fn insert_region(&self, pinned: Pinned) -> Result<()> {
+        let mut regions = self
+            .regions
+            .write()
+            .map_err(|_| VirtioPciError::Poisoned("memory table"))?;
+        let base = pinned.base();
+        let at = regions.partition_point(|r| r.base() < base);
+        if regions.get(at).is_some_and(|r| r.base() == base) {
+            return Err(VirtioPciError::DuplicateRegion { base });
+        }
+        regions.insert(at, pinned);
         Ok(())
     }
 
-    /// Whether control commands complete by interrupt (else by polling).
-    pub fn has_interrupts(&self) -> bool {
-        self.uio.is_some()
+    /// Runs `f` on the region holding `addr`, if any.
+    fn with_region<T>(&self, addr: u64, f: impl FnOnce(&Pinned) -> Option<T>) -> Option<T> {
+        let regions = self.regions.read().ok()?;
+        let at = regions.partition_point(|r| r.base() <= addr);
+        let region = regions.get(at.checked_sub(1)?)?;
+        if region.holds(addr) { f(region) } else { None }
     }
 
     fn check_status(&self) -> Result<()> {
@@ -479,24 +662,52 @@ fn read_config(windows: &Windows) -> Result<Config> {
     Config::decode(&bytes).map_err(VirtioPciError::BadConfig)
 }
 
-/// Creates virtqueue `index` in pinned memory and tells the device where it is.
-fn setup_queue(windows: &Windows, memory: &PinnedMemory, index: u16) -> Result<Vq> {
+/// A timer that fires every [`EVENT_POLL_INTERVAL`], non-blocking, for event waiters to poll.
+fn polling_timer() -> Result<OwnedFd> {
+    // SAFETY: timerfd_create takes no pointers; the result is checked before use.
+    let fd = unsafe {
+        libc::timerfd_create(
+            libc::CLOCK_MONOTONIC,
+            libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(VirtioPciError::Timer(io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` was just returned by timerfd_create and nothing else owns it.
+    let timer = unsafe { OwnedFd::from_raw_fd(fd) };
+    let interval = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: EVENT_POLL_INTERVAL.as_nanos() as libc::c_long,
+    };
+    let spec = libc::itimerspec {
+        it_interval: interval,
+        it_value: interval,
+    };
+    // SAFETY: `spec` is a valid itimerspec for the call's duration; the old value is not
+    // asked for (NULL).
+    if unsafe { libc::timerfd_settime(timer.as_raw_fd(), 0, &spec, std::ptr::null_mut()) } != 0 {
+        return Err(VirtioPciError::Timer(io::Error::last_os_error()));
+    }
+    Ok(timer)
+}
+
+/// Creates virtqueue `index` of `size` entries in pinned memory and tells the device where
+/// it is.
+fn setup_queue(windows: &Windows, memory: &PinnedMemory, index: u16, size: u16) -> Result<Vq> {
     let common = &windows.common;
     common.write16(common::QUEUE_SELECT, index);
     let max = common.read16(common::QUEUE_SIZE);
-    if max < QUEUE_SIZE {
+    if max < size {
         return Err(VirtioPciError::BadCapability {
-            reason: format!(
-                "virtqueue {index} takes at most {max} entries, fewer than {QUEUE_SIZE}"
-            ),
+            reason: format!("virtqueue {index} takes at most {max} entries, fewer than {size}"),
         });
     }
-    let queue =
-        SplitQueue::new(memory.alloc(), QUEUE_SIZE).map_err(|source| VirtioPciError::Queue {
-            queue: index,
-            source,
-        })?;
-    let ring_len = SplitQueue::ring_bytes(QUEUE_SIZE);
+    let queue = SplitQueue::new(memory.alloc(), size).map_err(|source| VirtioPciError::Queue {
+        queue: index,
+        source,
+    })?;
+    let ring_len = SplitQueue::ring_bytes(size);
     debug_assert!(ring_len <= page_size());
     let addrs = queue.addresses();
     let phys = |addr: u64| {
@@ -509,7 +720,7 @@ fn setup_queue(windows: &Windows, memory: &PinnedMemory, index: u16) -> Result<V
         common.write32(at, value as u32);
         common.write32(at + 4, (value >> 32) as u32);
     };
-    common.write16(common::QUEUE_SIZE, QUEUE_SIZE);
+    common.write16(common::QUEUE_SIZE, size);
     write64(common::QUEUE_DESC, phys(addrs.desc)?);
     write64(common::QUEUE_DRIVER, phys(addrs.avail)?);
     write64(common::QUEUE_DEVICE, phys(addrs.used)?);
@@ -559,8 +770,7 @@ impl Transport for VirtioPci {
     }
 
     fn num_doorbell_queues(&self) -> u16 {
-        // Doorbell queues are not set up yet.
-        0
+        self.doorbells.len() as u16
     }
 
     fn control(&self, request: &[u8], response: &mut [u8]) -> Result<usize> {
@@ -577,36 +787,40 @@ impl Transport for VirtioPci {
             });
         }
         self.check_status()?;
-        let resp_len = response.len().min(CONTROL_BUF_BYTES);
+        let resp_len = response.len().min(CONTROL_RESPONSE_BYTES);
         cq.request
             .write_at(0, request)
             .map_err(mem_err("copying a control request"))?;
         cq.response
             .fill(0)
             .map_err(mem_err("clearing the control response"))?;
-        let unpinned = VirtioPciError::Unsupported("control buffers outside pinned memory");
-        let req_phys = self
-            .memory
-            .phys(cq.request.addr(), request.len() as u64)
-            .ok_or(unpinned)?;
+        let unpinned = || VirtioPciError::Unsupported("control buffers outside pinned memory");
+        // One descriptor per page of the request: pages are not physically contiguous.
+        let page = page_size();
+        let mut readable = [(0u64, 0u32); CONTROL_REQUEST_PAGES];
+        let mut pieces = 0;
+        for (i, chunk) in request.chunks(page).enumerate() {
+            let addr = cq.request.addr() + (i * page) as u64;
+            let phys = self
+                .memory
+                .phys(addr, chunk.len() as u64)
+                .ok_or_else(unpinned)?;
+            readable[i] = (phys, chunk.len() as u32);
+            pieces = i + 1;
+        }
         let resp_phys = self
             .memory
             .phys(cq.response.addr(), resp_len as u64)
-            .ok_or(VirtioPciError::Unsupported(
-                "control buffers outside pinned memory",
-            ))?;
+            .ok_or_else(unpinned)?;
         let head = cq
             .vq
             .queue
-            .add_chain(
-                &[(req_phys, request.len() as u32)],
-                &[(resp_phys, resp_len as u32)],
-            )
+            .add_chain(&readable[..pieces], &[(resp_phys, resp_len as u32)])
             .map_err(|e| cq.vq.err(e))?;
         if cq.vq.queue.needs_kick() {
             self.notify(&cq.vq);
         }
-        // No interrupts yet: poll the used ring.
+        // Poll the used ring: the interrupt, when there is one, belongs to the event waiters.
         let deadline = Instant::now() + self.timeout;
         let written = loop {
             if let Some((used_head, written)) = cq.vq.queue.pop_used().map_err(|e| cq.vq.err(e))? {
@@ -622,7 +836,7 @@ impl Transport for VirtioPci {
                 });
             }
             self.check_status()?;
-            self.wait_for_interrupt(deadline)?;
+            std::thread::yield_now();
         };
         let written = (written as usize).min(resp_len);
         cq.response
@@ -631,23 +845,75 @@ impl Transport for VirtioPci {
         Ok(written)
     }
 
-    fn ring_doorbells(&self, _queue: u16, _doorbells: &[Doorbell]) -> Result<()> {
-        Err(VirtioPciError::Unsupported("ringing doorbells"))
+    fn ring_doorbells(&self, queue: u16, doorbells: &[Doorbell]) -> Result<()> {
+        let count = self.num_doorbell_queues();
+        let dq = self
+            .doorbells
+            .get(usize::from(queue))
+            .ok_or(VirtioPciError::NoSuchDoorbellQueue { queue, count })?;
+        let mut dq = lock(dq, "doorbell queue")?;
+        let mut deadline = None;
+        let mut unkicked = false;
+        for batch in doorbells.chunks(doorbell::MAX_BATCH) {
+            let slot = loop {
+                dq.reclaim()?;
+                if let Some(slot) = dq.free_slots.pop() {
+                    break slot;
+                }
+                // Full: make sure the device knows about what is queued, then poll for room.
+                if unkicked {
+                    self.notify(&dq.vq);
+                    unkicked = false;
+                }
+                let deadline = *deadline.get_or_insert_with(|| Instant::now() + self.timeout);
+                if Instant::now() >= deadline {
+                    return Err(VirtioPciError::DoorbellTimeout {
+                        queue,
+                        timeout: self.timeout,
+                    });
+                }
+                std::thread::yield_now();
+            };
+            let offset = usize::from(slot) * DOORBELL_SLOT_BYTES;
+            let bytes = batch.as_bytes();
+            let addr = dq.buffers.addr() + offset as u64;
+            // A slot is DOORBELL_SLOT_BYTES-aligned within page-aligned buffers: one page.
+            let Some(phys) = self.memory.phys(addr, bytes.len() as u64) else {
+                dq.free_slots.push(slot);
+                return Err(VirtioPciError::Unsupported(
+                    "doorbell buffers outside pinned memory",
+                ));
+            };
+            if let Err(e) = dq.buffers.write_at(offset, bytes) {
+                dq.free_slots.push(slot);
+                return Err(mem_err("copying doorbells")(e));
+            }
+            let head = match dq.vq.queue.add_chain(&[(phys, bytes.len() as u32)], &[]) {
+                Ok(head) => head,
+                Err(e) => {
+                    dq.free_slots.push(slot);
+                    return Err(dq.vq.err(e));
+                }
+            };
+            dq.slot_of_head[usize::from(head)] = Some(slot);
+            unkicked = true;
+        }
+        if unkicked && dq.vq.queue.needs_kick() {
+            self.notify(&dq.vq);
+        }
+        Ok(())
     }
 
     fn event_fd(&self) -> RawFd {
-        self.event_fd.as_raw_fd()
+        match &self.notifier {
+            EventNotifier::Interrupt(uio) => uio.fd(),
+            EventNotifier::Timer(timer) => timer.as_raw_fd(),
+        }
     }
 
     fn drain_events(&self) -> Result<Vec<DeviceEvent>> {
         let mut eq = lock(&self.events, "event queue")?;
-        // Reading the ISR acknowledges the device's interrupt (no handler is bound yet).
-        if self.windows.isr.read8(0) & ISR_CONFIG != 0 {
-            log::info!(
-                "{}: the device's configuration changed",
-                self.device.path.display()
-            );
-        }
+        self.acknowledge_notification()?;
         let mut out = Vec::new();
         let mut reposted = false;
         while let Some((head, written)) = eq.vq.queue.pop_used().map_err(|e| eq.vq.err(e))? {
@@ -677,26 +943,59 @@ impl Transport for VirtioPci {
         Ok(out)
     }
 
-    fn alloc_dma(&self, _len: usize, _align: usize) -> Result<DmaBuf> {
-        Err(VirtioPciError::Unsupported(
-            "allocating DMA memory for rings",
-        ))
+    fn alloc_dma(&self, len: usize, align: usize) -> Result<DmaBuf> {
+        match self.dma.alloc_aligned(len, align) {
+            Err(MemError::OutOfSpace { .. }) => {
+                let size = len.checked_add(align).ok_or(VirtioPciError::Memory {
+                    what: "growing the DMA memory",
+                    source: MemError::InvalidLength { len },
+                })?;
+                self.grow_dma(size)?;
+                self.dma
+                    .alloc_aligned(len, align)
+                    .map_err(mem_err("allocating DMA memory"))
+            }
+            other => other.map_err(mem_err("allocating DMA memory")),
+        }
     }
 
-    fn add_memory(&self, _mem: std::sync::Arc<SharedMemory>) -> Result<()> {
-        Err(VirtioPciError::Unsupported("registering memory"))
+    /// Locks `mem` and translates its pages: the VM's RAM is already the device's, so
+    /// nothing is sent to the device; memory regions over `mem` carry its pages' addresses.
+    fn add_memory(&self, mem: Arc<SharedMemory>) -> Result<()> {
+        self.insert_region(Pinned::pin(mem)?)
     }
 
-    fn remove_memory(&self, _base: u64) -> Result<()> {
-        Err(VirtioPciError::Unsupported("registering memory"))
+    fn remove_memory(&self, base: u64) -> Result<()> {
+        let mut regions = self
+            .regions
+            .write()
+            .map_err(|_| VirtioPciError::Poisoned("memory table"))?;
+        let at = regions
+            .iter()
+            .position(|r| r.base() == base)
+            .ok_or(VirtioPciError::NotRegistered { base })?;
+        match self.dma.remove_region(base) {
+            Ok(_) | Err(MemError::NoSuchRegion { .. }) => {}
+            Err(MemError::RegionBusy { live, .. }) => {
+                return Err(VirtioPciError::RegionInUse { base, live });
+            }
+            Err(e) => return Err(mem_err("removing DMA memory")(e)),
+        }
+        // Dropping the region unlocks it.
+        regions.remove(at);
+        Ok(())
     }
 
-    fn is_shared(&self, _addr: u64, _len: u64) -> bool {
-        false
+    fn is_shared(&self, addr: u64, len: u64) -> bool {
+        super::covered_by_regions(addr, len, |at| self.shared_region(at))
     }
 
-    fn shared_region(&self, _addr: u64) -> Option<(u64, u64)> {
-        None
+    fn shared_region(&self, addr: u64) -> Option<(u64, u64)> {
+        self.with_region(addr, |r| Some((r.base(), r.len())))
+    }
+
+    fn device_addr(&self, addr: u64, len: u64) -> Option<u64> {
+        self.with_region(addr, |r| r.phys(addr, len))
     }
 }
 

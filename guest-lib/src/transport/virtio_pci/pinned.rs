@@ -1,10 +1,11 @@
 //! Memory the device reaches by guest-physical address: locked in RAM (`mlock`) and
 //! translated page by page through `/proc/self/pagemap`.
 //!
-//! Pages are not physically contiguous, so every buffer handed to the device here lies within
-//! one page (the allocator hands out page-aligned buffers of at most a page). Locked pages are
-//! not swapped out; the kernel could still migrate them (compaction), which a later step
-//! avoids with hugetlbfs or a kernel-pinned buffer.
+//! Base pages are not physically contiguous, so a buffer the device must see as one stretch
+//! (a ring, a control buffer) lies within one page, or within one huge page of memory from
+//! [`SharedMemory::hugetlb`], which is. Locked base pages are not swapped out, but the kernel
+//! may still migrate them when it compacts memory unless `vm.compact_unevictable_allowed` is 0
+//! (docs/qemu.md); huge pages stay where they are.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -17,12 +18,104 @@ const PAGEMAP: &str = "/proc/self/pagemap";
 const PAGEMAP_PRESENT: u64 = 1 << 63;
 const PAGEMAP_PFN_MASK: u64 = (1 << 55) - 1;
 
-/// A locked region, its allocator and the physical address of each of its pages.
+/// A region of shared memory, locked, with the physical address of each of its base pages.
+#[derive(Debug)]
+pub struct Pinned {
+    mem: Arc<SharedMemory>,
+    frames: Vec<u64>,
+}
+
+impl Pinned {
+    /// Locks `mem` in RAM and translates each of its pages.
+    pub fn pin(mem: Arc<SharedMemory>) -> Result<Pinned, VirtioPciError> {
+        // SAFETY: the range is the live mapping `mem` owns (kept alive by the Arc this value
+        // holds); mlock only faults it in and pins it.
+        if unsafe { libc::mlock(mem.as_ptr().cast(), mem.len()) } != 0 {
+            return Err(VirtioPciError::Pin {
+                what: "locking memory for the device (mlock; run as root or raise \
+                       RLIMIT_MEMLOCK)",
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        let page = page_size();
+        let pagemap = File::open(PAGEMAP).map_err(|source| VirtioPciError::Pin {
+            what: "opening /proc/self/pagemap",
+            source,
+        })?;
+        let mut entries = vec![0u8; mem.len() / page * 8];
+        pagemap
+            .read_exact_at(&mut entries, mem.addr() / page as u64 * 8)
+            .map_err(|source| VirtioPciError::Pin {
+                what: "reading /proc/self/pagemap",
+                source,
+            })?;
+        let mut frames = Vec::with_capacity(mem.len() / page);
+        for entry in entries.chunks_exact(8) {
+            let entry = u64::from_le_bytes(entry.try_into().unwrap_or_default());
+            let pfn = entry & PAGEMAP_PFN_MASK;
+            if entry & PAGEMAP_PRESENT == 0 || pfn == 0 {
+                return Err(VirtioPciError::Pin {
+                    what: "translating memory for the device: /proc/self/pagemap gave no frame \
+                           number (needs CAP_SYS_ADMIN: run as root)",
+                    source: std::io::Error::from(std::io::ErrorKind::PermissionDenied),
+                });
+            }
+            frames.push(pfn * page as u64);
+        }
+        Ok(Pinned { mem, frames })
+    }
+
+    /// The memory.
+    pub fn memory(&self) -> &Arc<SharedMemory> {
+        &self.mem
+    }
+
+    /// First address.
+    pub fn base(&self) -> u64 {
+        self.mem.addr()
+    }
+
+    /// Bytes.
+    pub fn len(&self) -> u64 {
+        self.mem.len() as u64
+    }
+
+    /// Whether `addr` lies in the region.
+    pub fn holds(&self, addr: u64) -> bool {
+        addr >= self.base() && addr - self.base() < self.len()
+    }
+
+    /// The guest-physical address of `addr..addr + len` (`len > 0`), if the range lies in
+    /// this region and its pages are physically contiguous; `None` otherwise.
+    pub fn phys(&self, addr: u64, len: u64) -> Option<u64> {
+        let page = page_size() as u64;
+        let off = addr.checked_sub(self.base())?;
+        let end = off.checked_add(len.max(1))?;
+        if end > self.len() {
+            return None;
+        }
+        let first = usize::try_from(off / page).ok()?;
+        let last = usize::try_from((end - 1) / page).ok()?;
+        let frames = self.frames.get(first..=last)?;
+        let contiguous = frames.windows(2).all(|w| w[0] + page == w[1]);
+        contiguous.then(|| frames[0] + off % page)
+    }
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        // SAFETY: the mapping is still alive (`mem` is dropped after this); munlock only
+        // unpins it.
+        unsafe { libc::munlock(self.mem.as_ptr().cast(), self.mem.len()) };
+    }
+}
+
+/// A locked region of base pages and its allocator, for the transport's own queues and
+/// buffers, each of which the allocator keeps within one page (page-aligned, at most a page).
 #[derive(Debug)]
 pub struct PinnedMemory {
     alloc: DmaAllocator,
-    base: u64,
-    frames: Vec<u64>,
+    pinned: Pinned,
 }
 
 impl PinnedMemory {
@@ -32,43 +125,10 @@ impl PinnedMemory {
             what: "creating DMA memory",
             source,
         })?;
-        // SAFETY: the range is the live mapping `mem` owns; mlock only pins it.
-        if unsafe { libc::mlock(mem.as_ptr().cast(), mem.len()) } != 0 {
-            return Err(VirtioPciError::Pin {
-                what: "locking DMA memory (mlock; run as root or raise RLIMIT_MEMLOCK)",
-                source: std::io::Error::last_os_error(),
-            });
-        }
-        let page = page_size();
-        let pagemap = File::open(PAGEMAP).map_err(|source| VirtioPciError::Pin {
-            what: "opening /proc/self/pagemap",
-            source,
-        })?;
-        let mut frames = Vec::with_capacity(mem.len() / page);
-        for vaddr in (mem.addr()..mem.addr() + mem.len() as u64).step_by(page) {
-            let mut entry = [0u8; 8];
-            pagemap
-                .read_exact_at(&mut entry, vaddr / page as u64 * 8)
-                .map_err(|source| VirtioPciError::Pin {
-                    what: "reading /proc/self/pagemap",
-                    source,
-                })?;
-            let entry = u64::from_le_bytes(entry);
-            let pfn = entry & PAGEMAP_PFN_MASK;
-            if entry & PAGEMAP_PRESENT == 0 || pfn == 0 {
-                return Err(VirtioPciError::Pin {
-                    what: "translating DMA memory: /proc/self/pagemap gave no frame number \
-                           (needs CAP_SYS_ADMIN: run as root)",
-                    source: std::io::Error::from(std::io::ErrorKind::PermissionDenied),
-                });
-            }
-            frames.push(pfn * page as u64);
-        }
-        let base = mem.addr();
+        let pinned = Pinned::pin(Arc::new(mem))?;
         Ok(PinnedMemory {
-            alloc: DmaAllocator::with_region(Arc::new(mem)),
-            base,
-            frames,
+            alloc: DmaAllocator::with_region(pinned.memory().clone()),
+            pinned,
         })
     }
 
@@ -77,17 +137,15 @@ impl PinnedMemory {
         &self.alloc
     }
 
-    /// The guest-physical address of `addr..addr + len` in this region, which must not cross
-    /// a page boundary; `None` otherwise.
+    /// The guest-physical address of `addr..addr + len`, which must lie within one page of the
+    /// region; `None` otherwise.
     pub fn phys(&self, addr: u64, len: u64) -> Option<u64> {
         let page = page_size() as u64;
-        let off = addr.checked_sub(self.base)?;
-        let index = usize::try_from(off / page).ok()?;
-        let in_page = off % page;
+        let in_page = addr.checked_sub(self.pinned.base())? % page;
         if in_page + len > page {
             return None;
         }
-        Some(self.frames.get(index)? + in_page)
+        self.pinned.phys(addr, len)
     }
 }
 
@@ -120,5 +178,35 @@ mod tests {
             None,
             "after the region"
         );
+    }
+
+    #[test]
+    fn a_range_translates_only_where_its_frames_are_contiguous() {
+        let mem = Arc::new(SharedMemory::new("vrdma-pin-test", 4 * page_size()).unwrap());
+        let pinned = match Pinned::pin(mem) {
+            Ok(p) => p,
+            Err(VirtioPciError::Pin { what, .. }) => {
+                assert!(what.contains("root"), "{what}");
+                return;
+            }
+            Err(e) => panic!("{e}"),
+        };
+        let page = page_size() as u64;
+        let base = pinned.base();
+        for i in 0..4u64 {
+            let frame = pinned
+                .phys(base + i * page, page)
+                .expect("each page translates");
+            // Two pages are one stretch exactly when their frames follow each other.
+            if i < 3 {
+                let next = pinned.phys(base + (i + 1) * page, 1).unwrap();
+                assert_eq!(
+                    pinned.phys(base + i * page, 2 * page),
+                    (next == frame + page).then_some(frame)
+                );
+            }
+        }
+        assert_eq!(pinned.phys(base + 4 * page, 1), None, "past the end");
+        assert!(pinned.holds(base) && !pinned.holds(base + 4 * page));
     }
 }

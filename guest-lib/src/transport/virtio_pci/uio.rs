@@ -5,10 +5,9 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
-use std::time::Duration;
 
 const DRIVER: &str = "uio_pci_generic";
 const DRIVERS_PROBE: &str = "/sys/bus/pci/drivers_probe";
@@ -74,27 +73,14 @@ impl Uio {
         Ok(Uio { file })
     }
 
-    /// Waits up to `timeout` for an interrupt; true if one came. Takes the interrupt count.
-    pub fn wait(&self, timeout: Duration) -> io::Result<bool> {
-        let mut fd = libc::pollfd {
-            fd: self.file.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        let ms = libc::c_int::try_from(timeout.as_millis().max(1)).unwrap_or(libc::c_int::MAX);
-        // SAFETY: one valid pollfd for the duration of the call.
-        let n = unsafe { libc::poll(&mut fd, 1, ms) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            return if e.kind() == io::ErrorKind::Interrupted {
-                Ok(false)
-            } else {
-                Err(e)
-            };
-        }
-        if n == 0 {
-            return Ok(false);
-        }
+    /// The file descriptor, readable once the device has raised its interrupt.
+    pub fn fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+
+    /// Takes the interrupt count, if an interrupt came since the last call; true if one did.
+    /// Never blocks.
+    pub fn take(&self) -> io::Result<bool> {
         let mut count = [0u8; 4];
         match (&self.file).read(&mut count) {
             Ok(_) => Ok(true),

@@ -227,6 +227,18 @@ pub enum VirtioPciError {
     /// Not implemented by this transport yet.
     #[error("{0} is not supported by the virtio-pci transport yet")]
     Unsupported(&'static str),
+    /// A kernel driver other than `uio_pci_generic` drives the function.
+    #[error(
+        "{} is bound to the kernel driver {driver}; unbind it (echo ADDRESS > \
+         /sys/bus/pci/drivers/{driver}/unbind) before driving it from user space",
+        function.display()
+    )]
+    BoundElsewhere {
+        /// The function's sysfs directory.
+        function: PathBuf,
+        /// The driver.
+        driver: String,
+    },
     /// A doorbell queue index out of range.
     #[error("doorbell queue {queue} does not exist (the device has {count})")]
     NoSuchDoorbellQueue {

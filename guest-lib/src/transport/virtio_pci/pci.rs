@@ -71,6 +71,53 @@ pub fn find_devices() -> Result<Vec<PathBuf>, VirtioPciError> {
     Ok(found)
 }
 
+/// The kernel drivers a user-space driver may share the function with: `uio_pci_generic`
+/// only forwards its interrupt.
+const SHAREABLE_DRIVERS: [&str; 1] = ["uio_pci_generic"];
+/// The kernel's generic virtio-pci driver, which binds every virtio function, vrdma's too,
+/// but has no virtio driver for device type 42 to hand it to.
+const KERNEL_VIRTIO_PCI: &str = "virtio-pci";
+
+/// Makes sure no kernel driver drives the function at `path`: `virtio-pci`, which binds it
+/// when its module loads (a guest with a virtio NIC or disk loads it), is unbound, and the
+/// function's `driver_override` is set to `uio_pci_generic` so that it does not bind again;
+/// any other driver but `uio_pci_generic` is an error.
+fn claim(path: &Path) -> Result<(), VirtioPciError> {
+    let Ok(driver) = std::fs::read_link(path.join("driver")) else {
+        return Ok(());
+    };
+    let name = driver
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if SHAREABLE_DRIVERS.contains(&name.as_str()) {
+        return Ok(());
+    }
+    if name != KERNEL_VIRTIO_PCI {
+        return Err(VirtioPciError::BoundElsewhere {
+            function: path.to_owned(),
+            driver: name,
+        });
+    }
+    let override_path = path.join("driver_override");
+    std::fs::write(&override_path, SHAREABLE_DRIVERS[0])
+        .map_err(sysfs_err(&override_path, "writing (run as root)"))?;
+    let address = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let unbind = Path::new("/sys/bus/pci/drivers")
+        .join(KERNEL_VIRTIO_PCI)
+        .join("unbind");
+    std::fs::write(&unbind, &address).map_err(sysfs_err(&unbind, "writing (run as root)"))?;
+    log::info!(
+        "{}: unbound from the kernel's {KERNEL_VIRTIO_PCI} driver, which has no driver for \
+         vrdma",
+        path.display()
+    );
+    Ok(())
+}
+
 /// A mapped BAR (`resourceN`).
 #[derive(Debug)]
 pub struct Bar {
@@ -197,6 +244,7 @@ impl PciDevice {
     /// Opens the function at `path` (a directory under [`SYSFS_PCI_DEVICES`]), enables it and
     /// turns on memory decoding and bus mastering so the device can reach guest memory.
     pub fn open(path: &Path) -> Result<PciDevice, VirtioPciError> {
+        claim(path)?;
         let enable = path.join("enable");
         // Already enabled (by a kernel driver or an earlier run) is fine too.
         if read_hex(&enable).unwrap_or(0) == 0 {

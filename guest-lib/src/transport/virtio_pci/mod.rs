@@ -524,7 +524,7 @@ impl VirtioPci {
             "{}: vrdma device at DRIVER_OK, features {acked:#x}",
             path.display()
         );
-        Ok(VirtioPci {
+        let transport = VirtioPci {
             device,
             windows,
             memory,
@@ -543,7 +543,18 @@ impl VirtioPci {
             dma: DmaAllocator::new(),
             regions: RwLock::new(Vec::new()),
             warned_no_huge_pages: AtomicBool::new(false),
-        })
+        };
+        // An earlier process may have left the interrupt raised and INTx masked (the kernel
+        // masks it when it fires, and only a drain unmasks it): start from a clean line, or no
+        // interrupt would ever reach this process's event fd.
+        if transport.has_interrupts() {
+            transport.windows.isr.read8(0);
+            transport.device.unmask_intx()?;
+        }
+        // The device learns of the event queue from its first notification and delivers no
+        // event before it: tell it about the buffers now that it is running.
+        transport.notify(&lock(&transport.events, "event queue")?.vq);
+        Ok(transport)
     }
 
     /// The function's sysfs directory.

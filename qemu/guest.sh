@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Sourced by qemu/smoke and qemu/vm-test: the guest's Debian kernel and busybox, fetched with
 # apt-get download and unpacked into the cache once.
 #
@@ -23,6 +24,7 @@ fetch_guest() {
     kernel_pkg=$(apt-cache depends linux-image-amd64 | awk '$1 == "Depends:" && $2 ~ /^linux-image-/ { print $2; exit }')
     [[ -n $kernel_pkg ]] || fail "apt-cache names no kernel for linux-image-amd64"
     kernel_ver=$(apt-cache policy "$kernel_pkg" | awk '$1 == "Candidate:" { print $2 }')
+    # shellcheck disable=SC2154 # $cache: set by the sourcing script
     kernel_dir=$cache/guest-$kernel_pkg-$kernel_ver
     fetch_deb "$kernel_pkg=$kernel_ver" "$kernel_dir"
     kernel=$(echo "$kernel_dir"/root/boot/vmlinuz-*)

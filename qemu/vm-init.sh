@@ -40,7 +40,7 @@ vm2) me=$NET_VM2 peer=$NET_VM1 ;;
     poweroff -f
     ;;
 esac
-say "start $role, hugepages $(cat /proc/sys/vm/nr_hugepages) of $(awk '/^Hugepagesize:/ { print $2 $3 }' /proc/meminfo)"
+say "start $role at $(cut -d' ' -f1 /proc/uptime) s, hugepages $(cat /proc/sys/vm/nr_hugepages) of $(awk '/^Hugepagesize:/ { print $2 $3 }' /proc/meminfo)"
 [ "$(cat /proc/sys/vm/nr_hugepages)" -gt 0 ] || say "error: no hugepages reserved"
 
 # Keep the kernel's virtio-pci driver (loaded for virtio-net) off the vrdma function: with

@@ -1,6 +1,6 @@
 # shellcheck shell=bash
 # Sourced by qemu/smoke and qemu/vm-test: the guest's Debian kernel and busybox, fetched with
-# apt-get download and unpacked into the cache once.
+# apt-get download and unpacked into the cache once; and hmp, which talks to a QEMU monitor.
 #
 # Needs: $cache (the cache directory) and the functions log and fail.
 # Sets: $kernel (the vmlinuz path) and $busybox (the static busybox path).
@@ -35,4 +35,28 @@ fetch_guest() {
     fetch_deb "busybox-static=$busybox_ver" "$busybox_dir"
     busybox=$busybox_dir/root/bin/busybox
     [[ -x $busybox ]] || fail "no busybox in $busybox_dir"
+}
+
+# Sends one HMP command to the monitor socket $1 and prints the answer.
+hmp() {
+    python3 - "$1" "$2" <<'EOF'
+import socket, sys, time
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+s.settimeout(10)
+def read_prompt():
+    data = b""
+    while not data.endswith(b"(qemu) "):
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data.decode(errors="replace")
+read_prompt()
+s.sendall(sys.argv[2].encode() + b"\n")
+out = read_prompt()
+# The monitor echoes the command line first.
+lines = out.replace("\r", "").split("\n")[1:-1]
+print("\n".join(lines))
+EOF
 }

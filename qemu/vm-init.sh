@@ -8,8 +8,11 @@
 #
 # Steps: (a) vrdma-devinfo --pci, polling, then with uio_pci_generic (interrupts); (b) the
 # network: addresses, ping and a TCP fetch each way; (c) ibv_rc_pingpong through the shim;
-# (d) vrdma-perf write_bw and write_lat; (e) perftest's ib_write_bw through the shim. vm1 runs
-# the servers, vm2 the clients.
+# (d) vrdma-perf write_bw and write_lat; (e) perftest's ib_write_bw through the shim; (f) a
+# longer ibv_rc_pingpong during which the host migrates vm2 to another QEMU and daemon: vm2
+# sizes it from (c)'s time per iteration to last about MIGRATE_SECONDS and publishes the count
+# for vm1 (the host migrates once the daemon counts the step's traffic). vm1 runs the servers,
+# vm2 the clients.
 #
 # Synchronisation: each guest serves /www over HTTP (busybox httpd); a step's status file there
 # says "running" or "exit N". A client waits until the server's status for the step exists,
@@ -194,12 +197,26 @@ client_step() {
     report "$name" "$status" ", $attempts attempts"
 }
 
+# The iterations of the migration's ping-pong: about MIGRATE_SECONDS at the time per iteration
+# rc_pingpong's step measured (TCG's speed varies with the host), within the configured bounds.
+migrate_iters() {
+    usec=$(sed -n 's/.* iters in .* seconds = \([0-9]*\).* usec\/iter.*/\1/p' /tmp/steps/rc_pingpong.out)
+    n=$((MIGRATE_SECONDS * 1000000 / ${usec:-1000}))
+    [ "$n" -ge "$MIGRATE_MIN_ITERS" ] || n=$MIGRATE_MIN_ITERS
+    [ "$n" -le "$MIGRATE_MAX_ITERS" ] || n=$MIGRATE_MAX_ITERS
+    echo "$n"
+}
+fetch_migrate_iters() {
+    iters=$(peer_status migrate_iters)
+    [ -n "$iters" ]
+}
+
 # The libibverbs shim, preloaded into Debian's verbs programs.
 shim=LD_PRELOAD=/lib/libvrdma_ibverbs.so
 
 # (c) to (e): vm1 serves, vm2 connects to it; without the network, neither can run.
 if [ -z "$net_ok" ]; then
-    for name in rc_pingpong write_bw write_lat ib_write_bw; do
+    for name in rc_pingpong write_bw write_lat ib_write_bw migrate; do
         say "step $name $role skipped: no network"
     done
 elif [ "$role" = vm1 ]; then
@@ -207,11 +224,22 @@ elif [ "$role" = vm1 ]; then
     server_step write_bw vrdma-perf write_bw -d vrdma0 -p "$PORT_WRITE_BW"
     server_step write_lat vrdma-perf write_lat -d vrdma0 -p "$PORT_WRITE_LAT"
     server_step ib_write_bw env "$shim" ib_write_bw -d vrdma0 -F -p "$PORT_IB_WRITE_BW" -s "$IB_WRITE_BW_SIZE" -n "$IB_WRITE_BW_ITERS"
+    if until_ok "$CLIENT_WAIT" fetch_migrate_iters; then
+        say "migrate iterations $iters"
+        server_step migrate env "$shim" ibv_rc_pingpong -d vrdma0 -g 0 -n "$iters" -c -p "$PORT_MIGRATE"
+    else
+        say "error: vm2 published no iteration count for the migration step"
+        say "step migrate $role skipped: no iteration count"
+    fi
 else
     client_step rc_pingpong env "$shim" ibv_rc_pingpong -d vrdma0 -g 0 -n "$PINGPONG_ITERS" -c -p "$PORT_PINGPONG" "$peer"
     client_step write_bw vrdma-perf write_bw -d vrdma0 -p "$PORT_WRITE_BW" -s "$WRITE_BW_SIZE" -n "$WRITE_BW_ITERS" "$peer"
     client_step write_lat vrdma-perf write_lat -d vrdma0 -p "$PORT_WRITE_LAT" -s "$WRITE_LAT_SIZE" -n "$WRITE_LAT_ITERS" "$peer"
     client_step ib_write_bw env "$shim" ib_write_bw -d vrdma0 -F -p "$PORT_IB_WRITE_BW" -s "$IB_WRITE_BW_SIZE" -n "$IB_WRITE_BW_ITERS" "$peer"
+    iters=$(migrate_iters)
+    set_status migrate_iters "$iters"
+    say "migrate iterations $iters"
+    client_step migrate env "$shim" ibv_rc_pingpong -d vrdma0 -g 0 -n "$iters" -c -p "$PORT_MIGRATE" "$peer"
 fi
 
 say "end $role after $(cut -d' ' -f1 /proc/uptime) s"

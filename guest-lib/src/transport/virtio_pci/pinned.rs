@@ -153,16 +153,23 @@ impl PinnedMemory {
 mod tests {
     use super::*;
 
-    #[test]
-    fn buffers_translate_within_their_page_only() {
-        let pinned = match PinnedMemory::new(3 * page_size()) {
-            Ok(p) => p,
-            // Without CAP_SYS_ADMIN (or with a low RLIMIT_MEMLOCK) the failure must say so.
+    /// The pinned memory, or `None` where the test cannot pin: without CAP_SYS_ADMIN (or with
+    /// a low RLIMIT_MEMLOCK), where the failure must say what to do.
+    fn pinned_or_skip<T>(result: Result<T, VirtioPciError>) -> Option<T> {
+        match result {
+            Ok(p) => Some(p),
             Err(VirtioPciError::Pin { what, .. }) => {
                 assert!(what.contains("root"), "{what}");
-                return;
+                None
             }
             Err(e) => panic!("{e}"),
+        }
+    }
+
+    #[test]
+    fn buffers_translate_within_their_page_only() {
+        let Some(pinned) = pinned_or_skip(PinnedMemory::new(3 * page_size())) else {
+            return;
         };
         let page = page_size() as u64;
         let buf = pinned.alloc().alloc(page as usize).expect("alloc");
@@ -183,13 +190,8 @@ mod tests {
     #[test]
     fn a_range_translates_only_where_its_frames_are_contiguous() {
         let mem = Arc::new(SharedMemory::new("vrdma-pin-test", 4 * page_size()).unwrap());
-        let pinned = match Pinned::pin(mem) {
-            Ok(p) => p,
-            Err(VirtioPciError::Pin { what, .. }) => {
-                assert!(what.contains("root"), "{what}");
-                return;
-            }
-            Err(e) => panic!("{e}"),
+        let Some(pinned) = pinned_or_skip(Pinned::pin(mem)) else {
+            return;
         };
         let page = page_size() as u64;
         let base = pinned.base();

@@ -6,11 +6,13 @@
 //! * [`wire`]: the TCP side channel between client and server.
 //! * [`bench`]: one side's device objects and perftest's loops.
 //! * [`stats`] and [`report`]: perftest's statistics, tables and the JSON report.
+//! * [`check`]: `--check`'s payload pattern and verification.
 //!
 //! [`run`] is the whole program; the `vrdma-perf` binary only parses the arguments and calls
 //! [`main_with`].
 
 pub mod bench;
+pub mod check;
 pub mod opts;
 pub mod report;
 pub mod stats;

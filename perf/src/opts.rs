@@ -137,7 +137,8 @@ ib_send_lat and ib_atomic_lat over the vrdma guest library, with perftest's opti
   vrdma-perf write_bw -d vrdma1 SERVERHOST         client: runs the test and prints the table
   vrdma-perf write_lat -d vrdma0 --loopback vrdma1 both ends in this process (two VMs)
 
-The server follows the client's -s/-n/-a/-D/-q/-t/-l/-Q/-I/-e/-b; both must run the same test.
+The server follows the client's -s/-n/-a/-D/-q/-t/-l/-Q/-I/-e/-b/--check; both must run the same
+test.
 Devices are the names vrdma::device_list() gives (VRDMA_SOCKETS; or inside a VM its vrdma PCI
 functions, then the sockets in /run/vrdma)
 or vhost-user socket paths.";
@@ -219,6 +220,20 @@ pub struct Args {
     /// Run both ends in this process: the server on DEV2 in a thread, the client on -d.
     #[arg(long, value_name = "DEV2")]
     pub loopback: Option<String>,
+    /// Verify every payload (not atomic_lat); numbers measured with --check are not
+    /// comparable with others.
+    ///
+    /// Not a perftest option (its -c is the connection type, so there is no short letter).
+    /// The sender fills each message with a pattern of its QP and iteration; the receiver
+    /// checks each message in full (write_bw: each buffer slot's last message, at the end of
+    /// the run, told over TCP; read tests: the reader checks what it read). A mismatch fails
+    /// the run, naming the test, iteration, offset, expected and found byte; a checked run
+    /// prints "payloads verified: N messages, M bytes" on each side that verified (with
+    /// --loopback, one line for both). The server follows the client's --check. Each request
+    /// in flight gets a buffer slot of its own, so -t (and send_bw's -r) are capped to fit
+    /// 4 MiB per QP; filling and checking take time.
+    #[arg(long)]
+    pub check: bool,
 }
 
 /// Which end this is.
@@ -271,6 +286,8 @@ pub struct Settings {
     pub json: Option<PathBuf>,
     /// `-m`.
     pub mtu: Option<Mtu>,
+    /// `--check`.
+    pub check: bool,
 }
 
 /// perftest's default TCP port.
@@ -296,6 +313,9 @@ impl Settings {
         if test.is_read() && a.inline_size.is_some_and(|i| i > 0) {
             return usage(format!("{} cannot send inline (-I)", test.name()));
         }
+        if test == Test::AtomicLat && a.check {
+            return usage("--check verifies payloads; atomic_lat has none".into());
+        }
         let sizes: Vec<usize> = if test == Test::AtomicLat {
             vec![8]
         } else if a.all {
@@ -305,9 +325,15 @@ impl Settings {
             vec![a.size.map_or(default, |s| s as usize)]
         };
         let iters = a.iters.unwrap_or(if test.is_bw() { 5000 } else { 1000 });
+        // With --check each request in flight has a slot of its own.
+        let slots = if a.check {
+            crate::check::max_slots(sizes.iter().copied().max().unwrap_or(1))
+        } else {
+            u32::MAX
+        };
         let tx_depth = if test.is_bw() {
             // As perftest: never deeper than the whole run.
-            let t = a.tx_depth.unwrap_or(128);
+            let t = a.tx_depth.unwrap_or(128).min(slots);
             if a.duration.is_some() {
                 t
             } else {
@@ -320,7 +346,12 @@ impl Settings {
         let post_list = a.post_list;
         if post_list > tx_depth {
             return usage(format!(
-                "the post list ({post_list}) is longer than the TX depth ({tx_depth})"
+                "the post list ({post_list}) is longer than the TX depth ({tx_depth}{})",
+                if tx_depth == slots {
+                    ", as --check caps it at this size"
+                } else {
+                    ""
+                }
             ));
         }
         if a.duration.is_none() && iters % u64::from(post_list) != 0 {
@@ -338,6 +369,11 @@ impl Settings {
         let rx_depth = a
             .rx_depth
             .unwrap_or(DEF_RX_DEPTH)
+            .min(if test == Test::SendBw {
+                slots
+            } else {
+                u32::MAX
+            })
             .min(if a.duration.is_some() {
                 u32::MAX
             } else {
@@ -372,6 +408,7 @@ impl Settings {
             report_gbits: a.report_gbits,
             json,
             mtu: a.mtu,
+            check: a.check,
         })
     }
 }
@@ -473,8 +510,29 @@ mod tests {
             &["atomic_lat", "-s", "16"],
             &["write_bw", "-l", "3", "-n", "10"],
             &["read_bw", "-I", "64"],
+            &["atomic_lat", "--check"],
+            // --check caps the TX depth at 1 for 8 MiB messages.
+            &[
+                "write_bw", "-s", "8388608", "-l", "2", "-n", "10", "--check",
+            ],
         ] {
             assert!(matches!(settings(argv), Err(Error::Usage(_))), "{argv:?}");
         }
+    }
+
+    #[test]
+    fn check_gives_each_request_in_flight_a_slot_of_its_own() {
+        let s = settings(&["write_bw", "--check"]).unwrap();
+        assert!(s.check);
+        // 64 slots of 64 KiB fit 4 MiB.
+        assert_eq!((s.tx_depth, s.cq_mod), (64, 64));
+        let s = settings(&["send_bw", "--check", "-s", "1048576"]).unwrap();
+        assert_eq!((s.tx_depth, s.rx_depth), (4, 4));
+        // Small messages keep perftest's depths; latency tests are unchanged.
+        let s = settings(&["send_bw", "--check", "-s", "64"]).unwrap();
+        assert_eq!((s.tx_depth, s.rx_depth), (128, 512));
+        let s = settings(&["send_lat", "--check", "-s", "1048576"]).unwrap();
+        assert_eq!((s.tx_depth, s.rx_depth), (1, 512));
+        assert!(!settings(&["write_bw"]).unwrap().check);
     }
 }

@@ -10,6 +10,15 @@
 //! [half, 2 half)   SOURCE: what this side writes or sends; READ and atomic results land here.
 //! ```
 //!
+//! With `--check` (see [`crate::check`]) the bw tests give each request in flight a slot of
+//! its own, `stride` bytes apart in both halves: request `k` of a QP uses SOURCE slot
+//! `(k - 1) % tx_slots` and, for WRITE and READ, the same slot of the other side's TARGET;
+//! send_bw's receives take TARGET's slots in turn. `half` is then the slots, rounded up to a
+//! page. The sender fills each message with the pattern of its QP and iteration before
+//! posting it (a READ's destination is cleared instead, the other side's TARGET holding the
+//! patterns); the receiver checks each message it receives, and write_bw's receiver checks
+//! each slot's last message when the sender has said which it was.
+//!
 //! The loops allocate nothing: work requests and receive lists are built before the clock
 //! starts and only their `wr_id` and flags change, completions are polled into a fixed array,
 //! and the timestamps go into vectors sized beforehand.
@@ -28,6 +37,7 @@ use vrdma::{
 use vrdma_proto::config::Mtu;
 
 use crate::WAIT;
+use crate::check::{self, Mismatch, Verified};
 use crate::opts::Test;
 use crate::report::QpAddress;
 use crate::stats::{BwRecorder, BwStats, LatRecorder, LatStats};
@@ -82,6 +92,26 @@ pub enum Error {
         /// Why.
         #[source]
         source: vrdma::mem::MemError,
+    },
+    /// `--check` found a message that is not the one sent.
+    #[error(
+        "payload check failed: {test} iteration {iteration} (QP {qp}), byte {offset} of {size}: expected {expected:#04x}, found {found:#04x}"
+    )]
+    Payload {
+        /// The test.
+        test: &'static str,
+        /// The message's iteration (counted from 1, per QP).
+        iteration: u64,
+        /// The QP.
+        qp: usize,
+        /// The message size.
+        size: usize,
+        /// The first wrong byte's offset in the message.
+        offset: usize,
+        /// What it should be.
+        expected: u8,
+        /// What it is.
+        found: u8,
     },
     /// The exchange with the other side failed.
     #[error(transparent)]
@@ -165,6 +195,7 @@ pub fn params_for(ctx: &Context, s: &crate::opts::Settings) -> Result<Params> {
         inline,
         max_size,
         mtu: mtu.bytes(),
+        check: s.check,
     })
 }
 
@@ -181,6 +212,41 @@ fn mtu_from_bytes(bytes: u32) -> Mtu {
 /// The tag of latency iteration `k`: never 0 (a cleared buffer), never the previous one.
 fn tag(k: u64) -> u8 {
     (k % 255) as u8 + 1
+}
+
+/// How long a failed check of a polled write_lat message is repeated before it counts: the
+/// device's copy need not store the bytes in address order (x86 fast-string stores may land
+/// out of order), so the polled last byte may be seen a moment before the others.
+const SETTLE: Duration = Duration::from_millis(10);
+
+/// A message `--check` expects somewhere in a QP's buffer.
+#[derive(Debug, Clone, Copy)]
+struct Expect {
+    /// The QP.
+    q: usize,
+    /// Where in its buffer.
+    offset: usize,
+    /// Bytes.
+    size: usize,
+    /// The iteration whose pattern it holds.
+    pattern: u64,
+    /// The iteration an error names (READs: the pattern is the slot's, see `prepare`).
+    iteration: u64,
+    /// Its last byte is write_lat's [`tag`] rather than the pattern's.
+    tagged: bool,
+}
+
+/// The source and target slots per QP (module documentation): one without `--check`.
+fn slots(p: &Params) -> (usize, usize) {
+    if !p.check {
+        return (1, 1);
+    }
+    let (tx, rx) = (p.tx_depth as usize, p.rx_depth as usize);
+    match p.test {
+        Test::WriteBw | Test::ReadBw => (tx, tx),
+        Test::SendBw => (tx, rx),
+        _ => (1, 1),
+    }
 }
 
 const SEQ_BITS: u32 = 40;
@@ -228,6 +294,18 @@ pub struct Side {
     out_reads: u32,
     /// Send completions polled while waiting for something else (write_lat).
     stashed_sends: u32,
+    /// `--check`: the distance between slots, the SOURCE slots and the TARGET slots per QP.
+    stride: usize,
+    tx_slots: usize,
+    target_slots: usize,
+    /// The next TARGET slot a receive takes, per QP.
+    rq_next_slot: Vec<usize>,
+    /// Where `--check` fills and reads messages (`stride` bytes; empty without it).
+    scratch: Vec<u8>,
+    /// What `--check` verified so far.
+    verified: Verified,
+    /// Requests posted per QP in the last bw run (write_bw's `WRITTEN` lines).
+    last_sent: Vec<u64>,
 }
 
 impl Side {
@@ -256,9 +334,10 @@ impl Side {
             CompletionQueue::new(&ctx, recv_depth * params.qps),
             "Couldn't create receive CQ",
         )?;
-        let half = usize::try_from(params.max_size)
-            .unwrap_or(usize::MAX)
-            .max(64)
+        let stride = check::stride(usize::try_from(params.max_size).unwrap_or(usize::MAX));
+        let (tx_slots, target_slots) = slots(&params);
+        let half = stride
+            .saturating_mul(tx_slots.max(target_slots))
             .next_multiple_of(4096);
         let access = AccessFlags::LOCAL_WRITE
             | AccessFlags::REMOTE_WRITE
@@ -329,7 +408,162 @@ impl Side {
             peer: Vec::new(),
             out_reads,
             stashed_sends: 0,
+            stride,
+            tx_slots,
+            target_slots,
+            rq_next_slot: vec![0; params.qps as usize],
+            scratch: if params.check {
+                vec![0; stride]
+            } else {
+                Vec::new()
+            },
+            verified: Verified::default(),
+            last_sent: Vec::new(),
         })
+    }
+
+    /// The QPs.
+    pub fn qp_count(&self) -> usize {
+        self.qps.len()
+    }
+
+    /// The TARGET slots per QP (`WRITTEN` lines have one iteration per slot).
+    pub fn target_slots(&self) -> usize {
+        self.target_slots
+    }
+
+    /// What `--check` verified on this side, over every size so far.
+    pub fn verified(&self) -> Verified {
+        self.verified
+    }
+
+    /// `--check`, write_bw: the `WRITTEN` lines of the last run, one per QP, telling the other
+    /// side which iteration each of its TARGET slots should hold.
+    pub fn written_lines(&self) -> Vec<String> {
+        self.last_sent
+            .iter()
+            .enumerate()
+            .map(|(q, &sent)| wire::encode_written(q, &last_per_slot(sent, self.tx_slots)))
+            .collect()
+    }
+
+    /// `--check`, write_bw: checks that each TARGET slot of QP `q` holds the iteration the
+    /// other side's `WRITTEN` line says it wrote there last (`last`; 0: none).
+    pub fn verify_written(&mut self, q: usize, last: &[u64], size: usize) -> Result<()> {
+        let n = self.target_slots as u64;
+        for (j, &k) in last.iter().enumerate() {
+            if k == 0 {
+                continue;
+            }
+            if (k - 1) % n != j as u64 {
+                return Err(Error::Unexpected(format!(
+                    "the other side says it wrote iteration {k} to slot {j} of QP {q}, which takes every {n}-th"
+                )));
+            }
+            self.check_message(
+                Expect {
+                    q,
+                    offset: j * self.stride,
+                    size,
+                    pattern: k,
+                    iteration: k,
+                    tagged: false,
+                },
+                false,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// `--check`: writes message `k` of QP `q` into its SOURCE slot `slot` (with write_lat's
+    /// [`tag`] last if `tagged`).
+    fn put_message(
+        &mut self,
+        q: usize,
+        slot: usize,
+        k: u64,
+        size: usize,
+        tagged: bool,
+    ) -> Result<()> {
+        let msg = &mut self.scratch[..size];
+        check::fill(msg, q as u32, k);
+        if tagged {
+            msg[size - 1] = tag(k);
+        }
+        self.bufs[q]
+            .write_at(self.half + slot * self.stride, msg)
+            .map_err(|source| Error::Mem {
+                what: "couldn't write the message",
+                source,
+            })
+    }
+
+    /// `--check`: clears SOURCE slot `slot` of QP `q` before a READ lands there, so a READ
+    /// that does not land fails the check (no pattern byte is 0).
+    fn clear_source(&self, q: usize, slot: usize, size: usize) -> Result<()> {
+        let buf = &self.bufs[q];
+        buf.region()
+            .fill(
+                buf.addr() + (self.half + slot * self.stride) as u64,
+                size,
+                0,
+            )
+            .map_err(|source| Error::Mem {
+                what: "couldn't clear the buffer",
+                source,
+            })
+    }
+
+    /// Reads the message `e` describes and compares it with its pattern.
+    fn read_and_verify(&mut self, e: Expect) -> Result<std::result::Result<(), Mismatch>> {
+        let msg = &mut self.scratch[..e.size];
+        self.bufs[e.q]
+            .read_at(e.offset, msg)
+            .map_err(|source| Error::Mem {
+                what: "couldn't read the buffer",
+                source,
+            })?;
+        let body = if e.tagged { e.size - 1 } else { e.size };
+        if let Err(m) = check::verify(&msg[..body], e.q as u32, e.pattern) {
+            return Ok(Err(m));
+        }
+        if e.tagged && msg[body] != tag(e.pattern) {
+            return Ok(Err(Mismatch {
+                offset: body,
+                expected: tag(e.pattern),
+                found: msg[body],
+            }));
+        }
+        Ok(Ok(()))
+    }
+
+    /// `--check`: checks the message `e` describes and counts it; with `settle`, a mismatch
+    /// is looked at again for up to [`SETTLE`] before it fails the run.
+    fn check_message(&mut self, e: Expect, settle: bool) -> Result<()> {
+        let mut r = self.read_and_verify(e)?;
+        if settle && r.is_err() {
+            let t0 = Instant::now();
+            while r.is_err() && t0.elapsed() < SETTLE {
+                std::hint::spin_loop();
+                compiler_fence(Ordering::Acquire);
+                r = self.read_and_verify(e)?;
+            }
+        }
+        match r {
+            Ok(()) => {
+                self.verified.add(e.size);
+                Ok(())
+            }
+            Err(m) => Err(Error::Payload {
+                test: self.params.test.name(),
+                iteration: e.iteration,
+                qp: e.q,
+                size: e.size,
+                offset: m.offset,
+                expected: m.expected,
+                found: m.found,
+            }),
+        }
     }
 
     /// This side's QPs, as the other side needs them.
@@ -412,6 +646,34 @@ impl Side {
                     })?;
             }
         }
+        if self.params.check {
+            for q in 0..self.qps.len() {
+                if self.params.test.is_read() {
+                    // The other side READs TARGET slot j: it holds the pattern of iteration
+                    // j + 1, and the reader clears its destination before each READ.
+                    for j in 0..self.target_slots {
+                        let msg = &mut self.scratch[..size];
+                        check::fill(msg, q as u32, j as u64 + 1);
+                        self.bufs[q]
+                            .write_at(j * self.stride, msg)
+                            .map_err(|source| Error::Mem {
+                                what: "couldn't write the buffer",
+                                source,
+                            })?;
+                    }
+                } else {
+                    // A message that never lands fails its check (no pattern byte is 0),
+                    // rather than passing on what an earlier size left.
+                    let buf = &self.bufs[q];
+                    buf.region()
+                        .fill(buf.addr(), self.target_slots * self.stride, 0)
+                        .map_err(|source| Error::Mem {
+                            what: "couldn't clear the buffer",
+                            source,
+                        })?;
+                }
+            }
+        }
         if needs_receives(&self.params) {
             for q in 0..self.qps.len() {
                 let n = self.params.rx_depth - self.rq_posted[q];
@@ -422,31 +684,52 @@ impl Side {
         Ok(())
     }
 
-    /// Posts `n` receives on QP `q`, each covering its whole TARGET half.
+    /// Posts `n` receives on QP `q`, each covering its whole TARGET half, or with `--check`
+    /// (send_bw) each the next of its TARGET slots. A receive's `wr_id` is `q | slot << 32`.
     fn post_receives(&mut self, q: usize, n: u32) -> Result<()> {
         if n == 0 {
             return Ok(());
         }
-        let sge = [Sge::new(
-            self.bufs[q].addr(),
-            self.half as u32,
-            self.mrs[q].lkey(),
-        )];
-        // A fixed batch, posted as often as needed: reposting must not allocate.
-        let wrs = [RecvWr {
-            wr_id: q as u64,
-            sg_list: &sge,
-        }; 64];
+        let (addr, lkey) = (self.bufs[q].addr(), self.mrs[q].lkey());
+        let slotted = self.target_slots > 1;
+        let len = if slotted { self.stride } else { self.half } as u32;
+        // Fixed batches, built on the stack as often as needed: reposting must not allocate.
+        const BATCH: usize = 64;
         let mut left = n as usize;
         while left > 0 {
-            let batch = &wrs[..left.min(wrs.len())];
-            // SAFETY: the SGE is QP q's TARGET half of `self.bufs[q]`, which outlives the QP
-            // (the QPs are dropped first). Every receive names the same bytes, as perftest's
-            // do: this side never reads or writes TARGET while receives are posted except to
-            // clear it before a run (`prepare`), when the other side is not sending.
-            let posted = unsafe { self.qps[q].post_recv(batch) };
+            let k = left.min(BATCH);
+            let mut sges = [[Sge::default()]; BATCH];
+            let mut ids = [0u64; BATCH];
+            for i in 0..k {
+                let slot = self.rq_next_slot[q];
+                sges[i] = [Sge::new(addr + (slot * self.stride) as u64, len, lkey)];
+                ids[i] = q as u64 | (slot as u64) << 32;
+                if slotted {
+                    self.rq_next_slot[q] = (slot + 1) % self.target_slots;
+                }
+            }
+            let mut wrs = [RecvWr {
+                wr_id: 0,
+                sg_list: &[],
+            }; BATCH];
+            for i in 0..k {
+                wrs[i] = RecvWr {
+                    wr_id: ids[i],
+                    sg_list: &sges[i],
+                };
+            }
+            // SAFETY: each SGE is in QP q's TARGET half of `self.bufs[q]`, which outlives the
+            // QP (the QPs are dropped first). Without --check every receive names the same
+            // bytes, as perftest's do: this side never reads or writes TARGET while receives
+            // are posted except to clear it before a run (`prepare`), when the other side is
+            // not sending, and with --check to read a message of a ping-pong, which the other
+            // side does not follow before this side answers. With --check, send_bw's receives
+            // take the slots in turn, at most one receive per slot (the RX depth is the
+            // slots), and this side reads a slot only after its receive completed and before
+            // it posts it again.
+            let posted = unsafe { self.qps[q].post_recv(&wrs[..k]) };
             verbs(posted, "Couldn't post receive")?;
-            left -= batch.len();
+            left -= k;
         }
         self.rq_posted[q] += n;
         Ok(())
@@ -457,8 +740,10 @@ impl Side {
         // which outlives the QP (the QPs are dropped first). This side writes SOURCE only
         // in write_lat, its last byte, after the previous request's completion has been
         // polled (with INLINE the bytes are copied during the call anyway); it never reads
-        // SOURCE (READ and atomic results). So the device has the bytes to itself until the
-        // completions are polled.
+        // SOURCE (READ and atomic results). With --check it writes (or clears) a request's
+        // slot before posting it, and reads a READ's slot, only once the completion of the
+        // slot's previous request has been polled. So the device has the bytes to itself
+        // until the completions are polled.
         let posted = unsafe { self.qps[q].post_send(wrs) };
         verbs(posted, what)
     }
@@ -496,6 +781,9 @@ impl Side {
         // write_lat polls the last byte of its TARGET, as perftest does; with events it uses
         // WRITE WITH IMMEDIATE so that the receiver has a completion to sleep on.
         let by_memory = test == Test::WriteLat && !self.params.events;
+        // --check: each side sends message k with its pattern (write_lat's tag last when
+        // polled) and checks the one it receives in full, at TARGET's start.
+        let check = self.params.check;
         let sge = [Sge::new(
             self.bufs[0].addr() + self.half as u64,
             size as u32,
@@ -535,10 +823,16 @@ impl Side {
                 // The client stopped (duration mode) after k - 1.
                 break;
             }
+            if check && !client {
+                // Before answering: the answer lets the client write the next message here.
+                self.check_message(ping_pong_message(k, size, by_memory), by_memory)?;
+            }
             if sent_unpolled {
                 self.wait_send(ctl, k - 1)?;
             }
-            if by_memory {
+            if check {
+                self.put_message(0, 0, k, size, by_memory)?;
+            } else if by_memory {
                 self.bufs[0]
                     .write_at(self.half + size - 1, &[tag(k)])
                     .map_err(|source| Error::Mem {
@@ -555,6 +849,9 @@ impl Side {
                 self.arrival(ctl, k, size, by_memory, true)?;
                 let now = Instant::now();
                 rec.record(now.duration_since(t0).as_nanos() as u64);
+                if check {
+                    self.check_message(ping_pong_message(k, size, by_memory), by_memory)?;
+                }
                 ctl.tick(now)?;
             }
         }
@@ -687,6 +984,7 @@ impl Side {
         };
         let mut rec = LatRecorder::new(duration.is_none().then_some(iters));
         let end = duration.map(|d| Instant::now() + d);
+        let check = self.params.check && self.params.test == Test::ReadLat;
         let mut k = 0u64;
         loop {
             k += 1;
@@ -698,11 +996,28 @@ impl Side {
                 break;
             }
             wr.wr_id = k;
+            if check {
+                self.clear_source(0, 0, size)?;
+            }
             let t0 = Instant::now();
             self.post(0, &[wr], "Couldn't post send")?;
             self.wait_send(ctl, k)?;
             let now = Instant::now();
             rec.record(now.duration_since(t0).as_nanos() as u64);
+            if check {
+                // The other side's TARGET holds iteration 1's pattern (`prepare`).
+                self.check_message(
+                    Expect {
+                        q: 0,
+                        offset: self.half,
+                        size,
+                        pattern: 1,
+                        iteration: k,
+                        tagged: false,
+                    },
+                    false,
+                )?;
+            }
             ctl.tick(now)?;
         }
         Ok(rec.stats(1.0))
@@ -727,16 +1042,29 @@ impl Side {
             u64::from(p.cq_mod),
             u64::from(p.post_list),
         );
-        // Work requests, built before the clock starts; the loop only sets wr_id and flags.
-        let sges: Vec<[Sge; 1]> = (0..nq)
+        // Work requests, built before the clock starts; the loop only sets wr_id and flags
+        // (and with --check the slot: its SGE and remote address).
+        let check = p.check;
+        let stride = self.stride;
+        let sges: Vec<Vec<[Sge; 1]>> = (0..nq)
             .map(|q| {
-                [Sge::new(
-                    self.bufs[q].addr() + self.half as u64,
-                    size as u32,
-                    self.mrs[q].lkey(),
-                )]
+                (0..self.tx_slots)
+                    .map(|slot| {
+                        [Sge::new(
+                            self.bufs[q].addr() + (self.half + slot * stride) as u64,
+                            size as u32,
+                            self.mrs[q].lkey(),
+                        )]
+                    })
+                    .collect()
             })
             .collect();
+        let remote: Vec<u64> = (0..nq)
+            .map(|q| self.peer.get(q).map_or(0, |a| a.vaddr))
+            .collect();
+        let tx_slots = self.tx_slots as u64;
+        // Messages received per QP (send_bw): the iteration of the next one is one more.
+        let mut recv_seq = vec![0u64; nq];
         let mut base = SendFlags::empty();
         if p.test != Test::ReadBw && size <= p.inline as usize {
             base |= SendFlags::INLINE;
@@ -745,9 +1073,9 @@ impl Side {
             .map(|q| {
                 let (addr, rkey) = self.peer.get(q).map_or((0, 0), |a| (a.vaddr, a.rkey));
                 let wr = match p.test {
-                    Test::SendBw => SendWr::send(0, &sges[q]),
-                    Test::ReadBw => SendWr::rdma_read(0, &sges[q], addr, rkey),
-                    _ => SendWr::rdma_write(0, &sges[q], addr, rkey),
+                    Test::SendBw => SendWr::send(0, &sges[q][0]),
+                    Test::ReadBw => SendWr::rdma_read(0, &sges[q][0], addr, rkey),
+                    _ => SendWr::rdma_write(0, &sges[q][0], addr, rkey),
                 };
                 vec![wr.with_flags(base); list]
             })
@@ -798,6 +1126,18 @@ impl Side {
                             } else {
                                 base
                             };
+                            if check {
+                                // The slot's previous request (seq - tx_slots) has completed:
+                                // no more than tx_depth = tx_slots are in flight.
+                                let slot = ((seq - 1) % tx_slots) as usize;
+                                wr.sg_list = &sges[q][slot];
+                                wr.remote_addr = remote[q] + (slot * stride) as u64;
+                                if p.test == Test::ReadBw {
+                                    self.clear_source(q, slot, size)?;
+                                } else {
+                                    self.put_message(q, slot, seq, size, false)?;
+                                }
+                            }
                         }
                         let ns = start.elapsed().as_nanos() as u64;
                         self.post(q, &wrs[q], "Couldn't post send")?;
@@ -817,6 +1157,24 @@ impl Side {
                             return Err(Error::Unexpected(format!(
                                 "completion for request {seq} of QP {q} out of order"
                             )));
+                        }
+                        if check && p.test == Test::ReadBw {
+                            // Every READ up to this one has landed in its slot; the other
+                            // side's TARGET slot j holds iteration j + 1's pattern.
+                            for k in ccnt[q] + 1..=seq {
+                                let slot = ((k - 1) % tx_slots) as usize;
+                                self.check_message(
+                                    Expect {
+                                        q,
+                                        offset: self.half + slot * stride,
+                                        size,
+                                        pattern: slot as u64 + 1,
+                                        iteration: k,
+                                        tagged: false,
+                                    },
+                                    false,
+                                )?;
+                            }
                         }
                         completed += seq - ccnt[q];
                         ccnt[q] = seq;
@@ -854,7 +1212,28 @@ impl Side {
                                 wc.byte_len
                             )));
                         }
-                        self.rq_posted[wc.wr_id as usize % nq] -= 1;
+                        let (q, slot) = ((wc.wr_id & 0xffff_ffff) as usize, wc.wr_id >> 32);
+                        if q >= nq {
+                            return Err(Error::Unexpected(format!(
+                                "a receive completion with wr_id {:#x}",
+                                wc.wr_id
+                            )));
+                        }
+                        self.rq_posted[q] -= 1;
+                        recv_seq[q] += 1;
+                        if check {
+                            self.check_message(
+                                Expect {
+                                    q,
+                                    offset: slot as usize * stride,
+                                    size,
+                                    pattern: recv_seq[q],
+                                    iteration: recv_seq[q],
+                                    tagged: false,
+                                },
+                                false,
+                            )?;
+                        }
                     }
                     received += n as u64;
                     for q in 0..nq {
@@ -895,8 +1274,36 @@ impl Side {
         if !sending {
             return Ok(None);
         }
+        self.last_sent = scnt;
         let shown = if duration.is_some() { completed } else { iters };
         Ok(Some(rec.stats(size, shown)))
+    }
+}
+
+/// The iteration last written to each of `slots` slots when requests 1..=`sent` took them in
+/// turn (request k: slot `(k - 1) % slots`); 0 for a slot never written.
+fn last_per_slot(sent: u64, slots: usize) -> Vec<u64> {
+    let n = slots as u64;
+    (0..n)
+        .map(|j| {
+            if sent > j {
+                j + 1 + (sent - 1 - j) / n * n
+            } else {
+                0
+            }
+        })
+        .collect()
+}
+
+/// The ping-pong's message `k`, at the start of TARGET; polled (`tagged`), it ends with [`tag`].
+fn ping_pong_message(k: u64, size: usize, tagged: bool) -> Expect {
+    Expect {
+        q: 0,
+        offset: 0,
+        size,
+        pattern: k,
+        iteration: k,
+        tagged,
     }
 }
 
@@ -985,5 +1392,42 @@ impl Waiter {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_slot_s_last_iteration_follows_the_turns() {
+        assert_eq!(last_per_slot(0, 3), vec![0, 0, 0]);
+        assert_eq!(last_per_slot(2, 3), vec![1, 2, 0]);
+        assert_eq!(last_per_slot(3, 3), vec![1, 2, 3]);
+        assert_eq!(last_per_slot(10, 4), vec![9, 10, 7, 8]);
+        assert_eq!(last_per_slot(7, 1), vec![7]);
+        for (sent, slots) in [(10u64, 4usize), (128, 128), (129, 128), (5000, 64)] {
+            for (j, &k) in last_per_slot(sent, slots).iter().enumerate() {
+                assert!(k <= sent && k + slots as u64 > sent, "{sent} {slots}: {k}");
+                assert_eq!((k - 1) % slots as u64, j as u64);
+            }
+        }
+    }
+
+    #[test]
+    fn a_payload_mismatch_names_the_test_iteration_offset_and_both_bytes() {
+        let e = Error::Payload {
+            test: "write_lat",
+            iteration: 17,
+            qp: 0,
+            size: 64,
+            offset: 5,
+            expected: 0x3b,
+            found: 0,
+        };
+        assert_eq!(
+            e.to_string(),
+            "payload check failed: write_lat iteration 17 (QP 0), byte 5 of 64: expected 0x3b, found 0x00"
+        );
     }
 }

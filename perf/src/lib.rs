@@ -30,6 +30,7 @@ pub use opts::{Args, Role, Settings, Test};
 pub use report::JsonReport;
 
 use bench::Side;
+use check::Verified;
 use opts::DeviceChoice;
 use report::{HeaderInfo, QpAddress, RESULT_LINE};
 use wire::{Control, Params};
@@ -78,6 +79,11 @@ impl Error {
         }
     }
 
+    /// `--check` found a bad payload.
+    fn is_payload(&self) -> bool {
+        matches!(self, Error::Bench(bench::Error::Payload { .. }))
+    }
+
     /// A failure that only says the other end went away or failed: the other end's own
     /// error says more.
     fn is_peer_failure(&self) -> bool {
@@ -113,15 +119,24 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<Option<JsonReport>, Error
             let ctx = bench::open(&dev.device)?;
             let listener = wire::listen(s.port.unwrap_or(opts::DEF_PORT))?;
             let no_stop = AtomicBool::new(false);
-            server(&s, ctx, &dev, &listener, ACCEPT_WAIT, &no_stop, out)?;
+            let verified = server(&s, ctx, &dev, &listener, ACCEPT_WAIT, &no_stop, out)?;
+            print_verified(out, verified);
             return Ok(None);
         }
         Role::Client(host) => {
             let dev = opts::resolve_device(s.device.as_deref())?;
             let ctx = bench::open(&dev.device)?;
-            client(&s, ctx, &dev, host, s.port.unwrap_or(opts::DEF_PORT), out)?
+            let (report, verified) =
+                client(&s, ctx, &dev, host, s.port.unwrap_or(opts::DEF_PORT), out)?;
+            print_verified(out, verified);
+            report
         }
-        Role::Loopback(dev2) => loopback(&s, dev2, out)?,
+        Role::Loopback(dev2) => {
+            let (report, verified) = loopback(&s, dev2, out)?;
+            // Both ends' checks, as one line.
+            print_verified(out, verified);
+            report
+        }
     };
     if let Some(path) = &s.json {
         report.write(path)?;
@@ -129,8 +144,21 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<Option<JsonReport>, Error
     Ok(Some(report))
 }
 
-/// Both ends in this process: the server in a thread on `dev2`, the client here.
-fn loopback(s: &Settings, dev2: &str, out: &mut dyn Write) -> Result<JsonReport, Error> {
+/// `--check`'s line, on a side that verified messages (checked by the other side only: none).
+fn print_verified(out: &mut dyn Write, verified: Verified) {
+    if verified.messages > 0 {
+        let _ = writeln!(out, "{}", verified.line());
+        let _ = out.flush();
+    }
+}
+
+/// Both ends in this process: the server in a thread on `dev2`, the client here. Returns
+/// the report and what both ends verified.
+fn loopback(
+    s: &Settings,
+    dev2: &str,
+    out: &mut dyn Write,
+) -> Result<(JsonReport, Verified), Error> {
     let dev = opts::resolve_device(s.device.as_deref())?;
     let dev2 = opts::resolve_device(Some(dev2))?;
     // Both devices are opened before either end starts, so a bad one fails at once rather
@@ -164,9 +192,12 @@ fn loopback(s: &Settings, dev2: &str, out: &mut dyn Write) -> Result<JsonReport,
         source: Box::new(e),
     };
     match (client_result, server_result) {
-        (Ok(report), Ok(())) => Ok(report),
+        (Ok((report, mine)), Ok(theirs)) => Ok((report, mine.plus(theirs))),
         (Ok(_), Err(e)) => Err(server_failure(e)),
-        (Err(c), Err(e)) if c.is_peer_failure() && !e.is_peer_failure() => Err(server_failure(e)),
+        // A bad payload is the cause of what the client then sees (its QPs' peer gone).
+        (Err(c), Err(e)) if (c.is_peer_failure() && !e.is_peer_failure()) || e.is_payload() => {
+            Err(server_failure(e))
+        }
         (Err(c), _) => Err(c),
     }
 }
@@ -209,6 +240,7 @@ fn header_info(s: &Settings, dev: &DeviceChoice, p: &Params, side: &Side) -> Hea
     }
 }
 
+/// The client end: the report and what this side verified.
 fn client(
     s: &Settings,
     ctx: Context,
@@ -216,7 +248,7 @@ fn client(
     host: &str,
     port: u16,
     out: &mut dyn Write,
-) -> Result<JsonReport, Error> {
+) -> Result<(JsonReport, Verified), Error> {
     let params = bench::params_for(&ctx, s)?;
     let mut side = Side::new(ctx, params)?;
     let mut ctl = Control::new(wire::connect(host, port, WAIT)?)?;
@@ -231,7 +263,7 @@ fn client_body(
     dev: &DeviceChoice,
     params: Params,
     out: &mut dyn Write,
-) -> Result<JsonReport, Error> {
+) -> Result<(JsonReport, Verified), Error> {
     ctl.send(&params.encode())?;
     let local = side.addresses();
     for a in &local {
@@ -276,6 +308,15 @@ fn client_body(
                 unreachable!("a sending side always has statistics");
             };
             ctl.send(&format!("DONE {}", mine.iterations))?;
+            if params.check && test == Test::WriteBw {
+                // The server checks its slots against these; with -b it sends its own.
+                for line in side.written_lines() {
+                    ctl.send(&line)?;
+                }
+                if params.bidirectional {
+                    verify_written(side, ctl, size, run_wait)?;
+                }
+            }
             let ok = ctl.recv("the server's OK", run_wait)?;
             let stats = match parse_ok(&ok)? {
                 Some(theirs) if params.bidirectional => mine.plus(theirs),
@@ -298,7 +339,23 @@ fn client_body(
     ctl.expect("BYE", WAIT)?;
     let _ = writeln!(out, "{RESULT_LINE}");
     let _ = out.flush();
-    Ok(json)
+    Ok((json, side.verified()))
+}
+
+/// `--check`, write_bw: reads the other side's `WRITTEN` lines and checks this side's
+/// TARGET slots against them.
+fn verify_written(
+    side: &mut Side,
+    ctl: &mut Control,
+    size: usize,
+    wait: Duration,
+) -> Result<(), Error> {
+    for q in 0..side.qp_count() {
+        let line = ctl.recv("the other side's WRITTEN line", wait)?;
+        let last = wire::decode_written(&line, q, side.target_slots())?;
+        side.verify_written(q, &last, size)?;
+    }
+    Ok(())
 }
 
 /// `OK`, or `OK peak avg rate` with the server's own BW (bidirectional).
@@ -330,7 +387,7 @@ fn server(
     accept_wait: Duration,
     stop: &AtomicBool,
     out: &mut dyn Write,
-) -> Result<(), Error> {
+) -> Result<Verified, Error> {
     let mut ctl = Control::new(wire::accept(listener, accept_wait, stop)?)?;
     let r = server_body(s, ctx, &mut ctl, dev, out);
     tell_peer(&mut ctl, r)
@@ -342,7 +399,7 @@ fn server_body(
     ctl: &mut Control,
     dev: &DeviceChoice,
     out: &mut dyn Write,
-) -> Result<(), Error> {
+) -> Result<Verified, Error> {
     let params = Params::decode(&ctl.recv("the client's parameters", WAIT)?)?;
     if params.test != s.test {
         return Err(wire::Error::TestMismatch {
@@ -350,6 +407,10 @@ fn server_body(
             server: s.test.name(),
         }
         .into());
+    }
+    if s.check && !params.check {
+        // Otherwise the server's --check would pass without checking anything.
+        return Err(wire::Error::CheckMismatch.into());
     }
     let mut side = Side::new(ctx, params)?;
     let mut remote = Vec::new();
@@ -413,6 +474,15 @@ fn server_body(
                 .into());
             }
         }
+        if params.check && test == Test::WriteBw {
+            let wait = WAIT + duration.unwrap_or_default();
+            verify_written(&mut side, ctl, size, wait)?;
+            if params.bidirectional {
+                for line in side.written_lines() {
+                    ctl.send(&line)?;
+                }
+            }
+        }
         match mine {
             Some(b) => ctl.send(&format!(
                 "OK {} {} {} {}",
@@ -423,5 +493,5 @@ fn server_body(
     }
     let _ = writeln!(out, "{RESULT_LINE}");
     let _ = out.flush();
-    Ok(())
+    Ok(side.verified())
 }

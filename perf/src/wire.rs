@@ -10,6 +10,9 @@
 //! server -> client   READY                               receives posted, buffers clear
 //!   (the test runs; either side may send SENT n, DONE n, TICK or ERR why meanwhile)
 //! client -> server   DONE n                              n: iterations the client completed
+//! client -> server   WRITTEN q k1 k2 ...                 --check, write_bw: one per QP, the
+//!                                                        iteration last written to each slot
+//! server -> client   WRITTEN q k1 k2 ...                 (--check, write_bw -b: the server's)
 //! server -> client   OK [peak avg rate]                  (bidirectional: the server's BW)
 //! client -> server   QUIT;  server -> client  BYE
 //! ```
@@ -62,6 +65,9 @@ pub enum Error {
     /// The other side reported a failure.
     #[error("the other side failed: {0}")]
     Peer(String),
+    /// The server was started with `--check`, the client without.
+    #[error("this server was started with --check, but the client runs without it")]
+    CheckMismatch,
     /// The two sides were started for different tests.
     #[error("the client runs {client}, but this server was started for {server}")]
     TestMismatch {
@@ -345,13 +351,15 @@ pub struct Params {
     pub max_size: u64,
     /// Path MTU in bytes.
     pub mtu: u32,
+    /// `--check`.
+    pub check: bool,
 }
 
 impl Params {
     /// `PARAMS key=value ...`.
     pub fn encode(&self) -> String {
         format!(
-            "PARAMS test={} qps={} events={} bidir={} tx_depth={} rx_depth={} post_list={} cq_mod={} inline={} max_size={} mtu={}",
+            "PARAMS test={} qps={} events={} bidir={} tx_depth={} rx_depth={} post_list={} cq_mod={} inline={} max_size={} mtu={} check={}",
             self.test.name(),
             self.qps,
             u8::from(self.events),
@@ -362,7 +370,8 @@ impl Params {
             self.cq_mod,
             self.inline,
             self.max_size,
-            self.mtu
+            self.mtu,
+            u8::from(self.check)
         )
     }
 
@@ -388,6 +397,7 @@ impl Params {
             inline: 0,
             max_size: 0,
             mtu: 0,
+            check: false,
         };
         let mut seen = 0;
         for w in words {
@@ -405,6 +415,11 @@ impl Params {
                 "inline" => p.inline = num()?,
                 "max_size" => p.max_size = v.parse().map_err(|_| bad())?,
                 "mtu" => p.mtu = num()?,
+                // Optional: a client without it does not check.
+                "check" => {
+                    p.check = num()? != 0;
+                    continue;
+                }
                 // Keys a newer client adds are ignored.
                 _ => continue,
             }
@@ -422,6 +437,35 @@ impl Params {
         }
         Ok(p)
     }
+}
+
+/// `WRITTEN q k1 k2 ...`: for QP `q`, the iteration last written to each of its slots (0: none).
+pub fn encode_written(q: usize, last: &[u64]) -> String {
+    let mut line = format!("WRITTEN {q}");
+    for k in last {
+        line.push(' ');
+        line.push_str(&k.to_string());
+    }
+    line
+}
+
+/// Parses [`encode_written`]'s line for QP `q` with `slots` slots.
+pub fn decode_written(line: &str, q: usize, slots: usize) -> Result<Vec<u64>> {
+    let bad = || Error::Protocol {
+        line: line.to_owned(),
+        expected: format!("WRITTEN {q} and {slots} iterations"),
+    };
+    let mut w = line.split_whitespace();
+    if w.next() != Some("WRITTEN") || w.next() != Some(q.to_string().as_str()) {
+        return Err(bad());
+    }
+    let last: Vec<u64> = w
+        .map(|k| k.parse().map_err(|_| bad()))
+        .collect::<Result<_>>()?;
+    if last.len() != slots {
+        return Err(bad());
+    }
+    Ok(last)
 }
 
 /// `QP qpn psn rkey vaddr gid` (hex).
@@ -478,8 +522,18 @@ mod tests {
             inline: 0,
             max_size: 8 << 20,
             mtu: 4096,
+            check: true,
         };
         assert_eq!(Params::decode(&p.encode()).unwrap(), p);
+        // Without check= (an older client): no checking.
+        let old = p.encode().replace(" check=1", "");
+        assert_eq!(Params::decode(&old).unwrap(), Params { check: false, ..p });
+        assert_eq!(
+            decode_written(&encode_written(2, &[7, 0, 5]), 2, 3).unwrap(),
+            vec![7, 0, 5]
+        );
+        assert!(decode_written("WRITTEN 1 7 0 5", 2, 3).is_err());
+        assert!(decode_written("WRITTEN 2 7 0", 2, 3).is_err());
         assert!(Params::decode("PARAMS test=send_bw qps=0").is_err());
         assert!(Params::decode("HELLO").is_err());
         let a = QpAddress {

@@ -335,3 +335,125 @@ fn a_server_started_for_another_test_stops_the_client_at_once() {
     );
     assert!(t0.elapsed() < Duration::from_secs(10));
 }
+
+/// The `--check` line's message count, from one run's output.
+fn verified(out: &str) -> Option<(u64, u64)> {
+    let lines: Vec<&str> = out
+        .lines()
+        .filter(|l| l.starts_with(vrdma_perf::check::VERIFIED_PREFIX))
+        .collect();
+    assert!(lines.len() <= 1, "more than one verified line: {out}");
+    let rest = lines
+        .first()?
+        .strip_prefix(vrdma_perf::check::VERIFIED_PREFIX)?;
+    let (m, b) = rest.split_once(" messages, ")?;
+    Some((m.parse().ok()?, b.strip_suffix(" bytes")?.parse().ok()?))
+}
+
+/// Runs `vrdma-perf TEST --check` as a server on VM b and a client on VM a, two processes
+/// over TCP; returns both outputs.
+fn checked_over_tcp(d: &TestDaemon, test: &str, extra: &[&str]) -> (String, String) {
+    let port = free_port().to_string();
+    let server = Command::new(BIN)
+        .args([test, "-d"])
+        .arg(d.socket("b"))
+        .args(["-p", &port, "--check"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the server");
+    let client = Command::new(BIN)
+        .args([test, "-d"])
+        .arg(d.socket("a"))
+        .args(["-p", &port, "--check", "127.0.0.1"])
+        .args(extra)
+        .output()
+        .expect("run the client");
+    let server = server.wait_with_output().expect("the server ends");
+    assert!(client.status.success(), "client: {}", stderr(&client));
+    assert!(server.status.success(), "server: {}", stderr(&server));
+    (
+        String::from_utf8_lossy(&client.stdout).into_owned(),
+        String::from_utf8_lossy(&server.stdout).into_owned(),
+    )
+}
+
+#[test]
+fn checked_write_bw_and_write_lat_between_two_processes_print_what_they_verified() {
+    let d = two_vms();
+    // write_bw: the server checks each of the 128 slots (the TX depth) for the iteration
+    // the client last wrote there; the client, which receives nothing, prints no line.
+    let (c, s) = checked_over_tcp(&d, "write_bw", &["-n", "200", "-s", "4096"]);
+    assert_eq!(verified(&s), Some((128, 128 * 4096)), "{s}");
+    assert_eq!(verified(&c), None, "{c}");
+    // write_lat: each side checks every message it polled, in full.
+    let (c, s) = checked_over_tcp(&d, "write_lat", &["-n", "100", "-s", "300"]);
+    assert_eq!(verified(&c), Some((100, 100 * 300)), "{c}");
+    assert_eq!(verified(&s), Some((100, 100 * 300)), "{s}");
+}
+
+#[test]
+fn checked_runs_in_loopback_print_one_line_for_both_ends() {
+    let d = two_vms();
+    let cases: [(&str, &[&str], u64, u64); 7] = [
+        // 2 QPs x 64 slots of 64 KiB (the TX depth --check leaves), 2 directions.
+        ("write_bw", &["-n", "100", "-q", "2", "-b"], 256, 65536),
+        ("write_lat", &["-n", "50", "-s", "1000"], 100, 1000),
+        ("write_lat", &["-n", "50", "-s", "8", "-e"], 100, 8),
+        (
+            "send_bw",
+            &["-n", "150", "-s", "1000", "-q", "2"],
+            300,
+            1000,
+        ),
+        ("send_lat", &["-n", "50", "-s", "4000"], 100, 4000),
+        (
+            "read_bw",
+            &["-n", "100", "-s", "2000", "-t", "16", "-Q", "4"],
+            100,
+            2000,
+        ),
+        ("read_lat", &["-n", "50", "-s", "1"], 50, 1),
+    ];
+    for (test, extra, messages, size) in cases {
+        let mut argv = extra.to_vec();
+        argv.push("--check");
+        let (_, out) = loopback(&d, test, &argv);
+        assert_eq!(
+            verified(&out),
+            Some((messages, messages * size)),
+            "{test} {extra:?}: {out}"
+        );
+    }
+    // Unchecked runs print no such line.
+    let (_, out) = loopback(&d, "send_bw", &["-n", "20"]);
+    assert_eq!(verified(&out), None, "{out}");
+}
+
+#[test]
+fn a_server_started_with_check_refuses_a_client_without_it() {
+    let d = two_vms();
+    let port = free_port().to_string();
+    let server = Command::new(BIN)
+        .args(["write_bw", "-d"])
+        .arg(d.socket("b"))
+        .args(["-p", &port, "--check"])
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("start the server");
+    let client = Command::new(BIN)
+        .args(["write_bw", "-d"])
+        .arg(d.socket("a"))
+        .args(["-p", &port, "-n", "10", "127.0.0.1"])
+        .output()
+        .expect("run the client");
+    let server = server.wait_with_output().expect("the server ends");
+    assert_eq!(client.status.code(), Some(1));
+    assert_eq!(server.status.code(), Some(1));
+    assert!(
+        stderr(&client).contains("started with --check"),
+        "{}",
+        stderr(&client)
+    );
+}

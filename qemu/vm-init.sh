@@ -8,7 +8,7 @@
 #
 # Steps: (a) vrdma-devinfo --pci, polling, then with uio_pci_generic (interrupts); (b) the
 # network: addresses, ping and a TCP fetch each way; (c) ibv_rc_pingpong through the shim;
-# (d) vrdma-perf write_bw and write_lat; (e) perftest's ib_write_bw through the shim; (f) a
+# (d) vrdma-perf write_bw and write_lat, payloads verified (--check); (e) perftest's ib_write_bw through the shim; (f) a
 # longer ibv_rc_pingpong during which the host migrates vm2 to another QEMU and daemon: vm2
 # sizes it from (c)'s time per iteration to last about MIGRATE_SECONDS and publishes the count
 # for vm1 (the host migrates once the daemon counts the step's traffic). vm1 runs the servers,
@@ -221,8 +221,8 @@ if [ -z "$net_ok" ]; then
     done
 elif [ "$role" = vm1 ]; then
     server_step rc_pingpong env "$shim" ibv_rc_pingpong -d vrdma0 -g 0 -n "$PINGPONG_ITERS" -c -p "$PORT_PINGPONG"
-    server_step write_bw vrdma-perf write_bw -d vrdma0 -p "$PORT_WRITE_BW"
-    server_step write_lat vrdma-perf write_lat -d vrdma0 -p "$PORT_WRITE_LAT"
+    server_step write_bw vrdma-perf write_bw -d vrdma0 --check -p "$PORT_WRITE_BW"
+    server_step write_lat vrdma-perf write_lat -d vrdma0 --check -p "$PORT_WRITE_LAT"
     server_step ib_write_bw env "$shim" ib_write_bw -d vrdma0 -F -p "$PORT_IB_WRITE_BW" -s "$IB_WRITE_BW_SIZE" -n "$IB_WRITE_BW_ITERS"
     if until_ok "$CLIENT_WAIT" fetch_migrate_iters; then
         say "migrate iterations $iters"
@@ -233,8 +233,8 @@ elif [ "$role" = vm1 ]; then
     fi
 else
     client_step rc_pingpong env "$shim" ibv_rc_pingpong -d vrdma0 -g 0 -n "$PINGPONG_ITERS" -c -p "$PORT_PINGPONG" "$peer"
-    client_step write_bw vrdma-perf write_bw -d vrdma0 -p "$PORT_WRITE_BW" -s "$WRITE_BW_SIZE" -n "$WRITE_BW_ITERS" "$peer"
-    client_step write_lat vrdma-perf write_lat -d vrdma0 -p "$PORT_WRITE_LAT" -s "$WRITE_LAT_SIZE" -n "$WRITE_LAT_ITERS" "$peer"
+    client_step write_bw vrdma-perf write_bw -d vrdma0 --check -p "$PORT_WRITE_BW" -s "$WRITE_BW_SIZE" -n "$WRITE_BW_ITERS" "$peer"
+    client_step write_lat vrdma-perf write_lat -d vrdma0 --check -p "$PORT_WRITE_LAT" -s "$WRITE_LAT_SIZE" -n "$WRITE_LAT_ITERS" "$peer"
     client_step ib_write_bw env "$shim" ib_write_bw -d vrdma0 -F -p "$PORT_IB_WRITE_BW" -s "$IB_WRITE_BW_SIZE" -n "$IB_WRITE_BW_ITERS" "$peer"
     iters=$(migrate_iters)
     set_status migrate_iters "$iters"

@@ -44,6 +44,29 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// Starts `vrdma-perf TEST` as a server on VM b with `args`, its stderr piped and its stdout
+/// piped if `keep_stdout` (else discarded).
+fn spawn_server(
+    d: &TestDaemon,
+    test: &str,
+    args: &[&str],
+    keep_stdout: bool,
+) -> std::process::Child {
+    let stdout = if keep_stdout {
+        std::process::Stdio::piped()
+    } else {
+        std::process::Stdio::null()
+    };
+    Command::new(BIN)
+        .args([test, "-d"])
+        .arg(d.socket("b"))
+        .args(args)
+        .stdout(stdout)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the server")
+}
+
 #[test]
 fn write_bw_moves_exactly_iters_times_size_per_qp_through_the_daemon() {
     let d = two_vms();
@@ -214,14 +237,7 @@ fn read_and_atomic_latency_and_duration_mode() {
 fn client_and_server_as_two_processes_over_tcp_agree() {
     let d = two_vms();
     let port = free_port().to_string();
-    let server = Command::new(BIN)
-        .args(["send_lat", "-d"])
-        .arg(d.socket("b"))
-        .args(["-p", &port])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("start the server");
+    let server = spawn_server(&d, "send_lat", &["-p", &port], true);
     let client = Command::new(BIN)
         .args(["send_lat", "-d"])
         .arg(d.socket("a"))
@@ -309,14 +325,7 @@ fn bad_devices_sizes_and_options_fail_with_one_line_and_the_right_exit_code() {
 fn a_server_started_for_another_test_stops_the_client_at_once() {
     let d = two_vms();
     let port = free_port().to_string();
-    let server = Command::new(BIN)
-        .args(["read_bw", "-d"])
-        .arg(d.socket("b"))
-        .args(["-p", &port])
-        .stderr(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .expect("start the server");
+    let server = spawn_server(&d, "read_bw", &["-p", &port], false);
     let t0 = Instant::now();
     let client = Command::new(BIN)
         .args(["write_bw", "-d"])
@@ -354,14 +363,7 @@ fn verified(out: &str) -> Option<(u64, u64)> {
 /// over TCP; returns both outputs.
 fn checked_over_tcp(d: &TestDaemon, test: &str, extra: &[&str]) -> (String, String) {
     let port = free_port().to_string();
-    let server = Command::new(BIN)
-        .args([test, "-d"])
-        .arg(d.socket("b"))
-        .args(["-p", &port, "--check"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("start the server");
+    let server = spawn_server(d, test, &["-p", &port, "--check"], true);
     let client = Command::new(BIN)
         .args([test, "-d"])
         .arg(d.socket("a"))
@@ -434,14 +436,7 @@ fn checked_runs_in_loopback_print_one_line_for_both_ends() {
 fn a_server_started_with_check_refuses_a_client_without_it() {
     let d = two_vms();
     let port = free_port().to_string();
-    let server = Command::new(BIN)
-        .args(["write_bw", "-d"])
-        .arg(d.socket("b"))
-        .args(["-p", &port, "--check"])
-        .stderr(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .expect("start the server");
+    let server = spawn_server(&d, "write_bw", &["-p", &port, "--check"], false);
     let client = Command::new(BIN)
         .args(["write_bw", "-d"])
         .arg(d.socket("a"))

@@ -7,7 +7,8 @@
 # ports, counts and deadlines.
 #
 # Steps: (a) vrdma-devinfo --pci, polling, then with uio_pci_generic (interrupts); (b) the
-# network: addresses, ping and a TCP fetch each way; (c) ibv_rc_pingpong through the shim;
+# network: addresses, ping and a TCP fetch each way; (c) ibv_rc_pingpong through the shim,
+# then ibv_ud_pingpong (UD) and ibv_srq_pingpong (a shared receive queue, completion events);
 # (d) vrdma-perf write_bw and write_lat, payloads verified (--check); (e) perftest's ib_write_bw through the shim; (f) a
 # longer ibv_rc_pingpong during which the host migrates vm2 to another QEMU and daemon: vm2
 # sizes it from (c)'s time per iteration to last about MIGRATE_SECONDS and publishes the count
@@ -216,11 +217,13 @@ shim=LD_PRELOAD=/lib/libvrdma_ibverbs.so
 
 # (c) to (e): vm1 serves, vm2 connects to it; without the network, neither can run.
 if [ -z "$net_ok" ]; then
-    for name in rc_pingpong write_bw write_lat ib_write_bw migrate; do
+    for name in rc_pingpong ud_pingpong srq_pingpong write_bw write_lat ib_write_bw migrate; do
         say "step $name $role skipped: no network"
     done
 elif [ "$role" = vm1 ]; then
     server_step rc_pingpong env "$shim" ibv_rc_pingpong -d vrdma0 -g 0 -n "$PINGPONG_ITERS" -c -p "$PORT_PINGPONG"
+    server_step ud_pingpong env "$shim" ibv_ud_pingpong -d vrdma0 -g 0 -n "$PINGPONG_ITERS" -s "$UD_SIZE" -p "$PORT_UD_PINGPONG"
+    server_step srq_pingpong env "$shim" ibv_srq_pingpong -d vrdma0 -g 0 -n "$PINGPONG_ITERS" -e -c -p "$PORT_SRQ_PINGPONG"
     server_step write_bw vrdma-perf write_bw -d vrdma0 --check -p "$PORT_WRITE_BW"
     server_step write_lat vrdma-perf write_lat -d vrdma0 --check -p "$PORT_WRITE_LAT"
     server_step ib_write_bw env "$shim" ib_write_bw -d vrdma0 -F -p "$PORT_IB_WRITE_BW" -s "$IB_WRITE_BW_SIZE" -n "$IB_WRITE_BW_ITERS"
@@ -233,6 +236,8 @@ elif [ "$role" = vm1 ]; then
     fi
 else
     client_step rc_pingpong env "$shim" ibv_rc_pingpong -d vrdma0 -g 0 -n "$PINGPONG_ITERS" -c -p "$PORT_PINGPONG" "$peer"
+    client_step ud_pingpong env "$shim" ibv_ud_pingpong -d vrdma0 -g 0 -n "$PINGPONG_ITERS" -s "$UD_SIZE" -p "$PORT_UD_PINGPONG" "$peer"
+    client_step srq_pingpong env "$shim" ibv_srq_pingpong -d vrdma0 -g 0 -n "$PINGPONG_ITERS" -e -c -p "$PORT_SRQ_PINGPONG" "$peer"
     client_step write_bw vrdma-perf write_bw -d vrdma0 --check -p "$PORT_WRITE_BW" -s "$WRITE_BW_SIZE" -n "$WRITE_BW_ITERS" "$peer"
     client_step write_lat vrdma-perf write_lat -d vrdma0 --check -p "$PORT_WRITE_LAT" -s "$WRITE_LAT_SIZE" -n "$WRITE_LAT_ITERS" "$peer"
     client_step ib_write_bw env "$shim" ib_write_bw -d vrdma0 -F -p "$PORT_IB_WRITE_BW" -s "$IB_WRITE_BW_SIZE" -n "$IB_WRITE_BW_ITERS" "$peer"

@@ -226,6 +226,15 @@ impl CompletionQueue {
     }
 }
 
+/// What [`CompletionChannel::take_all_events`] found.
+#[derive(Debug, Default)]
+pub struct ChannelEvents {
+    /// The CQ numbers of completion events, oldest first.
+    pub completions: Vec<u32>,
+    /// Asynchronous events, each with the handle it names (QPN, CQN or SRQ number).
+    pub asynchronous: Vec<(AsyncEventKind, u32)>,
+}
+
 /// The kind of an asynchronous event (`ibv_event_type`), as
 /// [`CompletionChannel::take_async_events`] returns it with the handle it names: among them
 /// `QpFatal`, `CqErr`, `SqDrained`, and for shared receive queues `SrqLimitReached` and
@@ -333,6 +342,33 @@ impl CompletionChannel {
                 }
             }
         }
+    }
+
+    /// Every event received so far, in one pass over the device's event queue: the CQ numbers
+    /// of completion events, oldest first, and the asynchronous events. A caller that waits
+    /// for [`Context::event_fd`] to be readable and then calls this misses nothing: the pass
+    /// resets the fd before it reads the queue, so any later event makes it readable again.
+    /// (Calling [`CompletionChannel::get_cq_event`] and then
+    /// [`CompletionChannel::take_async_events`] makes two passes, and completion events the
+    /// second one finds wait, with the fd reset, until the next call.)
+    pub fn take_all_events(&self) -> Result<ChannelEvents> {
+        self.collect("ibv_get_cq_event")?;
+        let completions = self
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+            .collect();
+        let asynchronous = self
+            .async_events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+            .collect();
+        Ok(ChannelEvents {
+            completions,
+            asynchronous,
+        })
     }
 
     /// Asynchronous events (QP fatal, CQ error, SQ drained, SRQ limit reached, last WQE

@@ -25,7 +25,8 @@ mod srq;
 pub use ah::{AddressHandle, AhAttr};
 pub use context::{Context, DeviceAttr, PortAttr};
 pub use cq::{
-    AsyncEventKind, CompletionChannel, CompletionQueue, WcOpcode, WcStatus, WorkCompletion,
+    AsyncEventKind, ChannelEvents, CompletionChannel, CompletionQueue, WcOpcode, WcStatus,
+    WorkCompletion,
 };
 pub use device::{DEFAULT_SOCKET_DIR, Device, DeviceKind, device_list};
 pub use error::Error;

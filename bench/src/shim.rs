@@ -30,6 +30,9 @@ pub const BW_TESTS: [&str; 2] = ["write_bw", "send_bw"];
 /// The latency tests compared.
 pub const LAT_TESTS: [&str; 3] = ["write_lat", "send_lat", "read_lat"];
 
+/// Rounds of each pair in a full run.
+pub const ROUNDS: usize = 7;
+
 /// The target: the shim's bandwidth at least this fraction of vrdma-perf's.
 pub const BW_GOAL: f64 = 0.95;
 /// The target: the shim's typical latency at most this many microseconds above vrdma-perf's.
@@ -333,8 +336,11 @@ fn wait_listening(server: &mut Guard, port: u16) -> Result<(), Error> {
 }
 
 /// perftest through the shim against vrdma-perf: bandwidth (write_bw, send_bw) and latency
-/// (write_lat, send_lat, read_lat) in polling mode, each pair run alternately, three rounds
-/// in a full run (the median of each), one with --quick.
+/// (write_lat, send_lat, read_lat) in polling mode, each pair run alternately, [`ROUNDS`]
+/// rounds in a full run, one with --quick. The comparison is the median over the rounds of
+/// each round's ratio (bandwidth) or difference (latency): on a small host one run of either
+/// tool moves by ±25% with where the scheduler happens to put its threads' turns, and a
+/// median of paired rounds tells the shim's cost from that.
 pub fn shim_section(env: &mut Env, r: &mut Results) -> Result<(), Error> {
     if qperf::which("ib_write_bw").is_none() {
         return Err(Error::Skipped(
@@ -362,7 +368,7 @@ pub fn shim_section(env: &mut Env, r: &mut Results) -> Result<(), Error> {
         f64::from(u8::from(shared)),
         "bool",
     );
-    let rounds = if env.quick { 1 } else { 3 };
+    let rounds = if env.quick { 1 } else { ROUNDS };
     let (bw_sizes, lat_sizes): (Vec<u64>, Vec<u64>) = if env.quick {
         (vec![64, 64 << 10], vec![8])
     } else {
@@ -403,15 +409,15 @@ pub fn shim_section(env: &mut Env, r: &mut Results) -> Result<(), Error> {
     Ok(())
 }
 
-/// Runs `case` `rounds` times with each tool, alternating, and returns the median of each
-/// tool's runs, metric by metric.
+/// Runs `case` `rounds` times with each tool, alternating, and returns each tool's runs in
+/// round order.
 fn pair(
     env: &Env,
     tools: &Tools,
     daemon: &mut Daemon,
     case: &Case,
     rounds: usize,
-) -> Result<(Measured, Measured), Error> {
+) -> Result<(Vec<Measured>, Vec<Measured>), Error> {
     let limit = match case.length {
         perf::Length::Seconds(s) => Duration::from_secs(s + 60),
         perf::Length::Iterations(_) if env.quick => Duration::from_secs(60),
@@ -427,7 +433,7 @@ fn pair(
         }
     }
     let [native, shim] = runs;
-    Ok((median_of(&native), median_of(&shim)))
+    Ok((native, shim))
 }
 
 /// The median of each metric over `runs` (all of one kind; at least one).
@@ -470,21 +476,43 @@ fn lat_of(m: &Measured) -> Option<&LatEntry> {
     }
 }
 
-/// Records both tools' results and their comparison.
-fn record(r: &mut Results, case: &Case, native: &Measured, shim: &Measured) {
+/// The median, lowest and highest of `values` (at least one).
+fn spread(mut values: Vec<f64>) -> (f64, f64, f64) {
+    let low = values.iter().copied().fold(f64::INFINITY, f64::min);
+    let high = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    (median(&mut values), low, high)
+}
+
+/// Records both tools' results (the median of each metric over the rounds) and their
+/// comparison (the median, lowest and highest of the rounds' ratios or differences).
+fn record(r: &mut Results, case: &Case, natives: &[Measured], shims: &[Measured]) {
     let size = Some(case.size);
     let cmp = compared(case.test);
-    match (native, shim) {
+    let paired = |f: &dyn Fn(&Measured, &Measured) -> Option<f64>| {
+        spread(
+            natives
+                .iter()
+                .zip(shims)
+                .filter_map(|(n, s)| f(n, s))
+                .collect(),
+        )
+    };
+    let (native, shim) = (median_of(natives), median_of(shims));
+    match (&native, &shim) {
         (Measured::Bw(n), Measured::Bw(s)) => {
             for (tool, e) in [(Tool::Native, n), (Tool::Shim, s)] {
                 let ser = series(tool, case.test);
                 r.add(BW, &ser, size, "bw", e.bw_avg_mib, "MiB/s");
                 r.add(BW, &ser, size, "msg_rate", e.msg_rate_mpps, "Mmsg/s");
             }
-            let ratio = s.bw_avg_mib / n.bw_avg_mib;
+            let (ratio, low, high) =
+                paired(&|n, s| Some(bw_of(s)?.bw_avg_mib / bw_of(n)?.bw_avg_mib));
             r.add(BW, &cmp, size, "ratio", ratio, "x");
+            r.add(BW, &cmp, size, "ratio_low", low, "x");
+            r.add(BW, &cmp, size, "ratio_high", high, "x");
             eprintln!(
-                " vrdma-perf {:.1}, perftest+shim {:.1} MiB/s ({ratio:.3})",
+                " vrdma-perf {:.1}, perftest+shim {:.1} MiB/s ({ratio:.3}, rounds {low:.3} .. \
+                 {high:.3})",
                 n.bw_avg_mib, s.bw_avg_mib
             );
         }
@@ -501,11 +529,16 @@ fn record(r: &mut Results, case: &Case, native: &Measured, shim: &Measured) {
                     r.add(LAT, &ser, size, m, v, "us");
                 }
             }
-            let diff = s.t_typical_us - n.t_typical_us;
+            let (diff, low, high) =
+                paired(&|n, s| Some(lat_of(s)?.t_typical_us - lat_of(n)?.t_typical_us));
+            let (p99_diff, _, _) = paired(&|n, s| Some(lat_of(s)?.p99_us - lat_of(n)?.p99_us));
             r.add(LAT, &cmp, size, "t_typical_diff", diff, "us");
-            r.add(LAT, &cmp, size, "p99_diff", s.p99_us - n.p99_us, "us");
+            r.add(LAT, &cmp, size, "t_typical_diff_low", low, "us");
+            r.add(LAT, &cmp, size, "t_typical_diff_high", high, "us");
+            r.add(LAT, &cmp, size, "p99_diff", p99_diff, "us");
             eprintln!(
-                " vrdma-perf {:.2} (p99 {:.2}), perftest+shim {:.2} (p99 {:.2}) us ({diff:+.2})",
+                " vrdma-perf {:.2} (p99 {:.2}), perftest+shim {:.2} (p99 {:.2}) us ({diff:+.2}, \
+                 rounds {low:+.2} .. {high:+.2})",
                 n.t_typical_us, n.p99_us, s.t_typical_us, s.p99_us
             );
         }

@@ -4,6 +4,7 @@ use std::ffi::{c_int, c_void};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use vrdma::WorkCompletion;
+use vrdma::pacing;
 
 use crate::abi::*;
 use crate::context::{Channel, Context, Rank};
@@ -25,31 +26,15 @@ pub(crate) struct Cq {
 /// nothing.
 const POLL_BATCH: usize = 16;
 
-/// Empty polls of a CQ in a row before `poll_cq` starts yielding the CPU (see
-/// [`after_poll`]).
-const SPIN_POLLS: u32 = 64;
-/// Past [`SPIN_POLLS`], every this many empty polls yield once.
-const YIELD_EVERY: u32 = 16;
-
 /// The count of empty polls in a row after a poll that took `got` completions, the count
-/// before it being `empty`, and whether the poller should now yield its CPU.
-///
-/// Verbs programs (perftest, qperf) wait for a completion by calling `ibv_poll_cq` in a loop
-/// that never yields. When what they wait for needs their core (the other end of a ping-pong
-/// on the same CPU, or a daemon sharing it), each completion would wait for the scheduler to
-/// end the spinner's time slice: milliseconds (with both ends on one CPU, perftest's
-/// send_lat took 0.3-0.5 ms per message and its write_lat 4 ms, against 4-5 µs with this).
-/// So, as vrdma-perf's waiting loops do, a poller that has found nothing [`SPIN_POLLS`]
-/// times in a row (about 1 µs) yields, and then every [`YIELD_EVERY`]th empty poll. On a core
-/// of its own a yield is one system call, about 0.5 µs on this project's virtual machine
-/// against 20 ns for an empty poll, and a completion that lands during one is seen that much
-/// later: yielding on every empty poll cost a lone poller (perftest's read_lat) 0.4 µs a
-/// message, every 16th nothing measurable there.
+/// before it being `empty`, and whether the poller should now yield its CPU: verbs programs
+/// (perftest, qperf) wait for a completion by calling `ibv_poll_cq` in a loop that never
+/// yields, so the shim paces them as [`vrdma::pacing`] says.
 fn after_poll(empty: u32, got: usize) -> (u32, bool) {
     if got > 0 {
         return (0, false);
     }
-    let yields = empty >= SPIN_POLLS && (empty - SPIN_POLLS) % YIELD_EVERY == 0;
+    let yields = pacing::yields_after(empty);
     // Wrapping back into the spin after 2^32 empty polls is harmless.
     (empty.wrapping_add(1), yields)
 }
@@ -309,26 +294,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_poller_spins_then_yields_now_and_then_until_a_completion() {
+    fn a_poller_yields_as_vrdma_paces_and_a_completion_starts_the_spin_again() {
         let mut empty = 0;
-        let mut yields = Vec::new();
-        for poll in 0..SPIN_POLLS + 2 * YIELD_EVERY + 1 {
+        for _ in 0..pacing::SPIN_POLLS + pacing::YIELD_EVERY + 1 {
             let (next, y) = after_poll(empty, 0);
             assert_eq!(next, empty + 1);
-            if y {
-                yields.push(poll);
-            }
+            assert_eq!(y, pacing::yields_after(empty));
             empty = next;
         }
-        assert_eq!(
-            yields,
-            [
-                SPIN_POLLS,
-                SPIN_POLLS + YIELD_EVERY,
-                SPIN_POLLS + 2 * YIELD_EVERY
-            ],
-            "no yield while spinning, then one every YIELD_EVERY empty polls"
-        );
         assert_eq!(
             after_poll(empty, 3),
             (0, false),

@@ -238,8 +238,42 @@ impl Control {
                         waited: wait,
                     });
                 }
-                std::thread::sleep(Duration::from_micros(200));
+                self.wait_readable(deadline)?;
             }
+        }
+    }
+
+    /// Sleeps until the other side sends something, closes, or `until` passes. The
+    /// connection stays non-blocking for [`Control::check`], so this blocks only for the
+    /// one peek. A server waits here through a whole read_lat run: sleeping 200 µs at a time
+    /// instead woke it 3,700 times a second, each time taking the CPU from a client sharing
+    /// it (p99 of 30-50 µs against perftest's 5 µs).
+    fn wait_readable(&mut self, until: Instant) -> Result<()> {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(());
+        }
+        let stream = &self.stream;
+        stream
+            .set_nonblocking(false)
+            .and_then(|()| stream.set_read_timeout(Some(left)))
+            .map_err(io("couldn't wait on the TCP connection"))?;
+        let peeked = stream.peek(&mut [0u8; 1]);
+        stream
+            .set_nonblocking(true)
+            .map_err(io("couldn't set up the TCP connection"))?;
+        match peeked {
+            // Data or the end of the stream: the caller's next fill takes it.
+            Ok(_) => Ok(()),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+                ) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(io("couldn't read from the other side")(e)),
         }
     }
 

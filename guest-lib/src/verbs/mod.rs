@@ -17,6 +17,7 @@ mod cq;
 mod device;
 mod error;
 mod mr;
+pub mod pacing;
 mod pd;
 mod qp;
 mod ring;

@@ -22,6 +22,7 @@ use vrdma::{
 use vrdma_proto::Gid;
 use vrdma_proto::doorbell::Doorbell;
 
+pub mod artifacts;
 pub mod chaos;
 pub use vrdma_netns as netns;
 

@@ -61,6 +61,13 @@ pub struct Args {
     #[arg(long)]
     pub print_capabilities: bool,
 
+    /// Check the fabric and exit, without serving VMs (no --vm needed): with verbs:DEVICE,
+    /// open the NIC, print its port and GID, and run an RDMA WRITE, READ, SEND and both
+    /// atomics between two RC QPs of its own through the port. Exits 0 if all passed, 2 if
+    /// there is no such device, 1 if a step failed.
+    #[arg(long)]
+    pub check_fabric: bool,
+
     /// Log level: error, warn, info, debug or trace. RUST_LOG, if set, takes precedence.
     #[arg(long, default_value = "info", value_name = "LEVEL")]
     pub log_level: log::LevelFilter,
@@ -309,7 +316,8 @@ impl Config {
     }
 }
 
-fn parse_fabric(s: &str) -> Result<FabricKind, Error> {
+/// The fabric `--fabric` names (what [`Config::from_args`] checks of it, alone).
+pub fn parse_fabric(s: &str) -> Result<FabricKind, Error> {
     if s == "soft" {
         return Ok(FabricKind::Soft);
     }

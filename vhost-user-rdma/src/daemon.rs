@@ -26,9 +26,29 @@ pub enum Error {
     /// The inter-host fabric could not start.
     #[error(transparent)]
     Roce(#[from] roce::Error),
-    /// The fabric asked for is not available in this version.
-    #[error("the {0} fabric is not implemented yet; use --fabric soft")]
+    /// The NIC of `--fabric verbs:DEV` cannot be used.
+    #[cfg(feature = "verbs")]
+    #[error("cannot use the fabric's RDMA NIC")]
+    Nic(#[source] crate::fabric::verbs::nic::Error),
+    /// The fabric asked for cannot carry VMs' work in this version.
+    #[error(
+        "the {0} fabric opened its NIC, but carrying VMs' work over it is not built yet: use \
+         --fabric soft (--check-fabric tests the NIC on its own)"
+    )]
     FabricUnavailable(String),
+}
+
+impl Error {
+    /// Whether the host or the command line is at fault (no such NIC) rather than the run:
+    /// the program exits 2 for those, as for a bad option.
+    pub fn is_configuration(&self) -> bool {
+        #[cfg(feature = "verbs")]
+        if let Error::Nic(e) = self {
+            use crate::fabric::verbs::nic::Error as NicError;
+            return matches!(e, NicError::NoDevice { .. } | NicError::NotFound { .. });
+        }
+        false
+    }
 }
 
 /// A running daemon.
@@ -44,6 +64,11 @@ impl Daemon {
     /// ones already started are stopped again.
     pub fn start(config: &Config) -> Result<Daemon, Error> {
         if let FabricKind::Verbs(device) = &config.fabric {
+            #[cfg(feature = "verbs")]
+            {
+                let nic = crate::fabric::verbs::nic::Nic::open(device, 1, 0).map_err(Error::Nic)?;
+                log::info!("fabric verbs:{device}: {:?}", nic.port());
+            }
             // Refuse rather than quietly run the soft fabric under the operator's nose.
             return Err(Error::FabricUnavailable(format!("verbs:{device}")));
         }

@@ -7,7 +7,7 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use vrdma_tests::TestDaemon;
@@ -16,38 +16,9 @@ use vrdma_tests::TestDaemon;
 /// takes, so that only a hang ends it.
 const RUN_LIMIT: Duration = Duration::from_secs(300);
 
-/// The shim, built for these tests: `cargo test` builds a library's rlib but not its cdylib,
-/// so the first test to need it runs `cargo build` of the crate into a target directory of its
-/// own next to the test's (no waiting on the lock of the build that runs the tests), once per
-/// test binary. Cargo's own freshness check makes later builds instant.
+/// The shim, built for these tests (`cargo test` builds a library's rlib but not its cdylib).
 pub fn shim() -> PathBuf {
-    static SHIM: OnceLock<PathBuf> = OnceLock::new();
-    SHIM.get_or_init(|| {
-        let exe = std::env::current_exe().expect("current_exe");
-        // target/<profile>/deps/apps-HASH -> target/
-        let target = exe
-            .ancestors()
-            .nth(3)
-            .expect("the test runs from target/<profile>/deps");
-        let target = target.join("shim-for-tests");
-        let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml");
-        let out = Command::new(env!("CARGO"))
-            .args(["build", "--quiet", "--lib", "--manifest-path"])
-            .arg(&manifest)
-            .arg("--target-dir")
-            .arg(&target)
-            .output()
-            .expect("run cargo build for the shim");
-        assert!(
-            out.status.success(),
-            "cargo build of the shim failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let so = target.join("debug/libvrdma_ibverbs.so");
-        assert!(so.is_file(), "cargo built no {}", so.display());
-        so
-    })
-    .clone()
+    vrdma_tests::artifacts::shim()
 }
 
 /// Fails the test with the package to install when a program is missing.

@@ -6,8 +6,9 @@
 //! * [`soft::SoftFabric`], built in: VMs on this daemon copy guest to guest, and with `--roce`
 //!   QPs whose peer is on another host go through [`roce::RoceFabric`], RoCEv2 over UDP;
 //! * `mock::MockFabric`, for the scheduler's unit tests (built with the tests only);
-//! * a NIC fabric through libibverbs, to come (`--fabric verbs:DEV`): the trait's
-//!   [`Fabric::hooks`] tell it of every object a VM makes, so it can mirror them on the NIC.
+//! * `verbs`, a NIC fabric through libibverbs (`--fabric verbs:DEV`, cargo feature `verbs`):
+//!   so far the NIC's safe wrapper and its self-test; the trait's [`Fabric::hooks`] will tell
+//!   it of every object a VM makes, so it can mirror them on the NIC.
 //!
 //! Every fabric completes work through the shared rules of [`crate::rnic`], so a guest sees
 //! the same verbs semantics whichever carries its traffic.
@@ -24,6 +25,8 @@ use crate::model::vm::Vm;
 pub mod mock;
 pub mod roce;
 pub mod soft;
+#[cfg(feature = "verbs")]
+pub mod verbs;
 
 /// Bytes charged per work request on top of its payload, so that a VM sending tiny messages
 /// pays for the scheduler time each one takes (decoding, checks, a completion), not just for

@@ -1,0 +1,839 @@
+//! The host's RDMA NIC through libibverbs (rdma-sys): the one module of the daemon that calls
+//! it, so every `unsafe` of the verbs fabric is here.
+//!
+//! Each object holds what it was made from ([`Pd`] the device, [`Mr`] and [`Qp`] their PD, a
+//! [`Qp`] its CQs), so drops destroy them in the order verbs requires whatever order the
+//! caller drops them in. Nothing here knows of guests: the fabric above decides what to
+//! register and post.
+
+use std::ffi::{CStr, c_int};
+use std::ptr::NonNull;
+use std::sync::Arc;
+
+use rdma_sys::*;
+
+/// Why the NIC could not be used; every message says what to check.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// libibverbs found no device at all.
+    #[error(
+        "no RDMA device: libibverbs found none on this host; load the NIC's RDMA \
+         driver (mlx5_ib, irdma, bnxt_re, rdma_rxe, ...) and check `ibv_devices`, or run with \
+         --fabric soft"
+    )]
+    NoDevice {
+        /// errno of `ibv_get_device_list` (ENOSYS without kernel RDMA support).
+        #[source]
+        source: std::io::Error,
+    },
+    /// Devices exist, but none by that name.
+    #[error(
+        "no RDMA device named {name}: this host has {available}; name one in --fabric verbs:NAME"
+    )]
+    NotFound {
+        /// The name asked for.
+        name: String,
+        /// The names found.
+        available: String,
+    },
+    /// A verb failed.
+    #[error("{what} failed on RDMA device {device}: {source}")]
+    Verb {
+        /// The verb and its object.
+        what: &'static str,
+        /// The device's name.
+        device: String,
+        /// errno.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The port is not up.
+    #[error(
+        "port {port} of RDMA device {device} is {state}, not active: bring its link up \
+         (`ibv_devinfo -d {device}` shows the state)"
+    )]
+    PortDown {
+        /// The device's name.
+        device: String,
+        /// The port.
+        port: u8,
+        /// Its state, as libibverbs names it.
+        state: &'static str,
+    },
+}
+
+/// `IBV_LINK_LAYER_ETHERNET` (an anonymous enum in verbs.h that rdma-sys does not bind).
+const LINK_LAYER_ETHERNET: u8 = 2;
+
+/// An errno from a verb: the return value if positive (the modify and post calls return it),
+/// else errno.
+fn errno_of(rc: c_int) -> std::io::Error {
+    if rc > 0 {
+        std::io::Error::from_raw_os_error(rc)
+    } else {
+        std::io::Error::last_os_error()
+    }
+}
+
+/// An open device; closed when the last object made from it goes.
+#[derive(Debug)]
+struct Device {
+    ctx: NonNull<ibv_context>,
+    name: String,
+}
+
+// SAFETY: libibverbs contexts and the objects made from them may be used from any thread
+// (verbs are thread-safe per the libibverbs documentation); the daemon serialises nothing
+// through them that the library does not already.
+unsafe impl Send for Device {}
+// SAFETY: as above.
+unsafe impl Sync for Device {}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        // SAFETY: the context came from ibv_open_device and every object made from it holds
+        // this Device, so none is left when it closes.
+        unsafe { ibv_close_device(self.ctx.as_ptr()) };
+    }
+}
+
+impl Device {
+    fn failed(&self, what: &'static str, rc: c_int) -> Error {
+        Error::Verb {
+            what,
+            device: self.name.clone(),
+            source: errno_of(rc),
+        }
+    }
+}
+
+/// The names of the host's RDMA devices.
+pub fn device_names() -> Result<Vec<String>, Error> {
+    with_devices(|list| Ok(list.iter().map(|(name, _)| name.clone()).collect()))
+}
+
+/// Runs `f` on the device list (names and handles), freed afterwards.
+fn with_devices<T>(
+    f: impl FnOnce(&[(String, *mut ibv_device)]) -> Result<T, Error>,
+) -> Result<T, Error> {
+    let mut count: c_int = 0;
+    // SAFETY: count is a valid out-pointer; the list is freed below.
+    let list = unsafe { ibv_get_device_list(&mut count) };
+    if list.is_null() {
+        return Err(Error::NoDevice {
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    let devices: Vec<(String, *mut ibv_device)> = (0..usize::try_from(count).unwrap_or(0))
+        .map(|i| {
+            // SAFETY: the list holds `count` device pointers, each with a NUL-terminated name
+            // that lives as long as the list.
+            unsafe {
+                let dev = *list.add(i);
+                let name = CStr::from_ptr(ibv_get_device_name(dev))
+                    .to_string_lossy()
+                    .into_owned();
+                (name, dev)
+            }
+        })
+        .collect();
+    let result = if devices.is_empty() {
+        Err(Error::NoDevice {
+            source: std::io::Error::from_raw_os_error(libc::ENODEV),
+        })
+    } else {
+        f(&devices)
+    };
+    // SAFETY: the list came from ibv_get_device_list; contexts opened from it stay valid.
+    unsafe { ibv_free_device_list(list) };
+    result
+}
+
+/// What the fabric needs of the NIC's port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortInfo {
+    /// The port number.
+    pub port: u8,
+    /// Active MTU in bytes.
+    pub active_mtu: u32,
+    /// `IBV_MTU_*` of the active MTU, for QP attributes.
+    pub active_mtu_enum: u32,
+    /// The LID (0 on RoCE).
+    pub lid: u16,
+    /// Ethernet (RoCE) rather than InfiniBand.
+    pub ethernet: bool,
+    /// The GID at the chosen index.
+    pub gid: [u8; 16],
+    /// That index.
+    pub gid_index: u8,
+}
+
+/// An open NIC and the port the fabric uses.
+#[derive(Debug, Clone)]
+pub struct Nic {
+    dev: Arc<Device>,
+    port: PortInfo,
+}
+
+impl Nic {
+    /// Opens device `name` and checks that `port` is active; `gid_index` picks the GID the
+    /// fabric's QPs use (on RoCE, index 0 is usually the link-local or first IP address).
+    pub fn open(name: &str, port: u8, gid_index: u8) -> Result<Nic, Error> {
+        let dev = with_devices(|list| {
+            let Some(&(_, handle)) = list.iter().find(|(n, _)| n == name) else {
+                return Err(Error::NotFound {
+                    name: name.to_owned(),
+                    available: list
+                        .iter()
+                        .map(|(n, _)| n.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                });
+            };
+            // SAFETY: `handle` is a device of the live list.
+            let ctx = unsafe { ibv_open_device(handle) };
+            let ctx = NonNull::new(ctx).ok_or_else(|| Error::Verb {
+                what: "ibv_open_device",
+                device: name.to_owned(),
+                source: std::io::Error::last_os_error(),
+            })?;
+            Ok(Device {
+                ctx,
+                name: name.to_owned(),
+            })
+        })?;
+        let dev = Arc::new(dev);
+        // SAFETY: ibv_port_attr is plain C data for which all-zero is a valid value.
+        let mut attr: ibv_port_attr = unsafe { std::mem::zeroed() };
+        // SAFETY: the context is open and attr a valid out-pointer of the size passed.
+        let rc = unsafe { ___ibv_query_port(dev.ctx.as_ptr(), port, &mut attr) };
+        if rc != 0 {
+            return Err(dev.failed("ibv_query_port", rc));
+        }
+        if attr.state != ibv_port_state::IBV_PORT_ACTIVE {
+            return Err(Error::PortDown {
+                device: name.to_owned(),
+                port,
+                state: port_state_name(attr.state),
+            });
+        }
+        // SAFETY: ibv_gid is 16 plain bytes.
+        let mut gid: ibv_gid = unsafe { std::mem::zeroed() };
+        // SAFETY: the context is open and gid a valid out-pointer.
+        let rc = unsafe { ibv_query_gid(dev.ctx.as_ptr(), port, c_int::from(gid_index), &mut gid) };
+        if rc != 0 {
+            return Err(dev.failed("ibv_query_gid", rc));
+        }
+        Ok(Nic {
+            port: PortInfo {
+                port,
+                active_mtu: mtu_bytes(attr.active_mtu),
+                active_mtu_enum: attr.active_mtu,
+                lid: attr.lid,
+                ethernet: attr.link_layer == LINK_LAYER_ETHERNET,
+                // SAFETY: every bit pattern of the union is a valid byte array.
+                gid: unsafe { gid.raw },
+                gid_index,
+            },
+            dev,
+        })
+    }
+
+    /// The device's name.
+    pub fn name(&self) -> &str {
+        &self.dev.name
+    }
+
+    /// The port in use.
+    pub fn port(&self) -> PortInfo {
+        self.port
+    }
+
+    /// A protection domain.
+    pub fn alloc_pd(&self) -> Result<Pd, Error> {
+        // SAFETY: the context is open.
+        let pd = unsafe { ibv_alloc_pd(self.dev.ctx.as_ptr()) };
+        let pd = NonNull::new(pd).ok_or_else(|| self.dev.failed("ibv_alloc_pd", -1))?;
+        Ok(Pd(Arc::new(PdInner {
+            pd,
+            dev: self.dev.clone(),
+        })))
+    }
+
+    /// A completion queue of at least `entries` entries, without a channel (the fabric polls).
+    pub fn create_cq(&self, entries: u32) -> Result<Cq, Error> {
+        let entries = c_int::try_from(entries).unwrap_or(c_int::MAX);
+        // SAFETY: the context is open; no channel, no context pointer.
+        let cq = unsafe {
+            ibv_create_cq(
+                self.dev.ctx.as_ptr(),
+                entries,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                0,
+            )
+        };
+        let cq = NonNull::new(cq).ok_or_else(|| self.dev.failed("ibv_create_cq", -1))?;
+        Ok(Cq(Arc::new(CqInner {
+            cq,
+            dev: self.dev.clone(),
+        })))
+    }
+}
+
+fn port_state_name(state: u32) -> &'static str {
+    match state {
+        ibv_port_state::IBV_PORT_DOWN => "down",
+        ibv_port_state::IBV_PORT_INIT => "initializing",
+        ibv_port_state::IBV_PORT_ARMED => "armed",
+        ibv_port_state::IBV_PORT_ACTIVE_DEFER => "active (deferred)",
+        _ => "in no known state",
+    }
+}
+
+fn mtu_bytes(mtu: u32) -> u32 {
+    match mtu {
+        ibv_mtu::IBV_MTU_256 => 256,
+        ibv_mtu::IBV_MTU_512 => 512,
+        ibv_mtu::IBV_MTU_1024 => 1024,
+        ibv_mtu::IBV_MTU_2048 => 2048,
+        ibv_mtu::IBV_MTU_4096 => 4096,
+        _ => 0,
+    }
+}
+
+#[derive(Debug)]
+struct PdInner {
+    pd: NonNull<ibv_pd>,
+    dev: Arc<Device>,
+}
+
+// SAFETY: see Device.
+unsafe impl Send for PdInner {}
+// SAFETY: see Device.
+unsafe impl Sync for PdInner {}
+
+impl Drop for PdInner {
+    fn drop(&mut self) {
+        // SAFETY: every MR and QP of the PD holds it, so none is left.
+        unsafe { ibv_dealloc_pd(self.pd.as_ptr()) };
+    }
+}
+
+/// A protection domain.
+#[derive(Debug, Clone)]
+pub struct Pd(Arc<PdInner>);
+
+/// Access rights of a memory registration, as verbs names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Access {
+    /// The NIC may write it for a local work request (receives, READ and atomic results).
+    pub local_write: bool,
+    /// Peers may WRITE it.
+    pub remote_write: bool,
+    /// Peers may READ it.
+    pub remote_read: bool,
+    /// Peers may run atomics on it.
+    pub remote_atomic: bool,
+}
+
+impl Access {
+    /// Everything.
+    pub const ALL: Access = Access {
+        local_write: true,
+        remote_write: true,
+        remote_read: true,
+        remote_atomic: true,
+    };
+
+    fn flags(self) -> c_int {
+        let mut f = 0u32;
+        for (on, flag) in [
+            (self.local_write, ibv_access_flags::IBV_ACCESS_LOCAL_WRITE),
+            (self.remote_write, ibv_access_flags::IBV_ACCESS_REMOTE_WRITE),
+            (self.remote_read, ibv_access_flags::IBV_ACCESS_REMOTE_READ),
+            (
+                self.remote_atomic,
+                ibv_access_flags::IBV_ACCESS_REMOTE_ATOMIC,
+            ),
+        ] {
+            if on {
+                f |= flag.0;
+            }
+        }
+        c_int::try_from(f).unwrap_or(0)
+    }
+}
+
+impl Pd {
+    /// Registers `len` bytes at `addr` with the NIC.
+    ///
+    /// # Safety
+    ///
+    /// The range must stay mapped, and must not be given back to the allocator or unmapped,
+    /// for as long as the returned [`Mr`] lives: the NIC reads and writes it directly.
+    pub unsafe fn register(&self, addr: *mut u8, len: usize, access: Access) -> Result<Mr, Error> {
+        // SAFETY: the PD is live; the caller keeps the range mapped for the MR's life.
+        let mr = unsafe { ibv_reg_mr(self.0.pd.as_ptr(), addr.cast(), len, access.flags()) };
+        let mr = NonNull::new(mr).ok_or_else(|| self.0.dev.failed("ibv_reg_mr", -1))?;
+        Ok(Mr {
+            mr,
+            _pd: self.0.clone(),
+        })
+    }
+}
+
+/// A memory registration.
+#[derive(Debug)]
+pub struct Mr {
+    mr: NonNull<ibv_mr>,
+    _pd: Arc<PdInner>,
+}
+
+// SAFETY: see Device.
+unsafe impl Send for Mr {}
+// SAFETY: see Device.
+unsafe impl Sync for Mr {}
+
+impl Mr {
+    /// The key local work requests name it by.
+    pub fn lkey(&self) -> u32 {
+        // SAFETY: the MR is live; lkey never changes.
+        unsafe { (*self.mr.as_ptr()).lkey }
+    }
+
+    /// The key peers name it by.
+    pub fn rkey(&self) -> u32 {
+        // SAFETY: as lkey.
+        unsafe { (*self.mr.as_ptr()).rkey }
+    }
+}
+
+impl Drop for Mr {
+    fn drop(&mut self) {
+        // SAFETY: the MR came from ibv_reg_mr and is deregistered once.
+        unsafe { ibv_dereg_mr(self.mr.as_ptr()) };
+    }
+}
+
+#[derive(Debug)]
+struct CqInner {
+    cq: NonNull<ibv_cq>,
+    dev: Arc<Device>,
+}
+
+// SAFETY: see Device.
+unsafe impl Send for CqInner {}
+// SAFETY: see Device.
+unsafe impl Sync for CqInner {}
+
+impl Drop for CqInner {
+    fn drop(&mut self) {
+        // SAFETY: every QP using the CQ holds it, so none is left.
+        unsafe { ibv_destroy_cq(self.cq.as_ptr()) };
+    }
+}
+
+/// A completion queue.
+#[derive(Debug, Clone)]
+pub struct Cq(Arc<CqInner>);
+
+/// A completion, as the fabric reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Completion {
+    /// The work request's id.
+    pub wr_id: u64,
+    /// `IBV_WC_*` status (0 is success).
+    pub status: u32,
+    /// `IBV_WC_*` opcode.
+    pub opcode: u32,
+    /// Bytes received (receives).
+    pub byte_len: u32,
+    /// The QP it belongs to.
+    pub qp_num: u32,
+    /// Immediate data in host order, if any.
+    pub imm: Option<u32>,
+}
+
+impl Cq {
+    /// Takes up to `out.len()` completions; returns how many.
+    pub fn poll(&self, out: &mut [Completion]) -> Result<usize, Error> {
+        const BATCH: usize = 16;
+        // SAFETY: ibv_wc is plain C data for which all-zero is valid.
+        let mut wcs: [ibv_wc; BATCH] = unsafe { std::mem::zeroed() };
+        let want = out.len().min(BATCH);
+        // SAFETY: the CQ is live and wcs holds `want` entries.
+        let n = unsafe { ibv_poll_cq(self.0.cq.as_ptr(), want as c_int, wcs.as_mut_ptr()) };
+        if n < 0 {
+            return Err(self.0.dev.failed("ibv_poll_cq", n));
+        }
+        let n = n as usize;
+        for (o, wc) in out.iter_mut().zip(&wcs[..n]) {
+            *o = Completion {
+                wr_id: wc.wr_id,
+                status: wc.status,
+                opcode: wc.opcode,
+                byte_len: wc.byte_len,
+                qp_num: wc.qp_num,
+                imm: (wc.wc_flags & ibv_wc_flags::IBV_WC_WITH_IMM.0 != 0)
+                    // SAFETY: with IBV_WC_WITH_IMM the union holds the immediate data.
+                    .then(|| u32::from_be(unsafe { wc.imm_data_invalidated_rkey_union.imm_data })),
+            };
+        }
+        Ok(n)
+    }
+}
+
+/// The transport of a QP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QpKind {
+    /// Reliable connected.
+    Rc,
+    /// Unreliable datagram.
+    Ud,
+}
+
+/// Queue sizes of a QP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QpCaps {
+    /// Send queue entries.
+    pub send_wr: u32,
+    /// Receive queue entries.
+    pub recv_wr: u32,
+    /// Scatter/gather entries per work request.
+    pub sge: u32,
+}
+
+/// Where an RC QP's peer is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RemoteQp {
+    /// Its QP number.
+    pub qpn: u32,
+    /// The first PSN it expects.
+    pub psn: u32,
+    /// Its port's GID.
+    pub gid: [u8; 16],
+    /// Its LID (0 on RoCE).
+    pub lid: u16,
+}
+
+#[derive(Debug)]
+struct QpInner {
+    qp: NonNull<ibv_qp>,
+    pd: Arc<PdInner>,
+    _cqs: [Arc<CqInner>; 2],
+}
+
+// SAFETY: see Device.
+unsafe impl Send for QpInner {}
+// SAFETY: see Device.
+unsafe impl Sync for QpInner {}
+
+impl Drop for QpInner {
+    fn drop(&mut self) {
+        // SAFETY: the QP came from ibv_create_qp and is destroyed once, before its CQs and PD
+        // (this holds them).
+        unsafe { ibv_destroy_qp(self.qp.as_ptr()) };
+    }
+}
+
+/// A queue pair.
+#[derive(Debug, Clone)]
+pub struct Qp(Arc<QpInner>);
+
+/// One scatter/gather entry: bytes at `addr` of a registration whose key is `lkey`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sge {
+    /// The address (in the registration's address space).
+    pub addr: u64,
+    /// Bytes.
+    pub len: u32,
+    /// The registration's local key.
+    pub lkey: u32,
+}
+
+/// What a send work request does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendOp {
+    /// SEND, with immediate data if given.
+    Send {
+        /// Immediate data (host order).
+        imm: Option<u32>,
+    },
+    /// RDMA WRITE to the peer's `addr` under `rkey`, with immediate data if given.
+    Write {
+        /// Remote address.
+        addr: u64,
+        /// Remote key.
+        rkey: u32,
+        /// Immediate data (host order).
+        imm: Option<u32>,
+    },
+    /// RDMA READ of the peer's `addr` under `rkey`.
+    Read {
+        /// Remote address.
+        addr: u64,
+        /// Remote key.
+        rkey: u32,
+    },
+    /// 8-byte atomic compare-and-swap at the peer's `addr`.
+    CompareSwap {
+        /// Remote address.
+        addr: u64,
+        /// Remote key.
+        rkey: u32,
+        /// The value compared.
+        compare: u64,
+        /// The value stored if equal.
+        swap: u64,
+    },
+    /// 8-byte atomic fetch-and-add at the peer's `addr`.
+    FetchAdd {
+        /// Remote address.
+        addr: u64,
+        /// Remote key.
+        rkey: u32,
+        /// The value added.
+        add: u64,
+    },
+}
+
+/// The most scatter/gather entries one posted request may carry here (the stack array the
+/// post builds).
+pub const MAX_SGE: usize = 8;
+
+impl Qp {
+    /// Creates a QP of `kind` on `pd` with `send_cq` and `recv_cq`.
+    pub fn create(
+        pd: &Pd,
+        send_cq: &Cq,
+        recv_cq: &Cq,
+        kind: QpKind,
+        caps: QpCaps,
+    ) -> Result<Qp, Error> {
+        // SAFETY: plain C data, all-zero valid.
+        let mut init: ibv_qp_init_attr = unsafe { std::mem::zeroed() };
+        init.send_cq = send_cq.0.cq.as_ptr();
+        init.recv_cq = recv_cq.0.cq.as_ptr();
+        init.cap.max_send_wr = caps.send_wr;
+        init.cap.max_recv_wr = caps.recv_wr;
+        init.cap.max_send_sge = caps.sge;
+        init.cap.max_recv_sge = caps.sge;
+        init.qp_type = match kind {
+            QpKind::Rc => ibv_qp_type::IBV_QPT_RC,
+            QpKind::Ud => ibv_qp_type::IBV_QPT_UD,
+        };
+        // SAFETY: the PD and CQs are live (the QP holds them from now on).
+        let qp = unsafe { ibv_create_qp(pd.0.pd.as_ptr(), &mut init) };
+        let qp = NonNull::new(qp).ok_or_else(|| pd.0.dev.failed("ibv_create_qp", -1))?;
+        Ok(Qp(Arc::new(QpInner {
+            qp,
+            pd: pd.0.clone(),
+            _cqs: [send_cq.0.clone(), recv_cq.0.clone()],
+        })))
+    }
+
+    /// The QP number peers address it by.
+    pub fn qpn(&self) -> u32 {
+        // SAFETY: the QP is live; qp_num never changes.
+        unsafe { (*self.0.qp.as_ptr()).qp_num }
+    }
+
+    fn modify(
+        &self,
+        attr: &mut ibv_qp_attr,
+        mask: ibv_qp_attr_mask,
+        what: &'static str,
+    ) -> Result<(), Error> {
+        // SAFETY: the QP is live and attr a valid attribute block for `mask`.
+        let rc = unsafe { ibv_modify_qp(self.0.qp.as_ptr(), attr, mask.0 as c_int) };
+        if rc != 0 {
+            return Err(self.0.pd.dev.failed(what, rc));
+        }
+        Ok(())
+    }
+
+    /// RESET to INIT on `port` with remote `access` (RC) or `qkey` (UD).
+    pub fn to_init(&self, port: u8, access: Access, qkey: Option<u32>) -> Result<(), Error> {
+        // SAFETY: plain C data, all-zero valid.
+        let mut attr: ibv_qp_attr = unsafe { std::mem::zeroed() };
+        attr.qp_state = ibv_qp_state::IBV_QPS_INIT;
+        attr.pkey_index = 0;
+        attr.port_num = port;
+        let mut mask = ibv_qp_attr_mask::IBV_QP_STATE
+            | ibv_qp_attr_mask::IBV_QP_PKEY_INDEX
+            | ibv_qp_attr_mask::IBV_QP_PORT;
+        match qkey {
+            Some(qkey) => {
+                attr.qkey = qkey;
+                mask |= ibv_qp_attr_mask::IBV_QP_QKEY;
+            }
+            None => {
+                attr.qp_access_flags = access.flags() as u32;
+                mask |= ibv_qp_attr_mask::IBV_QP_ACCESS_FLAGS;
+            }
+        }
+        self.modify(&mut attr, mask, "ibv_modify_qp to INIT")
+    }
+
+    /// An RC QP from INIT to RTR, connected to `remote` through `port`.
+    pub fn to_rtr(&self, port: &PortInfo, remote: &RemoteQp) -> Result<(), Error> {
+        // SAFETY: plain C data, all-zero valid.
+        let mut attr: ibv_qp_attr = unsafe { std::mem::zeroed() };
+        attr.qp_state = ibv_qp_state::IBV_QPS_RTR;
+        attr.path_mtu = port.active_mtu_enum;
+        attr.dest_qp_num = remote.qpn;
+        attr.rq_psn = remote.psn;
+        attr.max_dest_rd_atomic = 16;
+        attr.min_rnr_timer = 12;
+        attr.ah_attr.dlid = remote.lid;
+        attr.ah_attr.port_num = port.port;
+        attr.ah_attr.is_global = 1;
+        attr.ah_attr.grh.dgid = ibv_gid { raw: remote.gid };
+        attr.ah_attr.grh.sgid_index = port.gid_index;
+        attr.ah_attr.grh.hop_limit = 64;
+        let mask = ibv_qp_attr_mask::IBV_QP_STATE
+            | ibv_qp_attr_mask::IBV_QP_AV
+            | ibv_qp_attr_mask::IBV_QP_PATH_MTU
+            | ibv_qp_attr_mask::IBV_QP_DEST_QPN
+            | ibv_qp_attr_mask::IBV_QP_RQ_PSN
+            | ibv_qp_attr_mask::IBV_QP_MAX_DEST_RD_ATOMIC
+            | ibv_qp_attr_mask::IBV_QP_MIN_RNR_TIMER;
+        self.modify(&mut attr, mask, "ibv_modify_qp to RTR")
+    }
+
+    /// An RC QP from RTR to RTS, sending from `psn`.
+    pub fn to_rts(&self, psn: u32) -> Result<(), Error> {
+        // SAFETY: plain C data, all-zero valid.
+        let mut attr: ibv_qp_attr = unsafe { std::mem::zeroed() };
+        attr.qp_state = ibv_qp_state::IBV_QPS_RTS;
+        attr.sq_psn = psn;
+        attr.timeout = 14;
+        attr.retry_cnt = 7;
+        attr.rnr_retry = 7;
+        attr.max_rd_atomic = 16;
+        let mask = ibv_qp_attr_mask::IBV_QP_STATE
+            | ibv_qp_attr_mask::IBV_QP_SQ_PSN
+            | ibv_qp_attr_mask::IBV_QP_TIMEOUT
+            | ibv_qp_attr_mask::IBV_QP_RETRY_CNT
+            | ibv_qp_attr_mask::IBV_QP_RNR_RETRY
+            | ibv_qp_attr_mask::IBV_QP_MAX_QP_RD_ATOMIC;
+        self.modify(&mut attr, mask, "ibv_modify_qp to RTS")
+    }
+
+    /// Posts one signalled send work request `op` of `sges` with id `wr_id`.
+    ///
+    /// Safe: the NIC reaches memory only through registrations whose keys the request names,
+    /// and a [`Mr`] keeps its range registered (its `register` made the caller promise the
+    /// range stays mapped); a request naming a wrong key or range completes with an error.
+    pub fn post_send(&self, wr_id: u64, sges: &[Sge], op: SendOp) -> Result<(), Error> {
+        let mut list = [ibv_sge {
+            addr: 0,
+            length: 0,
+            lkey: 0,
+        }; MAX_SGE];
+        let n = sges.len().min(MAX_SGE);
+        for (d, s) in list.iter_mut().zip(&sges[..n]) {
+            *d = ibv_sge {
+                addr: s.addr,
+                length: s.len,
+                lkey: s.lkey,
+            };
+        }
+        // SAFETY: plain C data (pointers null, unions zero), all-zero valid.
+        let mut wr: ibv_send_wr = unsafe { std::mem::zeroed() };
+        wr.wr_id = wr_id;
+        wr.sg_list = list.as_mut_ptr();
+        wr.num_sge = n as c_int;
+        wr.send_flags = ibv_send_flags::IBV_SEND_SIGNALED.0;
+        let imm_be = |imm: u32| imm.to_be();
+        match op {
+            SendOp::Send { imm } => {
+                wr.opcode = match imm {
+                    Some(_) => ibv_wr_opcode::IBV_WR_SEND_WITH_IMM,
+                    None => ibv_wr_opcode::IBV_WR_SEND,
+                };
+                wr.imm_data_invalidated_rkey_union.imm_data = imm.map_or(0, imm_be);
+            }
+            SendOp::Write { addr, rkey, imm } => {
+                wr.opcode = match imm {
+                    Some(_) => ibv_wr_opcode::IBV_WR_RDMA_WRITE_WITH_IMM,
+                    None => ibv_wr_opcode::IBV_WR_RDMA_WRITE,
+                };
+                wr.imm_data_invalidated_rkey_union.imm_data = imm.map_or(0, imm_be);
+                wr.wr.rdma = rdma_t {
+                    remote_addr: addr,
+                    rkey,
+                };
+            }
+            SendOp::Read { addr, rkey } => {
+                wr.opcode = ibv_wr_opcode::IBV_WR_RDMA_READ;
+                wr.wr.rdma = rdma_t {
+                    remote_addr: addr,
+                    rkey,
+                };
+            }
+            SendOp::CompareSwap {
+                addr,
+                rkey,
+                compare,
+                swap,
+            } => {
+                wr.opcode = ibv_wr_opcode::IBV_WR_ATOMIC_CMP_AND_SWP;
+                wr.wr.atomic = atomic_t {
+                    remote_addr: addr,
+                    compare_add: compare,
+                    swap,
+                    rkey,
+                };
+            }
+            SendOp::FetchAdd { addr, rkey, add } => {
+                wr.opcode = ibv_wr_opcode::IBV_WR_ATOMIC_FETCH_AND_ADD;
+                wr.wr.atomic = atomic_t {
+                    remote_addr: addr,
+                    compare_add: add,
+                    swap: 0,
+                    rkey,
+                };
+            }
+        }
+        let mut bad: *mut ibv_send_wr = std::ptr::null_mut();
+        // SAFETY: the QP is live; wr and its sg_list live on this stack frame for the call,
+        // which copies them into the send queue.
+        let rc = unsafe { ibv_post_send(self.0.qp.as_ptr(), &mut wr, &mut bad) };
+        if rc != 0 {
+            return Err(self.0.pd.dev.failed("ibv_post_send", rc));
+        }
+        Ok(())
+    }
+
+    /// Posts one receive work request of `sges` with id `wr_id`.
+    pub fn post_recv(&self, wr_id: u64, sges: &[Sge]) -> Result<(), Error> {
+        let mut list = [ibv_sge {
+            addr: 0,
+            length: 0,
+            lkey: 0,
+        }; MAX_SGE];
+        let n = sges.len().min(MAX_SGE);
+        for (d, s) in list.iter_mut().zip(&sges[..n]) {
+            *d = ibv_sge {
+                addr: s.addr,
+                length: s.len,
+                lkey: s.lkey,
+            };
+        }
+        let mut wr = ibv_recv_wr {
+            wr_id,
+            next: std::ptr::null_mut(),
+            sg_list: list.as_mut_ptr(),
+            num_sge: n as c_int,
+        };
+        let mut bad: *mut ibv_recv_wr = std::ptr::null_mut();
+        // SAFETY: as post_send: the call copies the request and its list.
+        let rc = unsafe { ibv_post_recv(self.0.qp.as_ptr(), &mut wr, &mut bad) };
+        if rc != 0 {
+            return Err(self.0.pd.dev.failed("ibv_post_recv", rc));
+        }
+        Ok(())
+    }
+}

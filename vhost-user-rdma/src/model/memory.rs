@@ -330,6 +330,144 @@ pub fn compare_swap(a: &AtomicU64, compare: u64, swap: u64) -> u64 {
     }
 }
 
+/// Guest memory of Xen guests (the `xen` feature; docs/xen.md).
+///
+/// With the feature, vm-memory maps each region as the frontend's Xen flags say: a foreign
+/// mapping (`/dev/xen/privcmd`) or a grant mapping made in advance (`/dev/xen/gntdev`) maps the
+/// whole region when the table arrives, and every function of this module works on it as on
+/// any mmap. A grant mapping flagged `NO_ADVANCE_MAP` is mapped only for the length of each
+/// access, and vm-memory leaves the region's base address null: its volatile-slice copies
+/// (`copy_runs`) and its atomics (`with_atomic`, `load_u32`, `store_u32`, and the
+/// virtqueues' own indices) use that address directly instead of mapping, so they would touch
+/// the daemon's own address space. Such a table is refused before any of them can run.
+#[cfg(feature = "xen")]
+pub mod xen {
+    use std::sync::PoisonError;
+
+    use vm_memory::{GuestAddressSpace, GuestMemoryBackend, GuestMemoryRegion, MmapXenFlags};
+
+    use super::{GuestMem, GuestMemAtomic};
+
+    /// Why the daemon cannot serve a Xen guest's memory table.
+    #[derive(Debug, thiserror::Error)]
+    pub enum Error {
+        /// A region is mapped per access, which the daemon's copies and atomics cannot use.
+        #[error(
+            "guest memory at {gpa:#x} ({len} bytes) is a Xen grant mapping made per access \
+             (Xen mmap flags {flags:#x}); the daemon needs each region mapped whole: run \
+             xen-vhost-frontend with --foreign-mapping and give the guest's virtio device \
+             grant_usage=0 (docs/xen.md)"
+        )]
+        MappedPerAccess {
+            /// Guest address where the region starts.
+            gpa: u64,
+            /// Bytes in the region.
+            len: u64,
+            /// The Xen mmap flags the frontend gave it.
+            flags: u32,
+        },
+    }
+
+    /// Checks that every region of `mem` was mapped whole when the table arrived.
+    pub fn check_mapped_whole(mem: &GuestMem) -> Result<(), Error> {
+        for region in mem.iter() {
+            let flags = region.xen_mmap_flags();
+            if !MmapXenFlags::from_bits_truncate(flags).mmap_in_advance() {
+                return Err(Error::MappedPerAccess {
+                    gpa: region.start_addr().0,
+                    len: region.len(),
+                    flags,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Refuses the table the library has just put in `mem` if a region of it is mapped per
+    /// access, and leaves `mem` empty then: the library installs a table before the device
+    /// sees it, so without this a kick after the refusal would still reach the refused table.
+    pub fn refuse_mapped_per_access(mem: &GuestMemAtomic) -> Result<(), Error> {
+        let checked = check_mapped_whole(&mem.memory());
+        if checked.is_err() {
+            mem.lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .replace(GuestMem::default());
+        }
+        checked
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use std::fs::File;
+
+        use vhost_user_backend::bitmap::BitmapMmapRegion;
+        use vm_memory::{FileOffset, GuestAddress, GuestRegionMmap, MmapRange, MmapRegion};
+
+        use super::*;
+
+        const GRANT_PER_ACCESS: u32 =
+            MmapXenFlags::GRANT.bits() | MmapXenFlags::NO_ADVANCE_MAP.bits();
+        /// The guest's Xen domain, which a Xen region carries as its mmap data.
+        const GUEST_DOMID: u32 = 7;
+
+        /// A region as vm-memory builds it from a Xen frontend's message. A grant region
+        /// mapped per access opens its file but maps nothing (no `/dev/xen/gntdev` needed);
+        /// foreign and in-advance grant regions would need the Xen devices, so the whole-region
+        /// case is the plain mmap the `xen` build also makes for `MmapXenFlags::UNIX`.
+        fn region(gpa: u64, len: usize, xen_flags: u32) -> GuestRegionMmap<BitmapMmapRegion> {
+            let range = if xen_flags == MmapXenFlags::UNIX.bits() {
+                MmapRange::new_unix(len, None, GuestAddress(gpa))
+            } else {
+                let file = File::open("/dev/null").unwrap();
+                MmapRange::new(
+                    len,
+                    Some(FileOffset::new(file, 0)),
+                    GuestAddress(gpa),
+                    xen_flags,
+                    GUEST_DOMID,
+                )
+            };
+            GuestRegionMmap::new(MmapRegion::from_range(range).unwrap(), GuestAddress(gpa)).unwrap()
+        }
+
+        #[test]
+        fn regions_mapped_whole_are_served() {
+            let mem = GuestMem::from_regions(vec![
+                region(0x10_0000, 0x4000, MmapXenFlags::UNIX.bits()),
+                region(0x20_0000, 0x4000, MmapXenFlags::UNIX.bits()),
+            ])
+            .unwrap();
+            check_mapped_whole(&mem).unwrap();
+            let atomic = GuestMemAtomic::new(mem);
+            refuse_mapped_per_access(&atomic).unwrap();
+            assert_eq!(atomic.memory().num_regions(), 2, "the table stays");
+        }
+
+        #[test]
+        fn a_grant_region_mapped_per_access_is_refused_and_the_table_taken_away() {
+            let mem = GuestMem::from_regions(vec![
+                region(0x10_0000, 0x4000, MmapXenFlags::UNIX.bits()),
+                region(1 << 63, 0x8000, GRANT_PER_ACCESS),
+            ])
+            .unwrap();
+            // vm-memory leaves such a region's base null: what the daemon must never copy from.
+            assert!(mem.iter().nth(1).unwrap().as_ptr().is_null());
+            let atomic = GuestMemAtomic::new(mem);
+            let err = refuse_mapped_per_access(&atomic).unwrap_err();
+            let Error::MappedPerAccess { gpa, len, flags } = &err;
+            assert_eq!((*gpa, *len, *flags), (1 << 63, 0x8000, GRANT_PER_ACCESS));
+            let message = err.to_string();
+            assert!(message.contains("0x8000000000000000"), "{message}");
+            assert!(message.contains("--foreign-mapping"), "{message}");
+            assert_eq!(
+                atomic.memory().num_regions(),
+                0,
+                "nothing can reach it any more"
+            );
+        }
+    }
+}
+
 /// Records, on the test's own thread, every write made through this module, so a test can
 /// show that each kind of write goes through it and that nothing else changed guest memory.
 #[cfg(test)]

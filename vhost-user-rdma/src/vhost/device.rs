@@ -615,9 +615,17 @@ impl VhostUserBackend for VmDevice {
             .unwrap_or_default()
     }
 
-    fn update_memory(&self, _mem: GuestMemAtomic) -> io::Result<()> {
+    fn update_memory(&self, mem: GuestMemAtomic) -> io::Result<()> {
         // The port holds the same GuestMemoryAtomic the library updates, so every access
         // after this sees the new table.
+        #[cfg(feature = "xen")]
+        memory::xen::refuse_mapped_per_access(&mem).map_err(|e| {
+            // The library hands the frontend only success or failure: say why here.
+            error!("vm {}: {e}", self.name);
+            io::Error::other(e)
+        })?;
+        #[cfg(not(feature = "xen"))]
+        let _ = mem;
         Ok(())
     }
 

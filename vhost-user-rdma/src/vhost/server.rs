@@ -269,3 +269,131 @@ fn serve(
         info!("vm {name}: resources released");
     }
 }
+
+/// A Xen frontend's memory table over the socket, in the `xen` build: the frontend must
+/// negotiate `XEN_MMAP` and sends regions in its extended format; a region mapped whole is
+/// served, and a grant region mapped per access is refused without taking the daemon down.
+#[cfg(all(test, feature = "xen"))]
+mod xen_tests {
+    use std::fs::File;
+    use std::os::fd::AsRawFd;
+
+    use clap::Parser;
+    use vhost::vhost_user::message::{
+        VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+    };
+    use vhost::vhost_user::{Frontend, VhostUserFrontend};
+    use vhost::{VhostBackend, VhostUserMemoryRegionInfo};
+    use vm_memory::{GuestAddressSpace, GuestMemoryBackend, MmapXenFlags};
+
+    use super::*;
+    use crate::config::{Args, Config};
+    use crate::fabric::mock::MockFabric;
+
+    /// Where the guest's RAM starts on Xen/Arm (`GUEST_RAM0_BASE`).
+    const RAM_BASE: u64 = 0x4000_0000;
+    const RAM_SIZE: u64 = 1 << 20;
+    /// Grant addresses carry the top bit (Linux's `XEN_GRANT_DMA_ADDR_OFF`).
+    const GRANT_BASE: u64 = 1 << 63;
+    const GUEST_DOMID: u32 = 7;
+
+    /// A frontend that has negotiated what a Xen frontend does: `XEN_MMAP`, and `REPLY_ACK`
+    /// so that it hears whether its table was taken.
+    fn xen_frontend(socket: &Path) -> Frontend {
+        let mut frontend = Frontend::connect(socket, 3).unwrap();
+        frontend.set_owner().unwrap();
+        let features = frontend.get_features().unwrap();
+        assert_ne!(
+            features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(),
+            0
+        );
+        frontend.set_features(features).unwrap();
+        let offered = frontend.get_protocol_features().unwrap();
+        let wanted = VhostUserProtocolFeatures::XEN_MMAP | VhostUserProtocolFeatures::REPLY_ACK;
+        assert!(offered.contains(wanted), "offered {offered:?}");
+        frontend.set_protocol_features(wanted).unwrap();
+        frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+        frontend
+    }
+
+    fn region(gpa: u64, file: &File, xen_flags: MmapXenFlags) -> VhostUserMemoryRegionInfo {
+        VhostUserMemoryRegionInfo {
+            guest_phys_addr: gpa,
+            memory_size: RAM_SIZE,
+            userspace_addr: 0,
+            mmap_offset: 0,
+            mmap_handle: file.as_raw_fd(),
+            xen_mmap_flags: xen_flags.bits(),
+            xen_mmap_data: GUEST_DOMID,
+        }
+    }
+
+    fn wait_until(what: &str, done: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out waiting until {what}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    #[test]
+    fn a_table_mapped_whole_is_served_and_one_mapped_per_access_refused() {
+        let dir = std::env::temp_dir().join(format!("vrdma-xen-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("vm.sock");
+        let argv = [
+            "vhost-user-rdma".to_owned(),
+            "--vm".to_owned(),
+            format!("name=xen,socket={},gid=10.0.0.9", socket.display()),
+        ];
+        let cfg = Config::from_args(&Args::parse_from(argv))
+            .unwrap()
+            .vms
+            .remove(0);
+        let scheduler = Scheduler::start(|| Box::new(MockFabric::default())).unwrap();
+        let server = VmServer::start(cfg, 0x100, scheduler).unwrap();
+
+        // Guest RAM as a plain file: the whole-region case a Xen build maps with mmap
+        // (foreign mappings need /dev/xen/privcmd, which this machine does not have).
+        let ram_path = dir.join("ram");
+        let ram = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&ram_path)
+            .unwrap();
+        ram.set_len(RAM_SIZE).unwrap();
+        let frontend = xen_frontend(&socket);
+        frontend
+            .set_mem_table(&[region(RAM_BASE, &ram, MmapXenFlags::UNIX)])
+            .unwrap();
+        wait_until("the frontend's device exists", || server.device().is_some());
+        let device = server.device().unwrap();
+        let mem = device.vm().mem.memory();
+        assert_eq!(mem.num_regions(), 1);
+        assert!(mem.address_in_range(vm_memory::GuestAddress(RAM_BASE + RAM_SIZE - 1)));
+        drop((mem, device));
+
+        // Grant regions mapped per access: vm-memory opens /dev/xen/gntdev only on access, so
+        // any file stands in for it here.
+        let gntdev = File::open("/dev/null").unwrap();
+        let per_access = MmapXenFlags::GRANT | MmapXenFlags::NO_ADVANCE_MAP;
+        frontend
+            .set_mem_table(&[region(GRANT_BASE, &gntdev, per_access)])
+            .expect_err("a grant region mapped per access must be refused");
+        drop(frontend);
+        // The refusal ends that connection; the daemon lives on and serves the next frontend.
+        wait_until("the refused frontend's VM is released", || {
+            server.times_waiting() == 2
+        });
+        let frontend = xen_frontend(&socket);
+        frontend
+            .set_mem_table(&[region(RAM_BASE, &ram, MmapXenFlags::UNIX)])
+            .unwrap();
+        drop(frontend);
+
+        server.stop(Duration::from_secs(5));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -54,6 +54,7 @@ fn check_fabric_runs_every_opcode_over_the_nic() {
         "SEND with immediate",
         "atomic fetch-and-add",
         "atomic compare-and-swap",
+        "UD SEND",
     ] {
         assert!(stdout.contains(step), "{step} missing from:\n{stdout}");
     }

@@ -62,9 +62,9 @@ pub struct Args {
     pub print_capabilities: bool,
 
     /// Check the fabric and exit, without serving VMs (no --vm needed): with verbs:DEVICE,
-    /// open the NIC, print its port and GID, and run an RDMA WRITE, READ, SEND and both
-    /// atomics between two RC QPs of its own through the port. Exits 0 if all passed, 2 if
-    /// there is no such device, 1 if a step failed.
+    /// open the NIC, print its port and GID, run an RDMA WRITE, READ, SEND and both atomics
+    /// between two RC QPs of its own through the port, and a UD SEND from a UD QP to itself.
+    /// Exits 0 if all passed, 2 if there is no such device, 1 if a step failed.
     #[arg(long)]
     pub check_fabric: bool,
 

@@ -1,7 +1,8 @@
 //! `--check-fabric`: proves a NIC can carry what the verbs fabric will ask of it before any
 //! guest depends on it. Two RC QPs of the daemon's own, connected to each other through the
 //! NIC's port, run an RDMA WRITE, a READ, a SEND with immediate data into a posted receive,
-//! and both atomics on one registered buffer; every byte and result is checked.
+//! and both atomics on one registered buffer; then a UD QP sends a datagram to itself through
+//! an address handle. Every byte and result is checked.
 
 use std::alloc::Layout;
 use std::ptr::NonNull;
@@ -173,7 +174,14 @@ const READ_BACK: usize = 2 * CHUNK;
 const RECEIVED: usize = 3 * CHUNK;
 const ATOMIC: usize = 4 * CHUNK;
 const ATOMIC_RESULT: usize = 4 * CHUNK + 64;
-const BUFFER: usize = 5 * CHUNK;
+const DATAGRAM: usize = 5 * CHUNK;
+const BUFFER: usize = 6 * CHUNK;
+/// What a UD receive holds before the payload: the GRH, present or not.
+const GRH: usize = 40;
+/// The check's UD Q_Key.
+const UD_QKEY: u32 = 0x1111_1111;
+/// Bytes of the datagram (within the port's MTU, whatever it is).
+const DATAGRAM_LEN: usize = 200;
 
 /// How long one step may take.
 const STEP_LIMIT: Duration = Duration::from_secs(5);
@@ -182,6 +190,8 @@ struct Loopback {
     device: String,
     a: Qp,
     b: Qp,
+    ud: Qp,
+    ah: nic::Ah,
     cq: Cq,
     /// Before `buf`: fields drop in order, so the registration goes before its memory.
     mr: nic::Mr,
@@ -299,10 +309,16 @@ pub fn check(nic: &Nic) -> Result<Report, Error> {
     b.to_rtr(&port, &end(&a, psn_a))?;
     a.to_rts(psn_a)?;
     b.to_rts(psn_b)?;
+    let ud = Qp::create(&pd, &cq, &cq, QpKind::Ud, caps)?;
+    ud.to_init(port.port, Access::default(), Some(UD_QKEY))?;
+    ud.ud_to_rts(0)?;
+    let ah = pd.create_ah(&port, port.gid, port.lid)?;
     let lb = Loopback {
         device: device.clone(),
         a,
         b,
+        ud,
+        ah,
         cq,
         mr,
         buf,
@@ -391,6 +407,33 @@ fn run_steps(lb: &Loopback) -> Result<Vec<&'static str>, Error> {
     lb.expect_word(what, ATOMIC_RESULT, 8)?;
     lb.expect_word(what, ATOMIC, 42)?;
     passed.push(what);
+
+    let what = "UD SEND";
+    lb.ud
+        .post_recv(7, &[lb.sge(DATAGRAM, GRH + DATAGRAM_LEN)])?;
+    lb.ud.post_send(
+        8,
+        &[lb.sge(SOURCE, DATAGRAM_LEN)],
+        SendOp::Datagram {
+            ah: &lb.ah,
+            qpn: lb.ud.qpn(),
+            qkey: UD_QKEY,
+            imm: None,
+        },
+    )?;
+    let done = lb.complete(what, 2)?;
+    let recv = done.iter().find(|c| c.wr_id == 7);
+    if recv.map(|c| c.byte_len as usize) != Some(GRH + DATAGRAM_LEN) {
+        return Err(Error::Mismatch {
+            what,
+            device: lb.device.clone(),
+            detail: format!(
+                "the receive completed as {recv:?}, not with GRH + {DATAGRAM_LEN} bytes"
+            ),
+        });
+    }
+    lb.expect(what, DATAGRAM + GRH, &pattern[..DATAGRAM_LEN])?;
+    passed.push(what);
     Ok(passed)
 }
 
@@ -416,6 +459,7 @@ mod tests {
             (RECEIVED, CHUNK),
             (ATOMIC, 8),
             (ATOMIC_RESULT, 8),
+            (DATAGRAM, GRH + DATAGRAM_LEN),
         ];
         for (i, &(a, la)) in parts.iter().enumerate() {
             assert!(a + la <= BUFFER);

@@ -366,6 +366,26 @@ impl Access {
 }
 
 impl Pd {
+    /// An address handle for UD sends to the port with GID `gid` (and LID `lid`) through
+    /// `port`.
+    pub fn create_ah(&self, port: &PortInfo, gid: [u8; 16], lid: u16) -> Result<Ah, Error> {
+        // SAFETY: plain C data, all-zero valid.
+        let mut attr: ibv_ah_attr = unsafe { std::mem::zeroed() };
+        attr.dlid = lid;
+        attr.port_num = port.port;
+        attr.is_global = 1;
+        attr.grh.dgid = ibv_gid { raw: gid };
+        attr.grh.sgid_index = port.gid_index;
+        attr.grh.hop_limit = 64;
+        // SAFETY: the PD is live and attr a valid attribute block.
+        let ah = unsafe { ibv_create_ah(self.0.pd.as_ptr(), &mut attr) };
+        let ah = NonNull::new(ah).ok_or_else(|| self.0.dev.failed("ibv_create_ah", -1))?;
+        Ok(Ah {
+            ah,
+            _pd: self.0.clone(),
+        })
+    }
+
     /// Registers `len` bytes at `addr` with the NIC.
     ///
     /// # Safety
@@ -380,6 +400,26 @@ impl Pd {
             mr,
             _pd: self.0.clone(),
         })
+    }
+}
+
+/// An address handle: where a UD send goes.
+#[derive(Debug)]
+pub struct Ah {
+    ah: NonNull<ibv_ah>,
+    _pd: Arc<PdInner>,
+}
+
+// SAFETY: see Device.
+unsafe impl Send for Ah {}
+// SAFETY: see Device.
+unsafe impl Sync for Ah {}
+
+impl Drop for Ah {
+    fn drop(&mut self) {
+        // SAFETY: the AH came from ibv_create_ah and is destroyed once; a send naming it holds
+        // a borrow of it for the post only, after which the NIC has copied what it needs.
+        unsafe { ibv_destroy_ah(self.ah.as_ptr()) };
     }
 }
 
@@ -553,10 +593,22 @@ pub struct Sge {
 }
 
 /// What a send work request does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SendOp {
+#[derive(Debug, Clone, Copy)]
+pub enum SendOp<'a> {
     /// SEND, with immediate data if given.
     Send {
+        /// Immediate data (host order).
+        imm: Option<u32>,
+    },
+    /// A UD SEND to QP `qpn` with `qkey` at the port `ah` leads to, with immediate data if
+    /// given.
+    Datagram {
+        /// Where it goes.
+        ah: &'a Ah,
+        /// The destination QP.
+        qpn: u32,
+        /// Its Q_Key.
+        qkey: u32,
         /// Immediate data (host order).
         imm: Option<u32>,
     },
@@ -702,6 +754,25 @@ impl Qp {
         self.modify(&mut attr, mask, "ibv_modify_qp to RTR")
     }
 
+    /// A UD QP from INIT to RTR, then to RTS sending from `psn`.
+    pub fn ud_to_rts(&self, psn: u32) -> Result<(), Error> {
+        // SAFETY: plain C data, all-zero valid.
+        let mut attr: ibv_qp_attr = unsafe { std::mem::zeroed() };
+        attr.qp_state = ibv_qp_state::IBV_QPS_RTR;
+        self.modify(
+            &mut attr,
+            ibv_qp_attr_mask::IBV_QP_STATE,
+            "ibv_modify_qp to RTR",
+        )?;
+        attr.qp_state = ibv_qp_state::IBV_QPS_RTS;
+        attr.sq_psn = psn;
+        self.modify(
+            &mut attr,
+            ibv_qp_attr_mask::IBV_QP_STATE | ibv_qp_attr_mask::IBV_QP_SQ_PSN,
+            "ibv_modify_qp to RTS",
+        )
+    }
+
     /// An RC QP from RTR to RTS, sending from `psn`.
     pub fn to_rts(&self, psn: u32) -> Result<(), Error> {
         // SAFETY: plain C data, all-zero valid.
@@ -726,7 +797,7 @@ impl Qp {
     /// Safe: the NIC reaches memory only through registrations whose keys the request names,
     /// and a [`Mr`] keeps its range registered (its `register` made the caller promise the
     /// range stays mapped); a request naming a wrong key or range completes with an error.
-    pub fn post_send(&self, wr_id: u64, sges: &[Sge], op: SendOp) -> Result<(), Error> {
+    pub fn post_send(&self, wr_id: u64, sges: &[Sge], op: SendOp<'_>) -> Result<(), Error> {
         let mut list = [ibv_sge {
             addr: 0,
             length: 0,
@@ -754,6 +825,18 @@ impl Qp {
                     None => ibv_wr_opcode::IBV_WR_SEND,
                 };
                 wr.imm_data_invalidated_rkey_union.imm_data = imm.map_or(0, imm_be);
+            }
+            SendOp::Datagram { ah, qpn, qkey, imm } => {
+                wr.opcode = match imm {
+                    Some(_) => ibv_wr_opcode::IBV_WR_SEND_WITH_IMM,
+                    None => ibv_wr_opcode::IBV_WR_SEND,
+                };
+                wr.imm_data_invalidated_rkey_union.imm_data = imm.map_or(0, imm_be);
+                wr.wr.ud = ud_t {
+                    ah: ah.ah.as_ptr(),
+                    remote_qpn: qpn,
+                    remote_qkey: qkey,
+                };
             }
             SendOp::Write { addr, rkey, imm } => {
                 wr.opcode = match imm {

@@ -94,6 +94,39 @@ fn an_unknown_device_is_refused_with_the_names_found() {
 }
 
 #[test]
+fn the_port_and_gid_index_are_chosen_and_checked() {
+    let outer = TestDaemon::start(&[("nic", "gid=10.0.0.8")]);
+    let nic = outer.socket("nic");
+    let out = run(
+        Some(&nic),
+        &[
+            "--fabric",
+            "verbs:vrdma0,port=1,gid-index=0",
+            "--check-fabric",
+        ],
+    );
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("GID[0] 0000:0000:0000:0000:0000:ffff:0a00:0008"),
+        "{stdout}"
+    );
+    // The NIC (a vrdma device) has one port and one GID.
+    for (fabric, says) in [
+        ("verbs:vrdma0,port=2", "RDMA device vrdma0 has no port 2"),
+        (
+            "verbs:vrdma0,gid-index=5",
+            "port 1 of RDMA device vrdma0 has no GID at index 5",
+        ),
+    ] {
+        let out = run(Some(&nic), &["--fabric", fabric, "--check-fabric"]);
+        let (_, stderr) = text(&out);
+        assert_eq!(out.status.code(), Some(2), "{fabric}: {stderr}");
+        assert!(stderr.contains(says), "{fabric}: {stderr}");
+    }
+}
+
+#[test]
 fn serving_vms_over_the_nic_is_refused_until_it_is_built() {
     let outer = TestDaemon::start(&[("nic", "")]);
     let dir = std::env::temp_dir().join(format!("vrdma-verbs-refuse-{}", std::process::id()));

@@ -94,15 +94,13 @@ fn check_fabric(fabric: &str) -> ExitCode {
             ExitCode::SUCCESS
         }
         #[cfg(feature = "verbs")]
-        FabricKind::Verbs(device) => {
+        FabricKind::Verbs(spec) => {
             use crate::fabric::verbs::{check, nic};
-            let nic = match nic::Nic::open(&device, 1, 0) {
+            let nic = match nic::Nic::open(&spec.device, spec.port, spec.gid_index) {
                 Ok(n) => n,
                 Err(e) => {
                     eprintln!("vhost-user-rdma: {}", ErrorChain(&e));
-                    let missing =
-                        matches!(e, nic::Error::NoDevice { .. } | nic::Error::NotFound { .. });
-                    return if missing {
+                    return if e.is_configuration() {
                         ExitCode::from(2)
                     } else {
                         ExitCode::FAILURE
@@ -115,10 +113,7 @@ fn check_fabric(fabric: &str) -> ExitCode {
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
-                    eprintln!(
-                        "vhost-user-rdma: --check-fabric verbs:{device}: {}",
-                        ErrorChain(&e)
-                    );
+                    eprintln!("vhost-user-rdma: --check-fabric {spec}: {}", ErrorChain(&e));
                     ExitCode::FAILURE
                 }
             }

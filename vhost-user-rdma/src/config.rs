@@ -30,8 +30,14 @@ pub struct Args {
     pub vms: Vec<String>,
 
     /// Where the VMs' work goes: "soft" (built in; VMs on this host copy guest to guest) or
-    /// "verbs:DEVICE" (a real RDMA NIC through libibverbs; needs the `verbs` build feature).
-    #[arg(long, default_value = "soft", value_name = "soft|verbs:DEVICE")]
+    /// "verbs:DEVICE[,port=N][,gid-index=N]" (a real RDMA NIC through libibverbs, its port N,
+    /// default 1, and the GID at index N of that port, default 0; needs the `verbs` build
+    /// feature). On RoCE, pick the index of a RoCEv2 GID (`show_gids` lists them).
+    #[arg(
+        long,
+        default_value = "soft",
+        value_name = "soft|verbs:DEVICE[,port=N][,gid-index=N]"
+    )]
     pub fabric: String,
 
     /// Carry work to VMs on other hosts as RoCEv2 over UDP: binds the --roce-port on every
@@ -219,7 +225,28 @@ pub enum FabricKind {
     /// The built-in software fabric.
     Soft,
     /// A libibverbs device.
-    Verbs(String),
+    Verbs(VerbsNic),
+}
+
+/// The NIC of the verbs fabric: `verbs:DEVICE[,port=N][,gid-index=N]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerbsNic {
+    /// The libibverbs device name (`ibv_devices`).
+    pub device: String,
+    /// Its port, from 1.
+    pub port: u8,
+    /// The index of the port's GID the fabric's QPs use.
+    pub gid_index: u8,
+}
+
+impl std::fmt::Display for VerbsNic {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "verbs:{},port={},gid-index={}",
+            self.device, self.port, self.gid_index
+        )
+    }
 }
 
 /// The daemon's validated configuration.
@@ -321,18 +348,52 @@ pub fn parse_fabric(s: &str) -> Result<FabricKind, Error> {
     if s == "soft" {
         return Ok(FabricKind::Soft);
     }
-    match s.strip_prefix("verbs:") {
-        Some(dev) if !dev.is_empty() => {
-            if cfg!(feature = "verbs") {
-                Ok(FabricKind::Verbs(dev.to_owned()))
-            } else {
-                Err(Error::Fabric(
+    let Some(spec) = s.strip_prefix("verbs:") else {
+        return Err(Error::Fabric(s.to_owned(), "expected soft or verbs:DEVICE"));
+    };
+    let mut parts = spec.split(',');
+    let device = parts.next().unwrap_or_default();
+    if device.is_empty() || device.contains('=') {
+        return Err(Error::Fabric(
+            s.to_owned(),
+            "expected verbs:DEVICE[,port=N][,gid-index=N], the device first",
+        ));
+    }
+    let mut nic = VerbsNic {
+        device: device.to_owned(),
+        port: 1,
+        gid_index: 0,
+    };
+    for part in parts {
+        let number = |v: &str, what| {
+            v.parse::<u8>()
+                .map_err(|_| Error::Fabric(s.to_owned(), what))
+        };
+        match part.split_once('=') {
+            Some(("port", v)) => {
+                nic.port = number(v, "port= takes a port number from 1 to 255")?;
+                if nic.port == 0 {
+                    return Err(Error::Fabric(s.to_owned(), "ports are numbered from 1"));
+                }
+            }
+            Some(("gid-index", v)) => {
+                nic.gid_index = number(v, "gid-index= takes a GID table index from 0 to 255")?;
+            }
+            _ => {
+                return Err(Error::Fabric(
                     s.to_owned(),
-                    "this build has no libibverbs support; rebuild with --features verbs",
-                ))
+                    "unknown option: verbs:DEVICE takes port=N and gid-index=N",
+                ));
             }
         }
-        _ => Err(Error::Fabric(s.to_owned(), "expected soft or verbs:DEVICE")),
+    }
+    if cfg!(feature = "verbs") {
+        Ok(FabricKind::Verbs(nic))
+    } else {
+        Err(Error::Fabric(
+            s.to_owned(),
+            "this build has no libibverbs support; rebuild with --features verbs",
+        ))
     }
 }
 
@@ -595,11 +656,43 @@ mod tests {
         a.fabric = "verbs:mlx5_0".into();
         let r = Config::from_args(&a);
         if cfg!(feature = "verbs") {
-            assert_eq!(r.unwrap().fabric, FabricKind::Verbs("mlx5_0".into()));
+            assert_eq!(
+                r.unwrap().fabric,
+                FabricKind::Verbs(VerbsNic {
+                    device: "mlx5_0".into(),
+                    port: 1,
+                    gid_index: 0
+                })
+            );
         } else {
             assert!(r.unwrap_err().to_string().contains("--features verbs"));
         }
         a.fabric = "carrier-pigeon".into();
         assert!(Config::from_args(&a).is_err());
+    }
+
+    #[test]
+    fn the_verbs_nic_takes_a_port_and_a_gid_index() {
+        if cfg!(feature = "verbs") {
+            assert_eq!(
+                parse_fabric("verbs:mlx5_1,gid-index=3,port=2").unwrap(),
+                FabricKind::Verbs(VerbsNic {
+                    device: "mlx5_1".into(),
+                    port: 2,
+                    gid_index: 3
+                })
+            );
+        }
+        for (bad, says) in [
+            ("verbs:", "the device first"),
+            ("verbs:port=1", "the device first"),
+            ("verbs:mlx5_0,port=0", "from 1"),
+            ("verbs:mlx5_0,port=256", "port number"),
+            ("verbs:mlx5_0,gid-index=x", "GID table index"),
+            ("verbs:mlx5_0,speed=100", "unknown option"),
+        ] {
+            let e = parse_fabric(bad).unwrap_err().to_string();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
     }
 }

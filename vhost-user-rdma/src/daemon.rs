@@ -39,13 +39,12 @@ pub enum Error {
 }
 
 impl Error {
-    /// Whether the host or the command line is at fault (no such NIC) rather than the run:
-    /// the program exits 2 for those, as for a bad option.
+    /// Whether the host or the command line is at fault (no such NIC, port or GID) rather than
+    /// the run: the program exits 2 for those, as for a bad option.
     pub fn is_configuration(&self) -> bool {
         #[cfg(feature = "verbs")]
         if let Error::Nic(e) = self {
-            use crate::fabric::verbs::nic::Error as NicError;
-            return matches!(e, NicError::NoDevice { .. } | NicError::NotFound { .. });
+            return e.is_configuration();
         }
         false
     }
@@ -63,14 +62,16 @@ impl Daemon {
     /// Starts the scheduler and listens on every VM's socket. If one VM cannot be served, the
     /// ones already started are stopped again.
     pub fn start(config: &Config) -> Result<Daemon, Error> {
-        if let FabricKind::Verbs(device) = &config.fabric {
+        if let FabricKind::Verbs(spec) = &config.fabric {
             #[cfg(feature = "verbs")]
             {
-                let nic = crate::fabric::verbs::nic::Nic::open(device, 1, 0).map_err(Error::Nic)?;
-                log::info!("fabric verbs:{device}: {:?}", nic.port());
+                let nic =
+                    crate::fabric::verbs::nic::Nic::open(&spec.device, spec.port, spec.gid_index)
+                        .map_err(Error::Nic)?;
+                log::info!("fabric {spec}: {:?}", nic.port());
             }
             // Refuse rather than quietly run the soft fabric under the operator's nose.
-            return Err(Error::FabricUnavailable(format!("verbs:{device}")));
+            return Err(Error::FabricUnavailable(spec.to_string()));
         }
         let network = match config.roce {
             Some(settings) => {

@@ -36,8 +36,35 @@ pub enum Error {
         /// The names found.
         available: String,
     },
+    /// The port cannot be queried: most likely the device has no such port.
+    #[error(
+        "RDMA device {device} has no port {port} that libibverbs can query: ports are \
+         numbered from 1, and `ibv_devinfo -d {device}` lists them; pick one with port=N"
+    )]
+    NoPort {
+        /// The device's name.
+        device: String,
+        /// The port asked for.
+        port: u8,
+        /// errno of `ibv_query_port`.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The port has no GID at the index asked for.
+    #[error(
+        "port {port} of RDMA device {device} has no GID at index {index}: `ibv_devinfo -v -d \
+         {device}` lists its GID table; pick one with gid-index=N"
+    )]
+    NoGid {
+        /// The device's name.
+        device: String,
+        /// The port.
+        port: u8,
+        /// The GID index asked for.
+        index: u8,
+    },
     /// A verb failed.
-    #[error("{what} failed on RDMA device {device}: {source}")]
+    #[error("{what} failed on RDMA device {device}")]
     Verb {
         /// The verb and its object.
         what: &'static str,
@@ -60,6 +87,20 @@ pub enum Error {
         /// Its state, as libibverbs names it.
         state: &'static str,
     },
+}
+
+impl Error {
+    /// Whether the host or the command line is at fault (no such device, port or GID) rather
+    /// than the NIC misbehaving: the daemon exits 2 for those, as for a bad option.
+    pub fn is_configuration(&self) -> bool {
+        matches!(
+            self,
+            Error::NoDevice { .. }
+                | Error::NotFound { .. }
+                | Error::NoPort { .. }
+                | Error::NoGid { .. }
+        )
+    }
 }
 
 /// `IBV_LINK_LAYER_ETHERNET` (an anonymous enum in verbs.h that rdma-sys does not bind).
@@ -208,7 +249,11 @@ impl Nic {
         // SAFETY: the context is open and attr a valid out-pointer of the size passed.
         let rc = unsafe { ___ibv_query_port(dev.ctx.as_ptr(), port, &mut attr) };
         if rc != 0 {
-            return Err(dev.failed("ibv_query_port", rc));
+            return Err(Error::NoPort {
+                device: name.to_owned(),
+                port,
+                source: errno_of(rc),
+            });
         }
         if attr.state != ibv_port_state::IBV_PORT_ACTIVE {
             return Err(Error::PortDown {
@@ -221,8 +266,14 @@ impl Nic {
         let mut gid: ibv_gid = unsafe { std::mem::zeroed() };
         // SAFETY: the context is open and gid a valid out-pointer.
         let rc = unsafe { ibv_query_gid(dev.ctx.as_ptr(), port, c_int::from(gid_index), &mut gid) };
-        if rc != 0 {
-            return Err(dev.failed("ibv_query_gid", rc));
+        // An index past the table fails, and an empty entry reads as all zeros.
+        // SAFETY: every bit pattern of the union is a valid byte array.
+        if rc != 0 || unsafe { gid.raw } == [0; 16] {
+            return Err(Error::NoGid {
+                device: name.to_owned(),
+                port,
+                index: gid_index,
+            });
         }
         Ok(Nic {
             port: PortInfo {

@@ -56,14 +56,7 @@ pub fn run(bin_name: &str, argv: impl IntoIterator<Item = String>) -> ExitCode {
     };
     let daemon = match Daemon::start(&config) {
         Ok(d) => d,
-        Err(e) => {
-            eprintln!("vhost-user-rdma: {}", ErrorChain(&e));
-            return if e.is_configuration() {
-                ExitCode::from(2)
-            } else {
-                ExitCode::FAILURE
-            };
-        }
+        Err(e) => return refused(&e, e.is_configuration()),
     };
     let mut signal = SIGTERM;
     for s in signals.forever() {
@@ -77,6 +70,17 @@ pub fn run(bin_name: &str, argv: impl IntoIterator<Item = String>) -> ExitCode {
     log::info!("signal {signal}: shutting down");
     daemon.stop();
     ExitCode::SUCCESS
+}
+
+/// Says why the program cannot go on and gives its exit code: 2 when the host or the
+/// command line is at fault (`configuration`), as for a bad option, else 1.
+fn refused(e: &(dyn std::error::Error + 'static), configuration: bool) -> ExitCode {
+    eprintln!("vhost-user-rdma: {}", ErrorChain(e));
+    if configuration {
+        ExitCode::from(2)
+    } else {
+        ExitCode::FAILURE
+    }
 }
 
 /// `--check-fabric`: checks fabric `fabric` and exits (see the option's help).
@@ -98,14 +102,7 @@ fn check_fabric(fabric: &str) -> ExitCode {
             use crate::fabric::verbs::{check, nic};
             let nic = match nic::Nic::open(&spec.device, spec.port, spec.gid_index) {
                 Ok(n) => n,
-                Err(e) => {
-                    eprintln!("vhost-user-rdma: {}", ErrorChain(&e));
-                    return if e.is_configuration() {
-                        ExitCode::from(2)
-                    } else {
-                        ExitCode::FAILURE
-                    };
-                }
+                Err(e) => return refused(&e, e.is_configuration()),
             };
             match check::check(&nic) {
                 Ok(report) => {

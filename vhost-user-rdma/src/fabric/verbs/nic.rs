@@ -63,6 +63,17 @@ pub enum Error {
         /// The GID index asked for.
         index: u8,
     },
+    /// A work request with more scatter/gather entries than a post here carries.
+    #[error(
+        "a work request of {count} scatter/gather entries for RDMA device {device}: the \
+         verbs fabric posts at most {MAX_SGE}"
+    )]
+    TooManySges {
+        /// The device's name.
+        device: String,
+        /// Entries asked for.
+        count: usize,
+    },
     /// A verb failed.
     #[error("{what} failed on RDMA device {device}")]
     Verb {
@@ -145,6 +156,40 @@ impl Device {
             device: self.name.clone(),
             source: errno_of(rc),
         }
+    }
+}
+
+/// A libibverbs object, what it was made from (`parent`, kept alive until this is
+/// destroyed), and the verb that destroys it. Every object type below is one of these, so
+/// the order verbs requires (QPs and MRs before their PD, QPs before their CQs, everything
+/// before the device) holds whatever order the caller drops things in.
+struct Owned<T, P> {
+    ptr: NonNull<T>,
+    parent: P,
+    destroy: unsafe extern "C" fn(*mut T) -> c_int,
+}
+
+// By hand: the libibverbs structs themselves have no Debug.
+impl<T, P: std::fmt::Debug> std::fmt::Debug for Owned<T, P> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Owned")
+            .field("ptr", &self.ptr)
+            .field("parent", &self.parent)
+            .finish()
+    }
+}
+
+// SAFETY: see Device: libibverbs objects may be used from any thread.
+unsafe impl<T, P: Send> Send for Owned<T, P> {}
+// SAFETY: as above.
+unsafe impl<T, P: Sync> Sync for Owned<T, P> {}
+
+impl<T, P> Drop for Owned<T, P> {
+    fn drop(&mut self) {
+        // SAFETY: `ptr` came from the verb that made it, `destroy` is that object's destroy
+        // verb, and it runs once; whatever was made from this object holds it, so nothing is
+        // left that uses it.
+        unsafe { (self.destroy)(self.ptr.as_ptr()) };
     }
 }
 
@@ -305,9 +350,10 @@ impl Nic {
         // SAFETY: the context is open.
         let pd = unsafe { ibv_alloc_pd(self.dev.ctx.as_ptr()) };
         let pd = NonNull::new(pd).ok_or_else(|| self.dev.failed("ibv_alloc_pd", -1))?;
-        Ok(Pd(Arc::new(PdInner {
-            pd,
-            dev: self.dev.clone(),
+        Ok(Pd(Arc::new(Owned {
+            ptr: pd,
+            parent: self.dev.clone(),
+            destroy: ibv_dealloc_pd,
         })))
     }
 
@@ -325,9 +371,10 @@ impl Nic {
             )
         };
         let cq = NonNull::new(cq).ok_or_else(|| self.dev.failed("ibv_create_cq", -1))?;
-        Ok(Cq(Arc::new(CqInner {
-            cq,
-            dev: self.dev.clone(),
+        Ok(Cq(Arc::new(Owned {
+            ptr: cq,
+            parent: self.dev.clone(),
+            destroy: ibv_destroy_cq,
         })))
     }
 }
@@ -353,23 +400,7 @@ fn mtu_bytes(mtu: u32) -> u32 {
     }
 }
 
-#[derive(Debug)]
-struct PdInner {
-    pd: NonNull<ibv_pd>,
-    dev: Arc<Device>,
-}
-
-// SAFETY: see Device.
-unsafe impl Send for PdInner {}
-// SAFETY: see Device.
-unsafe impl Sync for PdInner {}
-
-impl Drop for PdInner {
-    fn drop(&mut self) {
-        // SAFETY: every MR and QP of the PD holds it, so none is left.
-        unsafe { ibv_dealloc_pd(self.pd.as_ptr()) };
-    }
-}
+type PdInner = Owned<ibv_pd, Arc<Device>>;
 
 /// A protection domain.
 #[derive(Debug, Clone)]
@@ -429,12 +460,13 @@ impl Pd {
         attr.grh.sgid_index = port.gid_index;
         attr.grh.hop_limit = 64;
         // SAFETY: the PD is live and attr a valid attribute block.
-        let ah = unsafe { ibv_create_ah(self.0.pd.as_ptr(), &mut attr) };
-        let ah = NonNull::new(ah).ok_or_else(|| self.0.dev.failed("ibv_create_ah", -1))?;
-        Ok(Ah {
-            ah,
-            _pd: self.0.clone(),
-        })
+        let ah = unsafe { ibv_create_ah(self.0.ptr.as_ptr(), &mut attr) };
+        let ah = NonNull::new(ah).ok_or_else(|| self.0.parent.failed("ibv_create_ah", -1))?;
+        Ok(Ah(Owned {
+            ptr: ah,
+            parent: self.0.clone(),
+            destroy: ibv_destroy_ah,
+        }))
     }
 
     /// Registers `len` bytes at `addr` with the NIC.
@@ -445,85 +477,40 @@ impl Pd {
     /// for as long as the returned [`Mr`] lives: the NIC reads and writes it directly.
     pub unsafe fn register(&self, addr: *mut u8, len: usize, access: Access) -> Result<Mr, Error> {
         // SAFETY: the PD is live; the caller keeps the range mapped for the MR's life.
-        let mr = unsafe { ibv_reg_mr(self.0.pd.as_ptr(), addr.cast(), len, access.flags()) };
-        let mr = NonNull::new(mr).ok_or_else(|| self.0.dev.failed("ibv_reg_mr", -1))?;
-        Ok(Mr {
-            mr,
-            _pd: self.0.clone(),
-        })
+        let mr = unsafe { ibv_reg_mr(self.0.ptr.as_ptr(), addr.cast(), len, access.flags()) };
+        let mr = NonNull::new(mr).ok_or_else(|| self.0.parent.failed("ibv_reg_mr", -1))?;
+        Ok(Mr(Owned {
+            ptr: mr,
+            parent: self.0.clone(),
+            destroy: ibv_dereg_mr,
+        }))
     }
 }
 
-/// An address handle: where a UD send goes.
+/// An address handle: where a UD send goes. A send naming it borrows it for the post only,
+/// after which the NIC has copied what it needs.
 #[derive(Debug)]
-pub struct Ah {
-    ah: NonNull<ibv_ah>,
-    _pd: Arc<PdInner>,
-}
-
-// SAFETY: see Device.
-unsafe impl Send for Ah {}
-// SAFETY: see Device.
-unsafe impl Sync for Ah {}
-
-impl Drop for Ah {
-    fn drop(&mut self) {
-        // SAFETY: the AH came from ibv_create_ah and is destroyed once; a send naming it holds
-        // a borrow of it for the post only, after which the NIC has copied what it needs.
-        unsafe { ibv_destroy_ah(self.ah.as_ptr()) };
-    }
-}
+pub struct Ah(Owned<ibv_ah, Arc<PdInner>>);
 
 /// A memory registration.
 #[derive(Debug)]
-pub struct Mr {
-    mr: NonNull<ibv_mr>,
-    _pd: Arc<PdInner>,
-}
-
-// SAFETY: see Device.
-unsafe impl Send for Mr {}
-// SAFETY: see Device.
-unsafe impl Sync for Mr {}
+pub struct Mr(Owned<ibv_mr, Arc<PdInner>>);
 
 impl Mr {
     /// The key local work requests name it by.
     pub fn lkey(&self) -> u32 {
         // SAFETY: the MR is live; lkey never changes.
-        unsafe { (*self.mr.as_ptr()).lkey }
+        unsafe { (*self.0.ptr.as_ptr()).lkey }
     }
 
     /// The key peers name it by.
     pub fn rkey(&self) -> u32 {
         // SAFETY: as lkey.
-        unsafe { (*self.mr.as_ptr()).rkey }
+        unsafe { (*self.0.ptr.as_ptr()).rkey }
     }
 }
 
-impl Drop for Mr {
-    fn drop(&mut self) {
-        // SAFETY: the MR came from ibv_reg_mr and is deregistered once.
-        unsafe { ibv_dereg_mr(self.mr.as_ptr()) };
-    }
-}
-
-#[derive(Debug)]
-struct CqInner {
-    cq: NonNull<ibv_cq>,
-    dev: Arc<Device>,
-}
-
-// SAFETY: see Device.
-unsafe impl Send for CqInner {}
-// SAFETY: see Device.
-unsafe impl Sync for CqInner {}
-
-impl Drop for CqInner {
-    fn drop(&mut self) {
-        // SAFETY: every QP using the CQ holds it, so none is left.
-        unsafe { ibv_destroy_cq(self.cq.as_ptr()) };
-    }
-}
+type CqInner = Owned<ibv_cq, Arc<Device>>;
 
 /// A completion queue.
 #[derive(Debug, Clone)]
@@ -554,9 +541,9 @@ impl Cq {
         let mut wcs: [ibv_wc; BATCH] = unsafe { std::mem::zeroed() };
         let want = out.len().min(BATCH);
         // SAFETY: the CQ is live and wcs holds `want` entries.
-        let n = unsafe { ibv_poll_cq(self.0.cq.as_ptr(), want as c_int, wcs.as_mut_ptr()) };
+        let n = unsafe { ibv_poll_cq(self.0.ptr.as_ptr(), want as c_int, wcs.as_mut_ptr()) };
         if n < 0 {
-            return Err(self.0.dev.failed("ibv_poll_cq", n));
+            return Err(self.0.parent.failed("ibv_poll_cq", n));
         }
         let n = n as usize;
         for (o, wc) in out.iter_mut().zip(&wcs[..n]) {
@@ -608,25 +595,8 @@ pub struct RemoteQp {
     pub lid: u16,
 }
 
-#[derive(Debug)]
-struct QpInner {
-    qp: NonNull<ibv_qp>,
-    pd: Arc<PdInner>,
-    _cqs: [Arc<CqInner>; 2],
-}
-
-// SAFETY: see Device.
-unsafe impl Send for QpInner {}
-// SAFETY: see Device.
-unsafe impl Sync for QpInner {}
-
-impl Drop for QpInner {
-    fn drop(&mut self) {
-        // SAFETY: the QP came from ibv_create_qp and is destroyed once, before its CQs and PD
-        // (this holds them).
-        unsafe { ibv_destroy_qp(self.qp.as_ptr()) };
-    }
-}
+/// A QP holds its PD and its send and receive CQs.
+type QpInner = Owned<ibv_qp, (Arc<PdInner>, [Arc<CqInner>; 2])>;
 
 /// A queue pair.
 #[derive(Debug, Clone)]
@@ -716,8 +686,8 @@ impl Qp {
     ) -> Result<Qp, Error> {
         // SAFETY: plain C data, all-zero valid.
         let mut init: ibv_qp_init_attr = unsafe { std::mem::zeroed() };
-        init.send_cq = send_cq.0.cq.as_ptr();
-        init.recv_cq = recv_cq.0.cq.as_ptr();
+        init.send_cq = send_cq.0.ptr.as_ptr();
+        init.recv_cq = recv_cq.0.ptr.as_ptr();
         init.cap.max_send_wr = caps.send_wr;
         init.cap.max_recv_wr = caps.recv_wr;
         init.cap.max_send_sge = caps.sge;
@@ -727,19 +697,23 @@ impl Qp {
             QpKind::Ud => ibv_qp_type::IBV_QPT_UD,
         };
         // SAFETY: the PD and CQs are live (the QP holds them from now on).
-        let qp = unsafe { ibv_create_qp(pd.0.pd.as_ptr(), &mut init) };
-        let qp = NonNull::new(qp).ok_or_else(|| pd.0.dev.failed("ibv_create_qp", -1))?;
-        Ok(Qp(Arc::new(QpInner {
-            qp,
-            pd: pd.0.clone(),
-            _cqs: [send_cq.0.clone(), recv_cq.0.clone()],
+        let qp = unsafe { ibv_create_qp(pd.0.ptr.as_ptr(), &mut init) };
+        let qp = NonNull::new(qp).ok_or_else(|| pd.0.parent.failed("ibv_create_qp", -1))?;
+        Ok(Qp(Arc::new(Owned {
+            ptr: qp,
+            parent: (pd.0.clone(), [send_cq.0.clone(), recv_cq.0.clone()]),
+            destroy: ibv_destroy_qp,
         })))
+    }
+
+    fn device(&self) -> &Device {
+        &self.0.parent.0.parent
     }
 
     /// The QP number peers address it by.
     pub fn qpn(&self) -> u32 {
         // SAFETY: the QP is live; qp_num never changes.
-        unsafe { (*self.0.qp.as_ptr()).qp_num }
+        unsafe { (*self.0.ptr.as_ptr()).qp_num }
     }
 
     fn modify(
@@ -749,9 +723,9 @@ impl Qp {
         what: &'static str,
     ) -> Result<(), Error> {
         // SAFETY: the QP is live and attr a valid attribute block for `mask`.
-        let rc = unsafe { ibv_modify_qp(self.0.qp.as_ptr(), attr, mask.0 as c_int) };
+        let rc = unsafe { ibv_modify_qp(self.0.ptr.as_ptr(), attr, mask.0 as c_int) };
         if rc != 0 {
-            return Err(self.0.pd.dev.failed(what, rc));
+            return Err(self.device().failed(what, rc));
         }
         Ok(())
     }
@@ -843,25 +817,36 @@ impl Qp {
         self.modify(&mut attr, mask, "ibv_modify_qp to RTS")
     }
 
-    /// Posts one signalled send work request `op` of `sges` with id `wr_id`.
-    ///
-    /// Safe: the NIC reaches memory only through registrations whose keys the request names,
-    /// and a [`Mr`] keeps its range registered (its `register` made the caller promise the
-    /// range stays mapped); a request naming a wrong key or range completes with an error.
-    pub fn post_send(&self, wr_id: u64, sges: &[Sge], op: SendOp<'_>) -> Result<(), Error> {
+    /// `sges` as the stack array a post hands libibverbs, and how many there are.
+    fn sge_list(&self, sges: &[Sge]) -> Result<([ibv_sge; MAX_SGE], usize), Error> {
+        if sges.len() > MAX_SGE {
+            return Err(Error::TooManySges {
+                device: self.device().name.clone(),
+                count: sges.len(),
+            });
+        }
         let mut list = [ibv_sge {
             addr: 0,
             length: 0,
             lkey: 0,
         }; MAX_SGE];
-        let n = sges.len().min(MAX_SGE);
-        for (d, s) in list.iter_mut().zip(&sges[..n]) {
+        for (d, s) in list.iter_mut().zip(sges) {
             *d = ibv_sge {
                 addr: s.addr,
                 length: s.len,
                 lkey: s.lkey,
             };
         }
+        Ok((list, sges.len()))
+    }
+
+    /// Posts one signalled send work request `op` of `sges` with id `wr_id`.
+    ///
+    /// Safe: the NIC reaches memory only through registrations whose keys the request names,
+    /// and a [`Mr`] keeps its range registered (its `register` made the caller promise the
+    /// range stays mapped); a request naming a wrong key or range completes with an error.
+    pub fn post_send(&self, wr_id: u64, sges: &[Sge], op: SendOp<'_>) -> Result<(), Error> {
+        let (mut list, n) = self.sge_list(sges)?;
         // SAFETY: plain C data (pointers null, unions zero), all-zero valid.
         let mut wr: ibv_send_wr = unsafe { std::mem::zeroed() };
         wr.wr_id = wr_id;
@@ -884,7 +869,7 @@ impl Qp {
                 };
                 wr.imm_data_invalidated_rkey_union.imm_data = imm.map_or(0, imm_be);
                 wr.wr.ud = ud_t {
-                    ah: ah.ah.as_ptr(),
+                    ah: ah.0.ptr.as_ptr(),
                     remote_qpn: qpn,
                     remote_qkey: qkey,
                 };
@@ -934,28 +919,16 @@ impl Qp {
         let mut bad: *mut ibv_send_wr = std::ptr::null_mut();
         // SAFETY: the QP is live; wr and its sg_list live on this stack frame for the call,
         // which copies them into the send queue.
-        let rc = unsafe { ibv_post_send(self.0.qp.as_ptr(), &mut wr, &mut bad) };
+        let rc = unsafe { ibv_post_send(self.0.ptr.as_ptr(), &mut wr, &mut bad) };
         if rc != 0 {
-            return Err(self.0.pd.dev.failed("ibv_post_send", rc));
+            return Err(self.device().failed("ibv_post_send", rc));
         }
         Ok(())
     }
 
     /// Posts one receive work request of `sges` with id `wr_id`.
     pub fn post_recv(&self, wr_id: u64, sges: &[Sge]) -> Result<(), Error> {
-        let mut list = [ibv_sge {
-            addr: 0,
-            length: 0,
-            lkey: 0,
-        }; MAX_SGE];
-        let n = sges.len().min(MAX_SGE);
-        for (d, s) in list.iter_mut().zip(&sges[..n]) {
-            *d = ibv_sge {
-                addr: s.addr,
-                length: s.len,
-                lkey: s.lkey,
-            };
-        }
+        let (mut list, n) = self.sge_list(sges)?;
         let mut wr = ibv_recv_wr {
             wr_id,
             next: std::ptr::null_mut(),
@@ -964,9 +937,9 @@ impl Qp {
         };
         let mut bad: *mut ibv_recv_wr = std::ptr::null_mut();
         // SAFETY: as post_send: the call copies the request and its list.
-        let rc = unsafe { ibv_post_recv(self.0.qp.as_ptr(), &mut wr, &mut bad) };
+        let rc = unsafe { ibv_post_recv(self.0.ptr.as_ptr(), &mut wr, &mut bad) };
         if rc != 0 {
-            return Err(self.0.pd.dev.failed("ibv_post_recv", rc));
+            return Err(self.device().failed("ibv_post_recv", rc));
         }
         Ok(())
     }

@@ -15,7 +15,7 @@ use vhost::vhost_user::message::{
 use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{VhostUserBackend, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
-use virtio_queue::{DescriptorChain, QueueOwnedT};
+use virtio_queue::DescriptorChain;
 use vm_memory::{Bytes, GuestAddressSpace, GuestMemoryBackend};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
@@ -25,7 +25,7 @@ use vrdma_proto::cmd::{self, RespHeader, Status};
 use vrdma_proto::{config, features, queue};
 use zerocopy::IntoBytes;
 
-use super::queues::{DoorbellQueues, EventQueue, Vring, is_running};
+use super::queues::{DoorbellQueues, EventQueue, Vring, take_available};
 use crate::config::VmConfig;
 use crate::model::control::ControlEnv;
 use crate::model::hooks::ObjectHooks;
@@ -403,21 +403,17 @@ impl VmDevice {
         let mem = self.vm.mem.memory();
         loop {
             // The library may hand over a queue the VMM has stopped or disabled since it became
-            // ready, and the VMM may stop it between two passes (stop_vring waits for the pass
-            // under way): nothing to do until it restarts, and an error here would end the
-            // VM's vring worker.
-            if !is_running(vring) {
+            // ready, and the VMM may stop it at any time, even during a pass (GET_VRING_BASE
+            // marks the ring not ready before stop_vring waits for the pass under way):
+            // nothing to do until it restarts, and an error here would end the VM's vring
+            // worker. `take_available` checks and takes under one lock.
+            let Some(chains) = take_available(vring, &mem) else {
                 break;
-            }
-            let chains: Vec<_> = vring
-                .get_mut()
-                .get_queue_mut()
-                .iter(mem.clone())
-                .map_err(|source| Error::Queue {
-                    queue: queue::CONTROL,
-                    source,
-                })?
-                .collect();
+            };
+            let chains = chains.map_err(|source| Error::Queue {
+                queue: queue::CONTROL,
+                source,
+            })?;
             if chains.is_empty() {
                 break;
             }

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use log::warn;
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_bindings::virtio_ring::{VRING_AVAIL_F_NO_INTERRUPT, VRING_USED_F_NO_NOTIFY};
-use virtio_queue::QueueT;
+use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
 use vrdma_proto::{doorbell, event, queue};
 use zerocopy::IntoBytes;
@@ -191,15 +191,38 @@ impl Doorbells for DoorbellQueues {
     }
 }
 
-/// Whether `vring` runs: started (ready) and enabled. A ring the VMM disabled or stopped is
-/// not touched, not even polled: its indices are the VMM's until it starts the ring again.
-pub fn is_running(vring: &Vring) -> bool {
-    runs(&vring.get_ref())
-}
-
-/// [`is_running`] on a ring whose lock the caller holds.
+/// Whether the ring whose lock the caller holds runs: started (ready) and enabled. A ring the
+/// VMM disabled or stopped is not touched, not even polled: its indices are the VMM's until it
+/// starts the ring again. Only ever checked under the same lock as what it guards: the VMM's
+/// `GET_VRING_BASE` marks a ring not ready before `stop_vring` waits for the worker, so a
+/// check made under an earlier lock can be stale by the time the ring is read.
 fn runs(state: &vhost_user_backend::VringState<GuestMemAtomic>) -> bool {
     state.is_enabled() && state.get_queue().ready()
+}
+
+/// Every chain the driver has made available on `vring`, taken off the ring, or `None` if the
+/// ring does not run (the VMM stopped or disabled it: nothing to do until it starts again).
+/// The check and the walk are made under the ring's one lock, as in [`pop_running`]: checked
+/// under a lock of its own, a ring stopped in between makes virtio-queue fail with
+/// `QueueNotReady`, and an error from the worker's event handler ends the VM's vring worker,
+/// after which no kick of any of its queues is ever seen again.
+pub fn take_available<M>(
+    vring: &Vring,
+    mem: &M,
+) -> Option<Result<Vec<virtio_queue::DescriptorChain<M>>, virtio_queue::Error>>
+where
+    M: Clone + std::ops::Deref<Target = GuestMem>,
+{
+    let mut state = vring.get_mut();
+    if !runs(&state) {
+        return None;
+    }
+    Some(
+        state
+            .get_queue_mut()
+            .iter(mem.clone())
+            .map(Iterator::collect),
+    )
 }
 
 /// The next chain the driver made available on `vring`, if the ring runs. The check and the
@@ -407,6 +430,34 @@ mod tests {
         );
         let first = vm.read(buffers, event::SIZE);
         assert_eq!(first, event::Event::new(Kind::CqErr, 7).as_bytes());
+    }
+
+    /// A ring the VMM stopped gives nothing and no error (an error would end the VM's vring
+    /// worker), and leaves its chains for when it starts again.
+    #[test]
+    fn a_stopped_ring_takes_nothing_and_fails_nothing() {
+        let mut vm = TestVm::new(7, 1);
+        let ring = vm.alloc(16 << 10);
+        let buffer = vm.alloc(4096);
+        let vring = vring_at(&vm, ring, 16);
+        {
+            let mem = vm.mem();
+            let mock = MockSplitQueue::create(&*mem, GuestAddress(ring), 16);
+            let desc = SplitDescriptor::new(buffer, 64, 0, 0);
+            mock.add_desc_chains(&[RawDescriptor::from(desc)], 0)
+                .unwrap();
+        }
+        let mem = vm.vm.mem.memory();
+        vring.set_queue_ready(false);
+        assert!(take_available(&vring, &mem).is_none());
+        vring.set_queue_ready(true);
+        vring.set_enabled(false);
+        assert!(take_available(&vring, &mem).is_none());
+        vring.set_enabled(true);
+        let chains = take_available(&vring, &mem)
+            .expect("the ring runs")
+            .expect("the ring is sound");
+        assert_eq!(chains.len(), 1, "the chain waited for the ring to start");
     }
 
     /// An SRQ doorbell is counted and asks nothing: its handle, an SRQ number, is never taken

@@ -5,6 +5,9 @@
 //! device does not set the flag to match when the ring starts again, a driver following
 //! docs/protocol.md §14.4 never kicks that queue again and its QPs hang. And while its rings
 //! are stopped the VM is stopped: nothing it has in flight moves until they start again.
+//! Nor may a stop end the VM's vring worker: the VMM can stop a ring while the worker is
+//! about to read it, and an error from the worker's handler ends the worker, after which no
+//! kick is taken and the QP hangs the same way.
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -25,9 +28,14 @@ const CYCLES: u32 = 200;
 const POLLED_PAUSES: u32 = 3;
 /// The most cycles the test runs looking for [`POLLED_PAUSES`].
 const MAX_CYCLES: u32 = 5000;
-/// Small writes between two pauses, each waited for before the next is posted: each doorbell
-/// comes a few microseconds after the previous completion, which is what makes the scheduler
-/// poll (its polling window grows back after the long sleep of the previous pause).
+/// Small writes between two pauses at least, each waited for before the next is posted: each
+/// doorbell comes a few microseconds after the previous completion, which is what makes the
+/// scheduler poll (its polling window grows back after the long sleep of the previous pause).
+/// They go on until it polls VM a, so that every bulk write starts, and every pause begins,
+/// with the scheduler busy-polling: that load on the shared cores is what once caught the VM's
+/// vring worker between its check that the control ring ran and its walk of it, as the VMM
+/// stopped that ring, and ended the worker (one run in about twenty hung; none did with a
+/// fixed count of writes).
 const WRITES_PER_CYCLE: u64 = 20;
 /// Bytes of the write in flight when the VMM pauses the VM: it keeps the scheduler serving,
 /// and so polling, the VM while the rings stop.
@@ -86,9 +94,17 @@ fn doorbells_are_taken_after_the_vmm_pauses_and_resumes_a_polled_vm() {
     while cycle < CYCLES || (paused_while_polled < POLLED_PAUSES && cycle < MAX_CYCLES) {
         cycle += 1;
         // Each write is posted on an idle QP, so the driver rings a doorbell, and completes
-        // only once the device takes it: from a kick, or by polling the queue.
-        for _ in 0..WRITES_PER_CYCLE {
+        // only once the device takes it: from a kick, or by polling the queue. The writes go on
+        // until the scheduler polls VM a (see WRITES_PER_CYCLE).
+        let deadline = Instant::now() + HANG;
+        let mut writes = 0;
+        while writes < WRITES_PER_CYCLE || !doorbells_a.kicks_off() {
+            assert!(
+                Instant::now() < deadline,
+                "cycle {cycle}: {writes} small writes never made the scheduler poll VM a"
+            );
             id += 1;
+            writes += 1;
             post_write(&a, &b, id, 8);
             await_write(&a.cq, id, || {
                 format!(
@@ -146,7 +162,8 @@ fn doorbells_are_taken_after_the_vmm_pauses_and_resumes_a_polled_vm() {
         await_write(&a.cq, id, || {
             format!(
                 "QP hung after stop/start cycle {cycle}: doorbells not taken (the doorbell \
-                 queue was stopped {} VRING_USED_F_NO_NOTIFY)",
+                 queue was stopped {} VRING_USED_F_NO_NOTIFY; or the VM's vring worker ended, \
+                 which takes kicks)",
                 if polled { "with" } else { "without" }
             )
         });

@@ -67,6 +67,17 @@ fn spawn_server(
         .expect("start the server")
 }
 
+/// Runs `vrdma-perf TEST` as a client on VM a with `args` (the server's host among them) and
+/// returns its output.
+fn run_client(d: &TestDaemon, test: &str, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args([test, "-d"])
+        .arg(d.socket("a"))
+        .args(args)
+        .output()
+        .expect("run the client")
+}
+
 #[test]
 fn write_bw_moves_exactly_iters_times_size_per_qp_through_the_daemon() {
     let d = two_vms();
@@ -238,12 +249,11 @@ fn client_and_server_as_two_processes_over_tcp_agree() {
     let d = two_vms();
     let port = free_port().to_string();
     let server = spawn_server(&d, "send_lat", &["-p", &port], true);
-    let client = Command::new(BIN)
-        .args(["send_lat", "-d"])
-        .arg(d.socket("a"))
-        .args(["-p", &port, "-n", "200", "-s", "256", "127.0.0.1"])
-        .output()
-        .expect("run the client");
+    let client = run_client(
+        &d,
+        "send_lat",
+        &["-p", &port, "-n", "200", "-s", "256", "127.0.0.1"],
+    );
     let server = server.wait_with_output().expect("the server ends");
     assert!(client.status.success(), "client: {}", stderr(&client));
     assert!(server.status.success(), "server: {}", stderr(&server));
@@ -327,12 +337,7 @@ fn a_server_started_for_another_test_stops_the_client_at_once() {
     let port = free_port().to_string();
     let server = spawn_server(&d, "read_bw", &["-p", &port], false);
     let t0 = Instant::now();
-    let client = Command::new(BIN)
-        .args(["write_bw", "-d"])
-        .arg(d.socket("a"))
-        .args(["-p", &port, "127.0.0.1"])
-        .output()
-        .expect("run the client");
+    let client = run_client(&d, "write_bw", &["-p", &port, "127.0.0.1"]);
     let server = server.wait_with_output().expect("the server ends");
     assert_eq!(client.status.code(), Some(1));
     assert_eq!(server.status.code(), Some(1));
@@ -364,13 +369,9 @@ fn verified(out: &str) -> Option<(u64, u64)> {
 fn checked_over_tcp(d: &TestDaemon, test: &str, extra: &[&str]) -> (String, String) {
     let port = free_port().to_string();
     let server = spawn_server(d, test, &["-p", &port, "--check"], true);
-    let client = Command::new(BIN)
-        .args([test, "-d"])
-        .arg(d.socket("a"))
-        .args(["-p", &port, "--check", "127.0.0.1"])
-        .args(extra)
-        .output()
-        .expect("run the client");
+    let mut args = vec!["-p", port.as_str(), "--check", "127.0.0.1"];
+    args.extend_from_slice(extra);
+    let client = run_client(d, test, &args);
     let server = server.wait_with_output().expect("the server ends");
     assert!(client.status.success(), "client: {}", stderr(&client));
     assert!(server.status.success(), "server: {}", stderr(&server));
@@ -437,12 +438,7 @@ fn a_server_started_with_check_refuses_a_client_without_it() {
     let d = two_vms();
     let port = free_port().to_string();
     let server = spawn_server(&d, "write_bw", &["-p", &port, "--check"], false);
-    let client = Command::new(BIN)
-        .args(["write_bw", "-d"])
-        .arg(d.socket("a"))
-        .args(["-p", &port, "-n", "10", "127.0.0.1"])
-        .output()
-        .expect("run the client");
+    let client = run_client(&d, "write_bw", &["-p", &port, "-n", "10", "127.0.0.1"]);
     let server = server.wait_with_output().expect("the server ends");
     assert_eq!(client.status.code(), Some(1));
     assert_eq!(server.status.code(), Some(1));

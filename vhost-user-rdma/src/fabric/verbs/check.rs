@@ -20,7 +20,7 @@ pub enum Error {
     #[error(transparent)]
     Nic(#[from] nic::Error),
     /// A work request completed with an error.
-    #[error("the loopback {what} completed with status {status} ({}) on RDMA device {device}", status_name(*.status))]
+    #[error("the loopback {what} completed with status {status} ({}) on RDMA device {device}", nic::status_text(*.status))]
     Completion {
         /// The step.
         what: &'static str,
@@ -55,21 +55,6 @@ pub enum Error {
     /// The check's buffer could not be allocated.
     #[error("cannot allocate the check's {0}-byte buffer")]
     NoMemory(usize),
-}
-
-fn status_name(status: u32) -> &'static str {
-    match status {
-        1 => "local length error",
-        2 => "local QP operation error",
-        4 => "local protection error",
-        5 => "work request flushed",
-        9 => "remote invalid request",
-        10 => "remote access error",
-        11 => "remote operation error",
-        12 => "transport retry counter exceeded",
-        13 => "RNR retry counter exceeded",
-        _ => "see ibv_wc_status_str",
-    }
 }
 
 /// What the check found.
@@ -211,14 +196,7 @@ impl Loopback {
     fn complete(&self, what: &'static str, n: usize) -> Result<Vec<Completion>, Error> {
         let mut got = Vec::new();
         let end = Instant::now() + STEP_LIMIT;
-        let mut batch = [Completion {
-            wr_id: 0,
-            status: 0,
-            opcode: 0,
-            byte_len: 0,
-            qp_num: 0,
-            imm: None,
-        }; 4];
+        let mut batch = [Completion::default(); 4];
         while got.len() < n {
             let k = self.cq.poll(&mut batch)?;
             for c in &batch[..k] {

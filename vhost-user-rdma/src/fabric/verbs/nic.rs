@@ -96,7 +96,7 @@ pub enum Error {
         /// The port.
         port: u8,
         /// Its state, as libibverbs names it.
-        state: &'static str,
+        state: String,
     },
 }
 
@@ -216,10 +216,7 @@ fn with_devices<T>(
             // that lives as long as the list.
             unsafe {
                 let dev = *list.add(i);
-                let name = CStr::from_ptr(ibv_get_device_name(dev))
-                    .to_string_lossy()
-                    .into_owned();
-                (name, dev)
+                (owned(ibv_get_device_name(dev)), dev)
             }
         })
         .collect();
@@ -304,7 +301,8 @@ impl Nic {
             return Err(Error::PortDown {
                 device: name.to_owned(),
                 port,
-                state: port_state_name(attr.state),
+                // SAFETY: ibv_port_state_str returns a static string for every value.
+                state: unsafe { owned(ibv_port_state_str(attr.state)) },
             });
         }
         // SAFETY: ibv_gid is 16 plain bytes.
@@ -379,14 +377,21 @@ impl Nic {
     }
 }
 
-fn port_state_name(state: u32) -> &'static str {
-    match state {
-        ibv_port_state::IBV_PORT_DOWN => "down",
-        ibv_port_state::IBV_PORT_INIT => "initializing",
-        ibv_port_state::IBV_PORT_ARMED => "armed",
-        ibv_port_state::IBV_PORT_ACTIVE_DEFER => "active (deferred)",
-        _ => "in no known state",
-    }
+/// A string libibverbs returned, as an owned String.
+///
+/// # Safety
+///
+/// `s` must point to a NUL-terminated string that stays valid during the call.
+unsafe fn owned(s: *const std::ffi::c_char) -> String {
+    // SAFETY: the caller's contract.
+    unsafe { CStr::from_ptr(s) }.to_string_lossy().into_owned()
+}
+
+/// libibverbs' name of work completion status `status` (`ibv_wc_status_str`).
+pub fn status_text(status: u32) -> String {
+    // SAFETY: ibv_wc_status_str returns a static string for every value ("unknown" past its
+    // table).
+    unsafe { owned(ibv_wc_status_str(status)) }
 }
 
 fn mtu_bytes(mtu: u32) -> u32 {
@@ -517,7 +522,7 @@ type CqInner = Owned<ibv_cq, Arc<Device>>;
 pub struct Cq(Arc<CqInner>);
 
 /// A completion, as the fabric reads it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Completion {
     /// The work request's id.
     pub wr_id: u64,
@@ -942,5 +947,21 @@ impl Qp {
             return Err(self.device().failed("ibv_post_recv", rc));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn completion_statuses_are_named_as_libibverbs_names_them() {
+        assert_eq!(status_text(ibv_wc_status::IBV_WC_SUCCESS), "success");
+        assert!(
+            status_text(ibv_wc_status::IBV_WC_RNR_RETRY_EXC_ERR).contains("RNR"),
+            "{}",
+            status_text(ibv_wc_status::IBV_WC_RNR_RETRY_EXC_ERR)
+        );
+        assert_eq!(status_text(9999), "unknown");
     }
 }

@@ -87,10 +87,7 @@ fn refused(e: &(dyn std::error::Error + 'static), configuration: bool) -> ExitCo
 fn check_fabric(fabric: &str) -> ExitCode {
     let kind = match crate::config::parse_fabric(fabric) {
         Ok(k) => k,
-        Err(e) => {
-            eprintln!("vhost-user-rdma: {e}");
-            return ExitCode::from(2);
-        }
+        Err(e) => return refused(&e, true),
     };
     match kind {
         FabricKind::Soft => {
@@ -109,10 +106,8 @@ fn check_fabric(fabric: &str) -> ExitCode {
                     println!("{report}");
                     ExitCode::SUCCESS
                 }
-                Err(e) => {
-                    eprintln!("vhost-user-rdma: --check-fabric {spec}: {}", ErrorChain(&e));
-                    ExitCode::FAILURE
-                }
+                // The check's errors name the device and the step.
+                Err(e) => refused(&e, false),
             }
         }
         #[cfg(not(feature = "verbs"))]

@@ -217,6 +217,9 @@ pub struct VmConfig {
     /// when its guest connects, not at start, as it may still be another host's (or another
     /// daemon's) until the switch-over.
     pub incoming: bool,
+    /// QP numbers are the NIC's (the verbs fabric): a peer on another host puts them in its
+    /// packets, so the VM's QPs are numbered by the NIC, not by the daemon's allocator.
+    pub nic_qpns: bool,
 }
 
 /// Which fabric carries the VMs' work.
@@ -500,6 +503,7 @@ fn parse_vm(entry: &str, index: usize) -> Result<VmConfig, Error> {
         active_mtu: Mtu::Mtu4096,
         roce: false,
         incoming,
+        nic_qpns: false,
     })
 }
 

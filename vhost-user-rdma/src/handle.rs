@@ -101,6 +101,39 @@ impl<T> Table<T> {
         Ok(self.compose(index, generation))
     }
 
+    /// Whether [`Table::place`] would store an object under `handle`: it is not 0, its
+    /// generation fits, its slot is free and the table is not full.
+    pub fn can_place(&self, handle: u32) -> bool {
+        let (index, generation) = self.split(handle);
+        handle != 0
+            && self.live < self.capacity
+            && self.compose(index as u32, generation) == handle
+            && self.slots.get(index).is_none_or(|s| s.value.is_none())
+    }
+
+    /// Stores `value` under `handle`, chosen by someone else (the NIC's QP number on the
+    /// verbs fabric), or gives it back if [`Table::can_place`] says no. The handle's low
+    /// bits name the slot, so lookups stay as cheap as for handles the table chose.
+    pub fn place(&mut self, handle: u32, value: T) -> Result<u32, T> {
+        if !self.can_place(handle) {
+            return Err(value);
+        }
+        let (index, generation) = self.split(handle);
+        while self.slots.len() <= index {
+            self.free.push(self.slots.len() as u32);
+            self.slots.push(Slot {
+                generation: 1,
+                value: None,
+            });
+        }
+        self.free.retain(|&f| f as usize != index);
+        let slot = &mut self.slots[index];
+        slot.generation = generation;
+        slot.value = Some(value);
+        self.live += 1;
+        Ok(handle)
+    }
+
     fn compose(&self, index: u32, generation: u32) -> u32 {
         (generation << self.index_bits) | index
     }
@@ -291,6 +324,29 @@ mod tests {
             None,
             "a neighbouring slot is not live"
         );
+    }
+
+    #[test]
+    fn handles_chosen_elsewhere_are_placed_in_their_slot_once() {
+        let mut t = Table::new(3, 16, 8);
+        let a = t.insert("a").unwrap();
+        // A NIC QP number: slot 0x0012, generation 0x34.
+        assert_eq!(t.place(0x34_0012, "nic"), Ok(0x34_0012));
+        assert_eq!(t.get(0x34_0012), Some(&"nic"));
+        assert_eq!(t.get(0x35_0012), None, "another generation of the slot");
+        assert!(!t.can_place(0x99_0012), "the slot is taken");
+        assert!(!t.can_place(a), "a's slot is taken");
+        assert!(!t.can_place(0), "0 names nothing");
+        assert!(!t.can_place(1 << 24), "past the generation bits");
+        // Generation 0 is a number like any other, as long as the handle is not 0.
+        assert_eq!(t.place(0x0005, "low"), Ok(0x0005));
+        assert_eq!(t.place(0x01_0007, "full"), Err("full"), "capacity holds");
+        assert_eq!(t.remove(0x34_0012), Some("nic"));
+        assert_eq!(t.place(0x01_0012, "again"), Ok(0x01_0012));
+        // The slots skipped on the way are free for the table's own handles.
+        t.remove(0x0005);
+        let own = t.insert("own").unwrap();
+        assert!(t.get(own).is_some() && own & 0xffff < 0x12, "{own:#x}");
     }
 
     #[test]

@@ -316,20 +316,32 @@ struct RecordingHooks {
 }
 
 impl ObjectHooks for RecordingHooks {
-    fn register_mr(&self, _vm: u64, _lkey: u32, _mr: &Mr) -> Result<(), CmdStatus> {
+    fn register_mr(
+        &self,
+        _vm: u64,
+        _lkey: u32,
+        _mr: &Mr,
+        _mem: &crate::model::memory::GuestMem,
+    ) -> Result<Option<u32>, CmdStatus> {
         self.calls.lock().unwrap().push("register_mr");
         if self.refuse_mr {
             Err(CmdStatus::NoResources)
         } else {
-            Ok(())
+            Ok(None)
         }
     }
     fn deregister_mr(&self, _vm: u64, _lkey: u32, _mr: &Mr) {
         self.calls.lock().unwrap().push("deregister_mr");
     }
-    fn create_qp(&self, _vm: u64, _qpn: u32, _qp: &Qp) -> Result<(), CmdStatus> {
+    fn create_qp(
+        &self,
+        _vm: u64,
+        _qp: &Qp,
+        _mem: &crate::model::memory::GuestMem,
+        _fits: &dyn Fn(u32) -> bool,
+    ) -> Result<Option<u32>, CmdStatus> {
         self.calls.lock().unwrap().push("create_qp");
-        Ok(())
+        Ok(None)
     }
     fn modify_qp(
         &self,

@@ -156,6 +156,7 @@ impl TestVm {
             active_mtu: vrdma_proto::config::Mtu::Mtu4096,
             roce: false,
             incoming: false,
+            nic_qpns: false,
         };
         let base = u64::from(id) << 28;
         let mem = GuestMem::from_ranges(&[(GuestAddress(base), MEM_SIZE)]).unwrap();

@@ -64,6 +64,10 @@ impl VmObjects {
                     .pds
                     .insert(Pd::default())
                     .map_err(|_| Status::NoResources)?;
+                if let Err(status) = env.hooks.alloc_pd(env.vm, pdn) {
+                    self.pds.remove(pdn);
+                    return Err(status.into());
+                }
                 Ok(handle_resp(pdn))
             }
             Request::DeallocPd(pdn) => {
@@ -72,6 +76,7 @@ impl VmObjects {
                     return Err(Status::Busy.into());
                 }
                 self.pds.remove(pdn);
+                env.hooks.dealloc_pd(env.vm, pdn);
                 Ok(Vec::new())
             }
             Request::RegMr { cmd, access, pages } => self.reg_mr(&cmd, access, pages, env),
@@ -101,6 +106,14 @@ impl VmObjects {
                         overflowed: false,
                     })
                     .map_err(|_| Status::NoResources)?;
+                let created = self
+                    .cqs
+                    .get(cqn)
+                    .map_or(Ok(()), |cq| env.hooks.create_cq(env.vm, cqn, cq));
+                if let Err(status) = created {
+                    self.cqs.remove(cqn);
+                    return Err(status.into());
+                }
                 init_ring_words(
                     mem,
                     c.ring_addr.get(),
@@ -122,12 +135,22 @@ impl VmObjects {
                     return Err(Status::Busy.into());
                 }
                 self.cqs.remove(cqn);
+                env.hooks.destroy_cq(env.vm, cqn);
                 Ok(Vec::new())
             }
             Request::ReqNotifyCq { cqn, flags } => self.req_notify_cq(cqn, flags, mem),
             Request::CreateQp { cmd, qp_type } => self.create_qp(&cmd, qp_type, env),
             Request::ModifyQp { cmd, mask } => self.modify_qp(&cmd, mask, env),
             Request::QueryQp(qpn) => {
+                let qp = self.qps.get(qpn).ok_or(Status::InvalidHandle)?;
+                // A NIC's QP goes to ERR by itself on a responder error, with no completion
+                // to tell of it; the guest's QP follows when it looks, as on hardware.
+                if qp.state() != qp::State::Err && env.hooks.failed_qp(env.vm, qpn, qp) {
+                    if let Some(qp) = self.qps.get_mut(qpn) {
+                        qp.attr.qp_state = qp::State::Err.raw();
+                    }
+                    self.wake.push(qpn);
+                }
                 let qp = self.qps.get(qpn).ok_or(Status::InvalidHandle)?;
                 let mut attr = qp.attr;
                 attr.cur_qp_state = attr.qp_state;
@@ -164,11 +187,20 @@ impl VmObjects {
                     .ahs
                     .insert(Ah { pdn, attr: c.attr })
                     .map_err(|_| Status::NoResources)?;
+                let created = self
+                    .ahs
+                    .get(ah)
+                    .map_or(Ok(()), |a| env.hooks.create_ah(env.vm, ah, a));
+                if let Err(status) = created {
+                    self.ahs.remove(ah);
+                    return Err(status.into());
+                }
                 self.use_pd(pdn);
                 Ok(handle_resp(ah))
             }
             Request::DestroyAh(handle) => {
                 let ah = self.ahs.remove(handle).ok_or(Status::InvalidHandle)?;
+                env.hooks.destroy_ah(env.vm, handle);
                 self.unuse_pd(ah.pdn);
                 Ok(Vec::new())
             }
@@ -289,6 +321,7 @@ impl VmObjects {
         pages: cmd::PageList<'_>,
         env: &ControlEnv<'_>,
     ) -> Outcome {
+        let mem = env.mem;
         let pdn = c.pdn.get();
         self.pds.get(pdn).ok_or(Status::InvalidHandle)?;
         let length = c.length.get();
@@ -319,17 +352,24 @@ impl VmObjects {
         let registered = self
             .mrs
             .get(lkey)
-            .map_or(Ok(()), |mr| env.hooks.register_mr(env.vm, lkey, mr));
-        if let Err(status) = registered {
-            self.mrs.remove(lkey);
-            return Err(status.into());
-        }
+            .map_or(Ok(None), |mr| env.hooks.register_mr(env.vm, lkey, mr, mem));
+        let fabric_rkey = match registered {
+            Ok(key) => key,
+            Err(status) => {
+                self.mrs.remove(lkey);
+                return Err(status.into());
+            }
+        };
         self.registered_bytes += length;
         self.use_pd(pdn);
         let remote = access.intersects(
             mr::Access::REMOTE_READ | mr::Access::REMOTE_WRITE | mr::Access::REMOTE_ATOMIC,
         );
-        let rkey = if remote { lkey } else { 0 };
+        let rkey = match (remote, fabric_rkey) {
+            (false, _) => 0,
+            (true, Some(key)) => key,
+            (true, None) => lkey,
+        };
         Ok(cmd::RegMrResp {
             lkey: lkey.into(),
             rkey: rkey.into(),
@@ -436,15 +476,25 @@ impl VmObjects {
         }
         let caps = record.caps;
         let (sq_addr, rq_addr) = (record.sq_ring_addr, record.rq_ring_addr);
-        let qpn = self.qps.insert(record).map_err(|_| Status::NoResources)?;
-        let created = self
-            .qps
-            .get(qpn)
-            .map_or(Ok(()), |qp| env.hooks.create_qp(env.vm, qpn, qp));
-        if let Err(status) = created {
-            self.qps.remove(qpn);
-            return Err(status.into());
-        }
+        let qps = &self.qps;
+        let chosen = env
+            .hooks
+            .create_qp(env.vm, &record, mem, &|qpn| qps.can_place(qpn))?;
+        let placed = match chosen {
+            Some(qpn) => self.qps.place(qpn, record).map_err(|r| (Some(qpn), r)),
+            None => self.qps.insert(record).map_err(|r| (None, r)),
+        };
+        let qpn = match placed {
+            Ok(qpn) => qpn,
+            Err((made, record)) => {
+                // The table is full, or refused the number the fabric chose (which it checked
+                // with `fits`): the fabric's QP goes again.
+                if let Some(qpn) = made {
+                    env.hooks.destroy_qp(env.vm, qpn, &record);
+                }
+                return Err(Status::NoResources.into());
+            }
+        };
         init_ring_words(
             mem,
             sq_addr,
@@ -634,16 +684,22 @@ impl VmObjects {
     /// of the QPs and MRs that go.
     pub fn release_all(&mut self, hooks: &dyn ObjectHooks, vm: u64) {
         self.wake.clear();
-        self.ahs.drain();
         for (qpn, qp) in self.qps.drain() {
             hooks.destroy_qp(vm, qpn, &qp);
+        }
+        for (handle, _) in self.ahs.drain() {
+            hooks.destroy_ah(vm, handle);
         }
         for (lkey, mr) in self.mrs.drain() {
             hooks.deregister_mr(vm, lkey, &mr);
         }
         self.srqs.drain();
-        self.cqs.drain();
-        self.pds.drain();
+        for (cqn, _) in self.cqs.drain() {
+            hooks.destroy_cq(vm, cqn);
+        }
+        for (pdn, _) in self.pds.drain() {
+            hooks.dealloc_pd(vm, pdn);
+        }
         self.registered_bytes = 0;
     }
 }

@@ -1,22 +1,43 @@
 //! What a fabric is told of a VM's objects as its control path changes them.
 //!
 //! The soft and RoCEv2 fabrics keep nothing outside a VM's own tables, so they ignore these; a
-//! NIC fabric mirrors the objects on the NIC (registers the memory, creates and transitions its
-//! QPs). The hooks run on the VM's control path under the VM's lock, never on the scheduler's
-//! thread, so a slow NIC registration holds back only the VM that asked for it. A hook that
-//! fails makes its command fail with the status it returns and nothing changed.
+//! NIC fabric mirrors the objects on the NIC (allocates a PD per PD, registers the memory,
+//! creates a CQ per CQ, creates and transitions its QPs, makes its address handles). The hooks
+//! run on the VM's control path under the VM's lock, never on the scheduler's thread, so a
+//! slow NIC registration holds back only the VM that asked for it. A hook that fails makes its
+//! command fail with the status it returns and nothing changed.
 
 use vrdma_proto::cmd::Status;
 use vrdma_proto::qp;
 
-use super::objects::{Mr, Qp};
+use super::memory::GuestMem;
+use super::objects::{Ah, Cq, Mr, Qp};
 
-/// A VM's objects as the fabric sees them change. Every method has a default that accepts.
+/// A VM's objects as the fabric sees them change. Every method has a default that accepts
+/// and keeps the daemon's own handles.
 pub trait ObjectHooks: Send + Sync + std::fmt::Debug {
-    /// MR `lkey` of VM `vm` is being registered.
-    fn register_mr(&self, vm: u64, lkey: u32, mr: &Mr) -> Result<(), Status> {
-        let _ = (vm, lkey, mr);
+    /// PD `pdn` of VM `vm` is being allocated.
+    fn alloc_pd(&self, vm: u64, pdn: u32) -> Result<(), Status> {
+        let _ = (vm, pdn);
         Ok(())
+    }
+
+    /// PD `pdn` of VM `vm` has been freed.
+    fn dealloc_pd(&self, vm: u64, pdn: u32) {
+        let _ = (vm, pdn);
+    }
+
+    /// MR `lkey` of VM `vm`, whose memory is `mem`, is being registered. Returns the key
+    /// peers must name it by, if not the daemon's (a NIC's rkey).
+    fn register_mr(
+        &self,
+        vm: u64,
+        lkey: u32,
+        mr: &Mr,
+        mem: &GuestMem,
+    ) -> Result<Option<u32>, Status> {
+        let _ = (vm, lkey, mr, mem);
+        Ok(None)
     }
 
     /// MR `lkey` of VM `vm` has been deregistered.
@@ -24,10 +45,29 @@ pub trait ObjectHooks: Send + Sync + std::fmt::Debug {
         let _ = (vm, lkey, mr);
     }
 
-    /// QP `qpn` of VM `vm` is being created (in RESET).
-    fn create_qp(&self, vm: u64, qpn: u32, qp: &Qp) -> Result<(), Status> {
-        let _ = (vm, qpn, qp);
+    /// CQ `cqn` of VM `vm` is being created.
+    fn create_cq(&self, vm: u64, cqn: u32, cq: &Cq) -> Result<(), Status> {
+        let _ = (vm, cqn, cq);
         Ok(())
+    }
+
+    /// CQ `cqn` of VM `vm` has been destroyed.
+    fn destroy_cq(&self, vm: u64, cqn: u32) {
+        let _ = (vm, cqn);
+    }
+
+    /// A QP of VM `vm`, whose memory is `mem`, is being created (in RESET). Returns the
+    /// number it must have, if the fabric chooses it (a NIC's QPN, which peers put in their
+    /// packets); `fits` says whether the VM's table can take a number.
+    fn create_qp(
+        &self,
+        vm: u64,
+        qp: &Qp,
+        mem: &GuestMem,
+        fits: &dyn Fn(u32) -> bool,
+    ) -> Result<Option<u32>, Status> {
+        let _ = (vm, qp, mem, fits);
+        Ok(None)
     }
 
     /// QP `qpn` of VM `vm`, now `before`, is about to take the attributes of `attr` that
@@ -45,9 +85,27 @@ pub trait ObjectHooks: Send + Sync + std::fmt::Debug {
         Ok(())
     }
 
+    /// Whether QP `qpn` of VM `vm`, now `qp`, went to the error state in the fabric by
+    /// itself (a NIC's QP does, on a responder error): the guest's query must see it.
+    fn failed_qp(&self, vm: u64, qpn: u32, qp: &Qp) -> bool {
+        let _ = (vm, qpn, qp);
+        false
+    }
+
     /// QP `qpn` of VM `vm` has been destroyed.
     fn destroy_qp(&self, vm: u64, qpn: u32, qp: &Qp) {
         let _ = (vm, qpn, qp);
+    }
+
+    /// Address handle `handle` of VM `vm` is being created.
+    fn create_ah(&self, vm: u64, handle: u32, ah: &Ah) -> Result<(), Status> {
+        let _ = (vm, handle, ah);
+        Ok(())
+    }
+
+    /// Address handle `handle` of VM `vm` has been destroyed.
+    fn destroy_ah(&self, vm: u64, handle: u32) {
+        let _ = (vm, handle);
     }
 }
 

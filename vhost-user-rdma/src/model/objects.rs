@@ -77,6 +77,11 @@ impl Mr {
         }
     }
 
+    /// Whether the region's pages are back to back in guest-physical memory.
+    pub fn is_contiguous(&self) -> bool {
+        self.contiguous || self.pages.len() <= 1
+    }
+
     /// The access rights.
     pub fn access(&self) -> mr::Access {
         mr::Access::from_bits_truncate(self.access)
@@ -389,6 +394,8 @@ pub struct VmObjects {
     pub srq_caps: SrqCaps,
     /// Whether the daemon runs the inter-host fabric: RC QPs then carry transport records.
     pub roce: bool,
+    /// QP numbers are chosen by the NIC of the verbs fabric (`VmConfig::nic_qpns`).
+    pub nic_qpns: bool,
     /// The port's active MTU, raw [`Mtu`].
     pub active_mtu: u8,
     /// PDs.
@@ -477,6 +484,7 @@ impl VmObjects {
             srq_caps,
             active_mtu: cfg.active_mtu.raw(),
             roce: cfg.roce,
+            nic_qpns: cfg.nic_qpns,
             pds: Table::new(q.max_pd, HANDLE_INDEX_BITS, HANDLE_GENERATION_BITS),
             mrs: Table::new(q.max_mr, KEY_INDEX_BITS, KEY_GENERATION_BITS),
             cqs: Table::new(q.max_cq, HANDLE_INDEX_BITS, HANDLE_GENERATION_BITS),

@@ -178,7 +178,13 @@ impl Vm {
         mem: GuestMemAtomic,
         event_sink: Arc<dyn EventSink>,
     ) -> Self {
-        let max_qp = objects.caps.max_qp.get();
+        // QP numbers the NIC chose may use any slot a QPN can name, not only the first
+        // max_qp: the ready list must tell every such slot apart.
+        let max_qp = if objects.nic_qpns {
+            1 << crate::limits::QPN_INDEX_BITS
+        } else {
+            objects.caps.max_qp.get()
+        };
         Vm {
             id,
             name: objects.name.clone(),

@@ -583,7 +583,7 @@ fn ring_head<'a>(
 /// Decodes a receive slot copied out of a ring into `copy` and checks its SGEs against PD
 /// `pdn` and local-write rights. On a failure `copy` still holds what could be read of the
 /// request (its `wr_id` at least), which a taken SRQ entry needs to complete.
-fn check_recv(
+pub fn check_recv(
     mrs: &Table<Mr>,
     slot: &[u8],
     max_sge: u32,

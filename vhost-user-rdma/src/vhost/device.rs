@@ -706,6 +706,7 @@ fn save_to(vm: &Vm, mut file: File) -> Result<(), String> {
     let started = Instant::now();
     let blob = {
         let objects = vm.lock();
+        state::check_migratable(&objects).map_err(|e| e.to_string())?;
         state::save_vm(vm, &objects, Instant::now())
     };
     file.write_all(&blob)
@@ -797,6 +798,7 @@ mod tests {
             active_mtu: vrdma_proto::config::Mtu::Mtu4096,
             roce: false,
             incoming: false,
+            nic_qpns: false,
         };
         let device = VmDevice::new(
             &cfg,

@@ -102,6 +102,19 @@ pub enum Error {
     /// A VM-wide field is invalid.
     #[error("the saved VM is invalid: {0}")]
     Vm(&'static str),
+    /// The VM's QPs and MRs live on the verbs fabric's NIC.
+    #[error(
+        "the VM has {qps} QP(s) and {mrs} MR(s) on the NIC of the verbs fabric, whose QP numbers \
+         and keys another host's NIC cannot take, and whose writes into guest memory bypass the \
+         dirty log: live migration of such a VM is not supported; migrate it once its \
+         applications have closed their RDMA resources, or run it on --fabric soft"
+    )]
+    OnNic {
+        /// QPs.
+        qps: u32,
+        /// MRs.
+        mrs: u32,
+    },
     /// The destination VM already has objects.
     #[error(
         "the VM already has objects here: a device state is loaded only into a VM that has just been connected (QEMU -incoming)"
@@ -124,6 +137,16 @@ pub struct Restored {
     pub counters: [u64; v1::COUNTERS],
     /// Undelivered events.
     pub events: Vec<event::Event>,
+}
+
+/// Whether a VM whose objects are `objects` can be saved: not while it has QPs or MRs on a
+/// NIC (docs/architecture.md, "Handles across the wire on the NIC fabric").
+pub fn check_migratable(objects: &VmObjects) -> Result<(), Error> {
+    let (qps, mrs) = (objects.qps.len(), objects.mrs.len());
+    if objects.nic_qpns && (qps > 0 || mrs > 0) {
+        return Err(Error::OnNic { qps, mrs });
+    }
+    Ok(())
 }
 
 /// Saves VM `vm`, whose objects are `objects` (locked by the caller), as of `now`.
@@ -1033,6 +1056,7 @@ mod tests {
             active_mtu: Mtu::Mtu4096,
             roce,
             incoming: false,
+            nic_qpns: false,
         };
         let mut vm = VmObjects::new(&cfg, 7);
         let mut run = |op, body: &[u8]| exec(&mut vm, &mem, &command(op, body)).unwrap();
@@ -1128,6 +1152,20 @@ mod tests {
             reserved: 0.into(),
         };
         command(op, body.as_bytes())
+    }
+
+    /// A VM whose QPs and MRs are on a NIC is refused, naming what it has there; on the soft
+    /// fabric the same objects save.
+    #[test]
+    fn a_vm_with_objects_on_a_nic_is_not_saved() {
+        let Made { mut vm, .. } = made(false);
+        assert!(check_migratable(&vm).is_ok(), "soft fabric");
+        vm.nic_qpns = true;
+        let err = check_migratable(&vm).unwrap_err();
+        assert!(matches!(err, Error::OnNic { qps: 1, mrs: 1 }), "{err}");
+        assert!(err.to_string().contains("not supported"), "{err}");
+        let _ = (vm.qps.drain(), vm.mrs.drain());
+        assert!(check_migratable(&vm).is_ok(), "nothing left on the NIC");
     }
 
     /// Everything a VM owns survives a save and a restore unchanged, which live migration

@@ -8,6 +8,7 @@ use std::process::{Command, Output};
 
 use vrdma_tests::TestDaemon;
 use vrdma_tests::artifacts::{shim, verbs_daemon};
+use vrdma_tests::scenarios::{self, Vendor};
 
 /// Runs the verbs daemon with `args`; with `nic` the shim is preloaded and that socket is
 /// its only device, without it libibverbs looks for devices in an empty sysfs.
@@ -126,20 +127,136 @@ fn the_port_and_gid_index_are_chosen_and_checked() {
     }
 }
 
+/// A host whose daemon carries its VM's work on a "NIC": the verbs daemon, with the shim
+/// preloaded so that its device `vrdma0` is VM `nic` of the in-process daemon `nics`.
+struct NicHost {
+    child: std::process::Child,
+    dir: std::path::PathBuf,
+}
+
+impl NicHost {
+    /// Starts a host serving VM `a` over NIC `nic` of `nics`.
+    fn start(nics: &TestDaemon, nic: &str, tag: &str) -> NicHost {
+        let dir = std::env::temp_dir().join(format!("vrdma-nichost-{}-{tag}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("host dir");
+        let log = std::fs::File::create(dir.join("daemon.log")).expect("log file");
+        let vm = format!("name=a,socket={}", dir.join("a.sock").display());
+        let child = Command::new(verbs_daemon())
+            .args(["--fabric", "verbs:vrdma0", "--vm", &vm])
+            .env("LD_PRELOAD", shim())
+            .env("VRDMA_SOCKETS", nics.socket(nic))
+            .env("RUST_LOG", "vhost_user_rdma=debug,vrdma_ibverbs=info")
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start the verbs daemon");
+        let mut host = NicHost { child, dir };
+        host.wait_listening();
+        host
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
+    }
+
+    /// Waits until the daemon listens on its VM's socket (it opens the NIC first).
+    fn wait_listening(&mut self) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !self.dir.join("a.sock").exists() {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("the verbs daemon exited with {status}:\n{}", self.log());
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the verbs daemon did not listen within 60 s:\n{}",
+                self.log()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    /// Opens the VM's device as its guest.
+    fn open(&self) -> vrdma::Context {
+        vrdma::Context::open(self.dir.join("a.sock")).unwrap_or_else(|e| {
+            panic!("guest connects: {e}\n{}", self.log());
+        })
+    }
+}
+
+impl Drop for NicHost {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("verbs daemon log:\n{}", self.log());
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Two hosts, each with its own NIC: VMs `nic-a` and `nic-b` of one soft-fabric daemon.
+fn two_hosts(x: u8) -> (TestDaemon, NicHost, NicHost) {
+    let nics = TestDaemon::start(&[
+        ("nic-a", &format!("gid=10.9.{x}.1")),
+        ("nic-b", &format!("gid=10.9.{x}.2")),
+    ]);
+    let a = NicHost::start(&nics, "nic-a", &format!("{x}a"));
+    let b = NicHost::start(&nics, "nic-b", &format!("{x}b"));
+    (nics, a, b)
+}
+
 #[test]
-fn serving_vms_over_the_nic_is_refused_until_it_is_built() {
-    let outer = TestDaemon::start(&[("nic", "")]);
-    let dir = std::env::temp_dir().join(format!("vrdma-verbs-refuse-{}", std::process::id()));
-    let socket = format!("name=a,socket={}", dir.join("a.sock").display());
-    let out = run(
-        Some(&outer.socket("nic")),
-        &["--fabric", "verbs:vrdma0", "--vm", &socket],
+fn guests_see_their_nics_port_and_the_nics_numbers() {
+    let (_nics, a, _b) = two_hosts(1);
+    let ca = a.open();
+    assert_eq!(
+        ca.gid(),
+        vrdma_proto::Gid::from_ipv4([10, 9, 1, 1]),
+        "the VM's port is its NIC's"
     );
-    let (_, stderr) = text(&out);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(
-        stderr.contains("carrying VMs' work over it is not built yet"),
-        "{stderr}"
+}
+
+#[test]
+fn rc_opcodes_cross_hosts_over_the_nics() {
+    let (_nics, a, b) = two_hosts(2);
+    scenarios::rc_send_write_read_and_atomics(&a.open(), &b.open());
+}
+
+#[test]
+fn unsignalled_requests_complete_silently_over_the_nics() {
+    let (_nics, a, b) = two_hosts(3);
+    scenarios::unsignalled_requests_complete_silently_and_in_order(&a.open(), &b.open());
+}
+
+#[test]
+fn remote_errors_fail_both_sides_over_the_nics() {
+    let (_nics, a, b) = two_hosts(4);
+    scenarios::remote_key_bounds_and_access_errors_fail_both_sides(
+        &a.open(),
+        &b.open(),
+        Vendor::Unchecked,
     );
-    assert!(!dir.join("a.sock").exists(), "no VM socket was made");
+}
+
+#[test]
+fn a_receive_too_small_fails_both_sides_over_the_nics() {
+    let (_nics, a, b) = two_hosts(5);
+    scenarios::receive_too_small_fails_both_sides(&a.open(), &b.open(), Vendor::Unchecked);
+}
+
+#[test]
+fn rnr_retries_run_out_over_the_nics() {
+    let (_nics, a, b) = two_hosts(6);
+    scenarios::rnr_retries_run_out_after_the_configured_count(
+        &a.open(),
+        &b.open(),
+        Vendor::Unchecked,
+    );
+}
+
+#[test]
+fn ud_datagrams_cross_hosts_over_the_nics() {
+    let (_nics, a, b) = two_hosts(7);
+    scenarios::ud_datagrams_carry_grh_source_qp_and_gid(&a.open(), &b.open());
 }

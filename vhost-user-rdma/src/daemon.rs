@@ -30,12 +30,18 @@ pub enum Error {
     #[cfg(feature = "verbs")]
     #[error("cannot use the fabric's RDMA NIC")]
     Nic(#[source] crate::fabric::verbs::nic::Error),
-    /// The fabric asked for cannot carry VMs' work in this version.
+    /// The verbs fabric was asked for together with `--roce`, which is the soft fabric's.
     #[error(
-        "the {0} fabric opened its NIC, but carrying VMs' work over it is not built yet: use \
-         --fabric soft (--check-fabric tests the NIC on its own)"
+        "--roce is the soft fabric's link between hosts; with --fabric {0} the NIC carries \
+         traffic between hosts itself: drop --roce"
     )]
-    FabricUnavailable(String),
+    RoceWithNic(String),
+    /// The fabric asked for is not in this build.
+    #[error(
+        "this vhost-user-rdma was built without the verbs fabric: rebuild with `--features \
+         verbs` (needs libibverbs-dev) to use --fabric {0}"
+    )]
+    NotBuilt(String),
 }
 
 impl Error {
@@ -63,15 +69,34 @@ impl Daemon {
     /// ones already started are stopped again.
     pub fn start(config: &Config) -> Result<Daemon, Error> {
         if let FabricKind::Verbs(spec) = &config.fabric {
+            if config.roce.is_some() {
+                return Err(Error::RoceWithNic(spec.to_string()));
+            }
             #[cfg(feature = "verbs")]
             {
                 let nic =
                     crate::fabric::verbs::nic::Nic::open(&spec.device, spec.port, spec.gid_index)
                         .map_err(Error::Nic)?;
                 log::info!("fabric {spec}: {:?}", nic.port());
+                // Every VM's port is the NIC's: its GID is what peers address, and its QP
+                // numbers are the NIC's (docs/architecture.md, "Handles on the verbs fabric").
+                let mut config = config.clone();
+                let port = nic.port();
+                for vm in &mut config.vms {
+                    vm.gid = vrdma_proto::Gid(port.gid);
+                    vm.nic_qpns = true;
+                    if let Ok(mtu) = vrdma_proto::config::Mtu::from_raw(port.active_mtu_enum as u8)
+                    {
+                        vm.active_mtu = mtu;
+                    }
+                }
+                return Self::serve(&config, None, move || {
+                    Box::new(crate::fabric::verbs::VerbsFabric::new(nic)) as Box<dyn Fabric>
+                });
             }
             // Refuse rather than quietly run the soft fabric under the operator's nose.
-            return Err(Error::FabricUnavailable(spec.to_string()));
+            #[cfg(not(feature = "verbs"))]
+            return Err(Error::NotBuilt(spec.to_string()));
         }
         let network = match config.roce {
             Some(settings) => {
@@ -85,9 +110,19 @@ impl Daemon {
             None => None,
         };
         let remote = network.clone();
-        let scheduler = match Scheduler::start(move || {
+        Self::serve(config, network, move || {
             Box::new(SoftFabric::new(remote.map(RoceFabric::new))) as Box<dyn Fabric>
-        }) {
+        })
+    }
+
+    /// Starts the scheduler on the fabric `make_fabric` makes and listens on every VM's
+    /// socket.
+    fn serve(
+        config: &Config,
+        network: Option<Arc<Network>>,
+        make_fabric: impl FnOnce() -> Box<dyn Fabric> + Send + 'static,
+    ) -> Result<Daemon, Error> {
+        let scheduler = match Scheduler::start(make_fabric) {
             Ok(s) => s,
             Err(e) => {
                 if let Some(n) = &network {

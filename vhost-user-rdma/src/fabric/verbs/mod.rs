@@ -1,11 +1,153 @@
 //! The verbs fabric (`--fabric verbs:DEV`, cargo feature `verbs`): VMs' work carried by the
 //! host's RDMA NIC through libibverbs.
 //!
-//! Built so far: [`nic`], the NIC behind safe types (device list, port and GID, PD, MR, CQ,
-//! RC and UD QPs, posting and polling), and [`check`], the loopback self-test that
-//! `--check-fabric` runs. Not built yet: mirroring guests' objects on the NIC and carrying
-//! their work (docs/fabric.md says what is planned); until then the daemon opens the NIC to
-//! report what it found and refuses to serve VMs over it.
+//! * [`nic`]: the NIC behind safe types, the one module that calls libibverbs;
+//! * [`mirror`]: each VM's PDs, MRs, CQs, QPs and AHs mirrored on the NIC as its control path
+//!   makes them (the guest sees the NIC's QP numbers and rkeys, so peers' packets name what
+//!   the NIC knows; docs/architecture.md);
+//! * [`post`]: the scheduler's step, which checks a QP's work requests with the rules every
+//!   fabric shares and posts them to the NIC, and the receives the driver posts;
+//! * [`completions`]: one thread per VM turning the NIC's completions into guest CQEs;
+//! * [`check`]: the loopback self-test of `--check-fabric`.
+//!
+//! The NIC runs the transport (RC and UD, every opcode, retries and RNR); the daemon still
+//! checks every guest request, keeps the per-VM quotas, and decides through its scheduler
+//! what each VM posts, with at most [`post::MAX_VM_IN_FLIGHT`] work requests of a VM on the
+//! NIC at once.
 
 pub mod check;
+pub mod completions;
+pub mod mirror;
 pub mod nic;
+pub mod post;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use log::{info, warn};
+use vmm_sys_util::eventfd::EventFd;
+
+use self::mirror::{NicHooks, VmNic};
+use super::{Fabric, StepOutcome};
+use crate::model::hooks::ObjectHooks;
+use crate::model::memory::GuestMem;
+use crate::model::objects::VmObjects;
+use crate::model::vm::Vm;
+
+/// A VM carried by the NIC: its objects there and its completion thread.
+#[derive(Debug)]
+struct Attached {
+    nic_vm: Arc<VmNic>,
+    stop: Arc<EventFd>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// The verbs fabric.
+#[derive(Debug)]
+pub struct VerbsFabric {
+    hooks: Arc<NicHooks>,
+    attached: HashMap<u64, Attached>,
+}
+
+impl VerbsFabric {
+    /// A fabric on `nic`.
+    pub fn new(nic: nic::Nic) -> Self {
+        VerbsFabric {
+            hooks: Arc::new(NicHooks::new(nic)),
+            attached: HashMap::new(),
+        }
+    }
+}
+
+impl Fabric for VerbsFabric {
+    fn attach(&mut self, vm: &Arc<Vm>) {
+        let channel = match self.hooks.nic.create_channel() {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(
+                    "vm {}: the NIC gave no completion channel, so its work cannot be carried: {}",
+                    vm.name,
+                    mirror::error_chain(&e)
+                );
+                return;
+            }
+        };
+        let stop = match EventFd::new(libc::EFD_NONBLOCK) {
+            Ok(fd) => Arc::new(fd),
+            Err(e) => {
+                warn!("vm {}: no eventfd for its NIC thread: {e}", vm.name);
+                return;
+            }
+        };
+        let nic_vm = Arc::new(VmNic::new(vm.name.clone(), channel));
+        self.hooks.add(vm.id, nic_vm.clone());
+        // Attach runs on the scheduler's thread: that is the thread to wake.
+        let scheduler = std::thread::current();
+        let (v, n, s) = (vm.clone(), nic_vm.clone(), stop.clone());
+        let thread = std::thread::Builder::new()
+            .name(format!("vrdma-nic-{}", vm.name))
+            .spawn(move || completions::run(v, n, s, scheduler));
+        let thread = match thread {
+            Ok(t) => Some(t),
+            Err(e) => {
+                warn!(
+                    "vm {}: cannot start its NIC completion thread: {e}",
+                    vm.name
+                );
+                None
+            }
+        };
+        info!("vm {}: carried by NIC {}", vm.name, self.hooks.nic.name());
+        self.attached.insert(
+            vm.id,
+            Attached {
+                nic_vm,
+                stop,
+                thread,
+            },
+        );
+    }
+
+    fn detach(&mut self, vm: &Arc<Vm>) {
+        let Some(mut a) = self.attached.remove(&vm.id) else {
+            return;
+        };
+        let _ = a.stop.write(1);
+        if let Some(t) = a.thread.take() {
+            let _ = t.join();
+        }
+        // The VM's NIC objects go with the last reference (the hooks' copy, dropped here).
+        self.hooks.remove(vm.id);
+    }
+
+    fn pause(&mut self, _vm_id: u64) {}
+
+    fn resume(&mut self, _vm_id: u64) {}
+
+    fn step(
+        &mut self,
+        vm: &Arc<Vm>,
+        objects: &mut VmObjects,
+        mem: &GuestMem,
+        qpn: u32,
+        budget: u32,
+    ) -> StepOutcome {
+        let Some(a) = self.attached.get(&vm.id) else {
+            return StepOutcome::IDLE;
+        };
+        let mut st = a.nic_vm.state();
+        post::step(vm, objects, &mut st, mem, qpn, budget)
+    }
+
+    fn post_receives(&mut self, vm: &Arc<Vm>, objects: &mut VmObjects, mem: &GuestMem, qpn: u32) {
+        if let Some(a) = self.attached.get(&vm.id) {
+            let mut st = a.nic_vm.state();
+            post::post_receives(vm, objects, &mut st, mem, qpn);
+        }
+    }
+
+    fn hooks(&self) -> Arc<dyn ObjectHooks> {
+        self.hooks.clone()
+    }
+}

@@ -101,6 +101,14 @@ pub enum Error {
 }
 
 impl Error {
+    /// The errno a failed verb gave, if one did.
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            Error::Verb { source, .. } => source.raw_os_error(),
+            _ => None,
+        }
+    }
+
     /// Whether the host or the command line is at fault (no such device, port or GID) rather
     /// than the NIC misbehaving: the daemon exits 2 for those, as for a bad option.
     pub fn is_configuration(&self) -> bool {
@@ -357,23 +365,91 @@ impl Nic {
 
     /// A completion queue of at least `entries` entries, without a channel (the fabric polls).
     pub fn create_cq(&self, entries: u32) -> Result<Cq, Error> {
+        self.make_cq(entries, None, 0)
+    }
+
+    /// A completion queue of at least `entries` entries whose events go to `channel`, where
+    /// [`CompChannel::take_event`] names it by `cookie`.
+    pub fn create_cq_on(
+        &self,
+        entries: u32,
+        channel: &CompChannel,
+        cookie: usize,
+    ) -> Result<Cq, Error> {
+        self.make_cq(entries, Some(channel.0.clone()), cookie)
+    }
+
+    fn make_cq(
+        &self,
+        entries: u32,
+        channel: Option<Arc<ChannelInner>>,
+        cookie: usize,
+    ) -> Result<Cq, Error> {
         let entries = c_int::try_from(entries).unwrap_or(c_int::MAX);
-        // SAFETY: the context is open; no channel, no context pointer.
+        let channel_ptr = channel
+            .as_ref()
+            .map_or(std::ptr::null_mut(), |c| c.ptr.as_ptr());
+        // SAFETY: the context is open and the channel (if any) is live and kept alive by the
+        // CQ; the context pointer is an opaque cookie libibverbs only hands back.
         let cq = unsafe {
             ibv_create_cq(
                 self.dev.ctx.as_ptr(),
                 entries,
-                std::ptr::null_mut(),
-                std::ptr::null_mut(),
+                cookie as *mut std::ffi::c_void,
+                channel_ptr,
                 0,
             )
         };
         let cq = NonNull::new(cq).ok_or_else(|| self.dev.failed("ibv_create_cq", -1))?;
         Ok(Cq(Arc::new(Owned {
             ptr: cq,
-            parent: self.dev.clone(),
+            parent: (self.dev.clone(), channel),
             destroy: ibv_destroy_cq,
         })))
+    }
+
+    /// A completion channel: a file descriptor that becomes readable when a CQ made on it
+    /// and armed has a completion.
+    pub fn create_channel(&self) -> Result<CompChannel, Error> {
+        // SAFETY: the context is open.
+        let ch = unsafe { ibv_create_comp_channel(self.dev.ctx.as_ptr()) };
+        let ch = NonNull::new(ch).ok_or_else(|| self.dev.failed("ibv_create_comp_channel", -1))?;
+        Ok(CompChannel(Arc::new(Owned {
+            ptr: ch,
+            parent: self.dev.clone(),
+            destroy: ibv_destroy_comp_channel,
+        })))
+    }
+}
+
+type ChannelInner = Owned<ibv_comp_channel, Arc<Device>>;
+
+/// A completion channel; destroyed after the last CQ made on it.
+#[derive(Debug, Clone)]
+pub struct CompChannel(Arc<ChannelInner>);
+
+impl CompChannel {
+    /// The descriptor to wait on (`poll` for readable).
+    pub fn fd(&self) -> std::os::fd::RawFd {
+        // SAFETY: the channel is live; fd never changes.
+        unsafe { (*self.0.ptr.as_ptr()).fd }
+    }
+
+    /// Takes one completion event, waiting for it if none is pending, acknowledges it, and
+    /// returns the cookie of the CQ it is for (that CQ is disarmed until armed again).
+    pub fn take_event(&self) -> Result<usize, Error> {
+        let mut cq: *mut ibv_cq = std::ptr::null_mut();
+        let mut cookie: *mut std::ffi::c_void = std::ptr::null_mut();
+        // SAFETY: the channel is live and both out-pointers valid.
+        let rc = unsafe { ibv_get_cq_event(self.0.ptr.as_ptr(), &mut cq, &mut cookie) };
+        if rc != 0 || cq.is_null() {
+            return Err(self.0.parent.failed("ibv_get_cq_event", rc));
+        }
+        // SAFETY: `cq` is the live CQ the event is for (a CQ with unacknowledged events
+        // cannot be destroyed, so it is still there); acknowledging at once keeps that true
+        // for every later destroy.
+        unsafe { ibv_ack_cq_events(cq, 1) };
+        Ok(cookie as usize)
     }
 }
 
@@ -492,6 +568,52 @@ impl Pd {
     }
 }
 
+impl Pd {
+    /// An address handle for UD sends along `path` through `port`.
+    pub fn create_ah_to(&self, port: &PortInfo, path: &Path) -> Result<Ah, Error> {
+        let mut attr = path.ah_attr(port);
+        // SAFETY: the PD is live and attr a valid attribute block.
+        let ah = unsafe { ibv_create_ah(self.0.ptr.as_ptr(), &mut attr) };
+        let ah = NonNull::new(ah).ok_or_else(|| self.0.parent.failed("ibv_create_ah", -1))?;
+        Ok(Ah(Owned {
+            ptr: ah,
+            parent: self.0.clone(),
+            destroy: ibv_destroy_ah,
+        }))
+    }
+
+    /// Registers `len` bytes at `addr` with the NIC, named `iova` by work requests and peers.
+    ///
+    /// # Safety
+    ///
+    /// As [`Pd::register`]: the range must stay mapped for as long as the returned [`Mr`]
+    /// lives.
+    pub unsafe fn register_iova(
+        &self,
+        addr: *mut u8,
+        len: usize,
+        iova: u64,
+        access: Access,
+    ) -> Result<Mr, Error> {
+        // SAFETY: the PD is live; the caller keeps the range mapped for the MR's life.
+        let mr = unsafe {
+            ibv_reg_mr_iova2(
+                self.0.ptr.as_ptr(),
+                addr.cast(),
+                len,
+                iova,
+                access.flags() as u32,
+            )
+        };
+        let mr = NonNull::new(mr).ok_or_else(|| self.0.parent.failed("ibv_reg_mr_iova2", -1))?;
+        Ok(Mr(Owned {
+            ptr: mr,
+            parent: self.0.clone(),
+            destroy: ibv_dereg_mr,
+        }))
+    }
+}
+
 /// An address handle: where a UD send goes. A send naming it borrows it for the post only,
 /// after which the NIC has copied what it needs.
 #[derive(Debug)]
@@ -515,7 +637,7 @@ impl Mr {
     }
 }
 
-type CqInner = Owned<ibv_cq, Arc<Device>>;
+type CqInner = Owned<ibv_cq, (Arc<Device>, Option<Arc<ChannelInner>>)>;
 
 /// A completion queue.
 #[derive(Debug, Clone)]
@@ -536,22 +658,40 @@ pub struct Completion {
     pub qp_num: u32,
     /// Immediate data in host order, if any.
     pub imm: Option<u32>,
+    /// The sender's QP (receives).
+    pub src_qp: u32,
+    /// A GRH is in the receive buffer's first 40 bytes (UD receives).
+    pub grh: bool,
+    /// Service level of the received packet.
+    pub sl: u8,
 }
 
 impl Cq {
+    /// Arms the CQ: its channel gets an event at the next completion.
+    pub fn arm(&self) -> Result<(), Error> {
+        // SAFETY: the CQ is live.
+        let rc = unsafe { ibv_req_notify_cq(self.0.ptr.as_ptr(), 0) };
+        if rc != 0 {
+            return Err(self.0.parent.0.failed("ibv_req_notify_cq", rc));
+        }
+        Ok(())
+    }
+
     /// Takes up to `out.len()` completions; returns how many.
     pub fn poll(&self, out: &mut [Completion]) -> Result<usize, Error> {
         const BATCH: usize = 16;
-        // SAFETY: ibv_wc is plain C data for which all-zero is valid.
-        let mut wcs: [ibv_wc; BATCH] = unsafe { std::mem::zeroed() };
+        let mut wcs = [const { std::mem::MaybeUninit::<ibv_wc>::uninit() }; BATCH];
         let want = out.len().min(BATCH);
-        // SAFETY: the CQ is live and wcs holds `want` entries.
-        let n = unsafe { ibv_poll_cq(self.0.ptr.as_ptr(), want as c_int, wcs.as_mut_ptr()) };
+        // SAFETY: the CQ is live and wcs has room for `want` entries, which ibv_poll_cq
+        // fills (only the `n` it returns are read below).
+        let n = unsafe { ibv_poll_cq(self.0.ptr.as_ptr(), want as c_int, wcs[0].as_mut_ptr()) };
         if n < 0 {
-            return Err(self.0.parent.failed("ibv_poll_cq", n));
+            return Err(self.0.parent.0.failed("ibv_poll_cq", n));
         }
-        let n = n as usize;
+        let n = (n as usize).min(want);
         for (o, wc) in out.iter_mut().zip(&wcs[..n]) {
+            // SAFETY: ibv_poll_cq wrote the first `n` entries.
+            let wc = unsafe { wc.assume_init_ref() };
             *o = Completion {
                 wr_id: wc.wr_id,
                 status: wc.status,
@@ -561,6 +701,9 @@ impl Cq {
                 imm: (wc.wc_flags & ibv_wc_flags::IBV_WC_WITH_IMM.0 != 0)
                     // SAFETY: with IBV_WC_WITH_IMM the union holds the immediate data.
                     .then(|| u32::from_be(unsafe { wc.imm_data_invalidated_rkey_union.imm_data })),
+                src_qp: wc.src_qp,
+                grh: wc.wc_flags & ibv_wc_flags::IBV_WC_GRH.0 != 0,
+                sl: wc.sl,
             };
         }
         Ok(n)
@@ -598,6 +741,126 @@ pub struct RemoteQp {
     pub gid: [u8; 16],
     /// Its LID (0 on RoCE).
     pub lid: u16,
+}
+
+/// A QP's state, as verbs names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QpState {
+    /// RESET.
+    Reset,
+    /// INIT.
+    Init,
+    /// Ready to receive.
+    Rtr,
+    /// Ready to send.
+    Rts,
+    /// Send queue drained.
+    Sqd,
+    /// Send queue error (UD).
+    Sqe,
+    /// Error.
+    Err,
+}
+
+impl QpState {
+    fn raw(self) -> u32 {
+        match self {
+            QpState::Reset => ibv_qp_state::IBV_QPS_RESET,
+            QpState::Init => ibv_qp_state::IBV_QPS_INIT,
+            QpState::Rtr => ibv_qp_state::IBV_QPS_RTR,
+            QpState::Rts => ibv_qp_state::IBV_QPS_RTS,
+            QpState::Sqd => ibv_qp_state::IBV_QPS_SQD,
+            QpState::Sqe => ibv_qp_state::IBV_QPS_SQE,
+            QpState::Err => ibv_qp_state::IBV_QPS_ERR,
+        }
+    }
+
+    fn from_raw(raw: u32) -> QpState {
+        match raw {
+            ibv_qp_state::IBV_QPS_RESET => QpState::Reset,
+            ibv_qp_state::IBV_QPS_INIT => QpState::Init,
+            ibv_qp_state::IBV_QPS_RTR => QpState::Rtr,
+            ibv_qp_state::IBV_QPS_RTS => QpState::Rts,
+            ibv_qp_state::IBV_QPS_SQD => QpState::Sqd,
+            ibv_qp_state::IBV_QPS_SQE => QpState::Sqe,
+            _ => QpState::Err,
+        }
+    }
+}
+
+/// Where a connected QP sends, or an address handle leads: the peer's port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Path {
+    /// The peer port's GID.
+    pub gid: [u8; 16],
+    /// Its LID (0 on RoCE).
+    pub lid: u16,
+    /// IPv6 hop limit (IP TTL).
+    pub hop_limit: u8,
+    /// Traffic class (DSCP and ECN).
+    pub traffic_class: u8,
+    /// Flow label.
+    pub flow_label: u32,
+    /// Service level.
+    pub sl: u8,
+}
+
+impl Path {
+    fn ah_attr(&self, port: &PortInfo) -> ibv_ah_attr {
+        // SAFETY: plain C data, all-zero valid.
+        let mut attr: ibv_ah_attr = unsafe { std::mem::zeroed() };
+        attr.dlid = self.lid;
+        attr.sl = self.sl;
+        attr.port_num = port.port;
+        attr.is_global = 1;
+        attr.grh.dgid = ibv_gid { raw: self.gid };
+        attr.grh.sgid_index = port.gid_index;
+        attr.grh.hop_limit = if self.hop_limit == 0 {
+            64
+        } else {
+            self.hop_limit
+        };
+        attr.grh.traffic_class = self.traffic_class;
+        attr.grh.flow_label = self.flow_label;
+        attr
+    }
+}
+
+/// Attributes to change with one `ibv_modify_qp`; `None` leaves an attribute alone.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Modify {
+    /// The state to move to.
+    pub state: Option<QpState>,
+    /// Remote access (RC).
+    pub access: Option<Access>,
+    /// Q_Key (UD).
+    pub qkey: Option<u32>,
+    /// P_Key index.
+    pub pkey_index: Option<u16>,
+    /// Port: always the fabric's port, set whenever the guest names one.
+    pub port: bool,
+    /// The peer (RC).
+    pub path: Option<Path>,
+    /// Path MTU, `IBV_MTU_*`.
+    pub path_mtu: Option<u32>,
+    /// The peer's QP number (RC).
+    pub dest_qpn: Option<u32>,
+    /// First PSN expected.
+    pub rq_psn: Option<u32>,
+    /// First PSN sent.
+    pub sq_psn: Option<u32>,
+    /// ACK timeout, as verbs encodes it.
+    pub timeout: Option<u8>,
+    /// Transport retries.
+    pub retry_cnt: Option<u8>,
+    /// RNR retries (7 is infinite).
+    pub rnr_retry: Option<u8>,
+    /// READs and atomics outstanding as requester.
+    pub max_rd_atomic: Option<u8>,
+    /// READs and atomics outstanding as responder.
+    pub max_dest_rd_atomic: Option<u8>,
+    /// RNR NAK timer, as verbs encodes it.
+    pub min_rnr_timer: Option<u8>,
 }
 
 /// A QP holds its PD and its send and receive CQs.
@@ -678,7 +941,16 @@ pub enum SendOp<'a> {
 
 /// The most scatter/gather entries one posted request may carry here (the stack array the
 /// post builds).
-pub const MAX_SGE: usize = 8;
+pub const MAX_SGE: usize = crate::limits::MAX_SGE as usize;
+
+/// Send flags besides SIGNALED (every request the fabric posts is signalled).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PostFlags {
+    /// The receiver's completion is solicited.
+    pub solicited: bool,
+    /// Wait for earlier READs and atomics to complete first.
+    pub fence: bool,
+}
 
 impl Qp {
     /// Creates a QP of `kind` on `pd` with `send_cq` and `recv_cq`.
@@ -733,6 +1005,113 @@ impl Qp {
             return Err(self.device().failed(what, rc));
         }
         Ok(())
+    }
+
+    /// Changes the attributes `m` names, through the fabric's `port`.
+    pub fn modify_with(&self, port: &PortInfo, m: &Modify) -> Result<(), Error> {
+        use ibv_qp_attr_mask as M;
+        // SAFETY: plain C data, all-zero valid.
+        let mut attr: ibv_qp_attr = unsafe { std::mem::zeroed() };
+        let mut mask = M(0);
+        if let Some(state) = m.state {
+            attr.qp_state = state.raw();
+            mask |= M::IBV_QP_STATE;
+        }
+        if let Some(access) = m.access {
+            attr.qp_access_flags = access.flags() as u32;
+            mask |= M::IBV_QP_ACCESS_FLAGS;
+        }
+        if let Some(qkey) = m.qkey {
+            attr.qkey = qkey;
+            mask |= M::IBV_QP_QKEY;
+        }
+        if let Some(index) = m.pkey_index {
+            attr.pkey_index = index;
+            mask |= M::IBV_QP_PKEY_INDEX;
+        }
+        if m.port {
+            attr.port_num = port.port;
+            mask |= M::IBV_QP_PORT;
+        }
+        if let Some(path) = &m.path {
+            attr.ah_attr = path.ah_attr(port);
+            mask |= M::IBV_QP_AV;
+        }
+        if let Some(mtu) = m.path_mtu {
+            attr.path_mtu = mtu.min(port.active_mtu_enum);
+            mask |= M::IBV_QP_PATH_MTU;
+        }
+        if let Some(qpn) = m.dest_qpn {
+            attr.dest_qp_num = qpn;
+            mask |= M::IBV_QP_DEST_QPN;
+        }
+        if let Some(psn) = m.rq_psn {
+            attr.rq_psn = psn;
+            mask |= M::IBV_QP_RQ_PSN;
+        }
+        if let Some(psn) = m.sq_psn {
+            attr.sq_psn = psn;
+            mask |= M::IBV_QP_SQ_PSN;
+        }
+        if let Some(v) = m.timeout {
+            attr.timeout = v;
+            mask |= M::IBV_QP_TIMEOUT;
+        }
+        if let Some(v) = m.retry_cnt {
+            attr.retry_cnt = v;
+            mask |= M::IBV_QP_RETRY_CNT;
+        }
+        if let Some(v) = m.rnr_retry {
+            attr.rnr_retry = v;
+            mask |= M::IBV_QP_RNR_RETRY;
+        }
+        if let Some(v) = m.max_rd_atomic {
+            attr.max_rd_atomic = v;
+            mask |= M::IBV_QP_MAX_QP_RD_ATOMIC;
+        }
+        if let Some(v) = m.max_dest_rd_atomic {
+            attr.max_dest_rd_atomic = v;
+            mask |= M::IBV_QP_MAX_DEST_RD_ATOMIC;
+        }
+        if let Some(v) = m.min_rnr_timer {
+            attr.min_rnr_timer = v;
+            mask |= M::IBV_QP_MIN_RNR_TIMER;
+        }
+        self.modify(&mut attr, mask, "ibv_modify_qp")
+    }
+
+    /// Moves the QP to ERR from any state: the NIC flushes what it holds.
+    pub fn to_error(&self) -> Result<(), Error> {
+        // SAFETY: plain C data, all-zero valid.
+        let mut attr: ibv_qp_attr = unsafe { std::mem::zeroed() };
+        attr.qp_state = ibv_qp_state::IBV_QPS_ERR;
+        self.modify(
+            &mut attr,
+            ibv_qp_attr_mask::IBV_QP_STATE,
+            "ibv_modify_qp to ERR",
+        )
+    }
+
+    /// The QP's current state, as the NIC sees it (it moves to ERR by itself on a transport
+    /// or responder error).
+    pub fn state(&self) -> Result<QpState, Error> {
+        // SAFETY: plain C data, all-zero valid.
+        let mut attr: ibv_qp_attr = unsafe { std::mem::zeroed() };
+        // SAFETY: plain C data, all-zero valid.
+        let mut init: ibv_qp_init_attr = unsafe { std::mem::zeroed() };
+        // SAFETY: the QP is live and both blocks valid out-pointers.
+        let rc = unsafe {
+            ibv_query_qp(
+                self.0.ptr.as_ptr(),
+                &mut attr,
+                ibv_qp_attr_mask::IBV_QP_STATE.0 as c_int,
+                &mut init,
+            )
+        };
+        if rc != 0 {
+            return Err(self.device().failed("ibv_query_qp", rc));
+        }
+        Ok(QpState::from_raw(attr.qp_state))
     }
 
     /// RESET to INIT on `port` with remote `access` (RC) or `qkey` (UD).
@@ -851,6 +1230,17 @@ impl Qp {
     /// and a [`Mr`] keeps its range registered (its `register` made the caller promise the
     /// range stays mapped); a request naming a wrong key or range completes with an error.
     pub fn post_send(&self, wr_id: u64, sges: &[Sge], op: SendOp<'_>) -> Result<(), Error> {
+        self.post_send_with(wr_id, sges, op, PostFlags::default())
+    }
+
+    /// As [`Qp::post_send`], with `flags`.
+    pub fn post_send_with(
+        &self,
+        wr_id: u64,
+        sges: &[Sge],
+        op: SendOp<'_>,
+        flags: PostFlags,
+    ) -> Result<(), Error> {
         let (mut list, n) = self.sge_list(sges)?;
         // SAFETY: plain C data (pointers null, unions zero), all-zero valid.
         let mut wr: ibv_send_wr = unsafe { std::mem::zeroed() };
@@ -858,6 +1248,12 @@ impl Qp {
         wr.sg_list = list.as_mut_ptr();
         wr.num_sge = n as c_int;
         wr.send_flags = ibv_send_flags::IBV_SEND_SIGNALED.0;
+        if flags.solicited {
+            wr.send_flags |= ibv_send_flags::IBV_SEND_SOLICITED.0;
+        }
+        if flags.fence {
+            wr.send_flags |= ibv_send_flags::IBV_SEND_FENCE.0;
+        }
         let imm_be = |imm: u32| imm.to_be();
         match op {
             SendOp::Send { imm } => {

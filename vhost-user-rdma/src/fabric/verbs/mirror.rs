@@ -1,0 +1,520 @@
+//! Each VM's objects mirrored on the NIC: a NIC PD per PD, a NIC MR per MR (registered over
+//! the guest's own pages), a NIC CQ per CQ, a NIC QP per QP (numbered by the NIC: the guest
+//! sees the NIC's QP number, which is what peers put in their packets), a NIC AH per AH.
+//!
+//! The VMs' control paths change these through [`NicHooks`], under the VM's lock; the
+//! scheduler (posting) and the VM's completion thread read and update them under the same
+//! lock, then this module's own (always taken second, so the two never wait on each other in
+//! the opposite order).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use log::{debug, warn};
+use vm_memory::{GuestAddress, GuestMemoryBackend};
+use vrdma_proto::cmd::Status;
+use vrdma_proto::mr::Access as GuestAccess;
+use vrdma_proto::qp;
+
+use super::nic::{self, Nic};
+use crate::model::control::in_one_region;
+use crate::model::hooks::ObjectHooks;
+use crate::model::memory::GuestMem;
+use crate::model::objects::{Ah, Cq, Mr, Qp};
+use crate::rnic::requester::Retired;
+
+/// How many fresh NIC QPs a create tries for a number the VM's table can take (a NIC
+/// numbers QPs across all VMs, and two may share the low bits that name a table slot).
+const QPN_TRIES: usize = 8;
+
+/// A registration and the guest memory it lies in, kept mapped while the NIC may reach it.
+#[derive(Debug)]
+pub struct NicMr {
+    /// The NIC's registration.
+    pub mr: nic::Mr,
+    /// The memory table it was registered from: holding it keeps the mapping alive even if
+    /// the frontend replaces the table meanwhile.
+    _mem: GuestMem,
+}
+
+/// One direction of a QP's work on the NIC.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Track {
+    /// The ring index of the next entry to post, or `None` to start at the ring's head.
+    pub next: Option<u32>,
+    /// Entries posted and not yet completed by the NIC.
+    pub in_flight: u32,
+}
+
+impl Track {
+    /// The next index to post, given the ring's head (entries before the head are done, by
+    /// a completion or a flush).
+    pub fn next_from(&self, head: u32) -> u32 {
+        match self.next {
+            Some(n) if (n.wrapping_sub(head) as i32) >= 0 => n,
+            _ => head,
+        }
+    }
+}
+
+/// A receive posted to the NIC: what its completion needs.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PostedRecv {
+    /// The guest's `wr_id`.
+    pub wr_id: u64,
+    /// Its first SGE (lkey, address), where a UD receive's GRH lands.
+    pub first: Option<(u32, u64)>,
+}
+
+/// A send the fabric could not post, waiting for the requests before it to complete so that
+/// it fails in order.
+#[derive(Debug, Clone, Copy)]
+pub struct Fault {
+    /// Its ring index.
+    pub index: u32,
+    /// What it completes as.
+    pub retired: Retired,
+    /// Its status.
+    pub status: vrdma_proto::cqe::Status,
+    /// Why.
+    pub vendor: vrdma_proto::cqe::VendorErr,
+}
+
+/// A guest QP's NIC QP and its progress.
+#[derive(Debug)]
+pub struct NicQp {
+    /// The NIC's QP.
+    pub qp: nic::Qp,
+    /// The send ring, registered so inline data goes out from the guest's own slot.
+    pub ring: NicMr,
+    /// Bumped at every reset: completions of an earlier life are ignored.
+    pub epoch: u16,
+    /// Sends.
+    pub send: Track,
+    /// Receives.
+    pub recv: Track,
+    /// What each posted send retires as, by ring slot.
+    pub sends: Vec<Option<Retired>>,
+    /// Each posted receive, by ring slot.
+    pub recvs: Vec<PostedRecv>,
+    /// A send that failed its checks behind requests still on the NIC.
+    pub fault: Option<Fault>,
+    /// Posting stopped for lack of room (ring or the VM's bound): a completion hands the QP
+    /// back to the scheduler.
+    pub stalled: bool,
+}
+
+/// A VM's objects on the NIC.
+#[derive(Debug, Default)]
+pub struct NicState {
+    /// PDs, by the guest's PD number.
+    pub pds: HashMap<u32, nic::Pd>,
+    /// MRs, by the guest's lkey.
+    pub mrs: HashMap<u32, NicMr>,
+    /// CQs, by the guest's CQ number.
+    pub cqs: HashMap<u32, nic::Cq>,
+    /// QPs, by QP number (the NIC's and the guest's).
+    pub qps: HashMap<u32, NicQp>,
+    /// AHs, by the guest's handle.
+    pub ahs: HashMap<u32, nic::Ah>,
+    /// Work requests of the VM on the NIC: bounded, so one VM cannot fill the NIC's queues
+    /// while the scheduler's weights hold back its neighbours.
+    pub in_flight: u32,
+}
+
+/// One VM on the NIC.
+#[derive(Debug)]
+pub struct VmNic {
+    /// The VM's name, for logs.
+    pub name: String,
+    /// Where its CQs' events arrive.
+    pub channel: nic::CompChannel,
+    state: Mutex<NicState>,
+}
+
+impl VmNic {
+    /// A VM with nothing on the NIC yet.
+    pub fn new(name: String, channel: nic::CompChannel) -> Self {
+        VmNic {
+            name,
+            channel,
+            state: Mutex::new(NicState::default()),
+        }
+    }
+
+    /// The VM's NIC objects. Take the VM's own lock first, if at all.
+    pub fn state(&self) -> MutexGuard<'_, NicState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The NIC and the VMs on it, as the control paths reach them.
+#[derive(Debug)]
+pub struct NicHooks {
+    /// The NIC.
+    pub nic: Nic,
+    vms: Mutex<HashMap<u64, Arc<VmNic>>>,
+}
+
+impl NicHooks {
+    /// Hooks for VMs on `nic`.
+    pub fn new(nic: Nic) -> Self {
+        NicHooks {
+            nic,
+            vms: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Makes VM `vm` known.
+    pub fn add(&self, vm: u64, nic_vm: Arc<VmNic>) {
+        self.vms
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(vm, nic_vm);
+    }
+
+    /// Forgets VM `vm`; its NIC objects go with the last reference.
+    pub fn remove(&self, vm: u64) -> Option<Arc<VmNic>> {
+        self.vms
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&vm)
+    }
+
+    fn vm(&self, vm: u64) -> Result<Arc<VmNic>, Status> {
+        self.vms
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&vm)
+            .cloned()
+            .ok_or(Status::InvalidState)
+    }
+
+    fn refused(&self, vm: &VmNic, what: &str, e: &nic::Error) -> Status {
+        warn!(
+            "vm {}: the NIC refused to {what}: {}",
+            vm.name,
+            error_chain(e)
+        );
+        match e.errno() {
+            Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => Status::InvalidArgument,
+            Some(libc::EFAULT) => Status::BadAddress,
+            _ => Status::NoResources,
+        }
+    }
+}
+
+/// An error and its causes on one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        s.push_str(": ");
+        s.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    s
+}
+
+/// The NIC's access flags for the guest's.
+pub fn nic_access(a: GuestAccess) -> nic::Access {
+    nic::Access {
+        local_write: a.contains(GuestAccess::LOCAL_WRITE),
+        remote_write: a.contains(GuestAccess::REMOTE_WRITE),
+        remote_read: a.contains(GuestAccess::REMOTE_READ),
+        remote_atomic: a.contains(GuestAccess::REMOTE_ATOMIC),
+    }
+}
+
+/// The NIC path for a guest's address vector.
+pub fn nic_path(ah: &qp::AhAttr) -> nic::Path {
+    nic::Path {
+        gid: ah.dgid.0,
+        lid: ah.dlid.get(),
+        hop_limit: ah.hop_limit,
+        traffic_class: ah.traffic_class,
+        flow_label: ah.flow_label.get(),
+        sl: ah.sl,
+    }
+}
+
+fn nic_state(s: qp::State) -> nic::QpState {
+    match s {
+        qp::State::Reset => nic::QpState::Reset,
+        qp::State::Init => nic::QpState::Init,
+        qp::State::Rtr => nic::QpState::Rtr,
+        qp::State::Rts => nic::QpState::Rts,
+        qp::State::Sqd => nic::QpState::Sqd,
+        qp::State::Sqe => nic::QpState::Sqe,
+        qp::State::Err => nic::QpState::Err,
+    }
+}
+
+/// Registers `len` bytes of guest memory at guest-physical `gpa` (in one region) with `pd`,
+/// named `iova`.
+fn register_guest(
+    pd: &nic::Pd,
+    mem: &GuestMem,
+    gpa: u64,
+    len: u64,
+    iova: u64,
+    access: nic::Access,
+) -> Result<Result<NicMr, nic::Error>, Status> {
+    if !in_one_region(mem, gpa, len.max(1)) {
+        return Err(Status::BadAddress);
+    }
+    let host = mem
+        .get_host_address(GuestAddress(gpa))
+        .map_err(|_| Status::BadAddress)?;
+    let len = usize::try_from(len).map_err(|_| Status::InvalidArgument)?;
+    // SAFETY: the range lies in one region of `mem`, whose mapping the returned NicMr keeps
+    // alive (it holds `mem`) for as long as the registration exists.
+    let mr = unsafe { pd.register_iova(host, len, iova, access) };
+    Ok(mr.map(|mr| NicMr {
+        mr,
+        _mem: mem.clone(),
+    }))
+}
+
+impl ObjectHooks for NicHooks {
+    fn alloc_pd(&self, vm: u64, pdn: u32) -> Result<(), Status> {
+        let v = self.vm(vm)?;
+        let pd = self
+            .nic
+            .alloc_pd()
+            .map_err(|e| self.refused(&v, "allocate a PD", &e))?;
+        v.state().pds.insert(pdn, pd);
+        Ok(())
+    }
+
+    fn dealloc_pd(&self, vm: u64, pdn: u32) {
+        if let Ok(v) = self.vm(vm) {
+            v.state().pds.remove(&pdn);
+        }
+    }
+
+    fn register_mr(
+        &self,
+        vm: u64,
+        lkey: u32,
+        mr: &Mr,
+        mem: &GuestMem,
+    ) -> Result<Option<u32>, Status> {
+        let v = self.vm(vm)?;
+        let mut st = v.state();
+        let pd = st.pds.get(&mr.pdn).ok_or(Status::InvalidHandle)?.clone();
+        // The NIC takes one virtually contiguous range: the guest's pages must be back to
+        // back in guest-physical memory, as they are in one vhost-user region.
+        if !mr.is_contiguous() {
+            warn!(
+                "vm {}: an MR of {} scattered pages cannot be registered with the NIC yet: \
+                 the verbs fabric needs each MR's pages contiguous in guest-physical memory",
+                v.name,
+                mr.pages.len()
+            );
+            return Err(Status::NotSupported);
+        }
+        let first = mr.pages.first().copied().ok_or(Status::InvalidArgument)?;
+        let registered = register_guest(
+            &pd,
+            mem,
+            first + mr.first_page_offset,
+            mr.length,
+            mr.iova,
+            nic_access(mr.access()),
+        )?
+        .map_err(|e| self.refused(&v, "register an MR", &e))?;
+        let rkey = registered.mr.rkey();
+        st.mrs.insert(lkey, registered);
+        Ok(Some(rkey))
+    }
+
+    fn deregister_mr(&self, vm: u64, lkey: u32, _mr: &Mr) {
+        if let Ok(v) = self.vm(vm) {
+            v.state().mrs.remove(&lkey);
+        }
+    }
+
+    fn create_cq(&self, vm: u64, cqn: u32, cq: &Cq) -> Result<(), Status> {
+        let v = self.vm(vm)?;
+        let made = self
+            .nic
+            .create_cq_on(cq.depth, &v.channel, cqn as usize)
+            .and_then(|c| c.arm().map(|()| c))
+            .map_err(|e| self.refused(&v, "create a CQ", &e))?;
+        v.state().cqs.insert(cqn, made);
+        Ok(())
+    }
+
+    fn destroy_cq(&self, vm: u64, cqn: u32) {
+        if let Ok(v) = self.vm(vm) {
+            v.state().cqs.remove(&cqn);
+        }
+    }
+
+    fn create_qp(
+        &self,
+        vm: u64,
+        record: &Qp,
+        mem: &GuestMem,
+        fits: &dyn Fn(u32) -> bool,
+    ) -> Result<Option<u32>, Status> {
+        let v = self.vm(vm)?;
+        if record.has_srq() {
+            warn!(
+                "vm {}: QPs with a shared receive queue are not carried by the verbs fabric yet",
+                v.name
+            );
+            return Err(Status::NotSupported);
+        }
+        let mut st = v.state();
+        let pd = st
+            .pds
+            .get(&record.pdn)
+            .ok_or(Status::InvalidHandle)?
+            .clone();
+        let send_cq = st.cqs.get(&record.send_cqn).ok_or(Status::InvalidHandle)?;
+        let recv_cq = st.cqs.get(&record.recv_cqn).ok_or(Status::InvalidHandle)?;
+        let kind = match record.qp_type() {
+            qp::Type::Ud => nic::QpKind::Ud,
+            _ => nic::QpKind::Rc,
+        };
+        let sq = record.sq_geometry().ok_or(Status::InvalidArgument)?;
+        let rq_depth = record.rq_geometry().map_or(1, |g| g.depth());
+        let caps = nic::QpCaps {
+            send_wr: sq.depth(),
+            recv_wr: rq_depth,
+            sge: record
+                .caps
+                .max_send_sge
+                .get()
+                .max(record.caps.max_recv_sge.get())
+                .max(1),
+        };
+        let ring = register_guest(
+            &pd,
+            mem,
+            record.sq_ring_addr,
+            sq.byte_len(),
+            record.sq_ring_addr,
+            nic::Access::default(),
+        )?
+        .map_err(|e| self.refused(&v, "register a send ring", &e))?;
+        // Refused numbers stay alive until the end, so the NIC cannot hand one back.
+        let mut refused = Vec::new();
+        for _ in 0..QPN_TRIES {
+            let made = nic::Qp::create(&pd, send_cq, recv_cq, kind, caps)
+                .map_err(|e| self.refused(&v, "create a QP", &e))?;
+            let qpn = made.qpn();
+            if fits(qpn) {
+                st.qps.insert(
+                    qpn,
+                    NicQp {
+                        qp: made,
+                        ring,
+                        epoch: 0,
+                        send: Track::default(),
+                        recv: Track::default(),
+                        sends: vec![None; sq.depth() as usize],
+                        recvs: vec![PostedRecv::default(); rq_depth as usize],
+                        fault: None,
+                        stalled: false,
+                    },
+                );
+                return Ok(Some(qpn));
+            }
+            debug!("vm {}: NIC QP {qpn:#x} does not fit a free slot", v.name);
+            refused.push(made);
+        }
+        Err(Status::NoResources)
+    }
+
+    fn modify_qp(
+        &self,
+        vm: u64,
+        qpn: u32,
+        before: &Qp,
+        mask: qp::AttrMask,
+        attr: &qp::Attr,
+        next: qp::State,
+    ) -> Result<(), Status> {
+        use qp::AttrMask as M;
+        let v = self.vm(vm)?;
+        let mut guard = v.state();
+        let st = &mut *guard;
+        let nq = st.qps.get_mut(&qpn).ok_or(Status::InvalidHandle)?;
+        let has = |m: M| mask.contains(m);
+        let m = nic::Modify {
+            state: has(M::STATE).then_some(nic_state(next)),
+            access: has(M::ACCESS_FLAGS)
+                .then(|| nic_access(GuestAccess::from_bits_truncate(attr.qp_access_flags.get()))),
+            qkey: has(M::QKEY).then_some(attr.qkey.get()),
+            pkey_index: has(M::PKEY_INDEX).then_some(attr.pkey_index.get()),
+            port: has(M::PORT),
+            path: has(M::AV).then(|| nic_path(&attr.ah_attr)),
+            path_mtu: has(M::PATH_MTU).then_some(u32::from(attr.path_mtu)),
+            dest_qpn: has(M::DEST_QPN).then_some(attr.dest_qp_num.get()),
+            rq_psn: has(M::RQ_PSN).then_some(attr.rq_psn.get()),
+            sq_psn: has(M::SQ_PSN).then_some(attr.sq_psn.get()),
+            timeout: has(M::TIMEOUT).then_some(attr.timeout),
+            retry_cnt: has(M::RETRY_CNT).then_some(attr.retry_cnt),
+            rnr_retry: has(M::RNR_RETRY).then_some(attr.rnr_retry),
+            max_rd_atomic: has(M::MAX_QP_RD_ATOMIC).then_some(attr.max_rd_atomic),
+            max_dest_rd_atomic: has(M::MAX_DEST_RD_ATOMIC).then_some(attr.max_dest_rd_atomic),
+            min_rnr_timer: has(M::MIN_RNR_TIMER).then_some(attr.min_rnr_timer),
+        };
+        nq.qp
+            .modify_with(&self.nic.port(), &m)
+            .map_err(|e| self.refused(&v, "modify a QP", &e))?;
+        if next == qp::State::Reset && before.state() != qp::State::Reset {
+            // The NIC drops what it held without completing it, as the guest's rings do.
+            st.in_flight = st
+                .in_flight
+                .saturating_sub(nq.send.in_flight + nq.recv.in_flight);
+            nq.epoch = nq.epoch.wrapping_add(1);
+            nq.send = Track::default();
+            nq.recv = Track::default();
+            nq.fault = None;
+            nq.stalled = false;
+        }
+        Ok(())
+    }
+
+    fn failed_qp(&self, vm: u64, qpn: u32, _qp: &Qp) -> bool {
+        let Ok(v) = self.vm(vm) else {
+            return false;
+        };
+        let st = v.state();
+        st.qps
+            .get(&qpn)
+            .is_some_and(|nq| matches!(nq.qp.state(), Ok(nic::QpState::Err) | Err(_)))
+    }
+
+    fn destroy_qp(&self, vm: u64, qpn: u32, _qp: &Qp) {
+        if let Ok(v) = self.vm(vm) {
+            let mut st = v.state();
+            if let Some(nq) = st.qps.remove(&qpn) {
+                st.in_flight = st
+                    .in_flight
+                    .saturating_sub(nq.send.in_flight + nq.recv.in_flight);
+            }
+        }
+    }
+
+    fn create_ah(&self, vm: u64, handle: u32, ah: &Ah) -> Result<(), Status> {
+        let v = self.vm(vm)?;
+        let mut st = v.state();
+        let pd = st.pds.get(&ah.pdn).ok_or(Status::InvalidHandle)?;
+        let made = pd
+            .create_ah_to(&self.nic.port(), &nic_path(&ah.attr))
+            .map_err(|e| self.refused(&v, "create an address handle", &e))?;
+        st.ahs.insert(handle, made);
+        Ok(())
+    }
+
+    fn destroy_ah(&self, vm: u64, handle: u32) {
+        if let Ok(v) = self.vm(vm) {
+            v.state().ahs.remove(&handle);
+        }
+    }
+}

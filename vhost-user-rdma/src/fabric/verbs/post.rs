@@ -1,0 +1,442 @@
+//! Posting a VM's work to the NIC: its send work requests, checked by the requester rules
+//! every fabric shares and translated (the guest's lkeys to the NIC's; addresses stay, as
+//! each NIC MR is registered at the guest MR's own iova), and its receives.
+//!
+//! Runs on the scheduler's thread under the VM's lock; allocates nothing.
+
+use vm_memory::{Bytes, GuestAddress};
+use vrdma_proto::cqe::{Status, VendorErr};
+use vrdma_proto::qp;
+use vrdma_proto::wqe::{self, Opcode, Payload, SendFlags};
+
+use super::mirror::{Fault, NicState, PostedRecv};
+use super::nic;
+use crate::fabric::{StepOutcome, WR_COST};
+use crate::model::memory::{GuestMem, load_producer};
+use crate::model::objects::VmObjects;
+use crate::model::qp_state::{MAX_SEND_SLOT, RecvCopy};
+use crate::model::vm::Vm;
+use crate::rnic::completion::{ring_fatal, set_error};
+use crate::rnic::requester::{
+    Posted, Retired, check_wr, fail_head, read_send_slot, sq_drained, sq_posted,
+};
+use crate::rnic::responder::check_recv;
+
+/// Work requests one VM may have on the NIC at once.
+pub const MAX_VM_IN_FLIGHT: u32 = 1024;
+
+/// What a NIC work request's id says: which QP life, which queue, which ring index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tag {
+    /// The QP's epoch when it was posted.
+    pub epoch: u16,
+    /// A receive rather than a send.
+    pub recv: bool,
+    /// Its guest ring index.
+    pub index: u32,
+}
+
+impl Tag {
+    /// As a `wr_id`.
+    pub fn encode(self) -> u64 {
+        (u64::from(self.epoch) << 40) | (u64::from(self.recv) << 32) | u64::from(self.index)
+    }
+
+    /// From a `wr_id` the fabric posted.
+    pub fn decode(wr_id: u64) -> Tag {
+        Tag {
+            epoch: (wr_id >> 40) as u16,
+            recv: (wr_id >> 32) & 1 == 1,
+            index: wr_id as u32,
+        }
+    }
+}
+
+/// The NIC operation of a guest send work request.
+fn send_op<'a>(
+    st: &'a NicState,
+    wr: &wqe::SendWr<'_>,
+    qp_type: qp::Type,
+) -> Result<nic::SendOp<'a>, VendorErr> {
+    let h = &wr.header;
+    let imm = matches!(wr.opcode, Opcode::SendWithImm | Opcode::RdmaWriteWithImm)
+        .then(|| u32::from_be_bytes(h.imm_data));
+    let (addr, rkey) = (h.remote_addr.get(), h.rkey.get());
+    Ok(match wr.opcode {
+        Opcode::Send | Opcode::SendWithImm if qp_type == qp::Type::Ud => {
+            let ah = st.ahs.get(&h.ah.get()).ok_or(VendorErr::BadAh)?;
+            nic::SendOp::Datagram {
+                ah,
+                qpn: h.remote_qpn.get(),
+                qkey: h.remote_qkey.get(),
+                imm,
+            }
+        }
+        Opcode::Send | Opcode::SendWithImm => nic::SendOp::Send { imm },
+        Opcode::RdmaWrite | Opcode::RdmaWriteWithImm => nic::SendOp::Write { addr, rkey, imm },
+        Opcode::RdmaRead => nic::SendOp::Read { addr, rkey },
+        Opcode::AtomicCmpAndSwp => nic::SendOp::CompareSwap {
+            addr,
+            rkey,
+            compare: h.compare_add.get(),
+            swap: h.swap.get(),
+        },
+        Opcode::AtomicFetchAndAdd => nic::SendOp::FetchAdd {
+            addr,
+            rkey,
+            add: h.compare_add.get(),
+        },
+    })
+}
+
+/// The NIC's SGEs for a checked work request whose slot (ring index `index`) is `slot`.
+fn send_sges(
+    st: &NicState,
+    qpn: u32,
+    wr: &wqe::SendWr<'_>,
+    slot: &[u8],
+    slot_gpa: u64,
+    out: &mut [nic::Sge; nic::MAX_SGE],
+) -> Result<usize, VendorErr> {
+    match wr.payload {
+        Payload::Sges(list) => {
+            let mut n = 0;
+            for sge in list.iter() {
+                let len = sge.length.get();
+                if len == 0 {
+                    continue;
+                }
+                let mr = st.mrs.get(&sge.lkey.get()).ok_or(VendorErr::BadLkey)?;
+                *out.get_mut(n).ok_or(VendorErr::MalformedWqe)? = nic::Sge {
+                    addr: sge.addr.get(),
+                    len,
+                    lkey: mr.mr.lkey(),
+                };
+                n += 1;
+            }
+            Ok(n)
+        }
+        Payload::Inline(data) => {
+            if data.is_empty() {
+                return Ok(0);
+            }
+            // The data stays in the guest's ring slot, which is the device's until the
+            // request completes: the NIC sends it from there, through the ring's
+            // registration (named by guest-physical address).
+            let ring = &st.qps.get(&qpn).ok_or(VendorErr::MalformedWqe)?.ring;
+            let offset = (data.as_ptr() as usize).wrapping_sub(slot.as_ptr() as usize);
+            out[0] = nic::Sge {
+                addr: slot_gpa + offset as u64,
+                len: data.len() as u32,
+                lkey: ring.mr.lkey(),
+            };
+            Ok(1)
+        }
+    }
+}
+
+/// What posting the next send work request of a QP came to.
+enum Next {
+    /// Posted, moving this many payload bytes.
+    Posted(u32),
+    /// Nothing more to post now.
+    Done,
+    /// The request failed now (nothing of the QP's was on the NIC); the QP is in error.
+    FailedNow,
+    /// The ring cannot be read: the QP is in error.
+    Fatal,
+}
+
+/// Posts QP `qpn`'s send work requests to the NIC, up to `budget` bytes of cost, as many as
+/// the ring and the VM's bound on the NIC allow.
+pub fn step(
+    vm: &Vm,
+    objects: &mut VmObjects,
+    st: &mut NicState,
+    mem: &GuestMem,
+    qpn: u32,
+    budget: u32,
+) -> StepOutcome {
+    let Some(qp) = objects.qps.get(qpn) else {
+        return StepOutcome::IDLE;
+    };
+    if qp.state() == qp::State::Sqd {
+        // SQD takes no new work; it drains what is on the NIC.
+        if st.qps.get(&qpn).is_some_and(|nq| nq.send.in_flight == 0) {
+            sq_drained(objects, vm, qpn);
+        }
+        return StepOutcome::IDLE;
+    }
+    let (mut cost, mut bytes, mut wrs) = (0u32, 0u32, 0u32);
+    while cost < budget {
+        match post_next(vm, objects, st, mem, qpn) {
+            Next::Posted(len) => {
+                cost = cost.saturating_add(WR_COST.saturating_add(len));
+                bytes = bytes.saturating_add(len);
+                wrs += 1;
+            }
+            Next::Done => break,
+            Next::FailedNow => {
+                return StepOutcome::progress(cost.saturating_add(WR_COST), false, bytes, wrs + 1);
+            }
+            Next::Fatal => return StepOutcome::FAILED,
+        }
+    }
+    if wrs == 0 {
+        StepOutcome::IDLE
+    } else {
+        StepOutcome::progress(cost, cost >= budget, bytes, wrs)
+    }
+}
+
+/// Checks, translates and posts QP `qpn`'s next send work request.
+fn post_next(
+    vm: &Vm,
+    objects: &mut VmObjects,
+    st: &mut NicState,
+    mem: &GuestMem,
+    qpn: u32,
+) -> Next {
+    let (Some(qp), Some(nq)) = (objects.qps.get(qpn), st.qps.get(&qpn)) else {
+        return Next::Done;
+    };
+    let Some(geometry) = qp.sq_geometry() else {
+        return Next::Done;
+    };
+    if nq.fault.is_some() {
+        return Next::Done;
+    }
+    let head = qp.rt.sq_head;
+    let next = nq.send.next_from(head);
+    let taken = next.wrapping_sub(head);
+    if taken >= geometry.depth() || st.in_flight >= MAX_VM_IN_FLIGHT {
+        if let Some(nq) = st.qps.get_mut(&qpn) {
+            nq.stalled = true;
+        }
+        return Next::Done;
+    }
+    match sq_posted(objects, vm, mem, qpn, taken) {
+        Posted::More => {}
+        Posted::Nothing => return Next::Done,
+        Posted::Fatal => return Next::Fatal,
+    }
+    let (Some(qp), Some(nq)) = (objects.qps.get(qpn), st.qps.get(&qpn)) else {
+        return Next::Done;
+    };
+    let mut slot = [0u8; MAX_SEND_SLOT];
+    if !read_send_slot(qp, mem, next, &mut slot) {
+        ring_fatal(objects, vm, mem, qpn, VendorErr::GuestMemory);
+        return Next::Fatal;
+    }
+    let slot = &slot[..geometry.stride() as usize];
+    let slot_gpa = qp.sq_ring_addr + geometry.entry_offset(next);
+    let mut sges = [nic::Sge {
+        addr: 0,
+        len: 0,
+        lkey: 0,
+    }; nic::MAX_SGE];
+    let tag = Tag {
+        epoch: nq.epoch,
+        recv: false,
+        index: next,
+    };
+    let posted = match wqe::decode_send(slot, qp.send_limits()) {
+        Err(_) => Err((
+            Retired::of_slot(qp, slot),
+            Status::LocQpOpErr,
+            VendorErr::MalformedWqe,
+        )),
+        Ok(wr) => {
+            let retired = Retired::of(qp, &wr);
+            check_wr(objects, qp, &wr)
+                .and_then(|()| {
+                    let op = send_op(st, &wr, qp.qp_type()).map_err(|v| (Status::LocQpOpErr, v))?;
+                    let n = send_sges(st, qpn, &wr, slot, slot_gpa, &mut sges)
+                        .map_err(|v| (Status::LocProtErr, v))?;
+                    let flags = nic::PostFlags {
+                        solicited: wr.flags.contains(SendFlags::SOLICITED),
+                        fence: wr.flags.contains(SendFlags::FENCE),
+                    };
+                    nq.qp
+                        .post_send_with(tag.encode(), &sges[..n], op, flags)
+                        .map_err(|e| {
+                            log::warn!(
+                                "vm {}: the NIC refused a work request of QP {qpn:#x}: {}",
+                                vm.name,
+                                super::mirror::error_chain(&e)
+                            );
+                            (Status::LocQpOpErr, VendorErr::None)
+                        })
+                })
+                .map(|()| (retired, wr.byte_len))
+                .map_err(|(s, v)| (retired, s, v))
+        }
+    };
+    match posted {
+        Ok((retired, len)) => {
+            if let Some(nq) = st.qps.get_mut(&qpn) {
+                nq.sends[geometry.slot(next) as usize] = Some(retired);
+                nq.send.next = Some(next.wrapping_add(1));
+                nq.send.in_flight += 1;
+            }
+            st.in_flight += 1;
+            Next::Posted(len)
+        }
+        Err((retired, status, vendor)) if taken == 0 => {
+            // Nothing of the QP's is on the NIC: it fails now, in order.
+            fail_head(objects, vm, mem, qpn, Some(retired), status, vendor);
+            stop_nic_qp(objects, st, qpn);
+            Next::FailedNow
+        }
+        Err((retired, status, vendor)) => {
+            // It fails once the requests before it have completed.
+            if let Some(nq) = st.qps.get_mut(&qpn) {
+                nq.fault = Some(Fault {
+                    index: next,
+                    retired,
+                    status,
+                    vendor,
+                });
+            }
+            Next::Done
+        }
+    }
+}
+
+/// Takes QP `qpn`'s NIC QP to ERR if the guest's went there: the NIC flushes what it holds
+/// (those completions are found stale and dropped) and stops answering peers. A UD QP whose
+/// guest QP went to SQE keeps its NIC QP as it is: its receives go on, and the guest's sends
+/// are flushed by the daemon until it returns to RTS.
+pub fn stop_nic_qp(objects: &VmObjects, st: &NicState, qpn: u32) {
+    if objects
+        .qps
+        .get(qpn)
+        .is_some_and(|q| q.state() != qp::State::Err)
+    {
+        return;
+    }
+    if let Some(nq) = st.qps.get(&qpn) {
+        if let Err(e) = nq.qp.to_error() {
+            log::debug!("QP {qpn:#x}: the NIC's QP did not go to ERR: {e}");
+        }
+    }
+}
+
+/// Posts the receives the driver published on QP `qpn`'s ring since the last call.
+pub fn post_receives(
+    vm: &Vm,
+    objects: &mut VmObjects,
+    st: &mut NicState,
+    mem: &GuestMem,
+    qpn: u32,
+) {
+    let Some(qp) = objects.qps.get(qpn) else {
+        return;
+    };
+    if qp.has_srq()
+        || !matches!(
+            qp.state(),
+            qp::State::Init | qp::State::Rtr | qp::State::Rts | qp::State::Sqd | qp::State::Sqe
+        )
+    {
+        return;
+    }
+    let Some(geometry) = qp.rq_geometry() else {
+        return;
+    };
+    let (ring_addr, done, pdn, max_sge) = (
+        qp.rq_ring_addr,
+        qp.rt.rq_done,
+        qp.pdn,
+        qp.caps.max_recv_sge.get(),
+    );
+    let Some(producer) = load_producer(mem, ring_addr) else {
+        set_error(objects, vm, qpn);
+        stop_nic_qp(objects, st, qpn);
+        return;
+    };
+    let Ok(posted) = geometry.occupancy(producer, done) else {
+        set_error(objects, vm, qpn);
+        stop_nic_qp(objects, st, qpn);
+        return;
+    };
+    let mut buf = [0u8; wqe::recv_stride(crate::limits::MAX_SGE) as usize];
+    let stride = geometry.stride() as usize;
+    loop {
+        let Some(nq) = st.qps.get(&qpn) else {
+            return;
+        };
+        let next = nq.recv.next_from(done);
+        if next.wrapping_sub(done) >= posted {
+            return;
+        }
+        let Some(slot) = buf.get_mut(..stride) else {
+            return;
+        };
+        let at = GuestAddress(ring_addr + geometry.entry_offset(next));
+        let mut copy = RecvCopy::default();
+        let checked = mem
+            .read_slice(slot, at)
+            .map_err(|_| VendorErr::GuestMemory)
+            .and_then(|()| check_recv(&objects.mrs, slot, max_sge, pdn, &mut copy));
+        let mut sges = [nic::Sge {
+            addr: 0,
+            len: 0,
+            lkey: 0,
+        }; nic::MAX_SGE];
+        let mut n = 0;
+        let translated = checked.and_then(|()| {
+            for sge in &copy.sges[..copy.n] {
+                if sge.length.get() == 0 {
+                    continue;
+                }
+                let mr = st.mrs.get(&sge.lkey.get()).ok_or(VendorErr::BadLkey)?;
+                sges[n] = nic::Sge {
+                    addr: sge.addr.get(),
+                    len: sge.length.get(),
+                    lkey: mr.mr.lkey(),
+                };
+                n += 1;
+            }
+            Ok(())
+        });
+        let tag = Tag {
+            epoch: nq.epoch,
+            recv: true,
+            index: next,
+        };
+        let result = translated.and_then(|()| {
+            nq.qp.post_recv(tag.encode(), &sges[..n]).map_err(|e| {
+                log::warn!(
+                    "vm {}: the NIC refused a receive of QP {qpn:#x}: {}",
+                    vm.name,
+                    super::mirror::error_chain(&e)
+                );
+                VendorErr::None
+            })
+        });
+        if let Err(v) = result {
+            // A receive the NIC cannot take fails the QP when it is posted (the soft fabric
+            // fails it when a message arrives for it): every receive is flushed.
+            log::debug!(
+                "vm {}: QP {qpn:#x}'s receive {next} is unusable ({v:?}); the QP goes to ERR",
+                vm.name
+            );
+            set_error(objects, vm, qpn);
+            stop_nic_qp(objects, st, qpn);
+            return;
+        }
+        let first = copy.sges[..copy.n]
+            .first()
+            .map(|s| (s.lkey.get(), s.addr.get()));
+        if let Some(nq) = st.qps.get_mut(&qpn) {
+            nq.recvs[geometry.slot(next) as usize] = PostedRecv {
+                wr_id: copy.wr_id,
+                first,
+            };
+            nq.recv.next = Some(next.wrapping_add(1));
+            nq.recv.in_flight += 1;
+        }
+        st.in_flight += 1;
+    }
+}

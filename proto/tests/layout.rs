@@ -557,8 +557,9 @@ fn device_identity_and_features() {
     assert_eq!(features::MULTI_DOORBELL, 0x08);
     assert_eq!(features::CQ_NOTIFY, 0x10);
     assert_eq!(features::SRQ, 0x20);
+    assert_eq!(features::RECV_DOORBELL, 0x40);
     assert_eq!(features::VERSION_1, 1 << 32);
-    assert_eq!(features::ALL_DEVICE, 0x3f);
+    assert_eq!(features::ALL_DEVICE, 0x7f);
     // Device-specific feature bits are 0 to 23 in virtio.
     assert_eq!(features::ALL_DEVICE >> 24, 0);
 }

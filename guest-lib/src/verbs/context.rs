@@ -5,7 +5,7 @@ use std::sync::Arc;
 use vrdma_proto::cmd::{self, Opcode, RespHeader, Status};
 use vrdma_proto::config::{self, DeviceCaps};
 use vrdma_proto::doorbell::Doorbell;
-use vrdma_proto::{DecodeError, Gid};
+use vrdma_proto::{DecodeError, Gid, features};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
 use super::{Error, Result};
@@ -85,6 +85,9 @@ impl<T: Transport + std::fmt::Debug> DynTransport for T {
 #[derive(Debug)]
 pub(crate) struct Inner {
     transport: Box<dyn DynTransport>,
+    /// `RECV_DOORBELL` was negotiated: every post of receives rings a doorbell. Read once
+    /// here so a post without it costs no more than a branch.
+    receive_doorbells: bool,
 }
 
 /// An open vrdma device (`ibv_context`).
@@ -132,9 +135,11 @@ impl Context {
 
     /// A context over any transport.
     pub fn from_transport<T: Transport + std::fmt::Debug + 'static>(transport: T) -> Context {
+        let receive_doorbells = transport.features() & features::RECV_DOORBELL != 0;
         Context {
             inner: Arc::new(Inner {
                 transport: Box::new(transport),
+                receive_doorbells,
             }),
         }
     }
@@ -341,6 +346,19 @@ impl Inner {
         self.transport
             .ring_doorbells(queue, doorbells)
             .map_err(|source| Error::Transport { verb, source })
+    }
+
+    /// Tells the device that receives were published on the ring `doorbell` names, if it asked
+    /// to be told (`RECV_DOORBELL`); without it the device reads receive rings when messages
+    /// arrive, and this does nothing. The caller has stored the producer index (release)
+    /// already, as for a `Send` doorbell.
+    pub(crate) fn receives_posted(&self, doorbell: Doorbell, verb: &'static str) -> Result<()> {
+        if !self.receive_doorbells {
+            return Ok(());
+        }
+        // Spread over the doorbell queues by handle, as `Send` doorbells are by QP number.
+        let queue = doorbell.handle.get() as u16;
+        self.ring(&[doorbell], queue, verb)
     }
 
     pub(crate) fn drain_events(&self, verb: &'static str) -> Result<Vec<DeviceEvent>> {

@@ -20,6 +20,8 @@ mod mr;
 pub mod pacing;
 mod pd;
 mod qp;
+#[cfg(test)]
+mod receive_doorbell_tests;
 mod ring;
 mod srq;
 

@@ -9,6 +9,7 @@ use vrdma_proto::{qp, ring, wqe};
 use zerocopy::IntoBytes;
 
 use super::ah::{AddressHandle, AhAttr};
+use super::context::Inner;
 use super::cq::{CompletionQueue, CqInner};
 use super::pd::{PdInner, ProtectionDomain};
 use super::ring::Ring;
@@ -351,7 +352,9 @@ pub(crate) struct WorkQueue {
 
 impl WorkQueue {
     /// Writes `wrs` into the ring as receive entries of at most `max_sge` SGEs and publishes
-    /// them. As in verbs, the requests before a failing one are posted.
+    /// them, then, if it published any, rings `doorbell` on `ctx` when the device asked for
+    /// receive doorbells (one for the whole call, as `post_send` rings one). As in verbs, the
+    /// requests before a failing one are posted, so they are rung for too.
     ///
     /// # Safety
     ///
@@ -361,8 +364,11 @@ impl WorkQueue {
         &mut self,
         wrs: &[RecvWr<'_>],
         max_sge: u32,
+        ctx: &Inner,
+        doorbell: Doorbell,
         verb: &'static str,
     ) -> Result<()> {
+        let first = self.producer;
         let geometry = self.ring.geometry();
         let stride = geometry.stride() as usize;
         let mut slot = [0u8; 1024];
@@ -396,6 +402,9 @@ impl WorkQueue {
         }
         self.ring
             .store(ring::PRODUCER_OFFSET, self.producer, Ordering::Release);
+        if self.producer != first {
+            ctx.receives_posted(doorbell, verb)?;
+        }
         result
     }
 }
@@ -764,7 +773,10 @@ impl QueuePair {
             ));
         };
         let mut rq = rq.lock().unwrap_or_else(|p| p.into_inner());
+        let qpn = self.inner.qpn;
+        let doorbell = Doorbell::new(doorbell::Kind::Recv, qpn);
+        let ctx = &self.inner.pd.ctx;
         // SAFETY: this function's contract is the one `post_receives` needs.
-        unsafe { rq.post_receives(wrs, self.inner.cap.max_recv_sge, VERB) }
+        unsafe { rq.post_receives(wrs, self.inner.cap.max_recv_sge, ctx, doorbell, VERB) }
     }
 }

@@ -231,6 +231,15 @@ pub enum FabricKind {
     Verbs(VerbsNic),
 }
 
+impl FabricKind {
+    /// Whether the fabric posts receives to a NIC ahead of arrival, so it must hear of each
+    /// post: the device then offers `features::RECV_DOORBELL` and refuses a driver that does
+    /// not accept it. The soft fabric reads receive rings when messages arrive.
+    pub fn needs_receive_doorbells(&self) -> bool {
+        matches!(self, FabricKind::Verbs(_))
+    }
+}
+
 /// The NIC of the verbs fabric: `verbs:DEVICE[,port=N][,gid-index=N]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VerbsNic {
@@ -673,6 +682,17 @@ mod tests {
         }
         a.fabric = "carrier-pigeon".into();
         assert!(Config::from_args(&a).is_err());
+    }
+
+    #[test]
+    fn only_the_verbs_fabric_needs_receive_doorbells() {
+        assert!(!FabricKind::Soft.needs_receive_doorbells());
+        let nic = VerbsNic {
+            device: "mlx5_0".into(),
+            port: 1,
+            gid_index: 0,
+        };
+        assert!(FabricKind::Verbs(nic).needs_receive_doorbells());
     }
 
     #[test]

@@ -135,8 +135,14 @@ impl Daemon {
             n.set_scheduler(scheduler.thread().clone());
         }
         let mut servers = Vec::new();
+        let receive_doorbells = config.fabric.needs_receive_doorbells();
         for vm in &config.vms {
-            match VmServer::start(vm.clone(), vm.gid.node_guid(), scheduler.clone()) {
+            match VmServer::start(
+                vm.clone(),
+                vm.gid.node_guid(),
+                scheduler.clone(),
+                receive_doorbells,
+            ) {
                 Ok(s) => servers.push(s),
                 Err(e) => {
                     for s in servers {

@@ -78,6 +78,18 @@ pub enum Error {
         #[source]
         source: virtio_queue::Error,
     },
+    /// The device offered `RECV_DOORBELL` and the driver did not accept it.
+    #[error(
+        "vm {vm}: the driver set the features to {acked:#x}, without RECV_DOORBELL: this \
+         fabric posts receives to its NIC ahead of arrival and learns of them only from \
+         receive doorbells, so the driver must support receive doorbells; refusing it"
+    )]
+    ReceiveDoorbellsRefused {
+        /// The VM.
+        vm: String,
+        /// The features the VMM set.
+        acked: u64,
+    },
 }
 
 impl From<Error> for io::Error {
@@ -102,6 +114,11 @@ pub struct VmDevice {
     exit_consumer: EventConsumer,
     exit_notifier: EventNotifier,
     cfg: VmConfig,
+    /// The fabric posts receives ahead of arrival: the device offers `RECV_DOORBELL` and
+    /// refuses a driver that does not accept it.
+    receive_doorbells: bool,
+    /// The features the VMM last set, `None` before it sets any.
+    acked_features: Mutex<Option<u64>>,
     migration: Mutex<Migration>,
     /// Held by the vring worker while it serves a queue, so stopping a ring can wait until
     /// nothing the worker took from it is still being answered.
@@ -132,7 +149,9 @@ const MAX_STATE_BYTES: u64 = state::codec::MAX_PAYLOAD + state::codec::HEADER_LE
 
 impl VmDevice {
     /// A device for `vm`, configured by `cfg`, whose doorbell and event queues are
-    /// `doorbells` and `events`, and whose objects the fabric follows through `hooks`.
+    /// `doorbells` and `events`, and whose objects the fabric follows through `hooks`. With
+    /// `receive_doorbells` (a fabric that posts receives ahead of arrival) it offers
+    /// `RECV_DOORBELL` and refuses a driver that does not accept it.
     pub fn new(
         cfg: &VmConfig,
         vm: Arc<Vm>,
@@ -140,6 +159,7 @@ impl VmDevice {
         events: Arc<EventQueue>,
         hooks: Arc<dyn ObjectHooks>,
         scheduler: Scheduler,
+        receive_doorbells: bool,
     ) -> io::Result<Self> {
         let (caps, srq) = {
             let objects = vm.lock();
@@ -170,6 +190,8 @@ impl VmDevice {
             exit_consumer,
             exit_notifier,
             cfg: cfg.clone(),
+            receive_doorbells,
+            acked_features: Mutex::new(None),
             migration: Mutex::new(Migration::default()),
             serving: Mutex::new(()),
         })
@@ -177,6 +199,35 @@ impl VmDevice {
 
     fn migration(&self) -> MutexGuard<'_, Migration> {
         self.migration.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Refuses a driver that did not accept `RECV_DOORBELL` although the device offered it,
+    /// as a device refuses one without `VIRTIO_F_VERSION_1` at `FEATURES_OK`: such a driver
+    /// would post receives the fabric never hears of. A vhost-user backend cannot fail
+    /// `SET_FEATURES` itself (the library's hook returns nothing), so this runs at the first
+    /// requests after it that it can fail, `SET_MEM_TABLE` and a ring starting; the error ends
+    /// the connection before the device serves the driver. Before the VMM sets any features
+    /// there is nothing to judge yet.
+    fn refuse_without_receive_doorbells(&self) -> io::Result<()> {
+        if !self.receive_doorbells {
+            return Ok(());
+        }
+        let acked = *self
+            .acked_features
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        match acked {
+            Some(acked) if acked & features::RECV_DOORBELL == 0 => {
+                let e = Error::ReceiveDoorbellsRefused {
+                    vm: self.name.clone(),
+                    acked,
+                };
+                // The library hands the frontend only success or failure: say why here.
+                error!("{e}");
+                Err(e.into())
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Whether the device state was saved and checked, so the VM now runs elsewhere (unless
@@ -570,6 +621,11 @@ impl VhostUserBackend for VmDevice {
         if self.doorbell_queues == 1 {
             device &= !features::MULTI_DOORBELL;
         }
+        if !self.receive_doorbells {
+            // The device reads receive rings when messages arrive: doorbells would only cost
+            // the driver a virtqueue trip per post.
+            device &= !features::RECV_DOORBELL;
+        }
         // LOG_ALL: the device logs every page it writes (model::memory), so a VMM can migrate
         // the VM while it runs.
         (1 << VIRTIO_F_VERSION_1)
@@ -600,6 +656,10 @@ impl VhostUserBackend for VmDevice {
             self.name,
             acked & features::ALL_DEVICE
         );
+        *self
+            .acked_features
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(acked);
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
@@ -612,6 +672,7 @@ impl VhostUserBackend for VmDevice {
     }
 
     fn update_memory(&self, mem: GuestMemAtomic) -> io::Result<()> {
+        self.refuse_without_receive_doorbells()?;
         // The port holds the same GuestMemoryAtomic the library updates, so every access
         // after this sees the new table.
         #[cfg(feature = "xen")]
@@ -640,6 +701,7 @@ impl VhostUserBackend for VmDevice {
     }
 
     fn start_vring(&self, _queue_index: u32) -> io::Result<()> {
+        self.refuse_without_receive_doorbells()?;
         self.resume_if_started();
         Ok(())
     }
@@ -782,13 +844,8 @@ mod tests {
     use crate::model::memory::recorder;
     use crate::testing::TestVm;
 
-    /// A control command's response reaches the driver's buffer through the one write path,
-    /// and nothing else in the guest changes.
-    #[test]
-    fn control_responses_are_written_through_the_one_path() {
-        let mut vm = TestVm::new(6, 1);
-        let scheduler = Scheduler::start(|| Box::new(MockFabric::default())).unwrap();
-        let cfg = VmConfig {
+    fn test_config(vm: &TestVm) -> VmConfig {
+        VmConfig {
             name: vm.vm.name.clone(),
             socket: "/nonexistent".into(),
             gid: vm.vm.gid,
@@ -799,16 +856,63 @@ mod tests {
             roce: false,
             incoming: false,
             nic_qpns: false,
-        };
-        let device = VmDevice::new(
-            &cfg,
+        }
+    }
+
+    fn device(vm: &TestVm, scheduler: &Scheduler, receive_doorbells: bool) -> VmDevice {
+        VmDevice::new(
+            &test_config(vm),
             vm.vm.clone(),
             Arc::new(DoorbellQueues::new(vm.vm.clone())),
             Arc::new(EventQueue::default()),
             scheduler.hooks().clone(),
             scheduler.clone(),
+            receive_doorbells,
         )
-        .unwrap();
+        .unwrap()
+    }
+
+    /// `RECV_DOORBELL` is offered only for a fabric that needs receive doorbells, and then a
+    /// driver that does not accept it is refused at the first request the device can fail
+    /// (`SET_MEM_TABLE`, a ring starting), while one that accepts it is served.
+    #[test]
+    fn receive_doorbells_are_offered_only_when_the_fabric_needs_them_and_then_required() {
+        let vm = TestVm::new(7, 1);
+        let scheduler = Scheduler::start(|| Box::new(MockFabric::default())).unwrap();
+        let soft = device(&vm, &scheduler, false);
+        assert_eq!(soft.features() & features::RECV_DOORBELL, 0);
+        assert_ne!(soft.features() & features::SRQ, 0);
+        soft.acked_features(features::VERSION_1 | features::SRQ);
+        soft.update_memory(vm.vm.mem.clone()).unwrap();
+        soft.start_vring(0).unwrap();
+
+        let nic = device(&vm, &scheduler, true);
+        let offered = nic.features();
+        assert_ne!(offered & features::RECV_DOORBELL, 0);
+        assert_eq!(offered & !features::RECV_DOORBELL, soft.features());
+        // Before the VMM sets features there is nothing to refuse.
+        nic.update_memory(vm.vm.mem.clone()).unwrap();
+        nic.acked_features(offered & !features::RECV_DOORBELL);
+        let refused = nic.update_memory(vm.vm.mem.clone()).unwrap_err();
+        assert!(
+            refused
+                .to_string()
+                .contains("must support receive doorbells"),
+            "{refused}"
+        );
+        nic.start_vring(0).unwrap_err();
+        nic.acked_features(offered);
+        nic.update_memory(vm.vm.mem.clone()).unwrap();
+        nic.start_vring(0).unwrap();
+    }
+
+    /// A control command's response reaches the driver's buffer through the one write path,
+    /// and nothing else in the guest changes.
+    #[test]
+    fn control_responses_are_written_through_the_one_path() {
+        let mut vm = TestVm::new(6, 1);
+        let scheduler = Scheduler::start(|| Box::new(MockFabric::default())).unwrap();
+        let device = device(&vm, &scheduler, false);
         let (ring, request, response) = (vm.alloc(16 << 10), vm.alloc(4096), vm.alloc(4096));
         let command = cmd::header(Opcode::AllocPd);
         vm.mem()

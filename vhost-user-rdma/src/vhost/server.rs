@@ -80,9 +80,16 @@ pub struct VmServer {
 
 impl VmServer {
     /// Listens on the VM's socket and serves frontends one after another until [`stop`].
+    /// `receive_doorbells`: the fabric posts receives ahead of arrival, so each device offers
+    /// `RECV_DOORBELL` and refuses a driver that does not accept it.
     ///
     /// [`stop`]: VmServer::stop
-    pub fn start(cfg: VmConfig, node_guid: u64, scheduler: Scheduler) -> Result<Self, Error> {
+    pub fn start(
+        cfg: VmConfig,
+        node_guid: u64,
+        scheduler: Scheduler,
+        receive_doorbells: bool,
+    ) -> Result<Self, Error> {
         if UnixStream::connect(&cfg.socket).is_ok() {
             return Err(Error::SocketBusy(cfg.socket.clone()));
         }
@@ -96,7 +103,16 @@ impl VmServer {
         let socket = cfg.socket.clone();
         let thread = std::thread::Builder::new()
             .name(format!("vm-{}", cfg.name))
-            .spawn(move || serve(&cfg, node_guid, &mut listener, &thread_shared, &scheduler))
+            .spawn(move || {
+                serve(
+                    &cfg,
+                    node_guid,
+                    &mut listener,
+                    &thread_shared,
+                    &scheduler,
+                    receive_doorbells,
+                )
+            })
             .map_err(|source| Error::Thread {
                 name: name.clone(),
                 source,
@@ -176,6 +192,7 @@ fn serve(
     listener: &mut Listener,
     shared: &Shared,
     scheduler: &Scheduler,
+    receive_doorbells: bool,
 ) {
     let name = &cfg.name;
     while !shared.stopping.load(Ordering::SeqCst) {
@@ -200,6 +217,7 @@ fn serve(
             events,
             scheduler.hooks().clone(),
             scheduler.clone(),
+            receive_doorbells,
         ) {
             Ok(d) => Arc::new(d),
             Err(e) => {
@@ -351,7 +369,7 @@ mod xen_tests {
             .vms
             .remove(0);
         let scheduler = Scheduler::start(|| Box::new(MockFabric::default())).unwrap();
-        let server = VmServer::start(cfg, 0x100, scheduler).unwrap();
+        let server = VmServer::start(cfg, 0x100, scheduler, false).unwrap();
 
         // Guest RAM as a plain file: the whole-region case a Xen build maps with mmap
         // (foreign mappings need /dev/xen/privcmd, which this machine does not have).
@@ -394,6 +412,119 @@ mod xen_tests {
         drop(frontend);
 
         server.stop(Duration::from_secs(5));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+/// A frontend on the VM's socket that accepts or declines `RECV_DOORBELL` where the fabric
+/// needs receive doorbells: declining ends that connection at its memory table, and the
+/// daemon serves the next frontend.
+#[cfg(test)]
+mod receive_doorbell_tests {
+    use std::fs::File;
+    use std::os::fd::AsRawFd;
+
+    use clap::Parser;
+    use vhost::vhost_user::message::{
+        VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+    };
+    use vhost::vhost_user::{Frontend, VhostUserFrontend};
+    use vhost::{VhostBackend, VhostUserMemoryRegionInfo};
+    use vrdma_proto::features;
+
+    use super::*;
+    use crate::config::{Args, Config};
+    use crate::fabric::mock::MockFabric;
+
+    const RAM_SIZE: u64 = 1 << 20;
+
+    /// Connects, sets the features `accept` picks from those offered, and negotiates
+    /// `REPLY_ACK`, so the frontend hears whether its memory table was taken; returns the
+    /// frontend and the features offered.
+    fn connect(socket: &Path, accept: impl Fn(u64) -> u64) -> (Frontend, u64) {
+        let mut frontend = Frontend::connect(socket, 3).unwrap();
+        frontend.set_owner().unwrap();
+        let offered = frontend.get_features().unwrap();
+        let protocol = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        assert_ne!(offered & protocol, 0);
+        frontend.set_features(accept(offered) | protocol).unwrap();
+        frontend
+            .set_protocol_features(VhostUserProtocolFeatures::REPLY_ACK)
+            .unwrap();
+        frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+        (frontend, offered)
+    }
+
+    fn wait_until(what: &str, done: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out waiting until {what}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    #[test]
+    fn a_driver_declining_receive_doorbells_is_refused_where_the_fabric_needs_them() {
+        let dir = std::env::temp_dir().join(format!("vrdma-recv-db-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ram = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.join("ram"))
+            .unwrap();
+        ram.set_len(RAM_SIZE).unwrap();
+        // At guest-physical 0 and file offset 0; the `xen` build's extra fields stay 0 too.
+        let region = VhostUserMemoryRegionInfo {
+            memory_size: RAM_SIZE,
+            userspace_addr: 0x1000_0000,
+            mmap_handle: ram.as_raw_fd(),
+            ..Default::default()
+        };
+        let scheduler = Scheduler::start(|| Box::new(MockFabric::default())).unwrap();
+        let mut servers = Vec::new();
+        for (name, receive_doorbells) in [("soft", false), ("nic", true)] {
+            let socket = dir.join(format!("{name}.sock"));
+            let argv = [
+                "vhost-user-rdma".to_owned(),
+                "--vm".to_owned(),
+                format!("name={name},socket={},gid=10.0.0.9", socket.display()),
+            ];
+            let cfg = Config::from_args(&Args::parse_from(argv))
+                .unwrap()
+                .vms
+                .remove(0);
+            let server = VmServer::start(cfg, 0x100, scheduler.clone(), receive_doorbells);
+            servers.push((socket, server.unwrap()));
+        }
+        let [(soft_socket, soft), (nic_socket, nic)] = <[_; 2]>::try_from(servers).unwrap();
+        let everything = |offered: u64| offered & (features::VERSION_1 | features::ALL_DEVICE);
+        let all_but_receive_doorbells = |offered| everything(offered) & !features::RECV_DOORBELL;
+
+        // Without receive doorbells the bit is not offered, and nobody is asked for it.
+        let (frontend, offered) = connect(&soft_socket, all_but_receive_doorbells);
+        assert_eq!(offered & features::RECV_DOORBELL, 0);
+        frontend.set_mem_table(&[region]).unwrap();
+        drop(frontend);
+
+        // With them it is offered, and a driver that declines it is refused.
+        let (frontend, offered) = connect(&nic_socket, all_but_receive_doorbells);
+        assert_ne!(offered & features::RECV_DOORBELL, 0);
+        frontend
+            .set_mem_table(&[region])
+            .expect_err("a driver without receive doorbells must be refused");
+        // The refusal ends that connection; the daemon lives on and serves the next frontend.
+        wait_until("the refused frontend's VM is released", || {
+            nic.times_waiting() == 2
+        });
+        drop(frontend);
+        let (frontend, _) = connect(&nic_socket, everything);
+        frontend.set_mem_table(&[region]).unwrap();
+        drop(frontend);
+
+        soft.stop(Duration::from_secs(5));
+        nic.stop(Duration::from_secs(5));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -165,12 +165,17 @@ impl NicHooks {
         }
     }
 
-    /// Makes VM `vm` known.
-    pub fn add(&self, vm: u64, nic_vm: Arc<VmNic>) {
-        self.vms
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(vm, nic_vm);
+    /// VM `vm` on the NIC, made on first use: its guest may make objects before the
+    /// scheduler has attached it (attaching is a message to the scheduler's thread), and
+    /// whoever comes first makes it.
+    pub fn vm_or_new(&self, vm: u64) -> Result<Arc<VmNic>, nic::Error> {
+        let mut vms = self.vms.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(v) = vms.get(&vm) {
+            return Ok(v.clone());
+        }
+        let made = Arc::new(VmNic::new(format!("#{vm}"), self.nic.create_channel()?));
+        vms.insert(vm, made.clone());
+        Ok(made)
     }
 
     /// Forgets VM `vm`; its NIC objects go with the last reference.
@@ -181,13 +186,24 @@ impl NicHooks {
             .remove(&vm)
     }
 
+    /// VM `vm`, for a hook that makes something: made if this is its first object.
     fn vm(&self, vm: u64) -> Result<Arc<VmNic>, Status> {
+        self.vm_or_new(vm).map_err(|e| {
+            warn!(
+                "vm #{vm}: the NIC gave no completion channel: {}",
+                error_chain(&e)
+            );
+            Status::NoResources
+        })
+    }
+
+    /// VM `vm`, for a hook that destroys something: never made again once removed.
+    fn existing(&self, vm: u64) -> Option<Arc<VmNic>> {
         self.vms
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(&vm)
             .cloned()
-            .ok_or(Status::InvalidState)
     }
 
     fn refused(&self, vm: &VmNic, what: &str, e: &nic::Error) -> Status {
@@ -288,7 +304,7 @@ impl ObjectHooks for NicHooks {
     }
 
     fn dealloc_pd(&self, vm: u64, pdn: u32) {
-        if let Ok(v) = self.vm(vm) {
+        if let Some(v) = self.existing(vm) {
             v.state().pds.remove(&pdn);
         }
     }
@@ -330,7 +346,7 @@ impl ObjectHooks for NicHooks {
     }
 
     fn deregister_mr(&self, vm: u64, lkey: u32, _mr: &Mr) {
-        if let Ok(v) = self.vm(vm) {
+        if let Some(v) = self.existing(vm) {
             v.state().mrs.remove(&lkey);
         }
     }
@@ -347,7 +363,7 @@ impl ObjectHooks for NicHooks {
     }
 
     fn destroy_cq(&self, vm: u64, cqn: u32) {
-        if let Ok(v) = self.vm(vm) {
+        if let Some(v) = self.existing(vm) {
             v.state().cqs.remove(&cqn);
         }
     }
@@ -439,7 +455,7 @@ impl ObjectHooks for NicHooks {
         next: qp::State,
     ) -> Result<(), Status> {
         use qp::AttrMask as M;
-        let v = self.vm(vm)?;
+        let v = self.existing(vm).ok_or(Status::InvalidHandle)?;
         let mut guard = v.state();
         let st = &mut *guard;
         let nq = st.qps.get_mut(&qpn).ok_or(Status::InvalidHandle)?;
@@ -481,7 +497,7 @@ impl ObjectHooks for NicHooks {
     }
 
     fn failed_qp(&self, vm: u64, qpn: u32, _qp: &Qp) -> bool {
-        let Ok(v) = self.vm(vm) else {
+        let Some(v) = self.existing(vm) else {
             return false;
         };
         let st = v.state();
@@ -491,7 +507,7 @@ impl ObjectHooks for NicHooks {
     }
 
     fn destroy_qp(&self, vm: u64, qpn: u32, _qp: &Qp) {
-        if let Ok(v) = self.vm(vm) {
+        if let Some(v) = self.existing(vm) {
             let mut st = v.state();
             if let Some(nq) = st.qps.remove(&qpn) {
                 st.in_flight = st
@@ -513,7 +529,7 @@ impl ObjectHooks for NicHooks {
     }
 
     fn destroy_ah(&self, vm: u64, handle: u32) {
-        if let Ok(v) = self.vm(vm) {
+        if let Some(v) = self.existing(vm) {
             v.state().ahs.remove(&handle);
         }
     }

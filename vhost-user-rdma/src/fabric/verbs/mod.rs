@@ -29,6 +29,7 @@ use log::{info, warn};
 use vmm_sys_util::eventfd::EventFd;
 
 use self::mirror::{NicHooks, VmNic};
+
 use super::{Fabric, StepOutcome};
 use crate::model::hooks::ObjectHooks;
 use crate::model::memory::GuestMem;
@@ -62,8 +63,8 @@ impl VerbsFabric {
 
 impl Fabric for VerbsFabric {
     fn attach(&mut self, vm: &Arc<Vm>) {
-        let channel = match self.hooks.nic.create_channel() {
-            Ok(c) => c,
+        let nic_vm = match self.hooks.vm_or_new(vm.id) {
+            Ok(v) => v,
             Err(e) => {
                 warn!(
                     "vm {}: the NIC gave no completion channel, so its work cannot be carried: {}",
@@ -80,8 +81,6 @@ impl Fabric for VerbsFabric {
                 return;
             }
         };
-        let nic_vm = Arc::new(VmNic::new(vm.name.clone(), channel));
-        self.hooks.add(vm.id, nic_vm.clone());
         // Attach runs on the scheduler's thread: that is the thread to wake.
         let scheduler = std::thread::current();
         let (v, n, s) = (vm.clone(), nic_vm.clone(), stop.clone());

@@ -156,13 +156,6 @@ pub trait Fabric: std::fmt::Debug {
         budget: u32,
     ) -> StepOutcome;
 
-    /// The driver may have posted receives to QP `qpn` of `vm` (a receive doorbell, or any
-    /// other reason the scheduler looks at the QP), in any state. A fabric that takes
-    /// receives when a message arrives ignores this; a NIC fabric posts them to the NIC.
-    fn post_receives(&mut self, vm: &Arc<Vm>, objects: &mut VmObjects, mem: &GuestMem, qpn: u32) {
-        let _ = (vm, objects, mem, qpn);
-    }
-
     /// What the VMs' control paths tell the fabric as objects are made, changed and
     /// destroyed; called on those paths, not on the scheduler's thread.
     fn hooks(&self) -> Arc<dyn ObjectHooks>;

@@ -11,7 +11,7 @@ use vrdma_proto::cmd::Status;
 use vrdma_proto::qp;
 
 use super::memory::GuestMem;
-use super::objects::{Ah, Cq, Mr, Qp};
+use super::objects::{Ah, Cq, Mr, Qp, VmObjects};
 
 /// A VM's objects as the fabric sees them change. Every method has a default that accepts
 /// and keeps the daemon's own handles.
@@ -90,6 +90,15 @@ pub trait ObjectHooks: Send + Sync + std::fmt::Debug {
     fn failed_qp(&self, vm: u64, qpn: u32, qp: &Qp) -> bool {
         let _ = (vm, qpn, qp);
         false
+    }
+
+    /// The driver published receives on QP `qpn`'s receive ring (`POST_RECV`). A fabric that
+    /// reads receive rings when a message arrives ignores this; a NIC fabric posts them to
+    /// the NIC before the command returns, so a message sent after the guest's post finds
+    /// them, as on hardware. A receive it cannot post takes the QP to ERR (queued in
+    /// `objects.wake` for its flush); the command itself succeeds, as `ibv_post_recv` does.
+    fn post_receives(&self, vm: u64, objects: &mut VmObjects, mem: &GuestMem, qpn: u32) {
+        let _ = (vm, objects, mem, qpn);
     }
 
     /// QP `qpn` of VM `vm` has been destroyed.

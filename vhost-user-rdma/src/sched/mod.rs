@@ -723,7 +723,6 @@ impl Turns {
             return Some((queued, StepOutcome::IDLE));
         };
         let mem = vm.mem.memory();
-        self.fabric.post_receives(vm, &mut objects, &mem, qpn);
         let mut outcome = match examine(&mut objects, vm, &mem, qpn) {
             Examined::Send => self.fabric.step(vm, &mut objects, &mem, qpn, budget),
             Examined::Flushed => {

@@ -20,7 +20,7 @@ use super::nic::{self, Nic};
 use crate::model::control::in_one_region;
 use crate::model::hooks::ObjectHooks;
 use crate::model::memory::GuestMem;
-use crate::model::objects::{Ah, Cq, Mr, Qp};
+use crate::model::objects::{Ah, Cq, Mr, Qp, VmObjects};
 use crate::rnic::requester::Retired;
 
 /// How many fresh NIC QPs a create tries for a number the VM's table can take (a NIC
@@ -504,6 +504,13 @@ impl ObjectHooks for NicHooks {
         st.qps
             .get(&qpn)
             .is_some_and(|nq| matches!(nq.qp.state(), Ok(nic::QpState::Err) | Err(_)))
+    }
+
+    fn post_receives(&self, vm: u64, objects: &mut VmObjects, mem: &GuestMem, qpn: u32) {
+        if let Some(v) = self.existing(vm) {
+            let mut st = v.state();
+            super::post::post_receives(objects, &mut st, mem, qpn);
+        }
     }
 
     fn destroy_qp(&self, vm: u64, qpn: u32, _qp: &Qp) {

@@ -139,13 +139,6 @@ impl Fabric for VerbsFabric {
         post::step(vm, objects, &mut st, mem, qpn, budget)
     }
 
-    fn post_receives(&mut self, vm: &Arc<Vm>, objects: &mut VmObjects, mem: &GuestMem, qpn: u32) {
-        if let Some(a) = self.attached.get(&vm.id) {
-            let mut st = a.nic_vm.state();
-            post::post_receives(vm, objects, &mut st, mem, qpn);
-        }
-    }
-
     fn hooks(&self) -> Arc<dyn ObjectHooks> {
         self.hooks.clone()
     }

@@ -16,7 +16,7 @@ use crate::model::memory::{GuestMem, load_producer};
 use crate::model::objects::VmObjects;
 use crate::model::qp_state::{MAX_SEND_SLOT, RecvCopy};
 use crate::model::vm::Vm;
-use crate::rnic::completion::{ring_fatal, set_error};
+use crate::rnic::completion::ring_fatal;
 use crate::rnic::requester::{
     Posted, Retired, check_wr, fail_head, read_send_slot, sq_drained, sq_posted,
 };
@@ -322,14 +322,20 @@ pub fn stop_nic_qp(objects: &VmObjects, st: &NicState, qpn: u32) {
     }
 }
 
-/// Posts the receives the driver published on QP `qpn`'s ring since the last call.
-pub fn post_receives(
-    vm: &Vm,
-    objects: &mut VmObjects,
-    st: &mut NicState,
-    mem: &GuestMem,
-    qpn: u32,
-) {
+/// Takes QP `qpn` to ERR from its control path (the scheduler flushes it, as it does every
+/// QP in `objects.wake`), and its NIC QP with it.
+fn fail_from_control(objects: &mut VmObjects, st: &NicState, qpn: u32) {
+    if let Some(qp) = objects.qps.get_mut(qpn) {
+        qp.attr.qp_state = qp::State::Err.raw();
+        qp.rt.rx_owner = None;
+        objects.wake.push(qpn);
+    }
+    stop_nic_qp(objects, st, qpn);
+}
+
+/// Posts the receives the driver published on QP `qpn`'s ring since the last call
+/// (`POST_RECV`, on the VM's control path).
+pub fn post_receives(objects: &mut VmObjects, st: &mut NicState, mem: &GuestMem, qpn: u32) {
     let Some(qp) = objects.qps.get(qpn) else {
         return;
     };
@@ -351,13 +357,11 @@ pub fn post_receives(
         qp.caps.max_recv_sge.get(),
     );
     let Some(producer) = load_producer(mem, ring_addr) else {
-        set_error(objects, vm, qpn);
-        stop_nic_qp(objects, st, qpn);
+        fail_from_control(objects, st, qpn);
         return;
     };
     let Ok(posted) = geometry.occupancy(producer, done) else {
-        set_error(objects, vm, qpn);
-        stop_nic_qp(objects, st, qpn);
+        fail_from_control(objects, st, qpn);
         return;
     };
     let mut buf = [0u8; wqe::recv_stride(crate::limits::MAX_SGE) as usize];
@@ -409,7 +413,7 @@ pub fn post_receives(
             nq.qp.post_recv(tag.encode(), &sges[..n]).map_err(|e| {
                 log::warn!(
                     "vm {}: the NIC refused a receive of QP {qpn:#x}: {}",
-                    vm.name,
+                    objects.name,
                     super::mirror::error_chain(&e)
                 );
                 VendorErr::None
@@ -420,10 +424,9 @@ pub fn post_receives(
             // fails it when a message arrives for it): every receive is flushed.
             log::debug!(
                 "vm {}: QP {qpn:#x}'s receive {next} is unusable ({v:?}); the QP goes to ERR",
-                vm.name
+                objects.name
             );
-            set_error(objects, vm, qpn);
-            stop_nic_qp(objects, st, qpn);
+            fail_from_control(objects, st, qpn);
             return;
         }
         let first = copy.sges[..copy.n]

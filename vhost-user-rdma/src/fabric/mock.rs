@@ -57,6 +57,10 @@ pub struct MockState {
     pub detached: Vec<u64>,
     /// VMs paused now.
     pub paused: Vec<u64>,
+    /// Steps the fabric can take before it is full (as a NIC's queue), if it can fill up:
+    /// each step with a plan takes one, and the test gives them back as a NIC's completions
+    /// would.
+    pub room: Option<u32>,
 }
 
 /// The mock fabric; clones share their state, so a test keeps one to inspect and script.
@@ -103,6 +107,13 @@ impl Fabric for MockFabric {
             qpn,
             budget,
         });
+        let planned = state.plans.contains_key(&(vm.id, qpn));
+        if let Some(room) = state.room.as_mut().filter(|_| planned) {
+            match room.checked_sub(1) {
+                Some(left) => *room = left,
+                None => return StepOutcome::FULL,
+            }
+        }
         let noise = state.concurrent_bytes;
         vm.counters
             .bytes

@@ -50,6 +50,11 @@ pub enum Step {
     },
     /// The peer VM is busy; try again next round.
     Blocked,
+    /// The fabric takes no more work from anyone now (a NIC's queue holds all the daemon lets
+    /// it): the scheduler ends its pass here and resumes it at this VM, with the deficits as
+    /// they stand, when the fabric unparks it. Who posts next is then the scheduler's choice,
+    /// so the weights hold on a fabric that is the bottleneck.
+    Full,
 }
 
 /// What a fabric's step of one QP did, for the scheduler.
@@ -104,6 +109,14 @@ impl StepOutcome {
         timer: None,
         bytes: 0,
         wrs: 1,
+    };
+
+    /// The fabric is full.
+    pub const FULL: StepOutcome = StepOutcome {
+        step: Step::Full,
+        timer: None,
+        bytes: 0,
+        wrs: 0,
     };
 
     /// The peer is busy.

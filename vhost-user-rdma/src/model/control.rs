@@ -204,7 +204,7 @@ impl VmObjects {
                 self.unuse_pd(ah.pdn);
                 Ok(Vec::new())
             }
-            Request::CreateSrq(c) => self.create_srq(&c, mem),
+            Request::CreateSrq(c) => self.create_srq(&c, env),
             Request::ModifySrq { cmd, mask } => self.modify_srq(&cmd, mask),
             Request::QuerySrq(srqn) => {
                 let srq = self.srqs.get(srqn).ok_or(Status::InvalidHandle)?;
@@ -224,13 +224,15 @@ impl VmObjects {
                     return Err(Status::Busy.into());
                 }
                 let srq = self.srqs.remove(srqn).ok_or(Status::InvalidHandle)?;
+                env.hooks.destroy_srq(env.vm, srqn);
                 self.unuse_pd(srq.pdn);
                 Ok(Vec::new())
             }
         }
     }
 
-    fn create_srq(&mut self, c: &cmd::CreateSrq, mem: &GuestMem) -> Outcome {
+    fn create_srq(&mut self, c: &cmd::CreateSrq, env: &ControlEnv<'_>) -> Outcome {
+        let mem = env.mem;
         let pdn = c.pdn.get();
         self.pds.get(pdn).ok_or(Status::InvalidHandle)?;
         let (depth, max_sge) = (c.max_wr.get(), c.max_sge.get());
@@ -251,6 +253,14 @@ impl VmObjects {
         check_ring(mem, record.ring_addr, geometry.byte_len())?;
         let ring_addr = record.ring_addr;
         let srqn = self.srqs.insert(record).map_err(|_| Status::NoResources)?;
+        let created = self
+            .srqs
+            .get(srqn)
+            .map_or(Ok(()), |s| env.hooks.create_srq(env.vm, srqn, s));
+        if let Err(status) = created {
+            self.srqs.remove(srqn);
+            return Err(status.into());
+        }
         init_ring_words(
             mem,
             ring_addr,
@@ -693,7 +703,9 @@ impl VmObjects {
         for (lkey, mr) in self.mrs.drain() {
             hooks.deregister_mr(vm, lkey, &mr);
         }
-        self.srqs.drain();
+        for (srqn, _) in self.srqs.drain() {
+            hooks.destroy_srq(vm, srqn);
+        }
         for (cqn, _) in self.cqs.drain() {
             hooks.destroy_cq(vm, cqn);
         }

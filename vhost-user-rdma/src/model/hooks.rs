@@ -11,7 +11,7 @@ use vrdma_proto::cmd::Status;
 use vrdma_proto::qp;
 
 use super::memory::GuestMem;
-use super::objects::{Ah, Cq, Mr, Qp, VmObjects};
+use super::objects::{Ah, Cq, Mr, Qp, Srq, VmObjects};
 
 /// A VM's objects as the fabric sees them change. Every method has a default that accepts
 /// and keeps the daemon's own handles.
@@ -104,6 +104,23 @@ pub trait ObjectHooks: Send + Sync + std::fmt::Debug {
     /// QP `qpn` of VM `vm` has been destroyed.
     fn destroy_qp(&self, vm: u64, qpn: u32, qp: &Qp) {
         let _ = (vm, qpn, qp);
+    }
+
+    /// SRQ `srqn` of VM `vm` is being created.
+    fn create_srq(&self, vm: u64, srqn: u32, srq: &Srq) -> Result<(), Status> {
+        let _ = (vm, srqn, srq);
+        Ok(())
+    }
+
+    /// SRQ `srqn` of VM `vm` has been destroyed.
+    fn destroy_srq(&self, vm: u64, srqn: u32) {
+        let _ = (vm, srqn);
+    }
+
+    /// The driver published receives on SRQ `srqn`'s ring (`POST_SRQ_RECV`): as
+    /// [`ObjectHooks::post_receives`]; one the fabric cannot post puts the SRQ in error.
+    fn post_srq_receives(&self, vm: u64, objects: &mut VmObjects, mem: &GuestMem, srqn: u32) {
+        let _ = (vm, objects, mem, srqn);
     }
 
     /// Address handle `handle` of VM `vm` is being created.

@@ -417,6 +417,9 @@ pub struct VmObjects {
     /// QPs a control command gave work to (a transition to ERR needs its flush, to RTS may
     /// release queued sends); the device hands them to the scheduler after the command.
     pub wake: Vec<u32>,
+    /// Asynchronous events a control command raised (a NIC fabric's SRQ that could not take
+    /// a receive); the VM delivers them after the command.
+    pub raised: Vec<(vrdma_proto::event::Kind, u32)>,
 }
 
 /// The port every vrdma device has: RoCE, active, up to 4096-byte MTU; `active_mtu` is what
@@ -494,6 +497,7 @@ impl VmObjects {
             registered_bytes: 0,
             max_registered_bytes: q.max_mr_bytes,
             wake: Vec::new(),
+            raised: Vec::new(),
         }
     }
 }

@@ -236,9 +236,13 @@ impl Vm {
         let mut objects = self.lock();
         let result = objects.execute(request, env);
         let wake = std::mem::take(&mut objects.wake);
+        let raised = std::mem::take(&mut objects.raised);
         drop(objects);
         for qpn in wake {
             self.enqueue(qpn);
+        }
+        for (kind, handle) in raised {
+            self.push_event(kind, handle);
         }
         result
     }

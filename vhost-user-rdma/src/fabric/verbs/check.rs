@@ -267,8 +267,8 @@ pub fn check(nic: &Nic) -> Result<Report, Error> {
         recv_wr: 8,
         sge: 1,
     };
-    let a = Qp::create(&pd, &cq, &cq, QpKind::Rc, caps)?;
-    let b = Qp::create(&pd, &cq, &cq, QpKind::Rc, caps)?;
+    let a = Qp::create(&pd, &cq, &cq, None, QpKind::Rc, caps)?;
+    let b = Qp::create(&pd, &cq, &cq, None, QpKind::Rc, caps)?;
     let buf = DmaBuffer::new(BUFFER)?;
     // SAFETY: the buffer outlives the MR: as locals the MR, declared later, drops first, and
     // in Loopback it is the field before the buffer.
@@ -287,7 +287,7 @@ pub fn check(nic: &Nic) -> Result<Report, Error> {
     b.to_rtr(&port, &end(&a, psn_a))?;
     a.to_rts(psn_a)?;
     b.to_rts(psn_b)?;
-    let ud = Qp::create(&pd, &cq, &cq, QpKind::Ud, caps)?;
+    let ud = Qp::create(&pd, &cq, &cq, None, QpKind::Ud, caps)?;
     ud.to_init(port.port, Access::default(), Some(UD_QKEY))?;
     ud.ud_to_rts(0)?;
     let ah = pd.create_ah(&port, port.gid, port.lid)?;

@@ -13,12 +13,12 @@ use log::{debug, warn};
 use vm_memory::GuestAddressSpace;
 use vmm_sys_util::eventfd::EventFd;
 use vrdma_proto::cqe::{self, Flags, Status, VendorErr};
-use vrdma_proto::qp;
+use vrdma_proto::{event, qp};
 
-use super::mirror::{NicState, VmNic};
+use super::mirror::{NicState, PostedRecv, Room, VmNic};
 use super::nic;
-use super::post::{Tag, stop_nic_qp};
-use crate::model::memory::{GuestMem, Runs, read_runs};
+use super::post::{Tag, post_srq_receives, stop_nic_qp};
+use crate::model::memory::{GuestMem, Runs, load_producer, read_runs};
 use crate::model::objects::VmObjects;
 use crate::model::vm::Vm;
 use crate::rnic::completion::{Completion, flush, set_error};
@@ -35,7 +35,13 @@ const NIC_RECV_RDMA_WITH_IMM: u32 = 129;
 const GRH_SGID_OFFSET: u64 = 8;
 
 /// Waits for and delivers VM `vm`'s completions until `stop` is signalled.
-pub fn run(vm: Arc<Vm>, nic_vm: Arc<VmNic>, stop: Arc<EventFd>, scheduler: Thread) {
+pub fn run(
+    vm: Arc<Vm>,
+    nic_vm: Arc<VmNic>,
+    room: Arc<Room>,
+    stop: Arc<EventFd>,
+    scheduler: Thread,
+) {
     let mut batch = [nic::Completion::default(); BATCH];
     let mut wake: Vec<u32> = Vec::with_capacity(64);
     loop {
@@ -74,11 +80,21 @@ pub fn run(vm: Arc<Vm>, nic_vm: Arc<VmNic>, stop: Arc<EventFd>, scheduler: Threa
                 continue;
             }
         };
-        deliver(&vm, &nic_vm, cqn, &mut batch, &mut wake);
-        if !wake.is_empty() {
-            for qpn in wake.drain(..) {
-                vm.enqueue(qpn);
-            }
+        let mut room_freed = false;
+        deliver(
+            &vm,
+            &nic_vm,
+            &room,
+            cqn,
+            &mut batch,
+            &mut wake,
+            &mut room_freed,
+        );
+        for qpn in wake.drain(..) {
+            vm.enqueue(qpn);
+            room_freed = true;
+        }
+        if room_freed {
             scheduler.unpark();
         }
         vm.deliver_events();
@@ -89,9 +105,11 @@ pub fn run(vm: Arc<Vm>, nic_vm: Arc<VmNic>, stop: Arc<EventFd>, scheduler: Threa
 fn deliver(
     vm: &Vm,
     nic_vm: &VmNic,
+    room: &Room,
     cqn: u32,
     batch: &mut [nic::Completion; BATCH],
     wake: &mut Vec<u32>,
+    room_freed: &mut bool,
 ) {
     let Some(cq) = nic_vm.state().cqs.get(&cqn).cloned() else {
         return;
@@ -115,7 +133,7 @@ fn deliver(
         let mut objects = vm.lock();
         let mut st = nic_vm.state();
         for c in &batch[..n] {
-            complete(vm, &mut objects, &mut st, &mem, c, wake);
+            complete(vm, &mut objects, &mut st, room, &mem, c, wake, room_freed);
         }
     }
 }
@@ -128,16 +146,23 @@ fn status_of(c: &nic::Completion) -> Status {
 }
 
 /// Completes the guest work request behind NIC completion `c`.
+#[allow(clippy::too_many_arguments)]
 fn complete(
     vm: &Vm,
     objects: &mut VmObjects,
     st: &mut NicState,
+    room: &Room,
     mem: &GuestMem,
     c: &nic::Completion,
     wake: &mut Vec<u32>,
+    room_freed: &mut bool,
 ) {
     let tag = Tag::decode(c.wr_id);
     let qpn = c.qp_num;
+    if tag.srq {
+        complete_srq_recv(vm, objects, st, mem, c, tag.index);
+        return;
+    }
     let Some(nq) = st.qps.get_mut(&qpn) else {
         return;
     };
@@ -148,8 +173,10 @@ fn complete(
         nq.recv.in_flight = nq.recv.in_flight.saturating_sub(1);
     } else {
         nq.send.in_flight = nq.send.in_flight.saturating_sub(1);
+        if room.give(1) {
+            *room_freed = true;
+        }
     }
-    st.in_flight = st.in_flight.saturating_sub(1);
     if tag.recv {
         complete_recv(vm, objects, st, mem, c, tag.index);
     } else {
@@ -236,6 +263,104 @@ fn complete_send(
     }
 }
 
+/// Completes a receive the NIC took from an SRQ (for QP `c.qp_num`), then posts what the
+/// guest's SRQ ring holds into the room it left, and checks the SRQ's limit.
+fn complete_srq_recv(
+    vm: &Vm,
+    objects: &mut VmObjects,
+    st: &mut NicState,
+    mem: &GuestMem,
+    c: &nic::Completion,
+    slot: u32,
+) {
+    let qpn = c.qp_num;
+    let Some(srqn) = objects.qps.get(qpn).map(|q| q.srqn) else {
+        return;
+    };
+    let Some(nsrq) = st.srqs.get_mut(&srqn) else {
+        return;
+    };
+    let Some(posted) = nsrq.posted.get_mut(slot as usize).and_then(Option::take) else {
+        return;
+    };
+    nsrq.free.push(slot);
+    let status = status_of(c);
+    match status {
+        Status::Success => {
+            let done = received(c, posted, qpn, objects, mem);
+            finish_recv(objects, vm, mem, qpn, &done);
+        }
+        Status::WrFlushErr => {
+            set_error(objects, vm, qpn);
+            flush(objects, vm, mem, qpn, true, true);
+        }
+        _ => {
+            responder_error(
+                objects,
+                vm,
+                mem,
+                qpn,
+                Some((posted.wr_id, status)),
+                VendorErr::None,
+            );
+            stop_nic_qp(objects, st, qpn);
+        }
+    }
+    if post_srq_receives(objects, st, mem, srqn) {
+        vm.push_event(event::Kind::SrqErr, srqn);
+    }
+    // The limit counts the receives the SRQ still holds: on the NIC and in the ring.
+    let on_nic = st
+        .srqs
+        .get(&srqn)
+        .map_or(0, |n| (n.posted.len() - n.free.len()) as u32);
+    let Some(srq) = objects.srqs.get_mut(srqn) else {
+        return;
+    };
+    let in_ring = load_producer(mem, srq.ring_addr)
+        .and_then(|p| srq.geometry()?.occupancy(p, srq.consumer).ok())
+        .unwrap_or(0);
+    if srq.limit != 0 && on_nic + in_ring < srq.limit {
+        srq.limit = 0;
+        vm.push_event(event::Kind::SrqLimitReached, srqn);
+    }
+}
+
+/// The guest completion of a successful receive `posted` of QP `qpn`.
+fn received(
+    c: &nic::Completion,
+    posted: PostedRecv,
+    qpn: u32,
+    objects: &VmObjects,
+    mem: &GuestMem,
+) -> Completion {
+    let opcode = if c.opcode == NIC_RECV_RDMA_WITH_IMM {
+        cqe::Opcode::RecvRdmaWithImm
+    } else {
+        cqe::Opcode::Recv
+    };
+    let mut done = Completion::new(posted.wr_id, qpn, Status::Success, opcode, VendorErr::None);
+    let mut flags = Flags::empty();
+    done.cqe.byte_len = c.byte_len.into();
+    done.cqe.src_qp = c.src_qp.into();
+    done.cqe.sl = c.sl;
+    if let Some(imm) = c.imm {
+        flags |= Flags::WITH_IMM;
+        done.cqe.imm_data = imm.to_be_bytes();
+    }
+    if c.grh {
+        flags |= Flags::GRH;
+        if let Some(sgid) = posted.first.and_then(|f| read_sgid(objects, mem, f)) {
+            done.cqe.sgid = vrdma_proto::Gid(sgid);
+        }
+    }
+    done.cqe.wc_flags = flags.bits();
+    // The NIC does not say whether the message was solicited: every receive may wake a
+    // solicited-only arm (an extra wake-up, never a lost one).
+    done.solicited = true;
+    done
+}
+
 fn complete_recv(
     vm: &Vm,
     objects: &mut VmObjects,
@@ -281,30 +406,7 @@ fn complete_recv(
             return;
         }
     }
-    let opcode = if c.opcode == NIC_RECV_RDMA_WITH_IMM {
-        cqe::Opcode::RecvRdmaWithImm
-    } else {
-        cqe::Opcode::Recv
-    };
-    let mut done = Completion::new(posted.wr_id, qpn, Status::Success, opcode, VendorErr::None);
-    let mut flags = Flags::empty();
-    done.cqe.byte_len = c.byte_len.into();
-    done.cqe.src_qp = c.src_qp.into();
-    done.cqe.sl = c.sl;
-    if let Some(imm) = c.imm {
-        flags |= Flags::WITH_IMM;
-        done.cqe.imm_data = imm.to_be_bytes();
-    }
-    if c.grh {
-        flags |= Flags::GRH;
-        if let Some(sgid) = posted.first.and_then(|f| read_sgid(objects, mem, f)) {
-            done.cqe.sgid = vrdma_proto::Gid(sgid);
-        }
-    }
-    done.cqe.wc_flags = flags.bits();
-    // The NIC does not say whether the message was solicited: every receive may wake a
-    // solicited-only arm (an extra wake-up, never a lost one).
-    done.solicited = true;
+    let done = received(c, posted, qpn, objects, mem);
     finish_recv(objects, vm, mem, qpn, &done);
 }
 

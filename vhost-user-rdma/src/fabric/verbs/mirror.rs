@@ -8,6 +8,7 @@
 //! the opposite order).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use log::{debug, warn};
@@ -20,7 +21,7 @@ use super::nic::{self, Nic};
 use crate::model::control::in_one_region;
 use crate::model::hooks::ObjectHooks;
 use crate::model::memory::GuestMem;
-use crate::model::objects::{Ah, Cq, Mr, Qp, VmObjects};
+use crate::model::objects::{Ah, Cq, Mr, Qp, Srq, VmObjects};
 use crate::rnic::requester::Retired;
 
 /// How many fresh NIC QPs a create tries for a number the VM's table can take (a NIC
@@ -104,6 +105,19 @@ pub struct NicQp {
     pub stalled: bool,
 }
 
+/// A guest SRQ's NIC SRQ and the receives posted to it. Receives leave the guest's ring as
+/// they are posted (the NIC holds them from then on, and takes them in any order), at most
+/// the ring's depth at once.
+#[derive(Debug)]
+pub struct NicSrq {
+    /// The NIC's SRQ.
+    pub srq: nic::Srq,
+    /// Each receive on the NIC, by the slot its work request id names.
+    pub posted: Vec<Option<PostedRecv>>,
+    /// Slots free for the next receive.
+    pub free: Vec<u32>,
+}
+
 /// A VM's objects on the NIC.
 #[derive(Debug, Default)]
 pub struct NicState {
@@ -117,9 +131,50 @@ pub struct NicState {
     pub qps: HashMap<u32, NicQp>,
     /// AHs, by the guest's handle.
     pub ahs: HashMap<u32, nic::Ah>,
-    /// Work requests of the VM on the NIC: bounded, so one VM cannot fill the NIC's queues
-    /// while the scheduler's weights hold back its neighbours.
-    pub in_flight: u32,
+    /// SRQs, by the guest's SRQ number.
+    pub srqs: HashMap<u32, NicSrq>,
+}
+
+/// Send work requests on the NIC, of all VMs: bounded, so that the NIC's queues never hold
+/// more than it needs to stay busy, and who posts next is the scheduler's choice (by weight)
+/// rather than the NIC's (which serves its QPs in turn, whatever their VMs' weights).
+#[derive(Debug, Default)]
+pub struct Room {
+    /// Sends posted and not completed.
+    pub in_flight: AtomicU32,
+    /// The scheduler found no room: the next completion unparks it.
+    pub wanted: AtomicBool,
+}
+
+impl Room {
+    /// Send work requests all VMs together may have on the NIC.
+    pub const MAX_SENDS: u32 = 64;
+
+    /// Takes room for one send, or says there is none (and asks to be woken when there is).
+    pub fn take(&self) -> bool {
+        if self.in_flight.load(Ordering::SeqCst) >= Self::MAX_SENDS {
+            self.wanted.store(true, Ordering::SeqCst);
+            // A completion between the load and the store did not see `wanted`: look again.
+            if self.in_flight.load(Ordering::SeqCst) >= Self::MAX_SENDS {
+                return false;
+            }
+        }
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        true
+    }
+
+    /// Gives back `n` sends' room; returns whether the scheduler waits for it.
+    pub fn give(&self, n: u32) -> bool {
+        if n == 0 {
+            return false;
+        }
+        let _ = self
+            .in_flight
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| {
+                Some(v.saturating_sub(n))
+            });
+        self.wanted.swap(false, Ordering::SeqCst)
+    }
 }
 
 /// One VM on the NIC.
@@ -153,6 +208,8 @@ impl VmNic {
 pub struct NicHooks {
     /// The NIC.
     pub nic: Nic,
+    /// Room for sends on the NIC, shared by every VM.
+    pub room: Arc<Room>,
     vms: Mutex<HashMap<u64, Arc<VmNic>>>,
 }
 
@@ -161,6 +218,7 @@ impl NicHooks {
     pub fn new(nic: Nic) -> Self {
         NicHooks {
             nic,
+            room: Arc::new(Room::default()),
             vms: Mutex::new(HashMap::new()),
         }
     }
@@ -376,14 +434,17 @@ impl ObjectHooks for NicHooks {
         fits: &dyn Fn(u32) -> bool,
     ) -> Result<Option<u32>, Status> {
         let v = self.vm(vm)?;
-        if record.has_srq() {
-            warn!(
-                "vm {}: QPs with a shared receive queue are not carried by the verbs fabric yet",
-                v.name
-            );
-            return Err(Status::NotSupported);
-        }
         let mut st = v.state();
+        let srq = match record.has_srq() {
+            true => Some(
+                st.srqs
+                    .get(&record.srqn)
+                    .ok_or(Status::InvalidHandle)?
+                    .srq
+                    .clone(),
+            ),
+            false => None,
+        };
         let pd = st
             .pds
             .get(&record.pdn)
@@ -419,7 +480,7 @@ impl ObjectHooks for NicHooks {
         // Refused numbers stay alive until the end, so the NIC cannot hand one back.
         let mut refused = Vec::new();
         for _ in 0..QPN_TRIES {
-            let made = nic::Qp::create(&pd, send_cq, recv_cq, kind, caps)
+            let made = nic::Qp::create(&pd, send_cq, recv_cq, srq.as_ref(), kind, caps)
                 .map_err(|e| self.refused(&v, "create a QP", &e))?;
             let qpn = made.qpn();
             if fits(qpn) {
@@ -484,9 +545,7 @@ impl ObjectHooks for NicHooks {
             .map_err(|e| self.refused(&v, "modify a QP", &e))?;
         if next == qp::State::Reset && before.state() != qp::State::Reset {
             // The NIC drops what it held without completing it, as the guest's rings do.
-            st.in_flight = st
-                .in_flight
-                .saturating_sub(nq.send.in_flight + nq.recv.in_flight);
+            self.room.give(nq.send.in_flight);
             nq.epoch = nq.epoch.wrapping_add(1);
             nq.send = Track::default();
             nq.recv = Track::default();
@@ -517,9 +576,42 @@ impl ObjectHooks for NicHooks {
         if let Some(v) = self.existing(vm) {
             let mut st = v.state();
             if let Some(nq) = st.qps.remove(&qpn) {
-                st.in_flight = st
-                    .in_flight
-                    .saturating_sub(nq.send.in_flight + nq.recv.in_flight);
+                self.room.give(nq.send.in_flight);
+            }
+        }
+    }
+
+    fn create_srq(&self, vm: u64, srqn: u32, srq: &Srq) -> Result<(), Status> {
+        let v = self.vm(vm)?;
+        let mut st = v.state();
+        let pd = st.pds.get(&srq.pdn).ok_or(Status::InvalidHandle)?;
+        let made = pd
+            .create_srq(srq.depth, srq.max_sge)
+            .map_err(|e| self.refused(&v, "create a shared receive queue", &e))?;
+        st.srqs.insert(
+            srqn,
+            NicSrq {
+                srq: made,
+                posted: vec![None; srq.depth as usize],
+                free: (0..srq.depth).rev().collect(),
+            },
+        );
+        Ok(())
+    }
+
+    fn destroy_srq(&self, vm: u64, srqn: u32) {
+        if let Some(v) = self.existing(vm) {
+            v.state().srqs.remove(&srqn);
+        }
+    }
+
+    fn post_srq_receives(&self, vm: u64, objects: &mut VmObjects, mem: &GuestMem, srqn: u32) {
+        if let Some(v) = self.existing(vm) {
+            let mut st = v.state();
+            if super::post::post_srq_receives(objects, &mut st, mem, srqn) {
+                objects
+                    .raised
+                    .push((vrdma_proto::event::Kind::SrqErr, srqn));
             }
         }
     }

@@ -83,10 +83,15 @@ impl Fabric for VerbsFabric {
         };
         // Attach runs on the scheduler's thread: that is the thread to wake.
         let scheduler = std::thread::current();
-        let (v, n, s) = (vm.clone(), nic_vm.clone(), stop.clone());
+        let (v, n, s, r) = (
+            vm.clone(),
+            nic_vm.clone(),
+            stop.clone(),
+            self.hooks.room.clone(),
+        );
         let thread = std::thread::Builder::new()
             .name(format!("vrdma-nic-{}", vm.name))
-            .spawn(move || completions::run(v, n, s, scheduler));
+            .spawn(move || completions::run(v, n, r, s, scheduler));
         let thread = match thread {
             Ok(t) => Some(t),
             Err(e) => {
@@ -136,7 +141,7 @@ impl Fabric for VerbsFabric {
             return StepOutcome::IDLE;
         };
         let mut st = a.nic_vm.state();
-        post::step(vm, objects, &mut st, mem, qpn, budget)
+        post::step(vm, objects, &mut st, &self.hooks.room, mem, qpn, budget)
     }
 
     fn hooks(&self) -> Arc<dyn ObjectHooks> {

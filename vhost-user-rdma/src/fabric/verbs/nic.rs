@@ -614,6 +614,51 @@ impl Pd {
     }
 }
 
+type SrqInner = Owned<ibv_srq, Arc<PdInner>>;
+
+/// A shared receive queue.
+#[derive(Debug, Clone)]
+pub struct Srq(Arc<SrqInner>);
+
+impl Pd {
+    /// A shared receive queue of `max_wr` receives of up to `max_sge` SGEs each.
+    pub fn create_srq(&self, max_wr: u32, max_sge: u32) -> Result<Srq, Error> {
+        // SAFETY: plain C data, all-zero valid.
+        let mut init: ibv_srq_init_attr = unsafe { std::mem::zeroed() };
+        init.attr.max_wr = max_wr;
+        init.attr.max_sge = max_sge.max(1);
+        // SAFETY: the PD is live and init a valid attribute block.
+        let srq = unsafe { ibv_create_srq(self.0.ptr.as_ptr(), &mut init) };
+        let srq = NonNull::new(srq).ok_or_else(|| self.0.parent.failed("ibv_create_srq", -1))?;
+        Ok(Srq(Arc::new(Owned {
+            ptr: srq,
+            parent: self.0.clone(),
+            destroy: ibv_destroy_srq,
+        })))
+    }
+}
+
+impl Srq {
+    /// Posts one receive of `sges` with id `wr_id`.
+    pub fn post_recv(&self, wr_id: u64, sges: &[Sge]) -> Result<(), Error> {
+        let device = &self.0.parent.parent;
+        let (mut list, n) = sge_list(device, sges)?;
+        let mut wr = ibv_recv_wr {
+            wr_id,
+            next: std::ptr::null_mut(),
+            sg_list: list.as_mut_ptr(),
+            num_sge: n as c_int,
+        };
+        let mut bad: *mut ibv_recv_wr = std::ptr::null_mut();
+        // SAFETY: the SRQ is live; the call copies the request and its list.
+        let rc = unsafe { ibv_post_srq_recv(self.0.ptr.as_ptr(), &mut wr, &mut bad) };
+        if rc != 0 {
+            return Err(device.failed("ibv_post_srq_recv", rc));
+        }
+        Ok(())
+    }
+}
+
 /// An address handle: where a UD send goes. A send naming it borrows it for the post only,
 /// after which the NIC has copied what it needs.
 #[derive(Debug)]
@@ -863,8 +908,8 @@ pub struct Modify {
     pub min_rnr_timer: Option<u8>,
 }
 
-/// A QP holds its PD and its send and receive CQs.
-type QpInner = Owned<ibv_qp, (Arc<PdInner>, [Arc<CqInner>; 2])>;
+/// A QP holds its PD, its send and receive CQs and its SRQ.
+type QpInner = Owned<ibv_qp, (Arc<PdInner>, [Arc<CqInner>; 2], Option<Arc<SrqInner>>)>;
 
 /// A queue pair.
 #[derive(Debug, Clone)]
@@ -943,6 +988,29 @@ pub enum SendOp<'a> {
 /// post builds).
 pub const MAX_SGE: usize = crate::limits::MAX_SGE as usize;
 
+/// `sges` as the stack array a post hands libibverbs, and how many there are.
+fn sge_list(device: &Device, sges: &[Sge]) -> Result<([ibv_sge; MAX_SGE], usize), Error> {
+    if sges.len() > MAX_SGE {
+        return Err(Error::TooManySges {
+            device: device.name.clone(),
+            count: sges.len(),
+        });
+    }
+    let mut list = [ibv_sge {
+        addr: 0,
+        length: 0,
+        lkey: 0,
+    }; MAX_SGE];
+    for (d, s) in list.iter_mut().zip(sges) {
+        *d = ibv_sge {
+            addr: s.addr,
+            length: s.len,
+            lkey: s.lkey,
+        };
+    }
+    Ok((list, sges.len()))
+}
+
 /// Send flags besides SIGNALED (every request the fabric posts is signalled).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct PostFlags {
@@ -953,11 +1021,13 @@ pub struct PostFlags {
 }
 
 impl Qp {
-    /// Creates a QP of `kind` on `pd` with `send_cq` and `recv_cq`.
+    /// Creates a QP of `kind` on `pd` with `send_cq` and `recv_cq`, taking its receives from
+    /// `srq` if given.
     pub fn create(
         pd: &Pd,
         send_cq: &Cq,
         recv_cq: &Cq,
+        srq: Option<&Srq>,
         kind: QpKind,
         caps: QpCaps,
     ) -> Result<Qp, Error> {
@@ -969,6 +1039,11 @@ impl Qp {
         init.cap.max_recv_wr = caps.recv_wr;
         init.cap.max_send_sge = caps.sge;
         init.cap.max_recv_sge = caps.sge;
+        if let Some(srq) = srq {
+            init.srq = srq.0.ptr.as_ptr();
+            init.cap.max_recv_wr = 0;
+            init.cap.max_recv_sge = 0;
+        }
         init.qp_type = match kind {
             QpKind::Rc => ibv_qp_type::IBV_QPT_RC,
             QpKind::Ud => ibv_qp_type::IBV_QPT_UD,
@@ -978,7 +1053,11 @@ impl Qp {
         let qp = NonNull::new(qp).ok_or_else(|| pd.0.parent.failed("ibv_create_qp", -1))?;
         Ok(Qp(Arc::new(Owned {
             ptr: qp,
-            parent: (pd.0.clone(), [send_cq.0.clone(), recv_cq.0.clone()]),
+            parent: (
+                pd.0.clone(),
+                [send_cq.0.clone(), recv_cq.0.clone()],
+                srq.map(|s| s.0.clone()),
+            ),
             destroy: ibv_destroy_qp,
         })))
     }
@@ -1201,27 +1280,8 @@ impl Qp {
         self.modify(&mut attr, mask, "ibv_modify_qp to RTS")
     }
 
-    /// `sges` as the stack array a post hands libibverbs, and how many there are.
     fn sge_list(&self, sges: &[Sge]) -> Result<([ibv_sge; MAX_SGE], usize), Error> {
-        if sges.len() > MAX_SGE {
-            return Err(Error::TooManySges {
-                device: self.device().name.clone(),
-                count: sges.len(),
-            });
-        }
-        let mut list = [ibv_sge {
-            addr: 0,
-            length: 0,
-            lkey: 0,
-        }; MAX_SGE];
-        for (d, s) in list.iter_mut().zip(sges) {
-            *d = ibv_sge {
-                addr: s.addr,
-                length: s.len,
-                lkey: s.lkey,
-            };
-        }
-        Ok((list, sges.len()))
+        sge_list(self.device(), sges)
     }
 
     /// Posts one signalled send work request `op` of `sges` with id `wr_id`.

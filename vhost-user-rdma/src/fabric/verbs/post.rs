@@ -9,10 +9,10 @@ use vrdma_proto::cqe::{Status, VendorErr};
 use vrdma_proto::qp;
 use vrdma_proto::wqe::{self, Opcode, Payload, SendFlags};
 
-use super::mirror::{Fault, NicState, PostedRecv};
+use super::mirror::{Fault, NicState, PostedRecv, Room};
 use super::nic;
 use crate::fabric::{StepOutcome, WR_COST};
-use crate::model::memory::{GuestMem, load_producer};
+use crate::model::memory::{GuestMem, load_producer, publish_consumer};
 use crate::model::objects::VmObjects;
 use crate::model::qp_state::{MAX_SEND_SLOT, RecvCopy};
 use crate::model::vm::Vm;
@@ -22,9 +22,6 @@ use crate::rnic::requester::{
 };
 use crate::rnic::responder::check_recv;
 
-/// Work requests one VM may have on the NIC at once.
-pub const MAX_VM_IN_FLIGHT: u32 = 1024;
-
 /// What a NIC work request's id says: which QP life, which queue, which ring index.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Tag {
@@ -32,6 +29,8 @@ pub struct Tag {
     pub epoch: u16,
     /// A receive rather than a send.
     pub recv: bool,
+    /// A receive of an SRQ: `index` is its slot among the SRQ's receives on the NIC.
+    pub srq: bool,
     /// Its guest ring index.
     pub index: u32,
 }
@@ -39,7 +38,10 @@ pub struct Tag {
 impl Tag {
     /// As a `wr_id`.
     pub fn encode(self) -> u64 {
-        (u64::from(self.epoch) << 40) | (u64::from(self.recv) << 32) | u64::from(self.index)
+        (u64::from(self.epoch) << 40)
+            | (u64::from(self.srq) << 33)
+            | (u64::from(self.recv) << 32)
+            | u64::from(self.index)
     }
 
     /// From a `wr_id` the fabric posted.
@@ -47,6 +49,7 @@ impl Tag {
         Tag {
             epoch: (wr_id >> 40) as u16,
             recv: (wr_id >> 32) & 1 == 1,
+            srq: (wr_id >> 33) & 1 == 1,
             index: wr_id as u32,
         }
     }
@@ -145,6 +148,8 @@ enum Next {
     FailedNow,
     /// The ring cannot be read: the QP is in error.
     Fatal,
+    /// The NIC has no room for anyone's sends now.
+    Full,
 }
 
 /// Posts QP `qpn`'s send work requests to the NIC, up to `budget` bytes of cost, as many as
@@ -153,6 +158,7 @@ pub fn step(
     vm: &Vm,
     objects: &mut VmObjects,
     st: &mut NicState,
+    room: &Room,
     mem: &GuestMem,
     qpn: u32,
     budget: u32,
@@ -169,7 +175,7 @@ pub fn step(
     }
     let (mut cost, mut bytes, mut wrs) = (0u32, 0u32, 0u32);
     while cost < budget {
-        match post_next(vm, objects, st, mem, qpn) {
+        match post_next(vm, objects, st, room, mem, qpn) {
             Next::Posted(len) => {
                 cost = cost.saturating_add(WR_COST.saturating_add(len));
                 bytes = bytes.saturating_add(len);
@@ -180,6 +186,9 @@ pub fn step(
                 return StepOutcome::progress(cost.saturating_add(WR_COST), false, bytes, wrs + 1);
             }
             Next::Fatal => return StepOutcome::FAILED,
+            Next::Full if wrs == 0 => return StepOutcome::FULL,
+            // What was posted counts; the next step finds the NIC full.
+            Next::Full => return StepOutcome::progress(cost, true, bytes, wrs),
         }
     }
     if wrs == 0 {
@@ -194,6 +203,7 @@ fn post_next(
     vm: &Vm,
     objects: &mut VmObjects,
     st: &mut NicState,
+    room: &Room,
     mem: &GuestMem,
     qpn: u32,
 ) -> Next {
@@ -209,7 +219,7 @@ fn post_next(
     let head = qp.rt.sq_head;
     let next = nq.send.next_from(head);
     let taken = next.wrapping_sub(head);
-    if taken >= geometry.depth() || st.in_flight >= MAX_VM_IN_FLIGHT {
+    if taken >= geometry.depth() {
         if let Some(nq) = st.qps.get_mut(&qpn) {
             nq.stalled = true;
         }
@@ -220,11 +230,16 @@ fn post_next(
         Posted::Nothing => return Next::Done,
         Posted::Fatal => return Next::Fatal,
     }
+    if !room.take() {
+        return Next::Full;
+    }
     let (Some(qp), Some(nq)) = (objects.qps.get(qpn), st.qps.get(&qpn)) else {
+        room.give(1);
         return Next::Done;
     };
     let mut slot = [0u8; MAX_SEND_SLOT];
     if !read_send_slot(qp, mem, next, &mut slot) {
+        room.give(1);
         ring_fatal(objects, vm, mem, qpn, VendorErr::GuestMemory);
         return Next::Fatal;
     }
@@ -238,6 +253,7 @@ fn post_next(
     let tag = Tag {
         epoch: nq.epoch,
         recv: false,
+        srq: false,
         index: next,
     };
     let posted = match wqe::decode_send(slot, qp.send_limits()) {
@@ -279,16 +295,37 @@ fn post_next(
                 nq.send.next = Some(next.wrapping_add(1));
                 nq.send.in_flight += 1;
             }
-            st.in_flight += 1;
             Next::Posted(len)
         }
-        Err((retired, status, vendor)) if taken == 0 => {
+        Err(failed) => {
+            room.give(1);
+            fail_unposted(vm, objects, st, mem, qpn, next, taken, failed)
+        }
+    }
+}
+
+/// A send work request that failed its checks (or that the NIC refused), at ring index
+/// `next` with `taken` before it on the NIC.
+#[allow(clippy::too_many_arguments)]
+fn fail_unposted(
+    vm: &Vm,
+    objects: &mut VmObjects,
+    st: &mut NicState,
+    mem: &GuestMem,
+    qpn: u32,
+    next: u32,
+    taken: u32,
+    (retired, status, vendor): (Retired, Status, VendorErr),
+) -> Next {
+    if taken == 0 {
+        {
             // Nothing of the QP's is on the NIC: it fails now, in order.
             fail_head(objects, vm, mem, qpn, Some(retired), status, vendor);
             stop_nic_qp(objects, st, qpn);
             Next::FailedNow
         }
-        Err((retired, status, vendor)) => {
+    } else {
+        {
             // It fails once the requests before it have completed.
             if let Some(nq) = st.qps.get_mut(&qpn) {
                 nq.fault = Some(Fault {
@@ -407,6 +444,7 @@ pub fn post_receives(objects: &mut VmObjects, st: &mut NicState, mem: &GuestMem,
         let tag = Tag {
             epoch: nq.epoch,
             recv: true,
+            srq: false,
             index: next,
         };
         let result = translated.and_then(|()| {
@@ -440,6 +478,124 @@ pub fn post_receives(objects: &mut VmObjects, st: &mut NicState, mem: &GuestMem,
             nq.recv.next = Some(next.wrapping_add(1));
             nq.recv.in_flight += 1;
         }
-        st.in_flight += 1;
+    }
+}
+
+/// Posts the receives the driver published on SRQ `srqn`'s ring to its NIC SRQ, as many as
+/// the NIC SRQ has room for; each leaves the guest's ring as it is posted. Returns true if the
+/// SRQ has just gone into error (a receive it could not post, or a ring it cannot read): the
+/// caller raises SRQ_ERR.
+pub fn post_srq_receives(
+    objects: &mut VmObjects,
+    st: &mut NicState,
+    mem: &GuestMem,
+    srqn: u32,
+) -> bool {
+    let Some(srq) = objects.srqs.get(srqn) else {
+        return false;
+    };
+    if srq.fault.is_some() {
+        return false;
+    }
+    let Some(geometry) = srq.geometry() else {
+        return false;
+    };
+    let (ring_addr, pdn, max_sge, mut consumer) =
+        (srq.ring_addr, srq.pdn, srq.max_sge, srq.consumer);
+    let fault = |objects: &mut VmObjects, v: VendorErr| {
+        if let Some(srq) = objects.srqs.get_mut(srqn) {
+            srq.fault = Some(v);
+        }
+        true
+    };
+    let Some(producer) = load_producer(mem, ring_addr) else {
+        return fault(objects, VendorErr::GuestMemory);
+    };
+    let Ok(mut waiting) = geometry.occupancy(producer, consumer) else {
+        return fault(objects, VendorErr::RingOverrun);
+    };
+    let mut buf = [0u8; wqe::recv_stride(crate::limits::MAX_SRQ_SGE) as usize];
+    let stride = geometry.stride() as usize;
+    let mut failed = None;
+    while waiting > 0 {
+        let Some(nsrq) = st.srqs.get_mut(&srqn) else {
+            break;
+        };
+        let Some(&slot_id) = nsrq.free.last() else {
+            break;
+        };
+        let Some(slot) = buf.get_mut(..stride) else {
+            break;
+        };
+        let at = GuestAddress(ring_addr + geometry.entry_offset(consumer));
+        let mut copy = RecvCopy::default();
+        let mut sges = [nic::Sge {
+            addr: 0,
+            len: 0,
+            lkey: 0,
+        }; nic::MAX_SGE];
+        let mut n = 0;
+        let posted = mem
+            .read_slice(slot, at)
+            .map_err(|_| VendorErr::GuestMemory)
+            .and_then(|()| check_recv(&objects.mrs, slot, max_sge, pdn, &mut copy))
+            .and_then(|()| {
+                for sge in &copy.sges[..copy.n] {
+                    if sge.length.get() == 0 {
+                        continue;
+                    }
+                    let mr = st.mrs.get(&sge.lkey.get()).ok_or(VendorErr::BadLkey)?;
+                    sges[n] = nic::Sge {
+                        addr: sge.addr.get(),
+                        len: sge.length.get(),
+                        lkey: mr.mr.lkey(),
+                    };
+                    n += 1;
+                }
+                Ok(())
+            })
+            .and_then(|()| {
+                let tag = Tag {
+                    epoch: 0,
+                    recv: true,
+                    srq: true,
+                    index: slot_id,
+                };
+                let nsrq = st.srqs.get(&srqn).ok_or(VendorErr::MalformedWqe)?;
+                nsrq.srq.post_recv(tag.encode(), &sges[..n]).map_err(|e| {
+                    log::warn!(
+                        "vm {}: the NIC refused a receive of SRQ {srqn:#x}: {}",
+                        objects.name,
+                        super::mirror::error_chain(&e)
+                    );
+                    VendorErr::None
+                })
+            });
+        if let Err(v) = posted {
+            failed = Some(v);
+            break;
+        }
+        if let Some(nsrq) = st.srqs.get_mut(&srqn) {
+            nsrq.free.pop();
+            nsrq.posted[slot_id as usize] = Some(PostedRecv {
+                wr_id: copy.wr_id,
+                first: copy.sges[..copy.n]
+                    .first()
+                    .map(|s| (s.lkey.get(), s.addr.get())),
+            });
+        }
+        consumer = consumer.wrapping_add(1);
+        waiting -= 1;
+    }
+    if let Some(srq) = objects.srqs.get_mut(srqn) {
+        if srq.consumer != consumer {
+            srq.consumer = consumer;
+            // The NIC holds them now: their slots are the driver's again.
+            publish_consumer(mem, ring_addr, consumer);
+        }
+    }
+    match failed {
+        Some(v) => fault(objects, v),
+        None => false,
     }
 }

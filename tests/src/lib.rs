@@ -489,7 +489,20 @@ pub fn saturate(
     load: Load,
     stop: Arc<std::sync::atomic::AtomicBool>,
 ) -> std::thread::JoinHandle<u64> {
-    let (cf, ct) = (d.open(from), sink.clone());
+    let progress = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    saturate_from(d.open(from), sink, load, stop, progress)
+}
+
+/// As [`saturate`], from the guest `cf` (of any daemon), counting the writes completed so far
+/// in `progress` as it goes.
+pub fn saturate_from(
+    cf: Context,
+    sink: &Context,
+    load: Load,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    progress: Arc<std::sync::atomic::AtomicU64>,
+) -> std::thread::JoinHandle<u64> {
+    let ct = sink.clone();
     std::thread::spawn(move || {
         let cap = QpCap {
             max_send_wr: load.depth,
@@ -514,6 +527,7 @@ pub fn saturate(
                 assert_eq!(w.status, vrdma::WcStatus::Success);
             }
             done += n as u64;
+            progress.fetch_add(n as u64, Ordering::Relaxed);
             owed += n;
             while owed >= load.batch {
                 a.send(&batch).expect("post writes");

@@ -5,10 +5,13 @@
 
 use std::path::Path;
 use std::process::{Command, Output};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
-use vrdma_tests::TestDaemon;
 use vrdma_tests::artifacts::{shim, verbs_daemon};
 use vrdma_tests::scenarios::{self, Vendor};
+use vrdma_tests::{Load, TestDaemon, saturate_from};
 
 /// Runs the verbs daemon with `args`; with `nic` the shim is preloaded and that socket is
 /// its only device, without it libibverbs looks for devices in an empty sysfs.
@@ -132,18 +135,30 @@ fn the_port_and_gid_index_are_chosen_and_checked() {
 struct NicHost {
     child: std::process::Child,
     dir: std::path::PathBuf,
+    vms: Vec<String>,
 }
 
 impl NicHost {
     /// Starts a host serving VM `a` over NIC `nic` of `nics`.
     fn start(nics: &TestDaemon, nic: &str, tag: &str) -> NicHost {
+        Self::start_vms(nics, nic, tag, &[("a", "")])
+    }
+
+    /// Starts a host serving `vms` (name, further `--vm` keys) over NIC `nic` of `nics`.
+    fn start_vms(nics: &TestDaemon, nic: &str, tag: &str, vms: &[(&str, &str)]) -> NicHost {
         let dir = std::env::temp_dir().join(format!("vrdma-nichost-{}-{tag}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("host dir");
         let log = std::fs::File::create(dir.join("daemon.log")).expect("log file");
-        let vm = format!("name=a,socket={}", dir.join("a.sock").display());
+        let mut args = vec!["--fabric".to_owned(), "verbs:vrdma0".to_owned()];
+        for (name, extra) in vms {
+            let sock = dir.join(format!("{name}.sock"));
+            let sep = if extra.is_empty() { "" } else { "," };
+            args.push("--vm".to_owned());
+            args.push(format!("name={name},socket={}{sep}{extra}", sock.display()));
+        }
         let child = Command::new(verbs_daemon())
-            .args(["--fabric", "verbs:vrdma0", "--vm", &vm])
+            .args(&args)
             .env("LD_PRELOAD", shim())
             .env("VRDMA_SOCKETS", nics.socket(nic))
             .env("RUST_LOG", "vhost_user_rdma=debug,vrdma_ibverbs=info")
@@ -151,7 +166,11 @@ impl NicHost {
             .stderr(log)
             .spawn()
             .expect("start the verbs daemon");
-        let mut host = NicHost { child, dir };
+        let mut host = NicHost {
+            child,
+            dir,
+            vms: vms.iter().map(|(n, _)| (*n).to_owned()).collect(),
+        };
         host.wait_listening();
         host
     }
@@ -163,7 +182,11 @@ impl NicHost {
     /// Waits until the daemon listens on its VM's socket (it opens the NIC first).
     fn wait_listening(&mut self) {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-        while !self.dir.join("a.sock").exists() {
+        while !self
+            .vms
+            .iter()
+            .all(|n| self.dir.join(format!("{n}.sock")).exists())
+        {
             if let Ok(Some(status)) = self.child.try_wait() {
                 panic!("the verbs daemon exited with {status}:\n{}", self.log());
             }
@@ -176,9 +199,14 @@ impl NicHost {
         }
     }
 
-    /// Opens the VM's device as its guest.
+    /// Opens VM `a`'s device as its guest.
     fn open(&self) -> vrdma::Context {
-        vrdma::Context::open(self.dir.join("a.sock")).unwrap_or_else(|e| {
+        self.open_vm("a")
+    }
+
+    /// Opens VM `name`'s device as its guest.
+    fn open_vm(&self, name: &str) -> vrdma::Context {
+        vrdma::Context::open(self.dir.join(format!("{name}.sock"))).unwrap_or_else(|e| {
             panic!("guest connects: {e}\n{}", self.log());
         })
     }
@@ -259,4 +287,57 @@ fn rnr_retries_run_out_over_the_nics() {
 fn ud_datagrams_cross_hosts_over_the_nics() {
     let (_nics, a, b) = two_hosts(7);
     scenarios::ud_datagrams_carry_grh_source_qp_and_gid(&a.open(), &b.open());
+}
+
+/// Two VMs of one host saturating its NIC at weights 3:1 get near 3:1 of it: the daemon keeps
+/// the NIC's queue short and decides who posts next, rather than leaving it to the NIC's own
+/// turn-taking.
+#[test]
+fn weights_share_the_nic_in_proportion() {
+    let nics = TestDaemon::start(&[("nic-a", "gid=10.9.8.1"), ("nic-b", "gid=10.9.8.2")]);
+    let a = NicHost::start_vms(
+        &nics,
+        "nic-a",
+        "8a",
+        &[("heavy", "weight=3"), ("light", "weight=1")],
+    );
+    let b = NicHost::start_vms(&nics, "nic-b", "8b", &[("sink", "")]);
+    let sink = b.open_vm("sink");
+    let stop = Arc::new(AtomicBool::new(false));
+    // Seconds of work queued in each guest (as tests/fairness.rs explains), far more than the
+    // NIC is let hold, so both VMs always have work waiting for the daemon's choice.
+    let load = Load {
+        msg: 4 << 20,
+        depth: 256,
+        batch: 8,
+    };
+    let counts = [Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0))];
+    let threads: Vec<_> = ["heavy", "light"]
+        .iter()
+        .zip(&counts)
+        .map(|(vm, count)| saturate_from(a.open_vm(vm), &sink, load, stop.clone(), count.clone()))
+        .collect();
+    // Both moving, then a window.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while counts.iter().any(|c| c.load(Ordering::Relaxed) < 16) {
+        assert!(
+            Instant::now() < deadline,
+            "both VMs move within 30 s: {counts:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let before: Vec<u64> = counts.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+    std::thread::sleep(Duration::from_millis(1500));
+    let after: Vec<u64> = counts.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        t.join().expect("load thread");
+    }
+    let (heavy, light) = (after[0] - before[0], after[1] - before[1]);
+    let ratio = heavy as f64 / light.max(1) as f64;
+    eprintln!("weights 3:1 over the NIC -> writes {heavy} : {light} = {ratio:.2}");
+    assert!(
+        (2.4..=3.6).contains(&ratio),
+        "weights 3:1 gave {ratio:.2} over the NIC, not near 3"
+    );
 }

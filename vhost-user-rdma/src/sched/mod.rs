@@ -612,9 +612,12 @@ impl Turns {
         }
     }
 
-    /// One deficit-round-robin round over the VMs with work. Returns whether anything moved.
+    /// One deficit-round-robin round over the VMs with work. Returns whether anything moved,
+    /// or a VM with work waits only for its deficit to be paid off (so the next round is due
+    /// now).
     fn round(&mut self) -> bool {
         let mut any = false;
+        let mut owing = false;
         self.served.clear();
         // Read the clock only for rate-limited VMs: most rounds have none.
         let mut clock: Option<Instant> = None;
@@ -648,6 +651,12 @@ impl Turns {
             }
             if !mid_turn {
                 e.deficit += i64::from(QUANTUM) * i64::from(e.vm.weight);
+            }
+            // Still paying for a work request larger than its quantum (a NIC fabric posts a
+            // whole request in one step): its turn is skipped, and the next round must come
+            // at once, not after a sleep, or a 4 MiB request would cost a sleep per 64 KiB.
+            if e.deficit <= 0 {
+                owing = true;
             }
             let vm = e.vm.clone();
             let mut served = false;
@@ -713,7 +722,7 @@ impl Turns {
                 break;
             }
         }
-        any
+        any || owing
     }
 
     fn account_wait(&mut self, i: usize, waiting: bool) {

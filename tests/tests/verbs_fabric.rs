@@ -9,9 +9,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use vrdma::QpType;
 use vrdma_tests::artifacts::{shim, verbs_daemon};
 use vrdma_tests::scenarios::{self, Vendor};
-use vrdma_tests::{Load, TestDaemon, saturate_from};
+use vrdma_tests::{Endpoint, Load, TestDaemon, saturate_from};
 
 /// Runs the verbs daemon with `args`; with `nic` the shim is preloaded and that socket is
 /// its only device, without it libibverbs looks for devices in an empty sysfs.
@@ -236,13 +237,30 @@ fn two_hosts(x: u8) -> (TestDaemon, NicHost, NicHost) {
 
 #[test]
 fn guests_see_their_nics_port_and_the_nics_numbers() {
-    let (_nics, a, _b) = two_hosts(1);
+    let (nics, a, _b) = two_hosts(1);
     let ca = a.open();
     assert_eq!(
         ca.gid(),
         vrdma_proto::Gid::from_ipv4([10, 9, 1, 1]),
         "the VM's port is its NIC's"
     );
+    // The QP number and rkey the guest is given are the ones its NIC (VM nic-a of the inner
+    // daemon) knows, which a peer puts in its packets; the lkey stays the outer daemon's.
+    let e = Endpoint::new(&ca, QpType::Rc, 1 << 16, scenarios::cap());
+    let e2 = Endpoint::new(&ca, QpType::Ud, 1 << 16, scenarios::cap());
+    let nic = nics.vm("nic-a").expect("the NIC's VM is connected");
+    let on_nic = nic.lock();
+    for qpn in [e.qp.qp_num(), e2.qp.qp_num()] {
+        assert!(on_nic.qps.get(qpn).is_some(), "QP {qpn:#x} is the NIC's");
+    }
+    assert_ne!(e.qp.qp_num(), e2.qp.qp_num());
+    let nic_mr = on_nic.mrs.get(e.mr.rkey()).expect("the rkey is the NIC's");
+    assert_eq!(
+        nic_mr.iova,
+        e.buf.addr(),
+        "registered at the guest's own address"
+    );
+    assert_eq!(nic_mr.length, 1 << 16);
 }
 
 #[test]

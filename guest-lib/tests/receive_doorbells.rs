@@ -1,5 +1,5 @@
 //! Receive doorbells between the library and the daemon over a real socket: a daemon whose
-//! fabric needs them (`VmServer::start` with `receive_doorbells`) offers `RECV_DOORBELL`, the
+//! fabric needs them (`VmServer::start` with `receive_doorbells`) offers `SYNC_RECV`, the
 //! library accepts it and rings a doorbell per post of receives, and a driver that declines it
 //! is refused; a daemon that does not need them gets none.
 
@@ -150,7 +150,7 @@ fn post_receives_then_a_send(ctx: &Context) {
 fn receives_ring_doorbells_where_the_fabric_needs_them() {
     let server = Server::start(true);
     let (ctx, negotiated) = open(&server, features::ALL_DEVICE);
-    assert_ne!(negotiated & features::RECV_DOORBELL, 0);
+    assert_ne!(negotiated & features::SYNC_RECV, 0);
     post_receives_then_a_send(&ctx);
     // Two Recv doorbells, one Srq doorbell, the Send doorbell.
     server.wait_for_doorbells(4);
@@ -160,7 +160,7 @@ fn receives_ring_doorbells_where_the_fabric_needs_them() {
 fn receives_ring_no_doorbell_where_the_fabric_reads_rings_on_arrival() {
     let server = Server::start(false);
     let (ctx, negotiated) = open(&server, features::ALL_DEVICE);
-    assert_eq!(negotiated & features::RECV_DOORBELL, 0);
+    assert_eq!(negotiated & features::SYNC_RECV, 0);
     post_receives_then_a_send(&ctx);
     // The Send doorbell alone.
     server.wait_for_doorbells(1);
@@ -171,10 +171,10 @@ fn a_driver_declining_receive_doorbells_is_refused_where_the_fabric_needs_them()
     let server = Server::start(true);
     let declined = VirtioUser::connect(
         &server.socket,
-        options(features::ALL_DEVICE & !features::RECV_DOORBELL),
+        options(features::ALL_DEVICE & !features::SYNC_RECV),
     );
     assert!(declined.is_err(), "{declined:?}");
     // The daemon lives on and serves a driver that accepts them.
     let (_ctx, negotiated) = open(&server, features::ALL_DEVICE);
-    assert_ne!(negotiated & features::RECV_DOORBELL, 0);
+    assert_ne!(negotiated & features::SYNC_RECV, 0);
 }

@@ -41,6 +41,9 @@ wire_enum! {
         QueryQp = 0x42,
         /// Destroy a queue pair; [`Handle`].
         DestroyQp = 0x43,
+        /// Post the receives published on a QP's receive ring to the fabric (with
+        /// `features::SYNC_RECV`); [`Handle`].
+        PostRecv = 0x44,
         /// Create an address handle; [`CreateAh`]; answered with [`HandleResp`].
         CreateAh = 0x50,
         /// Destroy an address handle; [`Handle`].
@@ -53,6 +56,9 @@ wire_enum! {
         QuerySrq = 0x62,
         /// Destroy a shared receive queue; [`Handle`].
         DestroySrq = 0x63,
+        /// Post the receives published on an SRQ's ring to the fabric (with
+        /// `features::SYNC_RECV`); [`Handle`] holding the SRQ number.
+        PostSrqRecv = 0x64,
     }
 }
 
@@ -79,9 +85,11 @@ impl Opcode {
             | Opcode::DestroyCq
             | Opcode::ModifyQp
             | Opcode::DestroyQp
+            | Opcode::PostRecv
             | Opcode::DestroyAh
             | Opcode::ModifySrq
-            | Opcode::DestroySrq => 0,
+            | Opcode::DestroySrq
+            | Opcode::PostSrqRecv => 0,
         }
     }
 }
@@ -221,7 +229,8 @@ impl RespHeader {
 }
 
 /// Body of commands that name one object: `DEALLOC_PD`, `DEREG_MR` (the lkey), `DESTROY_CQ`,
-/// `QUERY_QP`, `DESTROY_QP`, `DESTROY_AH`, `QUERY_SRQ` and `DESTROY_SRQ`.
+/// `QUERY_QP`, `DESTROY_QP`, `POST_RECV`, `DESTROY_AH`, `QUERY_SRQ`, `DESTROY_SRQ` and
+/// `POST_SRQ_RECV`.
 #[derive(
     Debug,
     Clone,
@@ -846,6 +855,8 @@ pub enum Request<'a> {
     QueryQp(u32),
     /// `DESTROY_QP` of a QP number.
     DestroyQp(u32),
+    /// `POST_RECV` of a QP number.
+    PostRecv(u32),
     /// `CREATE_AH`.
     CreateAh(CreateAh),
     /// `DESTROY_AH` of an AH handle.
@@ -863,6 +874,8 @@ pub enum Request<'a> {
     QuerySrq(u32),
     /// `DESTROY_SRQ` of an SRQ number.
     DestroySrq(u32),
+    /// `POST_SRQ_RECV` of an SRQ number.
+    PostSrqRecv(u32),
 }
 
 impl Request<'_> {
@@ -883,12 +896,14 @@ impl Request<'_> {
             Request::ModifyQp { .. } => Opcode::ModifyQp,
             Request::QueryQp(_) => Opcode::QueryQp,
             Request::DestroyQp(_) => Opcode::DestroyQp,
+            Request::PostRecv(_) => Opcode::PostRecv,
             Request::CreateAh(_) => Opcode::CreateAh,
             Request::DestroyAh(_) => Opcode::DestroyAh,
             Request::CreateSrq(_) => Opcode::CreateSrq,
             Request::ModifySrq { .. } => Opcode::ModifySrq,
             Request::QuerySrq(_) => Opcode::QuerySrq,
             Request::DestroySrq(_) => Opcode::DestroySrq,
+            Request::PostSrqRecv(_) => Opcode::PostSrqRecv,
         }
     }
 }
@@ -970,6 +985,7 @@ pub fn decode(bytes: &[u8]) -> Result<Request<'_>, DecodeError> {
         }
         Opcode::QueryQp => Request::QueryQp(handle("QUERY_QP")?),
         Opcode::DestroyQp => Request::DestroyQp(handle("DESTROY_QP")?),
+        Opcode::PostRecv => Request::PostRecv(handle("POST_RECV")?),
         Opcode::CreateAh => {
             let c = read_exact::<CreateAh>(body, "CREATE_AH")?;
             check_reserved(c.reserved.as_bytes(), "CREATE_AH reserved")?;
@@ -1003,6 +1019,7 @@ pub fn decode(bytes: &[u8]) -> Result<Request<'_>, DecodeError> {
         }
         Opcode::QuerySrq => Request::QuerySrq(handle("QUERY_SRQ")?),
         Opcode::DestroySrq => Request::DestroySrq(handle("DESTROY_SRQ")?),
+        Opcode::PostSrqRecv => Request::PostSrqRecv(handle("POST_SRQ_RECV")?),
     })
 }
 

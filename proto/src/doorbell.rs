@@ -20,19 +20,14 @@ wire_enum! {
     pub enum Kind: u8 as "doorbell kind" {
         /// The send ring of QP `handle` has new work requests.
         Send = 1,
-        /// The receive ring of QP `handle` has new receives. Optional unless
-        /// [`RECV_DOORBELL`](crate::features::RECV_DOORBELL) was negotiated: without it the
-        /// device reads the receive ring itself when a message arrives, and this only makes
-        /// the device look at a QP in the error state sooner, to flush the new receives. With
-        /// it, the driver rings one after every post to the ring, because a device that hands
-        /// receives to a NIC ahead of arrival learns of them only this way.
+        /// The receive ring of QP `handle` has new receives. Optional: the device reads the
+        /// receive ring itself when a message arrives; this only makes the device look at a QP
+        /// in the error state sooner, to flush the new receives.
         Recv = 2,
         /// The shared receive queue `handle` (an SRQ number, not a QP number) has new
-        /// receives. Optional unless [`RECV_DOORBELL`](crate::features::RECV_DOORBELL) was
-        /// negotiated (then the driver rings one after every post to the SRQ, as for `Recv`).
-        /// Without it a hint only: the device reads an SRQ's ring when a message arrives for a
-        /// QP attached to it, and an SRQ's receives are never flushed, so there is nothing more
-        /// for the device to do.
+        /// receives. Optional, and in this version a hint only: the device reads an SRQ's
+        /// ring when a message arrives for a QP attached to it, and an SRQ's receives are
+        /// never flushed, so there is nothing more for the device to do.
         Srq = 3,
     }
 }

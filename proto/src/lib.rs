@@ -44,7 +44,7 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// The device-specific feature bits (virtio feature bits 0 to 23).
 ///
 /// `VIRTIO_F_VERSION_1` (bit 32) is mandatory as well: the device offers it and a driver that
-/// does not accept it is refused at `FEATURES_OK`. So is [`features::RECV_DOORBELL`] once the
+/// does not accept it is refused at `FEATURES_OK`. So is [`features::SYNC_RECV`] once the
 /// device offers it.
 pub mod features {
     /// Unreliable datagram QPs (`qp::Type::Ud`) are supported.
@@ -60,18 +60,20 @@ pub mod features {
     /// Shared receive queues: the `*_SRQ` commands, `CREATE_QP` with an SRQ, SRQ doorbells
     /// and the SRQ events; the configuration space's `srq` limits are valid.
     pub const SRQ: u64 = 1 << 5;
-    /// The device needs a doorbell after the driver publishes receives: a `Recv` doorbell
-    /// naming the QP after posting to a QP's receive ring, an `Srq` doorbell naming the SRQ
-    /// after posting to an SRQ. A device whose receives are posted ahead of arrival (to an RDMA
-    /// NIC) cannot wait for a message to look at the ring, so it offers this bit and refuses a
-    /// driver that does not accept it.
-    pub const RECV_DOORBELL: u64 = 1 << 6;
+    /// The device posts receives to its fabric ahead of arrival: after publishing receives on
+    /// a QP's receive ring the driver sends `POST_RECV` naming the QP (after posting to an SRQ,
+    /// `POST_SRQ_RECV` naming the SRQ), and the receives are posted when it returns. A device
+    /// whose fabric is an RDMA NIC cannot wait for a message to look at the ring, since the NIC
+    /// drops what arrives with no receive posted; a doorbell would not do either, being
+    /// asynchronous: a peer answering the guest's post could overtake it. So the device offers
+    /// this bit and refuses a driver that does not accept it.
+    pub const SYNC_RECV: u64 = 1 << 6;
     /// `VIRTIO_F_VERSION_1`, required.
     pub const VERSION_1: u64 = 1 << 32;
 
     /// Every device-specific bit this version defines; the device never offers others.
     pub const ALL_DEVICE: u64 =
-        UD | ATOMICS | INLINE_DATA | MULTI_DOORBELL | CQ_NOTIFY | SRQ | RECV_DOORBELL;
+        UD | ATOMICS | INLINE_DATA | MULTI_DOORBELL | CQ_NOTIFY | SRQ | SYNC_RECV;
 }
 
 /// A 128-bit global identifier, in network byte order as in `ibv_gid`.

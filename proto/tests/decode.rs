@@ -182,7 +182,7 @@ fn modify_qp(mask: AttrMask, attr: qp::Attr) -> Vec<u8> {
 }
 
 /// Body sizes of the commands with a fixed-size body, and the name their decoder reports.
-const FIXED_BODIES: [(Opcode, usize, &str); 17] = [
+const FIXED_BODIES: [(Opcode, usize, &str); 19] = [
     (Opcode::QueryPort, 8, "QUERY_PORT"),
     (Opcode::QueryGid, 8, "QUERY_GID"),
     (Opcode::DeallocPd, 8, "DEALLOC_PD"),
@@ -194,26 +194,30 @@ const FIXED_BODIES: [(Opcode, usize, &str); 17] = [
     (Opcode::ModifyQp, 80, "MODIFY_QP"),
     (Opcode::QueryQp, 8, "QUERY_QP"),
     (Opcode::DestroyQp, 8, "DESTROY_QP"),
+    (Opcode::PostRecv, 8, "POST_RECV"),
     (Opcode::CreateAh, 40, "CREATE_AH"),
     (Opcode::DestroyAh, 8, "DESTROY_AH"),
     (Opcode::CreateSrq, 24, "CREATE_SRQ"),
     (Opcode::ModifySrq, 16, "MODIFY_SRQ"),
     (Opcode::QuerySrq, 8, "QUERY_SRQ"),
     (Opcode::DestroySrq, 8, "DESTROY_SRQ"),
+    (Opcode::PostSrqRecv, 8, "POST_SRQ_RECV"),
 ];
 
 /// Commands whose body is a `cmd::Handle`, with the request they decode to.
 type HandleRequest = fn(u32) -> Request<'static>;
 
-const HANDLE_COMMANDS: [(Opcode, HandleRequest); 8] = [
+const HANDLE_COMMANDS: [(Opcode, HandleRequest); 10] = [
     (Opcode::DeallocPd, Request::DeallocPd),
     (Opcode::DeregMr, Request::DeregMr),
     (Opcode::DestroyCq, Request::DestroyCq),
     (Opcode::QueryQp, Request::QueryQp),
     (Opcode::DestroyQp, Request::DestroyQp),
+    (Opcode::PostRecv, Request::PostRecv),
     (Opcode::DestroyAh, Request::DestroyAh),
     (Opcode::QuerySrq, Request::QuerySrq),
     (Opcode::DestroySrq, Request::DestroySrq),
+    (Opcode::PostSrqRecv, Request::PostSrqRecv),
 ];
 
 #[test]
@@ -1643,9 +1647,11 @@ fn valid_body(op: Opcode) -> Vec<u8> {
         | Opcode::DestroyCq
         | Opcode::QueryQp
         | Opcode::DestroyQp
+        | Opcode::PostRecv
         | Opcode::DestroyAh
         | Opcode::QuerySrq
-        | Opcode::DestroySrq => handle.as_bytes().to_vec(),
+        | Opcode::DestroySrq
+        | Opcode::PostSrqRecv => handle.as_bytes().to_vec(),
         Opcode::RegMr => reg_mr_command(&reg_mr_body(), &REG_MR_PAGES)[8..].to_vec(),
         Opcode::CreateCq => cmd::CreateCq {
             cqe: U32::new(16),
@@ -1748,7 +1754,7 @@ fn cmd_unknown_opcodes() {
         );
         rejected += 1;
     }
-    assert_eq!(rejected, 65536 - 20);
+    assert_eq!(rejected, 65536 - 22);
 }
 
 #[test]
@@ -3158,7 +3164,7 @@ fn wire_enums_round_trip_and_reject_unknown_values() {
     check_wire_enum!(config::LinkLayer, u8, "link layer", 3, 0..=u8::MAX);
     check_wire_enum!(config::AtomicCap, u8, "atomic capability", 3, 0..=u8::MAX);
     check_wire_enum!(config::GidType, u8, "gid type", 3, 0..=u8::MAX);
-    check_wire_enum!(cmd::Opcode, u16, "command opcode", 20, 0..=u16::MAX);
+    check_wire_enum!(cmd::Opcode, u16, "command opcode", 22, 0..=u16::MAX);
     check_wire_enum!(cmd::Status, u16, "command status", 12, 0..=u16::MAX);
     check_wire_enum!(qp::Type, u8, "qp type", 2, 0..=u8::MAX);
     check_wire_enum!(qp::State, u8, "qp state", 7, 0..=u8::MAX);

@@ -557,7 +557,7 @@ fn device_identity_and_features() {
     assert_eq!(features::MULTI_DOORBELL, 0x08);
     assert_eq!(features::CQ_NOTIFY, 0x10);
     assert_eq!(features::SRQ, 0x20);
-    assert_eq!(features::RECV_DOORBELL, 0x40);
+    assert_eq!(features::SYNC_RECV, 0x40);
     assert_eq!(features::VERSION_1, 1 << 32);
     assert_eq!(features::ALL_DEVICE, 0x7f);
     // Device-specific feature bits are 0 to 23 in virtio.
@@ -582,12 +582,14 @@ fn command_opcode_values() {
         (O::ModifyQp, 0x41),
         (O::QueryQp, 0x42),
         (O::DestroyQp, 0x43),
+        (O::PostRecv, 0x44),
         (O::CreateAh, 0x50),
         (O::DestroyAh, 0x51),
         (O::CreateSrq, 0x60),
         (O::ModifySrq, 0x61),
         (O::QuerySrq, 0x62),
         (O::DestroySrq, 0x63),
+        (O::PostSrqRecv, 0x64),
     ];
     assert_eq!(O::ALL.len(), expected.len());
     for (op, raw) in expected {

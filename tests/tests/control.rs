@@ -1575,7 +1575,7 @@ fn malformed_control_messages_are_refused_without_side_effects() {
     expect(&[0x10], 64, Status::Malformed, "1-byte header");
 
     // Unknown opcodes, with and without a body.
-    for op in [0x00u16, 0x04, 0x12, 0x44, 0x52, 0xffff] {
+    for op in [0x00u16, 0x04, 0x12, 0x45, 0x52, 0x65, 0xffff] {
         expect(
             &request(op, 0, 0, &[]),
             64,

@@ -232,10 +232,11 @@ pub enum FabricKind {
 }
 
 impl FabricKind {
-    /// Whether the fabric posts receives to a NIC ahead of arrival, so it must hear of each
-    /// post: the device then offers `features::RECV_DOORBELL` and refuses a driver that does
-    /// not accept it. The soft fabric reads receive rings when messages arrive.
-    pub fn needs_receive_doorbells(&self) -> bool {
+    /// Whether the fabric posts receives to a NIC ahead of arrival, so each post must reach
+    /// it before the guest's `post_recv` returns: the device then offers `features::SYNC_RECV`
+    /// (the driver sends `POST_RECV` after every post) and refuses a driver that does not
+    /// accept it. The soft fabric reads receive rings when messages arrive.
+    pub fn needs_sync_receives(&self) -> bool {
         matches!(self, FabricKind::Verbs(_))
     }
 }
@@ -685,14 +686,14 @@ mod tests {
     }
 
     #[test]
-    fn only_the_verbs_fabric_needs_receive_doorbells() {
-        assert!(!FabricKind::Soft.needs_receive_doorbells());
+    fn only_the_verbs_fabric_needs_sync_receives() {
+        assert!(!FabricKind::Soft.needs_sync_receives());
         let nic = VerbsNic {
             device: "mlx5_0".into(),
             port: 1,
             gid_index: 0,
         };
-        assert!(FabricKind::Verbs(nic).needs_receive_doorbells());
+        assert!(FabricKind::Verbs(nic).needs_sync_receives());
     }
 
     #[test]

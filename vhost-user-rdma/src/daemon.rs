@@ -135,13 +135,13 @@ impl Daemon {
             n.set_scheduler(scheduler.thread().clone());
         }
         let mut servers = Vec::new();
-        let receive_doorbells = config.fabric.needs_receive_doorbells();
+        let sync_receives = config.fabric.needs_sync_receives();
         for vm in &config.vms {
             match VmServer::start(
                 vm.clone(),
                 vm.gid.node_guid(),
                 scheduler.clone(),
-                receive_doorbells,
+                sync_receives,
             ) {
                 Ok(s) => servers.push(s),
                 Err(e) => {

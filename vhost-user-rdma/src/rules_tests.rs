@@ -408,3 +408,104 @@ fn the_fabric_hears_of_every_mr_and_qp_and_may_refuse_an_mr() {
         vec!["register_mr", "modify_qp", "destroy_qp", "deregister_mr"]
     );
 }
+
+/// A fabric that posts receives ahead of arrival: records each `post_receives`, and with
+/// `fail` takes the QP to ERR itself, as the verbs fabric does with a receive it cannot post.
+#[derive(Debug, Default)]
+struct PostingHooks {
+    posted: std::sync::Mutex<Vec<u32>>,
+    fail: bool,
+}
+
+impl ObjectHooks for PostingHooks {
+    fn post_receives(
+        &self,
+        _vm: u64,
+        objects: &mut crate::model::objects::VmObjects,
+        _mem: &crate::model::memory::GuestMem,
+        qpn: u32,
+    ) {
+        self.posted.lock().unwrap().push(qpn);
+        if self.fail {
+            if let Some(qp) = objects.qps.get_mut(qpn) {
+                qp.attr.qp_state = qp::State::Err.raw();
+            }
+            objects.wake.push(qpn);
+        }
+    }
+}
+
+fn handle_body(h: u32) -> Vec<u8> {
+    cmd::Handle {
+        handle: h.into(),
+        reserved: 0.into(),
+    }
+    .as_bytes()
+    .to_vec()
+}
+
+fn ready(vm: &TestVm) -> Vec<u32> {
+    std::iter::from_fn(|| vm.vm.pop_ready()).collect()
+}
+
+/// `POST_RECV` hands the QP to the fabric's `post_receives` and succeeds with an empty
+/// response; an unknown QP is `InvalidHandle` and reaches no fabric. A QP in ERR, or one the
+/// fabric failed, is handed to the scheduler once, for the flush of its new receives.
+#[test]
+fn post_recv_hands_the_qp_to_the_fabric_and_a_qp_in_err_to_the_scheduler() {
+    let mut vm = TestVm::new(4, 1);
+    let pd = vm.pd();
+    let qp = vm.qp(pd, qp::Type::Rc, 4, 16);
+    let hooks = PostingHooks::default();
+    let unknown = vm.exec_with(Opcode::PostRecv, &handle_body(qp.qpn ^ 0x40), &hooks);
+    assert_eq!(unknown.unwrap_err().status, CmdStatus::InvalidHandle);
+    assert!(hooks.posted.lock().unwrap().is_empty());
+
+    let init = qp::Attr {
+        qp_state: qp::State::Init.raw(),
+        port_num: 1,
+        ..qp::Attr::default()
+    };
+    let mask = AttrMask::PKEY_INDEX | AttrMask::PORT | AttrMask::ACCESS_FLAGS;
+    vm.modify(qp.qpn, mask, init).unwrap();
+    ready(&vm);
+    let resp = vm.exec_with(Opcode::PostRecv, &handle_body(qp.qpn), &hooks);
+    assert_eq!(resp.unwrap(), Vec::<u8>::new());
+    assert_eq!(*hooks.posted.lock().unwrap(), vec![qp.qpn]);
+    assert_eq!(
+        ready(&vm),
+        Vec::<u32>::new(),
+        "a QP in INIT has nothing to flush"
+    );
+
+    let failing = PostingHooks {
+        fail: true,
+        ..PostingHooks::default()
+    };
+    vm.exec_with(Opcode::PostRecv, &handle_body(qp.qpn), &failing)
+        .unwrap();
+    assert_eq!(
+        ready(&vm),
+        vec![qp.qpn],
+        "failed by the fabric, queued once"
+    );
+
+    vm.exec_with(Opcode::PostRecv, &handle_body(qp.qpn), &hooks)
+        .unwrap();
+    assert_eq!(ready(&vm), vec![qp.qpn], "in ERR, queued for the flush");
+}
+
+/// `POST_SRQ_RECV` checks the SRQ and does nothing else: no fabric carries SRQs ahead of
+/// arrival yet.
+#[test]
+fn post_srq_recv_checks_the_srq() {
+    let mut vm = TestVm::new(5, 1);
+    let pd = vm.pd();
+    let srq = vm.srq(pd, 8, 1, 0);
+    let hooks = PostingHooks::default();
+    let unknown = vm.exec_with(Opcode::PostSrqRecv, &handle_body(srq.srqn ^ 0x40), &hooks);
+    assert_eq!(unknown.unwrap_err().status, CmdStatus::InvalidHandle);
+    let resp = vm.exec_with(Opcode::PostSrqRecv, &handle_body(srq.srqn), &hooks);
+    assert_eq!(resp.unwrap(), Vec::<u8>::new());
+    assert!(hooks.posted.lock().unwrap().is_empty());
+}

@@ -85,7 +85,7 @@ impl<T: Transport + std::fmt::Debug> DynTransport for T {
 #[derive(Debug)]
 pub(crate) struct Inner {
     transport: Box<dyn DynTransport>,
-    /// `RECV_DOORBELL` was negotiated: every post of receives rings a doorbell. Read once
+    /// `SYNC_RECV` was negotiated: every post of receives rings a doorbell. Read once
     /// here so a post without it costs no more than a branch.
     receive_doorbells: bool,
 }
@@ -135,7 +135,7 @@ impl Context {
 
     /// A context over any transport.
     pub fn from_transport<T: Transport + std::fmt::Debug + 'static>(transport: T) -> Context {
-        let receive_doorbells = transport.features() & features::RECV_DOORBELL != 0;
+        let receive_doorbells = transport.features() & features::SYNC_RECV != 0;
         Context {
             inner: Arc::new(Inner {
                 transport: Box::new(transport),
@@ -349,7 +349,7 @@ impl Inner {
     }
 
     /// Tells the device that receives were published on the ring `doorbell` names, if it asked
-    /// to be told (`RECV_DOORBELL`); without it the device reads receive rings when messages
+    /// to be told (`SYNC_RECV`); without it the device reads receive rings when messages
     /// arrive, and this does nothing. The caller has stored the producer index (release)
     /// already, as for a `Send` doorbell.
     pub(crate) fn receives_posted(&self, doorbell: Doorbell, verb: &'static str) -> Result<()> {

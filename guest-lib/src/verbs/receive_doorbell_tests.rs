@@ -1,4 +1,4 @@
-//! Receive doorbells (`features::RECV_DOORBELL`): posting receives rings one `Recv` doorbell
+//! Receive doorbells (`features::SYNC_RECV`): posting receives rings one `Recv` doorbell
 //! per call (one `Srq` doorbell for an SRQ) after the producer index is published, and none
 //! when the bit was not negotiated.
 //!
@@ -258,7 +258,7 @@ fn receives_ring_no_doorbell_unless_the_device_asked_for_them() {
 
 #[test]
 fn each_post_of_receives_rings_one_doorbell_after_publishing_them() {
-    let device = RecordingDevice::new(features::SRQ | features::RECV_DOORBELL);
+    let device = RecordingDevice::new(features::SRQ | features::SYNC_RECV);
     let (qp, srq) = objects(&device);
     // SAFETY: the receives name no memory.
     unsafe {
@@ -282,7 +282,7 @@ fn each_post_of_receives_rings_one_doorbell_after_publishing_them() {
 
 #[test]
 fn receives_posted_before_a_failing_one_are_rung_for() {
-    let device = RecordingDevice::new(features::SRQ | features::RECV_DOORBELL);
+    let device = RecordingDevice::new(features::SRQ | features::SYNC_RECV);
     let (qp, _srq) = objects(&device);
     // The receive queue holds 8: the ninth fails, the eight before it are posted.
     // SAFETY: the receives name no memory.

@@ -159,7 +159,7 @@ impl SharedReceiveQueue {
     }
 
     /// Posts receive work requests to the SRQ. An `Srq` doorbell is rung only if the device
-    /// asked for receive doorbells (`RECV_DOORBELL`); otherwise the device reads the SRQ when
+    /// asked for receive doorbells (`SYNC_RECV`); otherwise the device reads the SRQ when
     /// a message arrives for one of its QPs, and a doorbell would change nothing.
     ///
     /// As in verbs, the requests before a failing one are posted; a full SRQ fails with

@@ -114,9 +114,11 @@ fuzz_target!(|data: &[u8]| {
         | Request::DestroyCq(_)
         | Request::QueryQp(_)
         | Request::DestroyQp(_)
+        | Request::PostRecv(_)
         | Request::DestroyAh(_)
         | Request::QuerySrq(_)
-        | Request::DestroySrq(_) => {}
+        | Request::DestroySrq(_)
+        | Request::PostSrqRecv(_) => {}
     }
 });
 

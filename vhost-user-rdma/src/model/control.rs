@@ -177,6 +177,20 @@ impl VmObjects {
                 }
                 Ok(Vec::new())
             }
+            Request::PostRecv(qpn) => {
+                self.qps.get(qpn).ok_or(Status::InvalidHandle)?;
+                env.hooks.post_receives(env.vm, self, env.mem, qpn);
+                // Receives posted to a QP in ERR complete flushed, which is the scheduler's
+                // work: it looks at the QPs in `wake`. The hook queues a QP it failed itself.
+                let failed = self
+                    .qps
+                    .get(qpn)
+                    .is_some_and(|qp| qp.state() == qp::State::Err);
+                if failed && !self.wake.contains(&qpn) {
+                    self.wake.push(qpn);
+                }
+                Ok(Vec::new())
+            }
             Request::CreateAh(c) => {
                 let pdn = c.pdn.get();
                 self.pds.get(pdn).ok_or(Status::InvalidHandle)?;
@@ -216,6 +230,12 @@ impl VmObjects {
                 }
                 .as_bytes()
                 .to_vec())
+            }
+            Request::PostSrqRecv(srqn) => {
+                // Nothing to do yet: no fabric posts an SRQ's receives ahead of arrival (the
+                // verbs fabric does not carry SRQs), and an SRQ's receives are never flushed.
+                self.srqs.get(srqn).ok_or(Status::InvalidHandle)?;
+                Ok(Vec::new())
             }
             Request::DestroySrq(srqn) => {
                 let srq = self.srqs.get(srqn).ok_or(Status::InvalidHandle)?;

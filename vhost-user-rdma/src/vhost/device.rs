@@ -78,13 +78,14 @@ pub enum Error {
         #[source]
         source: virtio_queue::Error,
     },
-    /// The device offered `RECV_DOORBELL` and the driver did not accept it.
+    /// The device offered `SYNC_RECV` and the driver did not accept it.
     #[error(
-        "vm {vm}: the driver set the features to {acked:#x}, without RECV_DOORBELL: this \
+        "vm {vm}: the driver set the features to {acked:#x}, without SYNC_RECV: this \
          fabric posts receives to its NIC ahead of arrival and learns of them only from \
-         receive doorbells, so the driver must support receive doorbells; refusing it"
+         POST_RECV commands, so the driver must support SYNC_RECV; refusing it (update the \
+         guest's vrdma driver, or serve this VM from a daemon with the soft fabric)"
     )]
-    ReceiveDoorbellsRefused {
+    SyncReceivesRefused {
         /// The VM.
         vm: String,
         /// The features the VMM set.
@@ -114,9 +115,9 @@ pub struct VmDevice {
     exit_consumer: EventConsumer,
     exit_notifier: EventNotifier,
     cfg: VmConfig,
-    /// The fabric posts receives ahead of arrival: the device offers `RECV_DOORBELL` and
+    /// The fabric posts receives ahead of arrival: the device offers `SYNC_RECV` and
     /// refuses a driver that does not accept it.
-    receive_doorbells: bool,
+    sync_receives: bool,
     /// The features the VMM last set, `None` before it sets any.
     acked_features: Mutex<Option<u64>>,
     migration: Mutex<Migration>,
@@ -150,8 +151,8 @@ const MAX_STATE_BYTES: u64 = state::codec::MAX_PAYLOAD + state::codec::HEADER_LE
 impl VmDevice {
     /// A device for `vm`, configured by `cfg`, whose doorbell and event queues are
     /// `doorbells` and `events`, and whose objects the fabric follows through `hooks`. With
-    /// `receive_doorbells` (a fabric that posts receives ahead of arrival) it offers
-    /// `RECV_DOORBELL` and refuses a driver that does not accept it.
+    /// `sync_receives` (a fabric that posts receives ahead of arrival) it offers
+    /// `SYNC_RECV` and refuses a driver that does not accept it.
     pub fn new(
         cfg: &VmConfig,
         vm: Arc<Vm>,
@@ -159,7 +160,7 @@ impl VmDevice {
         events: Arc<EventQueue>,
         hooks: Arc<dyn ObjectHooks>,
         scheduler: Scheduler,
-        receive_doorbells: bool,
+        sync_receives: bool,
     ) -> io::Result<Self> {
         let (caps, srq) = {
             let objects = vm.lock();
@@ -190,7 +191,7 @@ impl VmDevice {
             exit_consumer,
             exit_notifier,
             cfg: cfg.clone(),
-            receive_doorbells,
+            sync_receives,
             acked_features: Mutex::new(None),
             migration: Mutex::new(Migration::default()),
             serving: Mutex::new(()),
@@ -201,15 +202,15 @@ impl VmDevice {
         self.migration.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Refuses a driver that did not accept `RECV_DOORBELL` although the device offered it,
+    /// Refuses a driver that did not accept `SYNC_RECV` although the device offered it,
     /// as a device refuses one without `VIRTIO_F_VERSION_1` at `FEATURES_OK`: such a driver
     /// would post receives the fabric never hears of. A vhost-user backend cannot fail
     /// `SET_FEATURES` itself (the library's hook returns nothing), so this runs at the first
     /// requests after it that it can fail, `SET_MEM_TABLE` and a ring starting; the error ends
     /// the connection before the device serves the driver. Before the VMM sets any features
     /// there is nothing to judge yet.
-    fn refuse_without_receive_doorbells(&self) -> io::Result<()> {
-        if !self.receive_doorbells {
+    fn refuse_without_sync_receives(&self) -> io::Result<()> {
+        if !self.sync_receives {
             return Ok(());
         }
         let acked = *self
@@ -217,8 +218,8 @@ impl VmDevice {
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         match acked {
-            Some(acked) if acked & features::RECV_DOORBELL == 0 => {
-                let e = Error::ReceiveDoorbellsRefused {
+            Some(acked) if acked & features::SYNC_RECV == 0 => {
+                let e = Error::SyncReceivesRefused {
                     vm: self.name.clone(),
                     acked,
                 };
@@ -621,10 +622,10 @@ impl VhostUserBackend for VmDevice {
         if self.doorbell_queues == 1 {
             device &= !features::MULTI_DOORBELL;
         }
-        if !self.receive_doorbells {
-            // The device reads receive rings when messages arrive: doorbells would only cost
+        if !self.sync_receives {
+            // The device reads receive rings when messages arrive: POST_RECV would only cost
             // the driver a virtqueue trip per post.
-            device &= !features::RECV_DOORBELL;
+            device &= !features::SYNC_RECV;
         }
         // LOG_ALL: the device logs every page it writes (model::memory), so a VMM can migrate
         // the VM while it runs.
@@ -672,7 +673,7 @@ impl VhostUserBackend for VmDevice {
     }
 
     fn update_memory(&self, mem: GuestMemAtomic) -> io::Result<()> {
-        self.refuse_without_receive_doorbells()?;
+        self.refuse_without_sync_receives()?;
         // The port holds the same GuestMemoryAtomic the library updates, so every access
         // after this sees the new table.
         #[cfg(feature = "xen")]
@@ -701,7 +702,7 @@ impl VhostUserBackend for VmDevice {
     }
 
     fn start_vring(&self, _queue_index: u32) -> io::Result<()> {
-        self.refuse_without_receive_doorbells()?;
+        self.refuse_without_sync_receives()?;
         self.resume_if_started();
         Ok(())
     }
@@ -859,7 +860,7 @@ mod tests {
         }
     }
 
-    fn device(vm: &TestVm, scheduler: &Scheduler, receive_doorbells: bool) -> VmDevice {
+    fn device(vm: &TestVm, scheduler: &Scheduler, sync_receives: bool) -> VmDevice {
         VmDevice::new(
             &test_config(vm),
             vm.vm.clone(),
@@ -867,20 +868,20 @@ mod tests {
             Arc::new(EventQueue::default()),
             scheduler.hooks().clone(),
             scheduler.clone(),
-            receive_doorbells,
+            sync_receives,
         )
         .unwrap()
     }
 
-    /// `RECV_DOORBELL` is offered only for a fabric that needs receive doorbells, and then a
+    /// `SYNC_RECV` is offered only for a fabric that posts receives ahead of arrival, and then a
     /// driver that does not accept it is refused at the first request the device can fail
     /// (`SET_MEM_TABLE`, a ring starting), while one that accepts it is served.
     #[test]
-    fn receive_doorbells_are_offered_only_when_the_fabric_needs_them_and_then_required() {
+    fn sync_receives_are_offered_only_when_the_fabric_needs_them_and_then_required() {
         let vm = TestVm::new(7, 1);
         let scheduler = Scheduler::start(|| Box::new(MockFabric::default())).unwrap();
         let soft = device(&vm, &scheduler, false);
-        assert_eq!(soft.features() & features::RECV_DOORBELL, 0);
+        assert_eq!(soft.features() & features::SYNC_RECV, 0);
         assert_ne!(soft.features() & features::SRQ, 0);
         soft.acked_features(features::VERSION_1 | features::SRQ);
         soft.update_memory(vm.vm.mem.clone()).unwrap();
@@ -888,16 +889,14 @@ mod tests {
 
         let nic = device(&vm, &scheduler, true);
         let offered = nic.features();
-        assert_ne!(offered & features::RECV_DOORBELL, 0);
-        assert_eq!(offered & !features::RECV_DOORBELL, soft.features());
+        assert_ne!(offered & features::SYNC_RECV, 0);
+        assert_eq!(offered & !features::SYNC_RECV, soft.features());
         // Before the VMM sets features there is nothing to refuse.
         nic.update_memory(vm.vm.mem.clone()).unwrap();
-        nic.acked_features(offered & !features::RECV_DOORBELL);
+        nic.acked_features(offered & !features::SYNC_RECV);
         let refused = nic.update_memory(vm.vm.mem.clone()).unwrap_err();
         assert!(
-            refused
-                .to_string()
-                .contains("must support receive doorbells"),
+            refused.to_string().contains("must support SYNC_RECV"),
             "{refused}"
         );
         nic.start_vring(0).unwrap_err();

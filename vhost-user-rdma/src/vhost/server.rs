@@ -80,15 +80,15 @@ pub struct VmServer {
 
 impl VmServer {
     /// Listens on the VM's socket and serves frontends one after another until [`stop`].
-    /// `receive_doorbells`: the fabric posts receives ahead of arrival, so each device offers
-    /// `RECV_DOORBELL` and refuses a driver that does not accept it.
+    /// `sync_receives`: the fabric posts receives ahead of arrival, so each device offers
+    /// `SYNC_RECV` and refuses a driver that does not accept it.
     ///
     /// [`stop`]: VmServer::stop
     pub fn start(
         cfg: VmConfig,
         node_guid: u64,
         scheduler: Scheduler,
-        receive_doorbells: bool,
+        sync_receives: bool,
     ) -> Result<Self, Error> {
         if UnixStream::connect(&cfg.socket).is_ok() {
             return Err(Error::SocketBusy(cfg.socket.clone()));
@@ -110,7 +110,7 @@ impl VmServer {
                     &mut listener,
                     &thread_shared,
                     &scheduler,
-                    receive_doorbells,
+                    sync_receives,
                 )
             })
             .map_err(|source| Error::Thread {
@@ -192,7 +192,7 @@ fn serve(
     listener: &mut Listener,
     shared: &Shared,
     scheduler: &Scheduler,
-    receive_doorbells: bool,
+    sync_receives: bool,
 ) {
     let name = &cfg.name;
     while !shared.stopping.load(Ordering::SeqCst) {
@@ -217,7 +217,7 @@ fn serve(
             events,
             scheduler.hooks().clone(),
             scheduler.clone(),
-            receive_doorbells,
+            sync_receives,
         ) {
             Ok(d) => Arc::new(d),
             Err(e) => {
@@ -416,11 +416,11 @@ mod xen_tests {
     }
 }
 
-/// A frontend on the VM's socket that accepts or declines `RECV_DOORBELL` where the fabric
-/// needs receive doorbells: declining ends that connection at its memory table, and the
+/// A frontend on the VM's socket that accepts or declines `SYNC_RECV` where the fabric
+/// posts receives ahead of arrival: declining ends that connection at its memory table, and the
 /// daemon serves the next frontend.
 #[cfg(test)]
-mod receive_doorbell_tests {
+mod sync_recv_tests {
     use std::fs::File;
     use std::os::fd::AsRawFd;
 
@@ -464,8 +464,8 @@ mod receive_doorbell_tests {
     }
 
     #[test]
-    fn a_driver_declining_receive_doorbells_is_refused_where_the_fabric_needs_them() {
-        let dir = std::env::temp_dir().join(format!("vrdma-recv-db-{}", std::process::id()));
+    fn a_driver_declining_sync_receives_is_refused_where_the_fabric_needs_them() {
+        let dir = std::env::temp_dir().join(format!("vrdma-sync-recv-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let ram = File::options()
             .read(true)
@@ -484,7 +484,7 @@ mod receive_doorbell_tests {
         };
         let scheduler = Scheduler::start(|| Box::new(MockFabric::default())).unwrap();
         let mut servers = Vec::new();
-        for (name, receive_doorbells) in [("soft", false), ("nic", true)] {
+        for (name, sync_receives) in [("soft", false), ("nic", true)] {
             let socket = dir.join(format!("{name}.sock"));
             let argv = [
                 "vhost-user-rdma".to_owned(),
@@ -495,25 +495,25 @@ mod receive_doorbell_tests {
                 .unwrap()
                 .vms
                 .remove(0);
-            let server = VmServer::start(cfg, 0x100, scheduler.clone(), receive_doorbells);
+            let server = VmServer::start(cfg, 0x100, scheduler.clone(), sync_receives);
             servers.push((socket, server.unwrap()));
         }
         let [(soft_socket, soft), (nic_socket, nic)] = <[_; 2]>::try_from(servers).unwrap();
         let everything = |offered: u64| offered & (features::VERSION_1 | features::ALL_DEVICE);
-        let all_but_receive_doorbells = |offered| everything(offered) & !features::RECV_DOORBELL;
+        let all_but_sync_receives = |offered| everything(offered) & !features::SYNC_RECV;
 
-        // Without receive doorbells the bit is not offered, and nobody is asked for it.
-        let (frontend, offered) = connect(&soft_socket, all_but_receive_doorbells);
-        assert_eq!(offered & features::RECV_DOORBELL, 0);
+        // Where receives are read on arrival the bit is not offered, and nobody is asked for it.
+        let (frontend, offered) = connect(&soft_socket, all_but_sync_receives);
+        assert_eq!(offered & features::SYNC_RECV, 0);
         frontend.set_mem_table(&[region]).unwrap();
         drop(frontend);
 
         // With them it is offered, and a driver that declines it is refused.
-        let (frontend, offered) = connect(&nic_socket, all_but_receive_doorbells);
-        assert_ne!(offered & features::RECV_DOORBELL, 0);
+        let (frontend, offered) = connect(&nic_socket, all_but_sync_receives);
+        assert_ne!(offered & features::SYNC_RECV, 0);
         frontend
             .set_mem_table(&[region])
-            .expect_err("a driver without receive doorbells must be refused");
+            .expect_err("a driver without SYNC_RECV must be refused");
         // The refusal ends that connection; the daemon lives on and serves the next frontend.
         wait_until("the refused frontend's VM is released", || {
             nic.times_waiting() == 2

@@ -82,12 +82,21 @@ impl<T: Transport + std::fmt::Debug> DynTransport for T {
     }
 }
 
+/// A ring receives are posted on, as `POST_RECV` and `POST_SRQ_RECV` name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ReceiveRing {
+    /// The receive ring of this QP.
+    Qp(u32),
+    /// This SRQ's ring.
+    Srq(u32),
+}
+
 #[derive(Debug)]
 pub(crate) struct Inner {
     transport: Box<dyn DynTransport>,
-    /// `SYNC_RECV` was negotiated: every post of receives rings a doorbell. Read once
-    /// here so a post without it costs no more than a branch.
-    receive_doorbells: bool,
+    /// `SYNC_RECV` was negotiated: every post of receives sends `POST_RECV` (or
+    /// `POST_SRQ_RECV`). Read once here so a post without it costs no more than a branch.
+    sync_receives: bool,
 }
 
 /// An open vrdma device (`ibv_context`).
@@ -135,11 +144,11 @@ impl Context {
 
     /// A context over any transport.
     pub fn from_transport<T: Transport + std::fmt::Debug + 'static>(transport: T) -> Context {
-        let receive_doorbells = transport.features() & features::SYNC_RECV != 0;
+        let sync_receives = transport.features() & features::SYNC_RECV != 0;
         Context {
             inner: Arc::new(Inner {
                 transport: Box::new(transport),
-                receive_doorbells,
+                sync_receives,
             }),
         }
     }
@@ -348,17 +357,26 @@ impl Inner {
             .map_err(|source| Error::Transport { verb, source })
     }
 
-    /// Tells the device that receives were published on the ring `doorbell` names, if it asked
-    /// to be told (`SYNC_RECV`); without it the device reads receive rings when messages
-    /// arrive, and this does nothing. The caller has stored the producer index (release)
-    /// already, as for a `Send` doorbell.
-    pub(crate) fn receives_posted(&self, doorbell: Doorbell, verb: &'static str) -> Result<()> {
-        if !self.receive_doorbells {
+    /// Tells the device that receives were published on `ring`, if it posts receives ahead of
+    /// arrival (`SYNC_RECV`), and returns once it has posted them: a command, not a doorbell,
+    /// since a doorbell is taken asynchronously and a peer answering this post could then
+    /// reach the fabric before the receive it needs (a UD datagram would be dropped). Without
+    /// `SYNC_RECV` the device reads receive rings when messages arrive, and this does nothing.
+    /// The caller has stored the producer index (release) already, so the device sees every
+    /// receive of the post.
+    pub(crate) fn receives_posted(&self, ring: ReceiveRing, verb: &'static str) -> Result<()> {
+        if !self.sync_receives {
             return Ok(());
         }
-        // Spread over the doorbell queues by handle, as `Send` doorbells are by QP number.
-        let queue = doorbell.handle.get() as u16;
-        self.ring(&[doorbell], queue, verb)
+        let (opcode, handle) = match ring {
+            ReceiveRing::Qp(qpn) => (Opcode::PostRecv, qpn),
+            ReceiveRing::Srq(srqn) => (Opcode::PostSrqRecv, srqn),
+        };
+        let body = cmd::Handle {
+            handle: handle.into(),
+            reserved: 0.into(),
+        };
+        self.command(opcode, body.as_bytes(), verb).map(drop)
     }
 
     pub(crate) fn drain_events(&self, verb: &'static str) -> Result<Vec<DeviceEvent>> {

@@ -20,10 +20,10 @@ mod mr;
 pub mod pacing;
 mod pd;
 mod qp;
-#[cfg(test)]
-mod receive_doorbell_tests;
 mod ring;
 mod srq;
+#[cfg(test)]
+mod sync_recv_tests;
 
 pub use ah::{AddressHandle, AhAttr};
 pub use context::{Context, DeviceAttr, PortAttr};

@@ -9,7 +9,7 @@ use vrdma_proto::{qp, ring, wqe};
 use zerocopy::IntoBytes;
 
 use super::ah::{AddressHandle, AhAttr};
-use super::context::Inner;
+use super::context::{Inner, ReceiveRing};
 use super::cq::{CompletionQueue, CqInner};
 use super::pd::{PdInner, ProtectionDomain};
 use super::ring::Ring;
@@ -352,9 +352,9 @@ pub(crate) struct WorkQueue {
 
 impl WorkQueue {
     /// Writes `wrs` into the ring as receive entries of at most `max_sge` SGEs and publishes
-    /// them, then, if it published any, rings `doorbell` on `ctx` when the device asked for
-    /// receive doorbells (one for the whole call, as `post_send` rings one). As in verbs, the
-    /// requests before a failing one are posted, so they are rung for too.
+    /// them, then, if it published any, tells `ctx` they are on `posted` (one `POST_RECV` for
+    /// the whole call, when the device posts receives ahead of arrival). As in verbs, the
+    /// requests before a failing one are posted, so the device is told of them too.
     ///
     /// # Safety
     ///
@@ -365,7 +365,7 @@ impl WorkQueue {
         wrs: &[RecvWr<'_>],
         max_sge: u32,
         ctx: &Inner,
-        doorbell: Doorbell,
+        posted: ReceiveRing,
         verb: &'static str,
     ) -> Result<()> {
         let first = self.producer;
@@ -403,7 +403,7 @@ impl WorkQueue {
         self.ring
             .store(ring::PRODUCER_OFFSET, self.producer, Ordering::Release);
         if self.producer != first {
-            ctx.receives_posted(doorbell, verb)?;
+            ctx.receives_posted(posted, verb)?;
         }
         result
     }
@@ -773,10 +773,9 @@ impl QueuePair {
             ));
         };
         let mut rq = rq.lock().unwrap_or_else(|p| p.into_inner());
-        let qpn = self.inner.qpn;
-        let doorbell = Doorbell::new(doorbell::Kind::Recv, qpn);
+        let posted = ReceiveRing::Qp(self.inner.qpn);
         let ctx = &self.inner.pd.ctx;
         // SAFETY: this function's contract is the one `post_receives` needs.
-        unsafe { rq.post_receives(wrs, self.inner.cap.max_recv_sge, ctx, doorbell, VERB) }
+        unsafe { rq.post_receives(wrs, self.inner.cap.max_recv_sge, ctx, posted, VERB) }
     }
 }

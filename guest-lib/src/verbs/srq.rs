@@ -1,10 +1,10 @@
 use std::sync::{Arc, Mutex};
 
 use vrdma_proto::cmd::{self, Opcode};
-use vrdma_proto::doorbell::{self, Doorbell};
 use vrdma_proto::{config, ring, wqe};
 use zerocopy::IntoBytes;
 
+use super::context::ReceiveRing;
 use super::pd::{PdInner, ProtectionDomain};
 use super::qp::{RecvWr, WorkQueue};
 use super::ring::Ring;
@@ -158,9 +158,10 @@ impl SharedReceiveQueue {
         })
     }
 
-    /// Posts receive work requests to the SRQ. An `Srq` doorbell is rung only if the device
-    /// asked for receive doorbells (`SYNC_RECV`); otherwise the device reads the SRQ when
-    /// a message arrives for one of its QPs, and a doorbell would change nothing.
+    /// Posts receive work requests to the SRQ. No doorbell is rung: the device reads the SRQ
+    /// when a message arrives for one of its QPs (an `Srq` doorbell would change nothing). A
+    /// device that posts receives ahead of arrival (`SYNC_RECV`) is sent `POST_SRQ_RECV`
+    /// instead, and has posted them when this returns.
     ///
     /// As in verbs, the requests before a failing one are posted; a full SRQ fails with
     /// `ENOMEM`. A slot is free again as soon as the device has taken its receive for a
@@ -174,9 +175,9 @@ impl SharedReceiveQueue {
     #[doc(alias = "ibv_post_srq_recv")]
     pub unsafe fn post_recv(&self, wrs: &[RecvWr<'_>]) -> Result<()> {
         let mut rq = self.inner.rq.lock().unwrap_or_else(|p| p.into_inner());
-        let doorbell = Doorbell::new(doorbell::Kind::Srq, self.inner.srqn);
+        let posted = ReceiveRing::Srq(self.inner.srqn);
         let ctx = &self.inner.pd.ctx;
         // SAFETY: this function's contract is the one `post_receives` needs.
-        unsafe { rq.post_receives(wrs, self.inner.max_sge, ctx, doorbell, "ibv_post_srq_recv") }
+        unsafe { rq.post_receives(wrs, self.inner.max_sge, ctx, posted, "ibv_post_srq_recv") }
     }
 }

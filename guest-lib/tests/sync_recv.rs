@@ -1,7 +1,8 @@
-//! Receive doorbells between the library and the daemon over a real socket: a daemon whose
-//! fabric needs them (`VmServer::start` with `receive_doorbells`) offers `SYNC_RECV`, the
-//! library accepts it and rings a doorbell per post of receives, and a driver that declines it
-//! is refused; a daemon that does not need them gets none.
+//! Synchronous receives between the library and the daemon over a real socket: a daemon
+//! whose fabric posts receives ahead of arrival (`VmServer::start` with `sync_receives`)
+//! offers `SYNC_RECV`, the library accepts it and sends one `POST_RECV` (`POST_SRQ_RECV`) per
+//! post of receives, which the daemon executes, and a driver that declines it is refused; a
+//! daemon that reads receive rings on arrival gets no such command.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -21,7 +22,8 @@ use vrdma::{
 };
 use vrdma_proto::features;
 
-/// One VM's server on the soft fabric, told whether its fabric needs receive doorbells.
+/// One VM's server on the soft fabric, told whether its fabric posts receives ahead of
+/// arrival.
 struct Server {
     _dir: TempDir,
     socket: PathBuf,
@@ -29,8 +31,8 @@ struct Server {
 }
 
 impl Server {
-    fn start(receive_doorbells: bool) -> Server {
-        let dir = TempDir::new_with_prefix("/tmp/vrdma-recv-doorbells-").unwrap();
+    fn start(sync_receives: bool) -> Server {
+        let dir = TempDir::new_with_prefix("/tmp/vrdma-sync-recv-").unwrap();
         let socket = dir.as_path().join("vm.sock");
         let argv = [
             "vhost-user-rdma".to_owned(),
@@ -42,7 +44,7 @@ impl Server {
             .vms
             .remove(0);
         let scheduler = Scheduler::start(|| Box::new(SoftFabric::new(None))).unwrap();
-        let server = VmServer::start(cfg, 0x300, scheduler, receive_doorbells).unwrap();
+        let server = VmServer::start(cfg, 0x300, scheduler, sync_receives).unwrap();
         Server {
             _dir: dir,
             socket,
@@ -59,6 +61,19 @@ impl Server {
         self.server()
             .device()
             .map_or(0, |d| d.vm().counters.doorbells.load(Ordering::Relaxed))
+    }
+
+    /// Commands the connected guest's device executed successfully so far, and those it
+    /// refused. Both are counted before the response is written, so they are exact once the
+    /// guest's call has returned.
+    fn commands(&self) -> (u64, u64) {
+        self.server().device().map_or((0, 0), |d| {
+            let c = &d.vm().counters;
+            (
+                c.commands_ok.load(Ordering::Relaxed),
+                c.commands_failed.load(Ordering::Relaxed),
+            )
+        })
     }
 
     fn wait_for_doorbells(&self, count: u64) {
@@ -99,9 +114,9 @@ fn open(server: &Server, features: u64) -> (Context, u64) {
     (Context::from_transport(transport), negotiated)
 }
 
-/// Posts receives to a QP (twice) and to an SRQ, then one send on the QP, whose `Send`
-/// doorbell goes after any receive doorbell on the same doorbell queue.
-fn post_receives_then_a_send(ctx: &Context) {
+/// Creates a QP and an SRQ, posts receives to the QP (twice) and to the SRQ, then one send on
+/// the QP; returns the commands (executed, refused) the posts alone added.
+fn post_receives_then_a_send(server: &Server, ctx: &Context) -> (u64, u64) {
     let pd = ProtectionDomain::new(ctx).unwrap();
     let cq = CompletionQueue::new(ctx, 16).unwrap();
     let qp = QueuePair::new(
@@ -136,45 +151,49 @@ fn post_receives_then_a_send(ctx: &Context) {
         sg_list: &[],
     }; 2];
     let send = SendWr::send(2, &[]);
+    let (ok, failed) = server.commands();
     // SAFETY: no work request names memory. The QP is in RESET, so the device runs none of
-    // them; the doorbells are all that happens.
+    // them; the commands and the doorbell are all that happens.
     unsafe {
         qp.post_recv(&receives).unwrap();
         qp.post_recv(&receives[..1]).unwrap();
         srq.post_recv(&receives).unwrap();
         qp.post_send(&[send]).unwrap();
     }
+    let (ok_after, failed_after) = server.commands();
+    (ok_after - ok, failed_after - failed)
 }
 
 #[test]
-fn receives_ring_doorbells_where_the_fabric_needs_them() {
+fn receives_are_posted_by_command_where_the_fabric_posts_them_ahead_of_arrival() {
     let server = Server::start(true);
     let (ctx, negotiated) = open(&server, features::ALL_DEVICE);
     assert_ne!(negotiated & features::SYNC_RECV, 0);
-    post_receives_then_a_send(&ctx);
-    // Two Recv doorbells, one Srq doorbell, the Send doorbell.
-    server.wait_for_doorbells(4);
+    // Two POST_RECV, one POST_SRQ_RECV, all executed by the time each post returned.
+    assert_eq!(post_receives_then_a_send(&server, &ctx), (3, 0));
+    // The Send doorbell alone: receives ring none.
+    server.wait_for_doorbells(1);
 }
 
 #[test]
-fn receives_ring_no_doorbell_where_the_fabric_reads_rings_on_arrival() {
+fn receives_send_no_command_where_the_fabric_reads_rings_on_arrival() {
     let server = Server::start(false);
     let (ctx, negotiated) = open(&server, features::ALL_DEVICE);
     assert_eq!(negotiated & features::SYNC_RECV, 0);
-    post_receives_then_a_send(&ctx);
+    assert_eq!(post_receives_then_a_send(&server, &ctx), (0, 0));
     // The Send doorbell alone.
     server.wait_for_doorbells(1);
 }
 
 #[test]
-fn a_driver_declining_receive_doorbells_is_refused_where_the_fabric_needs_them() {
+fn a_driver_declining_sync_receives_is_refused_where_the_fabric_needs_them() {
     let server = Server::start(true);
     let declined = VirtioUser::connect(
         &server.socket,
         options(features::ALL_DEVICE & !features::SYNC_RECV),
     );
     assert!(declined.is_err(), "{declined:?}");
-    // The daemon lives on and serves a driver that accepts them.
+    // The daemon lives on and serves a driver that accepts it.
     let (_ctx, negotiated) = open(&server, features::ALL_DEVICE);
     assert_ne!(negotiated & features::SYNC_RECV, 0);
 }

@@ -1,10 +1,11 @@
-//! Receive doorbells (`features::SYNC_RECV`): posting receives rings one `Recv` doorbell
-//! per call (one `Srq` doorbell for an SRQ) after the producer index is published, and none
-//! when the bit was not negotiated.
+//! Synchronous receives (`features::SYNC_RECV`): posting receives sends one `POST_RECV`
+//! per call (one `POST_SRQ_RECV` for an SRQ) after the producer index is published, and none
+//! when the bit was not negotiated; receives never ring a doorbell.
 //!
 //! The device is [`RecordingDevice`], a transport in this process: it answers the create
-//! commands with handles, remembers where each receive ring is, and records every doorbell
-//! with the producer index its ring held when the doorbell was rung.
+//! commands with handles, remembers where each receive ring is, and records every
+//! `POST_RECV`/`POST_SRQ_RECV` with the producer index its ring held when the command came,
+//! and every doorbell.
 
 use std::collections::HashMap;
 use std::io;
@@ -13,7 +14,7 @@ use std::sync::{Arc, Mutex};
 
 use vrdma_proto::cmd::{self, Opcode, RespHeader, Status};
 use vrdma_proto::config::Config;
-use vrdma_proto::doorbell::{self, Doorbell};
+use vrdma_proto::doorbell::Doorbell;
 use vrdma_proto::{features, ring};
 use zerocopy::{FromBytes, IntoBytes};
 
@@ -27,9 +28,9 @@ use crate::{
 const QPN: u32 = 0x12;
 const SRQN: u32 = 0x34;
 
-/// A doorbell as the device saw it: its kind, its handle, and the producer index of the ring
-/// it names at the moment it was rung.
-type Rung = (doorbell::Kind, u32, u32);
+/// A command as the device saw it: its opcode, the handle it names, and the producer index
+/// of that ring at the moment the command came.
+type Posted = (Opcode, u32, u32);
 
 #[derive(Debug)]
 struct RecordingDevice {
@@ -37,9 +38,13 @@ struct RecordingDevice {
     features: u64,
     memory: Arc<SharedMemory>,
     allocator: DmaAllocator,
-    /// Receive ring addresses by (kind, handle) of the doorbell that names them.
-    rings: Mutex<HashMap<(doorbell::Kind, u32), u64>>,
-    rung: Mutex<Vec<Rung>>,
+    /// Receive ring addresses by (opcode, handle) of the command that names them.
+    rings: Mutex<HashMap<(Opcode, u32), u64>>,
+    posted: Mutex<Vec<Posted>>,
+    /// Doorbells of any kind, as (kind, handle).
+    rung: Mutex<Vec<(u8, u32)>>,
+    /// The status `POST_RECV` and `POST_SRQ_RECV` are answered with.
+    post_status: Mutex<Status>,
 }
 
 impl RecordingDevice {
@@ -55,19 +60,41 @@ impl RecordingDevice {
         config.srq.max_srq = 4.into();
         config.srq.max_srq_wr = 64.into();
         config.srq.max_srq_sge = 4.into();
-        let memory = Arc::new(SharedMemory::new("vrdma-recv-doorbell-test", 1 << 20).unwrap());
+        let memory = Arc::new(SharedMemory::new("vrdma-sync-recv-test", 1 << 20).unwrap());
         Arc::new(RecordingDevice {
             config,
             features: features::VERSION_1 | features,
             allocator: DmaAllocator::with_region(memory.clone()),
             memory,
             rings: Mutex::default(),
+            posted: Mutex::default(),
             rung: Mutex::default(),
+            post_status: Mutex::new(Status::Ok),
         })
     }
 
-    fn rung(&self) -> Vec<Rung> {
+    fn posted(&self) -> Vec<Posted> {
+        self.posted.lock().unwrap().clone()
+    }
+
+    fn rung(&self) -> Vec<(u8, u32)> {
         self.rung.lock().unwrap().clone()
+    }
+
+    /// Records a `POST_RECV` or `POST_SRQ_RECV` with the producer index of the ring it names.
+    fn post(&self, opcode: Opcode, body: &[u8]) {
+        let handle = cmd::Handle::read_from_bytes(body).unwrap().handle.get();
+        let producer = match self.rings.lock().unwrap().get(&(opcode, handle)) {
+            Some(&base) => {
+                let mut index = [0u8; 4];
+                self.memory
+                    .read(base + ring::PRODUCER_OFFSET, &mut index)
+                    .unwrap();
+                u32::from_le_bytes(index)
+            }
+            None => 0,
+        };
+        self.posted.lock().unwrap().push((opcode, handle, producer));
     }
 
     /// The response body to `opcode`: the handles this test expects, a created object's
@@ -83,7 +110,7 @@ impl RecordingDevice {
                 self.rings
                     .lock()
                     .unwrap()
-                    .insert((doorbell::Kind::Recv, QPN), create.rq_ring_addr.get());
+                    .insert((Opcode::PostRecv, QPN), create.rq_ring_addr.get());
                 let resp = cmd::CreateQpResp {
                     qpn: QPN.into(),
                     reserved: 0.into(),
@@ -96,7 +123,7 @@ impl RecordingDevice {
                 self.rings
                     .lock()
                     .unwrap()
-                    .insert((doorbell::Kind::Srq, SRQN), create.ring_addr.get());
+                    .insert((Opcode::PostSrqRecv, SRQN), create.ring_addr.get());
                 let resp = cmd::CreateSrqResp {
                     srqn: SRQN.into(),
                     max_wr: create.max_wr,
@@ -134,6 +161,15 @@ impl Transport for RecordingDevice {
         let (header, body) = request.split_at(size_of::<cmd::Header>());
         let header = cmd::Header::read_from_bytes(header).unwrap();
         let opcode = Opcode::from_raw(header.opcode.get()).unwrap();
+        if matches!(opcode, Opcode::PostRecv | Opcode::PostSrqRecv) {
+            self.post(opcode, body);
+            let status = *self.post_status.lock().unwrap();
+            if status != Status::Ok {
+                let answer = RespHeader::new(status, 0);
+                response[..size_of::<RespHeader>()].copy_from_slice(answer.as_bytes());
+                return Ok(size_of::<RespHeader>());
+            }
+        }
         let mut answer = RespHeader::new(Status::Ok, 0).as_bytes().to_vec();
         answer.extend(self.answer(opcode, body));
         response[..answer.len()].copy_from_slice(&answer);
@@ -141,22 +177,8 @@ impl Transport for RecordingDevice {
     }
 
     fn ring_doorbells(&self, _queue: u16, doorbells: &[Doorbell]) -> io::Result<()> {
-        let rings = self.rings.lock().unwrap();
         let mut rung = self.rung.lock().unwrap();
-        for db in doorbells {
-            let kind = doorbell::Kind::from_raw(db.kind).unwrap();
-            let producer = match rings.get(&(kind, db.handle.get())) {
-                Some(&base) => {
-                    let mut index = [0u8; 4];
-                    self.memory
-                        .read(base + ring::PRODUCER_OFFSET, &mut index)
-                        .unwrap();
-                    u32::from_le_bytes(index)
-                }
-                None => 0,
-            };
-            rung.push((kind, db.handle.get(), producer));
-        }
+        rung.extend(doorbells.iter().map(|db| (db.kind, db.handle.get())));
         Ok(())
     }
 
@@ -244,7 +266,7 @@ fn receives(n: u64) -> Vec<RecvWr<'static>> {
 }
 
 #[test]
-fn receives_ring_no_doorbell_unless_the_device_asked_for_them() {
+fn receives_send_no_command_unless_the_device_asked_for_them() {
     let device = RecordingDevice::new(features::SRQ);
     let (qp, srq) = objects(&device);
     // SAFETY: the receives name no memory.
@@ -253,11 +275,12 @@ fn receives_ring_no_doorbell_unless_the_device_asked_for_them() {
         qp.post_recv(&receives(1)).unwrap();
         srq.post_recv(&receives(2)).unwrap();
     }
+    assert_eq!(device.posted(), []);
     assert_eq!(device.rung(), []);
 }
 
 #[test]
-fn each_post_of_receives_rings_one_doorbell_after_publishing_them() {
+fn each_post_of_receives_sends_one_command_after_publishing_them() {
     let device = RecordingDevice::new(features::SRQ | features::SYNC_RECV);
     let (qp, srq) = objects(&device);
     // SAFETY: the receives name no memory.
@@ -269,19 +292,21 @@ fn each_post_of_receives_rings_one_doorbell_after_publishing_them() {
         qp.post_recv(&[]).unwrap();
         srq.post_recv(&[]).unwrap();
     }
-    // One doorbell per call, each seeing every receive of its call already published.
+    // One command per call, each seeing every receive of its call already published.
     assert_eq!(
-        device.rung(),
+        device.posted(),
         [
-            (doorbell::Kind::Recv, QPN, 3),
-            (doorbell::Kind::Recv, QPN, 4),
-            (doorbell::Kind::Srq, SRQN, 2),
+            (Opcode::PostRecv, QPN, 3),
+            (Opcode::PostRecv, QPN, 4),
+            (Opcode::PostSrqRecv, SRQN, 2),
         ]
     );
+    // The command replaces the doorbell: none is rung.
+    assert_eq!(device.rung(), []);
 }
 
 #[test]
-fn receives_posted_before_a_failing_one_are_rung_for() {
+fn receives_posted_before_a_failing_one_are_announced() {
     let device = RecordingDevice::new(features::SRQ | features::SYNC_RECV);
     let (qp, _srq) = objects(&device);
     // The receive queue holds 8: the ninth fails, the eight before it are posted.
@@ -291,9 +316,33 @@ fn receives_posted_before_a_failing_one_are_rung_for() {
         matches!(full, Err(crate::Error::QueueFull { .. })),
         "{full:?}"
     );
-    // Nothing fits now: no receive published, no doorbell.
+    // Nothing fits now: no receive published, no command.
     // SAFETY: as above.
     let still_full = unsafe { qp.post_recv(&receives(1)) };
     assert!(still_full.is_err());
-    assert_eq!(device.rung(), [(doorbell::Kind::Recv, QPN, 8)]);
+    assert_eq!(device.posted(), [(Opcode::PostRecv, QPN, 8)]);
+}
+
+#[test]
+fn a_refused_post_command_fails_the_post_with_its_errno() {
+    let device = RecordingDevice::new(features::SRQ | features::SYNC_RECV);
+    let (qp, srq) = objects(&device);
+    *device.post_status.lock().unwrap() = Status::InvalidHandle;
+    // SAFETY: the receives name no memory.
+    let (refused, srq_refused) =
+        unsafe { (qp.post_recv(&receives(1)), srq.post_recv(&receives(1))) };
+    for (verb, result) in [
+        ("ibv_post_recv", refused),
+        ("ibv_post_srq_recv", srq_refused),
+    ] {
+        match result {
+            Err(crate::Error::Device {
+                verb: v,
+                status: Status::InvalidHandle,
+                errno,
+                ..
+            }) => assert_eq!((v, errno), (verb, Status::InvalidHandle.errno())),
+            other => panic!("{verb}: {other:?}"),
+        }
+    }
 }

@@ -299,6 +299,10 @@ impl Guest {
         self.call(Opcode::DestroyQp, &handle(qpn)).map(drop)
     }
 
+    fn post_recv(&self, qpn: u32) -> Result<(), Refusal> {
+        self.call(Opcode::PostRecv, &handle(qpn)).map(drop)
+    }
+
     fn create_ah(&self, pdn: u32, attr: qp::AhAttr) -> Result<u32, Refusal> {
         let body = cmd::CreateAh {
             pdn: pdn.into(),
@@ -389,6 +393,7 @@ fn use_handles(
         "MODIFY_QP",
         st(g.modify_qp(h.qp, QpAttrMask::STATE.bits(), &to_state(QpState::Reset))),
     ));
+    out.push(("POST_RECV", st(g.post_recv(h.qp))));
     out.push(("DESTROY_QP", st(g.destroy_qp(h.qp))));
     out.push(("DEREG_MR", st(g.dereg_mr(h.lkey))));
     out.push(("DESTROY_AH", st(g.destroy_ah(h.ah))));

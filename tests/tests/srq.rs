@@ -427,6 +427,19 @@ fn rc_and_ud_qps_share_an_srq_on_one_daemon() {
         raw.command(Opcode::DestroySrq, busy.as_bytes()).0,
         Status::Busy
     );
+    // POST_SRQ_RECV names a live SRQ or none (the soft fabric has nothing to post).
+    assert_eq!(
+        raw.command(Opcode::PostSrqRecv, busy.as_bytes()).0,
+        Status::Ok
+    );
+    let unknown = cmd::Handle {
+        handle: (r.srq.srq_num() ^ 0x40).into(),
+        reserved: 0.into(),
+    };
+    assert_eq!(
+        raw.command(Opcode::PostSrqRecv, unknown.as_bytes()).0,
+        Status::InvalidHandle
+    );
     drop((s, r));
 }
 

@@ -707,6 +707,11 @@ impl VmObjects {
         if wake {
             self.wake.push(qpn);
         }
+        // Receives the driver posted while the QP was in RESET wait in its ring: a fabric that
+        // posts receives ahead of arrival takes them now that the QP can hold them.
+        if from == qp::State::Reset && next == qp::State::Init {
+            env.hooks.post_receives(env.vm, self, mem, qpn);
+        }
         Ok(Vec::new())
     }
 

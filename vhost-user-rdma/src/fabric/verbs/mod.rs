@@ -19,6 +19,7 @@ pub mod check;
 pub mod completions;
 pub mod mirror;
 pub mod nic;
+pub mod objects;
 pub mod post;
 
 use std::collections::HashMap;
@@ -28,7 +29,8 @@ use std::thread::JoinHandle;
 use log::{info, warn};
 use vmm_sys_util::eventfd::EventFd;
 
-use self::mirror::{NicHooks, VmNic};
+use self::mirror::NicHooks;
+use self::objects::{VmNic, error_chain};
 
 use super::{Fabric, StepOutcome};
 use crate::model::hooks::ObjectHooks;
@@ -69,7 +71,7 @@ impl Fabric for VerbsFabric {
                 warn!(
                     "vm {}: the NIC gave no completion channel, so its work cannot be carried: {}",
                     vm.name,
-                    mirror::error_chain(&e)
+                    error_chain(&e)
                 );
                 return;
             }

@@ -9,7 +9,7 @@ use vrdma_proto::cqe::{Status, VendorErr};
 use vrdma_proto::qp;
 use vrdma_proto::wqe::{self, Opcode, Payload, SendFlags};
 
-use super::mirror::{Fault, NicState, PostedRecv, Room};
+use super::objects::{Fault, NicState, PostedRecv, Room, error_chain};
 use super::nic;
 use crate::fabric::{StepOutcome, WR_COST};
 use crate::model::memory::{GuestMem, load_producer, publish_consumer};
@@ -279,7 +279,7 @@ fn post_next(
                             log::warn!(
                                 "vm {}: the NIC refused a work request of QP {qpn:#x}: {}",
                                 vm.name,
-                                super::mirror::error_chain(&e)
+                                error_chain(&e)
                             );
                             (Status::LocQpOpErr, VendorErr::None)
                         })
@@ -452,7 +452,7 @@ pub fn post_receives(objects: &mut VmObjects, st: &mut NicState, mem: &GuestMem,
                 log::warn!(
                     "vm {}: the NIC refused a receive of QP {qpn:#x}: {}",
                     objects.name,
-                    super::mirror::error_chain(&e)
+                    error_chain(&e)
                 );
                 VendorErr::None
             })
@@ -566,7 +566,7 @@ pub fn post_srq_receives(
                     log::warn!(
                         "vm {}: the NIC refused a receive of SRQ {srqn:#x}: {}",
                         objects.name,
-                        super::mirror::error_chain(&e)
+                        error_chain(&e)
                     );
                     VendorErr::None
                 })

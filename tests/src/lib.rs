@@ -28,6 +28,7 @@ pub use vrdma_netns as netns;
 
 pub mod raw;
 pub mod scenarios;
+pub mod srq;
 pub mod vmm;
 
 /// A daemon serving VMs on sockets in a private temporary directory; stopped on drop.

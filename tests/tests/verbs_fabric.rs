@@ -359,3 +359,43 @@ fn weights_share_the_nic_in_proportion() {
         "weights 3:1 gave {ratio:.2} over the NIC, not near 3"
     );
 }
+
+/// An SRQ shared by RC QPs and a UD QP of a guest on one host, fed from a guest on another,
+/// over the NICs: the scenario of `tests/srq.rs`, with the datagrams dropped for want of a
+/// receive counted by the receiving NIC.
+#[test]
+fn an_srq_serves_rc_and_ud_qps_over_the_nics() {
+    let (nics, a, b) = two_hosts(10);
+    let dropped = || {
+        nics.vm("nic-b")
+            .expect("NIC b is connected")
+            .counters
+            .ud_dropped
+            .load(Ordering::Relaxed)
+    };
+    vrdma_tests::srq::rc_and_ud_qps_share_one_srq(&a.open(), &b.open(), &dropped);
+}
+
+/// Receives posted while the QP is still in RESET reach the NIC when it enters INIT.
+#[test]
+fn receives_posted_in_reset_are_taken_over_the_nics() {
+    let (_nics, a, b) = two_hosts(11);
+    let (ca, cb) = (a.open(), b.open());
+    let ea = Endpoint::new(&ca, QpType::Rc, 1 << 16, scenarios::cap());
+    let eb = Endpoint::new(&cb, QpType::Rc, 1 << 16, scenarios::cap());
+    let recv = [vrdma::Sge::new(eb.buf.addr(), 64, eb.mr.lkey())];
+    eb.recv(&[vrdma::RecvWr {
+        wr_id: 31,
+        sg_list: &recv,
+    }])
+    .expect("post in RESET");
+    vrdma_tests::connect_rc_both(&ea.qp, ca.gid(), &eb.qp, cb.gid(), 14);
+    let src = [vrdma::Sge::new(ea.buf.addr(), 64, ea.mr.lkey())];
+    ea.send(&[vrdma::SendWr::send(1, &src)]).expect("send");
+    assert_eq!(ea.poll_one().status, vrdma::WcStatus::Success);
+    let wc = eb.poll_one();
+    assert_eq!(
+        (wc.wr_id, wc.status, wc.byte_len),
+        (31, vrdma::WcStatus::Success, 64)
+    );
+}

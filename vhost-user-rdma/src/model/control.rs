@@ -232,9 +232,10 @@ impl VmObjects {
                 .to_vec())
             }
             Request::PostSrqRecv(srqn) => {
-                // Nothing to do yet: no fabric posts an SRQ's receives ahead of arrival (the
-                // verbs fabric does not carry SRQs), and an SRQ's receives are never flushed.
+                // A fabric that posts receives ahead of arrival (the NIC's) takes them now; an
+                // SRQ's receives are never flushed, so there is nothing else to do.
                 self.srqs.get(srqn).ok_or(Status::InvalidHandle)?;
+                env.hooks.post_srq_receives(env.vm, self, mem, srqn);
                 Ok(Vec::new())
             }
             Request::DestroySrq(srqn) => {

@@ -15,8 +15,8 @@ use vmm_sys_util::eventfd::EventFd;
 use vrdma_proto::cqe::{self, Flags, Status, VendorErr};
 use vrdma_proto::{event, qp};
 
-use super::objects::{NicState, PostedRecv, Room, VmNic};
 use super::nic;
+use super::objects::{NicState, PostedRecv, Room, VmNic};
 use super::post::{Tag, post_srq_receives, stop_nic_qp};
 use crate::model::memory::{GuestMem, Runs, load_producer, read_runs};
 use crate::model::objects::VmObjects;

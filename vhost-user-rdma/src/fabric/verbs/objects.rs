@@ -208,4 +208,3 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     }
     s
 }
-

@@ -9,8 +9,8 @@ use vrdma_proto::cqe::{Status, VendorErr};
 use vrdma_proto::qp;
 use vrdma_proto::wqe::{self, Opcode, Payload, SendFlags};
 
-use super::objects::{Fault, NicState, PostedRecv, Room, error_chain};
 use super::nic;
+use super::objects::{Fault, NicState, PostedRecv, Room, error_chain};
 use crate::fabric::{StepOutcome, WR_COST};
 use crate::model::memory::{GuestMem, load_producer, publish_consumer};
 use crate::model::objects::VmObjects;

@@ -27,6 +27,7 @@ pub mod chaos;
 pub use vrdma_netns as netns;
 
 pub mod raw;
+pub mod regions;
 pub mod scenarios;
 pub mod srq;
 pub mod vmm;

@@ -399,3 +399,11 @@ fn receives_posted_in_reset_are_taken_over_the_nics() {
         (31, vrdma::WcStatus::Success, 64)
     );
 }
+
+/// An MR over two adjacent regions of the guest's memory, the second mapped from one page
+/// into its file: the NIC takes it through a window that maps both back to back.
+#[test]
+fn an_mr_across_two_regions_is_reached_over_the_nics() {
+    let (_nics, a, b) = two_hosts(12);
+    vrdma_tests::regions::mr_across_adjacent_regions(&a.open(), &b.open());
+}

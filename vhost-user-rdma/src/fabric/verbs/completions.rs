@@ -182,6 +182,9 @@ fn complete(
     } else {
         complete_send(vm, objects, st, mem, c, tag.index, wake);
     }
+    // However the guest's QP went to ERR here (a CQ that overflowed, too), the NIC's follows,
+    // so that it writes nothing more into receives the guest has seen flushed.
+    stop_nic_qp(objects, st, qpn);
 }
 
 fn complete_send(

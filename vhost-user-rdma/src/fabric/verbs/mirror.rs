@@ -159,6 +159,28 @@ fn register_guest(
     Ok(mr.map(|mr| NicMr::new(mr, mem)))
 }
 
+/// Why an MR's window could not be registered.
+enum WindowRefused {
+    /// The pages could not be mapped.
+    Window(super::window::Error),
+    /// The NIC refused the range.
+    Nic(nic::Error),
+}
+
+/// Registers guest MR `mr`, whose pages are scattered (or span regions), through a window
+/// that maps them back to back.
+fn register_window(pd: &nic::Pd, mr: &Mr, mem: &GuestMem) -> Result<NicMr, WindowRefused> {
+    let window = super::window::Window::map(mr, mem).map_err(WindowRefused::Window)?;
+    let len = usize::try_from(mr.length)
+        .map_err(|_| WindowRefused::Window(super::window::Error::NotInMemory { gpa: mr.iova }))?;
+    // SAFETY: the window maps the MR's pages for as long as the returned NicMr holds it,
+    // and the NicMr drops the registration before the window.
+    let registered =
+        unsafe { pd.register_iova(window.start(mr), len, mr.iova, nic_access(mr.access())) }
+            .map_err(WindowRefused::Nic)?;
+    Ok(NicMr::in_window(registered, window, mem))
+}
+
 impl ObjectHooks for NicHooks {
     fn alloc_pd(&self, vm: u64, pdn: u32) -> Result<(), Status> {
         let v = self.vm(vm)?;
@@ -186,27 +208,26 @@ impl ObjectHooks for NicHooks {
         let v = self.vm(vm)?;
         let mut st = v.state();
         let pd = st.pds.get(&mr.pdn).ok_or(Status::InvalidHandle)?.clone();
-        // The NIC takes one virtually contiguous range: the guest's pages must be back to
-        // back in guest-physical memory, as they are in one vhost-user region.
-        if !mr.is_contiguous() {
-            warn!(
-                "vm {}: an MR of {} scattered pages cannot be registered with the NIC yet: \
-                 the verbs fabric needs each MR's pages contiguous in guest-physical memory",
-                v.name,
-                mr.pages.len()
-            );
-            return Err(Status::NotSupported);
-        }
         let first = mr.pages.first().copied().ok_or(Status::InvalidArgument)?;
-        let registered = register_guest(
-            &pd,
-            mem,
-            first + mr.first_page_offset,
-            mr.length,
-            mr.iova,
-            nic_access(mr.access()),
-        )?
-        .map_err(|e| self.refused(&v, "register an MR", &e))?;
+        let start = first + mr.first_page_offset;
+        let registered = if mr.is_contiguous() && in_one_region(mem, start, mr.length.max(1)) {
+            // One range of the daemon's own mapping of the region already.
+            register_guest(&pd, mem, start, mr.length, mr.iova, nic_access(mr.access()))?
+                .map_err(|e| self.refused(&v, "register an MR", &e))?
+        } else {
+            register_window(&pd, mr, mem).map_err(|e| match e {
+                WindowRefused::Window(e) => {
+                    warn!(
+                        "vm {}: an MR of {} pages cannot be given to the NIC: {}",
+                        v.name,
+                        mr.pages.len(),
+                        error_chain(&e)
+                    );
+                    Status::BadAddress
+                }
+                WindowRefused::Nic(e) => self.refused(&v, "register an MR", &e),
+            })?
+        };
         let rkey = registered.mr.rkey();
         st.mrs.insert(lkey, registered);
         Ok(Some(rkey))
@@ -305,6 +326,7 @@ impl ObjectHooks for NicHooks {
                         recvs: vec![PostedRecv::default(); rq_depth as usize],
                         fault: None,
                         stalled: false,
+                        stopped: false,
                     },
                 );
                 return Ok(Some(qpn));
@@ -360,6 +382,9 @@ impl ObjectHooks for NicHooks {
             nq.recv = Track::default();
             nq.fault = None;
             nq.stalled = false;
+        }
+        if next != qp::State::Err {
+            nq.stopped = false;
         }
         Ok(())
     }

@@ -21,6 +21,7 @@ pub mod mirror;
 pub mod nic;
 pub mod objects;
 pub mod post;
+pub mod window;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -123,8 +124,12 @@ impl Fabric for VerbsFabric {
         if let Some(t) = a.thread.take() {
             let _ = t.join();
         }
-        // The VM's NIC objects go with the last reference (the hooks' copy, dropped here).
-        self.hooks.remove(vm.id);
+        // The VM's NIC objects go with the last reference (the hooks' copy, dropped here),
+        // and its sends on the NIC with them: their room is everyone's again.
+        if let Some(gone) = self.hooks.remove(vm.id) {
+            let held: u32 = gone.state().qps.values().map(|q| q.send.in_flight).sum();
+            self.hooks.room.give(held);
+        }
     }
 
     fn pause(&mut self, _vm_id: u64) {}

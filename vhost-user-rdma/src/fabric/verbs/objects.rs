@@ -15,8 +15,11 @@ use crate::rnic::requester::Retired;
 /// A registration and the guest memory it lies in, kept mapped while the NIC may reach it.
 #[derive(Debug)]
 pub struct NicMr {
-    /// The NIC's registration.
+    /// The NIC's registration (dropped before the window it covers).
     pub mr: nic::Mr,
+    /// The range the guest's pages were mapped into for it, if they were not one range in
+    /// the daemon's mappings already.
+    _window: Option<super::window::Window>,
     /// The memory table it was registered from: holding it keeps the mapping alive even if
     /// the frontend replaces the table meanwhile.
     _mem: GuestMem,
@@ -27,6 +30,16 @@ impl NicMr {
     pub fn new(mr: nic::Mr, mem: &GuestMem) -> Self {
         NicMr {
             mr,
+            _window: None,
+            _mem: mem.clone(),
+        }
+    }
+
+    /// Registration `mr` over `window`, which maps pages of `mem`.
+    pub fn in_window(mr: nic::Mr, window: super::window::Window, mem: &GuestMem) -> Self {
+        NicMr {
+            mr,
+            _window: Some(window),
             _mem: mem.clone(),
         }
     }
@@ -94,9 +107,11 @@ pub struct NicQp {
     pub recvs: Vec<PostedRecv>,
     /// A send that failed its checks behind requests still on the NIC.
     pub fault: Option<Fault>,
-    /// Posting stopped for lack of room (ring or the VM's bound): a completion hands the QP
-    /// back to the scheduler.
+    /// Posting stopped for lack of room in the ring: a completion hands the QP back to the
+    /// scheduler.
     pub stalled: bool,
+    /// The NIC's QP was taken to ERR after the guest's (done once per entry into ERR).
+    pub stopped: bool,
 }
 
 /// A guest SRQ's NIC SRQ and the receives posted to it. Receives leave the guest's ring as

@@ -344,7 +344,7 @@ fn fail_unposted(
 /// (those completions are found stale and dropped) and stops answering peers. A UD QP whose
 /// guest QP went to SQE keeps its NIC QP as it is: its receives go on, and the guest's sends
 /// are flushed by the daemon until it returns to RTS.
-pub fn stop_nic_qp(objects: &VmObjects, st: &NicState, qpn: u32) {
+pub fn stop_nic_qp(objects: &VmObjects, st: &mut NicState, qpn: u32) {
     if objects
         .qps
         .get(qpn)
@@ -352,7 +352,10 @@ pub fn stop_nic_qp(objects: &VmObjects, st: &NicState, qpn: u32) {
     {
         return;
     }
-    if let Some(nq) = st.qps.get(&qpn) {
+    if let Some(nq) = st.qps.get_mut(&qpn) {
+        if std::mem::replace(&mut nq.stopped, true) {
+            return;
+        }
         if let Err(e) = nq.qp.to_error() {
             log::debug!("QP {qpn:#x}: the NIC's QP did not go to ERR: {e}");
         }
@@ -361,7 +364,7 @@ pub fn stop_nic_qp(objects: &VmObjects, st: &NicState, qpn: u32) {
 
 /// Takes QP `qpn` to ERR from its control path (the scheduler flushes it, as it does every
 /// QP in `objects.wake`), and its NIC QP with it.
-fn fail_from_control(objects: &mut VmObjects, st: &NicState, qpn: u32) {
+fn fail_from_control(objects: &mut VmObjects, st: &mut NicState, qpn: u32) {
     if let Some(qp) = objects.qps.get_mut(qpn) {
         qp.attr.qp_state = qp::State::Err.raw();
         qp.rt.rx_owner = None;

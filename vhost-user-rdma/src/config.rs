@@ -32,7 +32,8 @@ pub struct Args {
     /// Where the VMs' work goes: "soft" (built in; VMs on this host copy guest to guest) or
     /// "verbs:DEVICE[,port=N][,gid-index=N]" (a real RDMA NIC through libibverbs, its port N,
     /// default 1, and the GID at index N of that port, default 0; needs the `verbs` build
-    /// feature). On RoCE, pick the index of a RoCEv2 GID (`show_gids` lists them).
+    /// feature; every VM's port then has the NIC's GID). On RoCE, pick the index of a RoCEv2
+    /// GID (`show_gids` lists them).
     #[arg(
         long,
         default_value = "soft",

@@ -7,7 +7,7 @@
 use vm_memory::{Bytes, GuestAddress};
 use vrdma_proto::cqe::{Status, VendorErr};
 use vrdma_proto::qp;
-use vrdma_proto::wqe::{self, Opcode, Payload, SendFlags};
+use vrdma_proto::wqe::{self, Opcode, Payload, SendFlags, Sge};
 
 use super::nic;
 use super::objects::{Fault, NicState, PostedRecv, Room, error_chain};
@@ -92,6 +92,31 @@ fn send_op<'a>(
     })
 }
 
+/// The NIC's SGEs for the guest's `sges`, which the requester or responder rules have
+/// checked: each lkey replaced by its NIC MR's (addresses stay: the NIC MR is registered at
+/// the guest MR's iova), empty ones left out.
+fn nic_sges(
+    st: &NicState,
+    sges: impl Iterator<Item = Sge>,
+    out: &mut [nic::Sge; nic::MAX_SGE],
+) -> Result<usize, VendorErr> {
+    let mut n = 0;
+    for sge in sges {
+        let len = sge.length.get();
+        if len == 0 {
+            continue;
+        }
+        let mr = st.mrs.get(&sge.lkey.get()).ok_or(VendorErr::BadLkey)?;
+        *out.get_mut(n).ok_or(VendorErr::MalformedWqe)? = nic::Sge {
+            addr: sge.addr.get(),
+            len,
+            lkey: mr.mr.lkey(),
+        };
+        n += 1;
+    }
+    Ok(n)
+}
+
 /// The NIC's SGEs for a checked work request whose slot (ring index `index`) is `slot`.
 fn send_sges(
     st: &NicState,
@@ -102,23 +127,7 @@ fn send_sges(
     out: &mut [nic::Sge; nic::MAX_SGE],
 ) -> Result<usize, VendorErr> {
     match wr.payload {
-        Payload::Sges(list) => {
-            let mut n = 0;
-            for sge in list.iter() {
-                let len = sge.length.get();
-                if len == 0 {
-                    continue;
-                }
-                let mr = st.mrs.get(&sge.lkey.get()).ok_or(VendorErr::BadLkey)?;
-                *out.get_mut(n).ok_or(VendorErr::MalformedWqe)? = nic::Sge {
-                    addr: sge.addr.get(),
-                    len,
-                    lkey: mr.mr.lkey(),
-                };
-                n += 1;
-            }
-            Ok(n)
-        }
+        Payload::Sges(list) => nic_sges(st, list.iter(), out),
         Payload::Inline(data) => {
             if data.is_empty() {
                 return Ok(0);
@@ -428,29 +437,15 @@ pub fn post_receives(objects: &mut VmObjects, st: &mut NicState, mem: &GuestMem,
             len: 0,
             lkey: 0,
         }; nic::MAX_SGE];
-        let mut n = 0;
-        let translated = checked.and_then(|()| {
-            for sge in &copy.sges[..copy.n] {
-                if sge.length.get() == 0 {
-                    continue;
-                }
-                let mr = st.mrs.get(&sge.lkey.get()).ok_or(VendorErr::BadLkey)?;
-                sges[n] = nic::Sge {
-                    addr: sge.addr.get(),
-                    len: sge.length.get(),
-                    lkey: mr.mr.lkey(),
-                };
-                n += 1;
-            }
-            Ok(())
-        });
+        let translated =
+            checked.and_then(|()| nic_sges(st, copy.sges[..copy.n].iter().copied(), &mut sges));
         let tag = Tag {
             epoch: nq.epoch,
             recv: true,
             srq: false,
             index: next,
         };
-        let result = translated.and_then(|()| {
+        let result = translated.and_then(|n| {
             nq.qp.post_recv(tag.encode(), &sges[..n]).map_err(|e| {
                 log::warn!(
                     "vm {}: the NIC refused a receive of QP {qpn:#x}: {}",
@@ -537,27 +532,12 @@ pub fn post_srq_receives(
             len: 0,
             lkey: 0,
         }; nic::MAX_SGE];
-        let mut n = 0;
         let posted = mem
             .read_slice(slot, at)
             .map_err(|_| VendorErr::GuestMemory)
             .and_then(|()| check_recv(&objects.mrs, slot, max_sge, pdn, &mut copy))
-            .and_then(|()| {
-                for sge in &copy.sges[..copy.n] {
-                    if sge.length.get() == 0 {
-                        continue;
-                    }
-                    let mr = st.mrs.get(&sge.lkey.get()).ok_or(VendorErr::BadLkey)?;
-                    sges[n] = nic::Sge {
-                        addr: sge.addr.get(),
-                        len: sge.length.get(),
-                        lkey: mr.mr.lkey(),
-                    };
-                    n += 1;
-                }
-                Ok(())
-            })
-            .and_then(|()| {
+            .and_then(|()| nic_sges(st, copy.sges[..copy.n].iter().copied(), &mut sges))
+            .and_then(|n| {
                 let tag = Tag {
                     epoch: 0,
                     recv: true,

@@ -321,7 +321,6 @@ fn weights_share_the_nic_in_proportion() {
     );
     let b = NicHost::start_vms(&nics, "nic-b", "8b", &[("sink", "")]);
     let sink = b.open_vm("sink");
-    let stop = Arc::new(AtomicBool::new(false));
     // Seconds of work queued in each guest (as tests/fairness.rs explains), far more than the
     // NIC is let hold, so both VMs always have work waiting for the daemon's choice.
     let load = Load {
@@ -329,29 +328,13 @@ fn weights_share_the_nic_in_proportion() {
         depth: 256,
         batch: 8,
     };
-    let counts = [Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0))];
-    let threads: Vec<_> = ["heavy", "light"]
-        .iter()
-        .zip(&counts)
-        .map(|(vm, count)| saturate_from(a.open_vm(vm), &sink, load, stop.clone(), count.clone()))
-        .collect();
-    // Both moving, then a window.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while counts.iter().any(|c| c.load(Ordering::Relaxed) < 16) {
-        assert!(
-            Instant::now() < deadline,
-            "both VMs move within 30 s: {counts:?}"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let before: Vec<u64> = counts.iter().map(|c| c.load(Ordering::Relaxed)).collect();
-    std::thread::sleep(Duration::from_millis(1500));
-    let after: Vec<u64> = counts.iter().map(|c| c.load(Ordering::Relaxed)).collect();
-    stop.store(true, Ordering::Relaxed);
-    for t in threads {
-        t.join().expect("load thread");
-    }
-    let (heavy, light) = (after[0] - before[0], after[1] - before[1]);
+    let done = saturating(
+        &a,
+        &[("heavy", load), ("light", load)],
+        &sink,
+        Duration::from_millis(1500),
+    );
+    let (heavy, light) = (done[0], done[1]);
     let ratio = heavy as f64 / light.max(1) as f64;
     eprintln!("weights 3:1 over the NIC -> writes {heavy} : {light} = {ratio:.2}");
     assert!(
@@ -406,4 +389,114 @@ fn receives_posted_in_reset_are_taken_over_the_nics() {
 fn an_mr_across_two_regions_is_reached_over_the_nics() {
     let (_nics, a, b) = two_hosts(12);
     vrdma_tests::regions::mr_across_adjacent_regions(&a.open(), &b.open());
+}
+
+/// Has each of `vms` (name, load) of `host` saturate `sink` with RDMA WRITEs, and returns the
+/// writes each completed in `window`, once all of them move.
+fn saturating(
+    host: &NicHost,
+    vms: &[(&str, Load)],
+    sink: &vrdma::Context,
+    window: Duration,
+) -> Vec<u64> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let counts: Vec<Arc<AtomicU64>> = vms.iter().map(|_| Arc::new(AtomicU64::new(0))).collect();
+    let threads: Vec<_> = vms
+        .iter()
+        .zip(&counts)
+        .map(|((vm, load), count)| {
+            saturate_from(host.open_vm(vm), sink, *load, stop.clone(), count.clone())
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while counts.iter().any(|c| c.load(Ordering::Relaxed) < 16) {
+        assert!(
+            Instant::now() < deadline,
+            "every VM moves within 30 s: {counts:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let before: Vec<u64> = counts.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+    std::thread::sleep(window);
+    let after: Vec<u64> = counts.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        t.join().expect("load thread");
+    }
+    after.iter().zip(&before).map(|(a, b)| a - b).collect()
+}
+
+/// A VM's bandwidth and message-rate caps hold for its traffic on the NIC, next to an
+/// uncapped neighbour: the daemon charges what each step posts.
+#[test]
+fn caps_hold_on_the_nic() {
+    let nics = TestDaemon::start(&[("nic-a", "gid=10.9.13.1"), ("nic-b", "gid=10.9.13.2")]);
+    let a = NicHost::start_vms(
+        &nics,
+        "nic-a",
+        "13a",
+        &[
+            ("capped", "max-bw=200M"),
+            ("counted", "max-msg-rate=3000"),
+            ("free", ""),
+        ],
+    );
+    let b = NicHost::start_vms(&nics, "nic-b", "13b", &[("sink", "")]);
+    let sink = b.open_vm("sink");
+    let big = Load {
+        msg: 1 << 20,
+        depth: 32,
+        batch: 8,
+    };
+    let small = Load {
+        msg: 64,
+        depth: 256,
+        batch: 32,
+    };
+    let window = Duration::from_millis(1000);
+    let done = saturating(
+        &a,
+        &[("capped", big), ("counted", small), ("free", big)],
+        &sink,
+        window,
+    );
+    let secs = window.as_secs_f64();
+    let capped_bw = (done[0] << 20) as f64 / secs;
+    let counted_rate = done[1] as f64 / secs;
+    let free_bw = (done[2] << 20) as f64 / secs;
+    eprintln!(
+        "over the NIC: capped {:.0} MiB/s (cap 200), counted {counted_rate:.0} WR/s (cap 3000), free {:.0} MiB/s",
+        capped_bw / (1 << 20) as f64,
+        free_bw / (1 << 20) as f64
+    );
+    let cap = 200.0 * (1 << 20) as f64;
+    assert!(
+        (0.85 * cap..=1.1 * cap).contains(&capped_bw),
+        "capped VM moved {capped_bw:.0} B/s"
+    );
+    assert!(
+        (0.85 * 3000.0..=1.1 * 3000.0).contains(&counted_rate),
+        "counted VM did {counted_rate:.0} WR/s"
+    );
+    assert!(
+        free_bw > 2.0 * cap,
+        "the uncapped VM should take the rest of the NIC, got {free_bw:.0} B/s"
+    );
+}
+
+/// `--roce` is the soft fabric's own link between hosts: with a NIC it is refused as a bad
+/// option, before any socket is made.
+#[test]
+fn roce_with_a_nic_is_refused() {
+    let outer = TestDaemon::start(&[("nic", "")]);
+    let dir = std::env::temp_dir().join(format!("vrdma-verbs-roce-{}", std::process::id()));
+    let vm = format!("name=a,socket={}", dir.join("a.sock").display());
+    let out = run(
+        Some(&outer.socket("nic")),
+        &["--fabric", "verbs:vrdma0", "--roce", "--vm", &vm],
+    );
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("drop --roce"), "{stderr}");
+    assert!(!dir.join("a.sock").exists(), "no VM socket was made");
 }

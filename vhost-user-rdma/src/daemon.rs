@@ -52,7 +52,7 @@ impl Error {
         if let Error::Nic(e) = self {
             return e.is_configuration();
         }
-        false
+        matches!(self, Error::RoceWithNic(_) | Error::NotBuilt(_))
     }
 }
 

@@ -52,8 +52,10 @@ impl ReadyList {
     }
 }
 
-/// Per-VM counters, for operators and the benchmarks.
-#[derive(Debug, Default)]
+/// Per-VM counters, for operators and the benchmarks. The VM's server keeps one set for the
+/// configured VM and every guest connection's [`Vm`] shares it, so they run on across
+/// reconnections (and a migration's restore sets them) until [`Counters::reset`].
+#[derive(Debug)]
 pub struct Counters {
     /// Send work requests completed (any status).
     pub wrs: AtomicU64,
@@ -82,6 +84,30 @@ pub struct Counters {
     pub ud_dropped: AtomicU64,
     /// Events lost because the driver kept no event buffers and the backlog was full.
     pub events_lost: AtomicU64,
+    /// `errors` by completion status, indexed by the status byte. Not part of a saved state
+    /// (whose format predates it): after a migration it counts from zero while `errors` goes
+    /// on from its restored value.
+    pub errors_by_status: [AtomicU64; 256],
+}
+
+impl Default for Counters {
+    fn default() -> Self {
+        Counters {
+            wrs: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            completions: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            wait_ns: AtomicU64::new(0),
+            commands_ok: AtomicU64::new(0),
+            commands_failed: AtomicU64::new(0),
+            doorbells: AtomicU64::new(0),
+            doorbells_polled: AtomicU64::new(0),
+            doorbells_malformed: AtomicU64::new(0),
+            ud_dropped: AtomicU64::new(0),
+            events_lost: AtomicU64::new(0),
+            errors_by_status: std::array::from_fn(|_| AtomicU64::new(0)),
+        }
+    }
 }
 
 impl Counters {
@@ -94,6 +120,22 @@ impl Counters {
     pub fn set_values(&self, values: &[u64; 12]) {
         for (c, v) in self.all().iter().zip(values) {
             c.store(*v, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts an error completion of status `status` (the raw status byte), in total and by
+    /// status: two relaxed adds, as cheap as the completion path needs.
+    pub fn count_error(&self, status: u8) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        self.errors_by_status[usize::from(status)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Sets every counter to zero, for an operator who asks (nothing asks yet: the management
+    /// socket will). Counters of work under way may be counted on either side of the reset.
+    pub fn reset(&self) {
+        self.set_values(&[0; 12]);
+        for c in &self.errors_by_status {
+            c.store(0, Ordering::Relaxed);
         }
     }
 
@@ -154,8 +196,8 @@ pub struct Vm {
     /// Whether `events` may be non-empty, so the scheduler need not lock it after every step.
     events_pending: AtomicBool,
     event_sink: Arc<dyn EventSink>,
-    /// What this VM has done.
-    pub counters: Counters,
+    /// What this VM has done: shared with its server, which keeps them across connections.
+    pub counters: Arc<Counters>,
 }
 
 impl std::fmt::Debug for Vm {
@@ -199,8 +241,15 @@ impl Vm {
             events: Mutex::new(VecDeque::with_capacity(MAX_PENDING_EVENTS)),
             events_pending: AtomicBool::new(false),
             event_sink,
-            counters: Counters::default(),
+            counters: Arc::default(),
         }
+    }
+
+    /// Counts into `counters` (the configured VM's, kept across its guest connections)
+    /// rather than a fresh set of the connection's own.
+    pub fn with_counters(mut self, counters: Arc<Counters>) -> Self {
+        self.counters = counters;
+        self
     }
 
     /// Limits what the VM may move per second (see `config::Quotas`).

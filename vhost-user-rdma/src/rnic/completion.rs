@@ -91,7 +91,7 @@ pub fn post(objects: &mut VmObjects, vm: &Vm, mem: &GuestMem, cqn: u32, c: &Comp
     }
     vm.counters.completions.fetch_add(1, Ordering::Relaxed);
     if c.cqe.status != cqe::Status::Success.raw() && c.cqe.status != cqe::Status::WrFlushErr.raw() {
-        vm.counters.errors.fetch_add(1, Ordering::Relaxed);
+        vm.counters.count_error(c.cqe.status);
     }
     // Pairs with the driver's fence between storing the arm word and loading the producer
     // index (docs/protocol.md): one of the two sides sees the other's store.

@@ -19,7 +19,7 @@ use super::queues::{DoorbellQueues, EventQueue};
 use crate::config::VmConfig;
 use crate::model::memory::GuestMem;
 use crate::model::objects::VmObjects;
-use crate::model::vm::Vm;
+use crate::model::vm::{Counters, Vm};
 use crate::sched::Scheduler;
 
 /// VM ids are never reused, so a detach cannot hit a later connection of the same VM.
@@ -59,12 +59,17 @@ struct Shared {
     waiting: std::sync::atomic::AtomicU64,
     connection: Mutex<Option<ShutdownHandle>>,
     device: Mutex<Option<SharedDevice>>,
+    /// A guest is connected: readable without a lock (metrics).
+    connected: Arc<AtomicBool>,
+    /// The configured VM's counters, which every connection's `Vm` counts into.
+    counters: Arc<Counters>,
 }
 
 impl std::fmt::Debug for Shared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Shared")
             .field("stopping", &self.stopping)
+            .field("connected", &self.connected)
             .finish_non_exhaustive()
     }
 }
@@ -140,6 +145,23 @@ impl VmServer {
             .clone()
     }
 
+    /// Whether a guest is connected now; reads one atomic, so a metrics scrape never waits
+    /// for the server.
+    pub fn is_connected(&self) -> bool {
+        self.shared.connected.load(Ordering::Relaxed)
+    }
+
+    /// The flag [`VmServer::is_connected`] reads, for a reader on another thread (metrics).
+    pub fn connected_flag(&self) -> Arc<AtomicBool> {
+        self.shared.connected.clone()
+    }
+
+    /// The VM's counters, kept across guest connections: every connection's `Vm` counts into
+    /// them, and only [`Counters::reset`] sets them back to zero.
+    pub fn counters(&self) -> &Arc<Counters> {
+        &self.shared.counters
+    }
+
     /// How many times the server has been waiting for a frontend with everything of the
     /// previous one released: one more than the frontends it has served, once the last has
     /// gone. Tests count on it to know a departed guest left nothing behind.
@@ -207,7 +229,8 @@ fn serve(
                 memory.clone(),
                 events.clone(),
             )
-            .with_limits(cfg.quotas.max_bw, cfg.quotas.max_msg_rate),
+            .with_limits(cfg.quotas.max_bw, cfg.quotas.max_msg_rate)
+            .with_counters(shared.counters.clone()),
         );
         let doorbells = Arc::new(DoorbellQueues::new(vm.clone()));
         let device = match VmDevice::new(
@@ -248,6 +271,7 @@ fn serve(
         scheduler.attach(vm.clone(), doorbells);
         *shared.device.lock().unwrap_or_else(|p| p.into_inner()) = Some(device.clone());
         *shared.connection.lock().unwrap_or_else(|p| p.into_inner()) = daemon.shutdown_handle();
+        shared.connected.store(true, Ordering::Relaxed);
         if shared.stopping.load(Ordering::SeqCst) {
             daemon.request_shutdown();
         } else {
@@ -257,6 +281,7 @@ fn serve(
             Ok(()) => info!("vm {name}: frontend disconnected"),
             Err(e) => info!("vm {name}: connection ended: {e}"),
         }
+        shared.connected.store(false, Ordering::Relaxed);
         shared
             .connection
             .lock()

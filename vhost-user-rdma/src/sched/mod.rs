@@ -15,7 +15,7 @@
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::thread::Thread;
 use std::time::{Duration, Instant};
@@ -64,12 +64,30 @@ enum Control {
     Resume(u64, bool),
 }
 
+/// What the scheduler's loop has done, for operators (metrics). The scheduler thread only
+/// adds to and stores these with relaxed atomics; readers on other threads take no lock and
+/// may see one a moment old.
+#[derive(Debug, Default)]
+pub struct SchedulerStats {
+    /// Passes of the scheduler's loop (busy or idle).
+    pub passes: AtomicU64,
+    /// Rounds of deficit round robin that moved some VM's work.
+    pub busy_rounds: AtomicU64,
+    /// Times the scheduler slept, waiting for a kick, a timer or 100 ms.
+    pub sleeps: AtomicU64,
+    /// VMs whose doorbell queues are polled now (their drivers do not kick): a gauge.
+    pub polled_vms: AtomicU64,
+    /// The adaptive polling window now, in nanoseconds (0: no polling): a gauge.
+    pub poll_window_ns: AtomicU64,
+}
+
 /// The handle the devices and servers use to reach the scheduler.
 #[derive(Clone)]
 pub struct Scheduler {
     tx: SyncSender<Control>,
     thread: Thread,
     hooks: Arc<dyn ObjectHooks>,
+    stats: Arc<SchedulerStats>,
 }
 
 impl std::fmt::Debug for Scheduler {
@@ -88,12 +106,16 @@ impl Scheduler {
     ) -> std::io::Result<Scheduler> {
         let (tx, rx) = sync_channel(256);
         let (hooks_tx, hooks_rx) = sync_channel(1);
+        let stats = Arc::new(SchedulerStats::default());
+        let thread_stats = stats.clone();
         let handle = std::thread::Builder::new()
             .name("vrdma-scheduler".into())
             .spawn(move || {
                 let fabric = make_fabric();
                 if hooks_tx.send(fabric.hooks()).is_ok() {
-                    Turns::new(rx, fabric).run();
+                    let mut turns = Turns::new(rx, fabric);
+                    turns.stats = thread_stats;
+                    turns.run();
                 }
             })?;
         let hooks = hooks_rx.recv().map_err(|_| {
@@ -103,7 +125,13 @@ impl Scheduler {
             tx,
             thread: handle.thread().clone(),
             hooks,
+            stats,
         })
+    }
+
+    /// What the scheduler's loop has done so far.
+    pub fn stats(&self) -> &Arc<SchedulerStats> {
+        &self.stats
     }
 
     /// What the VMs' control paths tell the fabric of their objects.
@@ -229,6 +257,8 @@ struct Turns {
     /// VMs the last round served, by index (capacity for every VM, so no allocation).
     served: Vec<usize>,
     fabric: Box<dyn Fabric>,
+    /// What the loop has done, for metrics.
+    stats: Arc<SchedulerStats>,
 }
 
 impl Turns {
@@ -248,11 +278,13 @@ impl Turns {
             polled: 0,
             served: Vec::new(),
             fabric,
+            stats: Arc::default(),
         }
     }
 
     fn run(mut self) {
         loop {
+            self.stats.passes.fetch_add(1, Ordering::Relaxed);
             loop {
                 match self.rx.try_recv() {
                     Ok(c) => self.control(c),
@@ -274,6 +306,7 @@ impl Turns {
             // not, so a VM never waits behind a neighbour's backlog for more than a chunk.
             let polled = self.polled > 0 && self.poll_doorbells();
             if self.round() {
+                self.stats.busy_rounds.fetch_add(1, Ordering::Relaxed);
                 if !self.poll_window.is_zero() {
                     let now = Instant::now();
                     for k in 0..self.served.len() {
@@ -301,6 +334,7 @@ impl Turns {
                 }
             }
             let now = Instant::now();
+            self.stats.sleeps.fetch_add(1, Ordering::Relaxed);
             std::thread::park_timeout(self.sleep_for(now));
             if self
                 .entries
@@ -347,6 +381,8 @@ impl Turns {
                 *w = Duration::ZERO;
             }
         }
+        let ns = u64::try_from(w.as_nanos()).unwrap_or(u64::MAX);
+        self.stats.poll_window_ns.store(ns, Ordering::Relaxed);
     }
 
     /// Takes doorbells straight from the doorbell queues of the VMs being polled. Returns
@@ -387,6 +423,9 @@ impl Turns {
         } else {
             self.polled -= 1;
         }
+        self.stats
+            .polled_vms
+            .store(self.polled as u64, Ordering::Relaxed);
         e.doorbells.set_kicks(!on) && e.doorbells.take()
     }
 
@@ -416,6 +455,9 @@ impl Turns {
                     let e = self.entries.remove(i);
                     if e.polled {
                         self.polled -= 1;
+                        self.stats
+                            .polled_vms
+                            .store(self.polled as u64, Ordering::Relaxed);
                     }
                     self.fabric.detach(&e.vm);
                     if moved {

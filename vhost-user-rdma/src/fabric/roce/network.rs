@@ -187,6 +187,13 @@ impl Network {
         }
     }
 
+    /// Every address the network serves, in address order (metrics read their counters).
+    pub fn endpoints(&self) -> Vec<&Arc<Endpoint>> {
+        let mut all: Vec<_> = self.endpoints.values().collect();
+        all.sort_by_key(|ep| ep.addr);
+        all
+    }
+
     /// The endpoint of a VM's GID, if the network serves it.
     pub fn endpoint(&self, gid: &Gid) -> Option<&Arc<Endpoint>> {
         self.endpoints.get(gid)

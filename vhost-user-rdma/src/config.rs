@@ -75,6 +75,12 @@ pub struct Args {
     #[arg(long)]
     pub check_fabric: bool,
 
+    /// Serve the daemon's counters in Prometheus text format over HTTP on ADDR:PORT, at
+    /// /metrics (for example 127.0.0.1:9464; port 0 picks a free one, which the log names).
+    /// The metrics are listed in docs/operations.md.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics: Option<String>,
+
     /// Log level: error, warn, info, debug or trace. RUST_LOG, if set, takes precedence.
     #[arg(long, default_value = "info", value_name = "LEVEL")]
     pub log_level: log::LevelFilter,
@@ -83,6 +89,9 @@ pub struct Args {
 /// Why the command line was refused; each message names the option to fix.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// `--metrics` is not an IP address and port.
+    #[error("--metrics {0:?}: give an IP address and a TCP port, as 127.0.0.1:9464 or [::1]:9464")]
+    Metrics(String),
     /// No `--vm` given.
     #[error("no VM to serve: give at least one --vm name=NAME,socket=PATH")]
     NoVm,
@@ -272,6 +281,8 @@ pub struct Config {
     pub fabric: FabricKind,
     /// The inter-host fabric, if enabled.
     pub roce: Option<RoceSettings>,
+    /// Where to serve Prometheus metrics (`--metrics`), if anywhere.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// How the RoCEv2 fabric between hosts is configured (`--roce`).
@@ -349,10 +360,15 @@ impl Config {
                 vm.roce = true;
             }
         }
+        let metrics = match &args.metrics {
+            Some(m) => Some(m.parse().map_err(|_| Error::Metrics(m.clone()))?),
+            None => None,
+        };
         Ok(Config {
             vms,
             fabric: parse_fabric(&args.fabric)?,
             roce,
+            metrics,
         })
     }
 }
@@ -633,6 +649,23 @@ mod tests {
         assert!(bad.to_string().contains("--roce-mtu 1500"), "{bad}");
         assert!(parse(&["--roce", "--roce-ipv4-icrc", "maybe"]).is_err());
         assert!(parse(&["--roce", "--roce-port", "0"]).is_err());
+    }
+
+    #[test]
+    fn metrics_take_an_address_and_port() {
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["vhost-user-rdma", "--vm", "name=a,socket=/x"];
+            argv.extend(extra);
+            Config::from_args(&Args::parse_from(argv))
+        };
+        assert_eq!(parse(&[]).unwrap().metrics, None);
+        let cfg = parse(&["--metrics", "127.0.0.1:9464"]).unwrap();
+        assert_eq!(cfg.metrics, Some("127.0.0.1:9464".parse().unwrap()));
+        assert!(parse(&["--metrics", "[::1]:0"]).unwrap().metrics.is_some());
+        for bad in ["9464", "localhost:9464", "127.0.0.1", "127.0.0.1:70000"] {
+            let e = parse(&["--metrics", bad]).unwrap_err();
+            assert!(e.to_string().contains("--metrics"), "{e}");
+        }
     }
 
     #[test]

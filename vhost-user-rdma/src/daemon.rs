@@ -11,6 +11,7 @@ use crate::config::{Config, FabricKind};
 use crate::fabric::Fabric;
 use crate::fabric::roce::{self, Network, RoceFabric};
 use crate::fabric::soft::SoftFabric;
+use crate::metrics::{self, MetricsServer, Sources, VmSource};
 use crate::sched::Scheduler;
 use crate::vhost::server::{self, VmServer};
 
@@ -26,6 +27,9 @@ pub enum Error {
     /// The inter-host fabric could not start.
     #[error(transparent)]
     Roce(#[from] roce::Error),
+    /// The metrics endpoint (`--metrics`) could not start.
+    #[error(transparent)]
+    Metrics(#[from] metrics::Error),
     /// The NIC of `--fabric verbs:DEV` cannot be used.
     #[cfg(feature = "verbs")]
     #[error("cannot use the fabric's RDMA NIC")]
@@ -52,6 +56,9 @@ impl Error {
         if let Error::Nic(e) = self {
             return e.is_configuration();
         }
+        if let Error::Metrics(e) = self {
+            return e.is_configuration();
+        }
         matches!(self, Error::RoceWithNic(_) | Error::NotBuilt(_))
     }
 }
@@ -62,6 +69,7 @@ pub struct Daemon {
     servers: Vec<VmServer>,
     scheduler: Scheduler,
     network: Option<Arc<Network>>,
+    metrics: Option<MetricsServer>,
 }
 
 impl Daemon {
@@ -155,6 +163,35 @@ impl Daemon {
                 }
             }
         }
+        let metrics = match config.metrics {
+            Some(addr) => {
+                let sources = Sources {
+                    vms: servers
+                        .iter()
+                        .map(|s| VmSource {
+                            name: s.name().to_owned(),
+                            counters: s.counters().clone(),
+                            connected: s.connected_flag(),
+                        })
+                        .collect(),
+                    network: network.clone(),
+                    scheduler: scheduler.stats().clone(),
+                };
+                match MetricsServer::start(addr, sources) {
+                    Ok(m) => Some(m),
+                    Err(e) => {
+                        for s in servers {
+                            s.stop(Duration::from_secs(1));
+                        }
+                        if let Some(n) = &network {
+                            n.stop();
+                        }
+                        return Err(e.into());
+                    }
+                }
+            }
+            None => None,
+        };
         info!(
             "serving {} VM(s) on the {:?} fabric",
             servers.len(),
@@ -164,6 +201,7 @@ impl Daemon {
             servers,
             scheduler,
             network,
+            metrics,
         })
     }
 
@@ -177,6 +215,12 @@ impl Daemon {
         &self.scheduler
     }
 
+    /// Where the metrics endpoint listens, if `--metrics` started one: the port it bound
+    /// when port 0 was asked for.
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.metrics.as_ref().map(MetricsServer::local_addr)
+    }
+
     /// The RoCEv2 network between hosts, if `--roce` started one.
     pub fn roce(&self) -> Option<&Arc<Network>> {
         self.network.as_ref()
@@ -185,11 +229,11 @@ impl Daemon {
     /// Logs every VM's counters and the inter-host fabric's, one line each (SIGUSR1).
     pub fn log_counters(&self) {
         for s in &self.servers {
-            let Some(device) = s.device() else {
+            // The counters run on across guest connections.
+            if !s.is_connected() {
                 info!("vm {}: no guest connected", s.name());
-                continue;
-            };
-            let c = &device.vm().counters;
+            }
+            let c = s.counters();
             let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
             info!(
                 "vm {}: wrs {} bytes {} completions {} errors {} doorbells {} polled-doorbells {} malformed-doorbells {} ud-dropped {} events-lost {} commands {} failed-commands {} waited-ms {}",
@@ -215,6 +259,9 @@ impl Daemon {
 
     /// Disconnects every VM, releases their objects and removes the sockets.
     pub fn stop(self) {
+        if let Some(m) = self.metrics {
+            m.stop();
+        }
         for s in self.servers {
             s.stop(Duration::from_secs(5));
         }

@@ -11,7 +11,8 @@
 //!    RoCEv2 fabric between hosts);
 //! 5. [`sched`]: deficit round robin over the VMs, rate limits, timers, doorbell polling;
 //! 6. [`vhost`]: the vhost-user backend, one socket and device per VM, its virtqueues;
-//! 7. [`daemon`] and [`cli`]: everything started and stopped together, and the program.
+//! 7. [`daemon`] and [`metrics`] (the Prometheus endpoint the daemon starts, reading the
+//!    layers below), then [`cli`]: everything started and stopped together, and the program.
 
 pub mod cli;
 pub mod config;
@@ -19,6 +20,7 @@ pub mod daemon;
 pub mod fabric;
 pub mod handle;
 pub mod limits;
+pub mod metrics;
 pub mod model;
 pub mod rnic;
 pub mod sched;

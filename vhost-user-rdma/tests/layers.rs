@@ -14,7 +14,7 @@ const LAYERS: &[&[&str]] = &[
     &["fabric"],
     &["sched"],
     &["vhost"],
-    &["daemon"],
+    &["daemon", "metrics"],
     &["cli"],
 ];
 

@@ -540,7 +540,7 @@ fn render_roce(out: &mut String, network: &Network) {
     for (ep, l) in endpoints.iter().zip(&labels) {
         for reason in ParseError::ALL {
             malformed.push((
-                format!("{l},reason=\"{}\"", escape(&reason.to_string())),
+                format!("{l},reason=\"{reason:?}\""),
                 load(&ep.counters.malformed[reason.index()]).to_string(),
             ));
         }
@@ -549,7 +549,7 @@ fn render_roce(out: &mut String, network: &Network) {
         out,
         "vrdma_roce_malformed_total",
         "counter",
-        "Datagrams the parser dropped, by reason.",
+        "Datagrams the parser dropped, by reason (BadIcrc, Truncated, UnknownOpcode, ...).",
         &malformed,
     );
 }

@@ -167,3 +167,58 @@ fn a_port_in_use_is_refused_as_a_configuration_error() {
     assert!(!dir.join("a.sock").exists());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn roce_addresses_and_errors_by_status_are_scraped() {
+    let a = TestDaemon::start_with(
+        &[("a", "gid=127.0.93.1")],
+        &["--roce", "--metrics", "127.0.0.1:0"],
+    );
+    let b = TestDaemon::start_with(&[("b", "gid=127.0.93.2")], &["--roce"]);
+    let addr = a.daemon().metrics_addr().expect("--metrics was given");
+    let (ca, cb) = (a.open("a"), b.open("b"));
+    let (ea, eb) = rc_pair(&ca, &cb, MSG as usize, QpCap::default());
+    let sent = r#"vrdma_roce_tx_datagrams_total{addr="127.0.93.1"}"#;
+    let before = sample(&scrape(addr), sent);
+    let src = [Sge::new(ea.buf.addr(), MSG, ea.mr.lkey())];
+    let write =
+        |rkey| [SendWr::rdma_write(1, &src, eb.buf.addr(), rkey).with_flags(SendFlags::SIGNALED)];
+    for _ in 0..10 {
+        ea.send(&write(eb.mr.rkey())).expect("post write");
+        assert_eq!(ea.poll_one().status, WcStatus::Success);
+    }
+    // A write with a key the peer never gave fails with a remote access error.
+    ea.send(&write(eb.mr.rkey() ^ 0x100)).expect("post write");
+    assert_eq!(ea.poll_one().status, WcStatus::RemAccessErr);
+
+    let after = scrape(addr);
+    assert!(sample(&after, sent) >= before + 10.0);
+    assert!(
+        sample(
+            &after,
+            r#"vrdma_roce_rx_datagrams_total{addr="127.0.93.1"}"#
+        ) > 0.0
+    );
+    assert_eq!(
+        sample(&after, r#"vrdma_roce_address_bound{addr="127.0.93.1"}"#),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &after,
+            r#"vrdma_roce_malformed_total{addr="127.0.93.1",reason="BadIcrc"}"#
+        ),
+        0.0
+    );
+    assert_eq!(
+        sample(&after, r#"vrdma_vm_error_completions_total{vm="a"}"#),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &after,
+            r#"vrdma_vm_error_completions_by_status_total{vm="a",status="RemAccessErr"}"#
+        ),
+        1.0
+    );
+}

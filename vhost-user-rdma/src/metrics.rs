@@ -168,16 +168,12 @@ fn answer(mut stream: TcpStream, sources: &Sources) -> std::io::Result<()> {
     let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let path = target.split('?').next().unwrap_or("");
     match (method, path) {
-        ("GET" | "HEAD", "/metrics") => {
-            let body = render(sources);
-            let body = if method == "HEAD" { "" } else { body.as_str() };
-            respond(
-                &mut stream,
-                "200 OK",
-                "text/plain; version=0.0.4; charset=utf-8",
-                body,
-            )
-        }
+        ("GET", "/metrics") => respond(
+            &mut stream,
+            "200 OK",
+            "text/plain; version=0.0.4; charset=utf-8",
+            &render(sources),
+        ),
         (_, "/metrics") => respond(
             &mut stream,
             "405 Method Not Allowed",
@@ -204,7 +200,7 @@ fn respond(
         body.len()
     );
     if status.starts_with("405") {
-        head.push_str("Allow: GET, HEAD\r\n");
+        head.push_str("Allow: GET\r\n");
     }
     if !content_type.is_empty() {
         let _ = write!(head, "Content-Type: {content_type}\r\n");

@@ -361,3 +361,27 @@ impl Vm {
         self.event_sink.deliver(self, &mut q);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_count_errors_by_status_and_reset_on_request() {
+        let c = Counters::default();
+        c.wrs.fetch_add(5, Ordering::Relaxed);
+        c.count_error(12);
+        c.count_error(12);
+        c.count_error(4);
+        assert_eq!(c.errors.load(Ordering::Relaxed), 3);
+        assert_eq!(c.errors_by_status[12].load(Ordering::Relaxed), 2);
+        assert_eq!(c.errors_by_status[4].load(Ordering::Relaxed), 1);
+        c.reset();
+        assert_eq!(c.values(), [0; 12]);
+        assert!(
+            c.errors_by_status
+                .iter()
+                .all(|s| s.load(Ordering::Relaxed) == 0)
+        );
+    }
+}

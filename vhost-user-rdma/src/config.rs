@@ -23,9 +23,11 @@ pub struct Args {
     /// M, G), max-bw (payload bytes per second; suffixes K, M, G), max-msg-rate (work
     /// requests per second), doorbells (doorbell queues, 1-64; default 1), incoming (on: the
     /// VM arrives by live migration, so with --roce its address is bound when its guest
-    /// connects; default off).
+    /// connects; default off), owner and group (user and group of the socket, names or
+    /// numeric ids; default the daemon's), mode (the socket's permission bits in octal, such as
+    /// 0660; default what the umask leaves). The socket's directory is made if missing.
     ///
-    /// Example: --vm name=vm1,socket=/run/vrdma/vm1.sock,gid=10.0.0.1,weight=3
+    /// Example: --vm name=vm1,socket=/run/vrdma/vm1.sock,gid=10.0.0.1,weight=3,group=kvm,mode=0660
     #[arg(long = "vm", value_name = "KEY=VALUE,...")]
     pub vms: Vec<String>,
 
@@ -105,7 +107,7 @@ pub enum Error {
     },
     /// A key is unknown.
     #[error(
-        "--vm {entry:?}: unknown key {key:?} (known: name, socket, gid, weight, max-qp, max-cq, max-mr, max-pd, max-ah, max-srq, max-mr-bytes, max-bw, max-msg-rate, doorbells)"
+        "--vm {entry:?}: unknown key {key:?} (known: name, socket, gid, weight, max-qp, max-cq, max-mr, max-pd, max-ah, max-srq, max-mr-bytes, max-bw, max-msg-rate, doorbells, incoming, owner, group, mode)"
     )]
     UnknownKey {
         /// The whole entry.
@@ -230,6 +232,23 @@ pub struct VmConfig {
     /// QP numbers are the NIC's (the verbs fabric): a peer on another host puts them in its
     /// packets, so the VM's QPs are numbered by the NIC, not by the daemon's allocator.
     pub nic_qpns: bool,
+    /// Who may open the VM's socket: set on it right after it is bound.
+    pub socket_access: SocketAccess,
+}
+
+/// The owner, group and mode the VM's socket gets right after it is bound (`owner=`, `group=`,
+/// `mode=`): a VMM running as another user than the daemon (QEMU as `libvirt-qemu`, say) can
+/// only connect if the socket lets it, and the umask alone cannot say which user that is.
+/// `None` leaves that part as binding made it: the daemon's user and group, and the mode the
+/// umask leaves.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SocketAccess {
+    /// The socket's owner (uid).
+    pub owner: Option<u32>,
+    /// The socket's group (gid).
+    pub group: Option<u32>,
+    /// The socket's permission bits (at most 0o777).
+    pub mode: Option<u32>,
 }
 
 /// Which fabric carries the VMs' work.
@@ -441,6 +460,7 @@ fn parse_vm(entry: &str, index: usize) -> Result<VmConfig, Error> {
     let mut quotas = Quotas::default();
     let mut doorbell_queues = 1;
     let mut incoming = false;
+    let mut socket_access = SocketAccess::default();
     for part in entry.split(',').filter(|p| !p.is_empty()) {
         let (key, value) = part.split_once('=').ok_or_else(|| Error::NotKeyValue {
             entry: entry.to_owned(),
@@ -504,6 +524,33 @@ fn parse_vm(entry: &str, index: usize) -> Result<VmConfig, Error> {
                     _ => return Err(bad(key, value, "expected on or off")),
                 }
             }
+            "owner" => {
+                socket_access.owner = Some(user_id(value).ok_or_else(|| {
+                    bad(
+                        key,
+                        value,
+                        "no such user on this host: give a user name or a numeric uid",
+                    )
+                })?)
+            }
+            "group" => {
+                socket_access.group = Some(group_id(value).ok_or_else(|| {
+                    bad(
+                        key,
+                        value,
+                        "no such group on this host: give a group name or a numeric gid",
+                    )
+                })?)
+            }
+            "mode" => {
+                socket_access.mode = Some(parse_mode(value).ok_or_else(|| {
+                    bad(
+                        key,
+                        value,
+                        "expected octal permission bits such as 0660 (at most 0777)",
+                    )
+                })?)
+            }
             _ => {
                 return Err(Error::UnknownKey {
                     entry: entry.to_owned(),
@@ -531,7 +578,37 @@ fn parse_vm(entry: &str, index: usize) -> Result<VmConfig, Error> {
         roce: false,
         incoming,
         nic_qpns: false,
+        socket_access,
     })
+}
+
+/// The uid of `value`: a number as it is (a uid need not have a passwd entry, as in a
+/// container), else a user name looked up in the host's user database.
+fn user_id(value: &str) -> Option<u32> {
+    if let Ok(uid) = value.parse::<u32>() {
+        return Some(uid);
+    }
+    let user = nix::unistd::User::from_name(value).ok()??;
+    Some(user.uid.as_raw())
+}
+
+/// The gid of `value`: a number as it is, else a group name looked up in the host's group
+/// database.
+fn group_id(value: &str) -> Option<u32> {
+    if let Ok(gid) = value.parse::<u32>() {
+        return Some(gid);
+    }
+    let group = nix::unistd::Group::from_name(value).ok()??;
+    Some(group.gid.as_raw())
+}
+
+/// Permission bits in octal (`0660`, `660`): only the nine rwx bits, as setuid, setgid and
+/// sticky mean nothing on a socket and a typo there should not pass silently.
+fn parse_mode(value: &str) -> Option<u32> {
+    if value.is_empty() || value.len() > 4 {
+        return None;
+    }
+    u32::from_str_radix(value, 8).ok().filter(|&m| m <= 0o777)
 }
 
 /// The RoCEv2 GID of an IP address. IPv4 addresses are IPv4-mapped, and an IPv4-mapped IPv6
@@ -623,6 +700,14 @@ mod tests {
             (&["name=a,socket=/x,max-mr-bytes=lots"], "max-mr-bytes"),
             (&["name=a,socket=/x,max-msg-rate=0"], "max-msg-rate"),
             (&["name=a,socket=/x,max-bw=fast"], "max-bw"),
+            (
+                &["name=a,socket=/x,owner=nobody-here"],
+                "owner=\"nobody-here\"",
+            ),
+            (&["name=a,socket=/x,group=nobody-here"], "no such group"),
+            (&["name=a,socket=/x,mode=rw"], "octal"),
+            (&["name=a,socket=/x,mode=1777"], "at most 0777"),
+            (&["name=a,socket=/x,mode="], "mode=\"\""),
         ];
         for (vms, expected) in cases {
             let err = Config::from_args(&args(vms)).unwrap_err().to_string();
@@ -631,6 +716,36 @@ mod tests {
                 "{vms:?}: {err:?} should mention {expected:?}"
             );
         }
+    }
+
+    /// Users and groups by name (root is 0 on every host) or number, modes in octal with or
+    /// without the leading 0; nothing given leaves the socket as binding made it.
+    #[test]
+    fn socket_owner_group_and_mode_take_names_numbers_and_octal() {
+        let cfg = Config::from_args(&args(&[
+            "name=a,socket=/x,owner=root,group=root,mode=0660",
+            "name=b,socket=/y,owner=1234,group=5678,mode=600",
+            "name=c,socket=/z",
+        ]))
+        .unwrap();
+        let access = |i: usize| cfg.vms[i].socket_access;
+        assert_eq!(
+            access(0),
+            SocketAccess {
+                owner: Some(0),
+                group: Some(0),
+                mode: Some(0o660)
+            }
+        );
+        assert_eq!(
+            access(1),
+            SocketAccess {
+                owner: Some(1234),
+                group: Some(5678),
+                mode: Some(0o600)
+            }
+        );
+        assert_eq!(access(2), SocketAccess::default());
     }
 
     #[test]

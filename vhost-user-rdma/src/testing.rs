@@ -157,6 +157,7 @@ impl TestVm {
             roce: false,
             incoming: false,
             nic_qpns: false,
+            socket_access: Default::default(),
         };
         let base = u64::from(id) << 28;
         let mem = GuestMem::from_ranges(&[(GuestAddress(base), MEM_SIZE)]).unwrap();

@@ -857,6 +857,7 @@ mod tests {
             roce: false,
             incoming: false,
             nic_qpns: false,
+            socket_access: Default::default(),
         }
     }
 

@@ -16,7 +16,7 @@ use vm_memory::GuestMemoryAtomic;
 
 use super::device::{SharedDevice, VmDevice};
 use super::queues::{DoorbellQueues, EventQueue};
-use crate::config::VmConfig;
+use crate::config::{SocketAccess, VmConfig};
 use crate::model::memory::GuestMem;
 use crate::model::objects::VmObjects;
 use crate::model::vm::{Counters, Vm};
@@ -31,14 +31,51 @@ pub enum Error {
     /// Another process answers on the socket path.
     #[error("socket {0} is in use by another process; stop it or choose another socket= path")]
     SocketBusy(PathBuf),
+    /// The socket's directory is missing and could not be made.
+    #[error(
+        "cannot make the directory {path} for the VM's socket: make it, or let the daemon's user write to its parent"
+    )]
+    Directory {
+        /// The directory.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
     /// The socket could not be created.
-    #[error("cannot listen on {path}: check the directory exists and is writable")]
+    #[error("cannot listen on {path}: check the daemon's user may write to its directory")]
     Listen {
         /// The socket path.
         path: PathBuf,
         /// Cause.
         #[source]
         source: vhost::vhost_user::Error,
+    },
+    /// The socket's owner or group could not be set (`owner=`, `group=`).
+    #[error(
+        "cannot give socket {path} owner {owner} and group {group}: a new owner needs the daemon to run as root (or with CAP_CHOWN), a new group that the daemon's user is in it"
+    )]
+    Chown {
+        /// The socket path.
+        path: PathBuf,
+        /// The uid asked for, or "unchanged".
+        owner: String,
+        /// The gid asked for, or "unchanged".
+        group: String,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The socket's mode could not be set (`mode=`).
+    #[error("cannot set mode {mode:04o} on socket {path}")]
+    Chmod {
+        /// The socket path.
+        path: PathBuf,
+        /// The mode asked for.
+        mode: u32,
+        /// Cause.
+        #[source]
+        source: io::Error,
     },
     /// The serving thread could not be started.
     #[error("cannot start the thread serving VM {name}")]
@@ -98,10 +135,14 @@ impl VmServer {
         if UnixStream::connect(&cfg.socket).is_ok() {
             return Err(Error::SocketBusy(cfg.socket.clone()));
         }
+        make_directory(&cfg.socket)?;
         let mut listener = Listener::new(&cfg.socket, true).map_err(|source| Error::Listen {
             path: cfg.socket.clone(),
             source,
         })?;
+        // On an error the listener goes and takes the socket with it (its drop unlinks it), so
+        // no socket is left with access the operator did not ask for.
+        set_access(&cfg.socket, &cfg.socket_access)?;
         let shared = Arc::new(Shared::default());
         let thread_shared = shared.clone();
         let name = cfg.name.clone();
@@ -200,6 +241,63 @@ impl VmServer {
     }
 }
 
+/// Makes the socket's directory if it is missing, so that a socket under `/run` (a tmpfs,
+/// empty at every boot) works without a step before the daemon. Mode 0755 (less what the umask
+/// takes): the VMMs must reach the socket through it, and the socket's own mode says who may
+/// connect.
+fn make_directory(socket: &Path) -> Result<(), Error> {
+    use std::os::unix::fs::DirBuilderExt;
+    let Some(dir) = socket.parent().filter(|d| !d.as_os_str().is_empty()) else {
+        return Ok(());
+    };
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(dir)
+        .map_err(|source| Error::Directory {
+            path: dir.to_owned(),
+            source,
+        })?;
+    info!(
+        "made the directory {} for socket {}",
+        dir.display(),
+        socket.display()
+    );
+    Ok(())
+}
+
+/// Gives the bound socket the owner, group and mode of `owner=`, `group=` and `mode=`. Until
+/// this runs the umask decides who may connect (the systemd unit sets `UMask=0077`, so
+/// nobody else can in that moment); the owner and group are set before the mode so that a
+/// wider mode never applies to the daemon's own group.
+fn set_access(socket: &Path, access: &SocketAccess) -> Result<(), Error> {
+    use std::os::unix::fs::PermissionsExt;
+    if access.owner.is_some() || access.group.is_some() {
+        std::os::unix::fs::chown(socket, access.owner, access.group).map_err(|source| {
+            let id = |v: Option<u32>| v.map_or_else(|| "unchanged".to_owned(), |v| v.to_string());
+            Error::Chown {
+                path: socket.to_owned(),
+                owner: id(access.owner),
+                group: id(access.group),
+                source,
+            }
+        })?;
+    }
+    if let Some(mode) = access.mode {
+        std::fs::set_permissions(socket, std::fs::Permissions::from_mode(mode)).map_err(
+            |source| Error::Chmod {
+                path: socket.to_owned(),
+                mode,
+                source,
+            },
+        )?;
+    }
+    Ok(())
+}
+
 fn remove_socket(path: &Path) {
     match std::fs::remove_file(path) {
         Ok(()) => {}
@@ -277,9 +375,16 @@ fn serve(
         } else {
             info!("vm {name}: frontend connected");
         }
+        // A guest that shuts down or a VMM that quits closes the socket between messages: the
+        // library reports that as an error, but for the operator it is the ordinary end of a
+        // connection and gets the same one line as a clean one. Anything else is worth a
+        // warning with its cause (the daemon goes on and serves the next frontend).
         match daemon.wait() {
-            Ok(()) => info!("vm {name}: frontend disconnected"),
-            Err(e) => info!("vm {name}: connection ended: {e}"),
+            Ok(())
+            | Err(vhost_user_backend::Error::HandleRequest(
+                vhost::vhost_user::Error::Disconnected,
+            )) => info!("vm {name}: frontend disconnected"),
+            Err(e) => warn!("vm {name}: connection ended by an error: {e}"),
         }
         shared.connected.store(false, Ordering::Relaxed);
         shared

@@ -1057,6 +1057,7 @@ mod tests {
             roce,
             incoming: false,
             nic_qpns: false,
+            socket_access: Default::default(),
         };
         let mut vm = VmObjects::new(&cfg, 7);
         let mut run = |op, body: &[u8]| exec(&mut vm, &mem, &command(op, body)).unwrap();

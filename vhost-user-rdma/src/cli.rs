@@ -11,9 +11,15 @@ use crate::config::{Args, Config, FabricKind};
 use crate::daemon::Daemon;
 use vrdma_proto::ErrorChain;
 
-/// The capabilities JSON of QEMU's `docs/interop/vhost-user.json`. That schema has no "rdma"
-/// backend type yet; this is the entry vrdma proposes for it, with no optional features.
-pub const CAPABILITIES: &str = "{\n  \"type\": \"rdma\",\n  \"features\": []\n}";
+/// The capabilities JSON of QEMU's `docs/interop/vhost-user.json` ("Backend program
+/// conventions" in vhost-user.rst). That schema's `VHostUserBackendType` enum has no RDMA
+/// type (it lists 9p, balloon, block, caif, console, crypto, gpu, input, net, rng, rpmsg,
+/// rproc-serial, scsi, vsock and fs), so no output can both validate and be true: naming one
+/// of those would have management software pair this daemon with the wrong device. It prints
+/// `"rdma"`, what an entry for virtio device 42 would be called, in the form the schema gives
+/// types without their own features (only `type`, as virtiofsd prints for `fs`). A validating
+/// consumer rejects it until QEMU adds the type (README.md says so).
+pub const CAPABILITIES: &str = "{\n  \"type\": \"rdma\"\n}";
 
 /// Runs the daemon with the command line `argv` (program name first) until SIGINT or
 /// SIGTERM; `bin_name` is how help and errors name the program.

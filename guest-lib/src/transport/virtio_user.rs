@@ -92,6 +92,21 @@ impl Default for Options {
     }
 }
 
+/// What to check when the socket cannot be connected. A socket that exists but may not be
+/// opened is the daemon's choice of who may connect, not a daemon that is missing: the fix is
+/// the VM's `owner=`, `group=` and `mode=`, so that is what the hint names.
+fn connect_hint(socket: &Path, source: &io::Error) -> String {
+    let socket = socket.display();
+    match source.kind() {
+        io::ErrorKind::PermissionDenied => format!(
+            "this user may not open it: give it access with the daemon's \
+             --vm ...,socket={socket},owner=USER,group=GROUP,mode=0660 for this user or a group \
+             it is in"
+        ),
+        _ => format!("is vhost-user-rdma running with --vm ...socket={socket}?"),
+    }
+}
+
 /// Why talking to the daemon failed.
 #[derive(Debug, thiserror::Error)]
 pub enum VirtioUserError {
@@ -104,11 +119,7 @@ pub enum VirtioUserError {
         reason: String,
     },
     /// The socket could not be connected.
-    #[error(
-        "cannot connect to vhost-user socket {}: is vhost-user-rdma running with --vm \
-         ...socket={}?",
-        socket.display(), socket.display()
-    )]
+    #[error("cannot connect to vhost-user socket {}: {}", socket.display(), connect_hint(socket, source))]
     Connect {
         /// The socket path.
         socket: PathBuf,
@@ -1618,5 +1629,33 @@ impl Transport for VirtioUser {
     /// region at its own address.
     fn device_addr(&self, addr: u64, len: u64) -> Option<u64> {
         self.is_shared(addr, len).then_some(addr)
+    }
+}
+
+#[cfg(test)]
+mod connect_hint_tests {
+    use super::*;
+
+    /// A socket this user may not open points at the daemon's socket access options; a missing
+    /// one still asks whether the daemon runs (a test as root cannot be refused by a mode, so
+    /// the errors are made here).
+    #[test]
+    fn permission_denied_names_owner_group_and_mode() {
+        let socket = PathBuf::from("/run/vrdma/vm1.sock");
+        let denied = VirtioUserError::Connect {
+            socket: socket.clone(),
+            source: io::Error::from(io::ErrorKind::PermissionDenied),
+        }
+        .to_string();
+        for needle in ["owner=", "group=", "mode=", "socket=/run/vrdma/vm1.sock"] {
+            assert!(denied.contains(needle), "{denied}");
+        }
+        assert!(!denied.contains("running"), "{denied}");
+        let missing = VirtioUserError::Connect {
+            socket,
+            source: io::Error::from(io::ErrorKind::NotFound),
+        }
+        .to_string();
+        assert!(missing.contains("is vhost-user-rdma running"), "{missing}");
     }
 }

@@ -1,7 +1,6 @@
 use std::sync::Arc;
 
 use vrdma_proto::cmd::{self, Opcode};
-use vrdma_proto::mr::Access;
 use zerocopy::IntoBytes;
 
 use super::pd::{PdInner, ProtectionDomain};
@@ -9,7 +8,10 @@ use super::{Error, Result};
 use crate::mem::DmaBuf;
 
 /// Memory-region access flags (`ibv_access_flags`).
-pub type AccessFlags = Access;
+// A re-export, not a type alias: rustdoc shows an alias of a bitflags type without its
+// flag constants, which are the point of the page.
+#[doc(inline)]
+pub use vrdma_proto::mr::Access as AccessFlags;
 
 /// Page size used for page lists: the smallest the device accepts, so any mapping works.
 const PAGE_SHIFT: u8 = vrdma_proto::mr::MIN_PAGE_SHIFT;

@@ -21,11 +21,17 @@ pub type QpType = qp::Type;
 /// QP state (`ibv_qp_state`).
 pub type QpState = qp::State;
 /// Which attributes a modify sets (`ibv_qp_attr_mask`).
-pub type QpAttrMask = qp::AttrMask;
+// A re-export, not a type alias: rustdoc shows an alias of a bitflags type without its
+// flag constants, which are the point of the page.
+#[doc(inline)]
+pub use vrdma_proto::qp::AttrMask as QpAttrMask;
 /// Work-request opcode (`ibv_wr_opcode`).
 pub type WrOpcode = wqe::Opcode;
 /// Send flags (`ibv_send_flags`).
-pub type SendFlags = wqe::SendFlags;
+// A re-export, not a type alias: rustdoc shows an alias of a bitflags type without its
+// flag constants, which are the point of the page.
+#[doc(inline)]
+pub use vrdma_proto::wqe::SendFlags;
 /// A scatter/gather entry (`ibv_sge`).
 pub type Sge = wqe::Sge;
 

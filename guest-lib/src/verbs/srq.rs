@@ -12,7 +12,10 @@ use super::{Error, Result};
 
 /// Which attributes [`SharedReceiveQueue::modify`] sets (`ibv_srq_attr_mask`): `MAX_WR`
 /// (resizing, which the device refuses) and `LIMIT` (arming the limit event).
-pub type SrqAttrMask = cmd::SrqAttrMask;
+// A re-export, not a type alias: rustdoc shows an alias of a bitflags type without its
+// flag constants, which are the point of the page.
+#[doc(inline)]
+pub use vrdma_proto::cmd::SrqAttrMask;
 
 /// The device's limits on SRQs (`max_srq`, `max_srq_wr` and `max_srq_sge` of
 /// `ibv_device_attr`), as [`super::Context::srq_caps`] reads them; all zero from a device

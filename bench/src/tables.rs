@@ -516,8 +516,16 @@ pub fn all(r: &mut Results, env: &Env) -> Vec<Table> {
     cols.push(col("latency", TCP_LAT, "latency"));
     cols.push(col("ratios", "write poll / tcp", "lat_ratio"));
     cols.push(col("ratios", "write event / tcp", "lat_ratio"));
-    let mut t = matrix(r, "Latency (us, one way = half a round trip)", &cols);
-    t.note = "vrdma: vrdma-perf *_lat t_typical (median); qperf tcp_lat: mean.".into();
+    // read_lat times a whole READ (request out, data back), as perftest does; halving it would
+    // hide that a READ cannot be one way. The header says which is which.
+    let mut t = matrix(
+        r,
+        "Latency (us): WRITE, SEND and TCP one way (half a round trip), READ a whole READ (a round trip)",
+        &cols,
+    );
+    t.note = "vrdma: vrdma-perf *_lat t_typical (median): write_lat and send_lat of half round \
+              trips, read_lat of whole READs; qperf tcp_lat: mean of half round trips."
+        .into();
     if !t.rows.is_empty() {
         out.push(t);
     }
@@ -805,7 +813,7 @@ pub fn charts() -> Vec<Chart<'static>> {
         },
         Chart {
             name: "latency",
-            title: "One-way latency vs message size: vrdma (median), TCP (qperf, mean)",
+            title: "Latency vs message size: vrdma (median; READ a whole READ, the rest one way), TCP (qperf, mean, one way)",
             ylabel: "microseconds",
             lines: lat,
         },

@@ -186,6 +186,16 @@ fn open_failure(socket: &Path, err: &vrdma::Error) -> String {
     let transport =
         std::error::Error::source(err).and_then(|s| s.downcast_ref::<VirtioUserError>());
     match transport {
+        // The socket is there but this user may not open it: the daemon runs, and asking
+        // whether it does would send the operator the wrong way.
+        Some(VirtioUserError::Connect { source, .. })
+            if source.kind() == std::io::ErrorKind::PermissionDenied =>
+        {
+            format!(
+                "cannot open the vrdma device at {path}: this user may not open the socket; \
+                 give it access with the daemon's --vm ...,socket={path},owner=USER,group=GROUP,mode=0660"
+            )
+        }
         Some(VirtioUserError::Connect { source, .. }) => {
             let why = match source.kind() {
                 std::io::ErrorKind::NotFound => "no such socket".to_owned(),
@@ -423,5 +433,35 @@ fn phys_state_str(raw: u8) -> &'static str {
         6 => "LINK_ERROR_RECOVERY",
         7 => "PHY TEST",
         _ => "invalid physical state",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn connect_failure(kind: std::io::ErrorKind) -> String {
+        let err = vrdma::Error::Transport {
+            verb: "ibv_open_device",
+            source: Box::new(VirtioUserError::Connect {
+                socket: "/run/vrdma/vm1.sock".into(),
+                source: std::io::Error::from(kind),
+            }),
+        };
+        open_failure(Path::new("/run/vrdma/vm1.sock"), &err)
+    }
+
+    /// A socket this user may not open names the daemon's access options instead of asking
+    /// whether the daemon runs (tests run as root, whom no mode refuses, so the error is made
+    /// here; tests/tools.rs covers the missing and stale sockets with the real program).
+    #[test]
+    fn permission_denied_points_at_owner_group_and_mode() {
+        let denied = connect_failure(std::io::ErrorKind::PermissionDenied);
+        assert!(
+            denied.contains("owner=USER,group=GROUP,mode=0660") && !denied.contains("running"),
+            "{denied}"
+        );
+        let missing = connect_failure(std::io::ErrorKind::NotFound);
+        assert!(missing.contains("is vhost-user-rdma running"), "{missing}");
     }
 }

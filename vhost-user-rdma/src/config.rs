@@ -25,7 +25,7 @@ pub struct Args {
     /// VM arrives by live migration, so with --roce its address is bound when its guest
     /// connects; default off), owner and group (user and group of the socket, names or
     /// numeric ids; default the daemon's), mode (the socket's permission bits in octal, such as
-    /// 0660; default what the umask leaves). The socket's directory is made if missing.
+    /// 0660; default what the umask leaves). The socket's directory is made (0755) if missing.
     ///
     /// Example: --vm name=vm1,socket=/run/vrdma/vm1.sock,gid=10.0.0.1,weight=3,group=kvm,mode=0660
     #[arg(long = "vm", value_name = "KEY=VALUE,...")]

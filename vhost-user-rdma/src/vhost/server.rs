@@ -242,30 +242,38 @@ impl VmServer {
 }
 
 /// Makes the socket's directory if it is missing, so that a socket under `/run` (a tmpfs,
-/// empty at every boot) works without a step before the daemon. Mode 0755 (less what the umask
-/// takes): the VMMs must reach the socket through it, and the socket's own mode says who may
-/// connect.
+/// empty at every boot) works without a step before the daemon. Each directory made gets mode
+/// 0755 whatever the umask (the systemd unit's is 0077): the VMMs, which may run as other
+/// users, must reach the socket through it, and the socket's own mode (`mode=`) says who may
+/// connect. Directories that exist are left as they are.
 fn make_directory(socket: &Path) -> Result<(), Error> {
-    use std::os::unix::fs::DirBuilderExt;
+    use std::os::unix::fs::PermissionsExt;
     let Some(dir) = socket.parent().filter(|d| !d.as_os_str().is_empty()) else {
         return Ok(());
     };
-    if dir.is_dir() {
-        return Ok(());
+    let missing: Vec<&Path> = dir.ancestors().take_while(|d| !d.exists()).collect();
+    for d in missing.iter().rev() {
+        let made = std::fs::create_dir(d)
+            .and_then(|()| std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)));
+        match made {
+            Ok(()) => {}
+            // Made meanwhile by someone else (another daemon starting): theirs to keep.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(source) => {
+                return Err(Error::Directory {
+                    path: d.to_path_buf(),
+                    source,
+                });
+            }
+        }
     }
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o755)
-        .create(dir)
-        .map_err(|source| Error::Directory {
-            path: dir.to_owned(),
-            source,
-        })?;
-    info!(
-        "made the directory {} for socket {}",
-        dir.display(),
-        socket.display()
-    );
+    if !missing.is_empty() {
+        info!(
+            "made the directory {} for socket {}",
+            dir.display(),
+            socket.display()
+        );
+    }
     Ok(())
 }
 

@@ -66,7 +66,8 @@ pub struct Args {
     pub roce_ipv4_icrc: String,
 
     /// Print the backend capabilities JSON that QEMU's docs/interop/vhost-user.json defines
-    /// for backend programs, and exit.
+    /// for backend programs, and exit: {"type": "rdma"}, a type that schema does not list yet
+    /// (it has no RDMA device), so a consumer that validates against it refuses it.
     #[arg(long)]
     pub print_capabilities: bool,
 

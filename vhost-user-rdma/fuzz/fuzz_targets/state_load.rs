@@ -37,6 +37,8 @@ fuzz_target!(|data: &[u8]| {
         active_mtu: Mtu::Mtu4096,
         roce: mode & 2 != 0,
         incoming: false,
+        nic_qpns: false,
+        socket_access: Default::default(),
     };
     let now = Instant::now();
     let restored = match state::load(&blob, &cfg, 7, now) {

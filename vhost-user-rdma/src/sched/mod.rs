@@ -676,6 +676,8 @@ impl Turns {
             }
             if !e.vm.has_work.load(Ordering::Acquire) {
                 e.deficit = 0;
+                // Idle: what it earns from here on is a burst, bounded as such.
+                e.buckets.unhold();
                 self.account_wait(i, false);
                 continue;
             }
@@ -686,6 +688,7 @@ impl Turns {
                 if let Some(wait) = e.buckets.wait() {
                     // Over its limit: not its turn, and no deficit saved up for later.
                     e.deficit = 0;
+                    e.buckets.hold();
                     let at = now + wait;
                     self.rate_wake = Some(self.rate_wake.map_or(at, |w| w.min(at)));
                     continue;
@@ -705,6 +708,7 @@ impl Turns {
             while self.entries[i].deficit > 0 {
                 let e = &mut self.entries[i];
                 if limited && e.buckets.wait().is_some() {
+                    e.buckets.hold();
                     break;
                 }
                 let Some(queued) = vm.pop_ready() else {

@@ -6,6 +6,11 @@ use crate::model::memory::CHUNK;
 
 /// A VM's token buckets. Each holds at most 10 ms of its rate (but never less than one chunk
 /// or one message), so a limited VM cannot save up a burst that would hold back the others.
+///
+/// That bound is for a VM that had nothing to do. A VM the limit held back, with work
+/// waiting, earns its rate for however long the scheduler took to come back to it (up to a
+/// second): on a busy host an idle scheduler wakes late, and a VM waiting for its tokens must
+/// not lose what its cap grants because of that.
 #[derive(Debug, Clone, Copy)]
 pub struct Buckets {
     max_bw: Option<u64>,
@@ -13,6 +18,7 @@ pub struct Buckets {
     bytes: f64,
     msgs: f64,
     last: Instant,
+    held: bool,
 }
 
 impl Buckets {
@@ -25,6 +31,7 @@ impl Buckets {
             bytes: 0.0,
             msgs: 0.0,
             last: Instant::now(),
+            held: false,
         }
     }
 
@@ -33,24 +40,38 @@ impl Buckets {
         self.max_bw.is_some() || self.max_msg_rate.is_some()
     }
 
-    fn byte_cap(bw: u64) -> f64 {
-        (bw as f64 / 100.0).max(f64::from(CHUNK))
+    fn byte_cap(bw: u64, held: bool) -> f64 {
+        let window = if held { 1.0 } else { 100.0 };
+        (bw as f64 / window).max(f64::from(CHUNK))
     }
 
-    fn msg_cap(rate: u64) -> f64 {
-        (rate as f64 / 100.0).max(1.0)
+    fn msg_cap(rate: u64, held: bool) -> f64 {
+        let window = if held { 1.0 } else { 100.0 };
+        (rate as f64 / window).max(1.0)
     }
 
     /// Adds what the rates earned since the last refill.
     pub fn refill(&mut self, now: Instant) {
         let dt = now.saturating_duration_since(self.last).as_secs_f64();
         self.last = now;
+        let held = std::mem::take(&mut self.held);
         if let Some(bw) = self.max_bw {
-            self.bytes = (self.bytes + bw as f64 * dt).min(Self::byte_cap(bw));
+            self.bytes = (self.bytes + bw as f64 * dt).min(Self::byte_cap(bw, held));
         }
         if let Some(rate) = self.max_msg_rate {
-            self.msgs = (self.msgs + rate as f64 * dt).min(Self::msg_cap(rate));
+            self.msgs = (self.msgs + rate as f64 * dt).min(Self::msg_cap(rate, held));
         }
+    }
+
+    /// The limit held the VM back with work waiting: the next refill credits all the time
+    /// until then.
+    pub fn hold(&mut self) {
+        self.held = true;
+    }
+
+    /// The VM has nothing to do: from now on it earns at most the small burst again.
+    pub fn unhold(&mut self) {
+        self.held = false;
     }
 
     /// How long until the VM may move again, or `None` if it may now.
@@ -88,5 +109,42 @@ impl Buckets {
     /// Work requests the VM may still carry out before it must wait (negative: owed).
     pub fn msgs_left(&self) -> f64 {
         self.msgs
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A VM the limit held back earns its rate for all the time the scheduler took to come
+    /// back (here 50 ms late), while one that was idle earns at most 10 ms of it.
+    #[test]
+    fn a_held_vm_keeps_what_a_late_scheduler_owes_it_and_an_idle_one_does_not() {
+        let t0 = Instant::now();
+        let mut held = Buckets::new(Some(100 << 20), Some(10_000));
+        let mut idle = held;
+        held.charge(1 << 20, 100);
+        idle.charge(1 << 20, 100);
+        held.hold();
+        let late = t0 + Duration::from_millis(60);
+        held.refill(late);
+        idle.refill(late);
+        // 60 ms of 100 MiB/s is 6 MiB, less the 1 MiB owed: 5 MiB, and 600 messages less 100;
+        // the idle one stops at 10 ms' worth: 1 MiB and 100 messages.
+        let mib = f64::from(1u32 << 20);
+        assert!(
+            (held.bytes_left() - 5.0 * mib).abs() < 1e3,
+            "{}",
+            held.bytes_left()
+        );
+        assert!(
+            (held.msgs_left() - 500.0).abs() < 0.1,
+            "{}",
+            held.msgs_left()
+        );
+        assert_eq!((idle.bytes_left(), idle.msgs_left()), (mib, 100.0));
+        // Once refilled the hold is spent: the next late refill is bounded again.
+        held.refill(late + Duration::from_millis(500));
+        assert_eq!((held.bytes_left(), held.msgs_left()), (mib, 100.0));
     }
 }

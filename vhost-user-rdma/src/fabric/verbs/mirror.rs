@@ -1,11 +1,12 @@
 //! Each VM's objects mirrored on the NIC: a NIC PD per PD, a NIC MR per MR (registered over
-//! the guest's own pages), a NIC CQ per CQ, a NIC QP per QP (numbered by the NIC: the guest
-//! sees the NIC's QP number, which is what peers put in their packets), a NIC AH per AH.
+//! the guest's own pages, or a window of them), a NIC CQ per CQ, a NIC QP per QP (numbered by
+//! the NIC: the guest sees the NIC's QP number, which is what peers put in their packets), a
+//! NIC SRQ per SRQ, a NIC AH per AH.
 //!
-//! The VMs' control paths change these through [`NicHooks`], under the VM's lock; the
-//! scheduler (posting) and the VM's completion thread read and update them under the same
-//! lock, then this module's own (always taken second, so the two never wait on each other in
-//! the opposite order).
+//! The VMs' control paths change these through [`NicHooks`], under the VM's lock, then the
+//! lock of the VM's [`super::objects::NicState`]; the scheduler (posting) and the VM's
+//! completion thread take the two in the same order, so none waits on another in the
+//! opposite order.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -327,26 +327,21 @@ fn fail_unposted(
     (retired, status, vendor): (Retired, Status, VendorErr),
 ) -> Next {
     if taken == 0 {
-        {
-            // Nothing of the QP's is on the NIC: it fails now, in order.
-            fail_head(objects, vm, mem, qpn, Some(retired), status, vendor);
-            stop_nic_qp(objects, st, qpn);
-            Next::FailedNow
-        }
-    } else {
-        {
-            // It fails once the requests before it have completed.
-            if let Some(nq) = st.qps.get_mut(&qpn) {
-                nq.fault = Some(Fault {
-                    index: next,
-                    retired,
-                    status,
-                    vendor,
-                });
-            }
-            Next::Done
-        }
+        // Nothing of the QP's is on the NIC: it fails now, in order.
+        fail_head(objects, vm, mem, qpn, Some(retired), status, vendor);
+        stop_nic_qp(objects, st, qpn);
+        return Next::FailedNow;
     }
+    // It fails once the requests before it have completed.
+    if let Some(nq) = st.qps.get_mut(&qpn) {
+        nq.fault = Some(Fault {
+            index: next,
+            retired,
+            status,
+            vendor,
+        });
+    }
+    Next::Done
 }
 
 /// Takes QP `qpn`'s NIC QP to ERR if the guest's went there: the NIC flushes what it holds

@@ -80,21 +80,13 @@ pub fn run(
                 continue;
             }
         };
-        let mut room_freed = false;
-        deliver(
-            &vm,
-            &nic_vm,
-            &room,
-            cqn,
-            &mut batch,
-            &mut wake,
-            &mut room_freed,
-        );
+        let mut unpark = false;
+        deliver(&vm, &nic_vm, &room, cqn, &mut batch, &mut wake, &mut unpark);
         for qpn in wake.drain(..) {
             vm.enqueue(qpn);
-            room_freed = true;
+            unpark = true;
         }
-        if room_freed {
+        if unpark {
             scheduler.unpark();
         }
         vm.deliver_events();
@@ -109,7 +101,7 @@ fn deliver(
     cqn: u32,
     batch: &mut [nic::Completion; BATCH],
     wake: &mut Vec<u32>,
-    room_freed: &mut bool,
+    unpark: &mut bool,
 ) {
     let Some(cq) = nic_vm.state().cqs.get(&cqn).cloned() else {
         return;
@@ -133,7 +125,7 @@ fn deliver(
         let mut objects = vm.lock();
         let mut st = nic_vm.state();
         for c in &batch[..n] {
-            complete(vm, &mut objects, &mut st, room, &mem, c, wake, room_freed);
+            complete(vm, &mut objects, &mut st, room, &mem, c, wake, unpark);
         }
     }
 }
@@ -155,7 +147,7 @@ fn complete(
     mem: &GuestMem,
     c: &nic::Completion,
     wake: &mut Vec<u32>,
-    room_freed: &mut bool,
+    unpark: &mut bool,
 ) {
     let tag = Tag::decode(c.wr_id);
     let qpn = c.qp_num;
@@ -174,7 +166,7 @@ fn complete(
     } else {
         nq.send.in_flight = nq.send.in_flight.saturating_sub(1);
         if room.give(1) {
-            *room_freed = true;
+            *unpark = true;
         }
     }
     if tag.recv {

@@ -121,7 +121,9 @@ fn counters_move_between_scrapes_while_traffic_runs() {
     assert!(sample(&busy, r#"vrdma_vm_commands_total{vm="b",result="ok"}"#) > 0.0);
     let rung = sample(&busy, r#"vrdma_vm_doorbells_total{vm="a",taken="kicked"}"#)
         + sample(&busy, r#"vrdma_vm_doorbells_total{vm="a",taken="polled"}"#);
-    assert!(rung >= wrs_after, "{rung} doorbells for {wrs_after} writes");
+    // Not one per write: a driver skips the doorbell while the device still polls its send
+    // ring (docs/protocol.md §11), which on a busy host it often does.
+    assert!(rung >= 1.0, "{rung} doorbells for {wrs_after} writes");
 
     // The guest goes: the gauge drops and the counters stay, for the next guest to add to.
     drop((a, b, ca, cb));

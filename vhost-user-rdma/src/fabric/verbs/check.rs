@@ -274,7 +274,7 @@ pub fn check(nic: &Nic) -> Result<Report, Error> {
     // in Loopback it is the field before the buffer.
     let mr = unsafe { pd.register(buf.ptr.as_ptr(), BUFFER, Access::ALL)? };
     for qp in [&a, &b] {
-        qp.to_init(port.port, Access::ALL, None)?;
+        qp.to_init(&port, Access::ALL, None)?;
     }
     let (psn_a, psn_b) = (0x1234, 0x5678);
     let end = |qp: &Qp, psn| RemoteQp {
@@ -285,11 +285,11 @@ pub fn check(nic: &Nic) -> Result<Report, Error> {
     };
     a.to_rtr(&port, &end(&b, psn_b))?;
     b.to_rtr(&port, &end(&a, psn_a))?;
-    a.to_rts(psn_a)?;
-    b.to_rts(psn_b)?;
+    a.to_rts(&port, psn_a)?;
+    b.to_rts(&port, psn_b)?;
     let ud = Qp::create(&pd, &cq, &cq, None, QpKind::Ud, caps)?;
-    ud.to_init(port.port, Access::default(), Some(UD_QKEY))?;
-    ud.ud_to_rts(0)?;
+    ud.to_init(&port, Access::default(), Some(UD_QKEY))?;
+    ud.ud_to_rts(&port, 0)?;
     let ah = pd.create_ah(&port, port.gid, port.lid)?;
     let lb = Loopback {
         device: device.clone(),

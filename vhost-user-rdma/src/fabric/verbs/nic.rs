@@ -1092,69 +1092,32 @@ impl Qp {
         // SAFETY: plain C data, all-zero valid.
         let mut attr: ibv_qp_attr = unsafe { std::mem::zeroed() };
         let mut mask = M(0);
-        if let Some(state) = m.state {
-            attr.qp_state = state.raw();
-            mask |= M::IBV_QP_STATE;
+        // Each attribute given goes into `attr`, with its bit in `mask`.
+        macro_rules! set {
+            ($($given:expr => $field:ident, $bit:ident;)*) => {
+                $(if let Some(v) = $given {
+                    attr.$field = v;
+                    mask |= M::$bit;
+                })*
+            };
         }
-        if let Some(access) = m.access {
-            attr.qp_access_flags = access.flags() as u32;
-            mask |= M::IBV_QP_ACCESS_FLAGS;
-        }
-        if let Some(qkey) = m.qkey {
-            attr.qkey = qkey;
-            mask |= M::IBV_QP_QKEY;
-        }
-        if let Some(index) = m.pkey_index {
-            attr.pkey_index = index;
-            mask |= M::IBV_QP_PKEY_INDEX;
-        }
-        if m.port {
-            attr.port_num = port.port;
-            mask |= M::IBV_QP_PORT;
-        }
-        if let Some(path) = &m.path {
-            attr.ah_attr = path.ah_attr(port);
-            mask |= M::IBV_QP_AV;
-        }
-        if let Some(mtu) = m.path_mtu {
-            attr.path_mtu = mtu.min(port.active_mtu_enum);
-            mask |= M::IBV_QP_PATH_MTU;
-        }
-        if let Some(qpn) = m.dest_qpn {
-            attr.dest_qp_num = qpn;
-            mask |= M::IBV_QP_DEST_QPN;
-        }
-        if let Some(psn) = m.rq_psn {
-            attr.rq_psn = psn;
-            mask |= M::IBV_QP_RQ_PSN;
-        }
-        if let Some(psn) = m.sq_psn {
-            attr.sq_psn = psn;
-            mask |= M::IBV_QP_SQ_PSN;
-        }
-        if let Some(v) = m.timeout {
-            attr.timeout = v;
-            mask |= M::IBV_QP_TIMEOUT;
-        }
-        if let Some(v) = m.retry_cnt {
-            attr.retry_cnt = v;
-            mask |= M::IBV_QP_RETRY_CNT;
-        }
-        if let Some(v) = m.rnr_retry {
-            attr.rnr_retry = v;
-            mask |= M::IBV_QP_RNR_RETRY;
-        }
-        if let Some(v) = m.max_rd_atomic {
-            attr.max_rd_atomic = v;
-            mask |= M::IBV_QP_MAX_QP_RD_ATOMIC;
-        }
-        if let Some(v) = m.max_dest_rd_atomic {
-            attr.max_dest_rd_atomic = v;
-            mask |= M::IBV_QP_MAX_DEST_RD_ATOMIC;
-        }
-        if let Some(v) = m.min_rnr_timer {
-            attr.min_rnr_timer = v;
-            mask |= M::IBV_QP_MIN_RNR_TIMER;
+        set! {
+            m.state.map(QpState::raw) => qp_state, IBV_QP_STATE;
+            m.access.map(|a| a.flags() as u32) => qp_access_flags, IBV_QP_ACCESS_FLAGS;
+            m.qkey => qkey, IBV_QP_QKEY;
+            m.pkey_index => pkey_index, IBV_QP_PKEY_INDEX;
+            m.port.then_some(port.port) => port_num, IBV_QP_PORT;
+            m.path.map(|p| p.ah_attr(port)) => ah_attr, IBV_QP_AV;
+            m.path_mtu.map(|mtu| mtu.min(port.active_mtu_enum)) => path_mtu, IBV_QP_PATH_MTU;
+            m.dest_qpn => dest_qp_num, IBV_QP_DEST_QPN;
+            m.rq_psn => rq_psn, IBV_QP_RQ_PSN;
+            m.sq_psn => sq_psn, IBV_QP_SQ_PSN;
+            m.timeout => timeout, IBV_QP_TIMEOUT;
+            m.retry_cnt => retry_cnt, IBV_QP_RETRY_CNT;
+            m.rnr_retry => rnr_retry, IBV_QP_RNR_RETRY;
+            m.max_rd_atomic => max_rd_atomic, IBV_QP_MAX_QP_RD_ATOMIC;
+            m.max_dest_rd_atomic => max_dest_rd_atomic, IBV_QP_MAX_DEST_RD_ATOMIC;
+            m.min_rnr_timer => min_rnr_timer, IBV_QP_MIN_RNR_TIMER;
         }
         self.modify(&mut attr, mask, "ibv_modify_qp")
     }
@@ -1194,90 +1157,74 @@ impl Qp {
     }
 
     /// RESET to INIT on `port` with remote `access` (RC) or `qkey` (UD).
-    pub fn to_init(&self, port: u8, access: Access, qkey: Option<u32>) -> Result<(), Error> {
-        // SAFETY: plain C data, all-zero valid.
-        let mut attr: ibv_qp_attr = unsafe { std::mem::zeroed() };
-        attr.qp_state = ibv_qp_state::IBV_QPS_INIT;
-        attr.pkey_index = 0;
-        attr.port_num = port;
-        let mut mask = ibv_qp_attr_mask::IBV_QP_STATE
-            | ibv_qp_attr_mask::IBV_QP_PKEY_INDEX
-            | ibv_qp_attr_mask::IBV_QP_PORT;
-        match qkey {
-            Some(qkey) => {
-                attr.qkey = qkey;
-                mask |= ibv_qp_attr_mask::IBV_QP_QKEY;
-            }
-            None => {
-                attr.qp_access_flags = access.flags() as u32;
-                mask |= ibv_qp_attr_mask::IBV_QP_ACCESS_FLAGS;
-            }
-        }
-        self.modify(&mut attr, mask, "ibv_modify_qp to INIT")
+    pub fn to_init(&self, port: &PortInfo, access: Access, qkey: Option<u32>) -> Result<(), Error> {
+        self.modify_with(
+            port,
+            &Modify {
+                state: Some(QpState::Init),
+                pkey_index: Some(0),
+                port: true,
+                access: qkey.is_none().then_some(access),
+                qkey,
+                ..Modify::default()
+            },
+        )
     }
 
     /// An RC QP from INIT to RTR, connected to `remote` through `port`.
     pub fn to_rtr(&self, port: &PortInfo, remote: &RemoteQp) -> Result<(), Error> {
-        // SAFETY: plain C data, all-zero valid.
-        let mut attr: ibv_qp_attr = unsafe { std::mem::zeroed() };
-        attr.qp_state = ibv_qp_state::IBV_QPS_RTR;
-        attr.path_mtu = port.active_mtu_enum;
-        attr.dest_qp_num = remote.qpn;
-        attr.rq_psn = remote.psn;
-        attr.max_dest_rd_atomic = 16;
-        attr.min_rnr_timer = 12;
-        attr.ah_attr.dlid = remote.lid;
-        attr.ah_attr.port_num = port.port;
-        attr.ah_attr.is_global = 1;
-        attr.ah_attr.grh.dgid = ibv_gid { raw: remote.gid };
-        attr.ah_attr.grh.sgid_index = port.gid_index;
-        attr.ah_attr.grh.hop_limit = 64;
-        let mask = ibv_qp_attr_mask::IBV_QP_STATE
-            | ibv_qp_attr_mask::IBV_QP_AV
-            | ibv_qp_attr_mask::IBV_QP_PATH_MTU
-            | ibv_qp_attr_mask::IBV_QP_DEST_QPN
-            | ibv_qp_attr_mask::IBV_QP_RQ_PSN
-            | ibv_qp_attr_mask::IBV_QP_MAX_DEST_RD_ATOMIC
-            | ibv_qp_attr_mask::IBV_QP_MIN_RNR_TIMER;
-        self.modify(&mut attr, mask, "ibv_modify_qp to RTR")
+        self.modify_with(
+            port,
+            &Modify {
+                state: Some(QpState::Rtr),
+                path: Some(Path {
+                    gid: remote.gid,
+                    lid: remote.lid,
+                    ..Path::default()
+                }),
+                path_mtu: Some(port.active_mtu_enum),
+                dest_qpn: Some(remote.qpn),
+                rq_psn: Some(remote.psn),
+                max_dest_rd_atomic: Some(16),
+                min_rnr_timer: Some(12),
+                ..Modify::default()
+            },
+        )
     }
 
     /// A UD QP from INIT to RTR, then to RTS sending from `psn`.
-    pub fn ud_to_rts(&self, psn: u32) -> Result<(), Error> {
-        // SAFETY: plain C data, all-zero valid.
-        let mut attr: ibv_qp_attr = unsafe { std::mem::zeroed() };
-        attr.qp_state = ibv_qp_state::IBV_QPS_RTR;
-        self.modify(
-            &mut attr,
-            ibv_qp_attr_mask::IBV_QP_STATE,
-            "ibv_modify_qp to RTR",
+    pub fn ud_to_rts(&self, port: &PortInfo, psn: u32) -> Result<(), Error> {
+        self.modify_with(
+            port,
+            &Modify {
+                state: Some(QpState::Rtr),
+                ..Modify::default()
+            },
         )?;
-        attr.qp_state = ibv_qp_state::IBV_QPS_RTS;
-        attr.sq_psn = psn;
-        self.modify(
-            &mut attr,
-            ibv_qp_attr_mask::IBV_QP_STATE | ibv_qp_attr_mask::IBV_QP_SQ_PSN,
-            "ibv_modify_qp to RTS",
+        self.modify_with(
+            port,
+            &Modify {
+                state: Some(QpState::Rts),
+                sq_psn: Some(psn),
+                ..Modify::default()
+            },
         )
     }
 
     /// An RC QP from RTR to RTS, sending from `psn`.
-    pub fn to_rts(&self, psn: u32) -> Result<(), Error> {
-        // SAFETY: plain C data, all-zero valid.
-        let mut attr: ibv_qp_attr = unsafe { std::mem::zeroed() };
-        attr.qp_state = ibv_qp_state::IBV_QPS_RTS;
-        attr.sq_psn = psn;
-        attr.timeout = 14;
-        attr.retry_cnt = 7;
-        attr.rnr_retry = 7;
-        attr.max_rd_atomic = 16;
-        let mask = ibv_qp_attr_mask::IBV_QP_STATE
-            | ibv_qp_attr_mask::IBV_QP_SQ_PSN
-            | ibv_qp_attr_mask::IBV_QP_TIMEOUT
-            | ibv_qp_attr_mask::IBV_QP_RETRY_CNT
-            | ibv_qp_attr_mask::IBV_QP_RNR_RETRY
-            | ibv_qp_attr_mask::IBV_QP_MAX_QP_RD_ATOMIC;
-        self.modify(&mut attr, mask, "ibv_modify_qp to RTS")
+    pub fn to_rts(&self, port: &PortInfo, psn: u32) -> Result<(), Error> {
+        self.modify_with(
+            port,
+            &Modify {
+                state: Some(QpState::Rts),
+                sq_psn: Some(psn),
+                timeout: Some(14),
+                retry_cnt: Some(7),
+                rnr_retry: Some(7),
+                max_rd_atomic: Some(16),
+                ..Modify::default()
+            },
+        )
     }
 
     fn sge_list(&self, sges: &[Sge]) -> Result<([ibv_sge; MAX_SGE], usize), Error> {

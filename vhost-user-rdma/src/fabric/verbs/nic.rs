@@ -532,22 +532,14 @@ impl Pd {
     /// An address handle for UD sends to the port with GID `gid` (and LID `lid`) through
     /// `port`.
     pub fn create_ah(&self, port: &PortInfo, gid: [u8; 16], lid: u16) -> Result<Ah, Error> {
-        // SAFETY: plain C data, all-zero valid.
-        let mut attr: ibv_ah_attr = unsafe { std::mem::zeroed() };
-        attr.dlid = lid;
-        attr.port_num = port.port;
-        attr.is_global = 1;
-        attr.grh.dgid = ibv_gid { raw: gid };
-        attr.grh.sgid_index = port.gid_index;
-        attr.grh.hop_limit = 64;
-        // SAFETY: the PD is live and attr a valid attribute block.
-        let ah = unsafe { ibv_create_ah(self.0.ptr.as_ptr(), &mut attr) };
-        let ah = NonNull::new(ah).ok_or_else(|| self.0.parent.failed("ibv_create_ah", -1))?;
-        Ok(Ah(Owned {
-            ptr: ah,
-            parent: self.0.clone(),
-            destroy: ibv_destroy_ah,
-        }))
+        self.create_ah_to(
+            port,
+            &Path {
+                gid,
+                lid,
+                ..Path::default()
+            },
+        )
     }
 
     /// Registers `len` bytes at `addr` with the NIC.
@@ -641,21 +633,17 @@ impl Pd {
 impl Srq {
     /// Posts one receive of `sges` with id `wr_id`.
     pub fn post_recv(&self, wr_id: u64, sges: &[Sge]) -> Result<(), Error> {
-        let device = &self.0.parent.parent;
-        let (mut list, n) = sge_list(device, sges)?;
-        let mut wr = ibv_recv_wr {
+        let srq = self.0.ptr.as_ptr();
+        post_receive(
+            &self.0.parent.parent,
             wr_id,
-            next: std::ptr::null_mut(),
-            sg_list: list.as_mut_ptr(),
-            num_sge: n as c_int,
-        };
-        let mut bad: *mut ibv_recv_wr = std::ptr::null_mut();
-        // SAFETY: the SRQ is live; the call copies the request and its list.
-        let rc = unsafe { ibv_post_srq_recv(self.0.ptr.as_ptr(), &mut wr, &mut bad) };
-        if rc != 0 {
-            return Err(device.failed("ibv_post_srq_recv", rc));
-        }
-        Ok(())
+            sges,
+            "ibv_post_srq_recv",
+            |wr, bad| {
+                // SAFETY: the SRQ is live; the call copies the request and its list.
+                unsafe { ibv_post_srq_recv(srq, wr, bad) }
+            },
+        )
     }
 }
 
@@ -1011,6 +999,30 @@ fn sge_list(device: &Device, sges: &[Sge]) -> Result<([ibv_sge; MAX_SGE], usize)
     Ok((list, sges.len()))
 }
 
+/// Builds one receive of `sges` with id `wr_id` and hands it to `post` (`ibv_post_recv` or
+/// `ibv_post_srq_recv`, which copy it), reporting a failure as verb `what` of `device`.
+fn post_receive(
+    device: &Device,
+    wr_id: u64,
+    sges: &[Sge],
+    what: &'static str,
+    post: impl FnOnce(*mut ibv_recv_wr, *mut *mut ibv_recv_wr) -> c_int,
+) -> Result<(), Error> {
+    let (mut list, n) = sge_list(device, sges)?;
+    let mut wr = ibv_recv_wr {
+        wr_id,
+        next: std::ptr::null_mut(),
+        sg_list: list.as_mut_ptr(),
+        num_sge: n as c_int,
+    };
+    let mut bad: *mut ibv_recv_wr = std::ptr::null_mut();
+    let rc = post(&mut wr, &mut bad);
+    if rc != 0 {
+        return Err(device.failed(what, rc));
+    }
+    Ok(())
+}
+
 /// Send flags besides SIGNALED (every request the fabric posts is signalled).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct PostFlags {
@@ -1336,20 +1348,11 @@ impl Qp {
 
     /// Posts one receive work request of `sges` with id `wr_id`.
     pub fn post_recv(&self, wr_id: u64, sges: &[Sge]) -> Result<(), Error> {
-        let (mut list, n) = self.sge_list(sges)?;
-        let mut wr = ibv_recv_wr {
-            wr_id,
-            next: std::ptr::null_mut(),
-            sg_list: list.as_mut_ptr(),
-            num_sge: n as c_int,
-        };
-        let mut bad: *mut ibv_recv_wr = std::ptr::null_mut();
-        // SAFETY: as post_send: the call copies the request and its list.
-        let rc = unsafe { ibv_post_recv(self.0.ptr.as_ptr(), &mut wr, &mut bad) };
-        if rc != 0 {
-            return Err(self.device().failed("ibv_post_recv", rc));
-        }
-        Ok(())
+        let qp = self.0.ptr.as_ptr();
+        post_receive(self.device(), wr_id, sges, "ibv_post_recv", |wr, bad| {
+            // SAFETY: the QP is live; the call copies the request and its list.
+            unsafe { ibv_post_recv(qp, wr, bad) }
+        })
     }
 }
 

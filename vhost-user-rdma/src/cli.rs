@@ -4,11 +4,10 @@
 use std::process::ExitCode;
 
 use clap::{CommandFactory, FromArgMatches};
-use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
-use signal_hook::iterator::Signals;
 
 use crate::config::{Args, Config, FabricKind};
 use crate::daemon::Daemon;
+use crate::manage;
 use vrdma_proto::ErrorChain;
 
 /// The capabilities JSON of QEMU's `docs/interop/vhost-user.json` ("Backend program
@@ -52,30 +51,28 @@ pub fn run(bin_name: &str, argv: impl IntoIterator<Item = String>) -> ExitCode {
         }
     };
     // Signals are taken before any thread starts so none of them sees SIGINT, SIGTERM or
-    // SIGUSR1 (which logs the counters).
-    let mut signals = match Signals::new([SIGINT, SIGTERM, SIGUSR1]) {
+    // SIGUSR1 (which logs the counters) handled by default.
+    let signals = match manage::Signals::install() {
         Ok(s) => s,
-        Err(e) => {
-            eprintln!("vhost-user-rdma: cannot install signal handlers: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(e) => return refused(&e, false),
+    };
+    let control = match config
+        .control_socket
+        .as_deref()
+        .map(manage::ControlSocket::bind)
+    {
+        Some(Ok(s)) => Some(s),
+        Some(Err(e)) => return refused(&e, matches!(e, manage::Error::SocketBusy(_))),
+        None => None,
     };
     let daemon = match Daemon::start(&config) {
         Ok(d) => d,
         Err(e) => return refused(&e, e.is_configuration()),
     };
-    let mut signal = SIGTERM;
-    for s in signals.forever() {
-        if s == SIGUSR1 {
-            daemon.log_counters();
-            continue;
-        }
-        signal = s;
-        break;
+    match manage::run(daemon, signals, control) {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => refused(&e, false),
     }
-    log::info!("signal {signal}: shutting down");
-    daemon.stop();
-    ExitCode::SUCCESS
 }
 
 /// Says why the program cannot go on and gives its exit code: 2 when the host or the

@@ -84,6 +84,14 @@ pub struct Args {
     #[arg(long, value_name = "ADDR:PORT")]
     pub metrics: Option<String>,
 
+    /// Serve the management socket at PATH, through which `vrdmactl` lists the VMs, adds and
+    /// removes them, changes their weight, caps and quotas, drains them and resets their
+    /// counters while the daemon runs. It is made with mode 0600 (the daemon user's alone),
+    /// its directory too if missing. The systemd unit uses /run/vrdma/control.sock, where
+    /// vrdmactl looks by default.
+    #[arg(long, value_name = "PATH")]
+    pub control_socket: Option<PathBuf>,
+
     /// Log level: error, warn, info, debug or trace. RUST_LOG, if set, takes precedence.
     #[arg(long, default_value = "info", value_name = "LEVEL")]
     pub log_level: log::LevelFilter,
@@ -155,6 +163,19 @@ pub enum Error {
     /// `--roce-mtu` is not an IB MTU.
     #[error("--roce-mtu {0}: give 256, 512, 1024, 2048 or 4096 (the payload of one packet)")]
     RoceMtu(u32),
+    /// A key that cannot change while the VM runs (`vrdmactl set`).
+    #[error(
+        "{entry:?}: {key} cannot change while the VM runs; these can: weight, max-qp, max-cq, max-mr, max-pd, max-ah, max-srq, max-mr-bytes, max-bw, max-msg-rate (remove the VM and add it again to change the rest)"
+    )]
+    NotAtRunTime {
+        /// The whole entry.
+        entry: String,
+        /// The key.
+        key: String,
+    },
+    /// `vrdmactl set` with nothing to set.
+    #[error("nothing to change: give key=value pairs, such as weight=3 or max-bw=1G")]
+    NothingToSet,
     /// `--roce-port 0`.
     #[error("--roce-port 0: give the UDP port the fabric's daemons share (4791 for RoCEv2)")]
     RocePort,
@@ -303,6 +324,8 @@ pub struct Config {
     pub roce: Option<RoceSettings>,
     /// Where to serve Prometheus metrics (`--metrics`), if anywhere.
     pub metrics: Option<std::net::SocketAddr>,
+    /// Where to serve the management socket (`--control-socket`), if anywhere.
+    pub control_socket: Option<PathBuf>,
 }
 
 /// How the RoCEv2 fabric between hosts is configured (`--roce`).
@@ -389,6 +412,7 @@ impl Config {
             fabric: parse_fabric(&args.fabric)?,
             roce,
             metrics,
+            control_socket: args.control_socket.clone(),
         })
     }
 }
@@ -467,6 +491,9 @@ fn parse_vm(entry: &str, index: usize) -> Result<VmConfig, Error> {
             entry: entry.to_owned(),
             part: part.to_owned(),
         })?;
+        if set_limit(entry, key, value, &mut weight, &mut quotas)? {
+            continue;
+        }
         let count = |max: u32| -> Result<u32, Error> {
             match value.parse::<u32>() {
                 Ok(n) if (1..=max).contains(&n) => Ok(n),
@@ -487,33 +514,6 @@ fn parse_vm(entry: &str, index: usize) -> Result<VmConfig, Error> {
                     .parse()
                     .map_err(|_| bad(key, value, "expected an IPv4 or IPv6 address"))?;
                 gid = Some(gid_of(ip));
-            }
-            "weight" => weight = count(1000)?,
-            "max-qp" => quotas.max_qp = count(crate::limits::MAX_QP)?,
-            "max-cq" => quotas.max_cq = count(crate::limits::MAX_CQ)?,
-            "max-mr" => quotas.max_mr = count(crate::limits::MAX_MR)?,
-            "max-pd" => quotas.max_pd = count(crate::limits::MAX_PD)?,
-            "max-ah" => quotas.max_ah = count(crate::limits::MAX_AH)?,
-            "max-srq" => quotas.max_srq = count(crate::limits::MAX_SRQ)?,
-            "max-mr-bytes" => {
-                quotas.max_mr_bytes = parse_size(value)
-                    .ok_or_else(|| bad(key, value, "expected a size such as 512M or 4G"))?
-            }
-            "max-bw" => {
-                quotas.max_bw = Some(parse_size(value).ok_or_else(|| {
-                    bad(key, value, "expected bytes per second such as 500M or 2G")
-                })?)
-            }
-            "max-msg-rate" => {
-                quotas.max_msg_rate = Some(
-                    value
-                        .parse::<u64>()
-                        .ok()
-                        .filter(|&n| n > 0)
-                        .ok_or_else(|| {
-                            bad(key, value, "expected work requests per second, at least 1")
-                        })?,
-                )
             }
             "doorbells" => {
                 doorbell_queues = count(vrdma_proto::queue::MAX_DOORBELL_QUEUES.into())? as u16
@@ -581,6 +581,99 @@ fn parse_vm(entry: &str, index: usize) -> Result<VmConfig, Error> {
         nic_qpns: false,
         socket_access,
     })
+}
+
+/// The keys of a VM that an operator may change while it runs (`vrdmactl set`).
+pub const RUN_TIME_KEYS: &str =
+    "weight, max-qp, max-cq, max-mr, max-pd, max-ah, max-srq, max-mr-bytes, max-bw, max-msg-rate";
+
+/// Applies `entry`, comma-separated key=value pairs of [`RUN_TIME_KEYS`], to a VM's weight
+/// and quotas as they stand (`vrdmactl set`): the keys mean what they mean in `--vm`, and
+/// max-bw and max-msg-rate also take `none`, which lifts the cap.
+pub fn apply_settings(entry: &str, weight: u32, quotas: Quotas) -> Result<(u32, Quotas), Error> {
+    let (mut weight, mut quotas) = (weight, quotas);
+    let mut any = false;
+    for part in entry.split(',').filter(|p| !p.is_empty()) {
+        let (key, value) = part.split_once('=').ok_or_else(|| Error::NotKeyValue {
+            entry: entry.to_owned(),
+            part: part.to_owned(),
+        })?;
+        match (key, value) {
+            ("max-bw", "none") => quotas.max_bw = None,
+            ("max-msg-rate", "none") => quotas.max_msg_rate = None,
+            _ => {
+                if !set_limit(entry, key, value, &mut weight, &mut quotas)? {
+                    return Err(Error::NotAtRunTime {
+                        entry: entry.to_owned(),
+                        key: key.to_owned(),
+                    });
+                }
+            }
+        }
+        any = true;
+    }
+    if !any {
+        return Err(Error::NothingToSet);
+    }
+    Ok((weight, quotas))
+}
+
+/// Parses one VM as `--vm` gives it, for a VM added while the daemon runs (`vrdmactl add`);
+/// `index` is its place among the daemon's VMs, which picks its default GID.
+pub fn parse_vm_entry(entry: &str, index: usize) -> Result<VmConfig, Error> {
+    parse_vm(entry, index)
+}
+
+/// Sets the weight or quota `key` names from `value`; returns whether `key` is one of them.
+fn set_limit(
+    entry: &str,
+    key: &str,
+    value: &str,
+    weight: &mut u32,
+    quotas: &mut Quotas,
+) -> Result<bool, Error> {
+    let bad = |reason| Error::BadValue {
+        entry: entry.to_owned(),
+        key: key.to_owned(),
+        value: value.to_owned(),
+        reason,
+    };
+    let count = |max: u32| -> Result<u32, Error> {
+        match value.parse::<u32>() {
+            Ok(n) if (1..=max).contains(&n) => Ok(n),
+            _ => Err(bad("expected a whole number within the device's limits")),
+        }
+    };
+    match key {
+        "weight" => *weight = count(1000)?,
+        "max-qp" => quotas.max_qp = count(crate::limits::MAX_QP)?,
+        "max-cq" => quotas.max_cq = count(crate::limits::MAX_CQ)?,
+        "max-mr" => quotas.max_mr = count(crate::limits::MAX_MR)?,
+        "max-pd" => quotas.max_pd = count(crate::limits::MAX_PD)?,
+        "max-ah" => quotas.max_ah = count(crate::limits::MAX_AH)?,
+        "max-srq" => quotas.max_srq = count(crate::limits::MAX_SRQ)?,
+        "max-mr-bytes" => {
+            quotas.max_mr_bytes =
+                parse_size(value).ok_or_else(|| bad("expected a size such as 512M or 4G"))?
+        }
+        "max-bw" => {
+            quotas.max_bw = Some(
+                parse_size(value)
+                    .ok_or_else(|| bad("expected bytes per second such as 500M or 2G"))?,
+            )
+        }
+        "max-msg-rate" => {
+            quotas.max_msg_rate = Some(
+                value
+                    .parse::<u64>()
+                    .ok()
+                    .filter(|&n| n > 0)
+                    .ok_or_else(|| bad("expected work requests per second, at least 1"))?,
+            )
+        }
+        _ => return Ok(false),
+    }
+    Ok(true)
 }
 
 /// The uid of `value`: a number as it is (a uid need not have a passwd entry, as in a

@@ -1,19 +1,19 @@
 //! The daemon as a library: every VM's server and the scheduler, started and stopped together.
 //! The binary's `main` and the demo use it, and integration tests run it in-process.
 
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use log::info;
 
-use crate::config::{Config, FabricKind};
+use crate::config::{self as config, Config, FabricKind, VmConfig};
 use crate::fabric::Fabric;
 use crate::fabric::roce::{self, Network, RoceFabric};
 use crate::fabric::soft::SoftFabric;
 use crate::metrics::{self, MetricsServer, Sources, VmSource};
 use crate::sched::Scheduler;
-use crate::vhost::server::{self, VmServer};
+use crate::vhost::server::{self, VmServer, VmStatus};
 
 /// Why the daemon could not start.
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +40,18 @@ pub enum Error {
          traffic between hosts itself: drop --roce"
     )]
     RoceWithNic(String),
+    /// A command of the management socket names a VM the daemon does not serve.
+    #[error("no VM called {0:?} is served here (`vrdmactl list` shows those that are)")]
+    UnknownVm(String),
+    /// A VM to add, or a change to a VM, is not valid.
+    #[error(transparent)]
+    Config(#[from] crate::config::Error),
+    /// A VM cannot be added while the daemon runs the RoCEv2 fabric.
+    #[error(
+        "a VM cannot be added while the daemon runs with --roce (its addresses are bound at \
+         start): add it to the daemon's --vm list and restart the daemon"
+    )]
+    AddWithRoce,
     /// The fabric asked for is not in this build.
     #[error(
         "this vhost-user-rdma was built without the verbs fabric: rebuild with `--features \
@@ -70,6 +82,12 @@ pub struct Daemon {
     scheduler: Scheduler,
     network: Option<Arc<Network>>,
     metrics: Option<MetricsServer>,
+    /// What the metrics read of each VM: changes as VMs are added and removed.
+    vm_sources: Arc<Mutex<Vec<VmSource>>>,
+    /// The fabric posts receives ahead of arrival (see `VmServer::start`).
+    sync_receives: bool,
+    /// On the verbs fabric, the NIC port's GID and active MTU, which every VM's port takes.
+    nic_port: Option<(vrdma_proto::Gid, vrdma_proto::config::Mtu)>,
 }
 
 impl Daemon {
@@ -90,17 +108,17 @@ impl Daemon {
                 // numbers are the NIC's (docs/architecture.md, "Handles on the verbs fabric").
                 let mut config = config.clone();
                 let port = nic.port();
+                let gid = vrdma_proto::Gid(port.gid);
+                let mtu = vrdma_proto::config::Mtu::from_raw(port.active_mtu_enum as u8)
+                    .unwrap_or(vrdma_proto::config::Mtu::Mtu4096);
                 for vm in &mut config.vms {
-                    vm.gid = vrdma_proto::Gid(port.gid);
-                    vm.nic_qpns = true;
-                    if let Ok(mtu) = vrdma_proto::config::Mtu::from_raw(port.active_mtu_enum as u8)
-                    {
-                        vm.active_mtu = mtu;
-                    }
+                    on_nic_port(vm, gid, mtu);
                 }
-                return Self::serve(&config, None, move || {
+                let mut daemon = Self::serve(&config, None, move || {
                     Box::new(crate::fabric::verbs::VerbsFabric::new(nic)) as Box<dyn Fabric>
-                });
+                })?;
+                daemon.nic_port = Some((gid, mtu));
+                return Ok(daemon);
             }
             // Refuse rather than quietly run the soft fabric under the operator's nose.
             #[cfg(not(feature = "verbs"))]
@@ -163,17 +181,11 @@ impl Daemon {
                 }
             }
         }
+        let vm_sources = Arc::new(Mutex::new(servers.iter().map(source_of).collect()));
         let metrics = match config.metrics {
             Some(addr) => {
                 let sources = Sources {
-                    vms: servers
-                        .iter()
-                        .map(|s| VmSource {
-                            name: s.name().to_owned(),
-                            counters: s.counters().clone(),
-                            connected: s.connected_flag(),
-                        })
-                        .collect(),
+                    vms: vm_sources.clone(),
                     network: network.clone(),
                     scheduler: scheduler.stats().clone(),
                 };
@@ -202,7 +214,111 @@ impl Daemon {
             scheduler,
             network,
             metrics,
+            vm_sources,
+            sync_receives,
+            nic_port: None,
         })
+    }
+
+    /// Serves one more VM, given as `--vm` gives it (`vrdmactl add`): its socket is ready when
+    /// this returns, and the VMs already served are not touched.
+    pub fn add_vm(&mut self, entry: &str) -> Result<(), Error> {
+        if self.network.is_some() {
+            return Err(Error::AddWithRoce);
+        }
+        let mut vm = config::parse_vm_entry(entry, self.servers.len())?;
+        if let Some((gid, mtu)) = self.nic_port {
+            on_nic_port(&mut vm, gid, mtu);
+        }
+        for s in &self.servers {
+            let other = s.config();
+            let shared = if other.name == vm.name {
+                Some("name")
+            } else if other.socket == vm.socket {
+                Some("socket")
+            } else if other.gid == vm.gid && self.nic_port.is_none() {
+                Some("gid")
+            } else {
+                None
+            };
+            if let Some(what) = shared {
+                return Err(config::Error::Duplicate {
+                    first: other.name,
+                    second: vm.name,
+                    what,
+                }
+                .into());
+            }
+        }
+        let server = VmServer::start(
+            vm.clone(),
+            vm.gid.node_guid(),
+            self.scheduler.clone(),
+            self.sync_receives,
+        )?;
+        self.vm_sources
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(source_of(&server));
+        info!("vm {}: added", vm.name);
+        self.servers.push(server);
+        Ok(())
+    }
+
+    /// Stops serving VM `name` (`vrdmactl remove`): its guest, if connected, sees the device
+    /// go away (its QPs' peers get errors, as when a host fails), its objects are released
+    /// and its socket removed. Drain it first for its work in progress to finish.
+    pub fn remove_vm(&mut self, name: &str) -> Result<(), Error> {
+        let i = self.index_of(name)?;
+        let server = self.servers.remove(i);
+        self.vm_sources
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|v| v.name != name);
+        server.stop(Duration::from_secs(5));
+        info!("vm {name}: removed");
+        Ok(())
+    }
+
+    /// Changes VM `name`'s weight, caps or quotas (`vrdmactl set`; `settings` as
+    /// `config::apply_settings` takes them), at once.
+    pub fn set_vm(&self, name: &str, settings: &str) -> Result<(), Error> {
+        let server = &self.servers[self.index_of(name)?];
+        let current = server.config();
+        let (weight, quotas) = config::apply_settings(settings, current.weight, current.quotas)?;
+        server.set_limits(weight, quotas);
+        Ok(())
+    }
+
+    /// Starts or ends a drain of VM `name` (`vrdmactl drain`, `vrdmactl resume`).
+    pub fn set_draining(&self, name: &str, draining: bool) -> Result<(), Error> {
+        self.servers[self.index_of(name)?].set_draining(draining);
+        Ok(())
+    }
+
+    /// Sets VM `name`'s counters to zero, or every VM's with `None` (`vrdmactl reset`).
+    pub fn reset_counters(&self, name: Option<&str>) -> Result<(), Error> {
+        match name {
+            Some(n) => self.servers[self.index_of(n)?].counters().reset(),
+            None => self.servers.iter().for_each(|s| s.counters().reset()),
+        }
+        info!("counters of {} reset", name.unwrap_or("every VM"));
+        Ok(())
+    }
+
+    /// What an operator sees of every VM, or of VM `name` (`vrdmactl list`).
+    pub fn status(&self, name: Option<&str>) -> Result<Vec<VmStatus>, Error> {
+        match name {
+            Some(n) => Ok(vec![self.servers[self.index_of(n)?].status()]),
+            None => Ok(self.servers.iter().map(VmServer::status).collect()),
+        }
+    }
+
+    fn index_of(&self, name: &str) -> Result<usize, Error> {
+        self.servers
+            .iter()
+            .position(|s| s.name() == name)
+            .ok_or_else(|| Error::UnknownVm(name.to_owned()))
     }
 
     /// The server of the VM called `name`.
@@ -270,4 +386,21 @@ impl Daemon {
         }
         info!("stopped");
     }
+}
+
+/// What the metrics read of a VM's server.
+fn source_of(server: &VmServer) -> VmSource {
+    VmSource {
+        name: server.name().to_owned(),
+        counters: server.counters().clone(),
+        connected: server.connected_flag(),
+    }
+}
+
+/// Gives VM `vm` the verbs fabric's port: the NIC's GID, which peers address, and its MTU;
+/// its QP numbers are the NIC's (docs/architecture.md, "Handles on the verbs fabric").
+fn on_nic_port(vm: &mut VmConfig, gid: vrdma_proto::Gid, mtu: vrdma_proto::config::Mtu) {
+    vm.gid = gid;
+    vm.nic_qpns = true;
+    vm.active_mtu = mtu;
 }

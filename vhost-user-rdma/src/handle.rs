@@ -68,6 +68,14 @@ impl<T> Table<T> {
         self.capacity
     }
 
+    /// Changes the quota (an operator did, at run time). Objects alive beyond a lower quota
+    /// stay; no more are made until they are fewer than it. Capped at what the handles' index
+    /// bits can name.
+    pub fn set_capacity(&mut self, capacity: u32) {
+        self.capacity =
+            u32::try_from(u64::from(capacity).min(1u64 << self.index_bits)).unwrap_or(u32::MAX);
+    }
+
     /// Objects alive.
     pub fn len(&self) -> u32 {
         self.live

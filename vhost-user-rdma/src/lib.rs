@@ -12,14 +12,19 @@
 //! 5. [`sched`]: deficit round robin over the VMs, rate limits, timers, doorbell polling;
 //! 6. [`vhost`]: the vhost-user backend, one socket and device per VM, its virtqueues;
 //! 7. [`daemon`] and [`metrics`] (the Prometheus endpoint the daemon starts, reading the
-//!    layers below), then [`cli`]: everything started and stopped together, and the program.
+//!    layers below): everything started and stopped together;
+//! 8. [`manage`]: the control plane, an `event-manager` loop over the signals and the
+//!    management socket, changing the daemon as an operator asks;
+//! 9. [`cli`] and [`ctl`]: the programs, `vhost-user-rdma` and `vrdmactl`.
 
 pub mod cli;
 pub mod config;
+pub mod ctl;
 pub mod daemon;
 pub mod fabric;
 pub mod handle;
 pub mod limits;
+pub mod manage;
 pub mod metrics;
 pub mod model;
 pub mod rnic;

@@ -13,8 +13,8 @@
 use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -73,8 +73,9 @@ pub struct VmSource {
 /// Everything a scrape reads.
 #[derive(Debug, Clone)]
 pub struct Sources {
-    /// The configured VMs, in configuration order.
-    pub vms: Vec<VmSource>,
+    /// The VMs served, in the order they were added; the daemon changes the list when an
+    /// operator adds or removes a VM.
+    pub vms: Arc<Mutex<Vec<VmSource>>>,
     /// The RoCEv2 network between hosts, with `--roce`.
     pub network: Option<Arc<Network>>,
     /// The scheduler's loop.
@@ -302,8 +303,12 @@ const VM_FAMILIES: &[VmFamily] = &[
 /// The whole exposition: every family, each with its HELP and TYPE lines.
 pub fn render(sources: &Sources) -> String {
     let mut out = String::with_capacity(8192);
-    let vms: Vec<(String, &VmSource)> = sources
+    let list = sources
         .vms
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let vms: Vec<(String, &VmSource)> = list
         .iter()
         .map(|v| (format!("vm=\"{}\"", escape(&v.name)), v))
         .collect();
@@ -561,14 +566,16 @@ mod tests {
 
     fn sources(names: &[&str]) -> Sources {
         Sources {
-            vms: names
-                .iter()
-                .map(|n| VmSource {
-                    name: (*n).to_owned(),
-                    counters: Arc::default(),
-                    connected: Arc::default(),
-                })
-                .collect(),
+            vms: Arc::new(Mutex::new(
+                names
+                    .iter()
+                    .map(|n| VmSource {
+                        name: (*n).to_owned(),
+                        counters: Arc::default(),
+                        connected: Arc::default(),
+                    })
+                    .collect(),
+            )),
             network: None,
             scheduler: Arc::default(),
         }
@@ -577,11 +584,16 @@ mod tests {
     #[test]
     fn every_family_has_help_and_type_before_its_samples() {
         let s = sources(&["a", "b"]);
-        s.vms[0].counters.wrs.store(7, Ordering::Relaxed);
-        s.vms[0]
+        s.vms.lock().unwrap()[0]
+            .counters
+            .wrs
+            .store(7, Ordering::Relaxed);
+        s.vms.lock().unwrap()[0]
             .counters
             .count_error(cqe::Status::RetryExcErr.raw());
-        s.vms[1].connected.store(true, Ordering::Relaxed);
+        s.vms.lock().unwrap()[1]
+            .connected
+            .store(true, Ordering::Relaxed);
         let text = render(&s);
         let mut declared: Option<(String, String)> = None;
         let mut families = Vec::new();

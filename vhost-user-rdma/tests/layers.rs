@@ -15,7 +15,8 @@ const LAYERS: &[&[&str]] = &[
     &["sched"],
     &["vhost"],
     &["daemon", "metrics"],
-    &["cli"],
+    &["manage"],
+    &["cli", "ctl"],
 ];
 
 /// Test-only modules at the top of the crate: they may use every layer.

@@ -114,6 +114,9 @@ impl Fabric for SoftFabric {
                 sq_drained(objects, vm, qpn);
                 return StepOutcome::IDLE;
             }
+            if vm.share.is_draining() {
+                return StepOutcome::IDLE;
+            }
             match start_wr(objects, vm, mem, qpn) {
                 Start::Started => {
                     set_sq_polling(objects, mem, qpn, true);

@@ -85,6 +85,13 @@ pub trait ObjectHooks: Send + Sync + std::fmt::Debug {
         Ok(())
     }
 
+    /// Send work requests of VM `vm` the fabric holds outside the VM's tables (posted to a
+    /// NIC and not yet completed): a draining VM is drained only when none are left.
+    fn sends_in_flight(&self, vm: u64) -> u32 {
+        let _ = vm;
+        0
+    }
+
     /// Whether QP `qpn` of VM `vm`, now `qp`, went to the error state in the fabric by
     /// itself (a NIC's QP does, on a responder error): the guest's query must see it.
     fn failed_qp(&self, vm: u64, qpn: u32, qp: &Qp) -> bool {

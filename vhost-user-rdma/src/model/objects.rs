@@ -444,6 +444,60 @@ pub fn port_attr(active_mtu: Mtu) -> PortAttr {
 }
 
 impl VmObjects {
+    /// Applies new object quotas (an operator changed them while the VM runs): creations
+    /// are checked against them from now on and the device's capabilities report them.
+    /// Objects beyond a lowered quota stay until the guest destroys them.
+    pub fn set_quotas(&mut self, q: &crate::config::Quotas) {
+        self.pds.set_capacity(q.max_pd);
+        self.mrs.set_capacity(q.max_mr);
+        self.cqs.set_capacity(q.max_cq);
+        self.qps.set_capacity(q.max_qp);
+        self.ahs.set_capacity(q.max_ah);
+        self.srqs.set_capacity(q.max_srq);
+        self.max_registered_bytes = q.max_mr_bytes;
+        let caps = &mut self.caps;
+        caps.max_pd = q.max_pd.into();
+        caps.max_mr = q.max_mr.into();
+        caps.max_cq = q.max_cq.into();
+        caps.max_qp = q.max_qp.into();
+        caps.max_ah = q.max_ah.into();
+        caps.max_registered_bytes = q.max_mr_bytes.into();
+        caps.max_mr_size = limits::MAX_MR_SIZE.min(q.max_mr_bytes).into();
+        self.srq_caps.max_srq = q.max_srq.into();
+    }
+
+    /// Objects in use, with the quota of each kind: (kind, in use, quota).
+    pub fn usage(&self) -> [(&'static str, u64, u64); 7] {
+        let t = |n: u32| u64::from(n);
+        [
+            ("qp", t(self.qps.len()), t(self.qps.capacity())),
+            ("cq", t(self.cqs.len()), t(self.cqs.capacity())),
+            ("mr", t(self.mrs.len()), t(self.mrs.capacity())),
+            ("pd", t(self.pds.len()), t(self.pds.capacity())),
+            ("ah", t(self.ahs.len()), t(self.ahs.capacity())),
+            ("srq", t(self.srqs.len()), t(self.srqs.capacity())),
+            ("mr_bytes", self.registered_bytes, self.max_registered_bytes),
+        ]
+    }
+
+    /// Send work requests the soft fabric has under way: started and not completed, or on
+    /// the wire and not acknowledged. A draining VM is drained when this is 0 (and the NIC,
+    /// on the verbs fabric, has none of its sends either).
+    pub fn sends_under_way(&self) -> u64 {
+        self.qps
+            .iter()
+            .map(|(_, qp)| {
+                let on_wire = qp.rt.rc.sq_max.wrapping_sub(qp.rt.sq_head);
+                let started = u32::from(qp.rt.inflight.active);
+                u64::from(if qp.rt.rc.is_started() {
+                    on_wire.max(started)
+                } else {
+                    started
+                })
+            })
+            .sum()
+    }
+
     /// A VM with no objects yet.
     pub fn new(cfg: &VmConfig, node_guid: u64) -> Self {
         let q = &cfg.quotas;

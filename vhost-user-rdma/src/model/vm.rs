@@ -3,7 +3,7 @@
 //! asynchronous events, and its counters.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use vrdma_proto::{Gid, event};
@@ -44,6 +44,20 @@ impl ReadyList {
             self.queue.push_back(slot);
         }
         *current = qpn;
+    }
+
+    /// Makes room for QPs in slots up to `max_qp` (a raised quota), keeping what is queued.
+    /// Never shrinks: QPs made under a higher quota keep their slots.
+    fn grow(&mut self, max_qp: u32) {
+        let slots = max_qp.next_power_of_two() as usize;
+        if slots <= self.current.len() {
+            return;
+        }
+        let queued: Vec<u32> = std::iter::from_fn(|| self.pop()).collect();
+        *self = ReadyList::new(max_qp);
+        for qpn in queued {
+            self.push(qpn);
+        }
     }
 
     fn pop(&mut self) -> Option<u32> {
@@ -111,6 +125,22 @@ impl Default for Counters {
 }
 
 impl Counters {
+    /// The counters' names, in the order of [`Counters::values`].
+    pub const NAMES: [&'static str; 12] = [
+        "wrs",
+        "bytes",
+        "completions",
+        "errors",
+        "wait_ns",
+        "commands_ok",
+        "commands_failed",
+        "doorbells",
+        "doorbells_polled",
+        "doorbells_malformed",
+        "ud_dropped",
+        "events_lost",
+    ];
+
     /// Every counter, in declaration order (the order a saved state keeps them in).
     pub fn values(&self) -> [u64; 12] {
         self.all().map(|c| c.load(Ordering::Relaxed))
@@ -130,8 +160,7 @@ impl Counters {
         self.errors_by_status[usize::from(status)].fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Sets every counter to zero, for an operator who asks (nothing asks yet: the management
-    /// socket will). Counters of work under way may be counted on either side of the reset.
+    /// Sets every counter to zero, for an operator who asks (`vrdmactl reset`). Counters of work under way may be counted on either side of the reset.
     pub fn reset(&self) {
         self.set_values(&[0; 12]);
         for c in &self.errors_by_status {
@@ -154,6 +183,89 @@ impl Counters {
             &self.ud_dropped,
             &self.events_lost,
         ]
+    }
+}
+
+/// What a VM may take of the fabric, which an operator may change while it runs (`vrdmactl
+/// set`, `vrdmactl drain`): its weight, its bandwidth and message-rate caps, and whether it is
+/// draining. The VM's server keeps one for the configured VM and every guest connection's
+/// [`Vm`] shares it, so a change reaches the scheduler at once, through atomics it reads
+/// without a lock.
+#[derive(Debug)]
+pub struct Share {
+    weight: AtomicU32,
+    /// Payload bytes per second, 0 for no cap.
+    max_bw: AtomicU64,
+    /// Work requests per second, 0 for no cap.
+    max_msg_rate: AtomicU64,
+    /// Bumped by every change of a cap, so the scheduler rebuilds its token buckets only then.
+    caps_generation: AtomicU64,
+    draining: AtomicBool,
+}
+
+impl Share {
+    /// A share of `weight`, capped at `max_bw` payload bytes and `max_msg_rate` work requests
+    /// per second (`None`: no cap).
+    pub fn new(weight: u32, max_bw: Option<u64>, max_msg_rate: Option<u64>) -> Self {
+        Share {
+            weight: AtomicU32::new(weight),
+            max_bw: AtomicU64::new(max_bw.unwrap_or(0)),
+            max_msg_rate: AtomicU64::new(max_msg_rate.unwrap_or(0)),
+            caps_generation: AtomicU64::new(0),
+            draining: AtomicBool::new(false),
+        }
+    }
+
+    /// The VM's weight: the deficit it earns per round, in quanta.
+    pub fn weight(&self) -> u32 {
+        self.weight.load(Ordering::Relaxed)
+    }
+
+    /// Sets the weight; the scheduler uses it from its next round.
+    pub fn set_weight(&self, weight: u32) {
+        self.weight.store(weight, Ordering::Relaxed);
+    }
+
+    /// The caps: payload bytes and work requests per second, `None` where there is none.
+    pub fn caps(&self) -> (Option<u64>, Option<u64>) {
+        let some = |v: u64| (v != 0).then_some(v);
+        (
+            some(self.max_bw.load(Ordering::Relaxed)),
+            some(self.max_msg_rate.load(Ordering::Relaxed)),
+        )
+    }
+
+    /// Sets the caps (`None`: none); the scheduler applies them at its next look at the VM.
+    pub fn set_caps(&self, max_bw: Option<u64>, max_msg_rate: Option<u64>) {
+        self.max_bw.store(max_bw.unwrap_or(0), Ordering::Relaxed);
+        self.max_msg_rate
+            .store(max_msg_rate.unwrap_or(0), Ordering::Relaxed);
+        self.caps_generation.fetch_add(1, Ordering::Release);
+    }
+
+    /// Changes with every [`Share::set_caps`]: the scheduler compares it with the one its
+    /// buckets were made for.
+    pub fn caps_generation(&self) -> u64 {
+        self.caps_generation.load(Ordering::Acquire)
+    }
+
+    /// Whether the VM is draining: the fabric starts none of its send work requests, and
+    /// those under way finish (as if every QP were in SQD, without the guest seeing a change
+    /// of state). Posted requests wait in their rings, not lost, until [`Share::set_draining`]
+    /// turns it off or the VM goes.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Starts (`true`) or ends a drain.
+    pub fn set_draining(&self, draining: bool) {
+        self.draining.store(draining, Ordering::Relaxed);
+    }
+}
+
+impl Default for Share {
+    fn default() -> Self {
+        Share::new(1, None, None)
     }
 }
 
@@ -180,12 +292,9 @@ pub struct Vm {
     pub name: String,
     /// Its port's GID.
     pub gid: Gid,
-    /// Share of the fabric.
-    pub weight: u32,
-    /// Payload bytes per second it may move as requester, if limited.
-    pub max_bw: Option<u64>,
-    /// Work requests per second it may complete as requester, if limited.
-    pub max_msg_rate: Option<u64>,
+    /// What it may take of the fabric: its weight, caps and drain, shared with its server,
+    /// which keeps them across connections and changes them at an operator's request.
+    pub share: Arc<Share>,
     /// Its memory.
     pub mem: GuestMemAtomic,
     objects: Mutex<VmObjects>,
@@ -231,9 +340,7 @@ impl Vm {
             id,
             name: objects.name.clone(),
             gid: objects.gid,
-            weight,
-            max_bw: None,
-            max_msg_rate: None,
+            share: Arc::new(Share::new(weight, None, None)),
             mem,
             objects: Mutex::new(objects),
             has_work: AtomicBool::new(false),
@@ -253,10 +360,38 @@ impl Vm {
     }
 
     /// Limits what the VM may move per second (see `config::Quotas`).
-    pub fn with_limits(mut self, max_bw: Option<u64>, max_msg_rate: Option<u64>) -> Self {
-        self.max_bw = max_bw;
-        self.max_msg_rate = max_msg_rate;
+    pub fn with_limits(self, max_bw: Option<u64>, max_msg_rate: Option<u64>) -> Self {
+        self.share.set_caps(max_bw, max_msg_rate);
         self
+    }
+
+    /// Takes its weight, caps and drain from `share` (the configured VM's, which an operator
+    /// changes at run time) rather than a share of the connection's own.
+    pub fn with_share(mut self, share: Arc<Share>) -> Self {
+        self.share = share;
+        self
+    }
+
+    /// Applies new object quotas while the VM runs (see `VmObjects::set_quotas`), making
+    /// room on the ready list for the QPs a raised quota allows.
+    pub fn set_quotas(&self, quotas: &crate::config::Quotas) {
+        let mut objects = self.lock();
+        objects.set_quotas(quotas);
+        if !objects.nic_qpns {
+            self.ready
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .grow(quotas.max_qp);
+        }
+    }
+
+    /// Puts every QP back on the ready list, for the scheduler to look at their rings again
+    /// (a drain ended: the requests posted meanwhile wait there).
+    pub fn wake_all(&self) {
+        let qpns: Vec<u32> = self.lock().qps.iter().map(|(qpn, _)| qpn).collect();
+        for qpn in qpns {
+            self.enqueue(qpn);
+        }
     }
 
     /// Locks the VM's objects, waiting if the scheduler or the control path holds them. Only

@@ -211,6 +211,9 @@ struct Entry {
     deficit: i64,
     /// Rate limits.
     buckets: Buckets,
+    /// The `Share::caps_generation` the buckets were made for: another means an operator
+    /// changed the caps.
+    caps_generation: u64,
     /// Since when the VM has had work waiting while others were served.
     waiting_since: Option<Instant>,
     /// Whether its doorbell queues are polled (its driver told not to kick).
@@ -440,7 +443,11 @@ impl Turns {
                 self.fabric.attach(&vm);
                 self.served.reserve(self.entries.len() + 1);
                 self.entries.push(Entry {
-                    buckets: Buckets::new(vm.max_bw, vm.max_msg_rate),
+                    buckets: {
+                        let (max_bw, max_msg_rate) = vm.share.caps();
+                        Buckets::new(max_bw, max_msg_rate)
+                    },
+                    caps_generation: vm.share.caps_generation(),
                     vm,
                     doorbells,
                     deficit: 0,
@@ -681,6 +688,12 @@ impl Turns {
                 self.account_wait(i, false);
                 continue;
             }
+            let generation = e.vm.share.caps_generation();
+            if generation != e.caps_generation {
+                let (max_bw, max_msg_rate) = e.vm.share.caps();
+                e.buckets.set_caps(max_bw, max_msg_rate);
+                e.caps_generation = generation;
+            }
             let limited = e.buckets.limited();
             if limited {
                 let now = *clock.get_or_insert_with(Instant::now);
@@ -695,7 +708,7 @@ impl Turns {
                 }
             }
             if !mid_turn {
-                e.deficit += i64::from(QUANTUM) * i64::from(e.vm.weight);
+                e.deficit += i64::from(QUANTUM) * i64::from(e.vm.share.weight());
             }
             // Still paying for a work request larger than its quantum (a NIC fabric posts a
             // whole request in one step): its turn is skipped, and the next round must come

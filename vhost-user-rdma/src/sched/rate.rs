@@ -35,6 +35,22 @@ impl Buckets {
         }
     }
 
+    /// Applies new caps (an operator changed them), keeping what the buckets hold up to
+    /// what the new caps allow: a lower cap holds at once, a higher one does not hand out a
+    /// burst.
+    pub fn set_caps(&mut self, max_bw: Option<u64>, max_msg_rate: Option<u64>) {
+        self.max_bw = max_bw;
+        self.max_msg_rate = max_msg_rate;
+        self.bytes = match max_bw {
+            Some(bw) => self.bytes.min(Self::byte_cap(bw, false)),
+            None => 0.0,
+        };
+        self.msgs = match max_msg_rate {
+            Some(rate) => self.msgs.min(Self::msg_cap(rate, false)),
+            None => 0.0,
+        };
+    }
+
     /// Whether any limit applies.
     pub fn limited(&self) -> bool {
         self.max_bw.is_some() || self.max_msg_rate.is_some()

@@ -434,7 +434,15 @@ impl VmDevice {
         }
     }
 
-    /// The VM this device serves.
+    /// The virtio features the driver accepted, once the VMM has set them.
+    pub fn negotiated_features(&self) -> Option<u64> {
+        *self
+            .acked_features
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The VM.
     pub fn vm(&self) -> &Arc<Vm> {
         &self.vm
     }

@@ -16,10 +16,10 @@ use vm_memory::GuestMemoryAtomic;
 
 use super::device::{SharedDevice, VmDevice};
 use super::queues::{DoorbellQueues, EventQueue};
-use crate::config::{SocketAccess, VmConfig};
+use crate::config::{Quotas, SocketAccess, VmConfig};
 use crate::model::memory::GuestMem;
 use crate::model::objects::VmObjects;
-use crate::model::vm::{Counters, Vm};
+use crate::model::vm::{Counters, Share, Vm};
 use crate::sched::Scheduler;
 
 /// VM ids are never reused, so a detach cannot hit a later connection of the same VM.
@@ -88,7 +88,6 @@ pub enum Error {
     },
 }
 
-#[derive(Default)]
 struct Shared {
     stopping: AtomicBool,
     /// Times the server has been ready for a frontend with everything of the previous
@@ -100,6 +99,38 @@ struct Shared {
     connected: Arc<AtomicBool>,
     /// The configured VM's counters, which every connection's `Vm` counts into.
     counters: Arc<Counters>,
+    /// Its weight, caps and drain, which every connection's `Vm` takes and an operator
+    /// changes at run time.
+    share: Arc<Share>,
+    /// The VM's configuration as it stands now (an operator may have changed its weight,
+    /// caps and quotas): the next connection starts from it.
+    config: Mutex<VmConfig>,
+}
+
+impl Shared {
+    fn new(cfg: &VmConfig) -> Self {
+        Shared {
+            stopping: AtomicBool::new(false),
+            waiting: std::sync::atomic::AtomicU64::new(0),
+            connection: Mutex::new(None),
+            device: Mutex::new(None),
+            connected: Arc::default(),
+            counters: Arc::default(),
+            share: Arc::new(Share::new(
+                cfg.weight,
+                cfg.quotas.max_bw,
+                cfg.quotas.max_msg_rate,
+            )),
+            config: Mutex::new(cfg.clone()),
+        }
+    }
+
+    fn config(&self) -> VmConfig {
+        self.config
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
 }
 
 impl std::fmt::Debug for Shared {
@@ -111,12 +142,54 @@ impl std::fmt::Debug for Shared {
     }
 }
 
+/// What an operator sees of one VM (`vrdmactl list`).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct VmStatus {
+    /// Its name.
+    pub name: String,
+    /// Its vhost-user socket.
+    pub socket: String,
+    /// Its port's GID.
+    pub gid: String,
+    /// Whether a guest is connected.
+    pub connected: bool,
+    /// The virtio features the guest's driver accepted, once it has.
+    pub features: Option<u64>,
+    /// Its weight.
+    pub weight: u32,
+    /// Its bandwidth cap, payload bytes per second.
+    pub max_bw: Option<u64>,
+    /// Its message-rate cap, work requests per second.
+    pub max_msg_rate: Option<u64>,
+    /// Whether it is draining.
+    pub draining: bool,
+    /// Send work requests under way (started and not complete); a draining VM with none is
+    /// drained.
+    pub sends_under_way: u64,
+    /// Objects in use against their quotas.
+    pub objects: Vec<ObjectUse>,
+    /// Its counters (kept across guest connections), by name.
+    pub counters: Vec<(String, u64)>,
+}
+
+/// Objects of one kind in use, against the quota.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ObjectUse {
+    /// qp, cq, mr, pd, ah, srq, or mr_bytes (bytes registered).
+    pub kind: std::borrow::Cow<'static, str>,
+    /// In use.
+    pub in_use: u64,
+    /// The quota.
+    pub quota: u64,
+}
+
 /// One VM's socket and the thread serving it.
 #[derive(Debug)]
 pub struct VmServer {
     name: String,
     socket: PathBuf,
     shared: Arc<Shared>,
+    scheduler: Scheduler,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -143,19 +216,19 @@ impl VmServer {
         // On an error the listener goes and takes the socket with it (its drop unlinks it), so
         // no socket is left with access the operator did not ask for.
         set_access(&cfg.socket, &cfg.socket_access)?;
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(Shared::new(&cfg));
         let thread_shared = shared.clone();
         let name = cfg.name.clone();
         let socket = cfg.socket.clone();
+        let thread_scheduler = scheduler.clone();
         let thread = std::thread::Builder::new()
             .name(format!("vm-{}", cfg.name))
             .spawn(move || {
                 serve(
-                    &cfg,
                     node_guid,
                     &mut listener,
                     &thread_shared,
-                    &scheduler,
+                    &thread_scheduler,
                     sync_receives,
                 )
             })
@@ -168,6 +241,7 @@ impl VmServer {
             name,
             socket,
             shared,
+            scheduler,
             thread: Some(thread),
         })
     }
@@ -201,6 +275,126 @@ impl VmServer {
     /// them, and only [`Counters::reset`] sets them back to zero.
     pub fn counters(&self) -> &Arc<Counters> {
         &self.shared.counters
+    }
+
+    /// The VM's weight, caps and drain, shared by every guest connection.
+    pub fn share(&self) -> &Arc<Share> {
+        &self.shared.share
+    }
+
+    /// The VM's configuration as it stands now.
+    pub fn config(&self) -> VmConfig {
+        self.shared.config()
+    }
+
+    /// Changes the VM's weight, caps and object quotas at once: the scheduler uses the
+    /// weight and caps from its next look at the VM, the connected guest's new objects are
+    /// checked against the quotas (and its device reports them), and the next connection
+    /// starts from them.
+    pub fn set_limits(&self, weight: u32, quotas: Quotas) {
+        let mut config = self.shared.config.lock().unwrap_or_else(|p| p.into_inner());
+        config.weight = weight;
+        config.quotas = quotas;
+        drop(config);
+        let share = &self.shared.share;
+        share.set_weight(weight);
+        share.set_caps(quotas.max_bw, quotas.max_msg_rate);
+        if let Some(device) = self.device() {
+            device.vm().set_quotas(&quotas);
+        }
+        self.scheduler.wake();
+        info!(
+            "vm {}: weight {weight}, max-bw {}, max-msg-rate {}, quotas {quotas:?}",
+            self.name,
+            quotas.max_bw.map_or("none".into(), |v| v.to_string()),
+            quotas.max_msg_rate.map_or("none".into(), |v| v.to_string()),
+        );
+    }
+
+    /// Starts (`true`) or ends a drain: while it lasts the fabric starts none of the VM's
+    /// send work requests and lets those under way finish (see `Share::is_draining`). Ending
+    /// it has the scheduler look at every QP's ring again, where the requests posted
+    /// meanwhile wait.
+    pub fn set_draining(&self, draining: bool) {
+        self.shared.share.set_draining(draining);
+        if !draining {
+            if let Some(device) = self.device() {
+                device.vm().wake_all();
+            }
+        }
+        self.scheduler.wake();
+        info!(
+            "vm {}: {}",
+            self.name,
+            if draining {
+                "draining: no new send work starts"
+            } else {
+                "drain ended"
+            }
+        );
+    }
+
+    /// What an operator sees of the VM (`vrdmactl list`): waits for the VM's objects' lock
+    /// if a guest is connected, so only the management path calls it.
+    pub fn status(&self) -> VmStatus {
+        let config = self.config();
+        let device = self.device();
+        let (max_bw, max_msg_rate) = self.shared.share.caps();
+        let mut status = VmStatus {
+            name: self.name.clone(),
+            socket: self.socket.display().to_string(),
+            gid: config.gid.to_string(),
+            connected: device.is_some(),
+            features: device.as_ref().and_then(|d| d.negotiated_features()),
+            weight: self.shared.share.weight(),
+            max_bw,
+            max_msg_rate,
+            draining: self.shared.share.is_draining(),
+            sends_under_way: 0,
+            objects: Vec::new(),
+            counters: Counters::NAMES
+                .iter()
+                .zip(self.shared.counters.values())
+                .map(|(n, v)| ((*n).to_owned(), v))
+                .collect(),
+        };
+        match &device {
+            Some(d) => {
+                let vm = d.vm();
+                let objects = vm.lock();
+                status.sends_under_way = objects.sends_under_way()
+                    + u64::from(self.scheduler.hooks().sends_in_flight(vm.id));
+                status.objects = objects
+                    .usage()
+                    .iter()
+                    .map(|&(kind, in_use, quota)| ObjectUse {
+                        kind: kind.into(),
+                        in_use,
+                        quota,
+                    })
+                    .collect();
+            }
+            None => {
+                let q = &config.quotas;
+                status.objects = [
+                    ("qp", q.max_qp.into()),
+                    ("cq", q.max_cq.into()),
+                    ("mr", q.max_mr.into()),
+                    ("pd", q.max_pd.into()),
+                    ("ah", q.max_ah.into()),
+                    ("srq", q.max_srq.into()),
+                    ("mr_bytes", q.max_mr_bytes),
+                ]
+                .into_iter()
+                .map(|(kind, quota)| ObjectUse {
+                    kind: kind.into(),
+                    in_use: 0,
+                    quota,
+                })
+                .collect();
+            }
+        }
+        status
     }
 
     /// How many times the server has been waiting for a frontend with everything of the
@@ -315,15 +509,15 @@ fn remove_socket(path: &Path) {
 }
 
 fn serve(
-    cfg: &VmConfig,
     node_guid: u64,
     listener: &mut Listener,
     shared: &Shared,
     scheduler: &Scheduler,
     sync_receives: bool,
 ) {
-    let name = &cfg.name;
+    let name = &shared.config().name;
     while !shared.stopping.load(Ordering::SeqCst) {
+        let cfg = &shared.config();
         let memory = GuestMemoryAtomic::new(GuestMem::default());
         let id = NEXT_VM_ID.fetch_add(1, Ordering::Relaxed);
         let events = Arc::new(EventQueue::default());
@@ -335,7 +529,7 @@ fn serve(
                 memory.clone(),
                 events.clone(),
             )
-            .with_limits(cfg.quotas.max_bw, cfg.quotas.max_msg_rate)
+            .with_share(shared.share.clone())
             .with_counters(shared.counters.clone()),
         );
         let doorbells = Arc::new(DoorbellQueues::new(vm.clone()));

@@ -188,7 +188,10 @@ pub fn step_rc(
             return StepOutcome::IDLE;
         };
         if !qp.rt.inflight.active {
-            if sqd {
+            // A draining VM sends again what is on the wire (go-back-N) but starts nothing
+            // the peer has not seen.
+            let new_work = qp.rt.rc.sq_next == qp.rt.rc.sq_max;
+            if sqd || (new_work && a.share.is_draining()) {
                 break;
             }
             match begin_wr(av, a, mem, qpn) {

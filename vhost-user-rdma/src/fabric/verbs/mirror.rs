@@ -390,6 +390,12 @@ impl ObjectHooks for NicHooks {
         Ok(())
     }
 
+    fn sends_in_flight(&self, vm: u64) -> u32 {
+        self.existing(vm).map_or(0, |v| {
+            v.state().qps.values().map(|nq| nq.send.in_flight).sum()
+        })
+    }
+
     fn failed_qp(&self, vm: u64, qpn: u32, _qp: &Qp) -> bool {
         let Some(v) = self.existing(vm) else {
             return false;

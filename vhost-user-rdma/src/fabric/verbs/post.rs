@@ -182,6 +182,10 @@ pub fn step(
         }
         return StepOutcome::IDLE;
     }
+    if vm.share.is_draining() {
+        // What is on the NIC finishes; nothing more goes to it.
+        return StepOutcome::IDLE;
+    }
     let (mut cost, mut bytes, mut wrs) = (0u32, 0u32, 0u32);
     while cost < budget {
         match post_next(vm, objects, st, room, mem, qpn) {

@@ -509,3 +509,89 @@ fn post_srq_recv_checks_the_srq() {
     assert_eq!(resp.unwrap(), Vec::<u8>::new());
     assert!(hooks.posted.lock().unwrap().is_empty());
 }
+
+/// A drain (`vrdmactl drain`) lets the work request under way finish and starts no other;
+/// those posted before or during it start when it ends, none lost.
+#[test]
+fn a_drain_finishes_the_request_under_way_and_starts_no_other() {
+    let (mut a, mut b) = (TestVm::new(1, 1), TestVm::new(2, 1));
+    let (pa, pb) = (a.pd(), b.pd());
+    let qa = a.qp(pa, qp::Type::Rc, 16, 64);
+    let qb = b.qp(pb, qp::Type::Rc, 16, 64);
+    a.connect(qa.qpn, b.gid(), qb.qpn, (7, 7, 1));
+    b.connect(qb.qpn, a.gid(), qa.qpn, (7, 7, 1));
+    const LEN: u64 = 1 << 20;
+    let ma = a.mr(pa, LEN, ALL);
+    let mb = b.mr(pb, 2 * LEN, ALL);
+    let mut sched = ManualScheduler::new(Box::new(SoftFabric::new(None)));
+    sched.attach(&a.vm);
+    sched.attach(&b.vm);
+    a.fill(ma.addr, LEN as usize, 0x5a);
+    let src = [Sge::new(ma.addr, LEN as u32, ma.lkey)];
+    for (id, at) in [(1, mb.addr), (2, mb.addr + LEN)] {
+        a.post_send(
+            &qa,
+            rdma(wqe::Opcode::RdmaWrite, id, at, mb.rkey),
+            Data::Sges(&src),
+        );
+    }
+    // One round moves one quantum: the first write (16 of them long) is under way.
+    sched.pass();
+    assert!(statuses(&a, &qa).is_empty());
+    assert_eq!(a.vm.lock().sends_under_way(), 1);
+
+    a.vm.share.set_draining(true);
+    sched.run_until("the write under way completes", || {
+        !statuses(&a, &qa).is_empty()
+    });
+    for _ in 0..64 {
+        sched.pass();
+    }
+    assert_eq!(statuses(&a, &qa), [(1, Status::Success.raw())]);
+    assert_eq!(a.vm.lock().sends_under_way(), 0, "drained");
+    assert_eq!(b.read(mb.addr, LEN as usize), vec![0x5a; LEN as usize]);
+    assert_eq!(
+        b.read(mb.addr + LEN, 4096),
+        vec![0; 4096],
+        "the second write must not start while the VM drains"
+    );
+
+    a.vm.share.set_draining(false);
+    a.vm.wake_all();
+    sched.run_until("the second write completes", || {
+        statuses(&a, &qa).len() == 2
+    });
+    assert_eq!(statuses(&a, &qa)[1], (2, Status::Success.raw()));
+    assert_eq!(
+        b.read(mb.addr + LEN, LEN as usize),
+        vec![0x5a; LEN as usize]
+    );
+}
+
+/// Quotas an operator raises while the VM runs: QPs in the slots beyond the old quota get
+/// their own places on the ready list (it grew), so none hides another's doorbell.
+#[test]
+fn a_raised_qp_quota_grows_the_ready_list() {
+    let quotas = crate::config::Quotas {
+        max_qp: 2,
+        ..crate::config::Quotas::default()
+    };
+    let mut a = TestVm::with_quotas(1, quotas);
+    let pd = a.pd();
+    let first: Vec<TestQp> = (0..2).map(|_| a.qp(pd, qp::Type::Rc, 4, 8)).collect();
+    a.vm.set_quotas(&crate::config::Quotas {
+        max_qp: 8,
+        ..quotas
+    });
+    let more: Vec<TestQp> = (0..6).map(|_| a.qp(pd, qp::Type::Rc, 4, 8)).collect();
+    let all: Vec<u32> = first.iter().chain(&more).map(|q| q.qpn).collect();
+    for &qpn in &all {
+        a.vm.enqueue(qpn);
+    }
+    let popped: HashSet<u32> = std::iter::from_fn(|| a.vm.pop_ready()).collect();
+    assert_eq!(
+        popped,
+        all.iter().copied().collect(),
+        "every QP queued once"
+    );
+}

@@ -217,3 +217,136 @@ fn sigusr1_logs_the_counters_and_keeps_serving() {
     assert_eq!((vm_lines, fabric_lines), (1, 2), "{log}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+const CTL: &str = env!("CARGO_BIN_EXE_vrdmactl");
+
+/// Runs `vrdmactl --socket SOCKET ARGS`; returns its exit code, stdout and stderr.
+fn vrdmactl(socket: &Path, args: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::new(CTL)
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .env_remove("VRDMACTL_SOCKET")
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn vrdmactl_lists_adds_changes_drains_and_removes_vms_of_a_running_daemon() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = temp_dir("ctl");
+    let (a, b) = (dir.join("a.sock"), dir.join("b.sock"));
+    // The management socket's directory does not exist yet: the daemon makes it.
+    let control = dir.join("run").join("control.sock");
+    let daemon = Daemon::start(&[
+        "--vm".into(),
+        format!("name=a,socket={}", a.display()),
+        "--control-socket".into(),
+        control.display().to_string(),
+    ]);
+    daemon.wait_for_log("vm a: listening on", 1);
+    daemon.wait_for_log("management socket: listening on", 1);
+    let mode = std::fs::metadata(&control).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "only the daemon's user may manage it");
+
+    let (code, out, err) = vrdmactl(&control, &["list"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.starts_with("vm a: no guest\n"), "{out}");
+    assert!(out.contains("weight 1, max-bw none"), "{out}");
+
+    let (code, _, err) = vrdmactl(
+        &control,
+        &["add", &format!("name=b,socket={},weight=4", b.display())],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    assert!(b.exists(), "b's socket is there when add returns");
+    let (code, _, err) = vrdmactl(&control, &["set", "b", "weight=2", "max-bw=1G"]);
+    assert_eq!(code, Some(0), "{err}");
+    let (code, out, _) = vrdmactl(&control, &["--json", "list", "b"]);
+    assert_eq!(code, Some(0));
+    let answer: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(answer["ok"], true);
+    assert_eq!(answer["vms"][0]["name"], "b");
+    assert_eq!(answer["vms"][0]["weight"], 2);
+    assert_eq!(answer["vms"][0]["max_bw"], 1u64 << 30);
+
+    // Refusals exit 1 with the daemon's reason; an unreachable daemon exits 2.
+    let (code, _, err) = vrdmactl(&control, &["set", "nosuch", "weight=2"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("no VM called \"nosuch\""), "{err}");
+    let (code, _, err) = vrdmactl(&control, &["set", "a", "weight=0"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("weight=\"0\" is invalid"), "{err}");
+    let (code, _, err) = vrdmactl(&dir.join("nothing.sock"), &["list"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("cannot reach the daemon"), "{err}");
+
+    let (code, out, err) = vrdmactl(&control, &["drain", "a", "--wait"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.starts_with("vm a: drained\n"), "{out}");
+    let (code, _, _) = vrdmactl(&control, &["resume", "a"]);
+    assert_eq!(code, Some(0));
+    let (code, _, _) = vrdmactl(&control, &["remove", "b"]);
+    assert_eq!(code, Some(0));
+    assert!(!b.exists(), "b's socket is removed");
+    let (code, _, _) = vrdmactl(&control, &["reset"]);
+    assert_eq!(code, Some(0));
+
+    // A second daemon on the same management socket is refused before it serves anything.
+    let busy = Command::new(BIN)
+        .args([
+            "--vm",
+            &format!("name=x,socket={}", dir.join("x.sock").display()),
+        ])
+        .arg("--control-socket")
+        .arg(&control)
+        .output()
+        .unwrap();
+    assert_eq!(busy.status.code(), Some(2), "{busy:?}");
+    assert!(String::from_utf8_lossy(&busy.stderr).contains("in use by another daemon"));
+    assert!(!dir.join("x.sock").exists());
+
+    daemon.signal("TERM");
+    let (exit, log) = daemon.wait("SIGTERM");
+    assert!(exit.success(), "{exit:?}\n{log}");
+    assert!(!control.exists(), "the management socket is removed");
+    assert!(!a.exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn vrdmactl_add_is_refused_with_roce() {
+    let dir = temp_dir("ctl-roce");
+    let control = dir.join("control.sock");
+    let daemon = Daemon::start(&[
+        "--vm".into(),
+        format!(
+            "name=a,socket={},gid=127.0.14.2",
+            dir.join("a.sock").display()
+        ),
+        "--roce".into(),
+        "--control-socket".into(),
+        control.display().to_string(),
+    ]);
+    daemon.wait_for_log("management socket: listening on", 1);
+    let b = dir.join("b.sock");
+    let (code, _, err) = vrdmactl(
+        &control,
+        &[
+            "add",
+            &format!("name=b,socket={},gid=127.0.14.3", b.display()),
+        ],
+    );
+    assert_eq!(code, Some(1));
+    assert!(err.contains("--roce") && err.contains("restart"), "{err}");
+    assert!(!b.exists());
+    daemon.signal("TERM");
+    let (exit, log) = daemon.wait("SIGTERM");
+    assert!(exit.success(), "{exit:?}\n{log}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -163,4 +163,25 @@ mod tests {
         held.refill(late + Duration::from_millis(500));
         assert_eq!((held.bytes_left(), held.msgs_left()), (mib, 100.0));
     }
+
+    /// Caps an operator changes at run time: a lower one holds at once (the tokens saved
+    /// under the old one are cut to the new burst), a lifted one stops limiting.
+    #[test]
+    fn changed_caps_apply_at_once() {
+        let t0 = Instant::now();
+        let mut b = Buckets::new(Some(1 << 30), None);
+        b.refill(t0 + Duration::from_millis(50));
+        let burst_before = b.bytes_left();
+        b.set_caps(Some(10 << 20), Some(1000));
+        assert!(b.limited());
+        assert!(b.bytes_left() < burst_before);
+        // 10 ms of the new cap.
+        assert_eq!(b.bytes_left(), f64::from(10u32 << 20) / 100.0);
+        b.charge(b.bytes_left() as u64 + 1, 20);
+        assert!(b.wait().is_some(), "over the new cap: it must wait");
+        b.set_caps(None, None);
+        assert!(!b.limited());
+        assert_eq!(b.wait(), None);
+        assert_eq!(b.byte_budget(), CHUNK);
+    }
 }

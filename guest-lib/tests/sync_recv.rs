@@ -44,7 +44,8 @@ impl Server {
             .vms
             .remove(0);
         let scheduler = Scheduler::start(|| Box::new(SoftFabric::new(None))).unwrap();
-        let server = VmServer::start(cfg, 0x300, scheduler, sync_receives).unwrap();
+        let listeners = vhost_user_rdma::vhost::listen::Listeners::start().unwrap();
+        let server = VmServer::start(cfg, 0x300, scheduler, sync_receives, &listeners).unwrap();
         Server {
             _dir: dir,
             socket,

@@ -13,6 +13,7 @@ use crate::fabric::roce::{self, Network, RoceFabric};
 use crate::fabric::soft::SoftFabric;
 use crate::metrics::{self, MetricsServer, Sources, VmSource};
 use crate::sched::Scheduler;
+use crate::vhost::listen::Listeners;
 use crate::vhost::server::{self, VmServer, VmStatus};
 
 /// Why the daemon could not start.
@@ -24,6 +25,9 @@ pub enum Error {
     /// A VM could not be served.
     #[error(transparent)]
     Server(#[from] server::Error),
+    /// The loop watching the VMs' sockets could not start.
+    #[error(transparent)]
+    Listeners(#[from] crate::vhost::listen::Error),
     /// The inter-host fabric could not start.
     #[error(transparent)]
     Roce(#[from] roce::Error),
@@ -82,6 +86,8 @@ pub struct Daemon {
     scheduler: Scheduler,
     network: Option<Arc<Network>>,
     metrics: Option<MetricsServer>,
+    /// The loop watching the VMs' sockets.
+    listeners: Arc<Listeners>,
     /// What the metrics read of each VM: changes as VMs are added and removed.
     vm_sources: Arc<Mutex<Vec<VmSource>>>,
     /// The fabric posts receives ahead of arrival (see `VmServer::start`).
@@ -160,6 +166,25 @@ impl Daemon {
         if let Some(n) = &network {
             n.set_scheduler(scheduler.thread().clone());
         }
+        // Undoes what was started when a later step fails.
+        let abandon = |servers: Vec<VmServer>, listeners: Option<&Listeners>| {
+            for s in servers {
+                s.stop(Duration::from_secs(1));
+            }
+            if let Some(l) = listeners {
+                l.stop();
+            }
+            if let Some(n) = &network {
+                n.stop();
+            }
+        };
+        let listeners = match Listeners::start() {
+            Ok(l) => l,
+            Err(e) => {
+                abandon(Vec::new(), None);
+                return Err(e.into());
+            }
+        };
         let mut servers = Vec::new();
         let sync_receives = config.fabric.needs_sync_receives();
         for vm in &config.vms {
@@ -168,15 +193,11 @@ impl Daemon {
                 vm.gid.node_guid(),
                 scheduler.clone(),
                 sync_receives,
+                &listeners,
             ) {
                 Ok(s) => servers.push(s),
                 Err(e) => {
-                    for s in servers {
-                        s.stop(Duration::from_secs(1));
-                    }
-                    if let Some(n) = &network {
-                        n.stop();
-                    }
+                    abandon(servers, Some(&listeners));
                     return Err(e.into());
                 }
             }
@@ -192,12 +213,7 @@ impl Daemon {
                 match MetricsServer::start(addr, sources) {
                     Ok(m) => Some(m),
                     Err(e) => {
-                        for s in servers {
-                            s.stop(Duration::from_secs(1));
-                        }
-                        if let Some(n) = &network {
-                            n.stop();
-                        }
+                        abandon(servers, Some(&listeners));
                         return Err(e.into());
                     }
                 }
@@ -214,6 +230,7 @@ impl Daemon {
             scheduler,
             network,
             metrics,
+            listeners,
             vm_sources,
             sync_receives,
             nic_port: None,
@@ -255,6 +272,7 @@ impl Daemon {
             vm.gid.node_guid(),
             self.scheduler.clone(),
             self.sync_receives,
+            &self.listeners,
         )?;
         self.vm_sources
             .lock()
@@ -381,6 +399,7 @@ impl Daemon {
         for s in self.servers {
             s.stop(Duration::from_secs(5));
         }
+        self.listeners.stop();
         if let Some(n) = &self.network {
             n.stop();
         }

@@ -4,8 +4,13 @@
 //! [`crate::sched::doorbells::Doorbells`] and take the VM's events through
 //! [`crate::model::vm::EventSink`]).
 //!
-//! Files import one way: `queues` is the leaf, `device` builds on it, `server` on both.
+//! The VMs' sockets are watched by one `event-manager` loop ([`listen`]), which wakes a VM's
+//! thread when a frontend waits.
+//!
+//! Files import one way: `queues` and `listen` are leaves, `device` builds on `queues`,
+//! `server` on all three.
 
 pub mod device;
+pub mod listen;
 pub mod queues;
 pub mod server;

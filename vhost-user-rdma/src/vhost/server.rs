@@ -15,6 +15,7 @@ use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::GuestMemoryAtomic;
 
 use super::device::{SharedDevice, VmDevice};
+use super::listen::{Gate, Listeners, Woken};
 use super::queues::{DoorbellQueues, EventQueue};
 use crate::config::{Quotas, SocketAccess, VmConfig};
 use crate::model::memory::GuestMem;
@@ -105,6 +106,8 @@ struct Shared {
     /// The VM's configuration as it stands now (an operator may have changed its weight,
     /// caps and quotas): the next connection starts from it.
     config: Mutex<VmConfig>,
+    /// Opened by the listeners' loop when a frontend waits on the socket, closed to stop.
+    gate: Arc<Gate>,
 }
 
 impl Shared {
@@ -122,6 +125,7 @@ impl Shared {
                 cfg.quotas.max_msg_rate,
             )),
             config: Mutex::new(cfg.clone()),
+            gate: Arc::default(),
         }
     }
 
@@ -190,13 +194,17 @@ pub struct VmServer {
     socket: PathBuf,
     shared: Arc<Shared>,
     scheduler: Scheduler,
+    listeners: Arc<Listeners>,
+    /// The listening socket's descriptor, which `listeners` watches.
+    listener_fd: std::os::fd::RawFd,
     thread: Option<JoinHandle<()>>,
 }
 
 impl VmServer {
     /// Listens on the VM's socket and serves frontends one after another until [`stop`].
     /// `sync_receives`: the fabric posts receives ahead of arrival, so each device offers
-    /// `SYNC_RECV` and refuses a driver that does not accept it.
+    /// `SYNC_RECV` and refuses a driver that does not accept it. `listeners` watches the
+    /// socket and wakes the VM's thread when a frontend waits.
     ///
     /// [`stop`]: VmServer::stop
     pub fn start(
@@ -204,6 +212,7 @@ impl VmServer {
         node_guid: u64,
         scheduler: Scheduler,
         sync_receives: bool,
+        listeners: &Arc<Listeners>,
     ) -> Result<Self, Error> {
         if UnixStream::connect(&cfg.socket).is_ok() {
             return Err(Error::SocketBusy(cfg.socket.clone()));
@@ -221,6 +230,8 @@ impl VmServer {
         let name = cfg.name.clone();
         let socket = cfg.socket.clone();
         let thread_scheduler = scheduler.clone();
+        let thread_listeners = listeners.clone();
+        let listener_fd = std::os::fd::AsRawFd::as_raw_fd(&listener);
         let thread = std::thread::Builder::new()
             .name(format!("vm-{}", cfg.name))
             .spawn(move || {
@@ -228,7 +239,7 @@ impl VmServer {
                     node_guid,
                     &mut listener,
                     &thread_shared,
-                    &thread_scheduler,
+                    (&thread_scheduler, &thread_listeners),
                     sync_receives,
                 )
             })
@@ -242,6 +253,8 @@ impl VmServer {
             socket,
             shared,
             scheduler,
+            listeners: listeners.clone(),
+            listener_fd,
             thread: Some(thread),
         })
     }
@@ -417,9 +430,10 @@ impl VmServer {
         {
             conn.shutdown();
         }
-        // The serving thread may be blocked in accept(); a connection that closes at once
-        // wakes it so it can see that it is stopping.
-        drop(UnixStream::connect(&self.socket));
+        // The serving thread may be waiting for a frontend: the loop stops watching its
+        // socket (before the thread closes it) and the gate wakes it to see it is stopping.
+        self.listeners.unwatch(self.listener_fd);
+        self.shared.gate.close();
         if let Some(thread) = self.thread.take() {
             let deadline = Instant::now() + timeout;
             while !thread.is_finished() && Instant::now() < deadline {
@@ -512,7 +526,7 @@ fn serve(
     node_guid: u64,
     listener: &mut Listener,
     shared: &Shared,
-    scheduler: &Scheduler,
+    (scheduler, listeners): (&Scheduler, &Listeners),
     sync_receives: bool,
 ) {
     let name = &shared.config().name;
@@ -561,6 +575,11 @@ fn serve(
         // without a guest costs (tests compare them across connections).
         info!("vm {name}: waiting for a frontend");
         shared.waiting.fetch_add(1, Ordering::SeqCst);
+        listeners.watch(listener, shared.gate.clone());
+        if shared.gate.wait() == Woken::Closed {
+            break;
+        }
+        // A frontend waits: accepting it does not block.
         if let Err(e) = daemon.start(listener) {
             if !shared.stopping.load(Ordering::SeqCst) {
                 error!("vm {name}: accepting a frontend failed: {e}");
@@ -701,7 +720,8 @@ mod xen_tests {
             .vms
             .remove(0);
         let scheduler = Scheduler::start(|| Box::new(MockFabric::default())).unwrap();
-        let server = VmServer::start(cfg, 0x100, scheduler, false).unwrap();
+        let listeners = crate::vhost::listen::Listeners::start().unwrap();
+        let server = VmServer::start(cfg, 0x100, scheduler, false, &listeners).unwrap();
 
         // Guest RAM as a plain file: the whole-region case a Xen build maps with mmap
         // (foreign mappings need /dev/xen/privcmd, which this machine does not have).
@@ -816,6 +836,7 @@ mod sync_recv_tests {
             ..Default::default()
         };
         let scheduler = Scheduler::start(|| Box::new(MockFabric::default())).unwrap();
+        let listeners = crate::vhost::listen::Listeners::start().unwrap();
         let mut servers = Vec::new();
         for (name, sync_receives) in [("soft", false), ("nic", true)] {
             let socket = dir.join(format!("{name}.sock"));
@@ -828,7 +849,7 @@ mod sync_recv_tests {
                 .unwrap()
                 .vms
                 .remove(0);
-            let server = VmServer::start(cfg, 0x100, scheduler.clone(), sync_receives);
+            let server = VmServer::start(cfg, 0x100, scheduler.clone(), sync_receives, &listeners);
             servers.push((socket, server.unwrap()));
         }
         let [(soft_socket, soft), (nic_socket, nic)] = <[_; 2]>::try_from(servers).unwrap();

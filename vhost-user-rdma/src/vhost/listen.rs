@@ -1,0 +1,232 @@
+//! The VMs' listening sockets, watched by one `event-manager` loop: a VM's thread sleeps until
+//! the loop sees a frontend waiting on its socket, and only then accepts it (through
+//! vhost-user-backend, which owns the accept and the connection). Watching is one-shot: the
+//! loop stops watching a socket when it wakes its VM, and the VM asks again once it has
+//! released its last connection, so a second frontend that connects meanwhile waits in the
+//! backlog instead of waking the loop again and again.
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+
+use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+use log::warn;
+use vmm_sys_util::eventfd::EventFd;
+
+/// Why the listeners' loop could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Its event loop or wake-up could not be made.
+    #[error("cannot make the event loop that watches the VMs' sockets")]
+    EventLoop(#[source] io::Error),
+    /// Its thread could not be started.
+    #[error("cannot start the thread that watches the VMs' sockets")]
+    Thread(#[source] io::Error),
+}
+
+/// What a VM's thread waits on: a frontend waiting on its socket, or the end.
+#[derive(Debug, Default)]
+pub struct Gate {
+    state: Mutex<GateState>,
+    changed: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct GateState {
+    pending: bool,
+    closed: bool,
+}
+
+/// What [`Gate::wait`] saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Woken {
+    /// A frontend waits on the socket: accepting it will not block.
+    Frontend,
+    /// The VM is stopping.
+    Closed,
+}
+
+impl Gate {
+    /// Sleeps until a frontend waits or the gate is closed; takes the frontend's signal.
+    pub fn wait(&self) -> Woken {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if state.closed {
+                return Woken::Closed;
+            }
+            if std::mem::take(&mut state.pending) {
+                return Woken::Frontend;
+            }
+            state = self.changed.wait(state).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    fn open(&self) {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).pending = true;
+        self.changed.notify_all();
+    }
+
+    /// Wakes the VM's thread for good: it is stopping.
+    pub fn close(&self) {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).closed = true;
+        self.changed.notify_all();
+    }
+}
+
+/// A change the loop makes to what it watches, in the order asked.
+#[derive(Debug)]
+enum Change {
+    Watch(RawFd, Arc<Gate>),
+    Unwatch(RawFd),
+}
+
+#[derive(Debug)]
+struct Shared {
+    kick: EventFd,
+    changes: Mutex<Vec<Change>>,
+    stop: AtomicBool,
+}
+
+impl Shared {
+    fn push(&self, change: Change) {
+        self.changes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(change);
+        if let Err(e) = self.kick.write(1) {
+            warn!("cannot wake the loop watching the VMs' sockets: {e}");
+        }
+    }
+}
+
+/// The loop's subscriber: the wake-up and the sockets it watches now.
+#[derive(Debug)]
+struct Watcher {
+    shared: Arc<Shared>,
+    watched: HashMap<RawFd, Arc<Gate>>,
+}
+
+impl Watcher {
+    fn apply(&mut self, ops: &mut EventOps) {
+        let _ = self.shared.kick.read();
+        let changes = std::mem::take(
+            &mut *self
+                .shared
+                .changes
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        for change in changes {
+            match change {
+                Change::Watch(fd, gate) => {
+                    if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
+                        // Let the VM's thread accept by itself (blocking) rather than never.
+                        warn!(
+                            "cannot watch a VM's socket (fd {fd}): {e:?}; its thread accepts without the loop"
+                        );
+                        gate.open();
+                        continue;
+                    }
+                    self.watched.insert(fd, gate);
+                }
+                Change::Unwatch(fd) => {
+                    if self.watched.remove(&fd).is_some() {
+                        // The socket may be closed already, which took it out of the epoll set.
+                        let _ = ops.remove(Events::new_raw(fd, EventSet::IN));
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl MutEventSubscriber for Watcher {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.shared.kick, EventSet::IN)) {
+            warn!("cannot watch the listeners' wake-up: {e:?}");
+        }
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let fd = events.fd();
+        if fd == self.shared.kick.as_raw_fd() {
+            self.apply(ops);
+        } else if let Some(gate) = self.watched.remove(&fd) {
+            let _ = ops.remove(Events::new_raw(fd, EventSet::IN));
+            gate.open();
+        }
+    }
+}
+
+/// The loop watching the VMs' sockets, on a thread of its own.
+#[derive(Debug)]
+pub struct Listeners {
+    shared: Arc<Shared>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Listeners {
+    /// Starts the loop.
+    pub fn start() -> Result<Arc<Listeners>, Error> {
+        let shared = Arc::new(Shared {
+            kick: EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventLoop)?,
+            changes: Mutex::new(Vec::new()),
+            stop: AtomicBool::new(false),
+        });
+        let mut events: EventManager<Watcher> = EventManager::new()
+            .map_err(|e| Error::EventLoop(io::Error::other(format!("{e:?}"))))?;
+        events.add_subscriber(Watcher {
+            shared: shared.clone(),
+            watched: HashMap::new(),
+        });
+        let loop_shared = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("vrdma-listen".into())
+            .spawn(move || {
+                while !loop_shared.stop.load(Ordering::Acquire) {
+                    if let Err(e) = events.run() {
+                        if !matches!(&e, event_manager::Error::Epoll(errno) if errno.errno() == libc::EINTR)
+                        {
+                            warn!("the loop watching the VMs' sockets failed: {e:?}");
+                            return;
+                        }
+                    }
+                }
+            })
+            .map_err(Error::Thread)?;
+        Ok(Arc::new(Listeners {
+            shared,
+            thread: Mutex::new(Some(thread)),
+        }))
+    }
+
+    /// Watches `socket` until a frontend waits on it, then opens `gate` and stops watching.
+    pub fn watch(&self, socket: &impl AsRawFd, gate: Arc<Gate>) {
+        self.shared.push(Change::Watch(socket.as_raw_fd(), gate));
+    }
+
+    /// Stops watching `socket` (its VM is stopping), before the socket is closed.
+    pub fn unwatch(&self, socket: RawFd) {
+        self.shared.push(Change::Unwatch(socket));
+    }
+
+    /// Ends the loop and waits for its thread.
+    pub fn stop(&self) {
+        self.shared.stop.store(true, Ordering::Release);
+        if let Err(e) = self.shared.kick.write(1) {
+            warn!("cannot wake the loop watching the VMs' sockets: {e}");
+        }
+        if let Some(t) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Listeners {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

@@ -105,8 +105,12 @@ fn the_systemd_unit_verifies() {
         .expect("the unit has an ExecStart");
     assert_eq!(
         exec,
-        format!("ExecStart={INSTALLED} $VRDMA_ARGS"),
-        "README.md's install command puts the daemon at {INSTALLED}"
+        format!(
+            "ExecStart={INSTALLED} --control-socket {} $VRDMA_ARGS",
+            vhost_user_rdma::manage::DEFAULT_SOCKET
+        ),
+        "README.md's install command puts the daemon at {INSTALLED}, and vrdmactl looks for \
+         the management socket at manage::DEFAULT_SOCKET"
     );
     let dir = temp_dir("unit");
     let copy = dir.join("vhost-user-rdma.service");

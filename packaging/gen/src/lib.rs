@@ -1,10 +1,13 @@
 //! The files packaging ships that are derived from the code, so that they cannot drift from it:
 //!
-//! - `man/vhost-user-rdma.1`, `man/vrdma-perf.1`, `man/vrdma-devinfo.1`: the man pages, made
-//!   with `clap_mangen` from the programs' clap definitions (`vhost_user_rdma::config::Args`,
-//!   `vrdma_perf::Args`). `vrdma-devinfo` parses its options by hand, as `ibv_devinfo` does
-//!   with getopt_long, so its page comes from [`devinfo_command`], a clap description of the
-//!   same options that a test compares with the program's own usage text.
+//! - `man/vhost-user-rdma.1`, `man/vrdmactl.1`, `man/vrdma-perf.1`, `man/vrdma-devinfo.1`: the
+//!   man pages, made with `clap_mangen` from the programs' clap definitions
+//!   (`vhost_user_rdma::config::Args`, `vhost_user_rdma::ctl::Args`, `vrdma_perf::Args`).
+//!   `vrdmactl`'s commands are described on its one page, each with its usage and arguments
+//!   (clap_mangen alone would only name them and point at `vrdmactl-COMMAND` pages that do not
+//!   exist). `vrdma-devinfo` parses its options by hand, as `ibv_devinfo` does with
+//!   getopt_long, so its page comes from [`devinfo_command`], a clap description of the same
+//!   options that a test compares with the program's own usage text.
 //! - `packaging/deb/vhost-user-rdma.service`: the systemd unit the Debian package installs,
 //!   which is `packaging/systemd/vhost-user-rdma.service` (the one `cargo install` users copy,
 //!   running `/usr/local/bin/vhost-user-rdma`) with `ExecStart` at `/usr/bin` and a header
@@ -12,7 +15,7 @@
 //!
 //! `cargo run -p vrdma-pkg-gen` writes them; `cargo run -p vrdma-pkg-gen -- --check` and this
 //! crate's test (`tests/current.rs`, part of `cargo test --workspace`) fail if a committed one
-//! differs from what the code gives. There is no `vrdmactl` yet, so there is no page for it.
+//! differs from what the code gives.
 
 use std::path::{Path, PathBuf};
 
@@ -91,10 +94,98 @@ pub fn devinfo_command() -> Command {
         )
 }
 
+/// `vrdmactl`'s clap definition, with the one-line description its page's NAME gives.
+/// `ctl::Args` takes its `about` from the crate's description (the daemon's) rather than from
+/// its documentation, so the page states vrdmactl's own; the text is that documentation's first
+/// line, and its second paragraph is the page's DESCRIPTION.
+pub fn vrdmactl_command() -> Command {
+    vhost_user_rdma::ctl::Args::command()
+        .about("list, add, remove, reweigh and drain the VMs of a running vhost-user-rdma")
+        .long_about(
+            "vrdmactl lists, adds, removes, reweighs and drains the VMs of a running \
+             vhost-user-rdma, and resets their counters, over the daemon's management socket \
+             (vhost-user-rdma --control-socket), which only the daemon's user may open. Changes \
+             take effect at once and last until the daemon stops: to keep them across restarts, \
+             put them in the daemon's --vm list too. The protocol, one JSON object per line each \
+             way, is in docs/operations.md.",
+        )
+}
+
+/// Text for a roff line: backslashes and hyphens escaped, and a line that would start with a
+/// control character protected.
+fn roff_text(text: &str) -> String {
+    let escaped = text.replace('\\', "\\e").replace('-', "\\-");
+    if escaped.starts_with('.') || escaped.starts_with('\'') {
+        format!("\\&{escaped}")
+    } else {
+        escaped
+    }
+}
+
+/// A COMMANDS section for a program with subcommands: each one's usage, what it does, and its
+/// own arguments (the global ones are in OPTIONS).
+fn commands_section(cmd: &Command) -> String {
+    let mut cmd = cmd.clone();
+    cmd.build();
+    let mut out = String::from(".SH COMMANDS\n");
+    for sub in cmd.get_subcommands_mut() {
+        if sub.is_hide_set() || sub.get_name() == "help" {
+            continue;
+        }
+        let usage = sub.render_usage().to_string();
+        let usage = usage.strip_prefix("Usage: ").unwrap_or(&usage);
+        let about = sub
+            .get_long_about()
+            .or_else(|| sub.get_about())
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        out.push_str(&format!(
+            ".TP\n\\fB{}\\fR\n{}\n",
+            roff_text(usage),
+            roff_text(&about)
+        ));
+        let args: Vec<_> = sub
+            .get_arguments()
+            .filter(|a| !a.is_hide_set() && !a.is_global_set())
+            .filter(|a| !matches!(a.get_id().as_str(), "help" | "version"))
+            .collect();
+        if args.is_empty() {
+            continue;
+        }
+        out.push_str(".RS\n");
+        for arg in args {
+            let takes_value = arg.get_num_args().is_some_and(|n| n.takes_values());
+            let name = match arg.get_long() {
+                Some(long) => match arg.get_value_names() {
+                    Some(v) if takes_value => {
+                        format!("--{long} {}", v[0])
+                    }
+                    _ => format!("--{long}"),
+                },
+                None => arg
+                    .get_value_names()
+                    .map_or_else(|| arg.get_id().to_string(), |v| v.join(" ")),
+            };
+            let mut help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
+            if let Some(default) = arg.get_default_values().first().filter(|_| takes_value) {
+                help.push_str(&format!(" (default {})", default.to_string_lossy()));
+            }
+            out.push_str(&format!(
+                ".TP\n\\fB{}\\fR\n{}\n",
+                roff_text(&name),
+                roff_text(&help)
+            ));
+        }
+        out.push_str(".RE\n");
+    }
+    out
+}
+
 /// Each program with a man page, as the clap command its page is made from.
 pub fn commands() -> Vec<Command> {
     vec![
         vhost_user_rdma::config::Args::command(),
+        vrdmactl_command(),
         vrdma_perf::Args::command(),
         devinfo_command(),
     ]
@@ -115,12 +206,39 @@ fn extra_sections(name: &str) -> &'static str {
              .TP\n\
              /run/vrdma\n\
              Where the unit lets the daemon make the VMs' sockets.\n\
+             .TP\n\
+             /run/vrdma/control.sock\n\
+             The management socket (\\-\\-control\\-socket) the unit has the daemon make, \
+             for vrdmactl.\n\
              .SH SIGNALS\n\
              SIGUSR1 logs every VM's counters. SIGINT and SIGTERM disconnect every VM, release \
              its objects and remove the sockets.\n\
              .SH SEE ALSO\n\
+             .BR vrdmactl (1),\n\
              .BR vrdma-devinfo (1),\n\
              .BR vrdma-perf (1)\n"
+        }
+        "vrdmactl" => {
+            ".SH ENVIRONMENT\n\
+             .TP\n\
+             VRDMACTL_SOCKET\n\
+             The management socket, when \\-\\-socket is not given.\n\
+             .SH FILES\n\
+             .TP\n\
+             /run/vrdma/control.sock\n\
+             The management socket vhost\\-user\\-rdma.service makes (mode 0600), and the \
+             default of \\-\\-socket.\n\
+             .SH EXIT STATUS\n\
+             0 if the daemon carried the command out, 1 if it refused it (the reason is printed) \
+             or drain \\-\\-wait timed out, 2 if the daemon could not be reached or the \
+             command line is wrong.\n\
+             .SH NOTES\n\
+             Changes are not written to the daemon's configuration: they last until the daemon \
+             stops. add is refused when the daemon runs with \\-\\-roce, whose addresses are \
+             bound at start.\n\
+             .SH SEE ALSO\n\
+             .BR vhost-user-rdma (1),\n\
+             .BR vrdma-devinfo (1)\n"
         }
         "vrdma-perf" => {
             ".SH SEE ALSO\n\
@@ -144,12 +262,30 @@ fn extra_sections(name: &str) -> &'static str {
 /// The man page of `cmd`, in section 1.
 pub fn man_page(cmd: Command) -> Vec<u8> {
     let name = cmd.get_name().to_owned();
+    let commands = cmd.has_subcommands().then(|| commands_section(&cmd));
     let man = clap_mangen::Man::new(cmd)
         .section("1")
         .source(format!("vrdma {VERSION}"))
         .manual("vrdma");
     let mut out = Vec::new();
-    man.render(&mut out).expect("render into memory");
+    match commands {
+        None => man.render(&mut out).expect("render into memory"),
+        // clap_mangen's own order, with COMMANDS in place of its SUBCOMMANDS list.
+        Some(commands) => {
+            man.render_title(&mut out).expect("render into memory");
+            man.render_name_section(&mut out)
+                .expect("render into memory");
+            man.render_synopsis_section(&mut out)
+                .expect("render into memory");
+            man.render_description_section(&mut out)
+                .expect("render into memory");
+            man.render_options_section(&mut out)
+                .expect("render into memory");
+            out.extend_from_slice(commands.as_bytes());
+            man.render_version_section(&mut out)
+                .expect("render into memory");
+        }
+    }
     out.extend_from_slice(extra_sections(&name).as_bytes());
     out
 }
@@ -173,8 +309,9 @@ pub fn packaged_unit(source: &str) -> Result<String, String> {
          # `cargo run -p vrdma-pkg-gen`, with ExecStart at /usr/bin: edit that file, not this one.\n\
          #\n\
          # The package does not enable the unit: edit VRDMA_ARGS in /etc/vrdma/vhost-user-rdma.conf,\n\
-         # then `systemctl enable --now vhost-user-rdma`. Changing the VMs means editing that\n\
-         # line and restarting the service, which disconnects every VM's guest.\n\n"
+         # then `systemctl enable --now vhost-user-rdma`. vrdmactl changes the VMs while the\n\
+         # daemon runs, until it stops; a change to that line takes effect on a restart of the\n\
+         # service, which disconnects every VM's guest.\n\n"
     );
     Ok(header + &body.replace(SOURCE_EXEC, PACKAGE_EXEC))
 }

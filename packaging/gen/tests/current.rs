@@ -34,11 +34,13 @@ fn packaged_unit_differs_from_its_source_only_in_the_path_and_header() {
     };
     assert_eq!(
         exec(&source),
-        ["ExecStart=/usr/local/bin/vhost-user-rdma $VRDMA_ARGS"]
+        [
+            "ExecStart=/usr/local/bin/vhost-user-rdma --control-socket /run/vrdma/control.sock $VRDMA_ARGS"
+        ]
     );
     assert_eq!(
         exec(&packaged),
-        ["ExecStart=/usr/bin/vhost-user-rdma $VRDMA_ARGS"]
+        ["ExecStart=/usr/bin/vhost-user-rdma --control-socket /run/vrdma/control.sock $VRDMA_ARGS"]
     );
     let settings = |unit: &str| {
         unit.lines()
@@ -106,4 +108,20 @@ fn devinfo_page_matches_its_usage() {
         from_usage.len() >= 5,
         "parsed too few options: {from_usage:?}"
     );
+}
+
+/// vrdmactl's page describes every command the program has.
+#[test]
+fn vrdmactl_page_has_every_command() {
+    use clap::CommandFactory;
+    let page = std::fs::read_to_string(workspace().join("man/vrdmactl.1")).unwrap();
+    let cmd = vhost_user_rdma::ctl::Args::command();
+    let names: Vec<_> = cmd.get_subcommands().map(|c| c.get_name()).collect();
+    assert!(names.len() >= 7, "{names:?}");
+    for name in names {
+        assert!(
+            page.contains(&format!("\\fBvrdmactl {name} ")),
+            "man/vrdmactl.1 has no entry for vrdmactl {name}"
+        );
+    }
 }

@@ -603,9 +603,26 @@ pub fn apply_settings(entry: &str, weight: u32, quotas: Quotas) -> Result<(u32, 
             ("max-msg-rate", "none") => quotas.max_msg_rate = None,
             _ => {
                 if !set_limit(entry, key, value, &mut weight, &mut quotas)? {
-                    return Err(Error::NotAtRunTime {
-                        entry: entry.to_owned(),
-                        key: key.to_owned(),
+                    let fixed = [
+                        "name",
+                        "socket",
+                        "gid",
+                        "doorbells",
+                        "incoming",
+                        "owner",
+                        "group",
+                        "mode",
+                    ];
+                    return Err(if fixed.contains(&key) {
+                        Error::NotAtRunTime {
+                            entry: entry.to_owned(),
+                            key: key.to_owned(),
+                        }
+                    } else {
+                        Error::UnknownKey {
+                            entry: entry.to_owned(),
+                            key: key.to_owned(),
+                        }
                     });
                 }
             }

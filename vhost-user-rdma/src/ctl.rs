@@ -10,16 +10,24 @@ use clap::{Parser, Subcommand};
 use crate::manage::{self, Request, Response};
 use crate::vhost::server::VmStatus;
 
-/// vrdmactl: list, add, remove, reweigh and drain the VMs of a running vhost-user-rdma.
+/// List, add, remove, reweigh and drain the VMs of a running vhost-user-rdma.
 ///
-/// Talks to the daemon's management socket (vhost-user-rdma --control-socket), which only the
-/// daemon's user may open. Changes take effect at once and last until the daemon stops: to
-/// keep them across restarts, put them in the daemon's --vm list too.
+/// vrdmactl lists, adds, removes, reweighs and drains the VMs of a running vhost-user-rdma,
+/// and resets their counters, over the daemon's management socket (vhost-user-rdma
+/// --control-socket), which only the daemon's user may open. Changes take effect at once and
+/// last until the daemon stops: to keep them across restarts, put them in the daemon's --vm
+/// list too. The protocol, one JSON object per line each way, is in docs/operations.md.
 #[derive(Debug, Parser)]
-#[command(name = "vrdmactl", version, about, long_about = None)]
+#[command(name = "vrdmactl", version)]
 pub struct Args {
     /// The daemon's management socket.
-    #[arg(long, value_name = "PATH", default_value = manage::DEFAULT_SOCKET, env = "VRDMACTL_SOCKET")]
+    #[arg(
+        long,
+        global = true,
+        value_name = "PATH",
+        default_value = manage::DEFAULT_SOCKET,
+        env = "VRDMACTL_SOCKET"
+    )]
     pub socket: PathBuf,
 
     /// Print the daemon's answer as JSON (one object: ok, error, vms) instead of text.

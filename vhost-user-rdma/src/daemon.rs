@@ -75,7 +75,12 @@ impl Error {
         if let Error::Metrics(e) = self {
             return e.is_configuration();
         }
-        matches!(self, Error::RoceWithNic(_) | Error::NotBuilt(_))
+        matches!(
+            self,
+            Error::RoceWithNic(_)
+                | Error::NotBuilt(_)
+                | Error::Server(server::Error::SocketBusy(_))
+        )
     }
 }
 

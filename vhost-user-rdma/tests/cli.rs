@@ -159,7 +159,11 @@ fn serve_and_stop(signal: &str) {
         .args(["--vm", &format!("name=x,socket={}", a.display())])
         .output()
         .unwrap();
-    assert!(!busy.status.success());
+    assert_eq!(
+        busy.status.code(),
+        Some(2),
+        "a socket in use is the operator's to fix"
+    );
     assert!(
         String::from_utf8_lossy(&busy.stderr).contains("in use"),
         "{busy:?}"
@@ -282,6 +286,17 @@ fn vrdmactl_lists_adds_changes_drains_and_removes_vms_of_a_running_daemon() {
     let (code, _, err) = vrdmactl(&control, &["set", "a", "weight=0"]);
     assert_eq!(code, Some(1));
     assert!(err.contains("weight=\"0\" is invalid"), "{err}");
+    let (code, _, err) = vrdmactl(&control, &["set", "a", "colour=blue"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("unknown key \"colour\""), "{err}");
+    // --socket may come after the command too.
+    let after = Command::new(CTL)
+        .args(["list", "a", "--socket"])
+        .arg(&control)
+        .output()
+        .unwrap();
+    assert!(after.status.success(), "{after:?}");
+    assert!(String::from_utf8_lossy(&after.stdout).starts_with("vm a: "));
     let (code, _, err) = vrdmactl(&dir.join("nothing.sock"), &["list"]);
     assert_eq!(code, Some(2));
     assert!(err.contains("cannot reach the daemon"), "{err}");

@@ -94,21 +94,10 @@ pub fn devinfo_command() -> Command {
         )
 }
 
-/// `vrdmactl`'s clap definition, with the one-line description its page's NAME gives.
-/// `ctl::Args` takes its `about` from the crate's description (the daemon's) rather than from
-/// its documentation, so the page states vrdmactl's own; the text is that documentation's first
-/// line, and its second paragraph is the page's DESCRIPTION.
+/// `vrdmactl`'s clap definition: its NAME line is the documentation's first line, its
+/// DESCRIPTION the paragraph after.
 pub fn vrdmactl_command() -> Command {
     vhost_user_rdma::ctl::Args::command()
-        .about("list, add, remove, reweigh and drain the VMs of a running vhost-user-rdma")
-        .long_about(
-            "vrdmactl lists, adds, removes, reweighs and drains the VMs of a running \
-             vhost-user-rdma, and resets their counters, over the daemon's management socket \
-             (vhost-user-rdma --control-socket), which only the daemon's user may open. Changes \
-             take effect at once and last until the daemon stops: to keep them across restarts, \
-             put them in the daemon's --vm list too. The protocol, one JSON object per line each \
-             way, is in docs/operations.md.",
-        )
 }
 
 /// Text for a roff line: backslashes and hyphens escaped, and a line that would start with a

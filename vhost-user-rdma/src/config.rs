@@ -18,7 +18,9 @@ pub struct Args {
     ///
     /// Keys: name (required), socket (required; the vhost-user socket path the VMM connects
     /// to), gid (IPv4 or IPv6 address of the VM's port; default 10.0.0.N for the Nth VM),
-    /// weight (share of the fabric, 1-1000; default 1), max-qp, max-cq, max-mr, max-pd,
+    /// weight (share of the fabric within its class, 1-1000; default 1), class (latency,
+    /// normal or bulk: served in that order, each lower class keeping at least a tenth of the
+    /// fabric while it has work; default normal), max-qp, max-cq, max-mr, max-pd,
     /// max-ah, max-srq (object quotas), max-mr-bytes (bytes registered at once; suffixes K,
     /// M, G), max-bw (payload bytes per second; suffixes K, M, G), max-msg-rate (work
     /// requests per second), doorbells (doorbell queues, 1-64; default 1), incoming (on: the
@@ -116,7 +118,7 @@ pub enum Error {
     },
     /// A key is unknown.
     #[error(
-        "--vm {entry:?}: unknown key {key:?} (known: name, socket, gid, weight, max-qp, max-cq, max-mr, max-pd, max-ah, max-srq, max-mr-bytes, max-bw, max-msg-rate, doorbells, incoming, owner, group, mode)"
+        "--vm {entry:?}: unknown key {key:?} (known: name, socket, gid, weight, class, max-qp, max-cq, max-mr, max-pd, max-ah, max-srq, max-mr-bytes, max-bw, max-msg-rate, doorbells, incoming, owner, group, mode)"
     )]
     UnknownKey {
         /// The whole entry.
@@ -165,7 +167,7 @@ pub enum Error {
     RoceMtu(u32),
     /// A key that cannot change while the VM runs (`vrdmactl set`).
     #[error(
-        "{entry:?}: {key} cannot change while the VM runs; these can: weight, max-qp, max-cq, max-mr, max-pd, max-ah, max-srq, max-mr-bytes, max-bw, max-msg-rate (remove the VM and add it again to change the rest)"
+        "{entry:?}: {key} cannot change while the VM runs; these can: weight, class, max-qp, max-cq, max-mr, max-pd, max-ah, max-srq, max-mr-bytes, max-bw, max-msg-rate (remove the VM and add it again to change the rest)"
     )]
     NotAtRunTime {
         /// The whole entry.
@@ -236,8 +238,10 @@ pub struct VmConfig {
     pub socket: PathBuf,
     /// The GID of the VM's port.
     pub gid: Gid,
-    /// Share of the fabric.
+    /// Share of the fabric within its class.
     pub weight: u32,
+    /// Its priority class.
+    pub class: PriorityClass,
     /// Object quotas.
     pub quotas: Quotas,
     /// Doorbell queues offered.
@@ -271,6 +275,102 @@ pub struct SocketAccess {
     pub group: Option<u32>,
     /// The socket's permission bits (at most 0o777).
     pub mode: Option<u32>,
+}
+
+/// What of a VM an operator may change while it runs (`vrdmactl set`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunTime {
+    /// Share of the fabric within its class.
+    pub weight: u32,
+    /// Priority class.
+    pub class: PriorityClass,
+    /// Object quotas and caps.
+    pub quotas: Quotas,
+}
+
+impl Default for RunTime {
+    fn default() -> Self {
+        RunTime {
+            weight: 1,
+            class: PriorityClass::Normal,
+            quotas: Quotas::default(),
+        }
+    }
+}
+
+impl VmConfig {
+    /// What of the VM may change while it runs, as it stands.
+    pub fn run_time(&self) -> RunTime {
+        RunTime {
+            weight: self.weight,
+            class: self.class,
+            quotas: self.quotas,
+        }
+    }
+}
+
+/// A VM's priority class (`class=`): the scheduler serves the classes in this order, strictly,
+/// except that each class below the first keeps at least a tenth of the fabric while it has
+/// work (docs/architecture.md, "Priority classes"). Weights share the fabric within a class.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+#[repr(u8)]
+pub enum PriorityClass {
+    /// Small messages that must not wait behind others' bulk transfers.
+    Latency = 0,
+    /// The default.
+    #[default]
+    Normal = 1,
+    /// Transfers that may wait.
+    Bulk = 2,
+}
+
+impl PriorityClass {
+    /// Every class, highest priority first.
+    pub const ALL: [PriorityClass; 3] = [
+        PriorityClass::Latency,
+        PriorityClass::Normal,
+        PriorityClass::Bulk,
+    ];
+
+    /// Its name in `class=` and in the counters.
+    pub fn name(self) -> &'static str {
+        match self {
+            PriorityClass::Latency => "latency",
+            PriorityClass::Normal => "normal",
+            PriorityClass::Bulk => "bulk",
+        }
+    }
+
+    /// The class called `name`.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|c| c.name() == name)
+    }
+
+    /// The class of index `raw` (its place in [`PriorityClass::ALL`]), or `Normal`.
+    pub fn from_index(raw: u8) -> Self {
+        Self::ALL
+            .get(usize::from(raw))
+            .copied()
+            .unwrap_or(PriorityClass::Normal)
+    }
+
+    /// Its place in [`PriorityClass::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
 }
 
 /// Which fabric carries the VMs' work.
@@ -481,8 +581,7 @@ fn parse_vm(entry: &str, index: usize) -> Result<VmConfig, Error> {
     let mut name = None;
     let mut socket = None;
     let mut gid = None;
-    let mut weight = 1;
-    let mut quotas = Quotas::default();
+    let mut run_time = RunTime::default();
     let mut doorbell_queues = 1;
     let mut incoming = false;
     let mut socket_access = SocketAccess::default();
@@ -491,7 +590,7 @@ fn parse_vm(entry: &str, index: usize) -> Result<VmConfig, Error> {
             entry: entry.to_owned(),
             part: part.to_owned(),
         })?;
-        if set_limit(entry, key, value, &mut weight, &mut quotas)? {
+        if set_run_time(entry, key, value, &mut run_time)? {
             continue;
         }
         let count = |max: u32| -> Result<u32, Error> {
@@ -572,8 +671,9 @@ fn parse_vm(entry: &str, index: usize) -> Result<VmConfig, Error> {
         name: name.ok_or_else(|| missing("name"))?,
         socket: socket.ok_or_else(|| missing("socket"))?,
         gid: gid.unwrap_or_else(default_gid),
-        weight,
-        quotas,
+        weight: run_time.weight,
+        class: run_time.class,
+        quotas: run_time.quotas,
         doorbell_queues,
         active_mtu: Mtu::Mtu4096,
         roce: false,
@@ -584,14 +684,13 @@ fn parse_vm(entry: &str, index: usize) -> Result<VmConfig, Error> {
 }
 
 /// The keys of a VM that an operator may change while it runs (`vrdmactl set`).
-pub const RUN_TIME_KEYS: &str =
-    "weight, max-qp, max-cq, max-mr, max-pd, max-ah, max-srq, max-mr-bytes, max-bw, max-msg-rate";
+pub const RUN_TIME_KEYS: &str = "weight, class, max-qp, max-cq, max-mr, max-pd, max-ah, max-srq, max-mr-bytes, max-bw, max-msg-rate";
 
-/// Applies `entry`, comma-separated key=value pairs of [`RUN_TIME_KEYS`], to a VM's weight
-/// and quotas as they stand (`vrdmactl set`): the keys mean what they mean in `--vm`, and
-/// max-bw and max-msg-rate also take `none`, which lifts the cap.
-pub fn apply_settings(entry: &str, weight: u32, quotas: Quotas) -> Result<(u32, Quotas), Error> {
-    let (mut weight, mut quotas) = (weight, quotas);
+/// Applies `entry`, comma-separated key=value pairs of [`RUN_TIME_KEYS`], to what a VM has
+/// now (`vrdmactl set`): the keys mean what they mean in `--vm`, and max-bw and max-msg-rate
+/// also take `none`, which lifts the cap.
+pub fn apply_settings(entry: &str, now: RunTime) -> Result<RunTime, Error> {
+    let mut run_time = now;
     let mut any = false;
     for part in entry.split(',').filter(|p| !p.is_empty()) {
         let (key, value) = part.split_once('=').ok_or_else(|| Error::NotKeyValue {
@@ -599,10 +698,10 @@ pub fn apply_settings(entry: &str, weight: u32, quotas: Quotas) -> Result<(u32, 
             part: part.to_owned(),
         })?;
         match (key, value) {
-            ("max-bw", "none") => quotas.max_bw = None,
-            ("max-msg-rate", "none") => quotas.max_msg_rate = None,
+            ("max-bw", "none") => run_time.quotas.max_bw = None,
+            ("max-msg-rate", "none") => run_time.quotas.max_msg_rate = None,
             _ => {
-                if !set_limit(entry, key, value, &mut weight, &mut quotas)? {
+                if !set_run_time(entry, key, value, &mut run_time)? {
                     let fixed = [
                         "name",
                         "socket",
@@ -632,7 +731,7 @@ pub fn apply_settings(entry: &str, weight: u32, quotas: Quotas) -> Result<(u32, 
     if !any {
         return Err(Error::NothingToSet);
     }
-    Ok((weight, quotas))
+    Ok(run_time)
 }
 
 /// Parses one VM as `--vm` gives it, for a VM added while the daemon runs (`vrdmactl add`);
@@ -641,14 +740,19 @@ pub fn parse_vm_entry(entry: &str, index: usize) -> Result<VmConfig, Error> {
     parse_vm(entry, index)
 }
 
-/// Sets the weight or quota `key` names from `value`; returns whether `key` is one of them.
-fn set_limit(
+/// Sets the weight, class or quota `key` names from `value`; returns whether `key` is one of
+/// them.
+fn set_run_time(
     entry: &str,
     key: &str,
     value: &str,
-    weight: &mut u32,
-    quotas: &mut Quotas,
+    run_time: &mut RunTime,
 ) -> Result<bool, Error> {
+    let RunTime {
+        weight,
+        class,
+        quotas,
+    } = run_time;
     let bad = |reason| Error::BadValue {
         entry: entry.to_owned(),
         key: key.to_owned(),
@@ -663,6 +767,10 @@ fn set_limit(
     };
     match key {
         "weight" => *weight = count(1000)?,
+        "class" => {
+            *class = PriorityClass::from_name(value)
+                .ok_or_else(|| bad("expected latency, normal or bulk"))?
+        }
         "max-qp" => quotas.max_qp = count(crate::limits::MAX_QP)?,
         "max-cq" => quotas.max_cq = count(crate::limits::MAX_CQ)?,
         "max-mr" => quotas.max_mr = count(crate::limits::MAX_MR)?,

@@ -218,10 +218,11 @@ pub fn describe(vm: &VmStatus) -> String {
         .map(|(name, value)| format!("{name} {value}"))
         .collect();
     format!(
-        "vm {}: {state}{drain}\n  socket {}, gid {}\n  weight {}, max-bw {}, max-msg-rate {}\n  objects: {}\n  counters: {}\n",
+        "vm {}: {state}{drain}\n  socket {}, gid {}\n  class {}, weight {}, max-bw {}, max-msg-rate {}\n  objects: {}\n  counters: {}\n",
         vm.name,
         vm.socket,
         vm.gid,
+        vm.class.name(),
         vm.weight,
         cap(vm.max_bw),
         cap(vm.max_msg_rate),

@@ -303,13 +303,12 @@ impl Daemon {
         Ok(())
     }
 
-    /// Changes VM `name`'s weight, caps or quotas (`vrdmactl set`; `settings` as
+    /// Changes VM `name`'s weight, class, caps or quotas (`vrdmactl set`; `settings` as
     /// `config::apply_settings` takes them), at once.
     pub fn set_vm(&self, name: &str, settings: &str) -> Result<(), Error> {
         let server = &self.servers[self.index_of(name)?];
         let current = server.config();
-        let (weight, quotas) = config::apply_settings(settings, current.weight, current.quotas)?;
-        server.set_limits(weight, quotas);
+        server.set_run_time(config::apply_settings(settings, current.run_time())?);
         Ok(())
     }
 
@@ -418,6 +417,7 @@ fn source_of(server: &VmServer) -> VmSource {
         name: server.name().to_owned(),
         counters: server.counters().clone(),
         connected: server.connected_flag(),
+        share: server.share().clone(),
     }
 }
 

@@ -22,8 +22,9 @@ use log::{info, warn};
 use vrdma_proto::cqe;
 use vrdma_roce::packet::ParseError;
 
+use crate::config::PriorityClass;
 use crate::fabric::roce::Network;
-use crate::model::vm::Counters;
+use crate::model::vm::{Counters, Share};
 use crate::sched::SchedulerStats;
 
 /// Longest a client may take to send its request or read the answer.
@@ -68,6 +69,8 @@ pub struct VmSource {
     pub counters: Arc<Counters>,
     /// Whether a guest is connected now.
     pub connected: Arc<AtomicBool>,
+    /// Its weight, class, caps and drain, which an operator may change.
+    pub share: Arc<Share>,
 }
 
 /// Everything a scrape reads.
@@ -323,6 +326,39 @@ pub fn render(sources: &Sources) -> String {
         "1 while a guest (its VMM's vhost-user frontend) is connected to the VM's socket, else 0.",
         &per_vm(&|v| u8::from(v.connected.load(Ordering::Relaxed)).to_string()),
     );
+    family(
+        &mut out,
+        "vrdma_vm_weight",
+        "gauge",
+        "The VM's weight within its priority class (vrdmactl set changes it).",
+        &per_vm(&|v| v.share.weight().to_string()),
+    );
+    let classes: Vec<(String, String)> = vms
+        .iter()
+        .flat_map(|(l, v)| {
+            let now = v.share.class();
+            PriorityClass::ALL.into_iter().map(move |c| {
+                (
+                    format!("{l},class=\"{}\"", c.name()),
+                    u8::from(c == now).to_string(),
+                )
+            })
+        })
+        .collect();
+    family(
+        &mut out,
+        "vrdma_vm_priority_class",
+        "gauge",
+        "1 for the VM's priority class (latency, normal or bulk), 0 for the others.",
+        &classes,
+    );
+    family(
+        &mut out,
+        "vrdma_vm_draining",
+        "gauge",
+        "1 while the VM is draining (vrdmactl drain): none of its new send work starts.",
+        &per_vm(&|v| u8::from(v.share.is_draining()).to_string()),
+    );
     for (name, kind, help, value) in VM_FAMILIES {
         family(
             &mut out,
@@ -422,6 +458,13 @@ pub fn render(sources: &Sources) -> String {
         "counter",
         "Times the scheduler slept, waiting for a kick, a timer or 100 ms.",
         &one(load(&s.sleeps).to_string()),
+    );
+    family(
+        &mut out,
+        "vrdma_scheduler_preemptions_total",
+        "counter",
+        "Turns cut short because a VM of a higher priority class had work.",
+        &one(load(&s.preemptions).to_string()),
     );
     family(
         &mut out,
@@ -573,6 +616,7 @@ mod tests {
                         name: (*n).to_owned(),
                         counters: Arc::default(),
                         connected: Arc::default(),
+                        share: Arc::default(),
                     })
                     .collect(),
             )),
@@ -629,6 +673,8 @@ mod tests {
         ));
         assert!(text.contains("vrdma_vm_error_completions_total{vm=\"a\"} 1\n"));
         assert!(text.contains("vrdma_scheduler_polled_vms 0\n"));
+        assert!(text.contains("vrdma_vm_priority_class{vm=\"a\",class=\"normal\"} 1\n"));
+        assert!(text.contains("vrdma_vm_priority_class{vm=\"a\",class=\"bulk\"} 0\n"));
         assert!(text.contains("vrdma_vm_doorbells_total{vm=\"a\",taken=\"kicked\"} 0\n"));
     }
 

@@ -151,6 +151,7 @@ impl TestVm {
             socket: "/nonexistent".into(),
             gid: Gid::from_ipv4([10, 0, 0, id]),
             weight,
+            class: crate::config::PriorityClass::Normal,
             quotas,
             doorbell_queues: 1,
             active_mtu: vrdma_proto::config::Mtu::Mtu4096,

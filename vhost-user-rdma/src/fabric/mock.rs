@@ -22,6 +22,13 @@ pub enum Plan {
         /// Bytes of the current message moved so far.
         done: u32,
     },
+    /// `left` more messages of `size` bytes, each moved whole in one step; then idle.
+    Messages {
+        /// Messages still to move.
+        left: u32,
+        /// Bytes per message.
+        size: u32,
+    },
     /// The peer is busy.
     Blocked,
     /// Nothing to do before this instant.
@@ -57,6 +64,9 @@ pub struct MockState {
     pub detached: Vec<u64>,
     /// VMs paused now.
     pub paused: Vec<u64>,
+    /// Work that arrives while the scheduler runs, as a guest's doorbell would: once the mock
+    /// has taken this many steps, the QP of the VM gets the plan and goes on its ready list.
+    pub arrivals: Vec<(usize, Arc<Vm>, u32, Plan)>,
     /// Steps the fabric can take before it is full (as a NIC's queue), if it can fill up:
     /// each step with a plan takes one, and the test gives them back as a NIC's completions
     /// would.
@@ -107,6 +117,12 @@ impl Fabric for MockFabric {
             qpn,
             budget,
         });
+        let taken = state.steps.len();
+        while let Some(k) = state.arrivals.iter().position(|a| a.0 == taken) {
+            let (_, other, other_qpn, plan) = state.arrivals.swap_remove(k);
+            state.plans.insert((other.id, other_qpn), plan);
+            other.enqueue(other_qpn);
+        }
         let planned = state.plans.contains_key(&(vm.id, qpn));
         if let Some(room) = state.room.as_mut().filter(|_| planned) {
             match room.checked_sub(1) {
@@ -130,6 +146,11 @@ impl Fabric for MockFabric {
                     StepOutcome::progress(n, true, n, 0)
                 }
             }
+            Some(Plan::Messages { left, size }) if *left > 0 => {
+                *left -= 1;
+                StepOutcome::progress(*size + WR_COST, *left > 0, *size, 1)
+            }
+            Some(Plan::Messages { .. }) => StepOutcome::IDLE,
             Some(Plan::Blocked) => StepOutcome::BLOCKED,
             Some(Plan::WaitUntil(at)) => StepOutcome::wait_until(*at),
             Some(Plan::Idle) | None => StepOutcome::IDLE,

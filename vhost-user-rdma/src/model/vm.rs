@@ -3,7 +3,9 @@
 //! asynchronous events, and its counters.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
+
+use crate::config::PriorityClass;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use vrdma_proto::{Gid, event};
@@ -201,6 +203,8 @@ pub struct Share {
     /// Bumped by every change of a cap, so the scheduler rebuilds its token buckets only then.
     caps_generation: AtomicU64,
     draining: AtomicBool,
+    /// Its priority class, as `PriorityClass::index`.
+    class: AtomicU8,
 }
 
 impl Share {
@@ -213,7 +217,24 @@ impl Share {
             max_msg_rate: AtomicU64::new(max_msg_rate.unwrap_or(0)),
             caps_generation: AtomicU64::new(0),
             draining: AtomicBool::new(false),
+            class: AtomicU8::new(PriorityClass::Normal as u8),
         }
+    }
+
+    /// The same share in priority class `class`.
+    pub fn with_class(self, class: PriorityClass) -> Self {
+        self.set_class(class);
+        self
+    }
+
+    /// The VM's priority class.
+    pub fn class(&self) -> PriorityClass {
+        PriorityClass::from_index(self.class.load(Ordering::Relaxed))
+    }
+
+    /// Moves the VM to class `class`; the scheduler uses it from its next round.
+    pub fn set_class(&self, class: PriorityClass) {
+        self.class.store(class as u8, Ordering::Relaxed);
     }
 
     /// The VM's weight: the deficit it earns per round, in quanta.

@@ -25,6 +25,7 @@ use vm_memory::GuestAddressSpace;
 use vrdma_proto::cqe::{Status, VendorErr};
 use vrdma_proto::{Gid, qp};
 
+use crate::config::PriorityClass;
 use crate::fabric::{Fabric, Step, StepOutcome};
 use crate::model::hooks::ObjectHooks;
 use crate::model::memory::{CHUNK, load_producer};
@@ -40,6 +41,17 @@ use rate::Buckets;
 
 /// Deficit a weight-1 VM earns per round.
 pub const QUANTUM: u32 = CHUNK;
+
+/// Priority classes.
+const CLASSES: usize = PriorityClass::ALL.len();
+
+/// A class below the first gets at least one part in this many of the fabric while it has
+/// work, however busy the classes above it are.
+pub const MIN_SHARE_PARTS: u64 = 10;
+
+/// The most a class is owed of its minimum share: a class starved for long catches up by
+/// this much at once, not by a burst that would hold the others back.
+const MAX_OWED: u64 = 16 * QUANTUM as u64;
 /// How soon work skipped because a VM's objects were locked is tried again.
 const RETRY_BUSY: Duration = Duration::from_micros(50);
 /// How often QPs in the error state are checked for newly posted work to flush.
@@ -79,6 +91,8 @@ pub struct SchedulerStats {
     pub polled_vms: AtomicU64,
     /// The adaptive polling window now, in nanoseconds (0: no polling): a gauge.
     pub poll_window_ns: AtomicU64,
+    /// Turns cut short because a VM of a higher priority class had work.
+    pub preemptions: AtomicU64,
 }
 
 /// The handle the devices and servers use to reach the scheduler.
@@ -222,6 +236,8 @@ struct Entry {
     last_work: Instant,
     /// Its traffic is paused (migration).
     paused: bool,
+    /// Its priority class, as of the current round.
+    class: PriorityClass,
 }
 
 /// The QPs of VM `vm` connected to a VM that went away, to fail once `vm`'s objects can be
@@ -242,9 +258,16 @@ struct Turns {
     /// Work was skipped because a VM's lock was busy; nobody will unpark the scheduler when it
     /// frees, so look again soon.
     retry_soon: bool,
-    /// The fabric filled up during this VM's turn (`Step::Full`): the next round resumes the
-    /// pass there, without a new quantum for it, once the fabric unparks the scheduler.
-    resume_at: Option<u64>,
+    /// Per priority class, the VM whose turn was cut short (the fabric filled up, or a higher
+    /// class had work): the class's next pass resumes there, without a new quantum for it.
+    resume: [Option<u64>; CLASSES],
+    /// The fabric filled up during the last round (`Step::Full`): it unparks the scheduler
+    /// when it has room again.
+    fabric_full: bool,
+    /// The VMs' indices in the order of the current round (capacity for every VM).
+    order: Vec<usize>,
+    /// Per priority class, what it is owed of its minimum share, in deficit units.
+    owed: [u64; CLASSES],
     timers: BinaryHeap<Reverse<(Instant, u64, u32)>>,
     error_qps: Vec<(u64, u32)>,
     last_flush: Instant,
@@ -271,7 +294,10 @@ impl Turns {
             entries: Vec::new(),
             rate_wake: None,
             retry_soon: false,
-            resume_at: None,
+            resume: [None; CLASSES],
+            fabric_full: false,
+            order: Vec::new(),
+            owed: [0; CLASSES],
             timers: BinaryHeap::with_capacity(4096),
             error_qps: Vec::with_capacity(256),
             last_flush: Instant::now(),
@@ -367,7 +393,7 @@ impl Turns {
         }
         // The fabric unparks the scheduler when it has room again; look anyway now and then,
         // so that a wake-up lost to a race costs a millisecond, not the VM's traffic.
-        if self.resume_at.is_some() {
+        if self.fabric_full {
             sleep = sleep.min(FLUSH_TICK);
         }
         sleep
@@ -442,6 +468,7 @@ impl Turns {
                 info!("vm {}: attached to the fabric as {}", vm.name, vm.gid);
                 self.fabric.attach(&vm);
                 self.served.reserve(self.entries.len() + 1);
+                self.order.reserve(self.entries.len() + 1);
                 self.entries.push(Entry {
                     buckets: {
                         let (max_bw, max_msg_rate) = vm.share.caps();
@@ -455,6 +482,7 @@ impl Turns {
                     polled: false,
                     last_work: Instant::now(),
                     paused: false,
+                    class: PriorityClass::Normal,
                 });
             }
             Control::Detach(id, done, moved) => {
@@ -661,9 +689,10 @@ impl Turns {
         }
     }
 
-    /// One deficit-round-robin round over the VMs with work. Returns whether anything moved,
-    /// or a VM with work waits only for its deficit to be paid off (so the next round is due
-    /// now).
+    /// One round over the VMs with work: the priority classes in order (a class owed its
+    /// minimum share first), deficit round robin within each. Returns whether anything moved,
+    /// a VM with work waits only for its deficit to be paid off, or a higher class's work cut
+    /// a turn short (so the next round is due now).
     fn round(&mut self) -> bool {
         let mut any = false;
         let mut owing = false;
@@ -672,116 +701,226 @@ impl Turns {
         let mut clock: Option<Instant> = None;
         self.rate_wake = None;
         self.retry_soon = false;
-        // A pass the fabric cut short goes on where it stopped: the VMs before that one have
-        // had their turn in it, and that one keeps what is left of its quantum.
-        let resumed = self.resume_at.take().and_then(|id| self.position(id));
-        for i in resumed.unwrap_or(0)..self.entries.len() {
-            let mid_turn = resumed == Some(i);
-            let e = &mut self.entries[i];
-            if e.paused {
-                continue;
+        self.fabric_full = false;
+        let guaranteed = self.order_by_class();
+        let highest = self
+            .entries
+            .iter()
+            .map(|e| e.class)
+            .min()
+            .unwrap_or(PriorityClass::Normal);
+        let mut cost_by_class = [0u64; CLASSES];
+        let mut preempted = false;
+        let mut pos = 0;
+        'round: while pos < self.order.len() {
+            let class = self.entries[self.order[pos]].class;
+            let mut end = pos;
+            while end < self.order.len() && self.entries[self.order[end]].class == class {
+                end += 1;
             }
-            if !e.vm.has_work.load(Ordering::Acquire) {
-                e.deficit = 0;
-                // Idle: what it earns from here on is a burst, bounded as such.
-                e.buckets.unhold();
-                self.account_wait(i, false);
-                continue;
+            // A class's pass cut short (a higher class's work, or a full fabric) goes on where
+            // it stopped: the VMs before that one have had their turn in it, and that one
+            // keeps what is left of its quantum.
+            let resumed = self.resume[class.index()]
+                .take()
+                .and_then(|id| (pos..end).find(|&p| self.entries[self.order[p]].vm.id == id));
+            // Whether this class's turns may be cut short for a higher class: not while it
+            // takes the share it is owed, nor at the top.
+            let preemptible = guaranteed != Some(class) && class > highest;
+            // Strict priority: a class waits while one above it still has work (it has had
+            // its pass in this round; the next round comes at once if it moved anything).
+            if preemptible && self.higher_class_waiting(class) {
+                break 'round;
             }
-            let generation = e.vm.share.caps_generation();
-            if generation != e.caps_generation {
-                let (max_bw, max_msg_rate) = e.vm.share.caps();
-                e.buckets.set_caps(max_bw, max_msg_rate);
-                e.caps_generation = generation;
-            }
-            let limited = e.buckets.limited();
-            if limited {
-                let now = *clock.get_or_insert_with(Instant::now);
-                e.buckets.refill(now);
-                if let Some(wait) = e.buckets.wait() {
-                    // Over its limit: not its turn, and no deficit saved up for later.
-                    e.deficit = 0;
-                    e.buckets.hold();
-                    let at = now + wait;
-                    self.rate_wake = Some(self.rate_wake.map_or(at, |w| w.min(at)));
+            for p in resumed.unwrap_or(pos)..end {
+                let i = self.order[p];
+                let mid_turn = resumed == Some(p);
+                let e = &mut self.entries[i];
+                if e.paused {
                     continue;
                 }
-            }
-            if !mid_turn {
-                e.deficit += i64::from(QUANTUM) * i64::from(e.vm.share.weight());
-            }
-            // Still paying for a work request larger than its quantum (a NIC fabric posts a
-            // whole request in one step): its turn is skipped, and the next round must come
-            // at once, not after a sleep, or a 4 MiB request would cost a sleep per 64 KiB.
-            if e.deficit <= 0 {
-                owing = true;
-            }
-            let vm = e.vm.clone();
-            let mut served = false;
-            while self.entries[i].deficit > 0 {
-                let e = &mut self.entries[i];
-                if limited && e.buckets.wait().is_some() {
-                    e.buckets.hold();
-                    break;
-                }
-                let Some(queued) = vm.pop_ready() else {
+                if !e.vm.has_work.load(Ordering::Acquire) {
                     e.deficit = 0;
-                    break;
-                };
-                let budget = u32::try_from(e.deficit)
-                    .unwrap_or(u32::MAX)
-                    .clamp(1, e.buckets.byte_budget());
-                let Some((qpn, outcome)) = self.step(&vm, queued, budget) else {
-                    // The VM's control path holds its objects; its turn waits, its deficit
-                    // stays.
-                    vm.enqueue(queued);
-                    self.retry_soon = true;
-                    break;
-                };
-                let e = &mut self.entries[i];
+                    // Idle: what it earns from here on is a burst, bounded as such.
+                    e.buckets.unhold();
+                    self.account_wait(i, false);
+                    continue;
+                }
+                let generation = e.vm.share.caps_generation();
+                if generation != e.caps_generation {
+                    let (max_bw, max_msg_rate) = e.vm.share.caps();
+                    e.buckets.set_caps(max_bw, max_msg_rate);
+                    e.caps_generation = generation;
+                }
+                let limited = e.buckets.limited();
                 if limited {
-                    e.buckets
-                        .charge(u64::from(outcome.bytes), u64::from(outcome.wrs));
-                }
-                if outcome.bytes > 0 {
-                    vm.counters
-                        .bytes
-                        .fetch_add(u64::from(outcome.bytes), Ordering::Relaxed);
-                }
-                if let Some(at) = outcome.timer {
-                    self.timers.push(Reverse((at, vm.id, qpn)));
-                }
-                match outcome.step {
-                    Step::Idle => {}
-                    Step::Progress { cost, more } => {
-                        self.entries[i].deficit -= i64::from(cost);
-                        served = true;
-                        any = true;
-                        if more {
-                            vm.enqueue(qpn);
-                        }
+                    let now = *clock.get_or_insert_with(Instant::now);
+                    e.buckets.refill(now);
+                    if let Some(wait) = e.buckets.wait() {
+                        // Over its limit: not its turn, and no deficit saved up for later.
+                        e.deficit = 0;
+                        e.buckets.hold();
+                        let at = now + wait;
+                        self.rate_wake = Some(self.rate_wake.map_or(at, |w| w.min(at)));
+                        continue;
                     }
-                    Step::Blocked => {
-                        vm.enqueue(qpn);
+                }
+                if !mid_turn {
+                    e.deficit += i64::from(QUANTUM) * i64::from(e.vm.share.weight());
+                }
+                // Still paying for a work request larger than its quantum (a NIC fabric posts
+                // a whole request in one step): its turn is skipped, and the next round must
+                // come at once, not after a sleep, or a 4 MiB request would cost a sleep per
+                // 64 KiB.
+                if e.deficit <= 0 {
+                    owing = true;
+                }
+                let vm = e.vm.clone();
+                let mut served = false;
+                while self.entries[i].deficit > 0 {
+                    let e = &mut self.entries[i];
+                    if limited && e.buckets.wait().is_some() {
+                        e.buckets.hold();
+                        break;
+                    }
+                    let Some(queued) = vm.pop_ready() else {
+                        e.deficit = 0;
+                        break;
+                    };
+                    let budget = u32::try_from(e.deficit)
+                        .unwrap_or(u32::MAX)
+                        .clamp(1, e.buckets.byte_budget());
+                    let Some((qpn, outcome)) = self.step(&vm, queued, budget) else {
+                        // The VM's control path holds its objects; its turn waits, its
+                        // deficit stays.
+                        vm.enqueue(queued);
                         self.retry_soon = true;
                         break;
+                    };
+                    let e = &mut self.entries[i];
+                    if limited {
+                        e.buckets
+                            .charge(u64::from(outcome.bytes), u64::from(outcome.wrs));
                     }
-                    Step::Full => {
-                        vm.enqueue(qpn);
-                        self.resume_at = Some(vm.id);
+                    if outcome.bytes > 0 {
+                        vm.counters
+                            .bytes
+                            .fetch_add(u64::from(outcome.bytes), Ordering::Relaxed);
+                    }
+                    if let Some(at) = outcome.timer {
+                        self.timers.push(Reverse((at, vm.id, qpn)));
+                    }
+                    match outcome.step {
+                        Step::Idle => {}
+                        Step::Progress { cost, more } => {
+                            self.entries[i].deficit -= i64::from(cost);
+                            cost_by_class[class.index()] += u64::from(cost);
+                            served = true;
+                            any = true;
+                            if more {
+                                vm.enqueue(qpn);
+                            }
+                        }
+                        Step::Blocked => {
+                            vm.enqueue(qpn);
+                            self.retry_soon = true;
+                            break;
+                        }
+                        Step::Full => {
+                            vm.enqueue(qpn);
+                            self.resume[class.index()] = Some(vm.id);
+                            self.fabric_full = true;
+                            break;
+                        }
+                    }
+                    if preemptible
+                        && self.entries[i].deficit > 0
+                        && self.higher_class_waiting(class)
+                    {
+                        self.resume[class.index()] = Some(vm.id);
+                        self.stats.preemptions.fetch_add(1, Ordering::Relaxed);
+                        preempted = true;
                         break;
                     }
                 }
+                self.account_wait(i, !served);
+                if served {
+                    self.served.push(i);
+                }
+                if self.fabric_full || preempted {
+                    break 'round;
+                }
             }
-            self.account_wait(i, !served);
-            if served {
-                self.served.push(i);
-            }
-            if self.resume_at.is_some() {
-                break;
+            pos = end;
+        }
+        self.settle_shares(&cost_by_class);
+        any || owing || preempted
+    }
+
+    /// Puts the VMs' indices in `order`, class by class, highest first; a class owed its
+    /// minimum share comes before the rest, and is returned. Refreshes each entry's class
+    /// (an operator may have changed it).
+    fn order_by_class(&mut self) -> Option<PriorityClass> {
+        for e in &mut self.entries {
+            e.class = e.vm.share.class();
+        }
+        let guaranteed = PriorityClass::ALL
+            .into_iter()
+            .filter(|c| self.owed[c.index()] >= u64::from(QUANTUM))
+            .max_by_key(|c| self.owed[c.index()]);
+        self.order.clear();
+        for class in guaranteed.into_iter().chain(
+            PriorityClass::ALL
+                .into_iter()
+                .filter(|&c| Some(c) != guaranteed),
+        ) {
+            for (i, e) in self.entries.iter().enumerate() {
+                if e.class == class {
+                    self.order.push(i);
+                }
             }
         }
-        any || owing
+        guaranteed
+    }
+
+    /// Whether a VM of a class above `class` has work it may do now: its doorbells, if they
+    /// are polled, are taken first, so that a latency VM's message cuts a bulk VM's turn short
+    /// even while kicks are off.
+    fn higher_class_waiting(&self, class: PriorityClass) -> bool {
+        self.entries.iter().any(|e| {
+            if e.class >= class || e.paused {
+                return false;
+            }
+            if e.polled {
+                e.doorbells.take();
+            }
+            e.vm.has_work.load(Ordering::Acquire)
+                && !(e.buckets.limited() && e.buckets.wait().is_some())
+        })
+    }
+
+    /// Updates what each class below the first is owed of its minimum share after a round in
+    /// which the classes moved `cost_by_class`: a class with work waiting is owed
+    /// `1 / (MIN_SHARE_PARTS - 1)` of what the classes above it moved, less what it moved
+    /// itself, so that it gets at least `1 / MIN_SHARE_PARTS` of the fabric; a class without
+    /// work is owed nothing.
+    fn settle_shares(&mut self, cost_by_class: &[u64; CLASSES]) {
+        let mut above = 0u64;
+        for class in PriorityClass::ALL {
+            let c = class.index();
+            let waiting = self
+                .entries
+                .iter()
+                .any(|e| e.class == class && !e.paused && e.vm.has_work.load(Ordering::Relaxed));
+            self.owed[c] = if waiting && c > 0 {
+                (self.owed[c] + above / (MIN_SHARE_PARTS - 1))
+                    .saturating_sub(cost_by_class[c])
+                    .min(MAX_OWED)
+            } else {
+                0
+            };
+            above += cost_by_class[c];
+        }
     }
 
     fn account_wait(&mut self, i: usize, waiting: bool) {
@@ -964,6 +1103,110 @@ mod tests {
                 "first_heavy={first_heavy}: {heavy} / {light} = {ratio:.2}"
             );
         }
+    }
+
+    /// Bulk VM `b` (weight 4: a turn of four steps) has work; latency VM `l`'s one message
+    /// arrives after `b`'s first step. With `classes`, it is carried next and `b`'s turn goes
+    /// on after it, nothing of it lost; without, it waits for `b`'s whole turn.
+    fn arrival_during_a_turn(classes: bool) -> (Vec<u64>, u64, (TestVm, TestVm)) {
+        let mock = MockFabric::default();
+        let (mut t, _tx) = turns(Box::new(mock.clone()));
+        let (mut b, mut l) = (TestVm::new(1, 4), TestVm::new(2, 1));
+        if classes {
+            b.vm.share.set_class(PriorityClass::Bulk);
+            l.vm.share.set_class(PriorityClass::Latency);
+        }
+        let qb = rts_qp(&mut b, l.gid(), 1);
+        let ql = rts_qp(&mut l, b.gid(), 1);
+        attach(&mut t, &b);
+        attach(&mut t, &l);
+        // Connecting the QPs put them on their ready lists: start from none.
+        while b.vm.pop_ready().is_some() || l.vm.pop_ready().is_some() {}
+        let bulk = Plan::Bulk {
+            message: 1 << 20,
+            done: 0,
+        };
+        mock.state().plans.insert((b.vm.id, qb.qpn), bulk);
+        b.vm.enqueue(qb.qpn);
+        let message = Plan::Messages { left: 1, size: 64 };
+        mock.state()
+            .arrivals
+            .push((1, l.vm.clone(), ql.qpn, message));
+        for _ in 0..3 {
+            t.round();
+        }
+        let order = mock.state().steps.iter().map(|s| s.vm).collect();
+        let preemptions = t.stats.preemptions.load(Ordering::Relaxed);
+        (order, preemptions, (b, l))
+    }
+
+    #[test]
+    fn a_higher_class_cuts_a_lower_class_turn_short_after_one_step() {
+        let (order, preemptions, (b, l)) = arrival_during_a_turn(true);
+        let (b, l) = (b.vm.id, l.vm.id);
+        assert_eq!(&order[..6], [b, l, b, b, b, b], "{order:?}");
+        assert_eq!(preemptions, 1);
+        let (order, preemptions, (b, l)) = arrival_during_a_turn(false);
+        let (b, l) = (b.vm.id, l.vm.id);
+        assert_eq!(&order[..5], [b, b, b, b, l], "one class: {order:?}");
+        assert_eq!(preemptions, 0);
+    }
+
+    /// Bytes `vms` moved while all of them always have work, over `rounds` rounds.
+    fn shares(vms: &[(u32, PriorityClass)], rounds: usize) -> Vec<u64> {
+        let mock = MockFabric::default();
+        let (mut t, _tx) = turns(Box::new(mock.clone()));
+        let mut all: Vec<TestVm> = (0..vms.len())
+            .map(|k| TestVm::new(k as u8 + 1, vms[k].0))
+            .collect();
+        let peer = all[0].gid();
+        for (vm, &(_, class)) in all.iter_mut().zip(vms) {
+            vm.vm.share.set_class(class);
+            let qp = rts_qp(vm, peer, 1);
+            attach(&mut t, vm);
+            let plan = Plan::Bulk {
+                message: 1 << 20,
+                done: 0,
+            };
+            mock.state().plans.insert((vm.vm.id, qp.qpn), plan);
+            vm.vm.enqueue(qp.qpn);
+        }
+        for _ in 0..rounds {
+            assert!(t.round(), "every VM always has work");
+        }
+        all.iter().map(bytes).collect()
+    }
+
+    #[test]
+    fn a_lower_class_keeps_its_minimum_share_and_weights_hold_within_a_class() {
+        use PriorityClass::{Bulk, Latency, Normal};
+        // A busy latency VM leaves a bulk one its tenth, no more.
+        let moved = shares(&[(1, Latency), (1, Bulk)], 3000);
+        let bulk = moved[1] as f64 / (moved[0] + moved[1]) as f64;
+        assert!(
+            (0.09..=0.115).contains(&bulk),
+            "bulk took {bulk:.3} of the fabric: {moved:?}"
+        );
+        // Three classes: latency VMs 3:1 by weight among themselves; normal keeps a tenth of
+        // what is above it, bulk a tenth of all.
+        let moved = shares(&[(3, Latency), (1, Latency), (1, Normal), (1, Bulk)], 6000);
+        let total: u64 = moved.iter().sum();
+        let ratio = moved[0] as f64 / moved[1] as f64;
+        assert!(
+            (2.9..=3.1).contains(&ratio),
+            "weights within latency: {ratio:.2}"
+        );
+        let part = |k: usize| moved[k] as f64 / total as f64;
+        assert!(
+            (0.08..=0.115).contains(&part(2)),
+            "normal took {:.3}: {moved:?}",
+            part(2)
+        );
+        assert!(
+            (0.09..=0.115).contains(&part(3)),
+            "bulk took {:.3}: {moved:?}",
+            part(3)
+        );
     }
 
     #[test]

@@ -859,6 +859,7 @@ mod tests {
             socket: "/nonexistent".into(),
             gid: vm.vm.gid,
             weight: 1,
+            class: crate::config::PriorityClass::Normal,
             quotas: crate::config::Quotas::default(),
             doorbell_queues: 1,
             active_mtu: vrdma_proto::config::Mtu::Mtu4096,

@@ -17,7 +17,7 @@ use vm_memory::GuestMemoryAtomic;
 use super::device::{SharedDevice, VmDevice};
 use super::listen::{Gate, Listeners, Woken};
 use super::queues::{DoorbellQueues, EventQueue};
-use crate::config::{Quotas, SocketAccess, VmConfig};
+use crate::config::{PriorityClass, RunTime, SocketAccess, VmConfig};
 use crate::model::memory::GuestMem;
 use crate::model::objects::VmObjects;
 use crate::model::vm::{Counters, Share, Vm};
@@ -119,11 +119,10 @@ impl Shared {
             device: Mutex::new(None),
             connected: Arc::default(),
             counters: Arc::default(),
-            share: Arc::new(Share::new(
-                cfg.weight,
-                cfg.quotas.max_bw,
-                cfg.quotas.max_msg_rate,
-            )),
+            share: Arc::new(
+                Share::new(cfg.weight, cfg.quotas.max_bw, cfg.quotas.max_msg_rate)
+                    .with_class(cfg.class),
+            ),
             config: Mutex::new(cfg.clone()),
             gate: Arc::default(),
         }
@@ -159,8 +158,10 @@ pub struct VmStatus {
     pub connected: bool,
     /// The virtio features the guest's driver accepted, once it has.
     pub features: Option<u64>,
-    /// Its weight.
+    /// Its weight within its class.
     pub weight: u32,
+    /// Its priority class.
+    pub class: PriorityClass,
     /// Its bandwidth cap, payload bytes per second.
     pub max_bw: Option<u64>,
     /// Its message-rate cap, work requests per second.
@@ -300,25 +301,33 @@ impl VmServer {
         self.shared.config()
     }
 
-    /// Changes the VM's weight, caps and object quotas at once: the scheduler uses the
-    /// weight and caps from its next look at the VM, the connected guest's new objects are
-    /// checked against the quotas (and its device reports them), and the next connection
+    /// Changes the VM's weight, class, caps and object quotas at once: the scheduler uses the
+    /// weight, class and caps from its next look at the VM, the connected guest's new objects
+    /// are checked against the quotas (and its device reports them), and the next connection
     /// starts from them.
-    pub fn set_limits(&self, weight: u32, quotas: Quotas) {
+    pub fn set_run_time(&self, run_time: RunTime) {
+        let RunTime {
+            weight,
+            class,
+            quotas,
+        } = run_time;
         let mut config = self.shared.config.lock().unwrap_or_else(|p| p.into_inner());
         config.weight = weight;
+        config.class = class;
         config.quotas = quotas;
         drop(config);
         let share = &self.shared.share;
         share.set_weight(weight);
+        share.set_class(class);
         share.set_caps(quotas.max_bw, quotas.max_msg_rate);
         if let Some(device) = self.device() {
             device.vm().set_quotas(&quotas);
         }
         self.scheduler.wake();
         info!(
-            "vm {}: weight {weight}, max-bw {}, max-msg-rate {}, quotas {quotas:?}",
+            "vm {}: weight {weight}, class {}, max-bw {}, max-msg-rate {}, quotas {quotas:?}",
             self.name,
+            class.name(),
             quotas.max_bw.map_or("none".into(), |v| v.to_string()),
             quotas.max_msg_rate.map_or("none".into(), |v| v.to_string()),
         );
@@ -360,6 +369,7 @@ impl VmServer {
             connected: device.is_some(),
             features: device.as_ref().and_then(|d| d.negotiated_features()),
             weight: self.shared.share.weight(),
+            class: self.shared.share.class(),
             max_bw,
             max_msg_rate,
             draining: self.shared.share.is_draining(),

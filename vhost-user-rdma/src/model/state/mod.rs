@@ -1051,6 +1051,7 @@ mod tests {
             socket: "/nonexistent".into(),
             gid: Gid::from_ipv4([10, 0, 0, 2]),
             weight: 1,
+            class: crate::config::PriorityClass::Normal,
             quotas: crate::config::Quotas::default(),
             doorbell_queues: 1,
             active_mtu: Mtu::Mtu4096,

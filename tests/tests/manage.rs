@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use vhost_user_rdma::config::{Args, Config};
+use vhost_user_rdma::config::{Args, Config, PriorityClass};
 use vhost_user_rdma::daemon::Daemon;
 use vhost_user_rdma::manage::{self, ControlPlaneThread, ControlSocket, Request, Response};
 use vhost_user_rdma::vhost::server::VmStatus;
@@ -188,6 +188,12 @@ fn a_weight_change_at_run_time_shows_in_the_measured_shares() {
     d.set("x", "max-bw=none");
     assert_eq!(d.status("x").max_bw, None);
     let lifted = d.measure(&["x"], WINDOW)[0] as f64 / WINDOW.as_secs_f64();
+    // Classes set at run time: x's latency class goes first, y's bulk class keeps its tenth.
+    d.set("x", "class=latency");
+    d.set("y", "class=bulk");
+    assert_eq!(d.status("y").class, PriorityClass::Bulk);
+    let moved = d.measure(&["x", "y"], Duration::from_millis(1500));
+    let bulk_part = moved[1] as f64 / (moved[0] + moved[1]) as f64;
     stop.store(true, Ordering::Relaxed);
     for t in threads {
         t.join().expect("load thread");
@@ -213,6 +219,11 @@ fn a_weight_change_at_run_time_shows_in_the_measured_shares() {
         "x capped at run time moved {capped:.0} B/s"
     );
     assert!(lifted > 2.0 * cap, "x uncapped again moved {lifted:.0} B/s");
+    eprintln!("x latency class, y bulk class: y took {bulk_part:.3} of the bytes");
+    assert!(
+        (0.05..=0.16).contains(&bulk_part),
+        "the bulk class should keep about a tenth, took {bulk_part:.3}"
+    );
 }
 
 /// Moves 4 KiB from `from` to `to` by an RDMA WRITE on a fresh RC pair and checks the bytes.
@@ -348,9 +359,10 @@ fn quotas_changed_at_run_time_hold_for_the_connected_guest() {
         .map(|_| ProtectionDomain::new(&ga).unwrap())
         .collect();
 
-    // Lowered below what is in use: those stay, no more are made, the device says so.
+    // Lowered below what is in use: those stay, no more are made. The device's attributes
+    // stay as the driver read them (constant while it runs).
     d.set("a", "max-pd=2");
-    assert_eq!(ga.query_device().unwrap().max_pd.get(), 2);
+    assert_eq!(ga.query_device().unwrap().max_pd.get(), 4);
     assert_eq!(refused(ProtectionDomain::new(&ga)), Status::NoResources);
     let pd_use = d.status("a").objects.into_iter().find(|o| o.kind == "pd");
     let pd_use = pd_use.expect("pd in the list");
@@ -373,7 +385,7 @@ fn quotas_changed_at_run_time_hold_for_the_connected_guest() {
     let cq = CompletionQueue::new(&ga, 4).unwrap();
     assert_eq!(refused(new_qp(&pd, &cq)), Status::NoResources);
     d.set("a", "max-qp=16");
-    assert_eq!(ga.query_device().unwrap().max_qp.get(), 16);
+    assert_eq!(ga.query_device().unwrap(), ga.device_attr());
     let more: Vec<_> = (0..6)
         .map(|_| rc_pair(&ga, &gb, 4096, QpCap::default()))
         .collect();
@@ -390,6 +402,16 @@ fn quotas_changed_at_run_time_hold_for_the_connected_guest() {
         assert_eq!(x.poll_one().status, WcStatus::Success);
         assert_eq!(read(&y.buf, 0, 4096), read(&x.buf, 0, 4096));
     }
+    // The next connection's device reports them.
+    drop((first, more, pd, cq, ga));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while d.status("a").connected {
+        assert!(Instant::now() < deadline, "a's guest never left");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let again = d.open("a");
+    assert_eq!(again.device_attr().max_qp.get(), 16);
+    assert_eq!(again.device_attr().max_pd.get(), 16);
     // A key that cannot change at run time is refused with the reason.
     let refusal = d.try_ask(Request::Set {
         vm: "a".into(),

@@ -89,7 +89,7 @@ pub struct Args {
     /// Serve the management socket at PATH, through which `vrdmactl` lists the VMs, adds and
     /// removes them, changes their weight, caps and quotas, drains them and resets their
     /// counters while the daemon runs. It is made with mode 0600 (the daemon user's alone),
-    /// its directory too if missing. The systemd unit uses /run/vrdma/control.sock, where
+    /// its directory too if missing. The systemd unit uses /run/vrdma/control/vrdmactl.sock, where
     /// vrdmactl looks by default.
     #[arg(long, value_name = "PATH")]
     pub control_socket: Option<PathBuf>,

@@ -63,10 +63,12 @@ pub enum Command {
         /// The VM.
         vm: String,
     },
-    /// Change a VM's weight, caps or quotas, at once: weight, max-bw and max-msg-rate (none
-    /// lifts a cap) apply from the scheduler's next round; quotas (max-qp, max-cq, max-mr,
-    /// max-pd, max-ah, max-srq, max-mr-bytes) to the guest's next objects, and its device
-    /// reports them. Objects beyond a lowered quota stay until the guest destroys them.
+    /// Change a VM's weight, class, caps or quotas, at once: weight, class (latency, normal,
+    /// bulk), max-bw and max-msg-rate (none lifts a cap) apply from the scheduler's next round;
+    /// quotas (max-qp, max-cq, max-mr, max-pd, max-ah, max-srq, max-mr-bytes) to the guest's
+    /// next objects. A connected guest's device keeps reporting the limits it had when it
+    /// connected; the next connection reports the new ones. Objects beyond a lowered quota
+    /// stay until the guest destroys them.
     Set {
         /// The VM.
         vm: String,

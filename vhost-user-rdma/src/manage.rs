@@ -27,7 +27,7 @@ use crate::vhost::server::VmStatus;
 
 /// Where `vrdmactl` looks for the management socket unless told otherwise, and where the
 /// systemd unit has the daemon make it.
-pub const DEFAULT_SOCKET: &str = "/run/vrdma/control.sock";
+pub const DEFAULT_SOCKET: &str = "/run/vrdma/control/vrdmactl.sock";
 
 /// The longest request line the daemon reads; a VM's `--vm` entry is far shorter.
 const MAX_REQUEST: usize = 64 * 1024;

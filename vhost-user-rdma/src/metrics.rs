@@ -386,7 +386,7 @@ pub fn render(sources: &Sources) -> String {
         &mut out,
         "vrdma_vm_error_completions_by_status_total",
         "counter",
-        "Error completions by status (since the daemon started or the VM arrived by migration); \
+        "Error completions by status (since the daemon started, the VM arrived by migration or vrdmactl reset); \
          statuses never seen are left out.",
         &by_status,
     );

@@ -112,6 +112,11 @@ mod tests {
         let _b = std::os::unix::net::UnixListener::bind(dir.join("b.sock")).unwrap();
         let _a = std::os::unix::net::UnixListener::bind(dir.join("a.sock")).unwrap();
         std::fs::write(dir.join("notes.txt"), b"not a device").unwrap();
+        // The daemon's management socket lives in a directory of its own: not a device.
+        std::fs::create_dir_all(dir.join("control")).unwrap();
+        let _control =
+            std::os::unix::net::UnixListener::bind(dir.join("control").join("vrdmactl.sock"))
+                .unwrap();
         assert_eq!(
             sockets_in(&dir),
             vec![dir.join("a.sock"), dir.join("b.sock")]

@@ -196,7 +196,7 @@ fn extra_sections(name: &str) -> &'static str {
              /run/vrdma\n\
              Where the unit lets the daemon make the VMs' sockets.\n\
              .TP\n\
-             /run/vrdma/control.sock\n\
+             /run/vrdma/control/vrdmactl.sock\n\
              The management socket (\\-\\-control\\-socket) the unit has the daemon make, \
              for vrdmactl.\n\
              .SH SIGNALS\n\
@@ -214,7 +214,7 @@ fn extra_sections(name: &str) -> &'static str {
              The management socket, when \\-\\-socket is not given.\n\
              .SH FILES\n\
              .TP\n\
-             /run/vrdma/control.sock\n\
+             /run/vrdma/control/vrdmactl.sock\n\
              The management socket vhost\\-user\\-rdma.service makes (mode 0600), and the \
              default of \\-\\-socket.\n\
              .SH EXIT STATUS\n\

@@ -35,12 +35,14 @@ fn packaged_unit_differs_from_its_source_only_in_the_path_and_header() {
     assert_eq!(
         exec(&source),
         [
-            "ExecStart=/usr/local/bin/vhost-user-rdma --control-socket /run/vrdma/control.sock $VRDMA_ARGS"
+            "ExecStart=/usr/local/bin/vhost-user-rdma --control-socket /run/vrdma/control/vrdmactl.sock $VRDMA_ARGS"
         ]
     );
     assert_eq!(
         exec(&packaged),
-        ["ExecStart=/usr/bin/vhost-user-rdma --control-socket /run/vrdma/control.sock $VRDMA_ARGS"]
+        [
+            "ExecStart=/usr/bin/vhost-user-rdma --control-socket /run/vrdma/control/vrdmactl.sock $VRDMA_ARGS"
+        ]
     );
     let settings = |unit: &str| {
         unit.lines()

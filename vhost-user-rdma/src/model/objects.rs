@@ -445,8 +445,10 @@ pub fn port_attr(active_mtu: Mtu) -> PortAttr {
 
 impl VmObjects {
     /// Applies new object quotas (an operator changed them while the VM runs): creations
-    /// are checked against them from now on and the device's capabilities report them.
-    /// Objects beyond a lowered quota stay until the guest destroys them.
+    /// are checked against them from now on. The device's capabilities stay as the driver
+    /// read them (docs/protocol.md §5: constant until a reset), so a creation may fail below
+    /// `caps`' maximum, as on a NIC whose resources run out. Objects beyond a lowered quota
+    /// stay until the guest destroys them.
     pub fn set_quotas(&mut self, q: &crate::config::Quotas) {
         self.pds.set_capacity(q.max_pd);
         self.mrs.set_capacity(q.max_mr);
@@ -455,15 +457,6 @@ impl VmObjects {
         self.ahs.set_capacity(q.max_ah);
         self.srqs.set_capacity(q.max_srq);
         self.max_registered_bytes = q.max_mr_bytes;
-        let caps = &mut self.caps;
-        caps.max_pd = q.max_pd.into();
-        caps.max_mr = q.max_mr.into();
-        caps.max_cq = q.max_cq.into();
-        caps.max_qp = q.max_qp.into();
-        caps.max_ah = q.max_ah.into();
-        caps.max_registered_bytes = q.max_mr_bytes.into();
-        caps.max_mr_size = limits::MAX_MR_SIZE.min(q.max_mr_bytes).into();
-        self.srq_caps.max_srq = q.max_srq.into();
     }
 
     /// Objects in use, with the quota of each kind: (kind, in use, quota).

@@ -303,7 +303,8 @@ impl VmServer {
 
     /// Changes the VM's weight, class, caps and object quotas at once: the scheduler uses the
     /// weight, class and caps from its next look at the VM, the connected guest's new objects
-    /// are checked against the quotas (and its device reports them), and the next connection
+    /// are checked against the quotas (its device reports them from the next connection on, its
+    /// attributes being constant while a driver runs), and the next connection
     /// starts from them.
     pub fn set_run_time(&self, run_time: RunTime) {
         let RunTime {

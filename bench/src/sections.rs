@@ -829,7 +829,12 @@ pub fn fairness(env: &mut Env, r: &mut Results) -> Result<(), Error> {
 /// 8-byte write latency (vrdma-perf write_lat) between two VMs, alone and while two other
 /// VMs move 4 MiB writes.
 pub fn isolation(env: &mut Env, r: &mut Results) -> Result<(), Error> {
-    let mut daemon = env.daemon(
+    let control = env.sock_root.join("isolation-control").join("ctl.sock");
+    let launch = Launch {
+        netns: None,
+        args: vec!["--control-socket".into(), control.display().to_string()],
+    };
+    let mut daemon = env.daemon_on(
         "isolation",
         &[
             VmSpec::new("a"),
@@ -837,49 +842,212 @@ pub fn isolation(env: &mut Env, r: &mut Results) -> Result<(), Error> {
             VmSpec::new("bulk"),
             VmSpec::new("bsink"),
         ],
+        &launch,
     )?;
     let run = small_write_latency(env);
     let bulk = guest::open(&daemon.socket("bulk"))?;
     let bsink = guest::open(&daemon.socket("bsink"))?;
-    // Each round measures alone and next to each kind of neighbour in turn, so that a change
-    // in this VM's wake-up cost during the section (it swings between about 2 and 21 us) falls
-    // on all of them alike; of each, the run with the median p99 is recorded.
+    // Each round measures alone and next to each kind of neighbour, for each pairing of
+    // classes, in turn, so that a change in this VM's wake-up cost during the section (it
+    // swings between about 2 and 21 us) falls on all of them alike; of each, the run with
+    // the median p99 is recorded.
     let rounds = if env.quick { 1 } else { ISOLATION_ROUNDS };
     let mut alone = Vec::new();
-    let mut loaded: Vec<Vec<(perf::LatEntry, f64)>> = vec![Vec::new(); BULK_NEIGHBOURS.len()];
+    let cases: Vec<(&BulkNeighbour, &ClassPairing)> = CLASS_PAIRINGS
+        .iter()
+        .flat_map(|p| BULK_NEIGHBOURS.iter().map(move |n| (n, p)))
+        .filter(|(n, p)| p.every_neighbour || n.depth == BULK_NEIGHBOURS[0].depth)
+        .collect();
+    let mut loaded: Vec<Vec<(perf::LatEntry, f64)>> = vec![Vec::new(); cases.len()];
+    let mut bulk_alone = Vec::new();
     for round in 0..rounds {
+        set_classes(&control, &CLASS_PAIRINGS[0])?;
         let dir = env.dir(&format!("vrdma-perf/isolation-alone-{round}"))?;
         let (report, _) = perf_run(env, &mut Ends::local(&mut daemon), &run, &dir)?;
         alone.push(report.lat_for(8, "write_lat alone")?.clone());
-        for (neighbour, runs) in BULK_NEIGHBOURS.iter().zip(&mut loaded) {
+        bulk_alone.push(bulk_by_itself(env, (&bulk, &bsink))?);
+        for ((neighbour, pairing), runs) in cases.iter().zip(&mut loaded) {
+            set_classes(&control, pairing)?;
             let vms = (&bulk, &bsink);
             runs.push(next_to_bulk(env, &mut daemon, vms, neighbour, &run, round)?);
         }
     }
+    set_classes(&control, &CLASS_PAIRINGS[0])?;
     let alone = median_p99(alone.into_iter().map(|e| (e, 0.0)).collect()).0;
     record_latency(r, "isolation", "alone", &alone);
+    bulk_alone.sort_by(f64::total_cmp);
+    let bulk_alone = bulk_alone[bulk_alone.len() / 2];
+    let size = Some(u64::from(ISOLATION_BULK_MSG));
+    r.add(
+        "isolation",
+        "bulk alone",
+        size,
+        "bulk_bw",
+        bulk_alone,
+        "MiB/s",
+    );
     let mut ratios = Vec::new();
-    for (neighbour, runs) in BULK_NEIGHBOURS.iter().zip(loaded) {
+    for ((neighbour, pairing), runs) in cases.iter().zip(loaded) {
         let (entry, bulk_bw) = median_p99(runs);
-        record_latency(r, "isolation", neighbour.series, &entry);
-        let size = Some(u64::from(ISOLATION_BULK_MSG));
+        let series = pairing.series(neighbour.series);
+        record_latency(r, "isolation", &series, &entry);
+        r.add("isolation", &series, size, "bulk_bw", bulk_bw, "MiB/s");
+        let ratio = entry.p99_us / alone.p99_us;
         r.add(
             "isolation",
-            neighbour.series,
-            size,
-            "bulk_bw",
-            bulk_bw,
-            "MiB/s",
+            &pairing.series(neighbour.ratio),
+            Some(8),
+            "ratio",
+            ratio,
+            "x",
         );
-        let ratio = entry.p99_us / alone.p99_us;
-        r.add("isolation", neighbour.ratio, Some(8), "ratio", ratio, "x");
+        if neighbour.depth == BULK_NEIGHBOURS[0].depth {
+            r.add(
+                "isolation",
+                &pairing.series(BULK_WITH_OVER_ALONE),
+                size,
+                "ratio",
+                bulk_bw / bulk_alone,
+                "x",
+            );
+        }
         ratios.push(format!(
-            "{}: p99 {:.2} us ({ratio:.2}x)",
-            neighbour.series, entry.p99_us
+            "{series}: p99 {:.2} us ({ratio:.2}x)",
+            entry.p99_us
         ));
+    }
+    // The bulk VM next to the latency pair in their own classes, against both in the default
+    // class (as before classes existed): what the priority costs bulk throughput.
+    let deep = BULK_NEIGHBOURS[0].series;
+    let with_classes = r.get(
+        "isolation",
+        &CLASS_PAIRINGS[1].series(deep),
+        size,
+        "bulk_bw",
+    );
+    let without = r.get("isolation", deep, size, "bulk_bw");
+    if let (Some(with_classes), Some(without)) = (with_classes, without) {
+        let ratio = with_classes / without;
+        r.add(
+            "isolation",
+            BULK_CLASSES_OVER_NORMAL,
+            size,
+            "ratio",
+            ratio,
+            "x",
+        );
     }
     eprintln!("  p99 alone {:.2} us; {}", alone.p99_us, ratios.join("; "));
     Ok(())
+}
+
+/// The classes of the isolation section's VMs for one measurement: the latency pair's (`a`
+/// and `b`) and the bulk VM's.
+struct ClassPairing {
+    latency_pair: &'static str,
+    bulk_vm: &'static str,
+    /// Measured next to every kind of bulk neighbour, not only the deep-queued one.
+    every_neighbour: bool,
+}
+
+impl ClassPairing {
+    /// `base` (a series or ratio name) for this pairing: unchanged for the default classes,
+    /// which the section measured before classes existed.
+    fn series(&self, base: &str) -> String {
+        if self.latency_pair == "normal" && self.bulk_vm == "normal" {
+            base.to_owned()
+        } else {
+            format!(
+                "{base}, {} class next to {}",
+                self.latency_pair, self.bulk_vm
+            )
+        }
+    }
+}
+
+/// The pairings of classes the isolation section measures; the first is every VM in the
+/// default class.
+const CLASS_PAIRINGS: [ClassPairing; 4] = [
+    ClassPairing {
+        latency_pair: "normal",
+        bulk_vm: "normal",
+        every_neighbour: true,
+    },
+    ClassPairing {
+        latency_pair: "latency",
+        bulk_vm: "bulk",
+        every_neighbour: true,
+    },
+    ClassPairing {
+        latency_pair: "latency",
+        bulk_vm: "normal",
+        every_neighbour: false,
+    },
+    ClassPairing {
+        latency_pair: "normal",
+        bulk_vm: "bulk",
+        every_neighbour: false,
+    },
+];
+
+/// The ratio of the bulk VM's throughput next to the latency pair with the pair in the
+/// latency class and the bulk VM in the bulk class, to the same with every VM normal.
+pub(crate) const BULK_CLASSES_OVER_NORMAL: &str =
+    "bulk throughput next to the latency pair, latency and bulk classes / every VM normal";
+
+/// The ratio of the bulk VM's throughput next to the latency pair to its throughput alone.
+pub(crate) const BULK_WITH_OVER_ALONE: &str = "bulk throughput next to the latency pair / alone";
+
+/// Gives the isolation section's VMs the classes of `pairing`, through `vrdmactl`.
+fn set_classes(control: &Path, pairing: &ClassPairing) -> Result<(), Error> {
+    let ctl = procs::sibling("vrdmactl", "vhost-user-rdma")?;
+    for (vm, class) in [
+        ("a", pairing.latency_pair),
+        ("b", pairing.latency_pair),
+        ("bulk", pairing.bulk_vm),
+    ] {
+        let out = std::process::Command::new(&ctl)
+            .arg("--socket")
+            .arg(control)
+            .args(["set", vm, &format!("class={class}")])
+            .output()
+            .map_err(|e| Error::Failed(format!("cannot run {}: {e}", ctl.display())))?;
+        if !out.status.success() {
+            return Err(Error::Failed(format!(
+                "vrdmactl set {vm} class={class}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The bulk VM's throughput in MiB/s writing 4 MiB messages with a deep queue, by itself.
+fn bulk_by_itself(env: &Env, vms: (&vrdma::Context, &vrdma::Context)) -> Result<f64, Error> {
+    let neighbour = &BULK_NEIGHBOURS[0];
+    let msg = ISOLATION_BULK_MSG;
+    let a = Side::new(vms.0, 1, neighbour.depth, 2 * neighbour.depth.max(32), msg)?;
+    let b = Side::new(vms.1, 1, 4, 64, msg)?;
+    guest::connect(&a, &b)?;
+    let mut writers = Writers::default();
+    writers.start(
+        "bulk",
+        a,
+        b.target(),
+        Load {
+            msg,
+            depth: neighbour.depth,
+            batch: neighbour.depth.min(64),
+            idle: Idle::Sleep(neighbour.sleep),
+        },
+    );
+    writers.keep(b);
+    writers.measure(Duration::from_millis(100), Duration::ZERO)?;
+    let (c0, t0) = (writers.counts()[0], Instant::now());
+    std::thread::sleep(env.window(0.3, 1.0));
+    let bw = (writers.counts()[0] - c0) as f64 * f64::from(msg) / MIB / t0.elapsed().as_secs_f64();
+    writers.finish()?;
+    Ok(bw)
 }
 
 /// Rounds of the isolation section in a full run.

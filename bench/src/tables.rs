@@ -5,7 +5,10 @@ use std::time::Duration;
 
 use crate::plot::Chart;
 use crate::report::{Results, Table, fmt, ratio, size_label};
-use crate::sections::{Compared, Env, LOCAL, OPS, REG_RATIO, ROCE, TCP_BW, TCP_LAT, vrdma_series};
+use crate::sections::{
+    BULK_CLASSES_OVER_NORMAL, Compared, Env, LOCAL, OPS, REG_RATIO, ROCE, TCP_BW, TCP_LAT,
+    vrdma_series,
+};
 use crate::shim::{self, Tool};
 
 /// Every vrdma series: write, read, send in polling and event mode.
@@ -403,10 +406,34 @@ fn targets(r: &mut Results) -> Table {
             Goal::Between(2.7, 3.3),
         ),
         (
-            "8 B WRITE p99 next to 4 MiB bulk / alone",
+            "8 B WRITE p99 next to 4 MiB bulk / alone, latency class next to bulk",
+            get(
+                r,
+                "isolation",
+                "p99 next to bulk / alone, latency class next to bulk",
+                Some(8),
+                "ratio",
+            ),
+            "x",
+            Goal::AtMost(2.0),
+        ),
+        (
+            "8 B WRITE p99 next to 4 MiB bulk / alone, both normal class",
             get(r, "isolation", "p99 next to bulk / alone", Some(8), "ratio"),
             "x",
             Goal::AtMost(2.0),
+        ),
+        (
+            "4 MiB bulk throughput next to the latency pair, classes / both normal",
+            get(
+                r,
+                "isolation",
+                BULK_CLASSES_OVER_NORMAL,
+                Some(4 << 20),
+                "ratio",
+            ),
+            "x",
+            Goal::AtLeast(0.9),
         ),
         (
             "8 B WRITE p99 next to 4 GiB registrations / alone",

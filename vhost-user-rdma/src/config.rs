@@ -94,6 +94,14 @@ pub struct Args {
     #[arg(long, value_name = "PATH")]
     pub control_socket: Option<PathBuf>,
 
+    /// Bound each step of a VM whose priority class is below another VM's to about this many
+    /// microseconds of the scheduler's time (sized from the copy rate it measures), so that a
+    /// higher class's message waits behind at most that much of it. 0, the default, leaves
+    /// steps at up to 64 KiB (about 2 us of copying on a host that copies 30 GiB/s). A bound
+    /// costs the lower classes throughput: docs/performance.md has what it measured.
+    #[arg(long, default_value_t = 0.0, value_name = "MICROSECONDS")]
+    pub step_time_us: f64,
+
     /// Log level: error, warn, info, debug or trace. RUST_LOG, if set, takes precedence.
     #[arg(long, default_value = "info", value_name = "LEVEL")]
     pub log_level: log::LevelFilter,
@@ -178,6 +186,9 @@ pub enum Error {
     /// `vrdmactl set` with nothing to set.
     #[error("nothing to change: give key=value pairs, such as weight=3 or max-bw=1G")]
     NothingToSet,
+    /// `--step-time-us` out of range.
+    #[error("--step-time-us {0}: give 0 (no bound) or 0.1 to 1000 microseconds")]
+    StepTime(f64),
     /// `--roce-port 0`.
     #[error("--roce-port 0: give the UDP port the fabric's daemons share (4791 for RoCEv2)")]
     RocePort,
@@ -426,6 +437,8 @@ pub struct Config {
     pub metrics: Option<std::net::SocketAddr>,
     /// Where to serve the management socket (`--control-socket`), if anywhere.
     pub control_socket: Option<PathBuf>,
+    /// The bound on a lower class's steps (`--step-time-us`), if any.
+    pub step_time: Option<std::time::Duration>,
 }
 
 /// How the RoCEv2 fabric between hosts is configured (`--roce`).
@@ -513,6 +526,13 @@ impl Config {
             roce,
             metrics,
             control_socket: args.control_socket.clone(),
+            step_time: match args.step_time_us {
+                t if t == 0.0 => None,
+                t if t.is_finite() && (0.1..=1000.0).contains(&t) => {
+                    Some(std::time::Duration::from_secs_f64(t / 1e6))
+                }
+                t => return Err(Error::StepTime(t)),
+            },
         })
     }
 }

@@ -159,7 +159,7 @@ impl Daemon {
         network: Option<Arc<Network>>,
         make_fabric: impl FnOnce() -> Box<dyn Fabric> + Send + 'static,
     ) -> Result<Daemon, Error> {
-        let scheduler = match Scheduler::start(make_fabric) {
+        let scheduler = match Scheduler::start_with(make_fabric, config.step_time) {
             Ok(s) => s,
             Err(e) => {
                 if let Some(n) = &network {

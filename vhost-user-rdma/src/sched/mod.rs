@@ -49,6 +49,40 @@ const CLASSES: usize = PriorityClass::ALL.len();
 /// work, however busy the classes above it are.
 pub const MIN_SHARE_PARTS: u64 = 10;
 
+/// The smallest step a time bound leaves: below it, a step's own cost (about as much as
+/// copying 8 KiB, see `fabric::WR_COST`) would outweigh the copy.
+const MIN_TIMED_STEP: u32 = 8 * 1024;
+
+/// The bytes per nanosecond the scheduler's steps move, as a moving average of the steps that
+/// moved at least [`MIN_TIMED_STEP`] (smaller ones measure the step's overhead, not the
+/// copy): it sizes a step to a time on this host, whatever its memory's speed.
+#[derive(Debug, Default, Clone, Copy)]
+struct CopyRate {
+    bytes_per_ns: Option<f64>,
+}
+
+impl CopyRate {
+    fn observe(&mut self, bytes: u32, took: Duration) {
+        if bytes < MIN_TIMED_STEP || took.is_zero() {
+            return;
+        }
+        let rate = f64::from(bytes) / took.as_nanos() as f64;
+        self.bytes_per_ns = Some(match self.bytes_per_ns {
+            Some(r) => 0.875 * r + 0.125 * rate,
+            None => rate,
+        });
+    }
+
+    /// The bytes a step moves in `time`: a whole chunk until a rate is known.
+    fn bytes_in(&self, time: Duration) -> u32 {
+        match self.bytes_per_ns {
+            Some(r) => (r * time.as_nanos() as f64)
+                .clamp(f64::from(MIN_TIMED_STEP), f64::from(CHUNK)) as u32,
+            None => CHUNK,
+        }
+    }
+}
+
 /// The most a class is owed of its minimum share: a class starved for long catches up by
 /// this much at once, not by a burst that would hold the others back.
 const MAX_OWED: u64 = 16 * QUANTUM as u64;
@@ -118,6 +152,15 @@ impl Scheduler {
     pub fn start(
         make_fabric: impl FnOnce() -> Box<dyn Fabric> + Send + 'static,
     ) -> std::io::Result<Scheduler> {
+        Self::start_with(make_fabric, None)
+    }
+
+    /// As [`Scheduler::start`], with the steps of a VM below a higher priority class bounded
+    /// to about `step_time` (`--step-time-us`).
+    pub fn start_with(
+        make_fabric: impl FnOnce() -> Box<dyn Fabric> + Send + 'static,
+        step_time: Option<Duration>,
+    ) -> std::io::Result<Scheduler> {
         let (tx, rx) = sync_channel(256);
         let (hooks_tx, hooks_rx) = sync_channel(1);
         let stats = Arc::new(SchedulerStats::default());
@@ -129,6 +172,7 @@ impl Scheduler {
                 if hooks_tx.send(fabric.hooks()).is_ok() {
                     let mut turns = Turns::new(rx, fabric);
                     turns.stats = thread_stats;
+                    turns.step_time = step_time;
                     turns.run();
                 }
             })?;
@@ -268,6 +312,10 @@ struct Turns {
     order: Vec<usize>,
     /// Per priority class, what it is owed of its minimum share, in deficit units.
     owed: [u64; CLASSES],
+    /// How fast steps move bytes, measured on the steps that are sized by time.
+    copy_rate: CopyRate,
+    /// How long a step of a VM below a higher class may last (`--step-time-us`), if bounded.
+    step_time: Option<Duration>,
     timers: BinaryHeap<Reverse<(Instant, u64, u32)>>,
     error_qps: Vec<(u64, u32)>,
     last_flush: Instant,
@@ -298,6 +346,8 @@ impl Turns {
             fabric_full: false,
             order: Vec::new(),
             owed: [0; CLASSES],
+            copy_rate: CopyRate::default(),
+            step_time: None,
             timers: BinaryHeap::with_capacity(4096),
             error_qps: Vec::with_capacity(256),
             last_flush: Instant::now(),
@@ -787,9 +837,16 @@ impl Turns {
                         e.deficit = 0;
                         break;
                     };
-                    let budget = u32::try_from(e.deficit)
+                    let mut budget = u32::try_from(e.deficit)
                         .unwrap_or(u32::MAX)
                         .clamp(1, e.buckets.byte_budget());
+                    // Below a higher class, with `--step-time-us`, a step lasts about that
+                    // long: that class's next message waits behind no more of this VM's
+                    // copying, however slow the host's memory.
+                    let timed = self.step_time.filter(|_| preemptible).map(|time| {
+                        budget = budget.min(self.copy_rate.bytes_in(time));
+                        Instant::now()
+                    });
                     let Some((qpn, outcome)) = self.step(&vm, queued, budget) else {
                         // The VM's control path holds its objects; its turn waits, its
                         // deficit stays.
@@ -797,6 +854,9 @@ impl Turns {
                         self.retry_soon = true;
                         break;
                     };
+                    if let Some(t0) = timed {
+                        self.copy_rate.observe(outcome.bytes, t0.elapsed());
+                    }
                     let e = &mut self.entries[i];
                     if limited {
                         e.buckets
@@ -1207,6 +1267,30 @@ mod tests {
             "bulk took {:.3}: {moved:?}",
             part(3)
         );
+    }
+
+    /// `--step-time-us` sizes a step from the copy rate measured on the big ones: 64 KiB in
+    /// 4 us makes a 1 us step 16 KiB; small steps (overhead, not copying) do not count, and
+    /// no step is smaller than 8 KiB or larger than a chunk.
+    #[test]
+    fn a_step_time_becomes_bytes_at_the_measured_copy_rate() {
+        let mut rate = CopyRate::default();
+        assert_eq!(
+            rate.bytes_in(Duration::from_micros(1)),
+            CHUNK,
+            "nothing measured yet"
+        );
+        rate.observe(CHUNK, Duration::from_micros(4));
+        rate.observe(64, Duration::from_micros(3));
+        assert_eq!(rate.bytes_in(Duration::from_micros(1)), 16 * 1024);
+        assert_eq!(rate.bytes_in(Duration::from_nanos(100)), MIN_TIMED_STEP);
+        assert_eq!(rate.bytes_in(Duration::from_micros(100)), CHUNK);
+        // A slower host's copies pull the estimate down.
+        for _ in 0..64 {
+            rate.observe(CHUNK, Duration::from_micros(8));
+        }
+        let step = rate.bytes_in(Duration::from_micros(1));
+        assert!((8 * 1024..8 * 1024 + 64).contains(&step), "{step}");
     }
 
     #[test]

@@ -527,7 +527,7 @@ impl Config {
             metrics,
             control_socket: args.control_socket.clone(),
             step_time: match args.step_time_us {
-                t if t == 0.0 => None,
+                0.0 => None,
                 t if t.is_finite() && (0.1..=1000.0).contains(&t) => {
                     Some(std::time::Duration::from_secs_f64(t / 1e6))
                 }

@@ -354,6 +354,16 @@ pub struct RcPeer {
 /// Takes an RC QP through INIT, RTR and RTS towards `peer`, as `ibv_rc_pingpong` does. On
 /// failure, names the state the QP could not reach.
 pub fn try_connect_rc(qp: &QueuePair, peer: &RcPeer) -> Result<(), (QpState, vrdma::Error)> {
+    try_connect_rc_via(qp, peer, vrdma::AddressHandle::attr_for(peer.gid))
+}
+
+/// [`try_connect_rc`] with the address `ah_attr` (a traffic class of its own, say) for the
+/// peer.
+pub fn try_connect_rc_via(
+    qp: &QueuePair,
+    peer: &RcPeer,
+    ah_attr: vrdma_proto::qp::AhAttr,
+) -> Result<(), (QpState, vrdma::Error)> {
     let init = QpAttr {
         qp_state: QpState::Init,
         qp_access_flags: all_access(),
@@ -367,7 +377,7 @@ pub fn try_connect_rc(qp: &QueuePair, peer: &RcPeer) -> Result<(), (QpState, vrd
         max_dest_rd_atomic: 1,
         // 0.01 ms: a SEND that finds no receive is retried quickly.
         min_rnr_timer: 1,
-        ah_attr: vrdma::AddressHandle::attr_for(peer.gid),
+        ah_attr,
         ..QpAttr::default()
     };
     let rts = QpAttr {

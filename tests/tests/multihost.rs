@@ -449,10 +449,36 @@ fn tshark_decodes_the_traffic_on_the_veth() {
     }
     let (ha, hb) = (Netns::new("vta").unwrap(), Netns::new("vtb").unwrap());
     let (dev, _) = veth(&ha, &["10.76.0.1/24"], &hb, &["10.76.0.2/24"], 9000).unwrap();
-    let da = daemon_in(&ha, &[("a", "gid=10.76.0.1")]);
-    let db = daemon_in(&hb, &[("b", "gid=10.76.0.2")]);
+    // a's VM in the latency class (DSCP 46 by default), b's normal with its DSCP set to 10.
+    let da = daemon_in(&ha, &[("a", "gid=10.76.0.1,class=latency")]);
+    let db = in_netns(&hb, || {
+        TestDaemon::start_with(
+            &[("b", "gid=10.76.0.2")],
+            &["--roce", "--dscp", "normal=10"],
+        )
+    });
     let (ca, cb) = (da.open("a"), db.open("b"));
     let (a, b) = deep_pair(&ca, &cb, 1 << 20, 14, 7);
+    // A second pair whose requester's address gives traffic class 136 (DSCP 34), which its
+    // packets carry instead of its VM's class's, as on a RoCE NIC.
+    let (a2, b2) = {
+        let cap = QpCap::default();
+        let ea = Endpoint::new(&ca, vrdma::QpType::Rc, 4096, cap);
+        let eb = Endpoint::new(&cb, vrdma::QpType::Rc, 4096, cap);
+        let peer = |gid, qpn| vrdma_tests::RcPeer {
+            gid,
+            qpn,
+            mtu: vrdma_proto::config::Mtu::Mtu1024,
+            timeout: 14,
+            retry_cnt: 7,
+            rnr_retry: 7,
+        };
+        let mut ah = vrdma::AddressHandle::attr_for(cb.gid());
+        ah.traffic_class = 34 << 2;
+        vrdma_tests::try_connect_rc_via(&ea.qp, &peer(cb.gid(), eb.qp.qp_num()), ah).unwrap();
+        vrdma_tests::try_connect_rc(&eb.qp, &peer(ca.gid(), ea.qp.qp_num())).unwrap();
+        (ea, eb)
+    };
     let pcap = std::env::temp_dir().join(format!("vrdma-veth-{}.pcap", std::process::id()));
     let mut tshark = ha
         .command("tshark")
@@ -494,6 +520,12 @@ fn tshark_decodes_the_traffic_on_the_veth() {
     ])
     .unwrap();
     assert_eq!(a.poll_one().status, WcStatus::Success);
+    let small = [Sge::new(a2.buf.addr(), 64, a2.mr.lkey())];
+    a2.send(&[
+        SendWr::rdma_write(4, &small, b2.buf.addr(), b2.mr.rkey()).with_flags(SendFlags::SIGNALED)
+    ])
+    .unwrap();
+    assert_eq!(a2.poll_one().status, WcStatus::Success);
     std::thread::sleep(Duration::from_millis(300));
     let _ = std::process::Command::new("kill")
         .args(["-INT", &tshark.id().to_string()])
@@ -516,6 +548,8 @@ fn tshark_decodes_the_traffic_on_the_veth() {
             "infiniband.bth.destqp",
             "-e",
             "infiniband.invariant.crc",
+            "-e",
+            "ip.dsfield.dscp",
         ])
         .output()
         .unwrap();
@@ -524,6 +558,28 @@ fn tshark_decodes_the_traffic_on_the_veth() {
     println!("{text}{}", String::from_utf8_lossy(&out.stderr));
     let rows: Vec<Vec<&str>> = text.lines().map(|l| l.split('|').collect()).collect();
     let (aq, bq) = (a.qp.qp_num(), b.qp.qp_num());
+    let (aq2, bq2) = (a2.qp.qp_num(), b2.qp.qp_num());
+    // The DSCP of each packet: its VM's class's, or its QP's traffic class's.
+    for r in &rows {
+        let expect = match (r[0], parse(r[3])) {
+            ("10.76.0.1", q) if q == bq2 => 34,
+            ("10.76.0.1", _) => 46,
+            _ => 10,
+        };
+        assert_eq!(parse(r[5]), expect, "DSCP of {r:?}");
+    }
+    assert!(
+        rows.iter().any(|r| parse(r[3]) == bq2),
+        "the second pair's request"
+    );
+    assert!(
+        rows.iter().any(|r| parse(r[3]) == aq2),
+        "the second pair's ACK"
+    );
+    let rows: Vec<Vec<&str>> = rows
+        .into_iter()
+        .filter(|r| ![aq2, bq2].contains(&parse(r[3])))
+        .collect();
     let from_a: Vec<(u32, u32)> = rows
         .iter()
         .filter(|r| r[0] == "10.76.0.1")

@@ -61,6 +61,14 @@ pub struct Args {
     #[arg(long, default_value_t = 4791, value_name = "PORT")]
     pub roce_port: u16,
 
+    /// The DSCP (0-63) RoCEv2 packets carry for each priority class, so that switches can
+    /// prioritise them too: "latency=N,normal=N,bulk=N", any of them (the rest keep their
+    /// defaults: latency 46 (EF), normal 26 (AF31, the usual RoCE class), bulk 8 (CS1)). A QP
+    /// whose address gives a traffic class (the GRH's, `ibv_ah_attr.grh.traffic_class`)
+    /// carries that class's DSCP instead, as RoCE NICs do.
+    #[arg(long, default_value = "", value_name = "CLASS=DSCP,...")]
+    pub dscp: String,
+
     /// Check the ICRC of IPv4 packets ("verify", assuming IP Identification 0 as Linux sends
     /// it) or not ("skip": needed for peers that vary the Identification, such as Linux rxe;
     /// the Ethernet FCS still protects the packet). IPv6 packets are always checked.
@@ -186,6 +194,9 @@ pub enum Error {
     /// `vrdmactl set` with nothing to set.
     #[error("nothing to change: give key=value pairs, such as weight=3 or max-bw=1G")]
     NothingToSet,
+    /// `--dscp` is not `CLASS=DSCP` pairs.
+    #[error("--dscp {0:?}: give latency=N, normal=N and/or bulk=N, each DSCP from 0 to 63")]
+    Dscp(String),
     /// `--step-time-us` out of range.
     #[error("--step-time-us {0}: give 0 (no bound) or 0.1 to 1000 microseconds")]
     StepTime(f64),
@@ -450,6 +461,49 @@ pub struct RoceSettings {
     /// unconnected socket and DF set. Peers that vary it (rxe) need this off; see
     /// docs/fabric.md.
     pub ipv4_icrc: bool,
+    /// The DSCP of each priority class's packets (`--dscp`).
+    pub dscp: Dscp,
+}
+
+/// The DSCP each priority class's RoCEv2 packets carry (`--dscp`), by `PriorityClass::index`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dscp(pub [u8; 3]);
+
+impl Default for Dscp {
+    /// Latency EF (46), normal AF31 (26, the class RoCE deployments commonly give RoCE
+    /// traffic), bulk CS1 (8, lower effort).
+    fn default() -> Self {
+        Dscp([46, 26, 8])
+    }
+}
+
+impl Dscp {
+    /// The IP TOS byte (IPv6 traffic class) of a packet of a QP of a VM in `class` whose
+    /// address gives `traffic_class`: that traffic class's DSCP if it gives one, as RoCE NICs
+    /// put the GRH's traffic class in the IP header, else the class's. The ECN bits are 0
+    /// (not ECN-capable): the fabric does not answer congestion marks yet.
+    pub fn tos(&self, class: PriorityClass, traffic_class: u8) -> u8 {
+        let dscp = match traffic_class >> 2 {
+            0 => self.0[class.index()],
+            given => given,
+        };
+        dscp << 2
+    }
+}
+
+/// `--dscp`: `CLASS=DSCP` pairs, the classes not named keeping their defaults.
+fn parse_dscp(s: &str) -> Result<Dscp, Error> {
+    let mut dscp = Dscp::default();
+    for part in s.split(',').filter(|p| !p.is_empty()) {
+        let parsed = part.split_once('=').and_then(|(class, value)| {
+            Some((PriorityClass::from_name(class)?, value.parse::<u8>().ok()?))
+        });
+        match parsed {
+            Some((class, value)) if value < 64 => dscp.0[class.index()] = value,
+            _ => return Err(Error::Dscp(s.to_owned())),
+        }
+    }
+    Ok(dscp)
 }
 
 impl Config {
@@ -496,6 +550,7 @@ impl Config {
             Some(RoceSettings {
                 port: args.roce_port,
                 ipv4_icrc,
+                dscp: parse_dscp(&args.dscp)?,
             })
         } else {
             None
@@ -885,6 +940,25 @@ fn parse_size(s: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `--dscp` names classes' DSCPs (the rest keep theirs); a QP's traffic class, when it
+    /// gives one, wins, as on a RoCE NIC; and the ECN bits stay 0.
+    #[test]
+    fn dscp_by_class_and_by_traffic_class() {
+        let d = parse_dscp("bulk=4,latency=40").unwrap();
+        assert_eq!(d.0, [40, 26, 4]);
+        assert_eq!(d.tos(PriorityClass::Latency, 0), 40 << 2);
+        assert_eq!(
+            d.tos(PriorityClass::Normal, 3),
+            26 << 2,
+            "ECN bits alone give no DSCP"
+        );
+        assert_eq!(d.tos(PriorityClass::Bulk, 34 << 2 | 2), 34 << 2);
+        assert_eq!(parse_dscp("").unwrap(), Dscp::default());
+        for bad in ["normal=64", "fast=1", "latency", "latency=x"] {
+            assert!(matches!(parse_dscp(bad), Err(Error::Dscp(_))), "{bad}");
+        }
+    }
 
     fn args(vms: &[&str]) -> Args {
         let mut argv = vec!["vhost-user-rdma".to_owned()];

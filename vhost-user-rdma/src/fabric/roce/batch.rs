@@ -27,6 +27,8 @@ pub struct Batch {
     dsts: [Option<SockaddrStorage>; TX_BATCH],
     n: usize,
     ep: Option<Arc<Endpoint>>,
+    /// The IP TOS byte (IPv6 traffic class) of every packet waiting: one per `sendmmsg`.
+    tos: u8,
     headers: MultiHeaders<SockaddrStorage>,
 }
 
@@ -46,19 +48,24 @@ impl Default for Batch {
             dsts: [None; TX_BATCH],
             n: 0,
             ep: None,
-            headers: MultiHeaders::preallocate(TX_BATCH, None),
+            tos: 0,
+            // Room in each message for its TOS (IPv4, one byte) or traffic class (IPv6, an
+            // int), whichever is larger.
+            headers: MultiHeaders::preallocate(TX_BATCH, Some(nix::cmsg_space!(libc::c_int))),
         }
     }
 }
 
 impl Batch {
-    /// Seals `pkt` for the port of GID `peer` and queues it to leave from `ep` with the
-    /// packets around it.
-    pub fn push(&mut self, ep: &Arc<Endpoint>, peer: Gid, pkt: &Packet<'_>) {
+    /// Seals `pkt` for the port of GID `peer` and queues it to leave from `ep`, with IP TOS
+    /// byte (IPv6 traffic class) `tos`, with the packets around it.
+    pub fn push(&mut self, ep: &Arc<Endpoint>, peer: Gid, tos: u8, pkt: &Packet<'_>) {
         let dst = ep.peer_addr(peer);
-        if self.n == TX_BATCH || self.ep.as_ref().is_some_and(|e| !Arc::ptr_eq(e, ep)) {
+        let other_ep = self.ep.as_ref().is_some_and(|e| !Arc::ptr_eq(e, ep));
+        if self.n == TX_BATCH || other_ep || (self.n > 0 && self.tos != tos) {
             self.flush();
         }
+        self.tos = tos;
         let slot = &mut self.bufs[self.n * MAX_PACKET..(self.n + 1) * MAX_PACKET];
         let Ok(len) = pkt.encode(slot, &ip_udp(ep.addr, dst)) else {
             ep.counters.tx_errors.fetch_add(1, Ordering::Relaxed);
@@ -91,7 +98,12 @@ impl Batch {
                 &bufs[i * MAX_PACKET..i * MAX_PACKET + lens[i]],
             )]
         });
-        let no_cmsgs: [ControlMessage<'_>; 0] = [];
+        let tclass = libc::c_int::from(self.tos);
+        let tos = [if ep.addr.is_ipv4() {
+            ControlMessage::Ipv4Tos(&self.tos)
+        } else {
+            ControlMessage::Ipv6TClass(&tclass)
+        }];
         if !ep.bound.load(Ordering::Acquire) {
             // The address is not (or no longer) this daemon's: a packet from another would
             // be dropped by the peer. Lost like any packet; the transport resends it.
@@ -107,7 +119,7 @@ impl Batch {
                 headers,
                 &iovs[done..n],
                 &dsts[done..n],
-                no_cmsgs,
+                tos,
                 // A full socket buffer is a congested link: the packet is lost and resent,
                 // and the scheduler never waits for one VM's traffic.
                 MsgFlags::MSG_DONTWAIT,

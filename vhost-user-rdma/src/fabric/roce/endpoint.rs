@@ -12,7 +12,7 @@ use vrdma_proto::Gid;
 use vrdma_roce::icrc::{IPV4_DF, Ip, IpUdp};
 use vrdma_roce::packet::ParseError;
 
-use crate::config::ip_of;
+use crate::config::{Dscp, ip_of};
 use crate::model::vm::Vm;
 
 /// Bytes of socket buffer per VM address, each way.
@@ -57,6 +57,8 @@ pub struct Counters {
 pub struct Endpoint {
     /// The VM's address.
     pub addr: SocketAddr,
+    /// The DSCP of each priority class's packets (`--dscp`).
+    pub dscp: Dscp,
     /// The socket bound to it while [`Endpoint::bound`]; otherwise an unbound socket that
     /// receives nothing. The descriptor stays for the endpoint's life and the socket behind
     /// it is replaced (`dup2`), so the receive thread and the senders never take a lock for
@@ -146,6 +148,7 @@ impl Endpoint {
     pub fn new(addr: SocketAddr, socket: UdpSocket, bound: bool, peer_port: u16) -> Self {
         Endpoint {
             addr,
+            dscp: Dscp::default(),
             socket,
             bound: AtomicBool::new(bound),
             wanted: AtomicBool::new(false),
@@ -157,6 +160,18 @@ impl Endpoint {
             counters: Counters::default(),
             rx_progress: RxProgress::default(),
         }
+    }
+
+    /// The same endpoint, its packets marked with `dscp`.
+    pub fn with_dscp(mut self, dscp: Dscp) -> Self {
+        self.dscp = dscp;
+        self
+    }
+
+    /// The IP TOS byte of a packet of a QP of VM `vm` whose address gives `traffic_class`
+    /// (see `Dscp::tos`).
+    pub fn tos(&self, vm: &Vm, traffic_class: u8) -> u8 {
+        self.dscp.tos(vm.share.class(), traffic_class)
     }
 
     /// Where packets for the port of GID `peer` go.

@@ -102,7 +102,7 @@ impl RoceFabric {
         let Some(ep) = self.net.endpoint(&vm.gid) else {
             return Vec::new();
         };
-        requester::announce(ep, &mut self.tx, objects)
+        requester::announce(ep, &mut self.tx, vm, objects)
     }
 
     /// The scheduler's step for RC QP `qpn` of `vm`, whose peer is on another host.
@@ -145,10 +145,15 @@ impl RoceFabric {
             q.rt.psns.next = (psn + 1) & qp::MAX_PSN;
             psn
         });
+        let traffic_class = objects
+            .ahs
+            .get(wr.header.ah.get())
+            .map_or(0, |ah| ah.attr.traffic_class);
         let dest = UdDest {
             dgid,
             qpn: dest_qpn,
             qkey,
+            tos: ep.tos(vm, traffic_class),
         };
         let sent = requester::send_ud(ep, &mut self.tx, objects, mem, wr, dest, qpn, psn);
         self.tx.batch.flush();

@@ -109,7 +109,9 @@ impl Network {
             }
             endpoints.insert(
                 *gid,
-                Arc::new(Endpoint::new(addr, socket, bound, settings.port)),
+                Arc::new(
+                    Endpoint::new(addr, socket, bound, settings.port).with_dscp(settings.dscp),
+                ),
             );
         }
         let net = Arc::new(Network {

@@ -405,6 +405,7 @@ fn send_next(
     let k = psn_diff(psns.next, sent.first_psn).max(0) as u32;
     let npsn = psn_diff(sent.last_psn, sent.first_psn) as u32 + 1;
     let (dest, peer) = (qp.attr.dest_qp_num.get(), qp.attr.ah_attr.dgid);
+    let tos = ep.tos(a, qp.attr.ah_attr.traffic_class);
     let psn = psns.next;
     let first = k == 0;
     let last = k + 1 >= npsn;
@@ -515,7 +516,7 @@ fn send_next(
         fail_oldest(av, a, mem, qpn, Status::LocQpOpErr, VendorErr::MalformedWqe);
         return Sent1::Failed;
     };
-    bufs.batch.push(ep, peer, &pkt);
+    bufs.batch.push(ep, peer, tos, &pkt);
     let Some(qp) = av.qps.get_mut(qpn) else {
         return Sent1::Failed;
     };
@@ -793,7 +794,7 @@ pub fn on_response(
 /// PSN sequence error NAK for the PSN it expects, which a requester answers with a go-back-N
 /// at once (as to any gap; a peer with nothing outstanding ignores it), and goes back itself
 /// to its oldest unacknowledged PSN. Returns the QPs the scheduler must look at.
-pub fn announce(ep: &Arc<Endpoint>, bufs: &mut TxBuffers, av: &mut VmObjects) -> Vec<u32> {
+pub fn announce(ep: &Arc<Endpoint>, bufs: &mut TxBuffers, vm: &Vm, av: &mut VmObjects) -> Vec<u32> {
     let mut rewound = Vec::new();
     let qpns: Vec<u32> = av.qps.iter().map(|(qpn, _)| qpn).collect();
     for qpn in qpns {
@@ -804,6 +805,7 @@ pub fn announce(ep: &Arc<Endpoint>, bufs: &mut TxBuffers, av: &mut VmObjects) ->
             continue;
         }
         let (peer, dest) = (qp.attr.ah_attr.dgid, qp.attr.dest_qp_num.get());
+        let tos = ep.tos(vm, qp.attr.ah_attr.traffic_class);
         if qp.responds() {
             let (psn, msn) = (qp.rt.psns.expected, qp.rt.psns.msn);
             let nak = Bth::new(Op::RcAcknowledge, dest, psn)
@@ -815,7 +817,7 @@ pub fn announce(ep: &Arc<Endpoint>, bufs: &mut TxBuffers, av: &mut VmObjects) ->
                     ..Extensions::default()
                 };
                 if let Ok(pkt) = Packet::new(bth, ext, &[]) {
-                    bufs.batch.push(ep, peer, &pkt);
+                    bufs.batch.push(ep, peer, tos, &pkt);
                 }
             }
         }
@@ -1046,6 +1048,8 @@ pub struct UdDest {
     pub qpn: u32,
     /// The Q_Key.
     pub qkey: u32,
+    /// The IP TOS byte (IPv6 traffic class) of the datagram.
+    pub tos: u8,
 }
 
 /// Sends UD work request `wr` of QP `src_qpn` as one datagram from `ep`, numbered `psn`.
@@ -1064,6 +1068,7 @@ pub fn send_ud(
         dgid,
         qpn: dest_qpn,
         qkey,
+        tos,
     } = dest;
     let n = wr.byte_len;
     let payload = bufs
@@ -1097,7 +1102,7 @@ pub fn send_ud(
     };
     let pkt = Packet::new(bth, ext, &bufs.payload[..n as usize])
         .map_err(|_| VendorErr::MessageTooLong)?;
-    bufs.batch.push(ep, dgid, &pkt);
+    bufs.batch.push(ep, dgid, tos, &pkt);
     Ok(())
 }
 

@@ -38,6 +38,7 @@ const REMOTE_PORT_ID: u64 = u64::MAX;
 struct OwedAck {
     peer: Gid,
     dest: u32,
+    tos: u8,
     psn: u32,
     msn: u32,
 }
@@ -78,6 +79,7 @@ impl RxBuffers {
                 ep,
                 peer: a.peer,
                 dest: a.dest,
+                tos: a.tos,
             };
             reply.aeth(&mut self.batch, a.psn, ACK, a.msn);
         }
@@ -191,6 +193,7 @@ pub fn on_request(
         ep,
         peer,
         dest: qp.attr.dest_qp_num.get(),
+        tos: ep.tos(b, qp.attr.ah_attr.traffic_class),
     };
     if d > 0 {
         ep.counters.out_of_sequence.fetch_add(1, Ordering::Relaxed);
@@ -235,6 +238,8 @@ struct Reply<'a> {
     ep: &'a Arc<Endpoint>,
     peer: Gid,
     dest: u32,
+    /// Their IP TOS byte: the answering QP's class or traffic class.
+    tos: u8,
 }
 
 impl Reply<'_> {
@@ -243,6 +248,7 @@ impl Reply<'_> {
         rx.owe(OwedAck {
             peer: self.peer,
             dest: self.dest,
+            tos: self.tos,
             psn,
             msn,
         });
@@ -269,7 +275,7 @@ impl Reply<'_> {
             ..Extensions::default()
         };
         if let Ok(pkt) = Packet::new(bth, ext, &[]) {
-            batch.push(self.ep, self.peer, &pkt);
+            batch.push(self.ep, self.peer, self.tos, &pkt);
         }
     }
 
@@ -278,7 +284,7 @@ impl Reply<'_> {
             return;
         };
         if let Ok(pkt) = Packet::new(bth, ext, payload) {
-            batch.push(self.ep, self.peer, &pkt);
+            batch.push(self.ep, self.peer, self.tos, &pkt);
         }
     }
 }
@@ -557,6 +563,7 @@ pub struct ReadJob {
     qpn: u32,
     peer: Gid,
     dest: u32,
+    tos: u8,
     mtu: u32,
     read: ReadRecord,
     from: u32,
@@ -582,6 +589,7 @@ fn serve_read(
         qpn,
         peer: reply.peer,
         dest: reply.dest,
+        tos: reply.tos,
         mtu,
         read,
         from,
@@ -665,6 +673,7 @@ pub fn run_read(ep: &Arc<Endpoint>, rx: &mut RxBuffers, port: &Vm, job: &ReadJob
         ep,
         peer: job.peer,
         dest: job.dest,
+        tos: job.tos,
     };
     let Ok(aeth) = Aeth::new(ACK, r.msn & PSN_MASK) else {
         return;

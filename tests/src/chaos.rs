@@ -26,7 +26,7 @@
 //! optional leading direction `a2b`, `b2a` or `both` (the default):
 //!
 //! ```text
-//! cut | restore | loss P | duplicate P | reorder P GAP | delay MS [JITTER_MS] | stats
+//! cut | restore | loss P | duplicate P | mark P | reorder P GAP | delay MS [JITTER_MS] | stats
 //! ```
 //!
 //! EOF on stdin (unless `--ignore-eof`), SIGTERM or SIGINT end it after printing final stats.
@@ -153,6 +153,9 @@ pub enum Change {
     Loss(f64),
     /// Send each packet twice with this probability.
     Duplicate(f64),
+    /// Mark each ECN-capable packet congested (ECN CE), as a switch with a full queue would,
+    /// with this probability.
+    Mark(f64),
     /// With `probability`, hold a packet back until `gap` later packets have overtaken it (or
     /// the relay's reorder timeout passes, so a held packet is not stuck when traffic stops).
     Reorder {
@@ -281,6 +284,10 @@ impl FromStr for Command {
                 expect_args(1)?;
                 Change::Duplicate(parse_probability(arg(1)?).map_err(fail)?)
             }
+            Some("mark") => {
+                expect_args(1)?;
+                Change::Mark(parse_probability(arg(1)?).map_err(fail)?)
+            }
             Some("reorder") => {
                 expect_args(2)?;
                 let probability = parse_probability(arg(1)?).map_err(fail)?;
@@ -300,7 +307,7 @@ impl FromStr for Command {
             }
             Some(other) => {
                 return Err(fail(format!(
-                    "unknown command `{other}`; try cut, restore, loss P, duplicate P, \
+                    "unknown command `{other}`; try cut, restore, loss P, duplicate P, mark P, \
                      reorder P GAP, delay MS [JITTER_MS] or stats, optionally after a2b, b2a \
                      or both"
                 )));
@@ -326,6 +333,7 @@ impl fmt::Display for Command {
             Change::Restore => write!(f, "restore"),
             Change::Loss(p) => write!(f, "loss {p}"),
             Change::Duplicate(p) => write!(f, "duplicate {p}"),
+            Change::Mark(p) => write!(f, "mark {p}"),
             Change::Reorder { probability, gap } => write!(f, "reorder {probability} {gap}"),
             Change::Delay { fixed, jitter } => {
                 write!(f, "delay {} {}", Millis(*fixed), Millis(*jitter))
@@ -343,6 +351,8 @@ pub struct Impairments {
     pub loss: f64,
     /// Chance of sending a packet twice.
     pub duplicate: f64,
+    /// Chance of marking an ECN-capable packet congested (CE).
+    pub mark: f64,
     /// Chance of holding a packet back.
     pub reorder: f64,
     /// How many packets overtake a held one.
@@ -358,6 +368,7 @@ impl Default for Impairments {
         Impairments {
             cut: false,
             loss: 0.0,
+            mark: 0.0,
             duplicate: 0.0,
             reorder: 0.0,
             reorder_gap: 3,
@@ -375,6 +386,7 @@ impl Impairments {
             Change::Restore => self.cut = false,
             Change::Loss(p) => self.loss = p,
             Change::Duplicate(p) => self.duplicate = p,
+            Change::Mark(p) => self.mark = p,
             Change::Reorder { probability, gap } => {
                 self.reorder = probability;
                 self.reorder_gap = gap;
@@ -396,6 +408,7 @@ impl Impairments {
             },
             Change::Loss(self.loss),
             Change::Duplicate(self.duplicate),
+            Change::Mark(self.mark),
             Change::Reorder {
                 probability: self.reorder,
                 gap: self.reorder_gap,
@@ -420,6 +433,8 @@ pub struct DirectionStats {
     pub dropped: u64,
     /// Packets sent twice.
     pub duplicated: u64,
+    /// ECN-capable packets marked congested (CE).
+    pub marked: u64,
     /// Held packets that left after at least one later packet.
     pub reordered: u64,
     /// Packets the destination TUN refused.
@@ -502,6 +517,48 @@ struct Held {
     overtaken: bool,
 }
 
+/// Marks IP packet `packet` congested (ECN CE) if it is ECN-capable (ECT(0) or ECT(1)),
+/// keeping an IPv4 header's checksum right; returns whether it did. The RoCEv2 ICRC leaves
+/// the ECN field out, so a marked packet stays valid.
+pub fn mark_congested(packet: &mut [u8]) -> bool {
+    const CE: u8 = 0b11;
+    match packet.first().map(|b| b >> 4) {
+        Some(4) if packet.len() >= 20 => {
+            let ecn = packet[1] & 0b11;
+            if ecn == 0 || ecn == CE {
+                return false;
+            }
+            packet[1] |= CE;
+            let ihl = usize::from(packet[0] & 0x0f) * 4;
+            if ihl < 20 || packet.len() < ihl {
+                return false;
+            }
+            packet[10] = 0;
+            packet[11] = 0;
+            let mut sum: u32 = packet[..ihl]
+                .chunks(2)
+                .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+                .sum();
+            while sum > 0xffff {
+                sum = (sum & 0xffff) + (sum >> 16);
+            }
+            packet[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+            true
+        }
+        // The traffic class straddles the first two bytes: its ECN bits are bits 4-5 of
+        // byte 1. IPv6 has no header checksum.
+        Some(6) if packet.len() >= 40 => {
+            let ecn = (packet[1] >> 4) & 0b11;
+            if ecn == 0 || ecn == CE {
+                return false;
+            }
+            packet[1] |= CE << 4;
+            true
+        }
+        _ => false,
+    }
+}
+
 /// One direction of the relay: takes packets in, lets them out through `egress` once their
 /// delay has passed, applying the impairments. Free of I/O so it can be tested on its own.
 #[derive(Debug)]
@@ -512,6 +569,7 @@ pub struct OneWayLink {
     duplicate_rng: SplitMix64,
     reorder_rng: SplitMix64,
     jitter_rng: SplitMix64,
+    mark_rng: SplitMix64,
     in_flight: BinaryHeap<Delayed>,
     held: Vec<Held>,
     arrivals: u64,
@@ -534,6 +592,7 @@ impl OneWayLink {
             duplicate_rng: SplitMix64::stream(seed, direction, 2),
             reorder_rng: SplitMix64::stream(seed, direction, 3),
             jitter_rng: SplitMix64::stream(seed, direction, 4),
+            mark_rng: SplitMix64::stream(seed, direction, 5),
             in_flight: BinaryHeap::new(),
             held: Vec::new(),
             arrivals: 0,
@@ -567,9 +626,18 @@ impl OneWayLink {
         // only on the seed and the packet's position, not on the other settings.
         let lost = self.loss_rng.chance(self.settings.loss);
         let duplicated = self.duplicate_rng.chance(self.settings.duplicate);
+        let marked = self.mark_rng.chance(self.settings.mark);
         if self.settings.cut || lost {
             self.stats.dropped += 1;
             return;
+        }
+        let mut packet = std::borrow::Cow::Borrowed(packet);
+        if marked {
+            let mut copy = packet.to_vec();
+            if mark_congested(&mut copy) {
+                self.stats.marked += 1;
+                packet = std::borrow::Cow::Owned(copy);
+            }
         }
         let copies = if duplicated {
             self.stats.duplicated += 1;
@@ -1218,6 +1286,50 @@ impl Drop for ChaosLink {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A congestion mark keeps an IPv4 header's checksum right and leaves packets that are
+    /// not ECN-capable, or already marked, alone; on IPv6 it sets the traffic class's ECN bits.
+    #[test]
+    fn marking_sets_ce_on_ecn_capable_packets_only() {
+        let checksum_ok = |p: &[u8]| {
+            let mut sum: u32 = p[..20]
+                .chunks(2)
+                .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+                .sum();
+            while sum > 0xffff {
+                sum = (sum & 0xffff) + (sum >> 16);
+            }
+            sum == 0xffff
+        };
+        let mut v4 = [0u8; 28];
+        v4[0] = 0x45;
+        v4[1] = (26 << 2) | 0b10;
+        v4[8] = 64;
+        v4[9] = 17;
+        v4[12..16].copy_from_slice(&[10, 0, 0, 1]);
+        v4[16..20].copy_from_slice(&[10, 0, 0, 2]);
+        let mut sum: u32 = v4[..20]
+            .chunks(2)
+            .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+            .sum();
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        v4[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+        assert!(checksum_ok(&v4));
+        assert!(mark_congested(&mut v4));
+        assert_eq!(v4[1], (26 << 2) | 0b11, "DSCP kept, ECN CE");
+        assert!(checksum_ok(&v4), "the checksum follows");
+        assert!(!mark_congested(&mut v4), "already marked");
+        let mut not_ect = v4;
+        not_ect[1] = 26 << 2;
+        assert!(!mark_congested(&mut not_ect));
+        let mut v6 = [0u8; 48];
+        v6[0] = 0x60 | (0x68 >> 4);
+        v6[1] = ((0x68 & 0x0f) << 4) | (0b10 << 4);
+        assert!(mark_congested(&mut v6));
+        assert_eq!((v6[1] >> 4) & 0b11, 0b11);
+    }
 
     fn collect(link: &mut OneWayLink, now: Instant) -> Vec<Vec<u8>> {
         let mut out = Vec::new();

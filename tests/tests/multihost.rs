@@ -395,6 +395,65 @@ fn fetch_adds_run_exactly_once(a: &Endpoint, b: &Endpoint) {
     }
 }
 
+/// The RoCEv2 counters of the only address of daemon `d`.
+fn roce_counters(d: &TestDaemon) -> &vhost_user_rdma::fabric::roce::endpoint::Counters {
+    let net = d.daemon().roce().expect("--roce");
+    &net.endpoints()[0].counters
+}
+
+/// Packets are ECN-capable; a switch that marks them congested (the relay, here, marking a
+/// third of a's) is echoed by the responder (BECN in its answers) and halves the requester's
+/// window, and nothing is lost or repeated.
+#[test]
+fn congestion_marks_are_echoed_and_slow_the_sender() {
+    if !netns::can_run_or_skip("congestion_marks_are_echoed_and_slow_the_sender") {
+        return;
+    }
+    let marking = Impairments {
+        mark: 0.3,
+        ..Impairments::default()
+    };
+    let opts = ChaosOptions {
+        seed: 31,
+        a_to_b: marking,
+        ..ChaosOptions::default()
+    };
+    let h = chaos_hosts(&opts);
+    let (ca, cb) = (h.da.open("a"), h.db.open("b"));
+    let (a, b) = deep_pair(&ca, &cb, 2 * UPPER, 14, 7);
+    pattern(&a.buf, 41);
+    const N: usize = 120;
+    let done = run_mixed(&a, &b, N, 24);
+    let ids: Vec<u64> = done.iter().map(|w| w.wr_id).collect();
+    assert_eq!(
+        ids,
+        (0..N as u64).collect::<Vec<_>>(),
+        "each once, in order"
+    );
+    assert!(done.iter().all(|w| w.status == WcStatus::Success));
+    for i in (0..N).filter(|i| i % 3 == 0) {
+        let (off, len) = (i * REGION, region_len(i));
+        assert_eq!(read(&b.buf, off, len), read(&a.buf, off, len), "WRITE {i}");
+    }
+    let stats = h.link.stats().expect("relay stats");
+    assert!(stats.a_to_b.marked > 0, "the relay marked a's packets");
+    let (ra, rb) = (roce_counters(&h.da), roce_counters(&h.db));
+    let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    let (marked, becn, cuts) = (load(&rb.ecn_marked), load(&ra.becn), load(&ra.window_cuts));
+    eprintln!(
+        "relay marked {}, b saw {marked} marked, a got {becn} BECNs and cut its window {cuts} times",
+        stats.a_to_b.marked
+    );
+    assert_eq!(marked, stats.a_to_b.marked, "b counts every marked packet");
+    assert!(becn > 0, "b echoes the marks");
+    assert!(
+        cuts > 0 && cuts <= becn,
+        "a slows down, at most once per echo"
+    );
+    // Nothing marked b's packets, so a saw none marked.
+    assert_eq!(load(&ra.ecn_marked), 0);
+}
+
 #[test]
 fn a_cut_longer_than_the_retries_gives_retry_exceeded_then_flush() {
     if !netns::can_run_or_skip("a_cut_longer_than_the_retries_gives_retry_exceeded_then_flush") {
@@ -550,6 +609,8 @@ fn tshark_decodes_the_traffic_on_the_veth() {
             "infiniband.invariant.crc",
             "-e",
             "ip.dsfield.dscp",
+            "-e",
+            "ip.dsfield.ecn",
         ])
         .output()
         .unwrap();
@@ -567,6 +628,7 @@ fn tshark_decodes_the_traffic_on_the_veth() {
             _ => 10,
         };
         assert_eq!(parse(r[5]), expect, "DSCP of {r:?}");
+        assert_eq!(parse(r[6]), 2, "every packet is ECN-capable, ECT(0): {r:?}");
     }
     assert!(
         rows.iter().any(|r| parse(r[3]) == bq2),

@@ -465,6 +465,12 @@ pub struct RoceSettings {
     pub dscp: Dscp,
 }
 
+/// The ECN field of an ECN-capable packet (ECT(0)).
+pub const ECN_ECT0: u8 = 0b10;
+
+/// The ECN field of a packet a congested switch marked (CE).
+pub const ECN_CE: u8 = 0b11;
+
 /// The DSCP each priority class's RoCEv2 packets carry (`--dscp`), by `PriorityClass::index`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Dscp(pub [u8; 3]);
@@ -480,14 +486,15 @@ impl Default for Dscp {
 impl Dscp {
     /// The IP TOS byte (IPv6 traffic class) of a packet of a QP of a VM in `class` whose
     /// address gives `traffic_class`: that traffic class's DSCP if it gives one, as RoCE NICs
-    /// put the GRH's traffic class in the IP header, else the class's. The ECN bits are 0
-    /// (not ECN-capable): the fabric does not answer congestion marks yet.
+    /// put the GRH's traffic class in the IP header, else the class's; and ECT(0), ECN-capable
+    /// transport, so that a congested switch marks the packet rather than drops it (the
+    /// receiver echoes the mark and the sender halves its window).
     pub fn tos(&self, class: PriorityClass, traffic_class: u8) -> u8 {
         let dscp = match traffic_class >> 2 {
             0 => self.0[class.index()],
             given => given,
         };
-        dscp << 2
+        dscp << 2 | ECN_ECT0
     }
 }
 
@@ -942,18 +949,18 @@ mod tests {
     use super::*;
 
     /// `--dscp` names classes' DSCPs (the rest keep theirs); a QP's traffic class, when it
-    /// gives one, wins, as on a RoCE NIC; and the ECN bits stay 0.
+    /// gives one, wins, as on a RoCE NIC; and every packet is ECN-capable, ECT(0).
     #[test]
     fn dscp_by_class_and_by_traffic_class() {
         let d = parse_dscp("bulk=4,latency=40").unwrap();
         assert_eq!(d.0, [40, 26, 4]);
-        assert_eq!(d.tos(PriorityClass::Latency, 0), 40 << 2);
+        assert_eq!(d.tos(PriorityClass::Latency, 0), 40 << 2 | ECN_ECT0);
         assert_eq!(
             d.tos(PriorityClass::Normal, 3),
-            26 << 2,
+            26 << 2 | ECN_ECT0,
             "ECN bits alone give no DSCP"
         );
-        assert_eq!(d.tos(PriorityClass::Bulk, 34 << 2 | 2), 34 << 2);
+        assert_eq!(d.tos(PriorityClass::Bulk, 34 << 2 | 1), 34 << 2 | ECN_ECT0);
         assert_eq!(parse_dscp("").unwrap(), Dscp::default());
         for bad in ["normal=64", "fast=1", "latency", "latency=x"] {
             assert!(matches!(parse_dscp(bad), Err(Error::Dscp(_))), "{bad}");

@@ -548,6 +548,21 @@ const ROCE_FAMILIES: &[RoceFamily] = &[
         "Expired ACK timers put off because datagrams from before the deadline were still unread.",
         |c| load(&c.timer_deferred),
     ),
+    (
+        "vrdma_roce_ecn_marked_total",
+        "Packets that arrived marked congested (ECN CE) by a switch on the way.",
+        |c| load(&c.ecn_marked),
+    ),
+    (
+        "vrdma_roce_becn_total",
+        "Responses echoing a congestion mark (BECN) on this address's requests.",
+        |c| load(&c.becn),
+    ),
+    (
+        "vrdma_roce_window_cuts_total",
+        "Times a QP's window was halved for a congestion mark (at most once a window).",
+        |c| load(&c.window_cuts),
+    ),
 ];
 
 fn render_roce(out: &mut String, network: &Network) {

@@ -43,6 +43,9 @@ struct Args {
     /// Chance of sending a packet twice.
     #[arg(long, default_value_t = 0.0, value_parser = parse_probability)]
     duplicate: f64,
+    /// Chance of marking an ECN-capable packet congested (ECN CE), as a switch would.
+    #[arg(long, default_value_t = 0.0, value_parser = parse_probability)]
+    mark: f64,
     /// Chance of holding a packet back behind later ones.
     #[arg(long, default_value_t = 0.0, value_parser = parse_probability)]
     reorder: f64,
@@ -76,6 +79,7 @@ fn main() -> ExitCode {
         cut: args.cut,
         loss: args.loss,
         duplicate: args.duplicate,
+        mark: args.mark,
         reorder: args.reorder,
         reorder_gap: args.reorder_gap,
         delay: args.delay_ms,

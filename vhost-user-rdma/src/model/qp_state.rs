@@ -265,6 +265,10 @@ pub struct RcTransport {
     pub rewound: Option<u32>,
     /// Packets the requester may have unacknowledged now.
     pub cwnd: u32,
+    /// The window was last halved for a congestion mark (BECN) when this was `psn_max`: the
+    /// marks echoed for packets sent before it are the same congestion, and do not halve it
+    /// again until the acknowledgements pass it.
+    pub congestion_cut_at: Option<u32>,
     /// When the scheduler's timer for this QP fires, if one is pending.
     pub timer_at: Option<Instant>,
     /// The responder's message in progress.

@@ -50,6 +50,13 @@ pub struct Counters {
     /// unread (the host was late running the receive thread), each followed by another a
     /// millisecond later instead of a retry.
     pub timer_deferred: AtomicU64,
+    /// Packets that arrived marked CE: a switch on the way was congested.
+    pub ecn_marked: AtomicU64,
+    /// Responses that came back with BECN, each a peer's echo of a congestion mark on this
+    /// address's requests.
+    pub becn: AtomicU64,
+    /// Times a QP's window was halved for a congestion mark (at most once a window).
+    pub window_cuts: AtomicU64,
 }
 
 /// A VM's address on the network: its socket and who answers there.

@@ -24,7 +24,7 @@ use vrdma_roce::packet::{self, IcrcCheck, ParseError};
 use super::endpoint::{Endpoint, ip_udp, size_buffers};
 use super::requester::on_response;
 use super::responder::{RxBuffers, on_request, on_ud, run_read};
-use crate::config::{RoceSettings, gid_of, ip_of};
+use crate::config::{ECN_CE, RoceSettings, gid_of, ip_of};
 use crate::model::vm::Vm;
 
 /// How long a receive thread keeps polling its socket after the last datagram before it
@@ -169,7 +169,7 @@ impl Network {
                 .map(|e| format!("{e}: {}", load(&c.malformed[e.index()])))
                 .collect();
             info!(
-                "RoCEv2 {}: rx {} tx {} tx-errors {} tx-dropped {} no-qp {} bad-pkey {} out-of-sequence {} duplicates {} retransmitted {} naks {} stray-responses {} timer-deferred {} malformed {} [{}]",
+                "RoCEv2 {}: rx {} tx {} tx-errors {} tx-dropped {} no-qp {} bad-pkey {} out-of-sequence {} duplicates {} retransmitted {} naks {} stray-responses {} timer-deferred {} ecn-marked {} becn {} window-cuts {} malformed {} [{}]",
                 ep.addr,
                 load(&c.rx),
                 load(&c.tx),
@@ -183,6 +183,9 @@ impl Network {
                 load(&c.naks),
                 load(&c.stray_responses),
                 load(&c.timer_deferred),
+                load(&c.ecn_marked),
+                load(&c.becn),
+                load(&c.window_cuts),
                 c.malformed.iter().map(load).sum::<u64>(),
                 malformed.join(", "),
             );
@@ -270,9 +273,12 @@ impl Network {
 /// the answers (ACKs coalesced per QP) once per batch.
 fn receive_loop(net: &Network, ep: &Arc<Endpoint>) {
     let mut storage = vec![0u8; RX_BATCH * RX_SLOT];
-    let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(RX_BATCH, None);
+    // Room in each message for its TOS (IPv4) or traffic class (IPv6): its ECN field.
+    let mut headers =
+        MultiHeaders::<SockaddrStorage>::preallocate(RX_BATCH, Some(nix::cmsg_space!(libc::c_int)));
     let mut rx = RxBuffers::default();
-    let mut got = [(0usize, None::<SocketAddr>); RX_BATCH];
+    // Each datagram's length, sender, and whether a switch marked it congested (CE).
+    let mut got = [(0usize, None::<SocketAddr>, false); RX_BATCH];
     // When the last datagram came: while traffic flows, the thread polls the socket instead of
     // sleeping in it, as the scheduler polls doorbells (a wake-up costs more than a packet).
     let mut last_traffic: Option<Instant> = None;
@@ -326,7 +332,11 @@ fn receive_loop(net: &Network, ep: &Arc<Endpoint>) {
             ) {
                 Ok(msgs) => {
                     for (slot, msg) in got.iter_mut().zip(msgs) {
-                        *slot = (msg.bytes, msg.address.and_then(|a| to_std(&a)));
+                        *slot = (
+                            msg.bytes,
+                            msg.address.and_then(|a| to_std(&a)),
+                            congested(&msg),
+                        );
                         n += 1;
                     }
                 }
@@ -348,10 +358,10 @@ fn receive_loop(net: &Network, ep: &Arc<Endpoint>) {
         if n > 0 {
             last_traffic = Some(Instant::now());
         }
-        for (i, &(len, from)) in got[..n].iter().enumerate() {
+        for (i, &(len, from, ce)) in got[..n].iter().enumerate() {
             let Some(from) = from else { continue };
             let datagram = &storage[i * RX_SLOT..i * RX_SLOT + len.min(RX_SLOT)];
-            handle_datagram(net, ep, &mut rx, datagram, from);
+            handle_datagram(net, ep, &mut rx, datagram, from, ce);
         }
         rx.send_acks(ep);
         rx.batch.flush();
@@ -392,7 +402,7 @@ fn claim(ep: &Endpoint) {
 /// A UDP socket of `addr`'s family bound to nothing: an endpoint's socket while its address
 /// is another daemon's. It receives nothing, and nothing is sent from it.
 fn unbound_socket(addr: SocketAddr) -> io::Result<UdpSocket> {
-    use nix::sys::socket::{AddressFamily, SockFlag, SockType, socket};
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, setsockopt, socket, sockopt};
     let family = if addr.is_ipv4() {
         AddressFamily::Inet
     } else {
@@ -400,7 +410,28 @@ fn unbound_socket(addr: SocketAddr) -> io::Result<UdpSocket> {
     };
     let fd = socket(family, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None)
         .map_err(io::Error::from)?;
+    // Each datagram comes with its TOS (traffic class), whose ECN field says whether a
+    // switch marked it congested.
+    if addr.is_ipv4() {
+        setsockopt(&fd, sockopt::IpRecvTos, &true).map_err(io::Error::from)?;
+    } else {
+        setsockopt(&fd, sockopt::Ipv6RecvTClass, &true).map_err(io::Error::from)?;
+    }
     Ok(UdpSocket::from(fd))
+}
+
+/// Whether datagram `msg` arrived marked CE (its ECN field 11): a switch on the way was
+/// congested.
+fn congested<S>(msg: &nix::sys::socket::RecvMsg<'_, '_, S>) -> bool {
+    use nix::sys::socket::ControlMessageOwned;
+    let Ok(cmsgs) = msg.cmsgs() else {
+        return false;
+    };
+    cmsgs.into_iter().any(|c| match c {
+        ControlMessageOwned::Ipv4Tos(tos) => tos & 0b11 == ECN_CE,
+        ControlMessageOwned::Ipv6TClass(tclass) => tclass & 0b11 == i32::from(ECN_CE),
+        _ => false,
+    })
 }
 
 /// A UDP socket bound to `addr` with `SO_REUSEPORT`, and with `freebind` even if the address
@@ -472,6 +503,7 @@ fn handle_datagram(
     rx: &mut RxBuffers,
     datagram: &[u8],
     from: SocketAddr,
+    ce: bool,
 ) {
     let headers = ip_udp(from, ep.addr);
     let check = match headers.ip {
@@ -485,6 +517,9 @@ fn handle_datagram(
             return;
         }
     };
+    if ce {
+        ep.counters.ecn_marked.fetch_add(1, Ordering::Relaxed);
+    }
     // vrdma ports have one partition, the default: a packet of another is not for us (the
     // membership bit is ignored, as a full member accepts limited members' packets).
     if pkt.bth().pkey() & PKEY_BASE != vrdma_roce::bth::DEFAULT_PKEY & PKEY_BASE {
@@ -519,7 +554,7 @@ fn handle_datagram(
             return;
         }
     } else {
-        let read = on_request(ep, rx, &vm, &mut objects, &mem, &pkt, peer);
+        let read = on_request(ep, rx, &vm, &mut objects, &mem, &pkt, peer, ce);
         // A responder error queued the QP for its flush; the scheduler may be asleep.
         if vm.has_work.load(Ordering::Acquire) {
             net.wake_scheduler();

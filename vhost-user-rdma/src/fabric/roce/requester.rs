@@ -724,6 +724,14 @@ pub fn on_response(
         ep.counters.stray_responses.fetch_add(1, Ordering::Relaxed);
         return false;
     }
+    if pkt.bth().becn() {
+        ep.counters.becn.fetch_add(1, Ordering::Relaxed);
+        if let Some(qp) = av.qps.get_mut(qpn) {
+            if slow_down(qp) {
+                ep.counters.window_cuts.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
     let syndrome = pkt.ext().aeth.map(|a| a.syndrome());
     match pkt.opcode() {
         Op::RcAcknowledge => match syndrome {
@@ -910,6 +918,21 @@ fn ack_through(av: &mut VmObjects, a: &Vm, mem: &GuestMem, qpn: u32, psn: u32) -
         skip_acknowledged(av, a, mem, qpn);
     }
     moved
+}
+
+/// A response echoed a congestion mark (BECN) on QP `qp`'s packets: halves its window, once
+/// per window's worth of packets (the marks echoed for packets sent before the last cut are
+/// the same congestion), as DCQCN's first step does with its rate. Returns whether it did.
+/// The window grows back one packet per acknowledgement, as after a loss.
+fn slow_down(qp: &mut Qp) -> bool {
+    let una = qp.rt.psns.una;
+    let t = &mut qp.rt.rc;
+    if t.congestion_cut_at.is_some_and(|at| psn_diff(una, at) < 0) {
+        return false;
+    }
+    t.cwnd = (t.cwnd / 2).max(MIN_WINDOW);
+    t.congestion_cut_at = Some(t.psn_max);
+    true
 }
 
 /// Forward progress: the retry budget is whole again and the timer restarts.

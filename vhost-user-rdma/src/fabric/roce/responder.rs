@@ -39,6 +39,8 @@ struct OwedAck {
     peer: Gid,
     dest: u32,
     tos: u8,
+    /// A request it answers arrived marked CE: the ACK carries BECN.
+    becn: bool,
     psn: u32,
     msn: u32,
 }
@@ -66,7 +68,9 @@ impl RxBuffers {
     fn owe(&mut self, ack: OwedAck) {
         let same = |a: &OwedAck| a.peer == ack.peer && a.dest == ack.dest;
         if let Some(slot) = self.acks.iter_mut().flatten().find(|a| same(a)) {
-            *slot = ack;
+            // A congestion mark on any request it answers is echoed.
+            let becn = slot.becn || ack.becn;
+            *slot = OwedAck { becn, ..ack };
         } else if let Some(free) = self.acks.iter_mut().find(|a| a.is_none()) {
             *free = Some(ack);
         }
@@ -80,6 +84,7 @@ impl RxBuffers {
                 peer: a.peer,
                 dest: a.dest,
                 tos: a.tos,
+                becn: a.becn,
             };
             reply.aeth(&mut self.batch, a.psn, ACK, a.msn);
         }
@@ -176,6 +181,7 @@ pub fn on_request(
     mem: &GuestMem,
     pkt: &Packet<'_>,
     peer: Gid,
+    ce: bool,
 ) -> Option<ReadJob> {
     let qpn = pkt.bth().dest_qp();
     let Some(qp) = bv.qps.get(qpn) else {
@@ -194,6 +200,7 @@ pub fn on_request(
         peer,
         dest: qp.attr.dest_qp_num.get(),
         tos: ep.tos(b, qp.attr.ah_attr.traffic_class),
+        becn: ce,
     };
     if d > 0 {
         ep.counters.out_of_sequence.fetch_add(1, Ordering::Relaxed);
@@ -240,6 +247,8 @@ struct Reply<'a> {
     dest: u32,
     /// Their IP TOS byte: the answering QP's class or traffic class.
     tos: u8,
+    /// The request arrived marked CE: they carry BECN, the echo its sender slows down for.
+    becn: bool,
 }
 
 impl Reply<'_> {
@@ -249,6 +258,7 @@ impl Reply<'_> {
             peer: self.peer,
             dest: self.dest,
             tos: self.tos,
+            becn: self.becn,
             psn,
             msn,
         });
@@ -270,6 +280,7 @@ impl Reply<'_> {
         ) else {
             return;
         };
+        let bth = bth.with_becn(self.becn);
         let ext = Extensions {
             aeth: Some(aeth),
             ..Extensions::default()
@@ -283,6 +294,7 @@ impl Reply<'_> {
         let Ok(bth) = Bth::new(op, self.dest, psn) else {
             return;
         };
+        let bth = bth.with_becn(self.becn);
         if let Ok(pkt) = Packet::new(bth, ext, payload) {
             batch.push(self.ep, self.peer, self.tos, &pkt);
         }
@@ -527,7 +539,9 @@ fn serve_data(r: &Responder<'_>, rx: &mut RxBuffers, bv: &mut VmObjects, pkt: &P
             if ends {
                 qp.rt.psns.msn = psn_add(qp.rt.psns.msn, 1);
             }
-            if pkt.bth().ack_req() {
+            // A request marked CE is acknowledged even if it does not ask, so that the
+            // echo of the mark reaches its sender now.
+            if pkt.bth().ack_req() || reply.becn {
                 let msn = qp.rt.psns.msn;
                 reply.ack_later(rx, psn, msn);
             }
@@ -564,6 +578,7 @@ pub struct ReadJob {
     peer: Gid,
     dest: u32,
     tos: u8,
+    becn: bool,
     mtu: u32,
     read: ReadRecord,
     from: u32,
@@ -590,6 +605,7 @@ fn serve_read(
         peer: reply.peer,
         dest: reply.dest,
         tos: reply.tos,
+        becn: reply.becn,
         mtu,
         read,
         from,
@@ -674,6 +690,7 @@ pub fn run_read(ep: &Arc<Endpoint>, rx: &mut RxBuffers, port: &Vm, job: &ReadJob
         peer: job.peer,
         dest: job.dest,
         tos: job.tos,
+        becn: job.becn,
     };
     let Ok(aeth) = Aeth::new(ACK, r.msn & PSN_MASK) else {
         return;

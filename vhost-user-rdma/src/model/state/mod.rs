@@ -837,6 +837,9 @@ fn restore_rc(
         rewind: s.rewind,
         rewound: s.rewound,
         cwnd: s.cwnd,
+        // Not saved: at worst the first congestion mark after the move halves the window
+        // once more.
+        congestion_cut_at: None,
         // The scheduler's timers are its own: the restored deadlines arm new ones.
         timer_at: None,
         rx,

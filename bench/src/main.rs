@@ -50,6 +50,11 @@ struct Args {
     #[arg(long, default_value_t = 2, value_name = "SECS")]
     secs: u64,
 
+    /// Run the isolation section's daemon with `--step-time-us US` (a lower class's steps
+    /// bounded by time), to measure what the bound buys and costs.
+    #[arg(long, value_name = "US")]
+    step_time_us: Option<f64>,
+
     /// Do not give the daemon a CPU of its own. By default, on two or more CPUs, the daemon
     /// runs on the last CPU and vrdma's guests on the others (as an operator dedicates host
     /// cores to it), while qperf runs on all of them.
@@ -105,6 +110,7 @@ fn main() -> ExitCode {
         out: out.clone(),
         sock_root: std::env::temp_dir().join(format!("vrdma-bench-{}", std::process::id())),
         failures: Vec::new(),
+        step_time_us: args.step_time_us,
     };
     let mut results = Results::default();
     let started = Instant::now();

@@ -61,6 +61,8 @@ pub struct Env {
     pub sock_root: PathBuf,
     /// Measurements that failed inside sections that went on.
     pub failures: Vec<String>,
+    /// The isolation section's daemon's `--step-time-us`, if any.
+    pub step_time_us: Option<f64>,
 }
 
 /// The sections, in the order they run.
@@ -832,7 +834,13 @@ pub fn isolation(env: &mut Env, r: &mut Results) -> Result<(), Error> {
     let control = env.sock_root.join("isolation-control").join("ctl.sock");
     let launch = Launch {
         netns: None,
-        args: vec!["--control-socket".into(), control.display().to_string()],
+        args: {
+            let mut a = vec!["--control-socket".into(), control.display().to_string()];
+            if let Some(us) = env.step_time_us {
+                a.extend(["--step-time-us".into(), us.to_string()]);
+            }
+            a
+        },
     };
     let mut daemon = env.daemon_on(
         "isolation",
@@ -871,6 +879,26 @@ pub fn isolation(env: &mut Env, r: &mut Results) -> Result<(), Error> {
             let vms = (&bulk, &bsink);
             runs.push(next_to_bulk(env, &mut daemon, vms, neighbour, &run, round)?);
         }
+    }
+    // The worst case: next to CROWD bulk VMs at once (added through vrdmactl), every VM
+    // normal, then the pair latency and the crowd bulk; one run each.
+    let crowd = add_crowd(&control, &daemon)?;
+    let mut crowd_runs = Vec::new();
+    for pairing in [&CLASS_PAIRINGS[0], &CLASS_PAIRINGS[1]] {
+        set_classes(&control, pairing)?;
+        for k in 0..CROWD {
+            let class = format!("class={}", pairing.bulk_vm);
+            vrdmactl(&control, &["set", &format!("crowd{k}"), &class])?;
+        }
+        let dir = format!("vrdma-perf/isolation-crowd-{}", pairing.bulk_vm);
+        crowd_runs.push((
+            pairing,
+            next_to_crowd(env, &mut daemon, &crowd, &run, &dir)?,
+        ));
+    }
+    drop(crowd);
+    for k in 0..CROWD {
+        vrdmactl(&control, &["remove", &format!("crowd{k}")])?;
     }
     set_classes(&control, &CLASS_PAIRINGS[0])?;
     let alone = median_p99(alone.into_iter().map(|e| (e, 0.0)).collect()).0;
@@ -911,6 +939,24 @@ pub fn isolation(env: &mut Env, r: &mut Results) -> Result<(), Error> {
                 "x",
             );
         }
+        ratios.push(format!(
+            "{series}: p99 {:.2} us ({ratio:.2}x)",
+            entry.p99_us
+        ));
+    }
+    for (pairing, (entry, bulk_bw)) in crowd_runs {
+        let series = pairing.series(CROWD_SERIES);
+        record_latency(r, "isolation", &series, &entry);
+        r.add("isolation", &series, size, "bulk_bw", bulk_bw, "MiB/s");
+        let ratio = entry.p99_us / alone.p99_us;
+        r.add(
+            "isolation",
+            &pairing.series(CROWD_RATIO),
+            Some(8),
+            "ratio",
+            ratio,
+            "x",
+        );
         ratios.push(format!(
             "{series}: p99 {:.2} us ({ratio:.2}x)",
             entry.p99_us
@@ -1000,26 +1046,98 @@ pub(crate) const BULK_WITH_OVER_ALONE: &str = "bulk throughput next to the laten
 
 /// Gives the isolation section's VMs the classes of `pairing`, through `vrdmactl`.
 fn set_classes(control: &Path, pairing: &ClassPairing) -> Result<(), Error> {
-    let ctl = procs::sibling("vrdmactl", "vhost-user-rdma")?;
     for (vm, class) in [
         ("a", pairing.latency_pair),
         ("b", pairing.latency_pair),
         ("bulk", pairing.bulk_vm),
     ] {
-        let out = std::process::Command::new(&ctl)
-            .arg("--socket")
-            .arg(control)
-            .args(["set", vm, &format!("class={class}")])
-            .output()
-            .map_err(|e| Error::Failed(format!("cannot run {}: {e}", ctl.display())))?;
-        if !out.status.success() {
-            return Err(Error::Failed(format!(
-                "vrdmactl set {vm} class={class}: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            )));
-        }
+        vrdmactl(control, &["set", vm, &format!("class={class}")])?;
     }
     Ok(())
+}
+
+/// Runs `vrdmactl --socket CONTROL ARGS`, which must succeed.
+fn vrdmactl(control: &Path, args: &[&str]) -> Result<(), Error> {
+    let ctl = procs::sibling("vrdmactl", "vhost-user-rdma")?;
+    let out = std::process::Command::new(&ctl)
+        .arg("--socket")
+        .arg(control)
+        .args(args)
+        .output()
+        .map_err(|e| Error::Failed(format!("cannot run {}: {e}", ctl.display())))?;
+    if !out.status.success() {
+        return Err(Error::Failed(format!(
+            "vrdmactl {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
+/// Bulk VMs of the isolation section's worst case.
+const CROWD: usize = 15;
+/// Its series.
+const CROWD_SERIES: &str = "next to 15 VMs of 4 MiB bulk writes";
+/// Its ratio.
+pub(crate) const CROWD_RATIO: &str = "p99 next to 15 bulk VMs / alone";
+
+/// Adds the worst case's bulk VMs to the running daemon through `vrdmactl` and opens them.
+fn add_crowd(control: &Path, daemon: &Daemon) -> Result<Vec<vrdma::Context>, Error> {
+    (0..CROWD)
+        .map(|k| {
+            let name = format!("crowd{k}");
+            let socket = daemon.socket(&name);
+            let entry = format!(
+                "name={name},socket={},gid=10.0.9.{}",
+                socket.display(),
+                k + 1
+            );
+            vrdmactl(control, &["add", &entry])?;
+            Ok(guest::open(&socket)?)
+        })
+        .collect()
+}
+
+/// One write_lat run while each of `crowd` writes 4 MiB messages to itself with a deep queue
+/// (a QP to another QP of the same VM: the copy is the daemon's all the same): the run, and
+/// the crowd's aggregate throughput in MiB/s.
+fn next_to_crowd(
+    env: &mut Env,
+    daemon: &mut Daemon,
+    crowd: &[vrdma::Context],
+    run: &Run,
+    dir: &str,
+) -> Result<(perf::LatEntry, f64), Error> {
+    let msg = ISOLATION_BULK_MSG;
+    let neighbour = &BULK_NEIGHBOURS[0];
+    let mut writers = Writers::default();
+    for (k, ctx) in crowd.iter().enumerate() {
+        let a = Side::new(ctx, 1, neighbour.depth, 2 * neighbour.depth, msg)?;
+        let b = Side::new(ctx, 1, 4, 64, msg)?;
+        guest::connect(&a, &b)?;
+        writers.start(
+            &format!("crowd{k}"),
+            a,
+            b.target(),
+            Load {
+                msg,
+                depth: neighbour.depth,
+                batch: neighbour.depth.min(64),
+                idle: Idle::Sleep(neighbour.sleep),
+            },
+        );
+        writers.keep(b);
+    }
+    writers.measure(Duration::from_millis(200), Duration::ZERO)?;
+    let total = |w: &Writers| w.counts().iter().sum::<u64>();
+    let (c0, t0) = (total(&writers), Instant::now());
+    let dir = env.dir(dir)?;
+    let loaded = perf_run(env, &mut Ends::local(daemon), run, &dir);
+    let bw = (total(&writers) - c0) as f64 * f64::from(msg) / MIB / t0.elapsed().as_secs_f64();
+    writers.finish()?;
+    let loaded = loaded?.0.lat_for(8, "write_lat next to the crowd")?.clone();
+    Ok((loaded, bw))
 }
 
 /// The bulk VM's throughput in MiB/s writing 4 MiB messages with a deep queue, by itself.

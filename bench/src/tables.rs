@@ -6,8 +6,8 @@ use std::time::Duration;
 use crate::plot::Chart;
 use crate::report::{Results, Table, fmt, ratio, size_label};
 use crate::sections::{
-    BULK_CLASSES_OVER_NORMAL, Compared, Env, LOCAL, OPS, REG_RATIO, ROCE, TCP_BW, TCP_LAT,
-    vrdma_series,
+    BULK_CLASSES_OVER_NORMAL, CROWD_RATIO, Compared, Env, LOCAL, OPS, REG_RATIO, ROCE, TCP_BW,
+    TCP_LAT, vrdma_series,
 };
 use crate::shim::{self, Tool};
 
@@ -411,6 +411,18 @@ fn targets(r: &mut Results) -> Table {
                 r,
                 "isolation",
                 "p99 next to bulk / alone, latency class next to bulk",
+                Some(8),
+                "ratio",
+            ),
+            "x",
+            Goal::AtMost(2.0),
+        ),
+        (
+            "8 B WRITE p99 next to 15 bulk VMs / alone, latency class next to bulk",
+            get(
+                r,
+                "isolation",
+                &format!("{CROWD_RATIO}, latency class next to bulk"),
                 Some(8),
                 "ratio",
             ),

@@ -137,7 +137,11 @@ mod tests {
     #[test]
     fn a_held_vm_keeps_what_a_late_scheduler_owes_it_and_an_idle_one_does_not() {
         let t0 = Instant::now();
-        let mut held = Buckets::new(Some(100 << 20), Some(10_000));
+        // Both start at t0, not whenever `new` reads the clock (on a loaded host, later).
+        let mut held = Buckets {
+            last: t0,
+            ..Buckets::new(Some(100 << 20), Some(10_000))
+        };
         let mut idle = held;
         held.charge(1 << 20, 100);
         idle.charge(1 << 20, 100);
@@ -169,7 +173,10 @@ mod tests {
     #[test]
     fn changed_caps_apply_at_once() {
         let t0 = Instant::now();
-        let mut b = Buckets::new(Some(1 << 30), None);
+        let mut b = Buckets {
+            last: t0,
+            ..Buckets::new(Some(1 << 30), None)
+        };
         b.refill(t0 + Duration::from_millis(50));
         let burst_before = b.bytes_left();
         b.set_caps(Some(10 << 20), Some(1000));

@@ -1110,24 +1110,14 @@ fn next_to_crowd(
     dir: &str,
 ) -> Result<(perf::LatEntry, f64), Error> {
     let msg = ISOLATION_BULK_MSG;
-    let neighbour = &BULK_NEIGHBOURS[0];
     let mut writers = Writers::default();
     for (k, ctx) in crowd.iter().enumerate() {
-        let a = Side::new(ctx, 1, neighbour.depth, 2 * neighbour.depth, msg)?;
-        let b = Side::new(ctx, 1, 4, 64, msg)?;
-        guest::connect(&a, &b)?;
-        writers.start(
+        start_bulk(
+            &mut writers,
             &format!("crowd{k}"),
-            a,
-            b.target(),
-            Load {
-                msg,
-                depth: neighbour.depth,
-                batch: neighbour.depth.min(64),
-                idle: Idle::Sleep(neighbour.sleep),
-            },
-        );
-        writers.keep(b);
+            (ctx, ctx),
+            &BULK_NEIGHBOURS[0],
+        )?;
     }
     writers.measure(Duration::from_millis(200), Duration::ZERO)?;
     let total = |w: &Writers| w.counts().iter().sum::<u64>();
@@ -1140,16 +1130,20 @@ fn next_to_crowd(
     Ok((loaded, bw))
 }
 
-/// The bulk VM's throughput in MiB/s writing 4 MiB messages with a deep queue, by itself.
-fn bulk_by_itself(env: &Env, vms: (&vrdma::Context, &vrdma::Context)) -> Result<f64, Error> {
-    let neighbour = &BULK_NEIGHBOURS[0];
+/// Starts a writer of 4 MiB messages from `from` to `to` driven as `neighbour` says, named
+/// `name`, in `writers` (which keeps the target side).
+fn start_bulk(
+    writers: &mut Writers,
+    name: &str,
+    (from, to): (&vrdma::Context, &vrdma::Context),
+    neighbour: &BulkNeighbour,
+) -> Result<(), Error> {
     let msg = ISOLATION_BULK_MSG;
-    let a = Side::new(vms.0, 1, neighbour.depth, 2 * neighbour.depth.max(32), msg)?;
-    let b = Side::new(vms.1, 1, 4, 64, msg)?;
+    let a = Side::new(from, 1, neighbour.depth, 2 * neighbour.depth.max(32), msg)?;
+    let b = Side::new(to, 1, 4, 64, msg)?;
     guest::connect(&a, &b)?;
-    let mut writers = Writers::default();
     writers.start(
-        "bulk",
+        name,
         a,
         b.target(),
         Load {
@@ -1160,6 +1154,14 @@ fn bulk_by_itself(env: &Env, vms: (&vrdma::Context, &vrdma::Context)) -> Result<
         },
     );
     writers.keep(b);
+    Ok(())
+}
+
+/// The bulk VM's throughput in MiB/s writing 4 MiB messages with a deep queue, by itself.
+fn bulk_by_itself(env: &Env, vms: (&vrdma::Context, &vrdma::Context)) -> Result<f64, Error> {
+    let msg = ISOLATION_BULK_MSG;
+    let mut writers = Writers::default();
+    start_bulk(&mut writers, "bulk", vms, &BULK_NEIGHBOURS[0])?;
     writers.measure(Duration::from_millis(100), Duration::ZERO)?;
     let (c0, t0) = (writers.counts()[0], Instant::now());
     std::thread::sleep(env.window(0.3, 1.0));
@@ -1231,22 +1233,8 @@ fn next_to_bulk(
     round: usize,
 ) -> Result<(perf::LatEntry, f64), Error> {
     let msg = ISOLATION_BULK_MSG;
-    let a = Side::new(vms.0, 1, bulk.depth, 2 * bulk.depth.max(32), msg)?;
-    let b = Side::new(vms.1, 1, 4, 64, msg)?;
-    guest::connect(&a, &b)?;
     let mut writers = Writers::default();
-    writers.start(
-        "bulk",
-        a,
-        b.target(),
-        Load {
-            msg,
-            depth: bulk.depth,
-            batch: bulk.depth.min(64),
-            idle: Idle::Sleep(bulk.sleep),
-        },
-    );
-    writers.keep(b);
+    start_bulk(&mut writers, "bulk", vms, bulk)?;
     writers.measure(Duration::from_millis(100), Duration::ZERO)?;
     let (c0, t0) = (writers.counts()[0], Instant::now());
     let loaded_dir = env.dir(&format!("vrdma-perf/isolation-bulk-{}-{round}", bulk.depth))?;

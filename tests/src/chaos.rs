@@ -535,14 +535,8 @@ pub fn mark_congested(packet: &mut [u8]) -> bool {
             }
             packet[10] = 0;
             packet[11] = 0;
-            let mut sum: u32 = packet[..ihl]
-                .chunks(2)
-                .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
-                .sum();
-            while sum > 0xffff {
-                sum = (sum & 0xffff) + (sum >> 16);
-            }
-            packet[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+            let checksum = !ones_complement_sum(&packet[..ihl]);
+            packet[10..12].copy_from_slice(&checksum.to_be_bytes());
             true
         }
         // The traffic class straddles the first two bytes: its ECN bits are bits 4-5 of
@@ -557,6 +551,19 @@ pub fn mark_congested(packet: &mut [u8]) -> bool {
         }
         _ => false,
     }
+}
+
+/// The ones'-complement sum of `bytes` as 16-bit big-endian words (an IPv4 header's
+/// checksum is its complement; a header with a right checksum sums to 0xffff).
+fn ones_complement_sum(bytes: &[u8]) -> u16 {
+    let mut sum: u32 = bytes
+        .chunks(2)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum as u16
 }
 
 /// One direction of the relay: takes packets in, lets them out through `egress` once their
@@ -1291,16 +1298,7 @@ mod tests {
     /// not ECN-capable, or already marked, alone; on IPv6 it sets the traffic class's ECN bits.
     #[test]
     fn marking_sets_ce_on_ecn_capable_packets_only() {
-        let checksum_ok = |p: &[u8]| {
-            let mut sum: u32 = p[..20]
-                .chunks(2)
-                .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
-                .sum();
-            while sum > 0xffff {
-                sum = (sum & 0xffff) + (sum >> 16);
-            }
-            sum == 0xffff
-        };
+        let checksum_ok = |p: &[u8]| ones_complement_sum(&p[..20]) == 0xffff;
         let mut v4 = [0u8; 28];
         v4[0] = 0x45;
         v4[1] = (26 << 2) | 0b10;
@@ -1308,14 +1306,8 @@ mod tests {
         v4[9] = 17;
         v4[12..16].copy_from_slice(&[10, 0, 0, 1]);
         v4[16..20].copy_from_slice(&[10, 0, 0, 2]);
-        let mut sum: u32 = v4[..20]
-            .chunks(2)
-            .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
-            .sum();
-        while sum > 0xffff {
-            sum = (sum & 0xffff) + (sum >> 16);
-        }
-        v4[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+        let checksum = !ones_complement_sum(&v4[..20]);
+        v4[10..12].copy_from_slice(&checksum.to_be_bytes());
         assert!(checksum_ok(&v4));
         assert!(mark_congested(&mut v4));
         assert_eq!(v4[1], (26 << 2) | 0b11, "DSCP kept, ECN CE");

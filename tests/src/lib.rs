@@ -3,7 +3,7 @@
 //! vhost-user frontend with memfd memory, exactly as a VMM would be).
 
 use std::os::fd::RawFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -32,6 +32,70 @@ pub mod scenarios;
 pub mod srq;
 pub mod vmm;
 
+/// A new private temporary directory, `PREFIX-PID-N`, for a test daemon's sockets; turns the
+/// tests' logging on too.
+pub fn test_dir(prefix: &str) -> PathBuf {
+    let _ = env_logger::builder().is_test(true).try_init();
+    let dir = std::env::temp_dir().join(format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        NEXT_DIR.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
+/// The `--vm` entry of VM `name`, the `n`th, with its socket in `dir` and the extra keys
+/// `extra`; its GID is 10.0.0.`n` unless `extra` names one.
+pub fn vm_entry(dir: &Path, name: &str, n: usize, extra: &str) -> String {
+    let mut spec = format!(
+        "name={name},socket={}",
+        dir.join(format!("{name}.sock")).display()
+    );
+    if !extra.contains("gid=") {
+        spec.push_str(&format!(",gid=10.0.0.{n}"));
+    }
+    if !extra.is_empty() {
+        spec.push(',');
+        spec.push_str(extra);
+    }
+    spec
+}
+
+/// The configuration of a daemon serving `vms` (each `name` and extra keys, as
+/// [`vm_entry`] makes them, the `n`th at 10.0.0.`n`) with their sockets in `dir`, and the
+/// daemon options `options`.
+pub fn daemon_config(dir: &Path, vms: &[(&str, &str)], options: &[&str]) -> Config {
+    let mut argv = vec!["vhost-user-rdma".to_owned()];
+    for (i, (name, extra)) in vms.iter().enumerate() {
+        argv.push("--vm".into());
+        argv.push(vm_entry(dir, name, i + 1, extra));
+    }
+    argv.extend(options.iter().map(|o| (*o).to_owned()));
+    Config::from_args(&Args::parse_from(argv)).expect("valid test configuration")
+}
+
+/// A QP of `qp_type` on `pd` with `cq` for both queues and queues of `cap`, or the device's
+/// refusal.
+pub fn new_qp(
+    pd: &vrdma::ProtectionDomain,
+    cq: &CompletionQueue,
+    qp_type: QpType,
+    cap: QpCap,
+) -> vrdma::Result<QueuePair> {
+    QueuePair::new(
+        pd,
+        &vrdma::QpInitAttr {
+            send_cq: cq,
+            recv_cq: cq,
+            srq: None,
+            cap,
+            qp_type,
+            sq_sig_all: false,
+        },
+    )
+}
+
 /// A daemon serving VMs on sockets in a private temporary directory; stopped on drop.
 #[derive(Debug)]
 pub struct TestDaemon {
@@ -50,32 +114,8 @@ impl TestDaemon {
     /// As [`TestDaemon::start`], with more daemon options; a VM whose options name a `gid=`
     /// gets that one instead of the default 10.0.0.N.
     pub fn start_with(vms: &[(&str, &str)], options: &[&str]) -> TestDaemon {
-        let _ = env_logger::builder().is_test(true).try_init();
-        let dir = std::env::temp_dir().join(format!(
-            "vrdma-test-{}-{}",
-            std::process::id(),
-            NEXT_DIR.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let mut argv = vec!["vhost-user-rdma".to_owned()];
-        for (i, (name, extra)) in vms.iter().enumerate() {
-            argv.push("--vm".into());
-            let mut spec = format!(
-                "name={name},socket={}",
-                dir.join(format!("{name}.sock")).display()
-            );
-            if !extra.contains("gid=") {
-                spec.push_str(&format!(",gid=10.0.0.{}", i + 1));
-            }
-            if !extra.is_empty() {
-                spec.push(',');
-                spec.push_str(extra);
-            }
-            argv.push(spec);
-        }
-        argv.extend(options.iter().map(|o| (*o).to_owned()));
-        let config = Config::from_args(&Args::parse_from(argv)).expect("valid test configuration");
-        let daemon = Daemon::start(&config).expect("daemon starts");
+        let dir = test_dir("vrdma-test");
+        let daemon = Daemon::start(&daemon_config(&dir, vms, options)).expect("daemon starts");
         TestDaemon {
             daemon: Some(daemon),
             dir,

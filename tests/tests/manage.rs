@@ -6,20 +6,17 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use clap::Parser;
-use vhost_user_rdma::config::{Args, Config, PriorityClass};
+use vhost_user_rdma::config::PriorityClass;
 use vhost_user_rdma::daemon::Daemon;
 use vhost_user_rdma::manage::{self, ControlPlaneThread, ControlSocket, Request, Response};
 use vhost_user_rdma::vhost::server::VmStatus;
-use vrdma::{CompletionQueue, Context, ProtectionDomain, QpCap, QpInitAttr, QpType, QueuePair};
+use vrdma::{CompletionQueue, Context, ProtectionDomain, QpCap, QpType};
 use vrdma::{SendFlags, SendWr, Sge, WcStatus};
 use vrdma_proto::cmd::Status;
 use vrdma_tests::{Load, pattern, rc_pair, read, saturate_from};
-
-static NEXT_DIR: AtomicU32 = AtomicU32::new(0);
 
 /// A daemon run with its control plane, as `vhost-user-rdma --control-socket` runs it, with
 /// its VMs' sockets and the management socket in a private directory.
@@ -31,21 +28,9 @@ struct Managed {
 impl Managed {
     /// VMs `name` with extra `--vm` keys, each at gid 10.0.0.N.
     fn start(vms: &[(&str, &str)]) -> Managed {
-        let _ = env_logger::builder().is_test(true).try_init();
-        let dir = std::env::temp_dir().join(format!(
-            "vrdma-manage-{}-{}",
-            std::process::id(),
-            NEXT_DIR.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let mut argv = vec!["vhost-user-rdma".to_owned()];
-        for (i, (name, extra)) in vms.iter().enumerate() {
-            argv.push("--vm".into());
-            argv.push(Self::entry(&dir, name, i + 1, extra));
-        }
-        argv.push("--control-socket".into());
-        argv.push(dir.join("control.sock").display().to_string());
-        let config = Config::from_args(&Args::parse_from(argv)).expect("valid configuration");
+        let dir = vrdma_tests::test_dir("vrdma-manage");
+        let control = dir.join("control.sock").display().to_string();
+        let config = vrdma_tests::daemon_config(&dir, vms, &["--control-socket", &control]);
         let socket = ControlSocket::bind(config.control_socket.as_deref().unwrap())
             .expect("management socket");
         let daemon = Daemon::start(&config).expect("daemon starts");
@@ -54,19 +39,6 @@ impl Managed {
             plane: Some(plane),
             dir,
         }
-    }
-
-    /// The `--vm` entry of VM `name`, the `n`th, in `dir`.
-    fn entry(dir: &std::path::Path, name: &str, n: usize, extra: &str) -> String {
-        let mut entry = format!(
-            "name={name},socket={},gid=10.0.0.{n}",
-            dir.join(format!("{name}.sock")).display()
-        );
-        if !extra.is_empty() {
-            entry.push(',');
-            entry.push_str(extra);
-        }
-        entry
     }
 
     fn socket(&self, name: &str) -> PathBuf {
@@ -248,7 +220,7 @@ fn a_vm_added_at_run_time_serves_its_guest_while_the_others_keep_theirs() {
     write_and_check(&ga, &gb, 1);
     let commands_before = d.counter("a", "commands_ok");
 
-    let entry = Managed::entry(&d.dir, "c", 3, "weight=2");
+    let entry = vrdma_tests::vm_entry(&d.dir, "c", 3, "weight=2");
     d.ask(Request::Add { vm: entry.clone() });
     let c = d.status("c");
     assert!(!c.connected);
@@ -337,20 +309,6 @@ fn refused<T: std::fmt::Debug>(r: vrdma::Result<T>) -> Status {
     }
 }
 
-fn new_qp(pd: &ProtectionDomain, cq: &CompletionQueue) -> vrdma::Result<QueuePair> {
-    QueuePair::new(
-        pd,
-        &QpInitAttr {
-            send_cq: cq,
-            recv_cq: cq,
-            srq: None,
-            cap: QpCap::default(),
-            qp_type: QpType::Rc,
-            sq_sig_all: false,
-        },
-    )
-}
-
 #[test]
 fn quotas_changed_at_run_time_hold_for_the_connected_guest() {
     let d = Managed::start(&[("a", "max-pd=4,max-qp=2"), ("b", "")]);
@@ -383,7 +341,10 @@ fn quotas_changed_at_run_time_hold_for_the_connected_guest() {
         .collect();
     let pd = ProtectionDomain::new(&ga).unwrap();
     let cq = CompletionQueue::new(&ga, 4).unwrap();
-    assert_eq!(refused(new_qp(&pd, &cq)), Status::NoResources);
+    assert_eq!(
+        refused(vrdma_tests::new_qp(&pd, &cq, QpType::Rc, QpCap::default())),
+        Status::NoResources
+    );
     d.set("a", "max-qp=16");
     assert_eq!(ga.query_device().unwrap(), ga.device_attr());
     let more: Vec<_> = (0..6)

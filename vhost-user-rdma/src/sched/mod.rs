@@ -1258,6 +1258,11 @@ mod tests {
 
     /// Bytes `vms` moved while all of them always have work, over `rounds` rounds.
     fn shares(vms: &[(u32, PriorityClass)], rounds: usize) -> Vec<u64> {
+        shares_on(vms, rounds).0
+    }
+
+    /// As [`shares`], with the mock fabric the rounds ran on.
+    fn shares_on(vms: &[(u32, PriorityClass)], rounds: usize) -> (Vec<u64>, MockFabric) {
         let mock = MockFabric::default();
         let (mut t, _tx) = turns(Box::new(mock.clone()));
         let mut all: Vec<TestVm> = (0..vms.len())
@@ -1278,7 +1283,7 @@ mod tests {
         for _ in 0..rounds {
             assert!(t.round(), "every VM always has work");
         }
-        all.iter().map(bytes).collect()
+        (all.iter().map(bytes).collect(), mock)
     }
 
     #[test]
@@ -1355,24 +1360,9 @@ mod tests {
 
     #[test]
     fn weights_share_the_fabric_in_proportion() {
-        let mock = MockFabric::default();
-        let (mut t, _tx) = turns(Box::new(mock.clone()));
-        let (mut a, mut b) = (TestVm::new(1, 3), TestVm::new(2, 1));
-        let qa = rts_qp(&mut a, b.gid(), 1);
-        let qb = rts_qp(&mut b, a.gid(), 1);
-        for (vm, qp) in [(&a, &qa), (&b, &qb)] {
-            attach(&mut t, vm);
-            let plan = Plan::Bulk {
-                message: 1 << 20,
-                done: 0,
-            };
-            mock.state().plans.insert((vm.vm.id, qp.qpn), plan);
-            vm.vm.enqueue(qp.qpn);
-        }
-        for _ in 0..2000 {
-            assert!(t.round(), "both VMs always have work");
-        }
-        let (ba, bb) = (bytes(&a), bytes(&b));
+        let normal = PriorityClass::Normal;
+        let (moved, mock) = shares_on(&[(3, normal), (1, normal)], 2000);
+        let (ba, bb) = (moved[0], moved[1]);
         let ratio = ba as f64 / bb as f64;
         assert!(
             (ratio - 3.0).abs() < 0.01,

@@ -262,6 +262,68 @@ fn a_vm_added_at_run_time_serves_its_guest_while_the_others_keep_theirs() {
     write_and_check(&ga, &gb, 5);
     let unknown = d.try_ask(Request::Remove { vm: "c".into() });
     assert!(!unknown.ok && unknown.error.unwrap().contains("no VM called \"c\""));
+
+    // The same VM again, on the same socket: served at once, its old socket's watch gone
+    // with it (the removal did not wait for a thread stuck in accept, which it would have
+    // for seconds).
+    let entry = vrdma_tests::vm_entry(&d.dir, "c", 3, "");
+    let started = Instant::now();
+    d.ask(Request::Add { vm: entry });
+    let gc = d.open("c");
+    write_and_check(&gc, &ga, 6);
+    drop(gc);
+    d.ask(Request::Remove { vm: "c".into() });
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "add, connect and remove took {:?}",
+        started.elapsed()
+    );
+    // A VM added without gid= takes the first default address no VM has: a's, once a goes.
+    drop((qa, qb, ga));
+    d.ask(Request::Remove { vm: "a".into() });
+    let dir = d.dir.display().to_string();
+    d.ask(Request::Add {
+        vm: format!("name=e,socket={dir}/e.sock"),
+    });
+    assert!(
+        d.status("e").gid.ends_with("0a00:0001"),
+        "{:?}",
+        d.status("e")
+    );
+    let ge = d.open("e");
+    write_and_check(&ge, &gb, 7);
+}
+
+/// The management socket serves a bounded number of clients at once, turns the next away
+/// with an answer, and takes a request its client ends by closing, without a newline.
+#[test]
+fn the_management_socket_bounds_its_clients_and_takes_a_request_ended_by_eof() {
+    use std::io::{Read, Write};
+    let d = Managed::start(&[("a", "")]);
+    let control = d.dir.join("control.sock");
+    let mut stream = std::os::unix::net::UnixStream::connect(&control).unwrap();
+    stream.write_all(br#"{"command":"list"}"#).unwrap();
+    stream.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    let answer: Response = serde_json::from_str(&answer).unwrap();
+    assert!(answer.ok && answer.vms[0].name == "a");
+    let idle: Vec<_> = (0..16)
+        .map(|_| std::os::unix::net::UnixStream::connect(&control).unwrap())
+        .collect();
+    let refused = d.try_ask(Request::List { vm: None });
+    assert!(!refused.ok);
+    assert!(refused.error.unwrap().contains("16 management clients"));
+    drop(idle);
+    // Once they have gone, requests are served again.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !d.try_ask(Request::List { vm: None }).ok {
+        assert!(
+            Instant::now() < deadline,
+            "the idle clients were never let go"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 #[test]

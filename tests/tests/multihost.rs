@@ -444,7 +444,11 @@ fn congestion_marks_are_echoed_and_slow_the_sender() {
         "relay marked {}, b saw {marked} marked, a got {becn} BECNs and cut its window {cuts} times",
         stats.a_to_b.marked
     );
-    assert_eq!(marked, stats.a_to_b.marked, "b counts every marked packet");
+    // A marked packet b's socket had no room for is lost like any other, and resent.
+    assert!(
+        marked > 0 && marked <= stats.a_to_b.marked,
+        "b counts the marked packets it receives"
+    );
     assert!(becn > 0, "b echoes the marks");
     assert!(
         cuts > 0 && cuts <= becn,
@@ -508,8 +512,14 @@ fn tshark_decodes_the_traffic_on_the_veth() {
     }
     let (ha, hb) = (Netns::new("vta").unwrap(), Netns::new("vtb").unwrap());
     let (dev, _) = veth(&ha, &["10.76.0.1/24"], &hb, &["10.76.0.2/24"], 9000).unwrap();
-    // a's VM in the latency class (DSCP 46 by default), b's normal with its DSCP set to 10.
-    let da = daemon_in(&ha, &[("a", "gid=10.76.0.1,class=latency")]);
+    // a's VM in the latency class (DSCP 46 by default), its QPs' own traffic classes let
+    // choose; b's normal with its DSCP set to 10, its QPs' not.
+    let da = in_netns(&ha, || {
+        TestDaemon::start_with(
+            &[("a", "gid=10.76.0.1,class=latency")],
+            &["--roce", "--guest-dscp"],
+        )
+    });
     let db = in_netns(&hb, || {
         TestDaemon::start_with(
             &[("b", "gid=10.76.0.2")],
@@ -519,7 +529,8 @@ fn tshark_decodes_the_traffic_on_the_veth() {
     let (ca, cb) = (da.open("a"), db.open("b"));
     let (a, b) = deep_pair(&ca, &cb, 1 << 20, 14, 7);
     // A second pair whose requester's address gives traffic class 136 (DSCP 34), which its
-    // packets carry instead of its VM's class's, as on a RoCE NIC.
+    // packets carry instead of its VM's class's, as on a RoCE NIC; the responder's address
+    // gives 136 too, which its daemon ignores.
     let (a2, b2) = {
         let cap = QpCap::default();
         let ea = Endpoint::new(&ca, vrdma::QpType::Rc, 4096, cap);
@@ -535,7 +546,9 @@ fn tshark_decodes_the_traffic_on_the_veth() {
         let mut ah = vrdma::AddressHandle::attr_for(cb.gid());
         ah.traffic_class = 34 << 2;
         vrdma_tests::try_connect_rc_via(&ea.qp, &peer(cb.gid(), eb.qp.qp_num()), ah).unwrap();
-        vrdma_tests::try_connect_rc(&eb.qp, &peer(ca.gid(), ea.qp.qp_num())).unwrap();
+        let mut back = vrdma::AddressHandle::attr_for(ca.gid());
+        back.traffic_class = 34 << 2;
+        vrdma_tests::try_connect_rc_via(&eb.qp, &peer(ca.gid(), ea.qp.qp_num()), back).unwrap();
         (ea, eb)
     };
     let pcap = std::env::temp_dir().join(format!("vrdma-veth-{}.pcap", std::process::id()));

@@ -63,11 +63,16 @@ pub struct Args {
 
     /// The DSCP (0-63) RoCEv2 packets carry for each priority class, so that switches can
     /// prioritise them too: "latency=N,normal=N,bulk=N", any of them (the rest keep their
-    /// defaults: latency 46 (EF), normal 26 (AF31, the usual RoCE class), bulk 8 (CS1)). A QP
-    /// whose address gives a traffic class (the GRH's, `ibv_ah_attr.grh.traffic_class`)
-    /// carries that class's DSCP instead, as RoCE NICs do.
+    /// defaults: latency 46 (EF), normal 26 (AF31, the usual RoCE class), bulk 8 (CS1)).
     #[arg(long, default_value = "", value_name = "CLASS=DSCP,...")]
     pub dscp: String,
+
+    /// Let a QP whose address gives a traffic class (the GRH's,
+    /// `ibv_ah_attr.grh.traffic_class`) put that class's DSCP on its packets instead of its
+    /// VM's class's, as RoCE NICs do. Off by default: a guest could then claim any priority
+    /// on the network.
+    #[arg(long)]
+    pub guest_dscp: bool,
 
     /// Check the ICRC of IPv4 packets ("verify", assuming IP Identification 0 as Linux sends
     /// it) or not ("skip": needed for peers that vary the Identification, such as Linux rxe;
@@ -471,28 +476,38 @@ pub const ECN_ECT0: u8 = 0b10;
 /// The ECN field of a packet a congested switch marked (CE).
 pub const ECN_CE: u8 = 0b11;
 
-/// The DSCP each priority class's RoCEv2 packets carry (`--dscp`), by `PriorityClass::index`.
+/// The DSCP each priority class's RoCEv2 packets carry (`--dscp`), and whether a QP's own
+/// traffic class may choose instead (`--guest-dscp`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Dscp(pub [u8; 3]);
+pub struct Dscp {
+    /// By `PriorityClass::index`.
+    pub by_class: [u8; 3],
+    /// A QP's traffic class, if it gives one, chooses its packets' DSCP.
+    pub guest_chooses: bool,
+}
 
 impl Default for Dscp {
     /// Latency EF (46), normal AF31 (26, the class RoCE deployments commonly give RoCE
-    /// traffic), bulk CS1 (8, lower effort).
+    /// traffic), bulk CS1 (8, lower effort); the guest does not choose.
     fn default() -> Self {
-        Dscp([46, 26, 8])
+        Dscp {
+            by_class: [46, 26, 8],
+            guest_chooses: false,
+        }
     }
 }
 
 impl Dscp {
     /// The IP TOS byte (IPv6 traffic class) of a packet of a QP of a VM in `class` whose
-    /// address gives `traffic_class`: that traffic class's DSCP if it gives one, as RoCE NICs
-    /// put the GRH's traffic class in the IP header, else the class's; and ECT(0), ECN-capable
+    /// address gives `traffic_class`: with `guest_chooses`, that traffic class's DSCP if it
+    /// gives one, as RoCE NICs put the GRH's traffic class in the IP header; else the
+    /// class's; and ECT(0), ECN-capable
     /// transport, so that a congested switch marks the packet rather than drops it (the
     /// receiver echoes the mark and the sender halves its window).
     pub fn tos(&self, class: PriorityClass, traffic_class: u8) -> u8 {
         let dscp = match traffic_class >> 2 {
-            0 => self.0[class.index()],
-            given => given,
+            given if given != 0 && self.guest_chooses => given,
+            _ => self.by_class[class.index()],
         };
         dscp << 2 | ECN_ECT0
     }
@@ -506,7 +521,7 @@ fn parse_dscp(s: &str) -> Result<Dscp, Error> {
             Some((PriorityClass::from_name(class)?, value.parse::<u8>().ok()?))
         });
         match parsed {
-            Some((class, value)) if value < 64 => dscp.0[class.index()] = value,
+            Some((class, value)) if value < 64 => dscp.by_class[class.index()] = value,
             _ => return Err(Error::Dscp(s.to_owned())),
         }
     }
@@ -557,7 +572,10 @@ impl Config {
             Some(RoceSettings {
                 port: args.roce_port,
                 ipv4_icrc,
-                dscp: parse_dscp(&args.dscp)?,
+                dscp: Dscp {
+                    guest_chooses: args.guest_dscp,
+                    ..parse_dscp(&args.dscp)?
+                },
             })
         } else {
             None
@@ -948,12 +966,19 @@ fn parse_size(s: &str) -> Option<u64> {
 mod tests {
     use super::*;
 
-    /// `--dscp` names classes' DSCPs (the rest keep theirs); a QP's traffic class, when it
-    /// gives one, wins, as on a RoCE NIC; and every packet is ECN-capable, ECT(0).
+    /// `--dscp` names classes' DSCPs (the rest keep theirs); with `--guest-dscp` a QP's
+    /// traffic class, when it gives one, wins, as on a RoCE NIC; and every packet is
+    /// ECN-capable, ECT(0).
     #[test]
     fn dscp_by_class_and_by_traffic_class() {
         let d = parse_dscp("bulk=4,latency=40").unwrap();
-        assert_eq!(d.0, [40, 26, 4]);
+        assert_eq!(d.by_class, [40, 26, 4]);
+        // A guest's traffic class chooses nothing unless the operator lets it.
+        assert_eq!(d.tos(PriorityClass::Bulk, 46 << 2), 4 << 2 | ECN_ECT0);
+        let d = Dscp {
+            guest_chooses: true,
+            ..d
+        };
         assert_eq!(d.tos(PriorityClass::Latency, 0), 40 << 2 | ECN_ECT0);
         assert_eq!(
             d.tos(PriorityClass::Normal, 3),

@@ -248,7 +248,15 @@ impl Daemon {
         if self.network.is_some() {
             return Err(Error::AddWithRoce);
         }
-        let mut vm = config::parse_vm_entry(entry, self.servers.len())?;
+        // A VM without gid= takes the first default address (10.0.0.N) no VM here has.
+        let taken: Vec<vrdma_proto::Gid> = self.servers.iter().map(|s| s.config().gid).collect();
+        let free = (0..usize::from(u8::MAX))
+            .find(|&i| {
+                let n = u8::try_from(i + 1).unwrap_or(u8::MAX);
+                !taken.contains(&config::gid_of(std::net::IpAddr::from([10, 0, 0, n])))
+            })
+            .unwrap_or(self.servers.len());
+        let mut vm = config::parse_vm_entry(entry, free)?;
         if let Some((gid, mtu)) = self.nic_port {
             on_nic_port(&mut vm, gid, mtu);
         }

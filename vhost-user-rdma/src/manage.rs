@@ -36,6 +36,16 @@ const MAX_REQUEST: usize = 64 * 1024;
 /// client that stops reading cannot hold the control plane.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// Clients served at once; one more is turned away, so that idle connections cannot use up
+/// the daemon's descriptors (which the VMs' connections need).
+const MAX_CLIENTS: usize = 16;
+
+/// How long a client may take to send its request before it is let go.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long `vrdmactl` waits for the daemon's answer.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Why the control plane could not start or run, or a client's request failed.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -166,6 +176,9 @@ pub fn request(socket: &Path, request: &Request) -> Result<Response, Error> {
     let mut line = serde_json::to_vec(request).map_err(Error::Message)?;
     line.push(b'\n');
     stream.write_all(&line).map_err(Error::Exchange)?;
+    stream
+        .set_read_timeout(Some(CLIENT_TIMEOUT))
+        .map_err(Error::Exchange)?;
     let mut answer = String::new();
     BufReader::new(stream)
         .read_line(&mut answer)
@@ -208,6 +221,8 @@ impl Signals {
 struct Client {
     stream: UnixStream,
     buffer: Vec<u8>,
+    /// When it connected: one that has not sent its request after [`REQUEST_TIMEOUT`] goes.
+    since: std::time::Instant,
 }
 
 /// The control plane: the daemon, its management socket and its signals, as one
@@ -253,6 +268,18 @@ impl ControlPlane {
         };
         loop {
             match listener.accept() {
+                Ok((stream, _)) if self.clients.len() >= MAX_CLIENTS => {
+                    answer(
+                        stream,
+                        &Response {
+                            ok: false,
+                            error: Some(format!(
+                                "the daemon is serving {MAX_CLIENTS} management clients; try again"
+                            )),
+                            vms: Vec::new(),
+                        },
+                    );
+                }
                 Ok((stream, _)) => {
                     if let Err(e) = stream.set_nonblocking(true) {
                         warn!("management socket: cannot serve a client: {e}");
@@ -268,12 +295,16 @@ impl ControlPlane {
                         Client {
                             stream,
                             buffer: Vec::new(),
+                            since: std::time::Instant::now(),
                         },
                     );
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) => {
+                    // Out of descriptors, say: the listener stays readable, so wait a little
+                    // rather than spin on it.
                     warn!("management socket: accept failed: {e}");
+                    std::thread::sleep(Duration::from_millis(10));
                     return;
                 }
             }
@@ -288,6 +319,10 @@ impl ControlPlane {
         let mut chunk = [0u8; 4096];
         let line = loop {
             match client.stream.read(&mut chunk) {
+                // A request the client ended by closing its side, without a newline.
+                Ok(0) if !client.buffer.is_empty() => {
+                    break Some(Ok(std::mem::take(&mut client.buffer)));
+                }
                 Ok(0) => break None,
                 Ok(n) => {
                     client.buffer.extend_from_slice(&chunk[..n]);
@@ -329,6 +364,21 @@ impl ControlPlane {
             },
         };
         answer(client.stream, &response);
+    }
+
+    /// Lets go of the clients that have not sent their request in time.
+    fn expire_clients(&mut self, ops: &mut EventOps) {
+        let late: Vec<RawFd> = self
+            .clients
+            .iter()
+            .filter(|(_, c)| c.since.elapsed() > REQUEST_TIMEOUT)
+            .map(|(fd, _)| *fd)
+            .collect();
+        for fd in late {
+            if let Some(client) = self.clients.remove(&fd) {
+                let _ = ops.remove(Events::new(&client.stream, EventSet::IN));
+            }
+        }
     }
 
     fn execute(&mut self, request: Request) -> Response {
@@ -402,6 +452,7 @@ impl MutEventSubscriber for ControlPlane {
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
+        self.expire_clients(ops);
         let fd = events.fd();
         if let Some(&(signal, _)) = self.signals.pipes.iter().find(|(_, s)| s.as_raw_fd() == fd) {
             self.on_signal(signal, fd);

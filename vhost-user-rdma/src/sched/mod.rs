@@ -287,6 +287,9 @@ struct Entry {
     paused: bool,
     /// Its priority class, as of the current round.
     class: PriorityClass,
+    /// Its last step could not move (the peer's objects were busy, or its own): until one
+    /// moves, its work does not hold a lower class back.
+    stalled: bool,
 }
 
 /// The QPs of VM `vm` connected to a VM that went away, to fail once `vm`'s objects can be
@@ -554,6 +557,7 @@ impl Turns {
                     last_work: Instant::now(),
                     paused: false,
                     class: PriorityClass::Normal,
+                    stalled: false,
                 });
             }
             Control::Detach(id, done, moved) => {
@@ -817,7 +821,7 @@ impl Turns {
                 }
                 // A higher class's work waits for no further turn of this class.
                 if preemptible && p > pos && self.higher_class_waiting(class) {
-                    self.resume[class.index()] = Some((self.entries[i].vm.id, false));
+                    self.resume[class.index()] = Some((self.entries[i].vm.id, mid_turn));
                     self.stats.preemptions.fetch_add(1, Ordering::Relaxed);
                     preempted = true;
                     break 'round;
@@ -828,6 +832,7 @@ impl Turns {
                 }
                 if !e.vm.has_work.load(Ordering::Acquire) {
                     e.deficit = 0;
+                    e.stalled = false;
                     // Idle: what it earns from here on is a burst, bounded as such.
                     e.buckets.unhold();
                     self.account_wait(i, false);
@@ -889,6 +894,7 @@ impl Turns {
                         // deficit stays.
                         vm.enqueue(queued);
                         self.retry_soon = true;
+                        self.entries[i].stalled = true;
                         break;
                     };
                     if let Some(t0) = timed {
@@ -910,6 +916,7 @@ impl Turns {
                     match outcome.step {
                         Step::Idle => {}
                         Step::Progress { cost, more } => {
+                            self.entries[i].stalled = false;
                             self.entries[i].deficit -= i64::from(cost);
                             cost_by_class[class.index()] += u64::from(cost);
                             served = true;
@@ -921,6 +928,7 @@ impl Turns {
                         Step::Blocked => {
                             vm.enqueue(qpn);
                             self.retry_soon = true;
+                            self.entries[i].stalled = true;
                             break;
                         }
                         Step::Full => {
@@ -962,7 +970,12 @@ impl Turns {
     /// (an operator may have changed it).
     fn order_by_class(&mut self) -> Option<PriorityClass> {
         for e in &mut self.entries {
-            e.class = e.vm.share.class();
+            let class = e.vm.share.class();
+            if class != e.class {
+                // Its turn in the old class's pass is over; the new class starts it afresh.
+                e.deficit = 0;
+                e.class = class;
+            }
         }
         let guaranteed = PriorityClass::ALL
             .into_iter()
@@ -988,7 +1001,7 @@ impl Turns {
     /// even while kicks are off.
     fn higher_class_waiting(&self, class: PriorityClass) -> bool {
         self.entries.iter().any(|e| {
-            if e.class >= class || e.paused {
+            if e.class >= class || e.paused || e.stalled {
                 return false;
             }
             if e.polled {
@@ -1254,6 +1267,42 @@ mod tests {
         let (b, l) = (b.vm.id, l.vm.id);
         assert_eq!(&order[..5], [b, b, b, b, l], "one class: {order:?}");
         assert_eq!(preemptions, 0);
+    }
+
+    /// A latency VM whose work cannot move (its peer is always busy) holds no lower class
+    /// back: the bulk VM moves as if it were alone.
+    #[test]
+    fn a_higher_class_that_cannot_move_holds_no_one_back() {
+        let mock = MockFabric::default();
+        let (mut t, _tx) = turns(Box::new(mock.clone()));
+        let (mut l, mut b) = (TestVm::new(1, 1), TestVm::new(2, 1));
+        l.vm.share.set_class(PriorityClass::Latency);
+        b.vm.share.set_class(PriorityClass::Bulk);
+        let ql = rts_qp(&mut l, b.gid(), 1);
+        let qb = rts_qp(&mut b, l.gid(), 1);
+        attach(&mut t, &l);
+        attach(&mut t, &b);
+        mock.state().plans.insert((l.vm.id, ql.qpn), Plan::Blocked);
+        let bulk = Plan::Bulk {
+            message: 1 << 20,
+            done: 0,
+        };
+        mock.state().plans.insert((b.vm.id, qb.qpn), bulk);
+        l.vm.enqueue(ql.qpn);
+        b.vm.enqueue(qb.qpn);
+        for _ in 0..100 {
+            t.round();
+        }
+        assert!(
+            l.vm.has_work.load(Ordering::Relaxed),
+            "the latency VM still waits"
+        );
+        assert_eq!(bytes(&l), 0);
+        assert!(
+            bytes(&b) >= 99 * u64::from(QUANTUM),
+            "the bulk VM moved {} in 100 rounds",
+            bytes(&b)
+        );
     }
 
     /// Bytes `vms` moved while all of them always have work, over `rounds` rounds.

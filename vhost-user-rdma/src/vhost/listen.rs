@@ -4,10 +4,14 @@
 //! loop stops watching a socket when it wakes its VM, and the VM asks again once it has
 //! released its last connection, so a second frontend that connects meanwhile waits in the
 //! backlog instead of waking the loop again and again.
+//!
+//! The loop watches a duplicate of each socket's descriptor, which it owns until the socket
+//! is unwatched: the VM's thread may close its own descriptor (the VM stopping) before the
+//! loop gets to the change, and a number the loop watched must not be reused under it.
 
 use std::collections::HashMap;
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -69,6 +73,10 @@ impl Gate {
         self.changed.notify_all();
     }
 
+    fn is_closed(&self) -> bool {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).closed
+    }
+
     /// Wakes the VM's thread for good: it is stopping.
     pub fn close(&self) {
         self.state.lock().unwrap_or_else(|p| p.into_inner()).closed = true;
@@ -76,11 +84,14 @@ impl Gate {
     }
 }
 
-/// A change the loop makes to what it watches, in the order asked.
+/// A change the loop makes to what it watches, in the order asked, for the VM whose server
+/// numbers it.
 #[derive(Debug)]
 enum Change {
-    Watch(RawFd, Arc<Gate>),
-    Unwatch(RawFd),
+    /// Watch this duplicate of the VM's socket until a frontend waits, then open the gate.
+    Watch(u64, OwnedFd, Arc<Gate>),
+    /// The VM is stopping.
+    Unwatch(u64),
 }
 
 #[derive(Debug)]
@@ -102,11 +113,12 @@ impl Shared {
     }
 }
 
-/// The loop's subscriber: the wake-up and the sockets it watches now.
+/// The loop's subscriber: the wake-up and the sockets it watches now, by descriptor, with
+/// their VM's number and gate.
 #[derive(Debug)]
 struct Watcher {
     shared: Arc<Shared>,
-    watched: HashMap<RawFd, Arc<Gate>>,
+    watched: HashMap<RawFd, (u64, OwnedFd, Arc<Gate>)>,
 }
 
 impl Watcher {
@@ -121,21 +133,33 @@ impl Watcher {
         );
         for change in changes {
             match change {
-                Change::Watch(fd, gate) => {
-                    if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
-                        // Let the VM's thread accept by itself (blocking) rather than never.
+                // Closed first by a stop that came before this watch: nothing to wait for.
+                Change::Watch(_, _, gate) if gate.is_closed() => {}
+                Change::Watch(id, socket, gate) => {
+                    let fd = socket.as_raw_fd();
+                    if let Err(e) = ops.add(Events::new(&socket.as_fd(), EventSet::IN)) {
+                        // Let the VM's thread accept by itself (blocking; a stop wakes it)
+                        // rather than never.
                         warn!(
-                            "cannot watch a VM's socket (fd {fd}): {e:?}; its thread accepts without the loop"
+                            "cannot watch a VM's socket: {e:?}; its thread accepts without the loop"
                         );
                         gate.open();
                         continue;
                     }
-                    self.watched.insert(fd, gate);
+                    self.watched.insert(fd, (id, socket, gate));
                 }
-                Change::Unwatch(fd) => {
-                    if self.watched.remove(&fd).is_some() {
-                        // The socket may be closed already, which took it out of the epoll set.
-                        let _ = ops.remove(Events::new_raw(fd, EventSet::IN));
+                Change::Unwatch(id) => {
+                    let fds: Vec<RawFd> = self
+                        .watched
+                        .iter()
+                        .filter(|(_, w)| w.0 == id)
+                        .map(|(fd, _)| *fd)
+                        .collect();
+                    for fd in fds {
+                        if let Some((_, socket, _)) = self.watched.remove(&fd) {
+                            // Still open (the loop owns it): its removal succeeds.
+                            let _ = ops.remove(Events::new(&socket.as_fd(), EventSet::IN));
+                        }
                     }
                 }
             }
@@ -154,8 +178,8 @@ impl MutEventSubscriber for Watcher {
         let fd = events.fd();
         if fd == self.shared.kick.as_raw_fd() {
             self.apply(ops);
-        } else if let Some(gate) = self.watched.remove(&fd) {
-            let _ = ops.remove(Events::new_raw(fd, EventSet::IN));
+        } else if let Some((_, socket, gate)) = self.watched.remove(&fd) {
+            let _ = ops.remove(Events::new(&socket.as_fd(), EventSet::IN));
             gate.open();
         }
     }
@@ -203,14 +227,23 @@ impl Listeners {
         }))
     }
 
-    /// Watches `socket` until a frontend waits on it, then opens `gate` and stops watching.
-    pub fn watch(&self, socket: &impl AsRawFd, gate: Arc<Gate>) {
-        self.shared.push(Change::Watch(socket.as_raw_fd(), gate));
+    /// Watches `socket`, of the VM the server numbered `id`, until a frontend waits on it,
+    /// then opens `gate` and stops watching. If the socket cannot be watched (no descriptor
+    /// left to duplicate it), opens the gate at once: the VM's thread then accepts by itself.
+    pub fn watch(&self, id: u64, socket: &impl AsFd, gate: Arc<Gate>) {
+        match socket.as_fd().try_clone_to_owned() {
+            Ok(own) => self.shared.push(Change::Watch(id, own, gate)),
+            Err(e) => {
+                warn!("cannot watch a VM's socket: {e}; its thread accepts without the loop");
+                gate.open();
+            }
+        }
     }
 
-    /// Stops watching `socket` (its VM is stopping), before the socket is closed.
-    pub fn unwatch(&self, socket: RawFd) {
-        self.shared.push(Change::Unwatch(socket));
+    /// Stops watching the socket of the VM numbered `id` (it is stopping). Close its gate
+    /// first, so that a watch its thread asks for meanwhile is dropped.
+    pub fn unwatch(&self, id: u64) {
+        self.shared.push(Change::Unwatch(id));
     }
 
     /// Ends the loop and waits for its thread.

@@ -23,6 +23,9 @@ use crate::model::objects::VmObjects;
 use crate::model::vm::{Counters, Share, Vm};
 use crate::sched::Scheduler;
 
+/// Servers' numbers for the listeners' loop, never reused.
+static NEXT_SERVER_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
 /// VM ids are never reused, so a detach cannot hit a later connection of the same VM.
 static NEXT_VM_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
@@ -50,7 +53,7 @@ pub enum Error {
         path: PathBuf,
         /// Cause.
         #[source]
-        source: vhost::vhost_user::Error,
+        source: io::Error,
     },
     /// The socket's owner or group could not be set (`owner=`, `group=`).
     #[error(
@@ -196,8 +199,8 @@ pub struct VmServer {
     shared: Arc<Shared>,
     scheduler: Scheduler,
     listeners: Arc<Listeners>,
-    /// The listening socket's descriptor, which `listeners` watches.
-    listener_fd: std::os::fd::RawFd,
+    /// Its number for `listeners`.
+    server_id: u64,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -219,26 +222,41 @@ impl VmServer {
             return Err(Error::SocketBusy(cfg.socket.clone()));
         }
         make_directory(&cfg.socket)?;
-        let mut listener = Listener::new(&cfg.socket, true).map_err(|source| Error::Listen {
+        let listen_error = |source| Error::Listen {
             path: cfg.socket.clone(),
             source,
-        })?;
-        // On an error the listener goes and takes the socket with it (its drop unlinks it), so
-        // no socket is left with access the operator did not ask for.
-        set_access(&cfg.socket, &cfg.socket_access)?;
+        };
+        // Nobody answers there (checked above): a socket file a daemon left behind.
+        remove_socket(&cfg.socket);
+        let bound = std::os::unix::net::UnixListener::bind(&cfg.socket).map_err(listen_error)?;
+        // A second descriptor of the socket, which the listeners' loop watches.
+        let watched = match bound.try_clone() {
+            Ok(w) => w,
+            Err(e) => {
+                remove_socket(&cfg.socket);
+                return Err(listen_error(e));
+            }
+        };
+        // On an error the socket is removed, so none is left with access the operator did not
+        // ask for.
+        if let Err(e) = set_access(&cfg.socket, &cfg.socket_access) {
+            remove_socket(&cfg.socket);
+            return Err(e);
+        }
+        let mut listener = Listener::from(bound);
         let shared = Arc::new(Shared::new(&cfg));
         let thread_shared = shared.clone();
         let name = cfg.name.clone();
         let socket = cfg.socket.clone();
         let thread_scheduler = scheduler.clone();
         let thread_listeners = listeners.clone();
-        let listener_fd = std::os::fd::AsRawFd::as_raw_fd(&listener);
+        let server_id = NEXT_SERVER_ID.fetch_add(1, Ordering::Relaxed);
         let thread = std::thread::Builder::new()
             .name(format!("vm-{}", cfg.name))
             .spawn(move || {
                 serve(
                     node_guid,
-                    &mut listener,
+                    (&mut listener, &watched, server_id),
                     &thread_shared,
                     (&thread_scheduler, &thread_listeners),
                     sync_receives,
@@ -255,7 +273,7 @@ impl VmServer {
             shared,
             scheduler,
             listeners: listeners.clone(),
-            listener_fd,
+            server_id,
             thread: Some(thread),
         })
     }
@@ -441,10 +459,13 @@ impl VmServer {
         {
             conn.shutdown();
         }
-        // The serving thread may be waiting for a frontend: the loop stops watching its
-        // socket (before the thread closes it) and the gate wakes it to see it is stopping.
-        self.listeners.unwatch(self.listener_fd);
+        // The serving thread may be waiting for a frontend: the gate wakes it to see it is
+        // stopping, and the loop stops watching its socket (the gate closed first, so that a
+        // watch the thread asks for meanwhile is dropped). A thread that had to accept without
+        // the loop is blocked in accept(): a connection that closes at once wakes it.
         self.shared.gate.close();
+        self.listeners.unwatch(self.server_id);
+        drop(UnixStream::connect(&self.socket));
         if let Some(thread) = self.thread.take() {
             let deadline = Instant::now() + timeout;
             while !thread.is_finished() && Instant::now() < deadline {
@@ -535,7 +556,7 @@ fn remove_socket(path: &Path) {
 
 fn serve(
     node_guid: u64,
-    listener: &mut Listener,
+    (listener, watched, server_id): (&mut Listener, &std::os::unix::net::UnixListener, u64),
     shared: &Shared,
     (scheduler, listeners): (&Scheduler, &Listeners),
     sync_receives: bool,
@@ -586,7 +607,7 @@ fn serve(
         // without a guest costs (tests compare them across connections).
         info!("vm {name}: waiting for a frontend");
         shared.waiting.fetch_add(1, Ordering::SeqCst);
-        listeners.watch(listener, shared.gate.clone());
+        listeners.watch(server_id, watched, shared.gate.clone());
         if shared.gate.wait() == Woken::Closed {
             break;
         }

@@ -794,9 +794,6 @@ impl Turns {
             while end < self.order.len() && self.entries[self.order[end]].class == class {
                 end += 1;
             }
-            // A class's pass cut short (a higher class's work, or a full fabric) goes on where
-            // it stopped: the VMs before that one have had their turn in it, and that one
-            // keeps what is left of its quantum.
             // Whether this class's turns may be cut short for a higher class: not at the top,
             // nor while it takes the share it is owed (once it has, it may again).
             let mut preemptible = guaranteed != Some(class) && class > highest;
@@ -807,6 +804,9 @@ impl Turns {
             if preemptible && self.higher_class_waiting(class) {
                 break 'round;
             }
+            // A class's pass cut short (a higher class's work, or a full fabric) goes on where
+            // it stopped: the VMs before that one have had their turn in it, and that one
+            // keeps what is left of its quantum if it was mid-turn.
             let resumed = self.resume[class.index()]
                 .take()
                 .and_then(|(id, mid_turn)| {

@@ -602,12 +602,14 @@ fn serve(
                 return;
             }
         };
+        // The loop watches a duplicate of the socket, made now: it belongs to the idle VM's
+        // descriptors counted below.
+        listeners.watch(server_id, watched, shared.gate.clone());
         // Everything a connection needs exists now and nothing more is made until a frontend
         // connects: from this line on, the daemon's threads and descriptors are what a VM
         // without a guest costs (tests compare them across connections).
         info!("vm {name}: waiting for a frontend");
         shared.waiting.fetch_add(1, Ordering::SeqCst);
-        listeners.watch(server_id, watched, shared.gate.clone());
         if shared.gate.wait() == Woken::Closed {
             break;
         }

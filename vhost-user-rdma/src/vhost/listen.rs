@@ -143,6 +143,7 @@ impl Watcher {
                         warn!(
                             "cannot watch a VM's socket: {e:?}; its thread accepts without the loop"
                         );
+                        drop(socket);
                         gate.open();
                         continue;
                     }
@@ -180,6 +181,9 @@ impl MutEventSubscriber for Watcher {
             self.apply(ops);
         } else if let Some((_, socket, gate)) = self.watched.remove(&fd) {
             let _ = ops.remove(Events::new(&socket.as_fd(), EventSet::IN));
+            // Closed before the VM's thread goes on, so that its descriptors at its next wait
+            // are those of every wait.
+            drop(socket);
             gate.open();
         }
     }

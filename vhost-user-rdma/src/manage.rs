@@ -36,8 +36,9 @@ const MAX_REQUEST: usize = 64 * 1024;
 /// client that stops reading cannot hold the control plane.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// Clients served at once; one more is turned away, so that idle connections cannot use up
-/// the daemon's descriptors (which the VMs' connections need).
+/// Clients served at once: while that many are connected, the next wait in the socket's
+/// backlog until one has gone (answered, or let go after [`REQUEST_TIMEOUT`]), so that idle
+/// connections cannot use up the daemon's descriptors, which the VMs' connections need.
 const MAX_CLIENTS: usize = 16;
 
 /// How long a client may take to send its request before it is let go.
@@ -233,6 +234,8 @@ struct ControlPlane {
     daemon: Option<Daemon>,
     signals: Signals,
     listener: Option<ControlSocket>,
+    /// The listener is not watched: [`MAX_CLIENTS`] are connected.
+    listener_paused: bool,
     clients: HashMap<RawFd, Client>,
     /// Written to stop a control plane that has no signals ([`spawn`]).
     stop_fd: Option<Arc<EventFd>>,
@@ -267,19 +270,16 @@ impl ControlPlane {
             return;
         };
         loop {
-            match listener.accept() {
-                Ok((stream, _)) if self.clients.len() >= MAX_CLIENTS => {
-                    answer(
-                        stream,
-                        &Response {
-                            ok: false,
-                            error: Some(format!(
-                                "the daemon is serving {MAX_CLIENTS} management clients; try again"
-                            )),
-                            vms: Vec::new(),
-                        },
-                    );
+            if self.clients.len() >= MAX_CLIENTS {
+                // The rest wait in the backlog: the listener is watched again once a client
+                // has gone (`release_client`).
+                if !self.listener_paused {
+                    let _ = ops.remove(Events::new(listener, EventSet::IN));
+                    self.listener_paused = true;
                 }
+                return;
+            }
+            match listener.accept() {
                 Ok((stream, _)) => {
                     if let Err(e) = stream.set_nonblocking(true) {
                         warn!("management socket: cannot serve a client: {e}");
@@ -345,6 +345,7 @@ impl ControlPlane {
             return;
         };
         let _ = ops.remove(Events::new(&client.stream, EventSet::IN));
+        self.resume_listening(ops);
         let Some(line) = line else {
             return; // Gone before a whole request.
         };
@@ -377,6 +378,20 @@ impl ControlPlane {
         for fd in late {
             if let Some(client) = self.clients.remove(&fd) {
                 let _ = ops.remove(Events::new(&client.stream, EventSet::IN));
+            }
+        }
+        self.resume_listening(ops);
+    }
+
+    /// Watches the listener again if it was left alone for want of room for clients.
+    fn resume_listening(&mut self, ops: &mut EventOps) {
+        if !self.listener_paused || self.clients.len() >= MAX_CLIENTS {
+            return;
+        }
+        if let Some(socket) = &self.listener {
+            match ops.add(Events::new(&socket.listener, EventSet::IN)) {
+                Ok(()) => self.listener_paused = false,
+                Err(e) => warn!("cannot watch the management socket again: {e:?}"),
             }
         }
     }
@@ -593,21 +608,28 @@ fn run_loop(
         daemon: Some(daemon),
         signals: signals.unwrap_or(Signals { pipes: Vec::new() }),
         listener: socket,
+        listener_paused: false,
         clients: HashMap::new(),
         stop_fd: stop,
         stop: None,
     }));
     let mut events: EventManager<Arc<Mutex<ControlPlane>>> =
         EventManager::new().map_err(Error::EventLoop)?;
-    events.add_subscriber(plane.clone());
+    let id = events.add_subscriber(plane.clone());
     let signal = loop {
-        match events.run() {
+        // Woken at least every second to let go of clients that never send their request,
+        // even when nothing else happens.
+        match events.run_with_timeout(1000) {
             Ok(_) => {}
             Err(event_manager::Error::Epoll(e)) if e.errno() == libc::EINTR => {}
             Err(e) => return Err(Error::EventLoop(e)),
         }
-        if let Some(s) = plane.lock().unwrap_or_else(|p| p.into_inner()).stop {
+        let mut plane = plane.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = plane.stop {
             break s;
+        }
+        if let Ok(mut ops) = events.event_ops(id) {
+            plane.expire_clients(&mut ops);
         }
     };
     drop(events);

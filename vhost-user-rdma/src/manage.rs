@@ -272,7 +272,7 @@ impl ControlPlane {
         loop {
             if self.clients.len() >= MAX_CLIENTS {
                 // The rest wait in the backlog: the listener is watched again once a client
-                // has gone (`release_client`).
+                // has gone (`resume_listening`).
                 if !self.listener_paused {
                     let _ = ops.remove(Events::new(listener, EventSet::IN));
                     self.listener_paused = true;

@@ -520,6 +520,18 @@ pub fn read(buf: &DmaBuf, offset: usize, len: usize) -> Vec<u8> {
     out
 }
 
+/// The load that keeps a VM's share defined while shares are measured: a share exists only
+/// while every VM has work queued, so each keeps seconds of it queued (256 writes of 16 MiB;
+/// the daemon moves a few GB/s here). A guest thread that a loaded host leaves off the CPU for
+/// tens or hundreds of milliseconds, as on a two-core machine building something else, must
+/// not let its VM run dry and lose its share, which would measure the guest's CPU instead of
+/// the scheduler.
+pub const SHARE_LOAD: Load = Load {
+    msg: 16 << 20,
+    depth: 256,
+    batch: 8,
+};
+
 /// How a saturating guest loads the fabric.
 #[derive(Debug, Clone, Copy)]
 pub struct Load {

@@ -460,17 +460,7 @@ fn new_qp(
     cq: &CompletionQueue,
     qp_type: QpType,
 ) -> vrdma::Result<QueuePair> {
-    QueuePair::new(
-        pd,
-        &QpInitAttr {
-            send_cq: cq,
-            recv_cq: cq,
-            srq: None,
-            cap: small_cap(),
-            qp_type,
-            sq_sig_all: false,
-        },
-    )
+    vrdma_tests::new_qp(pd, cq, qp_type, small_cap())
 }
 
 fn commands_failed(d: &TestDaemon, vm: &str) -> u64 {

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use vrdma_tests::{Load, TestDaemon, measure, saturate};
+use vrdma_tests::{SHARE_LOAD, TestDaemon, measure, saturate};
 
 /// Bytes each of "x" and "y" moved in a steady window while both saturate the fabric.
 fn share(weights: (u32, u32)) -> (u64, u64) {
@@ -16,16 +16,7 @@ fn share(weights: (u32, u32)) -> (u64, u64) {
     ]);
     let stop = Arc::new(AtomicBool::new(false));
     let sink = d.open("sink");
-    // A share is only defined while both VMs have work queued, so each keeps seconds of it
-    // queued (256 writes of 16 MiB; the daemon moves a few GB/s here): a guest thread that a
-    // loaded host leaves off the CPU for tens or hundreds of milliseconds, as on a two-core
-    // machine building something else, must not let its VM run dry and lose its share,
-    // which would measure the guest's CPU instead of the scheduler.
-    let load = Load {
-        msg: 16 << 20,
-        depth: 256,
-        batch: 8,
-    };
+    let load = SHARE_LOAD;
     let tx = saturate(&d, "x", &sink, load, stop.clone());
     let ty = saturate(&d, "y", &sink, load, stop.clone());
     let moved = measure(&d, &["x", "y"], Duration::from_millis(1500));

@@ -16,7 +16,7 @@ use vhost_user_rdma::vhost::server::VmStatus;
 use vrdma::{CompletionQueue, Context, ProtectionDomain, QpCap, QpType};
 use vrdma::{SendFlags, SendWr, Sge, WcStatus};
 use vrdma_proto::cmd::Status;
-use vrdma_tests::{Load, pattern, rc_pair, read, saturate_from};
+use vrdma_tests::{pattern, rc_pair, read, saturate_from};
 
 /// A daemon run with its control plane, as `vhost-user-rdma --control-socket` runs it, with
 /// its VMs' sockets and the management socket in a private directory.
@@ -130,13 +130,7 @@ fn a_weight_change_at_run_time_shows_in_the_measured_shares() {
     let d = Managed::start(&[("x", ""), ("y", ""), ("sink", "")]);
     let stop = Arc::new(AtomicBool::new(false));
     let sink = d.open("sink");
-    // As in fairness.rs: seconds of work queued, so that a guest thread left off the CPU on
-    // a busy two-core host cannot let its VM run dry and lose its share.
-    let load = Load {
-        msg: 16 << 20,
-        depth: 256,
-        batch: 8,
-    };
+    let load = vrdma_tests::SHARE_LOAD;
     let threads: Vec<_> = ["x", "y"]
         .iter()
         .map(|n| {

@@ -188,7 +188,7 @@ pub enum Error {
     RoceMtu(u32),
     /// A key that cannot change while the VM runs (`vrdmactl set`).
     #[error(
-        "{entry:?}: {key} cannot change while the VM runs; these can: weight, class, max-qp, max-cq, max-mr, max-pd, max-ah, max-srq, max-mr-bytes, max-bw, max-msg-rate (remove the VM and add it again to change the rest)"
+        "{entry:?}: {key} cannot change while the VM runs; these can: {RUN_TIME_KEYS} (remove the VM and add it again to change the rest)"
     )]
     NotAtRunTime {
         /// The whole entry.
@@ -326,6 +326,20 @@ impl Default for RunTime {
 }
 
 impl VmConfig {
+    /// What this VM and `other` have in common that each VM needs its own of: the name, the
+    /// socket, or (with `check_gid`) the GID.
+    pub fn shares_with(&self, other: &VmConfig, check_gid: bool) -> Option<&'static str> {
+        if self.name == other.name {
+            Some("name")
+        } else if self.socket == other.socket {
+            Some("socket")
+        } else if check_gid && self.gid == other.gid {
+            Some("gid")
+        } else {
+            None
+        }
+    }
+
     /// What of the VM may change while it runs, as it stands.
     pub fn run_time(&self) -> RunTime {
         RunTime {
@@ -542,16 +556,7 @@ impl Config {
             .collect::<Result<Vec<_>, _>>()?;
         for (i, a) in vms.iter().enumerate() {
             for b in &vms[i + 1..] {
-                let dup = if a.name == b.name {
-                    Some("name")
-                } else if a.socket == b.socket {
-                    Some("socket")
-                } else if a.gid == b.gid {
-                    Some("gid")
-                } else {
-                    None
-                };
-                if let Some(what) = dup {
+                if let Some(what) = a.shares_with(b, true) {
                     return Err(Error::Duplicate {
                         first: a.name.clone(),
                         second: b.name.clone(),

@@ -262,16 +262,8 @@ impl Daemon {
         }
         for s in &self.servers {
             let other = s.config();
-            let shared = if other.name == vm.name {
-                Some("name")
-            } else if other.socket == vm.socket {
-                Some("socket")
-            } else if other.gid == vm.gid && self.nic_port.is_none() {
-                Some("gid")
-            } else {
-                None
-            };
-            if let Some(what) = shared {
+            // On the NIC fabric every VM has the NIC's GID.
+            if let Some(what) = other.shares_with(&vm, self.nic_port.is_none()) {
                 return Err(config::Error::Duplicate {
                     first: other.name,
                     second: vm.name,

@@ -159,9 +159,13 @@ impl Response {
     }
 
     fn failed(e: &daemon::Error) -> Self {
+        Self::refused(vrdma_proto::ErrorChain(e).to_string())
+    }
+
+    fn refused(why: String) -> Self {
         Response {
             ok: false,
-            error: Some(vrdma_proto::ErrorChain(e).to_string()),
+            error: Some(why),
             vms: Vec::new(),
         }
     }
@@ -352,17 +356,9 @@ impl ControlPlane {
         let response = match line {
             Ok(bytes) => match serde_json::from_slice::<Request>(&bytes) {
                 Ok(request) => self.execute(request),
-                Err(e) => Response {
-                    ok: false,
-                    error: Some(format!("not a request this daemon knows: {e}")),
-                    vms: Vec::new(),
-                },
+                Err(e) => Response::refused(format!("not a request this daemon knows: {e}")),
             },
-            Err(why) => Response {
-                ok: false,
-                error: Some(why),
-                vms: Vec::new(),
-            },
+            Err(why) => Response::refused(why),
         };
         answer(client.stream, &response);
     }
@@ -398,11 +394,7 @@ impl ControlPlane {
 
     fn execute(&mut self, request: Request) -> Response {
         let Some(d) = self.daemon.as_mut() else {
-            return Response {
-                ok: false,
-                error: Some("the daemon is stopping".into()),
-                vms: Vec::new(),
-            };
+            return Response::refused("the daemon is stopping".into());
         };
         let result = match &request {
             Request::List { vm } => d.status(vm.as_deref()),

@@ -324,6 +324,8 @@ struct Turns {
     owed: [i64; CLASSES],
     /// The class served first in the current round to give it its share, if any.
     guaranteed: Option<PriorityClass>,
+    /// The highest class of the VMs served, as of the last round's look at their classes.
+    highest: PriorityClass,
     /// How fast steps move bytes, measured on the steps that are sized by time.
     copy_rate: CopyRate,
     /// How long a step of a VM below a higher class may last (`--step-time-us`), if bounded.
@@ -361,6 +363,7 @@ impl Turns {
             order: Vec::new(),
             owed: [0; CLASSES],
             guaranteed: None,
+            highest: PriorityClass::Normal,
             copy_rate: CopyRate::default(),
             step_time: None,
             timers: BinaryHeap::with_capacity(4096),
@@ -488,10 +491,9 @@ impl Turns {
     fn poll_doorbells(&mut self) -> bool {
         self.poll_passes = self.poll_passes.wrapping_add(1);
         let everyone = self.poll_passes % LOWER_CLASS_POLL_EVERY == 0;
-        let highest = self.entries.iter().map(|e| e.class).min();
         let mut any = false;
         for e in self.entries.iter().filter(|e| e.polled) {
-            if everyone || Some(e.class) == highest {
+            if everyone || e.class == self.highest {
                 any |= e.doorbells.take();
             }
         }
@@ -779,12 +781,7 @@ impl Turns {
         self.fabric_full = false;
         let guaranteed = self.order_by_class();
         self.guaranteed = guaranteed;
-        let highest = self
-            .entries
-            .iter()
-            .map(|e| e.class)
-            .min()
-            .unwrap_or(PriorityClass::Normal);
+        let highest = self.highest;
         let mut cost_by_class = [0u64; CLASSES];
         let mut preempted = false;
         let mut pos = 0;
@@ -797,6 +794,8 @@ impl Turns {
             // Whether this class's turns may be cut short for a higher class: not at the top,
             // nor while it takes the share it is owed (once it has, it may again).
             let mut preemptible = guaranteed != Some(class) && class > highest;
+            // A class served first for its share becomes preemptible once it has taken it.
+            let paying_off = guaranteed == Some(class) && class > highest;
             let owed = self.owed[class.index()];
             // Strict priority: a class waits while one above it still has work (it has had
             // its pass in this round; the next round comes at once if it moved anything).
@@ -816,9 +815,7 @@ impl Turns {
             for p in resumed.map_or(pos, |r| r.0)..end {
                 let i = self.order[p];
                 let mid_turn = resumed == Some((p, true));
-                if !preemptible && guaranteed == Some(class) && class > highest {
-                    preemptible = cost_by_class[class.index()] as i64 >= owed;
-                }
+                preemptible |= paying_off && cost_by_class[class.index()] as i64 >= owed;
                 // A higher class's work waits for no further turn of this class.
                 if preemptible && p > pos && self.higher_class_waiting(class) {
                     self.resume[class.index()] = Some((self.entries[i].vm.id, mid_turn));
@@ -938,9 +935,7 @@ impl Turns {
                             break;
                         }
                     }
-                    if !preemptible && guaranteed == Some(class) && class > highest {
-                        preemptible = cost_by_class[class.index()] as i64 >= owed;
-                    }
+                    preemptible |= paying_off && cost_by_class[class.index()] as i64 >= owed;
                     if preemptible
                         && self.entries[i].deficit > 0
                         && self.higher_class_waiting(class)
@@ -977,6 +972,12 @@ impl Turns {
                 e.class = class;
             }
         }
+        self.highest = self
+            .entries
+            .iter()
+            .map(|e| e.class)
+            .min()
+            .unwrap_or(PriorityClass::Normal);
         let guaranteed = PriorityClass::ALL
             .into_iter()
             .filter(|c| self.owed[c.index()] >= i64::from(QUANTUM))

@@ -406,37 +406,24 @@ impl VmServer {
                 let objects = vm.lock();
                 status.sends_under_way = objects.sends_under_way()
                     + u64::from(self.scheduler.hooks().sends_in_flight(vm.id));
-                status.objects = objects
-                    .usage()
-                    .iter()
-                    .map(|&(kind, in_use, quota)| ObjectUse {
-                        kind: kind.into(),
-                        in_use,
-                        quota,
-                    })
-                    .collect();
+                status.objects = Self::object_use(&objects);
             }
-            None => {
-                let q = &config.quotas;
-                status.objects = [
-                    ("qp", q.max_qp.into()),
-                    ("cq", q.max_cq.into()),
-                    ("mr", q.max_mr.into()),
-                    ("pd", q.max_pd.into()),
-                    ("ah", q.max_ah.into()),
-                    ("srq", q.max_srq.into()),
-                    ("mr_bytes", q.max_mr_bytes),
-                ]
-                .into_iter()
-                .map(|(kind, quota)| ObjectUse {
-                    kind: kind.into(),
-                    in_use: 0,
-                    quota,
-                })
-                .collect();
-            }
+            // Without a guest nothing is in use: the quotas a connection would start from.
+            None => status.objects = Self::object_use(&VmObjects::new(&config, 0)),
         }
         status
+    }
+
+    fn object_use(objects: &VmObjects) -> Vec<ObjectUse> {
+        objects
+            .usage()
+            .iter()
+            .map(|&(kind, in_use, quota)| ObjectUse {
+                kind: kind.into(),
+                in_use,
+                quota,
+            })
+            .collect()
     }
 
     /// How many times the server has been waiting for a frontend with everything of the

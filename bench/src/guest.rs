@@ -683,3 +683,113 @@ fn raw(v: &VirtioUser, request: &[u8], what: &str) -> Result<(Status, u32), Erro
     let word = word.map_or(0, |w| u32::from_le_bytes([w[0], w[1], w[2], w[3]]));
     Ok((status, word))
 }
+
+/// One-way times of an 8-byte ping-pong in event mode between QP 0 of `a` and QP 0 of `b`,
+/// `rounds` round trips, each half a round trip: each side posts a receive, sends an RDMA
+/// WRITE WITH IMMEDIATE (as vrdma-perf's write_lat does in event mode) and sleeps on its
+/// completion channel until the other's arrives. `a` waits `gap` before each ping.
+pub fn event_ping_pong(
+    a: &Side,
+    b: &Side,
+    rounds: usize,
+    gap: Duration,
+) -> Result<Vec<Duration>, Error> {
+    let channel =
+        |s: &Side| vrdma::CompletionChannel::new(&s.ctx).map_err(verb("ibv_create_comp_channel"));
+    let (ca, cb) = (channel(a)?, channel(b)?);
+    let (to_a, to_b) = (a.target(), b.target());
+    // Each receive is posted before the message that consumes it can come, and none is left
+    // posted at the end.
+    post_recv(b)?;
+    std::thread::scope(|scope| {
+        let pong = scope.spawn(|| -> Result<(), Error> {
+            for k in 0..rounds {
+                await_message(b, &cb)?;
+                if k + 1 < rounds {
+                    post_recv(b)?;
+                }
+                write_imm(b, to_a)?;
+            }
+            Ok(())
+        });
+        let mut one_way = Vec::with_capacity(rounds);
+        let ping = (|| -> Result<(), Error> {
+            for _ in 0..rounds {
+                if !gap.is_zero() {
+                    std::thread::sleep(gap);
+                }
+                post_recv(a)?;
+                let start = Instant::now();
+                write_imm(a, to_b)?;
+                await_message(a, &ca)?;
+                one_way.push(start.elapsed() / 2);
+            }
+            Ok(())
+        })();
+        let pong = pong.join().map_err(|_| Error::Panicked)?;
+        ping.and(pong).map(|()| one_way)
+    })
+}
+
+/// Posts one receive on `side`'s QP 0 (a WRITE WITH IMMEDIATE consumes one).
+fn post_recv(side: &Side) -> Result<(), Error> {
+    let wr = [RecvWr {
+        wr_id: 0,
+        sg_list: &[],
+    }];
+    // SAFETY: the receive has no SGE: nothing is written into memory for it.
+    unsafe { side.qps[0].post_recv(&wr) }.map_err(verb("ibv_post_recv"))
+}
+
+/// Sends 8 bytes from `side`'s buffer to `to` with an immediate, signalled.
+fn write_imm(side: &Side, to: Target) -> Result<(), Error> {
+    let sge = [Sge::new(side.buf.addr(), 8, side.mr.lkey())];
+    let wr = [SendWr::rdma_write(1, &sge, to.addr, to.rkey)
+        .with_imm(0)
+        .with_flags(SendFlags::SIGNALED)];
+    // SAFETY: the SGE lies in `side.buf`, which outlives the work request: the caller waits
+    // for its completion (`await_message` polls it) before the side is dropped.
+    unsafe { side.qps[0].post_send(&wr) }.map_err(verb("ibv_post_send"))
+}
+
+/// Polls `side`'s CQ, sleeping on `channel` between polls (armed first, then polled again, as
+/// verbs applications do), until the peer's message arrives; send completions are taken on
+/// the way.
+fn await_message(side: &Side, channel: &vrdma::CompletionChannel) -> Result<(), Error> {
+    let mut wc = [WorkCompletion::default(); 4];
+    let mut armed = false;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let n = side.cq.poll(&mut wc).map_err(verb("ibv_poll_cq"))?;
+        let mut arrived = false;
+        for w in &wc[..n] {
+            if w.status != WcStatus::Success {
+                return Err(Error::Completion {
+                    status: w.status,
+                    vendor_err: w.vendor_err,
+                });
+            }
+            arrived |= w.opcode == vrdma::WcOpcode::RecvRdmaWithImm;
+        }
+        if arrived {
+            return Ok(());
+        }
+        if n > 0 {
+            continue;
+        }
+        if !armed {
+            side.cq
+                .req_notify(false)
+                .map_err(verb("ibv_req_notify_cq"))?;
+            armed = true;
+            continue;
+        }
+        if Instant::now() > deadline {
+            return Err(Error::Stalled { outstanding: 1 });
+        }
+        channel
+            .get_cq_event(Some(Duration::from_millis(100)))
+            .map_err(verb("ibv_get_cq_event"))?;
+        armed = false;
+    }
+}

@@ -15,6 +15,7 @@ mod report;
 mod sections;
 mod shim;
 mod tables;
+mod wakeup;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -131,6 +132,7 @@ fn main() -> ExitCode {
         let outcome = match name {
             "vrdma" => sections::vrdma(&mut env, &mut results),
             "tcp" => sections::tcp(&mut env, &mut results),
+            "wakeup" => wakeup::wakeup(&mut env, &mut results),
             "roce" => sections::roce(&mut env, &mut results),
             "shim" => shim::shim_section(&mut env, &mut results),
             "memcpy" => sections::memcpy(&mut env, &mut results),

@@ -38,6 +38,14 @@ pub enum Error {
     /// A measurement failed, and why.
     #[error("{0}")]
     Failed(String),
+    /// A system call the section itself makes failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What the section was doing.
+        what: String,
+        /// Why.
+        source: std::io::Error,
+    },
     /// A directory could not be made.
     #[error("cannot create {path}: {source}")]
     Dir {
@@ -66,9 +74,10 @@ pub struct Env {
 }
 
 /// The sections, in the order they run.
-pub const SECTIONS: [&str; 13] = [
+pub const SECTIONS: [&str; 14] = [
     "vrdma",
     "tcp",
+    "wakeup",
     "roce",
     "shim",
     "memcpy",

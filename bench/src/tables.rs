@@ -624,6 +624,11 @@ pub fn all(r: &mut Results, env: &Env) -> Vec<Table> {
         out.push(t);
     }
 
+    let t = wakeup_table(r);
+    if !t.rows.is_empty() {
+        out.push(t);
+    }
+
     let mut t = Table::new(
         "Fairness: two VMs saturating at weights 3:1",
         &["", "value"],
@@ -798,6 +803,61 @@ pub fn all(r: &mut Results, env: &Env) -> Vec<Table> {
     out.push(targets(r));
     let _ = env;
     out
+}
+
+/// Section `wakeup`: one message in event mode against one thread wake-up and against TCP.
+fn wakeup_table(r: &Results) -> Table {
+    use crate::wakeup::{APART, BACK_TO_BACK, FLOOR, SECTION};
+    let mut t = Table::new(
+        "Event mode against one thread wake-up (8 B, us one way)",
+        &["series", "median", "p99", "/ wake-up", "/ qperf tcp_lat"],
+    );
+    let floor = r.get(SECTION, FLOOR, Some(8), "latency");
+    let tcp = r.get("latency", TCP_LAT, Some(8), "latency");
+    if let Some(f) = floor {
+        t.row(vec![
+            FLOOR.into(),
+            fmt(Some(f)),
+            "".into(),
+            fmt(Some(1.0)),
+            fmt(ratio(Some(f), tcp)),
+        ]);
+    }
+    let perf = vrdma_series("write", true);
+    let rows = [
+        (
+            format!("{perf} (vrdma-perf write_lat -e)"),
+            r.get("latency", &perf, Some(8), "t_typical"),
+            r.get("latency", &perf, Some(8), "p99"),
+        ),
+        (
+            BACK_TO_BACK.to_owned(),
+            r.get(SECTION, BACK_TO_BACK, Some(8), "t_typical"),
+            r.get(SECTION, BACK_TO_BACK, Some(8), "p99"),
+        ),
+        (
+            APART.to_owned(),
+            r.get(SECTION, APART, Some(8), "t_typical"),
+            r.get(SECTION, APART, Some(8), "p99"),
+        ),
+    ];
+    for (name, median, p99) in rows {
+        if median.is_some() {
+            t.row(vec![
+                name,
+                fmt(median),
+                fmt(p99),
+                fmt(ratio(median, floor)),
+                fmt(ratio(median, tcp)),
+            ]);
+        }
+    }
+    t.note = "The wake-up: a byte back and forth through pipes with cat on the daemon's CPUs, \
+              best of three. Back to back the daemon's scheduler polls and a message costs the \
+              receiving guest's wake-up; 1 ms apart the scheduler sleeps too, and a message wakes \
+              it and then the guest (docs/performance.md)."
+        .into();
+    t
 }
 
 /// Section `idle`: the daemon's CPU with idle VMs, while one pair ping-pongs, and after.

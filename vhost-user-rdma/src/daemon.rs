@@ -169,7 +169,7 @@ impl Daemon {
             }
         };
         if let Some(n) = &network {
-            n.set_scheduler(scheduler.thread().clone());
+            n.set_scheduler(scheduler.bell().clone());
         }
         // Undoes what was started when a later step fails.
         let abandon = |servers: Vec<VmServer>, listeners: Option<&Listeners>| {

@@ -3,7 +3,8 @@
 //! One process serves many VMs, each over its own vhost-user socket. The modules are layers,
 //! and each imports only from the layers below it (docs/architecture.md draws them):
 //!
-//! 1. [`config`], [`limits`], [`handle`]: plain data, the command line, the leaves;
+//! 1. [`config`], [`limits`], [`handle`], [`wake`]: plain data, the command line, the leaves
+//!    (and what the scheduler sleeps on, which devices and fabrics ring);
 //! 2. [`model`]: each VM's objects, QP state and guest memory, with the one path every write
 //!    into a guest takes;
 //! 3. [`rnic`]: the requester, responder and completion rules every fabric shares;
@@ -30,6 +31,7 @@ pub mod model;
 pub mod rnic;
 pub mod sched;
 pub mod vhost;
+pub mod wake;
 
 #[cfg(test)]
 mod rules_tests;

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 /// The layers, lowest first; a module may import from its own layer and those before it.
 const LAYERS: &[&[&str]] = &[
-    &["config", "limits", "handle"],
+    &["config", "limits", "handle", "wake"],
     &["model"],
     &["rnic"],
     &["fabric"],

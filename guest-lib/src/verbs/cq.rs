@@ -303,36 +303,32 @@ impl CompletionChannel {
         const VERB: &str = "ibv_get_cq_event";
         let deadline = timeout.map(|t| std::time::Instant::now() + t);
         loop {
-            if let Some(cqn) = self
-                .pending
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .pop_front()
-            {
+            if let Some(cqn) = self.pop_pending() {
                 return Ok(Some(cqn));
             }
-            self.collect(VERB)?;
-            if let Some(cqn) = self
-                .pending
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .pop_front()
-            {
-                return Ok(Some(cqn));
-            }
+            // No pass over the event queue before the wait: every event the device has used
+            // since the last pass signalled the fd, which that pass reset before reading the
+            // queue, so the wait ends at once if one is there. A message in event mode then
+            // costs its wake-up, one wait and one pass (two system calls), not two passes and
+            // a look for a hang-up besides (five).
             let wait_ms = match deadline {
                 None => -1,
                 Some(d) => {
                     let left = d.saturating_duration_since(std::time::Instant::now());
-                    if left.is_zero() {
-                        return Ok(None);
-                    }
-                    i32::try_from(left.as_millis().max(1)).unwrap_or(i32::MAX)
+                    // Zero left still looks once, without waiting.
+                    i32::try_from(left.as_micros().div_ceil(1000)).unwrap_or(i32::MAX)
                 }
             };
             let mut events = [EpollEvent::default(); 1];
             match self.epoll.wait(wait_ms, &mut events) {
-                Ok(_) => {}
+                // The event fd, or the device's hang-up (which the pass reports when it finds
+                // no event).
+                Ok(n) if n > 0 => self.collect(VERB)?,
+                Ok(_) => {
+                    if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+                        return Ok(None);
+                    }
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => {
                     return Err(Error::Transport {
@@ -342,6 +338,13 @@ impl CompletionChannel {
                 }
             }
         }
+    }
+
+    fn pop_pending(&self) -> Option<u32> {
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop_front()
     }
 
     /// Every event received so far, in one pass over the device's event queue: the CQ numbers

@@ -198,7 +198,9 @@ where
         Ok(())
     }
 
-    pub(crate) fn unregister_event(&self, fd: RawFd, ev_type: EventSet, data: u64) -> Result<()> {
+    /// Unregister an event from the epoll fd, a queue's kick included: a backend that watches a
+    /// queue's kick fd itself takes it out of the worker's epoll set with this (vrdma patch).
+    pub fn unregister_event(&self, fd: RawFd, ev_type: EventSet, data: u64) -> Result<()> {
         if data < self.num_backend_queues as u64 {
             self.vrings_with_pending_events
                 .lock()

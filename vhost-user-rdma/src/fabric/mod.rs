@@ -20,6 +20,7 @@ use crate::model::hooks::ObjectHooks;
 use crate::model::memory::GuestMem;
 use crate::model::objects::VmObjects;
 use crate::model::vm::Vm;
+use crate::wake::Bell;
 
 #[cfg(test)]
 pub mod mock;
@@ -132,6 +133,10 @@ impl StepOutcome {
 /// these methods; what a fabric shares with other threads (receive threads, the VMs' control
 /// paths) it keeps behind its own synchronisation.
 pub trait Fabric: std::fmt::Debug {
+    /// What the scheduler sleeps on: a fabric whose own threads hand the scheduler work rings
+    /// it. Given once, before any VM is attached.
+    fn set_bell(&mut self, _bell: Arc<Bell>) {}
+
     /// VM `vm` connected: the fabric may carry its work and deliver to it.
     fn attach(&mut self, vm: &Arc<Vm>);
 

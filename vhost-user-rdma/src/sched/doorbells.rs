@@ -8,6 +8,11 @@ pub trait Doorbells: Send + Sync {
     /// couple of loads per queue.
     fn take(&self) -> bool;
 
+    /// The same after a kick: the doorbells count as kicked, not polled.
+    fn take_kicked(&self) -> bool {
+        self.take()
+    }
+
     /// Tells the driver to kick again (`on`) or to stop kicking because the scheduler polls
     /// (`!on`). The state holds for queues that start (or restart) later too. When kicks come
     /// back on, returns whether doorbells arrived while they were off (nobody announced them,

@@ -17,7 +17,6 @@ use std::collections::BinaryHeap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
-use std::thread::Thread;
 use std::time::{Duration, Instant};
 
 use log::{info, warn};
@@ -32,12 +31,28 @@ use crate::model::memory::{CHUNK, load_producer};
 use crate::model::vm::Vm;
 use crate::rnic::completion::flush;
 use crate::rnic::requester::{Examined, examine, fail_wr, set_sq_polling};
+use crate::wake::{Bell, Sleeper};
 
 pub mod doorbells;
 pub mod rate;
 
 use doorbells::Doorbells;
 use rate::Buckets;
+
+/// How often the loop, awake, looks for the kicks of VMs it does not poll (asleep, a kick
+/// wakes it): a system call per look, so about one per 20 µs of copying at most.
+const KICK_LOOK: Duration = Duration::from_micros(20);
+
+/// Bits of a kick token that name the doorbell queue (the rest name the VM).
+const KICK_TOKEN_QUEUE_BITS: u32 = 8;
+
+/// The token a VM's doorbell queue's kick fd is watched with on the scheduler's bell
+/// ([`Bell::watch`]): a kick makes the scheduler take that VM's doorbells. `None` for a VM id
+/// too large to encode (never, in practice: ids count connections from 1).
+pub fn kick_token(vm_id: u64, queue: u16) -> Option<u64> {
+    let token = vm_id.checked_mul(1 << KICK_TOKEN_QUEUE_BITS)? | u64::from(queue & 0xff);
+    (token <= crate::wake::MAX_TOKEN).then_some(token)
+}
 
 /// Deficit a weight-1 VM earns per round.
 pub const QUANTUM: u32 = CHUNK;
@@ -138,16 +153,14 @@ pub struct SchedulerStats {
 #[derive(Clone)]
 pub struct Scheduler {
     tx: SyncSender<Control>,
-    thread: Thread,
+    bell: Arc<Bell>,
     hooks: Arc<dyn ObjectHooks>,
     stats: Arc<SchedulerStats>,
 }
 
 impl std::fmt::Debug for Scheduler {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Scheduler")
-            .field("thread", &self.thread.name())
-            .finish_non_exhaustive()
+        f.debug_struct("Scheduler").finish_non_exhaustive()
     }
 }
 
@@ -170,12 +183,14 @@ impl Scheduler {
         let (hooks_tx, hooks_rx) = sync_channel(1);
         let stats = Arc::new(SchedulerStats::default());
         let thread_stats = stats.clone();
-        let handle = std::thread::Builder::new()
+        let bell = Bell::new()?;
+        let sleeper = Sleeper::new(bell.clone())?;
+        std::thread::Builder::new()
             .name("vrdma-scheduler".into())
             .spawn(move || {
                 let fabric = make_fabric();
                 if hooks_tx.send(fabric.hooks()).is_ok() {
-                    let mut turns = Turns::new(rx, fabric);
+                    let mut turns = Turns::new(rx, fabric, sleeper);
                     turns.stats = thread_stats;
                     turns.step_time = step_time;
                     turns.run();
@@ -186,7 +201,7 @@ impl Scheduler {
         })?;
         Ok(Scheduler {
             tx,
-            thread: handle.thread().clone(),
+            bell,
             hooks,
             stats,
         })
@@ -202,9 +217,10 @@ impl Scheduler {
         &self.hooks
     }
 
-    /// The scheduler's thread, for whoever must wake it (the RoCEv2 receive threads).
-    pub fn thread(&self) -> &Thread {
-        &self.thread
+    /// What the scheduler sleeps on, for whoever must wake it (the RoCEv2 receive threads)
+    /// and for the sources it watches itself (the VMs' doorbell kicks, see [`kick_token`]).
+    pub fn bell(&self) -> &Arc<Bell> {
+        &self.bell
     }
 
     /// Adds a connected VM, whose doorbell queues are `doorbells`, to the fabric.
@@ -262,7 +278,7 @@ impl Scheduler {
 
     /// Tells the scheduler there is work.
     pub fn wake(&self) {
-        self.thread.unpark();
+        self.bell.ring();
     }
 }
 
@@ -349,10 +365,17 @@ struct Turns {
     fabric: Box<dyn Fabric>,
     /// What the loop has done, for metrics.
     stats: Arc<SchedulerStats>,
+    /// What the loop sleeps on: rings, and the kicks of VMs not polled.
+    sleeper: Sleeper,
+    /// The kick tokens a sleep or a look reported (capacity kept, so no allocation).
+    kicked: Vec<u64>,
+    /// When the loop, awake, last looked for kicks.
+    kicks_seen_at: Instant,
 }
 
 impl Turns {
-    fn new(rx: Receiver<Control>, fabric: Box<dyn Fabric>) -> Self {
+    fn new(rx: Receiver<Control>, mut fabric: Box<dyn Fabric>, sleeper: Sleeper) -> Self {
+        fabric.set_bell(sleeper.bell().clone());
         Turns {
             rx,
             entries: Vec::new(),
@@ -377,11 +400,17 @@ impl Turns {
             served: Vec::new(),
             fabric,
             stats: Arc::default(),
+            sleeper,
+            kicked: Vec::with_capacity(64),
+            kicks_seen_at: Instant::now(),
         }
     }
 
     fn run(mut self) {
         loop {
+            // Read before looking for work: a ring after this keeps the sleep below from
+            // sleeping, as an unpark before a park would.
+            let generation = self.sleeper.bell().generation();
             self.stats.passes.fetch_add(1, Ordering::Relaxed);
             loop {
                 match self.rx.try_recv() {
@@ -399,6 +428,11 @@ impl Turns {
             }
             if !self.error_qps.is_empty() && self.last_flush.elapsed() >= FLUSH_TICK {
                 self.flush_error_qps();
+            }
+            // Kicks wake the loop when it sleeps; awake, it looks for them now and then, so a
+            // VM that kicks while the others keep it busy waits at most about KICK_LOOK.
+            if self.kicks_seen_at.elapsed() >= KICK_LOOK {
+                self.look_for_kicks();
             }
             // While kicks are off, doorbells are only seen here: look on every pass, busy or
             // not, so a VM never waits behind a neighbour's backlog for more than a chunk.
@@ -433,7 +467,7 @@ impl Turns {
             }
             let now = Instant::now();
             self.stats.sleeps.fetch_add(1, Ordering::Relaxed);
-            std::thread::park_timeout(self.sleep_for(now));
+            self.sleep(generation, self.sleep_for(now));
             if self
                 .entries
                 .iter()
@@ -466,6 +500,45 @@ impl Turns {
             sleep = sleep.min(FLUSH_TICK);
         }
         sleep
+    }
+
+    /// Sleeps for at most `timeout`, unless the bell rang since `generation`, and takes the
+    /// doorbells of the VMs whose kicks ended it.
+    fn sleep(&mut self, generation: u64, timeout: Duration) {
+        let mut kicked = std::mem::take(&mut self.kicked);
+        if let Err(e) = self
+            .sleeper
+            .sleep(generation, timeout, |token| kicked.push(token))
+        {
+            // Never seen: epoll_wait fails only for a bad descriptor or buffer. Wait as
+            // parking would, so a broken bell does not spin the loop.
+            warn!("the scheduler cannot wait on its bell: {e}");
+            std::thread::sleep(timeout.min(Duration::from_millis(1)));
+        }
+        self.kicks_seen_at = Instant::now();
+        self.take_kicked(&mut kicked);
+        self.kicked = kicked;
+    }
+
+    /// Takes the doorbells of the VMs that kicked since the last look or sleep.
+    fn look_for_kicks(&mut self) {
+        let mut kicked = std::mem::take(&mut self.kicked);
+        if let Err(e) = self.sleeper.look(|token| kicked.push(token)) {
+            warn!("the scheduler cannot look for kicks: {e}");
+        }
+        self.kicks_seen_at = Instant::now();
+        self.take_kicked(&mut kicked);
+        self.kicked = kicked;
+    }
+
+    fn take_kicked(&mut self, kicked: &mut Vec<u64>) {
+        for token in kicked.drain(..) {
+            let vm_id = token >> KICK_TOKEN_QUEUE_BITS;
+            // A VM not attached yet has its doorbells taken when it is; one detached has none.
+            if let Some(i) = self.position(vm_id) {
+                self.entries[i].doorbells.take_kicked();
+            }
+        }
     }
 
     /// Grows or shrinks the polling window after a sleep that a guest's doorbell ended.
@@ -542,6 +615,8 @@ impl Turns {
         match c {
             Control::Attach(vm, doorbells) => {
                 info!("vm {}: attached to the fabric as {}", vm.name, vm.gid);
+                // Kicks that came before are not reported again.
+                doorbells.take_kicked();
                 self.fabric.attach(&vm);
                 self.served.reserve(self.entries.len() + 1);
                 self.order.reserve(self.entries.len() + 1);
@@ -1106,13 +1181,19 @@ pub(crate) struct ManualScheduler {
     _tx: SyncSender<Control>,
 }
 
+/// A sleeper on a bell of its own, for schedulers run by hand.
+#[cfg(test)]
+fn test_sleeper() -> Sleeper {
+    Sleeper::new(Bell::new().expect("an epoll and an eventfd")).expect("a timerfd")
+}
+
 #[cfg(test)]
 impl ManualScheduler {
     /// A scheduler carrying work on `fabric`.
     pub fn new(fabric: Box<dyn Fabric>) -> Self {
         let (tx, rx) = sync_channel(16);
         ManualScheduler {
-            turns: Turns::new(rx, fabric),
+            turns: Turns::new(rx, fabric, test_sleeper()),
             _tx: tx,
         }
     }
@@ -1163,7 +1244,7 @@ mod tests {
     /// A scheduler on `fabric`, run by hand: the test calls its rounds.
     fn turns(fabric: Box<dyn Fabric>) -> (Turns, SyncSender<Control>) {
         let (tx, rx) = sync_channel(16);
-        (Turns::new(rx, fabric), tx)
+        (Turns::new(rx, fabric, test_sleeper()), tx)
     }
 
     fn attach(t: &mut Turns, vm: &TestVm) {

@@ -3,7 +3,7 @@
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -13,7 +13,7 @@ use vhost::vhost_user::message::{
     VhostUserVirtioFeatures,
 };
 use vhost_user_backend::bitmap::BitmapMmapRegion;
-use vhost_user_backend::{VhostUserBackend, VringT};
+use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_queue::DescriptorChain;
 use vm_memory::{Bytes, GuestAddressSpace, GuestMemoryBackend};
@@ -124,6 +124,9 @@ pub struct VmDevice {
     /// Held by the vring worker while it serves a queue, so stopping a ring can wait until
     /// nothing the worker took from it is still being answered.
     serving: Mutex<()>,
+    /// The vring worker's epoll set, from which the doorbell queues' kicks are taken once the
+    /// scheduler watches them (weak: the library's handler owns the device).
+    worker: OnceLock<Weak<VringEpollHandler<Arc<VmDevice>>>>,
 }
 
 /// Where the VM stands in the VMM's stop, start and state-transfer sequence.
@@ -195,6 +198,7 @@ impl VmDevice {
             acked_features: Mutex::new(None),
             migration: Mutex::new(Migration::default()),
             serving: Mutex::new(()),
+            worker: OnceLock::new(),
         })
     }
 
@@ -603,10 +607,22 @@ impl VmDevice {
         result
     }
 
+    /// The vring worker's epoll set (the library's `VhostUserDaemon::get_epoll_handlers`):
+    /// with it, a doorbell queue's first kick hands the queue's kicks to the scheduler.
+    pub fn set_worker(&self, worker: &Arc<VringEpollHandler<Arc<VmDevice>>>) {
+        let _ = self.worker.set(Arc::downgrade(worker));
+    }
+
     /// Hot path: hands the doorbells to the scheduler, waking it only if it sleeps on work
-    /// it has not seen.
-    fn process_doorbells(&self, index: u16, vring: &Vring) {
+    /// it has not seen. The ring's first kick after it starts also hands its later kicks to
+    /// the scheduler (`DoorbellQueues::hand_over_kicks`), so they reach it without this thread.
+    fn process_doorbells(&self, queue_event: u16, index: u16, vring: &Vring) {
         self.doorbells.kicked(index, vring);
+        if let Some(worker) = self.worker.get().and_then(Weak::upgrade) {
+            self.doorbells.hand_over_kicks(index, vring, |fd| {
+                worker.unregister_event(fd, EventSet::IN, u64::from(queue_event))
+            });
+        }
         if self.vm.has_work.load(Ordering::Acquire) {
             self.scheduler.wake();
         }
@@ -699,7 +715,12 @@ impl VhostUserBackend for VmDevice {
         self.release_all();
     }
 
-    fn stop_vring(&self, _queue_index: u32) -> io::Result<()> {
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        if let Ok(Some(queue::Role::Doorbell(index))) =
+            u16::try_from(queue_index).map(|q| queue::role(q, self.doorbell_queues))
+        {
+            self.doorbells.kicks_stopped(index);
+        }
         // The library has marked the ring not ready; wait for the worker to finish what it
         // took from it, so every descriptor it consumed is answered before GET_VRING_BASE
         // returns the ring's index.
@@ -760,7 +781,9 @@ impl VhostUserBackend for VmDevice {
             .ok_or(Error::UnknownQueue(device_event))?;
         match queue::role(device_event, self.doorbell_queues) {
             Some(queue::Role::Control) => self.process_control(vring)?,
-            Some(queue::Role::Doorbell(index)) => self.process_doorbells(index, vring),
+            Some(queue::Role::Doorbell(index)) => {
+                self.process_doorbells(device_event, index, vring)
+            }
             Some(queue::Role::Event) => {
                 self.events.kicked(vring);
                 self.vm.deliver_events();

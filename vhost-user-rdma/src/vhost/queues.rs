@@ -3,20 +3,24 @@
 //! events written into the buffers the driver posts.
 
 use std::collections::VecDeque;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use log::warn;
+use log::{debug, warn};
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_bindings::virtio_ring::{VRING_AVAIL_F_NO_INTERRUPT, VRING_USED_F_NO_NOTIFY};
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
+use vmm_sys_util::event::EventConsumer;
 use vrdma_proto::{doorbell, event, queue};
 use zerocopy::IntoBytes;
 
 use crate::model::memory::{self, GuestMem, GuestMemAtomic, WriteKind};
 use crate::model::vm::{EventSink, Vm};
 use crate::sched::doorbells::Doorbells;
+use crate::sched::kick_token;
+use crate::wake::Bell;
 
 /// A virtqueue as the vhost-user library keeps it.
 pub type Vring = VringRwLock<GuestMemAtomic>;
@@ -28,6 +32,11 @@ pub struct DoorbellQueues {
     /// The scheduler polls this VM: its driver must not kick, on the queues known now and on
     /// any that start or restart later.
     kicks_off: AtomicBool,
+    /// What the scheduler sleeps on, if the queues' kicks go to it directly.
+    bell: Option<Arc<Bell>>,
+    /// Per queue, the duplicate of its kick fd the scheduler watches, from the first kick
+    /// after the ring starts until it stops.
+    handed_over: Box<[Mutex<Option<EventConsumer>>]>,
 }
 
 impl std::fmt::Debug for DoorbellQueues {
@@ -48,6 +57,87 @@ impl DoorbellQueues {
                 .map(|_| OnceLock::new())
                 .collect(),
             kicks_off: AtomicBool::new(false),
+            bell: None,
+            handed_over: (0..queue::MAX_DOORBELL_QUEUES)
+                .map(|_| Mutex::new(None))
+                .collect(),
+        }
+    }
+
+    /// The same, with each queue's kicks handed to the scheduler sleeping on `bell`
+    /// ([`DoorbellQueues::hand_over_kicks`]).
+    pub fn handing_kicks_to(mut self, bell: Arc<Bell>) -> Self {
+        self.bell = Some(bell);
+        self
+    }
+
+    /// Hands queue `index`'s kicks to the scheduler, once per start of the ring: the
+    /// scheduler watches a duplicate of its kick fd, and `stop_watching` takes the original out
+    /// of the vring worker's epoll set. A kick then wakes the scheduler, which takes the
+    /// doorbells itself (`Doorbells::take`), instead of waking this VM's vring worker to take
+    /// them and wake the scheduler in turn: in event mode, where a message finds both asleep,
+    /// that was one thread wake-up more per message. Called by the worker after it took the
+    /// queue's doorbells on a kick; if anything fails, the worker keeps the kicks.
+    pub fn hand_over_kicks(
+        &self,
+        index: u16,
+        vring: &Vring,
+        stop_watching: impl FnOnce(RawFd) -> std::io::Result<()>,
+    ) {
+        let (Some(bell), Some(slot)) = (&self.bell, self.handed_over.get(usize::from(index)))
+        else {
+            return;
+        };
+        let mut slot = slot.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_some() {
+            return;
+        }
+        let Some(token) = kick_token(self.vm.id, index) else {
+            return;
+        };
+        let state = vring.get_ref();
+        let Some(kick) = state.get_kick() else {
+            return;
+        };
+        let watched = kick.try_clone().and_then(|dup| {
+            bell.watch(dup.as_raw_fd(), token)?;
+            Ok(dup)
+        });
+        let dup = match watched {
+            Ok(dup) => dup,
+            Err(e) => {
+                debug!(
+                    "vm {}: doorbell queue {index}'s kicks stay with the vring worker: {e}",
+                    self.vm.name
+                );
+                return;
+            }
+        };
+        // Both watch the kicks for this moment; a kick now wakes both, and none is lost.
+        if let Err(e) = stop_watching(kick.as_raw_fd()) {
+            debug!(
+                "vm {}: doorbell queue {index}'s kicks stay with the vring worker: {e}",
+                self.vm.name
+            );
+            let _ = bell.unwatch(dup.as_raw_fd());
+            return;
+        }
+        *slot = Some(dup);
+    }
+
+    /// Queue `index` stopped (`GET_VRING_BASE`): the scheduler stops watching its kicks. When
+    /// the ring starts again, the library gives them to the vring worker, whose first kick
+    /// hands them over again (the VMM may give the ring a new kick fd meanwhile).
+    pub fn kicks_stopped(&self, index: u16) {
+        if let Some(slot) = self.handed_over.get(usize::from(index)) {
+            let dup = slot.lock().unwrap_or_else(|p| p.into_inner()).take();
+            self.unwatch(dup);
+        }
+    }
+
+    fn unwatch(&self, dup: Option<EventConsumer>) {
+        if let (Some(bell), Some(dup)) = (&self.bell, dup) {
+            let _ = bell.unwatch(dup.as_raw_fd());
         }
     }
 
@@ -158,16 +248,37 @@ impl DoorbellQueues {
     }
 }
 
-impl Doorbells for DoorbellQueues {
-    fn take(&self) -> bool {
+impl Drop for DoorbellQueues {
+    /// The connection ended: the scheduler stops watching its kicks before their fds close.
+    fn drop(&mut self) {
+        for slot in &self.handed_over {
+            self.unwatch(slot.lock().unwrap_or_else(|p| p.into_inner()).take());
+        }
+    }
+}
+
+impl DoorbellQueues {
+    /// Takes the doorbells of every known queue that has any; `polled`: no kick announced
+    /// them.
+    fn take_all(&self, polled: bool) -> bool {
         let mem = self.vm.mem.memory();
         let mut any = false;
         for vring in self.vrings() {
             if has_pending(vring, &mem) {
-                any |= self.drain(vring, true) > 0;
+                any |= self.drain(vring, polled) > 0;
             }
         }
         any
+    }
+}
+
+impl Doorbells for DoorbellQueues {
+    fn take(&self) -> bool {
+        self.take_all(true)
+    }
+
+    fn take_kicked(&self) -> bool {
+        self.take_all(false)
     }
 
     fn set_kicks(&self, on: bool) -> bool {

@@ -565,7 +565,8 @@ fn serve(
             .with_share(shared.share.clone())
             .with_counters(shared.counters.clone()),
         );
-        let doorbells = Arc::new(DoorbellQueues::new(vm.clone()));
+        let doorbells =
+            Arc::new(DoorbellQueues::new(vm.clone()).handing_kicks_to(scheduler.bell().clone()));
         let device = match VmDevice::new(
             cfg,
             vm.clone(),
@@ -589,6 +590,10 @@ fn serve(
                 return;
             }
         };
+        // One worker thread serves every queue (the device's default `queues_per_thread`).
+        if let Some(worker) = daemon.get_epoll_handlers().first() {
+            device.set_worker(worker);
+        }
         // The loop watches a duplicate of the socket, made now: it belongs to the idle VM's
         // descriptors counted below.
         listeners.watch(server_id, watched, shared.gate.clone());

@@ -8,7 +8,7 @@ use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::{AsFd, AsRawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::thread::{JoinHandle, Thread};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use log::{info, warn};
@@ -26,6 +26,7 @@ use super::requester::on_response;
 use super::responder::{RxBuffers, on_request, on_ud, run_read};
 use crate::config::{ECN_CE, RoceSettings, gid_of, ip_of};
 use crate::model::vm::Vm;
+use crate::wake::Bell;
 
 /// How long a receive thread keeps polling its socket after the last datagram before it
 /// sleeps in it again.
@@ -73,7 +74,7 @@ pub enum Error {
 pub struct Network {
     settings: RoceSettings,
     endpoints: HashMap<Gid, Arc<Endpoint>>,
-    scheduler: OnceLock<Thread>,
+    scheduler: OnceLock<Arc<Bell>>,
     stop: AtomicBool,
     threads: std::sync::Mutex<Vec<JoinHandle<()>>>,
 }
@@ -143,9 +144,9 @@ impl Network {
         Ok(net)
     }
 
-    /// Tells the network which thread to wake when acknowledgements free a QP's window.
-    pub fn set_scheduler(&self, thread: Thread) {
-        let _ = self.scheduler.set(thread);
+    /// Tells the network how to wake the scheduler when acknowledgements free a QP's window.
+    pub fn set_scheduler(&self, bell: Arc<Bell>) {
+        let _ = self.scheduler.set(bell);
     }
 
     /// Stops the receive threads.
@@ -263,8 +264,8 @@ impl Network {
     }
 
     fn wake_scheduler(&self) {
-        if let Some(t) = self.scheduler.get() {
-            t.unpark();
+        if let Some(bell) = self.scheduler.get() {
+            bell.ring();
         }
     }
 }

@@ -7,7 +7,6 @@
 
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::thread::Thread;
 
 use log::{debug, warn};
 use vm_memory::GuestAddressSpace;
@@ -24,6 +23,7 @@ use crate::model::vm::Vm;
 use crate::rnic::completion::{Completion, flush, set_error};
 use crate::rnic::requester::{fail_head, retire_head, sq_drained};
 use crate::rnic::responder::{finish_recv, responder_error};
+use crate::wake::Bell;
 
 /// Completions taken from the NIC per poll.
 const BATCH: usize = 16;
@@ -40,7 +40,7 @@ pub fn run(
     nic_vm: Arc<VmNic>,
     room: Arc<Room>,
     stop: Arc<EventFd>,
-    scheduler: Thread,
+    scheduler: Arc<Bell>,
 ) {
     let mut batch = [nic::Completion::default(); BATCH];
     let mut wake: Vec<u32> = Vec::with_capacity(64);
@@ -87,7 +87,7 @@ pub fn run(
             unpark = true;
         }
         if unpark {
-            scheduler.unpark();
+            scheduler.ring();
         }
         vm.deliver_events();
     }

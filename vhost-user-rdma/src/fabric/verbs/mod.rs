@@ -38,6 +38,7 @@ use crate::model::hooks::ObjectHooks;
 use crate::model::memory::GuestMem;
 use crate::model::objects::VmObjects;
 use crate::model::vm::Vm;
+use crate::wake::Bell;
 
 /// A VM carried by the NIC: its objects there and its completion thread.
 #[derive(Debug)]
@@ -52,6 +53,8 @@ struct Attached {
 pub struct VerbsFabric {
     hooks: Arc<NicHooks>,
     attached: HashMap<u64, Attached>,
+    /// Rung by the completion threads when QPs can post again.
+    bell: Option<Arc<Bell>>,
 }
 
 impl VerbsFabric {
@@ -60,11 +63,16 @@ impl VerbsFabric {
         VerbsFabric {
             hooks: Arc::new(NicHooks::new(nic)),
             attached: HashMap::new(),
+            bell: None,
         }
     }
 }
 
 impl Fabric for VerbsFabric {
+    fn set_bell(&mut self, bell: Arc<Bell>) {
+        self.bell = Some(bell);
+    }
+
     fn attach(&mut self, vm: &Arc<Vm>) {
         let nic_vm = match self.hooks.vm_or_new(vm.id) {
             Ok(v) => v,
@@ -84,8 +92,10 @@ impl Fabric for VerbsFabric {
                 return;
             }
         };
-        // Attach runs on the scheduler's thread: that is the thread to wake.
-        let scheduler = std::thread::current();
+        let Some(scheduler) = self.bell.clone() else {
+            warn!("vm {}: the NIC fabric has no scheduler to wake", vm.name);
+            return;
+        };
         let (v, n, s, r) = (
             vm.clone(),
             nic_vm.clone(),

@@ -506,16 +506,21 @@ impl Turns {
     /// doorbells of the VMs whose kicks ended it.
     fn sleep(&mut self, generation: u64, timeout: Duration) {
         let mut kicked = std::mem::take(&mut self.kicked);
-        if let Err(e) = self
+        match self
             .sleeper
             .sleep(generation, timeout, |token| kicked.push(token))
         {
-            // Never seen: epoll_wait fails only for a bad descriptor or buffer. Wait as
-            // parking would, so a broken bell does not spin the loop.
-            warn!("the scheduler cannot wait on its bell: {e}");
-            std::thread::sleep(timeout.min(Duration::from_millis(1)));
+            // The wait reported every kick since the last look. (Without a wait, a ring kept
+            // it from sleeping: the looks every KICK_LOOK go on, however often rings come.)
+            Ok(true) => self.kicks_seen_at = Instant::now(),
+            Ok(false) => {}
+            Err(e) => {
+                // Never seen: epoll_wait fails only for a bad descriptor or buffer. Wait as
+                // parking would, so a broken bell does not spin the loop.
+                warn!("the scheduler cannot wait on its bell: {e}");
+                std::thread::sleep(timeout.min(Duration::from_millis(1)));
+            }
         }
-        self.kicks_seen_at = Instant::now();
         self.take_kicked(&mut kicked);
         self.kicked = kicked;
     }

@@ -716,15 +716,16 @@ impl VhostUserBackend for VmDevice {
     }
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        // The library has marked the ring not ready; wait for the worker to finish what it
+        // took from it, so every descriptor it consumed is answered before GET_VRING_BASE
+        // returns the ring's index.
+        drop(self.serving.lock().unwrap_or_else(|p| p.into_inner()));
+        // After the wait: a kick the worker was serving may have handed the kicks over.
         if let Ok(Some(queue::Role::Doorbell(index))) =
             u16::try_from(queue_index).map(|q| queue::role(q, self.doorbell_queues))
         {
             self.doorbells.kicks_stopped(index);
         }
-        // The library has marked the ring not ready; wait for the worker to finish what it
-        // took from it, so every descriptor it consumed is answered before GET_VRING_BASE
-        // returns the ring's index.
-        drop(self.serving.lock().unwrap_or_else(|p| p.into_inner()));
         let mut m = self.migration();
         self.quiesce(&mut m);
         Ok(())

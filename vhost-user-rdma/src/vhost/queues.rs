@@ -71,13 +71,16 @@ impl DoorbellQueues {
         self
     }
 
-    /// Hands queue `index`'s kicks to the scheduler, once per start of the ring: the
-    /// scheduler watches a duplicate of its kick fd, and `stop_watching` takes the original out
-    /// of the vring worker's epoll set. A kick then wakes the scheduler, which takes the
-    /// doorbells itself (`Doorbells::take`), instead of waking this VM's vring worker to take
-    /// them and wake the scheduler in turn: in event mode, where a message finds both asleep,
-    /// that was one thread wake-up more per message. Called by the worker after it took the
-    /// queue's doorbells on a kick; if anything fails, the worker keeps the kicks.
+    /// Hands queue `index`'s kicks to the scheduler: the scheduler watches a duplicate of its
+    /// kick fd, and `stop_watching` takes the original out of the vring worker's epoll set. A
+    /// kick then wakes the scheduler, which takes the doorbells itself (`Doorbells::take`),
+    /// instead of waking this VM's vring worker to take them and wake the scheduler in turn:
+    /// in event mode, where a message finds both asleep, that was one thread wake-up more per
+    /// message. Called by the worker after it took the queue's doorbells: that it is called
+    /// at all means the worker watches the kicks (again: the library registers them with it
+    /// at each `SET_VRING_KICK` and `SET_VRING_ENABLE` of a started ring, and the VMM may have
+    /// given the ring a new kick fd), so it hands them over anew each time, which after the
+    /// first is only on such a restart. If anything fails, the worker keeps the kicks.
     pub fn hand_over_kicks(
         &self,
         index: u16,
@@ -89,9 +92,6 @@ impl DoorbellQueues {
             return;
         };
         let mut slot = slot.lock().unwrap_or_else(|p| p.into_inner());
-        if slot.is_some() {
-            return;
-        }
         let Some(token) = kick_token(self.vm.id, index) else {
             return;
         };
@@ -113,16 +113,20 @@ impl DoorbellQueues {
                 return;
             }
         };
-        // Both watch the kicks for this moment; a kick now wakes both, and none is lost.
+        // Both watch the kicks for this moment (and the scheduler twice, if it still has the
+        // previous duplicate): a kick now wakes both, and none is lost.
         if let Err(e) = stop_watching(kick.as_raw_fd()) {
+            // The worker was not watching after all (the library called it for a ring that
+            // started, not for a kick): whatever the scheduler watches stays as it is.
             debug!(
-                "vm {}: doorbell queue {index}'s kicks stay with the vring worker: {e}",
+                "vm {}: doorbell queue {index}'s kicks not handed over again: {e}",
                 self.vm.name
             );
             let _ = bell.unwatch(dup.as_raw_fd());
             return;
         }
-        *slot = Some(dup);
+        let previous = slot.replace(dup);
+        self.unwatch(previous);
     }
 
     /// Queue `index` stopped (`GET_VRING_BASE`): the scheduler stops watching its kicks. When

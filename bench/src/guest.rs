@@ -747,8 +747,8 @@ fn write_imm(side: &Side, to: Target) -> Result<(), Error> {
     let wr = [SendWr::rdma_write(1, &sge, to.addr, to.rkey)
         .with_imm(0)
         .with_flags(SendFlags::SIGNALED)];
-    // SAFETY: the SGE lies in `side.buf`, which outlives the work request: the caller waits
-    // for its completion (`await_message` polls it) before the side is dropped.
+    // SAFETY: the SGE lies in `side.buf`, which belongs to `side` and so lives as long as its
+    // QP, to which the work request belongs; nothing writes the buffer meanwhile.
     unsafe { side.qps[0].post_send(&wr) }.map_err(verb("ibv_post_send"))
 }
 

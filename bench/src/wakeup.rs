@@ -86,15 +86,17 @@ fn pipe_ping_pong(rounds: usize) -> Result<f64, Error> {
         from_cat.read_exact(&mut byte)
     };
     // The first exchanges start cat; they are not timed.
-    for _ in 0..100 {
-        exchange().map_err(io("the pipe ping-pong with cat"))?;
-    }
-    let start = Instant::now();
-    for _ in 0..rounds {
-        exchange().map_err(io("the pipe ping-pong with cat"))?;
-    }
-    let elapsed = start.elapsed();
+    let timed = (0..100).try_for_each(|_| exchange()).and_then(|()| {
+        let start = Instant::now();
+        (0..rounds).try_for_each(|_| exchange())?;
+        Ok(start.elapsed())
+    });
+    // Whatever happened, cat goes: its stdin closes when `to_cat` drops, or it is killed.
     drop(to_cat);
+    if timed.is_err() {
+        let _ = cat.kill();
+    }
     let _ = cat.wait();
+    let elapsed = timed.map_err(io("the pipe ping-pong with cat"))?;
     Ok(elapsed.as_secs_f64() * 1e6 / (2 * rounds) as f64)
 }

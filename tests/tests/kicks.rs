@@ -1,5 +1,5 @@
-//! A kick wakes the scheduler itself: a VM's vring worker takes a doorbell queue's first kick
-//! after the ring starts and hands the queue's kicks to the scheduler, so a guest that kicks
+//! A kick wakes the scheduler itself: a VM's vring worker looks at a doorbell queue as its ring
+//! starts and hands the queue's kicks to the scheduler, so a guest that kicks
 //! wakes one daemon thread, not two (in event mode, one wake-up less per message). Alone in
 //! its test binary, so that no other test's threads share the process it looks at.
 
@@ -89,11 +89,12 @@ fn a_kick_wakes_the_scheduler_not_the_vring_worker() {
     let cb = d.open("b");
     let (a, b) = rc_pair(&ca, &cb, 4096, QpCap::default());
     let port = d.vm("a").expect("a is connected");
-    // The first doorbell of each queue reaches the worker, which hands the queue's kicks over.
+    // The worker hands each doorbell queue's kicks over as the ring starts; one write first, so
+    // that the measurements below begin with the pair connected and idle.
     write_one(&a, &b);
     let first = sparse_writes(&a, &b, &port, WRITES);
     // The VMM stops and restarts the rings (a pause, as for a live migration): the library
-    // gives the doorbell queue's kicks back to the worker, whose first kick hands them over
+    // gives the doorbell queue's kicks back to the worker, which hands them over
     // again.
     dev_a
         .pause_rings(|_| ())

@@ -13,11 +13,11 @@
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+use vmm_sys_util::eventfd::{EFD_CLOEXEC, EFD_NONBLOCK, EventFd};
 use vmm_sys_util::timerfd::TimerFd;
 
 /// The token of the bell's own eventfd in the epoll set.
@@ -36,13 +36,15 @@ pub struct Bell {
     generation: AtomicU64,
     /// The sleeper is in (or about to enter) its wait: a ring must write the eventfd.
     asleep: AtomicBool,
+    /// Sources watched now.
+    watched: AtomicUsize,
 }
 
 impl Bell {
     /// A bell with nothing watched yet.
     pub fn new() -> io::Result<Arc<Bell>> {
         let epoll = Epoll::new()?;
-        let rung = EventFd::new(EFD_NONBLOCK)?;
+        let rung = EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)?;
         epoll.ctl(
             ControlOperation::Add,
             rung.as_raw_fd(),
@@ -53,6 +55,7 @@ impl Bell {
             rung,
             generation: AtomicU64::new(0),
             asleep: AtomicBool::new(false),
+            watched: AtomicUsize::new(0),
         }))
     }
 
@@ -84,13 +87,22 @@ impl Bell {
             ControlOperation::Add,
             fd,
             EpollEvent::new(EventSet::IN | EventSet::EDGE_TRIGGERED, token),
-        )
+        )?;
+        self.watched.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Stops watching `fd`.
     pub fn unwatch(&self, fd: RawFd) -> io::Result<()> {
         self.epoll
-            .ctl(ControlOperation::Delete, fd, EpollEvent::default())
+            .ctl(ControlOperation::Delete, fd, EpollEvent::default())?;
+        self.watched.fetch_sub(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Whether any source is watched: if none is, there is nothing to look for.
+    pub fn watching(&self) -> bool {
+        self.watched.load(Ordering::Relaxed) > 0
     }
 }
 
@@ -128,14 +140,13 @@ impl Sleeper {
         timeout: Duration,
         ready: impl FnMut(u64),
     ) -> io::Result<bool> {
-        let bell = &*self.bell;
-        bell.asleep.store(true, Ordering::SeqCst);
-        if bell.generation.load(Ordering::SeqCst) != generation || timeout.is_zero() {
-            bell.asleep.store(false, Ordering::SeqCst);
+        if timeout.is_zero() {
             return Ok(false);
         }
+        let bell = &*self.bell;
         // epoll's timeout is in whole milliseconds, rounded up: finer timeouts (a 10 µs RNR
-        // timer, a 50 µs retry) go through the timer, armed for this sleep only.
+        // timer, a 50 µs retry) go through the timer, armed for this sleep only (if the sleep
+        // does not happen, it fires later and ends the next sleep early, once).
         let timeout_ms = if timeout.subsec_nanos() % 1_000_000 == 0 {
             i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX)
         } else {
@@ -150,6 +161,11 @@ impl Sleeper {
             self.timer.reset(timeout, None)?;
             -1
         };
+        bell.asleep.store(true, Ordering::SeqCst);
+        if bell.generation.load(Ordering::SeqCst) != generation {
+            bell.asleep.store(false, Ordering::SeqCst);
+            return Ok(false);
+        }
         let waited = bell.epoll.wait(timeout_ms, &mut self.events);
         bell.asleep.store(false, Ordering::SeqCst);
         self.report(waited, ready)?;
@@ -255,6 +271,7 @@ mod tests {
             .unwrap();
         assert!(slept);
         assert_eq!(tokens, [7]);
+        assert!(bell.watching());
         // Seen once: a look finds nothing more until the next write, which it reports.
         sleeper.look(|t| panic!("{t} reported twice")).unwrap();
         kick.write(1).unwrap();
@@ -263,6 +280,7 @@ mod tests {
         assert_eq!(tokens, [7]);
         // Unwatched, it no longer wakes it: the sleep lasts its timeout.
         bell.unwatch(kick.as_raw_fd()).unwrap();
+        assert!(!bell.watching());
         let start = Instant::now();
         sleeper
             .sleep(bell.generation(), Duration::from_millis(2), |_| {

@@ -429,8 +429,9 @@ impl Turns {
             if !self.error_qps.is_empty() && self.last_flush.elapsed() >= FLUSH_TICK {
                 self.flush_error_qps();
             }
-            // Kicks wake the loop when it sleeps; awake, it looks for them now and then, so a
-            // VM that kicks while the others keep it busy waits at most about KICK_LOOK.
+            // Kicks wake the loop when it sleeps; awake, it looks for them every KICK_LOOK, here
+            // and between the steps of a lower class (`higher_class_waiting`), so a VM that
+            // kicks while the others keep it busy waits for a step or a round at most.
             if self.kicks_seen_at.elapsed() >= KICK_LOOK {
                 self.look_for_kicks();
             }
@@ -527,11 +528,14 @@ impl Turns {
 
     /// Takes the doorbells of the VMs that kicked since the last look or sleep.
     fn look_for_kicks(&mut self) {
+        self.kicks_seen_at = Instant::now();
+        if !self.sleeper.bell().watching() {
+            return;
+        }
         let mut kicked = std::mem::take(&mut self.kicked);
         if let Err(e) = self.sleeper.look(|token| kicked.push(token)) {
             warn!("the scheduler cannot look for kicks: {e}");
         }
-        self.kicks_seen_at = Instant::now();
         self.take_kicked(&mut kicked);
         self.kicked = kicked;
     }
@@ -1079,8 +1083,12 @@ impl Turns {
 
     /// Whether a VM of a class above `class` has work it may do now: its doorbells, if they
     /// are polled, are taken first, so that a latency VM's message cuts a bulk VM's turn short
-    /// even while kicks are off.
-    fn higher_class_waiting(&self, class: PriorityClass) -> bool {
+    /// even while kicks are off; and kicks are looked at if it is time, so that a kick cuts it
+    /// short too (nothing else takes a kick while the loop is busy).
+    fn higher_class_waiting(&mut self, class: PriorityClass) -> bool {
+        if self.kicks_seen_at.elapsed() >= KICK_LOOK {
+            self.look_for_kicks();
+        }
         self.entries.iter().any(|e| {
             if e.class >= class || e.paused || e.stalled {
                 return false;

@@ -608,14 +608,16 @@ impl VmDevice {
     }
 
     /// The vring worker's epoll set (the library's `VhostUserDaemon::get_epoll_handlers`):
-    /// with it, a doorbell queue's first kick hands the queue's kicks to the scheduler.
+    /// with it, the worker hands a doorbell queue's kicks to the scheduler as the ring starts.
     pub fn set_worker(&self, worker: &Arc<VringEpollHandler<Arc<VmDevice>>>) {
         let _ = self.worker.set(Arc::downgrade(worker));
     }
 
     /// Hot path: hands the doorbells to the scheduler, waking it only if it sleeps on work
-    /// it has not seen. The ring's first kick after it starts also hands its later kicks to
-    /// the scheduler (`DoorbellQueues::hand_over_kicks`), so they reach it without this thread.
+    /// it has not seen. It also hands the ring's kicks to the scheduler
+    /// (`DoorbellQueues::hand_over_kicks`), so they reach it without this thread: once they
+    /// are, the worker serves the ring only when the library registers its kick again, as the
+    /// ring starts.
     fn process_doorbells(&self, queue_event: u16, index: u16, vring: &Vring) {
         self.doorbells.kicked(index, vring);
         if let Some(worker) = self.worker.get().and_then(Weak::upgrade) {

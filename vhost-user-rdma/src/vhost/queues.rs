@@ -34,8 +34,8 @@ pub struct DoorbellQueues {
     kicks_off: AtomicBool,
     /// What the scheduler sleeps on, if the queues' kicks go to it directly.
     bell: Option<Arc<Bell>>,
-    /// Per queue, the duplicate of its kick fd the scheduler watches, from the first kick
-    /// after the ring starts until it stops.
+    /// Per queue, the duplicate of its kick fd the scheduler watches, from the ring's start
+    /// until it stops.
     handed_over: Box<[Mutex<Option<EventConsumer>>]>,
 }
 
@@ -77,10 +77,10 @@ impl DoorbellQueues {
     /// instead of waking this VM's vring worker to take them and wake the scheduler in turn:
     /// in event mode, where a message finds both asleep, that was one thread wake-up more per
     /// message. Called by the worker after it took the queue's doorbells: that it is called
-    /// at all means the worker watches the kicks (again: the library registers them with it
-    /// at each `SET_VRING_KICK` and `SET_VRING_ENABLE` of a started ring, and the VMM may have
-    /// given the ring a new kick fd), so it hands them over anew each time, which after the
-    /// first is only on such a restart. If anything fails, the worker keeps the kicks.
+    /// at all means the library has registered the kick with it (as the ring starts, and again
+    /// at a `SET_VRING_ENABLE` of a started ring; the library then has the worker look at the
+    /// ring at once), so it hands the kicks over anew each time. If anything fails, the worker
+    /// keeps the kicks.
     pub fn hand_over_kicks(
         &self,
         index: u16,
@@ -116,8 +116,8 @@ impl DoorbellQueues {
         // Both watch the kicks for this moment (and the scheduler twice, if it still has the
         // previous duplicate): a kick now wakes both, and none is lost.
         if let Err(e) = stop_watching(kick.as_raw_fd()) {
-            // The worker was not watching after all (the library called it for a ring that
-            // started, not for a kick): whatever the scheduler watches stays as it is.
+            // The worker was not watching after all (a second call for the same registration,
+            // or the ring stopped meanwhile): whatever the scheduler watches stays as it is.
             debug!(
                 "vm {}: doorbell queue {index}'s kicks not handed over again: {e}",
                 self.vm.name
@@ -130,8 +130,8 @@ impl DoorbellQueues {
     }
 
     /// Queue `index` stopped (`GET_VRING_BASE`): the scheduler stops watching its kicks. When
-    /// the ring starts again, the library gives them to the vring worker, whose first kick
-    /// hands them over again (the VMM may give the ring a new kick fd meanwhile).
+    /// the ring starts again, the library gives them to the vring worker, which hands them
+    /// over again (the VMM may give the ring a new kick fd meanwhile).
     pub fn kicks_stopped(&self, index: u16) {
         if let Some(slot) = self.handed_over.get(usize::from(index)) {
             let dup = slot.lock().unwrap_or_else(|p| p.into_inner()).take();

@@ -496,6 +496,26 @@ pub fn connect_rc_both(qa: &QueuePair, ga: Gid, qb: &QueuePair, gb: Gid, timeout
     }
 }
 
+/// Doorbells VM `vm` has rung so far: (all, taken by polling); the rest came with a kick.
+pub fn doorbells_rung(vm: &Vm) -> (u64, u64) {
+    let c = &vm.counters;
+    (
+        c.doorbells.load(Ordering::Relaxed),
+        c.doorbells_polled.load(Ordering::Relaxed),
+    )
+}
+
+/// One signalled 8-byte RDMA WRITE from `a` to `b`, waited for.
+pub fn write_one(a: &Endpoint, b: &Endpoint) {
+    let src = [vrdma::Sge::new(a.buf.addr(), 8, a.mr.lkey())];
+    let wr = [
+        vrdma::SendWr::rdma_write(1, &src, b.buf.addr(), b.mr.rkey())
+            .with_flags(vrdma::SendFlags::SIGNALED),
+    ];
+    a.send(&wr).expect("post write");
+    assert_eq!(a.poll_one().status, vrdma::WcStatus::Success);
+}
+
 /// Two RC endpoints on `a` and `b`, connected to each other.
 pub fn rc_pair(a: &Context, b: &Context, len: usize, cap: QpCap) -> (Endpoint, Endpoint) {
     let ea = Endpoint::new(a, QpType::Rc, len, cap);

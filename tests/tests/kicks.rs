@@ -4,30 +4,11 @@
 //! its test binary, so that no other test's threads share the process it looks at.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use vhost_user_rdma::model::vm::Vm;
-use vrdma::{QpCap, SendFlags, SendWr, Sge, WcStatus};
-use vrdma_tests::{Endpoint, TestDaemon, rc_pair};
-
-/// Doorbells VM `vm` has rung so far: (all, taken by polling).
-fn doorbells(vm: &Vm) -> (u64, u64) {
-    let c = &vm.counters;
-    (
-        c.doorbells.load(Ordering::Relaxed),
-        c.doorbells_polled.load(Ordering::Relaxed),
-    )
-}
-
-/// One signalled 8-byte RDMA WRITE from `a` to `b`, waited for.
-fn write_one(a: &Endpoint, b: &Endpoint) {
-    let src = [Sge::new(a.buf.addr(), 8, a.mr.lkey())];
-    let wr =
-        [SendWr::rdma_write(1, &src, b.buf.addr(), b.mr.rkey()).with_flags(SendFlags::SIGNALED)];
-    a.send(&wr).expect("post write");
-    assert_eq!(a.poll_one().status, WcStatus::Success);
-}
+use vrdma::QpCap;
+use vrdma_tests::{Endpoint, TestDaemon, doorbells_rung, rc_pair, write_one};
 
 /// Context switches so far of each of this process's threads named `name`, by thread id
 /// (in-process daemon: the vhost-user library names each VM's worker thread `vring_worker`).
@@ -71,12 +52,12 @@ fn switched_since(before: &HashMap<String, u64>, name: &str) -> u64 {
 /// took the doorbell and woke the scheduler: about one worker context switch per write.
 fn sparse_writes(a: &Endpoint, b: &Endpoint, port: &Vm, writes: u64) -> (u64, u64) {
     let workers_before = switches_of("vring_worker");
-    let before = doorbells(port);
+    let before = doorbells_rung(port);
     for _ in 0..writes {
         std::thread::sleep(Duration::from_millis(2));
         write_one(a, b);
     }
-    let after = doorbells(port);
+    let after = doorbells_rung(port);
     let workers = switched_since(&workers_before, "vring_worker");
     ((after.0 - after.1) - (before.0 - before.1), workers)
 }

@@ -13,8 +13,8 @@ use vhost_user_rdma::model::vm::Vm;
 use vhost_user_rdma::vhost::queues::DoorbellQueues;
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
-use vrdma::{QpCap, SendFlags, SendWr, Sge, WcStatus};
-use vrdma_tests::{Endpoint, TestDaemon, rc_pair};
+use vrdma::QpCap;
+use vrdma_tests::{TestDaemon, doorbells_rung, rc_pair, write_one};
 
 /// `VRING_USED_F_NO_NOTIFY`: the device tells the driver not to kick.
 const USED_F_NO_NOTIFY: u16 = 1;
@@ -31,24 +31,6 @@ fn kicks_off(vm: &Vm, queues: &DoorbellQueues) -> bool {
     })
 }
 
-/// Doorbells VM `vm` has rung so far: (all, taken by polling).
-fn doorbells(vm: &Vm) -> (u64, u64) {
-    let c = &vm.counters;
-    (
-        c.doorbells.load(Ordering::Relaxed),
-        c.doorbells_polled.load(Ordering::Relaxed),
-    )
-}
-
-/// One signalled 8-byte RDMA WRITE from `a` to `b`, waited for.
-fn write_one(a: &Endpoint, b: &Endpoint) {
-    let src = [Sge::new(a.buf.addr(), 8, a.mr.lkey())];
-    let wr =
-        [SendWr::rdma_write(1, &src, b.buf.addr(), b.mr.rkey()).with_flags(SendFlags::SIGNALED)];
-    a.send(&wr).expect("post write");
-    assert_eq!(a.poll_one().status, WcStatus::Success);
-}
-
 #[test]
 fn the_scheduler_polls_under_load_and_sleeps_when_idle() {
     let d = TestDaemon::start(&[("a", ""), ("b", "")]);
@@ -61,20 +43,20 @@ fn the_scheduler_polls_under_load_and_sleeps_when_idle() {
     // microseconds after the previous completion, which is when polling pays. The window
     // opens only after the scheduler has seen doorbells end short sleeps, which a loaded
     // machine may delay: keep going (within a generous deadline) until one was polled.
-    let (rung0, polled0) = doorbells(&port);
+    let (rung0, polled0) = doorbells_rung(&port);
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut writes = 0u32;
-    while writes < 2_000 || doorbells(&port).1 == polled0 {
+    while writes < 2_000 || doorbells_rung(&port).1 == polled0 {
         assert!(
             Instant::now() < deadline,
             "{writes} writes in a ping-pong, and the scheduler took none of their {} doorbells \
              by polling: it never polled",
-            doorbells(&port).0 - rung0
+            doorbells_rung(&port).0 - rung0
         );
         write_one(&a, &b);
         writes += 1;
     }
-    let (rung, polled) = doorbells(&port);
+    let (rung, polled) = doorbells_rung(&port);
     eprintln!(
         "{writes} writes rang {} doorbells, {} taken by polling",
         rung - rung0,
@@ -98,10 +80,10 @@ fn the_scheduler_polls_under_load_and_sleeps_when_idle() {
             );
             std::thread::sleep(Duration::from_millis(1));
         }
-        let before = doorbells(&port);
+        let before = doorbells_rung(&port);
         write_one(&a, &b);
         probes += 1;
-        let after = doorbells(&port);
+        let after = doorbells_rung(&port);
         let kicked = (after.0 - after.1) - (before.0 - before.1);
         if kicked > 0 {
             break;

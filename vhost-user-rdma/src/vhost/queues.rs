@@ -139,6 +139,19 @@ impl DoorbellQueues {
         }
     }
 
+    /// Takes the doorbells of every known queue that has any; `polled`: no kick announced
+    /// them.
+    fn take_all(&self, polled: bool) -> bool {
+        let mem = self.vm.mem.memory();
+        let mut any = false;
+        for vring in self.vrings() {
+            if has_pending(vring, &mem) {
+                any |= self.drain(vring, polled) > 0;
+            }
+        }
+        any
+    }
+
     fn unwatch(&self, dup: Option<EventConsumer>) {
         if let (Some(bell), Some(dup)) = (&self.bell, dup) {
             let _ = bell.unwatch(dup.as_raw_fd());
@@ -258,21 +271,6 @@ impl Drop for DoorbellQueues {
         for slot in &self.handed_over {
             self.unwatch(slot.lock().unwrap_or_else(|p| p.into_inner()).take());
         }
-    }
-}
-
-impl DoorbellQueues {
-    /// Takes the doorbells of every known queue that has any; `polled`: no kick announced
-    /// them.
-    fn take_all(&self, polled: bool) -> bool {
-        let mem = self.vm.mem.memory();
-        let mut any = false;
-        for vring in self.vrings() {
-            if has_pending(vring, &mem) {
-                any |= self.drain(vring, polled) > 0;
-            }
-        }
-        any
     }
 }
 

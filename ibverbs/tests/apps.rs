@@ -178,6 +178,21 @@ fn ib_write_bw_across_daemons() {
     assert_bw_report(&client, 1);
 }
 
+/// perftest's `-S`: the service level of its QPs' path. The client's VM puts SL 1 in the
+/// bulk class, below its own latency class, and its daemon counts the WRITEs there.
+#[test]
+fn ib_write_bw_on_a_service_level_runs_in_its_class() {
+    let pair = Pair::one_daemon_with("", "class=latency,sl.1=bulk");
+    let (_, client) = perftest(&pair, "ib_write_bw", 21103, &["-S", "1", "-n", "200"]);
+    assert_bw_report(&client, 1);
+    let [latency, normal, bulk] = pair.bytes_by_class("client");
+    assert_eq!((latency, normal), (0, 0), "nothing in latency or normal");
+    assert!(
+        bulk >= 200 * 65536,
+        "200 WRITEs of 64 KiB in bulk, counted {bulk} bytes"
+    );
+}
+
 #[test]
 fn ib_read_bw() {
     let (_, client) = perftest(&Pair::one_daemon(), "ib_read_bw", 21110, &["-n", "200"]);

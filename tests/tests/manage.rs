@@ -87,6 +87,29 @@ impl Managed {
         });
     }
 
+    /// Threads that keep each of `names` writing to `sink` with the load that keeps shares
+    /// defined (`vrdma_tests::SHARE_LOAD`), until `stop` is set.
+    fn saturate(
+        &self,
+        names: &[&str],
+        sink: &str,
+        stop: &Arc<AtomicBool>,
+    ) -> Vec<std::thread::JoinHandle<u64>> {
+        let sink = self.open(sink);
+        names
+            .iter()
+            .map(|n| {
+                saturate_from(
+                    self.open(n),
+                    &sink,
+                    vrdma_tests::SHARE_LOAD,
+                    stop.clone(),
+                    Arc::new(AtomicU64::new(0)),
+                )
+            })
+            .collect()
+    }
+
     /// Bytes each of `names` moved over `window`, read through the management socket, once
     /// all of them are moving.
     fn measure(&self, names: &[&str], window: Duration) -> Vec<u64> {
@@ -129,20 +152,7 @@ fn ratio(d: &Managed) -> f64 {
 fn a_weight_change_at_run_time_shows_in_the_measured_shares() {
     let d = Managed::start(&[("x", ""), ("y", ""), ("sink", "")]);
     let stop = Arc::new(AtomicBool::new(false));
-    let sink = d.open("sink");
-    let load = vrdma_tests::SHARE_LOAD;
-    let threads: Vec<_> = ["x", "y"]
-        .iter()
-        .map(|n| {
-            saturate_from(
-                d.open(n),
-                &sink,
-                load,
-                stop.clone(),
-                Arc::new(AtomicU64::new(0)),
-            )
-        })
-        .collect();
+    let threads = d.saturate(&["x", "y"], "sink", &stop);
     let even = ratio(&d);
     d.set("x", "weight=3");
     assert_eq!(d.status("x").weight, 3);
@@ -189,6 +199,47 @@ fn a_weight_change_at_run_time_shows_in_the_measured_shares() {
     assert!(
         (0.05..=0.16).contains(&bulk_part),
         "the bulk class should keep about a tenth, took {bulk_part:.3}"
+    );
+}
+
+/// Service levels choose a class at run time: a latency VM whose QPs are on SL 0, which
+/// `sl.0=bulk` puts in the bulk class, keeps only the bulk class's tenth beside a normal VM;
+/// `sl.0=vm` gives the QPs their VM's class back, and the normal VM its tenth. The daemon
+/// counts each class's bytes.
+#[test]
+fn a_service_levels_class_set_at_run_time_moves_the_vms_qps() {
+    let d = Managed::start(&[("x", "class=latency,sl.0=bulk"), ("y", ""), ("sink", "")]);
+    let status = d.status("x");
+    assert_eq!(status.sl_classes.of(0), Some(PriorityClass::Bulk));
+    let stop = Arc::new(AtomicBool::new(false));
+    let threads = d.saturate(&["x", "y"], "sink", &stop);
+    let share_of_x = |moved: Vec<u64>| moved[0] as f64 / (moved[0] + moved[1]) as f64;
+    let below = share_of_x(d.measure(&["x", "y"], Duration::from_millis(1500)));
+    let by_class = d.status("x").bytes_by_class;
+    d.set("x", "sl.0=vm");
+    assert_eq!(d.status("x").sl_classes.of(0), None);
+    let above = share_of_x(d.measure(&["x", "y"], Duration::from_millis(1500)));
+    let by_class_after = d.status("x").bytes_by_class;
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        t.join().expect("load thread");
+    }
+    eprintln!(
+        "x's QPs on SL 0: in bulk (sl.0=bulk) x took {below:.3}, in latency (sl.0=vm) {above:.3}; x's bytes by class {by_class:?}, then {by_class_after:?}"
+    );
+    assert_eq!(
+        by_class[0], 0,
+        "nothing of x in latency while SL 0 gives bulk"
+    );
+    assert!(by_class[2] > 0, "x's bytes counted in bulk");
+    assert!(by_class_after[0] > 0, "x's bytes counted in latency");
+    assert!(
+        (0.05..=0.16).contains(&below),
+        "x's QPs in bulk should keep about a tenth, took {below:.3}"
+    );
+    assert!(
+        (0.84..=0.95).contains(&above),
+        "x's QPs back in latency should leave y about a tenth, x took {above:.3}"
     );
 }
 

@@ -513,16 +513,17 @@ fn tshark_decodes_the_traffic_on_the_veth() {
     let (ha, hb) = (Netns::new("vta").unwrap(), Netns::new("vtb").unwrap());
     let (dev, _) = veth(&ha, &["10.76.0.1/24"], &hb, &["10.76.0.2/24"], 9000).unwrap();
     // a's VM in the latency class (DSCP 46 by default), its QPs' own traffic classes let
-    // choose; b's normal with its DSCP set to 10, its QPs' not.
+    // choose; b's normal with its DSCP set to 10, its QPs' not. On both, QPs on service level
+    // 1 are in the bulk class (DSCP 8 by default).
     let da = in_netns(&ha, || {
         TestDaemon::start_with(
-            &[("a", "gid=10.76.0.1,class=latency")],
+            &[("a", "gid=10.76.0.1,class=latency,sl.1=bulk")],
             &["--roce", "--guest-dscp"],
         )
     });
     let db = in_netns(&hb, || {
         TestDaemon::start_with(
-            &[("b", "gid=10.76.0.2")],
+            &[("b", "gid=10.76.0.2,sl.1=bulk")],
             &["--roce", "--dscp", "normal=10"],
         )
     });
@@ -531,7 +532,8 @@ fn tshark_decodes_the_traffic_on_the_veth() {
     // A second pair whose requester's address gives traffic class 136 (DSCP 34), which its
     // packets carry instead of its VM's class's, as on a RoCE NIC; the responder's address
     // gives 136 too, which its daemon ignores.
-    let (a2, b2) = {
+    // A third pair on service level 1, whose packets carry the bulk class's DSCP both ways.
+    let pair_by = |traffic_class: u8, sl: u8| {
         let cap = QpCap::default();
         let ea = Endpoint::new(&ca, vrdma::QpType::Rc, 4096, cap);
         let eb = Endpoint::new(&cb, vrdma::QpType::Rc, 4096, cap);
@@ -544,13 +546,17 @@ fn tshark_decodes_the_traffic_on_the_veth() {
             rnr_retry: 7,
         };
         let mut ah = vrdma::AddressHandle::attr_for(cb.gid());
-        ah.traffic_class = 34 << 2;
+        ah.traffic_class = traffic_class;
+        ah.sl = sl;
         vrdma_tests::try_connect_rc_via(&ea.qp, &peer(cb.gid(), eb.qp.qp_num()), ah).unwrap();
         let mut back = vrdma::AddressHandle::attr_for(ca.gid());
-        back.traffic_class = 34 << 2;
+        back.traffic_class = traffic_class;
+        back.sl = sl;
         vrdma_tests::try_connect_rc_via(&eb.qp, &peer(ca.gid(), ea.qp.qp_num()), back).unwrap();
         (ea, eb)
     };
+    let (a2, b2) = pair_by(34 << 2, 0);
+    let (a3, b3) = pair_by(0, 1);
     let pcap = std::env::temp_dir().join(format!("vrdma-veth-{}.pcap", std::process::id()));
     let mut tshark = ha
         .command("tshark")
@@ -598,6 +604,12 @@ fn tshark_decodes_the_traffic_on_the_veth() {
     ])
     .unwrap();
     assert_eq!(a2.poll_one().status, WcStatus::Success);
+    let small = [Sge::new(a3.buf.addr(), 64, a3.mr.lkey())];
+    a3.send(&[
+        SendWr::rdma_write(5, &small, b3.buf.addr(), b3.mr.rkey()).with_flags(SendFlags::SIGNALED)
+    ])
+    .unwrap();
+    assert_eq!(a3.poll_one().status, WcStatus::Success);
     std::thread::sleep(Duration::from_millis(300));
     let _ = std::process::Command::new("kill")
         .args(["-INT", &tshark.id().to_string()])
@@ -633,10 +645,13 @@ fn tshark_decodes_the_traffic_on_the_veth() {
     let rows: Vec<Vec<&str>> = text.lines().map(|l| l.split('|').collect()).collect();
     let (aq, bq) = (a.qp.qp_num(), b.qp.qp_num());
     let (aq2, bq2) = (a2.qp.qp_num(), b2.qp.qp_num());
-    // The DSCP of each packet: its VM's class's, or its QP's traffic class's.
+    let (aq3, bq3) = (a3.qp.qp_num(), b3.qp.qp_num());
+    // The DSCP of each packet: its QP's class's (its VM's, or its service level's), or its
+    // QP's traffic class's.
     for r in &rows {
         let expect = match (r[0], parse(r[3])) {
             ("10.76.0.1", q) if q == bq2 => 34,
+            (_, q) if q == bq3 || q == aq3 => 8,
             ("10.76.0.1", _) => 46,
             _ => 10,
         };
@@ -651,9 +666,13 @@ fn tshark_decodes_the_traffic_on_the_veth() {
         rows.iter().any(|r| parse(r[3]) == aq2),
         "the second pair's ACK"
     );
+    assert!(
+        rows.iter().any(|r| parse(r[3]) == bq3) && rows.iter().any(|r| parse(r[3]) == aq3),
+        "the third pair's request and ACK"
+    );
     let rows: Vec<Vec<&str>> = rows
         .into_iter()
-        .filter(|r| ![aq2, bq2].contains(&parse(r[3])))
+        .filter(|r| ![aq2, bq2, aq3, bq3].contains(&parse(r[3])))
         .collect();
     let from_a: Vec<(u32, u32)> = rows
         .iter()

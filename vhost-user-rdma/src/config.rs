@@ -20,7 +20,10 @@ pub struct Args {
     /// to), gid (IPv4 or IPv6 address of the VM's port; default 10.0.0.N for the Nth VM),
     /// weight (share of the fabric within its class, 1-1000; default 1), class (latency,
     /// normal or bulk: served in that order, each lower class keeping at least a tenth of the
-    /// fabric while it has work; default normal), max-qp, max-cq, max-mr, max-pd,
+    /// fabric while it has work; default normal), sl.0 to sl.15 (the class of the VM's RC
+    /// QPs whose path has that service level, as RoCE networks map SL to a priority: at most
+    /// the VM's own class, never above it; vm, the default, for the VM's class), max-qp,
+    /// max-cq, max-mr, max-pd,
     /// max-ah, max-srq (object quotas), max-mr-bytes (bytes registered at once; suffixes K,
     /// M, G), max-bw (payload bytes per second; suffixes K, M, G), max-msg-rate (work
     /// requests per second), doorbells (doorbell queues, 1-64; default 1), incoming (on: the
@@ -139,7 +142,7 @@ pub enum Error {
     },
     /// A key is unknown.
     #[error(
-        "--vm {entry:?}: unknown key {key:?} (known: name, socket, gid, weight, class, max-qp, max-cq, max-mr, max-pd, max-ah, max-srq, max-mr-bytes, max-bw, max-msg-rate, doorbells, incoming, owner, group, mode)"
+        "--vm {entry:?}: unknown key {key:?} (known: name, socket, gid, weight, class, sl.0 to sl.15, max-qp, max-cq, max-mr, max-pd, max-ah, max-srq, max-mr-bytes, max-bw, max-msg-rate, doorbells, incoming, owner, group, mode)"
     )]
     UnknownKey {
         /// The whole entry.
@@ -269,6 +272,8 @@ pub struct VmConfig {
     pub weight: u32,
     /// Its priority class.
     pub class: PriorityClass,
+    /// The class its QPs on each service level take (`sl.N=`).
+    pub sl_classes: SlClasses,
     /// Object quotas.
     pub quotas: Quotas,
     /// Doorbell queues offered.
@@ -311,6 +316,8 @@ pub struct RunTime {
     pub weight: u32,
     /// Priority class.
     pub class: PriorityClass,
+    /// The class its QPs on each service level take.
+    pub sl_classes: SlClasses,
     /// Object quotas and caps.
     pub quotas: Quotas,
 }
@@ -320,6 +327,7 @@ impl Default for RunTime {
         RunTime {
             weight: 1,
             class: PriorityClass::Normal,
+            sl_classes: SlClasses::default(),
             quotas: Quotas::default(),
         }
     }
@@ -345,6 +353,7 @@ impl VmConfig {
         RunTime {
             weight: self.weight,
             class: self.class,
+            sl_classes: self.sl_classes,
             quotas: self.quotas,
         }
     }
@@ -411,6 +420,35 @@ impl PriorityClass {
     /// Its place in [`PriorityClass::ALL`].
     pub fn index(self) -> usize {
         self as usize
+    }
+}
+
+/// Service levels are 4 bits.
+pub const SERVICE_LEVELS: usize = 16;
+
+/// The priority class a VM's QPs take by the service level of their path (`sl.N=CLASS`), as
+/// RoCE networks map SL to a priority: a VM's bulk transfers can run below its latency-bound
+/// messages. A QP's class is the lower of its VM's class and its SL's, so an SL can put a QP
+/// below its VM's class, never above it: the operator, not the tenant, decides how high a
+/// VM's work may go. An SL given no class (the default, `sl.N=vm`) leaves its QPs in the VM's
+/// class. RC QPs take the SL of the address they were connected with (`ibv_modify_qp` to
+/// RTR); UD QPs, whose address comes with each work request, stay in the VM's class.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct SlClasses(pub [Option<PriorityClass>; SERVICE_LEVELS]);
+
+impl SlClasses {
+    /// The class SL `sl` puts its QPs in, if any (the SL's low 4 bits count).
+    pub fn of(&self, sl: u8) -> Option<PriorityClass> {
+        self.0[usize::from(sl) % SERVICE_LEVELS]
+    }
+
+    /// `sl.N=CLASS` for each SL that has a class, comma-separated, as `--vm` takes them; empty
+    /// if none has.
+    pub fn describe(&self) -> String {
+        let pairs: Vec<String> = (0..SERVICE_LEVELS)
+            .filter_map(|sl| Some(format!("sl.{sl}={}", self.0[sl]?.name())))
+            .collect();
+        pairs.join(",")
     }
 }
 
@@ -778,6 +816,7 @@ fn parse_vm(entry: &str, index: usize) -> Result<VmConfig, Error> {
         gid: gid.unwrap_or_else(default_gid),
         weight: run_time.weight,
         class: run_time.class,
+        sl_classes: run_time.sl_classes,
         quotas: run_time.quotas,
         doorbell_queues,
         active_mtu: Mtu::Mtu4096,
@@ -789,7 +828,7 @@ fn parse_vm(entry: &str, index: usize) -> Result<VmConfig, Error> {
 }
 
 /// The keys of a VM that an operator may change while it runs (`vrdmactl set`).
-pub const RUN_TIME_KEYS: &str = "weight, class, max-qp, max-cq, max-mr, max-pd, max-ah, max-srq, max-mr-bytes, max-bw, max-msg-rate";
+pub const RUN_TIME_KEYS: &str = "weight, class, sl.0 to sl.15, max-qp, max-cq, max-mr, max-pd, max-ah, max-srq, max-mr-bytes, max-bw, max-msg-rate";
 
 /// Applies `entry`, comma-separated key=value pairs of [`RUN_TIME_KEYS`], to what a VM has
 /// now (`vrdmactl set`): the keys mean what they mean in `--vm`, and max-bw and max-msg-rate
@@ -856,6 +895,7 @@ fn set_run_time(
     let RunTime {
         weight,
         class,
+        sl_classes,
         quotas,
     } = run_time;
     let bad = |reason| Error::BadValue {
@@ -870,6 +910,20 @@ fn set_run_time(
             _ => Err(bad("expected a whole number within the device's limits")),
         }
     };
+    if let Some(sl) = key.strip_prefix("sl.") {
+        let sl = sl
+            .parse::<usize>()
+            .ok()
+            .filter(|&sl| sl < SERVICE_LEVELS)
+            .ok_or_else(|| bad("service levels are sl.0 to sl.15"))?;
+        sl_classes.0[sl] = match value {
+            "vm" => None,
+            _ => Some(PriorityClass::from_name(value).ok_or_else(|| {
+                bad("expected latency, normal or bulk, or vm for the VM's own class")
+            })?),
+        };
+        return Ok(true);
+    }
     match key {
         "weight" => *weight = count(1000)?,
         "class" => {
@@ -1028,6 +1082,26 @@ mod tests {
         assert_eq!(cfg.fabric, FabricKind::Soft);
     }
 
+    /// `sl.N=CLASS` gives an SL a class, `sl.N=vm` takes it back, at start and at run time.
+    #[test]
+    fn service_levels_take_classes_at_start_and_at_run_time() {
+        let cfg = Config::from_args(&args(&[
+            "name=a,socket=/x,class=latency,sl.1=bulk,sl.15=normal",
+        ]))
+        .unwrap();
+        let sl = cfg.vms[0].sl_classes;
+        assert_eq!(sl.of(0), None);
+        assert_eq!(sl.of(1), Some(PriorityClass::Bulk));
+        assert_eq!(sl.of(15), Some(PriorityClass::Normal));
+        assert_eq!(sl.describe(), "sl.1=bulk,sl.15=normal");
+        let changed = apply_settings("sl.1=vm,sl.2=normal", cfg.vms[0].run_time()).unwrap();
+        assert_eq!(changed.sl_classes.of(1), None);
+        assert_eq!(changed.sl_classes.of(2), Some(PriorityClass::Normal));
+        assert_eq!(changed.sl_classes.of(15), Some(PriorityClass::Normal));
+        assert_eq!(changed.class, PriorityClass::Latency);
+        assert_eq!(SlClasses::default().describe(), "");
+    }
+
     #[test]
     fn rejects_bad_entries_with_the_key_named() {
         let cases: &[(&[&str], &str)] = &[
@@ -1058,6 +1132,9 @@ mod tests {
             (&["name=a,socket=/x,mode=rw"], "octal"),
             (&["name=a,socket=/x,mode=1777"], "at most 0777"),
             (&["name=a,socket=/x,mode="], "mode=\"\""),
+            (&["name=a,socket=/x,sl.16=bulk"], "sl.0 to sl.15"),
+            (&["name=a,socket=/x,sl.x=bulk"], "sl.0 to sl.15"),
+            (&["name=a,socket=/x,sl.1=slow"], "vm for the VM's own class"),
         ];
         for (vms, expected) in cases {
             let err = Config::from_args(&args(vms)).unwrap_err().to_string();

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 
+use crate::config::PriorityClass;
 use crate::manage::{self, Request, Response};
 use crate::vhost::server::VmStatus;
 
@@ -64,7 +65,8 @@ pub enum Command {
         vm: String,
     },
     /// Change a VM's weight, class, caps or quotas, at once: weight, class (latency, normal,
-    /// bulk), max-bw and max-msg-rate (none lifts a cap) apply from the scheduler's next round;
+    /// bulk), sl.0 to sl.15 (the class of its QPs on that service level, at most its own; vm
+    /// for its own), max-bw and max-msg-rate (none lifts a cap) apply from the scheduler's next round;
     /// quotas (max-qp, max-cq, max-mr, max-pd, max-ah, max-srq, max-mr-bytes) to the guest's
     /// next objects. A connected guest's device keeps reporting the limits it had when it
     /// connected; the next connection reports the new ones. Objects beyond a lowered quota
@@ -214,21 +216,33 @@ pub fn describe(vm: &VmStatus) -> String {
         .iter()
         .map(|o| format!("{} {}/{}", o.kind, o.in_use, o.quota))
         .collect();
+    // The service levels that put QPs in another class, if any.
+    let sls = match vm.sl_classes.describe() {
+        none if none.is_empty() => none,
+        some => format!(" ({some})"),
+    };
+    let by_class: Vec<String> = PriorityClass::ALL
+        .iter()
+        .zip(vm.bytes_by_class)
+        .map(|(class, bytes)| format!("{} {bytes}", class.name()))
+        .collect();
     let counters: Vec<String> = vm
         .counters
         .iter()
         .map(|(name, value)| format!("{name} {value}"))
         .collect();
     format!(
-        "vm {}: {state}{drain}\n  socket {}, gid {}\n  class {}, weight {}, max-bw {}, max-msg-rate {}\n  objects: {}\n  counters: {}\n",
+        "vm {}: {state}{drain}\n  socket {}, gid {}\n  class {}{}, weight {}, max-bw {}, max-msg-rate {}\n  objects: {}\n  counters: {}\n  bytes by class: {}\n",
         vm.name,
         vm.socket,
         vm.gid,
         vm.class.name(),
+        sls,
         vm.weight,
         cap(vm.max_bw),
         cap(vm.max_msg_rate),
         objects.join(", "),
         counters.join(", "),
+        by_class.join(", "),
     )
 }

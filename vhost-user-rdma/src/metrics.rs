@@ -390,6 +390,25 @@ pub fn render(sources: &Sources) -> String {
          statuses never seen are left out.",
         &by_status,
     );
+    let by_class: Vec<(String, String)> = vms
+        .iter()
+        .flat_map(|(l, v)| {
+            PriorityClass::ALL.into_iter().map(move |c| {
+                (
+                    format!("{l},class=\"{}\"", c.name()),
+                    load(&v.counters.bytes_by_class[c.index()]).to_string(),
+                )
+            })
+        })
+        .collect();
+    family(
+        &mut out,
+        "vrdma_vm_class_bytes_total",
+        "counter",
+        "Payload bytes the VM's QPs moved in each priority class: its own class, or one below it \
+         for QPs whose service level gives one (sl.N=).",
+        &by_class,
+    );
     family(
         &mut out,
         "vrdma_vm_wait_seconds_total",

@@ -152,6 +152,7 @@ impl TestVm {
             gid: Gid::from_ipv4([10, 0, 0, id]),
             weight,
             class: crate::config::PriorityClass::Normal,
+            sl_classes: crate::config::SlClasses::default(),
             quotas,
             doorbell_queues: 1,
             active_mtu: vrdma_proto::config::Mtu::Mtu4096,
@@ -420,6 +421,17 @@ impl TestVm {
     /// Takes RC QP `qpn` to RTS, connected to QP `dest_qpn` of the port `dgid`, accepting
     /// every remote operation, with `retry_cnt`, `rnr_retry` and `min_rnr_timer`.
     pub fn connect(&self, qpn: u32, dgid: Gid, dest_qpn: u32, retries: (u8, u8, u8)) {
+        let path = qp::AhAttr {
+            dgid,
+            port_num: 1,
+            is_global: 1,
+            ..qp::AhAttr::default()
+        };
+        self.connect_by(qpn, path, dest_qpn, retries);
+    }
+
+    /// As [`TestVm::connect`], by the path `path` (its service level, say).
+    pub fn connect_by(&self, qpn: u32, path: qp::AhAttr, dest_qpn: u32, retries: (u8, u8, u8)) {
         let (retry_cnt, rnr_retry, min_rnr_timer) = retries;
         let remote = Access::REMOTE_READ | Access::REMOTE_WRITE | Access::REMOTE_ATOMIC;
         let steps = [
@@ -445,12 +457,7 @@ impl TestVm {
                     dest_qp_num: dest_qpn.into(),
                     max_dest_rd_atomic: 4,
                     min_rnr_timer,
-                    ah_attr: qp::AhAttr {
-                        dgid,
-                        port_num: 1,
-                        is_global: 1,
-                        ..qp::AhAttr::default()
-                    },
+                    ah_attr: path,
                     ..qp::Attr::default()
                 },
             ),

@@ -194,7 +194,7 @@ pub struct Pair {
     /// One pair at a time: each program busy-polls its CQ, and two pairs' four spinning
     /// processes on a two-CPU machine would make every latency a scheduler time slice.
     _one_at_a_time: MutexGuard<'static, ()>,
-    _daemons: Vec<TestDaemon>,
+    daemons: Vec<TestDaemon>,
     pub server: PathBuf,
     pub client: PathBuf,
 }
@@ -202,13 +202,18 @@ pub struct Pair {
 impl Pair {
     /// Two VMs of one daemon.
     pub fn one_daemon() -> Pair {
+        Pair::one_daemon_with("", "")
+    }
+
+    /// Two VMs of one daemon, with extra `--vm` keys for each.
+    pub fn one_daemon_with(server_keys: &str, client_keys: &str) -> Pair {
         let serial = one_at_a_time();
-        let d = TestDaemon::start(&[("server", ""), ("client", "")]);
+        let d = TestDaemon::start(&[("server", server_keys), ("client", client_keys)]);
         Pair {
             _one_at_a_time: serial,
             server: d.socket("server"),
             client: d.socket("client"),
-            _daemons: vec![d],
+            daemons: vec![d],
         }
     }
 
@@ -221,8 +226,19 @@ impl Pair {
             _one_at_a_time: serial,
             server: s.socket("server"),
             client: c.socket("client"),
-            _daemons: vec![s, c],
+            daemons: vec![s, c],
         }
+    }
+
+    /// The payload bytes VM `name`'s QPs moved in each priority class (latency, normal, bulk),
+    /// as its daemon counts them.
+    pub fn bytes_by_class(&self, name: &str) -> [u64; 3] {
+        let status = self
+            .daemons
+            .iter()
+            .find_map(|d| d.daemon().status(Some(name)).ok())
+            .unwrap_or_else(|| panic!("no VM {name}"));
+        status[0].bytes_by_class
     }
 
     /// Runs a server and then its client (which connects to 127.0.0.1 on `port`), and

@@ -33,6 +33,7 @@ fuzz_target!(|data: &[u8]| {
         gid: Gid::from_ipv4([10, 0, 0, 2]),
         weight: 1,
         class: Default::default(),
+        sl_classes: Default::default(),
         quotas: Quotas::default(),
         doorbell_queues: 1,
         active_mtu: Mtu::Mtu4096,

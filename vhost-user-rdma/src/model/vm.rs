@@ -5,10 +5,10 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
 
-use crate::config::PriorityClass;
+use crate::config::{PriorityClass, SERVICE_LEVELS, SlClasses};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use vrdma_proto::{Gid, event};
+use vrdma_proto::{Gid, event, qp};
 
 use vrdma_proto::cmd::Request;
 
@@ -68,6 +68,48 @@ impl ReadyList {
     }
 }
 
+/// Priority classes: one ready list each.
+const CLASSES: usize = PriorityClass::ALL.len();
+
+/// In `ReadyLists::class_of_slot`: not known yet, the QP goes on its VM's class's list.
+const CLASS_UNKNOWN: u8 = u8::MAX;
+
+/// A VM's ready lists, one per priority class (a QP's class is its VM's, or lower by the
+/// service level of its path: see [`SlClasses`]), and the list each slot's doorbells go on.
+struct ReadyLists {
+    by_class: [ReadyList; CLASSES],
+    /// Per slot, the class the scheduler found the slot's QP in at its last step, as
+    /// `PriorityClass::index`, or [`CLASS_UNKNOWN`]. Only a guide: a QP whose class changed
+    /// since (a new QP in the slot, a new path, an operator's change) comes off the list it
+    /// went on, and the scheduler moves it instead of stepping it.
+    class_of_slot: Vec<u8>,
+}
+
+impl ReadyLists {
+    fn new(max_qp: u32) -> Self {
+        ReadyLists {
+            by_class: std::array::from_fn(|_| ReadyList::new(max_qp)),
+            class_of_slot: vec![CLASS_UNKNOWN; max_qp.next_power_of_two() as usize],
+        }
+    }
+
+    fn slot(&self, qpn: u32) -> usize {
+        (qpn & (self.class_of_slot.len() as u32 - 1)) as usize
+    }
+
+    fn grow(&mut self, max_qp: u32) {
+        let slots = max_qp.next_power_of_two() as usize;
+        if slots <= self.class_of_slot.len() {
+            return;
+        }
+        for list in &mut self.by_class {
+            list.grow(max_qp);
+        }
+        // Slots keep their indices (the low bits of a QPN), so the old ones keep their class.
+        self.class_of_slot.resize(slots, CLASS_UNKNOWN);
+    }
+}
+
 /// Per-VM counters, for operators and the benchmarks. The VM's server keeps one set for the
 /// configured VM and every guest connection's [`Vm`] shares it, so they run on across
 /// reconnections (and a migration's restore sets them) until [`Counters::reset`].
@@ -104,6 +146,10 @@ pub struct Counters {
     /// (whose format predates it): after a migration it counts from zero while `errors` goes
     /// on from its restored value.
     pub errors_by_status: [AtomicU64; 256],
+    /// `bytes` by the priority class of the QPs that moved them (`PriorityClass::index`): a
+    /// VM's QPs may be in its class or below (`sl.N=`). Not part of a saved state, as
+    /// `errors_by_status`.
+    pub bytes_by_class: [AtomicU64; CLASSES],
 }
 
 impl Default for Counters {
@@ -122,6 +168,7 @@ impl Default for Counters {
             ud_dropped: AtomicU64::new(0),
             events_lost: AtomicU64::new(0),
             errors_by_status: std::array::from_fn(|_| AtomicU64::new(0)),
+            bytes_by_class: std::array::from_fn(|_| AtomicU64::new(0)),
         }
     }
 }
@@ -165,7 +212,7 @@ impl Counters {
     /// Sets every counter to zero, for an operator who asks (`vrdmactl reset`). Counters of work under way may be counted on either side of the reset.
     pub fn reset(&self) {
         self.set_values(&[0; 12]);
-        for c in &self.errors_by_status {
+        for c in self.errors_by_status.iter().chain(&self.bytes_by_class) {
             c.store(0, Ordering::Relaxed);
         }
     }
@@ -205,7 +252,13 @@ pub struct Share {
     draining: AtomicBool,
     /// Its priority class, as `PriorityClass::index`.
     class: AtomicU8,
+    /// Per service level, the class its QPs take, as `PriorityClass::index`, or
+    /// [`SL_IN_VM_CLASS`].
+    sl_classes: [AtomicU8; SERVICE_LEVELS],
 }
+
+/// In `Share::sl_classes`: the SL's QPs are in the VM's class.
+const SL_IN_VM_CLASS: u8 = u8::MAX;
 
 impl Share {
     /// A share of `weight`, capped at `max_bw` payload bytes and `max_msg_rate` work requests
@@ -218,7 +271,45 @@ impl Share {
             caps_generation: AtomicU64::new(0),
             draining: AtomicBool::new(false),
             class: AtomicU8::new(PriorityClass::Normal as u8),
+            sl_classes: std::array::from_fn(|_| AtomicU8::new(SL_IN_VM_CLASS)),
         }
+    }
+
+    /// The same share with `sl_classes`.
+    pub fn with_sl_classes(self, sl_classes: &SlClasses) -> Self {
+        self.set_sl_classes(sl_classes);
+        self
+    }
+
+    /// Gives each service level the class its QPs take from now on (`sl.N=`): the scheduler
+    /// moves a QP at its next step.
+    pub fn set_sl_classes(&self, sl_classes: &SlClasses) {
+        for (slot, class) in self.sl_classes.iter().zip(sl_classes.0) {
+            slot.store(class.map_or(SL_IN_VM_CLASS, |c| c as u8), Ordering::Relaxed);
+        }
+    }
+
+    /// The classes the service levels give, as set.
+    pub fn sl_classes(&self) -> SlClasses {
+        SlClasses(std::array::from_fn(|sl| self.sl_class(sl as u8)))
+    }
+
+    /// The class SL `sl` (its low 4 bits) gives its QPs, if any.
+    fn sl_class(&self, sl: u8) -> Option<PriorityClass> {
+        match self.sl_classes[usize::from(sl) % SERVICE_LEVELS].load(Ordering::Relaxed) {
+            SL_IN_VM_CLASS => None,
+            raw => Some(PriorityClass::from_index(raw)),
+        }
+    }
+
+    /// The class of a QP of this VM of type `qp_type` whose path has service level `sl`: the
+    /// lower of the VM's class and the SL's (see [`SlClasses`]). UD QPs are in the VM's class.
+    pub fn qp_class(&self, qp_type: qp::Type, sl: u8) -> PriorityClass {
+        let own = match qp_type {
+            qp::Type::Ud => None,
+            _ => self.sl_class(sl),
+        };
+        own.map_or(self.class(), |c| c.max(self.class()))
     }
 
     /// The same share in priority class `class`.
@@ -319,9 +410,12 @@ pub struct Vm {
     /// Its memory.
     pub mem: GuestMemAtomic,
     objects: Mutex<VmObjects>,
-    /// Set when QPs are on the ready list; cleared by the scheduler when it empties it.
+    /// Set when QPs are on a ready list; cleared by the scheduler when it empties the last.
     pub has_work: AtomicBool,
-    ready: Mutex<ReadyList>,
+    /// Per priority class, set when QPs are on its ready list: what the scheduler reads, with
+    /// no lock, to see which class has work.
+    class_work: [AtomicBool; CLASSES],
+    ready: Mutex<ReadyLists>,
     events: Mutex<VecDeque<event::Event>>,
     /// Whether `events` may be non-empty, so the scheduler need not lock it after every step.
     events_pending: AtomicBool,
@@ -365,7 +459,8 @@ impl Vm {
             mem,
             objects: Mutex::new(objects),
             has_work: AtomicBool::new(false),
-            ready: Mutex::new(ReadyList::new(max_qp)),
+            class_work: std::array::from_fn(|_| AtomicBool::new(false)),
+            ready: Mutex::new(ReadyLists::new(max_qp)),
             events: Mutex::new(VecDeque::with_capacity(MAX_PENDING_EVENTS)),
             events_pending: AtomicBool::new(false),
             event_sink,
@@ -452,30 +547,81 @@ impl Vm {
         result
     }
 
-    /// Puts QP `qpn` on the ready list unless it is there already. Takes only the ready
-    /// list's own lock, never the VM's: doorbells must not contend with the scheduler, or the
-    /// VM that rings most would lose the most turns.
+    /// Puts QP `qpn` on the ready list of its class unless it is there already (the class
+    /// the scheduler last found it in, else the VM's). Takes only the ready lists' own lock,
+    /// never the VM's: doorbells must not contend with the scheduler, or the VM that rings
+    /// most would lose the most turns.
     pub fn enqueue(&self, qpn: u32) {
         let mut ready = self.ready.lock().unwrap_or_else(|p| p.into_inner());
-        ready.push(qpn);
+        let class = match ready.class_of_slot[ready.slot(qpn)] {
+            CLASS_UNKNOWN => self.class().index(),
+            known => usize::from(known),
+        };
+        ready.by_class[class].push(qpn);
+        self.class_work[class].store(true, Ordering::Release);
         self.has_work.store(true, Ordering::Release);
     }
 
-    /// Takes the next QP off the ready list; when it is empty, clears `has_work` under the
-    /// same lock so a concurrent enqueue cannot be missed.
-    pub fn pop_ready(&self) -> Option<u32> {
+    /// Puts QP `qpn` on the ready list of class `class`, where its doorbells go from now on:
+    /// the scheduler found it in that class.
+    pub fn enqueue_in(&self, qpn: u32, class: PriorityClass) {
         let mut ready = self.ready.lock().unwrap_or_else(|p| p.into_inner());
-        let qpn = ready.pop();
+        let slot = ready.slot(qpn);
+        ready.class_of_slot[slot] = class as u8;
+        ready.by_class[class.index()].push(qpn);
+        self.class_work[class.index()].store(true, Ordering::Release);
+        self.has_work.store(true, Ordering::Release);
+    }
+
+    /// Takes the next QP off class `class`'s ready list; when it is empty, clears that
+    /// class's flag (and `has_work`, if no list has work) under the same lock, so a
+    /// concurrent enqueue cannot be missed.
+    pub fn pop_ready_in(&self, class: PriorityClass) -> Option<u32> {
+        let mut ready = self.ready.lock().unwrap_or_else(|p| p.into_inner());
+        let qpn = ready.by_class[class.index()].pop();
         if qpn.is_none() {
-            self.has_work.store(false, Ordering::Release);
+            self.class_work[class.index()].store(false, Ordering::Release);
+            if !self.class_work.iter().any(|w| w.load(Ordering::Relaxed)) {
+                self.has_work.store(false, Ordering::Release);
+            }
         }
         qpn
     }
 
-    /// Empties the ready list (the VM's objects are being released).
+    /// Takes the next QP off the ready lists, the highest class's first.
+    #[cfg(test)]
+    pub(crate) fn pop_ready(&self) -> Option<u32> {
+        PriorityClass::ALL
+            .into_iter()
+            .find_map(|class| self.pop_ready_in(class))
+    }
+
+    /// Whether QPs of class `class` are on its ready list.
+    pub fn has_work_in(&self, class: PriorityClass) -> bool {
+        self.class_work[class.index()].load(Ordering::Acquire)
+    }
+
+    /// Whether QPs of a class above `class` are on their ready lists.
+    pub fn has_work_above(&self, class: PriorityClass) -> bool {
+        self.class_work[..class.index()]
+            .iter()
+            .any(|w| w.load(Ordering::Acquire))
+    }
+
+    /// The VM's priority class.
+    pub fn class(&self) -> PriorityClass {
+        self.share.class()
+    }
+
+    /// Empties the ready lists (the VM's objects are being released).
     pub fn clear_ready(&self) {
         let mut ready = self.ready.lock().unwrap_or_else(|p| p.into_inner());
-        while ready.pop().is_some() {}
+        for list in &mut ready.by_class {
+            while list.pop().is_some() {}
+        }
+        for flag in &self.class_work {
+            flag.store(false, Ordering::Release);
+        }
         self.has_work.store(false, Ordering::Release);
     }
 

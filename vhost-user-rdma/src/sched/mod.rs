@@ -286,22 +286,23 @@ impl Scheduler {
 struct Entry {
     vm: Arc<Vm>,
     doorbells: Arc<dyn Doorbells>,
-    /// Deficit-round-robin credit, in bytes.
-    deficit: i64,
+    /// Deficit-round-robin credit in each priority class's pass, in bytes (a VM's QPs may be
+    /// in its class and the ones below: see `config::SlClasses`).
+    deficit: [i64; CLASSES],
     /// Rate limits.
     buckets: Buckets,
     /// The `Share::caps_generation` the buckets were made for: another means an operator
     /// changed the caps.
     caps_generation: u64,
-    /// Since when the VM has had work waiting while others were served.
-    waiting_since: Option<Instant>,
+    /// Per class, since when the VM has had work waiting in it while others were served.
+    waiting_since: [Option<Instant>; CLASSES],
     /// Whether its doorbell queues are polled (its driver told not to kick).
     polled: bool,
     /// When it last had work.
     last_work: Instant,
     /// Its traffic is paused (migration).
     paused: bool,
-    /// Its priority class, as of the current round.
+    /// Its priority class, as of the current round: its QPs are in it or below it.
     class: PriorityClass,
     /// Its last step could not move (the peer's objects were busy, or its own): until one
     /// moves, its work does not hold a lower class back.
@@ -333,8 +334,10 @@ struct Turns {
     /// The fabric filled up during the last round (`Step::Full`): it unparks the scheduler
     /// when it has room again.
     fabric_full: bool,
-    /// The VMs' indices in the order of the current round (capacity for every VM).
-    order: Vec<usize>,
+    /// The VMs' indices in the order of the current round, each with the class of the pass
+    /// that serves it: a VM comes once in its class's pass and once in each pass below, for
+    /// its QPs there (capacity for every VM in every class).
+    order: Vec<(usize, PriorityClass)>,
     /// Per priority class, what it is owed of its minimum share, in deficit units (negative:
     /// what it took beyond it, while the classes above had work).
     owed: [i64; CLASSES],
@@ -360,7 +363,8 @@ struct Turns {
     polled: usize,
     /// Passes that polled doorbells (which of them also look at the lower classes').
     poll_passes: u32,
-    /// VMs the last round served, by index (capacity for every VM, so no allocation).
+    /// VMs the last round served, by index, once for each class's pass that served them
+    /// (capacity for every VM in every class, so no allocation).
     served: Vec<usize>,
     fabric: Box<dyn Fabric>,
     /// What the loop has done, for metrics.
@@ -627,8 +631,8 @@ impl Turns {
                 // Kicks that came before are not reported again.
                 doorbells.take_kicked();
                 self.fabric.attach(&vm);
-                self.served.reserve(self.entries.len() + 1);
-                self.order.reserve(self.entries.len() + 1);
+                self.served.reserve(CLASSES * (self.entries.len() + 1));
+                self.order.reserve(CLASSES * (self.entries.len() + 1));
                 self.entries.push(Entry {
                     buckets: {
                         let (max_bw, max_msg_rate) = vm.share.caps();
@@ -637,8 +641,8 @@ impl Turns {
                     caps_generation: vm.share.caps_generation(),
                     vm,
                     doorbells,
-                    deficit: 0,
-                    waiting_since: None,
+                    deficit: [0; CLASSES],
+                    waiting_since: [None; CLASSES],
                     polled: false,
                     last_work: Instant::now(),
                     paused: false,
@@ -673,7 +677,7 @@ impl Turns {
             Control::Pause(id, done) => {
                 if let Some(i) = self.position(id) {
                     self.entries[i].paused = true;
-                    self.entries[i].deficit = 0;
+                    self.entries[i].deficit = [0; CLASSES];
                     self.fabric.pause(id);
                     info!("vm {}: paused", self.entries[i].vm.name);
                 }
@@ -870,9 +874,10 @@ impl Turns {
         let mut preempted = false;
         let mut pos = 0;
         'round: while pos < self.order.len() {
-            let class = self.entries[self.order[pos]].class;
+            let class = self.order[pos].1;
+            let c = class.index();
             let mut end = pos;
-            while end < self.order.len() && self.entries[self.order[end]].class == class {
+            while end < self.order.len() && self.order[end].1 == class {
                 end += 1;
             }
             // Whether this class's turns may be cut short for a higher class: not at the top,
@@ -893,11 +898,11 @@ impl Turns {
             let resumed = self.resume[class.index()]
                 .take()
                 .and_then(|(id, mid_turn)| {
-                    let p = (pos..end).find(|&p| self.entries[self.order[p]].vm.id == id)?;
+                    let p = (pos..end).find(|&p| self.entries[self.order[p].0].vm.id == id)?;
                     Some((p, mid_turn))
                 });
             for p in resumed.map_or(pos, |r| r.0)..end {
-                let i = self.order[p];
+                let i = self.order[p].0;
                 let mid_turn = resumed == Some((p, true));
                 preemptible |= paying_off && cost_by_class[class.index()] as i64 >= owed;
                 // A higher class's work waits for no further turn of this class.
@@ -911,12 +916,14 @@ impl Turns {
                 if e.paused {
                     continue;
                 }
-                if !e.vm.has_work.load(Ordering::Acquire) {
-                    e.deficit = 0;
-                    e.stalled = false;
-                    // Idle: what it earns from here on is a burst, bounded as such.
-                    e.buckets.unhold();
-                    self.account_wait(i, false);
+                if !e.vm.has_work_in(class) {
+                    e.deficit[c] = 0;
+                    if !e.vm.has_work.load(Ordering::Acquire) {
+                        e.stalled = false;
+                        // Idle: what it earns from here on is a burst, bounded as such.
+                        e.buckets.unhold();
+                    }
+                    self.account_wait(i, class, false);
                     continue;
                 }
                 let generation = e.vm.share.caps_generation();
@@ -931,7 +938,7 @@ impl Turns {
                     e.buckets.refill(now);
                     if let Some(wait) = e.buckets.wait() {
                         // Over its limit: not its turn, and no deficit saved up for later.
-                        e.deficit = 0;
+                        e.deficit[c] = 0;
                         e.buckets.hold();
                         let at = now + wait;
                         self.rate_wake = Some(self.rate_wake.map_or(at, |w| w.min(at)));
@@ -939,28 +946,28 @@ impl Turns {
                     }
                 }
                 if !mid_turn {
-                    e.deficit += i64::from(QUANTUM) * i64::from(e.vm.share.weight());
+                    e.deficit[c] += i64::from(QUANTUM) * i64::from(e.vm.share.weight());
                 }
                 // Still paying for a work request larger than its quantum (a NIC fabric posts
                 // a whole request in one step): its turn is skipped, and the next round must
                 // come at once, not after a sleep, or a 4 MiB request would cost a sleep per
                 // 64 KiB.
-                if e.deficit <= 0 {
+                if e.deficit[c] <= 0 {
                     owing = true;
                 }
                 let vm = e.vm.clone();
                 let mut served = false;
-                while self.entries[i].deficit > 0 {
+                while self.entries[i].deficit[c] > 0 {
                     let e = &mut self.entries[i];
                     if limited && e.buckets.wait().is_some() {
                         e.buckets.hold();
                         break;
                     }
-                    let Some(queued) = vm.pop_ready() else {
-                        e.deficit = 0;
+                    let Some(queued) = vm.pop_ready_in(class) else {
+                        e.deficit[c] = 0;
                         break;
                     };
-                    let mut budget = u32::try_from(e.deficit)
+                    let mut budget = u32::try_from(e.deficit[c])
                         .unwrap_or(u32::MAX)
                         .clamp(1, e.buckets.byte_budget());
                     // Below a higher class, with `--step-time-us`, a step lasts about that
@@ -970,10 +977,10 @@ impl Turns {
                         budget = budget.min(self.copy_rate.bytes_in(time));
                         Instant::now()
                     });
-                    let Some((qpn, outcome)) = self.step(&vm, queued, budget) else {
+                    let Some((qpn, outcome)) = self.step(&vm, queued, class, budget) else {
                         // The VM's control path holds its objects; its turn waits, its
                         // deficit stays.
-                        vm.enqueue(queued);
+                        vm.enqueue_in(queued, class);
                         self.retry_soon = true;
                         self.entries[i].stalled = true;
                         break;
@@ -990,6 +997,8 @@ impl Turns {
                         vm.counters
                             .bytes
                             .fetch_add(u64::from(outcome.bytes), Ordering::Relaxed);
+                        vm.counters.bytes_by_class[c]
+                            .fetch_add(u64::from(outcome.bytes), Ordering::Relaxed);
                     }
                     if let Some(at) = outcome.timer {
                         self.timers.push(Reverse((at, vm.id, qpn)));
@@ -998,22 +1007,22 @@ impl Turns {
                         Step::Idle => {}
                         Step::Progress { cost, more } => {
                             self.entries[i].stalled = false;
-                            self.entries[i].deficit -= i64::from(cost);
-                            cost_by_class[class.index()] += u64::from(cost);
+                            self.entries[i].deficit[c] -= i64::from(cost);
+                            cost_by_class[c] += u64::from(cost);
                             served = true;
                             any = true;
                             if more {
-                                vm.enqueue(qpn);
+                                vm.enqueue_in(qpn, class);
                             }
                         }
                         Step::Blocked => {
-                            vm.enqueue(qpn);
+                            vm.enqueue_in(qpn, class);
                             self.retry_soon = true;
                             self.entries[i].stalled = true;
                             break;
                         }
                         Step::Full => {
-                            vm.enqueue(qpn);
+                            vm.enqueue_in(qpn, class);
                             self.resume[class.index()] = Some((vm.id, true));
                             self.fabric_full = true;
                             break;
@@ -1021,7 +1030,7 @@ impl Turns {
                     }
                     preemptible |= paying_off && cost_by_class[class.index()] as i64 >= owed;
                     if preemptible
-                        && self.entries[i].deficit > 0
+                        && self.entries[i].deficit[c] > 0
                         && self.higher_class_waiting(class)
                     {
                         self.resume[class.index()] = Some((vm.id, true));
@@ -1030,7 +1039,7 @@ impl Turns {
                         break;
                     }
                 }
-                self.account_wait(i, !served);
+                self.account_wait(i, class, !served);
                 if served {
                     self.served.push(i);
                 }
@@ -1051,8 +1060,8 @@ impl Turns {
         for e in &mut self.entries {
             let class = e.vm.share.class();
             if class != e.class {
-                // Its turn in the old class's pass is over; the new class starts it afresh.
-                e.deficit = 0;
+                // Its turns in the old classes' passes are over; the new ones start afresh.
+                e.deficit = [0; CLASSES];
                 e.class = class;
             }
         }
@@ -1072,9 +1081,12 @@ impl Turns {
                 .into_iter()
                 .filter(|&c| Some(c) != guaranteed),
         ) {
+            // A VM's QPs are in its class or below (an SL's class never raises them); work on a
+            // list above it was queued before an operator lowered its class, and its pass moves
+            // that work down.
             for (i, e) in self.entries.iter().enumerate() {
-                if e.class == class {
-                    self.order.push(i);
+                if e.class <= class || e.vm.has_work_in(class) {
+                    self.order.push((i, class));
                 }
             }
         }
@@ -1096,8 +1108,7 @@ impl Turns {
             if e.polled {
                 e.doorbells.take();
             }
-            e.vm.has_work.load(Ordering::Acquire)
-                && !(e.buckets.limited() && e.buckets.wait().is_some())
+            e.vm.has_work_above(class) && !(e.buckets.limited() && e.buckets.wait().is_some())
         })
     }
 
@@ -1114,7 +1125,7 @@ impl Turns {
             let waiting = self
                 .entries
                 .iter()
-                .any(|e| e.class == class && !e.paused && e.vm.has_work.load(Ordering::Relaxed));
+                .any(|e| e.class <= class && !e.paused && e.vm.has_work_in(class));
             let counted = above > 0 || self.guaranteed == Some(class);
             self.owed[c] = if !waiting || c == 0 {
                 0
@@ -1129,15 +1140,18 @@ impl Turns {
         }
     }
 
-    fn account_wait(&mut self, i: usize, waiting: bool) {
+    /// Starts or ends the wait of VM `i`'s work in class `class`'s pass (its waits in each
+    /// class add up in its `wait_ns`).
+    fn account_wait(&mut self, i: usize, class: PriorityClass, waiting: bool) {
         let e = &mut self.entries[i];
-        let waiting = waiting && e.vm.has_work.load(Ordering::Relaxed);
-        match (waiting, e.waiting_since) {
-            (true, None) => e.waiting_since = Some(Instant::now()),
-            (false, Some(since)) => {
-                let ns = u64::try_from(since.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        let since = &mut e.waiting_since[class.index()];
+        let waiting = waiting && e.vm.has_work_in(class);
+        match (waiting, *since) {
+            (true, None) => *since = Some(Instant::now()),
+            (false, Some(at)) => {
+                let ns = u64::try_from(at.elapsed().as_nanos()).unwrap_or(u64::MAX);
                 e.vm.counters.wait_ns.fetch_add(ns, Ordering::Relaxed);
-                e.waiting_since = None;
+                *since = None;
             }
             _ => {}
         }
@@ -1153,11 +1167,29 @@ impl Turns {
     /// there now (a destroyed QP's ACK timer, or a receive thread's late wake-up, fires after
     /// the guest created another QP in the slot and rang its doorbell): the entry stands for
     /// the slot, so that it can never hide the new QP's doorbell.
-    fn step(&mut self, vm: &Arc<Vm>, queued: u32, budget: u32) -> Option<(u32, StepOutcome)> {
+    fn step(
+        &mut self,
+        vm: &Arc<Vm>,
+        queued: u32,
+        class: PriorityClass,
+        budget: u32,
+    ) -> Option<(u32, StepOutcome)> {
         let mut objects = vm.try_lock()?;
         let Some(qpn) = objects.qps.live_in_slot(queued) else {
             return Some((queued, StepOutcome::IDLE));
         };
+        // Its class may not be the one whose list it came off (its doorbell's guide was stale:
+        // a new QP in the slot, a new path's service level, an operator's change): it moves to
+        // its class's list and waits for that class's pass.
+        let qp_class = objects
+            .qps
+            .get(qpn)
+            .map_or(class, |q| vm.share.qp_class(q.qp_type(), q.attr.ah_attr.sl));
+        if qp_class != class {
+            drop(objects);
+            vm.enqueue_in(qpn, qp_class);
+            return Some((qpn, StepOutcome::IDLE));
+        }
         let mem = vm.mem.memory();
         let mut outcome = match examine(&mut objects, vm, &mem, qpn) {
             Examined::Send => self.fabric.step(vm, &mut objects, &mem, qpn, budget),
@@ -1250,6 +1282,7 @@ mod tests {
 
     use super::doorbells::NoDoorbells;
     use super::*;
+    use crate::config::SlClasses;
     use crate::fabric::mock::{MockFabric, Plan};
     use crate::testing::{TestQp, TestVm, send_header};
     use zerocopy::IntoBytes;
@@ -1475,6 +1508,156 @@ mod tests {
             (0.09..=0.115).contains(&part(3)),
             "bulk took {:.3}: {moved:?}",
             part(3)
+        );
+    }
+
+    /// An RC QP of `vm` in RTS, connected to QP 1 of the port `peer` by a path of service
+    /// level `sl`.
+    fn qp_on_sl(vm: &mut TestVm, peer: Gid, sl: u8) -> TestQp {
+        let pd = vm.pd();
+        let qp = vm.qp(pd, qp::Type::Rc, 16, 64);
+        let path = qp::AhAttr {
+            dgid: peer,
+            port_num: 1,
+            is_global: 1,
+            sl,
+            ..qp::AhAttr::default()
+        };
+        vm.connect_by(qp.qpn, path, 1, (7, 7, 1));
+        qp
+    }
+
+    /// A latency VM's QP on a service level that gives bulk runs in the bulk class, below the
+    /// normal VM beside it, while the VM's other QP runs above both; an SL never lifts a QP
+    /// above its VM's class; and an operator's change of the SL's class moves the QP at its
+    /// next step.
+    #[test]
+    fn a_service_level_puts_a_qp_in_a_lower_class_never_a_higher_one() {
+        use PriorityClass::{Bulk, Latency, Normal};
+        let mock = MockFabric::default();
+        let (mut t, _tx) = turns(Box::new(mock.clone()));
+        let (mut a, mut b) = (TestVm::new(1, 1), TestVm::new(2, 1));
+        let mut sls = SlClasses::default();
+        sls.0[1] = Some(Bulk);
+        sls.0[2] = Some(Latency);
+        for (vm, class) in [(&a, Latency), (&b, Normal)] {
+            vm.vm.share.set_class(class);
+            vm.vm.share.set_sl_classes(&sls);
+        }
+        let peer = b.gid();
+        let fast = qp_on_sl(&mut a, peer, 0);
+        let slow = qp_on_sl(&mut a, peer, 1);
+        // SL 2 gives latency, above b's class: b's QP stays in normal.
+        let lifted = qp_on_sl(&mut b, peer, 2);
+        attach(&mut t, &a);
+        attach(&mut t, &b);
+        for (vm, qp) in [(&a, &fast), (&a, &slow), (&b, &lifted)] {
+            let plan = Plan::Bulk {
+                message: 1 << 20,
+                done: 0,
+            };
+            mock.state().plans.insert((vm.vm.id, qp.qpn), plan);
+            vm.vm.enqueue(qp.qpn);
+        }
+        let by_class = |vm: &TestVm| {
+            vm.vm
+                .counters
+                .bytes_by_class
+                .each_ref()
+                .map(|b| b.load(Ordering::Relaxed))
+        };
+        for _ in 0..6000 {
+            assert!(t.round(), "every QP always has work");
+        }
+        let (a_moved, b_moved) = (by_class(&a), by_class(&b));
+        let total = (a_moved.iter().sum::<u64>() + b_moved.iter().sum::<u64>()) as f64;
+        let part = |bytes: u64| bytes as f64 / total;
+        assert_eq!(a_moved[Normal.index()], 0, "a has no QP in normal");
+        assert_eq!(
+            b_moved[Latency.index()],
+            0,
+            "SL 2 lifted b's QP: {b_moved:?}"
+        );
+        assert_eq!(b_moved[Bulk.index()], 0, "b has no QP in bulk");
+        assert!(
+            (0.77..=0.83).contains(&part(a_moved[Latency.index()])),
+            "a's QP on SL 0, in latency: {a_moved:?} {b_moved:?}"
+        );
+        assert!(
+            (0.08..=0.115).contains(&part(b_moved[Normal.index()])),
+            "b's QP, in normal, kept its tenth: {a_moved:?} {b_moved:?}"
+        );
+        assert!(
+            (0.08..=0.115).contains(&part(a_moved[Bulk.index()])),
+            "a's QP on SL 1, in bulk, kept its tenth: {a_moved:?} {b_moved:?}"
+        );
+        // Back in a's class: the QP moves to the latency pass, and moves nothing in bulk.
+        sls.0[1] = None;
+        a.vm.share.set_sl_classes(&sls);
+        let before = (by_class(&a), mock.state().steps.len());
+        for _ in 0..2000 {
+            assert!(t.round(), "every QP always has work");
+        }
+        let after = by_class(&a);
+        assert_eq!(
+            after[Bulk.index()],
+            before.0[Bulk.index()],
+            "nothing in bulk"
+        );
+        let slow_steps = mock.state().steps[before.1..]
+            .iter()
+            .filter(|s| (s.vm, s.qpn) == (a.vm.id, slow.qpn))
+            .count();
+        let fast_steps = mock.state().steps[before.1..]
+            .iter()
+            .filter(|s| (s.vm, s.qpn) == (a.vm.id, fast.qpn))
+            .count();
+        assert!(
+            slow_steps * 10 > fast_steps * 9,
+            "the QP went on in latency, beside its VM's other: {slow_steps} and {fast_steps} steps"
+        );
+    }
+
+    /// Work queued in a VM's class goes on after an operator lowers the class: the QPs on the
+    /// old class's list move to the new one's.
+    #[test]
+    fn work_queued_before_a_vm_is_moved_down_goes_on_in_its_new_class() {
+        let mock = MockFabric::default();
+        let (mut t, _tx) = turns(Box::new(mock.clone()));
+        let mut a = TestVm::new(1, 1);
+        a.vm.share.set_class(PriorityClass::Latency);
+        let peer = a.gid();
+        let qa = qp_on_sl(&mut a, peer, 0);
+        attach(&mut t, &a);
+        mock.state()
+            .plans
+            .insert((a.vm.id, qa.qpn), Plan::Messages { left: 4, size: 64 });
+        a.vm.enqueue(qa.qpn);
+        // One message in latency teaches the ready lists the QP's class.
+        mock.state().room = Some(1);
+        t.round();
+        assert!(
+            a.vm.has_work_in(PriorityClass::Latency),
+            "three messages queued"
+        );
+        a.vm.share.set_class(PriorityClass::Bulk);
+        mock.state().room = None;
+        for _ in 0..4 {
+            t.round();
+        }
+        let moved =
+            a.vm.counters
+                .bytes_by_class
+                .each_ref()
+                .map(|b| b.load(Ordering::Relaxed));
+        assert_eq!(
+            moved,
+            [64, 0, 3 * 64],
+            "one message in latency, three in bulk"
+        );
+        assert!(
+            !a.vm.has_work.load(Ordering::Acquire),
+            "nothing left behind"
         );
     }
 

@@ -886,6 +886,7 @@ mod tests {
             gid: vm.vm.gid,
             weight: 1,
             class: crate::config::PriorityClass::Normal,
+            sl_classes: crate::config::SlClasses::default(),
             quotas: crate::config::Quotas::default(),
             doorbell_queues: 1,
             active_mtu: vrdma_proto::config::Mtu::Mtu4096,

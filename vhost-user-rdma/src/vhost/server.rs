@@ -17,7 +17,7 @@ use vm_memory::GuestMemoryAtomic;
 use super::device::{SharedDevice, VmDevice};
 use super::listen::{Gate, Listeners, Woken};
 use super::queues::{DoorbellQueues, EventQueue};
-use crate::config::{PriorityClass, RunTime, SocketAccess, VmConfig};
+use crate::config::{PriorityClass, RunTime, SlClasses, SocketAccess, VmConfig};
 use crate::model::memory::GuestMem;
 use crate::model::objects::VmObjects;
 use crate::model::vm::{Counters, Share, Vm};
@@ -124,7 +124,8 @@ impl Shared {
             counters: Arc::default(),
             share: Arc::new(
                 Share::new(cfg.weight, cfg.quotas.max_bw, cfg.quotas.max_msg_rate)
-                    .with_class(cfg.class),
+                    .with_class(cfg.class)
+                    .with_sl_classes(&cfg.sl_classes),
             ),
             config: Mutex::new(cfg.clone()),
             gate: Arc::default(),
@@ -165,6 +166,12 @@ pub struct VmStatus {
     pub weight: u32,
     /// Its priority class.
     pub class: PriorityClass,
+    /// The classes its QPs take by service level (`sl.N=`).
+    #[serde(default)]
+    pub sl_classes: SlClasses,
+    /// Payload bytes its QPs moved in each class, by `PriorityClass::index`.
+    #[serde(default)]
+    pub bytes_by_class: [u64; 3],
     /// Its bandwidth cap, payload bytes per second.
     pub max_bw: Option<u64>,
     /// Its message-rate cap, work requests per second.
@@ -328,25 +335,29 @@ impl VmServer {
         let RunTime {
             weight,
             class,
+            sl_classes,
             quotas,
         } = run_time;
         let mut config = self.shared.config.lock().unwrap_or_else(|p| p.into_inner());
         config.weight = weight;
         config.class = class;
+        config.sl_classes = sl_classes;
         config.quotas = quotas;
         drop(config);
         let share = &self.shared.share;
         share.set_weight(weight);
         share.set_class(class);
+        share.set_sl_classes(&sl_classes);
         share.set_caps(quotas.max_bw, quotas.max_msg_rate);
         if let Some(device) = self.device() {
             device.vm().set_quotas(&quotas);
         }
         self.scheduler.wake();
         info!(
-            "vm {}: weight {weight}, class {}, max-bw {}, max-msg-rate {}, quotas {quotas:?}",
+            "vm {}: weight {weight}, class {}, service levels in other classes: [{}], max-bw {}, max-msg-rate {}, quotas {quotas:?}",
             self.name,
             class.name(),
+            sl_classes.describe(),
             quotas.max_bw.map_or("none".into(), |v| v.to_string()),
             quotas.max_msg_rate.map_or("none".into(), |v| v.to_string()),
         );
@@ -389,6 +400,13 @@ impl VmServer {
             features: device.as_ref().and_then(|d| d.negotiated_features()),
             weight: self.shared.share.weight(),
             class: self.shared.share.class(),
+            sl_classes: self.shared.share.sl_classes(),
+            bytes_by_class: self
+                .shared
+                .counters
+                .bytes_by_class
+                .each_ref()
+                .map(|b| b.load(Ordering::Relaxed)),
             max_bw,
             max_msg_rate,
             draining: self.shared.share.is_draining(),

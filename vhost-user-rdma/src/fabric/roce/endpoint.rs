@@ -13,6 +13,7 @@ use vrdma_roce::icrc::{IPV4_DF, Ip, IpUdp};
 use vrdma_roce::packet::ParseError;
 
 use crate::config::{Dscp, ip_of};
+use crate::model::objects::Qp;
 use crate::model::vm::Vm;
 
 /// Bytes of socket buffer per VM address, each way.
@@ -175,9 +176,18 @@ impl Endpoint {
         self
     }
 
-    /// The IP TOS byte of a packet of a QP of VM `vm` whose address gives `traffic_class`
-    /// (see `Dscp::tos`).
-    pub fn tos(&self, vm: &Vm, traffic_class: u8) -> u8 {
+    /// The IP TOS byte of a packet of RC QP `qp` of VM `vm`: its class is its VM's, or lower
+    /// by its path's service level (`SlClasses`), and its path gives the traffic class (see
+    /// `Dscp::tos`).
+    pub fn tos(&self, vm: &Vm, qp: &Qp) -> u8 {
+        let path = &qp.attr.ah_attr;
+        let class = vm.share.qp_class(qp.qp_type(), path.sl);
+        self.dscp.tos(class, path.traffic_class)
+    }
+
+    /// The IP TOS byte of a datagram of VM `vm` to an address that gives `traffic_class`: UD
+    /// QPs are in their VM's class.
+    pub fn datagram_tos(&self, vm: &Vm, traffic_class: u8) -> u8 {
         self.dscp.tos(vm.share.class(), traffic_class)
     }
 

@@ -153,7 +153,7 @@ impl RoceFabric {
             dgid,
             qpn: dest_qpn,
             qkey,
-            tos: ep.tos(vm, traffic_class),
+            tos: ep.datagram_tos(vm, traffic_class),
         };
         let sent = requester::send_ud(ep, &mut self.tx, objects, mem, wr, dest, qpn, psn);
         self.tx.batch.flush();

@@ -405,7 +405,7 @@ fn send_next(
     let k = psn_diff(psns.next, sent.first_psn).max(0) as u32;
     let npsn = psn_diff(sent.last_psn, sent.first_psn) as u32 + 1;
     let (dest, peer) = (qp.attr.dest_qp_num.get(), qp.attr.ah_attr.dgid);
-    let tos = ep.tos(a, qp.attr.ah_attr.traffic_class);
+    let tos = ep.tos(a, qp);
     let psn = psns.next;
     let first = k == 0;
     let last = k + 1 >= npsn;
@@ -813,7 +813,7 @@ pub fn announce(ep: &Arc<Endpoint>, bufs: &mut TxBuffers, vm: &Vm, av: &mut VmOb
             continue;
         }
         let (peer, dest) = (qp.attr.ah_attr.dgid, qp.attr.dest_qp_num.get());
-        let tos = ep.tos(vm, qp.attr.ah_attr.traffic_class);
+        let tos = ep.tos(vm, qp);
         if qp.responds() {
             let (psn, msn) = (qp.rt.psns.expected, qp.rt.psns.msn);
             let nak = Bth::new(Op::RcAcknowledge, dest, psn)

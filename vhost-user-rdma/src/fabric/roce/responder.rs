@@ -199,7 +199,7 @@ pub fn on_request(
         ep,
         peer,
         dest: qp.attr.dest_qp_num.get(),
-        tos: ep.tos(b, qp.attr.ah_attr.traffic_class),
+        tos: ep.tos(b, qp),
         becn: ce,
     };
     if d > 0 {

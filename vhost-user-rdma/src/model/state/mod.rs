@@ -1055,6 +1055,7 @@ mod tests {
             gid: Gid::from_ipv4([10, 0, 0, 2]),
             weight: 1,
             class: crate::config::PriorityClass::Normal,
+            sl_classes: crate::config::SlClasses::default(),
             quotas: crate::config::Quotas::default(),
             doorbell_queues: 1,
             active_mtu: Mtu::Mtu4096,

@@ -4,7 +4,8 @@
 //! its test binary, so that no other test's threads share the process it looks at.
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use vhost_user_rdma::model::vm::Vm;
 use vrdma::QpCap;
@@ -101,4 +102,51 @@ fn a_kick_wakes_the_scheduler_not_the_vring_worker() {
              kicks still wake them"
         );
     }
+}
+
+/// A guest that kicks its doorbell queue in a loop with no doorbell would keep the shared
+/// scheduler awake, a pass per kick: once 64 kicks in a row bring nothing, its kicks are muted
+/// and its queue is looked at once a millisecond instead. A write it then makes is carried,
+/// found by that look, and its kicks count again.
+#[test]
+fn kicks_that_bring_no_doorbell_are_muted() {
+    let d = TestDaemon::start(&[("a", ""), ("b", "")]);
+    let (ca, dev_a) = d.open_shared("a");
+    let cb = d.open("b");
+    let (a, b) = rc_pair(&ca, &cb, 4096, QpCap::default());
+    let port = d.vm("a").expect("a is connected");
+    write_one(&a, &b);
+    let stats = d.daemon().scheduler().stats().clone();
+    // Past the polling window: the scheduler sleeps, and only kicks wake it.
+    std::thread::sleep(Duration::from_millis(20));
+    let passes_before = stats.passes.load(Ordering::Relaxed);
+    let storm = Duration::from_millis(300);
+    let started = Instant::now();
+    let mut kicks = 0u64;
+    while started.elapsed() < storm {
+        dev_a.kick_with_no_doorbell(0).expect("kick");
+        kicks += 1;
+    }
+    let passes = stats.passes.load(Ordering::Relaxed) - passes_before;
+    let mutes = stats.kick_mutes.load(Ordering::Relaxed);
+    eprintln!(
+        "{kicks} kicks with no doorbell in {storm:?}: {mutes} mute(s), the scheduler made {passes} passes"
+    );
+    assert!(mutes >= 1, "{kicks} empty kicks never muted a's kicks");
+    // Muted, it makes a pass per millisecond, and a few for the kicks before: a few hundred,
+    // not one per kick.
+    assert!(
+        passes < 2000,
+        "{kicks} empty kicks made the scheduler pass {passes} times in {storm:?}"
+    );
+    assert!(
+        kicks > 10 * passes,
+        "the storm was too slow to show anything: {kicks} kicks"
+    );
+    write_one(&a, &b);
+    let (kicked, _) = sparse_writes(&a, &b, &port, 20);
+    assert!(
+        kicked >= 10,
+        "after a doorbell, a's kicks should count again: {kicked} of 20 writes came with one"
+    );
 }

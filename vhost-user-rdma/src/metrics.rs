@@ -487,6 +487,14 @@ pub fn render(sources: &Sources) -> String {
     );
     family(
         &mut out,
+        "vrdma_scheduler_kick_mutes_total",
+        "counter",
+        "Times a VM's kicks were muted after 64 in a row brought no doorbell; its doorbell queues \
+         are then looked at every millisecond until it rings one.",
+        &one(load(&s.kick_mutes).to_string()),
+    );
+    family(
+        &mut out,
         "vrdma_scheduler_polled_vms",
         "gauge",
         "VMs whose doorbell queues the scheduler polls now (their drivers do not kick).",

@@ -1241,6 +1241,17 @@ impl VirtioUser {
         Ok(result)
     }
 
+    /// Kicks doorbell queue `queue` with no doorbell on it: what a broken or hostile driver does,
+    /// for tests of the device's defences (the daemon mutes a VM whose kicks bring nothing).
+    pub fn kick_with_no_doorbell(&self, queue: u16) -> Result<()> {
+        let count = self.num_doorbell_queues();
+        let dq = self
+            .doorbells
+            .get(usize::from(queue))
+            .ok_or(VirtioUserError::NoSuchDoorbellQueue { queue, count })?;
+        lock(dq, "doorbell queue")?.vq.kick()
+    }
+
     /// Turns on the device's dirty-page log, with the messages QEMU sends when a live migration
     /// starts (`vhost_migration_log`): `SET_LOG_BASE` with `log` (`size` bytes from offset
     /// 0), `SET_FEATURES` with the features negotiated at connect time plus

@@ -18,6 +18,11 @@ pub trait Doorbells: Send + Sync {
     /// back on, returns whether doorbells arrived while they were off (nobody announced them,
     /// so the caller takes them).
     fn set_kicks(&self, on: bool) -> bool;
+
+    /// Stops (`true`) or resumes waking the scheduler with this VM's kicks: a VM whose kicks
+    /// bring no doorbells is muted, and the scheduler looks at its queues on a timer instead
+    /// (see `KICK_STORM`). The state holds for queues that start (or restart) later too.
+    fn mute_kicks(&self, _muted: bool) {}
 }
 
 /// A VM with no doorbell queues: tests that put QPs on the ready list themselves.

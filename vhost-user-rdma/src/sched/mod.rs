@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::time::{Duration, Instant};
 
-use log::{info, warn};
+use log::{debug, info, warn};
 use vm_memory::GuestAddressSpace;
 use vrdma_proto::cqe::{Status, VendorErr};
 use vrdma_proto::{Gid, qp};
@@ -45,6 +45,16 @@ const KICK_LOOK: Duration = Duration::from_micros(20);
 
 /// Bits of a kick token that name the doorbell queue (the rest name the VM).
 const KICK_TOKEN_QUEUE_BITS: u32 = 8;
+
+/// Kicks in a row that bring a VM no doorbell before its kicks are muted: an honest driver
+/// kicks after it rings, so only a race makes one of its kicks empty (the doorbell taken by a
+/// look before the kick's own). A guest that writes its kick fd in a loop would otherwise keep
+/// the shared scheduler awake, a wake-up per pass.
+const KICK_STORM: u32 = 64;
+
+/// How often the queues of a VM whose kicks are muted are looked at: a doorbell it rings
+/// waits at most this long, and unmutes it.
+const MUTED_LOOK: Duration = Duration::from_millis(1);
 
 /// The token a VM's doorbell queue's kick fd is watched with on the scheduler's bell
 /// ([`Bell::watch`]): a kick makes the scheduler take that VM's doorbells. `None` for a VM id
@@ -147,6 +157,8 @@ pub struct SchedulerStats {
     pub poll_window_ns: AtomicU64,
     /// Turns cut short because a VM of a higher priority class had work.
     pub preemptions: AtomicU64,
+    /// Times a VM's kicks were muted for bringing no doorbells (`KICK_STORM`).
+    pub kick_mutes: AtomicU64,
 }
 
 /// The handle the devices and servers use to reach the scheduler.
@@ -307,6 +319,10 @@ struct Entry {
     /// Its last step could not move (the peer's objects were busy, or its own): until one
     /// moves, its work does not hold a lower class back.
     stalled: bool,
+    /// Its kicks in a row that brought no doorbell.
+    empty_kicks: u32,
+    /// Its kicks are muted: its queues are looked at every `MUTED_LOOK` instead.
+    muted: bool,
 }
 
 /// The QPs of VM `vm` connected to a VM that went away, to fail once `vm`'s objects can be
@@ -375,6 +391,10 @@ struct Turns {
     kicked: Vec<u64>,
     /// When the loop, awake, last looked for kicks.
     kicks_seen_at: Instant,
+    /// VMs whose kicks are muted.
+    muted: usize,
+    /// When their queues are looked at next.
+    muted_look_at: Instant,
 }
 
 impl Turns {
@@ -407,6 +427,8 @@ impl Turns {
             sleeper,
             kicked: Vec::with_capacity(64),
             kicks_seen_at: Instant::now(),
+            muted: 0,
+            muted_look_at: Instant::now(),
         }
     }
 
@@ -438,6 +460,9 @@ impl Turns {
             // kicks while the others keep it busy waits for a step or a round at most.
             if self.kicks_seen_at.elapsed() >= KICK_LOOK {
                 self.look_for_kicks();
+            }
+            if self.muted > 0 {
+                self.look_at_muted();
             }
             // While kicks are off, doorbells are only seen here: look on every pass, busy or
             // not, so a VM never waits behind a neighbour's backlog for more than a chunk.
@@ -504,6 +529,9 @@ impl Turns {
         if self.fabric_full {
             sleep = sleep.min(FLUSH_TICK);
         }
+        if self.muted > 0 {
+            sleep = sleep.min(self.muted_look_at.saturating_duration_since(now));
+        }
         sleep
     }
 
@@ -549,7 +577,62 @@ impl Turns {
             let vm_id = token >> KICK_TOKEN_QUEUE_BITS;
             // A VM not attached yet has its doorbells taken when it is; one detached has none.
             if let Some(i) = self.position(vm_id) {
-                self.entries[i].doorbells.take_kicked();
+                let found = self.entries[i].doorbells.take_kicked();
+                self.count_kick(i, found);
+            }
+        }
+    }
+
+    /// Counts a kick of VM `i` that brought doorbells (`found`) or none: `KICK_STORM` in a row
+    /// with none mute its kicks.
+    fn count_kick(&mut self, i: usize, found: bool) {
+        let e = &mut self.entries[i];
+        if found {
+            e.empty_kicks = 0;
+            return;
+        }
+        e.empty_kicks = e.empty_kicks.saturating_add(1);
+        if e.empty_kicks >= KICK_STORM {
+            self.set_muted(i, true);
+        }
+    }
+
+    /// Mutes VM `i`'s kicks, its queues then looked at every `MUTED_LOOK`, or unmutes them.
+    fn set_muted(&mut self, i: usize, muted: bool) {
+        let e = &mut self.entries[i];
+        if e.muted == muted {
+            return;
+        }
+        e.muted = muted;
+        e.empty_kicks = 0;
+        e.doorbells.mute_kicks(muted);
+        if muted {
+            if self.muted == 0 {
+                self.muted_look_at = Instant::now() + MUTED_LOOK;
+            }
+            self.muted += 1;
+            self.stats.kick_mutes.fetch_add(1, Ordering::Relaxed);
+            debug!(
+                "vm {}: {KICK_STORM} kicks in a row brought no doorbell; its doorbell queues are \
+                 looked at every {MUTED_LOOK:?} until it rings one",
+                e.vm.name
+            );
+        } else {
+            self.muted -= 1;
+        }
+    }
+
+    /// Takes the doorbells of the VMs whose kicks are muted, once a `MUTED_LOOK`: a VM that
+    /// has rung one gets its kicks back.
+    fn look_at_muted(&mut self) {
+        let now = Instant::now();
+        if now < self.muted_look_at {
+            return;
+        }
+        self.muted_look_at = now + MUTED_LOOK;
+        for i in 0..self.entries.len() {
+            if self.entries[i].muted && self.entries[i].doorbells.take_kicked() {
+                self.set_muted(i, false);
             }
         }
     }
@@ -609,6 +692,11 @@ impl Turns {
             return false;
         }
         e.polled = on;
+        if on && e.muted {
+            // It works: its doorbells are polled now, and when polling ends its kicks count.
+            self.set_muted(i, false);
+        }
+        let e = &mut self.entries[i];
         if on {
             self.polled += 1;
         } else {
@@ -648,11 +736,16 @@ impl Turns {
                     paused: false,
                     class: PriorityClass::Normal,
                     stalled: false,
+                    empty_kicks: 0,
+                    muted: false,
                 });
             }
             Control::Detach(id, done, moved) => {
                 if let Some(i) = self.position(id) {
                     let e = self.entries.remove(i);
+                    if e.muted {
+                        self.muted -= 1;
+                    }
                     if e.polled {
                         self.polled -= 1;
                         self.stats
@@ -1081,11 +1174,18 @@ impl Turns {
                 .into_iter()
                 .filter(|&c| Some(c) != guaranteed),
         ) {
-            // A VM's QPs are in its class or below (an SL's class never raises them); work on a
-            // list above it was queued before an operator lowered its class, and its pass moves
-            // that work down.
+            // A VM takes part in its own class's pass, and in another's while it has something
+            // there: its QPs on service levels that put them below its class, work queued
+            // above it before an operator lowered its class (that pass moves it down), or a
+            // turn or a wait to close. Few VMs have QPs below their class, and each visit
+            // costs the round a little, which a VM alone with 64 KiB turns would feel.
             for (i, e) in self.entries.iter().enumerate() {
-                if e.class <= class || e.vm.has_work_in(class) {
+                let c = class.index();
+                if e.class == class
+                    || e.vm.has_work_in(class)
+                    || e.deficit[c] != 0
+                    || e.waiting_since[c].is_some()
+                {
                     self.order.push((i, class));
                 }
             }

@@ -37,6 +37,9 @@ pub struct DoorbellQueues {
     /// Per queue, the duplicate of its kick fd the scheduler watches, from the ring's start
     /// until it stops.
     handed_over: Box<[Mutex<Option<EventConsumer>>]>,
+    /// The scheduler muted the kicks ([`Doorbells::mute_kicks`]): the duplicates are not
+    /// watched.
+    muted: AtomicBool,
 }
 
 impl std::fmt::Debug for DoorbellQueues {
@@ -61,6 +64,7 @@ impl DoorbellQueues {
             handed_over: (0..queue::MAX_DOORBELL_QUEUES)
                 .map(|_| Mutex::new(None))
                 .collect(),
+            muted: AtomicBool::new(false),
         }
     }
 
@@ -99,8 +103,12 @@ impl DoorbellQueues {
         let Some(kick) = state.get_kick() else {
             return;
         };
+        // Muted kicks are handed over unwatched: the scheduler watches them once it unmutes.
+        let muted = self.muted.load(Ordering::Acquire);
         let watched = kick.try_clone().and_then(|dup| {
-            bell.watch(dup.as_raw_fd(), token)?;
+            if !muted {
+                bell.watch(dup.as_raw_fd(), token)?;
+            }
             Ok(dup)
         });
         let dup = match watched {
@@ -122,7 +130,9 @@ impl DoorbellQueues {
                 "vm {}: doorbell queue {index}'s kicks not handed over again: {e}",
                 self.vm.name
             );
-            let _ = bell.unwatch(dup.as_raw_fd());
+            if !muted {
+                let _ = bell.unwatch(dup.as_raw_fd());
+            }
             return;
         }
         let previous = slot.replace(dup);
@@ -281,6 +291,27 @@ impl Doorbells for DoorbellQueues {
 
     fn take_kicked(&self) -> bool {
         self.take_all(false)
+    }
+
+    fn mute_kicks(&self, muted: bool) {
+        let Some(bell) = &self.bell else {
+            return;
+        };
+        self.muted.store(muted, Ordering::Release);
+        for (index, slot) in self.handed_over.iter().enumerate() {
+            // Under the slot's lock, as `hand_over_kicks` changes it: whichever applies last
+            // sees the other's state.
+            let slot = slot.lock().unwrap_or_else(|p| p.into_inner());
+            let (Some(dup), Some(token)) = (&*slot, kick_token(self.vm.id, index as u16)) else {
+                continue;
+            };
+            // An fd already in the state asked fails harmlessly (watched twice, or not at all).
+            let _ = if muted {
+                bell.unwatch(dup.as_raw_fd())
+            } else {
+                bell.watch(dup.as_raw_fd(), token)
+            };
+        }
     }
 
     fn set_kicks(&self, on: bool) -> bool {

@@ -4,11 +4,13 @@
 //! its test binary, so that no other test's threads share the process it looks at.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use vhost_user_rdma::model::vm::Vm;
 use vrdma::QpCap;
+use vrdma::transport::VirtioUser;
 use vrdma_tests::{Endpoint, TestDaemon, doorbells_rung, rc_pair, write_one};
 
 /// Context switches so far of each of this process's threads named `name`, by thread id
@@ -63,17 +65,46 @@ fn sparse_writes(a: &Endpoint, b: &Endpoint, port: &Vm, writes: u64) -> (u64, u6
     ((after.0 - after.1) - (before.0 - before.1), workers)
 }
 
+/// VMs `a` and `b` of one daemon, an RC pair between them that has carried one write, `a`'s
+/// transport (to act as its VMM) and its port.
+struct Pair {
+    d: TestDaemon,
+    dev_a: Arc<VirtioUser>,
+    a: Endpoint,
+    b: Endpoint,
+    port: Arc<Vm>,
+}
+
+impl Pair {
+    fn written_once() -> Pair {
+        let d = TestDaemon::start(&[("a", ""), ("b", "")]);
+        let (ca, dev_a) = d.open_shared("a");
+        let cb = d.open("b");
+        let (a, b) = rc_pair(&ca, &cb, 4096, QpCap::default());
+        let port = d.vm("a").expect("a is connected");
+        write_one(&a, &b);
+        Pair {
+            d,
+            dev_a,
+            a,
+            b,
+            port,
+        }
+    }
+}
+
 #[test]
 fn a_kick_wakes_the_scheduler_not_the_vring_worker() {
     const WRITES: u64 = 150;
-    let d = TestDaemon::start(&[("a", ""), ("b", "")]);
-    let (ca, dev_a) = d.open_shared("a");
-    let cb = d.open("b");
-    let (a, b) = rc_pair(&ca, &cb, 4096, QpCap::default());
-    let port = d.vm("a").expect("a is connected");
     // The worker hands each doorbell queue's kicks over as the ring starts; one write first, so
     // that the measurements below begin with the pair connected and idle.
-    write_one(&a, &b);
+    let Pair {
+        d: _d,
+        dev_a,
+        a,
+        b,
+        port,
+    } = Pair::written_once();
     let first = sparse_writes(&a, &b, &port, WRITES);
     // The VMM stops and restarts the rings (a pause, as for a live migration): the library
     // gives the doorbell queue's kicks back to the worker, which hands them over
@@ -110,12 +141,13 @@ fn a_kick_wakes_the_scheduler_not_the_vring_worker() {
 /// found by that look, and its kicks count again.
 #[test]
 fn kicks_that_bring_no_doorbell_are_muted() {
-    let d = TestDaemon::start(&[("a", ""), ("b", "")]);
-    let (ca, dev_a) = d.open_shared("a");
-    let cb = d.open("b");
-    let (a, b) = rc_pair(&ca, &cb, 4096, QpCap::default());
-    let port = d.vm("a").expect("a is connected");
-    write_one(&a, &b);
+    let Pair {
+        d,
+        dev_a,
+        a,
+        b,
+        port,
+    } = Pair::written_once();
     let stats = d.daemon().scheduler().stats().clone();
     // Past the polling window: the scheduler sleeps, and only kicks wake it.
     std::thread::sleep(Duration::from_millis(20));

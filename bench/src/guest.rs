@@ -183,15 +183,26 @@ fn access() -> AccessFlags {
 
 /// Connects QP i of `a` with QP i of `b`, for every i.
 pub fn connect(a: &Side, b: &Side) -> Result<(), Error> {
+    connect_on(a, b, 0)
+}
+
+/// As [`connect`], by paths of service level `sl` (perftest's `-S`).
+pub fn connect_on(a: &Side, b: &Side, sl: u8) -> Result<(), Error> {
     for (qa, qb) in a.qps.iter().zip(&b.qps) {
-        connect_qp(qa, b.ctx.gid(), qb.qp_num())?;
-        connect_qp(qb, a.ctx.gid(), qa.qp_num())?;
+        connect_qp(qa, b.ctx.gid(), qb.qp_num(), sl)?;
+        connect_qp(qb, a.ctx.gid(), qa.qp_num(), sl)?;
     }
     Ok(())
 }
 
-/// RESET -> INIT -> RTR -> RTS towards `remote_qpn` at `remote_gid`, as perftest does.
-fn connect_qp(qp: &QueuePair, remote_gid: vrdma_proto::Gid, remote_qpn: u32) -> Result<(), Error> {
+/// RESET -> INIT -> RTR -> RTS towards `remote_qpn` at `remote_gid` by a path of service level
+/// `sl`, as perftest does.
+fn connect_qp(
+    qp: &QueuePair,
+    remote_gid: vrdma_proto::Gid,
+    remote_qpn: u32,
+    sl: u8,
+) -> Result<(), Error> {
     let init = QpAttr {
         qp_state: QpState::Init,
         qp_access_flags: access(),
@@ -204,7 +215,10 @@ fn connect_qp(qp: &QueuePair, remote_gid: vrdma_proto::Gid, remote_qpn: u32) -> 
         dest_qp_num: remote_qpn,
         max_dest_rd_atomic: 1,
         min_rnr_timer: 1,
-        ah_attr: AddressHandle::attr_for(remote_gid),
+        ah_attr: vrdma_proto::qp::AhAttr {
+            sl,
+            ..AddressHandle::attr_for(remote_gid)
+        },
         ..QpAttr::default()
     };
     qp.modify(&rtr, QpAttrMask::RC_RTR)

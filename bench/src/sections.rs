@@ -1001,6 +1001,8 @@ pub fn isolation(env: &mut Env, r: &mut Results) -> Result<(), Error> {
 struct ClassPairing {
     latency_pair: &'static str,
     bulk_vm: &'static str,
+    /// The class the bulk VM's QPs take by their service level (`BULK_SL`), if not its own.
+    bulk_sl_class: Option<&'static str>,
     /// Measured next to every kind of bulk neighbour, not only the deep-queued one.
     every_neighbour: bool,
 }
@@ -1009,41 +1011,59 @@ impl ClassPairing {
     /// `base` (a series or ratio name) for this pairing: unchanged for the default classes,
     /// which the section measured before classes existed.
     fn series(&self, base: &str) -> String {
-        if self.latency_pair == "normal" && self.bulk_vm == "normal" {
-            base.to_owned()
-        } else {
-            format!(
+        match self.bulk_sl_class {
+            _ if self.latency_pair == "normal" && self.bulk_vm == "normal" => base.to_owned(),
+            Some(by_sl) => format!(
+                "{base}, {} class next to a {} VM's QPs in {by_sl} by their SL",
+                self.latency_pair, self.bulk_vm
+            ),
+            None => format!(
                 "{base}, {} class next to {}",
                 self.latency_pair, self.bulk_vm
-            )
+            ),
         }
     }
 }
 
 /// The pairings of classes the isolation section measures; the first is every VM in the
 /// default class.
-const CLASS_PAIRINGS: [ClassPairing; 4] = [
+const CLASS_PAIRINGS: [ClassPairing; 5] = [
     ClassPairing {
         latency_pair: "normal",
         bulk_vm: "normal",
+        bulk_sl_class: None,
         every_neighbour: true,
     },
     ClassPairing {
         latency_pair: "latency",
         bulk_vm: "bulk",
+        bulk_sl_class: None,
         every_neighbour: true,
     },
     ClassPairing {
         latency_pair: "latency",
         bulk_vm: "normal",
+        bulk_sl_class: None,
         every_neighbour: false,
     },
     ClassPairing {
         latency_pair: "normal",
         bulk_vm: "bulk",
+        bulk_sl_class: None,
+        every_neighbour: false,
+    },
+    // Both VMs latency, the bulk VM's writes on a service level its operator put in bulk: a
+    // QP's class, not only a VM's.
+    ClassPairing {
+        latency_pair: "latency",
+        bulk_vm: "latency",
+        bulk_sl_class: Some("bulk"),
         every_neighbour: false,
     },
 ];
+
+/// The service level of the bulk VMs' QPs: their VM's class unless a pairing gives it one.
+const BULK_SL: u8 = 1;
 
 /// The ratio of the bulk VM's throughput next to the latency pair with the pair in the
 /// latency class and the bulk VM in the bulk class, to the same with every VM normal.
@@ -1062,7 +1082,8 @@ fn set_classes(control: &Path, pairing: &ClassPairing) -> Result<(), Error> {
     ] {
         vrdmactl(control, &["set", vm, &format!("class={class}")])?;
     }
-    Ok(())
+    let by_sl = format!("sl.{BULK_SL}={}", pairing.bulk_sl_class.unwrap_or("vm"));
+    vrdmactl(control, &["set", "bulk", &by_sl])
 }
 
 /// Runs `vrdmactl --socket CONTROL ARGS`, which must succeed.
@@ -1150,7 +1171,7 @@ fn start_bulk(
     let msg = ISOLATION_BULK_MSG;
     let a = Side::new(from, 1, neighbour.depth, 2 * neighbour.depth.max(32), msg)?;
     let b = Side::new(to, 1, 4, 64, msg)?;
-    guest::connect(&a, &b)?;
+    guest::connect_on(&a, &b, BULK_SL)?;
     writers.start(
         name,
         a,

@@ -176,6 +176,11 @@ fn kicks_that_bring_no_doorbell_are_muted() {
         "the storm was too slow to show anything: {kicks} kicks"
     );
     write_one(&a, &b);
+    assert_eq!(
+        stats.muted_vms.load(Ordering::Relaxed),
+        0,
+        "a's doorbell gave it its kicks back"
+    );
     let (kicked, _) = sparse_writes(&a, &b, &port, 20);
     assert!(
         kicked >= 10,

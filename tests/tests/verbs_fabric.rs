@@ -236,7 +236,13 @@ impl NicHost {
 
     fn open_vm(&self, name: &str) -> vrdma::Context {
         vrdma::Context::open(self.dir.join(format!("{name}.sock"))).unwrap_or_else(|e| {
-            panic!("guest connects: {e}\n{}", self.log());
+            let mut why = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(cause) = source {
+                why.push_str(&format!(": {cause}"));
+                source = cause.source();
+            }
+            panic!("guest connects: {why}\n{}", self.log());
         })
     }
 }

@@ -489,9 +489,16 @@ pub fn render(sources: &Sources) -> String {
         &mut out,
         "vrdma_scheduler_kick_mutes_total",
         "counter",
-        "Times a VM's kicks were muted after 64 in a row brought no doorbell; its doorbell queues \
-         are then looked at every millisecond until it rings one.",
+        "Times a VM's kicks were muted after 64 in a row brought no doorbell (fewer after earlier \
+         mutes); its doorbell queues are then looked at every millisecond until it rings one.",
         &one(load(&s.kick_mutes).to_string()),
+    );
+    family(
+        &mut out,
+        "vrdma_scheduler_muted_vms",
+        "gauge",
+        "VMs whose kicks are muted now (their doorbell queues looked at every millisecond).",
+        &one(load(&s.muted_vms).to_string()),
     );
     family(
         &mut out,

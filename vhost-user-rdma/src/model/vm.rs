@@ -19,94 +19,89 @@ use super::objects::{Failure, VmObjects};
 /// Most asynchronous events kept while the driver has no event buffers posted.
 pub const MAX_PENDING_EVENTS: usize = 4096;
 
-/// QPs with work for the scheduler, each at most once. Sized for every QP the VM may have
-/// when it is made, so queueing never allocates.
-struct ReadyList {
-    /// Slot indices (the low bits of QPNs), in the order they became ready.
-    queue: VecDeque<u32>,
-    /// Per slot, the QPN last queued for it, or 0. Whatever its generation, it stands for
-    /// the slot: the scheduler steps the QP that lives there when it gets to it, so a stale
-    /// doorbell or timer (of a QP destroyed since) can never hide a live QP's.
-    current: Vec<u32>,
-}
-
-impl ReadyList {
-    fn new(max_qp: u32) -> Self {
-        let slots = max_qp.next_power_of_two() as usize;
-        ReadyList {
-            queue: VecDeque::with_capacity(slots),
-            current: vec![0; slots],
-        }
-    }
-
-    fn push(&mut self, qpn: u32) {
-        let slot = qpn & (self.current.len() as u32 - 1);
-        let current = &mut self.current[slot as usize];
-        if *current == 0 {
-            self.queue.push_back(slot);
-        }
-        *current = qpn;
-    }
-
-    /// Makes room for QPs in slots up to `max_qp` (a raised quota), keeping what is queued.
-    /// Never shrinks: QPs made under a higher quota keep their slots.
-    fn grow(&mut self, max_qp: u32) {
-        let slots = max_qp.next_power_of_two() as usize;
-        if slots <= self.current.len() {
-            return;
-        }
-        let queued: Vec<u32> = std::iter::from_fn(|| self.pop()).collect();
-        *self = ReadyList::new(max_qp);
-        for qpn in queued {
-            self.push(qpn);
-        }
-    }
-
-    fn pop(&mut self) -> Option<u32> {
-        let slot = self.queue.pop_front()?;
-        Some(std::mem::take(&mut self.current[slot as usize]))
-    }
-}
-
 /// Priority classes: one ready list each.
 const CLASSES: usize = PriorityClass::ALL.len();
 
 /// In `ReadyLists::class_of_slot`: not known yet, the QP goes on its VM's class's list.
 const CLASS_UNKNOWN: u8 = u8::MAX;
 
-/// A VM's ready lists, one per priority class (a QP's class is its VM's, or lower by the
-/// service level of its path: see [`SlClasses`]), and the list each slot's doorbells go on.
+/// A VM's QPs with work for the scheduler, each at most once, on the ready list of a priority
+/// class (a QP's class is its VM's, or lower by the service level of its path: see
+/// [`SlClasses`]). Sized for every QP the VM may have when it is made, so queueing never
+/// allocates.
 struct ReadyLists {
-    by_class: [ReadyList; CLASSES],
+    /// Per class, slot indices (the low bits of QPNs; at most `limits::MAX_QP`, so they fit
+    /// 16 bits) in the order they became ready. A slot is on one list at most.
+    queues: [VecDeque<u16>; CLASSES],
+    /// Per slot, the QPN last queued for it, or 0 if it is on no list. Whatever its
+    /// generation, it stands for the slot: the scheduler steps the QP that lives there when it
+    /// gets to it, so a stale doorbell or timer (of a QP destroyed since) can never hide a live
+    /// QP's.
+    current: Vec<u32>,
     /// Per slot, the class the scheduler found the slot's QP in at its last step, as
-    /// `PriorityClass::index`, or [`CLASS_UNKNOWN`]. Only a guide: a QP whose class changed
-    /// since (a new QP in the slot, a new path, an operator's change) comes off the list it
-    /// went on, and the scheduler moves it instead of stepping it.
+    /// `PriorityClass::index`, or [`CLASS_UNKNOWN`]: the list its doorbells go on. Only a
+    /// guide: a QP whose class changed since (a new QP in the slot, a new path) comes off the
+    /// list it went on, and the scheduler moves it instead of stepping it.
     class_of_slot: Vec<u8>,
 }
 
 impl ReadyLists {
     fn new(max_qp: u32) -> Self {
+        let slots = max_qp.next_power_of_two() as usize;
         ReadyLists {
-            by_class: std::array::from_fn(|_| ReadyList::new(max_qp)),
-            class_of_slot: vec![CLASS_UNKNOWN; max_qp.next_power_of_two() as usize],
+            queues: std::array::from_fn(|_| VecDeque::with_capacity(slots)),
+            current: vec![0; slots],
+            class_of_slot: vec![CLASS_UNKNOWN; slots],
         }
     }
 
     fn slot(&self, qpn: u32) -> usize {
-        (qpn & (self.class_of_slot.len() as u32 - 1)) as usize
+        (qpn & (self.current.len() as u32 - 1)) as usize
     }
 
+    /// Queues `qpn` on class `class`'s list, unless its slot is on a list already. Returns
+    /// whether it was queued now.
+    fn push(&mut self, qpn: u32, class: usize) -> bool {
+        let slot = self.slot(qpn);
+        let queued_now = self.current[slot] == 0;
+        if queued_now {
+            // Slots number at most MAX_QP (1 << 16): the index fits.
+            self.queues[class].push_back(slot as u16);
+        }
+        self.current[slot] = qpn;
+        queued_now
+    }
+
+    fn pop(&mut self, class: usize) -> Option<u32> {
+        let slot = self.queues[class].pop_front()?;
+        Some(std::mem::take(&mut self.current[usize::from(slot)]))
+    }
+
+    /// Makes room for QPs in slots up to `max_qp` (a raised quota), keeping what is queued
+    /// (each QPN in its slot under the wider mask, on the same list). Never shrinks: QPs made
+    /// under a higher quota keep their slots. The guides start afresh.
     fn grow(&mut self, max_qp: u32) {
-        let slots = max_qp.next_power_of_two() as usize;
-        if slots <= self.class_of_slot.len() {
+        if max_qp.next_power_of_two() as usize <= self.current.len() {
             return;
         }
-        for list in &mut self.by_class {
-            list.grow(max_qp);
+        let mut old = std::mem::replace(self, ReadyLists::new(max_qp));
+        for class in 0..CLASSES {
+            while let Some(qpn) = old.pop(class) {
+                self.push(qpn, class);
+            }
         }
-        // Slots keep their indices (the low bits of a QPN), so the old ones keep their class.
-        self.class_of_slot.resize(slots, CLASS_UNKNOWN);
+    }
+
+    /// Moves every queued slot to class `class`'s list and forgets every guide: the classes
+    /// changed (an operator's `class=` or `sl.N=`), and each QP goes from its VM's class to its
+    /// own at its next step.
+    fn regroup(&mut self, class: usize) {
+        for k in (0..CLASSES).filter(|&k| k != class) {
+            while let Some(slot) = self.queues[k].pop_front() {
+                self.queues[class].push_back(slot);
+            }
+        }
+        self.class_of_slot.fill(CLASS_UNKNOWN);
     }
 }
 
@@ -255,6 +250,8 @@ pub struct Share {
     /// Per service level, the class its QPs take, as `PriorityClass::index`, or
     /// [`SL_IN_VM_CLASS`].
     sl_classes: [AtomicU8; SERVICE_LEVELS],
+    /// Bumped by every change of the class or the service levels' classes.
+    classes_generation: AtomicU64,
 }
 
 /// In `Share::sl_classes`: the SL's QPs are in the VM's class.
@@ -272,6 +269,7 @@ impl Share {
             draining: AtomicBool::new(false),
             class: AtomicU8::new(PriorityClass::Normal as u8),
             sl_classes: std::array::from_fn(|_| AtomicU8::new(SL_IN_VM_CLASS)),
+            classes_generation: AtomicU64::new(0),
         }
     }
 
@@ -287,6 +285,13 @@ impl Share {
         for (slot, class) in self.sl_classes.iter().zip(sl_classes.0) {
             slot.store(class.map_or(SL_IN_VM_CLASS, |c| c as u8), Ordering::Relaxed);
         }
+        self.classes_generation.fetch_add(1, Ordering::Release);
+    }
+
+    /// Changes with every [`Share::set_class`] and [`Share::set_sl_classes`]: the scheduler
+    /// regroups the VM's ready lists when it does ([`Vm::regroup`]).
+    pub fn classes_generation(&self) -> u64 {
+        self.classes_generation.load(Ordering::Acquire)
     }
 
     /// The classes the service levels give, as set.
@@ -326,6 +331,7 @@ impl Share {
     /// Moves the VM to class `class`; the scheduler uses it from its next round.
     pub fn set_class(&self, class: PriorityClass) {
         self.class.store(class as u8, Ordering::Relaxed);
+        self.classes_generation.fetch_add(1, Ordering::Release);
     }
 
     /// The VM's weight: the deficit it earns per round, in quanta.
@@ -557,19 +563,21 @@ impl Vm {
             CLASS_UNKNOWN => self.class().index(),
             known => usize::from(known),
         };
-        ready.by_class[class].push(qpn);
-        self.class_work[class].store(true, Ordering::Release);
+        if ready.push(qpn, class) {
+            self.class_work[class].store(true, Ordering::Release);
+        }
         self.has_work.store(true, Ordering::Release);
     }
 
-    /// Puts QP `qpn` on the ready list of class `class`, where its doorbells go from now on:
-    /// the scheduler found it in that class.
+    /// Puts QP `qpn` on the ready list of class `class` (unless it is on a list already),
+    /// where its doorbells go from now on: the scheduler found it in that class.
     pub fn enqueue_in(&self, qpn: u32, class: PriorityClass) {
         let mut ready = self.ready.lock().unwrap_or_else(|p| p.into_inner());
         let slot = ready.slot(qpn);
         ready.class_of_slot[slot] = class as u8;
-        ready.by_class[class.index()].push(qpn);
-        self.class_work[class.index()].store(true, Ordering::Release);
+        if ready.push(qpn, class.index()) {
+            self.class_work[class.index()].store(true, Ordering::Release);
+        }
         self.has_work.store(true, Ordering::Release);
     }
 
@@ -578,7 +586,7 @@ impl Vm {
     /// concurrent enqueue cannot be missed.
     pub fn pop_ready_in(&self, class: PriorityClass) -> Option<u32> {
         let mut ready = self.ready.lock().unwrap_or_else(|p| p.into_inner());
-        let qpn = ready.by_class[class.index()].pop();
+        let qpn = ready.pop(class.index());
         if qpn.is_none() {
             self.class_work[class.index()].store(false, Ordering::Release);
             if !self.class_work.iter().any(|w| w.load(Ordering::Relaxed)) {
@@ -601,23 +609,30 @@ impl Vm {
         self.class_work[class.index()].load(Ordering::Acquire)
     }
 
-    /// Whether QPs of a class above `class` are on their ready lists.
-    pub fn has_work_above(&self, class: PriorityClass) -> bool {
-        self.class_work[..class.index()]
-            .iter()
-            .any(|w| w.load(Ordering::Acquire))
-    }
-
     /// The VM's priority class.
     pub fn class(&self) -> PriorityClass {
         self.share.class()
     }
 
+    /// Puts every queued QP on the ready list of the VM's class and forgets where each QP's
+    /// doorbells went: an operator changed the VM's class or its service levels' (the
+    /// scheduler sees `Share::classes_generation` change), so the QPs queued on the old lists
+    /// do not wait for a pass that no longer suits them; each moves on to its own class at its
+    /// next step.
+    pub fn regroup(&self) {
+        let mut ready = self.ready.lock().unwrap_or_else(|p| p.into_inner());
+        let class = self.class().index();
+        ready.regroup(class);
+        for (k, flag) in self.class_work.iter().enumerate() {
+            flag.store(k == class && !ready.queues[k].is_empty(), Ordering::Release);
+        }
+    }
+
     /// Empties the ready lists (the VM's objects are being released).
     pub fn clear_ready(&self) {
         let mut ready = self.ready.lock().unwrap_or_else(|p| p.into_inner());
-        for list in &mut ready.by_class {
-            while list.pop().is_some() {}
+        for class in 0..CLASSES {
+            while ready.pop(class).is_some() {}
         }
         for flag in &self.class_work {
             flag.store(false, Ordering::Release);

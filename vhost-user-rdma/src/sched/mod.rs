@@ -49,8 +49,13 @@ const KICK_TOKEN_QUEUE_BITS: u32 = 8;
 /// Kicks in a row that bring a VM no doorbell before its kicks are muted: an honest driver
 /// kicks after it rings, so only a race makes one of its kicks empty (the doorbell taken by a
 /// look before the kick's own). A guest that writes its kick fd in a loop would otherwise keep
-/// the shared scheduler awake, a wake-up per pass.
+/// the shared scheduler awake, a wake-up per pass. Each mute halves the next threshold (down
+/// to 1), so that a guest ringing now and then while it kicks in a loop is muted again at
+/// once; `KICK_STORM` kicks in a row that bring doorbells restore it.
 const KICK_STORM: u32 = 64;
+
+/// How many times a VM's threshold of empty kicks halves (`KICK_STORM >> 6` is 1).
+const MAX_KICK_STRIKES: u8 = 6;
 
 /// How often the queues of a VM whose kicks are muted are looked at: a doorbell it rings
 /// waits at most this long, and unmutes it.
@@ -159,6 +164,8 @@ pub struct SchedulerStats {
     pub preemptions: AtomicU64,
     /// Times a VM's kicks were muted for bringing no doorbells (`KICK_STORM`).
     pub kick_mutes: AtomicU64,
+    /// VMs whose kicks are muted now: a gauge.
+    pub muted_vms: AtomicU64,
 }
 
 /// The handle the devices and servers use to reach the scheduler.
@@ -316,11 +323,20 @@ struct Entry {
     paused: bool,
     /// Its priority class, as of the current round: its QPs are in it or below it.
     class: PriorityClass,
-    /// Its last step could not move (the peer's objects were busy, or its own): until one
-    /// moves, its work does not hold a lower class back.
-    stalled: bool,
-    /// Its kicks in a row that brought no doorbell.
+    /// Per class, its last step there could not move (the peer's objects were busy, or its
+    /// own): until one moves, its work in that class does not hold a lower class back.
+    stalled: [bool; CLASSES],
+    /// The `Share::classes_generation` its ready lists were grouped for: another means an
+    /// operator changed its class or its service levels' (`Vm::regroup`).
+    classes_generation: u64,
+    /// Its kicks in a row that brought no doorbell, or, while it has strikes, that brought
+    /// some.
     empty_kicks: u32,
+    /// Its kicks in a row that brought doorbells, while it has strikes.
+    good_kicks: u32,
+    /// Times its kicks were muted since it last kicked `KICK_STORM` times in a row with
+    /// doorbells (at most `MAX_KICK_STRIKES`): each halves its threshold.
+    kick_strikes: u8,
     /// Its kicks are muted: its queues are looked at every `MUTED_LOOK` instead.
     muted: bool,
 }
@@ -573,8 +589,15 @@ impl Turns {
     }
 
     fn take_kicked(&mut self, kicked: &mut Vec<u64>) {
+        // One look takes every queue of a VM: its tokens count as one kick, so that a VM with
+        // many queues is not taken for one kicking for nothing.
+        kicked.sort_unstable();
+        let mut last_vm = None;
         for token in kicked.drain(..) {
             let vm_id = token >> KICK_TOKEN_QUEUE_BITS;
+            if last_vm.replace(vm_id) == Some(vm_id) {
+                continue;
+            }
             // A VM not attached yet has its doorbells taken when it is; one detached has none.
             if let Some(i) = self.position(vm_id) {
                 let found = self.entries[i].doorbells.take_kicked();
@@ -584,15 +607,26 @@ impl Turns {
     }
 
     /// Counts a kick of VM `i` that brought doorbells (`found`) or none: `KICK_STORM` in a row
-    /// with none mute its kicks.
+    /// with none (fewer after strikes) mute its kicks; one with doorbells unmutes them.
     fn count_kick(&mut self, i: usize, found: bool) {
         let e = &mut self.entries[i];
         if found {
             e.empty_kicks = 0;
+            if e.kick_strikes > 0 {
+                e.good_kicks += 1;
+                if e.good_kicks >= KICK_STORM {
+                    e.kick_strikes = 0;
+                    e.good_kicks = 0;
+                }
+            }
+            if e.muted {
+                self.set_muted(i, false);
+            }
             return;
         }
+        e.good_kicks = 0;
         e.empty_kicks = e.empty_kicks.saturating_add(1);
-        if e.empty_kicks >= KICK_STORM {
+        if e.empty_kicks >= KICK_STORM >> e.kick_strikes {
             self.set_muted(i, true);
         }
     }
@@ -607,19 +641,23 @@ impl Turns {
         e.empty_kicks = 0;
         e.doorbells.mute_kicks(muted);
         if muted {
+            e.kick_strikes = (e.kick_strikes + 1).min(MAX_KICK_STRIKES);
             if self.muted == 0 {
                 self.muted_look_at = Instant::now() + MUTED_LOOK;
             }
             self.muted += 1;
             self.stats.kick_mutes.fetch_add(1, Ordering::Relaxed);
             debug!(
-                "vm {}: {KICK_STORM} kicks in a row brought no doorbell; its doorbell queues are \
-                 looked at every {MUTED_LOOK:?} until it rings one",
-                e.vm.name
+                "vm {}: its kicks brought no doorbell (mute {} in a row); its doorbell queues \
+                 are looked at every {MUTED_LOOK:?} until it rings one",
+                e.vm.name, e.kick_strikes
             );
         } else {
             self.muted -= 1;
         }
+        self.stats
+            .muted_vms
+            .store(self.muted as u64, Ordering::Relaxed);
     }
 
     /// Takes the doorbells of the VMs whose kicks are muted, once a `MUTED_LOOK`: a VM that
@@ -630,8 +668,9 @@ impl Turns {
             return;
         }
         self.muted_look_at = now + MUTED_LOOK;
+        // Counted as polled: the scheduler found them by looking, no kick told it.
         for i in 0..self.entries.len() {
-            if self.entries[i].muted && self.entries[i].doorbells.take_kicked() {
+            if self.entries[i].muted && self.entries[i].doorbells.take() {
                 self.set_muted(i, false);
             }
         }
@@ -727,6 +766,9 @@ impl Turns {
                         Buckets::new(max_bw, max_msg_rate)
                     },
                     caps_generation: vm.share.caps_generation(),
+                    // Read before the class: a change between the two is seen next round.
+                    classes_generation: vm.share.classes_generation(),
+                    class: vm.share.class(),
                     vm,
                     doorbells,
                     deficit: [0; CLASSES],
@@ -734,9 +776,10 @@ impl Turns {
                     polled: false,
                     last_work: Instant::now(),
                     paused: false,
-                    class: PriorityClass::Normal,
-                    stalled: false,
+                    stalled: [false; CLASSES],
                     empty_kicks: 0,
+                    good_kicks: 0,
+                    kick_strikes: 0,
                     muted: false,
                 });
             }
@@ -745,6 +788,9 @@ impl Turns {
                     let e = self.entries.remove(i);
                     if e.muted {
                         self.muted -= 1;
+                        self.stats
+                            .muted_vms
+                            .store(self.muted as u64, Ordering::Relaxed);
                     }
                     if e.polled {
                         self.polled -= 1;
@@ -1012,7 +1058,7 @@ impl Turns {
                 if !e.vm.has_work_in(class) {
                     e.deficit[c] = 0;
                     if !e.vm.has_work.load(Ordering::Acquire) {
-                        e.stalled = false;
+                        e.stalled = [false; CLASSES];
                         // Idle: what it earns from here on is a burst, bounded as such.
                         e.buckets.unhold();
                     }
@@ -1075,7 +1121,7 @@ impl Turns {
                         // deficit stays.
                         vm.enqueue_in(queued, class);
                         self.retry_soon = true;
-                        self.entries[i].stalled = true;
+                        self.entries[i].stalled[c] = true;
                         break;
                     };
                     if let Some(t0) = timed {
@@ -1099,7 +1145,7 @@ impl Turns {
                     match outcome.step {
                         Step::Idle => {}
                         Step::Progress { cost, more } => {
-                            self.entries[i].stalled = false;
+                            self.entries[i].stalled[c] = false;
                             self.entries[i].deficit[c] -= i64::from(cost);
                             cost_by_class[c] += u64::from(cost);
                             served = true;
@@ -1111,7 +1157,7 @@ impl Turns {
                         Step::Blocked => {
                             vm.enqueue_in(qpn, class);
                             self.retry_soon = true;
-                            self.entries[i].stalled = true;
+                            self.entries[i].stalled[c] = true;
                             break;
                         }
                         Step::Full => {
@@ -1151,11 +1197,15 @@ impl Turns {
     /// (an operator may have changed it).
     fn order_by_class(&mut self) -> Option<PriorityClass> {
         for e in &mut self.entries {
-            let class = e.vm.share.class();
-            if class != e.class {
-                // Its turns in the old classes' passes are over; the new ones start afresh.
+            let generation = e.vm.share.classes_generation();
+            if generation != e.classes_generation {
+                // An operator changed its class or its service levels': its turns in the old
+                // classes' passes are over, and what is queued goes on from its class's list.
+                e.classes_generation = generation;
                 e.deficit = [0; CLASSES];
-                e.class = class;
+                e.stalled = [false; CLASSES];
+                e.class = e.vm.share.class();
+                e.vm.regroup();
             }
         }
         self.highest = self
@@ -1202,13 +1252,16 @@ impl Turns {
             self.look_for_kicks();
         }
         self.entries.iter().any(|e| {
-            if e.class >= class || e.paused || e.stalled {
+            if e.class >= class || e.paused {
                 return false;
             }
             if e.polled {
                 e.doorbells.take();
             }
-            e.vm.has_work_above(class) && !(e.buckets.limited() && e.buckets.wait().is_some())
+            let movable =
+                |above: &PriorityClass| !e.stalled[above.index()] && e.vm.has_work_in(*above);
+            PriorityClass::ALL[..class.index()].iter().any(movable)
+                && !(e.buckets.limited() && e.buckets.wait().is_some())
         })
     }
 
@@ -1450,6 +1503,30 @@ mod tests {
         }
     }
 
+    /// Gives `b`'s QP `qb` endless 1 MiB writes and `l`'s QP `ql` one 64-byte message once
+    /// the fabric has taken `after` steps in all, then runs three rounds.
+    fn bulk_with_an_arrival(
+        t: &mut Turns,
+        mock: &MockFabric,
+        (b, qb): (&TestVm, &TestQp),
+        (l, ql): (&TestVm, &TestQp),
+        after: usize,
+    ) {
+        let bulk = Plan::Bulk {
+            message: 1 << 20,
+            done: 0,
+        };
+        mock.state().plans.insert((b.vm.id, qb.qpn), bulk);
+        b.vm.enqueue(qb.qpn);
+        let message = Plan::Messages { left: 1, size: 64 };
+        mock.state()
+            .arrivals
+            .push((after, l.vm.clone(), ql.qpn, message));
+        for _ in 0..3 {
+            t.round();
+        }
+    }
+
     /// Bulk VM `b` (weight 4: a turn of four steps) has work; latency VM `l`'s one message
     /// arrives after `b`'s first step. With `classes`, it is carried next and `b`'s turn goes
     /// on after it, nothing of it lost; without, it waits for `b`'s whole turn.
@@ -1467,19 +1544,7 @@ mod tests {
         attach(&mut t, &l);
         // Connecting the QPs put them on their ready lists: start from none.
         while b.vm.pop_ready().is_some() || l.vm.pop_ready().is_some() {}
-        let bulk = Plan::Bulk {
-            message: 1 << 20,
-            done: 0,
-        };
-        mock.state().plans.insert((b.vm.id, qb.qpn), bulk);
-        b.vm.enqueue(qb.qpn);
-        let message = Plan::Messages { left: 1, size: 64 };
-        mock.state()
-            .arrivals
-            .push((1, l.vm.clone(), ql.qpn, message));
-        for _ in 0..3 {
-            t.round();
-        }
+        bulk_with_an_arrival(&mut t, &mock, (&b, &qb), (&l, &ql), 1);
         let order = mock.state().steps.iter().map(|s| s.vm).collect();
         let preemptions = t.stats.preemptions.load(Ordering::Relaxed);
         (order, preemptions, (b, l))
@@ -1495,6 +1560,48 @@ mod tests {
         let (b, l) = (b.vm.id, l.vm.id);
         assert_eq!(&order[..5], [b, b, b, b, l], "one class: {order:?}");
         assert_eq!(preemptions, 0);
+    }
+
+    /// A VM's QP that cannot move in one class (put in bulk by its service level, its peer
+    /// busy) does not hide the VM's work in another: the VM's latency message still cuts a
+    /// bulk VM's turn short after one step.
+    #[test]
+    fn a_blocked_qp_in_one_class_hides_no_work_of_its_vm_in_another() {
+        use PriorityClass::{Bulk, Latency};
+        let mock = MockFabric::default();
+        let (mut t, _tx) = turns(Box::new(mock.clone()));
+        let (mut b, mut l) = (TestVm::new(1, 4), TestVm::new(2, 1));
+        b.vm.share.set_class(Bulk);
+        l.vm.share.set_class(Latency);
+        let mut sls = SlClasses::default();
+        sls.0[1] = Some(Bulk);
+        l.vm.share.set_sl_classes(&sls);
+        let qb = qp_on_sl(&mut b, l.gid(), 0);
+        let ql = qp_on_sl(&mut l, b.gid(), 0);
+        let stuck = qp_on_sl(&mut l, b.gid(), 1);
+        attach(&mut t, &b);
+        attach(&mut t, &l);
+        while b.vm.pop_ready().is_some() || l.vm.pop_ready().is_some() {}
+        mock.state()
+            .plans
+            .insert((l.vm.id, stuck.qpn), Plan::Blocked);
+        l.vm.enqueue(stuck.qpn);
+        // A first round moves it to bulk (its doorbell went to l's class), a second steps it.
+        t.round();
+        t.round();
+        assert_eq!(
+            mock.state().steps.len(),
+            1,
+            "l's QP in bulk tried and blocked"
+        );
+        // l's latency message arrives after b's first step.
+        bulk_with_an_arrival(&mut t, &mock, (&b, &qb), (&l, &ql), 2);
+        let steps: Vec<(u64, u32)> = mock.state().steps.iter().map(|s| (s.vm, s.qpn)).collect();
+        assert_eq!(
+            &steps[..3],
+            [(l.vm.id, stuck.qpn), (b.vm.id, qb.qpn), (l.vm.id, ql.qpn)],
+            "{steps:?}"
+        );
     }
 
     /// A latency VM whose work cannot move (its peer is always busy) holds no lower class
@@ -1759,6 +1866,119 @@ mod tests {
             !a.vm.has_work.load(Ordering::Acquire),
             "nothing left behind"
         );
+    }
+
+    /// Work queued in a VM's class goes on in its new class after an operator raises it: the
+    /// QPs queued on the old class's list move to the new one's at once, not when the old
+    /// class's share next falls due.
+    #[test]
+    fn work_queued_before_a_vm_is_moved_up_goes_on_in_its_new_class_at_once() {
+        let mock = MockFabric::default();
+        let (mut t, _tx) = turns(Box::new(mock.clone()));
+        let (mut x, mut y) = (TestVm::new(1, 1), TestVm::new(2, 1));
+        x.vm.share.set_class(PriorityClass::Bulk);
+        y.vm.share.set_class(PriorityClass::Latency);
+        let peer = y.gid();
+        let (qx, qy) = (qp_on_sl(&mut x, peer, 0), qp_on_sl(&mut y, peer, 0));
+        attach(&mut t, &x);
+        attach(&mut t, &y);
+        while x.vm.pop_ready().is_some() || y.vm.pop_ready().is_some() {}
+        mock.state()
+            .plans
+            .insert((x.vm.id, qx.qpn), Plan::Messages { left: 3, size: 64 });
+        let bulk = Plan::Bulk {
+            message: 1 << 20,
+            done: 0,
+        };
+        mock.state().plans.insert((y.vm.id, qy.qpn), bulk);
+        x.vm.enqueue(qx.qpn);
+        y.vm.enqueue(qy.qpn);
+        assert!(
+            x.vm.has_work_in(PriorityClass::Bulk),
+            "x's QP waits in bulk"
+        );
+        x.vm.share.set_class(PriorityClass::Latency);
+        assert!(t.round());
+        let moved =
+            x.vm.counters
+                .bytes_by_class
+                .each_ref()
+                .map(|b| b.load(Ordering::Relaxed));
+        assert_eq!(
+            moved,
+            [3 * 64, 0, 0],
+            "x's three messages in latency, in one round"
+        );
+    }
+
+    /// Doorbell queues whose every look finds doorbells or none, as the test says, and that
+    /// record what the scheduler asks of their kicks.
+    #[derive(Default)]
+    struct ScriptedDoorbells {
+        ringing: std::sync::atomic::AtomicBool,
+        mutes: std::sync::Mutex<Vec<bool>>,
+    }
+
+    impl Doorbells for ScriptedDoorbells {
+        fn take(&self) -> bool {
+            self.ringing.load(Ordering::Relaxed)
+        }
+
+        fn set_kicks(&self, _on: bool) -> bool {
+            false
+        }
+
+        fn mute_kicks(&self, muted: bool) {
+            self.mutes.lock().unwrap().push(muted);
+        }
+    }
+
+    /// 64 kicks in a row that bring nothing mute a VM's kicks; one that brings a doorbell
+    /// unmutes them; each mute halves the next threshold, down to 1, so a guest that rings now
+    /// and then while it kicks in a loop is muted again at once; 64 good kicks in a row restore
+    /// the threshold. A look at several of a VM's queues is one kick.
+    #[test]
+    fn empty_kicks_mute_sooner_after_each_mute_until_the_vm_behaves() {
+        let (mut t, _tx) = turns(Box::new(MockFabric::default()));
+        let a = TestVm::new(1, 1);
+        let doorbells = Arc::new(ScriptedDoorbells::default());
+        t.control(Control::Attach(a.vm.clone(), doorbells.clone()));
+        let token = kick_token(a.vm.id, 0).unwrap();
+        let kick = |t: &mut Turns, ringing: bool, queues: u64| {
+            doorbells.ringing.store(ringing, Ordering::Relaxed);
+            let mut tokens: Vec<u64> = (0..queues).map(|q| token + q).collect();
+            t.take_kicked(&mut tokens);
+        };
+        // Empty kicks before each mute: 64, then 32, 16, 8, 4, 2, 1, 1.
+        let mut before_mute = Vec::new();
+        for _ in 0..8 {
+            let mut n = 0;
+            while t.muted == 0 {
+                kick(&mut t, false, 1);
+                n += 1;
+                assert!(n <= KICK_STORM, "never muted");
+            }
+            before_mute.push(n);
+            kick(&mut t, true, 1);
+            assert_eq!(t.muted, 0, "a kick with doorbells unmutes");
+        }
+        assert_eq!(before_mute, [64, 32, 16, 8, 4, 2, 1, 1]);
+        // Behaving again: 64 good kicks, and the threshold is back.
+        for _ in 0..KICK_STORM {
+            kick(&mut t, true, 1);
+        }
+        let mut n = 0;
+        while t.muted == 0 {
+            // Four queues per look: still one kick each.
+            kick(&mut t, false, 4);
+            n += 1;
+        }
+        assert_eq!(n, KICK_STORM, "the threshold restored, one kick per look");
+        assert_eq!(t.stats.kick_mutes.load(Ordering::Relaxed), 9);
+        assert_eq!(t.stats.muted_vms.load(Ordering::Relaxed), 1);
+        let mutes = doorbells.mutes.lock().unwrap().clone();
+        assert_eq!(mutes.len(), 17, "9 mutes and 8 unmutes: {mutes:?}");
+        assert!(mutes.iter().step_by(2).all(|&m| m), "{mutes:?}");
     }
 
     /// `--step-time-us` sizes a step from the copy rate measured on the big ones: 64 KiB in

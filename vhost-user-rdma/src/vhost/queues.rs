@@ -150,7 +150,8 @@ impl DoorbellQueues {
     }
 
     /// Takes the doorbells of every known queue that has any; `polled`: no kick announced
-    /// them.
+    /// them. Returns whether any was well formed (a queue of malformed batches is emptied, but
+    /// brings nothing).
     fn take_all(&self, polled: bool) -> bool {
         let mem = self.vm.mem.memory();
         let mut any = false;
@@ -208,14 +209,15 @@ impl DoorbellQueues {
     }
 
     /// Hot path: takes the doorbell batches the driver has made available on `vring`, puts
-    /// their QPs on the ready list and returns the descriptors. Returns how many batches it
-    /// took. One chain at a time (the vring lock is released between them) and nothing is
+    /// their QPs on the ready list and returns the descriptors. Returns how many well-formed
+    /// doorbells it took. One chain at a time (the vring lock is released between them) and nothing is
     /// collected, so it allocates nothing. `polled`: the scheduler took them without a kick.
     fn drain(&self, vring: &Vring, polled: bool) -> usize {
         let vm = &self.vm;
         let mem = vm.mem.memory();
         let mut batch = [0u8; doorbell::SIZE * doorbell::MAX_BATCH];
         let mut taken = 0;
+        let mut rung = 0;
         loop {
             let Some(chain) = pop_running(vring, &mem) else {
                 break;
@@ -242,6 +244,7 @@ impl DoorbellQueues {
             match doorbell::decode_batch(&batch[..len]) {
                 Ok(doorbells) if ok => {
                     for (kind, handle) in doorbells {
+                        rung += 1;
                         vm.counters.doorbells.fetch_add(1, Ordering::Relaxed);
                         if polled {
                             vm.counters.doorbells_polled.fetch_add(1, Ordering::Relaxed);
@@ -271,7 +274,7 @@ impl DoorbellQueues {
         if taken > 0 && wants_interrupt(vring, &mem) {
             vring.signal_used_queue().ok();
         }
-        taken
+        rung
     }
 }
 

@@ -489,8 +489,8 @@ pub fn render(sources: &Sources) -> String {
         &mut out,
         "vrdma_scheduler_kick_mutes_total",
         "counter",
-        "Times a VM's kicks were muted after 64 in a row brought no doorbell (fewer after earlier \
-         mutes); its doorbell queues are then looked at every millisecond until it rings one.",
+        "Times a VM's kicks were muted after 64 in a row brought no doorbell (down to 8 after \
+         earlier mutes); its doorbell queues are then looked at every millisecond until it rings one.",
         &one(load(&s.kick_mutes).to_string()),
     );
     family(

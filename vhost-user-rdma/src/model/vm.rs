@@ -60,8 +60,12 @@ impl ReadyLists {
     }
 
     /// Queues `qpn` on class `class`'s list, unless its slot is on a list already. Returns
-    /// whether it was queued now.
+    /// whether it was queued now. QPN 0 names no QP (0 in `current` is "on no list"): a
+    /// doorbell naming it is ignored, as one naming any QP that does not exist is.
     fn push(&mut self, qpn: u32, class: usize) -> bool {
+        if qpn == 0 {
+            return false;
+        }
         let slot = self.slot(qpn);
         let queued_now = self.current[slot] == 0;
         if queued_now {
@@ -282,10 +286,16 @@ impl Share {
     /// Gives each service level the class its QPs take from now on (`sl.N=`): the scheduler
     /// moves a QP at its next step.
     pub fn set_sl_classes(&self, sl_classes: &SlClasses) {
+        let mut changed = false;
         for (slot, class) in self.sl_classes.iter().zip(sl_classes.0) {
-            slot.store(class.map_or(SL_IN_VM_CLASS, |c| c as u8), Ordering::Relaxed);
+            let raw = class.map_or(SL_IN_VM_CLASS, |c| c as u8);
+            changed |= slot.swap(raw, Ordering::Relaxed) != raw;
         }
-        self.classes_generation.fetch_add(1, Ordering::Release);
+        // Only a change regroups the VM's ready lists (an operator's `vrdmactl set` of its
+        // weight sets these too).
+        if changed {
+            self.classes_generation.fetch_add(1, Ordering::Release);
+        }
     }
 
     /// Changes with every [`Share::set_class`] and [`Share::set_sl_classes`]: the scheduler
@@ -330,8 +340,9 @@ impl Share {
 
     /// Moves the VM to class `class`; the scheduler uses it from its next round.
     pub fn set_class(&self, class: PriorityClass) {
-        self.class.store(class as u8, Ordering::Relaxed);
-        self.classes_generation.fetch_add(1, Ordering::Release);
+        if self.class.swap(class as u8, Ordering::Relaxed) != class as u8 {
+            self.classes_generation.fetch_add(1, Ordering::Release);
+        }
     }
 
     /// The VM's weight: the deficit it earns per round, in quanta.
@@ -623,9 +634,11 @@ impl Vm {
         let mut ready = self.ready.lock().unwrap_or_else(|p| p.into_inner());
         let class = self.class().index();
         ready.regroup(class);
+        let queued = !ready.queues[class].is_empty();
         for (k, flag) in self.class_work.iter().enumerate() {
-            flag.store(k == class && !ready.queues[k].is_empty(), Ordering::Release);
+            flag.store(k == class && queued, Ordering::Release);
         }
+        self.has_work.store(queued, Ordering::Release);
     }
 
     /// Empties the ready lists (the VM's objects are being released).
@@ -682,6 +695,50 @@ impl Vm {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::TestVm;
+
+    /// The ready lists' flags say what is queued, whatever moves it: a QP queued on one list
+    /// stays there when a doorbell's guide names another, a regroup puts everything on the
+    /// VM's class's list (and clears `has_work` if nothing is queued), a grown table keeps
+    /// each list's QPs, and QPN 0 (no QP) is never queued.
+    #[test]
+    fn ready_lists_flags_follow_what_is_queued() {
+        use PriorityClass::{Bulk, Latency, Normal};
+        let a = TestVm::new(1, 1);
+        let vm = &a.vm;
+        let flags = || PriorityClass::ALL.map(|c| vm.has_work_in(c));
+        vm.enqueue_in(5, Bulk);
+        vm.enqueue_in(6, Latency);
+        // A doorbell for 5 whose guide says latency: 5 is on the bulk list already.
+        vm.enqueue_in(5, Latency);
+        assert_eq!(flags(), [true, false, true]);
+        assert_eq!(vm.pop_ready_in(Latency), Some(6));
+        assert_eq!(vm.pop_ready_in(Latency), None, "5 is on one list only");
+        assert_eq!(flags(), [false, false, true]);
+        vm.enqueue(0);
+        assert_eq!(vm.pop_ready_in(Normal), None, "QPN 0 is not queued");
+        // The VM is normal: a regroup moves 5 to normal, and its doorbells go there.
+        vm.regroup();
+        assert_eq!(flags(), [false, true, false]);
+        vm.enqueue(7);
+        assert_eq!(vm.pop_ready_in(Normal), Some(5));
+        assert_eq!(vm.pop_ready_in(Normal), Some(7));
+        assert!(vm.has_work.load(Ordering::Acquire), "not yet seen empty");
+        vm.regroup();
+        assert!(
+            !vm.has_work.load(Ordering::Acquire),
+            "nothing queued after a regroup"
+        );
+        // Grown, each list keeps its QPs, each QPN in its slot under the wider mask.
+        let narrow = 16;
+        let mut lists = ReadyLists::new(narrow);
+        assert!(lists.push(3, Latency.index()));
+        assert!(lists.push(narrow + 4, Bulk.index()));
+        lists.grow(4 * narrow);
+        assert_eq!(lists.pop(Latency.index()), Some(3));
+        assert_eq!(lists.pop(Bulk.index()), Some(narrow + 4));
+        assert!(lists.push(4, Bulk.index()), "4 and 20 are two slots now");
+    }
 
     #[test]
     fn counters_count_errors_by_status_and_reset_on_request() {

@@ -50,12 +50,17 @@ const KICK_TOKEN_QUEUE_BITS: u32 = 8;
 /// kicks after it rings, so only a race makes one of its kicks empty (the doorbell taken by a
 /// look before the kick's own). A guest that writes its kick fd in a loop would otherwise keep
 /// the shared scheduler awake, a wake-up per pass. Each mute halves the next threshold (down
-/// to 1), so that a guest ringing now and then while it kicks in a loop is muted again at
-/// once; `KICK_STORM` kicks in a row that bring doorbells restore it.
+/// to 8), so that a guest ringing now and then while it kicks in a loop is muted again soon;
+/// `KICK_STORM` kicks in a row that bring doorbells, or `STRIKES_FORGOTTEN` without a mute,
+/// restore it. Kicks of a VM being polled do not count (polling takes the doorbells first), nor
+/// the one a kick fd watched again reports at once (nobody reads it, so it stays readable).
 const KICK_STORM: u32 = 64;
 
-/// How many times a VM's threshold of empty kicks halves (`KICK_STORM >> 6` is 1).
-const MAX_KICK_STRIKES: u8 = 6;
+/// How many times a VM's threshold of empty kicks halves (`KICK_STORM >> 3` is 8).
+const MAX_KICK_STRIKES: u8 = 3;
+
+/// How long after its last mute a VM's strikes are forgotten.
+const STRIKES_FORGOTTEN: Duration = Duration::from_secs(1);
 
 /// How often the queues of a VM whose kicks are muted are looked at: a doorbell it rings
 /// waits at most this long, and unmutes it.
@@ -329,14 +334,19 @@ struct Entry {
     /// The `Share::classes_generation` its ready lists were grouped for: another means an
     /// operator changed its class or its service levels' (`Vm::regroup`).
     classes_generation: u64,
-    /// Its kicks in a row that brought no doorbell, or, while it has strikes, that brought
-    /// some.
+    /// Its kicks in a row that brought no doorbell.
     empty_kicks: u32,
     /// Its kicks in a row that brought doorbells, while it has strikes.
     good_kicks: u32,
     /// Times its kicks were muted since it last kicked `KICK_STORM` times in a row with
-    /// doorbells (at most `MAX_KICK_STRIKES`): each halves its threshold.
+    /// doorbells, or went `STRIKES_FORGOTTEN` without a mute (at most `MAX_KICK_STRIKES`):
+    /// each halves its threshold.
     kick_strikes: u8,
+    /// When its kicks were last muted.
+    last_mute: Option<Instant>,
+    /// Its kicks were unmuted and not reported since: the first report is the kick fd's
+    /// readiness, not a kick.
+    rewatched: bool,
     /// Its kicks are muted: its queues are looked at every `MUTED_LOOK` instead.
     muted: bool,
 }
@@ -610,6 +620,7 @@ impl Turns {
     /// with none (fewer after strikes) mute its kicks; one with doorbells unmutes them.
     fn count_kick(&mut self, i: usize, found: bool) {
         let e = &mut self.entries[i];
+        let rewatched = std::mem::take(&mut e.rewatched);
         if found {
             e.empty_kicks = 0;
             if e.kick_strikes > 0 {
@@ -622,6 +633,9 @@ impl Turns {
             if e.muted {
                 self.set_muted(i, false);
             }
+            return;
+        }
+        if rewatched || e.polled {
             return;
         }
         e.good_kicks = 0;
@@ -641,6 +655,13 @@ impl Turns {
         e.empty_kicks = 0;
         e.doorbells.mute_kicks(muted);
         if muted {
+            let now = Instant::now();
+            if e.last_mute
+                .is_some_and(|at| now.duration_since(at) >= STRIKES_FORGOTTEN)
+            {
+                e.kick_strikes = 0;
+            }
+            e.last_mute = Some(now);
             e.kick_strikes = (e.kick_strikes + 1).min(MAX_KICK_STRIKES);
             if self.muted == 0 {
                 self.muted_look_at = Instant::now() + MUTED_LOOK;
@@ -653,6 +674,7 @@ impl Turns {
                 e.vm.name, e.kick_strikes
             );
         } else {
+            e.rewatched = true;
             self.muted -= 1;
         }
         self.stats
@@ -780,6 +802,8 @@ impl Turns {
                     empty_kicks: 0,
                     good_kicks: 0,
                     kick_strikes: 0,
+                    last_mute: None,
+                    rewatched: false,
                     muted: false,
                 });
             }
@@ -1057,6 +1081,7 @@ impl Turns {
                 }
                 if !e.vm.has_work_in(class) {
                     e.deficit[c] = 0;
+                    e.stalled[c] = false;
                     if !e.vm.has_work.load(Ordering::Acquire) {
                         e.stalled = [false; CLASSES];
                         // Idle: what it earns from here on is a burst, bounded as such.
@@ -1143,7 +1168,7 @@ impl Turns {
                         self.timers.push(Reverse((at, vm.id, qpn)));
                     }
                     match outcome.step {
-                        Step::Idle => {}
+                        Step::Idle => self.entries[i].stalled[c] = false,
                         Step::Progress { cost, more } => {
                             self.entries[i].stalled[c] = false;
                             self.entries[i].deficit[c] -= i64::from(cost);
@@ -1934,9 +1959,11 @@ mod tests {
     }
 
     /// 64 kicks in a row that bring nothing mute a VM's kicks; one that brings a doorbell
-    /// unmutes them; each mute halves the next threshold, down to 1, so a guest that rings now
-    /// and then while it kicks in a loop is muted again at once; 64 good kicks in a row restore
-    /// the threshold. A look at several of a VM's queues is one kick.
+    /// unmutes them; each mute halves the next threshold, down to 8, so a guest that rings now
+    /// and then while it kicks in a loop is muted again soon; 64 good kicks in a row, or a
+    /// second without a mute, restore the threshold. The report a kick fd gives as soon as it
+    /// is watched again does not count, nor do kicks while the VM is polled; and a look at
+    /// several of a VM's queues is one kick.
     #[test]
     fn empty_kicks_mute_sooner_after_each_mute_until_the_vm_behaves() {
         let (mut t, _tx) = turns(Box::new(MockFabric::default()));
@@ -1949,35 +1976,61 @@ mod tests {
             let mut tokens: Vec<u64> = (0..queues).map(|q| token + q).collect();
             t.take_kicked(&mut tokens);
         };
-        // Empty kicks before each mute: 64, then 32, 16, 8, 4, 2, 1, 1.
-        let mut before_mute = Vec::new();
-        for _ in 0..8 {
+        let kicks_to_mute = |t: &mut Turns, queues: u64| {
             let mut n = 0;
             while t.muted == 0 {
-                kick(&mut t, false, 1);
+                kick(t, false, queues);
                 n += 1;
                 assert!(n <= KICK_STORM, "never muted");
             }
-            before_mute.push(n);
+            n
+        };
+        let mut before_mute = Vec::new();
+        for _ in 0..6 {
+            before_mute.push(kicks_to_mute(&mut t, 1));
             kick(&mut t, true, 1);
             assert_eq!(t.muted, 0, "a kick with doorbells unmutes");
+            // The kick fd, watched again, reports at once: not a kick.
+            kick(&mut t, false, 1);
+            assert_eq!(t.entries[0].empty_kicks, 0, "the fd's first report counted");
         }
-        assert_eq!(before_mute, [64, 32, 16, 8, 4, 2, 1, 1]);
-        // Behaving again: 64 good kicks, and the threshold is back.
+        assert_eq!(before_mute, [64, 32, 16, 8, 8, 8]);
+        // Behaving again: 64 good kicks, and the threshold is back; four queues per look
+        // count as one kick.
         for _ in 0..KICK_STORM {
             kick(&mut t, true, 1);
         }
-        let mut n = 0;
-        while t.muted == 0 {
-            // Four queues per look: still one kick each.
-            kick(&mut t, false, 4);
-            n += 1;
+        assert_eq!(kicks_to_mute(&mut t, 4), KICK_STORM);
+        kick(&mut t, true, 1);
+        kick(&mut t, false, 1);
+        // Strikes wear off: a mute a second after the last starts again from the first.
+        assert_eq!(kicks_to_mute(&mut t, 1), 32);
+        kick(&mut t, true, 1);
+        kick(&mut t, false, 1);
+        t.entries[0].last_mute = Some(Instant::now() - STRIKES_FORGOTTEN);
+        assert_eq!(
+            kicks_to_mute(&mut t, 1),
+            16,
+            "this mute still at its threshold"
+        );
+        kick(&mut t, true, 1);
+        kick(&mut t, false, 1);
+        assert_eq!(
+            kicks_to_mute(&mut t, 1),
+            32,
+            "the strikes before it forgotten"
+        );
+        kick(&mut t, true, 1);
+        // A polled VM's kicks find what polling left: none counts.
+        t.entries[0].polled = true;
+        for _ in 0..2 * KICK_STORM {
+            kick(&mut t, false, 1);
         }
-        assert_eq!(n, KICK_STORM, "the threshold restored, one kick per look");
-        assert_eq!(t.stats.kick_mutes.load(Ordering::Relaxed), 9);
-        assert_eq!(t.stats.muted_vms.load(Ordering::Relaxed), 1);
+        assert_eq!(t.muted, 0, "a polled VM is never muted");
+        assert_eq!(t.stats.kick_mutes.load(Ordering::Relaxed), 10);
+        assert_eq!(t.stats.muted_vms.load(Ordering::Relaxed), 0);
         let mutes = doorbells.mutes.lock().unwrap().clone();
-        assert_eq!(mutes.len(), 17, "9 mutes and 8 unmutes: {mutes:?}");
+        assert_eq!(mutes.len(), 20, "10 mutes, each undone: {mutes:?}");
         assert!(mutes.iter().step_by(2).all(|&m| m), "{mutes:?}");
     }
 

@@ -607,6 +607,35 @@ mod tests {
         assert_eq!(chains.len(), 1, "the chain waited for the ring to start");
     }
 
+    /// A batch that is not whole doorbells is returned and counted as malformed, and brings
+    /// nothing: a kick that only finds such batches counts as empty (the scheduler mutes a VM
+    /// whose kicks keep bringing nothing).
+    #[test]
+    fn malformed_doorbells_are_taken_but_bring_nothing() {
+        let mut vm = TestVm::new(8, 1);
+        let ring = vm.alloc(16 << 10);
+        let batch = vm.alloc(4096);
+        let good = doorbell::Doorbell::new(doorbell::Kind::Send, 0x01_0003);
+        vm.mem()
+            .write_slice(good.as_bytes(), GuestAddress(batch))
+            .unwrap();
+        let vring = vring_at(&vm, ring, 16);
+        let queues = DoorbellQueues::new(vm.vm.clone());
+        // The ring starts with nothing on it: the queues know it from now on.
+        queues.kicked(0, &vring);
+        let mem = vm.mem();
+        let mock = MockSplitQueue::create(&*mem, GuestAddress(ring), 16);
+        let chain = |len| [RawDescriptor::from(SplitDescriptor::new(batch, len, 0, 0))];
+        mock.add_desc_chains(&chain(5), 0).unwrap();
+        assert!(!queues.take_kicked(), "five bytes are no doorbell");
+        let counters = &vm.vm.counters;
+        assert_eq!(counters.doorbells_malformed.load(Ordering::Relaxed), 1);
+        assert_eq!(vm.vm.pop_ready(), None);
+        mock.add_desc_chains(&chain(8), 1).unwrap();
+        assert!(queues.take_kicked(), "a whole doorbell");
+        assert_eq!(vm.vm.pop_ready(), Some(0x01_0003));
+    }
+
     /// An SRQ doorbell is counted and asks nothing: its handle, an SRQ number, is never taken
     /// for a QPN, so it cannot displace a pending doorbell of the QP whose slot its low bits
     /// name.

@@ -284,7 +284,8 @@ impl Share {
     }
 
     /// Gives each service level the class its QPs take from now on (`sl.N=`): the scheduler
-    /// moves a QP at its next step.
+    /// regroups the VM's queued QPs at its next round, and moves each to its class at its next
+    /// step.
     pub fn set_sl_classes(&self, sl_classes: &SlClasses) {
         let mut changed = false;
         for (slot, class) in self.sl_classes.iter().zip(sl_classes.0) {
@@ -298,8 +299,8 @@ impl Share {
         }
     }
 
-    /// Changes with every [`Share::set_class`] and [`Share::set_sl_classes`]: the scheduler
-    /// regroups the VM's ready lists when it does ([`Vm::regroup`]).
+    /// Changes whenever [`Share::set_class`] or [`Share::set_sl_classes`] changes something:
+    /// the scheduler regroups the VM's ready lists when it does ([`Vm::regroup`]).
     pub fn classes_generation(&self) -> u64 {
         self.classes_generation.load(Ordering::Acquire)
     }

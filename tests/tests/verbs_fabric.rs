@@ -236,13 +236,7 @@ impl NicHost {
 
     fn open_vm(&self, name: &str) -> vrdma::Context {
         vrdma::Context::open(self.dir.join(format!("{name}.sock"))).unwrap_or_else(|e| {
-            let mut why = e.to_string();
-            let mut source = std::error::Error::source(&e);
-            while let Some(cause) = source {
-                why.push_str(&format!(": {cause}"));
-                source = cause.source();
-            }
-            panic!("guest connects: {why}\n{}", self.log());
+            panic!("guest connects: {}\n{}", vrdma::error_chain(&e), self.log());
         })
     }
 }

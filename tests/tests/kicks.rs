@@ -1,7 +1,8 @@
 //! A kick wakes the scheduler itself: a VM's vring worker looks at a doorbell queue as its ring
 //! starts and hands the queue's kicks to the scheduler, so a guest that kicks
-//! wakes one daemon thread, not two (in event mode, one wake-up less per message). Alone in
-//! its test binary, so that no other test's threads share the process it looks at.
+//! wakes one daemon thread, not two (in event mode, one wake-up less per message). Its tests
+//! run in a binary of their own and one at a time (`one_at_a_time`): they count the switches of
+//! every thread of the process named `vring_worker`, so no other daemon may run beside them.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -65,6 +66,14 @@ fn sparse_writes(a: &Endpoint, b: &Endpoint, port: &Vm, writes: u64) -> (u64, u6
     ((after.0 - after.1) - (before.0 - before.1), workers)
 }
 
+/// Held by each test while it runs: another test's daemon would add its vring workers to the
+/// threads counted.
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static TESTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    // A test that failed while holding it poisoned it; the next one can still run.
+    TESTS.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// VMs `a` and `b` of one daemon, an RC pair between them that has carried one write, `a`'s
 /// transport (to act as its VMM) and its port.
 struct Pair {
@@ -95,6 +104,7 @@ impl Pair {
 
 #[test]
 fn a_kick_wakes_the_scheduler_not_the_vring_worker() {
+    let _alone = one_at_a_time();
     const WRITES: u64 = 150;
     // The worker hands each doorbell queue's kicks over as the ring starts; one write first, so
     // that the measurements below begin with the pair connected and idle.
@@ -141,6 +151,7 @@ fn a_kick_wakes_the_scheduler_not_the_vring_worker() {
 /// found by that look, and its kicks count again.
 #[test]
 fn kicks_that_bring_no_doorbell_are_muted() {
+    let _alone = one_at_a_time();
     let Pair {
         d,
         dev_a,

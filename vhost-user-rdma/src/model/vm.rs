@@ -194,6 +194,13 @@ impl Counters {
         self.all().map(|c| c.load(Ordering::Relaxed))
     }
 
+    /// `bytes_by_class` as it stands, by `PriorityClass::index`.
+    pub fn class_bytes(&self) -> [u64; CLASSES] {
+        self.bytes_by_class
+            .each_ref()
+            .map(|b| b.load(Ordering::Relaxed))
+    }
+
     /// Sets every counter, in the order of [`Counters::values`] (a restored VM's).
     pub fn set_values(&self, values: &[u64; 12]) {
         for (c, v) in self.all().iter().zip(values) {

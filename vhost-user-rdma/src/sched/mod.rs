@@ -664,7 +664,7 @@ impl Turns {
             e.last_mute = Some(now);
             e.kick_strikes = (e.kick_strikes + 1).min(MAX_KICK_STRIKES);
             if self.muted == 0 {
-                self.muted_look_at = Instant::now() + MUTED_LOOK;
+                self.muted_look_at = now + MUTED_LOOK;
             }
             self.muted += 1;
             self.stats.kick_mutes.fetch_add(1, Ordering::Relaxed);
@@ -1791,13 +1791,7 @@ mod tests {
             mock.state().plans.insert((vm.vm.id, qp.qpn), plan);
             vm.vm.enqueue(qp.qpn);
         }
-        let by_class = |vm: &TestVm| {
-            vm.vm
-                .counters
-                .bytes_by_class
-                .each_ref()
-                .map(|b| b.load(Ordering::Relaxed))
-        };
+        let by_class = |vm: &TestVm| vm.vm.counters.class_bytes();
         for _ in 0..6000 {
             assert!(t.round(), "every QP always has work");
         }
@@ -1877,11 +1871,7 @@ mod tests {
         for _ in 0..4 {
             t.round();
         }
-        let moved =
-            a.vm.counters
-                .bytes_by_class
-                .each_ref()
-                .map(|b| b.load(Ordering::Relaxed));
+        let moved = a.vm.counters.class_bytes();
         assert_eq!(
             moved,
             [64, 0, 3 * 64],
@@ -1924,11 +1914,7 @@ mod tests {
         );
         x.vm.share.set_class(PriorityClass::Latency);
         assert!(t.round());
-        let moved =
-            x.vm.counters
-                .bytes_by_class
-                .each_ref()
-                .map(|b| b.load(Ordering::Relaxed));
+        let moved = x.vm.counters.class_bytes();
         assert_eq!(
             moved,
             [3 * 64, 0, 0],

@@ -401,12 +401,7 @@ impl VmServer {
             weight: self.shared.share.weight(),
             class: self.shared.share.class(),
             sl_classes: self.shared.share.sl_classes(),
-            bytes_by_class: self
-                .shared
-                .counters
-                .bytes_by_class
-                .each_ref()
-                .map(|b| b.load(Ordering::Relaxed)),
+            bytes_by_class: self.shared.counters.class_bytes(),
             max_bw,
             max_msg_rate,
             draining: self.shared.share.is_draining(),

@@ -207,7 +207,12 @@ fn loopback(
 fn tell_peer<T>(ctl: &mut Control, r: Result<T, Error>) -> Result<T, Error> {
     if let Err(e) = &r {
         if !e.is_peer_failure() {
-            let _ = ctl.send(&format!("ERR {}", vrdma::error_chain(e)));
+            // The other side closes as soon as it reads the line; one that does not is not
+            // waited for long.
+            let _ = ctl.send_last(
+                &format!("ERR {}", vrdma::error_chain(e)),
+                Duration::from_secs(2),
+            );
         }
     }
     r

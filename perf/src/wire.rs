@@ -140,6 +140,26 @@ impl Control {
         Ok(())
     }
 
+    /// Sends `line`, the last this side has to say (an `ERR`), and closes only once the other
+    /// side has read it: closing with lines of the other side's still unread makes the kernel
+    /// reset the connection, and a reset discards the `ERR` before the other side reads it (its
+    /// user then sees "connection reset" instead of why). So the write side is shut (the other
+    /// side reads the line, then the end) and what still comes is read until the other side
+    /// closes too, or `wait` passes.
+    pub fn send_last(&mut self, line: &str, wait: Duration) -> Result<()> {
+        self.send(line)?;
+        let _ = self.stream.shutdown(std::net::Shutdown::Write);
+        let deadline = Instant::now() + wait;
+        while !self.closed && Instant::now() < deadline {
+            match self.fill() {
+                Ok(true) => {}
+                Ok(false) => std::thread::sleep(Duration::from_millis(1)),
+                Err(_) => break,
+            }
+        }
+        Ok(())
+    }
+
     /// Reads what has arrived without waiting; `true` if anything did.
     fn fill(&mut self) -> Result<bool> {
         let mut chunk = [0u8; 1024];

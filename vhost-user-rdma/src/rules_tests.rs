@@ -159,6 +159,84 @@ fn every_write_into_guest_memory_goes_through_the_one_path() {
     );
 }
 
+/// A step whose copy is cut short (a higher class's work arrived) moves its first piece and
+/// no more, and the work request goes on from there at the next step: every operation that
+/// copies arrives whole and completes once, with the receive consumed once and at the end.
+#[test]
+fn a_work_request_cut_at_every_piece_arrives_whole_and_completes_once() {
+    const LEN: u32 = 30_000;
+    const PIECE: u32 = 4096;
+    let mut p = pair((7, 7, 1), 64);
+    let (qa, qb, ma, mb) = (p.qa, p.qb, p.ma, p.mb);
+    let pattern: Vec<u8> = (0..LEN).map(|i| (i % 253) as u8 + 1).collect();
+    vm_memory::Bytes::write_slice(&*p.a.mem(), &pattern, vm_memory::GuestAddress(ma.addr)).unwrap();
+    let src = [Sge::new(ma.addr, LEN, ma.lkey)];
+    b_recv_and_send(&p, &src);
+    let mut imm = rdma(wqe::Opcode::RdmaWriteWithImm, 2, mb.addr, mb.rkey);
+    imm.imm_data = [1, 2, 3, 4];
+    p.a.post_send(&qa, imm, Data::Sges(&src));
+    p.a.post_send(
+        &qa,
+        rdma(wqe::Opcode::RdmaRead, 3, mb.addr, mb.rkey),
+        Data::Sges(&[Sge::new(ma.addr + LEN as u64, LEN, ma.lkey)]),
+    );
+    let mut steps = Vec::new();
+    for _ in 0..100 {
+        let outcome = p.sched.step_cut_at_every_piece(&p.a.vm, qa.qpn, PIECE);
+        if outcome.bytes == 0 && p.a.completions(qa.cq_ring, 64).len() == 3 {
+            break;
+        }
+        steps.push(outcome.bytes);
+    }
+    let pieces = LEN.div_ceil(PIECE) as usize;
+    let expected: Vec<u32> = (0..3)
+        .flat_map(|_| (0..pieces as u32).map(|k| (LEN - k * PIECE).min(PIECE)))
+        .collect();
+    assert_eq!(steps, expected, "a piece a step, for each of the three");
+    assert_eq!(
+        statuses(&p.a, &qa),
+        vec![(1, 0), (2, 0), (3, 0)],
+        "each completed once"
+    );
+    let recvs = p.b.completions(qb.cq_ring, 64);
+    let got: Vec<(u64, u32, [u8; 4])> = recvs
+        .iter()
+        .map(|c| (c.wr_id.get(), c.byte_len.get(), c.imm_data))
+        .collect();
+    assert_eq!(
+        got,
+        vec![(100, LEN, [0; 4]), (101, LEN, [1, 2, 3, 4])],
+        "one receive per message, at its end"
+    );
+    assert_eq!(
+        p.b.read(mb.addr + 32 * 1024, LEN as usize)[..],
+        pattern[..],
+        "SEND"
+    );
+    assert_eq!(p.b.read(mb.addr, LEN as usize)[..], pattern[..], "WRITE");
+    assert_eq!(
+        p.a.read(ma.addr + LEN as u64, LEN as usize)[..],
+        pattern[..],
+        "READ back"
+    );
+}
+
+/// b posts two receives; a sends `src`.
+fn b_recv_and_send(p: &Pair, src: &[Sge]) {
+    let len = src[0].length.get();
+    p.b.post_recv(
+        &p.qb,
+        100,
+        &[Sge::new(p.mb.addr + 32 * 1024, len, p.mb.lkey)],
+    );
+    p.b.post_recv(&p.qb, 101, &[Sge::new(p.mb.addr + 32 * 1024, 0, p.mb.lkey)]);
+    p.a.post_send(
+        &p.qa,
+        send_header(wqe::Opcode::Send, 1, SendFlags::SIGNALED),
+        Data::Sges(src),
+    );
+}
+
 #[test]
 fn rnr_retries_run_out_with_rnr_retry_exc_err() {
     // One RNR retry, 10 µs apart; b never posts a receive.

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use super::{Fabric, StepOutcome, WR_COST};
 use crate::model::hooks::{NoHooks, ObjectHooks};
-use crate::model::memory::GuestMem;
+use crate::model::memory::{CopyCut, GuestMem};
 use crate::model::objects::VmObjects;
 use crate::model::vm::Vm;
 
@@ -15,7 +15,9 @@ use crate::model::vm::Vm;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Plan {
     /// Endless messages of this many bytes: each step moves as much of the current one as the
-    /// budget allows, and the QP always has more.
+    /// budget allows, and the QP always has more. A step given a cut moves it in pieces and
+    /// asks between them, as the soft fabric's copy does (work that "arrives" at a step is on
+    /// its VM's ready list before the first piece).
     Bulk {
         /// Bytes per message.
         message: u32,
@@ -46,6 +48,10 @@ pub struct MockStep {
     pub qpn: u32,
     /// The budget it was given.
     pub budget: u32,
+    /// Bytes between the questions of the cut it was given, if any.
+    pub cut_every: Option<u32>,
+    /// Bytes it moved of a `Plan::Bulk` message (0 for other plans).
+    pub moved: u32,
 }
 
 /// What the mock has seen and how it answers.
@@ -110,12 +116,15 @@ impl Fabric for MockFabric {
         _mem: &GuestMem,
         qpn: u32,
         budget: u32,
+        cut: Option<CopyCut<'_>>,
     ) -> StepOutcome {
         let mut state = self.state();
         state.steps.push(MockStep {
             vm: vm.id,
             qpn,
             budget,
+            cut_every: cut.map(|c| c.every),
+            moved: 0,
         });
         let taken = state.steps.len();
         while let Some(k) = state.arrivals.iter().position(|a| a.0 == taken) {
@@ -134,11 +143,23 @@ impl Fabric for MockFabric {
         vm.counters
             .bytes
             .fetch_add(noise, std::sync::atomic::Ordering::Relaxed);
+        let state = &mut *state;
         let plan = state.plans.get_mut(&(vm.id, qpn));
         match plan {
             Some(Plan::Bulk { message, done }) => {
-                let n = (*message - *done).min(budget);
+                let mut n = (*message - *done).min(budget);
+                if let Some(c) = cut {
+                    let every = c.every.max(1);
+                    let mut moved = every.min(n);
+                    while moved < n && !(c.stop)() {
+                        moved = moved.saturating_add(every).min(n);
+                    }
+                    n = moved;
+                }
                 *done += n;
+                if let Some(step) = state.steps.last_mut() {
+                    step.moved = n;
+                }
                 if *done == *message {
                     *done = 0;
                     StepOutcome::progress(n + WR_COST, true, n, 1)

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::model::hooks::ObjectHooks;
-use crate::model::memory::GuestMem;
+use crate::model::memory::{CopyCut, GuestMem};
 use crate::model::objects::VmObjects;
 use crate::model::vm::Vm;
 use crate::wake::Bell;
@@ -164,7 +164,9 @@ pub trait Fabric: std::fmt::Debug {
     fn resume(&mut self, vm_id: u64);
 
     /// Advances QP `qpn` of `vm`, whose objects are `objects` (locked by the caller) and
-    /// memory `mem`, by at most `budget` payload bytes. The QP is in RTS or SQD.
+    /// memory `mem`, by at most `budget` payload bytes. The QP is in RTS or SQD. With `cut`,
+    /// the step asks it between pieces of its work and ends early when it says so (a higher
+    /// priority class's work arrived): what it moved so far counts, and the QP has `more`.
     fn step(
         &mut self,
         vm: &Arc<Vm>,
@@ -172,6 +174,7 @@ pub trait Fabric: std::fmt::Debug {
         mem: &GuestMem,
         qpn: u32,
         budget: u32,
+        cut: Option<CopyCut<'_>>,
     ) -> StepOutcome;
 
     /// What the VMs' control paths tell the fabric as objects are made, changed and

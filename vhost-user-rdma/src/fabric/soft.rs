@@ -17,7 +17,7 @@ use vrdma_proto::{Gid, qp};
 use super::roce::RoceFabric;
 use super::{Fabric, StepOutcome, WR_COST};
 use crate::model::hooks::{NoHooks, ObjectHooks};
-use crate::model::memory::{self, GuestMem, Runs, WriteKind};
+use crate::model::memory::{self, CopyCut, GuestMem, Runs, WriteKind};
 use crate::model::objects::{VmObjects, sge_runs};
 use crate::model::vm::Vm;
 use crate::rnic::requester::{Start, complete_wr, fail_wr, set_sq_polling, sq_drained, start_wr};
@@ -96,6 +96,7 @@ impl Fabric for SoftFabric {
         mem: &GuestMem,
         qpn: u32,
         budget: u32,
+        cut: Option<CopyCut<'_>>,
     ) -> StepOutcome {
         let Some(qp) = objects.qps.get(qpn) else {
             return StepOutcome::IDLE;
@@ -106,7 +107,7 @@ impl Fabric for SoftFabric {
             // flight and PSNs belong to the wire, and switching would lose them.
             let on_wire = qp.rt.rc.is_started() || !self.by_gid.contains_key(&qp.attr.ah_attr.dgid);
             if qp.qp_type() == qp::Type::Rc && on_wire {
-                return remote.step_rc(vm, objects, mem, qpn, budget);
+                return remote.step_rc(vm, objects, mem, qpn, budget, cut);
             }
         }
         if !qp.rt.inflight.active {
@@ -133,7 +134,7 @@ impl Fabric for SoftFabric {
                 return StepOutcome::wait_until(at);
             }
         }
-        self.execute(vm, objects, mem, qpn, budget)
+        self.execute(vm, objects, mem, qpn, budget, cut)
     }
 
     fn hooks(&self) -> Arc<dyn ObjectHooks> {
@@ -155,7 +156,8 @@ impl SoftFabric {
         }
     }
 
-    /// Moves the next chunk of QP `qpn`'s work request in progress.
+    /// Moves the next chunk of QP `qpn`'s work request in progress (less, if `cut` ends its
+    /// copy early).
     fn execute(
         &mut self,
         a: &Arc<Vm>,
@@ -163,6 +165,7 @@ impl SoftFabric {
         a_mem: &GuestMem,
         qpn: u32,
         budget: u32,
+        cut: Option<CopyCut<'_>>,
     ) -> StepOutcome {
         let Some(qp) = av.qps.get(qpn) else {
             return StepOutcome::IDLE;
@@ -275,6 +278,8 @@ impl SoftFabric {
             is_inline: matches!(wr.payload, Payload::Inline(_)),
             a_mem,
             b_mem,
+            // A datagram and an atomic are indivisible.
+            cut: cut.filter(|_| qp_type != qp::Type::Ud && !wr.opcode.is_atomic()),
         };
         let mut atomic_result = 0u64;
         let resp = respond(bv, &b, dest_qpn, &ctx, &mut atomic_result);
@@ -313,6 +318,13 @@ impl SoftFabric {
                 }
                 let more = complete_wr(av, a, a_mem, qpn, &wr, Status::Success, VendorErr::None);
                 StepOutcome::progress(n + WR_COST, more, n, 1)
+            }
+            Resp::Cut(moved) => {
+                let Some(qp) = av.qps.get_mut(qpn) else {
+                    return StepOutcome::IDLE;
+                };
+                qp.rt.inflight.done = done + moved;
+                StepOutcome::progress(moved, true, moved, 0)
             }
             Resp::Busy => StepOutcome::BLOCKED,
             Resp::LocalFault(v) => {

@@ -16,7 +16,7 @@ use zerocopy::FromBytes;
 use super::completion::{self, Completion, set_error};
 use crate::handle::Table;
 use crate::model::memory::{
-    self, GuestMem, Runs, Side, WriteKind, load_producer, publish_consumer,
+    self, Copied, CopyCut, GuestMem, Runs, Side, WriteKind, load_producer, publish_consumer,
 };
 use crate::model::objects::{Mr, VmObjects, check_local, sge_iter_runs};
 use crate::model::qp_state::RecvCopy;
@@ -32,6 +32,9 @@ pub const GRH_SIZE: u32 = 40;
 pub enum Resp {
     /// Applied.
     Done,
+    /// Applied to this many bytes of the piece, which its [`Chunk::cut`] ended early (at least
+    /// one byte in, never at the message's end): the requester goes on from there.
+    Cut(u32),
     /// No receive posted: retry after this many microseconds.
     Rnr(u32),
     /// No QP ready to answer (wrong GID or QPN, or not in RTR/RTS).
@@ -84,23 +87,29 @@ pub struct Chunk<'a> {
     pub a_mem: &'a GuestMem,
     /// The responder's memory.
     pub b_mem: &'a GuestMem,
+    /// What may end the piece's copy early (a local requester's step of a lower class).
+    pub cut: Option<CopyCut<'a>>,
 }
 
 impl Chunk<'_> {
     /// Copies this chunk's payload from the requester into `dst`; an error names whose memory
     /// failed (`Side::Source` is the requester's).
-    fn copy_into(&self, dst: &Runs) -> Result<(), (Side, VendorErr)> {
+    fn copy_into(&self, dst: &Runs) -> Result<Copied, (Side, VendorErr)> {
         if self.is_inline {
             memory::write_runs(self.inline, self.b_mem, dst.as_slice(), WriteKind::Payload)
-                .map_err(|v| (Side::Destination, v))
+                .map_err(|v| (Side::Destination, v))?;
+            Ok(Copied {
+                bytes: self.inline.len() as u64,
+                cut: false,
+            })
         } else {
             memory::copy_runs(
                 self.a_mem,
                 self.a_runs.as_slice(),
                 self.b_mem,
                 dst.as_slice(),
+                self.cut,
             )
-            .map(|_| ())
         }
     }
 }
@@ -256,15 +265,18 @@ pub fn respond(
     // local protection error and leaves the responder alone.
     let requester_side =
         |side: Side, requester_is_source: bool| (side == Side::Source) == requester_is_source;
-    let moved: Result<(), (bool, VendorErr)> = match c.opcode {
+    let moved: Result<Copied, (bool, VendorErr)> = match c.opcode {
         Opcode::Send | Opcode::SendWithImm | Opcode::RdmaWrite | Opcode::RdmaWriteWithImm => c
             .copy_into(&b_runs)
             .map_err(|(side, v)| (requester_side(side, true), v)),
-        Opcode::RdmaRead => {
-            memory::copy_runs(c.b_mem, b_runs.as_slice(), c.a_mem, c.a_runs.as_slice())
-                .map(|_| ())
-                .map_err(|(side, v)| (requester_side(side, false), v))
-        }
+        Opcode::RdmaRead => memory::copy_runs(
+            c.b_mem,
+            b_runs.as_slice(),
+            c.a_mem,
+            c.a_runs.as_slice(),
+            c.cut,
+        )
+        .map_err(|(side, v)| (requester_side(side, false), v)),
         Opcode::AtomicCmpAndSwp | Opcode::AtomicFetchAndAdd => {
             let gpa = b_runs.as_slice().first().map(|r| r.gpa).unwrap_or(0);
             let (compare_add, swap) = (c.header.compare_add.get(), c.header.swap.get());
@@ -275,11 +287,17 @@ pub fn respond(
                     atomic.fetch_add(compare_add, Ordering::SeqCst)
                 };
             })
+            .map(|()| Copied {
+                bytes: 8,
+                cut: false,
+            })
             .map_err(|v| (false, v))
         }
     };
     match moved {
-        Ok(()) => {}
+        // Ended early: the receive (if any) stays this requester's until the message's end.
+        Ok(Copied { bytes, cut: true }) => return Resp::Cut(bytes as u32),
+        Ok(_) => {}
         Err((true, v)) => {
             // The responder keeps its receive for the next message.
             if let Some(qp) = objects.qps.get_mut(dest_qpn) {
@@ -399,7 +417,8 @@ fn respond_ud(objects: &mut VmObjects, vm: &Vm, dest_qpn: u32, c: &Chunk<'_>) ->
             c.len,
             &mut body,
         )?;
-        c.copy_into(&body).map_err(|(_, v)| v)
+        // A datagram is moved whole: its chunk has no cut.
+        c.copy_into(&body).map(|_| ()).map_err(|(_, v)| v)
     });
     let mut done = match result {
         Ok(()) => {

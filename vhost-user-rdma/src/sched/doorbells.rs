@@ -8,6 +8,15 @@ pub trait Doorbells: Send + Sync {
     /// couple of loads per queue.
     fn take(&self) -> bool;
 
+    /// Whether the driver may have made doorbells available since they were last taken or
+    /// looked at: a load per queue, no lock, nothing taken. Asked between the pieces of a lower
+    /// class's copy, so it must be far cheaper than [`Doorbells::take`]. It may be wrong for a
+    /// moment after a queue starts or moves, or the memory table changes (until the next
+    /// `take`): a wrong yes costs a step cut short, a wrong no a wait for the step's end.
+    fn arrived(&self) -> bool {
+        false
+    }
+
     /// The same after a kick: the doorbells count as kicked, not polled.
     fn take_kicked(&self) -> bool {
         self.take()

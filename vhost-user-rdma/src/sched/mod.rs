@@ -27,7 +27,7 @@ use vrdma_proto::{Gid, qp};
 use crate::config::PriorityClass;
 use crate::fabric::{Fabric, Step, StepOutcome};
 use crate::model::hooks::ObjectHooks;
-use crate::model::memory::{CHUNK, load_producer};
+use crate::model::memory::{CHUNK, CopyCut, load_producer};
 use crate::model::vm::Vm;
 use crate::rnic::completion::flush;
 use crate::rnic::requester::{Examined, examine, fail_wr, set_sq_polling};
@@ -108,15 +108,26 @@ impl CopyRate {
         });
     }
 
-    /// The bytes a step moves in `time`: a whole chunk until a rate is known.
-    fn bytes_in(&self, time: Duration) -> u32 {
+    /// The bytes a step moves in `time`, at least `floor`: a whole chunk until a rate is
+    /// known.
+    fn bytes_in(&self, time: Duration, floor: u32) -> u32 {
         match self.bytes_per_ns {
-            Some(r) => (r * time.as_nanos() as f64)
-                .clamp(f64::from(MIN_TIMED_STEP), f64::from(CHUNK)) as u32,
+            Some(r) => {
+                (r * time.as_nanos() as f64).clamp(f64::from(floor), f64::from(CHUNK)) as u32
+            }
             None => CHUNK,
         }
     }
 }
+
+/// How much of a lower class's copying a higher class's message may wait behind: a step below
+/// a higher class is asked, about this often, whether that class's work arrived, and ends
+/// early if it did (see `memory::CopyCut`).
+const CUT_EVERY: Duration = Duration::from_micros(1);
+
+/// The fewest bytes between two such questions: a page. Each costs a few loads per VM above
+/// (their flags and doorbell indices), a few nanoseconds, far less than copying a page.
+const MIN_CUT: u32 = 4096;
 
 /// A polled VM below the highest class present has its doorbell queues looked at once in
 /// this many passes (see `Turns::poll_doorbells`).
@@ -1137,11 +1148,17 @@ impl Turns {
                     // Below a higher class, with `--step-time-us`, a step lasts about that
                     // long: that class's next message waits behind no more of this VM's
                     // copying, however slow the host's memory.
-                    let timed = self.step_time.filter(|_| preemptible).map(|time| {
-                        budget = budget.min(self.copy_rate.bytes_in(time));
-                        Instant::now()
-                    });
-                    let Some((qpn, outcome)) = self.step(&vm, queued, class, budget) else {
+                    if let Some(time) = self.step_time.filter(|_| preemptible) {
+                        budget = budget.min(self.copy_rate.bytes_in(time, MIN_TIMED_STEP));
+                    }
+                    // Below a higher class, a step's copy is asked every microsecond or so
+                    // whether that class's work arrived, and ends early if it did; the copy
+                    // rate that sizes those pieces is measured on these steps.
+                    let cut_every =
+                        preemptible.then(|| self.copy_rate.bytes_in(CUT_EVERY, MIN_CUT));
+                    let timed = preemptible.then(Instant::now);
+                    let Some((qpn, outcome)) = self.step(&vm, queued, class, budget, cut_every)
+                    else {
                         // The VM's control path holds its objects; its turn waits, its
                         // deficit stays.
                         vm.enqueue_in(queued, class);
@@ -1351,6 +1368,7 @@ impl Turns {
         queued: u32,
         class: PriorityClass,
         budget: u32,
+        cut_every: Option<u32>,
     ) -> Option<(u32, StepOutcome)> {
         let mut objects = vm.try_lock()?;
         let Some(qpn) = objects.qps.live_in_slot(queued) else {
@@ -1369,8 +1387,14 @@ impl Turns {
             return Some((qpn, StepOutcome::IDLE));
         }
         let mem = vm.mem.memory();
+        let entries = &self.entries;
+        let arrived = || higher_class_arrived(entries, class);
+        let cut = cut_every.map(|every| CopyCut {
+            every,
+            stop: &arrived,
+        });
         let mut outcome = match examine(&mut objects, vm, &mem, qpn) {
-            Examined::Send => self.fabric.step(vm, &mut objects, &mem, qpn, budget),
+            Examined::Send => self.fabric.step(vm, &mut objects, &mem, qpn, budget, cut),
             Examined::Flushed => {
                 self.watch_error(vm.id, qpn);
                 StepOutcome::IDLE
@@ -1394,6 +1418,21 @@ impl Turns {
         vm.deliver_events();
         Some((qpn, outcome))
     }
+}
+
+/// Whether a VM of a class above `class` has work that arrived since the step in progress
+/// began (that step's cut asks): what is cheap to see without the VM's lock or a system call,
+/// its ready-list flags and, if it is polled, its doorbell rings' indices. A kick is not
+/// looked for; it waits for the step's end.
+fn higher_class_arrived(entries: &[Entry], class: PriorityClass) -> bool {
+    entries.iter().any(|e| {
+        if e.class >= class || e.paused || (e.buckets.limited() && e.buckets.wait().is_some()) {
+            return false;
+        }
+        let movable = |above: &PriorityClass| !e.stalled[above.index()] && e.vm.has_work_in(*above);
+        (e.polled && e.doorbells.arrived())
+            || PriorityClass::ALL[..class.index()].iter().any(movable)
+    })
 }
 
 /// The scheduler run by hand, on the test's own thread: what tests of the layers together
@@ -1439,6 +1478,26 @@ impl ManualScheduler {
         self.turns.round()
     }
 
+    /// One step of `vm`'s QP `qpn`, outside the rounds, whose copy is cut after its first
+    /// piece of `every` bytes, as if a higher class's work arrived at every question: what a
+    /// fabric does with a cut, shown on the layers together.
+    pub fn step_cut_at_every_piece(&mut self, vm: &Arc<Vm>, qpn: u32, every: u32) -> StepOutcome {
+        let mut objects = vm.lock();
+        let mem = vm.mem.memory();
+        let stop = || true;
+        let cut = CopyCut { every, stop: &stop };
+        let outcome = match examine(&mut objects, vm, &mem, qpn) {
+            Examined::Send => self
+                .turns
+                .fabric
+                .step(vm, &mut objects, &mem, qpn, CHUNK, Some(cut)),
+            Examined::Flushed | Examined::Idle => StepOutcome::IDLE,
+        };
+        drop(objects);
+        vm.deliver_events();
+        outcome
+    }
+
     /// Passes until `done` holds; panics if it has not after 10 s.
     pub fn run_until(&mut self, what: &str, mut done: impl FnMut() -> bool) {
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -1461,7 +1520,7 @@ mod tests {
     use super::doorbells::NoDoorbells;
     use super::*;
     use crate::config::SlClasses;
-    use crate::fabric::mock::{MockFabric, Plan};
+    use crate::fabric::mock::{MockFabric, MockStep, Plan};
     use crate::testing::{TestQp, TestVm, send_header};
     use zerocopy::IntoBytes;
 
@@ -1554,10 +1613,15 @@ mod tests {
 
     /// Bulk VM `b` (weight 4: a turn of four steps) has work; latency VM `l`'s one message
     /// arrives after `b`'s first step. With `classes`, it is carried next and `b`'s turn goes
-    /// on after it, nothing of it lost; without, it waits for `b`'s whole turn.
-    fn arrival_during_a_turn(classes: bool) -> (Vec<u64>, u64, (TestVm, TestVm)) {
+    /// on after it, nothing of it lost; without, it waits for `b`'s whole turn. With
+    /// `bytes_per_ns`, the scheduler starts from that copy rate. Returns the steps taken.
+    fn arrival_during_a_turn(
+        classes: bool,
+        bytes_per_ns: Option<f64>,
+    ) -> (Vec<MockStep>, u64, (TestVm, TestVm)) {
         let mock = MockFabric::default();
         let (mut t, _tx) = turns(Box::new(mock.clone()));
+        t.copy_rate = CopyRate { bytes_per_ns };
         let (mut b, mut l) = (TestVm::new(1, 4), TestVm::new(2, 1));
         if classes {
             b.vm.share.set_class(PriorityClass::Bulk);
@@ -1570,21 +1634,53 @@ mod tests {
         // Connecting the QPs put them on their ready lists: start from none.
         while b.vm.pop_ready().is_some() || l.vm.pop_ready().is_some() {}
         bulk_with_an_arrival(&mut t, &mock, (&b, &qb), (&l, &ql), 1);
-        let order = mock.state().steps.iter().map(|s| s.vm).collect();
+        let steps = mock.state().steps.clone();
         let preemptions = t.stats.preemptions.load(Ordering::Relaxed);
-        (order, preemptions, (b, l))
+        (steps, preemptions, (b, l))
     }
 
     #[test]
     fn a_higher_class_cuts_a_lower_class_turn_short_after_one_step() {
-        let (order, preemptions, (b, l)) = arrival_during_a_turn(true);
-        let (b, l) = (b.vm.id, l.vm.id);
+        let vms = |steps: Vec<MockStep>| steps.iter().map(|s| s.vm).collect::<Vec<_>>();
+        let (steps, preemptions, (b, l)) = arrival_during_a_turn(true, None);
+        let (order, b, l) = (vms(steps), b.vm.id, l.vm.id);
         assert_eq!(&order[..6], [b, l, b, b, b, b], "{order:?}");
         assert_eq!(preemptions, 1);
-        let (order, preemptions, (b, l)) = arrival_during_a_turn(false);
-        let (b, l) = (b.vm.id, l.vm.id);
+        let (steps, preemptions, (b, l)) = arrival_during_a_turn(false, None);
+        let (order, b, l) = (vms(steps), b.vm.id, l.vm.id);
         assert_eq!(&order[..5], [b, b, b, b, l], "one class: {order:?}");
         assert_eq!(preemptions, 0);
+    }
+
+    /// A higher class's message that arrives while a lower class's step copies ends that
+    /// copy at the next piece (about a microsecond of copying at the measured rate), not at
+    /// the step's end: the step moves one piece, the message goes next, and the bulk VM then
+    /// goes on from where its copy stopped. A step with no higher class above it, or with no
+    /// arrival, is never cut.
+    #[test]
+    fn a_higher_class_message_cuts_a_lower_class_copy_at_the_next_piece() {
+        // Copies move 8 bytes a nanosecond here: a piece of a microsecond is 8000 bytes.
+        let (steps, _, (b, l)) = arrival_during_a_turn(true, Some(8.0));
+        let first = steps[0];
+        assert_eq!((first.vm, first.cut_every), (b.vm.id, Some(8000)));
+        assert_eq!(first.moved, 8000, "one piece, then the cut: {steps:?}");
+        assert_eq!(steps[1].vm, l.vm.id, "the message next: {steps:?}");
+        assert_eq!(steps[2].vm, b.vm.id);
+        // The bulk VM's other steps had a cut too, and nothing arrived: each moved its whole
+        // budget, and the message lost nothing.
+        let rest: Vec<&MockStep> = steps[2..].iter().filter(|s| s.vm == b.vm.id).collect();
+        assert!(rest.len() >= 3, "{steps:?}");
+        for s in &rest {
+            assert!(s.cut_every.is_some(), "{s:?}");
+            assert_eq!(s.moved, s.budget.min(CHUNK), "{s:?}");
+        }
+        let moved: u64 = steps.iter().map(|s| u64::from(s.moved)).sum();
+        assert_eq!(bytes(&b), moved, "every byte moved counted once");
+
+        // One class: no step has a cut.
+        let (steps, _, _) = arrival_during_a_turn(false, Some(8.0));
+        assert!(steps.iter().all(|s| s.cut_every.is_none()), "{steps:?}");
+        assert_eq!(steps[0].moved, QUANTUM, "{steps:?}");
     }
 
     /// A VM's QP that cannot move in one class (put in bulk by its service level, its peer
@@ -2027,20 +2123,29 @@ mod tests {
     fn a_step_time_becomes_bytes_at_the_measured_copy_rate() {
         let mut rate = CopyRate::default();
         assert_eq!(
-            rate.bytes_in(Duration::from_micros(1)),
+            rate.bytes_in(Duration::from_micros(1), MIN_TIMED_STEP),
             CHUNK,
             "nothing measured yet"
         );
         rate.observe(CHUNK, Duration::from_micros(4));
         rate.observe(64, Duration::from_micros(3));
-        assert_eq!(rate.bytes_in(Duration::from_micros(1)), 16 * 1024);
-        assert_eq!(rate.bytes_in(Duration::from_nanos(100)), MIN_TIMED_STEP);
-        assert_eq!(rate.bytes_in(Duration::from_micros(100)), CHUNK);
+        assert_eq!(
+            rate.bytes_in(Duration::from_micros(1), MIN_TIMED_STEP),
+            16 * 1024
+        );
+        assert_eq!(
+            rate.bytes_in(Duration::from_nanos(100), MIN_TIMED_STEP),
+            MIN_TIMED_STEP
+        );
+        assert_eq!(
+            rate.bytes_in(Duration::from_micros(100), MIN_TIMED_STEP),
+            CHUNK
+        );
         // A slower host's copies pull the estimate down.
         for _ in 0..64 {
             rate.observe(CHUNK, Duration::from_micros(8));
         }
-        let step = rate.bytes_in(Duration::from_micros(1));
+        let step = rate.bytes_in(Duration::from_micros(1), MIN_TIMED_STEP);
         assert!((8 * 1024..8 * 1024 + 64).contains(&step), "{step}");
     }
 

@@ -710,6 +710,8 @@ impl VhostUserBackend for VmDevice {
         })?;
         #[cfg(not(feature = "xen"))]
         let _ = mem;
+        // The scheduler's watched doorbell indices are in the old table.
+        self.doorbells.forget_avail_indexes();
         Ok(())
     }
 
@@ -727,6 +729,7 @@ impl VhostUserBackend for VmDevice {
             u16::try_from(queue_index).map(|q| queue::role(q, self.doorbell_queues))
         {
             self.doorbells.kicks_stopped(index);
+            self.doorbells.forget_avail_indexes();
         }
         let mut m = self.migration();
         self.quiesce(&mut m);

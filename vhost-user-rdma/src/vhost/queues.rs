@@ -4,9 +4,10 @@
 
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
+use arc_swap::ArcSwapOption;
 use log::{debug, warn};
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_bindings::virtio_ring::{VRING_AVAIL_F_NO_INTERRUPT, VRING_USED_F_NO_NOTIFY};
@@ -16,7 +17,7 @@ use vmm_sys_util::event::EventConsumer;
 use vrdma_proto::{doorbell, event, queue};
 use zerocopy::IntoBytes;
 
-use crate::model::memory::{self, GuestMem, GuestMemAtomic, WriteKind};
+use crate::model::memory::{self, GuestMem, GuestMemAtomic, WatchedWord, WriteKind};
 use crate::model::vm::{EventSink, Vm};
 use crate::sched::doorbells::Doorbells;
 use crate::sched::kick_token;
@@ -40,6 +41,21 @@ pub struct DoorbellQueues {
     /// The scheduler muted the kicks ([`Doorbells::mute_kicks`]): the duplicates are not
     /// watched.
     muted: AtomicBool,
+    /// The available index of each running queue, as of the last `take` ([`AvailIndexes`]).
+    avail_indexes: ArcSwapOption<AvailIndexes>,
+    /// Per queue, the driver's available index as of the daemon's last look (its next
+    /// available entry, unless the driver wrote an impossible index): what
+    /// [`Doorbells::arrived`] compares the index with.
+    taken_up_to: Box<[AtomicU16]>,
+}
+
+/// The available indices of a VM's running doorbell queues, in order, watched for
+/// [`Doorbells::arrived`]: a load each. Replaced whole when a queue starts, stops or moves or
+/// the memory table changes, which `take` notices.
+#[derive(Debug, Default)]
+struct AvailIndexes {
+    /// Per running queue: its index among the doorbell queues, and its available index.
+    rings: Vec<(usize, WatchedWord)>,
 }
 
 impl std::fmt::Debug for DoorbellQueues {
@@ -65,6 +81,10 @@ impl DoorbellQueues {
                 .map(|_| Mutex::new(None))
                 .collect(),
             muted: AtomicBool::new(false),
+            avail_indexes: ArcSwapOption::empty(),
+            taken_up_to: (0..queue::MAX_DOORBELL_QUEUES)
+                .map(|_| AtomicU16::new(0))
+                .collect(),
         }
     }
 
@@ -151,16 +171,69 @@ impl DoorbellQueues {
 
     /// Takes the doorbells of every known queue that has any; `polled`: no kick announced
     /// them. Returns whether any was well formed (a queue of malformed batches is emptied, but
-    /// brings nothing).
+    /// brings nothing). Refreshes the watched available indices if the running queues or the
+    /// memory table changed.
     fn take_all(&self, polled: bool) -> bool {
         let mem = self.vm.mem.memory();
+        let watched = self.avail_indexes.load();
+        let mut watched_rings = watched.as_ref().map(|w| w.rings.iter());
+        let mut stale = watched.is_none();
         let mut any = false;
-        for vring in self.vrings() {
-            if has_pending(vring, &mem) {
-                any |= self.drain(vring, polled) > 0;
+        for (index, vring) in self.known() {
+            let Some(look) = look(vring, &mem) else {
+                continue;
+            };
+            let next = watched_rings.as_mut().and_then(Iterator::next);
+            stale |= !next.is_some_and(|(i, word)| {
+                *i == index && word.gpa() == look.avail_index && word.is_in(&mem)
+            });
+            if look.pending {
+                any |= self.drain(index, vring, polled) > 0;
+            } else {
+                self.taken_up_to[index].store(look.quiet_at, Ordering::Relaxed);
             }
         }
+        stale |= watched_rings.is_some_and(|mut rest| rest.next().is_some());
+        drop(watched);
+        if stale {
+            self.watch_avail_indexes();
+        }
         any
+    }
+
+    /// Stops watching the queues' available indices until the next `take` finds them again:
+    /// the memory table changed or a ring stopped. Lets go of the table the watched words are
+    /// in, so a replaced table is not kept mapped for them.
+    pub fn forget_avail_indexes(&self) {
+        self.avail_indexes.store(None);
+    }
+
+    /// Finds the available index of each running queue in the current memory table, for
+    /// [`Doorbells::arrived`]. Off the hot path: when queues start, stop or move, or the table
+    /// changes.
+    fn watch_avail_indexes(&self) {
+        let mem = self.vm.mem.memory().into_inner();
+        let mut rings = Vec::new();
+        for (index, vring) in self.known() {
+            let Some(look) = look(vring, &mem) else {
+                continue;
+            };
+            // A ring whose index is not in guest memory is not watched: its doorbells are
+            // seen at the step's end, and the driver's next access fails anyway.
+            if let Some(word) = WatchedWord::new(mem.clone(), look.avail_index) {
+                rings.push((index, word));
+            }
+        }
+        self.avail_indexes
+            .store(Some(Arc::new(AvailIndexes { rings })));
+    }
+
+    /// The doorbell queues known so far, with their indices.
+    fn known(&self) -> impl Iterator<Item = (usize, &Vring)> {
+        self.vrings
+            .iter()
+            .enumerate()
+            .filter_map(|(i, v)| Some((i, v.get()?)))
     }
 
     fn unwatch(&self, dup: Option<EventConsumer>) {
@@ -194,7 +267,7 @@ impl DoorbellQueues {
                 }
             }
         }
-        self.drain(vring, false);
+        self.drain(usize::from(index), vring, false);
     }
 
     /// Whether the scheduler polls this VM and wants its driver not to kick (what the queues
@@ -212,7 +285,7 @@ impl DoorbellQueues {
     /// their QPs on the ready list and returns the descriptors. Returns how many well-formed
     /// doorbells it took. One chain at a time (the vring lock is released between them) and nothing is
     /// collected, so it allocates nothing. `polled`: the scheduler took them without a kick.
-    fn drain(&self, vring: &Vring, polled: bool) -> usize {
+    fn drain(&self, index: usize, vring: &Vring, polled: bool) -> usize {
         let vm = &self.vm;
         let mem = vm.mem.memory();
         let mut batch = [0u8; doorbell::SIZE * doorbell::MAX_BATCH];
@@ -271,6 +344,9 @@ impl DoorbellQueues {
                 warn!("vm {}: cannot return a doorbell descriptor: {e}", vm.name);
             }
         }
+        if let Some(seen) = self.taken_up_to.get(index) {
+            seen.store(vring.get_ref().get_queue().next_avail(), Ordering::Relaxed);
+        }
         if taken > 0 && wants_interrupt(vring, &mem) {
             vring.signal_used_queue().ok();
         }
@@ -290,6 +366,14 @@ impl Drop for DoorbellQueues {
 impl Doorbells for DoorbellQueues {
     fn take(&self) -> bool {
         self.take_all(true)
+    }
+
+    fn arrived(&self) -> bool {
+        self.avail_indexes.load().as_ref().is_some_and(|w| {
+            w.rings.iter().any(|(index, word)| {
+                word.load(Ordering::Acquire) != self.taken_up_to[*index].load(Ordering::Relaxed)
+            })
+        })
     }
 
     fn take_kicked(&self) -> bool {
@@ -385,22 +469,42 @@ where
     state.get_queue_mut().pop_descriptor_chain(mem.clone())
 }
 
-/// Whether `vring` is ready and has doorbells the daemon has not taken. Checked before locking
-/// the vring for writing, so an idle poll costs two loads; a driver whose available index is
-/// impossible gets nothing polled (its kicks still reach the worker, which reports it).
-fn has_pending(vring: &Vring, mem: &GuestMem) -> bool {
+/// A look at a running ring's indices.
+struct Look {
+    /// The driver has made doorbells available that the daemon has not taken.
+    pending: bool,
+    /// If not, the available index at which [`Doorbells::arrived`] sees nothing new: the
+    /// next entry the daemon takes, or an impossible index the driver wrote (each change of
+    /// which would otherwise cut a lower class's step for nothing, as often as it likes).
+    quiet_at: u16,
+    /// Where the driver's available index is (guest-physical).
+    avail_index: u64,
+}
+
+/// A look at `vring`'s indices if it runs (`None` if not). Made under the vring's read lock,
+/// before taking it for writing, so an idle poll costs two loads; a driver whose available
+/// index is impossible gets nothing polled (its kicks still reach the worker, which reports
+/// it).
+fn look(vring: &Vring, mem: &GuestMem) -> Option<Look> {
     let state = vring.get_ref();
     if !runs(&state) {
-        return false;
+        return None;
     }
     let queue = state.get_queue();
-    match queue.avail_idx(mem, Ordering::Acquire) {
+    let next_avail = queue.next_avail();
+    let (pending, quiet_at) = match queue.avail_idx(mem, Ordering::Acquire) {
         Ok(idx) => {
-            let ahead = idx.0.wrapping_sub(queue.next_avail());
-            ahead != 0 && ahead <= queue.size()
+            let ahead = idx.0.wrapping_sub(next_avail);
+            (ahead != 0 && ahead <= queue.size(), idx.0)
         }
-        Err(_) => false,
-    }
+        Err(_) => (false, next_avail),
+    };
+    Some(Look {
+        pending,
+        quiet_at,
+        // The available ring's flags come first, then its index (virtio 1.x, 2.7.6).
+        avail_index: queue.avail_ring().wrapping_add(2),
+    })
 }
 
 /// Whether the used ring at `used` tells the driver not to kick (`VRING_USED_F_NO_NOTIFY`),
@@ -607,12 +711,11 @@ mod tests {
         assert_eq!(chains.len(), 1, "the chain waited for the ring to start");
     }
 
-    /// A batch that is not whole doorbells is returned and counted as malformed, and brings
-    /// nothing: a kick that only finds such batches counts as empty (the scheduler mutes a VM
-    /// whose kicks keep bringing nothing).
-    #[test]
-    fn malformed_doorbells_are_taken_but_bring_nothing() {
-        let mut vm = TestVm::new(8, 1);
+    /// VM `id` with one running doorbell queue of 16 entries that the queues know (it started
+    /// empty), and a batch holding one send doorbell for QP 0x01_0003, not yet posted. Returns
+    /// the VM, the ring's and the batch's addresses, the ring and the queues.
+    fn one_doorbell_queue(id: u8) -> (TestVm, u64, u64, Vring, DoorbellQueues) {
+        let mut vm = TestVm::new(id, 1);
         let ring = vm.alloc(16 << 10);
         let batch = vm.alloc(4096);
         let good = doorbell::Doorbell::new(doorbell::Kind::Send, 0x01_0003);
@@ -623,6 +726,15 @@ mod tests {
         let queues = DoorbellQueues::new(vm.vm.clone());
         // The ring starts with nothing on it: the queues know it from now on.
         queues.kicked(0, &vring);
+        (vm, ring, batch, vring, queues)
+    }
+
+    /// A batch that is not whole doorbells is returned and counted as malformed, and brings
+    /// nothing: a kick that only finds such batches counts as empty (the scheduler mutes a VM
+    /// whose kicks keep bringing nothing).
+    #[test]
+    fn malformed_doorbells_are_taken_but_bring_nothing() {
+        let (vm, ring, batch, _vring, queues) = one_doorbell_queue(8);
         let mem = vm.mem();
         let mock = MockSplitQueue::create(&*mem, GuestAddress(ring), 16);
         let chain = |len| [RawDescriptor::from(SplitDescriptor::new(batch, len, 0, 0))];
@@ -634,6 +746,63 @@ mod tests {
         mock.add_desc_chains(&chain(8), 1).unwrap();
         assert!(queues.take_kicked(), "a whole doorbell");
         assert_eq!(vm.vm.pop_ready(), Some(0x01_0003));
+    }
+
+    /// `arrived` sees a doorbell the driver made available without taking it, and stops
+    /// seeing it once it is taken; an impossible index the driver writes is seen once, not
+    /// after every look; a stopped ring is no longer watched.
+    #[test]
+    fn arrived_sees_new_doorbells_until_they_are_taken() {
+        let (vm, ring, batch, vring, queues) = one_doorbell_queue(9);
+        assert!(!queues.take(), "nothing rung yet");
+        assert!(!queues.arrived());
+        let mem = vm.mem();
+        let mock = MockSplitQueue::create(&*mem, GuestAddress(ring), 16);
+        let chain = [RawDescriptor::from(SplitDescriptor::new(batch, 8, 0, 0))];
+        mock.add_desc_chains(&chain, 0).unwrap();
+        assert!(queues.arrived(), "a doorbell made available");
+        assert!(queues.arrived(), "looking takes nothing");
+        assert_eq!(vm.vm.pop_ready(), None, "nothing taken");
+        let watched = queues.avail_indexes.load_full();
+        assert!(queues.take());
+        assert_eq!(vm.vm.pop_ready(), Some(0x01_0003));
+        assert!(!queues.arrived(), "taken");
+        assert!(
+            Arc::ptr_eq(
+                &watched.unwrap(),
+                &queues.avail_indexes.load_full().unwrap()
+            ),
+            "nothing moved: the watched indices are not looked up again"
+        );
+        // Taken by the vring worker after a kick: the same.
+        mock.add_desc_chains(&chain, 1).unwrap();
+        assert!(queues.arrived());
+        queues.kicked(0, &vring);
+        assert!(!queues.arrived(), "taken after a kick");
+        // A hostile driver's impossible index brings nothing, and once looked at is not seen
+        // again (it would cut other VMs' steps for nothing).
+        let idx = mock.avail().idx().load();
+        mock.avail().idx().store(idx.wrapping_add(100));
+        assert!(queues.arrived(), "the index changed");
+        assert!(!queues.take(), "an impossible index brings nothing");
+        assert!(!queues.arrived(), "and is not seen again");
+        mock.avail().idx().store(idx);
+        assert!(!queues.take());
+        // A stopped ring is not watched.
+        vring.set_queue_ready(false);
+        assert!(!queues.take());
+        mock.add_desc_chains(&chain, 2).unwrap();
+        assert!(!queues.arrived(), "a stopped ring is not watched");
+        vring.set_queue_ready(true);
+        assert!(queues.take(), "the doorbell waited for the ring to start");
+        assert!(!queues.arrived());
+        // A new memory table: nothing watched until the next look.
+        queues.forget_avail_indexes();
+        mock.add_desc_chains(&chain, 3).unwrap();
+        assert!(!queues.arrived(), "not watched until looked up again");
+        assert!(queues.take());
+        mock.add_desc_chains(&chain, 4).unwrap();
+        assert!(queues.arrived(), "watched again");
     }
 
     /// An SRQ doorbell is counted and asks nothing: its handle, an SRQ number, is never taken

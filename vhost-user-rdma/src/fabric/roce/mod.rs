@@ -29,7 +29,7 @@ use vrdma_proto::wqe::SendWr;
 use vrdma_proto::{Gid, qp};
 
 use crate::fabric::{StepOutcome, WR_COST};
-use crate::model::memory::GuestMem;
+use crate::model::memory::{CopyCut, GuestMem};
 use crate::model::objects::VmObjects;
 use crate::model::vm::Vm;
 use crate::rnic::requester::{complete_wr, fail_wr};
@@ -113,11 +113,12 @@ impl RoceFabric {
         mem: &GuestMem,
         qpn: u32,
         budget: u32,
+        cut: Option<CopyCut<'_>>,
     ) -> StepOutcome {
         let Some(ep) = self.net.endpoint(&vm.gid) else {
             return StepOutcome::IDLE;
         };
-        let outcome = requester::step_rc(ep, &mut self.tx, vm, objects, mem, qpn, budget);
+        let outcome = requester::step_rc(ep, &mut self.tx, vm, objects, mem, qpn, budget, cut);
         self.tx.batch.flush();
         outcome
     }

@@ -23,7 +23,7 @@ use super::batch::Batch;
 use super::endpoint::{Counters, Endpoint};
 use super::psn::{PSN_MASK, mtu_of, psn_add, psn_diff};
 use crate::fabric::{StepOutcome, WR_COST};
-use crate::model::memory::{self, GuestMem, Runs, WriteKind};
+use crate::model::memory::{self, CopyCut, GuestMem, Runs, WriteKind};
 use crate::model::objects::{Qp, VmObjects, sge_runs};
 use crate::model::qp_state::{MAX_SEND_SLOT, RC_WINDOW, RcTransport, Retries, Sent};
 use crate::model::vm::Vm;
@@ -89,7 +89,8 @@ pub fn psns_for(opcode: Opcode, len: u32, mtu: u32) -> u32 {
 
 /// The scheduler's step for an RC QP whose peer is on another host, sending from `ep`:
 /// retransmits if the oldest packet timed out or a NAK asked for it, then sends new packets
-/// within the window and `budget`.
+/// within the window and `budget`, or until `cut`, asked between packets, ends the step.
+#[allow(clippy::too_many_arguments)]
 pub fn step_rc(
     ep: &Arc<Endpoint>,
     bufs: &mut TxBuffers,
@@ -98,6 +99,7 @@ pub fn step_rc(
     mem: &GuestMem,
     qpn: u32,
     budget: u32,
+    cut: Option<CopyCut<'_>>,
 ) -> StepOutcome {
     let Some(qp) = av.qps.get_mut(qpn) else {
         return StepOutcome::IDLE;
@@ -179,10 +181,20 @@ pub fn step_rc(
     }
     let (mut cost, mut bytes, mut wrs) = (0u32, 0u32, 0u32);
     let mut more = false;
+    // The cost at which `cut` is next asked: it is asked between packets, not before the
+    // first, so every step moves something.
+    let mut ask_at = cut.map_or(u32::MAX, |c| c.every.max(1));
     loop {
         if cost >= budget {
             more = true;
             break;
+        }
+        if cost >= ask_at {
+            if cut.is_some_and(|c| (c.stop)()) {
+                more = true;
+                break;
+            }
+            ask_at = cost.saturating_add(cut.map_or(u32::MAX, |c| c.every.max(1)));
         }
         let Some(qp) = av.qps.get(qpn) else {
             return StepOutcome::IDLE;
@@ -1210,7 +1222,7 @@ mod tests {
         let mem = a.mem();
         let step = |bufs: &mut TxBuffers| {
             let mut objects = a.vm.lock();
-            step_rc(&ep, bufs, &a.vm, &mut objects, &mem, qp.qpn, 1 << 20);
+            step_rc(&ep, bufs, &a.vm, &mut objects, &mem, qp.qpn, 1 << 20, None);
             drop(objects);
             bufs.batch.flush();
         };

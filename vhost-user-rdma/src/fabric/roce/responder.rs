@@ -167,6 +167,7 @@ fn from_network<'a>(
         is_inline: true,
         a_mem: mem,
         b_mem: mem,
+        cut: None,
     }
 }
 
@@ -562,7 +563,9 @@ fn serve_data(r: &Responder<'_>, rx: &mut RxBuffers, bv: &mut VmObjects, pkt: &P
             qp.rt.rc.rx = RxMsg::Idle;
             reply.nak(&mut rx.batch, psn, nak_code(status), msn);
         }
-        Resp::NoResponder | Resp::Busy | Resp::Dropped | Resp::LocalFault(_) => {}
+        // A packet's chunk has no cut, so `Cut` does not come; were it to, the request would go
+        // unanswered and its sender would send it again.
+        Resp::NoResponder | Resp::Busy | Resp::Dropped | Resp::LocalFault(_) | Resp::Cut(_) => {}
     }
 }
 

@@ -35,7 +35,7 @@ use self::objects::{VmNic, error_chain};
 
 use super::{Fabric, StepOutcome};
 use crate::model::hooks::ObjectHooks;
-use crate::model::memory::GuestMem;
+use crate::model::memory::{CopyCut, GuestMem};
 use crate::model::objects::VmObjects;
 use crate::model::vm::Vm;
 use crate::wake::Bell;
@@ -153,6 +153,8 @@ impl Fabric for VerbsFabric {
         mem: &GuestMem,
         qpn: u32,
         budget: u32,
+        // A NIC posts a whole work request at once: there is no copy of the daemon's to end.
+        _cut: Option<CopyCut<'_>>,
     ) -> StepOutcome {
         let Some(a) = self.attached.get(&vm.id) else {
             return StepOutcome::IDLE;

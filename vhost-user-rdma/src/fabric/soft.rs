@@ -320,6 +320,7 @@ impl SoftFabric {
                 StepOutcome::progress(n + WR_COST, more, n, 1)
             }
             Resp::Cut(moved) => {
+                debug_assert!(moved > 0, "a cut copy moves at least one piece");
                 let Some(qp) = av.qps.get_mut(qpn) else {
                     return StepOutcome::IDLE;
                 };

@@ -392,9 +392,17 @@ unsafe impl Send for WatchedWord {}
 unsafe impl Sync for WatchedWord {}
 
 impl WatchedWord {
-    /// The word at `gpa` in `mem`, or `None` if it is not all in one memory slot or not
-    /// aligned.
+    /// The word at `gpa` in `mem`, or `None` if it is not all in one memory slot, not
+    /// aligned, or (Xen) in a region mapped per access, which has no lasting address.
     pub fn new(mem: std::sync::Arc<GuestMem>, gpa: u64) -> Option<Self> {
+        #[cfg(feature = "xen")]
+        {
+            let region = mem.find_region(GuestAddress(gpa))?;
+            let flags = vm_memory::MmapXenFlags::from_bits_truncate(region.xen_mmap_flags());
+            if !flags.mmap_in_advance() {
+                return None;
+            }
+        }
         let word = {
             let slice = slice_at(&mem, gpa, 2).filter(|s| s.len() == 2)?;
             let atomic = slice.get_atomic_ref::<AtomicU16>(0).ok()?;

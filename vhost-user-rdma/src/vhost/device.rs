@@ -703,15 +703,18 @@ impl VhostUserBackend for VmDevice {
         // The port holds the same GuestMemoryAtomic the library updates, so every access
         // after this sees the new table.
         #[cfg(feature = "xen")]
-        memory::xen::refuse_mapped_per_access(&mem).map_err(|e| {
+        let refused = memory::xen::refuse_mapped_per_access(&mem);
+        #[cfg(not(feature = "xen"))]
+        let _ = mem;
+        // The scheduler's watched doorbell indices are in the old table (or, refused, in one
+        // that has just been taken away).
+        self.doorbells.forget_avail_indexes();
+        #[cfg(feature = "xen")]
+        refused.map_err(|e| {
             // The library hands the frontend only success or failure: say why here.
             error!("vm {}: {e}", self.name);
             io::Error::other(e)
         })?;
-        #[cfg(not(feature = "xen"))]
-        let _ = mem;
-        // The scheduler's watched doorbell indices are in the old table.
-        self.doorbells.forget_avail_indexes();
         Ok(())
     }
 

@@ -54,8 +54,10 @@ pub struct DoorbellQueues {
 /// the memory table changes, which `take` notices.
 #[derive(Debug, Default)]
 struct AvailIndexes {
-    /// Per running queue: its index among the doorbell queues, and its available index.
-    rings: Vec<(usize, WatchedWord)>,
+    /// Per running queue: its index among the doorbell queues, where its available index is
+    /// (guest-physical), and the word itself unless it cannot be watched (not in guest memory,
+    /// or not aligned: its doorbells are then seen at the step's end).
+    rings: Vec<(usize, u64, Option<WatchedWord>)>,
 }
 
 impl std::fmt::Debug for DoorbellQueues {
@@ -184,8 +186,10 @@ impl DoorbellQueues {
                 continue;
             };
             let next = watched_rings.as_mut().and_then(Iterator::next);
-            stale |= !next.is_some_and(|(i, word)| {
-                *i == index && word.gpa() == look.avail_index && word.is_in(&mem)
+            stale |= !next.is_some_and(|(i, gpa, word)| {
+                *i == index
+                    && *gpa == look.avail_index
+                    && word.as_ref().is_none_or(|w| w.is_in(&mem))
             });
             if look.pending {
                 any |= self.drain(index, vring, polled) > 0;
@@ -218,11 +222,11 @@ impl DoorbellQueues {
             let Some(look) = look(vring, &mem) else {
                 continue;
             };
-            // A ring whose index is not in guest memory is not watched: its doorbells are
-            // seen at the step's end, and the driver's next access fails anyway.
-            if let Some(word) = WatchedWord::new(mem.clone(), look.avail_index) {
-                rings.push((index, word));
-            }
+            // A ring whose index is not in guest memory is kept unwatched (so that it is not
+            // looked up again at every take): its doorbells are seen at the step's end, and the
+            // driver's next access fails anyway.
+            let word = WatchedWord::new(mem.clone(), look.avail_index);
+            rings.push((index, look.avail_index, word));
         }
         self.avail_indexes
             .store(Some(Arc::new(AvailIndexes { rings })));
@@ -369,11 +373,25 @@ impl Doorbells for DoorbellQueues {
     }
 
     fn arrived(&self) -> bool {
-        self.avail_indexes.load().as_ref().is_some_and(|w| {
-            w.rings.iter().any(|(index, word)| {
-                word.load(Ordering::Acquire) != self.taken_up_to[*index].load(Ordering::Relaxed)
-            })
-        })
+        let watched = self.avail_indexes.load();
+        let Some(w) = watched.as_ref() else {
+            return false;
+        };
+        let mut news = false;
+        for (index, word) in w
+            .rings
+            .iter()
+            .filter_map(|(i, _, w)| Some((*i, w.as_ref()?)))
+        {
+            let now = word.load(Ordering::Acquire);
+            // Each value of the index is news once: the yes is what it costs (a step cut short
+            // for the `take` that follows), so a driver that keeps changing its index, with
+            // doorbells or not, cuts no more steps than it makes changes.
+            if self.taken_up_to[index].swap(now, Ordering::Relaxed) != now {
+                news = true;
+            }
+        }
+        news
     }
 
     fn take_kicked(&self) -> bool {
@@ -748,9 +766,9 @@ mod tests {
         assert_eq!(vm.vm.pop_ready(), Some(0x01_0003));
     }
 
-    /// `arrived` sees a doorbell the driver made available without taking it, and stops
-    /// seeing it once it is taken; an impossible index the driver writes is seen once, not
-    /// after every look; a stopped ring is no longer watched.
+    /// `arrived` sees a doorbell the driver made available without taking it, once; it does
+    /// not see it once it is taken; an impossible index the driver writes is seen once; a
+    /// stopped ring and a forgotten table are not watched.
     #[test]
     fn arrived_sees_new_doorbells_until_they_are_taken() {
         let (vm, ring, batch, vring, queues) = one_doorbell_queue(9);
@@ -761,8 +779,8 @@ mod tests {
         let chain = [RawDescriptor::from(SplitDescriptor::new(batch, 8, 0, 0))];
         mock.add_desc_chains(&chain, 0).unwrap();
         assert!(queues.arrived(), "a doorbell made available");
-        assert!(queues.arrived(), "looking takes nothing");
-        assert_eq!(vm.vm.pop_ready(), None, "nothing taken");
+        assert!(!queues.arrived(), "each value of the index is news once");
+        assert_eq!(vm.vm.pop_ready(), None, "looking takes nothing");
         let watched = queues.avail_indexes.load_full();
         assert!(queues.take());
         assert_eq!(vm.vm.pop_ready(), Some(0x01_0003));
@@ -803,6 +821,28 @@ mod tests {
         assert!(queues.take());
         mock.add_desc_chains(&chain, 4).unwrap();
         assert!(queues.arrived(), "watched again");
+    }
+
+    /// A running ring whose available index is not in guest memory is not watched, and is
+    /// not looked up again at every take (which would allocate on the hot path).
+    #[test]
+    fn a_ring_that_cannot_be_watched_is_not_looked_up_at_every_take() {
+        let (_vm, _ring, _batch, vring, queues) = one_doorbell_queue(10);
+        let (desc, used) = {
+            let state = vring.get_ref();
+            let queue = state.get_queue();
+            (queue.desc_table(), queue.used_ring())
+        };
+        vring.set_queue_info(desc, 1 << 40, used).unwrap();
+        assert!(!queues.take());
+        let watched = queues.avail_indexes.load_full().expect("looked up");
+        assert!(watched.rings[0].2.is_none(), "{watched:?}");
+        assert!(!queues.take());
+        assert!(!queues.arrived());
+        assert!(
+            Arc::ptr_eq(&watched, &queues.avail_indexes.load_full().unwrap()),
+            "not looked up again"
+        );
     }
 
     /// An SRQ doorbell is counted and asks nothing: its handle, an SRQ number, is never taken

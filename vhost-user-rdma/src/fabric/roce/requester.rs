@@ -1196,6 +1196,63 @@ mod tests {
         assert!(ep.caught_up(Instant::now()), "idle, socket empty");
     }
 
+    /// A step given a cut asks it between packets and ends when it says stop: a WRITE of
+    /// several packets goes out one packet a step, where without a cut one step sends them
+    /// all (the window allowing).
+    #[test]
+    fn a_cut_ends_a_step_between_packets() {
+        let packets_per_step = |cut_every: Option<u32>| {
+            let mut a = TestVm::new(1, 1);
+            let pd = a.pd();
+            let qp = a.qp(pd, qp::Type::Rc, 16, 16);
+            let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
+            a.connect(qp.qpn, Gid::from_ipv4([127, 0, 0, 1]), 0x11, (7, 7, 1));
+            let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+            let ep = Arc::new(Endpoint::new(
+                socket.local_addr().unwrap(),
+                socket,
+                true,
+                peer.local_addr().unwrap().port(),
+            ));
+            let mr = a.mr(pd, 16 << 10, vrdma_proto::mr::Access::LOCAL_WRITE);
+            let mut header = send_header(Opcode::RdmaWrite, 7, SendFlags::SIGNALED);
+            header.remote_addr = 0x1000.into();
+            header.rkey = 0x100.into();
+            let sges = [vrdma_proto::wqe::Sge::new(mr.addr, 16 << 10, mr.lkey)];
+            a.post_send(&qp, header, Data::Sges(&sges));
+            let mem = a.mem();
+            let mut bufs = TxBuffers::default();
+            let stop = || true;
+            let mut sent = Vec::new();
+            for _ in 0..64 {
+                let cut = cut_every.map(|every| CopyCut { every, stop: &stop });
+                let mut objects = a.vm.lock();
+                step_rc(
+                    &ep,
+                    &mut bufs,
+                    &a.vm,
+                    &mut objects,
+                    &mem,
+                    qp.qpn,
+                    1 << 20,
+                    cut,
+                );
+                drop(objects);
+                bufs.batch.flush();
+                match ep.counters.tx.swap(0, Ordering::Relaxed) {
+                    0 => break,
+                    n => sent.push(n),
+                }
+            }
+            sent
+        };
+        let whole = packets_per_step(None);
+        assert_eq!(whole.len(), 1, "one step sends the message: {whole:?}");
+        assert!(whole[0] > 1, "a message of several packets: {whole:?}");
+        let cut = packets_per_step(Some(1));
+        assert_eq!(cut, vec![1; whole[0] as usize], "a packet a step");
+    }
+
     /// The ACK timer of a QP with no retries left expires while an answer from the peer waits
     /// unread in its address's socket (the host has not run the receive thread yet): the QP
     /// neither fails nor resends until the receive thread has read it; then the timer counts.

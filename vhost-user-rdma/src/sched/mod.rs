@@ -363,6 +363,21 @@ struct Entry {
     muted: bool,
 }
 
+impl Entry {
+    /// Whether it has work queued in a class above `class` that can move (its last step there
+    /// was not stalled), whatever its rate limit says.
+    fn movable_above(&self, class: PriorityClass) -> bool {
+        PriorityClass::ALL[..class.index()]
+            .iter()
+            .any(|above| !self.stalled[above.index()] && self.vm.has_work_in(*above))
+    }
+
+    /// Whether its rate limit holds it back now.
+    fn held_by_limit(&self) -> bool {
+        self.buckets.limited() && self.buckets.wait().is_some()
+    }
+}
+
 /// The QPs of VM `vm` connected to a VM that went away, to fail once `vm`'s objects can be
 /// taken.
 #[derive(Debug, Clone, Copy)]
@@ -1310,10 +1325,7 @@ impl Turns {
             if e.polled {
                 e.doorbells.take();
             }
-            let movable =
-                |above: &PriorityClass| !e.stalled[above.index()] && e.vm.has_work_in(*above);
-            PriorityClass::ALL[..class.index()].iter().any(movable)
-                && !(e.buckets.limited() && e.buckets.wait().is_some())
+            e.movable_above(class) && !e.held_by_limit()
         })
     }
 
@@ -1436,12 +1448,10 @@ impl Turns {
 /// looked for; it waits for the step's end.
 fn higher_class_arrived(entries: &[Entry], class: PriorityClass) -> bool {
     entries.iter().any(|e| {
-        if e.class >= class || e.paused || (e.buckets.limited() && e.buckets.wait().is_some()) {
+        if e.class >= class || e.paused || e.held_by_limit() {
             return false;
         }
-        let movable = |above: &PriorityClass| !e.stalled[above.index()] && e.vm.has_work_in(*above);
-        (e.polled && e.doorbells.arrived())
-            || PriorityClass::ALL[..class.index()].iter().any(movable)
+        (e.polled && e.doorbells.arrived()) || e.movable_above(class)
     })
 }
 

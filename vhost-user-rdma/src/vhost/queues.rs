@@ -200,7 +200,7 @@ impl DoorbellQueues {
         stale |= watched_rings.is_some_and(|mut rest| rest.next().is_some());
         drop(watched);
         if stale {
-            self.watch_avail_indexes();
+            self.watch_avail_indexes(mem);
         }
         any
     }
@@ -212,11 +212,11 @@ impl DoorbellQueues {
         self.avail_indexes.store(None);
     }
 
-    /// Finds the available index of each running queue in the current memory table, for
-    /// [`Doorbells::arrived`]. Off the hot path: when queues start, stop or move, or the table
-    /// changes.
-    fn watch_avail_indexes(&self) {
-        let mem = self.vm.mem.memory().into_inner();
+    /// Finds the available index of each running queue in memory table `mem` (the one the
+    /// caller compared the watched words with), for [`Doorbells::arrived`]. Off the hot path:
+    /// when queues start, stop or move, or the table changes.
+    fn watch_avail_indexes(&self, mem: vm_memory::GuestMemoryLoadGuard<GuestMem>) {
+        let mem = mem.into_inner();
         let mut rings = Vec::new();
         for (index, vring) in self.known() {
             let Some(look) = look(vring, &mem) else {

@@ -1086,9 +1086,12 @@ impl Turns {
             let paying_off = guaranteed == Some(class) && class > highest;
             let owed = self.owed[class.index()];
             // Strict priority: a class waits while one above it still has work (it has had
-            // its pass in this round; the next round comes at once if it moved anything).
-            // Where its pass stopped is kept for when it gets one.
+            // its pass in this round). Where its pass stopped is kept for when it gets one.
+            // The next round is due at once even if nothing moved in this one: the check may
+            // have just taken that work from a polled VM's doorbells, and a round that said
+            // "nothing moved" would let the loop stop polling and sleep with it waiting.
             if preemptible && self.higher_class_waiting(class) {
+                preempted = true;
                 break 'round;
             }
             // A class's pass cut short (a higher class's work, or a full fabric) goes on where
@@ -2086,6 +2089,74 @@ mod tests {
         doorbells.ringing.store(false, Ordering::Relaxed);
         assert!(!t.expire_polling(), "nothing came meanwhile");
         assert!(!polled(&t), "out of work: kicks again");
+    }
+
+    /// Doorbell queues of a polled VM whose next look finds a doorbell for QP `qpn` (once
+    /// armed), as a driver that posts while the scheduler is busy and does not kick.
+    struct ArrivingDoorbells {
+        vm: Arc<Vm>,
+        qpn: u32,
+        armed: std::sync::atomic::AtomicBool,
+    }
+
+    impl Doorbells for ArrivingDoorbells {
+        fn take(&self) -> bool {
+            let rung = self.armed.swap(false, Ordering::Relaxed);
+            if rung {
+                self.vm.enqueue(self.qpn);
+            }
+            rung
+        }
+
+        fn set_kicks(&self, _on: bool) -> bool {
+            false
+        }
+    }
+
+    /// A polled latency VM's doorbell found by the check at the start of the bulk class's
+    /// pass, in a round that had moved nothing yet, makes the next round due at once: the
+    /// message is on the VM's ready list, its driver kicks for nothing while polled, and a
+    /// round that said "nothing moved" let the loop stop polling and sleep up to 100 ms with
+    /// it (and the bulk VM's work) waiting.
+    #[test]
+    fn a_doorbell_found_before_a_lower_class_pass_makes_the_next_round_due() {
+        let mock = MockFabric::default();
+        let (mut t, _tx) = turns(Box::new(mock.clone()));
+        let (mut b, mut l) = (TestVm::new(1, 4), TestVm::new(2, 1));
+        b.vm.share.set_class(PriorityClass::Bulk);
+        l.vm.share.set_class(PriorityClass::Latency);
+        let qb = rts_qp(&mut b, l.gid(), 1);
+        let ql = rts_qp(&mut l, b.gid(), 1);
+        let doorbells = Arc::new(ArrivingDoorbells {
+            vm: l.vm.clone(),
+            qpn: ql.qpn,
+            armed: false.into(),
+        });
+        attach(&mut t, &b);
+        t.control(Control::Attach(l.vm.clone(), doorbells.clone()));
+        while b.vm.pop_ready().is_some() || l.vm.pop_ready().is_some() {}
+        let li = t.position(l.vm.id).unwrap();
+        t.set_polling(li, true);
+        let bulk = Plan::Bulk {
+            message: 1 << 20,
+            done: 0,
+        };
+        mock.state().plans.insert((b.vm.id, qb.qpn), bulk);
+        mock.state()
+            .plans
+            .insert((l.vm.id, ql.qpn), Plan::Messages { left: 1, size: 64 });
+        b.vm.enqueue(qb.qpn);
+        doorbells.armed.store(true, Ordering::Relaxed);
+        assert!(t.round(), "the message waits: the next round is due now");
+        assert!(mock.state().steps.is_empty(), "strict priority: b waited");
+        assert!(t.round());
+        let steps: Vec<u64> = mock.state().steps.iter().map(|s| s.vm).collect();
+        assert_eq!(
+            steps.first(),
+            Some(&l.vm.id),
+            "the message first: {steps:?}"
+        );
+        assert_eq!(bytes(&l), 64);
     }
 
     /// 64 kicks in a row that bring nothing mute a VM's kicks; one that brings a doorbell

@@ -9,12 +9,22 @@ pub trait Doorbells: Send + Sync {
     fn take(&self) -> bool;
 
     /// Whether the driver may have made doorbells available since they were last taken or
-    /// looked at: a load per queue, no lock, nothing taken. Asked between the pieces of a lower
-    /// class's copy, so it must be far cheaper than [`Doorbells::take`]. It may be wrong for a
-    /// moment after a queue starts or moves, or the memory table changes (until the next
-    /// `take`): a wrong yes costs a step cut short, a wrong no a wait for the step's end.
+    /// looked at: a load per queue, no lock, nothing taken; it stays yes until the next
+    /// `take`. Asked between the pieces of a lower class's copy, so it must be far cheaper than
+    /// [`Doorbells::take`]. It may be wrong for a moment after a queue starts or moves, or the
+    /// memory table changes (until the next `take`): a wrong yes costs a step cut short, a
+    /// wrong no a wait for the step's end.
     fn arrived(&self) -> bool {
         false
+    }
+
+    /// Whether a [`Doorbells::take`] could find anything: [`Doorbells::arrived`], or the
+    /// queues are not all watched (so only a take can tell). The scheduler asks it before
+    /// taking a polled VM's doorbells on its busy passes and between a lower class's steps,
+    /// where a take finds nothing nearly every time and costs a lock and address
+    /// translations per queue.
+    fn worth_taking(&self) -> bool {
+        true
     }
 
     /// The same after a kick: the doorbells count as kicked, not polled.

@@ -753,13 +753,18 @@ impl Turns {
     /// whether any came. Below the highest class present, a VM's queues are looked at only
     /// every [`LOWER_CLASS_POLL_EVERY`] passes: looking costs the scheduler a fraction of a
     /// microsecond per VM, which a busy latency class would otherwise pay for every bulk VM
-    /// on every pass, and a lower class's new work waits for the higher one's anyway.
+    /// on every pass, and a lower class's new work waits for the higher one's anyway. On the
+    /// other passes, the highest class's queues are taken only if their watched available
+    /// indices moved ([`Doorbells::worth_taking`]), a load per queue.
     fn poll_doorbells(&mut self) -> bool {
         self.poll_passes = self.poll_passes.wrapping_add(1);
         let everyone = self.poll_passes % LOWER_CLASS_POLL_EVERY == 0;
         let mut any = false;
         for e in self.entries.iter().filter(|e| e.polled) {
-            if everyone || e.class == self.highest {
+            // Every few passes each polled VM's queues are taken whatever their watched
+            // indices say, so a watch gone stale (a ring moved without the device being told)
+            // costs a few passes, not the VM's traffic.
+            if everyone || (e.class == self.highest && e.doorbells.worth_taking()) {
                 any |= e.doorbells.take();
             }
         }
@@ -1325,7 +1330,7 @@ impl Turns {
             if e.class >= class || e.paused {
                 return false;
             }
-            if e.polled {
+            if e.polled && e.doorbells.worth_taking() {
                 e.doorbells.take();
             }
             e.movable_above(class) && !e.held_by_limit()
@@ -2111,6 +2116,55 @@ mod tests {
         fn set_kicks(&self, _on: bool) -> bool {
             false
         }
+    }
+
+    /// Doorbell queues that count the takes, and whose watched indices say whether a take is
+    /// worth it as the test sets.
+    #[derive(Default)]
+    struct CountedDoorbells {
+        worth: std::sync::atomic::AtomicBool,
+        takes: std::sync::atomic::AtomicU32,
+    }
+
+    impl Doorbells for CountedDoorbells {
+        fn take(&self) -> bool {
+            self.takes.fetch_add(1, Ordering::Relaxed);
+            false
+        }
+
+        fn worth_taking(&self) -> bool {
+            self.worth.load(Ordering::Relaxed)
+        }
+
+        fn set_kicks(&self, _on: bool) -> bool {
+            false
+        }
+    }
+
+    /// A polled VM's queues are taken on a pass only when their watched indices moved
+    /// (`worth_taking`): a take costs a lock and address translations per queue, and the
+    /// scheduler polls on every pass. Every `LOWER_CLASS_POLL_EVERY` passes they are taken
+    /// regardless, so a watch gone stale costs a few passes, not the VM's traffic.
+    #[test]
+    fn a_polled_vm_is_taken_when_its_indices_moved_and_every_few_passes() {
+        let (mut t, _tx) = turns(Box::new(MockFabric::default()));
+        let a = TestVm::new(1, 1);
+        let doorbells = Arc::new(CountedDoorbells::default());
+        t.control(Control::Attach(a.vm.clone(), doorbells.clone()));
+        t.set_polling(0, true);
+        // Attaching took what had come before.
+        let attached = doorbells.takes.load(Ordering::Relaxed);
+        let takes = || doorbells.takes.load(Ordering::Relaxed) - attached;
+        let passes = LOWER_CLASS_POLL_EVERY * 4;
+        for _ in 0..passes {
+            t.poll_doorbells();
+        }
+        assert_eq!(takes(), 4, "only every {LOWER_CLASS_POLL_EVERY} passes");
+        doorbells.worth.store(true, Ordering::Relaxed);
+        for _ in 0..passes {
+            t.poll_doorbells();
+        }
+        assert_eq!(takes(), 4 + passes, "every pass while the indices moved");
     }
 
     /// A polled latency VM's doorbell found by the check at the start of the bulk class's

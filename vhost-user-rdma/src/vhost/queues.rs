@@ -43,8 +43,7 @@ pub struct DoorbellQueues {
     muted: AtomicBool,
     /// The available index of each running queue, as of the last `take` ([`AvailIndexes`]).
     avail_indexes: ArcSwapOption<AvailIndexes>,
-    /// Per queue, the driver's available index as of the daemon's last look (its next
-    /// available entry, unless the driver wrote an impossible index): what
+    /// Per queue, the driver's available index as of the daemon's last look or take: what
     /// [`Doorbells::arrived`] compares the index with.
     taken_up_to: Box<[AtomicU16]>,
 }
@@ -193,9 +192,11 @@ impl DoorbellQueues {
             });
             if look.pending {
                 any |= self.drain(index, vring, polled) > 0;
-            } else {
-                self.taken_up_to[index].store(look.quiet_at, Ordering::Relaxed);
             }
+            // The index as this look saw it, whatever the drain did: a driver whose chains
+            // cannot all be taken (the drain stops at one it cannot read) is then not news
+            // again until its index changes, so it cuts no more steps than it makes changes.
+            self.taken_up_to[index].store(look.quiet_at, Ordering::Relaxed);
         }
         stale |= watched_rings.is_some_and(|mut rest| rest.next().is_some());
         drop(watched);
@@ -203,6 +204,17 @@ impl DoorbellQueues {
             self.watch_avail_indexes(mem);
         }
         any
+    }
+
+    /// Whether the watched indices, if any, have queue `index` at its ring's place (no watch
+    /// at all counts: the next take makes one). A load and a scan of a few entries, no lock.
+    fn watches(&self, index: usize, queue: &virtio_queue::Queue) -> bool {
+        let avail_index = avail_index_address(queue);
+        self.avail_indexes.load().as_ref().is_none_or(|w| {
+            w.rings
+                .iter()
+                .any(|(i, gpa, _)| *i == index && *gpa == avail_index)
+        })
     }
 
     /// Stops watching the queues' available indices until the next `take` finds them again:
@@ -269,6 +281,12 @@ impl DoorbellQueues {
                 } else {
                     let _ = queue.enable_notification(&*mem);
                 }
+            }
+            // A ring that started (or moved) since the indices were watched: the scheduler
+            // takes a polled VM's doorbells only when `worth_taking` says so, which asks the
+            // watched words alone, so they are looked up again at its next take.
+            if runs(&state) && !self.watches(usize::from(index), state.get_queue()) {
+                self.forget_avail_indexes();
             }
         }
         self.drain(usize::from(index), vring, false);
@@ -377,21 +395,29 @@ impl Doorbells for DoorbellQueues {
         let Some(w) = watched.as_ref() else {
             return false;
         };
-        let mut news = false;
-        for (index, word) in w
-            .rings
-            .iter()
-            .filter_map(|(i, _, w)| Some((*i, w.as_ref()?)))
-        {
-            let now = word.load(Ordering::Acquire);
-            // Each value of the index is news once: the yes is what it costs (a step cut short
-            // for the `take` that follows), so a driver that keeps changing its index, with
-            // doorbells or not, cuts no more steps than it makes changes.
-            if self.taken_up_to[index].swap(now, Ordering::Relaxed) != now {
-                news = true;
+        // News until the next take looks (the scheduler takes after every yes: a step cut
+        // short asks `worth_taking`), so a driver that keeps changing its index, with
+        // doorbells or not, cuts no more steps than it makes changes.
+        w.rings.iter().any(|(index, _, word)| {
+            word.as_ref().is_some_and(|word| {
+                word.load(Ordering::Acquire) != self.taken_up_to[*index].load(Ordering::Relaxed)
+            })
+        })
+    }
+
+    fn worth_taking(&self) -> bool {
+        let watched = self.avail_indexes.load();
+        let Some(w) = watched.as_ref() else {
+            // Nothing watched yet (or any more): only a take finds out, and watches again.
+            return true;
+        };
+        w.rings.iter().any(|(index, _, word)| match word {
+            Some(word) => {
+                word.load(Ordering::Acquire) != self.taken_up_to[*index].load(Ordering::Relaxed)
             }
-        }
-        news
+            // A ring that cannot be watched is looked at by taking, as before watching.
+            None => true,
+        })
     }
 
     fn take_kicked(&self) -> bool {
@@ -520,9 +546,14 @@ fn look(vring: &Vring, mem: &GuestMem) -> Option<Look> {
     Some(Look {
         pending,
         quiet_at,
-        // The available ring's flags come first, then its index (virtio 1.x, 2.7.6).
-        avail_index: queue.avail_ring().wrapping_add(2),
+        avail_index: avail_index_address(queue),
     })
+}
+
+/// Where `queue`'s available index is (guest-physical): the available ring's flags come
+/// first, then its index (virtio 1.x, 2.7.6).
+fn avail_index_address(queue: &virtio_queue::Queue) -> u64 {
+    queue.avail_ring().wrapping_add(2)
 }
 
 /// Whether the used ring at `used` tells the driver not to kick (`VRING_USED_F_NO_NOTIFY`),
@@ -766,25 +797,33 @@ mod tests {
         assert_eq!(vm.vm.pop_ready(), Some(0x01_0003));
     }
 
-    /// `arrived` sees a doorbell the driver made available without taking it, once; it does
-    /// not see it once it is taken; an impossible index the driver writes is seen once; a
-    /// stopped ring and a forgotten table are not watched.
+    /// `arrived` (and `worth_taking`) see a doorbell the driver made available without taking
+    /// it, until it is taken; an impossible index the driver writes is seen until the next
+    /// look; a stopped ring and a forgotten table are not watched (and a forgotten table is
+    /// worth a take, which watches again).
     #[test]
     fn arrived_sees_new_doorbells_until_they_are_taken() {
         let (vm, ring, batch, vring, queues) = one_doorbell_queue(9);
+        assert!(
+            queues.worth_taking(),
+            "nothing watched yet: only a take can tell"
+        );
         assert!(!queues.take(), "nothing rung yet");
         assert!(!queues.arrived());
+        assert!(!queues.worth_taking(), "watched, and nothing new");
         let mem = vm.mem();
         let mock = MockSplitQueue::create(&*mem, GuestAddress(ring), 16);
         let chain = [RawDescriptor::from(SplitDescriptor::new(batch, 8, 0, 0))];
         mock.add_desc_chains(&chain, 0).unwrap();
         assert!(queues.arrived(), "a doorbell made available");
-        assert!(!queues.arrived(), "each value of the index is news once");
+        assert!(queues.arrived(), "still there until taken");
+        assert!(queues.worth_taking());
         assert_eq!(vm.vm.pop_ready(), None, "looking takes nothing");
         let watched = queues.avail_indexes.load_full();
         assert!(queues.take());
         assert_eq!(vm.vm.pop_ready(), Some(0x01_0003));
         assert!(!queues.arrived(), "taken");
+        assert!(!queues.worth_taking(), "taken");
         assert!(
             Arc::ptr_eq(
                 &watched.unwrap(),
@@ -804,6 +843,7 @@ mod tests {
         assert!(queues.arrived(), "the index changed");
         assert!(!queues.take(), "an impossible index brings nothing");
         assert!(!queues.arrived(), "and is not seen again");
+        assert!(!queues.worth_taking());
         mock.avail().idx().store(idx);
         assert!(!queues.take());
         // A stopped ring is not watched.
@@ -818,9 +858,55 @@ mod tests {
         queues.forget_avail_indexes();
         mock.add_desc_chains(&chain, 3).unwrap();
         assert!(!queues.arrived(), "not watched until looked up again");
+        assert!(queues.worth_taking(), "but worth a take");
         assert!(queues.take());
         mock.add_desc_chains(&chain, 4).unwrap();
         assert!(queues.arrived(), "watched again");
+    }
+
+    /// A ring that starts after the indices were watched, or moves, has them looked up again
+    /// at the next take: the scheduler takes a polled VM's doorbells only when `worth_taking`
+    /// says so, and would otherwise never see that ring's.
+    #[test]
+    fn a_ring_that_starts_or_moves_is_watched_from_the_next_take() {
+        let (mut vm, _ring, batch, vring, queues) = one_doorbell_queue(11);
+        assert!(!queues.take());
+        assert!(!queues.worth_taking());
+        let second = vm.alloc(16 << 10);
+        let second_vring = vring_at(&vm, second, 16);
+        queues.kicked(1, &second_vring);
+        assert!(queues.worth_taking(), "the second ring is not watched yet");
+        assert!(!queues.take(), "nothing on it: the take watches it");
+        let mem = vm.mem();
+        let mock = MockSplitQueue::create(&*mem, GuestAddress(second), 16);
+        let chain = [RawDescriptor::from(SplitDescriptor::new(batch, 8, 0, 0))];
+        mock.add_desc_chains(&chain, 0).unwrap();
+        assert!(queues.worth_taking() && queues.arrived(), "watched");
+        assert!(queues.take());
+        assert_eq!(vm.vm.pop_ready(), Some(0x01_0003));
+        assert!(!queues.worth_taking());
+        // The first ring moves (its VMM gave it new addresses) and starts again there.
+        let moved = vm.alloc(16 << 10);
+        let at = MockSplitQueue::create(&*mem, GuestAddress(moved), 16);
+        vring
+            .set_queue_info(at.desc_table_addr().0, at.avail_addr().0, at.used_addr().0)
+            .unwrap();
+        queues.kicked(0, &vring);
+        assert!(
+            queues.worth_taking(),
+            "the moved ring is not watched where it is"
+        );
+        assert!(!queues.take());
+        at.add_desc_chains(&chain, 0).unwrap();
+        assert!(queues.arrived(), "watched where it is now");
+        assert!(queues.take());
+        // A kick of a ring where it was watched keeps the watch.
+        let watched = queues.avail_indexes.load_full().unwrap();
+        queues.kicked(0, &vring);
+        assert!(Arc::ptr_eq(
+            &watched,
+            &queues.avail_indexes.load_full().unwrap()
+        ));
     }
 
     /// A running ring whose available index is not in guest memory is not watched, and is

@@ -4,13 +4,12 @@
 /// A VM's doorbell queues, as the scheduler polls them.
 pub trait Doorbells: Send + Sync {
     /// Takes the doorbells the driver has made available, putting their QPs on the VM's ready
-    /// list. Returns whether there were any. Cheap when there are none: an idle poll costs a
-    /// couple of loads per queue.
+    /// list. Returns whether there were any. An idle take costs each queue's lock and a
+    /// translated load or two.
     fn take(&self) -> bool;
 
-    /// Whether the driver may have made doorbells available since they were last taken or
-    /// looked at: a load per queue, no lock, nothing taken; it stays yes until the next
-    /// `take`. Asked between the pieces of a lower class's copy, so it must be far cheaper than
+    /// Whether the driver may have made doorbells available since the last take looked: a load
+    /// per queue, no lock, nothing taken; it stays yes until the next `take`. Asked between the pieces of a lower class's copy, so it must be far cheaper than
     /// [`Doorbells::take`]. It may be wrong for a moment after a queue starts or moves, or the
     /// memory table changes (until the next `take`): a wrong yes costs a step cut short, a
     /// wrong no a wait for the step's end.
@@ -21,8 +20,7 @@ pub trait Doorbells: Send + Sync {
     /// Whether a [`Doorbells::take`] could find anything: [`Doorbells::arrived`], or the
     /// queues are not all watched (so only a take can tell). The scheduler asks it before
     /// taking a polled VM's doorbells on its busy passes and between a lower class's steps,
-    /// where a take finds nothing nearly every time and costs a lock and address
-    /// translations per queue.
+    /// where a take finds nothing nearly every time.
     fn worth_taking(&self) -> bool {
         true
     }

@@ -403,6 +403,10 @@ struct Turns {
     /// The fabric filled up during the last round (`Step::Full`): it unparks the scheduler
     /// when it has room again.
     fabric_full: bool,
+    /// Doorbells were taken in the middle of this round (between steps, or a kick looked for
+    /// while busy): their work may be on a list this round has passed, so the next round is
+    /// due at once; said "nothing moved", the loop would stop polling and sleep with it.
+    taken_in_round: bool,
     /// The VMs' indices in the order of the current round, each with the class of the pass
     /// that serves it: a VM comes once in its class's pass and once in each pass below, for
     /// its QPs there (capacity for every VM in every class).
@@ -460,6 +464,7 @@ impl Turns {
             retry_soon: false,
             resume: [None; CLASSES],
             fabric_full: false,
+            taken_in_round: false,
             order: Vec::new(),
             owed: [0; CLASSES],
             guaranteed: None,
@@ -518,7 +523,8 @@ impl Turns {
                 self.look_at_muted();
             }
             // While kicks are off, doorbells are only seen here: look on every pass, busy or
-            // not, so a VM never waits behind a neighbour's backlog for more than a chunk.
+            // not, so a VM never waits behind a neighbour's backlog for more than a chunk (a
+            // load per queue while the watched indices say nothing came).
             let polled = self.polled > 0 && self.poll_doorbells();
             if self.round() {
                 self.stats.busy_rounds.fetch_add(1, Ordering::Relaxed);
@@ -645,8 +651,11 @@ impl Turns {
             if let Some(i) = self.position(vm_id) {
                 let found = self.entries[i].doorbells.take_kicked();
                 self.count_kick(i, found);
-                if busy && found && !self.entries[i].polled {
-                    self.set_polling(i, true);
+                if busy && found {
+                    self.taken_in_round = true;
+                    if !self.entries[i].polled {
+                        self.set_polling(i, true);
+                    }
                 }
             }
         }
@@ -1071,6 +1080,7 @@ impl Turns {
         self.rate_wake = None;
         self.retry_soon = false;
         self.fabric_full = false;
+        self.taken_in_round = false;
         let guaranteed = self.order_by_class();
         self.guaranteed = guaranteed;
         let highest = self.highest;
@@ -1264,7 +1274,7 @@ impl Turns {
             pos = end;
         }
         self.settle_shares(&cost_by_class);
-        any || owing || preempted
+        any || owing || preempted || self.taken_in_round
     }
 
     /// Puts the VMs' indices in `order`, class by class, highest first; a class owed its
@@ -1319,22 +1329,26 @@ impl Turns {
     }
 
     /// Whether a VM of a class above `class` has work it may do now: its doorbells, if they
-    /// are polled, are taken first, so that a latency VM's message cuts a bulk VM's turn short
-    /// even while kicks are off; and kicks are looked at if it is time, so that a kick cuts it
-    /// short too (nothing else takes a kick while the loop is busy).
+    /// are polled and their watched indices moved, are taken first, so that a latency VM's
+    /// message cuts a bulk VM's turn short even while kicks are off; and kicks are looked at
+    /// if it is time, so that a kick cuts it short too (nothing else takes a kick while the
+    /// loop is busy). Whatever it takes makes the round's next one due (`taken_in_round`).
     fn higher_class_waiting(&mut self, class: PriorityClass) -> bool {
         if self.kicks_seen_at.elapsed() >= KICK_LOOK {
             self.look_for_kicks();
         }
-        self.entries.iter().any(|e| {
+        let mut taken = false;
+        let waiting = self.entries.iter().any(|e| {
             if e.class >= class || e.paused {
                 return false;
             }
             if e.polled && e.doorbells.worth_taking() {
-                e.doorbells.take();
+                taken |= e.doorbells.take();
             }
             e.movable_above(class) && !e.held_by_limit()
-        })
+        });
+        self.taken_in_round |= taken;
+        waiting
     }
 
     /// Updates what each class below the first is owed of its minimum share after a round in
@@ -2116,6 +2130,54 @@ mod tests {
         fn set_kicks(&self, _on: bool) -> bool {
             false
         }
+    }
+
+    /// A doorbell taken between steps for work this round has passed (a latency VM's QP that
+    /// its service level puts in bulk, taken at the start of the bulk pass, where that VM had
+    /// no turn) makes the next round due, though nothing moved: said "nothing moved", the
+    /// loop would stop polling and sleep with it on the list.
+    #[test]
+    fn a_doorbell_taken_for_a_passed_list_makes_the_next_round_due() {
+        use PriorityClass::{Bulk, Latency};
+        let mock = MockFabric::default();
+        let (mut t, _tx) = turns(Box::new(mock.clone()));
+        let (mut b, mut l) = (TestVm::new(1, 1), TestVm::new(2, 1));
+        b.vm.share.set_class(Bulk);
+        l.vm.share.set_class(Latency);
+        let mut sls = SlClasses::default();
+        sls.0[1] = Some(Bulk);
+        l.vm.share.set_sl_classes(&sls);
+        let qb = qp_on_sl(&mut b, l.gid(), 0);
+        let in_bulk = qp_on_sl(&mut l, b.gid(), 1);
+        let doorbells = Arc::new(ArrivingDoorbells {
+            vm: l.vm.clone(),
+            qpn: in_bulk.qpn,
+            armed: false.into(),
+        });
+        attach(&mut t, &b);
+        t.control(Control::Attach(l.vm.clone(), doorbells.clone()));
+        while b.vm.pop_ready().is_some() || l.vm.pop_ready().is_some() {}
+        let li = t.position(l.vm.id).unwrap();
+        t.set_polling(li, true);
+        // The scheduler finds l's QP in bulk (a first round moves it there from l's own
+        // class, a second carries its message), so its next doorbells go to bulk's list.
+        let message = Plan::Messages { left: 1, size: 64 };
+        mock.state().plans.insert((l.vm.id, in_bulk.qpn), message);
+        l.vm.enqueue(in_bulk.qpn);
+        for _ in 0..3 {
+            t.round();
+        }
+        assert_eq!(bytes(&l), 64);
+        // The bulk VM's QP cannot move (its peer is busy): a round moves nothing.
+        mock.state().plans.insert((b.vm.id, qb.qpn), Plan::Blocked);
+        b.vm.enqueue(qb.qpn);
+        assert!(!t.round(), "nothing moved, nothing came");
+        mock.state().plans.insert((l.vm.id, in_bulk.qpn), message);
+        doorbells.armed.store(true, Ordering::Relaxed);
+        assert!(t.round(), "taken between steps: the next round is due now");
+        assert_eq!(bytes(&l), 64, "its list was passed in that round");
+        t.round();
+        assert_eq!(bytes(&l), 128, "carried in the next");
     }
 
     /// Doorbell queues that count the takes, and whose watched indices say whether a take is

@@ -4,7 +4,7 @@
 
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use arc_swap::ArcSwapOption;
@@ -43,8 +43,13 @@ pub struct DoorbellQueues {
     muted: AtomicBool,
     /// The available index of each running queue, as of the last `take` ([`AvailIndexes`]).
     avail_indexes: ArcSwapOption<AvailIndexes>,
-    /// Per queue, the driver's available index as of the daemon's last look or take: what
-    /// [`Doorbells::arrived`] compares the index with.
+    /// Counts the forgets of `avail_indexes`, so that a take that built a watch while a queue
+    /// started or the table changed does not keep it.
+    watch_generation: AtomicU64,
+    /// Per queue, where the daemon's last look or take left the driver's available index: the
+    /// next entry it takes, or the index itself if nothing more can be taken up to it (an
+    /// impossible index, an entry that cannot be read). What [`Doorbells::arrived`] compares
+    /// the index with.
     taken_up_to: Box<[AtomicU16]>,
 }
 
@@ -83,6 +88,7 @@ impl DoorbellQueues {
                 .collect(),
             muted: AtomicBool::new(false),
             avail_indexes: ArcSwapOption::empty(),
+            watch_generation: AtomicU64::new(0),
             taken_up_to: (0..queue::MAX_DOORBELL_QUEUES)
                 .map(|_| AtomicU16::new(0))
                 .collect(),
@@ -175,6 +181,9 @@ impl DoorbellQueues {
     /// brings nothing). Refreshes the watched available indices if the running queues or the
     /// memory table changed.
     fn take_all(&self, polled: bool) -> bool {
+        // Read first: a queue that starts, or a table that changes, while this take looks
+        // makes the watch it builds stale before it is stored.
+        let generation = self.watch_generation.load(Ordering::Acquire);
         let mem = self.vm.mem.memory();
         let watched = self.avail_indexes.load();
         let mut watched_rings = watched.as_ref().map(|w| w.rings.iter());
@@ -190,27 +199,36 @@ impl DoorbellQueues {
                     && *gpa == look.avail_index
                     && word.as_ref().is_none_or(|w| w.is_in(&mem))
             });
+            let seen = &self.taken_up_to[index];
             if look.pending {
+                // The drain records where it stopped. If that is short of the index this look
+                // saw (a ring entry it could not read), the index is recorded instead: it is
+                // then not news again until it changes, so a driver cuts no more steps than it
+                // makes changes. Past it (the driver posted meanwhile) is left as is, or the
+                // next question would cut a step for doorbells already taken.
                 any |= self.drain(index, vring, polled) > 0;
+                let short = look.quiet_at.wrapping_sub(seen.load(Ordering::Relaxed));
+                if short != 0 && short <= u16::MAX / 2 {
+                    seen.store(look.quiet_at, Ordering::Relaxed);
+                }
+            } else {
+                seen.store(look.quiet_at, Ordering::Relaxed);
             }
-            // The index as this look saw it, whatever the drain did: a driver whose chains
-            // cannot all be taken (the drain stops at one it cannot read) is then not news
-            // again until its index changes, so it cuts no more steps than it makes changes.
-            self.taken_up_to[index].store(look.quiet_at, Ordering::Relaxed);
         }
         stale |= watched_rings.is_some_and(|mut rest| rest.next().is_some());
         drop(watched);
         if stale {
-            self.watch_avail_indexes(mem);
+            self.watch_avail_indexes(mem, generation);
         }
         any
     }
 
-    /// Whether the watched indices, if any, have queue `index` at its ring's place (no watch
-    /// at all counts: the next take makes one). A load and a scan of a few entries, no lock.
+    /// Whether the watched indices have queue `index` at its ring's place. No watch at all
+    /// does not count: a take may be building one without this queue. A load and a scan of a
+    /// few entries, no lock.
     fn watches(&self, index: usize, queue: &virtio_queue::Queue) -> bool {
         let avail_index = avail_index_address(queue);
-        self.avail_indexes.load().as_ref().is_none_or(|w| {
+        self.avail_indexes.load().as_ref().is_some_and(|w| {
             w.rings
                 .iter()
                 .any(|(i, gpa, _)| *i == index && *gpa == avail_index)
@@ -221,13 +239,16 @@ impl DoorbellQueues {
     /// the memory table changed or a ring stopped. Lets go of the table the watched words are
     /// in, so a replaced table is not kept mapped for them.
     pub fn forget_avail_indexes(&self) {
+        self.watch_generation.fetch_add(1, Ordering::AcqRel);
         self.avail_indexes.store(None);
     }
 
     /// Finds the available index of each running queue in memory table `mem` (the one the
     /// caller compared the watched words with), for [`Doorbells::arrived`]. Off the hot path:
-    /// when queues start, stop or move, or the table changes.
-    fn watch_avail_indexes(&self, mem: vm_memory::GuestMemoryLoadGuard<GuestMem>) {
+    /// when queues start, stop or move, or the table changes. `generation`: the watch
+    /// generation the caller read before it looked; if a forget came since, the watch built
+    /// is dropped at once (the next take builds another).
+    fn watch_avail_indexes(&self, mem: vm_memory::GuestMemoryLoadGuard<GuestMem>, generation: u64) {
         let mem = mem.into_inner();
         let mut rings = Vec::new();
         for (index, vring) in self.known() {
@@ -242,6 +263,11 @@ impl DoorbellQueues {
         }
         self.avail_indexes
             .store(Some(Arc::new(AvailIndexes { rings })));
+        // A forget that came meanwhile stored its None before or after this watch: if before,
+        // its generation is seen here.
+        if self.watch_generation.load(Ordering::Acquire) != generation {
+            self.avail_indexes.store(None);
+        }
     }
 
     /// The doorbell queues known so far, with their indices.
@@ -517,9 +543,10 @@ where
 struct Look {
     /// The driver has made doorbells available that the daemon has not taken.
     pending: bool,
-    /// If not, the available index at which [`Doorbells::arrived`] sees nothing new: the
-    /// next entry the daemon takes, or an impossible index the driver wrote (each change of
-    /// which would otherwise cut a lower class's step for nothing, as often as it likes).
+    /// The available index at which [`Doorbells::arrived`] sees nothing new once this look's
+    /// doorbells are taken: the driver's index as read, or the daemon's next entry if the
+    /// index cannot be read (an impossible index counts as read, so that each change of it
+    /// cuts a lower class's step once, not as often as the driver likes).
     quiet_at: u16,
     /// Where the driver's available index is (guest-physical).
     avail_index: u64,
@@ -907,6 +934,20 @@ mod tests {
             &watched,
             &queues.avail_indexes.load_full().unwrap()
         ));
+        // A take that looked before a forget (a ring started meanwhile) keeps no watch.
+        let generation = queues.watch_generation.load(Ordering::Acquire);
+        queues.forget_avail_indexes();
+        queues.watch_avail_indexes(vm.vm.mem.memory(), generation);
+        assert!(
+            queues.avail_indexes.load().is_none(),
+            "built before the forget"
+        );
+        assert!(queues.worth_taking());
+        assert!(!queues.take());
+        assert!(
+            queues.avail_indexes.load().is_some(),
+            "the next take watches again"
+        );
     }
 
     /// A running ring whose available index is not in guest memory is not watched, and is
@@ -925,6 +966,7 @@ mod tests {
         assert!(watched.rings[0].2.is_none(), "{watched:?}");
         assert!(!queues.take());
         assert!(!queues.arrived());
+        assert!(queues.worth_taking(), "only a take can look at it");
         assert!(
             Arc::ptr_eq(&watched, &queues.avail_indexes.load_full().unwrap()),
             "not looked up again"

@@ -25,7 +25,7 @@ use vrdma_proto::cqe::{Status, VendorErr};
 use vrdma_proto::{Gid, qp};
 
 use crate::config::PriorityClass;
-use crate::fabric::{Fabric, Step, StepOutcome};
+use crate::fabric::{Fabric, Step, StepOutcome, WR_COST};
 use crate::model::hooks::ObjectHooks;
 use crate::model::memory::{CHUNK, CopyCut, load_producer};
 use crate::model::vm::Vm;
@@ -83,6 +83,12 @@ const CLASSES: usize = PriorityClass::ALL.len();
 /// A class below the first gets at least one part in this many of the fabric while it has
 /// work, however busy the classes above it are.
 pub const MIN_SHARE_PARTS: u64 = 10;
+
+/// What a step that finds nothing to do costs its VM's turn and its class: a doorbell for a
+/// QP with no work still takes the scheduler a lookup and a lock. Without it, a higher-class
+/// VM ringing such doorbells as fast as they are taken would hold every lower class back
+/// while moving nothing, and so earn them no minimum share.
+const IDLE_STEP_COST: u32 = WR_COST / 4;
 
 /// The smallest step a time bound leaves: below it, a step's own cost (about as much as
 /// copying 8 KiB, see `fabric::WR_COST`) would outweigh the copy.
@@ -1228,7 +1234,14 @@ impl Turns {
                         self.timers.push(Reverse((at, vm.id, qpn)));
                     }
                     match outcome.step {
-                        Step::Idle => self.entries[i].stalled[c] = false,
+                        Step::Idle => {
+                            // It found nothing, but took the scheduler's time: its turn and its
+                            // class pay for it, and the classes below earn their share of it.
+                            let e = &mut self.entries[i];
+                            e.stalled[c] = false;
+                            e.deficit[c] -= i64::from(IDLE_STEP_COST);
+                            cost_by_class[c] += u64::from(IDLE_STEP_COST);
+                        }
                         Step::Progress { cost, more } => {
                             self.entries[i].stalled[c] = false;
                             self.entries[i].deficit[c] -= i64::from(cost);
@@ -1803,6 +1816,58 @@ mod tests {
         );
     }
 
+    /// A latency VM that rings doorbells for a QP with nothing to do, as fast as the
+    /// scheduler takes them, moves nothing, yet has work on its list at every round: the bulk
+    /// VM below it still gets its guaranteed share, since a step that finds nothing costs the
+    /// class something too.
+    #[test]
+    fn a_higher_class_ringing_for_nothing_does_not_starve_a_lower_one() {
+        let mock = MockFabric::default();
+        let (mut t, _tx) = turns(Box::new(mock.clone()));
+        let (mut l, mut b) = (TestVm::new(1, 1), TestVm::new(2, 1));
+        l.vm.share.set_class(PriorityClass::Latency);
+        b.vm.share.set_class(PriorityClass::Bulk);
+        let ql = rts_qp(&mut l, b.gid(), 1);
+        let qb = rts_qp(&mut b, l.gid(), 1);
+        // Every look at its queues finds a new doorbell for that QP.
+        let doorbells = Arc::new(ArrivingDoorbells {
+            vm: l.vm.clone(),
+            qpn: ql.qpn,
+            armed: true.into(),
+            always: true,
+        });
+        t.control(Control::Attach(l.vm.clone(), doorbells.clone()));
+        attach(&mut t, &b);
+        let li = t.position(l.vm.id).unwrap();
+        t.set_polling(li, true);
+        mock.state().plans.insert((l.vm.id, ql.qpn), Plan::Idle);
+        let bulk = Plan::Bulk {
+            message: 1 << 20,
+            done: 0,
+        };
+        mock.state().plans.insert((b.vm.id, qb.qpn), bulk);
+        b.vm.enqueue(qb.qpn);
+        let rounds = 2000;
+        for _ in 0..rounds {
+            t.poll_doorbells();
+            t.round();
+        }
+        let idle_steps = mock
+            .state()
+            .steps
+            .iter()
+            .filter(|s| s.vm == l.vm.id)
+            .count();
+        assert!(idle_steps >= rounds * 9 / 10, "{idle_steps} idle steps");
+        // Each idle step costs IDLE_STEP_COST; the bulk class is owed a ninth of that.
+        let share = idle_steps as u64 * u64::from(IDLE_STEP_COST) / (MIN_SHARE_PARTS - 1);
+        assert!(
+            bytes(&b) >= share / 2,
+            "the bulk VM moved {} next to {idle_steps} idle steps (its share: {share})",
+            bytes(&b)
+        );
+    }
+
     /// Bytes `vms` moved while all of them always have work, over `rounds` rounds.
     fn shares(vms: &[(u32, PriorityClass)], rounds: usize) -> Vec<u64> {
         shares_on(vms, rounds).0
@@ -2116,11 +2181,17 @@ mod tests {
         vm: Arc<Vm>,
         qpn: u32,
         armed: std::sync::atomic::AtomicBool,
+        /// Every take finds one while armed, not only the next.
+        always: bool,
     }
 
     impl Doorbells for ArrivingDoorbells {
         fn take(&self) -> bool {
-            let rung = self.armed.swap(false, Ordering::Relaxed);
+            let rung = if self.always {
+                self.armed.load(Ordering::Relaxed)
+            } else {
+                self.armed.swap(false, Ordering::Relaxed)
+            };
             if rung {
                 self.vm.enqueue(self.qpn);
             }
@@ -2153,6 +2224,7 @@ mod tests {
             vm: l.vm.clone(),
             qpn: in_bulk.qpn,
             armed: false.into(),
+            always: false,
         });
         attach(&mut t, &b);
         t.control(Control::Attach(l.vm.clone(), doorbells.clone()));
@@ -2247,6 +2319,7 @@ mod tests {
             vm: l.vm.clone(),
             qpn: ql.qpn,
             armed: false.into(),
+            always: false,
         });
         attach(&mut t, &b);
         t.control(Control::Attach(l.vm.clone(), doorbells.clone()));

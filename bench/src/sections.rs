@@ -947,6 +947,18 @@ pub fn isolation(env: &mut Env, r: &mut Results) -> Result<(), Error> {
                 bulk_bw / bulk_alone,
                 "x",
             );
+            // What each of the latency pair's messages cost the bulk VM: the share of its
+            // throughput lost, times the time between messages (a sample is half a round
+            // trip: one message). A priority that serves the pair sooner lets it send more;
+            // this tells whether each message also got dearer.
+            r.add(
+                "isolation",
+                &pairing.series(BULK_COST_PER_MESSAGE),
+                Some(8),
+                "cost",
+                (1.0 - bulk_bw / bulk_alone).max(0.0) * entry.t_avg_us,
+                "us",
+            );
         }
         ratios.push(format!(
             "{series}: p99 {:.2} us ({ratio:.2}x)",
@@ -1072,6 +1084,10 @@ pub(crate) const BULK_CLASSES_OVER_NORMAL: &str =
 
 /// The ratio of the bulk VM's throughput next to the latency pair to its throughput alone.
 pub(crate) const BULK_WITH_OVER_ALONE: &str = "bulk throughput next to the latency pair / alone";
+
+/// The isolation section's series of what one latency message costs the bulk VM next to it,
+/// in microseconds of its throughput.
+pub(crate) const BULK_COST_PER_MESSAGE: &str = "bulk VM's time per latency message";
 
 /// Gives the isolation section's VMs the classes of `pairing`, through `vrdmactl`.
 fn set_classes(control: &Path, pairing: &ClassPairing) -> Result<(), Error> {

@@ -1738,20 +1738,26 @@ mod tests {
         assert_eq!(steps[0].moved, QUANTUM, "{steps:?}");
     }
 
+    /// Bulk VM `b` (weight `b_weight`) and latency VM `l`, whose QPs on service level 1 are in
+    /// bulk.
+    fn bulk_beside_latency_with_sl1_in_bulk(b_weight: u32) -> (TestVm, TestVm) {
+        let (b, l) = (TestVm::new(1, b_weight), TestVm::new(2, 1));
+        b.vm.share.set_class(PriorityClass::Bulk);
+        l.vm.share.set_class(PriorityClass::Latency);
+        let mut sls = SlClasses::default();
+        sls.0[1] = Some(PriorityClass::Bulk);
+        l.vm.share.set_sl_classes(&sls);
+        (b, l)
+    }
+
     /// A VM's QP that cannot move in one class (put in bulk by its service level, its peer
     /// busy) does not hide the VM's work in another: the VM's latency message still cuts a
     /// bulk VM's turn short after one step.
     #[test]
     fn a_blocked_qp_in_one_class_hides_no_work_of_its_vm_in_another() {
-        use PriorityClass::{Bulk, Latency};
         let mock = MockFabric::default();
         let (mut t, _tx) = turns(Box::new(mock.clone()));
-        let (mut b, mut l) = (TestVm::new(1, 4), TestVm::new(2, 1));
-        b.vm.share.set_class(Bulk);
-        l.vm.share.set_class(Latency);
-        let mut sls = SlClasses::default();
-        sls.0[1] = Some(Bulk);
-        l.vm.share.set_sl_classes(&sls);
+        let (mut b, mut l) = bulk_beside_latency_with_sl1_in_bulk(4);
         let qb = qp_on_sl(&mut b, l.gid(), 0);
         let ql = qp_on_sl(&mut l, b.gid(), 0);
         let stuck = qp_on_sl(&mut l, b.gid(), 1);
@@ -1823,30 +1829,9 @@ mod tests {
     #[test]
     fn a_higher_class_ringing_for_nothing_does_not_starve_a_lower_one() {
         let mock = MockFabric::default();
-        let (mut t, _tx) = turns(Box::new(mock.clone()));
-        let (mut l, mut b) = (TestVm::new(1, 1), TestVm::new(2, 1));
-        l.vm.share.set_class(PriorityClass::Latency);
-        b.vm.share.set_class(PriorityClass::Bulk);
-        let ql = rts_qp(&mut l, b.gid(), 1);
-        let qb = rts_qp(&mut b, l.gid(), 1);
-        // Every look at its queues finds a new doorbell for that QP.
-        let doorbells = Arc::new(ArrivingDoorbells {
-            vm: l.vm.clone(),
-            qpn: ql.qpn,
-            armed: true.into(),
-            always: true,
-        });
-        t.control(Control::Attach(l.vm.clone(), doorbells.clone()));
-        attach(&mut t, &b);
-        let li = t.position(l.vm.id).unwrap();
-        t.set_polling(li, true);
+        // Every look at l's queues finds a new doorbell for its QP.
+        let (mut t, (b, _), (l, ql), _doorbells) = bulk_beside_polled_latency(&mock, 1, true);
         mock.state().plans.insert((l.vm.id, ql.qpn), Plan::Idle);
-        let bulk = Plan::Bulk {
-            message: 1 << 20,
-            done: 0,
-        };
-        mock.state().plans.insert((b.vm.id, qb.qpn), bulk);
-        b.vm.enqueue(qb.qpn);
         let rounds = 2000;
         for _ in 0..rounds {
             t.poll_doorbells();
@@ -2209,15 +2194,9 @@ mod tests {
     /// loop would stop polling and sleep with it on the list.
     #[test]
     fn a_doorbell_taken_for_a_passed_list_makes_the_next_round_due() {
-        use PriorityClass::{Bulk, Latency};
         let mock = MockFabric::default();
         let (mut t, _tx) = turns(Box::new(mock.clone()));
-        let (mut b, mut l) = (TestVm::new(1, 1), TestVm::new(2, 1));
-        b.vm.share.set_class(Bulk);
-        l.vm.share.set_class(Latency);
-        let mut sls = SlClasses::default();
-        sls.0[1] = Some(Bulk);
-        l.vm.share.set_sl_classes(&sls);
+        let (mut b, mut l) = bulk_beside_latency_with_sl1_in_bulk(1);
         let qb = qp_on_sl(&mut b, l.gid(), 0);
         let in_bulk = qp_on_sl(&mut l, b.gid(), 1);
         let doorbells = Arc::new(ArrivingDoorbells {
@@ -2301,16 +2280,24 @@ mod tests {
         assert_eq!(takes(), 4 + passes, "every pass while the indices moved");
     }
 
-    /// A polled latency VM's doorbell found by the check at the start of the bulk class's
-    /// pass, in a round that had moved nothing yet, makes the next round due at once: the
-    /// message is on the VM's ready list, its driver kicks for nothing while polled, and a
-    /// round that said "nothing moved" let the loop stop polling and sleep up to 100 ms with
-    /// it (and the bulk VM's work) waiting.
-    #[test]
-    fn a_doorbell_found_before_a_lower_class_pass_makes_the_next_round_due() {
-        let mock = MockFabric::default();
-        let (mut t, _tx) = turns(Box::new(mock.clone()));
-        let (mut b, mut l) = (TestVm::new(1, 4), TestVm::new(2, 1));
+    /// A scheduler on `mock` with bulk VM `b` (weight `b_weight`), whose QP has endless 1 MiB
+    /// writes queued, and polled latency VM `l`, whose queues find a doorbell for its QP at the
+    /// next take once armed (at every take with `always`, armed from the start). Returns the
+    /// turns, each VM with its QP, and `l`'s queues.
+    #[allow(clippy::type_complexity)]
+    fn bulk_beside_polled_latency(
+        mock: &MockFabric,
+        b_weight: u32,
+        always: bool,
+    ) -> (
+        Turns,
+        (TestVm, TestQp),
+        (TestVm, TestQp),
+        Arc<ArrivingDoorbells>,
+    ) {
+        // Rounds run by hand read no control messages: the sender may go.
+        let (mut t, _) = turns(Box::new(mock.clone()));
+        let (mut b, mut l) = (TestVm::new(1, b_weight), TestVm::new(2, 1));
         b.vm.share.set_class(PriorityClass::Bulk);
         l.vm.share.set_class(PriorityClass::Latency);
         let qb = rts_qp(&mut b, l.gid(), 1);
@@ -2318,11 +2305,12 @@ mod tests {
         let doorbells = Arc::new(ArrivingDoorbells {
             vm: l.vm.clone(),
             qpn: ql.qpn,
-            armed: false.into(),
-            always: false,
+            armed: always.into(),
+            always,
         });
         attach(&mut t, &b);
         t.control(Control::Attach(l.vm.clone(), doorbells.clone()));
+        // Connecting the QPs put them on their ready lists: start from none.
         while b.vm.pop_ready().is_some() || l.vm.pop_ready().is_some() {}
         let li = t.position(l.vm.id).unwrap();
         t.set_polling(li, true);
@@ -2331,10 +2319,22 @@ mod tests {
             done: 0,
         };
         mock.state().plans.insert((b.vm.id, qb.qpn), bulk);
+        b.vm.enqueue(qb.qpn);
+        (t, (b, qb), (l, ql), doorbells)
+    }
+
+    /// A polled latency VM's doorbell found by the check at the start of the bulk class's
+    /// pass, in a round that had moved nothing yet, makes the next round due at once: the
+    /// message is on the VM's ready list, its driver kicks for nothing while polled, and a
+    /// round that said "nothing moved" let the loop stop polling and sleep up to 100 ms with
+    /// it (and the bulk VM's work) waiting.
+    #[test]
+    fn a_doorbell_found_before_a_lower_class_pass_makes_the_next_round_due() {
+        let mock = MockFabric::default();
+        let (mut t, _, (l, ql), doorbells) = bulk_beside_polled_latency(&mock, 4, false);
         mock.state()
             .plans
             .insert((l.vm.id, ql.qpn), Plan::Messages { left: 1, size: 64 });
-        b.vm.enqueue(qb.qpn);
         doorbells.armed.store(true, Ordering::Relaxed);
         assert!(t.round(), "the message waits: the next round is due now");
         assert!(mock.state().steps.is_empty(), "strict priority: b waited");

@@ -12,12 +12,21 @@ use vrdma_proto::wqe::{self, Data, SendFlags, Sge};
 use vrdma_proto::{Gid, event};
 use zerocopy::IntoBytes;
 
+use crate::config::PriorityClass;
 use crate::fabric::soft::SoftFabric;
 use crate::model::hooks::ObjectHooks;
 use crate::model::memory::{WriteKind, recorder};
 use crate::model::objects::{Mr, Qp};
 use crate::sched::ManualScheduler;
 use crate::testing::{TestMr, TestQp, TestVm, send_header};
+use crate::vhost::queues::DoorbellQueues;
+use crate::vhost::queues::tests::vring_at;
+use std::sync::Arc;
+use virtio_queue::desc::RawDescriptor;
+use virtio_queue::desc::split::Descriptor as SplitDescriptor;
+use virtio_queue::mock::MockSplitQueue;
+use vm_memory::GuestAddress;
+use vrdma_proto::doorbell;
 
 /// Two VMs, `a` and `b`, each with an RC QP connected to the other's, a buffer registered
 /// for everything, and a scheduler on the soft fabric serving both.
@@ -218,6 +227,79 @@ fn a_work_request_cut_at_every_piece_arrives_whole_and_completes_once() {
         p.a.read(ma.addr + LEN as u64, LEN as usize)[..],
         pattern[..],
         "READ back"
+    );
+}
+
+/// A latency VM's doorbell, made available in its polled doorbell ring (no kick), cuts a bulk
+/// VM's copy at the next piece: the copy's question reads the ring's available index through
+/// the watched word. The next pass takes the doorbell and, strict priority, holds the bulk VM
+/// back; the one after carries the message, and the bulk WRITE goes on from where it was cut.
+#[test]
+fn a_polled_latency_doorbell_cuts_a_bulk_copy_at_the_next_piece() {
+    const BULK: u32 = 48 << 10;
+    const PIECE: u32 = 4096;
+    let mut p = pair((7, 7, 1), 64);
+    let (qa, mb) = (p.qa, p.mb);
+    // Both VMs of the pair in bulk: only l is above them.
+    p.a.vm.share.set_class(PriorityClass::Bulk);
+    p.b.vm.share.set_class(PriorityClass::Bulk);
+    let mut l = TestVm::new(3, 1);
+    l.vm.share.set_class(PriorityClass::Latency);
+    let (pl, pb) = (l.pd(), p.b.pd());
+    let ql = l.qp(pl, qp::Type::Rc, 16, 64);
+    let qb2 = p.b.qp(pb, qp::Type::Rc, 16, 64);
+    l.connect(ql.qpn, p.b.gid(), qb2.qpn, (7, 7, 1));
+    p.b.connect(qb2.qpn, l.gid(), ql.qpn, (7, 7, 1));
+    let ml = l.mr(pl, 4096, ALL);
+    l.fill(ml.addr, 8, 0x5a);
+    let mb2 = p.b.mr(pb, 4096, ALL);
+    // l's doorbell ring, known to its queues (as the ring's start makes it), polled.
+    let ring = l.alloc(16 << 10);
+    let batch = l.alloc(4096);
+    let bell = doorbell::Doorbell::new(doorbell::Kind::Send, ql.qpn);
+    vm_memory::Bytes::write_slice(&*l.mem(), bell.as_bytes(), GuestAddress(batch)).unwrap();
+    let vring = vring_at(&l, ring, 16);
+    let queues = Arc::new(DoorbellQueues::new(l.vm.clone()));
+    queues.kicked(0, &vring);
+    p.sched.attach_polled(&l.vm, queues.clone());
+    // l's WRITE is in its send queue; only its doorbell will say so.
+    let target = mb2.addr;
+    let message = [Sge::new(ml.addr, 8, ml.lkey)];
+    l.post_send(
+        &ql,
+        rdma(wqe::Opcode::RdmaWrite, 9, target, mb2.rkey),
+        Data::Sges(&message),
+    );
+    // Nothing on any ready list (connecting put the QPs there): only the doorbell will tell.
+    for vm in [&l.vm, &p.a.vm, &p.b.vm] {
+        while vm.pop_ready().is_some() {}
+    }
+    // a's bulk WRITE starts; l's driver makes its doorbell available meanwhile.
+    p.a.fill(p.ma.addr, BULK as usize, 0xb7);
+    let bulk = [Sge::new(p.ma.addr, BULK, p.ma.lkey)];
+    p.a.post_send(
+        &qa,
+        rdma(wqe::Opcode::RdmaWrite, 1, mb.addr, mb.rkey),
+        Data::Sges(&bulk),
+    );
+    let chain = [RawDescriptor::from(SplitDescriptor::new(batch, 8, 0, 0))];
+    MockSplitQueue::create(&*l.mem(), GuestAddress(ring), 16)
+        .add_desc_chains(&chain, 0)
+        .unwrap();
+    let first = p.sched.step_below_a_higher_class(&p.a.vm, qa.qpn, PIECE);
+    assert_eq!(first.bytes, PIECE, "cut after the first piece");
+    assert!(p.sched.pass(), "the doorbell taken: the next round is due");
+    assert_eq!(p.b.read(mb.addr + u64::from(PIECE), 8), [0; 8], "a waited");
+    assert_eq!(p.b.read(target, 8), [0; 8]);
+    assert!(p.sched.pass());
+    assert_eq!(p.b.read(target, 8), [0x5a; 8], "l's message");
+    assert_eq!(statuses(&l, &ql), [(9, 0)]);
+    p.sched
+        .run_until("a's WRITE completes", || statuses(&p.a, &qa) == [(1, 0)]);
+    assert_eq!(
+        p.b.read(mb.addr, BULK as usize),
+        vec![0xb7; BULK as usize],
+        "a's WRITE whole"
     );
 }
 

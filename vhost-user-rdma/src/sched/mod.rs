@@ -1523,6 +1523,24 @@ impl ManualScheduler {
         ));
     }
 
+    /// Serves `vm` with the doorbell queues `doorbells`, polled (its driver told not to kick),
+    /// as the scheduler does once it has served a VM.
+    pub fn attach_polled(&mut self, vm: &Arc<Vm>, doorbells: Arc<dyn Doorbells>) {
+        self.turns.control(Control::Attach(vm.clone(), doorbells));
+        let i = self.turns.position(vm.id).expect("just attached");
+        self.turns.set_polling(i, true);
+    }
+
+    /// One step of `vm`'s QP `qpn` in its class's pass below a higher class: its copy asks
+    /// every `every` bytes whether a higher class's work arrived, the scheduler's own question
+    /// over the VMs attached (`higher_class_arrived`).
+    pub fn step_below_a_higher_class(&mut self, vm: &Arc<Vm>, qpn: u32, every: u32) -> StepOutcome {
+        self.turns.order_by_class();
+        let class = vm.share.class();
+        let step = self.turns.step(vm, qpn, class, CHUNK, Some(every));
+        step.map_or(StepOutcome::IDLE, |(_, outcome)| outcome)
+    }
+
     /// One pass of the scheduler's loop, without sleeping: timers, flushes, one round.
     pub fn pass(&mut self) -> bool {
         self.turns.fire_timers();

@@ -686,7 +686,7 @@ impl EventSink for EventQueue {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use vhost_user_backend::VringT;
     use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
     use virtio_queue::desc::RawDescriptor;

@@ -1111,7 +1111,7 @@ impl Turns {
             // The next round is due at once even if nothing moved in this one: the check may
             // have just taken that work from a polled VM's doorbells, and a round that said
             // "nothing moved" would let the loop stop polling and sleep with it waiting.
-            if preemptible && self.higher_class_waiting(class) {
+            if preemptible && self.higher_class_waiting(class, Instant::now()) {
                 preempted = true;
                 break 'round;
             }
@@ -1129,7 +1129,7 @@ impl Turns {
                 let mid_turn = resumed == Some((p, true));
                 preemptible |= paying_off && cost_by_class[class.index()] as i64 >= owed;
                 // A higher class's work waits for no further turn of this class.
-                if preemptible && p > pos && self.higher_class_waiting(class) {
+                if preemptible && p > pos && self.higher_class_waiting(class, Instant::now()) {
                     self.resume[class.index()] = Some((self.entries[i].vm.id, mid_turn));
                     self.stats.preemptions.fetch_add(1, Ordering::Relaxed);
                     preempted = true;
@@ -1215,9 +1215,13 @@ impl Turns {
                         self.entries[i].stalled[c] = true;
                         break;
                     };
-                    if let Some(t0) = timed {
-                        self.copy_rate.observe(outcome.bytes, t0.elapsed());
-                    }
+                    // The step's end, read once: the copy rate and the look for kicks below
+                    // both need it, and the clock is a tenth of a latency message's cost here.
+                    let ended = timed.map(|t0| {
+                        let now = Instant::now();
+                        self.copy_rate.observe(outcome.bytes, now - t0);
+                        now
+                    });
                     let e = &mut self.entries[i];
                     if limited {
                         e.buckets
@@ -1268,7 +1272,7 @@ impl Turns {
                     preemptible |= paying_off && cost_by_class[class.index()] as i64 >= owed;
                     if preemptible
                         && self.entries[i].deficit[c] > 0
-                        && self.higher_class_waiting(class)
+                        && self.higher_class_waiting(class, ended.unwrap_or_else(Instant::now))
                     {
                         self.resume[class.index()] = Some((vm.id, true));
                         self.stats.preemptions.fetch_add(1, Ordering::Relaxed);
@@ -1346,8 +1350,9 @@ impl Turns {
     /// message cuts a bulk VM's turn short even while kicks are off; and kicks are looked at
     /// if it is time, so that a kick cuts it short too (nothing else takes a kick while the
     /// loop is busy). Whatever it takes makes the round's next one due (`taken_in_round`).
-    fn higher_class_waiting(&mut self, class: PriorityClass) -> bool {
-        if self.kicks_seen_at.elapsed() >= KICK_LOOK {
+    /// `now`: the time, which the caller may have read already.
+    fn higher_class_waiting(&mut self, class: PriorityClass, now: Instant) -> bool {
+        if now.saturating_duration_since(self.kicks_seen_at) >= KICK_LOOK {
             self.look_for_kicks();
         }
         let mut taken = false;

@@ -875,7 +875,7 @@ pub fn isolation(env: &mut Env, r: &mut Results) -> Result<(), Error> {
         .flat_map(|p| BULK_NEIGHBOURS.iter().map(move |n| (n, p)))
         .filter(|(n, p)| p.every_neighbour || n.depth == BULK_NEIGHBOURS[0].depth)
         .collect();
-    let mut loaded: Vec<Vec<(perf::LatEntry, f64)>> = vec![Vec::new(); cases.len()];
+    let mut loaded: Vec<Vec<(perf::LatEntry, (f64, f64))>> = vec![Vec::new(); cases.len()];
     let mut bulk_alone = Vec::new();
     for round in 0..rounds {
         set_classes(&control, &CLASS_PAIRINGS[0])?;
@@ -925,7 +925,7 @@ pub fn isolation(env: &mut Env, r: &mut Results) -> Result<(), Error> {
     );
     let mut ratios = Vec::new();
     for ((neighbour, pairing), runs) in cases.iter().zip(loaded) {
-        let (entry, bulk_bw) = median_p99(runs);
+        let (entry, (bulk_bw, window)) = median_p99(runs);
         let series = pairing.series(neighbour.series);
         record_latency(r, "isolation", &series, &entry);
         r.add("isolation", &series, size, "bulk_bw", bulk_bw, "MiB/s");
@@ -947,18 +947,22 @@ pub fn isolation(env: &mut Env, r: &mut Results) -> Result<(), Error> {
                 bulk_bw / bulk_alone,
                 "x",
             );
-            // What each of the latency pair's messages cost the bulk VM: the share of its
-            // throughput lost, times the time between messages (a sample is half a round
-            // trip: one message). A priority that serves the pair sooner lets it send more;
-            // this tells whether each message also got dearer.
-            r.add(
-                "isolation",
-                &pairing.series(BULK_COST_PER_MESSAGE),
-                Some(8),
-                "cost",
-                (1.0 - bulk_bw / bulk_alone).max(0.0) * entry.t_avg_us,
-                "us",
-            );
+            // What each of the latency pair's messages cost the bulk VM: the time its
+            // throughput alone would have taken to move what it did not, over the run, per
+            // message (two an iteration: a round trip). A priority that serves the pair sooner
+            // lets it send more; this tells whether each message also got dearer. Signed, so
+            // that the host's noise shows as such.
+            if bulk_alone > 0.0 && entry.iterations > 0 {
+                let lost = (1.0 - bulk_bw / bulk_alone) * window;
+                r.add(
+                    "isolation",
+                    &pairing.series(BULK_COST_PER_MESSAGE),
+                    Some(8),
+                    "cost",
+                    lost * 1e6 / (2 * entry.iterations) as f64,
+                    "us",
+                );
+            }
         }
         ratios.push(format!(
             "{series}: p99 {:.2} us ({ratio:.2}x)",
@@ -1222,7 +1226,7 @@ const ISOLATION_ROUNDS: usize = 3;
 const ISOLATION_BULK_MSG: u32 = 4 << 20;
 
 /// Of latency runs (each with a number that goes with it), the one whose p99 is the median.
-fn median_p99(mut runs: Vec<(perf::LatEntry, f64)>) -> (perf::LatEntry, f64) {
+fn median_p99<T>(mut runs: Vec<(perf::LatEntry, T)>) -> (perf::LatEntry, T) {
     runs.sort_by(|a, b| a.0.p99_us.total_cmp(&b.0.p99_us));
     let middle = runs.len() / 2;
     runs.swap_remove(middle)
@@ -1269,7 +1273,8 @@ const BULK_NEIGHBOURS: [BulkNeighbour; 2] = [
 ];
 
 /// One vrdma-perf write_lat run while `vms.0` writes 4 MiB messages to `vms.1` as `bulk`
-/// says: the run, and the bulk VM's throughput meanwhile in MiB/s.
+/// says: the run, and the bulk VM's throughput meanwhile in MiB/s with the time it was
+/// measured over in seconds.
 fn next_to_bulk(
     env: &mut Env,
     daemon: &mut Daemon,
@@ -1277,7 +1282,7 @@ fn next_to_bulk(
     bulk: &BulkNeighbour,
     run: &Run,
     round: usize,
-) -> Result<(perf::LatEntry, f64), Error> {
+) -> Result<(perf::LatEntry, (f64, f64)), Error> {
     let msg = ISOLATION_BULK_MSG;
     let mut writers = Writers::default();
     start_bulk(&mut writers, "bulk", vms, bulk)?;
@@ -1285,11 +1290,11 @@ fn next_to_bulk(
     let (c0, t0) = (writers.counts()[0], Instant::now());
     let loaded_dir = env.dir(&format!("vrdma-perf/isolation-bulk-{}-{round}", bulk.depth))?;
     let loaded = perf_run(env, &mut Ends::local(daemon), run, &loaded_dir);
-    let bulk_bw =
-        (writers.counts()[0] - c0) as f64 * f64::from(msg) / MIB / t0.elapsed().as_secs_f64();
+    let window = t0.elapsed().as_secs_f64();
+    let bulk_bw = (writers.counts()[0] - c0) as f64 * f64::from(msg) / MIB / window;
     writers.finish()?;
     let loaded = loaded?.0.lat_for(8, "write_lat next to bulk")?.clone();
-    Ok((loaded, bulk_bw))
+    Ok((loaded, (bulk_bw, window)))
 }
 
 /// The 8-byte RDMA WRITE ping-pong the isolation sections measure next to their neighbours.

@@ -1245,6 +1245,13 @@ impl Turns {
                             e.stalled[c] = false;
                             e.deficit[c] -= i64::from(IDLE_STEP_COST);
                             cost_by_class[c] += u64::from(IDLE_STEP_COST);
+                            // A turn that idle steps end (a list of mostly idle QPs, as after
+                            // a drain or a restore wakes them all) leaves the rest for the next
+                            // round, which must come at once: nothing moved, and the loop
+                            // would otherwise sleep with them queued.
+                            if e.deficit[c] <= 0 {
+                                owing = true;
+                            }
                         }
                         Step::Progress { cost, more } => {
                             self.entries[i].stalled[c] = false;
@@ -1446,7 +1453,9 @@ impl Turns {
         if qp_class != class {
             drop(objects);
             vm.enqueue_in(qpn, qp_class);
-            return Some((qpn, StepOutcome::IDLE));
+            // Bookkeeping, not the VM's doing: it costs nothing, and counts as progress so
+            // that the next round comes at once (that class's pass may be behind this one).
+            return Some((qpn, StepOutcome::progress(0, false, 0, 0)));
         }
         let mem = vm.mem.memory();
         let entries = &self.entries;
@@ -1538,7 +1547,8 @@ impl ManualScheduler {
 
     /// One step of `vm`'s QP `qpn` in its class's pass below a higher class: its copy asks
     /// every `every` bytes whether a higher class's work arrived, the scheduler's own question
-    /// over the VMs attached (`higher_class_arrived`).
+    /// over the VMs attached (`higher_class_arrived`). Outside the rounds: the QP is not put
+    /// back on a list, and the outcome's bytes, `more` and timer are the caller's.
     pub fn step_below_a_higher_class(&mut self, vm: &Arc<Vm>, qpn: u32, every: u32) -> StepOutcome {
         self.turns.order_by_class();
         let class = vm.share.class();
@@ -1874,6 +1884,61 @@ mod tests {
             "the bulk VM moved {} next to {idle_steps} idle steps (its share: {share})",
             bytes(&b)
         );
+    }
+
+    /// A QP found on its VM's list in a class that is no longer its own (its doorbell went to
+    /// the VM's class, its service level puts it in bulk) moves to its class's list at no
+    /// cost, and the round says so: that pass may have gone by, and a round that said "nothing
+    /// moved" would let the loop sleep with it queued.
+    #[test]
+    fn a_qp_moved_to_its_class_leaves_the_next_round_due() {
+        let mock = MockFabric::default();
+        let (mut t, _tx) = turns(Box::new(mock.clone()));
+        let (b, mut l) = bulk_beside_latency_with_sl1_in_bulk(1);
+        let in_bulk = qp_on_sl(&mut l, b.gid(), 1);
+        attach(&mut t, &l);
+        while l.vm.pop_ready().is_some() {}
+        let message = Plan::Messages { left: 1, size: 64 };
+        mock.state().plans.insert((l.vm.id, in_bulk.qpn), message);
+        l.vm.enqueue(in_bulk.qpn);
+        assert!(
+            l.vm.has_work_in(PriorityClass::Latency),
+            "the doorbell's guess"
+        );
+        assert!(t.round(), "moved: the next round is due");
+        assert!(mock.state().steps.is_empty(), "moving is not a step");
+        assert!(l.vm.has_work_in(PriorityClass::Bulk));
+        t.round();
+        assert_eq!(bytes(&l), 64);
+    }
+
+    /// A turn ended by idle steps (a list of mostly idle QPs, as after a drain wakes them all)
+    /// leaves the rest for the next round, which is due at once: the QP with a message behind
+    /// 40 idle ones moves within two rounds, each reporting that work remains.
+    #[test]
+    fn idle_steps_that_end_a_turn_leave_the_next_round_due() {
+        let mock = MockFabric::default();
+        let (mut t, _tx) = turns(Box::new(mock.clone()));
+        let (mut a, b) = (TestVm::new(1, 1), TestVm::new(2, 1));
+        let idle: Vec<TestQp> = (0..40).map(|_| rts_qp(&mut a, b.gid(), 1)).collect();
+        let busy = rts_qp(&mut a, b.gid(), 1);
+        attach(&mut t, &a);
+        while a.vm.pop_ready().is_some() {}
+        for q in &idle {
+            mock.state().plans.insert((a.vm.id, q.qpn), Plan::Idle);
+            a.vm.enqueue(q.qpn);
+        }
+        let message = Plan::Messages { left: 1, size: 64 };
+        mock.state().plans.insert((a.vm.id, busy.qpn), message);
+        a.vm.enqueue(busy.qpn);
+        let mut rounds = 0;
+        while bytes(&a) == 0 {
+            assert!(t.round(), "work remains: the next round is due");
+            rounds += 1;
+            assert!(rounds <= 2, "the message waited {rounds} rounds");
+        }
+        let idle_steps = mock.state().steps.len() - 1;
+        assert_eq!(idle_steps, 40);
     }
 
     /// Bytes `vms` moved while all of them always have work, over `rounds` rounds.

@@ -38,6 +38,10 @@ const RX_POLL: Duration = Duration::from_millis(200);
 /// How often an address a VM arrived for is tried again while another daemon holds it.
 const CLAIM_RETRY: Duration = Duration::from_millis(2);
 
+/// How long the shareable bind after the start's exclusive check may wait for the check's
+/// socket to be gone (see `shared_after_check`).
+const CHECK_SOCKET_GONE: Duration = Duration::from_millis(500);
+
 /// Datagrams per `recvmmsg`.
 const RX_BATCH: usize = 32;
 
@@ -102,7 +106,8 @@ impl Network {
                 // address is then bound shareable, so the daemon a VM migrates to can take it
                 // over without a gap (see `shared_socket`).
                 drop(UdpSocket::bind(addr).map_err(bind_error)?);
-                (shared_socket(addr, false).map_err(bind_error)?, true)
+                let shared = shared_after_check(addr, CHECK_SOCKET_GONE);
+                (shared.map_err(bind_error)?, true)
             };
             socket.set_read_timeout(Some(RX_POLL)).map_err(bind_error)?;
             if bound {
@@ -452,6 +457,24 @@ fn shared_socket(addr: SocketAddr, freebind: bool) -> io::Result<UdpSocket> {
     Ok(socket)
 }
 
+/// [`shared_socket`] for `addr` right after a plain bind checked that nobody holds it and
+/// closed its socket. A child process forked at that moment by another thread (a test harness
+/// runs daemons beside threads that spawn programs) holds a copy of the check's descriptor
+/// until it calls exec, which closes it, and until then the address is bound without sharing:
+/// the bind is retried for up to `wait` while it says the address is in use. The daemon
+/// itself forks nothing, so alone it binds at the first try.
+fn shared_after_check(addr: SocketAddr, wait: Duration) -> io::Result<UdpSocket> {
+    let deadline = Instant::now() + wait;
+    loop {
+        match shared_socket(addr, false) {
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse && Instant::now() < deadline => {
+                std::thread::sleep(CLAIM_RETRY);
+            }
+            bound => return bound,
+        }
+    }
+}
+
 /// Puts `new` behind `ep`'s descriptor: the receive thread, woken out of a receive on the old
 /// socket, reads from the new one on its next call; senders use it from their next batch.
 fn replace_socket(ep: &Endpoint, new: &UdpSocket) {
@@ -569,4 +592,36 @@ fn handle_datagram(
     }
     drop(objects);
     vm.deliver_events();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The shareable bind after the start's check waits for a copy of the check's socket
+    /// that another process still held (here a duplicate, closed 20 ms later), and binds.
+    /// Without the wait it failed: the address was in use without sharing.
+    #[test]
+    fn the_shared_bind_waits_for_the_check_socket_to_be_gone() {
+        let check = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = check.local_addr().unwrap();
+        let held_elsewhere = check.try_clone().unwrap();
+        drop(check);
+        let err = shared_socket(addr, false).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AddrInUse, "the copy holds it");
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            drop(held_elsewhere);
+        });
+        let shared = shared_after_check(addr, Duration::from_secs(30)).expect("bound");
+        assert_eq!(shared.local_addr().unwrap(), addr);
+        release.join().unwrap();
+        // Bound shareable: a second shareable socket joins it, as a migration's would.
+        shared_socket(addr, false).expect("shared");
+        // And nothing held: the first try binds.
+        let other = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let free = other.local_addr().unwrap();
+        drop(other);
+        shared_after_check(free, Duration::ZERO).expect("bound at once");
+    }
 }

@@ -3,9 +3,16 @@
 //! flush) and that every write into a guest's memory takes the one path.
 
 use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
+use virtio_queue::desc::RawDescriptor;
+use virtio_queue::desc::split::Descriptor as SplitDescriptor;
+use virtio_queue::mock::MockSplitQueue;
+use vm_memory::GuestAddress;
 use vrdma_proto::cmd::{self, Opcode, Status as CmdStatus};
 use vrdma_proto::cqe::Status;
+use vrdma_proto::doorbell;
 use vrdma_proto::mr::Access;
 use vrdma_proto::qp::{self, AttrMask};
 use vrdma_proto::wqe::{self, Data, SendFlags, Sge};
@@ -21,13 +28,6 @@ use crate::sched::ManualScheduler;
 use crate::testing::{TestMr, TestQp, TestVm, send_header};
 use crate::vhost::queues::DoorbellQueues;
 use crate::vhost::queues::tests::vring_at;
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
-use virtio_queue::desc::RawDescriptor;
-use virtio_queue::desc::split::Descriptor as SplitDescriptor;
-use virtio_queue::mock::MockSplitQueue;
-use vm_memory::GuestAddress;
-use vrdma_proto::doorbell;
 
 /// Two VMs, `a` and `b`, each with an RC QP connected to the other's, a buffer registered
 /// for everything, and a scheduler on the soft fabric serving both.

@@ -370,6 +370,12 @@ struct Entry {
 }
 
 impl Entry {
+    /// Whether it is of a class above `class` and may be served (not paused): the VMs whose
+    /// work cuts a `class` turn short.
+    fn outranks(&self, class: PriorityClass) -> bool {
+        self.class < class && !self.paused
+    }
+
     /// Whether it has work queued in a class above `class` that can move (its last step there
     /// was not stalled), whatever its rate limit says.
     fn movable_above(&self, class: PriorityClass) -> bool {
@@ -1364,7 +1370,7 @@ impl Turns {
         }
         let mut taken = false;
         let waiting = self.entries.iter().any(|e| {
-            if e.class >= class || e.paused {
+            if !e.outranks(class) {
                 return false;
             }
             if e.polled && e.doorbells.worth_taking() {
@@ -1497,7 +1503,7 @@ impl Turns {
 /// looked for; it waits for the step's end.
 fn higher_class_arrived(entries: &[Entry], class: PriorityClass) -> bool {
     entries.iter().any(|e| {
-        if e.class >= class || e.paused || e.held_by_limit() {
+        if !e.outranks(class) || e.held_by_limit() {
             return false;
         }
         (e.polled && e.doorbells.arrived()) || e.movable_above(class)

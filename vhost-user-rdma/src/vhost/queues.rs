@@ -223,6 +223,22 @@ impl DoorbellQueues {
         any
     }
 
+    /// Whether any running queue's available index is not where the last look or take left
+    /// it, by the watched words: a load per queue, no lock. `unwatched`: the answer for what
+    /// has no word (no watch at all, or a ring that cannot be watched).
+    fn any_moved(&self, unwatched: bool) -> bool {
+        let watched = self.avail_indexes.load();
+        let Some(w) = watched.as_ref() else {
+            return unwatched;
+        };
+        w.rings.iter().any(|(index, _, word)| match word {
+            Some(word) => {
+                word.load(Ordering::Acquire) != self.taken_up_to[*index].load(Ordering::Relaxed)
+            }
+            None => unwatched,
+        })
+    }
+
     /// Whether the watched indices have queue `index` at its ring's place. No watch at all
     /// does not count: a take may be building one without this queue. A load and a scan of a
     /// few entries, no lock.
@@ -417,33 +433,17 @@ impl Doorbells for DoorbellQueues {
     }
 
     fn arrived(&self) -> bool {
-        let watched = self.avail_indexes.load();
-        let Some(w) = watched.as_ref() else {
-            return false;
-        };
         // News until the next take looks (the scheduler takes after every yes: a step cut
         // short asks `worth_taking`), so a driver that keeps changing its index, with
-        // doorbells or not, cuts no more steps than it makes changes.
-        w.rings.iter().any(|(index, _, word)| {
-            word.as_ref().is_some_and(|word| {
-                word.load(Ordering::Acquire) != self.taken_up_to[*index].load(Ordering::Relaxed)
-            })
-        })
+        // doorbells or not, cuts no more steps than it makes changes. What is not watched
+        // is seen at the step's end.
+        self.any_moved(false)
     }
 
     fn worth_taking(&self) -> bool {
-        let watched = self.avail_indexes.load();
-        let Some(w) = watched.as_ref() else {
-            // Nothing watched yet (or any more): only a take finds out, and watches again.
-            return true;
-        };
-        w.rings.iter().any(|(index, _, word)| match word {
-            Some(word) => {
-                word.load(Ordering::Acquire) != self.taken_up_to[*index].load(Ordering::Relaxed)
-            }
-            // A ring that cannot be watched is looked at by taking, as before watching.
-            None => true,
-        })
+        // Nothing watched (yet, or any more), or a ring that cannot be watched: only a take
+        // finds out, as before watching (and a take watches again).
+        self.any_moved(true)
     }
 
     fn take_kicked(&self) -> bool {

@@ -96,14 +96,17 @@ pub fn open(socket: &Path) -> Result<Context, Error> {
     Context::open(socket).map_err(verb(format!("opening {}", socket.display())))
 }
 
-/// One VM's side of the traffic: QPs on one CQ, and one registered buffer. Fields drop in
-/// declaration order: the QPs before the CQ and the MR, the MR before its buffer.
+/// One VM's side of the traffic: QPs on one CQ (or, for event mode, one for sends and one for
+/// receives), and one registered buffer. Fields drop in declaration order: the QPs before the
+/// CQs and the MR, the MR before its buffer.
 #[derive(Debug)]
 pub struct Side {
     /// The QPs.
     pub qps: Vec<QueuePair>,
-    /// Their send and receive CQ.
+    /// Their send CQ, and their receive CQ unless `recv_cq` is set.
     pub cq: CompletionQueue,
+    /// Their receive CQ, when it is not `cq` ([`Side::with_receive_cq`]).
+    pub recv_cq: Option<CompletionQueue>,
     /// The buffer's registration.
     pub mr: MemoryRegion,
     /// Source of this side's writes (first half) and target of the peer's (second half).
@@ -126,9 +129,38 @@ impl Side {
         cq_depth: u32,
         msg: u32,
     ) -> Result<Side, Error> {
+        Side::build(ctx, nqp, sq_depth, cq_depth, msg, false)
+    }
+
+    /// As [`Side::new`], with the receives completing on a CQ of their own (`recv_cq`), as
+    /// perftest and vrdma-perf set up their QPs: a thread that sleeps on the receive CQ's
+    /// channel is then not woken by its own send completions.
+    pub fn with_receive_cq(
+        ctx: &Context,
+        nqp: usize,
+        sq_depth: u32,
+        cq_depth: u32,
+        msg: u32,
+    ) -> Result<Side, Error> {
+        Side::build(ctx, nqp, sq_depth, cq_depth, msg, true)
+    }
+
+    fn build(
+        ctx: &Context,
+        nqp: usize,
+        sq_depth: u32,
+        cq_depth: u32,
+        msg: u32,
+        receive_cq: bool,
+    ) -> Result<Side, Error> {
         let buf_len = 2 * (msg as usize).max(4096);
         let pd = ProtectionDomain::new(ctx).map_err(verb("ibv_alloc_pd"))?;
         let cq = CompletionQueue::new(ctx, cq_depth).map_err(verb("ibv_create_cq"))?;
+        let recv_cq = if receive_cq {
+            Some(CompletionQueue::new(ctx, cq_depth).map_err(verb("ibv_create_cq (receives)"))?)
+        } else {
+            None
+        };
         let cap = QpCap {
             max_send_wr: sq_depth,
             max_recv_wr: 1,
@@ -140,7 +172,7 @@ impl Side {
                 &pd,
                 &QpInitAttr {
                     send_cq: &cq,
-                    recv_cq: &cq,
+                    recv_cq: recv_cq.as_ref().unwrap_or(&cq),
                     srq: None,
                     cap,
                     qp_type: QpType::Rc,
@@ -156,6 +188,7 @@ impl Side {
         Ok(Side {
             qps,
             cq,
+            recv_cq,
             mr,
             buf,
             sq_depth,
@@ -702,6 +735,11 @@ fn raw(v: &VirtioUser, request: &[u8], what: &str) -> Result<(Status, u32), Erro
 /// `rounds` round trips, each half a round trip: each side posts a receive, sends an RDMA
 /// WRITE WITH IMMEDIATE (as vrdma-perf's write_lat does in event mode) and sleeps on its
 /// completion channel until the other's arrives. `a` waits `gap` before each ping.
+///
+/// Sides made with [`Side::with_receive_cq`] sleep on their receive CQ only, as perftest and
+/// vrdma-perf do, and take each send's completion before the next send (it is there by then:
+/// the peer's answer came after it). On a shared CQ a side's own send completion wakes it
+/// too, a second wake-up per round trip that is the application's, not the device's.
 pub fn event_ping_pong(
     a: &Side,
     b: &Side,
@@ -722,17 +760,23 @@ pub fn event_ping_pong(
                 if k + 1 < rounds {
                     post_recv(b)?;
                 }
+                if k > 0 {
+                    take_send_completion(b)?;
+                }
                 write_imm(b, to_a)?;
             }
             Ok(())
         });
         let mut one_way = Vec::with_capacity(rounds);
         let ping = (|| -> Result<(), Error> {
-            for _ in 0..rounds {
+            for k in 0..rounds {
                 if !gap.is_zero() {
                     std::thread::sleep(gap);
                 }
                 post_recv(a)?;
+                if k > 0 {
+                    take_send_completion(a)?;
+                }
                 let start = Instant::now();
                 write_imm(a, to_b)?;
                 await_message(a, &ca)?;
@@ -766,15 +810,41 @@ fn write_imm(side: &Side, to: Target) -> Result<(), Error> {
     unsafe { side.qps[0].post_send(&wr) }.map_err(verb("ibv_post_send"))
 }
 
-/// Polls `side`'s CQ, sleeping on `channel` between polls (armed first, then polled again, as
-/// verbs applications do), until the peer's message arrives; send completions are taken on
-/// the way.
+/// With a receive CQ of its own, waits (polling: it is already there or about to be) for the
+/// completion of `side`'s last send; on a shared CQ [`await_message`] took it.
+fn take_send_completion(side: &Side) -> Result<(), Error> {
+    if side.recv_cq.is_none() {
+        return Ok(());
+    }
+    let mut wc = [WorkCompletion::default(); 1];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if side.cq.poll(&mut wc).map_err(verb("ibv_poll_cq"))? == 1 {
+            return match wc[0].status {
+                WcStatus::Success => Ok(()),
+                status => Err(Error::Completion {
+                    status,
+                    vendor_err: wc[0].vendor_err,
+                }),
+            };
+        }
+        if Instant::now() > deadline {
+            return Err(Error::Stalled { outstanding: 1 });
+        }
+        std::hint::spin_loop();
+    }
+}
+
+/// Polls `side`'s receive CQ, sleeping on `channel` between polls (armed first, then polled
+/// again, as verbs applications do), until the peer's message arrives; on a shared CQ send
+/// completions are taken on the way.
 fn await_message(side: &Side, channel: &vrdma::CompletionChannel) -> Result<(), Error> {
+    let cq = side.recv_cq.as_ref().unwrap_or(&side.cq);
     let mut wc = [WorkCompletion::default(); 4];
     let mut armed = false;
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let n = side.cq.poll(&mut wc).map_err(verb("ibv_poll_cq"))?;
+        let n = cq.poll(&mut wc).map_err(verb("ibv_poll_cq"))?;
         let mut arrived = false;
         for w in &wc[..n] {
             if w.status != WcStatus::Success {
@@ -792,9 +862,7 @@ fn await_message(side: &Side, channel: &vrdma::CompletionChannel) -> Result<(), 
             continue;
         }
         if !armed {
-            side.cq
-                .req_notify(false)
-                .map_err(verb("ibv_req_notify_cq"))?;
+            cq.req_notify(false).map_err(verb("ibv_req_notify_cq"))?;
             armed = true;
             continue;
         }

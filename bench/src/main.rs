@@ -42,8 +42,8 @@ struct Args {
     #[arg(long)]
     quick: bool,
 
-    /// Run only these sections (comma-separated): vrdma, tcp, roce, shim, memcpy, mr, idle,
-    /// fairness, isolation, registering, many, scale, migrate.
+    /// Run only these sections (comma-separated): vrdma, tcp, wakeup, roce, shim, memcpy, mr,
+    /// idle, fairness, isolation, registering, many, scale, migrate.
     #[arg(long, value_name = "SECTION,...", value_delimiter = ',')]
     only: Vec<String>,
 

@@ -41,8 +41,8 @@ pub fn wakeup(env: &mut Env, r: &mut Results) -> Result<(), Error> {
 
     let vms = [VmSpec::new("a"), VmSpec::new("b")];
     let daemon = env.daemon(SECTION, &vms)?;
-    let a = Side::new(&guest::open(&daemon.socket("a"))?, 1, 16, 64, 4096)?;
-    let b = Side::new(&guest::open(&daemon.socket("b"))?, 1, 16, 64, 4096)?;
+    let a = Side::with_receive_cq(&guest::open(&daemon.socket("a"))?, 1, 16, 64, 4096)?;
+    let b = Side::with_receive_cq(&guest::open(&daemon.socket("b"))?, 1, 16, 64, 4096)?;
     guest::connect(&a, &b)?;
     let apart_rounds = if env.quick { 200 } else { 2_000 };
     for (series, rounds, gap) in [

@@ -749,6 +749,25 @@ pub fn event_ping_pong(
     let channel =
         |s: &Side| vrdma::CompletionChannel::new(&s.ctx).map_err(verb("ibv_create_comp_channel"));
     let (ca, cb) = (channel(a)?, channel(b)?);
+    ping_pong(a, b, rounds, gap, [Some(&ca), Some(&cb)])
+}
+
+/// As [`event_ping_pong`], back to back, each side polling its receive CQ instead of sleeping
+/// (and yielding its CPU now and then, as vrdma-perf does): the same messages without the
+/// wake-ups, so that what event mode adds can be told from what the message costs anyway.
+pub fn polling_ping_pong(a: &Side, b: &Side, rounds: usize) -> Result<Vec<Duration>, Error> {
+    ping_pong(a, b, rounds, Duration::ZERO, [None, None])
+}
+
+/// The ping-pong of [`event_ping_pong`], each side sleeping on its channel if it has one and
+/// polling if not.
+fn ping_pong(
+    a: &Side,
+    b: &Side,
+    rounds: usize,
+    gap: Duration,
+    [ca, cb]: [Option<&vrdma::CompletionChannel>; 2],
+) -> Result<Vec<Duration>, Error> {
     let (to_a, to_b) = (a.target(), b.target());
     // Each receive is posted before the message that consumes it can come, and none is left
     // posted at the end.
@@ -756,7 +775,7 @@ pub fn event_ping_pong(
     std::thread::scope(|scope| {
         let pong = scope.spawn(|| -> Result<(), Error> {
             for k in 0..rounds {
-                await_message(b, &cb)?;
+                await_message(b, cb)?;
                 if k + 1 < rounds {
                     post_recv(b)?;
                 }
@@ -779,7 +798,7 @@ pub fn event_ping_pong(
                 }
                 let start = Instant::now();
                 write_imm(a, to_b)?;
-                await_message(a, &ca)?;
+                await_message(a, ca)?;
                 one_way.push(start.elapsed() / 2);
             }
             Ok(())
@@ -835,13 +854,14 @@ fn take_send_completion(side: &Side) -> Result<(), Error> {
     }
 }
 
-/// Polls `side`'s receive CQ, sleeping on `channel` between polls (armed first, then polled
-/// again, as verbs applications do), until the peer's message arrives; on a shared CQ send
-/// completions are taken on the way.
-fn await_message(side: &Side, channel: &vrdma::CompletionChannel) -> Result<(), Error> {
+/// Polls `side`'s receive CQ until the peer's message arrives, sleeping on `channel` between
+/// polls (armed first, then polled again, as verbs applications do) or, without one, spinning
+/// and yielding the CPU now and then; on a shared CQ send completions are taken on the way.
+fn await_message(side: &Side, channel: Option<&vrdma::CompletionChannel>) -> Result<(), Error> {
     let cq = side.recv_cq.as_ref().unwrap_or(&side.cq);
     let mut wc = [WorkCompletion::default(); 4];
     let mut armed = false;
+    let mut empty = 0u32;
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let n = cq.poll(&mut wc).map_err(verb("ibv_poll_cq"))?;
@@ -861,6 +881,19 @@ fn await_message(side: &Side, channel: &vrdma::CompletionChannel) -> Result<(), 
         if n > 0 {
             continue;
         }
+        let Some(channel) = channel else {
+            // The clock only now and then: a poll is far cheaper than reading it.
+            if vrdma::pacing::yields_after(empty) {
+                if Instant::now() > deadline {
+                    return Err(Error::Stalled { outstanding: 1 });
+                }
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
+            empty = empty.wrapping_add(1);
+            continue;
+        };
         if !armed {
             cq.req_notify(false).map_err(verb("ibv_req_notify_cq"))?;
             armed = true;

@@ -807,7 +807,7 @@ pub fn all(r: &mut Results, env: &Env) -> Vec<Table> {
 
 /// Section `wakeup`: one message in event mode against one thread wake-up and against TCP.
 fn wakeup_table(r: &Results) -> Table {
-    use crate::wakeup::{APART, BACK_TO_BACK, FLOOR, SECTION};
+    use crate::wakeup::{APART, BACK_TO_BACK, FLOOR, POLLING, SECTION};
     let mut t = Table::new(
         "Event mode against one thread wake-up (8 B, us one way)",
         &["series", "median", "p99", "/ wake-up", "/ qperf tcp_lat"],
@@ -829,6 +829,11 @@ fn wakeup_table(r: &Results) -> Table {
             format!("{perf} (vrdma-perf write_lat -e)"),
             r.get("latency", &perf, Some(8), "t_typical"),
             r.get("latency", &perf, Some(8), "p99"),
+        ),
+        (
+            POLLING.to_owned(),
+            r.get(SECTION, POLLING, Some(8), "t_typical"),
+            r.get(SECTION, POLLING, Some(8), "p99"),
         ),
         (
             BACK_TO_BACK.to_owned(),
@@ -853,7 +858,8 @@ fn wakeup_table(r: &Results) -> Table {
         }
     }
     t.note = "The wake-up: a byte back and forth through pipes with cat on the daemon's CPUs, \
-              best of three. Back to back the daemon's scheduler polls and a message costs the \
+              best of three. Polling, the same ping-pong with no one sleeping. Back to back the \
+              daemon's scheduler polls and a message costs what it costs polling plus the \
               receiving guest's wake-up; 1 ms apart the scheduler sleeps too, and a message wakes \
               it and then the guest (docs/performance.md)."
         .into();

@@ -6,7 +6,9 @@
 //! the daemon's CPUs, each side sleeping in `read`), then an 8-byte ping-pong between two VMs in
 //! event mode, back to back (the daemon's scheduler stays awake and polls) and 1 ms apart (the
 //! scheduler sleeps between messages and each guest kicks: a message then wakes the scheduler
-//! and the receiving guest, two threads).
+//! and the receiving guest, two threads). The same ping-pong with both sides polling gives what
+//! a message costs without any wake-up, so that event mode's cost above it can be set against
+//! the wake-up measured here.
 
 use std::io::{Read, Write};
 use std::process::Stdio;
@@ -25,6 +27,8 @@ pub const FLOOR: &str = "thread wake-up (pipe ping-pong with the daemon's CPUs)"
 pub const BACK_TO_BACK: &str = "vrdma event, back to back";
 /// Series: vrdma event mode, messages 1 ms apart.
 pub const APART: &str = "vrdma event, 1 ms apart";
+/// Series: the same ping-pong with both sides polling: what a message costs without wake-ups.
+pub const POLLING: &str = "vrdma polling, back to back";
 
 /// Runs the section.
 pub fn wakeup(env: &mut Env, r: &mut Results) -> Result<(), Error> {
@@ -46,11 +50,15 @@ pub fn wakeup(env: &mut Env, r: &mut Results) -> Result<(), Error> {
     guest::connect(&a, &b)?;
     let apart_rounds = if env.quick { 200 } else { 2_000 };
     for (series, rounds, gap) in [
-        (BACK_TO_BACK, rounds, Duration::ZERO),
-        (APART, apart_rounds, Duration::from_millis(1)),
+        (POLLING, rounds, None),
+        (BACK_TO_BACK, rounds, Some(Duration::ZERO)),
+        (APART, apart_rounds, Some(Duration::from_millis(1))),
     ] {
         procs::check_interrupt()?;
-        let mut one_way = guest::event_ping_pong(&a, &b, rounds, gap)?;
+        let mut one_way = match gap {
+            None => guest::polling_ping_pong(&a, &b, rounds)?,
+            Some(gap) => guest::event_ping_pong(&a, &b, rounds, gap)?,
+        };
         one_way.sort_unstable();
         let us = |d: Duration| d.as_secs_f64() * 1e6;
         let median = us(one_way[one_way.len() / 2]);

@@ -254,18 +254,46 @@ pub fn copy_runs(
     let mut until_asked = every;
     while si < src.len() && di < dst.len() {
         let (s, d) = (src[si], dst[di]);
-        let s_rem = u64::from(s.len) - so;
-        let d_rem = u64::from(d.len) - dof;
-        let from = slice_at(src_mem, s.gpa + so, s_rem.min(until_asked))
+        // The rest of each run, as far as its memory region goes, looked up once: the pieces
+        // between questions are cut from these.
+        let from = slice_at(src_mem, s.gpa + so, u64::from(s.len) - so)
             .filter(|f| !f.is_empty())
             .ok_or((Side::Source, VendorErr::GuestMemory))?;
-        let to = slice_at(dst_mem, d.gpa + dof, d_rem.min(until_asked))
+        let to = slice_at(dst_mem, d.gpa + dof, u64::from(d.len) - dof)
             .filter(|t| !t.is_empty())
             .ok_or((Side::Destination, VendorErr::GuestMemory))?;
-        let n = from.len().min(to.len());
-        from.copy_to_volatile_slice(to);
-        wrote(WriteKind::Payload, d.gpa + dof, n);
-        let n = n as u64;
+        let span = from.len().min(to.len());
+        let mut done = 0usize;
+        while done < span {
+            let n = (span - done).min(usize::try_from(until_asked).unwrap_or(usize::MAX));
+            // Within both slices by construction; an error here would be a bug, reported as
+            // the guest memory it could not reach rather than a panic.
+            let piece_from = from
+                .subslice(done, n)
+                .map_err(|_| (Side::Source, VendorErr::GuestMemory))?;
+            let piece_to = to
+                .subslice(done, n)
+                .map_err(|_| (Side::Destination, VendorErr::GuestMemory))?;
+            piece_from.copy_to_volatile_slice(piece_to);
+            wrote(WriteKind::Payload, d.gpa + dof + done as u64, n);
+            done += n;
+            until_asked -= n as u64;
+            if until_asked == 0 {
+                until_asked = every;
+                let (src_left, dst_left) = (
+                    so + (span as u64) < u64::from(s.len) || si + 1 < src.len(),
+                    dof + (span as u64) < u64::from(d.len) || di + 1 < dst.len(),
+                );
+                let more = done < span || (src_left && dst_left);
+                if more && cut.is_some_and(|c| (c.stop)()) {
+                    return Ok(Copied {
+                        bytes: copied + done as u64,
+                        cut: true,
+                    });
+                }
+            }
+        }
+        let n = span as u64;
         copied += n;
         so += n;
         dof += n;
@@ -276,17 +304,6 @@ pub fn copy_runs(
         if dof == u64::from(d.len) {
             di += 1;
             dof = 0;
-        }
-        until_asked -= n;
-        if until_asked == 0 {
-            until_asked = every;
-            let more = si < src.len() && di < dst.len();
-            if more && cut.is_some_and(|c| (c.stop)()) {
-                return Ok(Copied {
-                    bytes: copied,
-                    cut: true,
-                });
-            }
         }
     }
     Ok(Copied {

@@ -487,6 +487,13 @@ pub fn render(sources: &Sources) -> String {
     );
     family(
         &mut out,
+        "vrdma_scheduler_alone_quanta_total",
+        "counter",
+        "Quanta (64 KiB x weight) a VM took without a round because no other VM had work.",
+        &one(load(&s.alone_quanta).to_string()),
+    );
+    family(
+        &mut out,
         "vrdma_scheduler_kick_mutes_total",
         "counter",
         "Times a VM's kicks were muted after 64 in a row brought no doorbell (down to 8 after \

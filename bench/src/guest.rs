@@ -96,6 +96,17 @@ pub fn open(socket: &Path) -> Result<Context, Error> {
     Context::open(socket).map_err(verb(format!("opening {}", socket.display())))
 }
 
+/// Where a [`Side`]'s receives complete.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Receives {
+    /// On the CQ its sends complete on.
+    OnSendCq,
+    /// On a CQ of their own (`Side::recv_cq`), as perftest and vrdma-perf set up their QPs:
+    /// a thread that sleeps on the receive CQ's channel is then not woken by its own send
+    /// completions.
+    OnOwnCq,
+}
+
 /// One VM's side of the traffic: QPs on one CQ (or, for event mode, one for sends and one for
 /// receives), and one registered buffer. Fields drop in declaration order: the QPs before the
 /// CQs and the MR, the MR before its buffer.
@@ -105,7 +116,7 @@ pub struct Side {
     pub qps: Vec<QueuePair>,
     /// Their send CQ, and their receive CQ unless `recv_cq` is set.
     pub cq: CompletionQueue,
-    /// Their receive CQ, when it is not `cq` ([`Side::with_receive_cq`]).
+    /// Their receive CQ, when it is not `cq` ([`Receives::OnOwnCq`]).
     pub recv_cq: Option<CompletionQueue>,
     /// The buffer's registration.
     pub mr: MemoryRegion,
@@ -129,34 +140,22 @@ impl Side {
         cq_depth: u32,
         msg: u32,
     ) -> Result<Side, Error> {
-        Side::build(ctx, nqp, sq_depth, cq_depth, msg, false)
+        Side::with_receives(ctx, nqp, sq_depth, cq_depth, msg, Receives::OnSendCq)
     }
 
-    /// As [`Side::new`], with the receives completing on a CQ of their own (`recv_cq`), as
-    /// perftest and vrdma-perf set up their QPs: a thread that sleeps on the receive CQ's
-    /// channel is then not woken by its own send completions.
-    pub fn with_receive_cq(
+    /// As [`Side::new`], the receives completing where `receives` says.
+    pub fn with_receives(
         ctx: &Context,
         nqp: usize,
         sq_depth: u32,
         cq_depth: u32,
         msg: u32,
-    ) -> Result<Side, Error> {
-        Side::build(ctx, nqp, sq_depth, cq_depth, msg, true)
-    }
-
-    fn build(
-        ctx: &Context,
-        nqp: usize,
-        sq_depth: u32,
-        cq_depth: u32,
-        msg: u32,
-        receive_cq: bool,
+        receives: Receives,
     ) -> Result<Side, Error> {
         let buf_len = 2 * (msg as usize).max(4096);
         let pd = ProtectionDomain::new(ctx).map_err(verb("ibv_alloc_pd"))?;
         let cq = CompletionQueue::new(ctx, cq_depth).map_err(verb("ibv_create_cq"))?;
-        let recv_cq = if receive_cq {
+        let recv_cq = if receives == Receives::OnOwnCq {
             Some(CompletionQueue::new(ctx, cq_depth).map_err(verb("ibv_create_cq (receives)"))?)
         } else {
             None
@@ -736,7 +735,7 @@ fn raw(v: &VirtioUser, request: &[u8], what: &str) -> Result<(Status, u32), Erro
 /// WRITE WITH IMMEDIATE (as vrdma-perf's write_lat does in event mode) and sleeps on its
 /// completion channel until the other's arrives. `a` waits `gap` before each ping.
 ///
-/// Sides made with [`Side::with_receive_cq`] sleep on their receive CQ only, as perftest and
+/// Sides made with [`Receives::OnOwnCq`] sleep on their receive CQ only, as perftest and
 /// vrdma-perf do, and take each send's completion before the next send (it is there by then:
 /// the peer's answer came after it). On a shared CQ a side's own send completion wakes it
 /// too, a second wake-up per round trip that is the application's, not the device's.

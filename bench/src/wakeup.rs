@@ -14,7 +14,7 @@ use std::io::{Read, Write};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use crate::guest::{self, Side};
+use crate::guest::{self, Receives::OnOwnCq, Side};
 use crate::procs::{self, Role, VmSpec};
 use crate::report::Results;
 use crate::sections::{Env, Error};
@@ -45,8 +45,9 @@ pub fn wakeup(env: &mut Env, r: &mut Results) -> Result<(), Error> {
 
     let vms = [VmSpec::new("a"), VmSpec::new("b")];
     let daemon = env.daemon(SECTION, &vms)?;
-    let a = Side::with_receive_cq(&guest::open(&daemon.socket("a"))?, 1, 16, 64, 4096)?;
-    let b = Side::with_receive_cq(&guest::open(&daemon.socket("b"))?, 1, 16, 64, 4096)?;
+    let side =
+        |vm| Side::with_receives(&guest::open(&daemon.socket(vm))?, 1, 16, 64, 4096, OnOwnCq);
+    let (a, b) = (side("a")?, side("b")?);
     guest::connect(&a, &b)?;
     let apart_rounds = if env.quick { 200 } else { 2_000 };
     for (series, rounds, gap) in [

@@ -77,6 +77,10 @@ pub struct MockState {
     /// each step with a plan takes one, and the test gives them back as a NIC's completions
     /// would.
     pub room: Option<u32>,
+    /// Says that no thread of its own gives VMs work (`Fabric::gives_work_from_its_threads`),
+    /// as the soft fabric without RoCEv2; by default it says some may, as its arrivals come
+    /// during a step.
+    pub no_work_from_its_threads: bool,
 }
 
 /// The mock fabric; clones share their state, so a test keeps one to inspect and script.
@@ -180,5 +184,9 @@ impl Fabric for MockFabric {
 
     fn hooks(&self) -> Arc<dyn ObjectHooks> {
         Arc::new(NoHooks)
+    }
+
+    fn gives_work_from_its_threads(&self) -> bool {
+        !self.state().no_work_from_its_threads
     }
 }

@@ -180,4 +180,12 @@ pub trait Fabric: std::fmt::Debug {
     /// What the VMs' control paths tell the fabric as objects are made, changed and
     /// destroyed; called on those paths, not on the scheduler's thread.
     fn hooks(&self) -> Arc<dyn ObjectHooks>;
+
+    /// Whether threads of the fabric's own (a RoCEv2 receive thread) may give a VM work while
+    /// the scheduler steps another. Only then, or with a higher class's VM polled, can a lower
+    /// class's step find that class's work between the pieces of its copy; otherwise the
+    /// scheduler does not cut it into pieces. Those that cannot tell say yes.
+    fn gives_work_from_its_threads(&self) -> bool {
+        true
+    }
 }

@@ -140,6 +140,12 @@ impl Fabric for SoftFabric {
     fn hooks(&self) -> Arc<dyn ObjectHooks> {
         Arc::new(NoHooks)
     }
+
+    /// Guest to guest, a step carries the responder's side too; only RoCEv2's receive
+    /// threads give VMs work of their own accord.
+    fn gives_work_from_its_threads(&self) -> bool {
+        self.remote.is_some()
+    }
 }
 
 impl SoftFabric {

@@ -1232,8 +1232,8 @@ impl Turns {
                     // Below a higher class, a step's copy is asked every microsecond or so
                     // whether that class's work arrived, and ends early if it did; the copy
                     // rate that sizes those pieces is measured on these steps.
-                    let cut_every =
-                        preemptible.then(|| self.copy_rate.bytes_in(CUT_EVERY, MIN_CUT));
+                    let cut_every = (preemptible && self.cut_can_find_work(class))
+                        .then(|| self.copy_rate.bytes_in(CUT_EVERY, MIN_CUT));
                     let timed = if preemptible {
                         Some(self.clock())
                     } else {
@@ -1439,6 +1439,16 @@ impl Turns {
             .iter()
             .enumerate()
             .all(|(k, e)| k == i || e.paused || !has_work(e))
+    }
+
+    /// Whether a step below the classes above `class` could find their work by asking between
+    /// the pieces of its copy: a VM of theirs is polled (its doorbells show in its rings), or
+    /// the fabric's own threads give VMs work. Otherwise their work comes by a kick or a
+    /// control path, which a cut does not see (kicks are looked for between steps), and the
+    /// pieces would be questions without an answer, a few percent of the copy's time.
+    fn cut_can_find_work(&self, class: PriorityClass) -> bool {
+        self.fabric.gives_work_from_its_threads()
+            || self.entries.iter().any(|e| e.outranks(class) && e.polled)
     }
 
     /// A recent clock reading (see `recent`), or a new one. Steps below a higher class take
@@ -2044,6 +2054,46 @@ mod tests {
         }
         let idle_steps = mock.state().steps.len() - 1;
         assert_eq!(idle_steps, 40);
+    }
+
+    /// A step below a higher class is cut into pieces only where a cut could find that
+    /// class's work: not while the latency VM is unpolled on a fabric whose threads give no
+    /// VM work (its message would come by a kick, looked for between steps), and again once
+    /// it is polled.
+    #[test]
+    fn a_lower_class_step_is_cut_only_where_the_cut_can_find_work() {
+        let mock = MockFabric::default();
+        mock.state().no_work_from_its_threads = true;
+        let (mut t, _tx) = turns(Box::new(mock.clone()));
+        let (mut b, mut l) = (TestVm::new(1, 1), TestVm::new(2, 1));
+        b.vm.share.set_class(PriorityClass::Bulk);
+        l.vm.share.set_class(PriorityClass::Latency);
+        let qb = rts_qp(&mut b, l.gid(), 1);
+        rts_qp(&mut l, b.gid(), 1);
+        attach(&mut t, &b);
+        attach(&mut t, &l);
+        while b.vm.pop_ready().is_some() || l.vm.pop_ready().is_some() {}
+        let bulk = Plan::Bulk {
+            message: 1 << 20,
+            done: 0,
+        };
+        mock.state().plans.insert((b.vm.id, qb.qpn), bulk);
+        b.vm.enqueue(qb.qpn);
+        assert!(t.round());
+        let unpolled = mock.state().steps.clone();
+        assert!(!unpolled.is_empty());
+        assert!(
+            unpolled.iter().all(|s| s.cut_every.is_none()),
+            "{unpolled:?}"
+        );
+
+        let i = t.position(l.vm.id).expect("attached");
+        t.set_polling(i, true);
+        mock.state().steps.clear();
+        assert!(t.round());
+        let polled = mock.state().steps.clone();
+        assert!(!polled.is_empty());
+        assert!(polled.iter().all(|s| s.cut_every.is_some()), "{polled:?}");
     }
 
     /// A VM alone with work takes its quantum and up to `ALONE_EXTRA_QUANTA` more in one

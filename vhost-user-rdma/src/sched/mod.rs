@@ -2056,6 +2056,31 @@ mod tests {
         assert_eq!(idle_steps, 40);
     }
 
+    /// VMs `b` (class `classes.0`) and `l` (class `classes.1`), one connected RC QP each,
+    /// attached to `t` with nothing queued but `b`'s QP, which has endless writes (1 GiB
+    /// messages). Returns them and `l`'s QP.
+    fn bulk_writer_beside(
+        t: &mut Turns,
+        mock: &MockFabric,
+        classes: (PriorityClass, PriorityClass),
+    ) -> (TestVm, TestVm, TestQp) {
+        let (mut b, mut l) = (TestVm::new(1, 1), TestVm::new(2, 1));
+        b.vm.share.set_class(classes.0);
+        l.vm.share.set_class(classes.1);
+        let qb = rts_qp(&mut b, l.gid(), 1);
+        let ql = rts_qp(&mut l, b.gid(), 1);
+        attach(t, &b);
+        attach(t, &l);
+        while b.vm.pop_ready().is_some() || l.vm.pop_ready().is_some() {}
+        let bulk = Plan::Bulk {
+            message: 1 << 30,
+            done: 0,
+        };
+        mock.state().plans.insert((b.vm.id, qb.qpn), bulk);
+        b.vm.enqueue(qb.qpn);
+        (b, l, ql)
+    }
+
     /// A step below a higher class is cut into pieces only where a cut could find that
     /// class's work: not while the latency VM is unpolled on a fabric whose threads give no
     /// VM work (its message would come by a kick, looked for between steps), and again once
@@ -2065,20 +2090,8 @@ mod tests {
         let mock = MockFabric::default();
         mock.state().no_work_from_its_threads = true;
         let (mut t, _tx) = turns(Box::new(mock.clone()));
-        let (mut b, mut l) = (TestVm::new(1, 1), TestVm::new(2, 1));
-        b.vm.share.set_class(PriorityClass::Bulk);
-        l.vm.share.set_class(PriorityClass::Latency);
-        let qb = rts_qp(&mut b, l.gid(), 1);
-        rts_qp(&mut l, b.gid(), 1);
-        attach(&mut t, &b);
-        attach(&mut t, &l);
-        while b.vm.pop_ready().is_some() || l.vm.pop_ready().is_some() {}
-        let bulk = Plan::Bulk {
-            message: 1 << 20,
-            done: 0,
-        };
-        mock.state().plans.insert((b.vm.id, qb.qpn), bulk);
-        b.vm.enqueue(qb.qpn);
+        let classes = (PriorityClass::Bulk, PriorityClass::Latency);
+        let (_b, l, _) = bulk_writer_beside(&mut t, &mock, classes);
         assert!(t.round());
         let unpolled = mock.state().steps.clone();
         assert!(!unpolled.is_empty());
@@ -2106,18 +2119,8 @@ mod tests {
         t.alone_extra_quanta = ALONE_EXTRA_QUANTA;
         // No look for kicks falls due during the test, however slowly it runs.
         t.kicks_seen_at = Instant::now() + Duration::from_secs(3600);
-        let (mut b, mut l) = (TestVm::new(1, 1), TestVm::new(2, 1));
-        let qb = rts_qp(&mut b, l.gid(), 1);
-        let ql = rts_qp(&mut l, b.gid(), 1);
-        attach(&mut t, &b);
-        attach(&mut t, &l);
-        while b.vm.pop_ready().is_some() || l.vm.pop_ready().is_some() {}
-        let bulk = Plan::Bulk {
-            message: 1 << 30,
-            done: 0,
-        };
-        mock.state().plans.insert((b.vm.id, qb.qpn), bulk);
-        b.vm.enqueue(qb.qpn);
+        let normal = (PriorityClass::Normal, PriorityClass::Normal);
+        let (b, l, ql) = bulk_writer_beside(&mut t, &mock, normal);
         assert!(t.round());
         let steps = mock.state().steps.clone();
         assert_eq!(steps.len(), 1 + ALONE_EXTRA_QUANTA as usize, "{steps:?}");

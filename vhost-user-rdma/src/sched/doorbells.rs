@@ -10,9 +10,10 @@ pub trait Doorbells: Send + Sync {
 
     /// Whether the driver may have made doorbells available since the last take looked: a load
     /// per queue, no lock, nothing taken; it stays yes until the next `take`. Asked between
-    /// the pieces of a lower class's copy, so it must be far cheaper than [`Doorbells::take`]. It may be wrong for a moment after a queue starts or moves, or the
-    /// memory table changes (until the next `take`): a wrong yes costs a step cut short, a
-    /// wrong no a wait for the step's end.
+    /// the pieces of a lower class's copy, so it must be far cheaper than [`Doorbells::take`].
+    /// It may be wrong for a moment after a queue starts or moves, or the memory table changes
+    /// (until the next `take`): a wrong yes costs a step cut short, a wrong no a wait for the
+    /// step's end.
     fn arrived(&self) -> bool {
         false
     }

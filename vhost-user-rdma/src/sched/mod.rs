@@ -548,7 +548,7 @@ impl Turns {
             // The pass's one clock reading, which the round's first timed step starts from.
             let now = Instant::now();
             self.recent = Some(now);
-            if now.saturating_duration_since(self.kicks_seen_at) >= KICK_LOOK {
+            if self.kick_look_due(now) {
                 self.look_for_kicks();
             }
             if self.muted > 0 {
@@ -1424,7 +1424,7 @@ impl Turns {
             return false;
         }
         let now = self.clock();
-        if now.saturating_duration_since(self.kicks_seen_at) >= KICK_LOOK
+        if self.kick_look_due(now)
             || self
                 .timers
                 .peek()
@@ -1451,6 +1451,11 @@ impl Turns {
             || self.entries.iter().any(|e| e.outranks(class) && e.polled)
     }
 
+    /// Whether the loop, awake at `now`, is due to look for kicks (every `KICK_LOOK`).
+    fn kick_look_due(&self, now: Instant) -> bool {
+        now.saturating_duration_since(self.kicks_seen_at) >= KICK_LOOK
+    }
+
     /// A recent clock reading (see `recent`), or a new one. Steps below a higher class take
     /// it for their start: what comes between the reading and the step, bookkeeping of a few
     /// tens of nanoseconds, then counts as copying, and the copy rate comes out a little low,
@@ -1467,7 +1472,8 @@ impl Turns {
     /// loop is busy). Whatever it takes makes the round's next one due (`taken_in_round`).
     /// The time comes from `clock`: usually the step's end, read already.
     fn higher_class_waiting(&mut self, class: PriorityClass) -> bool {
-        if self.clock().saturating_duration_since(self.kicks_seen_at) >= KICK_LOOK {
+        let now = self.clock();
+        if self.kick_look_due(now) {
             self.look_for_kicks();
         }
         let mut taken = false;
